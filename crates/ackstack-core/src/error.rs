@@ -1,0 +1,211 @@
+//! Errors: what handlers return, what brokers fail with, and what is recorded about a failure.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::SystemTime;
+
+/// A boxed error that can cross threads.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Whether a failure is worth retrying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// May succeed later: retried with backoff until the attempt limit.
+    Transient,
+    /// Will never succeed: dead-lettered at once.
+    Permanent,
+}
+
+impl ErrorKind {
+    /// The lower-case name used in metadata and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Transient => "transient",
+            ErrorKind::Permanent => "permanent",
+        }
+    }
+}
+
+/// The error a [`Handler`](crate::Handler) returns: a kind and the underlying error.
+#[derive(Debug)]
+pub struct HandlerError {
+    kind: ErrorKind,
+    source: BoxError,
+}
+
+impl HandlerError {
+    /// An error of the given kind.
+    pub fn new(kind: ErrorKind, source: impl Into<BoxError>) -> Self {
+        HandlerError {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// A failure that may succeed on a later attempt.
+    pub fn transient(source: impl Into<BoxError>) -> Self {
+        HandlerError::new(ErrorKind::Transient, source)
+    }
+
+    /// A failure that will never succeed; the message is dead-lettered at once.
+    pub fn permanent(source: impl Into<BoxError>) -> Self {
+        HandlerError::new(ErrorKind::Permanent, source)
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The underlying error.
+    pub fn inner(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        self.source.as_ref()
+    }
+
+    /// Takes the underlying error.
+    pub fn into_inner(self) -> BoxError {
+        self.source
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failure: {}", self.kind.as_str(), self.source)
+    }
+}
+
+impl StdError for HandlerError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(self.source.as_ref())
+    }
+}
+
+/// The longest error message kept in a [`Failure`], in bytes.
+pub const MAX_FAILURE_MESSAGE: usize = 1024;
+
+/// What is recorded about a failed attempt: small, cloneable, bounded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Transient or permanent.
+    pub kind: ErrorKind,
+    /// The error's message (with its causes), truncated to [`MAX_FAILURE_MESSAGE`] bytes.
+    pub message: String,
+    /// When the failure happened.
+    pub at: SystemTime,
+}
+
+impl Failure {
+    /// A failure of this kind with this message (truncated), happening now.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            message: truncate(message.into(), MAX_FAILURE_MESSAGE),
+            at: SystemTime::now(),
+        }
+    }
+
+    /// Records a handler error with its chain of causes.
+    pub fn from_error(err: &HandlerError) -> Self {
+        let mut message = err.inner().to_string();
+        let mut cause = err.inner().source();
+        while let Some(c) = cause {
+            if message.len() > MAX_FAILURE_MESSAGE {
+                break;
+            }
+            message.push_str(": ");
+            message.push_str(&c.to_string());
+            cause = c.source();
+        }
+        Failure::new(err.kind(), message)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.message)
+    }
+}
+
+/// Truncates `s` to at most `max` bytes on a character boundary, marking the cut with `…`.
+pub fn truncate(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push('…');
+    s
+}
+
+/// A broker failed to deliver messages.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The connection or channel is down; the source is reconnecting. Receiving again is right.
+    #[error("broker connection lost: {0}")]
+    Disconnected(#[source] BoxError),
+    /// The broker answered with an error that may pass.
+    #[error("broker error: {0}")]
+    Broker(#[source] BoxError),
+    /// The source can never work as configured (bad credentials, missing queue, bad config).
+    #[error("source misconfigured: {0}")]
+    Fatal(#[source] BoxError),
+}
+
+impl SourceError {
+    /// Whether receiving again can succeed.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SourceError::Fatal(_))
+    }
+}
+
+/// Settling (ack, retry, dead-letter, lease extension) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// The delivery is no longer ours: its lease expired, its receipt handle is invalid, its
+    /// channel closed or its partition was revoked. The broker will redeliver it; we must not
+    /// act on it again.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+    /// The broker did not confirm (a publish nack, a timeout, a network error). May pass.
+    #[error("broker error: {0}")]
+    Broker(#[source] BoxError),
+    /// The broker rejected the request as invalid; repeating it will not help.
+    #[error("rejected by the broker: {0}")]
+    Rejected(String),
+}
+
+impl SettleError {
+    /// Whether the delivery is lost to us (redelivery will follow).
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, SettleError::LeaseLost(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_char_boundaries() {
+        let s = "é".repeat(1000);
+        let t = truncate(s, 11);
+        assert!(t.len() <= 11);
+        assert!(t.ends_with('…'));
+        assert_eq!(truncate("short".into(), 11), "short");
+    }
+
+    #[test]
+    fn failure_collects_causes_and_is_bounded() {
+        let io = std::io::Error::other("disk on fire");
+        let err = HandlerError::transient(io);
+        let f = Failure::from_error(&err);
+        assert_eq!(f.kind, ErrorKind::Transient);
+        assert!(f.message.contains("disk on fire"));
+        let long = HandlerError::permanent("x".repeat(10_000));
+        assert!(Failure::from_error(&long).message.len() <= MAX_FAILURE_MESSAGE);
+    }
+}

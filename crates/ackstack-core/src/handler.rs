@@ -1,0 +1,208 @@
+//! Handlers, the per-delivery context, and the [`Process`]/[`Layer`] pair that middleware is built from.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::Delivery;
+use crate::error::{Failure, HandlerError};
+use crate::outcome::Outcome;
+
+/// Per-delivery context handed to the handler.
+#[derive(Clone, Debug, Default)]
+pub struct Context {
+    cancel: CancellationToken,
+}
+
+impl Context {
+    /// A context with a fresh cancellation token.
+    pub fn new() -> Self {
+        Context::default()
+    }
+
+    /// A context observing `cancel`.
+    pub fn with_token(cancel: CancellationToken) -> Self {
+        Context { cancel }
+    }
+
+    /// Completes when this delivery's work should stop: its lease was lost, or shutdown reached
+    /// its deadline. Whatever the handler returns afterwards, the delivery is not acked.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Whether the work should stop (see [`Context::cancelled`]).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// The underlying token, to pass to code that takes a [`CancellationToken`].
+    pub fn token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+}
+
+/// The application's message handler.
+///
+/// Return `Ok(())` once the message's effects are durable; the delivery is acked only then.
+/// Return a [`HandlerError`] to retry ([`HandlerError::transient`]) or dead-letter
+/// ([`HandlerError::permanent`]). A panic counts as a transient failure.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one delivery.
+    fn handle(
+        &self,
+        delivery: &Delivery,
+        cx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// A [`Handler`] made from an async closure; see [`handler_fn`].
+#[derive(Clone, Debug)]
+pub struct HandlerFn<F>(F);
+
+/// Makes a handler from a closure `Fn(Delivery, Context) -> impl Future<Output = Result<(), HandlerError>>`.
+///
+/// The closure gets owned (cheaply cloned) values so that its future can be `'static`.
+pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
+where
+    F: Fn(Delivery, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    HandlerFn(f)
+}
+
+impl<F, Fut> Handler for HandlerFn<F>
+where
+    F: Fn(Delivery, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    fn handle(
+        &self,
+        delivery: &Delivery,
+        cx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (self.0)(delivery.clone(), cx.clone())
+    }
+}
+
+impl<H: Handler> Handler for Arc<H> {
+    fn handle(
+        &self,
+        delivery: &Delivery,
+        cx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (**self).handle(delivery, cx)
+    }
+}
+
+/// One step of the processing stack: turns a delivery into an [`Outcome`].
+///
+/// The innermost step is a [`Handler`] wrapped by [`Terminal`]; every [`Layer`] wraps a
+/// `Process` in another.
+pub trait Process: Send + Sync + 'static {
+    /// Processes one delivery.
+    fn process(&self, delivery: &Delivery, cx: &Context) -> impl Future<Output = Outcome> + Send;
+}
+
+/// Wraps a [`Process`] in another, like `tower::Layer`.
+pub trait Layer<P> {
+    /// The wrapped process.
+    type Process: Process;
+    /// Wraps `inner`.
+    fn layer(&self, inner: P) -> Self::Process;
+}
+
+/// The innermost step: runs the handler, catching panics, and maps its result to an outcome.
+///
+/// `Ok` is [`Outcome::Ack`]; a transient error or a panic is [`Outcome::Retry`] after
+/// `retry_after`; a permanent error is [`Outcome::DeadLetter`]. The retry layer, when present,
+/// replaces the delay and enforces the attempt limit.
+#[derive(Clone, Debug)]
+pub struct Terminal<H> {
+    handler: H,
+    retry_after: Duration,
+}
+
+impl<H: Handler> Terminal<H> {
+    /// Wraps `handler`; transient failures retry after `retry_after`.
+    pub fn new(handler: H, retry_after: Duration) -> Self {
+        Terminal {
+            handler,
+            retry_after,
+        }
+    }
+}
+
+impl<H: Handler> Process for Terminal<H> {
+    async fn process(&self, delivery: &Delivery, cx: &Context) -> Outcome {
+        use futures::FutureExt;
+        let run = std::panic::AssertUnwindSafe(self.handler.handle(delivery, cx)).catch_unwind();
+        let failure = match run.await {
+            Ok(Ok(())) => return Outcome::Ack,
+            Ok(Err(err)) => Failure::from_error(&err),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "handler panicked".to_string());
+                metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
+                Failure::new(
+                    crate::ErrorKind::Transient,
+                    format!("handler panicked: {message}"),
+                )
+            }
+        };
+        match failure.kind {
+            crate::ErrorKind::Transient => Outcome::Retry {
+                after: self.retry_after,
+                failure,
+            },
+            crate::ErrorKind::Permanent => Outcome::DeadLetter(failure),
+        }
+    }
+}
+
+impl<P: Process> Process for Arc<P> {
+    fn process(&self, delivery: &Delivery, cx: &Context) -> impl Future<Output = Outcome> + Send {
+        (**self).process(delivery, cx)
+    }
+}
+
+/// Two layers applied in turn: `Stack<Inner, Outer>` wraps with `Inner` first.
+#[derive(Clone, Debug)]
+pub struct Stack<Inner, Outer> {
+    inner: Inner,
+    outer: Outer,
+}
+
+impl<Inner, Outer> Stack<Inner, Outer> {
+    /// `inner` wraps first, `outer` wraps the result.
+    pub fn new(inner: Inner, outer: Outer) -> Self {
+        Stack { inner, outer }
+    }
+}
+
+impl<P, Inner, Outer> Layer<P> for Stack<Inner, Outer>
+where
+    Inner: Layer<P>,
+    Outer: Layer<Inner::Process>,
+{
+    type Process = Outer::Process;
+    fn layer(&self, inner: P) -> Self::Process {
+        self.outer.layer(self.inner.layer(inner))
+    }
+}
+
+/// The layer that adds nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Identity;
+
+impl<P: Process> Layer<P> for Identity {
+    type Process = P;
+    fn layer(&self, inner: P) -> P {
+        inner
+    }
+}

@@ -1,0 +1,32 @@
+//! What processing decided for one delivery.
+
+use std::time::Duration;
+
+use crate::error::Failure;
+
+/// The decision the handler stack made for a delivery; the runner settles the delivery from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Processed: acknowledge (remove from the broker).
+    Ack,
+    /// Not processed: the broker should deliver it again after `after`.
+    Retry {
+        /// How long the broker should hold it back.
+        after: Duration,
+        /// Why the attempt failed.
+        failure: Failure,
+    },
+    /// Never processable: forward to the dead-letter destination, then acknowledge.
+    DeadLetter(Failure),
+}
+
+impl Outcome {
+    /// The outcome's name in spans, metrics and summaries: `ack`, `retry` or `dead_letter`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Ack => "ack",
+            Outcome::Retry { .. } => "retry",
+            Outcome::DeadLetter(_) => "dead_letter",
+        }
+    }
+}

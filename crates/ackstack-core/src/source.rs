@@ -1,0 +1,209 @@
+//! The adapter contract: a [`Source`] receives deliveries; its [`Settle`] handle settles them.
+//!
+//! Adapter authors implement these two traits and run `ackstack-testkit`'s conformance suite on
+//! the result. The runner guarantees the call order the traits document; adapters keep the
+//! broker-side half of each invariant.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::deadletter::DeadLetter;
+use crate::delivery::Delivery;
+use crate::error::{Failure, SettleError, SourceError};
+
+/// A received delivery and the broker's handle for settling it.
+#[derive(Debug)]
+pub struct Received<T> {
+    /// The broker-independent message.
+    pub delivery: Delivery,
+    /// The broker's handle: delivery tag, receipt handle, partition offset.
+    pub token: T,
+}
+
+/// A broker adapter's receiving half.
+pub trait Source: Send + 'static {
+    /// The broker's handle for one delivery. Cloned only by the lease keeper, which needs to
+    /// refer to a delivery while its handler runs.
+    type Token: Clone + Send + Sync + 'static;
+    /// The settling half, shared by every in-flight delivery.
+    type Settler: Settle<Token = Self::Token>;
+
+    /// Waits for up to `max` deliveries (at least one, unless the source is closing or returns
+    /// an error). Long-polling adapters should return within a few seconds even when idle so
+    /// that the runner notices shutdown.
+    fn receive(
+        &mut self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Received<Self::Token>>, SourceError>> + Send;
+
+    /// The settling handle. Called once per run.
+    fn settler(&self) -> Self::Settler;
+
+    /// What this broker can do natively.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Stops receiving (cancels the broker-side consumer). Deliveries already returned stay
+    /// settleable. The default does nothing.
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// What happened to the original after a retry or dead-letter settlement.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Settled<T> {
+    /// Nothing more to do (the broker holds the message back, or it was already removed).
+    Done,
+    /// A durable copy exists (republished and confirmed); the original must now be acked. The
+    /// runner sends it through the batch acker.
+    AckOriginal(T),
+}
+
+/// A retry or dead-letter settlement that failed: the token comes back with the error, so the
+/// runner can release the delivery instead of losing track of it.
+#[derive(Debug)]
+pub struct SettleFailure<T> {
+    /// The delivery's handle, still unsettled.
+    pub token: T,
+    /// What went wrong.
+    pub error: SettleError,
+}
+
+impl<T> SettleFailure<T> {
+    /// Pairs `token` with `error`.
+    pub fn new(token: T, error: SettleError) -> Self {
+        SettleFailure { token, error }
+    }
+}
+
+/// Partial result of a batch ack.
+#[derive(Debug)]
+pub struct AckReport<T> {
+    /// How many tokens were acked (or found already gone, which counts the same).
+    pub acked: usize,
+    /// Tokens that could not be acked, with the reason. They are not lost: the broker
+    /// redelivers them, and deduplication absorbs the repeat.
+    pub failed: Vec<(T, SettleError)>,
+}
+
+impl<T> AckReport<T> {
+    /// Every one of `n` tokens acked.
+    pub fn all(n: usize) -> Self {
+        AckReport {
+            acked: n,
+            failed: Vec::new(),
+        }
+    }
+}
+
+/// A broker adapter's settling half. Cheap to clone; one per run, shared by all deliveries.
+///
+/// Every method consumes the token it settles (except [`Settle::extend`]), so a delivery cannot
+/// be settled twice.
+pub trait Settle: Clone + Send + Sync + 'static {
+    /// The broker's handle for one delivery.
+    type Token: Clone + Send + Sync + 'static;
+
+    /// Acknowledges processed deliveries, as one broker call where the broker allows it.
+    /// Never called with more than [`Capabilities::max_ack_batch`] tokens.
+    fn ack(&self, tokens: Vec<Self::Token>) -> impl Future<Output = AckReport<Self::Token>> + Send;
+
+    /// Has the broker deliver the message again no sooner than `after` (clamped by the adapter
+    /// to what it supports). A copy, where one is made, must be durable at the broker before
+    /// [`Settled::AckOriginal`] is returned.
+    fn retry(
+        &self,
+        token: Self::Token,
+        delivery: &Delivery,
+        after: Duration,
+        failure: &Failure,
+    ) -> impl Future<Output = Result<Settled<Self::Token>, SettleFailure<Self::Token>>> + Send;
+
+    /// Forwards the message to the dead-letter destination with `letter`'s metadata; returns
+    /// [`Settled::AckOriginal`] only once the broker confirmed the copy.
+    fn dead_letter(
+        &self,
+        token: Self::Token,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+    ) -> impl Future<Output = Result<Settled<Self::Token>, SettleFailure<Self::Token>>> + Send;
+
+    /// Extends the delivery's lease to `by` from now. [`SettleError::LeaseLost`] when it is no
+    /// longer ours. Only called when [`Capabilities::lease`] is set.
+    fn extend(
+        &self,
+        token: &Self::Token,
+        by: Duration,
+    ) -> impl Future<Output = Result<(), SettleError>> + Send;
+
+    /// Gives an unprocessed delivery back for redelivery as soon as possible, without acking it
+    /// (after a failed retry or dead-letter settlement, or a delivery never started). The
+    /// default leaves it to the broker's own redelivery.
+    fn release(&self, token: Self::Token) -> impl Future<Output = ()> + Send {
+        let _ = token;
+        async {}
+    }
+
+    /// Sends whatever the adapter holds back (coalesced acks, commits). Called after the last
+    /// ack of a run.
+    fn flush(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// What a broker supports natively; the runner and layers adapt to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The largest batch one ack call takes (SQS: 10).
+    pub max_ack_batch: usize,
+    /// The lease (visibility timeout) a delivery is received with, if leases exist and must be
+    /// extended while handlers run.
+    pub lease: Option<Duration>,
+    /// The longest delay [`Settle::retry`] can honour.
+    pub max_retry_delay: Duration,
+    /// Whether retries are delayed at the broker (`false`: the runner retries in place while
+    /// the adapter holds the delivery).
+    pub broker_delay: bool,
+    /// How many ack calls may be in flight at once. 1 keeps acks in order, which cumulative
+    /// acks (Kafka commits) need; independent acks (SQS deletes) can go in parallel.
+    pub parallel_acks: usize,
+}
+
+impl Capabilities {
+    /// Capabilities with acks batched up to `max_ack_batch`, no leases, broker-side delays up to
+    /// 12 hours.
+    pub fn new(max_ack_batch: usize) -> Self {
+        Capabilities {
+            max_ack_batch: max_ack_batch.max(1),
+            lease: None,
+            max_retry_delay: Duration::from_secs(12 * 3600),
+            broker_delay: true,
+            parallel_acks: 1,
+        }
+    }
+
+    /// With up to `n` ack calls in flight at once.
+    pub fn with_parallel_acks(mut self, n: usize) -> Self {
+        self.parallel_acks = n.max(1);
+        self
+    }
+
+    /// With leases of this length.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// With this longest retry delay.
+    pub fn with_max_retry_delay(mut self, max: Duration) -> Self {
+        self.max_retry_delay = max;
+        self
+    }
+
+    /// Retries are performed in place by the runner rather than delayed at the broker.
+    pub fn with_in_place_retry(mut self) -> Self {
+        self.broker_delay = false;
+        self
+    }
+}

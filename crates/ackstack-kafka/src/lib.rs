@@ -1,0 +1,1 @@
+//! Apache Kafka (rdkafka) adapter for ackstack.

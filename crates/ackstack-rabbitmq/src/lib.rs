@@ -1,0 +1,1 @@
+//! RabbitMQ (lapin) adapter for ackstack.

@@ -1,0 +1,1 @@
+//! Redis-backed deduplication store for ackstack.

@@ -1,0 +1,1 @@
+//! Amazon SQS (aws-sdk-sqs) adapter for ackstack.

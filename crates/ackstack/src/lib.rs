@@ -1,0 +1,1 @@
+//! Reliable message consumption for RabbitMQ, SQS, Kafka and in-memory brokers.

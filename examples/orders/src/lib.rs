@@ -1,0 +1,1 @@
+//! The order example: a consumer that charges orders reliably.

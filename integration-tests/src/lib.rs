@@ -1,0 +1,1 @@
+//! Integration and conformance tests against real brokers; see tests/.
