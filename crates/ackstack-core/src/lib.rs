@@ -12,6 +12,7 @@ pub mod error;
 pub mod handler;
 pub mod metrics;
 pub mod outcome;
+pub mod publish;
 pub mod source;
 
 pub use backoff::{Backoff, Jitter};
@@ -22,4 +23,5 @@ pub use handler::{
     Context, Handler, HandlerFn, Identity, Layer, Process, Stack, Terminal, handler_fn,
 };
 pub use outcome::Outcome;
+pub use publish::{Message, Publish, PublishError};
 pub use source::{AckReport, Capabilities, Received, Settle, SettleFailure, Settled, Source};
