@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -14,6 +15,14 @@ use crate::outcome::Outcome;
 #[derive(Clone, Debug, Default)]
 pub struct Context {
     cancel: CancellationToken,
+    stats: Arc<RunStats>,
+}
+
+/// Counts that layers report to the runner's [`Summary`](crate::Summary).
+#[derive(Debug, Default)]
+pub struct RunStats {
+    /// Deliveries acked without calling the handler.
+    pub deduplicated: AtomicU64,
 }
 
 impl Context {
@@ -24,7 +33,22 @@ impl Context {
 
     /// A context observing `cancel`.
     pub fn with_token(cancel: CancellationToken) -> Self {
-        Context { cancel }
+        Context {
+            cancel,
+            stats: Arc::default(),
+        }
+    }
+
+    /// A context observing `cancel` that reports to `stats`.
+    pub fn with_stats(cancel: CancellationToken, stats: Arc<RunStats>) -> Self {
+        Context { cancel, stats }
+    }
+
+    /// Records that the delivery was acked as a duplicate, without calling the handler.
+    pub fn note_deduplicated(&self) {
+        self.stats
+            .deduplicated
+            .fetch_add(1, AtomicOrdering::Relaxed);
     }
 
     /// Completes when this delivery's work should stop: its lease was lost, or shutdown reached
@@ -119,10 +143,19 @@ pub trait Layer<P> {
 /// `Ok` is [`Outcome::Ack`]; a transient error or a panic is [`Outcome::Retry`] after
 /// `retry_after`; a permanent error is [`Outcome::DeadLetter`]. The retry layer, when present,
 /// replaces the delay and enforces the attempt limit.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Terminal<H> {
     handler: H,
     retry_after: Duration,
+    classifier: Option<Classifier>,
+}
+
+impl<H> std::fmt::Debug for Terminal<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Terminal")
+            .field("retry_after", &self.retry_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<H: Handler> Terminal<H> {
@@ -131,7 +164,15 @@ impl<H: Handler> Terminal<H> {
         Terminal {
             handler,
             retry_after,
+            classifier: None,
         }
+    }
+
+    /// Classifies errors with `classifier` instead of trusting the kind the handler gave, e.g.
+    /// to make a downstream's validation error permanent by downcasting it.
+    pub fn classify(mut self, classifier: Option<Classifier>) -> Self {
+        self.classifier = classifier;
+        self
     }
 }
 
@@ -141,7 +182,13 @@ impl<H: Handler> Process for Terminal<H> {
         let run = std::panic::AssertUnwindSafe(self.handler.handle(delivery, cx)).catch_unwind();
         let failure = match run.await {
             Ok(Ok(())) => return Outcome::Ack,
-            Ok(Err(err)) => Failure::from_error(&err),
+            Ok(Err(err)) => {
+                let mut failure = Failure::from_error(&err);
+                if let Some(classify) = &self.classifier {
+                    failure.kind = classify(&err);
+                }
+                failure
+            }
             Err(panic) => {
                 let message = panic
                     .downcast_ref::<&str>()
@@ -206,3 +253,35 @@ impl<P: Process> Layer<P> for Identity {
         inner
     }
 }
+
+/// One of two processes; what an optional layer makes.
+#[derive(Clone, Debug)]
+pub enum Either<A, B> {
+    /// The layer was present.
+    Left(A),
+    /// The layer was absent.
+    Right(B),
+}
+
+impl<A: Process, B: Process> Process for Either<A, B> {
+    async fn process(&self, delivery: &Delivery, cx: &Context) -> Outcome {
+        match self {
+            Either::Left(a) => a.process(delivery, cx).await,
+            Either::Right(b) => b.process(delivery, cx).await,
+        }
+    }
+}
+
+impl<P: Process, L: Layer<P>> Layer<P> for Option<L> {
+    type Process = Either<L::Process, P>;
+    fn layer(&self, inner: P) -> Self::Process {
+        match self {
+            Some(layer) => Either::Left(layer.layer(inner)),
+            None => Either::Right(inner),
+        }
+    }
+}
+
+/// Decides the [`ErrorKind`](crate::ErrorKind) of a handler error, overriding the kind the
+/// handler gave it; see [`Terminal::classify`].
+pub type Classifier = Arc<dyn Fn(&HandlerError) -> crate::ErrorKind + Send + Sync>;

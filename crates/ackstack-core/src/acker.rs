@@ -1,0 +1,166 @@
+//! The batch acker: coalesces acks up to the broker's batch size or a maximum delay, whichever
+//! comes first (invariant 7).
+//!
+//! Completed deliveries are queued here by the runner; one task sends them to
+//! [`Settle::ack`] in batches. A failed ack is counted and logged, never retried into a loss:
+//! the broker redelivers the message, and deduplication absorbs the repeat. Everything queued
+//! is flushed when the acker is shut down.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::source::Settle;
+
+/// Counts kept by the acker.
+#[derive(Debug, Default)]
+pub struct AckStats {
+    /// Tokens the broker acknowledged.
+    pub acked: AtomicU64,
+    /// Tokens the broker refused.
+    pub failed: AtomicU64,
+    /// Ack calls made.
+    pub calls: AtomicU64,
+}
+
+/// A handle that queues tokens for acking.
+#[derive(Debug)]
+pub struct BatchAcker<T> {
+    tx: mpsc::UnboundedSender<T>,
+    task: tokio::task::JoinHandle<()>,
+    stats: Arc<AckStats>,
+}
+
+/// Queues tokens for the acker; cheap to clone.
+#[derive(Debug)]
+pub struct AckQueue<T> {
+    tx: mpsc::UnboundedSender<T>,
+}
+
+impl<T> Clone for AckQueue<T> {
+    fn clone(&self) -> Self {
+        AckQueue {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static> AckQueue<T> {
+    /// Queues `token` for the next batch. Returns `false` if the acker has stopped (the token
+    /// is then simply not acked, and the broker redelivers the message).
+    pub fn push(&self, token: T) -> bool {
+        self.tx.send(token).is_ok()
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> BatchAcker<T> {
+    /// Starts an acker that sends batches of at most `max_batch` tokens to `settler`, each
+    /// token waiting at most `max_delay`, with up to `parallel` ack calls in flight.
+    pub fn spawn<S>(settler: S, max_batch: usize, max_delay: Duration, parallel: usize) -> Self
+    where
+        S: Settle<Token = T>,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(AckStats::default());
+        let task = tokio::spawn(run(
+            settler,
+            rx,
+            max_batch.max(1),
+            max_delay,
+            parallel.max(1),
+            stats.clone(),
+        ));
+        BatchAcker { tx, task, stats }
+    }
+
+    /// A queue handle for completed deliveries.
+    pub fn queue(&self) -> AckQueue<T> {
+        AckQueue {
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// The acker's counts.
+    pub fn stats(&self) -> &Arc<AckStats> {
+        &self.stats
+    }
+
+    /// Flushes everything queued (once every [`AckQueue`] is dropped) and waits for the last
+    /// ack call to finish.
+    pub async fn shutdown(self) {
+        drop(self.tx);
+        if let Err(err) = self.task.await {
+            tracing::error!(error = %err, "ack task failed");
+        }
+    }
+}
+
+async fn run<S: Settle>(
+    settler: S,
+    mut rx: mpsc::UnboundedReceiver<S::Token>,
+    max_batch: usize,
+    max_delay: Duration,
+    parallel: usize,
+    stats: Arc<AckStats>,
+) {
+    let mut calls = JoinSet::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::with_capacity(max_batch);
+        batch.push(first);
+        let deadline = Instant::now() + max_delay;
+        let mut open = true;
+        while batch.len() < max_batch {
+            // Take what is already queued without waiting; then wait until the deadline.
+            match rx.try_recv() {
+                Ok(t) => {
+                    batch.push(t);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(t)) => batch.push(t),
+                Ok(None) => {
+                    open = false;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        while calls.len() >= parallel {
+            calls.join_next().await;
+        }
+        calls.spawn(send(settler.clone(), batch, stats.clone()));
+        if !open {
+            break;
+        }
+    }
+    while calls.join_next().await.is_some() {}
+}
+
+async fn send<S: Settle>(settler: S, batch: Vec<S::Token>, stats: Arc<AckStats>) {
+    let n = batch.len();
+    stats.calls.fetch_add(1, Ordering::Relaxed);
+    let report = settler.ack(batch).await;
+    stats
+        .acked
+        .fetch_add(report.acked as u64, Ordering::Relaxed);
+    metrics::counter!(crate::metrics::ACKED).increment(report.acked as u64);
+    if !report.failed.is_empty() {
+        stats
+            .failed
+            .fetch_add(report.failed.len() as u64, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::ACK_FAILURES).increment(report.failed.len() as u64);
+        for (_, err) in &report.failed {
+            tracing::warn!(error = %err, batch = n, "ack failed; the broker will redeliver");
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Per-key ordering: a delivery whose key has an earlier delivery in flight (or retrying in
+//! place) waits for it (invariant 11).
+//!
+//! The gate is entered in receive order, so deliveries of one key run one at a time in the
+//! order the broker gave them. State is one small entry per key with work in flight.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+/// Per key: the sequence number of its last turn and that turn's completion signal.
+type Tails = HashMap<Bytes, (u64, oneshot::Receiver<()>)>;
+
+/// Serialises deliveries that share a key.
+#[derive(Clone, Debug, Default)]
+pub struct KeyGate {
+    tails: Arc<Mutex<Tails>>,
+    seq: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A place in a key's line: [`Turn::wait`] until the previous delivery of the key is done; drop
+/// to let the next one go.
+#[derive(Debug)]
+pub struct Turn {
+    previous: Option<oneshot::Receiver<()>>,
+    done: Option<oneshot::Sender<()>>,
+    key: Bytes,
+    seq: u64,
+    gate: KeyGate,
+}
+
+impl KeyGate {
+    /// An empty gate.
+    pub fn new() -> Self {
+        KeyGate::default()
+    }
+
+    /// Takes the next place in `key`'s line. Call in receive order.
+    pub fn enter(&self, key: Bytes) -> Turn {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut tails = self.tails.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = tails.insert(key.clone(), (seq, rx)).map(|(_, rx)| rx);
+        Turn {
+            previous,
+            done: Some(tx),
+            key,
+            seq,
+            gate: self.clone(),
+        }
+    }
+
+    /// Keys with work in flight.
+    pub fn len(&self) -> usize {
+        self.tails.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no key has work in flight.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Turn {
+    /// Waits until every earlier delivery of the key has finished. Cancel-safe: waiting again
+    /// after a cancelled wait resumes it.
+    pub async fn wait(&mut self) {
+        if let Some(previous) = &mut self.previous {
+            // An error means the previous turn was dropped without sending: finished either way.
+            let _ = previous.await;
+            self.previous = None;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+        let mut tails = self.gate.tails.lock().unwrap_or_else(|p| p.into_inner());
+        if tails
+            .get(&self.key)
+            .is_some_and(|(seq, _)| *seq == self.seq)
+        {
+            tails.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn same_key_waits_other_keys_do_not() {
+        let gate = KeyGate::new();
+        let first = gate.enter(Bytes::from_static(b"a"));
+        let mut second = gate.enter(Bytes::from_static(b"a"));
+        let mut other = gate.enter(Bytes::from_static(b"b"));
+        tokio::time::timeout(Duration::from_millis(50), other.wait())
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), second.wait())
+                .await
+                .is_err()
+        );
+        drop(first);
+        tokio::time::timeout(Duration::from_millis(50), second.wait())
+            .await
+            .unwrap();
+        drop(other);
+        assert_eq!(gate.len(), 1, "only key a's last turn is left");
+        drop(second);
+        assert!(gate.is_empty());
+    }
+}
