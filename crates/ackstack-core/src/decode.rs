@@ -21,7 +21,7 @@ pub struct DecodeError {
 /// ```
 /// use ackstack_core::{Delivery, Origin, decode::json};
 ///
-/// #[derive(serde::Deserialize)]
+/// #[derive(Debug, serde::Deserialize)]
 /// struct Order { order_id: String }
 ///
 /// let good = Delivery::new(r#"{"order_id":"A-1"}"#, Origin::new("memory", "orders", "doc"));

@@ -159,16 +159,22 @@ pub struct DedupConfig {
     /// When the store is unreachable (fail-closed), how long until the delivery is retried.
     #[serde(with = "crate::config::duration")]
     pub store_retry_after: Duration,
+    /// When another worker holds the key, how long until the delivery is retried (at most the
+    /// other claim's remaining lease).
+    #[serde(with = "crate::config::duration")]
+    pub busy_retry_after: Duration,
 }
 
 impl Default for DedupConfig {
-    /// 30 s claims, done kept 24 h, fail-closed, retry after 5 s.
+    /// 30 s claims, done kept 24 h, fail-closed, retry after 5 s when the store is down and
+    /// after 1 s when the key is busy.
     fn default() -> Self {
         DedupConfig {
             claim_lease: Duration::from_secs(30),
             done_ttl: Duration::from_secs(24 * 3600),
             on_store_error: OnStoreError::FailClosed,
             store_retry_after: Duration::from_secs(5),
+            busy_retry_after: Duration::from_secs(1),
         }
     }
 }
@@ -297,7 +303,7 @@ impl<P: Process> Process for Dedup<P> {
             Ok(Claim::Busy { expires_in }) => {
                 let after = expires_in
                     .unwrap_or(self.config.claim_lease)
-                    .max(Duration::from_millis(100));
+                    .min(self.config.busy_retry_after);
                 return Outcome::Retry {
                     after,
                     failure: Failure::new(

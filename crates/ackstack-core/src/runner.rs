@@ -163,7 +163,7 @@ pub struct Consumer<S, L = Identity> {
     config: ConsumerConfig,
     dedup: Option<(Arc<dyn DedupStore>, DedupKey)>,
     classifier: Option<Classifier>,
-    name: Arc<str>,
+    name: Option<Arc<str>>,
 }
 
 impl<S: Source> Consumer<S> {
@@ -175,7 +175,7 @@ impl<S: Source> Consumer<S> {
             config: ConsumerConfig::default(),
             dedup: None,
             classifier: None,
-            name: "ackstack".into(),
+            name: None,
         }
     }
 }
@@ -231,9 +231,10 @@ impl<S: Source, L> Consumer<S, L> {
         self
     }
 
-    /// Names this consumer in deliveries' spans and dead-letter metadata.
+    /// Names this consumer in deliveries' origin, spans and dead-letter metadata (instead of
+    /// the name the source gave).
     pub fn name(mut self, name: &str) -> Self {
-        self.name = name.into();
+        self.name = Some(name.into());
         self
     }
 
@@ -470,7 +471,7 @@ struct Shared<P, S: Settle> {
     counters: Counters,
     stats: Arc<RunStats>,
     correlation_header: Option<String>,
-    name: Arc<str>,
+    name: Option<Arc<str>>,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -485,6 +486,9 @@ impl<P: Process, S: Settle> Shared<P, S> {
             mut delivery,
             token,
         } = received;
+        if let Some(name) = &self.name {
+            delivery.origin.consumer = name.clone();
+        }
         let correlation = self
             .correlation_header
             .as_deref()
@@ -492,7 +496,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
             .unwrap_or("");
         let span = tracing::info_span!(
             "delivery",
-            consumer = %self.name,
+            consumer = %delivery.origin.consumer,
             broker = delivery.origin.broker,
             queue = %delivery.origin.queue,
             message_id = delivery.message_id.as_deref().unwrap_or(""),

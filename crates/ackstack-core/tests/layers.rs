@@ -1,0 +1,540 @@
+//! The reliability layers on the in-memory broker: dedup, retry limits, batch ack, leases,
+//! ordering, delivery modes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ackstack_core::acker::BatchAcker;
+use ackstack_core::dedup::{BoxFuture, Claim, DedupError, DedupStore};
+use ackstack_core::memory::MemoryBroker;
+use ackstack_core::{
+    AckReport, Backoff, Consumer, ConsumerConfig, DeadLetter, DedupKey, DeliveryMode, Failure,
+    HandlerError, KeyOrdering, MemoryDedupStore, Message, OnStoreError, Settle, SettleError,
+    SettleFailure, Settled, handler_fn,
+};
+
+fn fast_retry(max: u32) -> Backoff {
+    Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100))
+        .no_jitter()
+        .max_attempts(max)
+}
+
+async fn until(done: impl Fn() -> bool + Send + 'static) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn dedup_a_message_that_fails_once_then_succeeds_is_processed_exactly_once() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m").message_id("k1"));
+    let effects = Arc::new(AtomicU32::new(0));
+    let e = effects.clone();
+    let handler = handler_fn(move |d, _cx| {
+        let e = e.clone();
+        async move {
+            if d.attempt == 1 {
+                return Err(HandlerError::transient("first attempt fails"));
+            }
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .retry(fast_retry(5))
+        .dedup(MemoryDedupStore::new(), DedupKey::MessageId)
+        .run_until(handler, until(move || b.is_empty("q")))
+        .await
+        .unwrap();
+    assert_eq!(
+        effects.load(Ordering::SeqCst),
+        1,
+        "a failed first attempt must not mark the key"
+    );
+    assert_eq!(summary.retried, 1);
+    assert!(broker.dead_letters("q").is_empty());
+}
+
+#[tokio::test]
+async fn dedup_duplicates_run_the_handler_once_even_concurrently() {
+    let broker = MemoryBroker::new();
+    for _ in 0..10 {
+        broker.publish(
+            "q",
+            Message::new("same order").header("idempotency-key", "order-1"),
+        );
+    }
+    broker.publish(
+        "q",
+        Message::new("other").header("idempotency-key", "order-2"),
+    );
+    let effects = Arc::new(AtomicU32::new(0));
+    let e = effects.clone();
+    let handler = handler_fn(move |_d, _cx| {
+        let e = e.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let b = broker.clone();
+    let mut config = ConsumerConfig::default();
+    config.concurrency = 16;
+    config.retry.backoff = fast_retry(50);
+    config.dedup.busy_retry_after = Duration::from_millis(20);
+    let summary = Consumer::new(broker.source("q"))
+        .config(config)
+        .dedup(
+            MemoryDedupStore::new(),
+            DedupKey::Header("idempotency-key".into()),
+        )
+        .run_until(handler, until(move || b.is_empty("q")))
+        .await
+        .unwrap();
+    assert_eq!(effects.load(Ordering::SeqCst), 2, "one effect per key");
+    assert!(broker.is_empty("q"), "{summary:?}");
+    assert_eq!(summary.deduplicated, 9, "{summary:?}");
+    assert!(
+        broker.dead_letters("q").is_empty(),
+        "busy duplicates retry, never drop"
+    );
+}
+
+/// A store that fails while `down` is set.
+struct Flaky {
+    inner: MemoryDedupStore,
+    down: AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), DedupError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(DedupError("store down".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl DedupStore for Flaky {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, DedupError>> {
+        match self.check() {
+            Ok(()) => self.inner.claim(key, token, lease),
+            Err(e) => Box::pin(async { Err(e) }),
+        }
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, DedupError>> {
+        self.inner.complete(key, token, ttl)
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), DedupError>> {
+        self.inner.release(key, token)
+    }
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, DedupError>> {
+        self.inner.extend(key, token, lease)
+    }
+}
+
+#[tokio::test]
+async fn dedup_fails_closed_by_default_and_open_by_option() {
+    for (on_error, expect_calls) in [(OnStoreError::FailClosed, 0), (OnStoreError::FailOpen, 1)] {
+        let broker = MemoryBroker::new();
+        broker.publish("q", Message::new("m").message_id("k"));
+        let store = Arc::new(Flaky {
+            inner: MemoryDedupStore::new(),
+            down: AtomicBool::new(true),
+        });
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let mut config = ConsumerConfig::default();
+        config.dedup.on_store_error = on_error;
+        config.dedup.store_retry_after = Duration::from_millis(50);
+        let c2 = calls.clone();
+        let started = std::time::Instant::now();
+        let summary = Consumer::new(broker.source("q"))
+            .config(config)
+            .dedup_shared(store.clone(), DedupKey::MessageId)
+            .run_until(
+                handler_fn(move |_d, _cx| {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    async { Ok(()) }
+                }),
+                until(move || {
+                    c2.load(Ordering::SeqCst) > 0 || started.elapsed() > Duration::from_millis(600)
+                }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), expect_calls, "{on_error:?}");
+        if on_error == OnStoreError::FailClosed {
+            assert_eq!(broker.len("q"), 1, "fail-closed keeps the message");
+            assert!(
+                summary.retried >= 2,
+                "retried while the store is down: {summary:?}"
+            );
+            // The store comes back: the message is processed.
+            store.down.store(false, Ordering::SeqCst);
+            let b = broker.clone();
+            let calls2 = Arc::new(AtomicU32::new(0));
+            let c3 = calls2.clone();
+            Consumer::new(broker.source("q"))
+                .dedup_shared(store.clone(), DedupKey::MessageId)
+                .run_until(
+                    handler_fn(move |_d, _cx| {
+                        c3.fetch_add(1, Ordering::SeqCst);
+                        async { Ok(()) }
+                    }),
+                    until(move || b.is_empty("q")),
+                )
+                .await
+                .unwrap();
+            assert_eq!(calls2.load(Ordering::SeqCst), 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn past_max_attempts_lands_in_the_dlq_with_metadata() {
+    let broker = MemoryBroker::new();
+    broker.publish(
+        "q",
+        Message::new(r#"{"x":1}"#)
+            .header("trace", "abc")
+            .message_id("m-9"),
+    );
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .retry(fast_retry(3))
+        .name("billing")
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Err(HandlerError::transient("downstream 503")) }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(summary.retried, 2);
+    assert_eq!(summary.dead_lettered, 1);
+    let dl = broker.dead_letters("q");
+    assert_eq!(dl.len(), 1);
+    let meta = ackstack_core::DeadLetterMetadata::from_headers(&dl[0].headers).unwrap();
+    assert_eq!(meta.attempts, 3);
+    assert_eq!(meta.reason, ackstack_core::DeadLetterReason::MaxAttempts);
+    assert_eq!(meta.error_message, "downstream 503");
+    assert_eq!(meta.queue, "q");
+    assert_eq!(meta.consumer, "billing");
+    assert_eq!(meta.message_id.as_deref(), Some("m-9"));
+    assert!(meta.first_failure_ms.unwrap() <= meta.last_failure_ms);
+    assert_eq!(dl[0].headers.get_str("trace"), Some("abc"));
+}
+
+#[tokio::test]
+async fn immediate_tier_runs_in_process_before_the_broker_retry() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m"));
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let mut config = ConsumerConfig::default();
+    config.retry.backoff = fast_retry(2);
+    config.retry.immediate = 2;
+    config.retry.immediate_delay = Duration::from_millis(1);
+    let b = broker.clone();
+    Consumer::new(broker.source("q"))
+        .config(config)
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Err(HandlerError::transient("no")) }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2 * (1 + 2),
+        "max_attempts * (1 + immediate)"
+    );
+}
+
+/// A settler that records ack batch sizes and when each arrived.
+#[derive(Clone, Default)]
+struct Recording {
+    batches: Arc<Mutex<Vec<(usize, tokio::time::Instant)>>>,
+}
+
+impl Settle for Recording {
+    type Token = u32;
+    async fn ack(&self, tokens: Vec<u32>) -> AckReport<u32> {
+        self.batches
+            .lock()
+            .unwrap()
+            .push((tokens.len(), tokio::time::Instant::now()));
+        AckReport::all(tokens.len())
+    }
+    async fn retry(
+        &self,
+        t: u32,
+        _: &ackstack_core::Delivery,
+        _: Duration,
+        _: &Failure,
+    ) -> Result<Settled<u32>, SettleFailure<u32>> {
+        Ok(Settled::AckOriginal(t))
+    }
+    async fn dead_letter(
+        &self,
+        t: u32,
+        _: &ackstack_core::Delivery,
+        _: &DeadLetter,
+    ) -> Result<Settled<u32>, SettleFailure<u32>> {
+        Ok(Settled::AckOriginal(t))
+    }
+    async fn extend(&self, _: &u32, _: Duration) -> Result<(), SettleError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn ack_batches_never_exceed_the_batch_size_and_flush_within_the_max_delay() {
+    let settler = Recording::default();
+    let acker = BatchAcker::spawn(settler.clone(), 10, Duration::from_millis(100), 1);
+    let queue = acker.queue();
+    for i in 0..25 {
+        queue.push(i);
+    }
+    let pushed_at = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    {
+        let batches = settler.batches.lock().unwrap();
+        let sizes: Vec<_> = batches.iter().map(|b| b.0).collect();
+        assert_eq!(
+            sizes,
+            vec![10, 10, 5],
+            "full batches at once, the rest within the delay"
+        );
+        assert!(batches[2].1 - pushed_at <= Duration::from_millis(100));
+    }
+    queue.push(99);
+    drop(queue);
+    acker.shutdown().await;
+    let batches = settler.batches.lock().unwrap();
+    assert_eq!(batches.last().unwrap().0, 1, "flushed on shutdown");
+    assert!(batches.iter().all(|b| b.0 <= 10));
+}
+
+#[tokio::test]
+async fn batch_ack_makes_fewer_ack_calls_than_deliveries() {
+    let broker = MemoryBroker::new();
+    for _ in 0..200 {
+        broker.publish("q", Message::new("x"));
+    }
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q").max_ack_batch(50))
+        .concurrency(64)
+        .run_until(
+            handler_fn(|_d, _cx| async { Ok(()) }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.acked, 200);
+    let calls = broker.stats("q").ack_calls;
+    assert!(calls >= 4 && calls < 200, "ack calls: {calls}");
+}
+
+#[tokio::test]
+async fn a_long_handler_keeps_its_lease_and_is_acked_once() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("slow"));
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let b = broker.clone();
+    let summary = Consumer::new(
+        broker
+            .source("q")
+            .visibility_timeout(Duration::from_millis(200))
+            .poll_wait(Duration::from_millis(20)),
+    )
+    .concurrency(4)
+    .run_until(
+        handler_fn(move |_d, _cx| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                Ok(())
+            }
+        }),
+        until(move || b.is_empty("q")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "never redelivered while held"
+    );
+    assert_eq!(summary.acked, 1);
+    assert!(broker.stats("q").extends >= 3);
+}
+
+#[tokio::test]
+async fn a_lost_lease_is_never_acked() {
+    // The lease runs out because the total hold time is capped below the handler's duration.
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("slow"));
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let c = cancelled.clone();
+    let mut config = ConsumerConfig::default();
+    config.lease.max_total = Duration::from_millis(250);
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let summary = Consumer::new(
+        broker
+            .source("q")
+            .visibility_timeout(Duration::from_millis(200)),
+    )
+    .config(config)
+    .run_until(
+        handler_fn(move |_d, cx| {
+            let (c, d) = (c.clone(), d.clone());
+            async move {
+                tokio::select! {
+                    _ = cx.cancelled() => c.store(true, Ordering::SeqCst),
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                d.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+        }),
+        until(move || done.load(Ordering::SeqCst)),
+    )
+    .await
+    .unwrap();
+    assert!(
+        cancelled.load(Ordering::SeqCst),
+        "the handler's token fired"
+    );
+    assert!(summary.leases_lost >= 1);
+    assert_eq!(
+        summary.acked, 0,
+        "returned Ok after losing the lease, yet never acked"
+    );
+    assert_eq!(broker.len("q"), 1);
+}
+
+#[tokio::test]
+async fn per_key_ordering_holds_back_later_messages_of_a_retrying_key() {
+    let broker = MemoryBroker::new();
+    for i in 0..3 {
+        broker.publish("q", Message::new(format!("a{i}")).key("a"));
+        broker.publish("q", Message::new(format!("b{i}")).key("b"));
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let b = broker.clone();
+    Consumer::new(broker.source("q"))
+        .concurrency(8)
+        .ordering(KeyOrdering::PerKey)
+        .retry(fast_retry(5))
+        .run_until(
+            handler_fn(move |d, _cx| {
+                let s = s.clone();
+                async move {
+                    let body = String::from_utf8_lossy(&d.payload).into_owned();
+                    if body == "a0" && d.attempt < 3 {
+                        return Err(HandlerError::transient("a0 not yet"));
+                    }
+                    s.lock().unwrap().push(body);
+                    Ok(())
+                }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let a: Vec<_> = seen
+        .iter()
+        .filter(|s| s.starts_with('a'))
+        .cloned()
+        .collect();
+    let bs: Vec<_> = seen
+        .iter()
+        .filter(|s| s.starts_with('b'))
+        .cloned()
+        .collect();
+    assert_eq!(
+        a,
+        vec!["a0", "a1", "a2"],
+        "key a stays in order through a0's retries"
+    );
+    assert_eq!(bs, vec!["b0", "b1", "b2"]);
+    let pos = |x: &str| seen.iter().position(|s| s == x).unwrap();
+    assert!(
+        pos("b2") < pos("a0"),
+        "key b is not held back by key a: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn at_most_once_acks_on_receipt() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("disposable"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let c2 = calls.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .mode(DeliveryMode::AtMostOnce)
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Err(HandlerError::transient("lost, by design")) }
+            }),
+            until(move || c2.load(Ordering::SeqCst) > 0),
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.acked, 1);
+    assert!(broker.is_empty("q"), "acked although the handler failed");
+    assert!(broker.dead_letters("q").is_empty());
+}
+
+#[tokio::test]
+async fn effectively_once_refuses_to_start_without_a_store() {
+    let broker = MemoryBroker::new();
+    let err = Consumer::new(broker.source("q"))
+        .mode(DeliveryMode::EffectivelyOnce)
+        .run_until(handler_fn(|_d, _cx| async { Ok(()) }), async {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("dedup"));
+}
