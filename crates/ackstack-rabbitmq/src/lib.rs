@@ -1,1 +1,89 @@
-//! RabbitMQ (lapin) adapter for ackstack.
+//! RabbitMQ adapter for ackstack, built on [lapin](https://docs.rs/lapin) 4.
+//!
+//! [`RabbitSource`] consumes one work queue in manual-ack mode and [`RabbitSettler`] settles
+//! its deliveries; [`RabbitPublisher`] publishes to the work queue with publisher confirms.
+//!
+//! # Topology
+//!
+//! With [`RabbitConfig::declare_topology`] (the default) the adapter declares, all durable:
+//!
+//! * the work queue `<queue>` (classic or quorum; a quorum queue gets
+//!   `x-dead-letter-routing-key = <dlq>` and, from [`RabbitConfig::max_attempts`],
+//!   `x-delivery-limit` as a broker-side safety net against crash loops);
+//! * one delay queue per bucket, `<queue>.delay.<millis>`, with `x-message-ttl = millis`,
+//!   `x-dead-letter-exchange = ""` and `x-dead-letter-routing-key = <queue>`: a message
+//!   published there comes back to the work queue after the bucket's delay;
+//! * the dead-letter queue, `<queue>-dlq` by default.
+//!
+//! # Retries and attempts
+//!
+//! A retry republishes the original payload and properties to a delay queue and waits for
+//! the publisher confirm before the original is acked (invariants 1 and 3). Delays are
+//! **bucketed**: the smallest bucket at least as long as the requested delay is used, or the
+//! largest bucket when the request is longer than all of them (so
+//! [`Capabilities::max_retry_delay`](ackstack_core::Capabilities) is the largest bucket).
+//! One queue per bucket avoids the head-of-line blocking of per-message TTLs.
+//!
+//! The attempt number is read from the message (invariant 2): the
+//! [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) we write on each retry copy,
+//! plus the quorum queue's `x-delivery-count` of unsettled earlier deliveries. See
+//! [`attempt_of`].
+//!
+//! # Acks
+//!
+//! Acks are `basic.ack multiple=true` up to the highest completed tag below the lowest
+//! delivery still in flight, never past it (invariant 8); completed deliveries above a
+//! straggler are acked individually only when they would otherwise eat half the prefetch
+//! window, and at [`flush`](ackstack_core::Settle::flush). [`RabbitSettler::stats`] counts
+//! the frames.
+//!
+//! # Reconnects
+//!
+//! After a connection or channel loss, [`receive`](ackstack_core::Source::receive) returns
+//! [`SourceError::Disconnected`](ackstack_core::SourceError) once, then reconnects and
+//! re-consumes on a new channel *generation*. Tokens carry their generation; settling a token
+//! of a closed generation returns
+//! [`SettleError::LeaseLost`](ackstack_core::SettleError) without sending anything, and the
+//! broker redelivers that message.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use ackstack_core::{Message, Publish, Settle, Source};
+//! use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let config = RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f", "orders");
+//! let publisher = RabbitPublisher::connect(config.clone()).await?;
+//! publisher.publish(Message::new("order #1").key("customer-7")).await?;
+//!
+//! let mut source = RabbitSource::connect(config).await?;
+//! let settler = source.settler();
+//! for received in source.receive(32).await? {
+//!     println!("attempt {}: {:?}", received.delivery.attempt, received.delivery.payload);
+//!     let report = settler.ack(vec![received.token]).await;
+//!     assert!(report.failed.is_empty());
+//! }
+//! settler.flush().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! In a service, hand the source to `ackstack_core`'s consumer runner instead of calling
+//! `receive` yourself.
+
+mod amqp;
+pub mod config;
+pub mod error;
+mod publisher;
+mod source;
+mod tracker;
+
+pub use amqp::{DELIVERY_COUNT_HEADER, KEY_HEADER, attempt_of, headers_from_table};
+pub use config::{QueueType, RabbitConfig};
+pub use error::{ConfigError, RabbitError};
+pub use publisher::{Fetched, RabbitPublisher, text_value};
+pub use source::{RabbitSettler, RabbitSource, RabbitStats, RabbitToken};
+
+/// lapin, re-exported for typed AMQP values ([`lapin::types::FieldTable`], `AMQPValue`).
+pub use lapin;

@@ -1,0 +1,314 @@
+//! Low-level helpers shared by the source, the settler and the publisher: connecting,
+//! declaring topology, confirmed publishing, header conversion and the attempt count.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ackstack_core::Headers;
+use ackstack_core::deadletter::ATTEMPT_HEADER;
+use bytes::Bytes;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+
+use crate::config::{QueueType, RabbitConfig};
+use crate::error::RabbitError;
+
+/// The header the publisher writes a message's ordering key to, and the source reads
+/// [`ackstack_core::Delivery::key`] from.
+pub const KEY_HEADER: &str = "x-ackstack-key";
+/// The quorum-queue header that counts earlier (unsettled) deliveries of a message.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// AMQP delivery mode 2: persistent.
+pub(crate) const PERSISTENT: u8 = 2;
+
+/// Opens a connection named after the config.
+pub(crate) async fn connect(config: &RabbitConfig, role: &str) -> Result<Connection, RabbitError> {
+    config.validate()?;
+    let name = format!("{}-{role}", config.connection_name());
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Ok(Connection::connect(&config.uri, props).await?)
+}
+
+/// Opens a channel in publisher-confirm mode.
+pub(crate) async fn confirm_channel(connection: &Connection) -> Result<Channel, RabbitError> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// A valid AMQP short string, or a typed error.
+pub(crate) fn short(name: &str) -> Result<ShortString, RabbitError> {
+    ShortString::try_new(name).map_err(|_| RabbitError::InvalidName(name.to_string()))
+}
+
+/// Declares the work queue, one delay queue per bucket and the dead-letter queue.
+pub(crate) async fn declare_topology(
+    channel: &Channel,
+    config: &RabbitConfig,
+) -> Result<(), RabbitError> {
+    let dlq = config.dlq_name();
+    let mut work_args = queue_type_args(config.queue_type);
+    if config.queue_type == QueueType::Quorum {
+        // Safety net: a message the consumer never settles (it crashes on it) is dead-lettered
+        // by the broker after `max_attempts` deliveries. Quorum queues always dead-letter to
+        // the DLQ rather than drop (RabbitMQ 4 sets a default delivery limit of 20).
+        insert_str(&mut work_args, "x-dead-letter-exchange", "");
+        insert_str(&mut work_args, "x-dead-letter-routing-key", &dlq);
+        if let Some(max) = config.max_attempts {
+            work_args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(i32::try_from(max).unwrap_or(i32::MAX)),
+            );
+        }
+    }
+    declare(channel, &config.queue, work_args).await?;
+    for bucket in &config.delay_buckets {
+        let mut args = queue_type_args(config.queue_type);
+        let ttl = i32::try_from(bucket.as_millis()).unwrap_or(i32::MAX);
+        args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl));
+        insert_str(&mut args, "x-dead-letter-exchange", "");
+        insert_str(&mut args, "x-dead-letter-routing-key", &config.queue);
+        declare(channel, &config.delay_queue_name(*bucket), args).await?;
+    }
+    declare(channel, &dlq, queue_type_args(config.queue_type)).await?;
+    Ok(())
+}
+
+fn queue_type_args(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        insert_str(&mut args, "x-queue-type", "quorum");
+    }
+    args
+}
+
+fn insert_str(table: &mut FieldTable, key: &'static str, value: &str) {
+    table.insert(
+        key.into(),
+        AMQPValue::LongString(LongString::from(value.as_bytes())),
+    );
+}
+
+async fn declare(channel: &Channel, name: &str, args: FieldTable) -> Result<(), RabbitError> {
+    channel
+        .queue_declare(short(name)?, QueueDeclareOptions::durable(), args)
+        .await?;
+    Ok(())
+}
+
+/// Publishes to `queue` through the default exchange (mandatory, so a missing queue is an
+/// error instead of a silent drop) and waits for the broker's confirm.
+pub(crate) async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+    timeout: Duration,
+) -> Result<(), RabbitError> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let publish = async {
+        channel
+            .basic_publish("".into(), short(queue)?, options, payload, properties)
+            .await?
+            .await
+            .map_err(RabbitError::from)
+    };
+    let confirmation = tokio::time::timeout(timeout, publish)
+        .await
+        .map_err(|_| RabbitError::Timeout("publisher confirm"))??;
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(
+            RabbitError::Unroutable(queue.to_string(), returned.reply_text.to_string()),
+        ),
+        Confirmation::Nack(None) => Err(RabbitError::Nacked(queue.to_string())),
+        // The channel is always in confirm mode; treat a missing confirm as a failure rather
+        // than assume durability.
+        Confirmation::NotRequested => Err(RabbitError::Nacked(queue.to_string())),
+    }
+}
+
+/// Converts AMQP headers to ackstack's byte-string headers.
+///
+/// Strings and byte arrays pass through as bytes; booleans, integers, floats and timestamps
+/// become their decimal text. Nested tables and arrays (such as `x-death`), decimals and
+/// voids have no byte form and are left out here; they survive untouched in the original
+/// [`FieldTable`] that the token keeps for dead-lettering.
+pub fn headers_from_table(table: Option<&FieldTable>) -> Headers {
+    let mut headers = Headers::new();
+    let Some(table) = table else {
+        return headers;
+    };
+    for (name, value) in table {
+        if let Some(bytes) = value_bytes(value) {
+            headers.append(name.as_str(), bytes);
+        }
+    }
+    headers
+}
+
+fn value_bytes(value: &AMQPValue) -> Option<Bytes> {
+    let text = match value {
+        AMQPValue::LongString(s) => return Some(Bytes::copy_from_slice(s.as_bytes())),
+        AMQPValue::ShortString(s) => return Some(Bytes::copy_from_slice(s.as_str().as_bytes())),
+        AMQPValue::ByteArray(b) => return Some(Bytes::copy_from_slice(b.as_slice())),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(v) => v.to_string(),
+        AMQPValue::ShortShortUInt(v) => v.to_string(),
+        AMQPValue::ShortInt(v) => v.to_string(),
+        AMQPValue::ShortUInt(v) => v.to_string(),
+        AMQPValue::LongInt(v) => v.to_string(),
+        AMQPValue::LongUInt(v) => v.to_string(),
+        AMQPValue::LongLongInt(v) => v.to_string(),
+        AMQPValue::Float(v) => v.to_string(),
+        AMQPValue::Double(v) => v.to_string(),
+        AMQPValue::Timestamp(v) => v.to_string(),
+        AMQPValue::DecimalValue(_)
+        | AMQPValue::FieldArray(_)
+        | AMQPValue::FieldTable(_)
+        | AMQPValue::Void => return None,
+    };
+    Some(Bytes::from(text))
+}
+
+/// Converts ackstack headers to an AMQP table of long strings. Names longer than an AMQP
+/// short string are skipped.
+pub(crate) fn table_from_headers(headers: &Headers) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in headers.iter() {
+        if let Ok(name) = ShortString::try_new(name) {
+            table.insert(
+                name,
+                AMQPValue::LongString(LongString::from(value.to_vec())),
+            );
+        }
+    }
+    table
+}
+
+/// Reads a non-negative integer header value: any AMQP integer type, or a string of digits.
+/// Anything else (negative, fractional, garbage, nested) is `None`.
+pub(crate) fn header_u64(table: Option<&FieldTable>, name: &str) -> Option<u64> {
+    let value = table?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::Timestamp(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()
+            .and_then(|t| t.trim().parse().ok()),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The attempt number of a delivery (invariant 2): our [`ATTEMPT_HEADER`] (written when we
+/// republish for a retry; 1 when absent or malformed) plus, on quorum queues, the broker's
+/// `x-delivery-count` of earlier unsettled deliveries of this copy (absent on the first
+/// delivery). A crash loop on one copy therefore still counts up; classic queues have no
+/// such count, so there a crash-redelivery repeats the attempt number.
+pub fn attempt_of(table: Option<&FieldTable>, queue_type: QueueType) -> u32 {
+    let ours = header_u64(table, ATTEMPT_HEADER)
+        .filter(|&a| a >= 1)
+        .map(|a| u32::try_from(a).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    let redeliveries = match queue_type {
+        QueueType::Quorum => header_u64(table, DELIVERY_COUNT_HEADER)
+            .map(|c| u32::try_from(c).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+        QueueType::Classic => 0,
+    };
+    ours.saturating_add(redeliveries)
+}
+
+/// A copy of `table` with `edit` applied to its entries.
+pub(crate) fn edit_table(
+    table: Option<&FieldTable>,
+    edit: impl FnOnce(&mut BTreeMap<ShortString, AMQPValue>),
+) -> FieldTable {
+    let mut map = table.map(|t| t.inner().clone()).unwrap_or_default();
+    edit(&mut map);
+    FieldTable::from(map)
+}
+
+/// An AMQP long-string value.
+pub(crate) fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert(k.into(), v);
+        }
+        t
+    }
+
+    #[test]
+    fn attempt_from_headers_never_panics() {
+        assert_eq!(attempt_of(None, QueueType::Classic), 1);
+        let t = table(vec![(ATTEMPT_HEADER, long_string("3"))]);
+        assert_eq!(attempt_of(Some(&t), QueueType::Classic), 3);
+        let t = table(vec![(ATTEMPT_HEADER, AMQPValue::LongLongInt(4))]);
+        assert_eq!(attempt_of(Some(&t), QueueType::Classic), 4);
+        for junk in [
+            long_string("three"),
+            long_string("-2"),
+            long_string("0"),
+            AMQPValue::LongInt(-5),
+            AMQPValue::Double(2.5),
+            AMQPValue::FieldTable(FieldTable::default()),
+            AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])),
+            long_string("99999999999999999999999"),
+        ] {
+            let t = table(vec![(ATTEMPT_HEADER, junk)]);
+            assert_eq!(attempt_of(Some(&t), QueueType::Classic), 1);
+        }
+        let t = table(vec![(ATTEMPT_HEADER, AMQPValue::LongLongInt(i64::MAX))]);
+        assert_eq!(attempt_of(Some(&t), QueueType::Classic), u32::MAX);
+    }
+
+    #[test]
+    fn quorum_adds_delivery_count() {
+        let t = table(vec![(DELIVERY_COUNT_HEADER, AMQPValue::LongLongInt(2))]);
+        assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 3);
+        assert_eq!(attempt_of(Some(&t), QueueType::Classic), 1);
+        let t = table(vec![
+            (ATTEMPT_HEADER, long_string("4")),
+            (DELIVERY_COUNT_HEADER, AMQPValue::LongLongInt(1)),
+        ]);
+        assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 5);
+        let t = table(vec![(DELIVERY_COUNT_HEADER, long_string("x"))]);
+        assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 1);
+    }
+
+    #[test]
+    fn header_conversion() {
+        let t = table(vec![
+            ("s", long_string("v")),
+            ("n", AMQPValue::LongInt(-7)),
+            ("b", AMQPValue::Boolean(true)),
+            ("nested", AMQPValue::FieldTable(FieldTable::default())),
+        ]);
+        let h = headers_from_table(Some(&t));
+        assert_eq!(h.get_str("s"), Some("v"));
+        assert_eq!(h.get_str("n"), Some("-7"));
+        assert_eq!(h.get_str("b"), Some("true"));
+        assert!(h.get("nested").is_none());
+    }
+}

@@ -1,0 +1,766 @@
+//! [`RabbitSource`]: consuming in manual-ack mode, reconnecting by itself; and
+//! [`RabbitSettler`]: acks, delayed retries, dead-lettering.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ackstack_core::deadletter::{
+    ATTEMPT_HEADER, DeadLetter, FIRST_FAILURE_HEADER, METADATA_PREFIX, millis,
+};
+use ackstack_core::{
+    AckReport, Capabilities, Delivery, Failure, Origin, Received, Settle, SettleError,
+    SettleFailure, Settled, Source, SourceError,
+};
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+
+use crate::amqp::{
+    self, DELIVERY_COUNT_HEADER, KEY_HEADER, PERSISTENT, attempt_of, edit_table,
+    headers_from_table, long_string,
+};
+use crate::config::RabbitConfig;
+use crate::error::RabbitError;
+use crate::tracker::{AckPlan, AckTracker, Completion};
+
+/// How long one `basic.ack`/`basic.nack` frame may take to be written.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing a dead or abandoned connection may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest pause between reconnect attempts.
+const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(5);
+
+/// Counters of what the adapter sent, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RabbitStats {
+    /// `basic.ack` frames sent (cumulative and individual).
+    pub ack_frames: u64,
+    /// Of those, `multiple=true` frames.
+    pub multiple_ack_frames: u64,
+    /// `basic.nack` frames sent (releases).
+    pub nack_frames: u64,
+    /// Tokens settled through the adapter's acks (each counted once).
+    pub acked_tokens: u64,
+    /// Settlements refused because the token's channel is gone (no frame sent).
+    pub lease_lost: u64,
+    /// Connections opened by the source (1 + reconnects).
+    pub connects: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    ack_frames: AtomicU64,
+    multiple_ack_frames: AtomicU64,
+    nack_frames: AtomicU64,
+    acked_tokens: AtomicU64,
+    lease_lost: AtomicU64,
+    connects: AtomicU64,
+}
+
+/// State shared by the source and its settler.
+struct Shared {
+    config: RabbitConfig,
+    counters: Counters,
+    /// The generation the source currently consumes on.
+    current: Mutex<Option<Arc<Generation>>>,
+}
+
+impl Shared {
+    fn current(&self) -> MutexGuard<'_, Option<Arc<Generation>>> {
+        // A panic elsewhere while holding this lock cannot leave the Option inconsistent.
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stats(&self) -> RabbitStats {
+        let c = &self.counters;
+        RabbitStats {
+            ack_frames: c.ack_frames.load(Ordering::Relaxed),
+            multiple_ack_frames: c.multiple_ack_frames.load(Ordering::Relaxed),
+            nack_frames: c.nack_frames.load(Ordering::Relaxed),
+            acked_tokens: c.acked_tokens.load(Ordering::Relaxed),
+            lease_lost: c.lease_lost.load(Ordering::Relaxed),
+            connects: c.connects.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One connection and its consuming channel. Delivery tags are only meaningful on the
+/// channel that delivered them, so every token points at its generation, and a token of a
+/// dead generation is never acked anywhere (its delivery is redelivered by the broker).
+struct Generation {
+    id: u64,
+    connection: Connection,
+    consume: Channel,
+    /// A confirm-mode channel on the same connection, reopened when it closes.
+    publish: tokio::sync::Mutex<Option<Channel>>,
+    /// The tags of `consume`; the lock also orders the frames sent for them.
+    tracker: tokio::sync::Mutex<AckTracker>,
+    dead: AtomicBool,
+}
+
+impl Generation {
+    fn alive(&self) -> bool {
+        !self.dead.load(Ordering::Acquire)
+            && self.consume.status().connected()
+            && self.connection.status().connected()
+    }
+
+    fn kill(&self) {
+        self.dead.store(true, Ordering::Release);
+    }
+
+    async fn publish_channel(&self) -> Result<Channel, RabbitError> {
+        let mut guard = self.publish.lock().await;
+        if let Some(channel) = guard.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let channel = amqp::confirm_channel(&self.connection).await?;
+        *guard = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Sends the planned frames. On error the channel is broken: the generation is killed.
+    async fn send(&self, plan: &AckPlan, counters: &Counters) -> Result<(), SettleError> {
+        if let Some(tag) = plan.multiple {
+            self.ack_frame(tag, true, counters).await?;
+        }
+        for &tag in &plan.singles {
+            self.ack_frame(tag, false, counters).await?;
+        }
+        Ok(())
+    }
+
+    async fn ack_frame(&self, tag: u64, multiple: bool, c: &Counters) -> Result<(), SettleError> {
+        let sent = tokio::time::timeout(
+            FRAME_TIMEOUT,
+            self.consume.basic_ack(tag, BasicAckOptions { multiple }),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                c.ack_frames.fetch_add(1, Ordering::Relaxed);
+                if multiple {
+                    c.multiple_ack_frames.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.kill();
+                Err(SettleError::LeaseLost(format!(
+                    "channel closed while acking tag {tag}: {e}"
+                )))
+            }
+            Err(_) => {
+                self.kill();
+                Err(SettleError::LeaseLost(format!(
+                    "timed out acking tag {tag}; channel presumed dead"
+                )))
+            }
+        }
+    }
+}
+
+/// The handle of one RabbitMQ delivery: its delivery tag, the channel generation it came
+/// from, and the original payload and AMQP properties (so a dead-letter copy keeps typed
+/// header values byte for byte).
+#[derive(Clone)]
+pub struct RabbitToken {
+    tag: u64,
+    generation: Arc<Generation>,
+    properties: Arc<BasicProperties>,
+    payload: Bytes,
+}
+
+impl RabbitToken {
+    /// The delivery tag on its channel.
+    pub fn delivery_tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// The channel generation the delivery came from (1 for the first connection, counting
+    /// up with each reconnect).
+    pub fn generation(&self) -> u64 {
+        self.generation.id
+    }
+
+    /// The original AMQP properties, including the header table.
+    pub fn properties(&self) -> &BasicProperties {
+        &self.properties
+    }
+
+    /// Whether the channel the delivery came from is still open (its delivery can be acked).
+    pub fn is_live(&self) -> bool {
+        self.generation.alive()
+    }
+}
+
+impl fmt::Debug for RabbitToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitToken")
+            .field("tag", &self.tag)
+            .field("generation", &self.generation.id)
+            .finish()
+    }
+}
+
+impl PartialEq for RabbitToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.tag == other.tag && self.generation.id == other.generation.id
+    }
+}
+
+impl Eq for RabbitToken {}
+
+struct Active {
+    generation: Arc<Generation>,
+    consumer: lapin::Consumer,
+    origin: Origin,
+}
+
+/// Consumes one RabbitMQ queue in manual-ack mode.
+///
+/// Reconnects by itself: when the connection or channel is lost (or the consumer stream
+/// ends), [`receive`](Source::receive) returns [`SourceError::Disconnected`] once and the
+/// next call opens a new connection (with a growing pause after failed attempts, up to 5 s),
+/// declares the topology again and re-consumes. This is a new channel *generation*;
+/// deliveries of the old one are never acked on the new one: settling their tokens reports
+/// [`SettleError::LeaseLost`] without sending a frame, and the broker redelivers them.
+///
+/// lapin 4's own automatic recovery (`ConnectionProperties::enable_auto_recover`) is not
+/// used: it keeps the same `Channel` object across reconnects, where delivery tags restart
+/// at 1, so an ack for a pre-reconnect delivery would silently ack a different message.
+pub struct RabbitSource {
+    shared: Arc<Shared>,
+    active: Option<Active>,
+    next_generation: u64,
+    failures: u32,
+    closed: bool,
+}
+
+impl RabbitSource {
+    /// Connects, declares the topology (unless disabled) and starts consuming.
+    pub async fn connect(config: RabbitConfig) -> Result<Self, RabbitError> {
+        config.validate()?;
+        let mut source = RabbitSource {
+            shared: Arc::new(Shared {
+                config,
+                counters: Counters::default(),
+                current: Mutex::new(None),
+            }),
+            active: None,
+            next_generation: 1,
+            failures: 0,
+            closed: false,
+        };
+        source.open().await?;
+        Ok(source)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RabbitConfig {
+        &self.shared.config
+    }
+
+    /// What was sent so far.
+    pub fn stats(&self) -> RabbitStats {
+        self.shared.stats()
+    }
+
+    /// The current channel generation, if connected.
+    pub fn generation(&self) -> Option<u64> {
+        self.active.as_ref().map(|a| a.generation.id)
+    }
+
+    /// The name of the current connection as the broker shows it
+    /// (`<connection_name>-consumer`).
+    pub fn connection_name(&self) -> String {
+        format!("{}-consumer", self.shared.config.connection_name())
+    }
+
+    /// Closes the connection now. Every unacked delivery goes back to the queue; tokens
+    /// already handed out become unsettleable ([`SettleError::LeaseLost`]). The next
+    /// [`receive`](Source::receive) reconnects.
+    pub async fn disconnect(&mut self) {
+        self.drop_active("disconnect requested").await;
+    }
+
+    async fn open(&mut self) -> Result<(), RabbitError> {
+        let config = &self.shared.config;
+        let connection = amqp::connect(config, "consumer").await?;
+        let consume = connection.create_channel().await?;
+        if config.declare_topology {
+            amqp::declare_topology(&consume, config).await?;
+        }
+        consume
+            .basic_qos(config.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = match &config.consumer_tag {
+            Some(tag) => amqp::short(tag)?,
+            None => ShortString::default(),
+        };
+        let consumer = consume
+            .basic_consume(
+                amqp::short(&config.queue)?,
+                tag,
+                BasicConsumeOptions {
+                    no_ack: false,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let publish = amqp::confirm_channel(&connection).await?;
+        let id = self.next_generation;
+        self.next_generation += 1;
+        let generation = Arc::new(Generation {
+            id,
+            connection,
+            consume,
+            publish: tokio::sync::Mutex::new(Some(publish)),
+            tracker: tokio::sync::Mutex::new(AckTracker::new(config.prefetch)),
+            dead: AtomicBool::new(false),
+        });
+        let origin = Origin::new("rabbitmq", config.queue.as_str(), consumer.tag().as_str());
+        *self.shared.current() = Some(generation.clone());
+        self.shared
+            .counters
+            .connects
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(generation = id, queue = %config.queue, "rabbitmq consumer started");
+        self.active = Some(Active {
+            generation,
+            consumer,
+            origin,
+        });
+        Ok(())
+    }
+
+    /// Forgets the current generation and closes its connection (so its unacked deliveries
+    /// are requeued even if the connection itself was still up).
+    async fn drop_active(&mut self, why: &str) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        tracing::warn!(
+            generation = active.generation.id,
+            reason = why,
+            "rabbitmq channel lost"
+        );
+        active.generation.kill();
+        {
+            let mut current = self.shared.current();
+            if current
+                .as_ref()
+                .is_some_and(|g| g.id == active.generation.id)
+            {
+                *current = None;
+            }
+        }
+        drop(active.consumer);
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            active
+                .generation
+                .connection
+                .close(200, "ackstack reconnect".into()),
+        )
+        .await;
+    }
+
+    async fn reconnect(&mut self) -> Result<(), SourceError> {
+        if self.failures > 0 {
+            let pause = Duration::from_millis(100)
+                .saturating_mul(1u32 << self.failures.min(6))
+                .min(MAX_RECONNECT_PAUSE);
+            tokio::time::sleep(pause).await;
+        }
+        match self.open().await {
+            Ok(()) => {
+                self.failures = 0;
+                Ok(())
+            }
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                Err(e.into_source_error())
+            }
+        }
+    }
+
+    fn convert(&self, active: &Active, d: lapin::message::Delivery) -> Received<RabbitToken> {
+        let config = &self.shared.config;
+        let table = d.properties.headers().as_ref();
+        let headers = headers_from_table(table);
+        let attempt = attempt_of(table, config.queue_type);
+        let routing_key = d.routing_key.as_str();
+        let key = match headers.get(KEY_HEADER) {
+            Some(k) => Some(k.clone()),
+            None => {
+                let is_ours = routing_key == config.queue
+                    || routing_key.is_empty()
+                    || routing_key.starts_with(&format!("{}.delay.", config.queue));
+                (!is_ours).then(|| Bytes::copy_from_slice(routing_key.as_bytes()))
+            }
+        };
+        let payload = Bytes::from(d.data);
+        let delivery = Delivery {
+            payload: payload.clone(),
+            headers,
+            key,
+            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+            attempt,
+            origin: active.origin.clone(),
+        };
+        let token = RabbitToken {
+            tag: d.delivery_tag,
+            generation: active.generation.clone(),
+            properties: Arc::new(d.properties),
+            payload,
+        };
+        Received { delivery, token }
+    }
+}
+
+impl Source for RabbitSource {
+    type Token = RabbitToken;
+    type Settler = RabbitSettler;
+
+    async fn receive(&mut self, max: usize) -> Result<Vec<Received<RabbitToken>>, SourceError> {
+        if self.closed {
+            return Ok(Vec::new());
+        }
+        if self.active.is_none() {
+            self.reconnect().await?;
+        }
+        let poll = self.shared.config.poll_interval;
+        let Some(active) = self.active.as_mut() else {
+            return Err(SourceError::Disconnected("not connected".into()));
+        };
+        let first = match tokio::time::timeout(poll, active.consumer.next()).await {
+            Err(_) => {
+                // Silence is not trusted: a consumer can go idle after a broker restart.
+                if active.generation.alive() {
+                    return Ok(Vec::new());
+                }
+                self.drop_active("channel closed while idle").await;
+                return Err(SourceError::Disconnected("channel closed".into()));
+            }
+            Ok(None) => {
+                self.drop_active("consumer stream ended").await;
+                return Err(SourceError::Disconnected("consumer cancelled".into()));
+            }
+            Ok(Some(Err(e))) => {
+                self.drop_active("consumer error").await;
+                return Err(SourceError::Disconnected(Box::new(e)));
+            }
+            Ok(Some(Ok(d))) => d,
+        };
+        let mut raw = vec![first];
+        let mut broken: Option<SourceError> = None;
+        while raw.len() < max.max(1) {
+            match active.consumer.next().now_or_never() {
+                None => break,
+                Some(Some(Ok(d))) => raw.push(d),
+                Some(Some(Err(e))) => {
+                    broken = Some(SourceError::Disconnected(Box::new(e)));
+                    break;
+                }
+                Some(None) => {
+                    broken = Some(SourceError::Disconnected("consumer cancelled".into()));
+                    break;
+                }
+            }
+        }
+        if let Some(err) = broken {
+            // These deliveries belong to a channel that is gone: they cannot be acked, and
+            // the broker redelivers them. Handing them out would only duplicate work.
+            self.drop_active("consumer error").await;
+            return Err(err);
+        }
+        let Some(active) = self.active.as_ref() else {
+            return Err(SourceError::Disconnected("not connected".into()));
+        };
+        {
+            let mut tracker = active.generation.tracker.lock().await;
+            for d in &raw {
+                tracker.delivered(d.delivery_tag);
+            }
+        }
+        let out = raw.into_iter().map(|d| self.convert(active, d)).collect();
+        Ok(out)
+    }
+
+    fn settler(&self) -> RabbitSettler {
+        RabbitSettler {
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let prefetch = usize::from(self.shared.config.prefetch);
+        let batch = if prefetch == 0 {
+            250
+        } else {
+            (prefetch / 4).clamp(1, 250)
+        };
+        Capabilities::new(batch).with_max_retry_delay(self.shared.config.max_delay())
+    }
+
+    async fn close(&mut self) {
+        self.closed = true;
+        if let Some(active) = self.active.as_ref() {
+            let tag = active.consumer.tag();
+            let cancelled = tokio::time::timeout(
+                CLOSE_TIMEOUT,
+                active
+                    .generation
+                    .consume
+                    .basic_cancel(tag, BasicCancelOptions::default()),
+            )
+            .await;
+            if !matches!(cancelled, Ok(Ok(()))) {
+                tracing::debug!("basic.cancel failed; the channel is probably gone");
+            }
+        }
+    }
+}
+
+/// Settles [`RabbitSource`] deliveries: batched acks, retries through delay queues,
+/// dead-lettering to the DLQ, and releases. Cheap to clone.
+#[derive(Clone)]
+pub struct RabbitSettler {
+    shared: Arc<Shared>,
+}
+
+impl RabbitSettler {
+    /// What was sent so far (shared with the source).
+    pub fn stats(&self) -> RabbitStats {
+        self.shared.stats()
+    }
+
+    fn lease_lost(&self, token: &RabbitToken) -> SettleError {
+        self.shared
+            .counters
+            .lease_lost
+            .fetch_add(1, Ordering::Relaxed);
+        SettleError::LeaseLost(format!(
+            "delivery tag {} belongs to closed channel generation {}",
+            token.tag, token.generation.id
+        ))
+    }
+
+    async fn ack_generation(
+        &self,
+        generation: Arc<Generation>,
+        tokens: Vec<RabbitToken>,
+        report: &mut AckReport<RabbitToken>,
+    ) {
+        if !generation.alive() {
+            for token in tokens {
+                let err = self.lease_lost(&token);
+                report.failed.push((token, err));
+            }
+            return;
+        }
+        let mut tracker = generation.tracker.lock().await;
+        for token in &tokens {
+            // Already settled tags count as acked ("found already gone").
+            let _: Completion = tracker.complete(token.tag);
+        }
+        let plan = tracker.plan(false);
+        match generation.send(&plan, &self.shared.counters).await {
+            Ok(()) => {
+                report.acked += tokens.len();
+                self.shared
+                    .counters
+                    .acked_tokens
+                    .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+            }
+            Err(err) => {
+                let message = err.to_string();
+                for token in tokens {
+                    self.shared
+                        .counters
+                        .lease_lost
+                        .fetch_add(1, Ordering::Relaxed);
+                    report
+                        .failed
+                        .push((token, SettleError::LeaseLost(message.clone())));
+                }
+            }
+        }
+    }
+
+    async fn publish_copy(
+        &self,
+        token: &RabbitToken,
+        queue: &str,
+        properties: BasicProperties,
+    ) -> Result<(), SettleError> {
+        let channel = token
+            .generation
+            .publish_channel()
+            .await
+            .map_err(RabbitError::into_settle_error)?;
+        amqp::publish_confirmed(
+            &channel,
+            queue,
+            &token.payload,
+            properties.with_delivery_mode(PERSISTENT),
+            self.shared.config.confirm_timeout,
+        )
+        .await
+        .map_err(RabbitError::into_settle_error)
+    }
+}
+
+impl Settle for RabbitSettler {
+    type Token = RabbitToken;
+
+    async fn ack(&self, tokens: Vec<RabbitToken>) -> AckReport<RabbitToken> {
+        let mut report = AckReport::all(0);
+        // Tokens normally share one generation; group them in order of appearance.
+        let mut groups: Vec<(Arc<Generation>, Vec<RabbitToken>)> = Vec::new();
+        for token in tokens {
+            match groups.iter_mut().find(|(g, _)| g.id == token.generation.id) {
+                Some((_, group)) => group.push(token),
+                None => groups.push((token.generation.clone(), vec![token])),
+            }
+        }
+        for (generation, group) in groups {
+            self.ack_generation(generation, group, &mut report).await;
+        }
+        report
+    }
+
+    /// Republishes the original payload and properties to the delay queue of the bucket
+    /// chosen by [`RabbitConfig::bucket_for`] with [`ATTEMPT_HEADER`] = attempt + 1 and
+    /// [`FIRST_FAILURE_HEADER`] kept (or set to this failure's time); the broker's own
+    /// `x-delivery-count` is dropped so the copy starts its count afresh. Returns
+    /// [`Settled::AckOriginal`] once the copy is confirmed.
+    async fn retry(
+        &self,
+        token: RabbitToken,
+        delivery: &Delivery,
+        after: Duration,
+        failure: &Failure,
+    ) -> Result<Settled<RabbitToken>, SettleFailure<RabbitToken>> {
+        if !token.generation.alive() {
+            let err = self.lease_lost(&token);
+            return Err(SettleFailure::new(token, err));
+        }
+        let config = &self.shared.config;
+        let Some(bucket) = config.bucket_for(after) else {
+            let err = SettleError::Rejected("no delay buckets configured".into());
+            return Err(SettleFailure::new(token, err));
+        };
+        let queue = config.delay_queue_name(bucket);
+        let next_attempt = delivery.attempt.max(1).saturating_add(1).to_string();
+        let first_failure = millis(failure.at).to_string();
+        let headers = edit_table(token.properties.headers().as_ref(), |map| {
+            map.remove(DELIVERY_COUNT_HEADER);
+            map.insert(ATTEMPT_HEADER.into(), long_string(&next_attempt));
+            map.entry(FIRST_FAILURE_HEADER.into())
+                .or_insert_with(|| long_string(&first_failure));
+        });
+        let properties = token.properties.as_ref().clone().with_headers(headers);
+        match self.publish_copy(&token, &queue, properties).await {
+            Ok(()) => Ok(Settled::AckOriginal(token)),
+            Err(err) => Err(SettleFailure::new(token, err)),
+        }
+    }
+
+    /// Publishes the original payload and AMQP properties, every original header value
+    /// unchanged (typed), plus the `x-ackstack-dl-*` metadata (replacing earlier metadata) to
+    /// the DLQ; returns [`Settled::AckOriginal`] once the copy is confirmed.
+    async fn dead_letter(
+        &self,
+        token: RabbitToken,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+    ) -> Result<Settled<RabbitToken>, SettleFailure<RabbitToken>> {
+        if !token.generation.alive() {
+            let err = self.lease_lost(&token);
+            return Err(SettleFailure::new(token, err));
+        }
+        let metadata = letter.metadata(delivery);
+        let headers = edit_table(token.properties.headers().as_ref(), |map| {
+            map.retain(|name, _| !name.as_str().starts_with(METADATA_PREFIX));
+            for (name, value) in metadata.header_pairs() {
+                if let Ok(name) = ShortString::try_new(name) {
+                    map.insert(name, long_string(&value));
+                }
+            }
+        });
+        let properties = token.properties.as_ref().clone().with_headers(headers);
+        let dlq = self.shared.config.dlq_name();
+        match self.publish_copy(&token, &dlq, properties).await {
+            Ok(()) => Ok(Settled::AckOriginal(token)),
+            Err(err) => Err(SettleFailure::new(token, err)),
+        }
+    }
+
+    /// RabbitMQ has no leases ([`Capabilities::lease`] is `None`), so this is never called by
+    /// the runner; it succeeds without doing anything.
+    async fn extend(&self, _token: &RabbitToken, _by: Duration) -> Result<(), SettleError> {
+        Ok(())
+    }
+
+    /// `basic.nack requeue=true` for this delivery, when its channel is still open (a closed
+    /// channel has already given it back).
+    async fn release(&self, token: RabbitToken) {
+        let generation = token.generation.clone();
+        if !generation.alive() {
+            return;
+        }
+        let mut tracker = generation.tracker.lock().await;
+        if !tracker.settle_individually(token.tag) {
+            return;
+        }
+        let sent = tokio::time::timeout(
+            FRAME_TIMEOUT,
+            generation.consume.basic_nack(
+                token.tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                },
+            ),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                self.shared
+                    .counters
+                    .nack_frames
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            _ => generation.kill(),
+        }
+    }
+
+    /// Acks every completed delivery still held back above an unfinished one (individually),
+    /// and advances the cumulative ack as far as possible.
+    async fn flush(&self) {
+        let current = self.shared.current().clone();
+        let Some(generation) = current else {
+            return;
+        };
+        if !generation.alive() {
+            return;
+        }
+        let mut tracker = generation.tracker.lock().await;
+        let plan = tracker.plan(true);
+        if let Err(err) = generation.send(&plan, &self.shared.counters).await {
+            tracing::warn!(error = %err, "flushing rabbitmq acks failed");
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Delivery-tag bookkeeping for one channel: which `basic.ack` frames to send.
+//!
+//! A channel's delivery tags count up from 1. `basic.ack multiple=true` with tag `T` acks every
+//! still-unacked delivery with a tag `<= T`, so it may only be sent when no delivery `<= T` is
+//! still in flight (invariant 8). The tracker keeps, for the tags above the last cumulative
+//! ack: those in flight (returned by `receive`, not yet settled), those completed (the runner
+//! asked to ack them: the handler succeeded, or a retry / dead-letter copy was confirmed) and
+//! those already settled one by one (individual acks, or nacks from `release`).
+//!
+//! The plan for an ack call:
+//! * **Cumulative ack.** The watermark `W` is the tag below the lowest in-flight tag (or the
+//!   highest tag seen when nothing is in flight). If completed tags `<= W` exist, one
+//!   `basic.ack multiple=true` with the highest of them acks them all. (The highest
+//!   *completed* tag, not `W` itself: acking a tag already settled individually is a channel
+//!   error, and every unacked tag below it is completed, so this is exact.)
+//! * **Individual acks above a gap, only under pressure.** Completed tags above `W` are held
+//!   back: one slow handler would otherwise cost a frame per delivery behind it. But held tags
+//!   stay unacked at the broker and count against the prefetch window; when the held ones
+//!   reach half the window the broker is about to stop delivering and the consumer would
+//!   starve behind the straggler. So once `held >= starve_threshold` (prefetch / 2) every
+//!   held tag is acked individually. This costs frames only while a straggler exists and keeps
+//!   at least half the window flowing. `flush` acks every held tag the same way.
+
+use std::collections::BTreeSet;
+
+/// What to send to the broker.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct AckPlan {
+    /// `basic.ack multiple=true` with this tag.
+    pub(crate) multiple: Option<u64>,
+    /// `basic.ack multiple=false` for each of these tags.
+    pub(crate) singles: Vec<u64>,
+}
+
+/// The state of one channel's delivery tags.
+#[derive(Debug)]
+pub(crate) struct AckTracker {
+    /// Every tag `<= acked_upto` is settled at the broker.
+    acked_upto: u64,
+    /// The highest tag received.
+    max_seen: u64,
+    /// Received, not yet completed or released.
+    in_flight: BTreeSet<u64>,
+    /// Completed, not yet acked at the broker.
+    completed: BTreeSet<u64>,
+    /// Above `acked_upto`, settled individually (single ack or nack).
+    settled: BTreeSet<u64>,
+    /// Held completed tags that trigger individual acks.
+    starve_threshold: usize,
+}
+
+/// What `complete` found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// Recorded; will be acked by the next plan.
+    Recorded,
+    /// Already acked or released: nothing to do.
+    AlreadySettled,
+}
+
+impl AckTracker {
+    /// A tracker for a channel with this prefetch window (0: unlimited).
+    pub(crate) fn new(prefetch: u16) -> Self {
+        let threshold = if prefetch == 0 {
+            100
+        } else {
+            usize::from(prefetch / 2).max(1)
+        };
+        AckTracker {
+            acked_upto: 0,
+            max_seen: 0,
+            in_flight: BTreeSet::new(),
+            completed: BTreeSet::new(),
+            settled: BTreeSet::new(),
+            starve_threshold: threshold,
+        }
+    }
+
+    /// A tag was received.
+    pub(crate) fn delivered(&mut self, tag: u64) {
+        if tag > self.acked_upto {
+            self.in_flight.insert(tag);
+            self.max_seen = self.max_seen.max(tag);
+        }
+    }
+
+    /// A tag is done and should be acked.
+    pub(crate) fn complete(&mut self, tag: u64) -> Completion {
+        if tag <= self.acked_upto || self.settled.contains(&tag) {
+            return Completion::AlreadySettled;
+        }
+        if self.in_flight.remove(&tag) || tag > self.max_seen {
+            // Unknown tags above max_seen cannot come from receive; treat them as in flight
+            // to be safe: record them so they are acked but never pass a real in-flight tag.
+            self.max_seen = self.max_seen.max(tag);
+        }
+        if self.completed.insert(tag) {
+            Completion::Recorded
+        } else {
+            Completion::AlreadySettled
+        }
+    }
+
+    /// A tag was settled individually at the broker (nack / reject). Returns false when it
+    /// was already settled.
+    pub(crate) fn settle_individually(&mut self, tag: u64) -> bool {
+        if tag <= self.acked_upto || self.settled.contains(&tag) {
+            return false;
+        }
+        self.in_flight.remove(&tag);
+        self.completed.remove(&tag);
+        self.settled.insert(tag);
+        true
+    }
+
+    /// The frames to send now, recorded as sent. With `flush`, every held tag is included.
+    pub(crate) fn plan(&mut self, flush: bool) -> AckPlan {
+        let watermark = match self.in_flight.first() {
+            Some(lowest) => lowest - 1,
+            None => self.max_seen,
+        };
+        let mut plan = AckPlan::default();
+        if watermark > self.acked_upto {
+            let above = self.completed.split_off(&(watermark + 1));
+            let below = std::mem::replace(&mut self.completed, above);
+            plan.multiple = below.last().copied();
+            self.settled = self.settled.split_off(&(watermark + 1));
+            self.acked_upto = watermark;
+        }
+        if !self.completed.is_empty() && (flush || self.completed.len() >= self.starve_threshold) {
+            let held = std::mem::take(&mut self.completed);
+            plan.singles = held.iter().copied().collect();
+            self.settled.extend(held);
+        }
+        plan
+    }
+
+    /// How many completed tags wait for an ack.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.completed.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cumulative_ack_stops_below_in_flight() {
+        let mut t = AckTracker::new(200);
+        for tag in 1..=5 {
+            t.delivered(tag);
+        }
+        for tag in [1, 2, 4, 5] {
+            assert_eq!(t.complete(tag), Completion::Recorded);
+        }
+        let plan = t.plan(false);
+        assert_eq!(plan.multiple, Some(2), "3 is in flight");
+        assert!(plan.singles.is_empty());
+        assert_eq!(t.held(), 2);
+        t.complete(3);
+        let plan = t.plan(false);
+        assert_eq!(plan.multiple, Some(5));
+        assert_eq!(t.plan(false), AckPlan::default());
+    }
+
+    #[test]
+    fn released_tags_count_as_done_but_are_never_acked() {
+        let mut t = AckTracker::new(200);
+        for tag in 1..=4 {
+            t.delivered(tag);
+        }
+        t.complete(1);
+        assert!(t.settle_individually(2));
+        t.complete(3);
+        let plan = t.plan(false);
+        assert_eq!(plan.multiple, Some(3));
+        t.complete(4);
+        assert_eq!(t.plan(false).multiple, Some(4));
+        // Only 2 released and 4 in flight: ack 1, nack 2 → watermark passes 2 without a frame.
+        let mut t = AckTracker::new(200);
+        t.delivered(1);
+        t.delivered(2);
+        t.complete(1);
+        t.settle_individually(2);
+        assert_eq!(t.plan(false).multiple, Some(1));
+        let mut t = AckTracker::new(200);
+        t.delivered(1);
+        t.settle_individually(1);
+        assert_eq!(t.plan(false), AckPlan::default());
+    }
+
+    #[test]
+    fn straggler_triggers_individual_acks_and_no_double_ack() {
+        let mut t = AckTracker::new(8); // threshold 4
+        for tag in 1..=10 {
+            t.delivered(tag);
+        }
+        for tag in 2..=4 {
+            t.complete(tag);
+        }
+        assert_eq!(t.plan(false), AckPlan::default(), "3 held < threshold");
+        t.complete(5);
+        let plan = t.plan(false);
+        assert_eq!(plan.multiple, None);
+        assert_eq!(plan.singles, vec![2, 3, 4, 5]);
+        t.complete(1);
+        t.complete(6);
+        let plan = t.plan(false);
+        // 1 is the highest completed below the watermark 6... 6 too.
+        assert_eq!(plan.multiple, Some(6));
+        assert!(plan.singles.is_empty());
+        assert_eq!(t.complete(3), Completion::AlreadySettled);
+        t.complete(9);
+        let plan = t.plan(true);
+        assert_eq!(plan.multiple, None);
+        assert_eq!(plan.singles, vec![9]);
+    }
+
+    #[test]
+    fn multiple_never_passes_in_flight_random() {
+        // Model check: random completion order; no multiple ack covers an in-flight tag, every
+        // tag is acked exactly once after a flush.
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        for _round in 0..200 {
+            let mut t = AckTracker::new(16);
+            let n = 40u64;
+            for tag in 1..=n {
+                t.delivered(tag);
+            }
+            let mut order: Vec<u64> = (1..=n).collect();
+            for i in (1..order.len()).rev() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                order.swap(i, (seed % (i as u64 + 1)) as usize);
+            }
+            let mut acked = BTreeSet::new();
+            let mut in_flight: BTreeSet<u64> = (1..=n).collect();
+            let mut apply = |plan: AckPlan, in_flight: &BTreeSet<u64>| {
+                if let Some(m) = plan.multiple {
+                    assert!(in_flight.first().is_none_or(|&f| f > m));
+                    assert!(!acked.contains(&m), "multiple ack of an acked tag");
+                    for tag in 1..=m {
+                        acked.insert(tag);
+                    }
+                }
+                for s in plan.singles {
+                    assert!(!in_flight.contains(&s));
+                    assert!(!acked.contains(&s), "double ack");
+                    acked.insert(s);
+                }
+            };
+            for tag in order {
+                in_flight.remove(&tag);
+                t.complete(tag);
+                let plan = t.plan(false);
+                apply(plan, &in_flight);
+            }
+            let plan = t.plan(true);
+            apply(plan, &in_flight);
+            assert_eq!(acked.len() as u64, n);
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! Adapter-level tests against the real RabbitMQ at `AMQP_URL`
+//! (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ackstack_core::deadletter::{ATTEMPT_HEADER, FIRST_FAILURE_HEADER};
+use ackstack_core::{
+    DeadLetter, DeadLetterMetadata, ErrorKind, Failure, Message, Publish, Received, Settle,
+    Settled, Source, SourceError,
+};
+use ackstack_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
+use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource, RabbitToken, text_value};
+use bytes::Bytes;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("ackstack-test-{prefix}-{nanos}")
+}
+
+fn config(prefix: &str) -> RabbitConfig {
+    let queue = unique(prefix);
+    let mut c = RabbitConfig::new(url(), queue.clone());
+    c.connection_name = Some(queue);
+    c.delay_buckets = vec![Duration::from_millis(500), Duration::from_millis(1500)];
+    c.poll_interval = Duration::from_millis(200);
+    c
+}
+
+/// Receives until `n` deliveries arrived or `within` passed; disconnections are retried.
+async fn receive_n(
+    source: &mut RabbitSource,
+    n: usize,
+    within: Duration,
+) -> Vec<Received<RabbitToken>> {
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < n && Instant::now() < deadline {
+        match source.receive(n - out.len()).await {
+            Ok(batch) => out.extend(batch),
+            Err(SourceError::Disconnected(_)) => continue,
+            Err(e) => panic!("receive failed: {e}"),
+        }
+    }
+    out
+}
+
+/// Closes the source's connection from the broker side with `rabbitmqctl close_connection`.
+/// Returns false when rabbitmqctl is unavailable or the connection was not found.
+fn close_from_server(connection_name: &str) -> bool {
+    let Ok(out) = Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+    else {
+        return false;
+    };
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let needle = format!("\"{connection_name}\"");
+    let mut closed = false;
+    for line in listing.lines().filter(|l| l.contains(&needle)) {
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
+        let status = Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "ackstack test: server-side close"])
+            .status();
+        closed |= status.map(|s| s.success()).unwrap_or(false);
+    }
+    if !closed {
+        eprintln!("connection {connection_name} not found in:\n{listing}");
+    }
+    closed
+}
+
+/// Closes the source's connection from the server, or from the client when rabbitmqctl is
+/// not usable here (printed, so the test log says which one ran).
+async fn kill_connection(source: &mut RabbitSource) {
+    if close_from_server(&source.connection_name()) {
+        eprintln!("closed {} with rabbitmqctl", source.connection_name());
+    } else {
+        eprintln!("rabbitmqctl unavailable: closing from the client side instead");
+        source.disconnect().await;
+    }
+}
+
+#[tokio::test]
+async fn receive_and_ack_removes_the_message() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("ack");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        publisher
+            .publish(Message::new("hello").header("h", "v").message_id("m-1"))
+            .await
+            .unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 1);
+        let d = &got[0].delivery;
+        assert_eq!(d.payload, Bytes::from_static(b"hello"));
+        assert_eq!(d.headers.get_str("h"), Some("v"));
+        assert_eq!(d.message_id.as_deref(), Some("m-1"));
+        assert_eq!(d.attempt, 1);
+        assert_eq!(d.origin.broker, "rabbitmq");
+        assert_eq!(&*d.origin.queue, config.queue.as_str());
+        let token = got.into_iter().next().unwrap().token;
+        let report = settler.ack(vec![token]).await;
+        assert_eq!(report.acked, 1);
+        assert!(report.failed.is_empty());
+        assert_eq!(settler.stats().ack_frames, 1);
+        source.disconnect().await;
+        // Nothing comes back after the channel closes.
+        let again = receive_n(&mut source, 1, Duration::from_millis(1500)).await;
+        assert!(again.is_empty(), "acked message was redelivered");
+        assert_eq!(publisher.queue_len(&config.queue).await.unwrap(), 0);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn unacked_message_comes_back_after_channel_close() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("unacked");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        publisher
+            .publish(Message::new(Bytes::from_static(&[0, 159, 146, 150])).header("k", "v1"))
+            .await
+            .unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let first = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(first.len(), 1);
+        assert_eq!(source.generation(), Some(1));
+        source.disconnect().await;
+        let second = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(second.len(), 1);
+        assert_eq!(source.generation(), Some(2));
+        assert_eq!(second[0].delivery.payload, first[0].delivery.payload);
+        assert_eq!(second[0].delivery.headers, first[0].delivery.headers);
+        // The old token is from a dead channel: LeaseLost, and no frame is sent.
+        let old = first.into_iter().next().unwrap().token;
+        let frames = settler.stats().ack_frames;
+        let report = settler.ack(vec![old]).await;
+        assert_eq!(report.acked, 0);
+        assert!(report.failed[0].1.is_lease_lost());
+        assert_eq!(settler.stats().ack_frames, frames);
+        let report = settler
+            .ack(vec![second.into_iter().next().unwrap().token])
+            .await;
+        assert_eq!(report.acked, 1);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn retry_goes_through_the_delay_bucket_with_attempts_2_and_3() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("retry");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        publisher
+            .publish(Message::new("again").header("app", "kept"))
+            .await
+            .unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        let Received { delivery, token } = got.into_iter().next().unwrap();
+        assert_eq!(delivery.attempt, 1);
+        let failure = Failure::new(ErrorKind::Transient, "try later");
+        // 1s rounds up to the 1500ms bucket.
+        let start = Instant::now();
+        let settled = settler
+            .retry(token, &delivery, Duration::from_secs(1), &failure)
+            .await
+            .unwrap();
+        let Settled::AckOriginal(token) = settled else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        let waited = start.elapsed();
+        let Received { delivery, token } = got.into_iter().next().unwrap();
+        assert!(
+            waited >= Duration::from_millis(1500),
+            "came back after {waited:?}"
+        );
+        assert_eq!(delivery.attempt, 2);
+        assert_eq!(delivery.payload, Bytes::from_static(b"again"));
+        assert_eq!(delivery.headers.get_str("app"), Some("kept"));
+        assert_eq!(delivery.headers.get_str(ATTEMPT_HEADER), Some("2"));
+        let first_failure = delivery
+            .headers
+            .get_str(FIRST_FAILURE_HEADER)
+            .unwrap()
+            .to_string();
+
+        // Zero delay rounds up to the smallest bucket (500ms).
+        let start = Instant::now();
+        let later = Failure::new(ErrorKind::Transient, "still failing");
+        let Settled::AckOriginal(token) = settler
+            .retry(token, &delivery, Duration::ZERO, &later)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        let Received { delivery, token } = got.into_iter().next().unwrap();
+        assert_eq!(delivery.attempt, 3);
+        assert_eq!(
+            delivery.headers.get_str(FIRST_FAILURE_HEADER),
+            Some(first_failure.as_str()),
+            "first failure time is kept"
+        );
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        for bucket in &config.delay_buckets {
+            let q = config.delay_queue_name(*bucket);
+            assert_eq!(publisher.queue_len(&q).await.unwrap(), 0);
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn dead_letter_copy_keeps_payload_and_typed_headers_and_adds_metadata() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("dlq");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        let mut nested = FieldTable::default();
+        nested.insert("inner".into(), AMQPValue::LongLongInt(-3));
+        let mut headers = FieldTable::default();
+        headers.insert("int".into(), AMQPValue::LongInt(42));
+        headers.insert("flag".into(), AMQPValue::Boolean(true));
+        headers.insert("table".into(), AMQPValue::FieldTable(nested));
+        headers.insert(
+            "binary".into(),
+            AMQPValue::LongString(LongString::from(vec![0u8, 255, 10])),
+        );
+        headers.insert("text".into(), text_value("héllo"));
+        headers.insert("x-ackstack-dl-reason".into(), text_value("stale"));
+        headers.insert("x-ackstack-dl-bogus".into(), text_value("old"));
+        let payload = Bytes::from_static(b"\x00not json\xff");
+        publisher
+            .publish_raw(
+                &config.queue,
+                payload.clone(),
+                headers.clone(),
+                Some("id-9".into()),
+            )
+            .await
+            .unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        let Received { delivery, token } = got.into_iter().next().unwrap();
+        let letter = DeadLetter::new(&delivery, Failure::new(ErrorKind::Permanent, "bad input"));
+        let Settled::AckOriginal(token) = settler
+            .dead_letter(token, &delivery, &letter)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+
+        let copy = publisher
+            .get_dead_letter()
+            .await
+            .unwrap()
+            .expect("a DLQ copy");
+        assert_eq!(copy.payload, payload);
+        assert_eq!(
+            copy.properties.message_id().as_ref().unwrap().as_str(),
+            "id-9"
+        );
+        for (name, value) in &headers {
+            if name.as_str().starts_with("x-ackstack-dl-") {
+                continue;
+            }
+            assert_eq!(copy.header(name.as_str()).as_ref(), Some(value), "{name}");
+        }
+        assert!(copy.header("x-ackstack-dl-bogus").is_none());
+        let meta = DeadLetterMetadata::from_headers(&copy.headers).expect("metadata");
+        assert_eq!(meta, letter.metadata(&delivery));
+        assert_eq!(meta.error_message, "bad input");
+        assert_eq!(meta.queue, config.queue);
+        assert_eq!(meta.message_id.as_deref(), Some("id-9"));
+        assert!(publisher.get_dead_letter().await.unwrap().is_none());
+        assert_eq!(publisher.queue_len(&config.queue).await.unwrap(), 0);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn batch_ack_uses_few_frames_and_never_passes_an_unfinished_tag() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut config = config("batch");
+        config.prefetch = 100;
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        for i in 1..=20 {
+            publisher
+                .publish(Message::new(format!("m{i}")))
+                .await
+                .unwrap();
+        }
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let got = receive_n(&mut source, 20, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 20);
+        // m5 stays unfinished; the others complete in batches of 5.
+        let mut straggler = None;
+        let mut batch = Vec::new();
+        for r in got {
+            if r.delivery.payload == "m5" {
+                straggler = Some(r);
+                continue;
+            }
+            batch.push(r.token);
+            if batch.len() == 5 {
+                let report = settler.ack(std::mem::take(&mut batch)).await;
+                assert_eq!(report.acked, 5);
+            }
+        }
+        let report = settler.ack(batch).await;
+        assert!(report.failed.is_empty());
+        let stats = settler.stats();
+        assert_eq!(stats.ack_frames, 1, "only m1..m4 can be acked cumulatively");
+        let straggler = straggler.unwrap();
+
+        // Close the channel with m5 unfinished: m5 must come back; m1..m4 must not.
+        source.disconnect().await;
+        let back = receive_n(&mut source, 16, Duration::from_secs(10)).await;
+        let payloads: BTreeSet<String> = back
+            .iter()
+            .map(|r| String::from_utf8(r.delivery.payload.to_vec()).unwrap())
+            .collect();
+        assert!(payloads.contains("m5"), "the unfinished message was acked");
+        for i in 1..=4 {
+            assert!(!payloads.contains(&format!("m{i}")));
+        }
+        assert_eq!(back.len(), 16, "m5..m20 redelivered: {payloads:?}");
+        assert!(
+            settler.ack(vec![straggler.token]).await.failed[0]
+                .1
+                .is_lease_lost()
+        );
+
+        // Now everything completes out of order in batches of 4: far fewer frames than acks.
+        let before = settler.stats().ack_frames;
+        let mut tokens: Vec<_> = back.into_iter().map(|r| r.token).collect();
+        tokens.reverse();
+        for chunk in tokens.chunks(4) {
+            assert!(settler.ack(chunk.to_vec()).await.failed.is_empty());
+        }
+        settler.flush().await;
+        let frames = settler.stats().ack_frames - before;
+        assert!(frames < 16, "{frames} frames for 16 deliveries");
+        assert!(frames >= 1);
+        source.disconnect().await;
+        let again = receive_n(&mut source, 1, Duration::from_millis(1500)).await;
+        assert!(again.is_empty(), "everything was acked");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn server_side_connection_close_loses_nothing_and_the_source_recovers() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut config = config("serverclose");
+        config.prefetch = 10;
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        let total = 30;
+        for i in 0..total {
+            publisher
+                .publish(Message::new(format!("p{i}")))
+                .await
+                .unwrap();
+        }
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let mut done = BTreeSet::new();
+        let mut lost_tokens = Vec::new();
+        let mut killed = false;
+        let mut disconnects = 0;
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while done.len() < total && Instant::now() < deadline {
+            let batch = match source.receive(5).await {
+                Ok(b) => b,
+                Err(SourceError::Disconnected(_)) => {
+                    disconnects += 1;
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            for r in batch {
+                let p = String::from_utf8(r.delivery.payload.to_vec()).unwrap();
+                if !killed && done.len() >= 8 {
+                    // Kill the connection with this delivery still unacked.
+                    kill_connection(&mut source).await;
+                    killed = true;
+                    // Give the client a moment to notice.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    lost_tokens.push(r.token);
+                    continue;
+                }
+                let report = settler.ack(vec![r.token]).await;
+                if report.failed.is_empty() {
+                    done.insert(p);
+                } else {
+                    assert!(report.failed[0].1.is_lease_lost());
+                }
+            }
+        }
+        settler.flush().await;
+        assert!(killed);
+        assert_eq!(done.len(), total, "lost messages");
+        assert!(disconnects >= 1, "the source reported the disconnect");
+        assert!(source.generation() >= Some(2));
+        assert!(settler.stats().connects >= 2);
+        for token in lost_tokens {
+            let report = settler.ack(vec![token]).await;
+            assert!(report.failed[0].1.is_lease_lost());
+        }
+        source.disconnect().await;
+        assert!(
+            receive_n(&mut source, 1, Duration::from_millis(1500))
+                .await
+                .is_empty()
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn settling_a_token_of_a_dead_channel_is_lease_lost() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("stale");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        for i in 0..3 {
+            publisher
+                .publish(Message::new(format!("s{i}")))
+                .await
+                .unwrap();
+        }
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let old = receive_n(&mut source, 3, Duration::from_secs(10)).await;
+        assert_eq!(old.len(), 3);
+        kill_connection(&mut source).await;
+        // The source notices, reconnects and gets all three again on generation 2.
+        let new = receive_n(&mut source, 3, Duration::from_secs(15)).await;
+        assert_eq!(new.len(), 3);
+        assert!(new.iter().all(|r| r.token.generation() == 2));
+        let frames = settler.stats();
+        let mut old = old.into_iter();
+        let a = old.next().unwrap();
+        let report = settler.ack(vec![a.token]).await;
+        assert!(report.failed[0].1.is_lease_lost());
+        let b = old.next().unwrap();
+        let failure = Failure::new(ErrorKind::Transient, "x");
+        let err = settler
+            .retry(b.token, &b.delivery, Duration::ZERO, &failure)
+            .await
+            .unwrap_err();
+        assert!(err.error.is_lease_lost());
+        let c = old.next().unwrap();
+        let letter = DeadLetter::new(&c.delivery, failure.clone());
+        let err = settler
+            .dead_letter(c.token, &c.delivery, &letter)
+            .await
+            .unwrap_err();
+        assert!(err.error.is_lease_lost());
+        settler.release(err.token).await;
+        let after = settler.stats();
+        assert_eq!(
+            after.ack_frames, frames.ack_frames,
+            "no frame for a stale token"
+        );
+        assert_eq!(after.nack_frames, frames.nack_frames);
+        assert_eq!(publisher.queue_len(&config.dlq_name()).await.unwrap(), 0);
+        // The live ones ack fine; release puts one back.
+        let mut new = new.into_iter();
+        let keep = new.next().unwrap();
+        settler.release(keep.token).await;
+        assert_eq!(settler.stats().nack_frames, after.nack_frames + 1);
+        let tokens: Vec<_> = new.map(|r| r.token).collect();
+        assert!(settler.ack(tokens).await.failed.is_empty());
+        let back = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(back[0].delivery.payload, keep.delivery.payload);
+        let token = back.into_iter().next().unwrap().token;
+        assert!(
+            settler
+                .extend(&token, Duration::from_secs(30))
+                .await
+                .is_ok()
+        );
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn quorum_queue_counts_redeliveries_as_attempts() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut config = config("quorum");
+        config.queue_type = ackstack_rabbitmq::QueueType::Quorum;
+        config.max_attempts = Some(5);
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        publisher.publish(Message::new("q1")).await.unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let first = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(first[0].delivery.attempt, 1);
+        source.disconnect().await;
+        let second = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(second[0].delivery.attempt, 2, "x-delivery-count + 1");
+        let Received { delivery, token } = second.into_iter().next().unwrap();
+        let failure = Failure::new(ErrorKind::Transient, "later");
+        let Settled::AckOriginal(token) = settler
+            .retry(token, &delivery, Duration::ZERO, &failure)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        let third = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        // The copy starts its broker count afresh; our header carries the attempt.
+        assert_eq!(third[0].delivery.attempt, 3);
+        let token = third.into_iter().next().unwrap().token;
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}

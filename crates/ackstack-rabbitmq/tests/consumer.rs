@@ -1,0 +1,125 @@
+//! End to end through `ackstack_core::Consumer` against the real RabbitMQ at `AMQP_URL`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ackstack_core::{
+    Backoff, Consumer, DeadLetterMetadata, HandlerError, Message, Publish, Source, handler_fn,
+};
+use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
+
+fn config() -> RabbitConfig {
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let queue = format!("ackstack-test-e2e-{nanos}");
+    let mut c = RabbitConfig::new(url, queue.clone());
+    c.connection_name = Some(queue);
+    c.delay_buckets = vec![Duration::from_millis(300), Duration::from_secs(1)];
+    c.poll_interval = Duration::from_millis(200);
+    c.prefetch = 20;
+    c
+}
+
+#[tokio::test]
+async fn consumer_acks_retries_and_dead_letters_through_rabbitmq() {
+    let config = config();
+    let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+    for i in 0..20 {
+        publisher
+            .publish(Message::new(format!("ok-{i}")))
+            .await
+            .unwrap();
+    }
+    publisher
+        .publish(Message::new("flaky").header("kind", "flaky"))
+        .await
+        .unwrap();
+    publisher
+        .publish(Message::new("bad").header("kind", "bad"))
+        .await
+        .unwrap();
+
+    let succeeded = Arc::new(Mutex::new(BTreeSet::new()));
+    let attempts_seen = Arc::new(Mutex::new(Vec::new()));
+    let (s, a) = (succeeded.clone(), attempts_seen.clone());
+    let handler = handler_fn(move |d, _cx| {
+        let (s, a) = (s.clone(), a.clone());
+        async move {
+            let body = String::from_utf8(d.payload.to_vec()).unwrap();
+            match d.headers.get_str("kind") {
+                Some("flaky") => {
+                    a.lock().unwrap().push(d.attempt);
+                    if d.attempt < 3 {
+                        return Err(HandlerError::transient("not yet"));
+                    }
+                }
+                Some("bad") => return Err(HandlerError::permanent("cannot parse")),
+                _ => {}
+            }
+            s.lock().unwrap().insert(body);
+            Ok(())
+        }
+    });
+
+    let source = RabbitSource::connect(config.clone()).await.unwrap();
+    let settler_stats = source.settler();
+    let done = succeeded.clone();
+    let dlq = config.dlq_name();
+    let watcher = RabbitPublisher::connect(config.clone()).await.unwrap();
+    let shutdown = async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            let finished = done.lock().unwrap().len() == 21;
+            if finished && watcher.queue_len(&dlq).await.unwrap_or(0) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        Consumer::new(source)
+            .concurrency(8)
+            .retry(
+                Backoff::exponential(Duration::from_millis(100), Duration::from_secs(1))
+                    .no_jitter()
+                    .max_attempts(5),
+            )
+            .run_until(handler, shutdown),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    assert_eq!(succeeded.lock().unwrap().len(), 21);
+    assert_eq!(*attempts_seen.lock().unwrap(), vec![1, 2, 3]);
+    assert_eq!(summary.retried, 2);
+    assert_eq!(summary.dead_lettered, 1);
+    assert_eq!(summary.ack_failures, 0);
+    let stats = settler_stats.stats();
+    assert!(
+        stats.ack_frames < summary.received,
+        "batched: {} frames for {} deliveries",
+        stats.ack_frames,
+        summary.received
+    );
+
+    let copy = publisher.get_dead_letter().await.unwrap().unwrap();
+    assert_eq!(&copy.payload[..], b"bad");
+    assert_eq!(copy.headers.get_str("kind"), Some("bad"));
+    let meta = DeadLetterMetadata::from_headers(&copy.headers).unwrap();
+    assert_eq!(meta.error_message, "cannot parse");
+    assert_eq!(meta.attempts, 1);
+
+    // Everything was acked: a fresh consumer finds nothing.
+    let mut fresh = RabbitSource::connect(config.clone()).await.unwrap();
+    for _ in 0..5 {
+        assert!(fresh.receive(10).await.unwrap().is_empty());
+    }
+}
