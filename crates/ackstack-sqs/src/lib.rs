@@ -1,1 +1,102 @@
 //! Amazon SQS (aws-sdk-sqs) adapter for ackstack.
+//!
+//! [`SqsSource`] receives from one queue with long polling and implements
+//! [`ackstack_core::Source`]; its [`SqsSettler`] acks with `DeleteMessageBatch`, delays retries
+//! and extends leases with `ChangeMessageVisibility`, and forwards dead letters with
+//! `SendMessage` to a dead-letter queue (default `<queue>-dlq`). [`SqsPublisher`] implements
+//! [`ackstack_core::Publish`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use ackstack_core::{Message, Publish, Settle, Source};
+//! use ackstack_sqs::{SqsConfig, SqsPublisher, SqsSource};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // Credentials and region come from aws-config's default chain; `endpoint` (or the
+//! // SQS_ENDPOINT environment variable) points at an emulator such as moto.
+//! let config = SqsConfig::queue("orders")
+//!     .with_region("us-east-1")
+//!     .with_endpoint("http://127.0.0.1:4566")
+//!     .with_visibility_timeout(Duration::from_secs(30))
+//!     .with_create_queues(true);
+//! let mut source = SqsSource::connect(config).await?;
+//!
+//! SqsPublisher::for_source(&source)
+//!     .publish(Message::new(r#"{"order":1}"#).header("tenant", "acme"))
+//!     .await?;
+//!
+//! // Normally ackstack_core's Consumer drives these calls; by hand:
+//! let settler = source.settler();
+//! let batch = source.receive(10).await?;
+//! let tokens = batch.into_iter().map(|r| r.token).collect();
+//! let report = settler.ack(tokens).await;
+//! assert!(report.failed.is_empty());
+//! println!("{:?}", source.stats());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Mapping
+//!
+//! | ackstack | SQS |
+//! |---|---|
+//! | `Delivery::attempt` | `ApproximateReceiveCount` (1 when missing or malformed) |
+//! | `Delivery::key` | `MessageGroupId` (FIFO) |
+//! | `Delivery::message_id` | `MessageId` |
+//! | `Delivery::headers` | message attributes (String/Number as text, Binary as bytes), then system attributes as `x-sqs-<Name>` (optional) |
+//! | lease | the visibility timeout requested on every receive |
+//! | ack | `DeleteMessageBatch` (10 per call, 4 calls in parallel by default) |
+//! | retry | `ChangeMessageVisibility(delay)`, at most 12 h |
+//! | dead letter | `SendMessage` to the DLQ, then delete of the original |
+//!
+//! # Dead-letter copies
+//!
+//! The copy has the original body and the original message attributes byte for byte (types
+//! included), plus one attribute, [`DEAD_LETTER_ATTRIBUTE`], whose String value is
+//! [`DeadLetterMetadata::to_json`](ackstack_core::DeadLetterMetadata::to_json). An earlier
+//! one is replaced. SQS allows 10 attributes: when the original has 10 of its own, the one
+//! whose name sorts last is moved, with its type and bytes, into the metadata JSON under
+//! [`DISPLACED_KEY`]; [`DeadLetterRecord`] reads the record and restores the attributes.
+//!
+//! # Errors and leases
+//!
+//! `ReceiptHandleIsInvalid`, `MessageNotInflight` and an `InvalidParameterValue` about the
+//! receipt handle (what real SQS answers for an expired or superseded handle) are
+//! [`SettleError::LeaseLost`](ackstack_core::SettleError::LeaseLost); see [`error`] for the
+//! whole table.
+//!
+//! # moto differences
+//!
+//! The tests run against the moto server. Where it differs from SQS:
+//!
+//! - moto accepts *any* receipt handle a message ever had, for `ChangeMessageVisibility` and
+//!   `DeleteMessage(Batch)`, while the message exists. Real SQS rejects an old handle for
+//!   `ChangeMessageVisibility` after the message was received again (`InvalidParameterValue`,
+//!   "Message does not exist or is not available for visibility timeout change") and, for a
+//!   delete with an old handle, answers success without deleting. On moto a stale handle is
+//!   only reported lost once the message is deleted (`ReceiptHandleIsInvalid`).
+//! - moto counts the 12-hour visibility limit from the *send*, SQS from the receive.
+//! - moto answers success for deleting an already deleted message, as SQS does.
+
+pub mod attrs;
+pub mod config;
+pub mod error;
+mod publish;
+mod settle;
+mod source;
+mod stats;
+pub mod testing;
+
+pub use attrs::{
+    DEAD_LETTER_ATTRIBUTE, DISPLACED_KEY, DeadLetterRecord, MAX_ATTRIBUTES,
+    SYSTEM_ATTRIBUTE_PREFIX, dead_letter_attributes,
+};
+pub use config::SqsConfig;
+pub use error::SqsError;
+pub use publish::{DEFAULT_GROUP, SqsPublisher};
+pub use settle::SqsSettler;
+pub use source::{SqsSource, SqsToken, build_client, resolve_queue_url};
+pub use stats::SqsStats;
+
+/// The SDK client type, re-exported for convenience.
+pub use aws_sdk_sqs::Client;

@@ -1,0 +1,295 @@
+//! Message attributes: reading them as headers, writing headers as attributes, and packing
+//! dead-letter metadata into one attribute.
+
+use std::collections::HashMap;
+
+use ackstack_core::{DeadLetterMetadata, Headers};
+use aws_sdk_sqs::primitives::Blob;
+use aws_sdk_sqs::types::MessageAttributeValue;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+/// The one message attribute that carries ackstack's dead-letter metadata, as the JSON of
+/// [`DeadLetterMetadata::to_json`].
+pub const DEAD_LETTER_ATTRIBUTE: &str = "ackstack-dead-letter";
+/// The most message attributes SQS accepts on one message.
+pub const MAX_ATTRIBUTES: usize = 10;
+/// The prefix of headers that carry SQS system attributes (`x-sqs-ApproximateReceiveCount`…).
+pub const SYSTEM_ATTRIBUTE_PREFIX: &str = "x-sqs-";
+/// The key in the dead-letter JSON under which attributes displaced by the 10-attribute limit
+/// are kept (see [`DeadLetterRecord`]).
+pub const DISPLACED_KEY: &str = "displaced_attributes";
+
+/// A message attribute's value as header bytes: the binary value for `Binary*` types, the
+/// string value otherwise (String and Number).
+pub fn attribute_bytes(value: &MessageAttributeValue) -> Bytes {
+    if value.data_type().starts_with("Binary") {
+        value
+            .binary_value()
+            .map(|b| Bytes::copy_from_slice(b.as_ref()))
+            .unwrap_or_default()
+    } else {
+        value
+            .string_value()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .unwrap_or_default()
+    }
+}
+
+/// Appends `attributes` to `headers`, sorted by name so the order is stable.
+pub(crate) fn append_attributes(
+    attributes: &HashMap<String, MessageAttributeValue>,
+    headers: &mut Headers,
+) {
+    let mut names: Vec<&String> = attributes.keys().collect();
+    names.sort();
+    for name in names {
+        if let Some(value) = attributes.get(name) {
+            headers.append(name.clone(), attribute_bytes(value));
+        }
+    }
+}
+
+/// Headers as message attributes: `String` where the value is UTF-8, `Binary` otherwise.
+pub fn headers_to_attributes(
+    headers: &Headers,
+) -> Result<HashMap<String, MessageAttributeValue>, String> {
+    let mut out = HashMap::with_capacity(headers.len());
+    for (name, value) in headers.iter() {
+        let attr = match std::str::from_utf8(value) {
+            Ok(text) => MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(text),
+            Err(_) => MessageAttributeValue::builder()
+                .data_type("Binary")
+                .binary_value(Blob::new(value.to_vec())),
+        }
+        .build()
+        .map_err(|e| format!("attribute {name:?}: {e}"))?;
+        out.insert(name.to_string(), attr);
+    }
+    if out.len() > MAX_ATTRIBUTES {
+        return Err(format!(
+            "{} headers, but SQS allows at most {MAX_ATTRIBUTES} message attributes",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// The attributes of a dead-letter copy: the original ones unchanged, any earlier
+/// [`DEAD_LETTER_ATTRIBUTE`] replaced by `metadata`.
+///
+/// SQS allows 10 attributes. When the original already has 10 of its own, the one whose name
+/// sorts last is *displaced*: removed from the attributes and stored, type and bytes intact,
+/// in the metadata JSON under [`DISPLACED_KEY`] (binary values hex-encoded), so nothing is lost
+/// and [`DeadLetterRecord::restore`] can put it back. Displaced attributes recorded by an
+/// earlier dead-lettering are carried forward.
+pub fn dead_letter_attributes(
+    original: &HashMap<String, MessageAttributeValue>,
+    metadata: &DeadLetterMetadata,
+) -> Result<HashMap<String, MessageAttributeValue>, String> {
+    let mut attrs = original.clone();
+    let mut displaced: Vec<Value> = Vec::new();
+    if let Some(earlier) = attrs.remove(DEAD_LETTER_ATTRIBUTE)
+        && let Some(text) = earlier.string_value()
+        && let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text)
+        && let Some(Value::Array(items)) = map.get(DISPLACED_KEY)
+    {
+        displaced.extend(items.iter().cloned());
+    }
+    while attrs.len() >= MAX_ATTRIBUTES {
+        let Some(last) = attrs.keys().max().cloned() else {
+            break;
+        };
+        if let Some(value) = attrs.remove(&last) {
+            displaced.push(encode_displaced(&last, &value));
+        }
+    }
+    let mut json = match serde_json::from_str::<Value>(&metadata.to_json()) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    };
+    if !displaced.is_empty() {
+        json.insert(DISPLACED_KEY.to_string(), Value::Array(displaced));
+    }
+    let value = MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(Value::Object(json).to_string())
+        .build()
+        .map_err(|e| e.to_string())?;
+    attrs.insert(DEAD_LETTER_ATTRIBUTE.to_string(), value);
+    Ok(attrs)
+}
+
+fn encode_displaced(name: &str, value: &MessageAttributeValue) -> Value {
+    let mut m = Map::new();
+    m.insert("name".into(), Value::String(name.to_string()));
+    m.insert(
+        "data_type".into(),
+        Value::String(value.data_type().to_string()),
+    );
+    if let Some(s) = value.string_value() {
+        m.insert("string_value".into(), Value::String(s.to_string()));
+    }
+    if let Some(b) = value.binary_value() {
+        m.insert("binary_value_hex".into(), Value::String(hex(b.as_ref())));
+    }
+    Value::Object(m)
+}
+
+/// What a dead-letter copy says about itself: our metadata and any displaced attributes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetterRecord {
+    /// The dead-letter metadata.
+    pub metadata: DeadLetterMetadata,
+    /// Original attributes that did not fit SQS's 10-attribute limit, type and bytes intact.
+    pub displaced: Vec<(String, MessageAttributeValue)>,
+}
+
+impl DeadLetterRecord {
+    /// Reads the [`DEAD_LETTER_ATTRIBUTE`] of a dead-letter copy; `None` when it is missing or
+    /// malformed.
+    pub fn from_attributes(attrs: &HashMap<String, MessageAttributeValue>) -> Option<Self> {
+        let text = attrs.get(DEAD_LETTER_ATTRIBUTE)?.string_value()?;
+        let metadata: DeadLetterMetadata = serde_json::from_str(text).ok()?;
+        let mut displaced = Vec::new();
+        if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text)
+            && let Some(Value::Array(items)) = map.get(DISPLACED_KEY)
+        {
+            for item in items {
+                if let Some(pair) = decode_displaced(item) {
+                    displaced.push(pair);
+                }
+            }
+        }
+        Some(DeadLetterRecord {
+            metadata,
+            displaced,
+        })
+    }
+
+    /// The original attributes: `attrs` without [`DEAD_LETTER_ATTRIBUTE`], plus the displaced
+    /// ones (which may again exceed 10; a replay tool decides what to do with them).
+    pub fn restore(
+        &self,
+        attrs: &HashMap<String, MessageAttributeValue>,
+    ) -> HashMap<String, MessageAttributeValue> {
+        let mut out = attrs.clone();
+        out.remove(DEAD_LETTER_ATTRIBUTE);
+        for (name, value) in &self.displaced {
+            out.insert(name.clone(), value.clone());
+        }
+        out
+    }
+}
+
+fn decode_displaced(item: &Value) -> Option<(String, MessageAttributeValue)> {
+    let name = item.get("name")?.as_str()?.to_string();
+    let mut builder = MessageAttributeValue::builder().data_type(item.get("data_type")?.as_str()?);
+    if let Some(s) = item.get("string_value").and_then(Value::as_str) {
+        builder = builder.string_value(s);
+    }
+    if let Some(h) = item.get("binary_value_hex").and_then(Value::as_str) {
+        builder = builder.binary_value(Blob::new(unhex(h)?));
+    }
+    Some((name, builder.build().ok()?))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    };
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ackstack_core::{DeadLetter, Delivery, ErrorKind, Failure, Origin};
+
+    fn string(v: &str) -> MessageAttributeValue {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .unwrap()
+    }
+
+    fn metadata() -> DeadLetterMetadata {
+        let d = Delivery::new("x", Origin::new("sqs", "q", "c"));
+        DeadLetter::new(&d, Failure::new(ErrorKind::Permanent, "bad")).metadata(&d)
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let data: Vec<u8> = (0..=255).collect();
+        assert_eq!(unhex(&hex(&data)).unwrap(), data);
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn metadata_replaces_earlier_and_displaces_the_eleventh() {
+        let mut original: HashMap<String, MessageAttributeValue> =
+            (0..10).map(|i| (format!("a{i}"), string("v"))).collect();
+        original.insert(
+            "a9".into(),
+            MessageAttributeValue::builder()
+                .data_type("Binary.raw")
+                .binary_value(Blob::new(vec![0xff, 0x00, 0x01]))
+                .build()
+                .unwrap(),
+        );
+        let meta = metadata();
+        let out = dead_letter_attributes(&original, &meta).unwrap();
+        assert_eq!(out.len(), MAX_ATTRIBUTES);
+        assert!(!out.contains_key("a9"));
+        let record = DeadLetterRecord::from_attributes(&out).unwrap();
+        assert_eq!(record.metadata, meta);
+        assert_eq!(record.restore(&out), original);
+        // Dead-lettering the copy again keeps the displaced attribute and adds no new one.
+        let again = dead_letter_attributes(&out, &meta).unwrap();
+        assert_eq!(again.len(), MAX_ATTRIBUTES);
+        let record = DeadLetterRecord::from_attributes(&again).unwrap();
+        assert_eq!(record.displaced.len(), 1);
+        assert_eq!(record.restore(&again), original);
+    }
+
+    #[test]
+    fn headers_become_string_or_binary() {
+        let h = Headers::new()
+            .with("text", "hello")
+            .with("bin", Bytes::from_static(&[0xff]));
+        let a = headers_to_attributes(&h).unwrap();
+        assert_eq!(a["text"].data_type(), "String");
+        assert_eq!(a["bin"].data_type(), "Binary");
+        let mut back = Headers::new();
+        append_attributes(&a, &mut back);
+        assert_eq!(back.get("bin").unwrap().as_ref(), &[0xff]);
+        assert_eq!(back.get_str("text"), Some("hello"));
+        let many: Headers = (0..11).map(|i| (format!("h{i}"), "v")).collect();
+        assert!(headers_to_attributes(&many).is_err());
+    }
+}

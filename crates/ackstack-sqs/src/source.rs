@@ -1,0 +1,427 @@
+//! [`SqsSource`]: receives with long polling; [`SqsToken`]: one received message's handle.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ackstack_core::{
+    Backoff, Capabilities, Delivery, Headers, Origin, Received, Source, SourceError,
+};
+use aws_config::BehaviorVersion;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::Region;
+use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
+use bytes::Bytes;
+
+use crate::attrs::{SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
+use crate::config::{MAX_VISIBILITY, SqsConfig, is_url, name_from_url};
+use crate::error::{ErrorClass, SqsError, classify_sdk, describe, is_missing_queue};
+use crate::settle::SqsSettler;
+use crate::stats::{Counters, SqsStats, bump};
+
+/// Extra time allowed for a `ReceiveMessage` call beyond its long-poll wait before the source
+/// gives up on it and reports the connection as lost.
+const RECEIVE_GRACE: Duration = Duration::from_secs(10);
+
+/// A received message's handle: its receipt handle and what settling it needs later.
+///
+/// Cheap to clone (one `Arc`). It keeps the original message attributes exactly as SQS
+/// returned them, so a dead-letter copy carries every attribute with its type (String, Number,
+/// Binary, custom suffixes) unchanged.
+#[derive(Clone)]
+pub struct SqsToken(Arc<TokenInner>);
+
+struct TokenInner {
+    receipt_handle: String,
+    message_id: Option<String>,
+    group_id: Option<String>,
+    attributes: HashMap<String, MessageAttributeValue>,
+    received_at: Instant,
+}
+
+impl SqsToken {
+    /// A token for a receipt handle obtained elsewhere (tools, tests), with no attributes.
+    pub fn from_receipt_handle(receipt_handle: impl Into<String>) -> Self {
+        SqsToken(Arc::new(TokenInner {
+            receipt_handle: receipt_handle.into(),
+            message_id: None,
+            group_id: None,
+            attributes: HashMap::new(),
+            received_at: Instant::now(),
+        }))
+    }
+
+    /// The receipt handle of this receive.
+    pub fn receipt_handle(&self) -> &str {
+        &self.0.receipt_handle
+    }
+
+    /// The SQS message id.
+    pub fn message_id(&self) -> Option<&str> {
+        self.0.message_id.as_deref()
+    }
+
+    /// The FIFO message group id.
+    pub fn message_group_id(&self) -> Option<&str> {
+        self.0.group_id.as_deref()
+    }
+
+    /// The message attributes as received.
+    pub fn attributes(&self) -> &HashMap<String, MessageAttributeValue> {
+        &self.0.attributes
+    }
+
+    /// How much of SQS's 12-hour visibility budget (counted from this receive) is left.
+    pub(crate) fn visibility_budget(&self) -> Duration {
+        // One second of margin for clock skew and request latency.
+        MAX_VISIBILITY
+            .saturating_sub(self.0.received_at.elapsed())
+            .saturating_sub(Duration::from_secs(1))
+    }
+}
+
+impl fmt::Debug for SqsToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let handle = &self.0.receipt_handle;
+        let short: String = handle.chars().take(16).collect();
+        f.debug_struct("SqsToken")
+            .field("message_id", &self.0.message_id)
+            .field("receipt_handle", &format_args!("{short}…"))
+            .field("attributes", &self.0.attributes.len())
+            .finish()
+    }
+}
+
+/// The resolved queue and everything settling needs to know about it.
+#[derive(Debug)]
+pub(crate) struct QueueInfo {
+    pub(crate) url: String,
+    pub(crate) name: Arc<str>,
+    pub(crate) dlq_url: String,
+    pub(crate) dlq_fifo: bool,
+    pub(crate) consumer: Arc<str>,
+    pub(crate) visibility: Duration,
+    pub(crate) visibility_secs: i32,
+    pub(crate) wait_secs: i32,
+    pub(crate) max_messages: usize,
+    pub(crate) parallel_acks: usize,
+    pub(crate) system_headers: bool,
+}
+
+/// Builds an SQS client through aws-config's default chain (credentials, region, retries),
+/// with the config's region and endpoint override ([`SqsConfig::effective_endpoint`]).
+pub async fn build_client(config: &SqsConfig) -> Client {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = &config.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(endpoint) = config.effective_endpoint() {
+        loader = loader.endpoint_url(endpoint);
+    }
+    Client::new(&loader.load().await)
+}
+
+/// Looks up the URL of the queue named `name`, creating it (FIFO when the name ends in
+/// `.fifo`) when `create` is set.
+pub async fn resolve_queue_url(
+    client: &Client,
+    name: &str,
+    create: bool,
+) -> Result<String, SqsError> {
+    match client.get_queue_url().queue_name(name).send().await {
+        Ok(out) => out.queue_url().map(str::to_string).ok_or_else(|| {
+            SqsError::Sdk(format!("GetQueueUrl for {name:?} returned no URL").into())
+        }),
+        Err(e) if is_missing_queue(&e) => {
+            if !create {
+                return Err(SqsError::QueueNotFound(name.to_string()));
+            }
+            let mut req = client.create_queue().queue_name(name);
+            if name.ends_with(".fifo") {
+                req = req.attributes(QueueAttributeName::FifoQueue, "true");
+            }
+            let out = req
+                .send()
+                .await
+                .map_err(|e| SqsError::Sdk(describe(&e).into()))?;
+            out.queue_url().map(str::to_string).ok_or_else(|| {
+                SqsError::Sdk(format!("CreateQueue for {name:?} returned no URL").into())
+            })
+        }
+        Err(e) => Err(SqsError::Sdk(describe(&e).into())),
+    }
+}
+
+/// An SQS queue as an ackstack [`Source`].
+///
+/// Each [`receive`](Source::receive) is one `ReceiveMessage` call with long polling (up to
+/// [`SqsConfig::wait_time_seconds`]), at most 10 messages, all message and system attributes,
+/// and the configured visibility timeout as the lease. A delivery's `attempt` is SQS's
+/// `ApproximateReceiveCount` (1 when missing or malformed), its `key` the FIFO
+/// `MessageGroupId`, its `message_id` the SQS `MessageId`.
+pub struct SqsSource {
+    client: Client,
+    queue: Arc<QueueInfo>,
+    settler: SqsSettler,
+    stats: Arc<Counters>,
+    closed: bool,
+}
+
+impl fmt::Debug for SqsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqsSource")
+            .field("queue", &self.queue.name)
+            .field("closed", &self.closed)
+            .finish()
+    }
+}
+
+impl SqsSource {
+    /// Validates `config`, builds a client with [`build_client`], and resolves the queue and
+    /// its dead-letter queue. A missing dead-letter queue is an error here (unless
+    /// `create_queues`), not at the first dead-lettering.
+    pub async fn connect(config: SqsConfig) -> Result<Self, SqsError> {
+        config.validate()?;
+        let client = build_client(&config).await;
+        SqsSource::from_client(client, config).await
+    }
+
+    /// The same with an existing client; the config's endpoint and region are ignored.
+    pub async fn from_client(client: Client, config: SqsConfig) -> Result<Self, SqsError> {
+        config.validate()?;
+        let name = config.queue_name()?;
+        let url = match &config.queue_url {
+            Some(url) => url.clone(),
+            None => resolve_queue_url(&client, &name, config.create_queues).await?,
+        };
+        let dlq_name = config.dead_letter_queue_name()?;
+        let dlq_url = match &config.dead_letter_queue {
+            Some(dlq) if is_url(dlq) => dlq.clone(),
+            _ => resolve_queue_url(&client, &dlq_name, config.create_queues).await?,
+        };
+        let dlq_fifo = name_from_url(&dlq_url)
+            .unwrap_or(&dlq_name)
+            .ends_with(".fifo");
+        let queue = Arc::new(QueueInfo {
+            url,
+            name: name.into(),
+            dlq_url,
+            dlq_fifo,
+            consumer: config.consumer_name.clone().into(),
+            visibility: config.visibility_timeout,
+            visibility_secs: config.visibility_secs(),
+            wait_secs: i32::try_from(config.wait_time_seconds).unwrap_or(20),
+            max_messages: usize::try_from(config.max_messages).unwrap_or(10),
+            parallel_acks: config.parallel_acks.max(1),
+            system_headers: config.system_attribute_headers,
+        });
+        let stats = Arc::new(Counters::default());
+        let settler = SqsSettler::new(
+            client.clone(),
+            queue.clone(),
+            stats.clone(),
+            Backoff::exponential(Duration::from_millis(50), Duration::from_secs(2))
+                .equal_jitter()
+                .max_attempts(5),
+        );
+        Ok(SqsSource {
+            client,
+            queue,
+            settler,
+            stats,
+            closed: false,
+        })
+    }
+
+    /// The client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The queue's URL.
+    pub fn queue_url(&self) -> &str {
+        &self.queue.url
+    }
+
+    /// The dead-letter queue's URL.
+    pub fn dead_letter_queue_url(&self) -> &str {
+        &self.queue.dlq_url
+    }
+
+    /// The adapter's counters so far.
+    pub fn stats(&self) -> SqsStats {
+        self.stats.snapshot()
+    }
+
+    pub(crate) fn counters(&self) -> Arc<Counters> {
+        self.stats.clone()
+    }
+
+    fn convert(&self, m: aws_sdk_sqs::types::Message) -> Option<Received<SqsToken>> {
+        let Some(receipt_handle) = m.receipt_handle else {
+            tracing::warn!(message_id = ?m.message_id, "SQS message without a receipt handle skipped");
+            return None;
+        };
+        let system = m.attributes.unwrap_or_default();
+        let attributes = m.message_attributes.unwrap_or_default();
+        let attempt = parse_attempt(
+            system
+                .get(&MessageSystemAttributeName::ApproximateReceiveCount)
+                .map(String::as_str),
+        );
+        let group_id = system
+            .get(&MessageSystemAttributeName::MessageGroupId)
+            .cloned();
+        let mut headers = Headers::new();
+        append_attributes(&attributes, &mut headers);
+        if self.queue.system_headers {
+            let mut names: Vec<(&str, &String)> =
+                system.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            names.sort();
+            for (name, value) in names {
+                headers.append(
+                    format!("{SYSTEM_ATTRIBUTE_PREFIX}{name}"),
+                    Bytes::copy_from_slice(value.as_bytes()),
+                );
+            }
+        }
+        let delivery = Delivery {
+            payload: Bytes::from(m.body.unwrap_or_default()),
+            headers,
+            key: group_id.clone().map(Bytes::from),
+            message_id: m.message_id.clone(),
+            attempt,
+            origin: Origin::new("sqs", self.queue.name.clone(), self.queue.consumer.clone()),
+        };
+        let token = SqsToken(Arc::new(TokenInner {
+            receipt_handle,
+            message_id: m.message_id,
+            group_id,
+            attributes,
+            received_at: Instant::now(),
+        }));
+        Some(Received { delivery, token })
+    }
+}
+
+/// `ApproximateReceiveCount` as an attempt number: 1 when missing, malformed or zero.
+pub(crate) fn parse_attempt(value: Option<&str>) -> u32 {
+    value
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+impl Source for SqsSource {
+    type Token = SqsToken;
+    type Settler = SqsSettler;
+
+    async fn receive(&mut self, max: usize) -> Result<Vec<Received<SqsToken>>, SourceError> {
+        if self.closed {
+            return Ok(Vec::new());
+        }
+        let n = max.clamp(1, self.queue.max_messages);
+        bump(&self.stats.receive_calls, 1);
+        let call = self
+            .client
+            .receive_message()
+            .queue_url(&self.queue.url)
+            .max_number_of_messages(i32::try_from(n).unwrap_or(10))
+            .wait_time_seconds(self.queue.wait_secs)
+            .visibility_timeout(self.queue.visibility_secs)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send();
+        let limit =
+            Duration::from_secs(u64::try_from(self.queue.wait_secs).unwrap_or(20)) + RECEIVE_GRACE;
+        let out = match tokio::time::timeout(limit, call).await {
+            Err(_) => {
+                return Err(SourceError::Disconnected(
+                    format!("ReceiveMessage did not answer within {limit:?}").into(),
+                ));
+            }
+            Ok(Err(e)) => {
+                let text = describe(&e);
+                let missing = is_missing_queue(&e);
+                return Err(match classify_sdk(&e) {
+                    _ if missing => SourceError::Fatal(text.into()),
+                    ErrorClass::Transient => match e {
+                        aws_sdk_sqs::error::SdkError::ServiceError(_) => {
+                            SourceError::Broker(text.into())
+                        }
+                        _ => SourceError::Disconnected(text.into()),
+                    },
+                    _ if is_auth_error(&e) => SourceError::Fatal(text.into()),
+                    _ => SourceError::Broker(text.into()),
+                });
+            }
+            Ok(Ok(out)) => out,
+        };
+        let messages = out.messages.unwrap_or_default();
+        let mut received = Vec::with_capacity(messages.len());
+        for m in messages {
+            if let Some(r) = self.convert(m) {
+                received.push(r);
+            }
+        }
+        bump(&self.stats.received, received.len() as u64);
+        Ok(received)
+    }
+
+    fn settler(&self) -> SqsSettler {
+        self.settler.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(10)
+            .with_lease(self.queue.visibility)
+            .with_max_retry_delay(MAX_VISIBILITY)
+            .with_parallel_acks(self.queue.parallel_acks)
+    }
+
+    async fn close(&mut self) {
+        self.closed = true;
+    }
+}
+
+fn is_auth_error<E: aws_sdk_sqs::error::ProvideErrorMetadata>(
+    e: &aws_sdk_sqs::error::SdkError<E>,
+) -> bool {
+    use aws_sdk_sqs::error::ProvideErrorMetadata as _;
+    let code = e.code().unwrap_or("");
+    matches!(
+        code,
+        "AccessDenied"
+            | "AccessDeniedException"
+            | "InvalidClientTokenId"
+            | "UnrecognizedClientException"
+            | "SignatureDoesNotMatch"
+            | "InvalidSecurity"
+            | "MissingAuthenticationToken"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_never_panics() {
+        assert_eq!(parse_attempt(Some("3")), 3);
+        assert_eq!(parse_attempt(Some(" 2 ")), 2);
+        assert_eq!(parse_attempt(Some("0")), 1);
+        assert_eq!(parse_attempt(Some("-4")), 1);
+        assert_eq!(parse_attempt(Some("lots")), 1);
+        assert_eq!(parse_attempt(Some("99999999999999999999")), 1);
+        assert_eq!(parse_attempt(None), 1);
+    }
+
+    #[test]
+    fn token_debug_hides_most_of_the_handle() {
+        let t = SqsToken::from_receipt_handle("x".repeat(200));
+        let shown = format!("{t:?}");
+        assert!(shown.len() < 120, "{shown}");
+        assert!(t.visibility_budget() > Duration::from_secs(43_000));
+    }
+}

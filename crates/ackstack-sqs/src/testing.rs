@@ -1,0 +1,165 @@
+//! Helpers for tests against an SQS endpoint (the moto server by default): a client with fake
+//! credentials, unique queues with their dead-letter queues, and reading a queue directly.
+//!
+//! The endpoint is `SQS_ENDPOINT`, default [`DEFAULT_TEST_ENDPOINT`]; region `us-east-1`;
+//! credentials `test`/`test`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::Region;
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+
+use crate::config::{ENDPOINT_ENV, SqsConfig, default_dead_letter_name};
+use crate::error::{SqsError, describe};
+use crate::source::resolve_queue_url;
+
+/// The endpoint used when `SQS_ENDPOINT` is unset.
+pub const DEFAULT_TEST_ENDPOINT: &str = "http://127.0.0.1:4566";
+
+/// The test endpoint: `SQS_ENDPOINT` or [`DEFAULT_TEST_ENDPOINT`].
+pub fn endpoint() -> String {
+    std::env::var(ENDPOINT_ENV)
+        .ok()
+        .filter(|e| !e.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_TEST_ENDPOINT.to_string())
+}
+
+/// A client for the test endpoint with fake credentials and region `us-east-1`.
+pub async fn client() -> Client {
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .test_credentials()
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint())
+        .load()
+        .await;
+    Client::new(&config)
+}
+
+/// `prefix-<nanos>-<n>`: unique per process and call.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A freshly created queue and its dead-letter queue.
+#[derive(Clone, Debug)]
+pub struct TestQueue {
+    /// The queue's name.
+    pub name: String,
+    /// The queue's URL.
+    pub url: String,
+    /// The dead-letter queue's name.
+    pub dlq_name: String,
+    /// The dead-letter queue's URL.
+    pub dlq_url: String,
+}
+
+impl TestQueue {
+    /// Creates a uniquely named queue (FIFO when `fifo`) and its dead-letter queue.
+    pub async fn create(client: &Client, prefix: &str, fifo: bool) -> Result<Self, SqsError> {
+        let base = unique_name(prefix);
+        let name = if fifo { format!("{base}.fifo") } else { base };
+        let dlq_name = default_dead_letter_name(&name);
+        let url = resolve_queue_url(client, &name, true).await?;
+        let dlq_url = resolve_queue_url(client, &dlq_name, true).await?;
+        Ok(TestQueue {
+            name,
+            url,
+            dlq_name,
+            dlq_url,
+        })
+    }
+
+    /// A source config for this queue: 1 s long polls, the given visibility timeout.
+    pub fn config(&self, visibility: Duration) -> SqsConfig {
+        SqsConfig::queue_url(self.url.clone())
+            .with_dead_letter_queue(self.dlq_url.clone())
+            .with_wait_time_seconds(1)
+            .with_visibility_timeout(visibility)
+            .with_consumer_name("ackstack-test")
+    }
+
+    /// Receives and deletes up to `expected` messages from the dead-letter queue, polling for
+    /// at most `deadline`.
+    pub async fn read_dead_letters(
+        &self,
+        client: &Client,
+        expected: usize,
+        deadline: Duration,
+    ) -> Result<Vec<aws_sdk_sqs::types::Message>, SqsError> {
+        drain(client, &self.dlq_url, expected, deadline).await
+    }
+
+    /// How many messages the queue holds (visible plus in flight), per its attributes.
+    pub async fn approximate_count(&self, client: &Client) -> Result<u64, SqsError> {
+        let out = client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|e| SqsError::Sdk(describe(&e).into()))?;
+        let attrs: HashMap<QueueAttributeName, String> = out.attributes.unwrap_or_default();
+        let get = |k: &QueueAttributeName| {
+            attrs
+                .get(k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(get(&QueueAttributeName::ApproximateNumberOfMessages)
+            + get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible))
+    }
+
+    /// Deletes both queues (errors ignored).
+    pub async fn delete(&self, client: &Client) {
+        let _ = client.delete_queue().queue_url(&self.url).send().await;
+        let _ = client.delete_queue().queue_url(&self.dlq_url).send().await;
+    }
+}
+
+/// Receives (with all attributes) and deletes up to `expected` messages from `queue_url`,
+/// polling with 1 s waits for at most `deadline`.
+pub async fn drain(
+    client: &Client,
+    queue_url: &str,
+    expected: usize,
+    deadline: Duration,
+) -> Result<Vec<aws_sdk_sqs::types::Message>, SqsError> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < expected && start.elapsed() < deadline {
+        let want = (expected - out.len()).min(10);
+        let got = client
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(i32::try_from(want).unwrap_or(10))
+            .wait_time_seconds(1)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| SqsError::Sdk(describe(&e).into()))?;
+        for m in got.messages.unwrap_or_default() {
+            if let Some(handle) = m.receipt_handle() {
+                client
+                    .delete_message()
+                    .queue_url(queue_url)
+                    .receipt_handle(handle)
+                    .send()
+                    .await
+                    .map_err(|e| SqsError::Sdk(describe(&e).into()))?;
+            }
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
