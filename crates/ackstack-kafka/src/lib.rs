@@ -1,1 +1,106 @@
 //! Apache Kafka (rdkafka) adapter for ackstack.
+//!
+//! [`KafkaSource`] is a consumer-group member that implements [`ackstack_core::Source`];
+//! [`KafkaSettler`] commits progress as a per-partition contiguous watermark; [`KafkaPublisher`]
+//! implements [`ackstack_core::Publish`].
+//!
+//! ```no_run
+//! use ackstack_core::{Settle, Source};
+//! use ackstack_kafka::{KafkaConfig, KafkaSource};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let config = KafkaConfig::new("localhost:9092", "billing", "orders")
+//!     .property("partition.assignment.strategy", "cooperative-sticky");
+//! let mut source = KafkaSource::new(&config)?;
+//! let settler = source.settler();
+//! // Normally `ackstack_core::Consumer` drives this loop; by hand it is:
+//! let batch = source.receive(100).await?;
+//! let tokens = batch.into_iter().map(|r| r.token).collect();
+//! let report = settler.ack(tokens).await; // marks offsets done; commits the watermark
+//! assert!(report.failed.is_empty());
+//! settler.flush().await; // synchronous commit of everything committable
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How progress is committed
+//!
+//! Every received offset is tracked in its partition's [`watermark::Watermark`]; an ack marks
+//! it complete. The committed position is the lowest offset still in flight, or one past the
+//! highest completed one, so it never passes a record that is still being handled, retried or
+//! was released (invariant 8), and gaps in the offsets (compaction, transaction markers) never
+//! hold it back. Positions are committed as offset lists (`enable.auto.commit=false`,
+//! `enable.auto.offset.store=false`): storing one message's offset adds 1 while a list does
+//! not, and we only ever commit lists of "next offset to read".
+//!
+//! Progress is tied to the assignment generation: each (re)assignment of a partition starts a
+//! new generation and watermark, and each [`KafkaToken`] carries the generation it was
+//! received in. On revoke, the partition's watermark is committed synchronously and the
+//! generation ends; acks of its older tokens are refused with
+//! [`SettleError::LeaseLost`](ackstack_core::SettleError::LeaseLost) and their records are read
+//! again by the new owner.
+//!
+//! # Retries and dead letters
+//!
+//! Kafka retries in place ([`ackstack_core::Capabilities::with_in_place_retry`]): the runner
+//! re-runs the handler while the record holds its partition's watermark back. The poll thread
+//! keeps polling meanwhile (the member stays in its group) and pauses partitions whose records
+//! the runner has no room for, so nothing is buffered without bound. Dead letters are produced
+//! to [`KafkaConfig::dlq_topic`] (default `<topic>-dlq`) with the same key, payload and
+//! headers plus `x-ackstack-dl-*` metadata, and the original offset passes only after the
+//! delivery report confirmed the copy.
+//!
+//! # Header and payload mapping
+//!
+//! Kafka headers become [`ackstack_core::Headers`] in order, repeated names kept. A header
+//! with a **null value** becomes a header with an **empty** value (core headers hold bytes
+//! only), so a dead-letter copy carries it as empty rather than null; likewise a null payload
+//! (tombstone) is delivered, and dead-lettered, as an empty payload. The attempt number is our
+//! [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) when present and valid, else 1.
+//! The message id travels in [`MESSAGE_ID_HEADER`].
+//!
+//! # The mock cluster and its 5 MB partitions
+//!
+//! Tests run on librdkafka's mock cluster ([`rdkafka::mocking::MockCluster`]) unless
+//! `KAFKA_BROKERS` is set. The mock keeps at most 5 MiB (`mpart->max_size = 1024 * 1024 * 5`
+//! in `rdkafka_mock.c`) or 100,000 message sets per partition and deletes the oldest message
+//! sets beyond that, moving the partition's low watermark (log start) up.
+//!
+//! Measured (`tests/mock_retention.rs`, run with `--ignored`): after producing 2,000 records of
+//! 256 B to one partition, a fresh group reads offsets 0..2000. After producing 50,000, the
+//! partition holds only offsets ~31,965..50,000 (about 18,000 records); a fresh group with
+//! `auto.offset.reset=earliest`, through this adapter or through a plain `StreamConsumer`,
+//! starts at the log start and reads every retained record: it does not stall, but the first
+//! ~32,000 records no longer exist. So a test that expects all 50,000 waits forever after the
+//! records that remain. The "stall after the first message" follows when the consumer's
+//! position falls below the moving log start while the producer is still writing (a consumer
+//! subscribed before or during production): its next fetch is `OFFSET_OUT_OF_RANGE` and
+//! `auto.offset.reset` moves it, to the end of the log under the default `latest` (nothing more
+//! arrives), or forward past the deleted records under `earliest`. (That sequence was not
+//! reproduced here; the retention numbers above were.) It is the mock's retention, not a
+//! consumer bug. Tests keep each partition's unconsumed backlog well under 5 MB: spread records
+//! over partitions, or produce while consuming; and set `auto.offset.reset=earliest` (this
+//! adapter's default).
+
+pub mod config;
+pub mod publisher;
+pub mod source;
+pub mod watermark;
+
+pub use config::KafkaConfig;
+pub use publisher::{KafkaPublisher, read_topic};
+pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaToken};
+
+/// The header that carries a message id (Kafka records have none).
+pub const MESSAGE_ID_HEADER: &str = "x-ackstack-message-id";
+
+/// Errors creating the adapter's clients.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// The configuration is invalid.
+    #[error("invalid Kafka configuration: {0}")]
+    Config(String),
+    /// librdkafka refused to create or set up a client.
+    #[error("Kafka client error: {0}")]
+    Client(#[source] rdkafka::error::KafkaError),
+}

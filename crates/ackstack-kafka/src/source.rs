@@ -1,0 +1,744 @@
+//! [`KafkaSource`] and [`KafkaSettler`]: a consumer-group member over a polled
+//! [`BaseConsumer`], with watermark commits tied to the assignment generation.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ackstack_core::deadletter::ATTEMPT_HEADER;
+use ackstack_core::{
+    AckReport, Capabilities, DeadLetter, Delivery, Failure, Headers, Origin, Received, SettleError,
+    SettleFailure, Settled, SourceError,
+};
+use bytes::Bytes;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::config::KafkaConfig;
+use crate::publisher::{owned_headers, produce};
+use crate::watermark::Assignments;
+use crate::{KafkaError, MESSAGE_ID_HEADER};
+
+/// How long one poll of the consumer blocks; also the period of time-based commits.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long [`KafkaSource::receive`] waits for a first record before returning none.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// The handle of one received record: where it is and in which assignment generation it was
+/// received. Acks of a token whose generation has ended (the partition was revoked) are refused
+/// with [`SettleError::LeaseLost`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KafkaToken {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    generation: u64,
+}
+
+impl KafkaToken {
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    /// The partition.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+    /// The record's offset.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+    /// The assignment generation the record was received in.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// State shared by the poll thread, the rebalance callbacks and the settler.
+struct Shared {
+    assignments: Mutex<Assignments>,
+    batch: Mutex<CommitBatch>,
+    /// Set by [`KafkaSource::close`]: stop handing out records.
+    closing: AtomicBool,
+    /// Set when the source and every settler are gone: the poll thread ends.
+    stop: AtomicBool,
+    commit_interval: Duration,
+    commit_max_count: usize,
+}
+
+/// Acks since the last commit, and when that was.
+struct CommitBatch {
+    acked_since: usize,
+    last: Instant,
+}
+
+impl Shared {
+    fn assignments(&self) -> MutexGuard<'_, Assignments> {
+        // The state stays consistent even if a holder panicked: every update is one call.
+        self.assignments
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn batch(&self) -> MutexGuard<'_, CommitBatch> {
+        self.batch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a commit is due by count or by time.
+    fn commit_due(&self) -> bool {
+        let b = self.batch();
+        b.acked_since > 0
+            && (b.acked_since >= self.commit_max_count || b.last.elapsed() >= self.commit_interval)
+    }
+
+    /// Commits every position that moved, asynchronously (or synchronously with `sync`, then
+    /// every committable position). Positions are taken and committed under the assignments
+    /// lock so that two commits never reach the broker out of order.
+    fn commit(&self, consumer: &BaseConsumer<KafkaContext>, sync: bool) -> KafkaResult<usize> {
+        {
+            let mut b = self.batch();
+            b.acked_since = 0;
+            b.last = Instant::now();
+        }
+        let mut assignments = self.assignments();
+        let positions = assignments.take_commits(sync);
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        let tpl = position_list(&positions)?;
+        if sync {
+            drop(assignments);
+            consumer.commit(&tpl, CommitMode::Sync)?;
+        } else {
+            consumer.commit(&tpl, CommitMode::Async)?;
+        }
+        Ok(positions.len())
+    }
+}
+
+fn position_list(positions: &[(String, i32, i64)]) -> KafkaResult<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, pos) in positions {
+        // A committed position is the next offset to read: the watermark already is one, so
+        // nothing is added here (storing a message's offset would add 1; we never do that).
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*pos))?;
+    }
+    Ok(tpl)
+}
+
+/// The consumer's context: rebalance callbacks commit revoked partitions' watermarks and start
+/// new generations; librdkafka's log lines go to `tracing`.
+pub struct KafkaContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for KafkaContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "{fac}: {log_message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", "{fac}: {log_message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "{fac}: {log_message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", %error, reason, "client error");
+    }
+}
+
+impl ConsumerContext for KafkaContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                // End the generation first (later acks of these partitions are refused), then
+                // commit what was contiguously completed. Work still in flight is abandoned: the
+                // position never passes it, so the next owner reads it again.
+                let mut positions = Vec::new();
+                {
+                    let mut a = self.shared.assignments();
+                    for e in tpl.elements() {
+                        if let Some(pos) = a.revoke(e.topic(), e.partition()) {
+                            positions.push((e.topic().to_string(), e.partition(), pos));
+                        }
+                    }
+                }
+                tracing::info!(
+                    partitions = tpl.count(),
+                    commits = positions.len(),
+                    "partitions revoked"
+                );
+                if positions.is_empty() || consumer.assignment_lost() {
+                    return;
+                }
+                let result =
+                    position_list(&positions).and_then(|t| consumer.commit(&t, CommitMode::Sync));
+                if let Err(error) = result {
+                    tracing::warn!(%error, "commit on revoke failed; the records will be read again");
+                }
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut a = self.shared.assignments();
+            for e in tpl.elements() {
+                a.assign(e.topic(), e.partition());
+            }
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => tracing::debug!(partitions = offsets.count(), "offsets committed"),
+            Err(error) => {
+                tracing::warn!(%error, "offset commit failed; the records will be read again")
+            }
+        }
+    }
+}
+
+/// What the source and every settler share; when the last one goes, the poll thread stops and
+/// closes the consumer (which revokes and commits its partitions).
+struct Inner {
+    consumer: Arc<BaseConsumer<KafkaContext>>,
+    shared: Arc<Shared>,
+    producer: FutureProducer,
+    dlq_topic: String,
+    produce_timeout: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A Kafka consumer-group member as an ackstack [`Source`](ackstack_core::Source).
+///
+/// # Design
+///
+/// A [`BaseConsumer`] is polled on a dedicated thread rather than a `StreamConsumer` being
+/// polled from [`receive`](ackstack_core::Source::receive):
+///
+/// * the consumer is polled every 50 ms whatever the runner does, so rebalance callbacks run
+///   promptly, `max.poll.interval.ms` is never exceeded while handlers (or in-place retries)
+///   hold every runner slot, and every queued event (logs, statistics, errors, commit results)
+///   is drained, which is what stops a `StreamConsumer` from waking when neglected;
+/// * records pass to the runner through a bounded channel of [`KafkaConfig::buffer`] records.
+///   When it is full the thread keeps the record and **pauses** its partition (still polling);
+///   once the backlog is handed over, the partitions are resumed. So a record that retries in
+///   place never makes the consumer buffer without bound nor leave its group;
+/// * every offset is tracked in its partition's watermark on the poll thread, before the runner
+///   sees it, and rebalance callbacks run on that same thread, so a token's generation is always
+///   the one the record was fetched in.
+///
+/// Commits: see [`KafkaSettler`]. The consumer always runs with `enable.auto.commit=false` and
+/// `enable.auto.offset.store=false`; positions are committed explicitly as offset lists.
+pub struct KafkaSource {
+    inner: Arc<Inner>,
+    rx: mpsc::Receiver<Result<Received<KafkaToken>, SourceError>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("dlq_topic", &self.inner.dlq_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    /// Creates the consumer, subscribes to the topic and starts the poll thread.
+    pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        config.validate()?;
+        let shared = Arc::new(Shared {
+            assignments: Mutex::new(Assignments::new()),
+            batch: Mutex::new(CommitBatch {
+                acked_since: 0,
+                last: Instant::now(),
+            }),
+            closing: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            commit_interval: config.commit_interval,
+            commit_max_count: config.commit_max_count,
+        });
+        let consumer: BaseConsumer<KafkaContext> = config
+            .consumer_config()
+            .create_with_context(KafkaContext {
+                shared: shared.clone(),
+            })
+            .map_err(KafkaError::Client)?;
+        consumer
+            .subscribe(&[config.topic.as_str()])
+            .map_err(KafkaError::Client)?;
+        let consumer = Arc::new(consumer);
+        let producer: FutureProducer = config
+            .producer_config()
+            .create()
+            .map_err(KafkaError::Client)?;
+        let (tx, rx) = mpsc::channel(config.buffer.max(1));
+        let poller = Poller {
+            consumer: consumer.clone(),
+            shared: shared.clone(),
+            tx,
+            topic: Arc::from(config.topic.as_str()),
+            consumer_name: Arc::from(config.consumer_name()),
+            pending: VecDeque::new(),
+            paused: HashSet::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("ackstack-kafka-poll".to_string())
+            .spawn(move || poller.run())
+            .map_err(|e| KafkaError::Config(format!("cannot start the poll thread: {e}")))?;
+        Ok(KafkaSource {
+            inner: Arc::new(Inner {
+                consumer,
+                shared,
+                producer,
+                dlq_topic: config.dlq_topic(),
+                produce_timeout: config.produce_timeout,
+            }),
+            rx,
+            thread: Some(thread),
+        })
+    }
+
+    /// The committable position of `partition` in its current generation (for tests and
+    /// diagnostics); `None` when not assigned or nothing is known yet.
+    pub fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.inner
+            .shared
+            .assignments()
+            .committable(topic, partition)
+    }
+
+    /// How many partitions are assigned to this member now.
+    pub fn assigned_partitions(&self) -> usize {
+        self.inner.shared.assignments().len()
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        // The poll thread ends by itself once the settlers are gone too; it is not joined here
+        // so that dropping never blocks an async task.
+        drop(self.thread.take());
+    }
+}
+
+impl ackstack_core::Source for KafkaSource {
+    type Token = KafkaToken;
+    type Settler = KafkaSettler;
+
+    async fn receive(&mut self, max: usize) -> Result<Vec<Received<KafkaToken>>, SourceError> {
+        let mut out = Vec::new();
+        if self.inner.shared.closing.load(Ordering::SeqCst) {
+            return Ok(out);
+        }
+        let first = match tokio::time::timeout(IDLE_WAIT, self.rx.recv()).await {
+            Err(_) => return Ok(out),
+            Ok(None) => {
+                return Err(SourceError::Fatal(
+                    "the Kafka poll thread has stopped".into(),
+                ));
+            }
+            Ok(Some(item)) => item,
+        };
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            let received = item?;
+            let t = &received.token;
+            if self
+                .inner
+                .shared
+                .assignments()
+                .is_current(&t.topic, t.partition, t.generation)
+            {
+                out.push(received);
+            }
+            if out.len() >= max.max(1) {
+                break;
+            }
+            next = self.rx.try_recv().ok();
+        }
+        Ok(out)
+    }
+
+    fn settler(&self) -> KafkaSettler {
+        KafkaSettler {
+            inner: self.inner.clone(),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(1000).with_in_place_retry()
+    }
+
+    async fn close(&mut self) {
+        // Stop handing out records; the member stays in the group (and keeps its partitions)
+        // so that in-flight work can still be acked and committed by the final flush. Records
+        // already buffered stay tracked as in flight, so no commit passes them.
+        self.inner.shared.closing.store(true, Ordering::SeqCst);
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+/// The settling half of a [`KafkaSource`].
+///
+/// * [`ack`](ackstack_core::Settle::ack) marks offsets complete in their partition's watermark
+///   and commits the new contiguous position asynchronously, batched: after
+///   [`KafkaConfig::commit_max_count`] acks, or [`KafkaConfig::commit_interval`] after the
+///   first uncommitted ack (the poll thread commits on time even when acks stop). Tokens from
+///   an ended generation are refused with [`SettleError::LeaseLost`]: their partition was
+///   revoked and its new owner reads them again.
+/// * [`retry`](ackstack_core::Settle::retry): Kafka retries in place in the runner
+///   ([`Capabilities::with_in_place_retry`]), so the runner does not call it. If it is called,
+///   the record is left uncommitted ([`Settled::Done`]): the watermark of its partition stays
+///   at it until the partition is reassigned or the consumer restarts, which then reads it
+///   (and the records after it) again. No retry topic is implemented.
+/// * [`dead_letter`](ackstack_core::Settle::dead_letter) produces the record to the
+///   dead-letter topic with the same key, payload and headers plus
+///   [`DeadLetterMetadata`](ackstack_core::DeadLetterMetadata) headers (replacing earlier
+///   `x-ackstack-dl-*`), waits for the delivery report, then returns
+///   [`Settled::AckOriginal`] so that the offset may pass.
+/// * [`release`](ackstack_core::Settle::release) leaves the record uncommitted, like `retry`.
+/// * [`flush`](ackstack_core::Settle::flush) commits every committable position synchronously.
+#[derive(Clone)]
+pub struct KafkaSettler {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaSettler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettler")
+            .field("dlq_topic", &self.inner.dlq_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lease_lost(t: &KafkaToken) -> SettleError {
+    SettleError::LeaseLost(format!(
+        "partition {}/{} was revoked (generation {} ended)",
+        t.topic, t.partition, t.generation
+    ))
+}
+
+impl KafkaSettler {
+    fn is_current(&self, t: &KafkaToken) -> bool {
+        self.inner
+            .shared
+            .assignments()
+            .is_current(&t.topic, t.partition, t.generation)
+    }
+
+    /// Commits every committable position synchronously; returns how many partitions were
+    /// committed.
+    pub async fn commit_now(&self) -> Result<usize, KafkaError> {
+        let consumer = self.inner.consumer.clone();
+        let shared = self.inner.shared.clone();
+        tokio::task::spawn_blocking(move || shared.commit(&consumer, true))
+            .await
+            .map_err(|e| KafkaError::Config(format!("commit task failed: {e}")))?
+            .map_err(KafkaError::Client)
+    }
+}
+
+impl ackstack_core::Settle for KafkaSettler {
+    type Token = KafkaToken;
+
+    async fn ack(&self, tokens: Vec<KafkaToken>) -> AckReport<KafkaToken> {
+        let mut report = AckReport::all(0);
+        {
+            let mut a = self.inner.shared.assignments();
+            for t in tokens {
+                match a.complete(&t.topic, t.partition, t.offset, t.generation) {
+                    Ok(()) => report.acked += 1,
+                    Err(_) => {
+                        let e = lease_lost(&t);
+                        report.failed.push((t, e));
+                    }
+                }
+            }
+        }
+        let shared = &self.inner.shared;
+        shared.batch().acked_since += report.acked;
+        if shared.commit_due()
+            && let Err(error) = shared.commit(&self.inner.consumer, false)
+        {
+            // The completions stand; the next commit carries them.
+            tracing::warn!(%error, "offset commit could not be queued");
+        }
+        report
+    }
+
+    async fn retry(
+        &self,
+        token: KafkaToken,
+        _delivery: &Delivery,
+        _after: Duration,
+        _failure: &Failure,
+    ) -> Result<Settled<KafkaToken>, SettleFailure<KafkaToken>> {
+        if !self.is_current(&token) {
+            let e = lease_lost(&token);
+            return Err(SettleFailure::new(token, e));
+        }
+        // Left uncommitted: see the type's documentation.
+        Ok(Settled::Done)
+    }
+
+    async fn dead_letter(
+        &self,
+        token: KafkaToken,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+    ) -> Result<Settled<KafkaToken>, SettleFailure<KafkaToken>> {
+        if !self.is_current(&token) {
+            // Its new owner reads it again and decides; a copy now would be a duplicate.
+            let e = lease_lost(&token);
+            return Err(SettleFailure::new(token, e));
+        }
+        let mut headers = delivery.headers.clone();
+        letter.metadata(delivery).apply_to(&mut headers);
+        let result = produce(
+            &self.inner.producer,
+            &self.inner.dlq_topic,
+            delivery.key.as_ref(),
+            &delivery.payload,
+            owned_headers(&headers),
+            self.inner.produce_timeout,
+        )
+        .await;
+        match result {
+            Ok(()) => Ok(Settled::AckOriginal(token)),
+            Err(error) => Err(SettleFailure::new(token, SettleError::Broker(error))),
+        }
+    }
+
+    async fn extend(&self, token: &KafkaToken, _by: Duration) -> Result<(), SettleError> {
+        // Kafka has no per-record lease; ownership is the partition's generation.
+        if self.is_current(token) {
+            Ok(())
+        } else {
+            Err(lease_lost(token))
+        }
+    }
+
+    async fn release(&self, token: KafkaToken) {
+        // Left in flight: the watermark never passes it, so it is read again after the next
+        // reassignment or restart.
+        tracing::debug!(
+            topic = %token.topic, partition = token.partition, offset = token.offset,
+            "record released; its partition's commits stop before it"
+        );
+    }
+
+    async fn flush(&self) {
+        match self.commit_now().await {
+            Ok(n) => tracing::debug!(partitions = n, "offsets flushed"),
+            Err(error) => tracing::warn!(%error, "final offset commit failed"),
+        }
+    }
+}
+
+/// The poll loop's own state.
+struct Poller {
+    consumer: Arc<BaseConsumer<KafkaContext>>,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Result<Received<KafkaToken>, SourceError>>,
+    topic: Arc<str>,
+    consumer_name: Arc<str>,
+    /// Records received but not yet handed to the runner (the channel was full).
+    pending: VecDeque<Received<KafkaToken>>,
+    /// Partitions paused because `pending` holds records of theirs.
+    paused: HashSet<(Arc<str>, i32)>,
+}
+
+impl Poller {
+    fn run(mut self) {
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            if self.shared.closing.load(Ordering::SeqCst) {
+                self.pending.clear();
+            }
+            self.hand_over();
+            if self.shared.commit_due()
+                && let Err(error) = self.shared.commit(&self.consumer, false)
+            {
+                tracing::warn!(%error, "offset commit could not be queued");
+            }
+            let consumer = self.consumer.clone();
+            match consumer.poll(POLL_INTERVAL) {
+                None => {}
+                Some(Ok(message)) => self.on_message(&message),
+                Some(Err(error)) => self.on_error(error),
+            }
+            drop(consumer);
+        }
+        // The settlers are gone: their final flush has run. Wait (briefly) for the last other
+        // reference so that the consumer is closed here, on this thread: closing leaves the
+        // group, which revokes (and commits) the partitions through the rebalance callback.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.consumer) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tracing::debug!("Kafka poll thread stopping; closing the consumer");
+    }
+
+    fn on_message(&mut self, m: &BorrowedMessage<'_>) {
+        let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+        if self.shared.closing.load(Ordering::SeqCst) {
+            // Not tracked and never handed out: read again by the next owner.
+            self.pause(topic, partition);
+            return;
+        }
+        let Some(generation) = self.shared.assignments().track(topic, partition, offset) else {
+            tracing::debug!(
+                topic,
+                partition,
+                offset,
+                "record of an unassigned partition dropped"
+            );
+            return;
+        };
+        let topic_arc: Arc<str> = if *self.topic == *topic {
+            self.topic.clone()
+        } else {
+            Arc::from(topic)
+        };
+        let delivery = to_delivery(m, topic_arc.clone(), self.consumer_name.clone());
+        let token = KafkaToken {
+            topic: topic_arc,
+            partition,
+            offset,
+            generation,
+        };
+        self.pending.push_back(Received { delivery, token });
+        self.hand_over();
+        if let Some(last) = self.pending.back() {
+            let (t, p) = (last.token.topic.clone(), last.token.partition);
+            self.pause(&t, p);
+        }
+    }
+
+    fn on_error(&mut self, error: rdkafka::error::KafkaError) {
+        use rdkafka::error::KafkaError as E;
+        match error {
+            E::PartitionEOF(_) => {}
+            E::MessageConsumptionFatal(code) => {
+                tracing::error!(%code, "fatal consumer error");
+                let e = SourceError::Fatal(Box::new(E::MessageConsumptionFatal(code)));
+                // Best effort; the runner stops receiving on a fatal error.
+                let _ = self.tx.try_send(Err(e));
+                self.shared.closing.store(true, Ordering::SeqCst);
+            }
+            other => {
+                tracing::warn!(error = %other, "consumer error (librdkafka retries by itself)")
+            }
+        }
+    }
+
+    /// Hands buffered records to the runner while the channel has room; resumes paused
+    /// partitions once nothing is buffered.
+    fn hand_over(&mut self) {
+        while let Some(r) = self.pending.pop_front() {
+            let t = &r.token;
+            if !self
+                .shared
+                .assignments()
+                .is_current(&t.topic, t.partition, t.generation)
+            {
+                continue;
+            }
+            match self.tx.try_send(Ok(r)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(Ok(r))) => {
+                    self.pending.push_front(r);
+                    return;
+                }
+                Err(_) => {
+                    // The source was dropped or closed: nothing more is handed out.
+                    self.pending.clear();
+                    self.shared.closing.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+        if !self.paused.is_empty() && !self.shared.closing.load(Ordering::SeqCst) {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in self.paused.drain() {
+                tpl.add_partition(&t, p);
+            }
+            if let Err(error) = self.consumer.resume(&tpl) {
+                tracing::debug!(%error, "resume failed (partition no longer assigned?)");
+            }
+        }
+    }
+
+    fn pause(&mut self, topic: &str, partition: i32) {
+        let key: (Arc<str>, i32) = (Arc::from(topic), partition);
+        if self.paused.contains(&key) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        match self.consumer.pause(&tpl) {
+            Ok(()) => {
+                self.paused.insert(key);
+            }
+            Err(error) => tracing::debug!(%error, topic, partition, "pause failed"),
+        }
+    }
+}
+
+/// Converts a record. A header with a null value becomes a header with an empty value (the
+/// core [`Headers`] hold bytes only), so a dead-letter copy carries it as empty, not null. A
+/// null payload (tombstone) becomes an empty payload.
+fn to_delivery(m: &BorrowedMessage<'_>, topic: Arc<str>, consumer: Arc<str>) -> Delivery {
+    let mut headers = Headers::new();
+    if let Some(h) = m.headers() {
+        for header in h.iter() {
+            let value = header.value.map(Bytes::copy_from_slice).unwrap_or_default();
+            headers.append(header.key, value);
+        }
+    }
+    let attempt = headers
+        .get_str(ATTEMPT_HEADER)
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1);
+    let message_id = headers.get_str(MESSAGE_ID_HEADER).map(str::to_string);
+    let mut origin = Origin::new("kafka", topic, consumer);
+    origin.partition = Some(m.partition());
+    origin.offset = Some(m.offset());
+    Delivery {
+        payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        headers,
+        key: m.key().map(Bytes::copy_from_slice),
+        message_id,
+        attempt,
+        origin,
+    }
+}

@@ -1,0 +1,313 @@
+//! Contiguous-completion watermarks per partition, tied to the assignment generation.
+//!
+//! Kafka commits one position per partition: "everything before this offset is done". With
+//! concurrent, out-of-order completion, that position must never pass an offset that is still
+//! in flight (invariant 8). [`Watermark`] tracks one partition: offsets are
+//! [`tracked`](Watermark::track) when received and [`completed`](Watermark::complete) when
+//! acked; [`Watermark::committable`] is the lowest offset still in flight, or one past the highest
+//! completed offset when nothing is in flight. Only offsets actually received are tracked, so gaps
+//! (compacted records, transaction markers) never hold the watermark back.
+//!
+//! [`Assignments`] keeps one watermark per assigned partition together with the assignment's
+//! generation. A partition that is revoked and assigned again gets a new generation and a fresh
+//! watermark, so completions that arrive late from the previous generation are refused
+//! ([`Stale`]) instead of moving the new position.
+
+use std::collections::{BTreeSet, HashMap};
+
+/// The contiguous-completion tracker of one partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Watermark {
+    in_flight: BTreeSet<i64>,
+    highest_done: Option<i64>,
+}
+
+impl Watermark {
+    /// An empty tracker: nothing received, nothing committable.
+    pub fn new() -> Self {
+        Watermark::default()
+    }
+
+    /// Records that `offset` was received and is now in flight.
+    pub fn track(&mut self, offset: i64) {
+        self.in_flight.insert(offset);
+    }
+
+    /// Records that `offset` is done. Returns `false` (and changes nothing) when the offset was
+    /// not in flight: never tracked, or already completed.
+    pub fn complete(&mut self, offset: i64) -> bool {
+        if !self.in_flight.remove(&offset) {
+            return false;
+        }
+        self.highest_done = Some(self.highest_done.map_or(offset, |h| h.max(offset)));
+        true
+    }
+
+    /// The position that may be committed: the lowest offset in flight, or one past the highest
+    /// completed offset when nothing is in flight; `None` when nothing was completed and nothing
+    /// is in flight.
+    pub fn committable(&self) -> Option<i64> {
+        match self.in_flight.first() {
+            Some(&lowest) => Some(lowest),
+            None => self.highest_done.map(|h| h + 1),
+        }
+    }
+
+    /// How many offsets are in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+/// A completion for a partition that is no longer assigned to us in the generation the
+/// delivery was received in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stale;
+
+/// One assigned partition: its generation, watermark and last committed position.
+#[derive(Clone, Debug)]
+struct Entry {
+    generation: u64,
+    watermark: Watermark,
+    committed: Option<i64>,
+}
+
+/// Watermarks of every assigned partition, each tied to its assignment generation.
+#[derive(Debug, Default)]
+pub struct Assignments {
+    topics: HashMap<String, HashMap<i32, Entry>>,
+    next_generation: u64,
+}
+
+impl Assignments {
+    /// No partitions assigned.
+    pub fn new() -> Self {
+        Assignments::default()
+    }
+
+    /// Starts a new generation of `topic`/`partition` with an empty watermark and returns the
+    /// generation. Any earlier generation of the partition becomes stale.
+    pub fn assign(&mut self, topic: &str, partition: i32) -> u64 {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.topics.entry(topic.to_string()).or_default().insert(
+            partition,
+            Entry {
+                generation,
+                watermark: Watermark::new(),
+                committed: None,
+            },
+        );
+        generation
+    }
+
+    /// Ends the partition's current generation. Returns its committable watermark, to be
+    /// committed (again, even if an earlier asynchronous commit carried it: that one may have
+    /// failed) before the partition goes.
+    pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<i64> {
+        let parts = self.topics.get_mut(topic)?;
+        let entry = parts.remove(&partition)?;
+        if parts.is_empty() {
+            self.topics.remove(topic);
+        }
+        entry.watermark.committable()
+    }
+
+    /// Tracks a received offset; returns the partition's current generation, or `None` when the
+    /// partition is not assigned.
+    pub fn track(&mut self, topic: &str, partition: i32, offset: i64) -> Option<u64> {
+        let entry = self.topics.get_mut(topic)?.get_mut(&partition)?;
+        entry.watermark.track(offset);
+        Some(entry.generation)
+    }
+
+    /// Completes `offset` if `generation` is still the partition's current one.
+    ///
+    /// An offset of the current generation that is not in flight (a duplicate completion) is
+    /// accepted and changes nothing.
+    pub fn complete(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+    ) -> Result<(), Stale> {
+        let entry = self.entry_mut(topic, partition, generation)?;
+        entry.watermark.complete(offset);
+        Ok(())
+    }
+
+    /// Whether `generation` is the partition's current generation.
+    pub fn is_current(&self, topic: &str, partition: i32, generation: u64) -> bool {
+        self.topics
+            .get(topic)
+            .and_then(|p| p.get(&partition))
+            .is_some_and(|e| e.generation == generation)
+    }
+
+    /// The partition's committable position in its current generation.
+    pub fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.topics
+            .get(topic)?
+            .get(&partition)?
+            .watermark
+            .committable()
+    }
+
+    /// Positions that moved past the last commit, marked as committed. With `all`, every
+    /// committable position is returned even if it was committed before (for a synchronous
+    /// flush that must not rely on an earlier asynchronous commit having succeeded).
+    pub fn take_commits(&mut self, all: bool) -> Vec<(String, i32, i64)> {
+        let mut out = Vec::new();
+        for (topic, parts) in &mut self.topics {
+            for (&partition, entry) in parts.iter_mut() {
+                let Some(pos) = entry.watermark.committable() else {
+                    continue;
+                };
+                if all || entry.committed.is_none_or(|c| pos > c) {
+                    entry.committed = Some(pos);
+                    out.push((topic.clone(), partition, pos));
+                }
+            }
+        }
+        out
+    }
+
+    /// How many partitions are assigned.
+    pub fn len(&self) -> usize {
+        self.topics.values().map(HashMap::len).sum()
+    }
+
+    /// Whether no partition is assigned.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn entry_mut(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        generation: u64,
+    ) -> Result<&mut Entry, Stale> {
+        match self
+            .topics
+            .get_mut(topic)
+            .and_then(|p| p.get_mut(&partition))
+        {
+            Some(entry) if entry.generation == generation => Ok(entry),
+            _ => Err(Stale),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_has_nothing_to_commit() {
+        let w = Watermark::new();
+        assert_eq!(w.committable(), None);
+    }
+
+    #[test]
+    fn in_order_completion_moves_one_past_the_last() {
+        let mut w = Watermark::new();
+        for o in 0..5 {
+            w.track(o);
+        }
+        assert_eq!(w.committable(), Some(0));
+        for o in 0..5 {
+            assert!(w.complete(o));
+            assert_eq!(w.committable(), Some(o + 1));
+        }
+    }
+
+    #[test]
+    fn out_of_order_completion_never_passes_an_unfinished_offset() {
+        let mut w = Watermark::new();
+        for o in 10..20 {
+            w.track(o);
+        }
+        // Complete everything except 13, in reverse order.
+        for o in (10..20).rev().filter(|&o| o != 13) {
+            w.complete(o);
+            let pos = w.committable().unwrap();
+            assert!(pos <= 13, "position {pos} passed unfinished offset 13");
+        }
+        assert_eq!(w.committable(), Some(13));
+        assert!(w.complete(13));
+        assert_eq!(w.committable(), Some(20));
+    }
+
+    #[test]
+    fn gaps_are_tolerated() {
+        let mut w = Watermark::new();
+        // Offsets 3, 4 and 8 do not exist (compaction, transaction markers).
+        for o in [0, 1, 2, 5, 6, 7, 9] {
+            w.track(o);
+        }
+        for o in [9, 7, 6, 5, 2, 1] {
+            w.complete(o);
+        }
+        assert_eq!(w.committable(), Some(0));
+        w.complete(0);
+        assert_eq!(w.committable(), Some(10));
+    }
+
+    #[test]
+    fn duplicate_or_unknown_completion_changes_nothing() {
+        let mut w = Watermark::new();
+        w.track(1);
+        w.track(2);
+        assert!(w.complete(2));
+        assert!(!w.complete(2));
+        assert!(!w.complete(99));
+        assert_eq!(w.committable(), Some(1));
+        assert_eq!(w.in_flight(), 1);
+    }
+
+    #[test]
+    fn old_generation_cannot_move_the_new_position() {
+        let mut a = Assignments::new();
+        let g1 = a.assign("t", 0);
+        a.track("t", 0, 0);
+        a.track("t", 0, 1);
+        assert_eq!(a.complete("t", 0, 0, g1), Ok(()));
+        // Revoked with offset 1 still in flight: only 1 may be committed.
+        assert_eq!(a.revoke("t", 0), Some(1));
+        assert_eq!(a.complete("t", 0, 1, g1), Err(Stale));
+        // Assigned again: the new generation starts where the broker resumes (offset 1).
+        let g2 = a.assign("t", 0);
+        assert_ne!(g1, g2);
+        assert_eq!(a.track("t", 0, 1), Some(g2));
+        a.track("t", 0, 2);
+        // A late completion of offset 1 from the old generation is refused...
+        assert_eq!(a.complete("t", 0, 1, g1), Err(Stale));
+        assert_eq!(a.complete("t", 0, 2, g1), Err(Stale));
+        assert_eq!(a.committable("t", 0), Some(1));
+        // ...while the new generation's own completions count.
+        assert_eq!(a.complete("t", 0, 2, g2), Ok(()));
+        assert_eq!(a.committable("t", 0), Some(1));
+        assert_eq!(a.complete("t", 0, 1, g2), Ok(()));
+        assert_eq!(a.committable("t", 0), Some(3));
+        assert!(a.is_current("t", 0, g2));
+        assert!(!a.is_current("t", 0, g1));
+    }
+
+    #[test]
+    fn take_commits_reports_only_progress() {
+        let mut a = Assignments::new();
+        let g = a.assign("t", 0);
+        a.assign("t", 1);
+        assert!(a.take_commits(false).is_empty());
+        a.track("t", 0, 5);
+        a.complete("t", 0, 5, g).unwrap();
+        assert_eq!(a.take_commits(false), vec![("t".to_string(), 0, 6)]);
+        assert!(a.take_commits(false).is_empty());
+        assert_eq!(a.take_commits(true), vec![("t".to_string(), 0, 6)]);
+        assert_eq!(a.revoke("t", 0), Some(6));
+        assert_eq!(a.track("t", 0, 7), None, "no longer assigned");
+        assert_eq!(a.len(), 1);
+    }
+}

@@ -1,0 +1,330 @@
+//! Adapter-level tests against librdkafka's mock cluster (or `KAFKA_BROKERS`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ackstack_core::deadletter::ATTEMPT_HEADER;
+use ackstack_core::{
+    DeadLetter, DeadLetterMetadata, ErrorKind, Failure, Message, Publish, Settle, Settled, Source,
+};
+use ackstack_kafka::{KafkaPublisher, KafkaSource, read_topic};
+use common::{kafka, receive_for, receive_n, unique};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn ids(received: &[ackstack_core::Received<ackstack_kafka::KafkaToken>]) -> Vec<i64> {
+    received.iter().map(|r| r.token.offset()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_n_consume_ack_all_commits_n() {
+    let k = kafka();
+    let topic = unique("all");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    const N: usize = 500;
+    k.produce(&topic, N, 1).await;
+
+    let mut source = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+    let settler = source.settler();
+    let got = receive_n(&mut source, N, WAIT).await;
+    assert_eq!(got.len(), N);
+    let offsets: BTreeSet<i64> = ids(&got).into_iter().collect();
+    assert_eq!(offsets.len(), N, "no duplicates");
+    let first = &got[0].delivery;
+    assert_eq!(first.origin.broker, "kafka");
+    assert_eq!(first.origin.partition, Some(0));
+    assert_eq!(first.origin.offset, Some(0));
+    assert_eq!(first.key.as_deref(), Some(&b"k-0"[..]));
+    assert_eq!(first.headers.get_str("seq"), Some("0"));
+    assert_eq!(first.attempt, 1);
+
+    let tokens: Vec<_> = got.into_iter().map(|r| r.token).collect();
+    for chunk in tokens.chunks(100) {
+        let report = settler.ack(chunk.to_vec()).await;
+        assert_eq!(report.acked, chunk.len());
+        assert!(report.failed.is_empty());
+    }
+    settler.flush().await;
+    assert_eq!(k.committed(&group, &topic, 1).await, vec![N as i64]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_completion_never_commits_past_an_unfinished_offset() {
+    let k = kafka();
+    let topic = unique("ooo");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    k.produce(&topic, 10, 1).await;
+
+    let mut source = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+    let settler = source.settler();
+    let got = receive_n(&mut source, 10, WAIT).await;
+    assert_eq!(got.len(), 10);
+    let mut tokens: Vec<_> = got.into_iter().map(|r| r.token).collect();
+    tokens.reverse();
+    let unfinished = tokens.iter().position(|t| t.offset() == 3).unwrap();
+    let held = tokens.remove(unfinished);
+    for t in tokens {
+        assert_eq!(settler.ack(vec![t]).await.acked, 1);
+        let pos = source.committable(&topic, 0).unwrap();
+        assert!(pos <= 3, "watermark {pos} passed unfinished offset 3");
+    }
+    // Time-based commits run meanwhile; a synchronous flush too: still 3.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    settler.flush().await;
+    assert_eq!(k.committed(&group, &topic, 1).await, vec![3]);
+
+    assert_eq!(settler.ack(vec![held]).await.acked, 1);
+    settler.flush().await;
+    assert_eq!(k.committed(&group, &topic, 1).await, vec![10]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_based_commit_happens_without_flush() {
+    let k = kafka();
+    let topic = unique("timed");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    k.produce(&topic, 5, 1).await;
+
+    let mut source = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+    let settler = source.settler();
+    let got = receive_n(&mut source, 5, WAIT).await;
+    settler
+        .ack(got.into_iter().map(|r| r.token).collect())
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if k.committed(&group, &topic, 1).await == vec![5] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no commit within 10s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_member_after_partial_run_gets_only_the_uncommitted() {
+    let k = kafka();
+    let topic = unique("partial");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    k.produce(&topic, 20, 1).await;
+
+    {
+        let mut source = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+        let settler = source.settler();
+        let got = receive_n(&mut source, 20, WAIT).await;
+        assert_eq!(got.len(), 20);
+        // Ack 0..12 and, out of order, 15 and 17: the watermark stops at 12.
+        let acked: Vec<_> = got
+            .into_iter()
+            .map(|r| r.token)
+            .filter(|t| t.offset() < 12 || t.offset() == 15 || t.offset() == 17)
+            .collect();
+        settler.ack(acked).await;
+        settler.flush().await;
+        source.close().await;
+    }
+    assert_eq!(k.committed(&group, &topic, 1).await, vec![12]);
+
+    let mut source = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+    let got = receive_n(&mut source, 8, WAIT).await;
+    let more = receive_for(&mut source, Duration::from_secs(2)).await;
+    let offsets: Vec<i64> = ids(&got).into_iter().chain(ids(&more)).collect();
+    assert_eq!(offsets, (12..20).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettered_record_lands_in_dlq_with_metadata_and_its_offset_passes() {
+    let k = kafka();
+    let topic = unique("dl");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    let config = k.config(&group, &topic);
+    let dlq = config.dlq_topic();
+    assert_eq!(dlq, format!("{topic}-dlq"));
+    k.create_topic(&dlq, 1).await;
+
+    let publisher = KafkaPublisher::new(&k.brokers, &topic).unwrap();
+    publisher
+        .publish(
+            Message::new(&b"\x00poison\xff"[..])
+                .key("order-7")
+                .message_id("id-7")
+                .header("app", "kept")
+                .header("x-ackstack-dl-reason", "old metadata")
+                .header(ATTEMPT_HEADER, "4"),
+        )
+        .await
+        .unwrap();
+    publisher.publish(Message::new("fine")).await.unwrap();
+
+    let mut source = KafkaSource::new(&config).unwrap();
+    let settler = source.settler();
+    let mut got = receive_n(&mut source, 2, WAIT).await;
+    assert_eq!(got.len(), 2);
+    let second = got.pop().unwrap();
+    let first = got.pop().unwrap();
+    let d = first.delivery;
+    assert_eq!(d.attempt, 4, "attempt from our header");
+    assert_eq!(d.message_id.as_deref(), Some("id-7"));
+
+    let letter = DeadLetter::new(&d, Failure::new(ErrorKind::Permanent, "cannot decode"));
+    let settled = settler.dead_letter(first.token, &d, &letter).await.unwrap();
+    let Settled::AckOriginal(token) = settled else {
+        panic!("dead-letter must hand the original back for ack");
+    };
+    assert_eq!(settler.ack(vec![token, second.token]).await.acked, 2);
+    settler.flush().await;
+    assert_eq!(k.committed(&group, &topic, 1).await, vec![2]);
+
+    let copies = read_topic(&k.brokers, &dlq, 1, WAIT).await.unwrap();
+    assert_eq!(copies.len(), 1);
+    let c = &copies[0];
+    assert_eq!(&c.payload[..], b"\x00poison\xff");
+    assert_eq!(c.key.as_deref(), Some(&b"order-7"[..]));
+    assert_eq!(c.headers.get_str("app"), Some("kept"));
+    assert_eq!(c.headers.get_str(ATTEMPT_HEADER), Some("4"));
+    assert_eq!(c.message_id.as_deref(), Some("id-7"));
+    let reasons = c
+        .headers
+        .iter()
+        .filter(|(n, _)| *n == "x-ackstack-dl-reason")
+        .count();
+    assert_eq!(reasons, 1, "earlier metadata replaced, not repeated");
+    let meta = DeadLetterMetadata::from_headers(&c.headers).expect("metadata headers");
+    assert_eq!(meta.error_message, "cannot decode");
+    assert_eq!(meta.attempts, 4);
+    assert_eq!(meta.broker, "kafka");
+    assert_eq!(meta.queue, topic);
+    assert_eq!(meta.partition, Some(0));
+    assert_eq!(meta.offset, Some(0));
+    assert_eq!(meta.message_id.as_deref(), Some("id-7"));
+    assert_eq!(meta.consumer, group);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_and_retry_leave_the_record_uncommitted_and_extend_is_ok() {
+    let k = kafka();
+    let topic = unique("rel");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    k.produce(&topic, 3, 1).await;
+
+    let mut source = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+    assert!(
+        !source.capabilities().broker_delay,
+        "Kafka retries in place"
+    );
+    assert_eq!(source.capabilities().lease, None);
+    assert!(source.capabilities().max_ack_batch >= 1000);
+    let settler = source.settler();
+    let mut got = receive_n(&mut source, 3, WAIT).await;
+    assert_eq!(got.len(), 3);
+    let third = got.pop().unwrap();
+    let second = got.pop().unwrap();
+    let first = got.pop().unwrap();
+    settler
+        .extend(&first.token, Duration::from_secs(30))
+        .await
+        .unwrap();
+    settler.release(first.token).await;
+    let failure = Failure::new(ErrorKind::Transient, "later");
+    let retried = settler
+        .retry(
+            second.token,
+            &second.delivery,
+            Duration::from_secs(1),
+            &failure,
+        )
+        .await
+        .unwrap();
+    assert_eq!(retried, Settled::Done);
+    assert_eq!(settler.ack(vec![third.token]).await.acked, 1);
+    settler.flush().await;
+    // The position stays at 0: offset 0 is still in flight (released), so acking 2 moved nothing.
+    assert_eq!(k.committed(&group, &topic, 1).await, vec![0]);
+    assert_eq!(source.committable(&topic, 0), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_to_a_second_member_loses_nothing() {
+    let k = kafka();
+    let topic = unique("rebal");
+    let group = unique("g");
+    const PARTITIONS: i32 = 4;
+    const N: usize = 400;
+    k.create_topic(&topic, PARTITIONS).await;
+    k.produce(&topic, N, PARTITIONS).await;
+
+    let done: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let stale = Arc::new(Mutex::new(0usize));
+    let deadline = Instant::now() + Duration::from_secs(90);
+
+    let member = |slow: bool| {
+        let config = k.config(&group, &topic);
+        let done = done.clone();
+        let stale = stale.clone();
+        async move {
+            let mut source = KafkaSource::new(&config).unwrap();
+            let settler = source.settler();
+            while done.lock().unwrap().len() < N && Instant::now() < deadline {
+                let batch = source.receive(20).await.unwrap();
+                if slow {
+                    // Keep work in flight across the rebalance.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let payloads: Vec<String> = batch
+                    .iter()
+                    .map(|r| String::from_utf8(r.delivery.payload.to_vec()).unwrap())
+                    .collect();
+                let tokens = batch.into_iter().map(|r| r.token).collect::<Vec<_>>();
+                let report = settler.ack(tokens.clone()).await;
+                let failed: HashSet<_> = report.failed.iter().map(|(t, _)| t.clone()).collect();
+                for e in &report.failed {
+                    assert!(e.1.is_lease_lost());
+                }
+                *stale.lock().unwrap() += failed.len();
+                let mut d = done.lock().unwrap();
+                for (t, p) in tokens.iter().zip(payloads) {
+                    if !failed.contains(t) {
+                        d.insert(p);
+                    }
+                }
+            }
+            settler.flush().await;
+            // Keep the member (and its assignment) until both are finished.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            source.close().await;
+        }
+    };
+
+    let a = tokio::spawn(member(true));
+    // Let the first member take every partition and make progress, then join a second one.
+    common::eventually(WAIT, "first member progress", || {
+        done.lock().unwrap().len() >= 40
+    })
+    .await;
+    let b = tokio::spawn(member(false));
+    tokio::time::timeout(Duration::from_secs(120), async {
+        a.await.unwrap();
+        b.await.unwrap();
+    })
+    .await
+    .expect("members finished");
+
+    let d = done.lock().unwrap().clone();
+    assert_eq!(d.len(), N, "every record acked by some member");
+    for i in 0..N {
+        assert!(d.contains(&format!("m-{i}")));
+    }
+    let committed = k.committed(&group, &topic, PARTITIONS).await;
+    assert_eq!(committed, vec![(N as i64) / PARTITIONS as i64; 4]);
+    eprintln!("acks refused as stale: {}", stale.lock().unwrap());
+}
