@@ -1,0 +1,631 @@
+//! The Redis dedup store and its pipelining background task.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ackstack_core::dedup::{BoxFuture, Claim, DedupError, DedupStore};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisResult, Script, Value};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::config::RedisDedupConfig;
+use crate::error::RedisDedupError;
+use crate::key::redis_key;
+
+/// The value a completed key holds. Tokens equal to it are refused.
+pub const DONE_MARKER: &str = "ackstack:done";
+
+/// Claim: `SET key token NX PX lease`; when the key exists, report done, our own claim (same
+/// token: refreshed, so a claim retried after a lost reply is idempotent) or busy with its PTTL.
+/// Replies `{1, 0}` acquired, `{2, pttl}` done, `{3, pttl}` busy.
+const CLAIM_LUA: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, 0}
+end
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[3] then
+  return {2, redis.call('PTTL', KEYS[1])}
+end
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, 0}
+end
+return {3, redis.call('PTTL', KEYS[1])}
+";
+
+/// Complete: replace our claim by the done marker with a TTL, only if the token still matches.
+const COMPLETE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Release: compare-and-delete.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Extend: compare-and-PEXPIRE.
+const EXTEND_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// The longest expiry sent to Redis, in milliseconds (far beyond any sane lease or TTL, far
+/// below Redis's overflow check).
+const MAX_EXPIRY_MS: u64 = 1 << 50;
+
+/// Counters of the store's traffic, as returned by [`RedisDedupStore::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedisDedupStats {
+    /// Store calls made (claim, complete, release, extend), including failed ones.
+    pub operations: u64,
+    /// Pipelines sent to Redis: network round trips.
+    pub round_trips: u64,
+    /// Redis commands sent inside those pipelines (a script reload counts its `SCRIPT LOAD`s).
+    pub commands: u64,
+    /// Pipelines that failed as a whole (connection error or timeout).
+    pub failed_round_trips: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    operations: AtomicU64,
+    round_trips: AtomicU64,
+    commands: AtomicU64,
+    failed_round_trips: AtomicU64,
+}
+
+struct Scripts {
+    claim: Script,
+    complete: Script,
+    release: Script,
+    extend: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            claim: Script::new(CLAIM_LUA),
+            complete: Script::new(COMPLETE_LUA),
+            release: Script::new(RELEASE_LUA),
+            extend: Script::new(EXTEND_LUA),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Claim { lease_ms: u64 },
+    Complete { ttl_ms: u64 },
+    Release,
+    Extend { lease_ms: u64 },
+}
+
+enum Reply {
+    Claim(Claim),
+    Flag(bool),
+}
+
+struct Request {
+    op: Op,
+    key: String,
+    token: String,
+    reply: oneshot::Sender<Result<Reply, RedisDedupError>>,
+}
+
+struct Shared {
+    tx: mpsc::Sender<Request>,
+    counters: Arc<Counters>,
+    prefix: String,
+    timeout: Duration,
+    redacted_url: String,
+    conn: ConnectionManager,
+}
+
+/// A [`DedupStore`] on Redis: one key per dedup key, claims with a lease, done markers with a
+/// TTL, all compare-and-set steps in Lua scripts (sent as `EVALSHA`, reloaded on `NOSCRIPT`).
+///
+/// Calls from many concurrent deliveries are coalesced into pipelines by a background task, so
+/// at high concurrency a call costs well under one round trip ([`stats`](Self::stats) counts
+/// them). The connection is a [`ConnectionManager`], which reconnects by itself after Redis
+/// restarts; every call is bounded by [`RedisDedupConfig::timeout`], so a Redis that is down makes
+/// calls fail fast instead of hanging.
+///
+/// Cloning is cheap and shares the connection and the background task, which ends when the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct RedisDedupStore {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for RedisDedupStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisDedupStore")
+            .field("url", &self.shared.redacted_url)
+            .field("key_prefix", &self.shared.prefix)
+            .field("timeout", &self.shared.timeout)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl RedisDedupStore {
+    /// Creates the store and checks that Redis answers (a `PING` within the timeout), so that a
+    /// wrong URL or password shows at startup. Must be called within a Tokio runtime.
+    pub async fn connect(config: RedisDedupConfig) -> Result<Self, RedisDedupError> {
+        let store = Self::new_lazy(config)?;
+        let mut conn = store.shared.conn.clone();
+        let ping_cmd = redis::cmd("PING");
+        let ping = ping_cmd.query_async::<String>(&mut conn);
+        match tokio::time::timeout(store.shared.timeout, ping).await {
+            Ok(Ok(_)) => Ok(store),
+            Ok(Err(e)) => Err(RedisDedupError::Redis(e)),
+            Err(_) => Err(RedisDedupError::Timeout(store.shared.timeout)),
+        }
+    }
+
+    /// Creates the store without contacting Redis; the connection is made on first use (and
+    /// remade whenever it drops). Use this to start a consumer while Redis may be down: calls
+    /// fail (and the dedup layer retries the deliveries later) until it is up. Must be called
+    /// within a Tokio runtime.
+    pub fn new_lazy(config: RedisDedupConfig) -> Result<Self, RedisDedupError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            RedisDedupError::Config("the store must be created within a Tokio runtime".into())
+        })?;
+        let pipeline = &config.pipeline;
+        if pipeline.max_batch == 0 || pipeline.max_in_flight == 0 || pipeline.queue_capacity == 0 {
+            return Err(RedisDedupError::Config(
+                "pipeline.max_batch, max_in_flight and queue_capacity must be at least 1".into(),
+            ));
+        }
+        if config.timeout.is_zero() {
+            return Err(RedisDedupError::Config("timeout must not be zero".into()));
+        }
+        let redacted_url = config.redacted_url();
+        #[cfg(feature = "tls")]
+        if config.url.starts_with("rediss://") {
+            // redis-rs builds its rustls config with the process-wide crypto provider; install
+            // aws-lc-rs unless the application installed one already (then this is a no-op).
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        }
+        let client = open_client(&config, &redacted_url)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.timeout))
+            // Few, quick reconnect attempts per wave: a call waiting on a reconnect fails within
+            // the timeout, and the next call starts a new wave.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| RedisDedupError::Config(format!("cannot create connection: {e}")))?;
+
+        let (tx, rx) = mpsc::channel(pipeline.queue_capacity);
+        let counters = Arc::new(Counters::default());
+        let batcher = Batcher {
+            rx,
+            conn: conn.clone(),
+            scripts: Arc::new(Scripts::new()),
+            counters: counters.clone(),
+            max_batch: pipeline.max_batch,
+            linger: pipeline.linger,
+            in_flight: Arc::new(Semaphore::new(pipeline.max_in_flight)),
+            timeout: config.timeout,
+            redacted_url: redacted_url.clone(),
+        };
+        runtime.spawn(batcher.run());
+        tracing::debug!(url = %redacted_url, prefix = %config.key_prefix, "redis dedup store created");
+        Ok(RedisDedupStore {
+            shared: Arc::new(Shared {
+                tx,
+                counters,
+                prefix: config.key_prefix,
+                timeout: config.timeout,
+                redacted_url,
+                conn,
+            }),
+        })
+    }
+
+    /// A snapshot of the traffic counters.
+    pub fn stats(&self) -> RedisDedupStats {
+        let c = &self.shared.counters;
+        RedisDedupStats {
+            operations: c.operations.load(Ordering::Relaxed),
+            round_trips: c.round_trips.load(Ordering::Relaxed),
+            commands: c.commands.load(Ordering::Relaxed),
+            failed_round_trips: c.failed_round_trips.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The Redis key that holds the state of dedup key `key` (see [`crate::redis_key`]).
+    pub fn redis_key(&self, key: &str) -> String {
+        redis_key(&self.shared.prefix, key)
+    }
+
+    async fn call(&self, op: Op, key: &str, token: &str) -> Result<Reply, RedisDedupError> {
+        self.shared
+            .counters
+            .operations
+            .fetch_add(1, Ordering::Relaxed);
+        if token == DONE_MARKER {
+            return Err(RedisDedupError::ReservedToken);
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            op,
+            key: self.redis_key(key),
+            token: token.to_owned(),
+            reply,
+        };
+        let round = async {
+            self.shared
+                .tx
+                .send(request)
+                .await
+                .map_err(|_| RedisDedupError::Closed)?;
+            answer.await.map_err(|_| RedisDedupError::Closed)?
+        };
+        match tokio::time::timeout(self.shared.timeout, round).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisDedupError::Timeout(self.shared.timeout)),
+        }
+    }
+
+    /// Claims `key` (see [`DedupStore::claim`]), with this crate's error type.
+    pub async fn try_claim(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<Claim, RedisDedupError> {
+        let op = Op::Claim {
+            lease_ms: expiry_ms(lease),
+        };
+        match self.call(op, key, token).await? {
+            Reply::Claim(claim) => Ok(claim),
+            Reply::Flag(_) => Err(RedisDedupError::UnexpectedReply("flag for a claim".into())),
+        }
+    }
+
+    /// Marks `key` done (see [`DedupStore::complete`]), with this crate's error type.
+    pub async fn try_complete(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, RedisDedupError> {
+        let op = Op::Complete {
+            ttl_ms: expiry_ms(ttl),
+        };
+        self.flag(op, key, token).await
+    }
+
+    /// Releases the claim on `key` (see [`DedupStore::release`]); returns whether `token` held it.
+    pub async fn try_release(&self, key: &str, token: &str) -> Result<bool, RedisDedupError> {
+        self.flag(Op::Release, key, token).await
+    }
+
+    /// Extends the claim on `key` (see [`DedupStore::extend`]), with this crate's error type.
+    pub async fn try_extend(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, RedisDedupError> {
+        let op = Op::Extend {
+            lease_ms: expiry_ms(lease),
+        };
+        self.flag(op, key, token).await
+    }
+
+    async fn flag(&self, op: Op, key: &str, token: &str) -> Result<bool, RedisDedupError> {
+        match self.call(op, key, token).await? {
+            Reply::Flag(done) => Ok(done),
+            Reply::Claim(_) => Err(RedisDedupError::UnexpectedReply("claim for a flag".into())),
+        }
+    }
+}
+
+impl DedupStore for RedisDedupStore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, DedupError>> {
+        Box::pin(async move { Ok(self.try_claim(key, token, lease).await?) })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, DedupError>> {
+        Box::pin(async move { Ok(self.try_complete(key, token, ttl).await?) })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), DedupError>> {
+        Box::pin(async move {
+            self.try_release(key, token).await?;
+            Ok(())
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, DedupError>> {
+        Box::pin(async move { Ok(self.try_extend(key, token, lease).await?) })
+    }
+}
+
+/// The redis-rs client for the URL, with the configured CA for `rediss://`.
+fn open_client(config: &RedisDedupConfig, redacted_url: &str) -> Result<Client, RedisDedupError> {
+    let bad_url = |e: redis::RedisError| {
+        RedisDedupError::Config(format!("cannot use redis url {redacted_url}: {e}"))
+    };
+    let Some(ca_file) = &config.tls_ca_file else {
+        return Client::open(config.url.as_str()).map_err(bad_url);
+    };
+    #[cfg(feature = "tls")]
+    {
+        let pem = std::fs::read(ca_file).map_err(|e| {
+            RedisDedupError::Config(format!("cannot read tls_ca_file {ca_file:?}: {e}"))
+        })?;
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        };
+        Client::build_with_tls(config.url.as_str(), certs).map_err(bad_url)
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = bad_url;
+        Err(RedisDedupError::Config(format!(
+            "tls_ca_file {ca_file:?} is set but ackstack-redis was built without the `tls` feature"
+        )))
+    }
+}
+
+/// A duration as a Redis expiry in milliseconds: at least 1 (Redis rejects 0), at most
+/// [`MAX_EXPIRY_MS`].
+fn expiry_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis())
+        .unwrap_or(MAX_EXPIRY_MS)
+        .clamp(1, MAX_EXPIRY_MS)
+}
+
+/// The background task: takes queued requests and sends them as pipelines.
+struct Batcher {
+    rx: mpsc::Receiver<Request>,
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    counters: Arc<Counters>,
+    max_batch: usize,
+    linger: Duration,
+    in_flight: Arc<Semaphore>,
+    timeout: Duration,
+    redacted_url: String,
+}
+
+impl Batcher {
+    async fn run(mut self) {
+        loop {
+            // Wait for a free pipeline slot first: while all slots are busy, requests pile up in
+            // the queue and go out together in the next pipeline.
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(first) = self.rx.recv().await else {
+                return;
+            };
+            let mut batch = Vec::with_capacity(self.max_batch.min(64));
+            batch.push(first);
+            if !self.linger.is_zero() {
+                let deadline = tokio::time::Instant::now() + self.linger;
+                while batch.len() < self.max_batch {
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(request)) => batch.push(request),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            while batch.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            // A caller that gave up (timed out) no longer waits: don't run its command.
+            batch.retain(|request| !request.reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            let sender = Sender {
+                conn: self.conn.clone(),
+                scripts: self.scripts.clone(),
+                counters: self.counters.clone(),
+                timeout: self.timeout,
+                redacted_url: self.redacted_url.clone(),
+            };
+            tokio::spawn(async move {
+                sender.send(batch).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Sends one batch as a pipeline and answers each request.
+struct Sender {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    counters: Arc<Counters>,
+    timeout: Duration,
+    redacted_url: String,
+}
+
+impl Sender {
+    async fn send(mut self, batch: Vec<Request>) {
+        let all: Vec<usize> = (0..batch.len()).collect();
+        let mut results = match self.round_trip(&batch, &all, false).await {
+            Ok(results) => results,
+            Err(err) => {
+                tracing::warn!(url = %self.redacted_url, error = %err, calls = batch.len(), "redis dedup pipeline failed");
+                for request in batch {
+                    let _ = request.reply.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        // Scripts are cached per server and lost on restart or SCRIPT FLUSH: load them and rerun
+        // the commands that found no script (they did not run, so rerunning is safe).
+        let missing: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| is_noscript(r))
+            .map(|(i, _)| i)
+            .collect();
+        if !missing.is_empty() {
+            match self.round_trip(&batch, &missing, true).await {
+                Ok(rerun) => {
+                    for (index, result) in missing.iter().zip(rerun) {
+                        results[*index] = result;
+                    }
+                }
+                Err(err) => {
+                    for index in &missing {
+                        results[*index] = Err(err.clone());
+                    }
+                }
+            }
+        }
+        for (request, result) in batch.into_iter().zip(results) {
+            let answer = result.and_then(|value| parse_reply(request.op, value));
+            let _ = request.reply.send(answer);
+        }
+    }
+
+    /// One pipeline with the scripts of `batch[indices]` (and the `SCRIPT LOAD`s first when
+    /// `load`); one result per index.
+    async fn round_trip(
+        &mut self,
+        batch: &[Request],
+        indices: &[usize],
+        load: bool,
+    ) -> Result<Vec<Result<Value, RedisDedupError>>, RedisDedupError> {
+        let scripts = &*self.scripts;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if load {
+            for script in [
+                &scripts.claim,
+                &scripts.complete,
+                &scripts.release,
+                &scripts.extend,
+            ] {
+                pipe.load_script(script).ignore();
+            }
+        }
+        for &index in indices {
+            let Some(request) = batch.get(index) else {
+                continue;
+            };
+            let mut invocation = match request.op {
+                Op::Claim { .. } => scripts.claim.prepare_invoke(),
+                Op::Complete { .. } => scripts.complete.prepare_invoke(),
+                Op::Release => scripts.release.prepare_invoke(),
+                Op::Extend { .. } => scripts.extend.prepare_invoke(),
+            };
+            invocation.key(&request.key).arg(&request.token);
+            match request.op {
+                Op::Claim { lease_ms } => {
+                    invocation.arg(lease_ms).arg(DONE_MARKER);
+                }
+                Op::Complete { ttl_ms } => {
+                    invocation.arg(ttl_ms).arg(DONE_MARKER);
+                }
+                Op::Release => {}
+                Op::Extend { lease_ms } => {
+                    invocation.arg(lease_ms);
+                }
+            }
+            pipe.invoke_script(&invocation);
+        }
+        self.counters.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .commands
+            .fetch_add(pipe.len() as u64, Ordering::Relaxed);
+        let query = pipe.query_async::<Vec<RedisResult<Value>>>(&mut self.conn);
+        let outcome = match tokio::time::timeout(self.timeout, query).await {
+            Ok(Ok(values)) if values.len() == indices.len() => Ok(values
+                .into_iter()
+                .map(|r| r.map_err(RedisDedupError::Redis))
+                .collect()),
+            Ok(Ok(values)) => Err(RedisDedupError::UnexpectedReply(format!(
+                "{} replies for {} commands",
+                values.len(),
+                indices.len()
+            ))),
+            Ok(Err(e)) => Err(RedisDedupError::Redis(e)),
+            Err(_) => Err(RedisDedupError::Timeout(self.timeout)),
+        };
+        if outcome.is_err() {
+            self.counters
+                .failed_round_trips
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        outcome
+    }
+}
+
+fn is_noscript(result: &Result<Value, RedisDedupError>) -> bool {
+    match result {
+        Err(RedisDedupError::Redis(e)) => {
+            e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        }
+        _ => false,
+    }
+}
+
+fn parse_reply(op: Op, value: Value) -> Result<Reply, RedisDedupError> {
+    match op {
+        Op::Claim { .. } => {
+            let (code, pttl) = redis::from_redis_value::<(i64, i64)>(value)
+                .map_err(|e| RedisDedupError::UnexpectedReply(e.to_string()))?;
+            match code {
+                1 => Ok(Reply::Claim(Claim::Acquired)),
+                2 => Ok(Reply::Claim(Claim::Done)),
+                3 => Ok(Reply::Claim(Claim::Busy {
+                    expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
+                })),
+                other => Err(RedisDedupError::UnexpectedReply(format!(
+                    "claim script returned {other}"
+                ))),
+            }
+        }
+        Op::Complete { .. } | Op::Release | Op::Extend { .. } => {
+            let n = redis::from_redis_value::<i64>(value)
+                .map_err(|e| RedisDedupError::UnexpectedReply(e.to_string()))?;
+            Ok(Reply::Flag(n == 1))
+        }
+    }
+}

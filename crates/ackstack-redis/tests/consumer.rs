@@ -1,0 +1,301 @@
+//! End to end: `ackstack_core::Consumer` on the in-memory broker, deduplicating through
+//! [`RedisDedupStore`] on a real Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`; the restart
+//! test runs its own `redis-server` on a free port).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ackstack_core::dedup::DedupStore;
+use ackstack_core::memory::MemoryBroker;
+use ackstack_core::{
+    Backoff, Consumer, ConsumerConfig, DedupKey, HandlerError, Message, handler_fn,
+};
+use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+fn unique_prefix(test: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("ackstack-test:{test}:{}:{nanos}:{n}:", std::process::id())
+}
+
+fn fast_retry(max: u32) -> Backoff {
+    Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100))
+        .no_jitter()
+        .max_attempts(max)
+}
+
+fn config() -> ConsumerConfig {
+    let mut config = ConsumerConfig::default();
+    config.dedup.claim_lease = Duration::from_secs(2);
+    config.dedup.store_retry_after = Duration::from_millis(100);
+    config
+}
+
+/// Resolves when `done` holds, or after 20 s (the test's assertions then fail).
+async fn until(done: impl Fn() -> bool + Send + 'static) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn duplicates_run_the_handler_once_and_failed_attempts_do_not_mark() {
+    let store = RedisDedupStore::connect(
+        RedisDedupConfig::new(redis_url()).key_prefix(unique_prefix("e2e-dups")),
+    )
+    .await
+    .unwrap();
+    let broker = MemoryBroker::new();
+    for _ in 0..10 {
+        broker.publish(
+            "q",
+            Message::new("same order").header("idempotency-key", "order-1"),
+        );
+    }
+    broker.publish(
+        "q",
+        Message::new("other").header("idempotency-key", "order-2"),
+    );
+    // Fails on its first attempt: must still be processed (marking happens after success).
+    broker.publish(
+        "q",
+        Message::new("flaky").header("idempotency-key", "order-3"),
+    );
+    let effects = Arc::new(AtomicU32::new(0));
+    let e = effects.clone();
+    let handler = handler_fn(move |d, _cx| {
+        let e = e.clone();
+        async move {
+            if d.payload.as_ref() == b"flaky" && d.attempt == 1 {
+                return Err(HandlerError::transient("first attempt fails"));
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .config(config())
+        .concurrency(16)
+        .retry(fast_retry(100))
+        .dedup(store.clone(), DedupKey::Header("idempotency-key".into()))
+        .run_until(handler, until(move || b.is_empty("q")))
+        .await
+        .unwrap();
+    assert_eq!(effects.load(Ordering::SeqCst), 3, "one effect per key");
+    assert_eq!(summary.deduplicated, 9, "{summary:?}");
+    assert!(broker.dead_letters("q").is_empty());
+    let stats = store.stats();
+    assert!(stats.operations > 0 && stats.round_trips > 0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn two_consumers_sharing_redis_process_each_key_once() {
+    // Two consumers (think: two processes) each receive a copy of every message.
+    let prefix = unique_prefix("e2e-shared");
+    let keys = 50;
+    let effects = Arc::new(AtomicU32::new(0));
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let store =
+            RedisDedupStore::connect(RedisDedupConfig::new(redis_url()).key_prefix(prefix.clone()))
+                .await
+                .unwrap();
+        let broker = MemoryBroker::new();
+        for k in 0..keys {
+            broker.publish("q", Message::new("m").message_id(format!("msg-{k}")));
+        }
+        let e = effects.clone();
+        let handler = handler_fn(move |_d, _cx| {
+            let e = e.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                e.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        });
+        let b = broker.clone();
+        runs.push(tokio::spawn(async move {
+            let summary = Consumer::new(broker.source("q"))
+                .config(config())
+                .concurrency(8)
+                .retry(fast_retry(100))
+                .dedup(store, DedupKey::MessageId)
+                .run_until(handler, until(move || b.is_empty("q")))
+                .await
+                .unwrap();
+            assert!(broker.dead_letters("q").is_empty());
+            summary
+        }));
+    }
+    let mut deduplicated = 0;
+    for run in runs {
+        deduplicated += run.await.unwrap().deduplicated;
+    }
+    assert_eq!(
+        effects.load(Ordering::SeqCst),
+        keys,
+        "each key handled once in total"
+    );
+    assert_eq!(
+        deduplicated,
+        u64::from(keys),
+        "every second copy was deduplicated"
+    );
+}
+
+/// A `redis-server` child process on its own port, killed on drop.
+struct OwnRedis {
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        OwnRedis { child: Some(child) }
+    }
+
+    async fn wait_ready(port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let url = format!("redis://127.0.0.1:{port}");
+        loop {
+            if let Ok(client) = redis::Client::open(url.as_str())
+                && let Ok(Ok(mut c)) = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    client.get_multiplexed_async_connection(),
+                )
+                .await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn a_running_consumer_fails_closed_while_redis_is_down_and_recovers() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = OwnRedis::start(port);
+    OwnRedis::wait_ready(port).await;
+    let store: Arc<dyn DedupStore> = Arc::new(
+        RedisDedupStore::connect(
+            RedisDedupConfig::new(format!("redis://127.0.0.1:{port}"))
+                .key_prefix(unique_prefix("e2e-restart"))
+                .timeout(Duration::from_millis(300))
+                .connect_timeout(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap(),
+    );
+
+    let broker = MemoryBroker::new();
+    let effects = Arc::new(AtomicU32::new(0));
+    let e = effects.clone();
+    let handler = handler_fn(move |_d, _cx| {
+        let e = e.clone();
+        async move {
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stop_signal = stop.clone();
+    let source = broker.source("q");
+    let consumer = tokio::spawn(async move {
+        Consumer::new(source)
+            .config(config())
+            .concurrency(4)
+            .retry(fast_retry(10_000))
+            .dedup_shared(store, DedupKey::MessageId)
+            .run_until(handler, async move { stop_signal.notified().await })
+            .await
+            .unwrap()
+    });
+    let wait_effects = |n: u32| {
+        let effects = effects.clone();
+        until(move || effects.load(Ordering::SeqCst) >= n)
+    };
+
+    broker.publish("q", Message::new("m").message_id("one"));
+    wait_effects(1).await;
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+
+    server.kill();
+    broker.publish("q", Message::new("m").message_id("two"));
+    broker.publish("q", Message::new("m").message_id("three"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        effects.load(Ordering::SeqCst),
+        1,
+        "fail-closed: the handler is not called while the store is down"
+    );
+    assert_eq!(broker.len("q"), 2, "the messages are kept for later");
+    assert!(broker.dead_letters("q").is_empty());
+
+    // Redis comes back on the same port: the same consumer and store carry on.
+    let _server = OwnRedis::start(port);
+    OwnRedis::wait_ready(port).await;
+    wait_effects(3).await;
+    assert_eq!(effects.load(Ordering::SeqCst), 3);
+    // A duplicate after recovery is recognised.
+    broker.publish("q", Message::new("m").message_id("two"));
+    let b = broker.clone();
+    until(move || b.is_empty("q")).await;
+    assert!(broker.is_empty("q"));
+
+    stop.notify_one();
+    let summary = tokio::time::timeout(Duration::from_secs(20), consumer)
+        .await
+        .expect("consumer stopped")
+        .unwrap();
+    assert_eq!(effects.load(Ordering::SeqCst), 3, "{summary:?}");
+    assert_eq!(summary.deduplicated, 1, "{summary:?}");
+    assert!(
+        summary.retried >= 2,
+        "retried while redis was down: {summary:?}"
+    );
+    assert!(broker.dead_letters("q").is_empty());
+}
