@@ -151,6 +151,87 @@ struct Counters {
     leases_lost: AtomicU64,
 }
 
+/// A live view of a running consumer, from [`Consumer::status`]: for health checks, progress
+/// reports and "stop when idle" conditions.
+#[derive(Clone, Debug)]
+pub struct Status {
+    inner: Arc<StatusInner>,
+}
+
+#[derive(Debug)]
+struct StatusInner {
+    started: Instant,
+    received: AtomicU64,
+    finished: AtomicU64,
+    last_activity_ms: AtomicU64,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            inner: Arc::new(StatusInner {
+                started: Instant::now(),
+                received: AtomicU64::new(0),
+                finished: AtomicU64::new(0),
+                last_activity_ms: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl Status {
+    fn touch(&self) {
+        let ms = self.inner.started.elapsed().as_millis() as u64;
+        self.inner
+            .last_activity_ms
+            .fetch_max(ms, AtomicOrdering::Relaxed);
+    }
+
+    fn received(&self, n: u64) {
+        self.inner.received.fetch_add(n, AtomicOrdering::Relaxed);
+        self.touch();
+    }
+
+    fn finished(&self) {
+        self.inner.finished.fetch_add(1, AtomicOrdering::Relaxed);
+        self.touch();
+    }
+
+    /// Deliveries received so far.
+    pub fn received_total(&self) -> u64 {
+        self.inner.received.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Deliveries being processed or settled now.
+    pub fn in_flight(&self) -> u64 {
+        let finished = self.inner.finished.load(AtomicOrdering::Relaxed);
+        self.received_total().saturating_sub(finished)
+    }
+
+    /// How long nothing has been received and nothing has been in flight (zero while busy).
+    pub fn idle_for(&self) -> Duration {
+        if self.in_flight() > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.inner.last_activity_ms.load(AtomicOrdering::Relaxed));
+        self.inner.started.elapsed().saturating_sub(last)
+    }
+
+    /// Completes once the consumer has been idle for `period`: a ready-made shutdown signal.
+    pub async fn idle(&self, period: Duration) {
+        loop {
+            let idle = self.idle_for();
+            if idle >= period {
+                return;
+            }
+            tokio::time::sleep((period - idle).max(Duration::from_millis(5))).await;
+        }
+    }
+}
+
+/// Called with each delivery and its outcome, before it is settled; see [`Consumer::inspect`].
+pub type Inspector = Arc<dyn Fn(&Delivery, &Outcome) + Send + Sync>;
+
 /// A consumer: a source, a handler stack and the settings that drive them.
 ///
 /// The processing stack is fixed: `dedup → retry → your layers → handler`. Deduplication is
@@ -164,6 +245,8 @@ pub struct Consumer<S, L = Identity> {
     dedup: Option<(Arc<dyn DedupStore>, DedupKey)>,
     classifier: Option<Classifier>,
     name: Option<Arc<str>>,
+    inspector: Option<Inspector>,
+    status: Status,
 }
 
 impl<S: Source> Consumer<S> {
@@ -176,6 +259,8 @@ impl<S: Source> Consumer<S> {
             dedup: None,
             classifier: None,
             name: None,
+            inspector: None,
+            status: Status::default(),
         }
     }
 }
@@ -247,6 +332,18 @@ impl<S: Source, L> Consumer<S, L> {
         self
     }
 
+    /// Calls `f` with every delivery and the outcome decided for it, before it is settled: for
+    /// audit logs and progress output. Keep it quick; it runs on the delivery's task.
+    pub fn inspect(mut self, f: impl Fn(&Delivery, &Outcome) + Send + Sync + 'static) -> Self {
+        self.inspector = Some(Arc::new(f));
+        self
+    }
+
+    /// A live view of this consumer's progress, valid before, during and after the run.
+    pub fn status(&self) -> Status {
+        self.status.clone()
+    }
+
     /// Adds a layer around the handler (outside the layers added before it).
     pub fn layer<N>(self, layer: N) -> Consumer<S, Stack<L, N>> {
         Consumer {
@@ -256,6 +353,8 @@ impl<S: Source, L> Consumer<S, L> {
             dedup: self.dedup,
             classifier: self.classifier,
             name: self.name,
+            inspector: self.inspector,
+            status: self.status,
         }
     }
 
@@ -315,6 +414,9 @@ impl<S: Source, L> Consumer<S, L> {
             stats: Arc::new(RunStats::default()),
             correlation_header: cfg.correlation_header.clone(),
             name: self.name.clone(),
+            inspector: self.inspector.clone(),
+            release_redelivers: caps.broker_delay,
+            status: self.status.clone(),
         });
         let gate = (cfg.ordering == KeyOrdering::PerKey).then(KeyGate::new);
         let hard_stop = CancellationToken::new();
@@ -365,6 +467,7 @@ impl<S: Source, L> Consumer<S, L> {
                 }
             };
             let received_at = Instant::now();
+            shared.status.received(batch.len() as u64);
             let mut first = Some(first);
             for received in batch {
                 let permit = match first.take() {
@@ -391,6 +494,7 @@ impl<S: Source, L> Consumer<S, L> {
                 tasks.spawn(async move {
                     let _permit = permit;
                     shared.run_one(received, cancel, lease, turn).await;
+                    shared.status.finished();
                 });
             }
         };
@@ -472,9 +576,47 @@ struct Shared<P, S: Settle> {
     stats: Arc<RunStats>,
     correlation_header: Option<String>,
     name: Option<Arc<str>>,
+    inspector: Option<Inspector>,
+    /// Whether a released delivery comes back by itself (false for cumulative-commit brokers
+    /// such as Kafka, where an unsettled record holds its partition back).
+    release_redelivers: bool,
+    status: Status,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
+    /// Dead-letters; where a released delivery would not come back by itself (cumulative
+    /// commits), keeps trying in place until the copy is confirmed, the lease is lost or the
+    /// work is cancelled.
+    async fn dead_letter(
+        &self,
+        mut token: S::Token,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+        cx: &Context,
+    ) -> Result<Settled<S::Token>, SettleFailure<S::Token>> {
+        let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30));
+        let mut tries = 0;
+        loop {
+            match self.settler.dead_letter(token, delivery, letter).await {
+                Err(failure)
+                    if !self.release_redelivers
+                        && !failure.error.is_lease_lost()
+                        && !cx.is_cancelled() =>
+                {
+                    tries += 1;
+                    let wait = backoff.delay_with(tries, 0.5 + rand::random::<f64>() / 2.0);
+                    tracing::warn!(error = %failure.error, retry_in = ?wait, "dead-letter not confirmed; trying again");
+                    tokio::select! {
+                        _ = cx.cancelled() => return Err(failure),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    token = failure.token;
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn run_one(
         &self,
         received: Received<S::Token>,
@@ -545,7 +687,10 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 return;
             }
             tracing::Span::current().record("outcome", outcome.as_str());
-            self.settle(token, &delivery, outcome).await;
+            if let Some(inspect) = &self.inspector {
+                inspect(&delivery, &outcome);
+            }
+            self.settle(token, &delivery, outcome, &cx).await;
             drop(lease);
         }
         .instrument(span)
@@ -556,7 +701,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
         Context::with_stats(cancel.clone(), self.stats.clone())
     }
 
-    async fn settle(&self, token: S::Token, delivery: &Delivery, outcome: Outcome) {
+    async fn settle(&self, token: S::Token, delivery: &Delivery, outcome: Outcome, cx: &Context) {
         let settled = match outcome {
             Outcome::Ack => {
                 self.counters
@@ -579,7 +724,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 metrics::counter!(crate::metrics::DEAD_LETTERED).increment(1);
                 tracing::warn!(error = %failure, "dead-letter");
                 let letter = DeadLetter::new(delivery, failure);
-                self.settler.dead_letter(token, delivery, &letter).await
+                self.dead_letter(token, delivery, &letter, cx).await
             }
         };
         match settled {
