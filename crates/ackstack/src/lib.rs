@@ -1,1 +1,98 @@
-//! Reliable message consumption for RabbitMQ, SQS, Kafka and in-memory brokers.
+//! # ackstack
+//!
+//! Reliable message consumption for Rust services: one consumer contract over RabbitMQ, Amazon
+//! SQS, Apache Kafka and an in-memory broker, and one set of reliability layers that give every
+//! broker the same guarantees.
+//!
+//! - **Ack only after success.** A message is acknowledged once your handler returned `Ok`, or
+//!   once its dead-letter copy was confirmed by the broker. A crash anywhere leaves it unacked,
+//!   so the broker delivers it again.
+//! - **Retry with exponential backoff and jitter**, delayed at the broker (not by sleeping on a
+//!   held message), with the attempt number counted by the broker so that it survives restarts.
+//! - **Dead letters with metadata**: payload and headers byte for byte, plus why, when, how many
+//!   attempts and from where.
+//! - **Deduplication** that marks a key done only after success (in memory, or in Redis with the
+//!   `redis` feature).
+//! - **Leases** (visibility timeouts) extended while a handler runs; a lost lease cancels the
+//!   handler and the delivery is never acked.
+//! - **Batch acks** and cumulative commits that never pass a delivery still in flight.
+//! - **Graceful shutdown** that drains in-flight work up to a deadline and never acks work it
+//!   abandons.
+//!
+//! ## A consumer in twenty lines
+//!
+//! The in-memory broker needs no server, so this example runs as it is:
+//!
+//! ```
+//! use std::time::Duration;
+//! use ackstack::{Backoff, Consumer, HandlerError, Message, MemoryBroker, handler_fn};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Order { order_id: String, amount_cents: i64 }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = MemoryBroker::new();
+//! broker.publish("orders", Message::new(r#"{"order_id":"A-1","amount_cents":1250}"#));
+//! broker.publish("orders", Message::new("not an order"));
+//!
+//! let consumer = Consumer::new(broker.source("orders"))
+//!     .concurrency(8)
+//!     .retry(Backoff::exponential(Duration::from_millis(100), Duration::from_secs(60)).max_attempts(5));
+//! let idle = consumer.status();
+//! let summary = consumer
+//!     .run_until(
+//!         handler_fn(|delivery, _cx| async move {
+//!             // A payload that does not decode is a permanent failure: dead-lettered at once.
+//!             let order: Order = ackstack::decode::json(&delivery)?;
+//!             if order.amount_cents < 0 {
+//!                 return Err(HandlerError::permanent("negative amount"));
+//!             }
+//!             Ok(())
+//!         }),
+//!         async move { idle.idle(Duration::from_millis(200)).await },
+//!     )
+//!     .await?;
+//!
+//! assert_eq!(summary.acked, 2); // the order, and the bad payload once its dead letter was stored
+//! assert_eq!(summary.dead_lettered, 1);
+//! assert_eq!(broker.dead_letters("orders").len(), 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Brokers
+//!
+//! Each adapter is its own crate behind a feature of this one, so a service that needs only SQS
+//! never builds librdkafka:
+//!
+//! | feature | module | broker |
+//! |---|---|---|
+//! | (always) | [`memory`] | in-process, for tests and examples |
+//! | `rabbitmq` | `rabbitmq` | RabbitMQ through lapin |
+//! | `sqs` | `sqs` | Amazon SQS through aws-sdk-sqs |
+//! | `kafka` | `kafka` | Apache Kafka through rdkafka |
+//! | `redis` | `redis` | the Redis deduplication store |
+//!
+//! ## How the pieces fit
+//!
+//! A [`Source`] receives [`Delivery`]s from a broker; its [`Settle`] handle acks, retries,
+//! dead-letters and extends them. A [`Consumer`] runs a [`Handler`] over a source with bounded
+//! concurrency, through a fixed stack of layers: deduplication outermost (it must see the final
+//! outcome), then retry (it turns failures into delays or dead letters), then any layers of
+//! your own, then your handler. Adapter authors check their `Source` with the conformance suite
+//! in `ackstack-testkit`.
+
+pub use ackstack_core::*;
+
+#[cfg(feature = "rabbitmq")]
+pub use ackstack_rabbitmq as rabbitmq;
+
+#[cfg(feature = "sqs")]
+pub use ackstack_sqs as sqs;
+
+#[cfg(feature = "kafka")]
+pub use ackstack_kafka as kafka;
+
+#[cfg(feature = "redis")]
+pub use ackstack_redis as redis;
