@@ -123,6 +123,8 @@ pub struct Summary {
     pub succeeded: u64,
     /// Acks the broker confirmed.
     pub acked: u64,
+    /// Ack calls made (each a batch).
+    pub ack_calls: u64,
     /// Deliveries settled for a later retry.
     pub retried: u64,
     /// Deliveries forwarded to the dead-letter destination.
@@ -188,8 +190,10 @@ impl Status {
     }
 
     fn received(&self, n: u64) {
-        self.inner.received.fetch_add(n, AtomicOrdering::Relaxed);
-        self.touch();
+        if n > 0 {
+            self.inner.received.fetch_add(n, AtomicOrdering::Relaxed);
+            self.touch();
+        }
     }
 
     fn finished(&self) {
@@ -545,6 +549,7 @@ impl<S: Source, L> Consumer<S, L> {
             received: counters.received.into_inner(),
             succeeded: counters.succeeded.into_inner(),
             acked: ack_stats.acked.load(AtomicOrdering::Relaxed),
+            ack_calls: ack_stats.calls.load(AtomicOrdering::Relaxed),
             retried: counters.retried.into_inner(),
             dead_lettered: counters.dead_lettered.into_inner(),
             deduplicated: stats.deduplicated.load(AtomicOrdering::Relaxed),

@@ -257,3 +257,33 @@ async fn classifier_overrides_the_handlers_kind() {
     assert_eq!(summary.dead_lettered, 1);
     assert_eq!(summary.retried, 0);
 }
+
+#[tokio::test]
+async fn status_reports_idle_only_when_nothing_arrives_or_runs() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("x"));
+    let consumer = Consumer::new(broker.source("q").poll_wait(Duration::from_millis(50)));
+    let status = consumer.status();
+    let watcher = status.clone();
+    let started = tokio::time::Instant::now();
+    let summary = consumer
+        .run_until(
+            handler_fn(|_d, _cx| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(())
+            }),
+            async move { watcher.idle(Duration::from_millis(200)).await },
+        )
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(summary.acked, 1);
+    assert_eq!(status.in_flight(), 0);
+    assert_eq!(status.received_total(), 1);
+    // Busy for 300 ms, then idle for 200 ms: empty polls every 50 ms do not count as activity.
+    assert!(
+        took >= Duration::from_millis(500),
+        "stopped while busy: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "never saw idle: {took:?}");
+}
