@@ -1,0 +1,113 @@
+//! The conformance suite against RabbitMQ at `AMQP_URL` (default the local server).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ackstack_core::{DeadLetterMetadata, deadletter::strip_metadata};
+use ackstack_rabbitmq::{QueueType, RabbitConfig, RabbitPublisher, RabbitSource};
+use ackstack_testkit::{DeadLetterCopy, Harness, TestQueue, run_all, unique_name};
+
+struct Rabbit {
+    queue_type: QueueType,
+}
+
+impl Rabbit {
+    fn config(&self, queue: &TestQueue) -> RabbitConfig {
+        let url = std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let mut c = RabbitConfig::new(url, queue.name.clone());
+        c.queue_type = self.queue_type;
+        c.delay_buckets = [200, 500, 1000, 2000, 5000]
+            .into_iter()
+            .map(Duration::from_millis)
+            .collect();
+        c.poll_interval = Duration::from_millis(200);
+        c
+    }
+}
+
+impl Harness for Rabbit {
+    type Source = RabbitSource;
+    type Publisher = RabbitPublisher;
+
+    fn name(&self) -> &'static str {
+        match self.queue_type {
+            QueueType::Classic => "rabbitmq (classic queue)",
+            QueueType::Quorum => "rabbitmq (quorum queue)",
+        }
+    }
+
+    async fn create(&self, lease: Duration) -> TestQueue {
+        let queue = TestQueue {
+            name: unique_name("conformance"),
+            lease,
+        };
+        // Declares the work queue, its delay queues and its dead-letter queue.
+        RabbitPublisher::connect(self.config(&queue)).await.unwrap();
+        queue
+    }
+
+    async fn source(&self, queue: &TestQueue) -> RabbitSource {
+        RabbitSource::connect(self.config(queue)).await.unwrap()
+    }
+
+    async fn publisher(&self, queue: &TestQueue) -> RabbitPublisher {
+        RabbitPublisher::connect(self.config(queue)).await.unwrap()
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &TestQueue,
+        min: usize,
+        timeout: Duration,
+    ) -> Vec<DeadLetterCopy> {
+        let publisher = self.publisher(queue).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut found = Vec::new();
+        while found.len() < min && tokio::time::Instant::now() < deadline {
+            match publisher.get_dead_letter().await.unwrap() {
+                Some(fetched) => {
+                    let metadata = DeadLetterMetadata::from_headers(&fetched.headers)
+                        .expect("dead letter carries metadata");
+                    let mut headers = fetched.headers;
+                    strip_metadata(&mut headers);
+                    found.push(DeadLetterCopy {
+                        payload: fetched.payload,
+                        headers,
+                        metadata,
+                    });
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        found
+    }
+
+    fn counts_redeliveries(&self) -> bool {
+        // Classic queues do not count redeliveries; quorum queues do (x-delivery-count).
+        self.queue_type == QueueType::Quorum
+    }
+
+    fn redelivery_wait(&self, _queue: &TestQueue) -> Duration {
+        // Unacked deliveries return as soon as their channel closes.
+        Duration::from_secs(3)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_classic_queue_conforms() {
+    run_all(Rabbit {
+        queue_type: QueueType::Classic,
+    })
+    .await
+    .assert_passed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_quorum_queue_conforms() {
+    run_all(Rabbit {
+        queue_type: QueueType::Quorum,
+    })
+    .await
+    .assert_passed();
+}
