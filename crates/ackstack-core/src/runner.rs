@@ -674,6 +674,8 @@ impl<P: Process, S: Settle> Shared<P, S> {
                     break;
                 };
                 tracing::info!(after = ?after, error = %failure, "retrying in place");
+                self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
+                metrics::counter!(crate::metrics::RETRIED).increment(1);
                 tokio::select! {
                     _ = cx.cancelled() => break,
                     _ = tokio::time::sleep(*after) => {}

@@ -1,0 +1,151 @@
+//! The conformance suite against Kafka: librdkafka's mock cluster, or `KAFKA_BROKERS`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Mutex, mpsc};
+use std::time::Duration;
+
+use ackstack_core::{DeadLetterMetadata, deadletter::strip_metadata};
+use ackstack_kafka::{KafkaConfig, KafkaPublisher, KafkaSource, read_topic};
+use ackstack_testkit::{DeadLetterCopy, Harness, TestQueue, run_all, unique_name};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+struct Kafka {
+    brokers: String,
+    /// Creates topics on the mock cluster, which lives on its own thread (it is not `Send`).
+    mock: Option<Mutex<mpsc::Sender<(String, i32, mpsc::Sender<Result<(), String>>)>>>,
+}
+
+/// Starts a mock cluster on a thread of its own; returns its bootstrap servers and a channel
+/// that creates topics on it. The cluster stops when the channel is dropped.
+fn start_mock() -> (
+    String,
+    mpsc::Sender<(String, i32, mpsc::Sender<Result<(), String>>)>,
+) {
+    let (tx, rx) = mpsc::channel::<(String, i32, mpsc::Sender<Result<(), String>>)>();
+    let (boot_tx, boot_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let cluster: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1).unwrap();
+        boot_tx.send(cluster.bootstrap_servers()).unwrap();
+        while let Ok((topic, partitions, reply)) = rx.recv() {
+            let result = cluster
+                .create_topic(&topic, partitions, 1)
+                .map_err(|e| e.to_string());
+            let _ = reply.send(result);
+        }
+    });
+    (boot_rx.recv().unwrap(), tx)
+}
+
+impl Kafka {
+    fn config(&self, queue: &TestQueue) -> KafkaConfig {
+        let mut c = KafkaConfig::new(&self.brokers, format!("{}-group", queue.name), &queue.name);
+        c.session_timeout = Duration::from_secs(6);
+        c.commit_interval = Duration::from_millis(100);
+        c.property("fetch.wait.max.ms", "100")
+            .property("heartbeat.interval.ms", "500")
+    }
+}
+
+impl Harness for Kafka {
+    type Source = KafkaSource;
+    type Publisher = KafkaPublisher;
+
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn create(&self, lease: Duration) -> TestQueue {
+        let name = unique_name("conformance");
+        let dlq = format!("{name}-dlq");
+        if let Some(mock) = &self.mock {
+            for (topic, partitions) in [(name.clone(), 2), (dlq, 1)] {
+                let (reply, answer) = mpsc::channel();
+                mock.lock()
+                    .unwrap()
+                    .send((topic, partitions, reply))
+                    .unwrap();
+                answer.recv().unwrap().unwrap();
+            }
+            return TestQueue { name, lease };
+        }
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .unwrap();
+        let topics = [
+            NewTopic::new(&name, 2, TopicReplication::Fixed(1)),
+            NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+        ];
+        for result in admin
+            .create_topics(&topics, &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            result.unwrap();
+        }
+        TestQueue { name, lease }
+    }
+
+    async fn source(&self, queue: &TestQueue) -> KafkaSource {
+        KafkaSource::new(&self.config(queue)).unwrap()
+    }
+
+    async fn publisher(&self, queue: &TestQueue) -> KafkaPublisher {
+        KafkaPublisher::new(&self.brokers, &queue.name).unwrap()
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &TestQueue,
+        min: usize,
+        timeout: Duration,
+    ) -> Vec<DeadLetterCopy> {
+        let records = read_topic(&self.brokers, &format!("{}-dlq", queue.name), min, timeout)
+            .await
+            .unwrap();
+        records
+            .into_iter()
+            .map(|d| {
+                let metadata = DeadLetterMetadata::from_headers(&d.headers).expect("metadata");
+                let mut headers = d.headers;
+                strip_metadata(&mut headers);
+                DeadLetterCopy {
+                    payload: d.payload,
+                    headers,
+                    metadata,
+                }
+            })
+            .collect()
+    }
+
+    fn counts_redeliveries(&self) -> bool {
+        false
+    }
+
+    fn redelivery_wait(&self, _queue: &TestQueue) -> Duration {
+        // A new group member needs a rebalance before it reads from the committed offset.
+        Duration::from_secs(10)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_conforms() {
+    let kafka = match std::env::var("KAFKA_BROKERS") {
+        Ok(brokers) if !brokers.trim().is_empty() => Kafka {
+            brokers,
+            mock: None,
+        },
+        _ => {
+            let (brokers, topics) = start_mock();
+            Kafka {
+                brokers,
+                mock: Some(Mutex::new(topics)),
+            }
+        }
+    };
+    run_all(kafka).await.assert_passed();
+}
