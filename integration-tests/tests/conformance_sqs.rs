@@ -103,3 +103,16 @@ async fn sqs_standard_queue_conforms() {
     .await
     .assert_passed();
 }
+
+/// FIFO queues keep each message group's order: the ordering check applies there. (The rest of
+/// the suite assumes independent messages, which a FIFO queue's one default group is not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_fifo_queue_keeps_per_key_order() {
+    let harness = std::sync::Arc::new(Sqs {
+        client: testing::client().await,
+        fifo: true,
+        queues: Mutex::default(),
+    });
+    let verdict = ackstack_testkit::checks::per_key_ordering(harness).await.unwrap();
+    assert_eq!(verdict, ackstack_testkit::checks::Verdict::Passed);
+}

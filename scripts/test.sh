@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against real brokers, setting up what is missing first:
+# Redis and RabbitMQ are started if they do not answer; moto (the SQS emulator) is installed
+# into a virtualenv and started, and stopped again at the end. Kafka tests use librdkafka's
+# in-process mock cluster unless KAFKA_BROKERS is set.
+#
+# Usage: bash scripts/test.sh [extra cargo test arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ackstack/target}"
+CACHE="${ACKSTACK_CACHE:-$HOME/.cache/ackstack}"
+VENV="$CACHE/venv"
+MOTO_PORT=4566
+export SQS_ENDPOINT="${SQS_ENDPOINT:-http://127.0.0.1:$MOTO_PORT}"
+export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+mkdir -p "$CACHE"
+
+log() { printf '[test.sh] %s\n' "$*" >&2; }
+
+# port_open PORT: whether something accepts TCP connections on 127.0.0.1:PORT.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_port PORT SECONDS NAME
+wait_port() {
+  local deadline=$((SECONDS + $2))
+  until port_open "$1"; do
+    if ((SECONDS >= deadline)); then log "$3 did not come up on port $1"; return 1; fi
+    sleep 1
+  done
+}
+
+ensure_redis() {
+  if port_open 6379; then return; fi
+  log "starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_port 6379 30 Redis
+}
+
+ensure_rabbitmq() {
+  if port_open 5672; then return; fi
+  log "starting RabbitMQ"
+  rabbitmq-server -detached
+  wait_port 5672 120 RabbitMQ
+  # The port opens before the broker accepts logins; give it a moment to finish booting.
+  rabbitmqctl await_startup >/dev/null 2>&1 || sleep 5
+}
+
+# A virtualenv counts as installed only once the marker is written after a complete install,
+# so an interrupted install is thrown away and redone.
+ensure_moto() {
+  if [[ ! -f "$VENV/.ackstack-installed" || ! -x "$VENV/bin/moto_server" ]]; then
+    log "installing moto into $VENV"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
+    touch "$VENV/.ackstack-installed"
+  fi
+}
+
+MOTO_PID=""
+start_moto() {
+  if [[ -n "${SQS_ENDPOINT_EXTERNAL:-}" ]]; then return; fi
+  if port_open "$MOTO_PORT"; then
+    log "an SQS endpoint already answers on port $MOTO_PORT; using it"
+    return
+  fi
+  ensure_moto
+  log "starting moto on 127.0.0.1:$MOTO_PORT"
+  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$CACHE/moto.log" 2>&1 &
+  MOTO_PID=$!
+  wait_port "$MOTO_PORT" 60 moto
+}
+
+stop_moto() {
+  if [[ -n "$MOTO_PID" ]]; then
+    kill "$MOTO_PID" 2>/dev/null || true
+    wait "$MOTO_PID" 2>/dev/null || true
+  fi
+}
+trap stop_moto EXIT
+
+ensure_redis
+ensure_rabbitmq
+start_moto
+
+log "running the tests"
+cargo test --workspace --no-fail-fast "$@"
