@@ -7,7 +7,7 @@ use crate::error::{ErrorKind, HandlerError};
 
 /// A payload that is not valid JSON for the expected type.
 #[derive(Debug, thiserror::Error)]
-#[error("payload is not a valid {type_name}: {source}")]
+#[error("payload is not a valid {type_name}")]
 pub struct DecodeError {
     type_name: &'static str,
     #[source]

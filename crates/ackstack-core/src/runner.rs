@@ -336,8 +336,9 @@ impl<S: Source, L> Consumer<S, L> {
         self
     }
 
-    /// Calls `f` with every delivery and the outcome decided for it, before it is settled: for
-    /// audit logs and progress output. Keep it quick; it runs on the delivery's task.
+    /// Calls `f` with every delivery and the outcome decided for it, before it is settled (and
+    /// with each in-place retry): for audit logs and progress output. Keep it quick; it runs on
+    /// the delivery's task.
     pub fn inspect(mut self, f: impl Fn(&Delivery, &Outcome) + Send + Sync + 'static) -> Self {
         self.inspector = Some(Arc::new(f));
         self
@@ -674,6 +675,9 @@ impl<P: Process, S: Settle> Shared<P, S> {
                     break;
                 };
                 tracing::info!(after = ?after, error = %failure, "retrying in place");
+                if let Some(inspect) = &self.inspector {
+                    inspect(&delivery, &outcome);
+                }
                 self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
                 metrics::counter!(crate::metrics::RETRIED).increment(1);
                 tokio::select! {

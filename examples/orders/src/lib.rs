@@ -1,1 +1,0 @@
-//! The order example: a consumer that charges orders reliably.

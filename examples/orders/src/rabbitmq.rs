@@ -1,0 +1,43 @@
+//! RabbitMQ: the work queue `<queue>`, delay queues for retries, and `<queue>-dlq`, all declared
+//! on connect.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ackstack::Backoff;
+use ackstack::rabbitmq::config::redact_uri;
+use ackstack::rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
+
+use crate::{CONNECT_TIMEOUT, CONSUMER_NAME, Fatal, Options};
+
+/// Connects a source and a publisher to `--queue` at `--amqp-url`.
+pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), Fatal> {
+    let mut config = RabbitConfig::new(opts.amqp_url.clone(), opts.queue.clone());
+    config.delay_buckets = delay_buckets(&opts.backoff());
+    config.max_attempts = Some(opts.max_attempts);
+    config.connection_name = Some(format!("{CONSUMER_NAME}-{}", opts.queue));
+    config.dlq = Some(opts.dlq());
+    config.validate()?;
+    let at = redact_uri(&opts.amqp_url);
+    let publisher = tokio::time::timeout(CONNECT_TIMEOUT, RabbitPublisher::connect(config.clone()))
+        .await
+        .map_err(|_| format!("RabbitMQ at {at}: no connection within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("RabbitMQ at {at}: {e}"))?;
+    let source = tokio::time::timeout(CONNECT_TIMEOUT, RabbitSource::connect(config))
+        .await
+        .map_err(|_| format!("RabbitMQ at {at}: no connection within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("RabbitMQ at {at}: {e}"))?;
+    Ok((source, publisher))
+}
+
+/// RabbitMQ delays retries in fixed buckets (one delay queue each), rounding a delay up to the
+/// next bucket. These buckets are the backoff's ceilings per attempt, so a retry waits at most
+/// its un-jittered delay, plus 1 s and 5 s for the dedup layer's "busy" and "store down"
+/// retries, and the 10 s cap.
+fn delay_buckets(backoff: &Backoff) -> Vec<Duration> {
+    let mut buckets: BTreeSet<Duration> = (1..backoff.max_attempts.clamp(2, 64))
+        .map(|attempt| backoff.ceiling(attempt))
+        .collect();
+    buckets.extend([Duration::from_secs(1), Duration::from_secs(5), backoff.cap]);
+    buckets.into_iter().filter(|d| !d.is_zero()).collect()
+}

@@ -1,0 +1,38 @@
+//! Amazon SQS (or an emulator such as moto): the queue and `<queue>-dlq` are created when
+//! missing. A retry hides the message for its delay (`ChangeMessageVisibility`, whole seconds).
+
+use ackstack::sqs::{Client, SqsConfig, SqsPublisher, SqsSource};
+use aws_config::{BehaviorVersion, Region};
+
+use crate::{CONNECT_TIMEOUT, CONSUMER_NAME, Fatal, Options};
+
+/// Connects a source and a publisher to `--queue` at `--sqs-endpoint`.
+///
+/// The region is `AWS_REGION` (or `AWS_DEFAULT_REGION`), default `us-east-1`. Credentials come
+/// from the AWS default chain when `AWS_ACCESS_KEY_ID` or `AWS_PROFILE` is set; otherwise the
+/// fixed test credentials that local emulators accept are used.
+pub async fn connect(opts: &Options) -> Result<(SqsSource, SqsPublisher), Fatal> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let region = env("AWS_REGION")
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|| "us-east-1".to_string());
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region))
+        .endpoint_url(&opts.sqs_endpoint);
+    if env("AWS_ACCESS_KEY_ID").is_none() && env("AWS_PROFILE").is_none() {
+        loader = loader.test_credentials();
+    }
+    let client = Client::new(&loader.load().await);
+    let config = SqsConfig::queue(opts.queue.clone())
+        .with_dead_letter_queue(opts.dlq())
+        .with_create_queues(true)
+        .with_wait_time_seconds(2)
+        .with_consumer_name(CONSUMER_NAME);
+    let at = &opts.sqs_endpoint;
+    let source = tokio::time::timeout(CONNECT_TIMEOUT, SqsSource::from_client(client, config))
+        .await
+        .map_err(|_| format!("SQS at {at}: no answer within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("SQS at {at}: {e}"))?;
+    let publisher = SqsPublisher::for_source(&source);
+    Ok((source, publisher))
+}

@@ -1,0 +1,398 @@
+//! The `orders` binary's command-line contract, driven as scripts drive it: flags, stdout lines,
+//! the summary and ledger, exit codes, on every broker.
+//!
+//! Needs RabbitMQ on 127.0.0.1:5672 (or `AMQP_URL`), Redis on 127.0.0.1:6379 (or `REDIS_URL`)
+//! and an SQS endpoint such as moto on 127.0.0.1:4566 (or `SQS_ENDPOINT`). Kafka runs on the
+//! in-process mock cluster. Every run is killed after a time limit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ackstack::Message;
+use ackstack::rabbitmq::{RabbitConfig, RabbitPublisher};
+
+/// A finished run of the binary.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn summary(&self) -> HashMap<String, u64> {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("summary "))
+            .unwrap_or_else(|| panic!("no summary line in:\n{}", self.stdout));
+        line.split_whitespace()
+            .skip(1)
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_string(), v.parse().unwrap())
+            })
+            .collect()
+    }
+
+    fn ledger(&self) -> BTreeMap<String, u64> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("ledger order_id="))
+            .map(|rest| {
+                let (id, count) = rest.split_once(" count=").unwrap();
+                (id.to_string(), count.parse().unwrap())
+            })
+            .collect()
+    }
+
+    /// The `delay_ms` of the line starting with `prefix`.
+    fn delay_ms(&self, prefix: &str) -> u64 {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{}", self.stdout));
+        let value = line.split("delay_ms=").nth(1).unwrap();
+        value.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    fn has_line(&self, prefix: &str) -> bool {
+        self.stdout.lines().any(|l| l.starts_with(prefix))
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `orders` with `args` and extra `env`, without `REDIS_URL` and `KAFKA_BROKERS` unless
+/// given; kills it and fails after `limit`.
+fn orders(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orders"));
+    cmd.args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("KAFKA_BROKERS")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).unwrap();
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let (code, timed_out) = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break (status.code(), false);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break (None, true);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let run = Run {
+        code,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
+    assert!(
+        !timed_out,
+        "orders {args:?} did not finish in {limit:?}:\n{run:?}"
+    );
+    run
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn good_ledger() -> BTreeMap<String, u64> {
+    ["A-1001", "A-1002", "A-1003", "A-1004"]
+        .into_iter()
+        .map(|id| (id.to_string(), 1))
+        .collect()
+}
+
+/// What every publishing run with the default flags must show, whatever the broker.
+fn assert_sample_run(run: &Run, broker_delays_retries: bool) {
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        run.stdout
+            .lines()
+            .filter(|l| l.starts_with("published "))
+            .count(),
+        6,
+        "{run:?}"
+    );
+    let s = run.summary();
+    assert_eq!(s["acked"], 5, "four orders and the duplicate: {run:?}");
+    assert_eq!(s["dead_lettered"], 1, "{run:?}");
+    assert_eq!(s["deduplicated"], 1, "{run:?}");
+    assert_eq!(s["abandoned"], 0, "{run:?}");
+    assert!(run.has_line(
+        "dead_lettered order_id=- attempt=1 reason=\"permanent: payload is not a valid Order"
+    ));
+    assert!(run.has_line("acked order_id=A-1004 attempt=3"), "{run:?}");
+    // fail_first=2: two retries, delays from the backoff (base 200 ms, equal jitter).
+    assert!(s["retried"] >= 2, "{run:?}");
+    if broker_delays_retries {
+        // Each retry is a redelivery.
+        assert_eq!(s["received"], 6 + s["retried"], "{run:?}");
+    } else {
+        // In-place retries run again without a redelivery.
+        assert_eq!(s["received"], 6, "{run:?}");
+    }
+    let first = run.delay_ms("retried order_id=A-1004 attempt=1 ");
+    let second = run.delay_ms("retried order_id=A-1004 attempt=2 ");
+    assert!((100..=200).contains(&first), "{run:?}");
+    assert!((200..=400).contains(&second), "{run:?}");
+    assert_eq!(
+        run.ledger(),
+        good_ledger(),
+        "each good order charged once: {run:?}"
+    );
+}
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn memory_run_retries_dead_letters_and_deduplicates() {
+    let run = orders(&[], &[], LIMIT);
+    assert_sample_run(&run, true);
+    assert!(
+        run.stdout
+            .starts_with("start broker=memory queue=orders dlq=orders-dlq")
+    );
+}
+
+#[test]
+fn memory_run_honours_the_tuning_flags() {
+    // Two attempts: the order failing its first two is dead-lettered; one at a time: no
+    // dedup "busy" retry; 50 ms base delay.
+    let run = orders(
+        &[
+            "--max-attempts",
+            "2",
+            "--base-delay-ms=50",
+            "--concurrency",
+            "1",
+            "--exit-when-idle",
+            "1",
+            "--queue",
+            "tuned",
+        ],
+        &[],
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let s = run.summary();
+    assert_eq!(
+        (s["retried"], s["dead_lettered"], s["acked"]),
+        (1, 2, 4),
+        "{run:?}"
+    );
+    assert!((25..=50).contains(&run.delay_ms("retried order_id=A-1004 attempt=1 ")));
+    assert!(
+        run.has_line("dead_lettered order_id=A-1004 attempt=2"),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("queue=tuned dlq=tuned-dlq"));
+    let mut ledger = good_ledger();
+    ledger.remove("A-1004");
+    assert_eq!(run.ledger(), ledger);
+}
+
+#[test]
+fn consume_only_on_memory_exits_when_idle() {
+    let run = orders(&["--consume-only", "--exit-when-idle", "1"], &[], LIMIT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(!run.has_line("published"));
+    assert_eq!(run.summary()["received"], 0);
+}
+
+#[test]
+fn bad_arguments_exit_2_and_help_exits_0() {
+    for args in [
+        &["--bogus"][..],
+        &["--broker", "nats"],
+        &["--broker"],
+        &["--concurrency", "0"],
+        &["--max-attempts", "many"],
+        &["--exit-when-idle", "-1"],
+        &["--queue", "no spaces"],
+        &["extra"],
+    ] {
+        let run = orders(args, &[], Duration::from_secs(30));
+        assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+        assert!(run.stdout.is_empty(), "{args:?}: {run:?}");
+        assert!(run.stderr.contains("orders: "), "{args:?}: {run:?}");
+    }
+    let help = orders(&["--help"], &[], Duration::from_secs(30));
+    assert_eq!(help.code, Some(0));
+    assert!(help.stdout.contains("USAGE") && help.stdout.contains("--exit-when-idle"));
+}
+
+#[test]
+fn unreachable_broker_exits_1_without_leaking_the_password() {
+    let run = orders(
+        &[
+            "--broker",
+            "rabbitmq",
+            "--amqp-url",
+            "amqp://guest:hunter2@127.0.0.1:1/%2f",
+        ],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("orders: error: RabbitMQ"), "{run:?}");
+    assert!(!run.stderr.contains("hunter2") && !run.stdout.contains("hunter2"));
+    assert!(!run.stderr.contains("panicked"));
+}
+
+#[test]
+fn rabbitmq_publish_run_then_consume_only_run() {
+    let queue = unique("orders-cli");
+    let run = orders(&["--broker", "rabbitmq", "--queue", &queue], &[], LIMIT);
+    assert_sample_run(&run, true);
+
+    // The dead letter is on <queue>-dlq, byte for byte; then someone else publishes three
+    // orders, and a consume-only run picks them up.
+    let uri = env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+    let mut config = RabbitConfig::new(uri, queue.clone());
+    config.declare_topology = false;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let publisher = RabbitPublisher::connect(config).await.unwrap();
+        let dead = publisher
+            .get(&format!("{queue}-dlq"))
+            .await
+            .unwrap()
+            .expect("a dead letter");
+        assert_eq!(&dead.payload[..], b"this is not an order");
+        for id in ["B-1", "B-2", "B-3"] {
+            let body = format!(r#"{{"order_id":"{id}","amount_cents":100}}"#);
+            publisher
+                .publish_to(&queue, Message::new(body))
+                .await
+                .unwrap();
+        }
+    });
+
+    let run = orders(
+        &[
+            "--broker",
+            "rabbitmq",
+            "--queue",
+            &queue,
+            "--consume-only",
+            "--exit-when-idle",
+            "3",
+        ],
+        &[],
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(!run.has_line("published"), "{run:?}");
+    let s = run.summary();
+    assert_eq!((s["received"], s["acked"]), (3, 3), "{run:?}");
+    let ledger: BTreeMap<String, u64> = [("B-1", 1), ("B-2", 1), ("B-3", 1)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(run.ledger(), ledger, "{run:?}");
+}
+
+#[test]
+fn sqs_publish_run() {
+    let endpoint = env_or("SQS_ENDPOINT", "http://127.0.0.1:4566");
+    let addr = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    assert!(
+        std::net::TcpStream::connect(&addr).is_ok(),
+        "no SQS endpoint at {endpoint}: start moto with `moto_server -H 127.0.0.1 -p 4566`"
+    );
+    let queue = unique("orders-cli");
+    let run = orders(&["--broker", "sqs", "--queue", &queue], &[], LIMIT);
+    assert_sample_run(&run, true);
+}
+
+#[test]
+fn kafka_publish_run_on_the_mock_cluster() {
+    let queue = unique("orders-cli");
+    let run = orders(&["--broker", "kafka", "--queue", &queue], &[], LIMIT);
+    assert!(run.has_line("note KAFKA_BROKERS is not set"), "{run:?}");
+    // Kafka retries in place (the record holds its place in its partition): reported, but
+    // not redelivered.
+    assert_sample_run(&run, false);
+}
+
+#[test]
+fn redis_ledger_charges_each_order_once_across_runs() {
+    let url = env_or("REDIS_URL", "redis://127.0.0.1:6379");
+    let queue = unique("orders-cli");
+    let env = [("REDIS_URL", url.as_str())];
+    let first = orders(&["--queue", &queue], &env, LIMIT);
+    assert_sample_run(&first, true);
+    assert!(first.stdout.contains("dedup=redis ledger=redis"));
+
+    // The ledger is in Redis: HGETALL <queue>:charges.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let charges: BTreeMap<String, u64> = redis::cmd("HGETALL")
+        .arg(format!("{queue}:charges"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(charges, good_ledger());
+
+    // A second run publishes the same orders again: every good one is a duplicate now.
+    let second = orders(&["--queue", &queue], &env, LIMIT);
+    assert_eq!(second.code, Some(0), "{second:?}");
+    let s = second.summary();
+    assert_eq!((s["deduplicated"], s["acked"]), (5, 5), "{second:?}");
+    assert_eq!(second.ledger(), good_ledger(), "{second:?}");
+
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{queue}:*"))
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("DEL").arg(keys).query(&mut conn).unwrap();
+}
