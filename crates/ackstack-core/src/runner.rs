@@ -233,6 +233,25 @@ impl Status {
     }
 }
 
+/// Counts a delivery as in flight until dropped (also when its task is aborted).
+struct InFlight {
+    status: Status,
+}
+
+impl InFlight {
+    fn start(status: Status) -> Self {
+        metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
+        InFlight { status }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
+        self.status.finished();
+    }
+}
+
 /// Called with each delivery and its outcome, before it is settled; see [`Consumer::inspect`].
 pub type Inspector = Arc<dyn Fn(&Delivery, &Outcome) + Send + Sync>;
 
@@ -496,10 +515,11 @@ impl<S: Source, L> Consumer<S, L> {
                     _ => None,
                 };
                 let shared = shared.clone();
+                let in_flight = InFlight::start(shared.status.clone());
                 tasks.spawn(async move {
                     let _permit = permit;
+                    let _in_flight = in_flight;
                     shared.run_one(received, cancel, lease, turn).await;
-                    shared.status.finished();
                 });
             }
         };

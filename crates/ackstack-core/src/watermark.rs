@@ -152,7 +152,10 @@ mod tests {
                 let bounds = [
                     ("committable", w.committable()),
                     ("resume_position", w.resume_position()),
-                    ("completed_through + 1", w.completed_through().map(|t| t + 1)),
+                    (
+                        "completed_through + 1",
+                        w.completed_through().map(|t| t + 1),
+                    ),
                 ];
                 for (name, bound) in bounds {
                     if let Some(c) = bound {
@@ -161,7 +164,10 @@ mod tests {
                         }
                     }
                 }
-                assert_eq!(w.lowest_in_flight(), positions.iter().find(|p| !done.contains(p)).copied());
+                assert_eq!(
+                    w.lowest_in_flight(),
+                    positions.iter().find(|p| !done.contains(p)).copied()
+                );
             }
             assert_eq!(w.committable(), Some(21));
             assert_eq!(w.resume_position(), Some(21));
@@ -194,7 +200,11 @@ mod tests {
         w.track(8);
         w.track(9);
         assert!(w.complete(2));
-        assert_eq!(w.committable(), Some(3), "conservative: one past the last completed");
+        assert_eq!(
+            w.committable(),
+            Some(3),
+            "conservative: one past the last completed"
+        );
         assert_eq!(w.resume_position(), Some(8), "the lowest in flight");
         assert!(w.complete(9));
         assert_eq!(w.resume_position(), Some(8));
