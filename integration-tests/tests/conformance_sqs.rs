@@ -113,6 +113,8 @@ async fn sqs_fifo_queue_keeps_per_key_order() {
         fifo: true,
         queues: Mutex::default(),
     });
-    let verdict = ackstack_testkit::checks::per_key_ordering(harness).await.unwrap();
+    let verdict = ackstack_testkit::checks::per_key_ordering(harness)
+        .await
+        .unwrap();
     assert_eq!(verdict, ackstack_testkit::checks::Verdict::Passed);
 }
