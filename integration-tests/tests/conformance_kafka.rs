@@ -13,17 +13,20 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
+/// Requests to create a topic (name, partitions) with where to send the answer.
+type TopicRequests = mpsc::Sender<(String, i32, mpsc::Sender<Result<(), String>>)>;
+
 struct Kafka {
     brokers: String,
     /// Creates topics on the mock cluster, which lives on its own thread (it is not `Send`).
-    mock: Option<Mutex<mpsc::Sender<(String, i32, mpsc::Sender<Result<(), String>>)>>>,
+    mock: Option<Mutex<TopicRequests>>,
 }
 
 /// Starts a mock cluster on a thread of its own; returns its bootstrap servers and a channel
 /// that creates topics on it. The cluster stops when the channel is dropped.
 fn start_mock() -> (
     String,
-    mpsc::Sender<(String, i32, mpsc::Sender<Result<(), String>>)>,
+    TopicRequests,
 ) {
     let (tx, rx) = mpsc::channel::<(String, i32, mpsc::Sender<Result<(), String>>)>();
     let (boot_tx, boot_rx) = mpsc::channel();
