@@ -25,9 +25,11 @@
 //!
 //! # How progress is committed
 //!
-//! Every received offset is tracked in its partition's [`watermark::Watermark`]; an ack marks
-//! it complete. The committed position is the lowest offset still in flight, or one past the
-//! highest completed one, so it never passes a record that is still being handled, retried or
+//! Every received offset is tracked in its partition's core [`ackstack_core::Watermark`] (the
+//! one tracker that the RabbitMQ adapter's cumulative acks use too); an ack marks it complete.
+//! The committed position is the watermark's
+//! [`resume_position`](ackstack_core::Watermark::resume_position): the lowest offset still in
+//! flight, or one past the highest completed one, so it never passes a record that is still being handled, retried or
 //! was released (invariant 8), and gaps in the offsets (compaction, transaction markers) never
 //! hold it back. Positions are committed as offset lists (`enable.auto.commit=false`,
 //! `enable.auto.offset.store=false`): storing one message's offset adds 1 while a list does

@@ -1,63 +1,22 @@
-//! Contiguous-completion watermarks per partition, tied to the assignment generation.
+//! Per-partition watermarks tied to the assignment generation.
 //!
 //! Kafka commits one position per partition: "everything before this offset is done". With
 //! concurrent, out-of-order completion, that position must never pass an offset that is still
-//! in flight (invariant 8). [`Watermark`] tracks one partition: offsets are
-//! [`tracked`](Watermark::track) when received and [`completed`](Watermark::complete) when
-//! acked; [`Watermark::committable`] is the lowest offset still in flight, or one past the highest
-//! completed offset when nothing is in flight. Only offsets actually received are tracked, so gaps
-//! (compacted records, transaction markers) never hold the watermark back.
+//! in flight (invariant 8). Each assigned partition keeps one core
+//! [`Watermark`]: offsets are tracked when received and completed when acked,
+//! and the partition's commit position is the watermark's
+//! [`resume_position`](Watermark::resume_position): the lowest offset still in flight, or one
+//! past the highest completed offset when nothing is in flight. Only offsets actually received
+//! are tracked, so gaps (compacted records, transaction markers) never hold the position back.
 //!
-//! [`Assignments`] keeps one watermark per assigned partition together with the assignment's
-//! generation. A partition that is revoked and assigned again gets a new generation and a fresh
-//! watermark, so completions that arrive late from the previous generation are refused
-//! ([`Stale`]) instead of moving the new position.
+//! [`Assignments`] is the Kafka-specific layer on top: one watermark per assigned partition
+//! together with the assignment's generation. A partition that is revoked and assigned again
+//! gets a new generation and a fresh watermark, so completions that arrive late from the
+//! previous generation are refused ([`Stale`]) instead of moving the new position.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
-/// The contiguous-completion tracker of one partition.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Watermark {
-    in_flight: BTreeSet<i64>,
-    highest_done: Option<i64>,
-}
-
-impl Watermark {
-    /// An empty tracker: nothing received, nothing committable.
-    pub fn new() -> Self {
-        Watermark::default()
-    }
-
-    /// Records that `offset` was received and is now in flight.
-    pub fn track(&mut self, offset: i64) {
-        self.in_flight.insert(offset);
-    }
-
-    /// Records that `offset` is done. Returns `false` (and changes nothing) when the offset was
-    /// not in flight: never tracked, or already completed.
-    pub fn complete(&mut self, offset: i64) -> bool {
-        if !self.in_flight.remove(&offset) {
-            return false;
-        }
-        self.highest_done = Some(self.highest_done.map_or(offset, |h| h.max(offset)));
-        true
-    }
-
-    /// The position that may be committed: the lowest offset in flight, or one past the highest
-    /// completed offset when nothing is in flight; `None` when nothing was completed and nothing
-    /// is in flight.
-    pub fn committable(&self) -> Option<i64> {
-        match self.in_flight.first() {
-            Some(&lowest) => Some(lowest),
-            None => self.highest_done.map(|h| h + 1),
-        }
-    }
-
-    /// How many offsets are in flight.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-}
+use ackstack_core::Watermark;
 
 /// A completion for a partition that is no longer assigned to us in the generation the
 /// delivery was received in.
@@ -101,7 +60,7 @@ impl Assignments {
         generation
     }
 
-    /// Ends the partition's current generation. Returns its committable watermark, to be
+    /// Ends the partition's current generation. Returns its commit position, to be
     /// committed (again, even if an earlier asynchronous commit carried it: that one may have
     /// failed) before the partition goes.
     pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<i64> {
@@ -110,7 +69,7 @@ impl Assignments {
         if parts.is_empty() {
             self.topics.remove(topic);
         }
-        entry.watermark.committable()
+        entry.watermark.resume_position()
     }
 
     /// Tracks a received offset; returns the partition's current generation, or `None` when the
@@ -145,13 +104,14 @@ impl Assignments {
             .is_some_and(|e| e.generation == generation)
     }
 
-    /// The partition's committable position in its current generation.
+    /// The partition's commit position in its current generation: its watermark's
+    /// [`resume_position`](Watermark::resume_position).
     pub fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
         self.topics
             .get(topic)?
             .get(&partition)?
             .watermark
-            .committable()
+            .resume_position()
     }
 
     /// Positions that moved past the last commit, marked as committed. With `all`, every
@@ -161,7 +121,7 @@ impl Assignments {
         let mut out = Vec::new();
         for (topic, parts) in &mut self.topics {
             for (&partition, entry) in parts.iter_mut() {
-                let Some(pos) = entry.watermark.committable() else {
+                let Some(pos) = entry.watermark.resume_position() else {
                     continue;
                 };
                 if all || entry.committed.is_none_or(|c| pos > c) {
@@ -204,67 +164,88 @@ impl Assignments {
 mod tests {
     use super::*;
 
+    /// One assigned partition `t`/0 and its generation.
+    fn assigned() -> (Assignments, u64) {
+        let mut a = Assignments::new();
+        let g = a.assign("t", 0);
+        (a, g)
+    }
+
     #[test]
     fn empty_has_nothing_to_commit() {
-        let w = Watermark::new();
-        assert_eq!(w.committable(), None);
+        let (a, _) = assigned();
+        assert_eq!(a.committable("t", 0), None);
+        assert_eq!(a.committable("t", 1), None, "not assigned");
     }
 
     #[test]
     fn in_order_completion_moves_one_past_the_last() {
-        let mut w = Watermark::new();
+        let (mut a, g) = assigned();
         for o in 0..5 {
-            w.track(o);
+            a.track("t", 0, o);
         }
-        assert_eq!(w.committable(), Some(0));
+        // Pinned at the first record before anything completed.
+        assert_eq!(a.committable("t", 0), Some(0));
         for o in 0..5 {
-            assert!(w.complete(o));
-            assert_eq!(w.committable(), Some(o + 1));
+            assert_eq!(a.complete("t", 0, o, g), Ok(()));
+            assert_eq!(a.committable("t", 0), Some(o + 1));
         }
     }
 
     #[test]
     fn out_of_order_completion_never_passes_an_unfinished_offset() {
-        let mut w = Watermark::new();
+        let (mut a, g) = assigned();
         for o in 10..20 {
-            w.track(o);
+            a.track("t", 0, o);
         }
         // Complete everything except 13, in reverse order.
         for o in (10..20).rev().filter(|&o| o != 13) {
-            w.complete(o);
-            let pos = w.committable().unwrap();
+            a.complete("t", 0, o, g).unwrap();
+            let pos = a.committable("t", 0).unwrap();
             assert!(pos <= 13, "position {pos} passed unfinished offset 13");
         }
-        assert_eq!(w.committable(), Some(13));
-        assert!(w.complete(13));
-        assert_eq!(w.committable(), Some(20));
+        assert_eq!(a.committable("t", 0), Some(13));
+        a.complete("t", 0, 13, g).unwrap();
+        assert_eq!(a.committable("t", 0), Some(20));
     }
 
     #[test]
     fn gaps_are_tolerated() {
-        let mut w = Watermark::new();
+        let (mut a, g) = assigned();
         // Offsets 3, 4 and 8 do not exist (compaction, transaction markers).
         for o in [0, 1, 2, 5, 6, 7, 9] {
-            w.track(o);
+            a.track("t", 0, o);
         }
         for o in [9, 7, 6, 5, 2, 1] {
-            w.complete(o);
+            a.complete("t", 0, o, g).unwrap();
         }
-        assert_eq!(w.committable(), Some(0));
-        w.complete(0);
-        assert_eq!(w.committable(), Some(10));
+        assert_eq!(a.committable("t", 0), Some(0));
+        a.complete("t", 0, 0, g).unwrap();
+        assert_eq!(a.committable("t", 0), Some(10));
+        // A gap right below the lowest offset in flight is passed.
+        a.track("t", 0, 15);
+        assert_eq!(a.committable("t", 0), Some(15));
     }
 
     #[test]
     fn duplicate_or_unknown_completion_changes_nothing() {
-        let mut w = Watermark::new();
-        w.track(1);
-        w.track(2);
-        assert!(w.complete(2));
-        assert!(!w.complete(2));
-        assert!(!w.complete(99));
-        assert_eq!(w.committable(), Some(1));
-        assert_eq!(w.in_flight(), 1);
+        let (mut a, g) = assigned();
+        a.track("t", 0, 1);
+        a.track("t", 0, 2);
+        assert_eq!(a.complete("t", 0, 2, g), Ok(()));
+        assert_eq!(
+            a.complete("t", 0, 2, g),
+            Ok(()),
+            "accepted, changes nothing"
+        );
+        assert_eq!(
+            a.complete("t", 0, 99, g),
+            Ok(()),
+            "accepted, changes nothing"
+        );
+        assert_eq!(a.committable("t", 0), Some(1));
+        a.complete("t", 0, 1, g).unwrap();
+        assert_eq!(a.committable("t", 0), Some(3), "99 was never in flight");
     }
 
     #[test]

@@ -7,12 +7,20 @@
 //! asked to ack them: the handler succeeded, or a retry / dead-letter copy was confirmed) and
 //! those already settled one by one (individual acks, or nacks from `release`).
 //!
+//! The contiguous part is the core [`Watermark`] (invariant 8: one tracker serves Kafka and
+//! RabbitMQ): every delivered tag is tracked in it, and a tag leaves it in flight when it is
+//! completed *or* settled individually, since either way it no longer holds a cumulative ack
+//! back. What is AMQP-specific stays here: which finished tags still need an ack frame (a
+//! released tag never does), the tags settled one by one (acking any of them again is a
+//! channel error), and when to ack above a gap.
+//!
 //! The plan for an ack call:
-//! * **Cumulative ack.** The watermark `W` is the tag below the lowest in-flight tag (or the
-//!   highest tag seen when nothing is in flight). If completed tags `<= W` exist, one
-//!   `basic.ack multiple=true` with the highest of them acks them all. (The highest
-//!   *completed* tag, not `W` itself: acking a tag already settled individually is a channel
-//!   error, and every unacked tag below it is completed, so this is exact.)
+//! * **Cumulative ack.** The watermark `W` is [`Watermark::completed_through`]: the tag below
+//!   the lowest in-flight tag (or the highest finished tag when nothing is in flight). If
+//!   completed tags `<= W` exist, one `basic.ack multiple=true` with the highest of them acks
+//!   them all. (The highest *completed* tag, not `W` itself: acking a tag already settled
+//!   individually is a channel error, and every unacked tag below it is completed, so this is
+//!   exact.)
 //! * **Individual acks above a gap, only under pressure.** Completed tags above `W` are held
 //!   back: one slow handler would otherwise cost a frame per delivery behind it. But held tags
 //!   stay unacked at the broker and count against the prefetch window; when the held ones
@@ -20,8 +28,14 @@
 //!   starve behind the straggler. So once `held >= starve_threshold` (prefetch / 2) every
 //!   held tag is acked individually. This costs frames only while a straggler exists and keeps
 //!   at least half the window flowing. `flush` acks every held tag the same way.
+//!
+//! A tag the watermark does not hold (never delivered, or above `i64::MAX`) never moves it, so
+//! a cumulative ack never reaches past the highest tag seen delivered: such a tag above it
+//! waits with the held tags and is acked on its own.
 
 use std::collections::BTreeSet;
+
+use ackstack_core::Watermark;
 
 /// What to send to the broker.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -37,10 +51,8 @@ pub(crate) struct AckPlan {
 pub(crate) struct AckTracker {
     /// Every tag `<= acked_upto` is settled at the broker.
     acked_upto: u64,
-    /// The highest tag received.
-    max_seen: u64,
-    /// Received, not yet completed or released.
-    in_flight: BTreeSet<u64>,
+    /// Received tags above `acked_upto`; completed and released tags alike are complete in it.
+    tags: Watermark,
     /// Completed, not yet acked at the broker.
     completed: BTreeSet<u64>,
     /// Above `acked_upto`, settled individually (single ack or nack).
@@ -68,8 +80,7 @@ impl AckTracker {
         };
         AckTracker {
             acked_upto: 0,
-            max_seen: 0,
-            in_flight: BTreeSet::new(),
+            tags: Watermark::new(),
             completed: BTreeSet::new(),
             settled: BTreeSet::new(),
             starve_threshold: threshold,
@@ -78,9 +89,10 @@ impl AckTracker {
 
     /// A tag was received.
     pub(crate) fn delivered(&mut self, tag: u64) {
-        if tag > self.acked_upto {
-            self.in_flight.insert(tag);
-            self.max_seen = self.max_seen.max(tag);
+        if tag > self.acked_upto
+            && let Some(position) = position(tag)
+        {
+            self.tags.track(position);
         }
     }
 
@@ -89,11 +101,9 @@ impl AckTracker {
         if tag <= self.acked_upto || self.settled.contains(&tag) {
             return Completion::AlreadySettled;
         }
-        if self.in_flight.remove(&tag) || tag > self.max_seen {
-            // Unknown tags above max_seen cannot come from receive; treat them as in flight
-            // to be safe: record them so they are acked but never pass a real in-flight tag.
-            self.max_seen = self.max_seen.max(tag);
-        }
+        // A tag that was not in flight (completed before, or never delivered) does not move
+        // the watermark.
+        self.finish(tag);
         if self.completed.insert(tag) {
             Completion::Recorded
         } else {
@@ -107,7 +117,7 @@ impl AckTracker {
         if tag <= self.acked_upto || self.settled.contains(&tag) {
             return false;
         }
-        self.in_flight.remove(&tag);
+        self.finish(tag);
         self.completed.remove(&tag);
         self.settled.insert(tag);
         true
@@ -115,12 +125,10 @@ impl AckTracker {
 
     /// The frames to send now, recorded as sent. With `flush`, every held tag is included.
     pub(crate) fn plan(&mut self, flush: bool) -> AckPlan {
-        let watermark = match self.in_flight.first() {
-            Some(lowest) => lowest - 1,
-            None => self.max_seen,
-        };
         let mut plan = AckPlan::default();
-        if watermark > self.acked_upto {
+        if let Some(watermark) = self.watermark()
+            && watermark > self.acked_upto
+        {
             let above = self.completed.split_off(&(watermark + 1));
             let below = std::mem::replace(&mut self.completed, above);
             plan.multiple = below.last().copied();
@@ -135,11 +143,30 @@ impl AckTracker {
         plan
     }
 
+    /// The highest tag at or below which every delivered tag is completed or settled.
+    fn watermark(&self) -> Option<u64> {
+        let through = self.tags.completed_through()?;
+        u64::try_from(through).ok()
+    }
+
+    /// `tag` no longer holds the cumulative ack back.
+    fn finish(&mut self, tag: u64) {
+        if let Some(position) = position(tag) {
+            self.tags.complete(position);
+        }
+    }
+
     /// How many completed tags wait for an ack.
     #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.completed.len()
     }
+}
+
+/// A delivery tag as a watermark position; `None` above `i64::MAX` (2^63 deliveries on one
+/// channel: never in practice, but a tag comes from the broker).
+fn position(tag: u64) -> Option<i64> {
+    i64::try_from(tag).ok()
 }
 
 #[cfg(test)]
@@ -216,6 +243,31 @@ mod tests {
         let plan = t.plan(true);
         assert_eq!(plan.multiple, None);
         assert_eq!(plan.singles, vec![9]);
+    }
+
+    #[test]
+    fn undelivered_or_huge_tags_never_widen_a_multiple_ack() {
+        let mut t = AckTracker::new(200);
+        t.delivered(1);
+        t.delivered(2);
+        t.complete(1);
+        // 7 was never seen delivered (3..=6 may still be on their way): no multiple past 2.
+        assert_eq!(t.complete(7), Completion::Recorded);
+        t.complete(2);
+        let plan = t.plan(false);
+        assert_eq!(plan.multiple, Some(2));
+        assert!(plan.singles.is_empty());
+        let plan = t.plan(true);
+        assert_eq!(plan.singles, vec![7]);
+        assert_eq!(t.complete(7), Completion::AlreadySettled);
+        // A tag beyond i64::MAX is tracked outside the watermark, acked on its own.
+        let huge = u64::MAX;
+        t.delivered(huge);
+        assert_eq!(t.complete(huge), Completion::Recorded);
+        let plan = t.plan(true);
+        assert_eq!(plan.multiple, None);
+        assert_eq!(plan.singles, vec![huge]);
+        assert_eq!(t.complete(huge), Completion::AlreadySettled);
     }
 
     #[test]
