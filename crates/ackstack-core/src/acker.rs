@@ -6,6 +6,7 @@
 //! the broker redelivers the message, and deduplication absorbs the repeat. Everything queued
 //! is flushed when the acker is shut down.
 
+use crate::config::later;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::lease::LeaseGuard;
 use crate::source::Settle;
 
 /// Counts kept by the acker.
@@ -27,10 +29,13 @@ pub struct AckStats {
     pub calls: AtomicU64,
 }
 
+/// A token waiting to be acked, with the lease kept until the broker confirmed the ack.
+type Pending<T> = (T, Option<LeaseGuard<T>>);
+
 /// A handle that queues tokens for acking.
 #[derive(Debug)]
 pub struct BatchAcker<T> {
-    tx: mpsc::UnboundedSender<T>,
+    tx: mpsc::Sender<Pending<T>>,
     task: tokio::task::JoinHandle<()>,
     stats: Arc<AckStats>,
 }
@@ -38,7 +43,7 @@ pub struct BatchAcker<T> {
 /// Queues tokens for the acker; cheap to clone.
 #[derive(Debug)]
 pub struct AckQueue<T> {
-    tx: mpsc::UnboundedSender<T>,
+    tx: mpsc::Sender<Pending<T>>,
 }
 
 impl<T> Clone for AckQueue<T> {
@@ -50,21 +55,34 @@ impl<T> Clone for AckQueue<T> {
 }
 
 impl<T: Send + 'static> AckQueue<T> {
-    /// Queues `token` for the next batch. Returns `false` if the acker has stopped (the token
-    /// is then simply not acked, and the broker redelivers the message).
-    pub fn push(&self, token: T) -> bool {
-        self.tx.send(token).is_ok()
+    /// Queues `token` for the next batch, waiting while the queue is full (backpressure on
+    /// slow acks). Returns `false` if the acker has stopped (the token is then simply not
+    /// acked, and the broker redelivers the message).
+    pub async fn push(&self, token: T) -> bool {
+        self.tx.send((token, None)).await.is_ok()
+    }
+
+    /// Like [`AckQueue::push`], keeping the delivery's lease until the ack is confirmed.
+    pub async fn push_held(&self, token: T, lease: Option<LeaseGuard<T>>) -> bool {
+        self.tx.send((token, lease)).await.is_ok()
     }
 }
 
 impl<T: Clone + Send + Sync + 'static> BatchAcker<T> {
     /// Starts an acker that sends batches of at most `max_batch` tokens to `settler`, each
-    /// token waiting at most `max_delay`, with up to `parallel` ack calls in flight.
-    pub fn spawn<S>(settler: S, max_batch: usize, max_delay: Duration, parallel: usize) -> Self
+    /// token waiting at most `max_delay`, with up to `parallel` ack calls in flight. At most
+    /// `capacity` tokens wait; beyond that, [`AckQueue::push`] waits.
+    pub fn spawn<S>(
+        settler: S,
+        max_batch: usize,
+        max_delay: Duration,
+        parallel: usize,
+        capacity: usize,
+    ) -> Self
     where
         S: Settle<Token = T>,
     {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(capacity.max(max_batch).max(1));
         let stats = Arc::new(AckStats::default());
         let task = tokio::spawn(run(
             settler,
@@ -101,7 +119,7 @@ impl<T: Clone + Send + Sync + 'static> BatchAcker<T> {
 
 async fn run<S: Settle>(
     settler: S,
-    mut rx: mpsc::UnboundedReceiver<S::Token>,
+    mut rx: mpsc::Receiver<Pending<S::Token>>,
     max_batch: usize,
     max_delay: Duration,
     parallel: usize,
@@ -111,7 +129,7 @@ async fn run<S: Settle>(
     while let Some(first) = rx.recv().await {
         let mut batch = Vec::with_capacity(max_batch);
         batch.push(first);
-        let deadline = Instant::now() + max_delay;
+        let deadline = later(Instant::now(), max_delay);
         let mut open = true;
         while batch.len() < max_batch {
             // Take what is already queued without waiting; then wait until the deadline.
@@ -146,10 +164,13 @@ async fn run<S: Settle>(
     while calls.join_next().await.is_some() {}
 }
 
-async fn send<S: Settle>(settler: S, batch: Vec<S::Token>, stats: Arc<AckStats>) {
+async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<AckStats>) {
     let n = batch.len();
     stats.calls.fetch_add(1, Ordering::Relaxed);
-    let report = settler.ack(batch).await;
+    let (tokens, leases): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let report = settler.ack(tokens).await;
+    // The leases were kept until now so that no lease lapsed while its ack was on its way.
+    drop(leases);
     stats
         .acked
         .fetch_add(report.acked as u64, Ordering::Relaxed);

@@ -83,3 +83,11 @@ pub mod duration {
         }
     }
 }
+
+/// `at + d`, saturating far in the future instead of overflowing on absurd configured
+/// durations.
+pub(crate) fn later(at: tokio::time::Instant, d: std::time::Duration) -> tokio::time::Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(std::time::Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(at)
+}

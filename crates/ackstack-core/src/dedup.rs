@@ -15,6 +15,7 @@
 //! Marking a key before the handler runs would lose every message whose first attempt fails;
 //! this protocol never does that.
 
+use crate::config::later;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -258,24 +259,47 @@ impl<P: Process> Dedup<P> {
         delivery: &Delivery,
         cx: &Context,
     ) -> Outcome {
-        let run = self.inner.process(delivery, cx);
+        // The inner process gets its own token: losing the claim cancels this delivery's work
+        // without touching the runner's lease bookkeeping.
+        let inner_cx = cx.child();
+        let run = self.inner.process(delivery, &inner_cx);
         tokio::pin!(run);
-        let every = (self.config.claim_lease / 2).max(Duration::from_millis(10));
-        let mut next = Instant::now() + every;
+        let lease = self.config.claim_lease;
+        let every = (lease / 2).max(Duration::from_millis(10));
+        let mut held_until = later(Instant::now(), lease);
+        let mut next = later(Instant::now(), every);
+        let mut lost = false;
         loop {
             tokio::select! {
-                outcome = &mut run => return outcome,
-                _ = tokio::time::sleep_until(next) => {
-                    match self.store.extend(key, token, self.config.claim_lease).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            // Another worker may take the key now: stop, and do not ack.
-                            tracing::warn!(key, "dedup claim lost while the handler ran; cancelling");
-                            cx.token().cancel();
-                        }
-                        Err(err) => tracing::warn!(error = %err, key, "could not extend the dedup claim"),
+                outcome = &mut run => {
+                    if lost {
+                        // Another worker may have processed the key meanwhile: do not ack; the
+                        // redelivery finds the key done, or claims it again.
+                        return Outcome::Retry {
+                            after: self.config.busy_retry_after,
+                            failure: Failure::new(ErrorKind::Transient, "dedup claim lost while the handler ran"),
+                        };
                     }
-                    next = Instant::now() + every;
+                    return outcome;
+                }
+                _ = tokio::time::sleep_until(next), if !lost => {
+                    let asked = Instant::now();
+                    match self.store.extend(key, token, lease).await {
+                        Ok(true) => {
+                            held_until = later(asked, lease);
+                            next = later(Instant::now(), every);
+                        }
+                        Ok(false) => lost = true,
+                        Err(err) => {
+                            tracing::warn!(error = %err, key, "could not extend the dedup claim");
+                            lost = Instant::now() >= held_until;
+                            next = later(Instant::now(), every / 4);
+                        }
+                    }
+                    if lost {
+                        tracing::warn!(key, "dedup claim lost while the handler ran; cancelling it");
+                        inner_cx.token().cancel();
+                    }
                 }
             }
         }
@@ -366,6 +390,7 @@ pub struct MemoryDedupStore {
 struct MemoryDedupState {
     entries: HashMap<String, Entry>,
     done_order: VecDeque<(Instant, String)>,
+    claims_since_sweep: usize,
 }
 
 #[derive(Debug)]
@@ -424,6 +449,18 @@ impl MemoryDedupState {
         self.entries.get_mut(key)
     }
 
+    /// Drops expired claims (left by workers that died) once enough new claims have arrived
+    /// since the last sweep: amortised constant time per claim.
+    fn sweep_claims(&mut self, now: Instant) {
+        self.claims_since_sweep += 1;
+        if self.claims_since_sweep < self.entries.len().max(1024) {
+            return;
+        }
+        self.claims_since_sweep = 0;
+        self.entries
+            .retain(|_, e| !matches!(e, Entry::Claimed { expires, .. } if *expires <= now));
+    }
+
     fn sweep(&mut self, now: Instant, capacity: usize) {
         while let Some((expires, key)) = self.done_order.front() {
             if *expires > now && self.done_order.len() <= capacity {
@@ -458,9 +495,10 @@ impl DedupStore for MemoryDedupStore {
                     key.to_string(),
                     Entry::Claimed {
                         token: token.to_string(),
-                        expires: now + lease,
+                        expires: later(now, lease),
                     },
                 );
+                s.sweep_claims(now);
                 Claim::Acquired
             }
         };
@@ -477,7 +515,7 @@ impl DedupStore for MemoryDedupStore {
         let mut s = self.lock();
         let ours = matches!(s.live(key, now), Some(Entry::Claimed { token: t, .. }) if t == token);
         if ours {
-            let expires = now + ttl;
+            let expires = later(now, ttl);
             s.entries.insert(key.to_string(), Entry::Done { expires });
             s.done_order.push_back((expires, key.to_string()));
             s.sweep(now, self.capacity);
@@ -508,7 +546,7 @@ impl DedupStore for MemoryDedupStore {
         let mut s = self.lock();
         let extended = match s.live(key, now) {
             Some(Entry::Claimed { token: t, expires }) if t == token => {
-                *expires = now + lease;
+                *expires = later(now, lease);
                 true
             }
             _ => false,

@@ -44,6 +44,14 @@ impl Context {
         Context { cancel, stats }
     }
 
+    /// A context for nested work: cancelled with this one, and cancellable on its own.
+    pub fn child(&self) -> Context {
+        Context {
+            cancel: self.cancel.child_token(),
+            stats: self.stats.clone(),
+        }
+    }
+
     /// Records that the delivery was acked as a duplicate, without calling the handler.
     pub fn note_deduplicated(&self) {
         self.stats

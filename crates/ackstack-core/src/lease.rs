@@ -7,6 +7,7 @@
 //! or the lease runs out without one (the total was reached, or the broker kept failing), the
 //! delivery's cancellation token fires and it is marked lost: the runner never acks it.
 
+use crate::config::later;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
@@ -175,9 +176,9 @@ async fn run<S: Settle>(
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(Command::Hold { id, token, received, cancel, state }) => {
-                    let expires = received + lease;
+                    let expires = later(received, lease);
                     held.insert(id, Held { token, received, expires, cancel, state, extending: false });
-                    due.push(Reverse((received + extend_after, id)));
+                    due.push(Reverse((later(received, extend_after), id)));
                 }
                 Some(Command::Drop(id)) => {
                     held.remove(&id);
@@ -191,8 +192,8 @@ async fn run<S: Settle>(
                 match result {
                     Extended::Ok => {
                         metrics::counter!(crate::metrics::LEASE_EXTENSIONS).increment(1);
-                        h.expires = started + lease;
-                        due.push(Reverse((started + extend_after, id)));
+                        h.expires = later(started, lease);
+                        due.push(Reverse((later(started, extend_after), id)));
                     }
                     Extended::Lost => lose(h),
                     Extended::Failed => {
@@ -217,7 +218,7 @@ async fn run<S: Settle>(
                         lose(h);
                         continue;
                     }
-                    if now.duration_since(h.received) + lease > config.max_total {
+                    if now.duration_since(h.received).saturating_add(lease) > config.max_total {
                         // No more extensions: the lease lapses at `expires`.
                         due.push(Reverse((h.expires, id)));
                         continue;

@@ -17,6 +17,7 @@
 //! # drop(source);
 //! ```
 
+use crate::config::later;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -253,7 +254,7 @@ impl MemoryBroker {
             m.receives = m.receives.saturating_add(1);
             m.in_flight = true;
             out.push((id, m.message.clone(), m.receives));
-            q.hide(id, now + visibility);
+            q.hide(id, later(now, visibility));
         }
         q.stats.received += out.len() as u64;
         (out, q.next_due())
@@ -307,7 +308,7 @@ impl Source for MemorySource {
     type Settler = MemorySettler;
 
     async fn receive(&mut self, max: usize) -> Result<Vec<Received<MemoryToken>>, SourceError> {
-        let deadline = Instant::now() + self.poll_wait;
+        let deadline = later(Instant::now(), self.poll_wait);
         loop {
             let notified = self.broker.shared.notify.notified();
             tokio::pin!(notified);
@@ -401,7 +402,7 @@ impl Settle for MemorySettler {
         let result = self.broker.with_queue(&self.queue, |q| {
             let m = q.owned(token)?;
             m.first_failure.get_or_insert(failure.at);
-            q.hide(token.id, Instant::now() + after);
+            q.hide(token.id, later(Instant::now(), after));
             q.stats.retries += 1;
             Ok(())
         });
@@ -441,7 +442,7 @@ impl Settle for MemorySettler {
     async fn extend(&self, token: &MemoryToken, by: Duration) -> Result<(), SettleError> {
         self.broker.with_queue(&self.queue, |q| {
             q.owned(*token)?;
-            q.hide(token.id, Instant::now() + by);
+            q.hide(token.id, later(Instant::now(), by));
             q.stats.extends += 1;
             Ok(())
         })

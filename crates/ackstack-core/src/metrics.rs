@@ -1,8 +1,10 @@
 //! Metric names, recorded through the [`metrics`](https://docs.rs/metrics) facade.
 //!
 //! Install any `metrics` recorder (Prometheus, StatsD, ...) to collect them; with none installed
-//! recording costs next to nothing. Every counter and histogram carries the labels `broker` and
-//! `queue`, and outcome counters also `outcome`.
+//! recording costs next to nothing. The metrics carry no labels (a label per queue would cost
+//! an allocation per message); run one recorder scope per consumer to tell consumers apart.
+//! `acked` counts what the adapter accepted as acknowledged (RabbitMQ may still hold a tag back
+//! for its next cumulative ack; Kafka commits on its next commit tick).
 //!
 //! | name | kind | meaning |
 //! |---|---|---|

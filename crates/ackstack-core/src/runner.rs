@@ -17,7 +17,7 @@ use crate::backoff::Backoff;
 use crate::deadletter::DeadLetter;
 use crate::dedup::{DedupConfig, DedupKey, DedupLayer, DedupStore};
 use crate::delivery::Delivery;
-use crate::error::SourceError;
+use crate::error::{ErrorKind, Failure, SourceError};
 use crate::handler::{
     Classifier, Context, Handler, Identity, Layer, Process, RunStats, Stack, Terminal,
 };
@@ -47,8 +47,11 @@ pub enum DeliveryMode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KeyOrdering {
-    /// No ordering: deliveries run concurrently whatever their key.
+    /// Per key where the broker retries in place (Kafka: a retrying record holds back the
+    /// later records of its key, as Kafka users expect), none elsewhere. The default.
     #[default]
+    Auto,
+    /// No ordering: deliveries run concurrently whatever their key.
     None,
     /// Deliveries with the same key run one at a time in receive order, and a failing one is
     /// retried in place (holding its key) so that later ones wait for it.
@@ -414,6 +417,11 @@ impl<S: Source, L> Consumer<S, L> {
             .map(|(store, key)| DedupLayer::shared(store, key).config(cfg.dedup));
         let stack =
             dedup.layer(RetryLayer::from_config(cfg.retry).layer(self.layers.layer(terminal)));
+        let per_key = match cfg.ordering {
+            KeyOrdering::PerKey => true,
+            KeyOrdering::None => false,
+            KeyOrdering::Auto => !caps.broker_delay,
+        };
         let ack_batch = cfg
             .ack_batch
             .unwrap_or(caps.max_ack_batch)
@@ -423,6 +431,7 @@ impl<S: Source, L> Consumer<S, L> {
             ack_batch,
             cfg.ack_delay,
             caps.parallel_acks,
+            (ack_batch * (caps.parallel_acks + 1)).max(cfg.concurrency * 2),
         );
         let leases = caps
             .lease
@@ -432,17 +441,18 @@ impl<S: Source, L> Consumer<S, L> {
             settler,
             acks: acker.queue(),
             max_retry_delay: caps.max_retry_delay,
-            in_place: !caps.broker_delay || cfg.ordering == KeyOrdering::PerKey,
+            in_place: !caps.broker_delay || per_key,
             mode: cfg.mode,
             counters: Counters::default(),
             stats: Arc::new(RunStats::default()),
             correlation_header: cfg.correlation_header.clone(),
             name: self.name.clone(),
             inspector: self.inspector.clone(),
+            backoff: cfg.retry.backoff,
             release_redelivers: caps.broker_delay,
             status: self.status.clone(),
         });
-        let gate = (cfg.ordering == KeyOrdering::PerKey).then(KeyGate::new);
+        let gate = per_key.then(KeyGate::new);
         let hard_stop = CancellationToken::new();
         let permits = Arc::new(Semaphore::new(cfg.concurrency));
         let receive_batch = cfg.receive_batch.max(1);
@@ -603,6 +613,7 @@ struct Shared<P, S: Settle> {
     correlation_header: Option<String>,
     name: Option<Arc<str>>,
     inspector: Option<Inspector>,
+    backoff: Backoff,
     /// Whether a released delivery comes back by itself (false for cumulative-commit brokers
     /// such as Kafka, where an unsettled record holds its partition back).
     release_redelivers: bool,
@@ -643,11 +654,40 @@ impl<P: Process, S: Settle> Shared<P, S> {
         }
     }
 
+    /// Runs the processing stack. A panic anywhere in it (a layer, a key extractor, a
+    /// classifier; the handler's own panics are caught closer to it) is a transient failure.
+    async fn process(&self, delivery: &Delivery, cx: &Context) -> Outcome {
+        use futures::FutureExt;
+        match std::panic::AssertUnwindSafe(self.stack.process(delivery, cx))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
+                Outcome::Retry {
+                    after: self.backoff.delay(delivery.attempt),
+                    failure: Failure::new(ErrorKind::Transient, "a layer panicked"),
+                }
+            }
+        }
+    }
+
+    /// Calls the inspector, if any; its panics are logged, never propagated.
+    fn inspect(&self, delivery: &Delivery, outcome: &Outcome) {
+        if let Some(inspect) = &self.inspector
+            && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inspect(delivery, outcome)))
+                .is_err()
+        {
+            tracing::error!("the outcome inspector panicked");
+        }
+    }
+
     async fn run_one(
         &self,
         received: Received<S::Token>,
         cancel: CancellationToken,
-        lease: Option<LeaseGuard<S::Token>>,
+        mut lease: Option<LeaseGuard<S::Token>>,
         mut turn: Option<Turn>,
     ) {
         let Received {
@@ -676,9 +716,12 @@ impl<P: Process, S: Settle> Shared<P, S> {
             if let Some(turn) = &mut turn {
                 turn.wait().await;
             }
+            let cx = self.context(&cancel);
             if self.mode == DeliveryMode::AtMostOnce {
-                self.acks.push(token);
-                let outcome = self.stack.process(&delivery, &self.context(&cancel)).await;
+                // Acked on receipt: the lease no longer matters.
+                drop(lease.take());
+                self.acks.push(token).await;
+                let outcome = self.process(&delivery, &cx).await;
                 tracing::Span::current().record("outcome", outcome.as_str());
                 if outcome == Outcome::Ack {
                     self.counters
@@ -687,17 +730,14 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 }
                 return;
             }
-            let cx = self.context(&cancel);
             let started = Instant::now();
-            let mut outcome = self.stack.process(&delivery, &cx).await;
+            let mut outcome = self.process(&delivery, &cx).await;
             while self.in_place && !cx.is_cancelled() {
                 let Outcome::Retry { after, failure } = &outcome else {
                     break;
                 };
                 tracing::info!(after = ?after, error = %failure, "retrying in place");
-                if let Some(inspect) = &self.inspector {
-                    inspect(&delivery, &outcome);
-                }
+                self.inspect(&delivery, &outcome);
                 self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
                 metrics::counter!(crate::metrics::RETRIED).increment(1);
                 tokio::select! {
@@ -705,24 +745,26 @@ impl<P: Process, S: Settle> Shared<P, S> {
                     _ = tokio::time::sleep(*after) => {}
                 }
                 delivery.attempt = delivery.attempt.saturating_add(1);
-                outcome = self.stack.process(&delivery, &cx).await;
+                outcome = self.process(&delivery, &cx).await;
             }
             metrics::histogram!(crate::metrics::HANDLER_SECONDS)
                 .record(started.elapsed().as_secs_f64());
-            let lost = lease.as_ref().is_some_and(|l| l.state().is_lost()) || cx.is_cancelled();
-            if lost {
+            if lease.as_ref().is_some_and(|l| l.state().is_lost()) {
+                // Not ours any more: the broker redelivers it. Never ack, never release.
                 tracing::Span::current().record("outcome", "lease_lost");
                 self.counters
                     .leases_lost
                     .fetch_add(1, AtomicOrdering::Relaxed);
                 return;
             }
-            tracing::Span::current().record("outcome", outcome.as_str());
-            if let Some(inspect) = &self.inspector {
-                inspect(&delivery, &outcome);
+            if cx.is_cancelled() {
+                // The shutdown deadline passed: abandoned unacked.
+                tracing::Span::current().record("outcome", "abandoned");
+                return;
             }
-            self.settle(token, &delivery, outcome, &cx).await;
-            drop(lease);
+            tracing::Span::current().record("outcome", outcome.as_str());
+            self.inspect(&delivery, &outcome);
+            self.settle(token, &delivery, outcome, lease, &cx).await;
         }
         .instrument(span)
         .await
@@ -732,13 +774,23 @@ impl<P: Process, S: Settle> Shared<P, S> {
         Context::with_stats(cancel.clone(), self.stats.clone())
     }
 
-    async fn settle(&self, token: S::Token, delivery: &Delivery, outcome: Outcome, cx: &Context) {
+    /// Settles from the outcome. The lease is kept until the ack is confirmed (or, for a
+    /// retry, dropped just before the broker is told to hold the message back, so that no
+    /// extension undoes the delay).
+    async fn settle(
+        &self,
+        token: S::Token,
+        delivery: &Delivery,
+        outcome: Outcome,
+        mut lease: Option<LeaseGuard<S::Token>>,
+        cx: &Context,
+    ) {
         let settled = match outcome {
             Outcome::Ack => {
                 self.counters
                     .succeeded
                     .fetch_add(1, AtomicOrdering::Relaxed);
-                self.acks.push(token);
+                self.acks.push_held(token, lease).await;
                 return;
             }
             Outcome::Retry { after, failure } => {
@@ -746,6 +798,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 metrics::counter!(crate::metrics::RETRIED).increment(1);
                 let after = after.min(self.max_retry_delay);
                 tracing::info!(after = ?after, error = %failure, "retry");
+                drop(lease.take());
                 self.settler.retry(token, delivery, after, &failure).await
             }
             Outcome::DeadLetter(failure) => {
@@ -761,17 +814,31 @@ impl<P: Process, S: Settle> Shared<P, S> {
         match settled {
             Ok(Settled::Done) => {}
             Ok(Settled::AckOriginal(token)) => {
-                self.acks.push(token);
+                self.acks.push_held(token, lease).await;
             }
             Err(SettleFailure { token, error }) => {
                 self.counters
                     .settle_failures
                     .fetch_add(1, AtomicOrdering::Relaxed);
                 metrics::counter!(crate::metrics::SETTLE_FAILURES).increment(1);
-                tracing::warn!(error = %error, "settlement failed; the message will be redelivered");
-                if !error.is_lease_lost() {
-                    self.settler.release(token).await;
+                if error.is_lease_lost() {
+                    tracing::warn!(error = %error, "settlement failed: the delivery is no longer ours");
+                    return;
                 }
+                // Give it back after a pause, so that a failure that repeats (an unroutable
+                // dead-letter queue, a broker alarm) does not become a hot redelivery loop. The
+                // lease is still kept meanwhile.
+                let pause = self
+                    .backoff
+                    .delay_with(delivery.attempt, 1.0)
+                    .min(Duration::from_secs(30));
+                tracing::warn!(error = %error, release_in = ?pause, "settlement failed; the delivery will be released for redelivery");
+                tokio::select! {
+                    _ = cx.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                self.settler.release(token).await;
+                drop(lease);
             }
         }
     }

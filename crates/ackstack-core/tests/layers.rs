@@ -330,10 +330,10 @@ impl Settle for Recording {
 #[tokio::test(start_paused = true)]
 async fn ack_batches_never_exceed_the_batch_size_and_flush_within_the_max_delay() {
     let settler = Recording::default();
-    let acker = BatchAcker::spawn(settler.clone(), 10, Duration::from_millis(100), 1);
+    let acker = BatchAcker::spawn(settler.clone(), 10, Duration::from_millis(100), 1, 64);
     let queue = acker.queue();
     for i in 0..25 {
-        queue.push(i);
+        queue.push(i).await;
     }
     let pushed_at = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -347,7 +347,7 @@ async fn ack_batches_never_exceed_the_batch_size_and_flush_within_the_max_delay(
         );
         assert!(batches[2].1 - pushed_at <= Duration::from_millis(100));
     }
-    queue.push(99);
+    queue.push(99).await;
     drop(queue);
     acker.shutdown().await;
     let batches = settler.batches.lock().unwrap();
@@ -541,4 +541,176 @@ async fn effectively_once_refuses_to_start_without_a_store() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("dedup"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_ack_queue_pushes_back_instead_of_growing() {
+    /// A settler whose acks never complete.
+    #[derive(Clone, Default)]
+    struct Stuck;
+    impl Settle for Stuck {
+        type Token = u32;
+        async fn ack(&self, _: Vec<u32>) -> AckReport<u32> {
+            std::future::pending().await
+        }
+        async fn retry(
+            &self,
+            t: u32,
+            _: &ackstack_core::Delivery,
+            _: Duration,
+            _: &Failure,
+        ) -> Result<Settled<u32>, SettleFailure<u32>> {
+            Ok(Settled::AckOriginal(t))
+        }
+        async fn dead_letter(
+            &self,
+            t: u32,
+            _: &ackstack_core::Delivery,
+            _: &DeadLetter,
+        ) -> Result<Settled<u32>, SettleFailure<u32>> {
+            Ok(Settled::AckOriginal(t))
+        }
+        async fn extend(&self, _: &u32, _: Duration) -> Result<(), SettleError> {
+            Ok(())
+        }
+    }
+    let acker = BatchAcker::spawn(Stuck, 4, Duration::from_millis(10), 1, 8);
+    let queue = acker.queue();
+    let mut accepted = 0;
+    for i in 0..100 {
+        match tokio::time::timeout(Duration::from_secs(1), queue.push(i)).await {
+            Ok(true) => accepted += 1,
+            _ => break,
+        }
+    }
+    // One batch in flight (4), one being gathered (4) and the queue's capacity (8).
+    assert!(
+        accepted <= 16,
+        "accepted {accepted} tokens while acks were stuck"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_layer_is_a_transient_failure() {
+    struct PanicsOnce<P>(P, Arc<AtomicBool>);
+    impl<P: ackstack_core::Process> ackstack_core::Process for PanicsOnce<P> {
+        async fn process(
+            &self,
+            d: &ackstack_core::Delivery,
+            cx: &ackstack_core::Context,
+        ) -> ackstack_core::Outcome {
+            if !self.1.swap(true, Ordering::SeqCst) {
+                panic!("layer bug");
+            }
+            self.0.process(d, cx).await
+        }
+    }
+    struct PanicsOnceLayer(Arc<AtomicBool>);
+    impl<P: ackstack_core::Process> ackstack_core::Layer<P> for PanicsOnceLayer {
+        type Process = PanicsOnce<P>;
+        fn layer(&self, inner: P) -> PanicsOnce<P> {
+            PanicsOnce(inner, self.0.clone())
+        }
+    }
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m"));
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .retry(fast_retry(3))
+        .layer(PanicsOnceLayer(Arc::default()))
+        .run_until(
+            handler_fn(|_d, _cx| async { Ok(()) }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.retried, 1);
+    assert_eq!(summary.succeeded, 1);
+    assert!(broker.is_empty("q"));
+}
+
+#[tokio::test]
+async fn a_lost_dedup_claim_is_not_acked_and_the_duplicate_is_absorbed() {
+    /// A store whose extensions always report the claim as lost.
+    struct LosesClaims(MemoryDedupStore);
+    impl DedupStore for LosesClaims {
+        fn claim<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+            lease: Duration,
+        ) -> BoxFuture<'a, Result<Claim, DedupError>> {
+            self.0.claim(key, token, lease)
+        }
+        fn complete<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+            ttl: Duration,
+        ) -> BoxFuture<'a, Result<bool, DedupError>> {
+            self.0.complete(key, token, ttl)
+        }
+        fn release<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+        ) -> BoxFuture<'a, Result<(), DedupError>> {
+            self.0.release(key, token)
+        }
+        fn extend<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<bool, DedupError>> {
+            // The first extension fails; later ones succeed.
+            let _ = (key, token);
+            Box::pin(async { Ok(false) })
+        }
+    }
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("slow").message_id("k"));
+    let calls = Arc::new(AtomicU32::new(0));
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let (c, x) = (calls.clone(), cancelled.clone());
+    let mut config = ConsumerConfig::default();
+    config.dedup.claim_lease = Duration::from_millis(100);
+    config.dedup.busy_retry_after = Duration::from_millis(20);
+    config.retry.backoff = fast_retry(5);
+    let started = std::time::Instant::now();
+    let c2 = calls.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .config(config)
+        .dedup(LosesClaims(MemoryDedupStore::new()), DedupKey::MessageId)
+        .run_until(
+            handler_fn(move |_d, cx| {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                let x = x.clone();
+                async move {
+                    if n == 0 {
+                        // Outlive the claim: its extension reports it lost, which cancels us.
+                        tokio::select! {
+                            _ = cx.cancelled() => x.store(true, Ordering::SeqCst),
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        }
+                    }
+                    Ok(())
+                }
+            }),
+            until(move || {
+                c2.load(Ordering::SeqCst) >= 2 || started.elapsed() > Duration::from_secs(10)
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(
+        cancelled.load(Ordering::SeqCst),
+        "losing the claim cancels the handler"
+    );
+    assert_eq!(
+        summary.leases_lost, 0,
+        "a lost dedup claim is not a lost lease"
+    );
+    assert!(summary.retried >= 1, "{summary:?}");
+    assert!(calls.load(Ordering::SeqCst) >= 2, "the message came back");
 }
