@@ -1,0 +1,387 @@
+//! The in-memory broker: hand-driven source loops, the bare runner and all layers, with a
+//! no-op handler (ackstack's own overhead); the RSS scaling runs; the callgrind runs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ackstack_core::memory::MemorySource;
+use ackstack_core::{
+    Backoff, Consumer, ConsumerConfig, DedupConfig, DedupKey, DedupStore, MemoryBroker,
+    MemoryDedupStore, Message, Settle, Source,
+};
+use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
+
+use crate::common::{BenchHandler, Counts, LoopEnd, Progress, budget, measure, payload, unique};
+use crate::report::{Role, Series};
+use crate::{Options, RedisTarget};
+
+const QUEUE: &str = "bench";
+/// Handlers at once in every runner loop on the memory broker.
+pub const CONCURRENCY: usize = 64;
+
+/// The loops of the memory broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loop {
+    RawNaive,
+    RawTuned,
+    Bare,
+    Full,
+    FullRedis,
+}
+
+fn fill(n: u64) -> MemoryBroker {
+    let broker = MemoryBroker::new();
+    let run = unique("m");
+    for i in 0..n {
+        broker.publish(
+            QUEUE,
+            Message::new(payload(i)).message_id(format!("{run}-{i}")),
+        );
+    }
+    broker
+}
+
+/// The settings of the "all layers" runs: retry with backoff and a dead-letter limit, batch
+/// acks up to the broker's limit, the lease keeper (the memory source has leases), and dedup.
+pub fn full_config(concurrency: usize, receive_batch: usize) -> ConsumerConfig {
+    let mut config = ConsumerConfig {
+        concurrency,
+        receive_batch,
+        ack_batch: None,
+        dedup: DedupConfig {
+            done_ttl: Duration::from_secs(600),
+            ..DedupConfig::default()
+        },
+        ..ConsumerConfig::default()
+    };
+    config.retry.backoff =
+        Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30))
+            .full_jitter()
+            .max_attempts(5);
+    config
+}
+
+/// The settings of the bare runner: defaults, no dedup.
+pub fn bare_config(concurrency: usize, receive_batch: usize) -> ConsumerConfig {
+    ConsumerConfig {
+        concurrency,
+        receive_batch,
+        ..ConsumerConfig::default()
+    }
+}
+
+async fn raw(
+    source: MemorySource,
+    progress: Arc<Progress>,
+    tuned: bool,
+) -> Result<LoopEnd, String> {
+    let mut source = source.poll_wait(Duration::from_millis(50));
+    let settler = source.settler();
+    let mut ack_calls = 0u64;
+    while !progress.is_done() {
+        let batch = source.receive(64).await.map_err(|e| e.to_string())?;
+        let mut tokens = Vec::with_capacity(batch.len());
+        for r in batch {
+            progress
+                .process(&r.delivery.payload, true)
+                .map_err(|e| e.to_string())?;
+            if tuned {
+                tokens.push(r.token);
+            } else {
+                ack_calls += 1;
+                let report = settler.ack(vec![r.token]).await;
+                if !report.failed.is_empty() {
+                    return Err("ack refused".into());
+                }
+            }
+        }
+        if tuned && !tokens.is_empty() {
+            ack_calls += 1;
+            let report = settler.ack(tokens).await;
+            if !report.failed.is_empty() {
+                return Err("ack refused".into());
+            }
+        }
+    }
+    Ok(LoopEnd {
+        end: Instant::now(),
+        counts: Counts {
+            calls: Some(ack_calls),
+            redis_round_trips: None,
+        },
+    })
+}
+
+/// Runs ackstack's consumer on the memory broker until `progress` is done.
+pub async fn run_consumer(
+    broker: &MemoryBroker,
+    progress: Arc<Progress>,
+    config: ConsumerConfig,
+    dedup: Option<Arc<dyn DedupStore>>,
+) -> Result<LoopEnd, String> {
+    let source = broker.source(QUEUE).poll_wait(Duration::from_millis(50));
+    let mut consumer = Consumer::new(source).config(config);
+    if let Some(store) = dedup {
+        consumer = consumer.dedup_shared(store, DedupKey::MessageId);
+    }
+    let handler = BenchHandler::new(progress.clone(), true);
+    let done = progress.clone();
+    let summary = consumer
+        .run_until(handler, async move { done.wait_done().await })
+        .await
+        .map_err(|e| e.to_string())?;
+    let end = Instant::now();
+    if summary.acked < progress.handled() {
+        return Err(format!(
+            "only {} of {} acked: {summary:?}",
+            summary.acked,
+            progress.handled()
+        ));
+    }
+    Ok(LoopEnd {
+        end,
+        counts: Counts::default(),
+    })
+}
+
+async fn one(
+    kind: Loop,
+    n: u64,
+    opts: &Options,
+    redis: &RedisTarget,
+) -> Result<crate::common::Sample, String> {
+    let broker = fill(n);
+    let progress = Progress::new(n);
+    let budget = budget(n, opts.timeout_secs);
+    let mut redis_store: Option<Arc<RedisDedupStore>> = None;
+    if kind == Loop::FullRedis {
+        let url = redis.usable()?;
+        let store = RedisDedupStore::connect(
+            RedisDedupConfig::new(url).key_prefix(format!("{}:", unique("ackstack-bench"))),
+        )
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+        redis_store = Some(Arc::new(store));
+    }
+    let p = progress.clone();
+    let b = broker.clone();
+    let store = redis_store.clone();
+    let mut sample = measure(&progress, budget, async move {
+        match kind {
+            Loop::RawNaive => raw(b.source(QUEUE), p, false).await,
+            Loop::RawTuned => raw(b.source(QUEUE), p, true).await,
+            Loop::Bare => run_consumer(&b, p, bare_config(CONCURRENCY, 64), None).await,
+            Loop::Full => {
+                let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
+                run_consumer(&b, p, full_config(CONCURRENCY, 64), Some(store)).await
+            }
+            Loop::FullRedis => {
+                let store: Option<Arc<dyn DedupStore>> = store.map(|s| s as Arc<dyn DedupStore>);
+                run_consumer(&b, p, full_config(CONCURRENCY, 64), store).await
+            }
+        }
+    })
+    .await?;
+    let stats = broker.stats(QUEUE);
+    if stats.acked < n {
+        return Err(format!("broker acked {} of {n}", stats.acked));
+    }
+    sample.counts.calls = Some(stats.ack_calls);
+    sample.counts.redis_round_trips = redis_store.map(|s| s.stats().round_trips);
+    Ok(sample)
+}
+
+/// The memory broker's rows, rounds interleaved.
+pub async fn run(opts: &Options, redis: &RedisTarget) -> Vec<Series> {
+    let n = opts.messages.unwrap_or(20_000);
+    let what = "ack calls to the in-memory broker (no network)";
+    let mut loops = vec![
+        (
+            Loop::RawNaive,
+            Series::new(
+                "memory",
+                "raw naive",
+                Role::RawNaive,
+                what,
+                n,
+                "MemorySource driven by hand: receive(64), ack each message, no-op handler",
+            ),
+        ),
+        (
+            Loop::RawTuned,
+            Series::new(
+                "memory",
+                "raw tuned",
+                Role::RawTuned,
+                what,
+                n,
+                "MemorySource driven by hand: receive(64), one ack call per received batch, no-op handler",
+            ),
+        ),
+        (
+            Loop::Bare,
+            Series::new(
+                "memory",
+                "ackstack bare",
+                Role::Ackstack,
+                what,
+                n,
+                format!(
+                    "Consumer defaults (concurrency {CONCURRENCY}, batch acker, lease keeper built in), no dedup, no-op handler"
+                ),
+            ),
+        ),
+        (
+            Loop::Full,
+            Series::new(
+                "memory",
+                "ackstack full",
+                Role::Ackstack,
+                what,
+                n,
+                "all layers: retry (exp. backoff, 5 attempts, dead-letter), batch ack, lease keeper, dedup on message id in MemoryDedupStore, no-op handler",
+            ),
+        ),
+    ];
+    if redis.available() {
+        loops.push((
+            Loop::FullRedis,
+            Series::new(
+                "memory",
+                "ackstack full + Redis dedup",
+                Role::Ackstack,
+                what,
+                n,
+                "all layers, dedup in RedisDedupStore (pipelined), no-op handler",
+            ),
+        ));
+    }
+    for round in 0..opts.rounds {
+        for (kind, series) in loops.iter_mut() {
+            eprintln!(
+                "memory round {}/{}: {}",
+                round + 1,
+                opts.rounds,
+                series.mode
+            );
+            series.record(one(*kind, n, opts, redis).await);
+        }
+    }
+    loops.into_iter().map(|(_, s)| s).collect()
+}
+
+/// One child run of `--rss-scaling`: `n` messages through all layers with a bounded dedup
+/// store, published while consuming with a bounded backlog. Prints `VmHWM` and more.
+pub async fn rss_child(n: u64) -> Result<String, String> {
+    let broker = MemoryBroker::new();
+    let dedup_capacity = 10_000;
+    let store = Arc::new(MemoryDedupStore::with_capacity(dedup_capacity));
+    let progress = Progress::new(n);
+    let producer = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while i < n {
+                if broker.len(QUEUE) < 5_000 {
+                    let end = (i + 1_000).min(n);
+                    while i < end {
+                        broker
+                            .publish(QUEUE, Message::new(payload(i)).message_id(format!("m-{i}")));
+                        i += 1;
+                    }
+                } else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let shared: Arc<dyn DedupStore> = store.clone();
+    let budget = Duration::from_secs(600);
+    let result = tokio::time::timeout(
+        budget,
+        run_consumer_with_visibility(&broker, progress.clone(), shared),
+    )
+    .await;
+    producer.abort();
+    match result {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(format!("timed out with {} handled", progress.handled())),
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(format!(
+        "n={n} vmhwm_kib={} vmrss_kib={} dedup_keys={} secs={secs:.2}",
+        crate::common::peak_rss_kib().unwrap_or(0),
+        crate::common::rss_kib().unwrap_or(0),
+        store.len(),
+    ))
+}
+
+async fn run_consumer_with_visibility(
+    broker: &MemoryBroker,
+    progress: Arc<Progress>,
+    store: Arc<dyn DedupStore>,
+) -> Result<(), String> {
+    // Both the broker's visibility heap and the lease keeper's schedule keep an entry per
+    // delivery until its lease time comes (acked or not), so what they hold is bounded by
+    // throughput × lease, not by the message count. A 1 s lease makes that window shorter than
+    // every run but the smallest; the lease keeper still runs (it would extend at 0.7 s, which
+    // a no-op handler never reaches).
+    let source = broker
+        .source(QUEUE)
+        .poll_wait(Duration::from_millis(50))
+        .visibility_timeout(Duration::from_secs(1));
+    let consumer = Consumer::new(source)
+        .config(full_config(CONCURRENCY, 64))
+        .dedup_shared(store, DedupKey::MessageId);
+    let handler = BenchHandler::new(progress.clone(), true);
+    let done = progress.clone();
+    let summary = consumer
+        .run_until(handler, async move { done.wait_done().await })
+        .await
+        .map_err(|e| e.to_string())?;
+    if summary.acked < progress.handled() {
+        return Err(format!("only {} acked: {summary:?}", summary.acked));
+    }
+    Ok(())
+}
+
+/// `--callgrind MODE`: `publish` only fills the broker; `bare` and `full` also consume
+/// everything with the bare runner or all layers. Returns a one-line summary.
+pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
+    let broker = fill(n);
+    let progress = Progress::new(n);
+    match mode {
+        "publish" => {}
+        "bare" => {
+            run_consumer(
+                &broker,
+                progress.clone(),
+                bare_config(CONCURRENCY, 64),
+                None,
+            )
+            .await?;
+        }
+        "full" => {
+            let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
+            run_consumer(
+                &broker,
+                progress.clone(),
+                full_config(CONCURRENCY, 64),
+                Some(store),
+            )
+            .await?;
+        }
+        other => {
+            return Err(format!(
+                "unknown --callgrind mode {other:?} (publish|bare|full)"
+            ));
+        }
+    }
+    Ok(format!(
+        "callgrind mode={mode} messages={n} handled={} acked={}",
+        progress.handled(),
+        broker.stats(QUEUE).acked
+    ))
+}
