@@ -287,3 +287,97 @@ async fn status_reports_idle_only_when_nothing_arrives_or_runs() {
     );
     assert!(took < Duration::from_secs(3), "never saw idle: {took:?}");
 }
+
+/// A memory source whose dead-letter writes always fail, as with an unroutable dead-letter
+/// queue.
+struct NoDeadLetters(ackstack_core::memory::MemorySource);
+
+#[derive(Clone)]
+struct NoDeadLettersSettler(ackstack_core::memory::MemorySettler);
+
+impl ackstack_core::Source for NoDeadLetters {
+    type Token = ackstack_core::memory::MemoryToken;
+    type Settler = NoDeadLettersSettler;
+    async fn receive(
+        &mut self,
+        max: usize,
+    ) -> Result<Vec<ackstack_core::Received<Self::Token>>, ackstack_core::SourceError> {
+        self.0.receive(max).await
+    }
+    fn settler(&self) -> NoDeadLettersSettler {
+        NoDeadLettersSettler(self.0.settler())
+    }
+    fn capabilities(&self) -> ackstack_core::Capabilities {
+        self.0.capabilities()
+    }
+}
+
+impl ackstack_core::Settle for NoDeadLettersSettler {
+    type Token = ackstack_core::memory::MemoryToken;
+    async fn ack(&self, tokens: Vec<Self::Token>) -> ackstack_core::AckReport<Self::Token> {
+        self.0.ack(tokens).await
+    }
+    async fn retry(
+        &self,
+        token: Self::Token,
+        d: &ackstack_core::Delivery,
+        after: Duration,
+        f: &ackstack_core::Failure,
+    ) -> Result<ackstack_core::Settled<Self::Token>, ackstack_core::SettleFailure<Self::Token>>
+    {
+        self.0.retry(token, d, after, f).await
+    }
+    async fn dead_letter(
+        &self,
+        token: Self::Token,
+        _: &ackstack_core::Delivery,
+        _: &ackstack_core::DeadLetter,
+    ) -> Result<ackstack_core::Settled<Self::Token>, ackstack_core::SettleFailure<Self::Token>>
+    {
+        Err(ackstack_core::SettleFailure::new(
+            token,
+            ackstack_core::SettleError::Broker("dead-letter queue unroutable".into()),
+        ))
+    }
+    async fn extend(
+        &self,
+        token: &Self::Token,
+        by: Duration,
+    ) -> Result<(), ackstack_core::SettleError> {
+        self.0.extend(token, by).await
+    }
+    async fn release(&self, token: Self::Token) {
+        self.0.release(token).await
+    }
+}
+
+#[tokio::test]
+async fn a_failing_dead_letter_is_released_after_a_pause_not_in_a_hot_loop() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("poison"));
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let started = std::time::Instant::now();
+    let summary = Consumer::new(NoDeadLetters(
+        broker.source("q").poll_wait(Duration::from_millis(20)),
+    ))
+    .retry(Backoff::exponential(Duration::from_millis(300), Duration::from_secs(5)).no_jitter())
+    .run_until(
+        handler_fn(move |_d, _cx| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::permanent("poison")) }
+        }),
+        stop_when(move || started.elapsed() > Duration::from_millis(1500)),
+    )
+    .await
+    .unwrap();
+    let calls = calls.load(Ordering::SeqCst);
+    // Released after 300 ms, then 600 ms: at most 3 handler runs in 1.5 s, not hundreds.
+    assert!((2..=4).contains(&calls), "handler ran {calls} times");
+    assert!(summary.settle_failures >= 2, "{summary:?}");
+    assert_eq!(
+        summary.acked, 0,
+        "never acked without a confirmed dead letter"
+    );
+    assert_eq!(broker.len("q"), 1, "the message is kept");
+}
