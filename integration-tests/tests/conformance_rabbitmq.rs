@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use ackstack_core::{DeadLetterMetadata, deadletter::strip_metadata};
 use ackstack_rabbitmq::{QueueType, RabbitConfig, RabbitPublisher, RabbitSource};
 use ackstack_testkit::{DeadLetterCopy, Harness, TestQueue, run_all, unique_name};
 
@@ -66,17 +65,10 @@ impl Harness for Rabbit {
         let mut found = Vec::new();
         while found.len() < min && tokio::time::Instant::now() < deadline {
             match publisher.get_dead_letter().await.unwrap() {
-                Some(fetched) => {
-                    let metadata = DeadLetterMetadata::from_headers(&fetched.headers)
-                        .expect("dead letter carries metadata");
-                    let mut headers = fetched.headers;
-                    strip_metadata(&mut headers);
-                    found.push(DeadLetterCopy {
-                        payload: fetched.payload,
-                        headers,
-                        metadata,
-                    });
-                }
+                Some(fetched) => found.push(
+                    DeadLetterCopy::from_headers(fetched.payload, fetched.headers)
+                        .expect("dead letter carries metadata"),
+                ),
                 None => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }

@@ -68,6 +68,20 @@ pub struct DeadLetterCopy {
     pub metadata: DeadLetterMetadata,
 }
 
+impl DeadLetterCopy {
+    /// Splits a dead-letter copy whose metadata travels as `x-ackstack-dl-*` headers into its
+    /// application headers and the metadata; `None` if the metadata is missing or malformed.
+    pub fn from_headers(payload: Bytes, mut headers: Headers) -> Option<Self> {
+        let metadata = DeadLetterMetadata::from_headers(&headers)?;
+        ackstack_core::deadletter::strip_metadata(&mut headers);
+        Some(DeadLetterCopy {
+            payload,
+            headers,
+            metadata,
+        })
+    }
+}
+
 /// What the suite needs from a broker adapter.
 pub trait Harness: Send + Sync + 'static {
     /// The adapter's source.
@@ -181,16 +195,7 @@ impl Harness for MemoryHarness {
             if found.len() >= min || tokio::time::Instant::now() >= deadline {
                 return found
                     .into_iter()
-                    .filter_map(|m| {
-                        let metadata = DeadLetterMetadata::from_headers(&m.headers)?;
-                        let mut headers = m.headers;
-                        ackstack_core::deadletter::strip_metadata(&mut headers);
-                        Some(DeadLetterCopy {
-                            payload: m.payload,
-                            headers,
-                            metadata,
-                        })
-                    })
+                    .filter_map(|m| DeadLetterCopy::from_headers(m.payload, m.headers))
                     .collect();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
