@@ -4,7 +4,6 @@
 use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
-use ackstack_core::{DeadLetterMetadata, deadletter::strip_metadata};
 use ackstack_kafka::{KafkaConfig, KafkaPublisher, KafkaSource, read_topic};
 use ackstack_testkit::{DeadLetterCopy, Harness, TestQueue, run_all, unique_name};
 use rdkafka::ClientConfig;
@@ -24,10 +23,7 @@ struct Kafka {
 
 /// Starts a mock cluster on a thread of its own; returns its bootstrap servers and a channel
 /// that creates topics on it. The cluster stops when the channel is dropped.
-fn start_mock() -> (
-    String,
-    TopicRequests,
-) {
+fn start_mock() -> (String, TopicRequests) {
     let (tx, rx) = mpsc::channel::<(String, i32, mpsc::Sender<Result<(), String>>)>();
     let (boot_tx, boot_rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -112,16 +108,7 @@ impl Harness for Kafka {
             .unwrap();
         records
             .into_iter()
-            .map(|d| {
-                let metadata = DeadLetterMetadata::from_headers(&d.headers).expect("metadata");
-                let mut headers = d.headers;
-                strip_metadata(&mut headers);
-                DeadLetterCopy {
-                    payload: d.payload,
-                    headers,
-                    metadata,
-                }
-            })
+            .map(|d| DeadLetterCopy::from_headers(d.payload, d.headers).expect("metadata"))
             .collect()
     }
 

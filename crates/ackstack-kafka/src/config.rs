@@ -63,6 +63,18 @@ pub struct KafkaConfig {
     /// group id).
     #[serde(default)]
     pub consumer_name: Option<String>,
+    /// How often the runner confirms that a running handler's partition is still ours
+    /// (default 10s). Kafka has no per-record lease; the adapter reports this as its lease
+    /// ([`Capabilities::lease`](ackstack_core::Capabilities)), so the runner's lease keeper
+    /// calls [`extend`](ackstack_core::Settle::extend) at 70% of it, and `extend` fails with
+    /// [`SettleError::LeaseLost`](ackstack_core::SettleError) once the partition was revoked:
+    /// the handler's cancellation token fires within about 0.7 × this after a revoke. The
+    /// runner's `lease.max_total` then also bounds how long one record may be worked on.
+    #[serde(
+        default = "default_ownership_check",
+        with = "ackstack_core::config::duration"
+    )]
+    pub ownership_check: Duration,
 }
 
 fn default_commit_interval() -> Duration {
@@ -82,6 +94,9 @@ fn default_produce_timeout() -> Duration {
 }
 fn default_buffer() -> usize {
     256
+}
+fn default_ownership_check() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Property names whose values are never printed.
@@ -112,6 +127,7 @@ impl KafkaConfig {
             produce_timeout: default_produce_timeout(),
             buffer: default_buffer(),
             consumer_name: None,
+            ownership_check: default_ownership_check(),
         }
     }
 
@@ -153,6 +169,11 @@ impl KafkaConfig {
         if self.commit_max_count == 0 {
             return Err(KafkaError::Config(
                 "commit_max_count must be at least 1".to_string(),
+            ));
+        }
+        if self.ownership_check < Duration::from_millis(100) {
+            return Err(KafkaError::Config(
+                "ownership_check must be at least 100ms".to_string(),
             ));
         }
         Ok(())
@@ -253,6 +274,7 @@ impl fmt::Debug for KafkaConfig {
             .field("produce_timeout", &self.produce_timeout)
             .field("buffer", &self.buffer)
             .field("consumer_name", &self.consumer_name())
+            .field("ownership_check", &self.ownership_check)
             .finish()
     }
 }
@@ -273,6 +295,7 @@ mod tests {
         assert_eq!(c.commit_interval, Duration::from_millis(250));
         assert_eq!(c.commit_max_count, 1000);
         assert_eq!(c.consumer_name(), "g");
+        assert_eq!(c.ownership_check, Duration::from_secs(10));
         let cc = c.consumer_config();
         assert_eq!(cc.get("enable.auto.commit"), Some("false"));
         assert_eq!(cc.get("enable.auto.offset.store"), Some("false"));
@@ -289,6 +312,9 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = KafkaConfig::new("b:9092", "g", "t");
         c.dlq_topic = Some("t".into());
+        assert!(c.validate().is_err());
+        let mut c = KafkaConfig::new("b:9092", "g", "t");
+        c.ownership_check = Duration::ZERO;
         assert!(c.validate().is_err());
     }
 }

@@ -42,6 +42,30 @@
 //! [`SettleError::LeaseLost`](ackstack_core::SettleError::LeaseLost) and their records are read
 //! again by the new owner.
 //!
+//! # Ownership as the lease
+//!
+//! Kafka has no per-record lease: a record is ours while its partition is assigned to this
+//! member in the generation the record was received in. The adapter reports
+//! [`KafkaConfig::ownership_check`] (default 10 s) as its
+//! [`lease`](ackstack_core::Capabilities::lease), so the runner's lease keeper calls
+//! [`extend`](ackstack_core::Settle::extend) at 70% of it; `extend` returns
+//! [`SettleError::LeaseLost`](ackstack_core::SettleError::LeaseLost) once the partition was
+//! revoked. A revoke therefore cancels the handlers of that partition's records within about
+//! 7 s (by default), and those records are never acked by this member: their new owner reads
+//! them again. Because it is a lease to the runner, the runner's `lease.max_total` (default one
+//! hour) also bounds how long one record, in-place retries included, may be worked on; a record
+//! that outlives it is abandoned unacked and holds its partition's commits until the partition
+//! is reassigned or the consumer restarts.
+//!
+//! # Releases
+//!
+//! [`release`](ackstack_core::Settle::release) (which the runner calls only after a failed
+//! settlement or for cancelled work) makes the poll thread seek the record's partition back to
+//! its lowest unfinished offset and start a new generation there, so the record is read again
+//! instead of freezing the partition's commits. Every other record of that partition still in
+//! flight is read again too (as after a revoke). Should the seek fail, the record stays in
+//! flight and the partition's commits are held before it until reassignment (logged at warn).
+//!
 //! # Retries and dead letters
 //!
 //! Kafka retries in place ([`ackstack_core::Capabilities::with_in_place_retry`]): the runner

@@ -31,6 +31,8 @@ use crate::{KafkaError, MESSAGE_ID_HEADER};
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How long [`KafkaSource::receive`] waits for a first record before returning none.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How long moving a partition's read position back (for a released record) may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The handle of one received record: where it is and in which assignment generation it was
 /// received. Acks of a token whose generation has ended (the partition was revoked) are refused
@@ -72,6 +74,8 @@ struct Shared {
     stop: AtomicBool,
     commit_interval: Duration,
     commit_max_count: usize,
+    /// Released records whose partitions the poll thread is to read again from them.
+    rewinds: Mutex<Vec<KafkaToken>>,
 }
 
 /// Acks since the last commit, and when that was.
@@ -90,6 +94,10 @@ impl Shared {
 
     fn batch(&self) -> MutexGuard<'_, CommitBatch> {
         self.batch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn rewinds(&self) -> MutexGuard<'_, Vec<KafkaToken>> {
+        self.rewinds.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether a commit is due by count or by time.
@@ -227,6 +235,8 @@ struct Inner {
     producer: FutureProducer,
     dlq_topic: String,
     produce_timeout: Duration,
+    /// Reported as the lease: see [`KafkaConfig::ownership_check`].
+    ownership_check: Duration,
 }
 
 impl Drop for Inner {
@@ -284,6 +294,7 @@ impl KafkaSource {
             stop: AtomicBool::new(false),
             commit_interval: config.commit_interval,
             commit_max_count: config.commit_max_count,
+            rewinds: Mutex::new(Vec::new()),
         });
         let consumer: BaseConsumer<KafkaContext> = config
             .consumer_config()
@@ -320,6 +331,7 @@ impl KafkaSource {
                 producer,
                 dlq_topic: config.dlq_topic(),
                 produce_timeout: config.produce_timeout,
+                ownership_check: config.ownership_check,
             }),
             rx,
             thread: Some(thread),
@@ -393,8 +405,13 @@ impl ackstack_core::Source for KafkaSource {
         }
     }
 
+    /// Acks up to 1000 per call, retries in place, and a "lease" of
+    /// [`KafkaConfig::ownership_check`]: partition ownership, checked by
+    /// [`extend`](ackstack_core::Settle::extend) (see the crate documentation).
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(1000).with_in_place_retry()
+        Capabilities::new(1000)
+            .with_in_place_retry()
+            .with_lease(self.inner.ownership_check)
     }
 
     async fn close(&mut self) {
@@ -425,7 +442,18 @@ impl ackstack_core::Source for KafkaSource {
 ///   [`DeadLetterMetadata`](ackstack_core::DeadLetterMetadata) headers (replacing earlier
 ///   `x-ackstack-dl-*`), waits for the delivery report, then returns
 ///   [`Settled::AckOriginal`] so that the offset may pass.
-/// * [`release`](ackstack_core::Settle::release) leaves the record uncommitted, like `retry`.
+/// * [`extend`](ackstack_core::Settle::extend) checks that the token's partition is still ours
+///   in the generation the record was received in (the "lease" is partition ownership, see
+///   [`KafkaConfig::ownership_check`]); after a revoke it returns [`SettleError::LeaseLost`], so
+///   the runner cancels the handler and never acks the record.
+/// * [`release`](ackstack_core::Settle::release) has the record read again: the poll thread
+///   seeks its partition back to the lowest unfinished offset (at or below the released one)
+///   and starts a new generation there. Every record of the partition still in flight becomes
+///   stale (acks refused, `extend` fails so their handlers are cancelled) and is read again, as
+///   after a revoke; records completed above the released one are read (and handled) again.
+///   If the seek fails, the record stays in flight and the partition's commits are held before
+///   it until the partition is reassigned or the consumer restarts (logged at warn). The
+///   runner releases only after a failed settlement or cancelled work, not on a lost lease.
 /// * [`flush`](ackstack_core::Settle::flush) commits every committable position synchronously.
 #[derive(Clone)]
 pub struct KafkaSettler {
@@ -538,8 +566,11 @@ impl ackstack_core::Settle for KafkaSettler {
         }
     }
 
+    /// Kafka has no per-record lease: the "lease" is ownership of the record's partition in
+    /// the generation it was received in. `Ok` while that generation is current;
+    /// [`SettleError::LeaseLost`] once the partition was revoked (or rewound by a release),
+    /// which makes the runner cancel the handler and never ack the record.
     async fn extend(&self, token: &KafkaToken, _by: Duration) -> Result<(), SettleError> {
-        // Kafka has no per-record lease; ownership is the partition's generation.
         if self.is_current(token) {
             Ok(())
         } else {
@@ -547,13 +578,23 @@ impl ackstack_core::Settle for KafkaSettler {
         }
     }
 
+    /// Has the poll thread read the partition again from the released record (see
+    /// [`KafkaSettler`]). A token whose generation already ended needs nothing: its
+    /// partition's new owner reads it again.
     async fn release(&self, token: KafkaToken) {
-        // Left in flight: the watermark never passes it, so it is read again after the next
-        // reassignment or restart.
-        tracing::debug!(
+        if !self.is_current(&token) {
+            tracing::debug!(
+                topic = %token.topic, partition = token.partition, offset = token.offset,
+                "released record's partition was already revoked; its new owner reads it again"
+            );
+            return;
+        }
+        tracing::warn!(
             topic = %token.topic, partition = token.partition, offset = token.offset,
-            "record released; its partition's commits stop before it"
+            "record released: its partition is rewound to its lowest unfinished offset and the \
+             records of the partition still in flight are read again"
         );
+        self.inner.shared.rewinds().push(token);
     }
 
     async fn flush(&self) {
@@ -583,6 +624,7 @@ impl Poller {
             if self.shared.closing.load(Ordering::SeqCst) {
                 self.pending.clear();
             }
+            self.rewind();
             self.hand_over();
             if self.shared.commit_due()
                 && let Err(error) = self.shared.commit(&self.consumer, false)
@@ -656,6 +698,53 @@ impl Poller {
             }
             other => {
                 tracing::warn!(error = %other, "consumer error (librdkafka retries by itself)")
+            }
+        }
+    }
+
+    /// Reads the partitions of released records again: seeks each back to its lowest
+    /// unfinished offset, then starts a new generation there (in that order, so that a failed
+    /// seek changes nothing: the record then stays in flight and its partition's commits stop
+    /// before it until the partition is reassigned). Runs on the poll thread, between polls,
+    /// so no record of the old read position is tracked in the new generation (and the new
+    /// watermark holds the position until the record there is read again regardless).
+    fn rewind(&mut self) {
+        let requests = std::mem::take(&mut *self.shared.rewinds());
+        for t in requests {
+            let position =
+                self.shared
+                    .assignments()
+                    .rewind_position(&t.topic, t.partition, t.generation);
+            let position = match position {
+                // Revoked or already rewound (several releases of one generation): nothing to do.
+                Err(_) => continue,
+                Ok(None) => t.offset,
+                Ok(Some(p)) => p.min(t.offset),
+            };
+            if let Err(error) = self.consumer.seek(
+                &t.topic,
+                t.partition,
+                Offset::Offset(position),
+                SEEK_TIMEOUT,
+            ) {
+                tracing::warn!(
+                    %error, topic = %t.topic, partition = t.partition, offset = t.offset,
+                    "cannot rewind the partition of a released record; its commits are held \
+                     before the record until the partition is reassigned or the consumer restarts"
+                );
+                continue;
+            }
+            let rewound =
+                self.shared
+                    .assignments()
+                    .rewind(&t.topic, t.partition, t.generation, position);
+            match rewound {
+                Ok(generation) => tracing::info!(
+                    topic = %t.topic, partition = t.partition, position, generation,
+                    "partition rewound for a released record"
+                ),
+                // Cannot happen: only this thread revokes (inside poll) or rewinds.
+                Err(_) => tracing::debug!("partition revoked while rewinding"),
             }
         }
     }

@@ -133,6 +133,53 @@ impl Assignments {
         out
     }
 
+    /// The position the partition would be read again from if its current generation
+    /// `generation` started over: its watermark's resume position (the lowest offset in flight).
+    /// `Err(Stale)` when `generation` already ended; `Ok(None)` when nothing is tracked.
+    pub fn rewind_position(
+        &self,
+        topic: &str,
+        partition: i32,
+        generation: u64,
+    ) -> Result<Option<i64>, Stale> {
+        match self.topics.get(topic).and_then(|p| p.get(&partition)) {
+            Some(entry) if entry.generation == generation => Ok(entry.watermark.resume_position()),
+            _ => Err(Stale),
+        }
+    }
+
+    /// Ends generation `generation` of the partition and starts a new one whose reading was
+    /// moved back to `position` (the consumer was seeked there). Returns the new generation,
+    /// or `Err(Stale)` when `generation` already ended.
+    ///
+    /// The new watermark starts with `position` in flight, so no completion of the new
+    /// generation moves the commit position past `position` before the record there is read
+    /// again and completed, even if a record fetched before the seek arrives first. Tokens of
+    /// the old generation become stale: their acks are refused and their records are read
+    /// again.
+    pub fn rewind(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        generation: u64,
+        position: i64,
+    ) -> Result<u64, Stale> {
+        let committed = self.entry_mut(topic, partition, generation)?.committed;
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let mut watermark = Watermark::new();
+        watermark.track(position);
+        self.topics.entry(topic.to_string()).or_default().insert(
+            partition,
+            Entry {
+                generation,
+                watermark,
+                committed,
+            },
+        );
+        Ok(generation)
+    }
+
     /// How many partitions are assigned.
     pub fn len(&self) -> usize {
         self.topics.values().map(HashMap::len).sum()
@@ -290,5 +337,35 @@ mod tests {
         assert_eq!(a.revoke("t", 0), Some(6));
         assert_eq!(a.track("t", 0, 7), None, "no longer assigned");
         assert_eq!(a.len(), 1);
+    }
+
+    #[test]
+    fn rewind_starts_a_generation_that_holds_the_position_until_it_is_read_again() {
+        let (mut a, g) = assigned();
+        for o in 0..5 {
+            a.track("t", 0, o);
+        }
+        a.complete("t", 0, 0, g).unwrap();
+        a.complete("t", 0, 2, g).unwrap();
+        // 1 is released: read again from it.
+        assert_eq!(a.rewind_position("t", 0, g), Ok(Some(1)));
+        let g2 = a.rewind("t", 0, g, 1).unwrap();
+        assert_ne!(g, g2);
+        assert!(!a.is_current("t", 0, g));
+        assert_eq!(a.complete("t", 0, 3, g), Err(Stale), "old tokens are stale");
+        assert_eq!(a.rewind("t", 0, g, 1), Err(Stale));
+        assert_eq!(a.rewind_position("t", 0, g), Err(Stale));
+        assert_eq!(a.committable("t", 0), Some(1));
+        // A record fetched before the seek (offset 4) completes first: the position holds at 1.
+        a.track("t", 0, 4);
+        a.complete("t", 0, 4, g2).unwrap();
+        assert_eq!(a.committable("t", 0), Some(1));
+        for o in 1..4 {
+            a.track("t", 0, o);
+        }
+        for o in 1..4 {
+            a.complete("t", 0, o, g2).unwrap();
+        }
+        assert_eq!(a.committable("t", 0), Some(5));
     }
 }

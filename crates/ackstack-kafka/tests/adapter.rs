@@ -210,47 +210,162 @@ async fn dead_lettered_record_lands_in_dlq_with_metadata_and_its_offset_passes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_and_retry_leave_the_record_uncommitted_and_extend_is_ok() {
+async fn retry_leaves_the_record_uncommitted_and_the_lease_is_ownership() {
     let k = kafka();
-    let topic = unique("rel");
+    let topic = unique("retry");
     let group = unique("g");
     k.create_topic(&topic, 1).await;
-    k.produce(&topic, 3, 1).await;
+    k.produce(&topic, 2, 1).await;
 
-    let mut source = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+    let mut config = k.config(&group, &topic);
+    let mut source = KafkaSource::new(&config).unwrap();
     assert!(
         !source.capabilities().broker_delay,
         "Kafka retries in place"
     );
-    assert_eq!(source.capabilities().lease, None);
+    assert_eq!(
+        source.capabilities().lease,
+        Some(Duration::from_secs(10)),
+        "partition ownership is reported as a lease, checked by extend"
+    );
     assert!(source.capabilities().max_ack_batch >= 1000);
+    config.ownership_check = Duration::from_secs(3);
+    assert_eq!(
+        KafkaSource::new(&config).unwrap().capabilities().lease,
+        Some(Duration::from_secs(3))
+    );
     let settler = source.settler();
-    let mut got = receive_n(&mut source, 3, WAIT).await;
-    assert_eq!(got.len(), 3);
-    let third = got.pop().unwrap();
+    let mut got = receive_n(&mut source, 2, WAIT).await;
+    assert_eq!(got.len(), 2);
     let second = got.pop().unwrap();
     let first = got.pop().unwrap();
     settler
         .extend(&first.token, Duration::from_secs(30))
         .await
         .unwrap();
-    settler.release(first.token).await;
     let failure = Failure::new(ErrorKind::Transient, "later");
     let retried = settler
         .retry(
-            second.token,
-            &second.delivery,
+            first.token,
+            &first.delivery,
             Duration::from_secs(1),
             &failure,
         )
         .await
         .unwrap();
     assert_eq!(retried, Settled::Done);
-    assert_eq!(settler.ack(vec![third.token]).await.acked, 1);
+    assert_eq!(settler.ack(vec![second.token]).await.acked, 1);
     settler.flush().await;
-    // The position stays at 0: offset 0 is still in flight (released), so acking 2 moved nothing.
+    // The position stays at 0: offset 0 is still in flight (retrying), so acking 1 moved nothing.
     assert_eq!(k.committed(&group, &topic, 1).await, vec![0]);
     assert_eq!(source.committable(&topic, 0), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_reads_the_record_again_and_unfreezes_the_partition() {
+    let k = kafka();
+    let topic = unique("rel");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    k.produce(&topic, 4, 1).await;
+
+    let mut source = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+    let settler = source.settler();
+    let mut got = receive_n(&mut source, 4, WAIT).await;
+    assert_eq!(ids(&got), vec![0, 1, 2, 3]);
+    let fourth = got.pop().unwrap();
+    let third = got.pop().unwrap();
+    let second = got.pop().unwrap();
+    let first = got.pop().unwrap();
+    // 0 completes, 2 completes, 1 is released, 3 is still in flight.
+    assert_eq!(settler.ack(vec![first.token, third.token]).await.acked, 2);
+    let stale = fourth.token.clone();
+    settler.release(second.token.clone()).await;
+    // The partition is read again from the released offset 1 in a new generation.
+    let again = receive_n(&mut source, 3, WAIT).await;
+    assert_eq!(
+        ids(&again),
+        vec![1, 2, 3],
+        "read again from the released record"
+    );
+    assert_eq!(again[0].delivery.payload, second.delivery.payload);
+    assert!(
+        again
+            .iter()
+            .all(|r| r.token.generation() > stale.generation())
+    );
+    // The old generation is over: its tokens are stale, and extend reports the lost lease.
+    assert!(
+        settler
+            .extend(&stale, Duration::from_secs(10))
+            .await
+            .unwrap_err()
+            .is_lease_lost()
+    );
+    let report = settler.ack(vec![stale]).await;
+    assert!(report.failed[0].1.is_lease_lost());
+    // Releasing a stale token again does nothing.
+    settler.release(second.token).await;
+    let tokens: Vec<_> = again.into_iter().map(|r| r.token).collect();
+    assert_eq!(settler.ack(tokens).await.acked, 3);
+    settler.flush().await;
+    assert_eq!(k.committed(&group, &topic, 1).await, vec![4]);
+    assert!(
+        receive_for(&mut source, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_fails_with_lease_lost_once_the_partition_is_revoked() {
+    let k = kafka();
+    let topic = unique("own");
+    let group = unique("g");
+    k.create_topic(&topic, 2).await;
+    k.produce(&topic, 2, 2).await;
+
+    let mut a = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+    let settler = a.settler();
+    let held = receive_n(&mut a, 2, WAIT).await;
+    assert_eq!(held.len(), 2, "the first member owns both partitions");
+    for r in &held {
+        settler
+            .extend(&r.token, Duration::from_secs(10))
+            .await
+            .expect("current partition: the lease holds");
+    }
+    // A second member joins: one partition moves to it.
+    let mut b = KafkaSource::new(&k.config(&group, &topic)).unwrap();
+    let moved = receive_n(&mut b, 1, Duration::from_secs(60)).await;
+    assert_eq!(moved.len(), 1, "the second member got a partition");
+    let moved_partition = moved[0].token.partition();
+    common::eventually(WAIT, "first member down to one partition", || {
+        a.assigned_partitions() == 1
+    })
+    .await;
+    let lost = held
+        .iter()
+        .find(|r| r.token.partition() == moved_partition)
+        .unwrap();
+    let err = settler
+        .extend(&lost.token, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(err.is_lease_lost(), "{err}");
+    assert!(
+        settler.ack(vec![lost.token.clone()]).await.failed[0]
+            .1
+            .is_lease_lost()
+    );
+    // The new owner's token is current.
+    let b_settler = b.settler();
+    b_settler
+        .extend(&moved[0].token, Duration::from_secs(10))
+        .await
+        .expect("the new owner holds the lease");
+    assert_eq!(b_settler.ack(vec![moved[0].token.clone()]).await.acked, 1);
+    b_settler.flush().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,11 @@
 //! window, and at [`flush`](ackstack_core::Settle::flush). [`RabbitSettler::stats`] counts
 //! the frames.
 //!
+//! [`release`](ackstack_core::Settle::release) gives a delivery back with
+//! `basic.reject requeue=true` (not `basic.nack`: RabbitMQ 4.3 and later count only a reject
+//! in a quorum queue's `x-delivery-count`, so only a reject makes a release an attempt that
+//! `x-delivery-limit` sees), then sends the acks the released tag was holding back.
+//!
 //! # Reconnects
 //!
 //! After a connection or channel loss, [`receive`](ackstack_core::Source::receive) returns

@@ -16,7 +16,7 @@ use ackstack_core::{
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -29,7 +29,7 @@ use crate::config::RabbitConfig;
 use crate::error::RabbitError;
 use crate::tracker::{AckPlan, AckTracker, Completion};
 
-/// How long one `basic.ack`/`basic.nack` frame may take to be written.
+/// How long one `basic.ack`/`basic.reject` frame may take to be written.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing a dead or abandoned connection may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,7 +44,8 @@ pub struct RabbitStats {
     pub ack_frames: u64,
     /// Of those, `multiple=true` frames.
     pub multiple_ack_frames: u64,
-    /// `basic.nack` frames sent (releases).
+    /// Negative acknowledgements sent for releases: `basic.reject requeue=true` frames (the
+    /// name predates the switch from `basic.nack`, see [`Settle::release`]).
     pub nack_frames: u64,
     /// Tokens settled through the adapter's acks (each counted once).
     pub acked_tokens: u64,
@@ -714,8 +715,17 @@ impl Settle for RabbitSettler {
         Ok(())
     }
 
-    /// `basic.nack requeue=true` for this delivery, when its channel is still open (a closed
-    /// channel has already given it back).
+    /// `basic.reject requeue=true` for this delivery, when its channel is still open (a closed
+    /// channel has already given it back); then the acks the release unblocked.
+    ///
+    /// `basic.reject`, not `basic.nack`: RabbitMQ 4.3 and later increment a quorum queue's
+    /// `delivery-count` only for `basic.reject` (a nack "did not process" the message and is
+    /// not counted), and earlier releases count both. A released delivery must count as an
+    /// attempt, so that the attempt number grows and `x-delivery-limit` can stop a crash loop.
+    ///
+    /// A released tag no longer holds the cumulative ack back, so completed tags above it are
+    /// acked here (`basic.ack multiple=true` as far as the watermark now reaches) rather than
+    /// waiting for the next ack call, which on an idle queue may never come.
     async fn release(&self, token: RabbitToken) {
         let generation = token.generation.clone();
         if !generation.alive() {
@@ -727,13 +737,9 @@ impl Settle for RabbitSettler {
         }
         let sent = tokio::time::timeout(
             FRAME_TIMEOUT,
-            generation.consume.basic_nack(
-                token.tag,
-                BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                },
-            ),
+            generation
+                .consume
+                .basic_reject(token.tag, BasicRejectOptions { requeue: true }),
         )
         .await;
         match sent {
@@ -743,7 +749,16 @@ impl Settle for RabbitSettler {
                     .nack_frames
                     .fetch_add(1, Ordering::Relaxed);
             }
-            _ => generation.kill(),
+            _ => {
+                // The channel is gone; the broker gives back this delivery and every other
+                // unacked one by itself.
+                generation.kill();
+                return;
+            }
+        }
+        let plan = tracker.plan(false);
+        if let Err(err) = generation.send(&plan, &self.shared.counters).await {
+            tracing::warn!(error = %err, "acking after a release failed; the held deliveries will be redelivered");
         }
     }
 

@@ -5,7 +5,7 @@
 //! still in flight (invariant 8). The tracker keeps, for the tags above the last cumulative
 //! ack: those in flight (returned by `receive`, not yet settled), those completed (the runner
 //! asked to ack them: the handler succeeded, or a retry / dead-letter copy was confirmed) and
-//! those already settled one by one (individual acks, or nacks from `release`).
+//! those already settled one by one (individual acks, or rejects from `release`).
 //!
 //! The contiguous part is the core [`Watermark`] (invariant 8: one tracker serves Kafka and
 //! RabbitMQ): every delivered tag is tracked in it, and a tag leaves it in flight when it is
@@ -55,7 +55,7 @@ pub(crate) struct AckTracker {
     tags: Watermark,
     /// Completed, not yet acked at the broker.
     completed: BTreeSet<u64>,
-    /// Above `acked_upto`, settled individually (single ack or nack).
+    /// Above `acked_upto`, settled individually (single ack or reject).
     settled: BTreeSet<u64>,
     /// Held completed tags that trigger individual acks.
     starve_threshold: usize,

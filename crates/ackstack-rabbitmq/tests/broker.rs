@@ -554,3 +554,82 @@ async fn quorum_queue_counts_redeliveries_as_attempts() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn release_on_a_quorum_queue_counts_as_an_attempt() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut config = config("quorum-release");
+        config.queue_type = ackstack_rabbitmq::QueueType::Quorum;
+        config.max_attempts = Some(10);
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        publisher.publish(Message::new("r1")).await.unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let first = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].delivery.attempt, 1);
+        let Received { token, .. } = first.into_iter().next().unwrap();
+        settler.release(token).await;
+        assert_eq!(settler.stats().nack_frames, 1);
+        // `basic.reject requeue=true` is a counted return on every RabbitMQ release (4.3 and
+        // later count no `basic.nack`): the broker's x-delivery-count grows, so does the attempt.
+        let second = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(second.len(), 1, "the released delivery came back");
+        assert_eq!(second[0].delivery.payload, "r1");
+        assert_eq!(
+            second[0].delivery.attempt, 2,
+            "a release counts as an attempt"
+        );
+        let Received { token, .. } = second.into_iter().next().unwrap();
+        settler.release(token).await;
+        let third = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(third[0].delivery.attempt, 3);
+        let token = third.into_iter().next().unwrap().token;
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn release_of_a_straggler_acks_the_completed_tags_held_above_it() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut config = config("release-held");
+        config.prefetch = 100;
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        for i in 1..=5 {
+            publisher
+                .publish(Message::new(format!("h{i}")))
+                .await
+                .unwrap();
+        }
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let got = receive_n(&mut source, 5, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 5);
+        let mut got = got.into_iter();
+        let straggler = got.next().unwrap();
+        assert_eq!(straggler.delivery.payload, "h1");
+        // h2..h5 complete while h1 is still in flight: held back, no frame yet.
+        let report = settler.ack(got.map(|r| r.token).collect()).await;
+        assert_eq!(report.acked, 4);
+        assert_eq!(settler.stats().ack_frames, 0, "held behind the straggler");
+        settler.release(straggler.token).await;
+        let stats = settler.stats();
+        assert_eq!(stats.nack_frames, 1);
+        assert_eq!(stats.ack_frames, 1, "the release unblocked the held acks");
+        assert_eq!(stats.multiple_ack_frames, 1);
+        // No further ack call (an idle queue): close the channel. Only h1 may come back.
+        source.disconnect().await;
+        let back = receive_n(&mut source, 5, Duration::from_secs(3)).await;
+        let payloads: Vec<String> = back
+            .iter()
+            .map(|r| String::from_utf8(r.delivery.payload.to_vec()).unwrap())
+            .collect();
+        assert_eq!(payloads, vec!["h1".to_string()], "held acks were lost");
+        let token = back.into_iter().next().unwrap().token;
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
