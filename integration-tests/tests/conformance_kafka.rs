@@ -44,6 +44,8 @@ impl Kafka {
         let mut c = KafkaConfig::new(&self.brokers, format!("{}-group", queue.name), &queue.name);
         c.session_timeout = Duration::from_secs(6);
         c.commit_interval = Duration::from_millis(100);
+        // Partition ownership is Kafka's lease: check it as often as the suite's lease says.
+        c.ownership_check = queue.lease;
         c.property("fetch.wait.max.ms", "100")
             .property("heartbeat.interval.ms", "500")
     }

@@ -24,6 +24,7 @@ async fn retried_three_times_arrives_with_attempt_four_after_bucketed_delays() {
         Duration::from_secs(2),
     ];
     config.poll_interval = Duration::from_millis(100);
+    config.queue_expires = Some(Duration::from_secs(300));
     let backoff = Backoff::exponential(Duration::from_millis(300), Duration::from_secs(10))
         .no_jitter()
         .max_attempts(5);

@@ -64,17 +64,31 @@ pub(crate) async fn declare_topology(
             );
         }
     }
+    expire(&mut work_args, config.queue_expires);
     declare(channel, &config.queue, work_args).await?;
     for bucket in &config.delay_buckets {
         let mut args = queue_type_args(config.queue_type);
+        expire(&mut args, config.queue_expires);
         let ttl = i32::try_from(bucket.as_millis()).unwrap_or(i32::MAX);
         args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl));
         insert_str(&mut args, "x-dead-letter-exchange", "");
         insert_str(&mut args, "x-dead-letter-routing-key", &config.queue);
         declare(channel, &config.delay_queue_name(*bucket), args).await?;
     }
-    declare(channel, &dlq, queue_type_args(config.queue_type)).await?;
+    let mut dlq_args = queue_type_args(config.queue_type);
+    expire(&mut dlq_args, config.queue_expires);
+    declare(channel, &dlq, dlq_args).await?;
     Ok(())
+}
+
+/// Adds `x-expires` (milliseconds, at least 1) when the config asks for it.
+fn expire(args: &mut FieldTable, expires: Option<Duration>) {
+    if let Some(expires) = expires {
+        let ms = i64::try_from(expires.as_millis())
+            .unwrap_or(i64::MAX)
+            .clamp(1, i64::from(i32::MAX));
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+    }
 }
 
 fn queue_type_args(queue_type: QueueType) -> FieldTable {

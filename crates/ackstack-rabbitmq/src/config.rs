@@ -85,6 +85,12 @@ pub struct RabbitConfig {
         with = "ackstack_core::config::duration"
     )]
     pub poll_interval: Duration,
+    /// Declares every queue (work, delay and dead-letter) with `x-expires`: the broker deletes
+    /// a queue, with its messages, once it has been unused (no consumers, no gets, no
+    /// redeclaration) this long. For short-lived and test queues; `None` (the default) for
+    /// production queues.
+    #[serde(default, with = "ackstack_core::config::duration::option")]
+    pub queue_expires: Option<Duration>,
 }
 
 impl RabbitConfig {
@@ -103,6 +109,7 @@ impl RabbitConfig {
             max_attempts: None,
             confirm_timeout: default_confirm_timeout(),
             poll_interval: default_poll_interval(),
+            queue_expires: None,
         }
     }
 

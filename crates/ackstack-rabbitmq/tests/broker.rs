@@ -35,6 +35,8 @@ fn config(prefix: &str) -> RabbitConfig {
     c.connection_name = Some(queue);
     c.delay_buckets = vec![Duration::from_millis(500), Duration::from_millis(1500)];
     c.poll_interval = Duration::from_millis(200);
+    // Test queues delete themselves once unused, so repeated runs leave nothing behind.
+    c.queue_expires = Some(Duration::from_secs(300));
     c
 }
 

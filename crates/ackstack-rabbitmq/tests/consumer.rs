@@ -23,6 +23,7 @@ fn config() -> RabbitConfig {
     c.delay_buckets = vec![Duration::from_millis(300), Duration::from_secs(1)];
     c.poll_interval = Duration::from_millis(200);
     c.prefetch = 20;
+    c.queue_expires = Some(Duration::from_secs(300));
     c
 }
 
