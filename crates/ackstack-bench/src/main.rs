@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo run --release -p ackstack-bench -- [--brokers memory,rabbitmq,sqs,kafka]
-//!     [--messages N] [--rounds R] [--json PATH] [--timeout-secs S]
+//!     [--messages N] [--rounds R] [--json PATH] [--timeout-secs S] [--concurrency N (in-memory rows)]
 //! cargo run --release -p ackstack-bench -- --rss-scaling
 //! valgrind --tool=callgrind target/release/ackstack-bench --callgrind bare|full|publish --messages N
 //! ```
@@ -53,6 +53,8 @@ pub struct Options {
     rss_scaling: bool,
     rss_child: Option<u64>,
     callgrind: Option<String>,
+    /// Handlers at once in the in-memory rows (default 64).
+    pub concurrency: Option<usize>,
 }
 
 const USAGE: &str = "usage: ackstack-bench [--brokers memory,rabbitmq,sqs,kafka] [--messages N] [--rounds R] [--json PATH] [--timeout-secs S]
@@ -71,6 +73,7 @@ fn parse_args() -> Result<Options, String> {
         rounds: 5,
         json: None,
         timeout_secs: None,
+        concurrency: None,
         rss_scaling: false,
         rss_child: None,
         callgrind: None,
@@ -96,6 +99,10 @@ fn parse_args() -> Result<Options, String> {
                 opts.rounds = usize::try_from(number(&value("--rounds")?)?.max(1)).unwrap_or(5)
             }
             "--json" => opts.json = Some(value("--json")?),
+            "--concurrency" => {
+                opts.concurrency =
+                    Some(usize::try_from(number(&value("--concurrency")?)?.max(1)).unwrap_or(64))
+            }
             "--timeout-secs" => opts.timeout_secs = Some(number(&value("--timeout-secs")?)?),
             "--rss-scaling" => opts.rss_scaling = true,
             "--rss-child" => opts.rss_child = Some(number(&value("--rss-child")?)?),

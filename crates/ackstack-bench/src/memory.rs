@@ -166,18 +166,19 @@ async fn one(
     let p = progress.clone();
     let b = broker.clone();
     let store = redis_store.clone();
+    let concurrency = opts.concurrency.unwrap_or(CONCURRENCY);
     let mut sample = measure(&progress, budget, async move {
         match kind {
             Loop::RawNaive => raw(b.source(QUEUE), p, false).await,
             Loop::RawTuned => raw(b.source(QUEUE), p, true).await,
-            Loop::Bare => run_consumer(&b, p, bare_config(CONCURRENCY, 64), None).await,
+            Loop::Bare => run_consumer(&b, p, bare_config(concurrency, 64), None).await,
             Loop::Full => {
                 let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
-                run_consumer(&b, p, full_config(CONCURRENCY, 64), Some(store)).await
+                run_consumer(&b, p, full_config(concurrency, 64), Some(store)).await
             }
             Loop::FullRedis => {
                 let store: Option<Arc<dyn DedupStore>> = store.map(|s| s as Arc<dyn DedupStore>);
-                run_consumer(&b, p, full_config(CONCURRENCY, 64), store).await
+                run_consumer(&b, p, full_config(concurrency, 64), store).await
             }
         }
     })
@@ -227,7 +228,8 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Vec<Series> {
                 what,
                 n,
                 format!(
-                    "Consumer defaults (concurrency {CONCURRENCY}, batch acker, lease keeper built in), no dedup, no-op handler"
+                    "Consumer defaults (concurrency {}, batch acker, lease keeper built in), no dedup, no-op handler",
+                    opts.concurrency.unwrap_or(CONCURRENCY)
                 ),
             ),
         ),

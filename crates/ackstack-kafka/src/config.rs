@@ -56,7 +56,7 @@ pub struct KafkaConfig {
     )]
     pub produce_timeout: Duration,
     /// How many received records may wait for the runner before partitions are paused
-    /// (default 256).
+    /// (default 1024).
     #[serde(default = "default_buffer")]
     pub buffer: usize,
     /// The consumer name recorded in deliveries' origin and dead-letter metadata (default: the
@@ -93,7 +93,7 @@ fn default_produce_timeout() -> Duration {
     Duration::from_secs(30)
 }
 fn default_buffer() -> usize {
-    256
+    1024
 }
 fn default_ownership_check() -> Duration {
     Duration::from_secs(10)

@@ -750,7 +750,9 @@ impl Poller {
     }
 
     /// Hands buffered records to the runner while the channel has room; resumes paused
-    /// partitions once nothing is buffered.
+    /// partitions once nothing is buffered and the channel is at least half empty. (Resuming
+    /// as soon as one slot frees would pause again on the next record: each pause drops
+    /// librdkafka's prefetched records of the partition, to be fetched again.)
     fn hand_over(&mut self) {
         while let Some(r) = self.pending.pop_front() {
             let t = &r.token;
@@ -775,7 +777,8 @@ impl Poller {
                 }
             }
         }
-        if !self.paused.is_empty() && !self.shared.closing.load(Ordering::SeqCst) {
+        let half_empty = self.tx.capacity() * 2 >= self.tx.max_capacity();
+        if !self.paused.is_empty() && half_empty && !self.shared.closing.load(Ordering::SeqCst) {
             let mut tpl = TopicPartitionList::new();
             for (t, p) in self.paused.drain() {
                 tpl.add_partition(&t, p);
