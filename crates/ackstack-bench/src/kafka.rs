@@ -240,6 +240,7 @@ async fn adapter(
         config.buffer = b;
     }
     let source = KafkaSource::new(&config).map_err(|e| format!("KafkaSource: {e}"))?;
+    let stats = source.stats();
     let consumer_config = if full {
         full_config(CONCURRENCY, 64)
     } else {
@@ -266,7 +267,10 @@ async fn adapter(
     }
     Ok(LoopEnd {
         end,
-        counts: Counts::default(),
+        counts: Counts {
+            calls: Some(stats.commits()),
+            ..Counts::default()
+        },
     })
 }
 

@@ -115,7 +115,7 @@ pub mod watermark;
 
 pub use config::KafkaConfig;
 pub use publisher::{KafkaPublisher, read_topic};
-pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaToken};
+pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaStats, KafkaToken};
 
 /// The header that carries a message id (Kafka records have none).
 pub const MESSAGE_ID_HEADER: &str = "x-ackstack-message-id";

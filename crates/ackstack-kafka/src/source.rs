@@ -2,7 +2,7 @@
 //! [`BaseConsumer`], with watermark commits tied to the assignment generation.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -76,6 +76,8 @@ struct Shared {
     commit_max_count: usize,
     /// Released records whose partitions the poll thread is to read again from them.
     rewinds: Mutex<Vec<KafkaToken>>,
+    /// Offset commit requests sent (async, sync and on revoke).
+    commits: Arc<AtomicU64>,
 }
 
 /// Acks since the last commit, and when that was.
@@ -122,6 +124,7 @@ impl Shared {
             return Ok(0);
         }
         let tpl = position_list(&positions)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         if sync {
             drop(assignments);
             consumer.commit(&tpl, CommitMode::Sync)?;
@@ -196,6 +199,7 @@ impl ConsumerContext for KafkaContext {
                 if positions.is_empty() || consumer.assignment_lost() {
                     return;
                 }
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 let result =
                     position_list(&positions).and_then(|t| consumer.commit(&t, CommitMode::Sync));
                 if let Err(error) = result {
@@ -272,6 +276,19 @@ pub struct KafkaSource {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Counts of a [`KafkaSource`]'s broker calls, readable while and after it runs.
+#[derive(Clone, Debug, Default)]
+pub struct KafkaStats {
+    commits: Arc<AtomicU64>,
+}
+
+impl KafkaStats {
+    /// Offset commit requests sent so far (timed and counted batches, flushes, revokes).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSource")
@@ -281,6 +298,13 @@ impl std::fmt::Debug for KafkaSource {
 }
 
 impl KafkaSource {
+    /// Counts of this source's broker calls (shared with its settlers).
+    pub fn stats(&self) -> KafkaStats {
+        KafkaStats {
+            commits: self.inner.shared.commits.clone(),
+        }
+    }
+
     /// Creates the consumer, subscribes to the topic and starts the poll thread.
     pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
         config.validate()?;
@@ -295,6 +319,7 @@ impl KafkaSource {
             commit_interval: config.commit_interval,
             commit_max_count: config.commit_max_count,
             rewinds: Mutex::new(Vec::new()),
+            commits: Arc::default(),
         });
         let consumer: BaseConsumer<KafkaContext> = config
             .consumer_config()
@@ -476,6 +501,13 @@ fn lease_lost(t: &KafkaToken) -> SettleError {
 }
 
 impl KafkaSettler {
+    /// Counts of the source's broker calls.
+    pub fn stats(&self) -> KafkaStats {
+        KafkaStats {
+            commits: self.inner.shared.commits.clone(),
+        }
+    }
+
     fn is_current(&self, t: &KafkaToken) -> bool {
         self.inner
             .shared

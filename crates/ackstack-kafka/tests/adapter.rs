@@ -51,6 +51,13 @@ async fn produce_n_consume_ack_all_commits_n() {
     }
     settler.flush().await;
     assert_eq!(k.committed(&group, &topic, 1).await, vec![N as i64]);
+    // Five ack calls of 100: far fewer commit requests than records.
+    let commits = source.stats().commits();
+    assert!(
+        (1..=6).contains(&commits),
+        "{commits} commits for {N} records"
+    );
+    assert_eq!(settler.stats().commits(), commits);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
