@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ackstack_core::{Context, Delivery, Handler, HandlerError};
+use ackstack_core::{
+    Consumer, ConsumerConfig, Context, DedupKey, DedupStore, Delivery, Handler, HandlerError,
+    Source,
+};
 use serde::Deserialize;
 use stats_alloc::Region;
 use tokio::sync::Notify;
@@ -181,6 +184,38 @@ impl Handler for BenchHandler {
             .map_err(HandlerError::permanent);
         std::future::ready(result)
     }
+}
+
+/// Runs ackstack's consumer of `source` with `config` (deduplicating by message id in `dedup`,
+/// if given) until `progress` is done. Fails unless every handled message was acked; returns
+/// when the consumer finished, after its shutdown flush.
+pub async fn run_ackstack<S: Source>(
+    source: S,
+    config: ConsumerConfig,
+    dedup: Option<Arc<dyn DedupStore>>,
+    progress: &Arc<Progress>,
+    noop: bool,
+) -> Result<Instant, String> {
+    let mut consumer = Consumer::new(source).config(config);
+    if let Some(store) = dedup {
+        consumer = consumer.dedup_shared(store, DedupKey::MessageId);
+    }
+    let done = progress.clone();
+    let summary = consumer
+        .run_until(BenchHandler::new(progress.clone(), noop), async move {
+            done.wait_done().await
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let end = Instant::now();
+    if summary.acked < progress.handled() {
+        return Err(format!(
+            "acked {} of {}: {summary:?}",
+            summary.acked,
+            progress.handled()
+        ));
+    }
+    Ok(end)
 }
 
 /// What one loop reports besides the clock.

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ackstack_core::{Consumer, DedupKey, DedupStore, MemoryDedupStore};
+use ackstack_core::{DedupStore, MemoryDedupStore};
 use ackstack_kafka::{KafkaConfig, KafkaSource, MESSAGE_ID_HEADER};
 use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -21,7 +21,7 @@ use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::common::{
-    BenchHandler, Counts, LoopEnd, Progress, Sample, budget, measure, payload, unique,
+    Counts, LoopEnd, Progress, Sample, budget, measure, payload, run_ackstack, unique,
 };
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
@@ -246,25 +246,7 @@ async fn adapter(
     } else {
         bare_config(CONCURRENCY, 64)
     };
-    let mut consumer = Consumer::new(source).config(consumer_config);
-    if let Some(store) = dedup {
-        consumer = consumer.dedup_shared(store, DedupKey::MessageId);
-    }
-    let done = progress.clone();
-    let summary = consumer
-        .run_until(BenchHandler::new(progress.clone(), false), async move {
-            done.wait_done().await
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let end = Instant::now();
-    if summary.acked < progress.handled() {
-        return Err(format!(
-            "acked {} of {}: {summary:?}",
-            summary.acked,
-            progress.handled()
-        ));
-    }
+    let end = run_ackstack(source, consumer_config, dedup, &progress, false).await?;
     Ok(LoopEnd {
         end,
         counts: Counts {

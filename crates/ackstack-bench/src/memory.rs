@@ -11,7 +11,9 @@ use ackstack_core::{
 };
 use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 
-use crate::common::{BenchHandler, Counts, LoopEnd, Progress, budget, measure, payload, unique};
+use crate::common::{
+    BenchHandler, Counts, LoopEnd, Progress, budget, measure, payload, run_ackstack, unique,
+};
 use crate::report::{Role, Series};
 use crate::{Options, RedisTarget};
 
@@ -120,24 +122,7 @@ pub async fn run_consumer(
     dedup: Option<Arc<dyn DedupStore>>,
 ) -> Result<LoopEnd, String> {
     let source = broker.source(QUEUE).poll_wait(Duration::from_millis(50));
-    let mut consumer = Consumer::new(source).config(config);
-    if let Some(store) = dedup {
-        consumer = consumer.dedup_shared(store, DedupKey::MessageId);
-    }
-    let handler = BenchHandler::new(progress.clone(), true);
-    let done = progress.clone();
-    let summary = consumer
-        .run_until(handler, async move { done.wait_done().await })
-        .await
-        .map_err(|e| e.to_string())?;
-    let end = Instant::now();
-    if summary.acked < progress.handled() {
-        return Err(format!(
-            "only {} of {} acked: {summary:?}",
-            summary.acked,
-            progress.handled()
-        ));
-    }
+    let end = run_ackstack(source, config, dedup, &progress, true).await?;
     Ok(LoopEnd {
         end,
         counts: Counts::default(),

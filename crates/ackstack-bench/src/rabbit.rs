@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ackstack_core::{Consumer, DedupKey, DedupStore, MemoryDedupStore, Source};
+use ackstack_core::{DedupStore, MemoryDedupStore, Source};
 use ackstack_rabbitmq::{RabbitConfig, RabbitSource};
 use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 use futures::StreamExt;
@@ -16,7 +16,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::common::{
-    BenchHandler, Counts, LoopEnd, Progress, Sample, budget, host_port, measure, payload,
+    Counts, LoopEnd, Progress, Sample, budget, host_port, measure, payload, run_ackstack,
     tcp_reachable, unique,
 };
 use crate::memory::{bare_config, full_config};
@@ -240,25 +240,7 @@ async fn adapter(
     } else {
         bare_config(CONCURRENCY, 64)
     };
-    let mut consumer = Consumer::new(source).config(consumer_config);
-    if let Some(store) = dedup {
-        consumer = consumer.dedup_shared(store, DedupKey::MessageId);
-    }
-    let done = progress.clone();
-    let summary = consumer
-        .run_until(BenchHandler::new(progress.clone(), false), async move {
-            done.wait_done().await
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let end = Instant::now();
-    if summary.acked < progress.handled() {
-        return Err(format!(
-            "acked {} of {}: {summary:?}",
-            summary.acked,
-            progress.handled()
-        ));
-    }
+    let end = run_ackstack(source, consumer_config, dedup, &progress, false).await?;
     let stats = settler.stats();
     Ok(LoopEnd {
         end,
