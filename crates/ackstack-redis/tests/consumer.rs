@@ -3,8 +3,6 @@
 //! test runs its own `redis-server` on a free port).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,6 +12,9 @@ use ackstack_core::memory::MemoryBroker;
 use ackstack_core::{
     Backoff, Consumer, ConsumerConfig, DedupKey, HandlerError, Message, handler_fn,
 };
+mod common;
+use common::{OwnRedis, free_port};
+
 use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 
 fn redis_url() -> String {
@@ -158,68 +159,11 @@ async fn two_consumers_sharing_redis_process_each_key_once() {
     );
 }
 
-/// A `redis-server` child process on its own port, killed on drop.
-struct OwnRedis {
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        OwnRedis { child: Some(child) }
-    }
-
-    async fn wait_ready(port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let url = format!("redis://127.0.0.1:{port}");
-        loop {
-            if let Ok(client) = redis::Client::open(url.as_str())
-                && let Ok(Ok(mut c)) = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    client.get_multiplexed_async_connection(),
-                )
-                .await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn a_running_consumer_fails_closed_while_redis_is_down_and_recovers() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut server = OwnRedis::start(port);
-    OwnRedis::wait_ready(port).await;
+    server.wait_ready().await;
     let store: Arc<dyn DedupStore> = Arc::new(
         RedisDedupStore::connect(
             RedisDedupConfig::new(format!("redis://127.0.0.1:{port}"))
@@ -276,8 +220,8 @@ async fn a_running_consumer_fails_closed_while_redis_is_down_and_recovers() {
     assert!(broker.dead_letters("q").is_empty());
 
     // Redis comes back on the same port: the same consumer and store carry on.
-    let _server = OwnRedis::start(port);
-    OwnRedis::wait_ready(port).await;
+    let server = OwnRedis::start(port);
+    server.wait_ready().await;
     wait_effects(3).await;
     assert_eq!(effects.load(Ordering::SeqCst), 3);
     // A duplicate after recovery is recognised.
