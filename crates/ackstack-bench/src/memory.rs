@@ -57,9 +57,8 @@ pub fn full_config(concurrency: usize, receive_batch: usize) -> ConsumerConfig {
         ..ConsumerConfig::default()
     };
     config.retry.backoff =
-        Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30))
-            .full_jitter()
-            .max_attempts(5);
+        Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30)).full_jitter();
+    config.retry.max_attempts = 5;
     config
 }
 

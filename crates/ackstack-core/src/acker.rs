@@ -27,6 +27,8 @@ pub struct AckStats {
     pub failed: AtomicU64,
     /// Ack calls made.
     pub calls: AtomicU64,
+    /// Tokens not sent because their lease was lost while they waited.
+    pub lost: AtomicU64,
 }
 
 /// A token waiting to be acked, with the lease kept until the broker confirmed the ack.
@@ -165,6 +167,21 @@ async fn run<S: Settle>(
 }
 
 async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<AckStats>) {
+    // A delivery whose lease was lost while its ack waited is not ours any more: the broker
+    // redelivers it, so it must not be acked (invariant 6).
+    let before = batch.len();
+    let batch: Vec<_> = batch
+        .into_iter()
+        .filter(|(_, lease)| !lease.as_ref().is_some_and(|l| l.state().is_lost()))
+        .collect();
+    if batch.len() < before {
+        let lost = (before - batch.len()) as u64;
+        stats.lost.fetch_add(lost, Ordering::Relaxed);
+        tracing::warn!(lost, "lease lost while the ack waited; not acking");
+    }
+    if batch.is_empty() {
+        return;
+    }
     let n = batch.len();
     stats.calls.fetch_add(1, Ordering::Relaxed);
     let (tokens, leases): (Vec<_>, Vec<_>) = batch.into_iter().unzip();

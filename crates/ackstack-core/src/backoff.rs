@@ -29,7 +29,8 @@ pub enum Jitter {
     Full,
 }
 
-/// An exponential backoff policy with a cap and an attempt limit.
+/// An exponential delay schedule with a cap: a pure function of the attempt number. The
+/// attempt limit is the retry policy's ([`RetryConfig::max_attempts`](crate::RetryConfig)).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Backoff {
@@ -43,25 +44,22 @@ pub struct Backoff {
     pub cap: Duration,
     /// The jitter.
     pub jitter: Jitter,
-    /// The most handler attempts a message gets; after the last one fails it is dead-lettered.
-    pub max_attempts: u32,
 }
 
 impl Default for Backoff {
-    /// 1 s doubling to 5 min, full jitter, 8 attempts.
+    /// 1 s doubling to 5 min, full jitter.
     fn default() -> Self {
         Backoff {
             base: Duration::from_secs(1),
             factor: 2.0,
             cap: Duration::from_secs(300),
             jitter: Jitter::Full,
-            max_attempts: 8,
         }
     }
 }
 
 impl Backoff {
-    /// Doubling from `base` up to `cap`, full jitter, 8 attempts.
+    /// Doubling from `base` up to `cap`, full jitter.
     pub fn exponential(base: Duration, cap: Duration) -> Self {
         Backoff {
             base,
@@ -91,12 +89,6 @@ impl Backoff {
     /// With full jitter.
     pub fn full_jitter(mut self) -> Self {
         self.jitter = Jitter::Full;
-        self
-    }
-
-    /// With this attempt limit (at least 1).
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n.max(1);
         self
     }
 
@@ -135,11 +127,6 @@ impl Backoff {
     /// The delay after attempt `attempt` failed, with random jitter.
     pub fn delay(&self, attempt: u32) -> Duration {
         self.delay_with(attempt, rand::random::<f64>())
-    }
-
-    /// Whether a message on attempt `attempt` that failed transiently may be tried again.
-    pub fn allows_retry_after(&self, attempt: u32) -> bool {
-        attempt < self.max_attempts
     }
 }
 
@@ -195,20 +182,9 @@ mod tests {
     }
 
     #[test]
-    fn attempt_limit() {
-        let b = Backoff::default().max_attempts(3);
-        assert!(b.allows_retry_after(1));
-        assert!(b.allows_retry_after(2));
-        assert!(!b.allows_retry_after(3));
-        assert_eq!(Backoff::default().max_attempts(0).max_attempts, 1);
-    }
-
-    #[test]
     fn deserializes_from_human_durations() {
-        let b: Backoff = serde_json::from_str(
-            r#"{"base":"250ms","cap":"2m","jitter":"equal","max_attempts":4}"#,
-        )
-        .unwrap();
+        let b: Backoff =
+            serde_json::from_str(r#"{"base":"250ms","cap":"2m","jitter":"equal"}"#).unwrap();
         assert_eq!(b.base, 250 * MS);
         assert_eq!(b.cap, Duration::from_secs(120));
         assert_eq!(b.jitter, Jitter::Equal);

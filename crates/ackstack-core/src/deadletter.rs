@@ -49,8 +49,8 @@ impl DeadLetter {
             ErrorKind::Transient => DeadLetterReason::MaxAttempts,
         };
         DeadLetter {
+            attempts: failure.attempt.max(delivery.attempt),
             failure,
-            attempts: delivery.attempt,
             reason,
         }
     }
@@ -63,7 +63,7 @@ impl DeadLetter {
             .get_str(FIRST_FAILURE_HEADER)
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&first| first <= last)
-            .or((delivery.attempt <= 1).then_some(last));
+            .or((self.attempts <= 1).then_some(last));
         DeadLetterMetadata {
             reason: self.reason,
             error_kind: self.failure.kind,

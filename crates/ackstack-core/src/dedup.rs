@@ -5,17 +5,26 @@
 //!
 //! 1. **claim** the key with a lease and a fresh token (`SET key token NX PX lease`);
 //!    - already **done**: ack without calling the handler;
-//!    - **busy** (claimed by another worker): retry later, never drop;
-//!    - store unreachable: retry later without calling the handler (fail-closed, the default),
-//!      or call the handler anyway (fail-open, by option).
+//!    - **busy** (claimed by another worker), or the store unreachable (fail-closed, the
+//!      default): hold the delivery in process, its lease kept and its concurrency permit held,
+//!      and claim again with backoff, **with the same token** (a claim whose reply was lost
+//!      after the store applied it is recognised as ours), until the store answers, the lease
+//!      is lost or shutdown. Waiting is not a handler attempt: it never moves the message
+//!      toward its attempt limit. When the consumer begins to shut down, a held delivery is
+//!      released for redelivery ([`Outcome::Release`]). Fail-open (by option) calls the
+//!      handler without a claim.
 //! 2. run the handler, **extending** the claim while it runs;
 //! 3. on ack, **complete**: replace the claim by a done marker with a TTL (only if the token
 //!    still matches); on retry or dead-letter, **release** the claim (compare-and-delete).
+//!
+//! Keys are bytes, never a lossy string conversion: two binary ids that differ are two keys. A
+//! missing or empty key means "not deduplicated" (counted in `ackstack_dedup_keyless_total`).
 //!
 //! Marking a key before the handler runs would lose every message whose first attempt fails;
 //! this protocol never does that.
 
 use crate::config::later;
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -26,7 +35,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// The answer to a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// The key is ours until the lease runs out or we complete or release it.
+    /// The key is ours until the lease runs out or we complete or release it. Also the answer
+    /// to a repeated claim with the token that already holds the key.
     Acquired,
     /// The key was already processed: ack without calling the handler.
     Done,
@@ -42,15 +52,17 @@ pub enum Claim {
 #[error("dedup store error: {0}")]
 pub struct DedupError(#[source] pub crate::BoxError);
 
-/// A shared store of claimed and done keys.
+/// A shared store of claimed and done keys. Keys are raw bytes.
 ///
 /// Object-safe (methods return boxed futures), so the runner holds any store as
 /// `Arc<dyn DedupStore>`; the boxing costs one small allocation next to a network round trip.
 pub trait DedupStore: Send + Sync + 'static {
-    /// Claims `key` for `lease` with `token`, unless it is done or claimed.
+    /// Claims `key` for `lease` with `token`, unless it is done or claimed by another token. A
+    /// claim by the token that already holds the key refreshes its lease and is
+    /// [`Claim::Acquired`].
     fn claim<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, DedupError>>;
@@ -59,20 +71,23 @@ pub trait DedupStore: Send + Sync + 'static {
     /// `false` means the claim had lapsed; the key is then left as it is).
     fn complete<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, DedupError>>;
 
     /// Deletes the claim on `key` if `token` still holds it.
-    fn release<'a>(&'a self, key: &'a str, token: &'a str)
-    -> BoxFuture<'a, Result<(), DedupError>>;
+    fn release<'a>(
+        &'a self,
+        key: &'a [u8],
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), DedupError>>;
 
     /// Extends the claim on `key` to `lease` from now, if `token` still holds it. Returns whether
     /// it did.
     fn extend<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, DedupError>>;
@@ -84,18 +99,19 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::delivery::Delivery;
 use crate::error::{ErrorKind, Failure};
 use crate::handler::{Context, Layer, Process};
 use crate::outcome::Outcome;
 
 /// A function computing a delivery's dedup key.
-pub type KeyFn = Arc<dyn Fn(&Delivery) -> Option<String> + Send + Sync>;
+pub type KeyFn = Arc<dyn Fn(&Delivery) -> Option<Vec<u8>> + Send + Sync>;
 
 /// How a delivery's dedup key is found.
 #[derive(Clone)]
 pub enum DedupKey {
-    /// The value of this header (deliveries without it are not deduplicated).
+    /// The value of this header, as bytes (deliveries without it are not deduplicated).
     Header(String),
     /// The message id.
     MessageId,
@@ -114,21 +130,34 @@ impl std::fmt::Debug for DedupKey {
 }
 
 impl DedupKey {
-    /// The key of `delivery`, if it has one.
-    pub fn extract(&self, delivery: &Delivery) -> Option<String> {
-        match self {
-            DedupKey::Header(name) => delivery
-                .headers
-                .get(name)
-                .map(|v| String::from_utf8_lossy(v).into_owned()),
-            DedupKey::MessageId => delivery.message_id.clone(),
-            DedupKey::Func(f) => f(delivery),
-        }
+    /// The key of `delivery`, if it has a non-empty one. Header values are taken byte for byte.
+    pub fn extract<'d>(&self, delivery: &'d Delivery) -> Option<Cow<'d, [u8]>> {
+        let key = match self {
+            DedupKey::Header(name) => delivery.headers.get(name).map(|v| Cow::Borrowed(&v[..])),
+            DedupKey::MessageId => delivery
+                .message_id
+                .as_deref()
+                .map(|id| Cow::Borrowed(id.as_bytes())),
+            DedupKey::Func(f) => f(delivery).map(Cow::Owned),
+        };
+        key.filter(|k| !k.is_empty())
     }
 
-    /// A key computed by `f`.
-    pub fn from_fn(f: impl Fn(&Delivery) -> Option<String> + Send + Sync + 'static) -> Self {
-        DedupKey::Func(Arc::new(f))
+    /// A key computed by `f` (a `String`, `&str` or `Vec<u8>`; `None` or empty: not
+    /// deduplicated).
+    pub fn from_fn<K: Into<Vec<u8>>>(
+        f: impl Fn(&Delivery) -> Option<K> + Send + Sync + 'static,
+    ) -> Self {
+        DedupKey::Func(Arc::new(move |d| f(d).map(Into::into)))
+    }
+}
+
+/// A dedup key for logs: text where it is UTF-8, escaped bytes otherwise.
+struct ShowKey<'a>(&'a [u8]);
+
+impl std::fmt::Display for ShowKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.escape_ascii())
     }
 }
 
@@ -157,11 +186,12 @@ pub struct DedupConfig {
     pub done_ttl: Duration,
     /// Store failures: fail closed (default) or open.
     pub on_store_error: OnStoreError,
-    /// When the store is unreachable (fail-closed), how long until the delivery is retried.
+    /// When the store is unreachable (fail-closed), the longest pause between claims of a
+    /// delivery held in process (the pauses grow from 100 ms up to this).
     #[serde(with = "crate::config::duration")]
     pub store_retry_after: Duration,
-    /// When another worker holds the key, how long until the delivery is retried (at most the
-    /// other claim's remaining lease).
+    /// When another worker holds the key, the longest pause before claiming again (at most
+    /// the other claim's remaining lease).
     #[serde(with = "crate::config::duration")]
     pub busy_retry_after: Duration,
 }
@@ -239,22 +269,75 @@ pub struct Dedup<P> {
     config: DedupConfig,
 }
 
+/// How a claim ended.
+enum Claimed {
+    /// Ours: run the handler.
+    Acquired,
+    /// Already processed.
+    Done,
+    /// The store failed and the policy is fail-open: run the handler without a claim.
+    Open,
+    /// The delivery's work was cancelled while it waited.
+    Cancelled,
+    /// The consumer began to shut down while the delivery waited.
+    Stopping,
+}
+
 impl<P: Process> Dedup<P> {
-    fn store_unavailable(&self, err: &DedupError) -> Outcome {
-        tracing::warn!(error = %err, "dedup store unavailable; failing closed");
-        Outcome::Retry {
-            after: self.config.store_retry_after,
-            failure: Failure::new(
-                ErrorKind::Transient,
-                format!("dedup store unavailable: {err}"),
-            ),
+    /// Claims `key`, holding the delivery in process while the key is busy or the store is
+    /// unreachable (fail-closed). Every claim uses the same `token`.
+    async fn claim(&self, key: &[u8], token: &str, cx: &Context) -> Claimed {
+        let store_backoff =
+            Backoff::exponential(Duration::from_millis(100), self.config.store_retry_after)
+                .equal_jitter();
+        let mut failures = 0u32;
+        // Counts this delivery as waiting for the store (in `Status`) while it is held.
+        let mut held = None;
+        loop {
+            let wait = match self.store.claim(key, token, self.config.claim_lease).await {
+                Ok(Claim::Acquired) => return Claimed::Acquired,
+                Ok(Claim::Done) => return Claimed::Done,
+                Ok(Claim::Busy { expires_in }) => {
+                    failures = 0;
+                    if held.is_none() {
+                        tracing::debug!(key = %ShowKey(key), "dedup key busy; holding the delivery until it is free");
+                    }
+                    expires_in
+                        .unwrap_or(self.config.claim_lease)
+                        .min(self.config.busy_retry_after)
+                        .max(Duration::from_millis(10))
+                }
+                Err(err) => {
+                    if self.config.on_store_error == OnStoreError::FailOpen {
+                        tracing::warn!(error = %err, "dedup store unavailable; failing open");
+                        return Claimed::Open;
+                    }
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(error = %err, "dedup store unavailable; holding the delivery until it answers");
+                    } else {
+                        tracing::debug!(error = %err, failures, "dedup store still unavailable");
+                    }
+                    store_backoff.delay(failures)
+                }
+            };
+            if held.is_none() {
+                metrics::counter!(crate::metrics::DEDUP_HELD).increment(1);
+                held = Some(cx.stats().hold());
+            }
+            tokio::select! {
+                biased;
+                _ = cx.cancelled() => return Claimed::Cancelled,
+                _ = cx.stopping() => return Claimed::Stopping,
+                _ = tokio::time::sleep(wait) => {}
+            }
         }
     }
 
     /// Runs the inner process while extending the claim at half its lease.
     async fn run_claimed(
         &self,
-        key: &str,
+        key: &[u8],
         token: &str,
         delivery: &Delivery,
         cx: &Context,
@@ -276,7 +359,7 @@ impl<P: Process> Dedup<P> {
                         // Another worker may have processed the key meanwhile: do not ack; the
                         // redelivery finds the key done, or claims it again.
                         return Outcome::Retry {
-                            after: self.config.busy_retry_after,
+                            after: Duration::ZERO,
                             failure: Failure::new(ErrorKind::Transient, "dedup claim lost while the handler ran"),
                         };
                     }
@@ -291,13 +374,13 @@ impl<P: Process> Dedup<P> {
                         }
                         Ok(false) => lost = true,
                         Err(err) => {
-                            tracing::warn!(error = %err, key, "could not extend the dedup claim");
+                            tracing::warn!(error = %err, key = %ShowKey(key), "could not extend the dedup claim");
                             lost = Instant::now() >= held_until;
                             next = later(Instant::now(), every / 4);
                         }
                     }
                     if lost {
-                        tracing::warn!(key, "dedup claim lost while the handler ran; cancelling it");
+                        tracing::warn!(key = %ShowKey(key), "dedup claim lost while the handler ran; cancelling it");
                         inner_cx.token().cancel();
                     }
                 }
@@ -309,58 +392,49 @@ impl<P: Process> Dedup<P> {
 impl<P: Process> Process for Dedup<P> {
     async fn process(&self, delivery: &Delivery, cx: &Context) -> Outcome {
         let Some(key) = self.key.extract(delivery) else {
+            metrics::counter!(crate::metrics::DEDUP_KEYLESS).increment(1);
+            cx.note_keyless();
             return self.inner.process(delivery, cx).await;
         };
+        let key = &key[..];
         let token = claim_token();
-        match self
-            .store
-            .claim(&key, &token, self.config.claim_lease)
-            .await
-        {
-            Ok(Claim::Acquired) => {}
-            Ok(Claim::Done) => {
+        match self.claim(key, &token, cx).await {
+            Claimed::Acquired => {}
+            Claimed::Done => {
                 metrics::counter!(crate::metrics::DEDUPLICATED).increment(1);
                 cx.note_deduplicated();
-                tracing::debug!(key, "already processed; acking without calling the handler");
+                tracing::debug!(key = %ShowKey(key), "already processed; acking without calling the handler");
                 return Outcome::Ack;
             }
-            Ok(Claim::Busy { expires_in }) => {
-                let after = expires_in
-                    .unwrap_or(self.config.claim_lease)
-                    .min(self.config.busy_retry_after);
+            Claimed::Open => return self.inner.process(delivery, cx).await,
+            // Never claimed, never attempted: give it back at once.
+            Claimed::Stopping => return Outcome::Release,
+            Claimed::Cancelled => {
+                // Not settled by the runner (the lease is lost or the deadline passed).
                 return Outcome::Retry {
-                    after,
+                    after: Duration::ZERO,
                     failure: Failure::new(
                         ErrorKind::Transient,
-                        "dedup key is being processed by another worker",
+                        "cancelled while waiting for the dedup store",
                     ),
                 };
             }
-            Err(err) => {
-                return match self.config.on_store_error {
-                    OnStoreError::FailClosed => self.store_unavailable(&err),
-                    OnStoreError::FailOpen => {
-                        tracing::warn!(error = %err, "dedup store unavailable; failing open");
-                        self.inner.process(delivery, cx).await
-                    }
-                };
-            }
         }
-        let outcome = self.run_claimed(&key, &token, delivery, cx).await;
+        let outcome = self.run_claimed(key, &token, delivery, cx).await;
         match &outcome {
-            Outcome::Ack => match self
-                .store
-                .complete(&key, &token, self.config.done_ttl)
-                .await
-            {
+            Outcome::Ack => match self.store.complete(key, &token, self.config.done_ttl).await {
                 Ok(true) => {}
-                Ok(false) => tracing::warn!(key, "dedup claim had lapsed before completion"),
+                Ok(false) => {
+                    tracing::warn!(key = %ShowKey(key), "dedup claim had lapsed before completion")
+                }
                 // The effect happened: acking is right; a later duplicate may run again.
-                Err(err) => tracing::warn!(error = %err, key, "could not mark the dedup key done"),
+                Err(err) => {
+                    tracing::warn!(error = %err, key = %ShowKey(key), "could not mark the dedup key done")
+                }
             },
             _ => {
-                if let Err(err) = self.store.release(&key, &token).await {
-                    tracing::warn!(error = %err, key, "could not release the dedup claim; it lapses with its lease");
+                if let Err(err) = self.store.release(key, &token).await {
+                    tracing::warn!(error = %err, key = %ShowKey(key), "could not release the dedup claim; it lapses with its lease");
                 }
             }
         }
@@ -388,8 +462,8 @@ pub struct MemoryDedupStore {
 
 #[derive(Debug, Default)]
 struct MemoryDedupState {
-    entries: HashMap<String, Entry>,
-    done_order: VecDeque<(Instant, String)>,
+    entries: HashMap<Vec<u8>, Entry>,
+    done_order: VecDeque<(Instant, Vec<u8>)>,
     claims_since_sweep: usize,
 }
 
@@ -437,7 +511,7 @@ impl MemoryDedupStore {
 }
 
 impl MemoryDedupState {
-    fn live(&mut self, key: &str, now: Instant) -> Option<&mut Entry> {
+    fn live(&mut self, key: &[u8], now: Instant) -> Option<&mut Entry> {
         let expired = match self.entries.get(key) {
             Some(Entry::Claimed { expires, .. }) | Some(Entry::Done { expires }) => *expires <= now,
             None => return None,
@@ -479,7 +553,7 @@ impl MemoryDedupState {
 impl DedupStore for MemoryDedupStore {
     fn claim<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, DedupError>> {
@@ -487,12 +561,16 @@ impl DedupStore for MemoryDedupStore {
         let mut s = self.lock();
         let answer = match s.live(key, now) {
             Some(Entry::Done { .. }) => Claim::Done,
+            Some(Entry::Claimed { token: t, expires }) if t == token => {
+                *expires = later(now, lease);
+                Claim::Acquired
+            }
             Some(Entry::Claimed { expires, .. }) => Claim::Busy {
                 expires_in: Some(expires.saturating_duration_since(now)),
             },
             None => {
                 s.entries.insert(
-                    key.to_string(),
+                    key.to_vec(),
                     Entry::Claimed {
                         token: token.to_string(),
                         expires: later(now, lease),
@@ -507,7 +585,7 @@ impl DedupStore for MemoryDedupStore {
 
     fn complete<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, DedupError>> {
@@ -516,8 +594,8 @@ impl DedupStore for MemoryDedupStore {
         let ours = matches!(s.live(key, now), Some(Entry::Claimed { token: t, .. }) if t == token);
         if ours {
             let expires = later(now, ttl);
-            s.entries.insert(key.to_string(), Entry::Done { expires });
-            s.done_order.push_back((expires, key.to_string()));
+            s.entries.insert(key.to_vec(), Entry::Done { expires });
+            s.done_order.push_back((expires, key.to_vec()));
             s.sweep(now, self.capacity);
         }
         Box::pin(std::future::ready(Ok(ours)))
@@ -525,7 +603,7 @@ impl DedupStore for MemoryDedupStore {
 
     fn release<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), DedupError>> {
         let now = Instant::now();
@@ -538,7 +616,7 @@ impl DedupStore for MemoryDedupStore {
 
     fn extend<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, DedupError>> {

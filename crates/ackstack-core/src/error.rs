@@ -93,6 +93,8 @@ pub struct Failure {
     pub message: String,
     /// When the failure happened.
     pub at: SystemTime,
+    /// The attempt that failed (1-based), once the retry layer has seen it; 0 before.
+    pub attempt: u32,
 }
 
 impl Failure {
@@ -102,6 +104,7 @@ impl Failure {
             kind,
             message: truncate(message.into(), MAX_FAILURE_MESSAGE),
             at: SystemTime::now(),
+            attempt: 0,
         }
     }
 

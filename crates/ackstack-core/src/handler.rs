@@ -15,7 +15,11 @@ use crate::outcome::Outcome;
 #[derive(Clone, Debug, Default)]
 pub struct Context {
     cancel: CancellationToken,
+    stopping: CancellationToken,
     stats: Arc<RunStats>,
+    /// Where the retry layer records the attempt it is on when it retries in place (set by
+    /// the runner only where retries happen in place).
+    attempt: Option<Arc<std::sync::atomic::AtomicU32>>,
 }
 
 /// Counts that layers report to the runner's [`Summary`](crate::Summary).
@@ -23,6 +27,29 @@ pub struct Context {
 pub struct RunStats {
     /// Deliveries acked without calling the handler.
     pub deduplicated: AtomicU64,
+    /// Retries performed in place by the retry layer.
+    pub retried_in_place: AtomicU64,
+    /// Deliveries whose dedup key was missing or empty (processed without deduplication).
+    pub dedup_keyless: AtomicU64,
+    /// Deliveries held in process right now, waiting for the dedup store or a busy key.
+    pub held: AtomicU64,
+}
+
+impl RunStats {
+    /// Counts a delivery as held until the guard is dropped.
+    pub(crate) fn hold(self: &Arc<Self>) -> HeldGuard {
+        self.held.fetch_add(1, AtomicOrdering::Relaxed);
+        HeldGuard(self.clone())
+    }
+}
+
+/// Counts one delivery in [`RunStats::held`] while alive.
+pub(crate) struct HeldGuard(Arc<RunStats>);
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, AtomicOrdering::Relaxed);
+    }
 }
 
 impl Context {
@@ -35,27 +62,91 @@ impl Context {
     pub fn with_token(cancel: CancellationToken) -> Self {
         Context {
             cancel,
+            stopping: CancellationToken::new(),
             stats: Arc::default(),
+            attempt: None,
         }
     }
 
     /// A context observing `cancel` that reports to `stats`.
     pub fn with_stats(cancel: CancellationToken, stats: Arc<RunStats>) -> Self {
-        Context { cancel, stats }
+        Context {
+            cancel,
+            stopping: CancellationToken::new(),
+            stats,
+            attempt: None,
+        }
+    }
+
+    /// With `stopping` as the consumer's shutdown signal (see [`Context::stopping`]).
+    pub fn with_stopping(mut self, stopping: CancellationToken) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// A context for nested work: cancelled with this one, and cancellable on its own.
     pub fn child(&self) -> Context {
         Context {
             cancel: self.cancel.child_token(),
+            stopping: self.stopping.clone(),
             stats: self.stats.clone(),
+            attempt: self.attempt.clone(),
         }
+    }
+
+    /// Completes once the consumer has begun to shut down. In-flight work still runs to its
+    /// end (up to the shutdown deadline, when [`Context::cancelled`] fires); work that only
+    /// waits, such as a delivery held for its dedup store, gives the delivery back instead.
+    pub async fn stopping(&self) {
+        self.stopping.cancelled().await
+    }
+
+    /// Whether the consumer has begun to shut down (see [`Context::stopping`]).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
     }
 
     /// Records that the delivery was acked as a duplicate, without calling the handler.
     pub fn note_deduplicated(&self) {
         self.stats
             .deduplicated
+            .fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> &Arc<RunStats> {
+        &self.stats
+    }
+
+    /// Tracks in-place attempts (see [`Context::attempt_reached`]).
+    pub(crate) fn with_attempt_slot(mut self) -> Self {
+        self.attempt = Some(Arc::default());
+        self
+    }
+
+    /// Records that in-place retrying reached attempt `n`.
+    pub(crate) fn note_attempt(&self, n: u32) {
+        if let Some(slot) = &self.attempt {
+            slot.store(n, AtomicOrdering::Relaxed);
+        }
+    }
+
+    /// The attempt in-place retrying reached, if it ran.
+    pub(crate) fn attempt_reached(&self) -> Option<u32> {
+        self.attempt
+            .as_ref()
+            .map(|slot| slot.load(AtomicOrdering::Relaxed))
+            .filter(|&n| n > 0)
+    }
+
+    pub(crate) fn note_retried_in_place(&self) {
+        self.stats
+            .retried_in_place
+            .fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
+    pub(crate) fn note_keyless(&self) {
+        self.stats
+            .dedup_keyless
             .fetch_add(1, AtomicOrdering::Relaxed);
     }
 
@@ -148,30 +239,26 @@ pub trait Layer<P> {
 
 /// The innermost step: runs the handler, catching panics, and maps its result to an outcome.
 ///
-/// `Ok` is [`Outcome::Ack`]; a transient error or a panic is [`Outcome::Retry`] after
-/// `retry_after`; a permanent error is [`Outcome::DeadLetter`]. The retry layer, when present,
-/// replaces the delay and enforces the attempt limit.
+/// `Ok` is [`Outcome::Ack`]; a transient error or a panic is [`Outcome::Retry`] (with no
+/// delay of its own: the retry layer decides the delay and the attempt limit); a permanent
+/// error is [`Outcome::DeadLetter`].
 #[derive(Clone)]
 pub struct Terminal<H> {
     handler: H,
-    retry_after: Duration,
     classifier: Option<Classifier>,
 }
 
 impl<H> std::fmt::Debug for Terminal<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Terminal")
-            .field("retry_after", &self.retry_after)
-            .finish_non_exhaustive()
+        f.debug_struct("Terminal").finish_non_exhaustive()
     }
 }
 
 impl<H: Handler> Terminal<H> {
-    /// Wraps `handler`; transient failures retry after `retry_after`.
-    pub fn new(handler: H, retry_after: Duration) -> Self {
+    /// Wraps `handler`.
+    pub fn new(handler: H) -> Self {
         Terminal {
             handler,
-            retry_after,
             classifier: None,
         }
     }
@@ -198,21 +285,19 @@ impl<H: Handler> Process for Terminal<H> {
                 failure
             }
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "handler panicked".to_string());
                 metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
                 Failure::new(
                     crate::ErrorKind::Transient,
-                    format!("handler panicked: {message}"),
+                    format!(
+                        "handler panicked: {}",
+                        crate::retry::panic_message(panic.as_ref())
+                    ),
                 )
             }
         };
         match failure.kind {
             crate::ErrorKind::Transient => Outcome::Retry {
-                after: self.retry_after,
+                after: Duration::ZERO,
                 failure,
             },
             crate::ErrorKind::Permanent => Outcome::DeadLetter(failure),

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -69,14 +69,19 @@ enum Command<T> {
         state: LeaseState,
     },
     Drop(u64),
+    /// Stop keeping the lease; answer once no extension of it is in flight any more.
+    Release(u64, oneshot::Sender<()>),
 }
 
-/// Stops keeping a delivery's lease when dropped.
+/// Stops keeping a delivery's lease when dropped, or when [released](LeaseGuard::release).
 #[derive(Debug)]
 pub struct LeaseGuard<T> {
     id: u64,
     state: LeaseState,
     tx: mpsc::UnboundedSender<Command<T>>,
+    /// How long [`LeaseGuard::release`] waits for an extension in flight, at most.
+    settle_wait: Duration,
+    released: bool,
 }
 
 impl<T> LeaseGuard<T> {
@@ -84,11 +89,30 @@ impl<T> LeaseGuard<T> {
     pub fn state(&self) -> &LeaseState {
         &self.state
     }
+
+    /// Stops keeping the lease and waits until no extension of it is in flight, so that the
+    /// settlement that follows (a retry delay, a release) is the last word on the delivery's
+    /// visibility: an extension never lands after it (invariant 6). An extension that does not
+    /// finish within the lease's length is given up on (adapters bound their calls).
+    pub async fn release(mut self) {
+        self.released = true;
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Command::Release(self.id, done)).is_err() {
+            return;
+        }
+        if tokio::time::timeout(self.settle_wait, wait).await.is_err() {
+            tracing::warn!(
+                "a lease extension is still in flight after a full lease; settling anyway"
+            );
+        }
+    }
 }
 
 impl<T> Drop for LeaseGuard<T> {
     fn drop(&mut self) {
-        let _ = self.tx.send(Command::Drop(self.id));
+        if !self.released {
+            let _ = self.tx.send(Command::Drop(self.id));
+        }
     }
 }
 
@@ -98,6 +122,7 @@ pub struct LeaseKeeper<T> {
     tx: mpsc::UnboundedSender<Command<T>>,
     next_id: std::sync::atomic::AtomicU64,
     task: tokio::task::JoinHandle<()>,
+    lease: Duration,
 }
 
 impl<T> std::fmt::Debug for Command<T> {
@@ -105,6 +130,7 @@ impl<T> std::fmt::Debug for Command<T> {
         match self {
             Command::Hold { id, .. } => write!(f, "Hold({id})"),
             Command::Drop(id) => write!(f, "Drop({id})"),
+            Command::Release(id, _) => write!(f, "Release({id})"),
         }
     }
 }
@@ -118,6 +144,7 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
             tx,
             next_id: std::sync::atomic::AtomicU64::new(0),
             task,
+            lease,
         }
     }
 
@@ -137,6 +164,8 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
             id,
             state,
             tx: self.tx.clone(),
+            settle_wait: self.lease,
+            released: false,
         }
     }
 
@@ -150,9 +179,13 @@ struct Held<T> {
     token: T,
     received: Instant,
     expires: Instant,
+    /// When the next extension is due (entries in the heap for other times are stale).
+    extend_at: Instant,
     cancel: CancellationToken,
     state: LeaseState,
     extending: bool,
+    /// Released while an extension was in flight: answer once it finishes.
+    released: Option<oneshot::Sender<()>>,
 }
 
 enum Extended {
@@ -167,7 +200,14 @@ async fn run<S: Settle>(
     config: LeaseConfig,
     mut rx: mpsc::UnboundedReceiver<Command<S::Token>>,
 ) {
-    let extend_after = lease.mul_f64(config.extend_at.clamp(0.1, 0.95));
+    // `extend_at` is validated in (0, 1) with the consumer's config; clamp anyway so that a
+    // keeper built by hand cannot spin or overflow.
+    let fraction = if config.extend_at.is_finite() {
+        config.extend_at.clamp(0.05, 0.95)
+    } else {
+        0.7
+    };
+    let extend_after = lease.mul_f64(fraction);
     let mut held: HashMap<u64, Held<S::Token>> = HashMap::new();
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     let mut calls: JoinSet<(u64, Instant, Extended)> = JoinSet::new();
@@ -177,29 +217,45 @@ async fn run<S: Settle>(
             cmd = rx.recv() => match cmd {
                 Some(Command::Hold { id, token, received, cancel, state }) => {
                     let expires = later(received, lease);
-                    held.insert(id, Held { token, received, expires, cancel, state, extending: false });
-                    due.push(Reverse((later(received, extend_after), id)));
+                    let extend_at = later(received, extend_after);
+                    held.insert(id, Held { token, received, expires, extend_at, cancel, state, extending: false, released: None });
+                    due.push(Reverse((extend_at, id)));
                 }
                 Some(Command::Drop(id)) => {
                     held.remove(&id);
                 }
+                Some(Command::Release(id, done)) => match held.get_mut(&id) {
+                    Some(h) if h.extending => h.released = Some(done),
+                    _ => {
+                        held.remove(&id);
+                        let _ = done.send(());
+                    }
+                },
                 None => break,
             },
             Some(done) = calls.join_next(), if !calls.is_empty() => {
                 let Ok((id, started, result)) = done else { continue };
                 let Some(h) = held.get_mut(&id) else { continue };
                 h.extending = false;
+                if let Some(released) = h.released.take() {
+                    held.remove(&id);
+                    let _ = released.send(());
+                    continue;
+                }
                 match result {
                     Extended::Ok => {
                         metrics::counter!(crate::metrics::LEASE_EXTENSIONS).increment(1);
                         h.expires = later(started, lease);
-                        due.push(Reverse((later(started, extend_after), id)));
+                        h.extend_at = later(started, extend_after);
+                        due.push(Reverse((h.extend_at, id)));
                     }
                     Extended::Lost => lose(h),
                     Extended::Failed => {
                         // Try again soon, while the current lease still runs.
-                        let retry_at = Instant::now() + (h.expires.saturating_duration_since(Instant::now()) / 4).max(Duration::from_millis(20));
-                        due.push(Reverse((retry_at.min(h.expires), id)));
+                        let now = Instant::now();
+                        let retry_at = now + (h.expires.saturating_duration_since(now) / 4).max(Duration::from_millis(20));
+                        h.extend_at = retry_at.min(h.expires);
+                        due.push(Reverse((h.extend_at, id)));
                     }
                 }
             },
@@ -211,19 +267,27 @@ async fn run<S: Settle>(
                     }
                     due.pop();
                     let Some(h) = held.get_mut(&id) else { continue };
-                    if h.state.is_lost() || h.extending {
+                    if h.state.is_lost() {
                         continue;
                     }
                     if now >= h.expires {
+                        // Lapsed, even if an extension is still on its way: it may land too
+                        // late, after another consumer received the message.
                         lose(h);
+                        continue;
+                    }
+                    if h.extending || now < h.extend_at {
                         continue;
                     }
                     if now.duration_since(h.received).saturating_add(lease) > config.max_total {
                         // No more extensions: the lease lapses at `expires`.
+                        h.extend_at = far_future(now);
                         due.push(Reverse((h.expires, id)));
                         continue;
                     }
                     h.extending = true;
+                    // Check for a lapse at expiry while the call is in flight.
+                    due.push(Reverse((h.expires, id)));
                     let token = h.token.clone();
                     let settler = settler.clone();
                     calls.spawn(async move {
@@ -251,6 +315,10 @@ fn lose<T>(h: &mut Held<T>) {
         metrics::counter!(crate::metrics::LEASES_LOST).increment(1);
         tracing::warn!("lease lost; the delivery's work is cancelled and it will not be acked");
     }
+}
+
+fn far_future(now: Instant) -> Instant {
+    later(now, Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -40,7 +40,8 @@ pub use outcome::Outcome;
 pub use publish::{Message, Publish, PublishError};
 pub use retry::{RetryConfig, RetryLayer};
 pub use runner::{
-    Consumer, ConsumerConfig, ConsumerError, DeliveryMode, Inspector, KeyOrdering, Status, Summary,
+    ConfigError, Consumer, ConsumerConfig, ConsumerError, DeliveryMode, Inspector, KeyOrdering,
+    Status, Summary,
 };
 pub use source::{AckReport, Capabilities, Received, Settle, SettleFailure, Settled, Source};
 pub use watermark::Watermark;

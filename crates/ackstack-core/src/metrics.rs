@@ -19,6 +19,8 @@
 //! | `ackstack_leases_lost_total` | counter | leases lost while a handler ran (work cancelled, not acked) |
 //! | `ackstack_handler_panics_total` | counter | handler panics caught (counted as transient failures) |
 //! | `ackstack_abandoned_total` | counter | deliveries left unacked at the shutdown deadline |
+//! | `ackstack_dedup_held_total` | counter | deliveries held in process because the dedup store was unreachable or their key busy (not counted as attempts) |
+//! | `ackstack_dedup_keyless_total` | counter | deliveries without a (non-empty) dedup key, processed without deduplication |
 //! | `ackstack_in_flight` | gauge | deliveries being processed now |
 //! | `ackstack_handler_seconds` | histogram | time from handler start to outcome |
 
@@ -48,3 +50,7 @@ pub const ABANDONED: &str = "ackstack_abandoned_total";
 pub const IN_FLIGHT: &str = "ackstack_in_flight";
 /// Handler latency in seconds.
 pub const HANDLER_SECONDS: &str = "ackstack_handler_seconds";
+/// Deliveries held in process while the dedup store was unreachable or their key busy.
+pub const DEDUP_HELD: &str = "ackstack_dedup_held_total";
+/// Deliveries without a non-empty dedup key (not deduplicated).
+pub const DEDUP_KEYLESS: &str = "ackstack_dedup_keyless_total";

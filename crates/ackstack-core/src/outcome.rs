@@ -18,15 +18,20 @@ pub enum Outcome {
     },
     /// Never processable: forward to the dead-letter destination, then acknowledge.
     DeadLetter(Failure),
+    /// Not processed, and not a failed attempt (the consumer is stopping while the delivery
+    /// waited for its dedup store): give it back for redelivery as soon as possible.
+    Release,
 }
 
 impl Outcome {
-    /// The outcome's name in spans, metrics and summaries: `ack`, `retry` or `dead_letter`.
+    /// The outcome's name in spans, metrics and summaries: `ack`, `retry`, `dead_letter` or
+    /// `release`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Ack => "ack",
             Outcome::Retry { .. } => "retry",
             Outcome::DeadLetter(_) => "dead_letter",
+            Outcome::Release => "release",
         }
     }
 }

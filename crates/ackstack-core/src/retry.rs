@@ -1,65 +1,145 @@
-//! The retry layer: turns transient failures into broker-delayed retries with exponential
-//! backoff, until the attempt limit; then dead-letters.
+//! The retry layer: the one place where a failed attempt becomes a retry or a dead letter.
 //!
-//! | inner outcome | attempt < max | attempt >= max |
+//! It is the outermost step of the processing stack, so it sees every failure: a handler's
+//! error, a panic anywhere inside it (a user layer, the dedup layer, a [`DedupKey::Func`]
+//! extractor, the handler), and a classifier's verdict. Per attempt:
+//!
+//! | inner outcome | attempt < max_attempts | attempt >= max_attempts |
 //! |---|---|---|
 //! | `Ack` | `Ack` | `Ack` |
-//! | `Retry` (transient failure) | `Retry { after: backoff.delay(attempt) }` | `DeadLetter` |
+//! | `Retry` (transient failure, or a panic) | retry after `backoff.delay(attempt)` | `DeadLetter` |
 //! | `DeadLetter` (permanent failure) | `DeadLetter` | `DeadLetter` |
 //!
-//! The attempt number comes from the broker, so the limit holds across restarts. An optional
-//! immediate tier re-runs the handler in process a few times before falling back to the
-//! broker: a message then gets at most `max_attempts * (1 + immediate)` handler calls.
+//! A retry happens at the broker (`Outcome::Retry` is returned and the runner settles it) or,
+//! where the broker cannot delay a message or per-key ordering holds it, in place: the layer
+//! waits out the delay itself, with the delivery's permit and lease kept, and runs the next
+//! attempt with the attempt number counted up. [`Capabilities`](crate::Capabilities) decide
+//! which. An optional immediate tier re-runs the handler in process a few times before each
+//! retry, without counting attempts: a message then gets at most
+//! `max_attempts * (1 + immediate)` handler calls.
+//!
+//! The attempt number comes from the broker, so the limit holds across restarts. Nothing
+//! below this layer decides a delay: the `after` of an inner `Retry` is ignored.
+//!
+//! [`DedupKey::Func`]: crate::DedupKey::Func
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
 use crate::delivery::Delivery;
+use crate::error::{ErrorKind, Failure};
 use crate::handler::{Context, Layer, Process};
 use crate::outcome::Outcome;
 
-/// Retry configuration: the backoff policy and the optional immediate tier.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// The retry policy: the delay schedule, the attempt limit and the optional immediate tier.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RetryConfig {
-    /// Broker-level backoff and the attempt limit.
+    /// The delay schedule between attempts.
     #[serde(flatten)]
     pub backoff: Backoff,
-    /// In-process retries right after a transient failure, before a broker-level retry.
+    /// The most handler attempts a message gets; after the last one fails it is dead-lettered.
+    pub max_attempts: u32,
+    /// In-process retries right after a transient failure, before the next attempt.
     pub immediate: u32,
     /// The pause between immediate retries.
     #[serde(with = "crate::config::duration")]
     pub immediate_delay: Duration,
 }
 
+impl Default for RetryConfig {
+    /// The default [`Backoff`], 8 attempts, no immediate tier.
+    fn default() -> Self {
+        RetryConfig {
+            backoff: Backoff::default(),
+            max_attempts: 8,
+            immediate: 0,
+            immediate_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Whether a message whose attempt `attempt` failed transiently may be tried again.
+    pub fn allows_retry_after(&self, attempt: u32) -> bool {
+        attempt < self.max_attempts
+    }
+}
+
+/// Called with each retry the layer performs in place, before it waits: for the runner's
+/// counts and the outcome inspector.
+pub(crate) type OnInPlaceRetry = Arc<dyn Fn(&Delivery, &Outcome) + Send + Sync>;
+
 /// Applies a [`RetryConfig`]; see the module docs.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct RetryLayer {
     config: RetryConfig,
+    in_place: bool,
+    max_delay: Option<Duration>,
+    on_in_place: Option<OnInPlaceRetry>,
+}
+
+impl std::fmt::Debug for RetryLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("config", &self.config)
+            .field("in_place", &self.in_place)
+            .field("max_delay", &self.max_delay)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RetryLayer {
-    /// A retry layer with `backoff` and no immediate tier.
+    /// A retry layer with `backoff`, the default attempt limit and no immediate tier.
     pub fn new(backoff: Backoff) -> Self {
-        RetryLayer {
-            config: RetryConfig {
-                backoff,
-                ..RetryConfig::default()
-            },
-        }
+        RetryLayer::from_config(RetryConfig {
+            backoff,
+            ..RetryConfig::default()
+        })
     }
 
     /// A retry layer from a full config.
     pub fn from_config(config: RetryConfig) -> Self {
-        RetryLayer { config }
+        RetryLayer {
+            config,
+            in_place: false,
+            max_delay: None,
+            on_in_place: None,
+        }
     }
 
-    /// With `n` immediate in-process retries `delay` apart before each broker-level retry.
+    /// With this attempt limit (at least 1).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.config.max_attempts = n.max(1);
+        self
+    }
+
+    /// With `n` immediate in-process retries `delay` apart before each retry.
     pub fn immediate(mut self, n: u32, delay: Duration) -> Self {
         self.config.immediate = n;
         self.config.immediate_delay = delay;
+        self
+    }
+
+    /// Retries in place (the layer waits out each delay) instead of returning
+    /// [`Outcome::Retry`] for the broker to delay.
+    pub fn in_place(mut self, in_place: bool) -> Self {
+        self.in_place = in_place;
+        self
+    }
+
+    /// Caps every delay at `max` (the longest delay the broker can honour).
+    pub fn max_delay(mut self, max: Duration) -> Self {
+        self.max_delay = Some(max);
+        self
+    }
+
+    pub(crate) fn on_in_place_retry(mut self, f: Option<OnInPlaceRetry>) -> Self {
+        self.on_in_place = f;
         self
     }
 
@@ -74,42 +154,236 @@ impl<P: Process> Layer<P> for RetryLayer {
     fn layer(&self, inner: P) -> Retry<P> {
         Retry {
             inner,
-            config: self.config,
+            layer: self.clone(),
         }
     }
 }
 
 /// The process a [`RetryLayer`] makes.
-#[derive(Clone, Debug)]
 pub struct Retry<P> {
     inner: P,
-    config: RetryConfig,
+    layer: RetryLayer,
+}
+
+impl<P> std::fmt::Debug for Retry<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retry")
+            .field("layer", &self.layer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Process> Retry<P> {
+    /// One run of the inner stack; a panic anywhere in it is a transient failure.
+    async fn attempt(&self, delivery: &Delivery, cx: &Context) -> Outcome {
+        match std::panic::AssertUnwindSafe(self.inner.process(delivery, cx))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
+                Outcome::Retry {
+                    after: Duration::ZERO,
+                    failure: Failure::new(
+                        ErrorKind::Transient,
+                        format!("panicked: {}", panic_message(panic.as_ref())),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Waits `d` unless the delivery's work is cancelled first; returns whether it waited.
+    async fn pause(d: Duration, cx: &Context) -> bool {
+        tokio::select! {
+            biased;
+            _ = cx.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
 }
 
 impl<P: Process> Process for Retry<P> {
     async fn process(&self, delivery: &Delivery, cx: &Context) -> Outcome {
-        let mut outcome = self.inner.process(delivery, cx).await;
+        let config = &self.layer.config;
+        // A copy with the attempt counted up, made only once a retry happens in place.
+        let mut later_attempt: Option<Delivery> = None;
         let mut immediate = 0;
-        while matches!(outcome, Outcome::Retry { .. })
-            && immediate < self.config.immediate
-            && !cx.is_cancelled()
-        {
-            immediate += 1;
-            tokio::time::sleep(self.config.immediate_delay).await;
-            outcome = self.inner.process(delivery, cx).await;
+        loop {
+            let current = later_attempt.as_ref().unwrap_or(delivery);
+            let outcome = self.attempt(current, cx).await;
+            if cx.is_cancelled() {
+                // Lease lost or shutdown deadline: the runner settles nothing, so decide nothing.
+                return outcome;
+            }
+            let failure = match outcome {
+                Outcome::Retry { failure, .. } => failure,
+                Outcome::DeadLetter(mut failure) => {
+                    failure.attempt = current.attempt;
+                    return Outcome::DeadLetter(failure);
+                }
+                other => return other,
+            };
+            if immediate < config.immediate {
+                immediate += 1;
+                if !Self::pause(config.immediate_delay, cx).await {
+                    return Outcome::Retry {
+                        after: Duration::ZERO,
+                        failure,
+                    };
+                }
+                continue;
+            }
+            let attempt = current.attempt;
+            let mut failure = failure;
+            failure.attempt = attempt;
+            if !config.allows_retry_after(attempt) {
+                return Outcome::DeadLetter(failure);
+            }
+            let mut after = config.backoff.delay(attempt);
+            if let Some(max) = self.layer.max_delay {
+                after = after.min(max);
+            }
+            let outcome = Outcome::Retry { after, failure };
+            if !self.layer.in_place {
+                return outcome;
+            }
+            tracing::info!(after = ?after, attempt, "retrying in place");
+            metrics::counter!(crate::metrics::RETRIED).increment(1);
+            cx.note_retried_in_place();
+            if let Some(observe) = &self.layer.on_in_place {
+                observe(current, &outcome);
+            }
+            if !Self::pause(after, cx).await {
+                return outcome;
+            }
+            let mut next = current.clone();
+            next.attempt = attempt.saturating_add(1);
+            cx.note_attempt(next.attempt);
+            later_attempt = Some(next);
+            immediate = 0;
         }
-        decide(&self.config.backoff, delivery.attempt, outcome)
     }
 }
 
-/// What the retry policy makes of `outcome` on attempt `attempt`.
-pub fn decide(backoff: &Backoff, attempt: u32, outcome: Outcome) -> Outcome {
-    match outcome {
-        Outcome::Retry { failure, .. } if backoff.allows_retry_after(attempt) => Outcome::Retry {
-            after: backoff.delay(attempt),
-            failure,
-        },
-        Outcome::Retry { failure, .. } => Outcome::DeadLetter(failure),
-        other => other,
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::Origin;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Fails transiently (or panics) on every call, counting calls.
+    struct Failing {
+        calls: Arc<AtomicU32>,
+        panic: bool,
+    }
+
+    impl Process for Failing {
+        async fn process(&self, _: &Delivery, _: &Context) -> Outcome {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.panic {
+                panic!("boom");
+            }
+            Outcome::Retry {
+                after: Duration::from_secs(3600),
+                failure: Failure::new(ErrorKind::Transient, "nope"),
+            }
+        }
+    }
+
+    fn delivery(attempt: u32) -> Delivery {
+        let mut d = Delivery::new("x", Origin::new("memory", "q", "c"));
+        d.attempt = attempt;
+        d
+    }
+
+    fn layer() -> RetryLayer {
+        RetryLayer::new(
+            Backoff::exponential(Duration::from_millis(1), Duration::from_millis(4)).no_jitter(),
+        )
+        .max_attempts(3)
+    }
+
+    #[tokio::test]
+    async fn the_delay_comes_from_the_backoff_not_from_inside() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let retry = layer().layer(Failing {
+            calls: calls.clone(),
+            panic: false,
+        });
+        let outcome = retry.process(&delivery(2), &Context::new()).await;
+        let Outcome::Retry { after, failure } = outcome else {
+            panic!("expected a retry, got {outcome:?}");
+        };
+        assert_eq!(
+            after,
+            Duration::from_millis(2),
+            "backoff.delay(2), not the inner 1 h"
+        );
+        assert_eq!(failure.attempt, 2);
+    }
+
+    #[tokio::test]
+    async fn panics_count_as_attempts_and_end_in_the_dead_letter_queue() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let retry = layer().layer(Failing {
+            calls: calls.clone(),
+            panic: true,
+        });
+        assert!(matches!(
+            retry.process(&delivery(1), &Context::new()).await,
+            Outcome::Retry { .. }
+        ));
+        let outcome = retry.process(&delivery(3), &Context::new()).await;
+        let Outcome::DeadLetter(failure) = outcome else {
+            panic!("a panic on the last attempt must dead-letter, got {outcome:?}");
+        };
+        assert!(failure.message.contains("boom"), "{}", failure.message);
+    }
+
+    #[tokio::test]
+    async fn in_place_retries_count_attempts_up_to_the_limit() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let retry = layer()
+            .in_place(true)
+            .immediate(1, Duration::ZERO)
+            .layer(Failing {
+                calls: calls.clone(),
+                panic: false,
+            });
+        let outcome = retry.process(&delivery(1), &Context::new()).await;
+        let Outcome::DeadLetter(failure) = outcome else {
+            panic!("expected a dead letter, got {outcome:?}");
+        };
+        assert_eq!(failure.attempt, 3);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            6,
+            "3 attempts x (1 + 1 immediate)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_delivery_is_not_decided() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let retry = layer().in_place(true).layer(Failing {
+            calls: calls.clone(),
+            panic: false,
+        });
+        let cx = Context::new();
+        cx.token().cancel();
+        let outcome = retry.process(&delivery(3), &cx).await;
+        assert!(matches!(outcome, Outcome::Retry { .. }), "{outcome:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

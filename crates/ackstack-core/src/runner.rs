@@ -17,7 +17,7 @@ use crate::backoff::Backoff;
 use crate::deadletter::DeadLetter;
 use crate::dedup::{DedupConfig, DedupKey, DedupLayer, DedupStore};
 use crate::delivery::Delivery;
-use crate::error::{ErrorKind, Failure, SourceError};
+use crate::error::SourceError;
 use crate::handler::{
     Classifier, Context, Handler, Identity, Layer, Process, RunStats, Stack, Terminal,
 };
@@ -97,7 +97,7 @@ impl Default for ConsumerConfig {
             ack_delay: Duration::from_millis(50),
             shutdown_deadline: Duration::from_secs(30),
             mode: DeliveryMode::AtLeastOnce,
-            ordering: KeyOrdering::None,
+            ordering: KeyOrdering::Auto,
             retry: RetryConfig::default(),
             lease: LeaseConfig::default(),
             dedup: DedupConfig::default(),
@@ -106,15 +106,103 @@ impl Default for ConsumerConfig {
     }
 }
 
+impl ConsumerConfig {
+    /// Checks the settings on their own (see also [`Consumer::validate`], which knows whether
+    /// a dedup store was given).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.concurrency == 0 {
+            return Err(ConfigError::ZeroConcurrency);
+        }
+        if self.receive_batch == 0 {
+            return Err(ConfigError::ZeroReceiveBatch);
+        }
+        if self.ack_batch == Some(0) {
+            return Err(ConfigError::ZeroAckBatch);
+        }
+        let extend_at = self.lease.extend_at;
+        if !(extend_at > 0.0 && extend_at < 1.0) {
+            return Err(ConfigError::ExtendAt(extend_at));
+        }
+        if self.lease.max_total.is_zero() {
+            return Err(ConfigError::ZeroLeaseTotal);
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(ConfigError::ZeroMaxAttempts);
+        }
+        let factor = self.retry.backoff.factor;
+        if !(factor.is_finite() && factor >= 1.0) {
+            return Err(ConfigError::BackoffFactor(factor));
+        }
+        if self.dedup.claim_lease.is_zero() {
+            return Err(ConfigError::ZeroClaimLease);
+        }
+        if self.dedup.done_ttl.is_zero() {
+            return Err(ConfigError::ZeroDoneTtl);
+        }
+        if self.dedup.store_retry_after.is_zero() || self.dedup.busy_retry_after.is_zero() {
+            return Err(ConfigError::ZeroDedupPause);
+        }
+        Ok(())
+    }
+}
+
+/// A consumer configuration that cannot work, found before anything is received.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `concurrency` is 0.
+    #[error("concurrency must be at least 1")]
+    ZeroConcurrency,
+    /// `receive_batch` is 0.
+    #[error("receive_batch must be at least 1")]
+    ZeroReceiveBatch,
+    /// `ack_batch` is 0.
+    #[error("ack_batch must be at least 1 (or unset for the broker's limit)")]
+    ZeroAckBatch,
+    /// `lease.extend_at` is not strictly between 0 and 1.
+    #[error("lease.extend_at must be strictly between 0 and 1, got {0}")]
+    ExtendAt(f64),
+    /// `lease.max_total` is zero.
+    #[error("lease.max_total must not be zero")]
+    ZeroLeaseTotal,
+    /// `retry.max_attempts` is 0.
+    #[error("retry.max_attempts must be at least 1")]
+    ZeroMaxAttempts,
+    /// `retry.factor` is below 1 or not a number.
+    #[error("retry.factor must be a finite number of at least 1, got {0}")]
+    BackoffFactor(f64),
+    /// `dedup.claim_lease` is zero.
+    #[error("dedup.claim_lease must not be zero")]
+    ZeroClaimLease,
+    /// `dedup.done_ttl` is zero.
+    #[error("dedup.done_ttl must not be zero")]
+    ZeroDoneTtl,
+    /// `dedup.store_retry_after` or `dedup.busy_retry_after` is zero (a hot loop on the store).
+    #[error("dedup.store_retry_after and dedup.busy_retry_after must not be zero")]
+    ZeroDedupPause,
+    /// At-most-once acks before the handler runs: deduplication would run on a message
+    /// already acked.
+    #[error(
+        "at-most-once cannot be combined with deduplication (the message is acked before dedup could act)"
+    )]
+    AtMostOnceWithDedup,
+    /// Effectively-once was asked for without a dedup store.
+    #[error("effectively-once needs a dedup store: call .dedup(store, key)")]
+    EffectivelyOnceWithoutStore,
+}
+
 /// The consumer could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     /// The source failed in a way receiving again cannot fix.
     #[error(transparent)]
     Source(#[from] SourceError),
-    /// The configuration is inconsistent.
+    /// The configuration cannot work.
     #[error("invalid consumer configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
+    /// A bug: the run could not be wound down cleanly.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 /// What a run did, returned when it stops.
@@ -134,6 +222,8 @@ pub struct Summary {
     pub dead_lettered: u64,
     /// Deliveries acked as duplicates without calling the handler.
     pub deduplicated: u64,
+    /// Deliveries processed without deduplication because their key was missing or empty.
+    pub dedup_keyless: u64,
     /// Acks the broker refused (the messages come back).
     pub ack_failures: u64,
     /// Retries or dead-letters the broker did not confirm (the messages come back).
@@ -169,6 +259,7 @@ struct StatusInner {
     received: AtomicU64,
     finished: AtomicU64,
     last_activity_ms: AtomicU64,
+    stats: Arc<RunStats>,
 }
 
 impl Default for Status {
@@ -179,6 +270,7 @@ impl Default for Status {
                 received: AtomicU64::new(0),
                 finished: AtomicU64::new(0),
                 last_activity_ms: AtomicU64::new(0),
+                stats: Arc::default(),
             }),
         }
     }
@@ -213,6 +305,12 @@ impl Status {
     pub fn in_flight(&self) -> u64 {
         let finished = self.inner.finished.load(AtomicOrdering::Relaxed);
         self.received_total().saturating_sub(finished)
+    }
+
+    /// Deliveries held in process right now because the dedup store does not answer or their
+    /// key is busy elsewhere. Non-zero for long means the store is down.
+    pub fn held_for_store(&self) -> u64 {
+        self.inner.stats.held.load(AtomicOrdering::Relaxed)
     }
 
     /// How long nothing has been received and nothing has been in flight (zero while busy).
@@ -255,19 +353,56 @@ impl Drop for InFlight {
     }
 }
 
+/// What the setters of [`Consumer`] changed, applied over its base config.
+#[derive(Clone, Debug, Default)]
+struct Overrides {
+    concurrency: Option<usize>,
+    backoff: Option<Backoff>,
+    max_attempts: Option<u32>,
+    mode: Option<DeliveryMode>,
+    ordering: Option<KeyOrdering>,
+    shutdown_deadline: Option<Duration>,
+}
+
+impl Overrides {
+    fn apply(&self, mut config: ConsumerConfig) -> ConsumerConfig {
+        if let Some(n) = self.concurrency {
+            config.concurrency = n;
+        }
+        if let Some(backoff) = self.backoff {
+            config.retry.backoff = backoff;
+        }
+        if let Some(n) = self.max_attempts {
+            config.retry.max_attempts = n;
+        }
+        if let Some(mode) = self.mode {
+            config.mode = mode;
+        }
+        if let Some(ordering) = self.ordering {
+            config.ordering = ordering;
+        }
+        if let Some(deadline) = self.shutdown_deadline {
+            config.shutdown_deadline = deadline;
+        }
+        config
+    }
+}
+
 /// Called with each delivery and its outcome, before it is settled; see [`Consumer::inspect`].
 pub type Inspector = Arc<dyn Fn(&Delivery, &Outcome) + Send + Sync>;
 
 /// A consumer: a source, a handler stack and the settings that drive them.
 ///
-/// The processing stack is fixed: `dedup → retry → your layers → handler`. Deduplication is
-/// outermost so that it sees the final outcome (mark done on ack, release on anything else);
-/// retry decides delays and the attempt limit from the handler's result; your layers wrap the
-/// handler itself.
+/// The processing stack is fixed: `retry → dedup → your layers → handler`. Retry is
+/// outermost, the one place that turns a failure (an error, a panic anywhere inside it) into a
+/// retry or a dead letter; dedup claims the key before each attempt and marks it done after
+/// success, holding the delivery in process (not counting an attempt) while its store does not
+/// answer; your layers wrap the handler itself.
 pub struct Consumer<S, L = Identity> {
     source: S,
     layers: L,
     config: ConsumerConfig,
+    overrides: Overrides,
     dedup: Option<(Arc<dyn DedupStore>, DedupKey)>,
     classifier: Option<Classifier>,
     name: Option<Arc<str>>,
@@ -282,6 +417,7 @@ impl<S: Source> Consumer<S> {
             source,
             layers: Identity,
             config: ConsumerConfig::default(),
+            overrides: Overrides::default(),
             dedup: None,
             classifier: None,
             name: None,
@@ -292,21 +428,50 @@ impl<S: Source> Consumer<S> {
 }
 
 impl<S: Source, L> Consumer<S, L> {
-    /// Replaces the whole config.
+    /// Uses `config` as the base settings. The individual setters (`concurrency`, `retry`,
+    /// `max_attempts`, `mode`, `ordering`, `shutdown_deadline`) override it whatever the order
+    /// of the calls.
     pub fn config(mut self, config: ConsumerConfig) -> Self {
         self.config = config;
         self
     }
 
+    /// The settings the consumer will run with: the base config with the setters applied.
+    pub fn effective_config(&self) -> ConsumerConfig {
+        let mut config = self.overrides.apply(self.config.clone());
+        // A dedup store turns the default at-least-once into effectively-once.
+        if self.dedup.is_some() && config.mode == DeliveryMode::AtLeastOnce {
+            config.mode = DeliveryMode::EffectivelyOnce;
+        }
+        config
+    }
+
+    /// Checks that the effective settings can work; [`Consumer::run_until`] does this first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let config = self.effective_config();
+        config.validate()?;
+        match (config.mode, self.dedup.is_some()) {
+            (DeliveryMode::AtMostOnce, true) => Err(ConfigError::AtMostOnceWithDedup),
+            (DeliveryMode::EffectivelyOnce, false) => Err(ConfigError::EffectivelyOnceWithoutStore),
+            _ => Ok(()),
+        }
+    }
+
     /// Runs at most `n` handlers at once.
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.config.concurrency = n;
+        self.overrides.concurrency = Some(n);
         self
     }
 
-    /// Retries transient failures with `backoff`, dead-lettering after its attempt limit.
+    /// Delays retries of transient failures by `backoff`'s schedule.
     pub fn retry(mut self, backoff: Backoff) -> Self {
-        self.config.retry.backoff = backoff;
+        self.overrides.backoff = Some(backoff);
+        self
+    }
+
+    /// Dead-letters a message after `n` failed handler attempts.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.overrides.max_attempts = Some(n);
         self
     }
 
@@ -316,29 +481,28 @@ impl<S: Source, L> Consumer<S, L> {
     }
 
     /// Deduplicates deliveries by `key` in a shared `store`.
+    ///
+    /// A dedup store makes the default at-least-once mode effectively-once.
     pub fn dedup_shared(mut self, store: Arc<dyn DedupStore>, key: DedupKey) -> Self {
         self.dedup = Some((store, key));
-        if self.config.mode == DeliveryMode::AtLeastOnce {
-            self.config.mode = DeliveryMode::EffectivelyOnce;
-        }
         self
     }
 
     /// Acknowledges in this mode.
     pub fn mode(mut self, mode: DeliveryMode) -> Self {
-        self.config.mode = mode;
+        self.overrides.mode = Some(mode);
         self
     }
 
     /// Processes deliveries sharing a key in order.
     pub fn ordering(mut self, ordering: KeyOrdering) -> Self {
-        self.config.ordering = ordering;
+        self.overrides.ordering = Some(ordering);
         self
     }
 
     /// Waits at most `deadline` for in-flight handlers at shutdown.
     pub fn shutdown_deadline(mut self, deadline: Duration) -> Self {
-        self.config.shutdown_deadline = deadline;
+        self.overrides.shutdown_deadline = Some(deadline);
         self
     }
 
@@ -377,6 +541,7 @@ impl<S: Source, L> Consumer<S, L> {
             source: self.source,
             layers: Stack::new(self.layers, layer),
             config: self.config,
+            overrides: self.overrides,
             dedup: self.dedup,
             classifier: self.classifier,
             name: self.name,
@@ -396,32 +561,32 @@ impl<S: Source, L> Consumer<S, L> {
         L: Layer<Terminal<H>>,
         F: Future<Output = ()> + Send,
     {
-        let cfg = self.config.clone();
-        if cfg.concurrency == 0 {
-            return Err(ConsumerError::Config(
-                "concurrency must be at least 1".into(),
-            ));
-        }
-        if cfg.mode == DeliveryMode::EffectivelyOnce && self.dedup.is_none() {
-            return Err(ConsumerError::Config(
-                "effectively-once needs a dedup store: call .dedup(store, key)".into(),
-            ));
-        }
+        self.validate()?;
+        let cfg = self.effective_config();
         let caps = self.source.capabilities();
         let settler = self.source.settler();
-        let terminal =
-            Terminal::new(handler, cfg.retry.backoff.base).classify(self.classifier.clone());
-        let dedup = self
-            .dedup
-            .take()
-            .map(|(store, key)| DedupLayer::shared(store, key).config(cfg.dedup));
-        let stack =
-            dedup.layer(RetryLayer::from_config(cfg.retry).layer(self.layers.layer(terminal)));
         let per_key = match cfg.ordering {
             KeyOrdering::PerKey => true,
             KeyOrdering::None => false,
             KeyOrdering::Auto => !caps.broker_delay,
         };
+        let in_place = !caps.broker_delay || per_key;
+        let stats = self.status.inner.stats.clone();
+        let on_in_place: Option<crate::retry::OnInPlaceRetry> =
+            self.inspector.clone().map(|inspect| {
+                Arc::new(move |d: &Delivery, o: &Outcome| call_inspector(&inspect, d, o))
+                    as crate::retry::OnInPlaceRetry
+            });
+        let terminal = Terminal::new(handler).classify(self.classifier.clone());
+        let dedup = self
+            .dedup
+            .take()
+            .map(|(store, key)| DedupLayer::shared(store, key).config(cfg.dedup));
+        let retry = RetryLayer::from_config(cfg.retry)
+            .in_place(in_place)
+            .max_delay(caps.max_retry_delay)
+            .on_in_place_retry(on_in_place);
+        let stack = retry.layer(dedup.layer(self.layers.layer(terminal)));
         let ack_batch = cfg
             .ack_batch
             .unwrap_or(caps.max_ack_batch)
@@ -440,23 +605,25 @@ impl<S: Source, L> Consumer<S, L> {
             stack,
             settler,
             acks: acker.queue(),
-            max_retry_delay: caps.max_retry_delay,
-            in_place: !caps.broker_delay || per_key,
             mode: cfg.mode,
+            in_place,
             counters: Counters::default(),
-            stats: Arc::new(RunStats::default()),
+            stats: stats.clone(),
             correlation_header: cfg.correlation_header.clone(),
             name: self.name.clone(),
             inspector: self.inspector.clone(),
             backoff: cfg.retry.backoff,
             release_redelivers: caps.broker_delay,
             status: self.status.clone(),
+            stopping: CancellationToken::new(),
         });
         let gate = per_key.then(KeyGate::new);
         let hard_stop = CancellationToken::new();
+        let stopping = shared.stopping.clone();
         let permits = Arc::new(Semaphore::new(cfg.concurrency));
-        let receive_batch = cfg.receive_batch.max(1);
-        let reconnect = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10));
+        let receive_batch = cfg.receive_batch;
+        let reconnect = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10))
+            .equal_jitter();
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut receive_errors = 0u64;
         let mut consecutive_errors = 0u32;
@@ -489,8 +656,7 @@ impl<S: Source, L> Consumer<S, L> {
                 Err(err) => {
                     receive_errors += 1;
                     consecutive_errors = consecutive_errors.saturating_add(1);
-                    let wait =
-                        reconnect.delay_with(consecutive_errors, 0.5 + rand::random::<f64>() / 2.0);
+                    let wait = reconnect.delay(consecutive_errors);
                     tracing::warn!(error = %err, retry_in = ?wait, "receive failed");
                     drop(first);
                     tokio::select! {
@@ -535,6 +701,7 @@ impl<S: Source, L> Consumer<S, L> {
         };
 
         // Shutdown: stop receiving, drain up to the deadline, abandon the rest, flush.
+        stopping.cancel();
         self.source.close().await;
         let drain = async {
             while let Some(done) = tasks.join_next().await {
@@ -557,15 +724,12 @@ impl<S: Source, L> Consumer<S, L> {
             while tasks.join_next().await.is_some() {}
         }
         let Ok(shared) = Arc::try_unwrap(shared) else {
-            return Err(ConsumerError::Config(
-                "internal: tasks outlived shutdown".into(),
-            ));
+            return Err(ConsumerError::Internal("tasks outlived shutdown"));
         };
         let Shared {
             settler,
             acks,
             counters,
-            stats,
             ..
         } = shared;
         drop(acks);
@@ -581,15 +745,27 @@ impl<S: Source, L> Consumer<S, L> {
             succeeded: counters.succeeded.into_inner(),
             acked: ack_stats.acked.load(AtomicOrdering::Relaxed),
             ack_calls: ack_stats.calls.load(AtomicOrdering::Relaxed),
-            retried: counters.retried.into_inner(),
+            retried: counters.retried.into_inner()
+                + stats.retried_in_place.load(AtomicOrdering::Relaxed),
             dead_lettered: counters.dead_lettered.into_inner(),
             deduplicated: stats.deduplicated.load(AtomicOrdering::Relaxed),
+            dedup_keyless: stats.dedup_keyless.load(AtomicOrdering::Relaxed),
             ack_failures: ack_stats.failed.load(AtomicOrdering::Relaxed),
             settle_failures: counters.settle_failures.into_inner(),
-            leases_lost: counters.leases_lost.into_inner(),
+            leases_lost: counters.leases_lost.into_inner()
+                + ack_stats.lost.load(AtomicOrdering::Relaxed),
             abandoned,
             receive_errors,
         })
+    }
+}
+
+/// Calls `inspect`; its panics are logged, never propagated.
+fn call_inspector(inspect: &Inspector, delivery: &Delivery, outcome: &Outcome) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inspect(delivery, outcome)))
+        .is_err()
+    {
+        tracing::error!("the outcome inspector panicked");
     }
 }
 
@@ -605,9 +781,9 @@ struct Shared<P, S: Settle> {
     stack: P,
     settler: S,
     acks: AckQueue<S::Token>,
-    max_retry_delay: Duration,
-    in_place: bool,
     mode: DeliveryMode,
+    /// Whether the retry layer retries in place.
+    in_place: bool,
     counters: Counters,
     stats: Arc<RunStats>,
     correlation_header: Option<String>,
@@ -618,6 +794,8 @@ struct Shared<P, S: Settle> {
     /// such as Kafka, where an unsettled record holds its partition back).
     release_redelivers: bool,
     status: Status,
+    /// Fired when shutdown begins.
+    stopping: CancellationToken,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -654,32 +832,10 @@ impl<P: Process, S: Settle> Shared<P, S> {
         }
     }
 
-    /// Runs the processing stack. A panic anywhere in it (a layer, a key extractor, a
-    /// classifier; the handler's own panics are caught closer to it) is a transient failure.
-    async fn process(&self, delivery: &Delivery, cx: &Context) -> Outcome {
-        use futures::FutureExt;
-        match std::panic::AssertUnwindSafe(self.stack.process(delivery, cx))
-            .catch_unwind()
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
-                Outcome::Retry {
-                    after: self.backoff.delay(delivery.attempt),
-                    failure: Failure::new(ErrorKind::Transient, "a layer panicked"),
-                }
-            }
-        }
-    }
-
     /// Calls the inspector, if any; its panics are logged, never propagated.
     fn inspect(&self, delivery: &Delivery, outcome: &Outcome) {
-        if let Some(inspect) = &self.inspector
-            && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inspect(delivery, outcome)))
-                .is_err()
-        {
-            tracing::error!("the outcome inspector panicked");
+        if let Some(inspect) = &self.inspector {
+            call_inspector(inspect, delivery, outcome);
         }
     }
 
@@ -714,14 +870,25 @@ impl<P: Process, S: Settle> Shared<P, S> {
         );
         async {
             if let Some(turn) = &mut turn {
-                turn.wait().await;
+                // Waiting for the key's turn; a lost lease or the deadline ends the wait.
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => {}
+                    _ = turn.wait() => {}
+                }
+            }
+            if cancel.is_cancelled() {
+                // Checked right before the handler: a delivery whose lease was lost (or a
+                // partition revoked) while it waited is never processed.
+                self.not_processed(lease.as_ref());
+                return;
             }
             let cx = self.context(&cancel);
             if self.mode == DeliveryMode::AtMostOnce {
                 // Acked on receipt: the lease no longer matters.
                 drop(lease.take());
                 self.acks.push(token).await;
-                let outcome = self.process(&delivery, &cx).await;
+                let outcome = self.stack.process(&delivery, &cx).await;
                 tracing::Span::current().record("outcome", outcome.as_str());
                 if outcome == Outcome::Ack {
                     self.counters
@@ -731,35 +898,20 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 return;
             }
             let started = Instant::now();
-            let mut outcome = self.process(&delivery, &cx).await;
-            while self.in_place && !cx.is_cancelled() {
-                let Outcome::Retry { after, failure } = &outcome else {
-                    break;
-                };
-                tracing::info!(after = ?after, error = %failure, "retrying in place");
-                self.inspect(&delivery, &outcome);
-                self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
-                metrics::counter!(crate::metrics::RETRIED).increment(1);
-                tokio::select! {
-                    _ = cx.cancelled() => break,
-                    _ = tokio::time::sleep(*after) => {}
-                }
-                delivery.attempt = delivery.attempt.saturating_add(1);
-                outcome = self.process(&delivery, &cx).await;
+            let cx = if self.in_place {
+                cx.with_attempt_slot()
+            } else {
+                cx
+            };
+            let outcome = self.stack.process(&delivery, &cx).await;
+            if let Some(attempt) = cx.attempt_reached() {
+                // Retried in place: report and dead-letter with the attempt it reached.
+                delivery.attempt = attempt;
             }
             metrics::histogram!(crate::metrics::HANDLER_SECONDS)
                 .record(started.elapsed().as_secs_f64());
-            if lease.as_ref().is_some_and(|l| l.state().is_lost()) {
-                // Not ours any more: the broker redelivers it. Never ack, never release.
-                tracing::Span::current().record("outcome", "lease_lost");
-                self.counters
-                    .leases_lost
-                    .fetch_add(1, AtomicOrdering::Relaxed);
-                return;
-            }
             if cx.is_cancelled() {
-                // The shutdown deadline passed: abandoned unacked.
-                tracing::Span::current().record("outcome", "abandoned");
+                self.not_processed(lease.as_ref());
                 return;
             }
             tracing::Span::current().record("outcome", outcome.as_str());
@@ -770,13 +922,27 @@ impl<P: Process, S: Settle> Shared<P, S> {
         .await
     }
 
-    fn context(&self, cancel: &CancellationToken) -> Context {
-        Context::with_stats(cancel.clone(), self.stats.clone())
+    /// Records why a cancelled delivery is left unsettled.
+    fn not_processed(&self, lease: Option<&LeaseGuard<S::Token>>) {
+        if lease.is_some_and(|l| l.state().is_lost()) {
+            // Not ours any more: the broker redelivers it. Never ack, never release.
+            tracing::Span::current().record("outcome", "lease_lost");
+            self.counters
+                .leases_lost
+                .fetch_add(1, AtomicOrdering::Relaxed);
+        } else {
+            // The shutdown deadline passed: abandoned unacked.
+            tracing::Span::current().record("outcome", "abandoned");
+        }
     }
 
-    /// Settles from the outcome. The lease is kept until the ack is confirmed (or, for a
-    /// retry, dropped just before the broker is told to hold the message back, so that no
-    /// extension undoes the delay).
+    fn context(&self, cancel: &CancellationToken) -> Context {
+        Context::with_stats(cancel.clone(), self.stats.clone()).with_stopping(self.stopping.clone())
+    }
+
+    /// Settles from the outcome. The lease is kept until the ack is confirmed; for a retry it
+    /// is released (waiting out an extension in flight) before the broker is told to hold the
+    /// message back, so that no extension undoes the delay.
     async fn settle(
         &self,
         token: S::Token,
@@ -786,6 +952,13 @@ impl<P: Process, S: Settle> Shared<P, S> {
         cx: &Context,
     ) {
         let settled = match outcome {
+            Outcome::Release => {
+                if let Some(lease) = lease {
+                    lease.release().await;
+                }
+                self.settler.release(token).await;
+                return;
+            }
             Outcome::Ack => {
                 self.counters
                     .succeeded
@@ -796,9 +969,10 @@ impl<P: Process, S: Settle> Shared<P, S> {
             Outcome::Retry { after, failure } => {
                 self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
                 metrics::counter!(crate::metrics::RETRIED).increment(1);
-                let after = after.min(self.max_retry_delay);
                 tracing::info!(after = ?after, error = %failure, "retry");
-                drop(lease.take());
+                if let Some(lease) = lease.take() {
+                    lease.release().await;
+                }
                 self.settler.retry(token, delivery, after, &failure).await
             }
             Outcome::DeadLetter(failure) => {
@@ -837,8 +1011,13 @@ impl<P: Process, S: Settle> Shared<P, S> {
                     _ = cx.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
                 }
+                if let Some(lease) = lease {
+                    if lease.state().is_lost() {
+                        return;
+                    }
+                    lease.release().await;
+                }
                 self.settler.release(token).await;
-                drop(lease);
             }
         }
     }

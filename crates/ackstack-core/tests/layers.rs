@@ -14,23 +14,13 @@ use ackstack_core::acker::BatchAcker;
 use ackstack_core::dedup::{BoxFuture, Claim, DedupError, DedupStore};
 use ackstack_core::memory::MemoryBroker;
 use ackstack_core::{
-    AckReport, Backoff, Consumer, ConsumerConfig, DeadLetter, DedupKey, DeliveryMode, Failure,
-    HandlerError, KeyOrdering, MemoryDedupStore, Message, OnStoreError, Settle, SettleError,
-    SettleFailure, Settled, handler_fn,
+    AckReport, Consumer, ConsumerConfig, DeadLetter, DedupKey, DeliveryMode, Failure, HandlerError,
+    KeyOrdering, MemoryDedupStore, Message, OnStoreError, Settle, SettleError, SettleFailure,
+    Settled, handler_fn,
 };
 
-fn fast_retry(max: u32) -> Backoff {
-    Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100))
-        .no_jitter()
-        .max_attempts(max)
-}
-
-async fn until(done: impl Fn() -> bool + Send + 'static) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !done() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+mod common;
+use common::{Outage, fast_retry, until};
 
 #[tokio::test]
 async fn dedup_a_message_that_fails_once_then_succeeds_is_processed_exactly_once() {
@@ -50,7 +40,8 @@ async fn dedup_a_message_that_fails_once_then_succeeds_is_processed_exactly_once
     });
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry(5))
+        .retry(fast_retry())
+        .max_attempts(5)
         .dedup(MemoryDedupStore::new(), DedupKey::MessageId)
         .run_until(handler, until(move || b.is_empty("q")))
         .await
@@ -90,7 +81,8 @@ async fn dedup_duplicates_run_the_handler_once_even_concurrently() {
     let b = broker.clone();
     let mut config = ConsumerConfig::default();
     config.concurrency = 16;
-    config.retry.backoff = fast_retry(50);
+    config.retry.backoff = fast_retry();
+    config.retry.max_attempts = 50;
     config.dedup.busy_retry_after = Duration::from_millis(20);
     let summary = Consumer::new(broker.source("q"))
         .config(config)
@@ -110,68 +102,12 @@ async fn dedup_duplicates_run_the_handler_once_even_concurrently() {
     );
 }
 
-/// A store that fails while `down` is set.
-struct Flaky {
-    inner: MemoryDedupStore,
-    down: AtomicBool,
-}
-
-impl Flaky {
-    fn check(&self) -> Result<(), DedupError> {
-        if self.down.load(Ordering::SeqCst) {
-            Err(DedupError("store down".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl DedupStore for Flaky {
-    fn claim<'a>(
-        &'a self,
-        key: &'a str,
-        token: &'a str,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, DedupError>> {
-        match self.check() {
-            Ok(()) => self.inner.claim(key, token, lease),
-            Err(e) => Box::pin(async { Err(e) }),
-        }
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        token: &'a str,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, DedupError>> {
-        self.inner.complete(key, token, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        token: &'a str,
-    ) -> BoxFuture<'a, Result<(), DedupError>> {
-        self.inner.release(key, token)
-    }
-    fn extend<'a>(
-        &'a self,
-        key: &'a str,
-        token: &'a str,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<bool, DedupError>> {
-        self.inner.extend(key, token, lease)
-    }
-}
-
 #[tokio::test]
 async fn dedup_fails_closed_by_default_and_open_by_option() {
     for (on_error, expect_calls) in [(OnStoreError::FailClosed, 0), (OnStoreError::FailOpen, 1)] {
         let broker = MemoryBroker::new();
         broker.publish("q", Message::new("m").message_id("k"));
-        let store = Arc::new(Flaky {
-            inner: MemoryDedupStore::new(),
-            down: AtomicBool::new(true),
-        });
+        let store = Outage::new(true, false);
         let calls = Arc::new(AtomicU32::new(0));
         let c = calls.clone();
         let mut config = ConsumerConfig::default();
@@ -196,9 +132,9 @@ async fn dedup_fails_closed_by_default_and_open_by_option() {
         assert_eq!(calls.load(Ordering::SeqCst), expect_calls, "{on_error:?}");
         if on_error == OnStoreError::FailClosed {
             assert_eq!(broker.len("q"), 1, "fail-closed keeps the message");
-            assert!(
-                summary.retried >= 2,
-                "retried while the store is down: {summary:?}"
+            assert_eq!(
+                summary.retried, 0,
+                "held in process while the store is down, not retried: {summary:?}"
             );
             // The store comes back: the message is processed.
             store.down.store(false, Ordering::SeqCst);
@@ -234,7 +170,8 @@ async fn past_max_attempts_lands_in_the_dlq_with_metadata() {
     let c = calls.clone();
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry(3))
+        .retry(fast_retry())
+        .max_attempts(3)
         .name("billing")
         .run_until(
             handler_fn(move |_d, _cx| {
@@ -268,7 +205,8 @@ async fn immediate_tier_runs_in_process_before_the_broker_retry() {
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     let mut config = ConsumerConfig::default();
-    config.retry.backoff = fast_retry(2);
+    config.retry.backoff = fast_retry();
+    config.retry.max_attempts = 2;
     config.retry.immediate = 2;
     config.retry.immediate_delay = Duration::from_millis(1);
     let b = broker.clone();
@@ -468,7 +406,8 @@ async fn per_key_ordering_holds_back_later_messages_of_a_retrying_key() {
     Consumer::new(broker.source("q"))
         .concurrency(8)
         .ordering(KeyOrdering::PerKey)
-        .retry(fast_retry(5))
+        .retry(fast_retry())
+        .max_attempts(5)
         .run_until(
             handler_fn(move |d, _cx| {
                 let s = s.clone();
@@ -616,7 +555,8 @@ async fn a_panicking_layer_is_a_transient_failure() {
     broker.publish("q", Message::new("m"));
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry(3))
+        .retry(fast_retry())
+        .max_attempts(3)
         .layer(PanicsOnceLayer(Arc::default()))
         .run_until(
             handler_fn(|_d, _cx| async { Ok(()) }),
@@ -636,7 +576,7 @@ async fn a_lost_dedup_claim_is_not_acked_and_the_duplicate_is_absorbed() {
     impl DedupStore for LosesClaims {
         fn claim<'a>(
             &'a self,
-            key: &'a str,
+            key: &'a [u8],
             token: &'a str,
             lease: Duration,
         ) -> BoxFuture<'a, Result<Claim, DedupError>> {
@@ -644,7 +584,7 @@ async fn a_lost_dedup_claim_is_not_acked_and_the_duplicate_is_absorbed() {
         }
         fn complete<'a>(
             &'a self,
-            key: &'a str,
+            key: &'a [u8],
             token: &'a str,
             ttl: Duration,
         ) -> BoxFuture<'a, Result<bool, DedupError>> {
@@ -652,14 +592,14 @@ async fn a_lost_dedup_claim_is_not_acked_and_the_duplicate_is_absorbed() {
         }
         fn release<'a>(
             &'a self,
-            key: &'a str,
+            key: &'a [u8],
             token: &'a str,
         ) -> BoxFuture<'a, Result<(), DedupError>> {
             self.0.release(key, token)
         }
         fn extend<'a>(
             &'a self,
-            key: &'a str,
+            key: &'a [u8],
             token: &'a str,
             _: Duration,
         ) -> BoxFuture<'a, Result<bool, DedupError>> {
@@ -676,7 +616,8 @@ async fn a_lost_dedup_claim_is_not_acked_and_the_duplicate_is_absorbed() {
     let mut config = ConsumerConfig::default();
     config.dedup.claim_lease = Duration::from_millis(100);
     config.dedup.busy_retry_after = Duration::from_millis(20);
-    config.retry.backoff = fast_retry(5);
+    config.retry.backoff = fast_retry();
+    config.retry.max_attempts = 5;
     let started = std::time::Instant::now();
     let c2 = calls.clone();
     let summary = Consumer::new(broker.source("q"))

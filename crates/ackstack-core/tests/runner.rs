@@ -12,9 +12,7 @@ use ackstack_core::{
 use tokio::sync::Notify;
 
 fn fast_retry() -> Backoff {
-    Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100))
-        .no_jitter()
-        .max_attempts(3)
+    Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100)).no_jitter()
 }
 
 /// Runs `consumer` until `done` says stop, or 20 s.
@@ -76,6 +74,7 @@ async fn transient_retries_and_permanent_dead_letters() {
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
         .retry(fast_retry())
+        .max_attempts(3)
         .run_until(handler, stop_when(move || b.is_empty("q")))
         .await
         .unwrap();
@@ -115,6 +114,7 @@ async fn a_panicking_handler_does_not_stop_the_consumer() {
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
         .retry(fast_retry())
+        .max_attempts(3)
         .run_until(handler, stop_when(move || b.is_empty("q")))
         .await
         .unwrap();
@@ -241,6 +241,7 @@ async fn classifier_overrides_the_handlers_kind() {
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
         .retry(fast_retry())
+        .max_attempts(3)
         .classify(|err| {
             if err.inner().to_string().contains("validation") {
                 ErrorKind::Permanent

@@ -54,11 +54,12 @@ async fn consumer_retries_in_place_dead_letters_and_commits_everything() {
         })
     };
     let source = KafkaSource::new(&config).unwrap();
-    let consumer = Consumer::new(source).concurrency(8).retry(
-        Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100))
-            .no_jitter()
-            .max_attempts(5),
-    );
+    let consumer = Consumer::new(source)
+        .concurrency(8)
+        .retry(
+            Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100)).no_jitter(),
+        )
+        .max_attempts(5);
     let shutdown = {
         let finished = finished.clone();
         async move {

@@ -89,9 +89,9 @@ async fn consumer_acks_retries_and_dead_letters_through_rabbitmq() {
             .concurrency(8)
             .retry(
                 Backoff::exponential(Duration::from_millis(100), Duration::from_secs(1))
-                    .no_jitter()
-                    .max_attempts(5),
+                    .no_jitter(),
             )
+            .max_attempts(5)
             .run_until(handler, shutdown),
     )
     .await

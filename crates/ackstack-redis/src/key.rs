@@ -7,21 +7,22 @@ pub const MAX_RAW_KEY_LEN: usize = 100;
 
 /// The Redis key that stores the dedup state of `key`, under `prefix`.
 ///
-/// Short printable keys are kept readable: `prefix + "k:" + key`. A key longer than
+/// Keys are bytes. Short printable keys are kept readable: `prefix + "k:" + key`. A key longer than
 /// [`MAX_RAW_KEY_LEN`] bytes, or with any byte outside printable ASCII (space to `~`), is
 /// replaced by the lower-case hex SHA-256 of its bytes: `prefix + "h:" + hex`. SHA-256 is fixed
 /// by standard, so the mapping is the same in every process and every version of this crate; the
 /// `k:`/`h:` namespaces keep a raw key from ever colliding with a hashed one.
-pub fn redis_key(prefix: &str, key: &str) -> String {
-    let printable = key.bytes().all(|b| (0x20..=0x7e).contains(&b));
+pub fn redis_key(prefix: &str, key: &[u8]) -> String {
+    let printable = key.iter().all(|b| (0x20..=0x7e).contains(b));
     if printable && key.len() <= MAX_RAW_KEY_LEN {
         let mut out = String::with_capacity(prefix.len() + 2 + key.len());
         out.push_str(prefix);
         out.push_str("k:");
-        out.push_str(key);
+        // Printable ASCII, so every byte is its own char.
+        out.extend(key.iter().map(|&b| char::from(b)));
         return out;
     }
-    let digest = Sha256::digest(key.as_bytes());
+    let digest = Sha256::digest(key);
     let mut out = String::with_capacity(prefix.len() + 2 + 64);
     out.push_str(prefix);
     out.push_str("h:");
@@ -45,8 +46,8 @@ mod tests {
 
     #[test]
     fn short_printable_keys_stay_readable() {
-        assert_eq!(redis_key("p:", "order-42"), "p:k:order-42");
-        assert_eq!(redis_key("p:", "with space"), "p:k:with space");
+        assert_eq!(redis_key("p:", b"order-42"), "p:k:order-42");
+        assert_eq!(redis_key("p:", b"with space"), "p:k:with space");
     }
 
     #[test]
@@ -62,14 +63,16 @@ mod tests {
         assert_eq!(hex, abc);
 
         let long = "a".repeat(MAX_RAW_KEY_LEN + 1);
-        let hashed = redis_key("p:", &long);
+        let hashed = redis_key("p:", long.as_bytes());
         assert!(hashed.starts_with("p:h:"));
         assert_eq!(hashed.len(), "p:h:".len() + 64);
-        assert_eq!(hashed, redis_key("p:", &long), "deterministic");
-        assert!(redis_key("p:", "ab\nc").starts_with("p:h:"));
-        assert!(redis_key("p:", "é").starts_with("p:h:"));
+        assert_eq!(hashed, redis_key("p:", long.as_bytes()), "deterministic");
+        assert!(redis_key("p:", b"ab\nc").starts_with("p:h:"));
+        assert!(redis_key("p:", "é".as_bytes()).starts_with("p:h:"));
+        // Distinct binary keys that a lossy UTF-8 conversion would merge stay distinct.
+        assert_ne!(redis_key("p:", &[0xff]), redis_key("p:", &[0xfe]));
         assert_eq!(
-            redis_key("p:", &"a".repeat(MAX_RAW_KEY_LEN)),
+            redis_key("p:", "a".repeat(MAX_RAW_KEY_LEN).as_bytes()),
             format!("p:k:{}", "a".repeat(MAX_RAW_KEY_LEN))
         );
     }

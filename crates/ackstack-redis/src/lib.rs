@@ -36,9 +36,11 @@
 //! itself and the same store keeps working; the consumer need not restart. Every call is bounded
 //! by [`RedisDedupConfig::timeout`], so while Redis is down calls fail fast with a
 //! [`DedupError`](ackstack_core::dedup::DedupError) (wrapping a [`RedisDedupError`]) and the
-//! dedup layer applies its policy (fail-closed by default: the delivery is retried later and
-//! the handler is not called). A claim that timed out on our side may still have been applied;
-//! its lease bounds how long the key then reads as busy.
+//! dedup layer applies its policy (fail-closed by default: the delivery is held in process and
+//! claimed again with backoff, without calling the handler or using up an attempt). A claim
+//! that timed out on our side may still have been applied: the layer claims again with the
+//! same token, and the claim script answers "acquired" to the token that already holds the
+//! key, so the delivery is not mistaken for a busy one.
 //!
 //! # TLS
 //!
@@ -62,14 +64,14 @@
 //! let store: Arc<dyn DedupStore> = Arc::new(RedisDedupStore::connect(config).await?);
 //!
 //! // What the dedup layer does around a handler:
-//! match store.claim("order-42", "token-1", Duration::from_secs(30)).await? {
+//! match store.claim(b"order-42", "token-1", Duration::from_secs(30)).await? {
 //!     Claim::Acquired => {
 //!         // ... run the handler; on success:
-//!         store.complete("order-42", "token-1", Duration::from_secs(86_400)).await?;
-//!         // on failure instead: store.release("order-42", "token-1").await?;
+//!         store.complete(b"order-42", "token-1", Duration::from_secs(86_400)).await?;
+//!         // on failure instead: store.release(b"order-42", "token-1").await?;
 //!     }
 //!     Claim::Done => { /* already processed: ack without calling the handler */ }
-//!     Claim::Busy { expires_in } => { /* another worker has it: retry after `expires_in` */ }
+//!     Claim::Busy { expires_in } => { /* another worker has it: claim again after `expires_in` */ }
 //! }
 //! # Ok(())
 //! # }

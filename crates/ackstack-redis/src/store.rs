@@ -249,11 +249,11 @@ impl RedisDedupStore {
     }
 
     /// The Redis key that holds the state of dedup key `key` (see [`crate::redis_key`]).
-    pub fn redis_key(&self, key: &str) -> String {
+    pub fn redis_key(&self, key: &[u8]) -> String {
         redis_key(&self.shared.prefix, key)
     }
 
-    async fn call(&self, op: Op, key: &str, token: &str) -> Result<Reply, RedisDedupError> {
+    async fn call(&self, op: Op, key: &[u8], token: &str) -> Result<Reply, RedisDedupError> {
         self.shared
             .counters
             .operations
@@ -285,7 +285,7 @@ impl RedisDedupStore {
     /// Claims `key` (see [`DedupStore::claim`]), with this crate's error type.
     pub async fn try_claim(
         &self,
-        key: &str,
+        key: &[u8],
         token: &str,
         lease: Duration,
     ) -> Result<Claim, RedisDedupError> {
@@ -301,7 +301,7 @@ impl RedisDedupStore {
     /// Marks `key` done (see [`DedupStore::complete`]), with this crate's error type.
     pub async fn try_complete(
         &self,
-        key: &str,
+        key: &[u8],
         token: &str,
         ttl: Duration,
     ) -> Result<bool, RedisDedupError> {
@@ -312,14 +312,14 @@ impl RedisDedupStore {
     }
 
     /// Releases the claim on `key` (see [`DedupStore::release`]); returns whether `token` held it.
-    pub async fn try_release(&self, key: &str, token: &str) -> Result<bool, RedisDedupError> {
+    pub async fn try_release(&self, key: &[u8], token: &str) -> Result<bool, RedisDedupError> {
         self.flag(Op::Release, key, token).await
     }
 
     /// Extends the claim on `key` (see [`DedupStore::extend`]), with this crate's error type.
     pub async fn try_extend(
         &self,
-        key: &str,
+        key: &[u8],
         token: &str,
         lease: Duration,
     ) -> Result<bool, RedisDedupError> {
@@ -329,7 +329,7 @@ impl RedisDedupStore {
         self.flag(op, key, token).await
     }
 
-    async fn flag(&self, op: Op, key: &str, token: &str) -> Result<bool, RedisDedupError> {
+    async fn flag(&self, op: Op, key: &[u8], token: &str) -> Result<bool, RedisDedupError> {
         match self.call(op, key, token).await? {
             Reply::Flag(done) => Ok(done),
             Reply::Claim(_) => Err(RedisDedupError::UnexpectedReply("claim for a flag".into())),
@@ -340,7 +340,7 @@ impl RedisDedupStore {
 impl DedupStore for RedisDedupStore {
     fn claim<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, DedupError>> {
@@ -349,7 +349,7 @@ impl DedupStore for RedisDedupStore {
 
     fn complete<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, DedupError>> {
@@ -358,7 +358,7 @@ impl DedupStore for RedisDedupStore {
 
     fn release<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), DedupError>> {
         Box::pin(async move {
@@ -369,7 +369,7 @@ impl DedupStore for RedisDedupStore {
 
     fn extend<'a>(
         &'a self,
-        key: &'a str,
+        key: &'a [u8],
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, DedupError>> {

@@ -31,10 +31,8 @@ fn unique_prefix(test: &str) -> String {
     format!("ackstack-test:{test}:{}:{nanos}:{n}:", std::process::id())
 }
 
-fn fast_retry(max: u32) -> Backoff {
-    Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100))
-        .no_jitter()
-        .max_attempts(max)
+fn fast_retry() -> Backoff {
+    Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100)).no_jitter()
 }
 
 fn config() -> ConsumerConfig {
@@ -42,6 +40,35 @@ fn config() -> ConsumerConfig {
     config.dedup.claim_lease = Duration::from_secs(2);
     config.dedup.store_retry_after = Duration::from_millis(100);
     config
+}
+
+/// Runs a consumer of `broker`'s queue `q` deduplicating by message id in `store` until the
+/// returned `Notify` is notified.
+fn spawn_consumer(
+    broker: &MemoryBroker,
+    store: Arc<dyn DedupStore>,
+    handler: impl ackstack_core::Handler,
+    concurrency: usize,
+    max_attempts: u32,
+) -> (
+    Arc<tokio::sync::Notify>,
+    tokio::task::JoinHandle<ackstack_core::Summary>,
+) {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stop_signal = stop.clone();
+    let source = broker.source("q");
+    let consumer = tokio::spawn(async move {
+        Consumer::new(source)
+            .config(config())
+            .concurrency(concurrency)
+            .retry(fast_retry())
+            .max_attempts(max_attempts)
+            .dedup_shared(store, DedupKey::MessageId)
+            .run_until(handler, async move { stop_signal.notified().await })
+            .await
+            .unwrap()
+    });
+    (stop, consumer)
 }
 
 /// Resolves when `done` holds, or after 20 s (the test's assertions then fail).
@@ -92,7 +119,8 @@ async fn duplicates_run_the_handler_once_and_failed_attempts_do_not_mark() {
     let summary = Consumer::new(broker.source("q"))
         .config(config())
         .concurrency(16)
-        .retry(fast_retry(100))
+        .retry(fast_retry())
+        .max_attempts(100)
         .dedup(store.clone(), DedupKey::Header("idempotency-key".into()))
         .run_until(handler, until(move || b.is_empty("q")))
         .await
@@ -134,7 +162,8 @@ async fn two_consumers_sharing_redis_process_each_key_once() {
             let summary = Consumer::new(broker.source("q"))
                 .config(config())
                 .concurrency(8)
-                .retry(fast_retry(100))
+                .retry(fast_retry())
+                .max_attempts(100)
                 .dedup(store, DedupKey::MessageId)
                 .run_until(handler, until(move || b.is_empty("q")))
                 .await
@@ -185,19 +214,7 @@ async fn a_running_consumer_fails_closed_while_redis_is_down_and_recovers() {
             Ok(())
         }
     });
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let stop_signal = stop.clone();
-    let source = broker.source("q");
-    let consumer = tokio::spawn(async move {
-        Consumer::new(source)
-            .config(config())
-            .concurrency(4)
-            .retry(fast_retry(10_000))
-            .dedup_shared(store, DedupKey::MessageId)
-            .run_until(handler, async move { stop_signal.notified().await })
-            .await
-            .unwrap()
-    });
+    let (stop, consumer) = spawn_consumer(&broker, store, handler, 4, 10_000);
     let wait_effects = |n: u32| {
         let effects = effects.clone();
         until(move || effects.load(Ordering::SeqCst) >= n)
@@ -237,9 +254,86 @@ async fn a_running_consumer_fails_closed_while_redis_is_down_and_recovers() {
         .unwrap();
     assert_eq!(effects.load(Ordering::SeqCst), 3, "{summary:?}");
     assert_eq!(summary.deduplicated, 1, "{summary:?}");
-    assert!(
-        summary.retried >= 2,
-        "retried while redis was down: {summary:?}"
+    assert_eq!(
+        summary.retried, 0,
+        "held in process while redis was down, not retried: {summary:?}"
     );
     assert!(broker.dead_letters("q").is_empty());
+}
+
+#[tokio::test]
+async fn a_frozen_redis_uses_up_no_attempts() {
+    // Redis answers nothing for 40 s (SIGSTOP) in the middle of a run. Messages keep arriving
+    // before, during and after; every handler fails its first call. With two attempts allowed,
+    // a store outage counted as attempts would dead-letter messages on their first real
+    // failure.
+    let port = free_port();
+    let server = OwnRedis::start(port);
+    server.wait_ready().await;
+    let store = Arc::new(
+        RedisDedupStore::connect(
+            RedisDedupConfig::new(server.url())
+                .key_prefix(unique_prefix("e2e-freeze"))
+                .timeout(Duration::from_millis(500))
+                .connect_timeout(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap(),
+    );
+    let broker = MemoryBroker::new();
+    let calls: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>> = Arc::default();
+    let c = calls.clone();
+    let handler = handler_fn(move |d, _cx| {
+        let first = {
+            let mut calls = c.lock().unwrap();
+            let n = calls
+                .entry(d.message_id.clone().unwrap_or_default())
+                .or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        async move {
+            if first {
+                Err(HandlerError::transient("first call fails"))
+            } else {
+                Ok(())
+            }
+        }
+    });
+    let (stop, consumer) = spawn_consumer(&broker, store, handler, 8, 2);
+
+    let total = 30;
+    let publisher = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            for i in 0..total {
+                broker.publish("q", Message::new("m").message_id(format!("order-{i}")));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    server.signal("CONT");
+    publisher.await.unwrap();
+    let b = broker.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !b.is_empty("q") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.notify_one();
+    let summary = tokio::time::timeout(Duration::from_secs(20), consumer)
+        .await
+        .expect("consumer stopped")
+        .unwrap();
+    assert!(broker.is_empty("q"), "every message acked: {summary:?}");
+    assert!(broker.dead_letters("q").is_empty(), "{summary:?}");
+    assert_eq!(summary.dead_lettered, 0, "{summary:?}");
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), total, "every message handled");
+    for (id, n) in calls.iter() {
+        assert!(*n <= 2, "{id} handled {n} times: {summary:?}");
+    }
+    drop(server);
 }

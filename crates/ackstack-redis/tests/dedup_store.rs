@@ -62,63 +62,69 @@ const TTL: Duration = Duration::from_secs(60);
 async fn claim_complete_then_done() {
     let store = store("done").await;
     assert_eq!(
-        store.claim("order-1", "a", LEASE).await.unwrap(),
+        store.claim(b"order-1", "a", LEASE).await.unwrap(),
         Claim::Acquired
     );
-    match store.claim("order-1", "b", LEASE).await.unwrap() {
+    match store.claim(b"order-1", "b", LEASE).await.unwrap() {
         Claim::Busy {
             expires_in: Some(left),
         } => assert!(left <= LEASE && left > Duration::from_secs(20), "{left:?}"),
         other => panic!("expected busy with a lease, got {other:?}"),
     }
-    assert!(store.complete("order-1", "a", TTL).await.unwrap());
+    assert!(store.complete(b"order-1", "a", TTL).await.unwrap());
     assert_eq!(
-        store.claim("order-1", "b", LEASE).await.unwrap(),
+        store.claim(b"order-1", "b", LEASE).await.unwrap(),
         Claim::Done
     );
     assert_eq!(
-        store.claim("order-1", "a", LEASE).await.unwrap(),
+        store.claim(b"order-1", "a", LEASE).await.unwrap(),
         Claim::Done
     );
 
     // The done marker is stored under the prefix, with the TTL.
-    let (value, pttl) = raw_get(&redis_url(), &store.redis_key("order-1")).await;
+    let (value, pttl) = raw_get(&redis_url(), &store.redis_key(b"order-1")).await;
     assert_eq!(value.as_deref(), Some(DONE_MARKER));
     assert!(pttl > 50_000 && pttl <= 60_000, "{pttl}");
     // Completing again (the claim is gone) changes nothing.
-    assert!(!store.complete("order-1", "a", TTL).await.unwrap());
+    assert!(!store.complete(b"order-1", "a", TTL).await.unwrap());
 }
 
 #[tokio::test]
 async fn release_lets_a_second_claim_succeed() {
     let store = store("release").await;
-    assert_eq!(store.claim("k", "a", LEASE).await.unwrap(), Claim::Acquired);
-    store.release("k", "a").await.unwrap();
-    assert_eq!(store.claim("k", "b", LEASE).await.unwrap(), Claim::Acquired);
-    let (value, _) = raw_get(&redis_url(), &store.redis_key("k")).await;
+    assert_eq!(
+        store.claim(b"k", "a", LEASE).await.unwrap(),
+        Claim::Acquired
+    );
+    store.release(b"k", "a").await.unwrap();
+    assert_eq!(
+        store.claim(b"k", "b", LEASE).await.unwrap(),
+        Claim::Acquired
+    );
+    let (value, _) = raw_get(&redis_url(), &store.redis_key(b"k")).await;
     assert_eq!(value.as_deref(), Some("b"));
 }
 
 #[tokio::test]
 async fn a_foreign_token_cannot_complete_release_or_extend() {
     let store = store("foreign").await;
-    let key = store.redis_key("k");
+    let key = store.redis_key(b"k");
     assert_eq!(
         store
-            .claim("k", "a", Duration::from_secs(10))
+            .claim(b"k", "a", Duration::from_secs(10))
             .await
             .unwrap(),
         Claim::Acquired
     );
-    assert!(!store.complete("k", "b", TTL).await.unwrap());
+    assert!(!store.complete(b"k", "b", TTL).await.unwrap());
     assert!(
         !store
-            .extend("k", "b", Duration::from_secs(100))
+            .extend(b"k", "b", Duration::from_secs(100))
             .await
             .unwrap()
     );
-    store.release("k", "b").await.unwrap();
-    assert!(!store.try_release("k", "b").await.unwrap());
+    store.release(b"k", "b").await.unwrap();
+    assert!(!store.try_release(b"k", "b").await.unwrap());
     let (value, pttl) = raw_get(&redis_url(), &key).await;
     assert_eq!(
         value.as_deref(),
@@ -127,36 +133,42 @@ async fn a_foreign_token_cannot_complete_release_or_extend() {
     );
     assert!(pttl <= 10_000, "b's extend did not apply: {pttl}");
     assert!(matches!(
-        store.claim("k", "b", LEASE).await.unwrap(),
+        store.claim(b"k", "b", LEASE).await.unwrap(),
         Claim::Busy { .. }
     ));
 
     // The owner can extend, then complete.
     assert!(
         store
-            .extend("k", "a", Duration::from_secs(100))
+            .extend(b"k", "a", Duration::from_secs(100))
             .await
             .unwrap()
     );
     let (_, pttl) = raw_get(&redis_url(), &key).await;
     assert!(pttl > 90_000, "{pttl}");
-    assert!(store.complete("k", "a", TTL).await.unwrap());
-    assert_eq!(store.claim("k", "b", LEASE).await.unwrap(), Claim::Done);
+    assert!(store.complete(b"k", "a", TTL).await.unwrap());
+    assert_eq!(store.claim(b"k", "b", LEASE).await.unwrap(), Claim::Done);
 }
 
 #[tokio::test]
 async fn done_keys_expire_after_their_ttl() {
     let store = store("ttl").await;
-    assert_eq!(store.claim("k", "a", LEASE).await.unwrap(), Claim::Acquired);
+    assert_eq!(
+        store.claim(b"k", "a", LEASE).await.unwrap(),
+        Claim::Acquired
+    );
     assert!(
         store
-            .complete("k", "a", Duration::from_millis(300))
+            .complete(b"k", "a", Duration::from_millis(300))
             .await
             .unwrap()
     );
-    assert_eq!(store.claim("k", "b", LEASE).await.unwrap(), Claim::Done);
+    assert_eq!(store.claim(b"k", "b", LEASE).await.unwrap(), Claim::Done);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(store.claim("k", "b", LEASE).await.unwrap(), Claim::Acquired);
+    assert_eq!(
+        store.claim(b"k", "b", LEASE).await.unwrap(),
+        Claim::Acquired
+    );
 }
 
 #[tokio::test]
@@ -164,10 +176,13 @@ async fn a_killed_workers_claim_expires_and_another_takes_over() {
     let store = store("lease").await;
     let lease = Duration::from_millis(400);
     // Worker A claims, then "dies": it never completes, releases or extends.
-    assert_eq!(store.claim("k", "a", lease).await.unwrap(), Claim::Acquired);
+    assert_eq!(
+        store.claim(b"k", "a", lease).await.unwrap(),
+        Claim::Acquired
+    );
     let Claim::Busy {
         expires_in: Some(left),
-    } = store.claim("k", "b", LEASE).await.unwrap()
+    } = store.claim(b"k", "b", LEASE).await.unwrap()
     else {
         panic!("expected busy");
     };
@@ -175,7 +190,7 @@ async fn a_killed_workers_claim_expires_and_another_takes_over() {
     // Worker B retries until the lease lapses (bounded).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match store.claim("k", "b", LEASE).await.unwrap() {
+        match store.claim(b"k", "b", LEASE).await.unwrap() {
             Claim::Acquired => break,
             Claim::Busy { .. } => {
                 assert!(Instant::now() < deadline, "lease never lapsed");
@@ -185,19 +200,25 @@ async fn a_killed_workers_claim_expires_and_another_takes_over() {
         }
     }
     // A comes back (a zombie): it can no longer touch B's claim.
-    assert!(!store.extend("k", "a", LEASE).await.unwrap());
-    assert!(!store.complete("k", "a", TTL).await.unwrap());
-    assert!(store.complete("k", "b", TTL).await.unwrap());
-    assert_eq!(store.claim("k", "c", LEASE).await.unwrap(), Claim::Done);
+    assert!(!store.extend(b"k", "a", LEASE).await.unwrap());
+    assert!(!store.complete(b"k", "a", TTL).await.unwrap());
+    assert!(store.complete(b"k", "b", TTL).await.unwrap());
+    assert_eq!(store.claim(b"k", "c", LEASE).await.unwrap(), Claim::Done);
 }
 
 #[tokio::test]
 async fn claiming_again_with_the_same_token_is_idempotent() {
     let store = store("reclaim").await;
-    assert_eq!(store.claim("k", "a", LEASE).await.unwrap(), Claim::Acquired);
-    assert_eq!(store.claim("k", "a", LEASE).await.unwrap(), Claim::Acquired);
+    assert_eq!(
+        store.claim(b"k", "a", LEASE).await.unwrap(),
+        Claim::Acquired
+    );
+    assert_eq!(
+        store.claim(b"k", "a", LEASE).await.unwrap(),
+        Claim::Acquired
+    );
     assert!(matches!(
-        store.claim("k", "b", LEASE).await.unwrap(),
+        store.claim(b"k", "b", LEASE).await.unwrap(),
         Claim::Busy { .. }
     ));
 }
@@ -212,8 +233,8 @@ async fn two_concurrent_claimers_exactly_one_acquires() {
     for round in 0..100 {
         let key = format!("key-{round}");
         let (a, b) = tokio::join!(
-            one.claim(&key, "worker-1", LEASE),
-            two.claim(&key, "worker-2", LEASE)
+            one.claim(key.as_bytes(), "worker-1", LEASE),
+            two.claim(key.as_bytes(), "worker-2", LEASE)
         );
         let claims = [a.unwrap(), b.unwrap()];
         let acquired = claims.iter().filter(|c| **c == Claim::Acquired).count();
@@ -231,18 +252,21 @@ async fn long_and_binary_keys_are_hashed_under_the_prefix() {
     let long = "x".repeat(500);
     let binary = "line\nbreak\u{0}";
     for key in [long.as_str(), binary] {
-        let redis_key = store.redis_key(key);
+        let redis_key = store.redis_key(key.as_bytes());
         assert!(
             redis_key.contains(":h:") && redis_key.len() < 200,
             "{redis_key}"
         );
-        assert_eq!(store.claim(key, "a", LEASE).await.unwrap(), Claim::Acquired);
-        assert!(store.complete(key, "a", TTL).await.unwrap());
+        assert_eq!(
+            store.claim(key.as_bytes(), "a", LEASE).await.unwrap(),
+            Claim::Acquired
+        );
+        assert!(store.complete(key.as_bytes(), "a", TTL).await.unwrap());
         let (value, _) = raw_get(&redis_url(), &redis_key).await;
         assert_eq!(value.as_deref(), Some(DONE_MARKER));
     }
     // The reserved marker is refused as a token.
-    assert!(store.claim("k", DONE_MARKER, LEASE).await.is_err());
+    assert!(store.claim(b"k", DONE_MARKER, LEASE).await.is_err());
 }
 
 #[tokio::test]
@@ -259,10 +283,10 @@ async fn concurrent_calls_share_round_trips() {
                 let key = format!("c{caller}-k{i}");
                 let token = format!("t{caller}-{i}");
                 assert_eq!(
-                    store.claim(&key, &token, LEASE).await.unwrap(),
+                    store.claim(key.as_bytes(), &token, LEASE).await.unwrap(),
                     Claim::Acquired
                 );
-                assert!(store.complete(&key, &token, TTL).await.unwrap());
+                assert!(store.complete(key.as_bytes(), &token, TTL).await.unwrap());
             }
         }));
     }
@@ -301,7 +325,7 @@ async fn max_batch_bounds_pipeline_size() {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             store
-                .claim(&format!("k{caller}"), "t", LEASE)
+                .claim(format!("k{caller}").as_bytes(), "t", LEASE)
                 .await
                 .unwrap()
         }));
@@ -328,7 +352,7 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
     let concrete = Arc::new(RedisDedupStore::connect(config).await.unwrap());
     let store: Arc<dyn DedupStore> = concrete.clone();
     assert_eq!(
-        store.claim("before", "a", LEASE).await.unwrap(),
+        store.claim(b"before", "a", LEASE).await.unwrap(),
         Claim::Acquired
     );
 
@@ -337,7 +361,9 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
     // While Redis is down every call fails, and fails within the timeout (plus scheduling slack).
     for i in 0..5 {
         let started = Instant::now();
-        let result = store.claim(&format!("down-{i}"), "a", LEASE).await;
+        let result = store
+            .claim(format!("down-{i}").as_bytes(), "a", LEASE)
+            .await;
         let took = started.elapsed();
         assert!(result.is_err(), "call {i} succeeded with redis down");
         eprintln!(
@@ -349,7 +375,7 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
             "call {i} took {took:?}"
         );
     }
-    let err = store.complete("before", "a", TTL).await.unwrap_err();
+    let err = store.complete(b"before", "a", TTL).await.unwrap_err();
     assert!(err.to_string().contains("dedup store error"), "{err}");
 
     // Same port, same store: calls succeed again once the connection manager reconnects.
@@ -362,7 +388,10 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match store.claim(&format!("after-{attempt}"), "a", LEASE).await {
+        match store
+            .claim(format!("after-{attempt}").as_bytes(), "a", LEASE)
+            .await
+        {
             Ok(claim) => {
                 assert_eq!(claim, Claim::Acquired);
                 break;
@@ -375,20 +404,20 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
     }
     assert!(
         store
-            .complete(&format!("after-{attempt}"), "a", TTL)
+            .complete(format!("after-{attempt}").as_bytes(), "a", TTL)
             .await
             .unwrap()
     );
     assert_eq!(
         store
-            .claim(&format!("after-{attempt}"), "b", LEASE)
+            .claim(format!("after-{attempt}").as_bytes(), "b", LEASE)
             .await
             .unwrap(),
         Claim::Done
     );
     // Nothing was persisted (--save ""): the pre-restart claim is gone.
     assert_eq!(
-        store.claim("before", "b", LEASE).await.unwrap(),
+        store.claim(b"before", "b", LEASE).await.unwrap(),
         Claim::Acquired
     );
 
@@ -401,7 +430,7 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
         .await
         .unwrap();
     let before = concrete.stats();
-    assert!(store.release("before", "b").await.is_ok());
+    assert!(store.release(b"before", "b").await.is_ok());
     let after = concrete.stats();
     assert_eq!(
         after.round_trips - before.round_trips,
@@ -414,7 +443,7 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
         "{before:?} {after:?}"
     );
     assert_eq!(
-        store.claim("before", "c", LEASE).await.unwrap(),
+        store.claim(b"before", "c", LEASE).await.unwrap(),
         Claim::Acquired,
         "the rerun release deleted b's claim"
     );
@@ -446,7 +475,7 @@ async fn bad_urls_are_config_errors_without_the_password() {
         let config = RedisDedupConfig::new("rediss://u:secret@127.0.0.1:1")
             .timeout(Duration::from_millis(300));
         let store = RedisDedupStore::new_lazy(config).unwrap();
-        let err = store.claim("k", "a", LEASE).await.unwrap_err();
+        let err = store.claim(b"k", "a", LEASE).await.unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
     }
 }
@@ -572,9 +601,12 @@ async fn rediss_with_a_password_and_a_private_ca() {
         }
     };
     assert!(!format!("{store:?} {config:?}").contains("s3cret"));
-    assert_eq!(store.claim("k", "a", LEASE).await.unwrap(), Claim::Acquired);
-    assert!(store.complete("k", "a", TTL).await.unwrap());
-    assert_eq!(store.claim("k", "b", LEASE).await.unwrap(), Claim::Done);
+    assert_eq!(
+        store.claim(b"k", "a", LEASE).await.unwrap(),
+        Claim::Acquired
+    );
+    assert!(store.complete(b"k", "a", TTL).await.unwrap());
+    assert_eq!(store.claim(b"k", "b", LEASE).await.unwrap(), Claim::Done);
 
     // A wrong password is refused at connect, without echoing the password.
     let wrong = RedisDedupConfig::new(format!("rediss://:wrongpw@127.0.0.1:{port}"))

@@ -18,6 +18,9 @@ use crate::error::{ErrorClass, classify_code, classify_sdk, describe, settle_err
 use crate::source::{QueueInfo, SqsToken};
 use crate::stats::{Counters, SqsStats, bump};
 
+/// Tries of a transient `DeleteMessageBatch` failure before it is reported as failed.
+const DELETE_ATTEMPTS: u32 = 5;
+
 /// The settling half of an [`SqsSource`](crate::SqsSource). Cheap to clone.
 ///
 /// - **ack**: `DeleteMessageBatch` in chunks of 10. Entries that fail transiently (throttling,
@@ -153,7 +156,7 @@ impl SqsSettler {
             if again.is_empty() {
                 return;
             }
-            if !self.backoff.allows_retry_after(attempt) {
+            if attempt >= DELETE_ATTEMPTS {
                 for (token, message) in again {
                     self.fail(report, token, SettleError::Broker(message.into()));
                 }

@@ -221,9 +221,7 @@ impl SqsSource {
             client.clone(),
             queue.clone(),
             stats.clone(),
-            Backoff::exponential(Duration::from_millis(50), Duration::from_secs(2))
-                .equal_jitter()
-                .max_attempts(5),
+            Backoff::exponential(Duration::from_millis(50), Duration::from_secs(2)).equal_jitter(),
         );
         Ok(SqsSource {
             client,

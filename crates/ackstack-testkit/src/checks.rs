@@ -94,8 +94,8 @@ pub fn test_config() -> ConsumerConfig {
         shutdown_deadline: Duration::from_secs(10),
         retry: ackstack_core::RetryConfig {
             backoff: Backoff::exponential(Duration::from_millis(200), Duration::from_secs(2))
-                .no_jitter()
-                .max_attempts(5),
+                .no_jitter(),
+            max_attempts: 5,
             ..Default::default()
         },
         dedup: ackstack_core::DedupConfig {
@@ -383,9 +383,8 @@ pub async fn attempts_survive_restart<H: Harness>(h: Arc<H>) -> CheckResult {
 pub async fn retries_back_off<H: Harness>(h: Arc<H>) -> CheckResult {
     let q = h.create(LEASE).await;
     publish_all(&h.publisher(&q).await, vec![Message::new("twice")]).await?;
-    let backoff = Backoff::exponential(Duration::from_millis(600), Duration::from_secs(5))
-        .no_jitter()
-        .max_attempts(5);
+    let backoff =
+        Backoff::exponential(Duration::from_millis(600), Duration::from_secs(5)).no_jitter();
     let mut config = test_config();
     config.retry.backoff = backoff;
     let seen = Seen::default();
@@ -449,7 +448,7 @@ pub async fn dead_letters_after_max_attempts<H: Harness>(h: Arc<H>) -> CheckResu
     )
     .await?;
     let mut config = test_config();
-    config.retry.backoff = config.retry.backoff.max_attempts(2);
+    config.retry.max_attempts = 2;
     let calls = Arc::new(AtomicUsize::new(0));
     let (c, c2) = (calls.clone(), calls.clone());
     let summary = run(
@@ -885,9 +884,8 @@ pub async fn per_key_ordering<H: Harness>(h: Arc<H>) -> CheckResult {
     let (o, o2) = (order.clone(), order.clone());
     let mut config = test_config();
     config.ordering = KeyOrdering::PerKey;
-    config.retry.backoff = Backoff::exponential(Duration::from_millis(300), Duration::from_secs(1))
-        .no_jitter()
-        .max_attempts(5);
+    config.retry.backoff =
+        Backoff::exponential(Duration::from_millis(300), Duration::from_secs(1)).no_jitter();
     run(
         &*h,
         &q,

@@ -38,7 +38,8 @@
 //!
 //! let consumer = Consumer::new(broker.source("orders"))
 //!     .concurrency(8)
-//!     .retry(Backoff::exponential(Duration::from_millis(100), Duration::from_secs(60)).max_attempts(5));
+//!     .retry(Backoff::exponential(Duration::from_millis(100), Duration::from_secs(60)))
+//!     .max_attempts(5);
 //! let idle = consumer.status();
 //! let summary = consumer
 //!     .run_until(

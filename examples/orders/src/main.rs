@@ -126,9 +126,7 @@ pub struct Options {
 impl Options {
     /// The retry policy: exponential from `--base-delay-ms`, equal jitter, capped at 10 s.
     pub fn backoff(&self) -> Backoff {
-        Backoff::exponential(self.base_delay, MAX_RETRY_DELAY)
-            .equal_jitter()
-            .max_attempts(self.max_attempts)
+        Backoff::exponential(self.base_delay, MAX_RETRY_DELAY).equal_jitter()
     }
 
     /// The dead-letter queue (or topic).
@@ -206,6 +204,7 @@ fn print_outcome(delivery: &Delivery, outcome: &Outcome) {
             "dead_lettered order_id={id} attempt={attempt} reason={:?}",
             failure.to_string()
         ),
+        Outcome::Release => println!("released order_id={id} attempt={attempt}"),
     }
 }
 
@@ -242,6 +241,7 @@ async fn publish_and_consume<S: Source, P: Publish>(
         .name(CONSUMER_NAME)
         .concurrency(opts.concurrency)
         .retry(opts.backoff())
+        .max_attempts(opts.max_attempts)
         .shutdown_deadline(Duration::from_secs(10))
         .dedup_shared(dedup, DedupKey::from_fn(order_id_of))
         .inspect(print_outcome);

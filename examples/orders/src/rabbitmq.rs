@@ -13,7 +13,7 @@ use crate::{CONNECT_TIMEOUT, CONSUMER_NAME, Fatal, Options};
 /// Connects a source and a publisher to `--queue` at `--amqp-url`.
 pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), Fatal> {
     let mut config = RabbitConfig::new(opts.amqp_url.clone(), opts.queue.clone());
-    config.delay_buckets = delay_buckets(&opts.backoff());
+    config.delay_buckets = delay_buckets(&opts.backoff(), opts.max_attempts);
     config.max_attempts = Some(opts.max_attempts);
     config.connection_name = Some(format!("{CONSUMER_NAME}-{}", opts.queue));
     config.dlq = Some(opts.dlq());
@@ -32,12 +32,11 @@ pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), 
 
 /// RabbitMQ delays retries in fixed buckets (one delay queue each), rounding a delay up to the
 /// next bucket. These buckets are the backoff's ceilings per attempt, so a retry waits at most
-/// its un-jittered delay, plus 1 s and 5 s for the dedup layer's "busy" and "store down"
-/// retries, and the 10 s cap.
-fn delay_buckets(backoff: &Backoff) -> Vec<Duration> {
-    let mut buckets: BTreeSet<Duration> = (1..backoff.max_attempts.clamp(2, 64))
+/// its un-jittered delay, and the 10 s cap.
+fn delay_buckets(backoff: &Backoff, max_attempts: u32) -> Vec<Duration> {
+    let mut buckets: BTreeSet<Duration> = (1..max_attempts.clamp(2, 64))
         .map(|attempt| backoff.ceiling(attempt))
         .collect();
-    buckets.extend([Duration::from_secs(1), Duration::from_secs(5), backoff.cap]);
+    buckets.insert(backoff.cap);
     buckets.into_iter().filter(|d| !d.is_zero()).collect()
 }

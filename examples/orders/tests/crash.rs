@@ -1035,7 +1035,7 @@ fn window_hits(redis: &OwnRedis, queue: &str, seen: &mut BTreeMap<String, u64>) 
     let prefix = format!("{queue}:dedup:");
     let mut hits = 0;
     for (order_id, count) in charges {
-        let key = ackstack::redis::redis_key(&prefix, &order_id);
+        let key = ackstack::redis::redis_key(&prefix, order_id.as_bytes());
         let state: Option<String> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
         let claimed = state.is_some_and(|v| v != ackstack::redis::DONE_MARKER);
         if claimed && seen.get(&order_id) != Some(&count) {

@@ -62,6 +62,18 @@ impl OwnRedis {
         }
     }
 
+    /// Sends `signal` (e.g. `"STOP"`, `"CONT"`) to the server: a frozen server keeps its
+    /// connections open and answers nothing, like a stalled host.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill -{signal} failed");
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -72,6 +84,8 @@ impl OwnRedis {
 
 impl Drop for OwnRedis {
     fn drop(&mut self) {
+        // A frozen server would not die of SIGKILL until it is continued on some systems.
+        self.signal("CONT");
         self.kill();
     }
 }

@@ -1,0 +1,570 @@
+//! Fault paths of the contract on the in-memory broker: one retry decision, store outages that
+//! use up no attempts, byte keys, cancellation while waiting, leases versus settlement, and
+//! configuration checks. See docs/CONTRACT.md for the invariant each test proves.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)]
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ackstack_core::handler::{Context, Layer, Process};
+use ackstack_core::memory::{MemorySettler, MemorySource, MemoryToken};
+use ackstack_core::{
+    AckReport, Backoff, Capabilities, ConfigError, Consumer, ConsumerConfig, ConsumerError,
+    DeadLetter, DedupKey, Delivery, DeliveryMode, Failure, HandlerError, KeyOrdering, MemoryBroker,
+    MemoryDedupStore, Message, Outcome, Received, Settle, SettleError, SettleFailure, Settled,
+    Source, SourceError, handler_fn,
+};
+
+mod common;
+use common::{Outage, fast_retry, until};
+
+/// A layer that panics on every delivery.
+struct Panics;
+
+struct Panicking;
+
+impl Process for Panicking {
+    async fn process(&self, _: &Delivery, _: &Context) -> Outcome {
+        panic!("layer bug")
+    }
+}
+
+impl<P: Process> Layer<P> for Panics {
+    type Process = Panicking;
+    fn layer(&self, _inner: P) -> Panicking {
+        Panicking
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_layer_uses_up_attempts_and_is_dead_lettered() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m"));
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .retry(fast_retry())
+        .max_attempts(3)
+        .layer(Panics)
+        .run_until(
+            handler_fn(|_d, _cx| async { Ok(()) }),
+            until(move || b.dead_letters("q").len() == 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(broker.dead_letters("q").len(), 1, "{summary:?}");
+    assert_eq!(
+        summary.retried, 2,
+        "attempts 1 and 2 retried, 3 dead-lettered"
+    );
+    let meta =
+        ackstack_core::DeadLetterMetadata::from_headers(&broker.dead_letters("q")[0].headers)
+            .unwrap();
+    assert_eq!(meta.attempts, 3);
+    assert!(
+        meta.error_message.contains("layer bug"),
+        "{}",
+        meta.error_message
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_dedup_key_function_uses_up_attempts_and_is_dead_lettered() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m"));
+    let b = broker.clone();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    Consumer::new(broker.source("q"))
+        .retry(fast_retry())
+        .max_attempts(2)
+        .dedup(
+            MemoryDedupStore::new(),
+            DedupKey::from_fn(|_d: &Delivery| -> Option<String> { panic!("key extractor bug") }),
+        )
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            }),
+            until(move || b.dead_letters("q").len() == 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(broker.dead_letters("q").len(), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn in_place_retries_share_the_attempt_limit_with_the_immediate_tier() {
+    // Per-key ordering retries in place; the retry layer counts the attempts itself.
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m").key("k"));
+    let b = broker.clone();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let mut config = ConsumerConfig::default();
+    config.retry.immediate = 1;
+    let summary = Consumer::new(broker.source("q"))
+        .config(config)
+        .ordering(KeyOrdering::PerKey)
+        .retry(fast_retry())
+        .max_attempts(3)
+        .inspect(move |d, o| s.lock().unwrap().push((d.attempt, o.as_str())))
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Err(HandlerError::transient("always")) }
+            }),
+            until(move || b.dead_letters("q").len() == 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        6,
+        "3 attempts x (1 + 1 immediate)"
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(1, "retry"), (2, "retry"), (3, "dead_letter")]
+    );
+    assert_eq!(summary.retried, 2);
+    let meta =
+        ackstack_core::DeadLetterMetadata::from_headers(&broker.dead_letters("q")[0].headers)
+            .unwrap();
+    assert_eq!(meta.attempts, 3);
+}
+
+#[tokio::test]
+async fn a_store_outage_uses_up_no_attempts() {
+    // Two attempts allowed; the handler fails its first call. Were the outage's answers
+    // counted as attempts, the first real failure would be the last attempt.
+    let broker = MemoryBroker::new();
+    for i in 0..5 {
+        broker.publish(
+            "q",
+            Message::new(format!("m{i}")).message_id(format!("k{i}")),
+        );
+    }
+    let store = Outage::new(true, false);
+    let calls: Arc<Mutex<std::collections::HashMap<String, u32>>> = Arc::default();
+    let c = calls.clone();
+    let mut config = ConsumerConfig::default();
+    config.dedup.store_retry_after = Duration::from_millis(50);
+    let up = store.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        up.down.store(false, Ordering::SeqCst);
+    });
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .config(config)
+        .retry(fast_retry())
+        .max_attempts(2)
+        .dedup_shared(store.clone(), DedupKey::MessageId)
+        .run_until(
+            handler_fn(move |d, _cx| {
+                let first = {
+                    let mut calls = c.lock().unwrap();
+                    let n = calls.entry(d.message_id.clone().unwrap()).or_insert(0);
+                    *n += 1;
+                    *n == 1
+                };
+                async move {
+                    if first {
+                        Err(HandlerError::transient("first call fails"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store.claims.load(Ordering::SeqCst) > 10,
+        "the store was asked again and again"
+    );
+    assert_eq!(summary.dead_lettered, 0, "{summary:?}");
+    assert!(broker.dead_letters("q").is_empty());
+    assert!(broker.is_empty("q"), "every message acked");
+    for (id, n) in calls.lock().unwrap().iter() {
+        assert!(*n <= 2, "{id} handled {n} times");
+    }
+}
+
+#[tokio::test]
+async fn a_claim_applied_but_unanswered_is_ours_on_the_next_try() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m").message_id("k"));
+    let store = Outage::new(false, true);
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let mut config = ConsumerConfig::default();
+    config.dedup.store_retry_after = Duration::from_millis(50);
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .config(config)
+        .dedup_shared(store.clone(), DedupKey::MessageId)
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(summary.retried, 0, "not seen as busy: {summary:?}");
+    assert_eq!(broker.stats("q").received, 1, "never redelivered");
+}
+
+/// Consumes everything in `broker`'s queue `q` with dedup on header `idem`; returns the
+/// handler's call count and the summary.
+async fn consume_dedup_by_header(broker: &MemoryBroker) -> (u32, ackstack_core::Summary) {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .dedup(MemoryDedupStore::new(), DedupKey::Header("idem".into()))
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    (calls.load(Ordering::SeqCst), summary)
+}
+
+#[tokio::test]
+async fn binary_ids_that_collide_under_lossy_utf8_are_both_handled() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("a").header("idem", vec![0xff_u8]));
+    broker.publish("q", Message::new("b").header("idem", vec![0xfe_u8]));
+    let (calls, summary) = consume_dedup_by_header(&broker).await;
+    assert_eq!(calls, 2, "{summary:?}");
+    assert_eq!(summary.deduplicated, 0);
+}
+
+#[tokio::test]
+async fn empty_keys_are_not_deduplicated_and_are_counted() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("a").header("idem", ""));
+    broker.publish("q", Message::new("b").header("idem", ""));
+    broker.publish("q", Message::new("c"));
+    let (calls, summary) = consume_dedup_by_header(&broker).await;
+    assert_eq!(calls, 3);
+    assert_eq!(summary.deduplicated, 0);
+    assert_eq!(summary.dedup_keyless, 3, "{summary:?}");
+}
+
+#[tokio::test]
+async fn a_delivery_whose_lease_is_lost_while_it_waits_for_its_key_is_never_handled() {
+    // Both leases lapse (no extension allowed past 150 ms) while the first handler runs for
+    // 800 ms; the second delivery of the key is still waiting for its turn.
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("first").key("k"));
+    broker.publish("q", Message::new("second").key("k"));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let mut config = ConsumerConfig::default();
+    config.lease.max_total = Duration::from_millis(150);
+    config.shutdown_deadline = Duration::from_millis(100);
+    let summary = Consumer::new(
+        broker
+            .source("q")
+            .visibility_timeout(Duration::from_millis(100)),
+    )
+    .config(config)
+    .ordering(KeyOrdering::PerKey)
+    .run_until(
+        handler_fn(move |d, _cx| {
+            h.lock()
+                .unwrap()
+                .push((String::from_utf8_lossy(&d.payload).into_owned(), d.attempt));
+            async {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                Ok(())
+            }
+        }),
+        tokio::time::sleep(Duration::from_millis(1200)),
+    )
+    .await
+    .unwrap();
+    let handled = handled.lock().unwrap().clone();
+    assert!(
+        !handled.contains(&("second".to_string(), 1)),
+        "the second delivery ran after its lease was lost: {handled:?}"
+    );
+    assert!(summary.leases_lost >= 2, "{summary:?}");
+    assert_eq!(summary.acked, 0);
+}
+
+#[tokio::test]
+async fn a_lease_lost_while_the_ack_waits_is_not_acked() {
+    // The handler is done at once, but its ack waits 400 ms in the batch; the lease lapses at
+    // 100 ms (no extension allowed past 120 ms).
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m"));
+    let mut config = ConsumerConfig::default();
+    config.lease.max_total = Duration::from_millis(120);
+    config.ack_delay = Duration::from_millis(400);
+    config.ack_batch = Some(10);
+    let summary = Consumer::new(
+        broker
+            .source("q")
+            .visibility_timeout(Duration::from_millis(100))
+            .max_ack_batch(10),
+    )
+    .config(config)
+    .run_until(
+        handler_fn(|_d, _cx| async { Ok(()) }),
+        tokio::time::sleep(Duration::from_millis(250)),
+    )
+    .await
+    .unwrap();
+    // Each lapsed delivery comes back and is received again; only the acks of deliveries whose
+    // lease still holds are sent, so the broker never refuses one.
+    assert!(summary.leases_lost >= 1, "{summary:?}");
+    assert_eq!(
+        summary.ack_failures, 0,
+        "an ack was sent for a lost lease: {summary:?}"
+    );
+}
+
+/// A memory source whose lease extensions are slow (or never finish), logging the order of
+/// extensions and settlements.
+struct SlowExtend {
+    inner: MemorySource,
+    settler: SlowSettler,
+}
+
+#[derive(Clone)]
+struct SlowSettler {
+    inner: MemorySettler,
+    delay: Option<Duration>,
+    log: Arc<Mutex<Vec<&'static str>>>,
+}
+
+impl SlowExtend {
+    fn new(inner: MemorySource, delay: Option<Duration>) -> Self {
+        let settler = SlowSettler {
+            inner: inner.settler(),
+            delay,
+            log: Arc::default(),
+        };
+        SlowExtend { inner, settler }
+    }
+}
+
+impl Source for SlowExtend {
+    type Token = MemoryToken;
+    type Settler = SlowSettler;
+    async fn receive(&mut self, max: usize) -> Result<Vec<Received<MemoryToken>>, SourceError> {
+        self.inner.receive(max).await
+    }
+    fn settler(&self) -> SlowSettler {
+        self.settler.clone()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+impl Settle for SlowSettler {
+    type Token = MemoryToken;
+    async fn ack(&self, tokens: Vec<MemoryToken>) -> AckReport<MemoryToken> {
+        self.inner.ack(tokens).await
+    }
+    async fn retry(
+        &self,
+        token: MemoryToken,
+        d: &Delivery,
+        after: Duration,
+        f: &Failure,
+    ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
+        self.log.lock().unwrap().push("retry");
+        self.inner.retry(token, d, after, f).await
+    }
+    async fn dead_letter(
+        &self,
+        token: MemoryToken,
+        d: &Delivery,
+        l: &DeadLetter,
+    ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
+        self.inner.dead_letter(token, d, l).await
+    }
+    async fn extend(&self, token: &MemoryToken, by: Duration) -> Result<(), SettleError> {
+        self.log.lock().unwrap().push("extend started");
+        match self.delay {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+        let result = self.inner.extend(token, by).await;
+        self.log.lock().unwrap().push("extend landed");
+        result
+    }
+    async fn release(&self, token: MemoryToken) {
+        self.inner.release(token).await
+    }
+}
+
+#[tokio::test]
+async fn an_extension_in_flight_never_lands_after_the_retry() {
+    // Lease 400 ms, extended at 280 ms by a call that takes 100 ms; the handler fails at
+    // 300 ms, while that extension is in flight.
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m"));
+    let source = SlowExtend::new(
+        broker
+            .source("q")
+            .visibility_timeout(Duration::from_millis(400)),
+        Some(Duration::from_millis(100)),
+    );
+    let log = source.settler.log.clone();
+    let l = log.clone();
+    Consumer::new(source)
+        .retry(Backoff::exponential(Duration::from_secs(5), Duration::from_secs(5)).no_jitter())
+        .run_until(
+            handler_fn(|_d, _cx| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Err(HandlerError::transient("fails"))
+            }),
+            until(move || l.lock().unwrap().contains(&"retry")),
+        )
+        .await
+        .unwrap();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec!["extend started", "extend landed", "retry"],
+        "the retry's visibility change is the last word"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_lapses_even_while_its_extension_hangs() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m"));
+    let source = SlowExtend::new(
+        broker
+            .source("q")
+            .visibility_timeout(Duration::from_millis(200)),
+        None,
+    );
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let c = cancelled.clone();
+    let c2 = cancelled.clone();
+    let summary = Consumer::new(source)
+        .shutdown_deadline(Duration::from_millis(100))
+        .run_until(
+            handler_fn(move |_d, cx| {
+                let c = c.clone();
+                async move {
+                    tokio::select! {
+                        _ = cx.cancelled() => c.store(true, Ordering::SeqCst),
+                        _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+                    }
+                    Ok(())
+                }
+            }),
+            until(move || c2.load(Ordering::SeqCst)),
+        )
+        .await
+        .unwrap();
+    assert!(
+        cancelled.load(Ordering::SeqCst),
+        "the lapse cancelled the handler"
+    );
+    assert_eq!(summary.acked, 0);
+    assert!(summary.leases_lost >= 1);
+}
+
+#[tokio::test]
+async fn bad_configuration_is_a_typed_error_not_a_panic() {
+    let broker = MemoryBroker::new();
+    let run = |config: ConsumerConfig| {
+        let source = broker.source("q");
+        async move {
+            Consumer::new(source)
+                .config(config)
+                .run_until(handler_fn(|_d, _cx| async { Ok(()) }), async {})
+                .await
+        }
+    };
+    let mut nan = ConsumerConfig::default();
+    nan.lease.extend_at = f64::NAN;
+    assert!(matches!(
+        run(nan).await,
+        Err(ConsumerError::Config(ConfigError::ExtendAt(_)))
+    ));
+    let mut one = ConsumerConfig::default();
+    one.lease.extend_at = 1.0;
+    assert!(matches!(
+        run(one).await,
+        Err(ConsumerError::Config(ConfigError::ExtendAt(_)))
+    ));
+    let mut zero = ConsumerConfig::default();
+    zero.concurrency = 0;
+    assert!(matches!(
+        run(zero).await,
+        Err(ConsumerError::Config(ConfigError::ZeroConcurrency))
+    ));
+    let at_most_once_with_dedup = Consumer::new(broker.source("q"))
+        .mode(DeliveryMode::AtMostOnce)
+        .dedup(MemoryDedupStore::new(), DedupKey::MessageId);
+    assert_eq!(
+        at_most_once_with_dedup.validate(),
+        Err(ConfigError::AtMostOnceWithDedup)
+    );
+    assert_eq!(
+        Consumer::new(broker.source("q"))
+            .mode(DeliveryMode::EffectivelyOnce)
+            .validate(),
+        Err(ConfigError::EffectivelyOnceWithoutStore)
+    );
+}
+
+#[tokio::test]
+async fn setters_and_config_edit_one_config_in_any_order() {
+    let broker = MemoryBroker::new();
+    let mut base = ConsumerConfig::default();
+    base.ack_delay = Duration::from_millis(7);
+    let consumer = Consumer::new(broker.source("q"))
+        .concurrency(3)
+        .retry(fast_retry())
+        .max_attempts(4)
+        .mode(DeliveryMode::AtMostOnce)
+        .config(base);
+    let effective = consumer.effective_config();
+    assert_eq!(effective.concurrency, 3);
+    assert_eq!(effective.retry.backoff, fast_retry());
+    assert_eq!(effective.retry.max_attempts, 4);
+    assert_eq!(effective.mode, DeliveryMode::AtMostOnce);
+    assert_eq!(effective.ack_delay, Duration::from_millis(7));
+    let with_dedup = Consumer::new(broker.source("q"))
+        .dedup(MemoryDedupStore::new(), DedupKey::MessageId)
+        .config(ConsumerConfig::default());
+    assert_eq!(
+        with_dedup.effective_config().mode,
+        DeliveryMode::EffectivelyOnce,
+        "a later .config() does not undo the mode .dedup() implies"
+    );
+    assert_eq!(
+        ConsumerConfig::default().ordering,
+        KeyOrdering::default(),
+        "one default for ordering"
+    );
+}
