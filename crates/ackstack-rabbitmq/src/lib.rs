@@ -24,6 +24,11 @@
 //! [`Capabilities::max_retry_delay`](ackstack_core::Capabilities) is the largest bucket).
 //! One queue per bucket avoids the head-of-line blocking of per-message TTLs.
 //!
+//! Retry and dead-letter copies are published **without** the message's own `expiration`
+//! property (a publisher's per-message TTL): in a delay queue the lower of the two TTLs would
+//! win and cut the delay short, and in the dead-letter queue it would delete the dead letter.
+//! The original value travels in the [`ORIGINAL_EXPIRATION_HEADER`] header instead.
+//!
 //! The attempt number is read from the message (invariant 2): the
 //! [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) we write on each retry copy,
 //! plus the quorum queue's `x-delivery-count` of unsettled earlier deliveries. See
@@ -84,7 +89,9 @@ mod publisher;
 mod source;
 mod tracker;
 
-pub use amqp::{DELIVERY_COUNT_HEADER, KEY_HEADER, attempt_of, headers_from_table};
+pub use amqp::{
+    DELIVERY_COUNT_HEADER, KEY_HEADER, ORIGINAL_EXPIRATION_HEADER, attempt_of, headers_from_table,
+};
 pub use config::{QueueType, RabbitConfig};
 pub use error::{ConfigError, RabbitError};
 pub use publisher::{Fetched, RabbitPublisher, text_value};

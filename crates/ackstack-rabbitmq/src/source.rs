@@ -22,8 +22,8 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
 use crate::amqp::{
-    self, DELIVERY_COUNT_HEADER, KEY_HEADER, PERSISTENT, attempt_of, edit_table,
-    headers_from_table, long_string,
+    self, DELIVERY_COUNT_HEADER, KEY_HEADER, attempt_of, copy_properties, edit_table,
+    headers_from_table, long_string, record_expiration,
 };
 use crate::config::RabbitConfig;
 use crate::error::RabbitError;
@@ -600,11 +600,13 @@ impl RabbitSettler {
         }
     }
 
+    /// Publishes a copy of the token's message to `queue` with `headers` (see
+    /// [`copy_properties`]) and waits for its confirm.
     async fn publish_copy(
         &self,
         token: &RabbitToken,
         queue: &str,
-        properties: BasicProperties,
+        headers: FieldTable,
     ) -> Result<(), SettleError> {
         let channel = token
             .generation
@@ -615,7 +617,7 @@ impl RabbitSettler {
             &channel,
             queue,
             &token.payload,
-            properties.with_delivery_mode(PERSISTENT),
+            copy_properties(&token.properties, headers),
             self.shared.config.confirm_timeout,
         )
         .await
@@ -645,7 +647,9 @@ impl Settle for RabbitSettler {
     /// Republishes the original payload and properties to the delay queue of the bucket
     /// chosen by [`RabbitConfig::bucket_for`] with [`ATTEMPT_HEADER`] = attempt + 1 and
     /// [`FIRST_FAILURE_HEADER`] kept (or set to this failure's time); the broker's own
-    /// `x-delivery-count` is dropped so the copy starts its count afresh. Returns
+    /// `x-delivery-count` is dropped so the copy starts its count afresh. A per-message
+    /// `expiration` is not copied (it would cut the delay short) but recorded in
+    /// [`ORIGINAL_EXPIRATION_HEADER`](crate::ORIGINAL_EXPIRATION_HEADER). Returns
     /// [`Settled::AckOriginal`] once the copy is confirmed.
     async fn retry(
         &self,
@@ -671,9 +675,9 @@ impl Settle for RabbitSettler {
             map.insert(ATTEMPT_HEADER.into(), long_string(&next_attempt));
             map.entry(FIRST_FAILURE_HEADER.into())
                 .or_insert_with(|| long_string(&first_failure));
+            record_expiration(map, &token.properties);
         });
-        let properties = token.properties.as_ref().clone().with_headers(headers);
-        match self.publish_copy(&token, &queue, properties).await {
+        match self.publish_copy(&token, &queue, headers).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
             Err(err) => Err(SettleFailure::new(token, err)),
         }
@@ -681,7 +685,9 @@ impl Settle for RabbitSettler {
 
     /// Publishes the original payload and AMQP properties, every original header value
     /// unchanged (typed), plus the `x-ackstack-dl-*` metadata (replacing earlier metadata) to
-    /// the DLQ; returns [`Settled::AckOriginal`] once the copy is confirmed.
+    /// the DLQ; returns [`Settled::AckOriginal`] once the copy is confirmed. The copy has no
+    /// `expiration` (a publisher's TTL would delete the dead letter): the original one is in
+    /// [`ORIGINAL_EXPIRATION_HEADER`](crate::ORIGINAL_EXPIRATION_HEADER).
     async fn dead_letter(
         &self,
         token: RabbitToken,
@@ -700,10 +706,10 @@ impl Settle for RabbitSettler {
                     map.insert(name, long_string(&value));
                 }
             }
+            record_expiration(map, &token.properties);
         });
-        let properties = token.properties.as_ref().clone().with_headers(headers);
         let dlq = self.shared.config.dlq_name();
-        match self.publish_copy(&token, &dlq, properties).await {
+        match self.publish_copy(&token, &dlq, headers).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
             Err(err) => Err(SettleFailure::new(token, err)),
         }

@@ -12,7 +12,10 @@ use ackstack_core::{
     Settled, Source, SourceError,
 };
 use ackstack_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
-use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource, RabbitToken, text_value};
+use ackstack_rabbitmq::{
+    ORIGINAL_EXPIRATION_HEADER, RabbitConfig, RabbitPublisher, RabbitSource, RabbitToken,
+    text_value,
+};
 use bytes::Bytes;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -631,6 +634,140 @@ async fn release_of_a_straggler_acks_the_completed_tags_held_above_it() {
         assert_eq!(payloads, vec!["h1".to_string()], "held acks were lost");
         let token = back.into_iter().next().unwrap().token;
         assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+/// Publishes `body` to `queue` with the per-message TTL property `expiration` (milliseconds
+/// as text), persistent, and waits for the confirm.
+async fn publish_with_expiration(queue: &str, body: &str, expiration: &str) {
+    use ackstack_rabbitmq::lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use ackstack_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
+    let connection = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_expiration(expiration.into());
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+}
+
+#[tokio::test]
+async fn dead_letter_of_an_expiring_message_outlives_the_ttl_and_records_the_expiration() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("dl-expiration");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        // Consuming before the publish: the message is delivered at once, well within its TTL.
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        publish_with_expiration(&config.queue, "short-lived", "1000").await;
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        let Received { delivery, token } = got.into_iter().next().unwrap();
+        assert_eq!(
+            token.properties().expiration().as_ref().map(|e| e.as_str()),
+            Some("1000")
+        );
+        let letter = DeadLetter::new(&delivery, Failure::new(ErrorKind::Permanent, "bad"));
+        let Settled::AckOriginal(token) = settler
+            .dead_letter(token, &delivery, &letter)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        // Well past the publisher's TTL: the dead letter must still be there.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let copy = publisher
+            .get_dead_letter()
+            .await
+            .unwrap()
+            .expect("the dead letter expired in the DLQ");
+        assert_eq!(copy.payload, "short-lived");
+        assert!(copy.properties.expiration().is_none());
+        assert_eq!(
+            copy.headers.get_str(ORIGINAL_EXPIRATION_HEADER),
+            Some("1000")
+        );
+        assert!(DeadLetterMetadata::from_headers(&copy.headers).is_some());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn retry_copy_of_an_expiring_message_waits_its_full_delay_and_keeps_the_expiration() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("retry-expiration");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        // A TTL far shorter than the 1500 ms bucket the retry goes to.
+        publish_with_expiration(&config.queue, "retry-me", "200").await;
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        let Received { delivery, token } = got.into_iter().next().unwrap();
+        let failure = Failure::new(ErrorKind::Transient, "later");
+        let start = Instant::now();
+        let Settled::AckOriginal(token) = settler
+            .retry(token, &delivery, Duration::from_secs(1), &failure)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        let waited = start.elapsed();
+        let Received { delivery, token } = got.into_iter().next().expect("the retry came back");
+        assert!(
+            waited >= Duration::from_millis(1500),
+            "the copy's own TTL cut the 1500 ms delay short: back after {waited:?}"
+        );
+        assert_eq!(delivery.attempt, 2);
+        assert_eq!(delivery.payload, "retry-me");
+        assert!(token.properties().expiration().is_none());
+        assert_eq!(
+            delivery.headers.get_str(ORIGINAL_EXPIRATION_HEADER),
+            Some("200")
+        );
+        // Dead-lettering the retry copy still records the publisher's expiration.
+        let letter = DeadLetter::new(&delivery, Failure::new(ErrorKind::Permanent, "give up"));
+        let Settled::AckOriginal(token) = settler
+            .dead_letter(token, &delivery, &letter)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        let copy = publisher
+            .get_dead_letter()
+            .await
+            .unwrap()
+            .expect("a DLQ copy");
+        assert!(copy.properties.expiration().is_none());
+        assert_eq!(
+            copy.headers.get_str(ORIGINAL_EXPIRATION_HEADER),
+            Some("200")
+        );
     })
     .await
     .unwrap();
