@@ -37,10 +37,15 @@
 //! # Acks
 //!
 //! Acks are `basic.ack multiple=true` up to the highest completed tag below the lowest
-//! delivery still in flight, never past it (invariant 8); completed deliveries above a
-//! straggler are acked individually only when they would otherwise eat half the prefetch
-//! window, and at [`flush`](ackstack_core::Settle::flush). [`RabbitSettler::stats`] counts
-//! the frames.
+//! delivery still in flight, never past it (invariant 8). Completed deliveries above a
+//! straggler are held back for the straggler's cumulative ack, at most
+//! [`RabbitConfig::held_ack_delay`] (default 50 ms), then acked individually; at once when
+//! they would otherwise eat half the prefetch window, and at
+//! [`flush`](ackstack_core::Settle::flush). An [`ack`](ackstack_core::Settle::ack) call
+//! returns once every one of its deliveries was acked by a frame that was sent, so its report
+//! (and [`RabbitStats::acked_tokens`]) counts sent acks, never queued ones; several ack calls
+//! may run at once ([`Capabilities::parallel_acks`](ackstack_core::Capabilities) is 4), the
+//! tracker orders their frames. [`RabbitSettler::stats`] counts the frames.
 //!
 //! [`release`](ackstack_core::Settle::release) gives a delivery back with
 //! `basic.reject requeue=true` (not `basic.nack`: RabbitMQ 4.3 and later count only a reject
