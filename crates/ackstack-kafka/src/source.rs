@@ -3,7 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,10 @@ impl KafkaToken {
 /// State shared by the poll thread, the rebalance callbacks and the settler.
 struct Shared {
     assignments: Mutex<Assignments>,
+    /// Held from taking commit positions until their commit is sent (a synchronous one until
+    /// it is answered), so that commits reach the broker in the order their positions were
+    /// taken: an older position never lands after a newer one. Taken before `assignments`.
+    commit_order: Mutex<()>,
     batch: Mutex<CommitBatch>,
     /// Set by [`KafkaSource::close`]: stop handing out records.
     closing: AtomicBool,
@@ -110,28 +114,91 @@ impl Shared {
     }
 
     /// Commits every position that moved, asynchronously (or synchronously with `sync`, then
-    /// every committable position). Positions are taken and committed under the assignments
-    /// lock so that two commits never reach the broker out of order.
-    fn commit(&self, consumer: &BaseConsumer<KafkaContext>, sync: bool) -> KafkaResult<usize> {
+    /// every committable position).
+    ///
+    /// Positions are taken and sent under [`Shared::commit_order`], so two commits never reach
+    /// the broker out of order. A synchronous commit keeps it until answered; an asynchronous
+    /// one does not wait for it: while a synchronous commit is on its way it is skipped and
+    /// stays due (`Ok(0)`), so acks and the poll thread never block behind the broker.
+    fn commit(&self, consumer: &impl CommitSink, sync: bool) -> KafkaResult<usize> {
+        let _order = if sync {
+            self.commit_order
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        } else {
+            match self.commit_order.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => return Ok(0),
+            }
+        };
         {
             let mut b = self.batch();
             b.acked_since = 0;
             b.last = Instant::now();
         }
-        let mut assignments = self.assignments();
-        let positions = assignments.take_commits(sync);
+        let positions = self.assignments().take_commits(sync);
         if positions.is_empty() {
             return Ok(0);
         }
         let tpl = position_list(&positions)?;
         self.commits.fetch_add(1, Ordering::Relaxed);
-        if sync {
-            drop(assignments);
-            consumer.commit(&tpl, CommitMode::Sync)?;
+        let mode = if sync {
+            CommitMode::Sync
         } else {
-            consumer.commit(&tpl, CommitMode::Async)?;
-        }
+            CommitMode::Async
+        };
+        consumer.send_commit(&tpl, mode)?;
         Ok(positions.len())
+    }
+
+    /// Ends the generation of the revoked `partitions` (later acks of theirs are refused),
+    /// then commits what was contiguously completed, synchronously, unless the assignment was
+    /// `lost` (another member may own the partitions already). Work still in flight is
+    /// abandoned: the position never passes it, so the next owner reads it again.
+    ///
+    /// Waits for a commit already on its way ([`Shared::commit_order`]): its positions of these
+    /// partitions are older and must land first.
+    fn revoke(&self, consumer: &impl CommitSink, partitions: &[(String, i32)], lost: bool) {
+        let _order = self
+            .commit_order
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut positions = Vec::new();
+        {
+            let mut a = self.assignments();
+            for (topic, partition) in partitions {
+                if let Some(pos) = a.revoke(topic, *partition) {
+                    positions.push((topic.clone(), *partition, pos));
+                }
+            }
+        }
+        tracing::info!(
+            partitions = partitions.len(),
+            commits = positions.len(),
+            "partitions revoked"
+        );
+        if positions.is_empty() || lost {
+            return;
+        }
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        let result =
+            position_list(&positions).and_then(|t| consumer.send_commit(&t, CommitMode::Sync));
+        if let Err(error) = result {
+            tracing::warn!(%error, "commit on revoke failed; the records will be read again");
+        }
+    }
+}
+
+/// Where offset commits go: the consumer (or, in unit tests, a recorder).
+pub(crate) trait CommitSink {
+    /// Commits `offsets` in `mode`.
+    fn send_commit(&self, offsets: &TopicPartitionList, mode: CommitMode) -> KafkaResult<()>;
+}
+
+impl<C: ConsumerContext> CommitSink for BaseConsumer<C> {
+    fn send_commit(&self, offsets: &TopicPartitionList, mode: CommitMode) -> KafkaResult<()> {
+        self.commit(offsets, mode)
     }
 }
 
@@ -179,32 +246,13 @@ impl ConsumerContext for KafkaContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                // End the generation first (later acks of these partitions are refused), then
-                // commit what was contiguously completed. Work still in flight is abandoned: the
-                // position never passes it, so the next owner reads it again.
-                let mut positions = Vec::new();
-                {
-                    let mut a = self.shared.assignments();
-                    for e in tpl.elements() {
-                        if let Some(pos) = a.revoke(e.topic(), e.partition()) {
-                            positions.push((e.topic().to_string(), e.partition(), pos));
-                        }
-                    }
-                }
-                tracing::info!(
-                    partitions = tpl.count(),
-                    commits = positions.len(),
-                    "partitions revoked"
-                );
-                if positions.is_empty() || consumer.assignment_lost() {
-                    return;
-                }
-                self.shared.commits.fetch_add(1, Ordering::Relaxed);
-                let result =
-                    position_list(&positions).and_then(|t| consumer.commit(&t, CommitMode::Sync));
-                if let Err(error) = result {
-                    tracing::warn!(%error, "commit on revoke failed; the records will be read again");
-                }
+                let partitions: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                self.shared
+                    .revoke(consumer, &partitions, consumer.assignment_lost());
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
@@ -310,6 +358,7 @@ impl KafkaSource {
         config.validate()?;
         let shared = Arc::new(Shared {
             assignments: Mutex::new(Assignments::new()),
+            commit_order: Mutex::new(()),
             batch: Mutex::new(CommitBatch {
                 acked_since: 0,
                 last: Instant::now(),
@@ -520,7 +569,7 @@ impl KafkaSettler {
     pub async fn commit_now(&self) -> Result<usize, KafkaError> {
         let consumer = self.inner.consumer.clone();
         let shared = self.inner.shared.clone();
-        tokio::task::spawn_blocking(move || shared.commit(&consumer, true))
+        tokio::task::spawn_blocking(move || shared.commit(&*consumer, true))
             .await
             .map_err(|e| KafkaError::Config(format!("commit task failed: {e}")))?
             .map_err(KafkaError::Client)
@@ -547,7 +596,7 @@ impl ackstack_core::Settle for KafkaSettler {
         let shared = &self.inner.shared;
         shared.batch().acked_since += report.acked;
         if shared.commit_due()
-            && let Err(error) = shared.commit(&self.inner.consumer, false)
+            && let Err(error) = shared.commit(&*self.inner.consumer, false)
         {
             // The completions stand; the next commit carries them.
             tracing::warn!(%error, "offset commit could not be queued");
@@ -659,7 +708,7 @@ impl Poller {
             self.rewind();
             self.hand_over();
             if self.shared.commit_due()
-                && let Err(error) = self.shared.commit(&self.consumer, false)
+                && let Err(error) = self.shared.commit(&*self.consumer, false)
             {
                 tracing::warn!(%error, "offset commit could not be queued");
             }
@@ -864,5 +913,160 @@ fn to_delivery(m: &BorrowedMessage<'_>, topic: Arc<str>, consumer: Arc<str>) -> 
         message_id,
         attempt,
         origin,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::mpsc as std_mpsc;
+
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            assignments: Mutex::new(Assignments::new()),
+            commit_order: Mutex::new(()),
+            batch: Mutex::new(CommitBatch {
+                acked_since: 0,
+                last: Instant::now(),
+            }),
+            closing: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            commit_interval: Duration::from_secs(1),
+            commit_max_count: 1000,
+            rewinds: Mutex::new(Vec::new()),
+            commits: Arc::default(),
+        })
+    }
+
+    /// Records the committed positions of `t`/0 in the order they reach it. The first commit
+    /// stalls (a slow network, a descheduled thread) after telling `entered`, until `release`.
+    struct Recorder {
+        positions: Mutex<Vec<i64>>,
+        gate: Mutex<Option<(std_mpsc::Sender<()>, std_mpsc::Receiver<()>)>>,
+    }
+
+    impl Recorder {
+        fn gated() -> (Arc<Self>, std_mpsc::Receiver<()>, std_mpsc::Sender<()>) {
+            let (entered_tx, entered_rx) = std_mpsc::channel();
+            let (release_tx, release_rx) = std_mpsc::channel();
+            let recorder = Recorder {
+                positions: Mutex::new(Vec::new()),
+                gate: Mutex::new(Some((entered_tx, release_rx))),
+            };
+            (Arc::new(recorder), entered_rx, release_tx)
+        }
+
+        fn positions(&self) -> Vec<i64> {
+            self.positions.lock().unwrap().clone()
+        }
+    }
+
+    impl CommitSink for Recorder {
+        fn send_commit(&self, offsets: &TopicPartitionList, _mode: CommitMode) -> KafkaResult<()> {
+            let gate = self.gate.lock().unwrap().take();
+            if let Some((entered, release)) = gate {
+                entered.send(()).unwrap();
+                release.recv().unwrap();
+            }
+            for e in offsets.elements() {
+                if let Offset::Offset(pos) = e.offset() {
+                    self.positions.lock().unwrap().push(pos);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// `t`/0 assigned, offsets 0..10 received, 0..done completed.
+    fn partition(shared: &Shared, done: i64) -> u64 {
+        let mut a = shared.assignments();
+        let g = a.assign("t", 0);
+        for o in 0..10 {
+            a.track("t", 0, o);
+        }
+        for o in 0..done {
+            a.complete("t", 0, o, g).unwrap();
+        }
+        g
+    }
+
+    fn complete(shared: &Shared, g: u64, offsets: std::ops::Range<i64>) {
+        let mut a = shared.assignments();
+        for o in offsets {
+            a.complete("t", 0, o, g).unwrap();
+        }
+        drop(a);
+        shared.batch().acked_since += 1;
+    }
+
+    fn assert_never_backwards(positions: &[i64]) {
+        assert!(
+            positions.windows(2).all(|w| w[0] <= w[1]),
+            "a commit went backwards: {positions:?}"
+        );
+    }
+
+    #[test]
+    fn a_stalled_sync_flush_never_lands_after_a_newer_async_commit() {
+        let shared = shared();
+        let g = partition(&shared, 5);
+        let (sink, entered, release) = Recorder::gated();
+        // The flush takes position 5 and stalls before its commit is sent.
+        let flush = std::thread::spawn({
+            let (shared, sink) = (shared.clone(), sink.clone());
+            move || shared.commit(&*sink, true)
+        });
+        entered.recv().unwrap();
+        // Meanwhile more completes and the periodic commit runs (to its end, before the
+        // flush's commit goes out).
+        complete(&shared, g, 5..8);
+        std::thread::spawn({
+            let (shared, sink) = (shared.clone(), sink.clone());
+            move || shared.commit(&*sink, false)
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        release.send(()).unwrap();
+        flush.join().unwrap().unwrap();
+        // Whatever was held back goes with the next periodic commit.
+        shared.commit(&*sink, false).unwrap();
+        let positions = sink.positions();
+        assert_never_backwards(&positions);
+        assert_eq!(positions.last(), Some(&8), "{positions:?}");
+    }
+
+    #[test]
+    fn a_revoke_commit_never_lands_before_an_older_stalled_flush() {
+        let shared = shared();
+        let g = partition(&shared, 5);
+        let (sink, entered, release) = Recorder::gated();
+        let flush = std::thread::spawn({
+            let (shared, sink) = (shared.clone(), sink.clone());
+            move || shared.commit(&*sink, true)
+        });
+        entered.recv().unwrap();
+        complete(&shared, g, 5..8);
+        // The partition is revoked while the flush's older commit is still on its way.
+        let (revoked_tx, revoked_rx) = std_mpsc::channel();
+        let revoke = std::thread::spawn({
+            let (shared, sink) = (shared.clone(), sink.clone());
+            move || {
+                shared.revoke(&*sink, &[("t".to_string(), 0)], false);
+                revoked_tx.send(()).unwrap();
+            }
+        });
+        // Let the revoke finish first if it can (it must not commit before the flush does).
+        let _ = revoked_rx.recv_timeout(Duration::from_millis(500));
+        release.send(()).unwrap();
+        flush.join().unwrap().unwrap();
+        revoke.join().unwrap();
+        let positions = sink.positions();
+        assert_never_backwards(&positions);
+        assert_eq!(positions, vec![5, 8]);
+        assert!(!shared.assignments().is_current("t", 0, g));
     }
 }

@@ -116,7 +116,9 @@ impl Assignments {
 
     /// Positions that moved past the last commit, marked as committed. With `all`, every
     /// committable position is returned even if it was committed before (for a synchronous
-    /// flush that must not rely on an earlier asynchronous commit having succeeded).
+    /// flush that must not rely on an earlier asynchronous commit having succeeded). A
+    /// position below the last one taken (the high-water mark of the partition, kept across
+    /// rewinds) is never returned: commits never go backwards.
     pub fn take_commits(&mut self, all: bool) -> Vec<(String, i32, i64)> {
         let mut out = Vec::new();
         for (topic, parts) in &mut self.topics {
@@ -124,7 +126,11 @@ impl Assignments {
                 let Some(pos) = entry.watermark.resume_position() else {
                     continue;
                 };
-                if all || entry.committed.is_none_or(|c| pos > c) {
+                let due = match entry.committed {
+                    None => true,
+                    Some(c) => pos > c || (all && pos == c),
+                };
+                if due {
                     entry.committed = Some(pos);
                     out.push((topic.clone(), partition, pos));
                 }
@@ -337,6 +343,24 @@ mod tests {
         assert_eq!(a.revoke("t", 0), Some(6));
         assert_eq!(a.track("t", 0, 7), None, "no longer assigned");
         assert_eq!(a.len(), 1);
+    }
+
+    #[test]
+    fn take_commits_never_returns_a_position_below_the_last_taken() {
+        let (mut a, g) = assigned();
+        for o in 0..5 {
+            a.track("t", 0, o);
+            a.complete("t", 0, o, g).unwrap();
+        }
+        assert_eq!(a.take_commits(false), vec![("t".to_string(), 0, 5)]);
+        // A lower offset turns up in flight (a record fetched again): its position is older
+        // than what was committed, so it is not committed, not even by a full flush.
+        a.track("t", 0, 3);
+        assert_eq!(a.committable("t", 0), Some(3));
+        assert!(a.take_commits(true).is_empty());
+        assert!(a.take_commits(false).is_empty());
+        a.complete("t", 0, 3, g).unwrap();
+        assert_eq!(a.take_commits(true), vec![("t".to_string(), 0, 5)]);
     }
 
     #[test]

@@ -19,6 +19,11 @@ use crate::error::RabbitError;
 pub const KEY_HEADER: &str = "x-ackstack-key";
 /// The quorum-queue header that counts earlier (unsettled) deliveries of a message.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// The header in which retry and dead-letter copies carry the `expiration` property (the
+/// per-message TTL, milliseconds as text) the message was first published with. The copies
+/// themselves are published without an `expiration`: in a delay queue it would cut the retry
+/// delay short, and in the dead-letter queue it would silently delete the dead letter.
+pub const ORIGINAL_EXPIRATION_HEADER: &str = "x-ackstack-original-expiration";
 /// AMQP delivery mode 2: persistent.
 pub(crate) const PERSISTENT: u8 = 2;
 
@@ -256,6 +261,65 @@ pub(crate) fn edit_table(
     FieldTable::from(map)
 }
 
+/// The properties of a retry or dead-letter copy of a message received with `original`:
+/// persistent, with `headers`, every other property kept except `expiration`. A publisher's
+/// per-message TTL would otherwise run again in the queue the copy goes to: in a delay queue
+/// the lower of the two TTLs wins and cuts the delay short, and in the dead-letter queue the
+/// dead letter would be deleted. [`record_expiration`] keeps the value in a header instead.
+pub(crate) fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(PERSISTENT);
+    if let Some(v) = original.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        p = p.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        p = p.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = original.user_id() {
+        p = p.with_user_id(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        p = p.with_cluster_id(v.clone());
+    }
+    p
+}
+
+/// Records the `expiration` property of `original` in [`ORIGINAL_EXPIRATION_HEADER`] of a
+/// copy's headers. Without one (a copy of a copy), the header already there is kept.
+pub(crate) fn record_expiration(
+    map: &mut BTreeMap<ShortString, AMQPValue>,
+    original: &BasicProperties,
+) {
+    if let Some(expiration) = original.expiration() {
+        map.insert(
+            ORIGINAL_EXPIRATION_HEADER.into(),
+            long_string(expiration.as_str()),
+        );
+    }
+}
+
 /// An AMQP long-string value.
 pub(crate) fn long_string(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text.as_bytes()))
@@ -309,6 +373,50 @@ mod tests {
         assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 5);
         let t = table(vec![(DELIVERY_COUNT_HEADER, long_string("x"))]);
         assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 1);
+    }
+
+    #[test]
+    fn copies_keep_every_property_but_the_expiration() {
+        let mut headers = FieldTable::default();
+        headers.insert("h".into(), long_string("v"));
+        let original = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("gzip".into())
+            .with_delivery_mode(1)
+            .with_priority(7)
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_expiration("1000".into())
+            .with_message_id("m".into())
+            .with_timestamp(42)
+            .with_type("k".into())
+            .with_user_id("guest".into())
+            .with_app_id("a".into())
+            .with_cluster_id("x".into())
+            .with_headers(FieldTable::default());
+        let copy = copy_properties(&original, headers.clone());
+        assert_eq!(copy.expiration(), &None);
+        assert_eq!(copy.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(copy.headers(), &Some(headers));
+        let expected = original
+            .clone()
+            .with_delivery_mode(PERSISTENT)
+            .with_headers(copy.headers().clone().unwrap_or_default());
+        // Equal to the original in every other property.
+        assert_eq!(copy.with_expiration("1000".into()), expected);
+
+        let mut map = BTreeMap::new();
+        record_expiration(&mut map, &original);
+        assert_eq!(
+            map.get(ORIGINAL_EXPIRATION_HEADER),
+            Some(&long_string("1000"))
+        );
+        // A copy of a copy has no expiration of its own: the recorded one stays.
+        record_expiration(&mut map, &BasicProperties::default());
+        assert_eq!(
+            map.get(ORIGINAL_EXPIRATION_HEADER),
+            Some(&long_string("1000"))
+        );
     }
 
     #[test]

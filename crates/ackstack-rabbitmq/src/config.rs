@@ -91,6 +91,14 @@ pub struct RabbitConfig {
     /// production queues.
     #[serde(default, with = "ackstack_core::config::duration::option")]
     pub queue_expires: Option<Duration>,
+    /// The longest a completed delivery waits for its ack frame while an unfinished delivery
+    /// below it holds the cumulative ack (`basic.ack multiple=true`) back: once this has
+    /// passed, it is acked on its own. Default 50ms, the consumer's default `ack_delay`.
+    #[serde(
+        default = "default_held_ack_delay",
+        with = "ackstack_core::config::duration"
+    )]
+    pub held_ack_delay: Duration,
 }
 
 impl RabbitConfig {
@@ -110,6 +118,7 @@ impl RabbitConfig {
             confirm_timeout: default_confirm_timeout(),
             poll_interval: default_poll_interval(),
             queue_expires: None,
+            held_ack_delay: default_held_ack_delay(),
         }
     }
 
@@ -219,6 +228,8 @@ impl fmt::Debug for RabbitConfig {
             .field("max_attempts", &self.max_attempts)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("poll_interval", &self.poll_interval)
+            .field("queue_expires", &self.queue_expires)
+            .field("held_ack_delay", &self.held_ack_delay)
             .finish()
     }
 }
@@ -263,6 +274,10 @@ fn default_confirm_timeout() -> Duration {
 
 fn default_poll_interval() -> Duration {
     Duration::from_secs(1)
+}
+
+fn default_held_ack_delay() -> Duration {
+    Duration::from_millis(50)
 }
 
 /// A list of durations in the `ackstack_core::config::duration` format.
@@ -352,5 +367,6 @@ mod tests {
             vec![Duration::from_millis(250), Duration::from_secs(2)]
         );
         assert_eq!(c.dlq_name(), "q-dlq");
+        assert_eq!(c.held_ack_delay, Duration::from_millis(50));
     }
 }

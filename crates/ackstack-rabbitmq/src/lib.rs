@@ -24,6 +24,11 @@
 //! [`Capabilities::max_retry_delay`](ackstack_core::Capabilities) is the largest bucket).
 //! One queue per bucket avoids the head-of-line blocking of per-message TTLs.
 //!
+//! Retry and dead-letter copies are published **without** the message's own `expiration`
+//! property (a publisher's per-message TTL): in a delay queue the lower of the two TTLs would
+//! win and cut the delay short, and in the dead-letter queue it would delete the dead letter.
+//! The original value travels in the [`ORIGINAL_EXPIRATION_HEADER`] header instead.
+//!
 //! The attempt number is read from the message (invariant 2): the
 //! [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) we write on each retry copy,
 //! plus the quorum queue's `x-delivery-count` of unsettled earlier deliveries. See
@@ -32,10 +37,15 @@
 //! # Acks
 //!
 //! Acks are `basic.ack multiple=true` up to the highest completed tag below the lowest
-//! delivery still in flight, never past it (invariant 8); completed deliveries above a
-//! straggler are acked individually only when they would otherwise eat half the prefetch
-//! window, and at [`flush`](ackstack_core::Settle::flush). [`RabbitSettler::stats`] counts
-//! the frames.
+//! delivery still in flight, never past it (invariant 8). Completed deliveries above a
+//! straggler are held back for the straggler's cumulative ack, at most
+//! [`RabbitConfig::held_ack_delay`] (default 50 ms), then acked individually; at once when
+//! they would otherwise eat half the prefetch window, and at
+//! [`flush`](ackstack_core::Settle::flush). An [`ack`](ackstack_core::Settle::ack) call
+//! returns once every one of its deliveries was acked by a frame that was sent, so its report
+//! (and [`RabbitStats::acked_tokens`]) counts sent acks, never queued ones; several ack calls
+//! may run at once ([`Capabilities::parallel_acks`](ackstack_core::Capabilities) is 4), the
+//! tracker orders their frames. [`RabbitSettler::stats`] counts the frames.
 //!
 //! [`release`](ackstack_core::Settle::release) gives a delivery back with
 //! `basic.reject requeue=true` (not `basic.nack`: RabbitMQ 4.3 and later count only a reject
@@ -84,7 +94,9 @@ mod publisher;
 mod source;
 mod tracker;
 
-pub use amqp::{DELIVERY_COUNT_HEADER, KEY_HEADER, attempt_of, headers_from_table};
+pub use amqp::{
+    DELIVERY_COUNT_HEADER, KEY_HEADER, ORIGINAL_EXPIRATION_HEADER, attempt_of, headers_from_table,
+};
 pub use config::{QueueType, RabbitConfig};
 pub use error::{ConfigError, RabbitError};
 pub use publisher::{Fetched, RabbitPublisher, text_value};

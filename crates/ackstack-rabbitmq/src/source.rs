@@ -22,8 +22,8 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
 use crate::amqp::{
-    self, DELIVERY_COUNT_HEADER, KEY_HEADER, PERSISTENT, attempt_of, edit_table,
-    headers_from_table, long_string,
+    self, DELIVERY_COUNT_HEADER, KEY_HEADER, attempt_of, copy_properties, edit_table,
+    headers_from_table, long_string, record_expiration,
 };
 use crate::config::RabbitConfig;
 use crate::error::RabbitError;
@@ -47,7 +47,8 @@ pub struct RabbitStats {
     /// Negative acknowledgements sent for releases: `basic.reject requeue=true` frames (the
     /// name predates the switch from `basic.nack`, see [`Settle::release`]).
     pub nack_frames: u64,
-    /// Tokens settled through the adapter's acks (each counted once).
+    /// Completed deliveries acked at the broker, each counted once, when the frame that acks
+    /// it was sent (not when it was queued or held back behind an unfinished delivery).
     pub acked_tokens: u64,
     /// Settlements refused because the token's channel is gone (no frame sent).
     pub lease_lost: u64,
@@ -103,6 +104,9 @@ struct Generation {
     publish: tokio::sync::Mutex<Option<Channel>>,
     /// The tags of `consume`; the lock also orders the frames sent for them.
     tracker: tokio::sync::Mutex<AckTracker>,
+    /// Woken when ack frames were sent or the generation died: ack calls waiting for their
+    /// held tags look again.
+    progress: tokio::sync::Notify,
     dead: AtomicBool,
 }
 
@@ -115,6 +119,7 @@ impl Generation {
 
     fn kill(&self) {
         self.dead.store(true, Ordering::Release);
+        self.progress.notify_waiters();
     }
 
     async fn publish_channel(&self) -> Result<Channel, RabbitError> {
@@ -129,13 +134,21 @@ impl Generation {
         Ok(channel)
     }
 
-    /// Sends the planned frames. On error the channel is broken: the generation is killed.
+    /// Sends the planned frames, counting the deliveries they ack as each is sent. On error
+    /// the channel is broken: the generation is killed.
     async fn send(&self, plan: &AckPlan, counters: &Counters) -> Result<(), SettleError> {
         if let Some(tag) = plan.multiple {
             self.ack_frame(tag, true, counters).await?;
+            counters
+                .acked_tokens
+                .fetch_add(plan.multiple_covers as u64, Ordering::Relaxed);
         }
         for &tag in &plan.singles {
             self.ack_frame(tag, false, counters).await?;
+            counters.acked_tokens.fetch_add(1, Ordering::Relaxed);
+        }
+        if plan.multiple.is_some() || !plan.singles.is_empty() {
+            self.progress.notify_waiters();
         }
         Ok(())
     }
@@ -328,6 +341,7 @@ impl RabbitSource {
             consume,
             publish: tokio::sync::Mutex::new(Some(publish)),
             tracker: tokio::sync::Mutex::new(AckTracker::new(config.prefetch)),
+            progress: tokio::sync::Notify::new(),
             dead: AtomicBool::new(false),
         });
         let origin = Origin::new("rabbitmq", config.queue.as_str(), consumer.tag().as_str());
@@ -512,7 +526,11 @@ impl Source for RabbitSource {
         } else {
             (prefetch / 4).clamp(1, 250)
         };
-        Capabilities::new(batch).with_max_retry_delay(self.shared.config.max_delay())
+        // Acks may run in parallel: the tracker orders the frames, and an ack call waiting for
+        // its held tags must not hold back the call that carries the straggler's completion.
+        Capabilities::new(batch)
+            .with_max_retry_delay(self.shared.config.max_delay())
+            .with_parallel_acks(4)
     }
 
     async fn close(&mut self) {
@@ -558,53 +576,83 @@ impl RabbitSettler {
         ))
     }
 
+    /// Acks `tokens` of one generation and returns once a frame acking each was sent (or
+    /// failed): at once for those the cumulative ack reaches; those held above an unfinished
+    /// delivery wait for a later cumulative ack (another ack call, a release, a flush) up to
+    /// [`RabbitConfig::held_ack_delay`], then are acked one by one.
+    ///
+    /// Frames are sent with the tracker locked, and a failed frame kills the generation
+    /// before the lock is released; so a tag the tracker shows settled while the generation
+    /// is alive was acked by a frame that was sent.
     async fn ack_generation(
         &self,
         generation: Arc<Generation>,
         tokens: Vec<RabbitToken>,
         report: &mut AckReport<RabbitToken>,
     ) {
-        if !generation.alive() {
-            for token in tokens {
-                let err = self.lease_lost(&token);
-                report.failed.push((token, err));
-            }
-            return;
-        }
+        let deadline = tokio::time::Instant::now() + self.shared.config.held_ack_delay;
         let mut tracker = generation.tracker.lock().await;
-        for token in &tokens {
-            // Already settled tags count as acked ("found already gone").
-            let _: Completion = tracker.complete(token.tag);
+        if generation.alive() {
+            for token in &tokens {
+                // Already settled tags count as acked ("found already gone").
+                let _: Completion = tracker.complete(token.tag);
+            }
+            let plan = tracker.plan(false);
+            // A failure kills the generation; the loop below then reports the tokens.
+            let _ = generation.send(&plan, &self.shared.counters).await;
         }
-        let plan = tracker.plan(false);
-        match generation.send(&plan, &self.shared.counters).await {
-            Ok(()) => {
-                report.acked += tokens.len();
-                self.shared
-                    .counters
-                    .acked_tokens
-                    .fetch_add(tokens.len() as u64, Ordering::Relaxed);
-            }
-            Err(err) => {
-                let message = err.to_string();
-                for token in tokens {
-                    self.shared
-                        .counters
-                        .lease_lost
-                        .fetch_add(1, Ordering::Relaxed);
-                    report
-                        .failed
-                        .push((token, SettleError::LeaseLost(message.clone())));
+        let mut pending = tokens;
+        let mut taken = false;
+        loop {
+            if !generation.alive() {
+                for token in pending {
+                    let err = self.lease_lost(&token);
+                    report.failed.push((token, err));
                 }
+                return;
             }
+            let before = pending.len();
+            pending.retain(|t| !tracker.is_settled(t.tag));
+            report.acked += before - pending.len();
+            if pending.is_empty() {
+                return;
+            }
+            if taken {
+                // Every tag of this call was completed or settled above; none can be left.
+                for token in pending {
+                    let err =
+                        SettleError::Rejected(format!("delivery tag {} untracked", token.tag));
+                    report.failed.push((token, err));
+                }
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let held: Vec<u64> = pending.iter().map(|t| t.tag).collect();
+                let plan = tracker.take(&held);
+                // Success settles them all; a failure kills the generation: both are
+                // reported by the next turn.
+                let _ = generation.send(&plan, &self.shared.counters).await;
+                taken = true;
+                continue;
+            }
+            // Registered before the lock is released, so no send in between is missed.
+            let progress = generation.progress.notified();
+            drop(tracker);
+            tokio::select! {
+                () = progress => {}
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+            tracker = generation.tracker.lock().await;
         }
     }
 
+    /// Publishes a copy of the token's message to `queue` with `headers` (see
+    /// [`copy_properties`]) and waits for its confirm.
     async fn publish_copy(
         &self,
         token: &RabbitToken,
         queue: &str,
-        properties: BasicProperties,
+        headers: FieldTable,
     ) -> Result<(), SettleError> {
         let channel = token
             .generation
@@ -615,7 +663,7 @@ impl RabbitSettler {
             &channel,
             queue,
             &token.payload,
-            properties.with_delivery_mode(PERSISTENT),
+            copy_properties(&token.properties, headers),
             self.shared.config.confirm_timeout,
         )
         .await
@@ -645,7 +693,9 @@ impl Settle for RabbitSettler {
     /// Republishes the original payload and properties to the delay queue of the bucket
     /// chosen by [`RabbitConfig::bucket_for`] with [`ATTEMPT_HEADER`] = attempt + 1 and
     /// [`FIRST_FAILURE_HEADER`] kept (or set to this failure's time); the broker's own
-    /// `x-delivery-count` is dropped so the copy starts its count afresh. Returns
+    /// `x-delivery-count` is dropped so the copy starts its count afresh. A per-message
+    /// `expiration` is not copied (it would cut the delay short) but recorded in
+    /// [`ORIGINAL_EXPIRATION_HEADER`](crate::ORIGINAL_EXPIRATION_HEADER). Returns
     /// [`Settled::AckOriginal`] once the copy is confirmed.
     async fn retry(
         &self,
@@ -671,9 +721,9 @@ impl Settle for RabbitSettler {
             map.insert(ATTEMPT_HEADER.into(), long_string(&next_attempt));
             map.entry(FIRST_FAILURE_HEADER.into())
                 .or_insert_with(|| long_string(&first_failure));
+            record_expiration(map, &token.properties);
         });
-        let properties = token.properties.as_ref().clone().with_headers(headers);
-        match self.publish_copy(&token, &queue, properties).await {
+        match self.publish_copy(&token, &queue, headers).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
             Err(err) => Err(SettleFailure::new(token, err)),
         }
@@ -681,7 +731,9 @@ impl Settle for RabbitSettler {
 
     /// Publishes the original payload and AMQP properties, every original header value
     /// unchanged (typed), plus the `x-ackstack-dl-*` metadata (replacing earlier metadata) to
-    /// the DLQ; returns [`Settled::AckOriginal`] once the copy is confirmed.
+    /// the DLQ; returns [`Settled::AckOriginal`] once the copy is confirmed. The copy has no
+    /// `expiration` (a publisher's TTL would delete the dead letter): the original one is in
+    /// [`ORIGINAL_EXPIRATION_HEADER`](crate::ORIGINAL_EXPIRATION_HEADER).
     async fn dead_letter(
         &self,
         token: RabbitToken,
@@ -700,10 +752,10 @@ impl Settle for RabbitSettler {
                     map.insert(name, long_string(&value));
                 }
             }
+            record_expiration(map, &token.properties);
         });
-        let properties = token.properties.as_ref().clone().with_headers(headers);
         let dlq = self.shared.config.dlq_name();
-        match self.publish_copy(&token, &dlq, properties).await {
+        match self.publish_copy(&token, &dlq, headers).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
             Err(err) => Err(SettleFailure::new(token, err)),
         }

@@ -21,13 +21,16 @@
 //!   them all. (The highest *completed* tag, not `W` itself: acking a tag already settled
 //!   individually is a channel error, and every unacked tag below it is completed, so this is
 //!   exact.)
-//! * **Individual acks above a gap, only under pressure.** Completed tags above `W` are held
-//!   back: one slow handler would otherwise cost a frame per delivery behind it. But held tags
-//!   stay unacked at the broker and count against the prefetch window; when the held ones
-//!   reach half the window the broker is about to stop delivering and the consumer would
-//!   starve behind the straggler. So once `held >= starve_threshold` (prefetch / 2) every
-//!   held tag is acked individually. This costs frames only while a straggler exists and keeps
-//!   at least half the window flowing. `flush` acks every held tag the same way.
+//! * **Individual acks above a gap, late or under pressure.** Completed tags above `W` are
+//!   held back for a while: the straggler usually finishes soon, and one cumulative ack then
+//!   covers them all, where acking each on its own would cost a frame per delivery behind
+//!   it. The wait is bounded in time: the settler asks for the held tags of an ack call by
+//!   [`AckTracker::take`] once the call's `held_ack_delay` has passed, and acks them one by
+//!   one. And held tags stay unacked at the broker and count against the prefetch window;
+//!   when the held ones reach half the window the broker is about to stop delivering and the
+//!   consumer would starve behind the straggler. So once `held >= starve_threshold`
+//!   (prefetch / 2) every held tag is acked individually at once. `flush` acks every held tag
+//!   the same way.
 //!
 //! A tag the watermark does not hold (never delivered, or above `i64::MAX`) never moves it, so
 //! a cumulative ack never reaches past the highest tag seen delivered: such a tag above it
@@ -42,6 +45,8 @@ use ackstack_core::Watermark;
 pub(crate) struct AckPlan {
     /// `basic.ack multiple=true` with this tag.
     pub(crate) multiple: Option<u64>,
+    /// How many completed tags the `multiple` frame acks.
+    pub(crate) multiple_covers: usize,
     /// `basic.ack multiple=false` for each of these tags.
     pub(crate) singles: Vec<u64>,
 }
@@ -132,6 +137,7 @@ impl AckTracker {
             let above = self.completed.split_off(&(watermark + 1));
             let below = std::mem::replace(&mut self.completed, above);
             plan.multiple = below.last().copied();
+            plan.multiple_covers = below.len();
             self.settled = self.settled.split_off(&(watermark + 1));
             self.acked_upto = watermark;
         }
@@ -141,6 +147,26 @@ impl AckTracker {
             self.settled.extend(held);
         }
         plan
+    }
+
+    /// Of `tags`, the ones still held (completed, not acked), as individual acks recorded as
+    /// sent.
+    pub(crate) fn take(&mut self, tags: &[u64]) -> AckPlan {
+        let mut plan = AckPlan::default();
+        for &tag in tags {
+            if self.completed.remove(&tag) {
+                self.settled.insert(tag);
+                plan.singles.push(tag);
+            }
+        }
+        plan
+    }
+
+    /// Whether `tag` is settled at the broker as far as this tracker knows: covered by a
+    /// planned cumulative ack, or settled individually (the frames of a plan are sent before
+    /// the tracker is unlocked, so a planned frame is a sent frame unless the channel broke).
+    pub(crate) fn is_settled(&self, tag: u64) -> bool {
+        tag <= self.acked_upto || self.settled.contains(&tag)
     }
 
     /// The highest tag at or below which every delivered tag is completed or settled.
@@ -243,6 +269,40 @@ mod tests {
         let plan = t.plan(true);
         assert_eq!(plan.multiple, None);
         assert_eq!(plan.singles, vec![9]);
+    }
+
+    #[test]
+    fn take_acks_only_the_held_tags_asked_for() {
+        let mut t = AckTracker::new(200);
+        for tag in 1..=6 {
+            t.delivered(tag);
+        }
+        for tag in [2, 3, 5] {
+            t.complete(tag);
+        }
+        assert_eq!(t.plan(false), AckPlan::default(), "1 is in flight");
+        assert!(!t.is_settled(2));
+        // 4 is in flight, 6 was never completed, 5 is another call's: none of them is taken.
+        let plan = t.take(&[2, 3, 4, 6]);
+        assert_eq!(plan.multiple, None);
+        assert_eq!(plan.singles, vec![2, 3]);
+        assert!(t.is_settled(2) && t.is_settled(3));
+        assert!(!t.is_settled(5) && !t.is_settled(4));
+        assert_eq!(t.take(&[2, 3]), AckPlan::default(), "no double ack");
+        assert_eq!(t.complete(2), Completion::AlreadySettled);
+        // The straggler completes: one multiple ack covers 1 and 4..5 is still held behind 4.
+        t.complete(1);
+        let plan = t.plan(false);
+        assert_eq!(plan.multiple, Some(1));
+        assert_eq!(plan.multiple_covers, 1);
+        t.complete(4);
+        let plan = t.plan(false);
+        assert_eq!(plan.multiple, Some(5));
+        assert_eq!(
+            plan.multiple_covers, 2,
+            "4 and 5; 2 and 3 were acked before"
+        );
+        assert!(t.is_settled(5));
     }
 
     #[test]

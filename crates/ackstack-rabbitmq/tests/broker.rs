@@ -12,7 +12,10 @@ use ackstack_core::{
     Settled, Source, SourceError,
 };
 use ackstack_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
-use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource, RabbitToken, text_value};
+use ackstack_rabbitmq::{
+    ORIGINAL_EXPIRATION_HEADER, RabbitConfig, RabbitPublisher, RabbitSource, RabbitToken,
+    text_value,
+};
 use bytes::Bytes;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -316,6 +319,7 @@ async fn batch_ack_uses_few_frames_and_never_passes_an_unfinished_tag() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut config = config("batch");
         config.prefetch = 100;
+        config.held_ack_delay = Duration::from_secs(1);
         let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
         for i in 1..=20 {
             publisher
@@ -344,33 +348,50 @@ async fn batch_ack_uses_few_frames_and_never_passes_an_unfinished_tag() {
         let report = settler.ack(batch).await;
         assert!(report.failed.is_empty());
         let stats = settler.stats();
-        assert_eq!(stats.ack_frames, 1, "only m1..m4 can be acked cumulatively");
+        assert_eq!(
+            stats.multiple_ack_frames, 1,
+            "only m1..m4 can be acked cumulatively"
+        );
+        assert_eq!(
+            stats.ack_frames, 16,
+            "m6..m20 held above m5 are acked one by one after held_ack_delay"
+        );
+        assert_eq!(stats.acked_tokens, 19);
         let straggler = straggler.unwrap();
 
-        // Close the channel with m5 unfinished: m5 must come back; m1..m4 must not.
+        // Close the channel with m5 unfinished: m5 must come back; the acked ones must not.
         source.disconnect().await;
-        let back = receive_n(&mut source, 16, Duration::from_secs(10)).await;
+        let mut back = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        for i in 21..=35 {
+            publisher
+                .publish(Message::new(format!("m{i}")))
+                .await
+                .unwrap();
+        }
+        back.extend(receive_n(&mut source, 15, Duration::from_secs(10)).await);
         let payloads: BTreeSet<String> = back
             .iter()
             .map(|r| String::from_utf8(r.delivery.payload.to_vec()).unwrap())
             .collect();
         assert!(payloads.contains("m5"), "the unfinished message was acked");
-        for i in 1..=4 {
-            assert!(!payloads.contains(&format!("m{i}")));
+        for i in (1..=4).chain(6..=20) {
+            assert!(!payloads.contains(&format!("m{i}")), "m{i} came back");
         }
-        assert_eq!(back.len(), 16, "m5..m20 redelivered: {payloads:?}");
+        assert_eq!(back.len(), 16, "m5 redelivered, m21..m35 new: {payloads:?}");
         assert!(
             settler.ack(vec![straggler.token]).await.failed[0]
                 .1
                 .is_lease_lost()
         );
 
-        // Now everything completes out of order in batches of 4: far fewer frames than acks.
+        // Now everything completes out of order in concurrent batches of 4, as the runner's
+        // parallel ack calls do: far fewer frames than acks.
         let before = settler.stats().ack_frames;
         let mut tokens: Vec<_> = back.into_iter().map(|r| r.token).collect();
         tokens.reverse();
-        for chunk in tokens.chunks(4) {
-            assert!(settler.ack(chunk.to_vec()).await.failed.is_empty());
+        let calls = tokens.chunks(4).map(|chunk| settler.ack(chunk.to_vec()));
+        for report in futures::future::join_all(calls).await {
+            assert!(report.failed.is_empty());
         }
         settler.flush().await;
         let frames = settler.stats().ack_frames - before;
@@ -598,6 +619,8 @@ async fn release_of_a_straggler_acks_the_completed_tags_held_above_it() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut config = config("release-held");
         config.prefetch = 100;
+        // Longer than the test: only the release can unblock the held acks.
+        config.held_ack_delay = Duration::from_secs(60);
         let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
         for i in 1..=5 {
             publisher
@@ -612,11 +635,21 @@ async fn release_of_a_straggler_acks_the_completed_tags_held_above_it() {
         let mut got = got.into_iter();
         let straggler = got.next().unwrap();
         assert_eq!(straggler.delivery.payload, "h1");
-        // h2..h5 complete while h1 is still in flight: held back, no frame yet.
-        let report = settler.ack(got.map(|r| r.token).collect()).await;
-        assert_eq!(report.acked, 4);
+        // h2..h5 complete while h1 is still in flight: held back, no frame yet; the ack call
+        // waits for one.
+        let held: Vec<_> = got.map(|r| r.token).collect();
+        let waiting = tokio::spawn({
+            let settler = settler.clone();
+            async move { settler.ack(held).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(settler.stats().ack_frames, 0, "held behind the straggler");
         settler.release(straggler.token).await;
+        let report = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the release did not send the held acks")
+            .unwrap();
+        assert_eq!(report.acked, 4);
         let stats = settler.stats();
         assert_eq!(stats.nack_frames, 1);
         assert_eq!(stats.ack_frames, 1, "the release unblocked the held acks");
@@ -631,6 +664,242 @@ async fn release_of_a_straggler_acks_the_completed_tags_held_above_it() {
         assert_eq!(payloads, vec!["h1".to_string()], "held acks were lost");
         let token = back.into_iter().next().unwrap().token;
         assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+/// Publishes `body` to `queue` with the per-message TTL property `expiration` (milliseconds
+/// as text), persistent, and waits for the confirm.
+async fn publish_with_expiration(queue: &str, body: &str, expiration: &str) {
+    use ackstack_rabbitmq::lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use ackstack_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
+    let connection = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_expiration(expiration.into());
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+}
+
+#[tokio::test]
+async fn dead_letter_of_an_expiring_message_outlives_the_ttl_and_records_the_expiration() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("dl-expiration");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        // Consuming before the publish: the message is delivered at once, well within its TTL.
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        publish_with_expiration(&config.queue, "short-lived", "1000").await;
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        let Received { delivery, token } = got.into_iter().next().unwrap();
+        assert_eq!(
+            token.properties().expiration().as_ref().map(|e| e.as_str()),
+            Some("1000")
+        );
+        let letter = DeadLetter::new(&delivery, Failure::new(ErrorKind::Permanent, "bad"));
+        let Settled::AckOriginal(token) = settler
+            .dead_letter(token, &delivery, &letter)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        // Well past the publisher's TTL: the dead letter must still be there.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let copy = publisher
+            .get_dead_letter()
+            .await
+            .unwrap()
+            .expect("the dead letter expired in the DLQ");
+        assert_eq!(copy.payload, "short-lived");
+        assert!(copy.properties.expiration().is_none());
+        assert_eq!(
+            copy.headers.get_str(ORIGINAL_EXPIRATION_HEADER),
+            Some("1000")
+        );
+        assert!(DeadLetterMetadata::from_headers(&copy.headers).is_some());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn retry_copy_of_an_expiring_message_waits_its_full_delay_and_keeps_the_expiration() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("retry-expiration");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        // A TTL far shorter than the 1500 ms bucket the retry goes to.
+        publish_with_expiration(&config.queue, "retry-me", "200").await;
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        let Received { delivery, token } = got.into_iter().next().unwrap();
+        let failure = Failure::new(ErrorKind::Transient, "later");
+        let start = Instant::now();
+        let Settled::AckOriginal(token) = settler
+            .retry(token, &delivery, Duration::from_secs(1), &failure)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        let waited = start.elapsed();
+        let Received { delivery, token } = got.into_iter().next().expect("the retry came back");
+        assert!(
+            waited >= Duration::from_millis(1500),
+            "the copy's own TTL cut the 1500 ms delay short: back after {waited:?}"
+        );
+        assert_eq!(delivery.attempt, 2);
+        assert_eq!(delivery.payload, "retry-me");
+        assert!(token.properties().expiration().is_none());
+        assert_eq!(
+            delivery.headers.get_str(ORIGINAL_EXPIRATION_HEADER),
+            Some("200")
+        );
+        // Dead-lettering the retry copy still records the publisher's expiration.
+        let letter = DeadLetter::new(&delivery, Failure::new(ErrorKind::Permanent, "give up"));
+        let Settled::AckOriginal(token) = settler
+            .dead_letter(token, &delivery, &letter)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        let copy = publisher
+            .get_dead_letter()
+            .await
+            .unwrap()
+            .expect("a DLQ copy");
+        assert!(copy.properties.expiration().is_none());
+        assert_eq!(
+            copy.headers.get_str(ORIGINAL_EXPIRATION_HEADER),
+            Some("200")
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// Publishes `n` messages `<prefix>1..=<prefix>n` and receives them all.
+async fn publish_and_receive(
+    config: &RabbitConfig,
+    prefix: &str,
+    n: usize,
+) -> (RabbitSource, Vec<Received<RabbitToken>>) {
+    let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+    for i in 1..=n {
+        publisher
+            .publish(Message::new(format!("{prefix}{i}")))
+            .await
+            .unwrap();
+    }
+    let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+    let got = receive_n(&mut source, n, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), n);
+    (source, got)
+}
+
+#[tokio::test]
+async fn acks_held_above_a_straggler_are_sent_within_held_ack_delay_and_counted_when_sent() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut config = config("held-delay");
+        // Far from the starvation threshold (half the window): only the delay sends them.
+        config.prefetch = 100;
+        config.held_ack_delay = Duration::from_millis(300);
+        let (mut source, got) = publish_and_receive(&config, "d", 5).await;
+        let settler = source.settler();
+        let mut got = got.into_iter();
+        let straggler = got.next().unwrap();
+        assert_eq!(straggler.delivery.payload, "d1");
+        // d2..d5 complete while d1 is still in flight.
+        let report = settler.ack(got.map(|r| r.token).collect()).await;
+        assert_eq!(report.acked, 4);
+        assert!(report.failed.is_empty());
+        let stats = settler.stats();
+        assert_eq!(
+            stats.ack_frames, 4,
+            "the held acks were never sent: {stats:?}"
+        );
+        assert_eq!(stats.multiple_ack_frames, 0, "d1 is unfinished: {stats:?}");
+        assert_eq!(stats.acked_tokens, 4, "{stats:?}");
+        // The broker has them: only the straggler comes back after the channel closes.
+        source.disconnect().await;
+        let back = receive_n(&mut source, 5, Duration::from_secs(3)).await;
+        let payloads: Vec<_> = back.iter().map(|r| r.delivery.payload.clone()).collect();
+        assert_eq!(payloads, vec![Bytes::from_static(b"d1")]);
+        let token = back.into_iter().next().unwrap().token;
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn held_acks_ride_the_cumulative_ack_when_the_straggler_completes_and_count_only_then() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut config = config("held-gap");
+        config.prefetch = 100;
+        // Much longer than the test: the held acks can only go with the straggler's ack.
+        config.held_ack_delay = Duration::from_secs(60);
+        let (mut source, got) = publish_and_receive(&config, "g", 5).await;
+        let settler = source.settler();
+        let mut got = got.into_iter();
+        let straggler = got.next().unwrap();
+        let held: Vec<_> = got.map(|r| r.token).collect();
+        let waiting = tokio::spawn({
+            let settler = settler.clone();
+            async move { settler.ack(held).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stats = settler.stats();
+        assert_eq!(stats.ack_frames, 0, "held behind the straggler: {stats:?}");
+        assert_eq!(
+            stats.acked_tokens, 0,
+            "held acks counted before any frame was sent: {stats:?}"
+        );
+        // The gap clears: one multiple ack covers the straggler and everything held above it.
+        let report = settler.ack(vec![straggler.token]).await;
+        assert_eq!(report.acked, 1);
+        let held_report = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the held acks were not released by the cumulative ack")
+            .unwrap();
+        assert_eq!(held_report.acked, 4);
+        assert!(held_report.failed.is_empty());
+        let stats = settler.stats();
+        assert_eq!(stats.ack_frames, 1, "{stats:?}");
+        assert_eq!(stats.multiple_ack_frames, 1, "{stats:?}");
+        assert_eq!(stats.acked_tokens, 5, "{stats:?}");
+        source.disconnect().await;
+        assert!(
+            receive_n(&mut source, 1, Duration::from_millis(1500))
+                .await
+                .is_empty(),
+            "everything was acked"
+        );
     })
     .await
     .unwrap();

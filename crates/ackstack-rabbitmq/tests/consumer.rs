@@ -124,3 +124,69 @@ async fn consumer_acks_retries_and_dead_letters_through_rabbitmq() {
         assert!(fresh.receive(10).await.unwrap().is_empty());
     }
 }
+
+#[tokio::test]
+async fn consumer_acks_deliveries_behind_a_slow_one_while_it_still_runs() {
+    let mut config = config();
+    config.prefetch = 100;
+    let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+    publisher.publish(Message::new("slow")).await.unwrap();
+    for i in 0..10 {
+        publisher
+            .publish(Message::new(format!("fast-{i}")))
+            .await
+            .unwrap();
+    }
+    let source = RabbitSource::connect(config.clone()).await.unwrap();
+    let settler = source.settler();
+    let watched = settler.clone();
+    let seen_while_slow = Arc::new(Mutex::new(None));
+    let seen = seen_while_slow.clone();
+    let handler = handler_fn(move |d, _cx| {
+        let (watched, seen) = (watched.clone(), seen.clone());
+        async move {
+            if d.payload == "slow" {
+                // The first delivery (tag 1) holds the cumulative ack back while it runs: the
+                // ten behind it must reach the broker anyway.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while watched.stats().acked_tokens < 10 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                *seen.lock().unwrap() = Some(watched.stats());
+            }
+            Ok::<(), HandlerError>(())
+        }
+    });
+    let done = seen_while_slow.clone();
+    let shutdown = async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while done.lock().unwrap().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        Consumer::new(source)
+            .concurrency(16)
+            .run_until(handler, shutdown),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let during = seen_while_slow
+        .lock()
+        .unwrap()
+        .expect("the slow handler ran");
+    assert_eq!(
+        during.acked_tokens, 10,
+        "deliveries behind the slow one were not acked at the broker while it ran: {during:?}"
+    );
+    assert_eq!(during.ack_frames, 10, "{during:?}");
+    assert_eq!(summary.acked, 11);
+    assert_eq!(settler.stats().acked_tokens, 11);
+    let mut fresh = RabbitSource::connect(config.clone()).await.unwrap();
+    for _ in 0..3 {
+        assert!(fresh.receive(10).await.unwrap().is_empty());
+    }
+}

@@ -15,6 +15,8 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
 pub const MAX_WAIT_TIME_SECONDS: u32 = 20;
 /// The most messages one `ReceiveMessage` (or batch) call handles.
 pub const MAX_BATCH: u32 = 10;
+/// The default [`SqsConfig::operation_timeout`].
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Configuration of an [`SqsSource`](crate::SqsSource).
 ///
@@ -64,6 +66,14 @@ pub struct SqsConfig {
     /// `MessageGroupId`, …) as headers named `x-sqs-<Attribute>` (default `true`). They are never
     /// copied to dead-letter messages.
     pub system_attribute_headers: bool,
+    /// The longest one SQS call may take, the SDK's own retries included, before it fails
+    /// with a timeout (default 10 s): `ChangeMessageVisibility` (retry delays, lease
+    /// extensions, releases), `DeleteMessageBatch` (each try), `SendMessage` (dead letters,
+    /// [`SqsPublisher`](crate::SqsPublisher)), `GetQueueUrl` and `CreateQueue`. The SDK sets
+    /// no such limit, so without it a stalled connection would hang the call forever.
+    /// `ReceiveMessage` may take its long-poll wait plus this long.
+    #[serde(with = "ackstack_core::config::duration")]
+    pub operation_timeout: Duration,
 }
 
 impl Default for SqsConfig {
@@ -81,6 +91,7 @@ impl Default for SqsConfig {
             consumer_name: "ackstack".to_string(),
             parallel_acks: 4,
             system_attribute_headers: true,
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
         }
     }
 }
@@ -138,6 +149,12 @@ impl SqsConfig {
         self
     }
 
+    /// With this timeout for each SQS call (see [`SqsConfig::operation_timeout`]).
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
     /// Creating missing queues or not.
     pub fn with_create_queues(mut self, create: bool) -> Self {
         self.create_queues = create;
@@ -180,6 +197,11 @@ impl SqsConfig {
                 "max_messages {} must be between 1 and {MAX_BATCH}",
                 self.max_messages
             )));
+        }
+        if self.operation_timeout.is_zero() {
+            return Err(SqsError::Config(
+                "operation_timeout must be longer than 0".into(),
+            ));
         }
         if self.visibility_timeout.is_zero() || self.visibility_timeout > MAX_VISIBILITY {
             return Err(SqsError::Config(format!(
@@ -303,6 +325,7 @@ impl fmt::Debug for SqsConfig {
             .field("consumer_name", &self.consumer_name)
             .field("parallel_acks", &self.parallel_acks)
             .field("system_attribute_headers", &self.system_attribute_headers)
+            .field("operation_timeout", &self.operation_timeout)
             .finish()
     }
 }
@@ -367,6 +390,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.visibility_timeout, Duration::from_secs(60));
         assert_eq!(c.wait_time_seconds, 1);
+        assert_eq!(c.operation_timeout, DEFAULT_OPERATION_TIMEOUT);
+        let c: SqsConfig =
+            serde_json::from_str(r#"{"queue_name":"q","operation_timeout":"2500ms"}"#).unwrap();
+        assert_eq!(c.operation_timeout, Duration::from_millis(2500));
+        assert!(
+            SqsConfig::queue("q")
+                .with_operation_timeout(Duration::ZERO)
+                .validate()
+                .is_err()
+        );
         let shown = format!("{c:?}");
         assert!(!shown.contains("secret"), "{shown}");
         assert!(serde_json::from_str::<SqsConfig>(r#"{"nope":1}"#).is_err());

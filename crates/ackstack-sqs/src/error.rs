@@ -4,8 +4,11 @@
 //! |---|---|
 //! | `ReceiptHandleIsInvalid`, `MessageNotInflight` | lease lost |
 //! | `InvalidParameterValue` about the `ReceiptHandle` (real SQS answers this for an expired or superseded handle: "Message does not exist or is not available for visibility timeout change", "The receipt handle has expired") | lease lost |
-//! | throttling, `InternalError`, `ServiceUnavailable`, a 5xx status, batch entries with `SenderFault=false`, timeouts, connection errors | transient |
+//! | throttling, `InternalError`, `ServiceUnavailable`, a 5xx status, batch entries with `SenderFault=false`, timeouts (the SDK's and [`SqsConfig::operation_timeout`](crate::SqsConfig::operation_timeout)), connection errors | transient |
 //! | anything else | rejected |
+
+use std::future::Future;
+use std::time::Duration;
 
 use ackstack_core::{BoxError, SettleError};
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -22,6 +25,14 @@ pub enum SqsError {
     /// An SQS request failed.
     #[error("SQS request failed: {0}")]
     Sdk(#[source] BoxError),
+    /// An SQS request got no answer within [`SqsConfig::operation_timeout`](crate::SqsConfig).
+    #[error("SQS {operation} got no answer within {after:?}")]
+    Timeout {
+        /// The SQS operation (`GetQueueUrl`, `SendMessage`, …).
+        operation: &'static str,
+        /// The timeout that passed.
+        after: Duration,
+    },
 }
 
 /// How an SQS error is handled.
@@ -75,6 +86,63 @@ pub(crate) fn classify_code(code: &str, message: &str, sender_fault: Option<bool
         return ErrorClass::Transient;
     }
     ErrorClass::Rejected
+}
+
+/// A failed SQS call: the SDK's error, or no answer within the operation timeout.
+#[derive(Debug)]
+pub(crate) enum CallError<E> {
+    /// The SDK returned an error (boxed: it is large, and a failure is the rare path).
+    Sdk(Box<SdkError<E>>),
+    /// No answer within the timeout.
+    Timeout {
+        operation: &'static str,
+        after: Duration,
+    },
+}
+
+impl<E> CallError<E>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    /// How the error is handled: a timeout is transient.
+    pub(crate) fn class(&self) -> ErrorClass {
+        match self {
+            CallError::Sdk(e) => classify_sdk(e),
+            CallError::Timeout { .. } => ErrorClass::Transient,
+        }
+    }
+
+    /// The full text, with the SDK error's causes.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            CallError::Sdk(e) => describe(e),
+            CallError::Timeout { operation, after } => {
+                format!("{operation} got no answer within {after:?}")
+            }
+        }
+    }
+
+    /// As a setup error.
+    pub(crate) fn into_sqs_error(self) -> SqsError {
+        match self {
+            CallError::Sdk(e) => SqsError::Sdk(describe(&e).into()),
+            CallError::Timeout { operation, after } => SqsError::Timeout { operation, after },
+        }
+    }
+}
+
+/// Runs one SQS call (`send()` of a request builder), failing it with
+/// [`CallError::Timeout`] when it has no answer within `after`.
+pub(crate) async fn bounded<T, E>(
+    operation: &'static str,
+    after: Duration,
+    call: impl Future<Output = Result<T, SdkError<E>>>,
+) -> Result<T, CallError<E>> {
+    match tokio::time::timeout(after, call).await {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) => Err(CallError::Sdk(Box::new(e))),
+        Err(_) => Err(CallError::Timeout { operation, after }),
+    }
 }
 
 /// Classifies a failed SDK call.

@@ -58,6 +58,14 @@
 //! whose name sorts last is moved, with its type and bytes, into the metadata JSON under
 //! [`DISPLACED_KEY`]; [`DeadLetterRecord`] reads the record and restores the attributes.
 //!
+//! # Timeouts
+//!
+//! The SDK puts no limit on a call's duration, so a stalled connection would hang it (and
+//! with it the lease keeper, or shutdown) forever. Every call is bounded by
+//! [`SqsConfig::operation_timeout`] (default 10 s; `ReceiveMessage` gets its long-poll wait on
+//! top); a call that runs out fails as a transient broker error, and setup calls with
+//! [`SqsError::Timeout`].
+//!
 //! # Errors and leases
 //!
 //! `ReceiptHandleIsInvalid`, `MessageNotInflight` and an `InvalidParameterValue` about the

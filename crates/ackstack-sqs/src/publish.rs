@@ -2,21 +2,22 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ackstack_core::{Message, Publish, PublishError};
 use aws_sdk_sqs::Client;
 
 use crate::attrs::headers_to_attributes;
-use crate::config::name_from_url;
-use crate::error::describe;
+use crate::config::{DEFAULT_OPERATION_TIMEOUT, name_from_url};
+use crate::error::bounded;
 use crate::source::SqsSource;
 use crate::stats::{Counters, SqsStats, bump};
 
 /// The group used on a FIFO queue for a message without a key.
 pub const DEFAULT_GROUP: &str = "default";
 
-/// Publishes to one SQS queue with `SendMessage`, returning once SQS accepted the message.
+/// Publishes to one SQS queue with `SendMessage`, returning once SQS accepted the message, or
+/// failing when it did not answer within the publisher's timeout.
 ///
 /// - The payload becomes the body; it must be UTF-8 (SQS bodies are text) and non-empty.
 /// - Headers become message attributes: `String` where the value is UTF-8, `Binary` otherwise;
@@ -30,6 +31,7 @@ pub struct SqsPublisher {
     queue_url: Arc<str>,
     fifo: bool,
     stats: Arc<Counters>,
+    timeout: Duration,
 }
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -46,15 +48,26 @@ impl SqsPublisher {
             queue_url: queue_url.into(),
             fifo,
             stats: Arc::new(Counters::default()),
+            timeout: DEFAULT_OPERATION_TIMEOUT,
         }
     }
 
-    /// A publisher to `source`'s queue, with its client, counting into the source's stats.
+    /// A publisher to `source`'s queue, with its client and
+    /// [`operation_timeout`](crate::SqsConfig::operation_timeout), counting into the source's
+    /// stats.
     pub fn for_source(source: &SqsSource) -> Self {
         SqsPublisher {
             stats: source.counters(),
+            timeout: source.operation_timeout(),
             ..SqsPublisher::new(source.client().clone(), source.queue_url())
         }
+    }
+
+    /// With this limit for each `SendMessage` call (default
+    /// [`DEFAULT_OPERATION_TIMEOUT`](crate::config::DEFAULT_OPERATION_TIMEOUT)).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The queue's URL.
@@ -110,10 +123,9 @@ impl Publish for SqsPublisher {
                 .message_deduplication_id(dedup);
         }
         bump(&self.stats.send_calls, 1);
-        request
-            .send()
+        bounded("SendMessage", self.timeout, request.send())
             .await
             .map(|_| ())
-            .map_err(|e| PublishError(describe(&e).into()))
+            .map_err(|e| PublishError(e.describe().into()))
     }
 }

@@ -14,7 +14,7 @@ use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 
 use crate::attrs::dead_letter_attributes;
 use crate::config::{MAX_BATCH, duration_secs_ceil};
-use crate::error::{ErrorClass, classify_code, classify_sdk, describe, settle_error};
+use crate::error::{ErrorClass, bounded, classify_code, settle_error};
 use crate::source::{QueueInfo, SqsToken};
 use crate::stats::{Counters, SqsStats, bump};
 
@@ -97,13 +97,12 @@ impl SqsSettler {
                 return;
             }
             bump(&self.stats.delete_batch_calls, 1);
-            let result = self
+            let request = self
                 .client
                 .delete_message_batch()
                 .queue_url(&self.queue.url)
-                .set_entries(Some(entries))
-                .send()
-                .await;
+                .set_entries(Some(entries));
+            let result = bounded("DeleteMessageBatch", self.queue.timeout, request.send()).await;
             let mut again: Vec<(SqsToken, String)> = Vec::new();
             match result {
                 Ok(out) => {
@@ -138,8 +137,8 @@ impl SqsSettler {
                     }
                 }
                 Err(e) => {
-                    let message = format!("DeleteMessageBatch failed: {}", describe(&e));
-                    match classify_sdk(&e) {
+                    let message = format!("DeleteMessageBatch failed: {}", e.describe());
+                    match e.class() {
                         ErrorClass::Transient => {
                             for token in slots.into_iter().flatten() {
                                 again.push((token, message.clone()));
@@ -189,24 +188,28 @@ impl SqsSettler {
         timeout: Duration,
     ) -> Result<(), SettleError> {
         bump(&self.stats.change_visibility_calls, 1);
-        let result = self
+        let request = self
             .client
             .change_message_visibility()
             .queue_url(&self.queue.url)
             .receipt_handle(token.receipt_handle())
-            .visibility_timeout(duration_secs_ceil(timeout))
-            .send()
-            .await;
+            .visibility_timeout(duration_secs_ceil(timeout));
+        let result = bounded(
+            "ChangeMessageVisibility",
+            self.queue.timeout,
+            request.send(),
+        )
+        .await;
         match result {
             Ok(_) => Ok(()),
             Err(e) => {
-                let class = classify_sdk(&e);
+                let class = e.class();
                 if class == ErrorClass::LeaseLost {
                     bump(&self.stats.lease_lost, 1);
                 }
                 Err(settle_error(
                     class,
-                    format!("ChangeMessageVisibility failed: {}", describe(&e)),
+                    format!("ChangeMessageVisibility failed: {}", e.describe()),
                 ))
             }
         }
@@ -312,13 +315,13 @@ impl Settle for SqsSettler {
                 .message_deduplication_id(dead_letter_dedup_id(&token));
         }
         bump(&self.stats.send_calls, 1);
-        match request.send().await {
+        match bounded("SendMessage", self.queue.timeout, request.send()).await {
             Ok(_) => {
                 bump(&self.stats.dead_lettered, 1);
                 Ok(Settled::AckOriginal(token))
             }
             Err(e) => {
-                let class = match classify_sdk(&e) {
+                let class = match e.class() {
                     // A receipt-handle code cannot come from SendMessage; treat as rejected.
                     ErrorClass::LeaseLost => ErrorClass::Rejected,
                     c => c,
@@ -329,7 +332,7 @@ impl Settle for SqsSettler {
                         class,
                         format!(
                             "SendMessage to the dead-letter queue failed: {}",
-                            describe(&e)
+                            e.describe()
                         ),
                     ),
                 ))

@@ -15,14 +15,12 @@ use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, Queu
 use bytes::Bytes;
 
 use crate::attrs::{SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
-use crate::config::{MAX_VISIBILITY, SqsConfig, is_url, name_from_url};
-use crate::error::{ErrorClass, SqsError, classify_sdk, describe, is_missing_queue};
+use crate::config::{DEFAULT_OPERATION_TIMEOUT, MAX_VISIBILITY, SqsConfig, is_url, name_from_url};
+use crate::error::{
+    CallError, ErrorClass, SqsError, bounded, classify_sdk, describe, is_missing_queue,
+};
 use crate::settle::SqsSettler;
 use crate::stats::{Counters, SqsStats, bump};
-
-/// Extra time allowed for a `ReceiveMessage` call beyond its long-poll wait before the source
-/// gives up on it and reports the connection as lost.
-const RECEIVE_GRACE: Duration = Duration::from_secs(10);
 
 /// A received message's handle: its receipt handle and what settling it needs later.
 ///
@@ -107,6 +105,8 @@ pub(crate) struct QueueInfo {
     pub(crate) max_messages: usize,
     pub(crate) parallel_acks: usize,
     pub(crate) system_headers: bool,
+    /// [`SqsConfig::operation_timeout`].
+    pub(crate) timeout: Duration,
 }
 
 /// Builds an SQS client through aws-config's default chain (credentials, region, retries),
@@ -123,17 +123,33 @@ pub async fn build_client(config: &SqsConfig) -> Client {
 }
 
 /// Looks up the URL of the queue named `name`, creating it (FIFO when the name ends in
-/// `.fifo`) when `create` is set.
+/// `.fifo`) when `create` is set. Each call is bounded by [`DEFAULT_OPERATION_TIMEOUT`].
 pub async fn resolve_queue_url(
     client: &Client,
     name: &str,
     create: bool,
 ) -> Result<String, SqsError> {
-    match client.get_queue_url().queue_name(name).send().await {
+    resolve_queue_url_within(client, name, create, DEFAULT_OPERATION_TIMEOUT).await
+}
+
+/// [`resolve_queue_url`] with each call bounded by `timeout`.
+pub(crate) async fn resolve_queue_url_within(
+    client: &Client,
+    name: &str,
+    create: bool,
+    timeout: Duration,
+) -> Result<String, SqsError> {
+    let found = bounded(
+        "GetQueueUrl",
+        timeout,
+        client.get_queue_url().queue_name(name).send(),
+    )
+    .await;
+    match found {
         Ok(out) => out.queue_url().map(str::to_string).ok_or_else(|| {
             SqsError::Sdk(format!("GetQueueUrl for {name:?} returned no URL").into())
         }),
-        Err(e) if is_missing_queue(&e) => {
+        Err(CallError::Sdk(e)) if is_missing_queue(&e) => {
             if !create {
                 return Err(SqsError::QueueNotFound(name.to_string()));
             }
@@ -141,15 +157,14 @@ pub async fn resolve_queue_url(
             if name.ends_with(".fifo") {
                 req = req.attributes(QueueAttributeName::FifoQueue, "true");
             }
-            let out = req
-                .send()
+            let out = bounded("CreateQueue", timeout, req.send())
                 .await
-                .map_err(|e| SqsError::Sdk(describe(&e).into()))?;
+                .map_err(CallError::into_sqs_error)?;
             out.queue_url().map(str::to_string).ok_or_else(|| {
                 SqsError::Sdk(format!("CreateQueue for {name:?} returned no URL").into())
             })
         }
-        Err(e) => Err(SqsError::Sdk(describe(&e).into())),
+        Err(e) => Err(e.into_sqs_error()),
     }
 }
 
@@ -193,12 +208,28 @@ impl SqsSource {
         let name = config.queue_name()?;
         let url = match &config.queue_url {
             Some(url) => url.clone(),
-            None => resolve_queue_url(&client, &name, config.create_queues).await?,
+            None => {
+                resolve_queue_url_within(
+                    &client,
+                    &name,
+                    config.create_queues,
+                    config.operation_timeout,
+                )
+                .await?
+            }
         };
         let dlq_name = config.dead_letter_queue_name()?;
         let dlq_url = match &config.dead_letter_queue {
             Some(dlq) if is_url(dlq) => dlq.clone(),
-            _ => resolve_queue_url(&client, &dlq_name, config.create_queues).await?,
+            _ => {
+                resolve_queue_url_within(
+                    &client,
+                    &dlq_name,
+                    config.create_queues,
+                    config.operation_timeout,
+                )
+                .await?
+            }
         };
         let dlq_fifo = name_from_url(&dlq_url)
             .unwrap_or(&dlq_name)
@@ -215,6 +246,7 @@ impl SqsSource {
             max_messages: usize::try_from(config.max_messages).unwrap_or(10),
             parallel_acks: config.parallel_acks.max(1),
             system_headers: config.system_attribute_headers,
+            timeout: config.operation_timeout,
         });
         let stats = Arc::new(Counters::default());
         let settler = SqsSettler::new(
@@ -245,6 +277,11 @@ impl SqsSource {
     /// The dead-letter queue's URL.
     pub fn dead_letter_queue_url(&self) -> &str {
         &self.queue.dlq_url
+    }
+
+    /// The limit of each SQS call ([`SqsConfig::operation_timeout`]).
+    pub fn operation_timeout(&self) -> Duration {
+        self.queue.timeout
     }
 
     /// The adapter's counters so far.
@@ -331,8 +368,8 @@ impl Source for SqsSource {
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
             .send();
-        let limit =
-            Duration::from_secs(u64::try_from(self.queue.wait_secs).unwrap_or(20)) + RECEIVE_GRACE;
+        let limit = Duration::from_secs(u64::try_from(self.queue.wait_secs).unwrap_or(20))
+            + self.queue.timeout;
         let out = match tokio::time::timeout(limit, call).await {
             Err(_) => {
                 return Err(SourceError::Disconnected(
