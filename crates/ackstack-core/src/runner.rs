@@ -260,6 +260,8 @@ struct StatusInner {
     finished: AtomicU64,
     last_activity_ms: AtomicU64,
     stats: Arc<RunStats>,
+    /// Receive calls that failed in a row (0 once one succeeds).
+    receive_failures: std::sync::atomic::AtomicU32,
 }
 
 impl Default for Status {
@@ -271,6 +273,7 @@ impl Default for Status {
                 finished: AtomicU64::new(0),
                 last_activity_ms: AtomicU64::new(0),
                 stats: Arc::default(),
+                receive_failures: std::sync::atomic::AtomicU32::new(0),
             }),
         }
     }
@@ -305,6 +308,18 @@ impl Status {
     pub fn in_flight(&self) -> u64 {
         let finished = self.inner.finished.load(AtomicOrdering::Relaxed);
         self.received_total().saturating_sub(finished)
+    }
+
+    /// Receive calls that failed in a row just now (the broker is unreachable or refusing;
+    /// the consumer keeps trying with backoff). 0 once a receive succeeds.
+    pub fn receive_failures(&self) -> u32 {
+        self.inner.receive_failures.load(AtomicOrdering::Relaxed)
+    }
+
+    fn set_receive_failures(&self, n: u32) {
+        self.inner
+            .receive_failures
+            .store(n, AtomicOrdering::Relaxed);
     }
 
     /// Deliveries held in process right now because the dedup store does not answer or their
@@ -649,13 +664,17 @@ impl<S: Source, L> Consumer<S, L> {
             };
             let batch = match batch {
                 Ok(batch) => {
-                    consecutive_errors = 0;
+                    if consecutive_errors > 0 {
+                        consecutive_errors = 0;
+                        shared.status.set_receive_failures(0);
+                    }
                     batch
                 }
                 Err(err) if err.is_fatal() => break Err(ConsumerError::Source(err)),
                 Err(err) => {
                     receive_errors += 1;
                     consecutive_errors = consecutive_errors.saturating_add(1);
+                    shared.status.set_receive_failures(consecutive_errors);
                     let wait = reconnect.delay(consecutive_errors);
                     tracing::warn!(error = %err, retry_in = ?wait, "receive failed");
                     drop(first);

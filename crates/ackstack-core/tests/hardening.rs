@@ -568,3 +568,61 @@ async fn setters_and_config_edit_one_config_in_any_order() {
         "one default for ordering"
     );
 }
+
+/// A memory source whose first `failures` receives fail as if the broker were unreachable.
+struct Unreachable {
+    inner: MemorySource,
+    failures: u32,
+}
+
+impl Source for Unreachable {
+    type Token = MemoryToken;
+    type Settler = MemorySettler;
+    async fn receive(&mut self, max: usize) -> Result<Vec<Received<MemoryToken>>, SourceError> {
+        if self.failures > 0 {
+            self.failures -= 1;
+            return Err(SourceError::Disconnected("connection refused".into()));
+        }
+        self.inner.receive(max).await
+    }
+    fn settler(&self) -> MemorySettler {
+        self.inner.settler()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_started_while_its_broker_is_unreachable_waits_and_shows_it() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m"));
+    let consumer = Consumer::new(Unreachable {
+        inner: broker.source("q"),
+        failures: 3,
+    });
+    let status = consumer.status();
+    let worst = Arc::new(AtomicU32::new(0));
+    let w = worst.clone();
+    let watch = tokio::spawn(async move {
+        loop {
+            w.fetch_max(status.receive_failures(), Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let b = broker.clone();
+    let summary = consumer
+        .run_until(
+            handler_fn(|_d, _cx| async { Ok(()) }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    watch.abort();
+    assert_eq!(summary.receive_errors, 3);
+    assert_eq!(summary.acked, 1, "it kept trying and then consumed");
+    assert!(
+        worst.load(Ordering::SeqCst) >= 2,
+        "visible in Status while failing"
+    );
+}

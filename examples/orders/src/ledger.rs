@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::{CONNECT_TIMEOUT, Fatal};
 
@@ -34,12 +34,14 @@ impl Ledger {
         Ledger::Memory(Arc::default())
     }
 
-    /// The Redis hash `<queue>:charges` at `url`.
-    pub async fn redis(url: &str, queue: &str) -> Result<Self, Fatal> {
+    /// The Redis hash `<queue>:charges` at `url`. Connects on first use (and again whenever
+    /// the connection drops): a charge while Redis is down fails, and is retried.
+    pub fn redis(url: &str, queue: &str) -> Result<Self, Fatal> {
         let client = redis::Client::open(url).map_err(|e| format!("Redis URL: {e}"))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, ConnectionManager::new(client))
-            .await
-            .map_err(|_| format!("Redis: could not connect within {CONNECT_TIMEOUT:?}"))?
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| format!("Redis: {e}"))?;
         Ok(Ledger::Redis {
             conn,

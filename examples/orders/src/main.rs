@@ -18,11 +18,12 @@ mod memory;
 mod rabbitmq;
 mod sqs;
 
+use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ackstack::redis::{RedisDedupConfig, RedisDedupStore};
+use ackstack::redis::{RedisDedupConfig, RedisDedupError, RedisDedupStore};
 use ackstack::{
     Backoff, Consumer, DedupKey, DedupStore, Delivery, HandlerError, MemoryDedupStore, Message,
     Outcome, Publish, Source, Status, Summary, handler_fn,
@@ -56,6 +57,8 @@ OPTIONS:
                            mock cluster is started)
     --redis-url URL        Redis for deduplication and the charge ledger (env REDIS_URL; unset:
                            both are kept in memory)
+    --connect-timeout SECS give up (exit 1) when the broker or Redis has not answered within
+                           SECS of starting (default: wait for ever, retrying with backoff)
     -h, --help             print this help
 
 OUTPUT (stdout, one line per event):
@@ -63,12 +66,14 @@ OUTPUT (stdout, one line per event):
     acked order_id=ID attempt=N
     retried order_id=ID attempt=N delay_ms=MS error=\"...\"
     dead_lettered order_id=ID attempt=N reason=\"...\"
+    released order_id=ID attempt=N    (stopped while it waited for Redis; given back)
     summary received=N acked=N retried=N dead_lettered=N deduplicated=N ...
     ledger order_id=ID count=N
     (order_id=- when the body is not an order)
 
 EXIT CODES:
-    0 normal exit (idle, Ctrl-C or SIGTERM), 1 broker or configuration error, 2 bad arguments
+    0 normal exit (idle, Ctrl-C or SIGTERM), 1 configuration error or --connect-timeout ran
+    out, 2 bad arguments. An unreachable broker or Redis is waited for, not an error.
 
 Logs go to stderr; set RUST_LOG (default warn).
 ";
@@ -121,6 +126,8 @@ pub struct Options {
     pub kafka_brokers: Option<String>,
     /// Redis URL; `None`: in-memory dedup store and ledger.
     pub redis_url: Option<String>,
+    /// How long start-up may wait for the broker and Redis; `None`: for ever.
+    pub connect_timeout: Option<Duration>,
 }
 
 impl Options {
@@ -318,17 +325,92 @@ async fn interrupted() {
     ctrl_c.await;
 }
 
-/// Sets up deduplication and the ledger, connects to the broker, and runs.
+/// Why a start-up step did not succeed.
+pub enum StartError {
+    /// The configuration is wrong: give up at once (exit 1).
+    Config(Fatal),
+    /// The broker or Redis did not answer: wait and try again.
+    Unreachable(Fatal),
+}
+
+/// Runs `step` until it succeeds. While what it connects to is unreachable, waits with
+/// backoff (logging each failure) for ever, or until `limit` (`--connect-timeout`) has passed
+/// since `started`; a configuration error ends it at once. Each try is bounded too.
+pub async fn until_up<T, Fut>(
+    what: &str,
+    started: Instant,
+    limit: Option<Duration>,
+    mut step: impl FnMut() -> Fut,
+) -> Result<T, Fatal>
+where
+    Fut: Future<Output = Result<T, StartError>>,
+{
+    let backoff =
+        Backoff::exponential(Duration::from_millis(200), Duration::from_secs(5)).equal_jitter();
+    let remaining = || limit.map(|l| l.saturating_sub(started.elapsed()));
+    let mut failures = 0u32;
+    loop {
+        let try_limit = remaining().map_or(CONNECT_TIMEOUT, |r| r.min(CONNECT_TIMEOUT));
+        let error = match tokio::time::timeout(try_limit, step()).await {
+            Ok(Ok(value)) => {
+                if failures > 0 {
+                    tracing::warn!("{what} answered after {failures} failed tries");
+                }
+                return Ok(value);
+            }
+            Ok(Err(StartError::Config(e))) => return Err(e),
+            Ok(Err(StartError::Unreachable(e))) => e,
+            Err(_) => format!("no answer within {try_limit:?}").into(),
+        };
+        failures = failures.saturating_add(1);
+        let left = remaining();
+        if left.is_some_and(|l| l.is_zero()) {
+            let limit = limit.unwrap_or_default();
+            return Err(format!(
+                "{what}: not reachable within --connect-timeout {limit:?}: {error}"
+            )
+            .into());
+        }
+        let wait = left.map_or(backoff.delay(failures), |l| l.min(backoff.delay(failures)));
+        tracing::warn!(error = %error, retry_in = ?wait, "waiting for {what}");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Sets up deduplication and the ledger, connects to the broker, and runs. Ctrl-C or SIGTERM
+/// while it still waits for the broker or Redis ends it normally.
 async fn run(opts: Options) -> Result<(), Fatal> {
+    tokio::select! {
+        result = start_and_run(opts) => result,
+        () = interrupted() => {
+            eprintln!("orders: interrupted");
+            Ok(())
+        }
+    }
+}
+
+async fn start_and_run(opts: Options) -> Result<(), Fatal> {
+    let started = Instant::now();
     let (dedup, ledger): (Arc<dyn DedupStore>, Ledger) = match &opts.redis_url {
         Some(url) => {
             let config = RedisDedupConfig::new(url.clone())
                 .key_prefix(format!("{}:dedup:", opts.queue))
                 .connect_timeout(CONNECT_TIMEOUT);
-            let store = RedisDedupStore::connect(config)
-                .await
-                .map_err(|e| format!("Redis dedup store: {e}"))?;
-            (Arc::new(store), Ledger::redis(url, &opts.queue).await?)
+            let store = until_up("Redis", started, opts.connect_timeout, || {
+                let config = config.clone();
+                async move {
+                    RedisDedupStore::connect(config).await.map_err(|e| match e {
+                        RedisDedupError::Config(_) => {
+                            StartError::Config(format!("Redis dedup store: {e}").into())
+                        }
+                        other => {
+                            StartError::Unreachable(format!("Redis dedup store: {other}").into())
+                        }
+                    })
+                }
+            })
+            .await?;
+            (Arc::new(store), Ledger::redis(url, &opts.queue)?)
         }
         None => (Arc::new(MemoryDedupStore::new()), Ledger::in_memory()),
     };
@@ -359,11 +441,15 @@ async fn run(opts: Options) -> Result<(), Fatal> {
             publish_and_consume(&opts, source, publisher, dedup, ledger).await
         }
         BrokerKind::Rabbitmq => {
-            let (source, publisher) = rabbitmq::connect(&opts).await?;
+            let (source, publisher) = until_up("RabbitMQ", started, opts.connect_timeout, || {
+                rabbitmq::connect(&opts)
+            })
+            .await?;
             publish_and_consume(&opts, source, publisher, dedup, ledger).await
         }
         BrokerKind::Sqs => {
-            let (source, publisher) = sqs::connect(&opts).await?;
+            let (source, publisher) =
+                until_up("SQS", started, opts.connect_timeout, || sqs::connect(&opts)).await?;
             publish_and_consume(&opts, source, publisher, dedup, ledger).await
         }
         BrokerKind::Kafka => {
@@ -408,6 +494,7 @@ fn parse_args(
         sqs_endpoint: env("SQS_ENDPOINT").unwrap_or_else(|| "http://127.0.0.1:4566".to_string()),
         kafka_brokers: env("KAFKA_BROKERS"),
         redis_url: env("REDIS_URL"),
+        connect_timeout: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -462,6 +549,9 @@ fn parse_args(
             "--sqs-endpoint" => opts.sqs_endpoint = value(&flag, inline, &mut args)?,
             "--kafka-brokers" => opts.kafka_brokers = Some(value(&flag, inline, &mut args)?),
             "--redis-url" => opts.redis_url = Some(value(&flag, inline, &mut args)?),
+            "--connect-timeout" => {
+                opts.connect_timeout = Some(seconds(&flag, &value(&flag, inline, &mut args)?)?)
+            }
             other if other.starts_with('-') => return Err(format!("unknown flag {other:?}")),
             other => return Err(format!("unexpected argument {other:?}")),
         }
@@ -571,6 +661,7 @@ mod tests {
         );
         assert_eq!(o.base_delay, Duration::from_millis(200));
         assert!(o.kafka_brokers.is_none() && o.redis_url.is_none() && !o.consume_only);
+        assert_eq!(o.connect_timeout, None, "waits for ever by default");
         let Ok(Parsed::Run(o)) = parse(&[
             "--broker=kafka",
             "--queue",
@@ -579,6 +670,8 @@ mod tests {
             "--exit-when-idle",
             "1.5",
             "--concurrency=2",
+            "--connect-timeout",
+            "30",
         ]) else {
             panic!("flags should parse")
         };
@@ -588,6 +681,7 @@ mod tests {
         assert!(o.consume_only);
         assert_eq!(o.exit_when_idle, Some(Duration::from_millis(1500)));
         assert_eq!(o.concurrency, 2);
+        assert_eq!(o.connect_timeout, Some(Duration::from_secs(30)));
         assert!(matches!(parse(&["--help"]), Ok(Parsed::Help)));
     }
 
@@ -604,6 +698,7 @@ mod tests {
             &["--base-delay-ms", "fast"],
             &["--exit-when-idle", "0"],
             &["--exit-when-idle", "NaN"],
+            &["--connect-timeout", "0"],
             &["--consume-only=yes"],
             &["stray"],
         ] {

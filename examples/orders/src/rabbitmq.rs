@@ -8,25 +8,28 @@ use ackstack::Backoff;
 use ackstack::rabbitmq::config::redact_uri;
 use ackstack::rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
 
-use crate::{CONNECT_TIMEOUT, CONSUMER_NAME, Fatal, Options};
+use crate::{CONSUMER_NAME, Options, StartError};
 
 /// Connects a source and a publisher to `--queue` at `--amqp-url`.
-pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), Fatal> {
+pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), StartError> {
     let mut config = RabbitConfig::new(opts.amqp_url.clone(), opts.queue.clone());
     config.delay_buckets = delay_buckets(&opts.backoff(), opts.max_attempts);
     config.max_attempts = Some(opts.max_attempts);
     config.connection_name = Some(format!("{CONSUMER_NAME}-{}", opts.queue));
     config.dlq = Some(opts.dlq());
-    config.validate()?;
+    config
+        .validate()
+        .map_err(|e| StartError::Config(Box::new(e)))?;
     let at = redact_uri(&opts.amqp_url);
-    let publisher = tokio::time::timeout(CONNECT_TIMEOUT, RabbitPublisher::connect(config.clone()))
+    let unreachable = |e: &dyn std::fmt::Display| {
+        StartError::Unreachable(format!("RabbitMQ at {at}: {e}").into())
+    };
+    let publisher = RabbitPublisher::connect(config.clone())
         .await
-        .map_err(|_| format!("RabbitMQ at {at}: no connection within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| format!("RabbitMQ at {at}: {e}"))?;
-    let source = tokio::time::timeout(CONNECT_TIMEOUT, RabbitSource::connect(config))
+        .map_err(|e| unreachable(&e))?;
+    let source = RabbitSource::connect(config)
         .await
-        .map_err(|_| format!("RabbitMQ at {at}: no connection within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| format!("RabbitMQ at {at}: {e}"))?;
+        .map_err(|e| unreachable(&e))?;
     Ok((source, publisher))
 }
 

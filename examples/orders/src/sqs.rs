@@ -4,14 +4,14 @@
 use ackstack::sqs::{Client, SqsConfig, SqsPublisher, SqsSource};
 use aws_config::{BehaviorVersion, Region};
 
-use crate::{CONNECT_TIMEOUT, CONSUMER_NAME, Fatal, Options};
+use crate::{CONSUMER_NAME, Options, StartError};
 
 /// Connects a source and a publisher to `--queue` at `--sqs-endpoint`.
 ///
 /// The region is `AWS_REGION` (or `AWS_DEFAULT_REGION`), default `us-east-1`. Credentials come
 /// from the AWS default chain when `AWS_ACCESS_KEY_ID` or `AWS_PROFILE` is set; otherwise the
 /// fixed test credentials that local emulators accept are used.
-pub async fn connect(opts: &Options) -> Result<(SqsSource, SqsPublisher), Fatal> {
+pub async fn connect(opts: &Options) -> Result<(SqsSource, SqsPublisher), StartError> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let region = env("AWS_REGION")
         .or_else(|| env("AWS_DEFAULT_REGION"))
@@ -29,10 +29,9 @@ pub async fn connect(opts: &Options) -> Result<(SqsSource, SqsPublisher), Fatal>
         .with_wait_time_seconds(2)
         .with_consumer_name(CONSUMER_NAME);
     let at = &opts.sqs_endpoint;
-    let source = tokio::time::timeout(CONNECT_TIMEOUT, SqsSource::from_client(client, config))
+    let source = SqsSource::from_client(client, config)
         .await
-        .map_err(|_| format!("SQS at {at}: no answer within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| format!("SQS at {at}: {e}"))?;
+        .map_err(|e| StartError::Unreachable(format!("SQS at {at}: {e}").into()))?;
     let publisher = SqsPublisher::for_source(&source);
     Ok((source, publisher))
 }

@@ -453,6 +453,17 @@ impl OwnRedis {
         down.elapsed()
     }
 
+    /// Sends `signal` (`"STOP"`: frozen, connections open but nothing answered; `"CONT"`).
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill -{signal}");
+        }
+    }
+
     fn connection(&self) -> redis::Connection {
         let conn = redis::Client::open(self.url())
             .unwrap()
@@ -466,6 +477,7 @@ impl OwnRedis {
 
 impl Drop for OwnRedis {
     fn drop(&mut self) {
+        self.signal("CONT");
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -1350,6 +1362,89 @@ fn kafka_crash_suite() {
         return;
     }
     crash_suite("kafka");
+}
+
+/// A replica started while its Redis answers nothing (SIGSTOP) waits for it, logging, instead
+/// of exiting; once Redis answers, it consumes everything and exits 0.
+#[test]
+fn a_replica_started_while_redis_is_frozen_waits_and_then_consumes_everything() {
+    let dir = TempDir::new("frozen-start");
+    let redis = OwnRedis::start(&dir.0);
+    let queue = unique("frozen-start");
+    redis.signal("STOP");
+    let args: Vec<String> = [
+        "--broker",
+        "memory",
+        "--queue",
+        &queue,
+        "--redis-url",
+        &redis.url(),
+        "--exit-when-idle",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = dir.0.join("orders.log");
+    let mut orders = OrdersProcess::spawn(&args, &log, "frozen redis at start");
+    std::thread::sleep(Duration::from_secs(20));
+    assert!(
+        orders.child.try_wait().unwrap().is_none(),
+        "exited while Redis was frozen:\n{}",
+        orders.diagnostics()
+    );
+    redis.signal("CONT");
+    let status = orders.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "{status}:\n{}", orders.diagnostics());
+    let lines = orders.stdout_lines();
+    let summary = lines
+        .iter()
+        .find(|l| l.starts_with("summary "))
+        .unwrap_or_else(|| panic!("no summary:\n{}", orders.diagnostics()));
+    assert!(summary.contains(" acked=5 "), "{summary}");
+    assert!(summary.contains(" dead_lettered=1 "), "{summary}");
+    for id in ["A-1001", "A-1002", "A-1003", "A-1004"] {
+        assert!(
+            lines.contains(&format!("ledger order_id={id} count=1")),
+            "{id} charged once:\n{}",
+            orders.diagnostics()
+        );
+    }
+    assert!(
+        tail(&log, 200).contains("waiting for Redis"),
+        "the wait is logged:\n{}",
+        orders.diagnostics()
+    );
+}
+
+/// With `--connect-timeout`, a Redis that stays frozen ends the run with exit code 1.
+#[test]
+fn connect_timeout_gives_up_on_a_frozen_redis_with_exit_code_1() {
+    let dir = TempDir::new("frozen-timeout");
+    let redis = OwnRedis::start(&dir.0);
+    redis.signal("STOP");
+    let args: Vec<String> = [
+        "--broker",
+        "memory",
+        "--queue",
+        &unique("frozen-timeout"),
+        "--redis-url",
+        &redis.url(),
+        "--connect-timeout",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = dir.0.join("orders.log");
+    let mut orders = OrdersProcess::spawn(&args, &log, "frozen redis, connect timeout");
+    let status = orders.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", orders.diagnostics());
+    assert!(
+        tail(&log, 50).contains("not reachable within --connect-timeout"),
+        "{}",
+        orders.diagnostics()
+    );
 }
 
 #[test]
