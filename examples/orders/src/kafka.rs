@@ -17,6 +17,8 @@ use rdkafka::producer::DefaultProducerContext;
 
 use crate::{CONNECT_TIMEOUT, CONSUMER_NAME, Fatal, Options};
 
+/// How long CreateTopics may take before the topics are used as they are.
+const CREATE_TOPICS_WAIT: Duration = Duration::from_secs(5);
 /// Partitions of the work topic when this example creates it.
 const PARTITIONS: i32 = 3;
 
@@ -92,10 +94,19 @@ async fn create_topics(brokers: &str, topic: &str, dlq: &str) -> Result<(), Fata
         NewTopic::new(dlq, 1, TopicReplication::Fixed(1)),
     ];
     let options = AdminOptions::new().operation_timeout(Some(CONNECT_TIMEOUT));
-    let results = tokio::time::timeout(CONNECT_TIMEOUT, admin.create_topics(&topics, &options))
-        .await
-        .map_err(|_| format!("Kafka at {brokers}: no answer within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| format!("Kafka at {brokers}: {e}"))?;
+    let results =
+        match tokio::time::timeout(CONNECT_TIMEOUT, admin.create_topics(&topics, &options)).await {
+            Ok(results) => results.map_err(|e| format!("Kafka at {brokers}: {e}"))?,
+            Err(_) => {
+                // Some clusters (librdkafka's mock among them) never answer CreateTopics; topics
+                // may still be there, or be created on first use.
+                tracing::warn!(
+                    "Kafka at {brokers}: no answer to CreateTopics within {CREATE_TOPICS_WAIT:?}; \
+                 using the topics as they are"
+                );
+                return Ok(());
+            }
+        };
     for result in results {
         if let Err((name, code)) = result
             && code != RDKafkaErrorCode::TopicAlreadyExists

@@ -22,10 +22,10 @@
 //! `crash-suite broker=rabbitmq orders=200 good=190 malformed=10 duplicates_injected=19 kills=4
 //! connection_drops=1 redis_restarts=1 lost=0 double_charged=0 dead_lettered=10 seed=...`.
 //!
-//! Brokers: RabbitMQ and SQS, the brokers that outlive the consumer process. The memory broker
-//! dies with its process, and the Kafka mock cluster lives inside the consumer process, so the
-//! Kafka variant runs only against an external cluster named by `KAFKA_BROKERS` (and skips
-//! itself otherwise). On SQS and Kafka there is no connection the test can drop from outside
+//! Brokers: RabbitMQ, SQS and Kafka, the brokers that outlive the consumer process (the memory
+//! broker dies with its process). Kafka runs against `KAFKA_BROKERS` when set, else against
+//! librdkafka's mock cluster hosted in this test process, whose bootstrap servers the `orders`
+//! child processes are given. On SQS and Kafka there is no connection the test can drop from outside
 //! (SQS is plain HTTPS requests; a Kafka client talks to many brokers), so those runs only kill
 //! and restart the consumer and Redis (`connection_drops=0`).
 //!
@@ -663,6 +663,11 @@ enum Broker {
     Kafka {
         brokers: String,
         publisher: KafkaPublisher,
+        /// The mock cluster this test hosts (none with `KAFKA_BROKERS`): it outlives every
+        /// `orders` process the suite kills, as a real cluster would.
+        _mock: Option<
+            rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        >,
     },
 }
 
@@ -718,14 +723,28 @@ impl Broker {
         }
     }
 
+    /// A real cluster from `KAFKA_BROKERS`, or a mock cluster hosted here whose bootstrap
+    /// servers the `orders` child processes are pointed at.
     async fn kafka(brokers: &str, queue: &str) -> Broker {
+        let dlq = format!("{queue}-dlq");
+        if brokers.is_empty() {
+            let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+            // The mock does not serve CreateTopics; its own call does the same.
+            mock.create_topic(queue, 3, 1).unwrap();
+            mock.create_topic(&dlq, 1, 1).unwrap();
+            let brokers = mock.bootstrap_servers();
+            return Broker::Kafka {
+                publisher: KafkaPublisher::new(&brokers, queue).unwrap(),
+                brokers,
+                _mock: Some(mock),
+            };
+        }
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         use rdkafka::client::DefaultClientContext;
         let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .create()
             .unwrap();
-        let dlq = format!("{queue}-dlq");
         let topics = [
             NewTopic::new(queue, 3, TopicReplication::Fixed(1)),
             NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
@@ -738,6 +757,7 @@ impl Broker {
         Broker::Kafka {
             brokers: brokers.to_string(),
             publisher: KafkaPublisher::new(brokers, queue).unwrap(),
+            _mock: None,
         }
     }
 
@@ -1350,17 +1370,10 @@ fn sqs_crash_suite() {
     crash_suite("sqs");
 }
 
-/// Runs only against an external cluster (`KAFKA_BROKERS`): without one, the example starts a
-/// mock cluster inside its own process, which a SIGKILL takes down with everything on it.
+/// Against `KAFKA_BROKERS`, or else a mock cluster hosted by this test process (so that it
+/// outlives the `orders` processes the suite kills).
 #[test]
 fn kafka_crash_suite() {
-    if env_or("KAFKA_BROKERS", "").is_empty() {
-        println!(
-            "crash-suite broker=kafka skipped: set KAFKA_BROKERS to an external cluster (the \
-             in-process mock cluster dies with the consumer process)"
-        );
-        return;
-    }
     crash_suite("kafka");
 }
 
