@@ -33,6 +33,8 @@ pub struct RunStats {
     pub dedup_keyless: AtomicU64,
     /// Deliveries held in process right now, waiting for the dedup store or a busy key.
     pub held: AtomicU64,
+    /// Dead-letter copies the broker refused for good.
+    pub dead_letters_refused: AtomicU64,
 }
 
 impl RunStats {

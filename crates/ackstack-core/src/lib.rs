@@ -41,7 +41,7 @@ pub use publish::{Message, Publish, PublishError};
 pub use retry::{RetryConfig, RetryLayer};
 pub use runner::{
     ConfigError, Consumer, ConsumerConfig, ConsumerError, DeliveryMode, Inspector, KeyOrdering,
-    Status, Summary,
+    OnRefused, Status, Summary,
 };
 pub use source::{AckReport, Capabilities, Received, Settle, SettleFailure, Settled, Source};
 pub use watermark::Watermark;

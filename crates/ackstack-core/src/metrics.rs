@@ -21,6 +21,7 @@
 //! | `ackstack_abandoned_total` | counter | deliveries left unacked at the shutdown deadline |
 //! | `ackstack_dedup_held_total` | counter | deliveries held in process because the dedup store was unreachable or their key busy (not counted as attempts) |
 //! | `ackstack_dedup_keyless_total` | counter | deliveries without a (non-empty) dedup key, processed without deduplication |
+//! | `ackstack_dead_letters_refused_total` | counter | dead-letter copies the broker refused for good (too large, invalid); the message is kept unacked |
 //! | `ackstack_in_flight` | gauge | deliveries being processed now |
 //! | `ackstack_handler_seconds` | histogram | time from handler start to outcome |
 
@@ -54,3 +55,5 @@ pub const HANDLER_SECONDS: &str = "ackstack_handler_seconds";
 pub const DEDUP_HELD: &str = "ackstack_dedup_held_total";
 /// Deliveries without a non-empty dedup key (not deduplicated).
 pub const DEDUP_KEYLESS: &str = "ackstack_dedup_keyless_total";
+/// Dead-letter copies the broker refused for good.
+pub const DEAD_LETTERS_REFUSED: &str = "ackstack_dead_letters_refused_total";

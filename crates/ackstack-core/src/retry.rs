@@ -36,19 +36,73 @@ use crate::handler::{Context, Layer, Process};
 use crate::outcome::Outcome;
 
 /// The retry policy: the delay schedule, the attempt limit and the optional immediate tier.
+///
+/// In a config file its fields sit side by side (`base`, `factor`, `cap`, `jitter`,
+/// `max_attempts`, `immediate`, `immediate_delay`); an unknown field is an error.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(from = "RetryFields", into = "RetryFields")]
 pub struct RetryConfig {
     /// The delay schedule between attempts.
-    #[serde(flatten)]
     pub backoff: Backoff,
     /// The most handler attempts a message gets; after the last one fails it is dead-lettered.
     pub max_attempts: u32,
     /// In-process retries right after a transient failure, before the next attempt.
     pub immediate: u32,
     /// The pause between immediate retries.
-    #[serde(with = "crate::config::duration")]
     pub immediate_delay: Duration,
+}
+
+/// [`RetryConfig`] as it is written in config files: flat, with unknown fields refused (serde's
+/// `flatten` cannot refuse them).
+#[derive(Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RetryFields {
+    #[serde(with = "crate::config::duration")]
+    base: Duration,
+    factor: f64,
+    #[serde(with = "crate::config::duration")]
+    cap: Duration,
+    jitter: crate::backoff::Jitter,
+    max_attempts: u32,
+    immediate: u32,
+    #[serde(with = "crate::config::duration")]
+    immediate_delay: Duration,
+}
+
+impl Default for RetryFields {
+    fn default() -> Self {
+        RetryConfig::default().into()
+    }
+}
+
+impl From<RetryConfig> for RetryFields {
+    fn from(c: RetryConfig) -> Self {
+        RetryFields {
+            base: c.backoff.base,
+            factor: c.backoff.factor,
+            cap: c.backoff.cap,
+            jitter: c.backoff.jitter,
+            max_attempts: c.max_attempts,
+            immediate: c.immediate,
+            immediate_delay: c.immediate_delay,
+        }
+    }
+}
+
+impl From<RetryFields> for RetryConfig {
+    fn from(f: RetryFields) -> Self {
+        RetryConfig {
+            backoff: Backoff {
+                base: f.base,
+                factor: f.factor,
+                cap: f.cap,
+                jitter: f.jitter,
+            },
+            max_attempts: f.max_attempts,
+            immediate: f.immediate,
+            immediate_delay: f.immediate_delay,
+        }
+    }
 }
 
 impl Default for RetryConfig {

@@ -17,6 +17,7 @@ use crate::backoff::Backoff;
 use crate::deadletter::DeadLetter;
 use crate::dedup::{DedupConfig, DedupKey, DedupLayer, DedupStore};
 use crate::delivery::Delivery;
+use crate::error::SettleError;
 use crate::error::SourceError;
 use crate::handler::{
     Classifier, Context, Handler, Identity, Layer, Process, RunStats, Stack, Terminal,
@@ -86,6 +87,26 @@ pub struct ConsumerConfig {
     pub dedup: DedupConfig,
     /// A header whose value is recorded as `correlation_id` in each delivery's span.
     pub correlation_header: Option<String>,
+    /// What happens to a delivery whose dead-letter copy the broker refuses for good (too
+    /// large even after shrinking, invalid): it is never acked either way.
+    pub on_dead_letter_refused: OnRefused,
+}
+
+/// What happens to a delivery whose dead-letter copy the broker refuses for good
+/// ([`SettleError::Rejected`](crate::SettleError::Rejected)). Never an ack: the message stays
+/// at the broker until an operator deals with it (`ackstack_dead_letters_refused_total`,
+/// [`Status::dead_letters_refused`], an error log line per message).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRefused {
+    /// Release it for redelivery after a pause that grows with its attempts (up to 30 s): it
+    /// is handled and dead-lettered again later. The default.
+    #[default]
+    Release,
+    /// Keep it in process (lease kept, permit held) and try the dead-letter write again with
+    /// backoff until the broker takes it, the lease is lost or shutdown. Where the broker
+    /// cannot redeliver a released message by itself (Kafka), this is what happens anyway.
+    Hold,
 }
 
 impl Default for ConsumerConfig {
@@ -102,6 +123,7 @@ impl Default for ConsumerConfig {
             lease: LeaseConfig::default(),
             dedup: DedupConfig::default(),
             correlation_header: None,
+            on_dead_letter_refused: OnRefused::Release,
         }
     }
 }
@@ -308,6 +330,15 @@ impl Status {
     pub fn in_flight(&self) -> u64 {
         let finished = self.inner.finished.load(AtomicOrdering::Relaxed);
         self.received_total().saturating_sub(finished)
+    }
+
+    /// Dead-letter copies the broker refused for good so far (see [`OnRefused`]). Rising means
+    /// messages are stuck: too large, or invalid, for the dead-letter destination.
+    pub fn dead_letters_refused(&self) -> u64 {
+        self.inner
+            .stats
+            .dead_letters_refused
+            .load(AtomicOrdering::Relaxed)
     }
 
     /// Receive calls that failed in a row just now (the broker is unreachable or refusing;
@@ -631,6 +662,8 @@ impl<S: Source, L> Consumer<S, L> {
             release_redelivers: caps.broker_delay,
             status: self.status.clone(),
             stopping: CancellationToken::new(),
+            on_refused: cfg.on_dead_letter_refused,
+            refusals: Refusals::default(),
         });
         let gate = per_key.then(KeyGate::new);
         let hard_stop = CancellationToken::new();
@@ -815,6 +848,8 @@ struct Shared<P, S: Settle> {
     status: Status,
     /// Fired when shutdown begins.
     stopping: CancellationToken,
+    on_refused: OnRefused,
+    refusals: Refusals,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -831,9 +866,17 @@ impl<P: Process, S: Settle> Shared<P, S> {
         let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30));
         let mut tries = 0;
         loop {
-            match self.settler.dead_letter(token, delivery, letter).await {
+            let result = self.settler.dead_letter(token, delivery, letter).await;
+            if let Err(failure) = &result
+                && matches!(failure.error, SettleError::Rejected(_))
+            {
+                self.refused(delivery, &failure.error);
+            }
+            match result {
                 Err(failure)
-                    if !self.release_redelivers
+                    if (!self.release_redelivers
+                        || (self.on_refused == OnRefused::Hold
+                            && matches!(failure.error, SettleError::Rejected(_))))
                         && !failure.error.is_lease_lost()
                         && !cx.is_cancelled() =>
                 {
@@ -848,6 +891,25 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Counts a dead-letter copy the broker refused for good; logs it at error once per message.
+    fn refused(&self, delivery: &Delivery, error: &SettleError) {
+        metrics::counter!(crate::metrics::DEAD_LETTERS_REFUSED).increment(1);
+        self.stats
+            .dead_letters_refused
+            .fetch_add(1, AtomicOrdering::Relaxed);
+        if self.refusals.first_time(delivery) {
+            tracing::error!(
+                error = %error,
+                message_id = delivery.message_id.as_deref().unwrap_or(""),
+                "the broker refuses this message's dead-letter copy for good; it is kept \
+                 unacked (policy {:?}) until an operator deals with it",
+                self.on_refused
+            );
+        } else {
+            tracing::debug!(error = %error, "dead-letter copy refused again");
         }
     }
 
@@ -1039,5 +1101,36 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.settler.release(token).await;
             }
         }
+    }
+}
+
+/// The messages whose refused dead letter was already logged at error: bounded, forgetting
+/// everything once full (a message then logs again, which is harmless).
+#[derive(Debug, Default)]
+struct Refusals {
+    seen: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+impl Refusals {
+    const CAPACITY: usize = 4096;
+
+    /// Whether `delivery`'s message was not seen before (and remembers it).
+    fn first_time(&self, delivery: &Delivery) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        delivery.origin.queue.hash(&mut h);
+        match &delivery.message_id {
+            Some(id) => id.hash(&mut h),
+            None => {
+                delivery.origin.partition.hash(&mut h);
+                delivery.origin.offset.hash(&mut h);
+                delivery.payload.hash(&mut h);
+            }
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= Self::CAPACITY {
+            seen.clear();
+        }
+        seen.insert(h.finish())
     }
 }

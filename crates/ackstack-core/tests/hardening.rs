@@ -16,8 +16,8 @@ use ackstack_core::memory::{MemorySettler, MemorySource, MemoryToken};
 use ackstack_core::{
     AckReport, Backoff, Capabilities, ConfigError, Consumer, ConsumerConfig, ConsumerError,
     DeadLetter, DedupKey, Delivery, DeliveryMode, Failure, HandlerError, KeyOrdering, MemoryBroker,
-    MemoryDedupStore, Message, Outcome, Received, Settle, SettleError, SettleFailure, Settled,
-    Source, SourceError, handler_fn,
+    MemoryDedupStore, Message, OnRefused, Outcome, Received, Settle, SettleError, SettleFailure,
+    Settled, Source, SourceError, handler_fn,
 };
 
 mod common;
@@ -356,6 +356,8 @@ struct SlowSettler {
     inner: MemorySettler,
     delay: Option<Duration>,
     log: Arc<Mutex<Vec<&'static str>>>,
+    /// Refuse every dead-letter copy for good, as a broker refuses one too large.
+    refuse_dead_letters: bool,
 }
 
 impl SlowExtend {
@@ -364,8 +366,14 @@ impl SlowExtend {
             inner: inner.settler(),
             delay,
             log: Arc::default(),
+            refuse_dead_letters: false,
         };
         SlowExtend { inner, settler }
+    }
+
+    fn refusing_dead_letters(mut self) -> Self {
+        self.settler.refuse_dead_letters = true;
+        self
     }
 }
 
@@ -404,6 +412,13 @@ impl Settle for SlowSettler {
         d: &Delivery,
         l: &DeadLetter,
     ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
+        if self.refuse_dead_letters {
+            self.log.lock().unwrap().push("dead letter refused");
+            return Err(SettleFailure::new(
+                token,
+                SettleError::Rejected("message too large".into()),
+            ));
+        }
         self.inner.dead_letter(token, d, l).await
     }
     async fn extend(&self, token: &MemoryToken, by: Duration) -> Result<(), SettleError> {
@@ -624,5 +639,84 @@ async fn a_consumer_started_while_its_broker_is_unreachable_waits_and_shows_it()
     assert!(
         worst.load(Ordering::SeqCst) >= 2,
         "visible in Status while failing"
+    );
+}
+
+/// Runs a consumer whose dead-letter copies are all refused, on one poison message, for
+/// `run_for`; returns the summary, the refusals `Status` saw, and the settler's log.
+async fn run_with_refused_dead_letters(
+    broker: &MemoryBroker,
+    policy: OnRefused,
+    run_for: Duration,
+) -> (ackstack_core::Summary, u64, Vec<&'static str>) {
+    broker.publish("q", Message::new("poison"));
+    let source = SlowExtend::new(broker.source("q"), Some(Duration::ZERO)).refusing_dead_letters();
+    let log = source.settler.log.clone();
+    let mut config = ConsumerConfig::default();
+    config.on_dead_letter_refused = policy;
+    let consumer = Consumer::new(source)
+        .config(config)
+        .retry(Backoff::exponential(Duration::from_millis(300), Duration::from_secs(5)).no_jitter())
+        .shutdown_deadline(Duration::from_millis(100));
+    let status = consumer.status();
+    let summary = consumer
+        .run_until(
+            handler_fn(|_d, _cx| async { Err(HandlerError::permanent("poison")) }),
+            tokio::time::sleep(run_for),
+        )
+        .await
+        .unwrap();
+    let log = log.lock().unwrap().clone();
+    (summary, status.dead_letters_refused(), log)
+}
+
+#[tokio::test]
+async fn a_dead_letter_refused_for_good_is_released_with_backoff_never_acked() {
+    let broker = MemoryBroker::new();
+    let (summary, refused, log) =
+        run_with_refused_dead_letters(&broker, OnRefused::Release, Duration::from_millis(2500))
+            .await;
+    let tries = log.iter().filter(|l| **l == "dead letter refused").count();
+    assert!(tries >= 2, "released and tried again: {log:?}");
+    assert!(
+        tries <= 4,
+        "released after a growing pause, not in a hot loop: {log:?}"
+    );
+    assert_eq!(refused, tries as u64, "each refusal visible in Status");
+    assert_eq!(summary.acked, 0, "{summary:?}");
+    assert_eq!(broker.len("q"), 1, "the message is still there");
+    assert!(broker.dead_letters("q").is_empty());
+    assert!(
+        broker.stats("q").received >= 2,
+        "redelivered after each release"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_letter_refused_for_good_can_be_held_in_process() {
+    let broker = MemoryBroker::new();
+    let (summary, refused, log) =
+        run_with_refused_dead_letters(&broker, OnRefused::Hold, Duration::from_millis(1500)).await;
+    let tries = log.iter().filter(|l| **l == "dead letter refused").count();
+    assert!(tries >= 3, "tried again in process: {log:?}");
+    assert_eq!(refused, tries as u64);
+    assert_eq!(summary.acked, 0, "{summary:?}");
+    assert_eq!(broker.stats("q").received, 1, "held, never released");
+    assert_eq!(broker.len("q"), 1);
+}
+
+#[test]
+fn the_configuration_in_the_readme_parses_and_validates() {
+    let readme = include_str!("../../../README.md");
+    let start = readme.find("```json\n").expect("a json block in README.md") + "```json\n".len();
+    let end = start + readme[start..].find("```").unwrap();
+    let config: ConsumerConfig = serde_json::from_str(&readme[start..end]).unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.retry.max_attempts, 8);
+    assert_eq!(config.on_dead_letter_refused, OnRefused::Release);
+    let unknown = r#"{"retry": {"base": "1s", "max_attempt": 3}}"#;
+    assert!(
+        serde_json::from_str::<ConsumerConfig>(unknown).is_err(),
+        "a misspelt retry field is an error, not ignored"
     );
 }
