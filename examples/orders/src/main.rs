@@ -349,9 +349,17 @@ where
         Backoff::exponential(Duration::from_millis(200), Duration::from_secs(5)).equal_jitter();
     let remaining = || limit.map(|l| l.saturating_sub(started.elapsed()));
     let mut failures = 0u32;
+    let mut last_error: Option<Fatal> = None;
     loop {
         let try_limit = remaining().map_or(CONNECT_TIMEOUT, |r| r.min(CONNECT_TIMEOUT));
-        let error = match tokio::time::timeout(try_limit, step()).await {
+        if let (Some(limit), Some(error)) = (limit, &last_error)
+            && try_limit < Duration::from_millis(10)
+        {
+            return Err(
+                format!("not reachable within --connect-timeout {limit:?}: {error}").into(),
+            );
+        }
+        let error: Fatal = match tokio::time::timeout(try_limit, step()).await {
             Ok(Ok(value)) => {
                 if failures > 0 {
                     tracing::warn!("{what} answered after {failures} failed tries");
@@ -360,19 +368,13 @@ where
             }
             Ok(Err(StartError::Config(e))) => return Err(e),
             Ok(Err(StartError::Unreachable(e))) => e,
-            Err(_) => format!("no answer within {try_limit:?}").into(),
+            Err(_) => format!("{what}: no answer within {try_limit:?}").into(),
         };
         failures = failures.saturating_add(1);
         let left = remaining();
-        if left.is_some_and(|l| l.is_zero()) {
-            let limit = limit.unwrap_or_default();
-            return Err(format!(
-                "{what}: not reachable within --connect-timeout {limit:?}: {error}"
-            )
-            .into());
-        }
         let wait = left.map_or(backoff.delay(failures), |l| l.min(backoff.delay(failures)));
         tracing::warn!(error = %error, retry_in = ?wait, "waiting for {what}");
+        last_error = Some(error);
         tokio::time::sleep(wait).await;
     }
 }
@@ -636,7 +638,10 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("orders: error: {err}");
-            ExitCode::from(1)
+            // Exit now, without tearing down the runtime under a broker client's background
+            // thread that may still be connecting (it would report its cancelled task as a
+            // panic on stderr).
+            std::process::exit(1)
         }
     }
 }

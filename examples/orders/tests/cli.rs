@@ -269,19 +269,26 @@ fn bad_arguments_exit_2_and_help_exits_0() {
 }
 
 #[test]
-fn unreachable_broker_exits_1_without_leaking_the_password() {
+fn unreachable_broker_waits_then_exits_1_at_the_connect_timeout_without_leaking_the_password() {
     let run = orders(
         &[
             "--broker",
             "rabbitmq",
             "--amqp-url",
             "amqp://guest:hunter2@127.0.0.1:1/%2f",
+            "--connect-timeout",
+            "3",
         ],
         &[],
         Duration::from_secs(60),
     );
     assert_eq!(run.code, Some(1), "{run:?}");
-    assert!(run.stderr.contains("orders: error: RabbitMQ"), "{run:?}");
+    assert!(run.stderr.contains("waiting for RabbitMQ"), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("orders: error: not reachable within --connect-timeout 3s: RabbitMQ at"),
+        "{run:?}"
+    );
     assert!(!run.stderr.contains("hunter2") && !run.stdout.contains("hunter2"));
     assert!(!run.stderr.contains("panicked"));
 }

@@ -1454,7 +1454,7 @@ fn connect_timeout_gives_up_on_a_frozen_redis_with_exit_code_1() {
     let status = orders.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(1), "{}", orders.diagnostics());
     assert!(
-        tail(&log, 50).contains("not reachable within --connect-timeout"),
+        tail(&log, 50).contains("not reachable within --connect-timeout 3s: Redis"),
         "{}",
         orders.diagnostics()
     );
