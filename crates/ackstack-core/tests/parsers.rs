@@ -2,13 +2,15 @@
 //! what they write they read back.
 //!
 //! * config durations: [`ackstack_core::config::duration`] and the config structs that use it;
-//! * dead-letter metadata: [`DeadLetterMetadata`] as headers and as JSON.
+//! * dead-letter metadata: [`DeadLetterMetadata`] as headers and as JSON, and the truncation
+//!   of failure messages that it carries.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use ackstack_core::config::duration;
 use ackstack_core::deadletter::{ATTEMPT_HEADER, FIRST_FAILURE_HEADER, METADATA_PREFIX};
+use ackstack_core::error::{MAX_FAILURE_MESSAGE, truncate};
 use ackstack_core::{
     Backoff, ConsumerConfig, DeadLetter, DeadLetterMetadata, DeadLetterReason, DedupConfig,
     Delivery, ErrorKind, Failure, Headers, LeaseConfig, Origin, RetryConfig,
@@ -365,6 +367,24 @@ proptest! {
     fn metadata_from_arbitrary_json_never_panics(value in json(), text in any::<String>()) {
         let _ = serde_json::from_str::<DeadLetterMetadata>(&value.to_string());
         let _ = serde_json::from_str::<DeadLetterMetadata>(&text);
+    }
+
+    #[test]
+    fn failure_messages_are_truncated_on_char_boundaries(
+        text in prop::collection::vec(
+            prop_oneof![3 => prop::sample::select(vec!['a', 'é', '€', '😀']), 1 => any::<char>()],
+            0..1100,
+        )
+        .prop_map(String::from_iter),
+        max in 0usize..64,
+    ) {
+        let out = truncate(text.clone(), max);
+        prop_assert!(out.len() <= max, "{} bytes for a bound of {max}", out.len());
+        let kept = out.strip_suffix('…').unwrap_or(&out);
+        prop_assert!(text.starts_with(kept));
+        let failure = Failure::new(ErrorKind::Transient, text.clone());
+        prop_assert!(failure.message.len() <= MAX_FAILURE_MESSAGE);
+        prop_assert!(text.starts_with(failure.message.strip_suffix('…').unwrap_or(&failure.message)));
     }
 
     #[test]
