@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ackstack_core::deadletter::{
-    ATTEMPT_HEADER, DeadLetter, FIRST_FAILURE_HEADER, METADATA_PREFIX, millis,
-};
+use ackstack_core::deadletter::{DeadLetter, millis};
 use ackstack_core::{
     AckReport, Capabilities, Delivery, Failure, Origin, Received, Settle, SettleError,
     SettleFailure, Settled, Source, SourceError,
@@ -21,10 +19,7 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::amqp::{
-    self, DELIVERY_COUNT_HEADER, KEY_HEADER, PERSISTENT, attempt_of, edit_table,
-    headers_from_table, long_string,
-};
+use crate::amqp::{self, KEY_HEADER, PERSISTENT, attempt_of, headers_from_table};
 use crate::config::RabbitConfig;
 use crate::error::RabbitError;
 use crate::tracker::{AckPlan, AckTracker, Completion};
@@ -643,10 +638,11 @@ impl Settle for RabbitSettler {
     }
 
     /// Republishes the original payload and properties to the delay queue of the bucket
-    /// chosen by [`RabbitConfig::bucket_for`] with [`ATTEMPT_HEADER`] = attempt + 1 and
-    /// [`FIRST_FAILURE_HEADER`] kept (or set to this failure's time); the broker's own
-    /// `x-delivery-count` is dropped so the copy starts its count afresh. Returns
-    /// [`Settled::AckOriginal`] once the copy is confirmed.
+    /// chosen by [`RabbitConfig::bucket_for`] with
+    /// [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) = attempt + 1 and
+    /// [`FIRST_FAILURE_HEADER`](ackstack_core::deadletter::FIRST_FAILURE_HEADER) kept (or set
+    /// to this failure's time); the broker's own `x-delivery-count` is dropped so the copy
+    /// starts its count afresh. Returns [`Settled::AckOriginal`] once the copy is confirmed.
     async fn retry(
         &self,
         token: RabbitToken,
@@ -664,14 +660,13 @@ impl Settle for RabbitSettler {
             return Err(SettleFailure::new(token, err));
         };
         let queue = config.delay_queue_name(bucket);
-        let next_attempt = delivery.attempt.max(1).saturating_add(1).to_string();
-        let first_failure = millis(failure.at).to_string();
-        let headers = edit_table(token.properties.headers().as_ref(), |map| {
-            map.remove(DELIVERY_COUNT_HEADER);
-            map.insert(ATTEMPT_HEADER.into(), long_string(&next_attempt));
-            map.entry(FIRST_FAILURE_HEADER.into())
-                .or_insert_with(|| long_string(&first_failure));
-        });
+        let next_attempt = delivery.attempt.max(1).saturating_add(1);
+        let first_failure = millis(failure.at);
+        let headers = amqp::retry_table(
+            token.properties.headers().as_ref(),
+            next_attempt,
+            first_failure,
+        );
         let properties = token.properties.as_ref().clone().with_headers(headers);
         match self.publish_copy(&token, &queue, properties).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
@@ -693,14 +688,7 @@ impl Settle for RabbitSettler {
             return Err(SettleFailure::new(token, err));
         }
         let metadata = letter.metadata(delivery);
-        let headers = edit_table(token.properties.headers().as_ref(), |map| {
-            map.retain(|name, _| !name.as_str().starts_with(METADATA_PREFIX));
-            for (name, value) in metadata.header_pairs() {
-                if let Ok(name) = ShortString::try_new(name) {
-                    map.insert(name, long_string(&value));
-                }
-            }
-        });
+        let headers = amqp::dead_letter_table(token.properties.headers().as_ref(), &metadata);
         let properties = token.properties.as_ref().clone().with_headers(headers);
         let dlq = self.shared.config.dlq_name();
         match self.publish_copy(&token, &dlq, properties).await {
