@@ -9,11 +9,11 @@ use rdkafka::message::{Header, Headers as KafkaHeaders, OwnedHeaders};
 
 /// Headers read from a record, and how many could not be read.
 #[derive(Debug, Default)]
-pub(crate) struct Converted {
+pub struct Converted {
     /// The readable headers, in order, repeated names kept.
-    pub(crate) headers: Headers,
+    pub headers: Headers,
     /// Headers left out because their name is not UTF-8.
-    pub(crate) skipped: usize,
+    pub skipped: usize,
 }
 
 /// Converts a record's headers, in order, repeated names kept. A null value becomes an empty
@@ -24,7 +24,7 @@ pub(crate) struct Converted {
 /// are strings, and rdkafka's accessor panics on such a name rather than return an error, so
 /// each header is read under [`catch_unwind`]. (With `panic = "abort"` that cannot help; such
 /// a record then aborts the process.)
-pub(crate) fn from_record<H: KafkaHeaders>(headers: Option<&H>) -> Converted {
+pub fn from_record<H: KafkaHeaders>(headers: Option<&H>) -> Converted {
     let mut out = Converted::default();
     let Some(headers) = headers else {
         return out;
@@ -61,7 +61,7 @@ pub(crate) fn to_record(headers: &Headers) -> OwnedHeaders {
 
 /// The attempt number a record carries: our [`ATTEMPT_HEADER`] (decimal, surrounding spaces
 /// allowed) when present and at least 1, else 1.
-pub(crate) fn attempt_of(headers: &Headers) -> u32 {
+pub fn attempt_of(headers: &Headers) -> u32 {
     headers
         .get_str(ATTEMPT_HEADER)
         .and_then(|v| v.trim().parse::<u32>().ok())

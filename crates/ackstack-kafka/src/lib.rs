@@ -122,6 +122,14 @@ pub use config::KafkaConfig;
 pub use publisher::{KafkaPublisher, read_topic};
 pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaStats, KafkaToken};
 
+/// Internal parsers reachable by the fuzz targets in `fuzz/` (feature `fuzzing`); not part
+/// of the API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::headers::{Converted, attempt_of, from_record};
+}
+
 /// The header that carries a message id (Kafka records have none).
 pub const MESSAGE_ID_HEADER: &str = "x-ackstack-message-id";
 

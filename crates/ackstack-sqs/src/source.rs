@@ -306,7 +306,7 @@ impl SqsSource {
 }
 
 /// `ApproximateReceiveCount` as an attempt number: 1 when missing, malformed or zero.
-pub(crate) fn parse_attempt(value: Option<&str>) -> u32 {
+pub fn parse_attempt(value: Option<&str>) -> u32 {
     value
         .and_then(|v| v.trim().parse::<u32>().ok())
         .filter(|&n| n >= 1)
