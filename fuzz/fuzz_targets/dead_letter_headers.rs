@@ -39,7 +39,10 @@ fuzz_target!(|data: &[u8]| {
     if let Some(meta) = DeadLetterMetadata::from_headers(&headers) {
         let mut again = headers.clone();
         meta.apply_to(&mut again);
-        assert_eq!(DeadLetterMetadata::from_headers(&again).as_ref(), Some(&meta));
+        assert_eq!(
+            DeadLetterMetadata::from_headers(&again).as_ref(),
+            Some(&meta)
+        );
         let json: DeadLetterMetadata =
             serde_json::from_str(&meta.to_json()).expect("reads back its JSON");
         assert_eq!(json, meta);

@@ -29,7 +29,8 @@ fn raw_headers(pairs: &[(&[u8], Option<&[u8]>)]) -> OwnedHeaders {
         // each name in a writable buffer of at least `name.len() + 1` bytes (the placeholder
         // and its NUL), and nothing reads it while it is written.
         unsafe {
-            let err = rd_kafka_header_get_all(native, idx, &mut name_ptr, &mut value_ptr, &mut size);
+            let err =
+                rd_kafka_header_get_all(native, idx, &mut name_ptr, &mut value_ptr, &mut size);
             assert_eq!(err as i32, 0, "header {idx} exists");
             std::ptr::copy_nonoverlapping(name.as_ptr(), name_ptr as *mut u8, name.len());
         }
@@ -44,9 +45,9 @@ fn let_rdkafka_name_panics_unwind() {
     ONCE.call_once(|| {
         let fuzzer_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let in_rdkafka_headers = info.location().is_some_and(|l| {
-                l.file().contains("rdkafka") && l.file().ends_with("message.rs")
-            });
+            let in_rdkafka_headers = info
+                .location()
+                .is_some_and(|l| l.file().contains("rdkafka") && l.file().ends_with("message.rs"));
             if !in_rdkafka_headers {
                 fuzzer_hook(info);
             }

@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 
 use ackstack_core::{DeadLetter, Delivery, ErrorKind, Failure, Origin};
-use ackstack_sqs::{DEAD_LETTER_ATTRIBUTE, DeadLetterRecord, MAX_ATTRIBUTES, dead_letter_attributes};
+use ackstack_sqs::{
+    DEAD_LETTER_ATTRIBUTE, DeadLetterRecord, MAX_ATTRIBUTES, dead_letter_attributes,
+};
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::MessageAttributeValue;
 use libfuzzer_sys::fuzz_target;
@@ -21,13 +23,19 @@ fuzz_target!(|data: &[u8]| {
         let mut parts = rest.splitn(2, |&b| b == 0);
         let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
         let value = parts.next().unwrap_or_default();
-        let name = if kind % 5 == 0 { DEAD_LETTER_ATTRIBUTE.to_string() } else { name };
+        let name = if kind % 5 == 0 {
+            DEAD_LETTER_ATTRIBUTE.to_string()
+        } else {
+            name
+        };
         let builder = MessageAttributeValue::builder();
         let built = match kind % 3 {
             0 => builder
                 .data_type("String")
                 .string_value(String::from_utf8_lossy(value)),
-            1 => builder.data_type("Binary").binary_value(Blob::new(value.to_vec())),
+            1 => builder
+                .data_type("Binary")
+                .binary_value(Blob::new(value.to_vec())),
             _ => builder.data_type(String::from_utf8_lossy(value)),
         }
         .build();
