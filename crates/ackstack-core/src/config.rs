@@ -7,7 +7,8 @@ pub mod duration {
 
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
-    /// Writes a duration as `"<n>ms"`.
+    /// Writes a duration as `"<n>ms"`. Parts below a millisecond are dropped; every other
+    /// duration, up to [`Duration::MAX`], reads back unchanged.
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}ms", d.as_millis()))
     }
@@ -26,23 +27,38 @@ pub mod duration {
         }
     }
 
-    /// Parses `"250ms"`, `"30s"`, `"5m"` or `"1h"`.
+    /// Parses `"250ms"`, `"30s"`, `"5m"` or `"1h"` (a bare number is seconds). Anything up to
+    /// [`Duration::MAX`] is accepted, so whatever [`serialize`] writes reads back.
     pub fn parse(text: &str) -> Result<Duration, String> {
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {text:?}: expected e.g. \"250ms\", \"30s\""))?;
-        let ms = match unit.trim() {
-            "ms" => Some(n),
-            "s" | "" => n.checked_mul(1000),
-            "m" => n.checked_mul(60_000),
-            "h" => n.checked_mul(3_600_000),
+        if num.is_empty() {
+            return Err(format!(
+                "invalid duration {text:?}: expected e.g. \"250ms\", \"30s\""
+            ));
+        }
+        let unit_ms: u128 = match unit.trim() {
+            "ms" => 1,
+            "s" | "" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
             other => return Err(format!("invalid duration unit {other:?} in {text:?}")),
         };
-        ms.map(Duration::from_millis)
-            .ok_or_else(|| format!("duration {text:?} is too large"))
+        let too_large = || format!("duration {text:?} is too large");
+        // `num` is all ASCII digits, so the only possible parse error is overflow.
+        let n: u128 = num.parse().map_err(|_| too_large())?;
+        n.checked_mul(unit_ms)
+            .and_then(from_millis)
+            .ok_or_else(too_large)
+    }
+
+    /// `ms` milliseconds, when that fits a [`Duration`].
+    fn from_millis(ms: u128) -> Option<Duration> {
+        let secs = u64::try_from(ms / 1000).ok()?;
+        // Below 1000, so the product is below 1e9 and fits.
+        let nanos = u32::try_from(ms % 1000).ok()? * 1_000_000;
+        Some(Duration::new(secs, nanos))
     }
 
     /// The same for `Option<Duration>`.
@@ -80,6 +96,13 @@ pub mod duration {
             assert!(parse("5 parsecs").is_err());
             assert!(parse("").is_err());
             assert!(parse("99999999999999999999h").is_err());
+            assert!(parse("999999999999999999999999999999999999999999s").is_err());
+            assert_eq!(
+                parse("18446744073709551615999ms"),
+                Ok(Duration::new(u64::MAX, 999_000_000)),
+                "Duration::MAX in whole milliseconds"
+            );
+            assert!(parse("18446744073709551616000ms").is_err());
         }
     }
 }

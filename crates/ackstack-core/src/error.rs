@@ -135,12 +135,16 @@ pub fn truncate(mut s: String, max: usize) -> String {
     if s.len() <= max {
         return s;
     }
-    let mut end = max.saturating_sub('…'.len_utf8());
+    // Below the marker's own 3 bytes there is no room for it: cut without a marker.
+    let marked = max >= '…'.len_utf8();
+    let mut end = if marked { max - '…'.len_utf8() } else { max };
     while !s.is_char_boundary(end) {
         end -= 1;
     }
     s.truncate(end);
-    s.push('…');
+    if marked {
+        s.push('…');
+    }
     s
 }
 
@@ -199,6 +203,8 @@ mod tests {
         assert!(t.len() <= 11);
         assert!(t.ends_with('…'));
         assert_eq!(truncate("short".into(), 11), "short");
+        assert_eq!(truncate("short".into(), 2), "sh", "no room for the marker");
+        assert_eq!(truncate("é".into(), 1), "");
     }
 
     #[test]

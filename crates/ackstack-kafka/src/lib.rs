@@ -81,7 +81,11 @@
 //! Kafka headers become [`ackstack_core::Headers`] in order, repeated names kept. A header
 //! with a **null value** becomes a header with an **empty** value (core headers hold bytes
 //! only), so a dead-letter copy carries it as empty rather than null; likewise a null payload
-//! (tombstone) is delivered, and dead-lettered, as an empty payload. The attempt number is our
+//! (tombstone) is delivered, and dead-lettered, as an empty payload. Core header names are
+//! strings: a header whose name is not UTF-8 (Kafka does not check; clients that take names
+//! as bytes can write one) is left out of the delivery, with a warning, rather than stop the
+//! consumer, and so is missing from a dead-letter copy. librdkafka keeps names as C strings,
+//! so a name with a NUL byte reads back cut at the NUL. The attempt number is our
 //! [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) when present and valid, else 1.
 //! The message id travels in [`MESSAGE_ID_HEADER`].
 //!
@@ -109,6 +113,7 @@
 //! adapter's default).
 
 pub mod config;
+mod headers;
 pub mod publisher;
 pub mod source;
 pub mod watermark;
@@ -116,6 +121,14 @@ pub mod watermark;
 pub use config::KafkaConfig;
 pub use publisher::{KafkaPublisher, read_topic};
 pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaStats, KafkaToken};
+
+/// Internal parsers reachable by the fuzz targets in `fuzz/` (feature `fuzzing`); not part
+/// of the API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::headers::{Converted, attempt_of, from_record};
+}
 
 /// The header that carries a message id (Kafka records have none).
 pub const MESSAGE_ID_HEADER: &str = "x-ackstack-message-id";

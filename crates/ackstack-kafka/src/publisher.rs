@@ -5,28 +5,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ackstack_core::{BoxError, Delivery, Headers, Message, Origin, Publish, PublishError};
+use ackstack_core::{BoxError, Delivery, Message, Origin, Publish, PublishError};
 use bytes::Bytes;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders};
+use rdkafka::message::{Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
 use crate::config::producer_config;
+use crate::headers as record_headers;
 use crate::{KafkaError, MESSAGE_ID_HEADER};
-
-/// Converts core headers to Kafka headers, in order (repeated names kept).
-pub(crate) fn owned_headers(headers: &Headers) -> OwnedHeaders {
-    let mut out = OwnedHeaders::new_with_capacity(headers.len());
-    for (name, value) in headers.iter() {
-        out = out.insert(Header {
-            key: name,
-            value: Some(value.as_ref()),
-        });
-    }
-    out
-}
 
 /// Produces one record and waits for its delivery report (at most `timeout`).
 pub(crate) async fn produce(
@@ -114,7 +103,7 @@ impl Publish for KafkaPublisher {
             &self.topic,
             message.key.as_ref(),
             &message.payload,
-            owned_headers(&headers),
+            record_headers::to_record(&headers),
             self.timeout,
         )
         .await
@@ -152,13 +141,7 @@ pub async fn read_topic(
         while out.len() < expected && Instant::now() < deadline {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    let mut headers = Headers::new();
-                    if let Some(h) = m.headers() {
-                        for header in h.iter() {
-                            let v = header.value.map(Bytes::copy_from_slice).unwrap_or_default();
-                            headers.append(header.key, v);
-                        }
-                    }
+                    let headers = record_headers::from_record(m.headers()).headers;
                     let mut origin = Origin::new("kafka", topic.clone(), "ackstack-reader");
                     origin.partition = Some(m.partition());
                     origin.offset = Some(m.offset());

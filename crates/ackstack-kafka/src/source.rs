@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ackstack_core::deadletter::ATTEMPT_HEADER;
 use ackstack_core::{
-    AckReport, Capabilities, DeadLetter, Delivery, Failure, Headers, Origin, Received, SettleError,
+    AckReport, Capabilities, DeadLetter, Delivery, Failure, Origin, Received, SettleError,
     SettleFailure, Settled, SourceError,
 };
 use bytes::Bytes;
@@ -17,13 +16,14 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
-use crate::publisher::{owned_headers, produce};
+use crate::headers as record_headers;
+use crate::publisher::produce;
 use crate::watermark::Assignments;
 use crate::{KafkaError, MESSAGE_ID_HEADER};
 
@@ -637,7 +637,7 @@ impl ackstack_core::Settle for KafkaSettler {
             &self.inner.dlq_topic,
             delivery.key.as_ref(),
             &delivery.payload,
-            owned_headers(&headers),
+            record_headers::to_record(&headers),
             self.inner.produce_timeout,
         )
         .await;
@@ -887,21 +887,22 @@ impl Poller {
 }
 
 /// Converts a record. A header with a null value becomes a header with an empty value (the
-/// core [`Headers`] hold bytes only), so a dead-letter copy carries it as empty, not null. A
-/// null payload (tombstone) becomes an empty payload.
+/// core [`Headers`](ackstack_core::Headers) hold bytes only), so a dead-letter copy carries it as empty, not null; a
+/// header whose name is not UTF-8 is left out (logged). A null payload (tombstone) becomes an
+/// empty payload.
 fn to_delivery(m: &BorrowedMessage<'_>, topic: Arc<str>, consumer: Arc<str>) -> Delivery {
-    let mut headers = Headers::new();
-    if let Some(h) = m.headers() {
-        for header in h.iter() {
-            let value = header.value.map(Bytes::copy_from_slice).unwrap_or_default();
-            headers.append(header.key, value);
-        }
+    let converted = record_headers::from_record(m.headers());
+    if converted.skipped > 0 {
+        tracing::warn!(
+            topic = &*topic,
+            partition = m.partition(),
+            offset = m.offset(),
+            skipped = converted.skipped,
+            "record headers whose name is not UTF-8 were left out"
+        );
     }
-    let attempt = headers
-        .get_str(ATTEMPT_HEADER)
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(1);
+    let headers = converted.headers;
+    let attempt = record_headers::attempt_of(&headers);
     let message_id = headers.get_str(MESSAGE_ID_HEADER).map(str::to_string);
     let mut origin = Origin::new("kafka", topic, consumer);
     origin.partition = Some(m.partition());

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ackstack_core::Headers;
-use ackstack_core::deadletter::ATTEMPT_HEADER;
+use ackstack_core::deadletter::{ATTEMPT_HEADER, FIRST_FAILURE_HEADER, METADATA_PREFIX};
+use ackstack_core::{DeadLetterMetadata, Headers};
 use bytes::Bytes;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -251,6 +251,44 @@ pub fn attempt_of(table: Option<&FieldTable>, queue_type: QueueType) -> u32 {
     ours.saturating_add(redeliveries)
 }
 
+/// The headers of a retry copy: `table` with [`ATTEMPT_HEADER`] set to `next_attempt`,
+/// [`FIRST_FAILURE_HEADER`] kept (or set to `first_failure_ms`) and the broker's
+/// [`DELIVERY_COUNT_HEADER`] removed (the copy is a new message to the broker). Every other
+/// value is unchanged.
+pub(crate) fn retry_table(
+    original: &BasicProperties,
+    next_attempt: u32,
+    first_failure_ms: u64,
+) -> FieldTable {
+    edit_table(original.headers().as_ref(), |map| {
+        map.remove(DELIVERY_COUNT_HEADER);
+        map.insert(
+            ATTEMPT_HEADER.into(),
+            long_string(&next_attempt.to_string()),
+        );
+        map.entry(FIRST_FAILURE_HEADER.into())
+            .or_insert_with(|| long_string(&first_failure_ms.to_string()));
+        record_expiration(map, original);
+    })
+}
+
+/// The headers of a dead-letter copy: every value of `table` unchanged (typed), except that
+/// earlier `x-ackstack-dl-*` metadata is replaced by `metadata`.
+pub(crate) fn dead_letter_table(
+    original: &BasicProperties,
+    metadata: &DeadLetterMetadata,
+) -> FieldTable {
+    edit_table(original.headers().as_ref(), |map| {
+        map.retain(|name, _| !name.as_str().starts_with(METADATA_PREFIX));
+        for (name, value) in metadata.header_pairs() {
+            if let Ok(name) = ShortString::try_new(name) {
+                map.insert(name, long_string(&value));
+            }
+        }
+        record_expiration(map, original);
+    })
+}
+
 /// A copy of `table` with `edit` applied to its entries.
 pub(crate) fn edit_table(
     table: Option<&FieldTable>,
@@ -373,6 +411,209 @@ mod tests {
         assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 5);
         let t = table(vec![(DELIVERY_COUNT_HEADER, long_string("x"))]);
         assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 1);
+    }
+
+    mod properties {
+        use super::*;
+        use ackstack_core::{DeadLetterReason, ErrorKind};
+        use lapin::types::{ByteArray, DecimalValue, FieldArray};
+        use proptest::prelude::*;
+
+        /// Header names: ours, the broker's, and arbitrary short strings.
+        fn name() -> impl Strategy<Value = ShortString> {
+            prop_oneof![
+                2 => Just(ATTEMPT_HEADER.to_string()),
+                2 => Just(DELIVERY_COUNT_HEADER.to_string()),
+                1 => Just(FIRST_FAILURE_HEADER.to_string()),
+                1 => Just(format!("{METADATA_PREFIX}attempts")),
+                2 => "[a-z\\-]{0,12}",
+                1 => any::<String>(),
+            ]
+            .prop_filter_map("AMQP short string", |n| ShortString::try_new(n).ok())
+        }
+
+        /// Digits as text, with the odd sign, space or junk.
+        fn number_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                " ?[+-]?[0-9]{0,25} ?",
+                any::<String>(),
+            ]
+        }
+
+        /// Any AMQP value, nested tables and arrays (like `x-death`) included.
+        fn value() -> impl Strategy<Value = AMQPValue> {
+            let leaf = prop_oneof![
+                any::<bool>().prop_map(AMQPValue::Boolean),
+                any::<i8>().prop_map(AMQPValue::ShortShortInt),
+                any::<u8>().prop_map(AMQPValue::ShortShortUInt),
+                any::<i16>().prop_map(AMQPValue::ShortInt),
+                any::<u16>().prop_map(AMQPValue::ShortUInt),
+                any::<i32>().prop_map(AMQPValue::LongInt),
+                any::<u32>().prop_map(AMQPValue::LongUInt),
+                any::<i64>().prop_map(AMQPValue::LongLongInt),
+                any::<f32>().prop_map(AMQPValue::Float),
+                any::<f64>().prop_map(AMQPValue::Double),
+                (any::<u8>(), any::<u32>()).prop_map(|(scale, value)| AMQPValue::DecimalValue(
+                    DecimalValue { scale, value }
+                )),
+                number_text()
+                    .prop_filter_map("short", |t| ShortString::try_new(t).ok())
+                    .prop_map(AMQPValue::ShortString),
+                number_text().prop_map(|t| long_string(&t)),
+                prop::collection::vec(any::<u8>(), 0..32)
+                    .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+                any::<u64>().prop_map(AMQPValue::Timestamp),
+                prop::collection::vec(any::<u8>(), 0..32)
+                    .prop_map(|b| AMQPValue::ByteArray(ByteArray::from(b))),
+                Just(AMQPValue::Void),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4)
+                        .prop_map(|v| AMQPValue::FieldArray(FieldArray::from(v))),
+                    prop::collection::btree_map(name(), inner, 0..4)
+                        .prop_map(|m| AMQPValue::FieldTable(FieldTable::from(m))),
+                ]
+            })
+        }
+
+        fn table() -> impl Strategy<Value = FieldTable> {
+            prop::collection::btree_map(name(), value(), 0..12).prop_map(FieldTable::from)
+        }
+
+        fn queue_type() -> impl Strategy<Value = QueueType> {
+            prop_oneof![Just(QueueType::Classic), Just(QueueType::Quorum)]
+        }
+
+        fn metadata() -> impl Strategy<Value = DeadLetterMetadata> {
+            (
+                (any::<bool>(), any::<bool>(), any::<String>(), any::<u32>()),
+                (any::<String>(), any::<Option<i32>>(), any::<Option<i64>>()),
+                (any::<Option<String>>(), any::<Option<u64>>(), any::<u64>()),
+            )
+                .prop_map(
+                    |(
+                        (permanent, kind, error_message, attempts),
+                        (queue, partition, offset),
+                        (message_id, first_failure_ms, last_failure_ms),
+                    )| {
+                        DeadLetterMetadata {
+                            reason: if permanent {
+                                DeadLetterReason::Permanent
+                            } else {
+                                DeadLetterReason::MaxAttempts
+                            },
+                            error_kind: if kind {
+                                ErrorKind::Permanent
+                            } else {
+                                ErrorKind::Transient
+                            },
+                            error_message,
+                            attempts,
+                            broker: "rabbitmq".into(),
+                            queue,
+                            partition,
+                            offset,
+                            message_id,
+                            first_failure_ms,
+                            last_failure_ms,
+                            consumer: "c".into(),
+                        }
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn attempt_of_any_table_never_panics(t in table(), q in queue_type()) {
+                let attempt = attempt_of(Some(&t), q);
+                prop_assert!(attempt >= 1);
+                let ours = header_u64(Some(&t), ATTEMPT_HEADER).filter(|&a| a >= 1);
+                prop_assert!(u64::from(attempt) >= ours.unwrap_or(1).min(u64::from(u32::MAX)));
+            }
+
+            #[test]
+            fn header_u64_reads_every_integer_form(n in any::<u32>(), pad in " {0,2}") {
+                let n64 = u64::from(n);
+                for v in [
+                    AMQPValue::LongUInt(n),
+                    AMQPValue::LongLongInt(i64::from(n)),
+                    AMQPValue::Timestamp(n64),
+                    long_string(&format!("{pad}{n}{pad}")),
+                    AMQPValue::ShortString(ShortString::from(format!("{pad}{n}{pad}"))),
+                ] {
+                    let t = FieldTable::from(BTreeMap::from([(ShortString::from("h"), v)]));
+                    prop_assert_eq!(header_u64(Some(&t), "h"), Some(n64));
+                }
+            }
+
+            #[test]
+            fn headers_from_any_table_never_panic_and_keep_bytes(t in table()) {
+                let h = headers_from_table(Some(&t));
+                prop_assert!(h.len() <= t.inner().len());
+                for (name, value) in t.inner() {
+                    let got = h.get(name.as_str());
+                    match value {
+                        AMQPValue::LongString(s) => prop_assert_eq!(got.map(|b| b.as_ref()), Some(s.as_bytes())),
+                        AMQPValue::ByteArray(b) => prop_assert_eq!(got.map(|v| v.as_ref()), Some(b.as_slice())),
+                        AMQPValue::FieldTable(_) | AMQPValue::FieldArray(_) | AMQPValue::DecimalValue(_) | AMQPValue::Void => {
+                            prop_assert!(got.is_none())
+                        }
+                        _ => prop_assert!(got.is_some()),
+                    }
+                }
+            }
+
+            #[test]
+            fn headers_round_trip_through_a_table(pairs in prop::collection::btree_map(name(), prop::collection::vec(any::<u8>(), 0..32), 0..12)) {
+                let h: Headers = pairs.iter().map(|(n, v)| (n.as_str().to_string(), v.clone())).collect();
+                prop_assert_eq!(headers_from_table(Some(&table_from_headers(&h))), h);
+            }
+
+            #[test]
+            fn retry_copy_counts_one_more(t in table(), q in queue_type(), first in any::<u64>()) {
+                let attempt = attempt_of(Some(&t), q);
+                let next = attempt.saturating_add(1);
+                let copy = retry_table(&BasicProperties::default().with_headers(t.clone()), next, first);
+                prop_assert_eq!(attempt_of(Some(&copy), q), next);
+                // Everything else is kept, typed.
+                for (name, value) in t.inner() {
+                    if ![ATTEMPT_HEADER, DELIVERY_COUNT_HEADER, FIRST_FAILURE_HEADER].contains(&name.as_str()) {
+                        prop_assert_eq!(copy.inner().get(name), Some(value));
+                    }
+                }
+            }
+
+            #[test]
+            fn dead_letter_metadata_round_trips_through_a_table(t in table(), meta in metadata()) {
+                let copy = dead_letter_table(&BasicProperties::default().with_headers(t.clone()), &meta);
+                prop_assert_eq!(
+                    DeadLetterMetadata::from_headers(&headers_from_table(Some(&copy))),
+                    Some(meta.clone())
+                );
+                // Dead-lettering the copy again replaces the metadata, never grows it.
+                let again = dead_letter_table(&BasicProperties::default().with_headers(copy.clone()), &meta);
+                prop_assert_eq!(again.inner().len(), copy.inner().len());
+                for (name, value) in t.inner() {
+                    if !name.as_str().starts_with(METADATA_PREFIX) {
+                        prop_assert_eq!(copy.inner().get(name), Some(value));
+                    }
+                }
+            }
+
+            #[test]
+            fn tables_from_wire_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256), q in queue_type()) {
+                // What lapin decodes from a frame, then what we read from it.
+                if let Ok((_, t)) = lapin::types::parsing::parse_field_table(bytes.as_slice()) {
+                    let _ = headers_from_table(Some(&t));
+                    let _ = attempt_of(Some(&t), q);
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ackstack_core::deadletter::{
-    ATTEMPT_HEADER, DeadLetter, FIRST_FAILURE_HEADER, METADATA_PREFIX, millis,
-};
+use ackstack_core::deadletter::{DeadLetter, millis};
 use ackstack_core::{
     AckReport, Capabilities, Delivery, Failure, Origin, Received, Settle, SettleError,
     SettleFailure, Settled, Source, SourceError,
@@ -21,10 +19,7 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::amqp::{
-    self, DELIVERY_COUNT_HEADER, KEY_HEADER, attempt_of, copy_properties, edit_table,
-    headers_from_table, long_string, record_expiration,
-};
+use crate::amqp::{self, KEY_HEADER, attempt_of, copy_properties, headers_from_table};
 use crate::config::RabbitConfig;
 use crate::error::RabbitError;
 use crate::tracker::{AckPlan, AckTracker, Completion};
@@ -691,8 +686,10 @@ impl Settle for RabbitSettler {
     }
 
     /// Republishes the original payload and properties to the delay queue of the bucket
-    /// chosen by [`RabbitConfig::bucket_for`] with [`ATTEMPT_HEADER`] = attempt + 1 and
-    /// [`FIRST_FAILURE_HEADER`] kept (or set to this failure's time); the broker's own
+    /// chosen by [`RabbitConfig::bucket_for`] with
+    /// [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) = attempt + 1 and
+    /// [`FIRST_FAILURE_HEADER`](ackstack_core::deadletter::FIRST_FAILURE_HEADER) kept (or set
+    /// to this failure's time); the broker's own
     /// `x-delivery-count` is dropped so the copy starts its count afresh. A per-message
     /// `expiration` is not copied (it would cut the delay short) but recorded in
     /// [`ORIGINAL_EXPIRATION_HEADER`](crate::ORIGINAL_EXPIRATION_HEADER). Returns
@@ -714,15 +711,9 @@ impl Settle for RabbitSettler {
             return Err(SettleFailure::new(token, err));
         };
         let queue = config.delay_queue_name(bucket);
-        let next_attempt = delivery.attempt.max(1).saturating_add(1).to_string();
-        let first_failure = millis(failure.at).to_string();
-        let headers = edit_table(token.properties.headers().as_ref(), |map| {
-            map.remove(DELIVERY_COUNT_HEADER);
-            map.insert(ATTEMPT_HEADER.into(), long_string(&next_attempt));
-            map.entry(FIRST_FAILURE_HEADER.into())
-                .or_insert_with(|| long_string(&first_failure));
-            record_expiration(map, &token.properties);
-        });
+        let next_attempt = delivery.attempt.max(1).saturating_add(1);
+        let first_failure = millis(failure.at);
+        let headers = amqp::retry_table(&token.properties, next_attempt, first_failure);
         match self.publish_copy(&token, &queue, headers).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
             Err(err) => Err(SettleFailure::new(token, err)),
@@ -745,15 +736,7 @@ impl Settle for RabbitSettler {
             return Err(SettleFailure::new(token, err));
         }
         let metadata = letter.metadata(delivery);
-        let headers = edit_table(token.properties.headers().as_ref(), |map| {
-            map.retain(|name, _| !name.as_str().starts_with(METADATA_PREFIX));
-            for (name, value) in metadata.header_pairs() {
-                if let Ok(name) = ShortString::try_new(name) {
-                    map.insert(name, long_string(&value));
-                }
-            }
-            record_expiration(map, &token.properties);
-        });
+        let headers = amqp::dead_letter_table(&token.properties, &metadata);
         let dlq = self.shared.config.dlq_name();
         match self.publish_copy(&token, &dlq, headers).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),

@@ -242,6 +242,209 @@ mod tests {
         DeadLetter::new(&d, Failure::new(ErrorKind::Permanent, "bad")).metadata(&d)
     }
 
+    mod properties {
+        use super::*;
+        use ackstack_core::{DeadLetterReason, ErrorKind};
+        use proptest::prelude::*;
+
+        /// An attribute as SQS returns it: String or Number with text, Binary with bytes; custom
+        /// type suffixes (`String.json`, `Binary.gz`) included.
+        fn attribute() -> impl Strategy<Value = MessageAttributeValue> {
+            let suffix = prop_oneof![Just(String::new()), "\\.[a-z]{1,6}"];
+            prop_oneof![
+                (
+                    prop_oneof![Just("String"), Just("Number")],
+                    suffix.clone(),
+                    any::<String>()
+                )
+                    .prop_map(|(t, s, v)| (format!("{t}{s}"), Some(v), None)),
+                (suffix, prop::collection::vec(any::<u8>(), 0..48)).prop_map(|(s, b)| (
+                    format!("Binary{s}"),
+                    None,
+                    Some(b)
+                )),
+            ]
+            .prop_map(
+                |(data_type, text, bytes): (String, Option<String>, Option<Vec<u8>>)| {
+                    let mut b = MessageAttributeValue::builder().data_type(data_type);
+                    if let Some(t) = text {
+                        b = b.string_value(t);
+                    }
+                    if let Some(bytes) = bytes {
+                        b = b.binary_value(Blob::new(bytes));
+                    }
+                    b.build().unwrap()
+                },
+            )
+        }
+
+        /// Anything in an attribute, including types SQS would refuse and missing values.
+        fn odd_attribute() -> impl Strategy<Value = MessageAttributeValue> {
+            (
+                any::<String>(),
+                any::<Option<String>>(),
+                prop::option::of(prop::collection::vec(any::<u8>(), 0..16)),
+            )
+                .prop_map(|(t, text, bytes)| {
+                    let mut b = MessageAttributeValue::builder().data_type(t);
+                    if let Some(text) = text {
+                        b = b.string_value(text);
+                    }
+                    if let Some(bytes) = bytes {
+                        b = b.binary_value(Blob::new(bytes));
+                    }
+                    b.build().unwrap()
+                })
+        }
+
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![4 => "[a-zA-Z0-9_.\\-]{1,16}", 1 => any::<String>()]
+                .prop_filter("not ours", |n| n != DEAD_LETTER_ATTRIBUTE)
+        }
+
+        /// Up to 10 attributes, as SQS allows.
+        fn attributes() -> impl Strategy<Value = HashMap<String, MessageAttributeValue>> {
+            prop::collection::hash_map(name(), attribute(), 0..=MAX_ATTRIBUTES)
+        }
+
+        fn metadata() -> impl Strategy<Value = DeadLetterMetadata> {
+            (
+                (any::<bool>(), any::<bool>(), any::<String>(), any::<u32>()),
+                (any::<String>(), any::<Option<String>>()),
+                (any::<Option<u64>>(), any::<u64>(), any::<String>()),
+            )
+                .prop_map(
+                    |(
+                        (permanent, kind, error_message, attempts),
+                        (queue, message_id),
+                        (first_failure_ms, last_failure_ms, consumer),
+                    )| DeadLetterMetadata {
+                        reason: if permanent {
+                            DeadLetterReason::Permanent
+                        } else {
+                            DeadLetterReason::MaxAttempts
+                        },
+                        error_kind: if kind {
+                            ErrorKind::Permanent
+                        } else {
+                            ErrorKind::Transient
+                        },
+                        error_message,
+                        attempts,
+                        broker: "sqs".into(),
+                        queue,
+                        partition: None,
+                        offset: None,
+                        message_id,
+                        first_failure_ms,
+                        last_failure_ms,
+                        consumer,
+                    },
+                )
+        }
+
+        /// Text for the dead-letter attribute: arbitrary, JSON-ish, or a real record with its
+        /// displaced list mangled.
+        fn dead_letter_text() -> impl Strategy<Value = String> {
+            let item = prop_oneof![
+                Just(serde_json::json!({"name": "a", "data_type": "Binary", "binary_value_hex": "zz"})),
+                Just(serde_json::json!({"name": "a", "data_type": "Binary", "binary_value_hex": "abc"})),
+                Just(serde_json::json!({"name": "a", "data_type": "Binary", "binary_value_hex": "éé"})),
+                Just(serde_json::json!({"name": 1, "data_type": "String"})),
+                Just(serde_json::json!({"name": "a"})),
+                Just(serde_json::json!({"name": "a", "data_type": "String", "string_value": 5})),
+                Just(serde_json::json!(null)),
+                any::<String>().prop_map(|h| serde_json::json!({"name": "b", "data_type": "Binary", "binary_value_hex": h})),
+            ];
+            prop_oneof![
+                any::<String>(),
+                (metadata(), prop::collection::vec(item, 0..4)).prop_map(|(m, items)| {
+                    let mut v: Value = serde_json::from_str(&m.to_json()).unwrap();
+                    v[DISPLACED_KEY] = Value::Array(items);
+                    v.to_string()
+                }),
+                metadata().prop_map(|m| {
+                    let mut v: Value = serde_json::from_str(&m.to_json()).unwrap();
+                    v[DISPLACED_KEY] = serde_json::json!("not a list");
+                    v.to_string()
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn dead_letter_attributes_round_trip(original in attributes(), meta in metadata()) {
+                let out = dead_letter_attributes(&original, &meta).unwrap();
+                prop_assert!(out.len() <= MAX_ATTRIBUTES);
+                let record = DeadLetterRecord::from_attributes(&out).unwrap();
+                prop_assert_eq!(&record.metadata, &meta);
+                prop_assert_eq!(record.restore(&out), original.clone());
+                // Again (a replayed message dead-lettered once more): nothing grows or is lost.
+                let again = dead_letter_attributes(&out, &meta).unwrap();
+                prop_assert_eq!(again.len(), out.len());
+                let record = DeadLetterRecord::from_attributes(&again).unwrap();
+                prop_assert_eq!(record.restore(&again), original);
+            }
+
+            #[test]
+            fn dead_letter_record_from_any_attribute_never_panics(
+                text in dead_letter_text(),
+                others in prop::collection::hash_map(name(), odd_attribute(), 0..12),
+                meta in metadata(),
+            ) {
+                let mut attrs = others;
+                let ours = MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(text)
+                    .build()
+                    .unwrap();
+                attrs.insert(DEAD_LETTER_ATTRIBUTE.to_string(), ours);
+                if let Some(record) = DeadLetterRecord::from_attributes(&attrs) {
+                    let _ = record.restore(&attrs);
+                }
+                if let Ok(out) = dead_letter_attributes(&attrs, &meta) {
+                    prop_assert!(out.len() <= MAX_ATTRIBUTES);
+                    prop_assert_eq!(
+                        DeadLetterRecord::from_attributes(&out).map(|r| r.metadata),
+                        Some(meta)
+                    );
+                }
+            }
+
+            #[test]
+            fn odd_attributes_never_panic(attrs in prop::collection::hash_map(name(), odd_attribute(), 0..14)) {
+                let mut headers = Headers::new();
+                append_attributes(&attrs, &mut headers);
+                prop_assert_eq!(headers.len(), attrs.len());
+                for value in attrs.values() {
+                    let _ = attribute_bytes(value);
+                }
+                let _ = DeadLetterRecord::from_attributes(&attrs);
+            }
+
+            #[test]
+            fn headers_round_trip_through_attributes(
+                pairs in prop::collection::btree_map(name(), prop::collection::vec(any::<u8>(), 0..32), 0..=MAX_ATTRIBUTES),
+            ) {
+                let headers: Headers = pairs.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+                let attrs = headers_to_attributes(&headers).unwrap();
+                let mut back = Headers::new();
+                append_attributes(&attrs, &mut back);
+                // Sorted by name on the way back, as the source does.
+                prop_assert_eq!(back, headers);
+            }
+
+            #[test]
+            fn unhex_never_panics_and_inverts_hex(text in any::<String>(), bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+                let _ = unhex(&text);
+                prop_assert_eq!(unhex(&hex(&bytes)), Some(bytes.clone()));
+                prop_assert_eq!(unhex(&hex(&bytes).to_uppercase()), Some(bytes));
+            }
+        }
+    }
+
     #[test]
     fn hex_round_trips() {
         let data: Vec<u8> = (0..=255).collect();

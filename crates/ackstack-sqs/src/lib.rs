@@ -106,5 +106,13 @@ pub use settle::SqsSettler;
 pub use source::{SqsSource, SqsToken, build_client, resolve_queue_url};
 pub use stats::SqsStats;
 
+/// Internal parsers reachable by the fuzz targets in `fuzz/` (feature `fuzzing`); not part
+/// of the API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::source::parse_attempt;
+}
+
 /// The SDK client type, re-exported for convenience.
 pub use aws_sdk_sqs::Client;

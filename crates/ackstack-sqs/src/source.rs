@@ -341,7 +341,7 @@ impl SqsSource {
 }
 
 /// `ApproximateReceiveCount` as an attempt number: 1 when missing, malformed or zero.
-pub(crate) fn parse_attempt(value: Option<&str>) -> u32 {
+pub fn parse_attempt(value: Option<&str>) -> u32 {
     value
         .and_then(|v| v.trim().parse::<u32>().ok())
         .filter(|&n| n >= 1)
@@ -440,6 +440,26 @@ fn is_auth_error<E: aws_sdk_sqs::error::ProvideErrorMetadata>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn parse_attempt_never_panics(text in any::<String>(), near in " ?[+-]?[0-9]{0,12} ?") {
+            for v in [text.as_str(), near.as_str()] {
+                let got = parse_attempt(Some(v));
+                prop_assert!(got >= 1);
+                let expected = v.trim().parse::<u32>().ok().filter(|&n| n >= 1).unwrap_or(1);
+                prop_assert_eq!(got, expected);
+            }
+        }
+
+        #[test]
+        fn parse_attempt_reads_every_receive_count(n in 1u32..) {
+            prop_assert_eq!(parse_attempt(Some(&n.to_string())), n);
+        }
+    }
 
     #[test]
     fn attempt_never_panics() {
