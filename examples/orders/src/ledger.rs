@@ -77,14 +77,26 @@ impl Ledger {
                 Ok(map.iter().map(|(k, v)| (k.clone(), *v)).collect())
             }
             Ledger::Redis { conn, key } => {
-                let mut conn = conn.clone();
-                let mut hgetall = redis::cmd("HGETALL");
-                hgetall.arg(key);
-                let read = hgetall.query_async::<BTreeMap<String, i64>>(&mut conn);
-                let all = tokio::time::timeout(COMMAND_TIMEOUT, read)
-                    .await
-                    .map_err(|_| "Redis HGETALL timed out")?
-                    .map_err(|e| format!("reading the ledger {key}: {e}"))?;
+                // A connection that broke since the last command (a Redis restart) fails the
+                // next one and is then remade: try a few times before giving up.
+                let mut tries = 0;
+                let all = loop {
+                    tries += 1;
+                    let mut conn = conn.clone();
+                    let mut hgetall = redis::cmd("HGETALL");
+                    hgetall.arg(key);
+                    let read = hgetall.query_async::<BTreeMap<String, i64>>(&mut conn);
+                    let error = match tokio::time::timeout(COMMAND_TIMEOUT, read).await {
+                        Ok(Ok(all)) => break all,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "timed out".to_string(),
+                    };
+                    if tries >= 5 {
+                        return Err(format!("reading the ledger {key}: {error}").into());
+                    }
+                    tracing::warn!(error = %error, "reading the ledger failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                };
                 Ok(all.into_iter().collect())
             }
         }
