@@ -77,6 +77,9 @@ pub struct KafkaConfig {
     pub ownership_check: Duration,
 }
 
+/// librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
+
 fn default_commit_interval() -> Duration {
     Duration::from_secs(1)
 }
@@ -195,6 +198,15 @@ impl KafkaConfig {
         c.set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");
         c
+    }
+
+    /// The largest record the dead-letter producer sends: the `message.max.bytes` property,
+    /// or librdkafka's default of 1,000,000 bytes.
+    pub fn max_message_bytes(&self) -> usize {
+        self.properties
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
     }
 
     /// The dead-letter producer's librdkafka configuration (consumer-only properties are
