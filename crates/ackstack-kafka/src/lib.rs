@@ -141,7 +141,11 @@ pub enum KafkaError {
     /// The configuration is invalid.
     #[error("invalid Kafka configuration: {0}")]
     Config(String),
-    /// librdkafka refused to create or set up a client.
+    /// librdkafka refused to create or set up a client, or a commit failed.
     #[error("Kafka client error: {0}")]
     Client(#[source] rdkafka::error::KafkaError),
+    /// A synchronous commit had no answer within [`KafkaConfig::commit_timeout`]. It stays
+    /// queued in librdkafka and may still land.
+    #[error("offset commit got no answer within {0:?}")]
+    CommitTimeout(std::time::Duration),
 }

@@ -289,6 +289,8 @@ struct Inner {
     produce_timeout: Duration,
     /// The producer's `message.max.bytes`.
     max_message_bytes: usize,
+    /// [`KafkaConfig::commit_timeout`].
+    commit_timeout: Duration,
     /// Reported as the lease: see [`KafkaConfig::ownership_check`].
     ownership_check: Duration,
 }
@@ -408,6 +410,7 @@ impl KafkaSource {
                 dlq_topic: config.dlq_topic(),
                 produce_timeout: config.produce_timeout,
                 max_message_bytes: config.max_message_bytes(),
+                commit_timeout: config.commit_timeout,
                 ownership_check: config.ownership_check,
             }),
             rx,
@@ -569,15 +572,31 @@ impl KafkaSettler {
             .is_current(&t.topic, t.partition, t.generation)
     }
 
-    /// Commits every committable position synchronously; returns how many partitions were
-    /// committed.
+    /// Commits every committable position synchronously and waits for the broker's answer at
+    /// most [`KafkaConfig::commit_timeout`]; returns how many partitions were committed.
+    ///
+    /// [`KafkaError::CommitTimeout`] when no answer came in time. The commit is not withdrawn:
+    /// it runs on in a blocking task, which keeps the commit lock until librdkafka answers or
+    /// gives up itself (after `socket.timeout.ms`, default 60 s, or without a coordinator
+    /// after `session.timeout.ms`). Meanwhile periodic commits skip their turn and stay due,
+    /// and they resume as soon as the lock is free.
     pub async fn commit_now(&self) -> Result<usize, KafkaError> {
         let consumer = self.inner.consumer.clone();
         let shared = self.inner.shared.clone();
-        tokio::task::spawn_blocking(move || shared.commit(&*consumer, true))
-            .await
-            .map_err(|e| KafkaError::Config(format!("commit task failed: {e}")))?
-            .map_err(KafkaError::Client)
+        let task = tokio::task::spawn_blocking(move || shared.commit(&*consumer, true));
+        let timeout = self.inner.commit_timeout;
+        match tokio::time::timeout(timeout, task).await {
+            Ok(joined) => joined
+                .map_err(|e| KafkaError::Config(format!("commit task failed: {e}")))?
+                .map_err(KafkaError::Client),
+            Err(_) => {
+                tracing::warn!(
+                    ?timeout,
+                    "synchronous offset commit not answered in time; it stays queued"
+                );
+                Err(KafkaError::CommitTimeout(timeout))
+            }
+        }
     }
 }
 

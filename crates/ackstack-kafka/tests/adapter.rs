@@ -13,7 +13,7 @@ use ackstack_core::{
     Settled, Source,
 };
 use ackstack_kafka::{
-    DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, KafkaPublisher, KafkaSource, read_topic,
+    DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, KafkaError, KafkaPublisher, KafkaSource, read_topic,
 };
 use common::{kafka, receive_for, receive_n, unique};
 
@@ -565,4 +565,65 @@ async fn dead_letter_that_cannot_fit_message_max_bytes_is_rejected_and_not_commi
             .unwrap()
             .is_empty()
     );
+}
+
+/// A broker that answers a synchronous commit only after 6 s: `commit_now` gives up after
+/// `commit_timeout` (1 s) with `CommitTimeout` instead of waiting, and nothing stays locked
+/// behind it: once the broker answers promptly again, periodic commits carry later acks and
+/// `commit_now` succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_commit_now_gives_up_within_commit_timeout_and_periodic_commits_resume() {
+    let k = kafka();
+    let Some(mock) = k.mock() else {
+        eprintln!("needs the mock cluster's fault injection; skipped against KAFKA_BROKERS");
+        return;
+    };
+    let topic = unique("stall");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    k.produce(&topic, 3, 1).await;
+    let mut config = k.config(&group, &topic);
+    config.commit_timeout = Duration::from_secs(1);
+    // Long enough that the slow broker does not end the member's session.
+    config.session_timeout = Duration::from_secs(30);
+    let mut source = KafkaSource::new(&config).unwrap();
+    let settler = source.settler();
+    let mut got = receive_n(&mut source, 3, WAIT).await;
+    assert_eq!(ids(&got), vec![0, 1, 2]);
+    let third = got.pop().unwrap();
+    let second = got.pop().unwrap();
+    let first = got.pop().unwrap();
+    assert_eq!(settler.ack(vec![first.token]).await.acked, 1);
+    assert_eq!(settler.commit_now().await.unwrap(), 1);
+
+    mock.broker_round_trip_time(1, Duration::from_secs(6))
+        .unwrap();
+    assert_eq!(settler.ack(vec![second.token]).await.acked, 1);
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(20), settler.commit_now())
+        .await
+        .expect("commit_now must return");
+    let took = started.elapsed();
+    assert!(
+        matches!(result, Err(KafkaError::CommitTimeout(_))),
+        "{result:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(4), "gave up only after {took:?}");
+
+    mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    let commits_before = settler.stats().commits();
+    assert_eq!(settler.ack(vec![third.token]).await.acked, 1);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if k.committed(&group, &topic, 1).await == vec![3] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "periodic commits did not resume");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(settler.stats().commits() > commits_before);
+    settler
+        .commit_now()
+        .await
+        .expect("commit_now succeeds again");
 }
