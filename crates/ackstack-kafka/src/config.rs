@@ -75,7 +75,20 @@ pub struct KafkaConfig {
         with = "ackstack_core::config::duration"
     )]
     pub ownership_check: Duration,
+    /// How long a synchronous commit ([`KafkaSettler::commit_now`](crate::KafkaSettler),
+    /// the final flush) waits for the broker's answer before it gives up with
+    /// [`KafkaError::CommitTimeout`] (default 10s). The commit itself stays queued in
+    /// librdkafka; giving up only stops waiting for it. (A commit on revoke runs inside the
+    /// rebalance callback and is bounded by librdkafka's `socket.timeout.ms` only.)
+    #[serde(
+        default = "default_commit_timeout",
+        with = "ackstack_core::config::duration"
+    )]
+    pub commit_timeout: Duration,
 }
+
+/// librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
 
 fn default_commit_interval() -> Duration {
     Duration::from_secs(1)
@@ -96,6 +109,9 @@ fn default_buffer() -> usize {
     1024
 }
 fn default_ownership_check() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_commit_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
@@ -128,6 +144,7 @@ impl KafkaConfig {
             buffer: default_buffer(),
             consumer_name: None,
             ownership_check: default_ownership_check(),
+            commit_timeout: default_commit_timeout(),
         }
     }
 
@@ -171,6 +188,11 @@ impl KafkaConfig {
                 "commit_max_count must be at least 1".to_string(),
             ));
         }
+        if self.commit_timeout.is_zero() {
+            return Err(KafkaError::Config(
+                "commit_timeout must be longer than 0".to_string(),
+            ));
+        }
         if self.ownership_check < Duration::from_millis(100) {
             return Err(KafkaError::Config(
                 "ownership_check must be at least 100ms".to_string(),
@@ -195,6 +217,15 @@ impl KafkaConfig {
         c.set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");
         c
+    }
+
+    /// The largest record the dead-letter producer sends: the `message.max.bytes` property,
+    /// or librdkafka's default of 1,000,000 bytes.
+    pub fn max_message_bytes(&self) -> usize {
+        self.properties
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
     }
 
     /// The dead-letter producer's librdkafka configuration (consumer-only properties are
@@ -275,6 +306,7 @@ impl fmt::Debug for KafkaConfig {
             .field("buffer", &self.buffer)
             .field("consumer_name", &self.consumer_name())
             .field("ownership_check", &self.ownership_check)
+            .field("commit_timeout", &self.commit_timeout)
             .finish()
     }
 }
@@ -296,6 +328,7 @@ mod tests {
         assert_eq!(c.commit_max_count, 1000);
         assert_eq!(c.consumer_name(), "g");
         assert_eq!(c.ownership_check, Duration::from_secs(10));
+        assert_eq!(c.commit_timeout, Duration::from_secs(10));
         let cc = c.consumer_config();
         assert_eq!(cc.get("enable.auto.commit"), Some("false"));
         assert_eq!(cc.get("enable.auto.offset.store"), Some("false"));

@@ -76,6 +76,14 @@
 //! headers plus `x-ackstack-dl-*` metadata, and the original offset passes only after the
 //! delivery report confirmed the copy.
 //!
+//! A copy refused for its size (librdkafka's `MSG_SIZE_TOO_LARGE` against the producer's
+//! `message.max.bytes`, or the broker's against the topic's `max.message.bytes`) is produced
+//! again with the error message in its metadata cut to fit (to nothing when the broker's
+//! limit is the lower one), marked in [`DROPPED_HEADER`]; key, payload and original headers
+//! never change. When even that is refused, `dead_letter` fails with
+//! [`SettleError::Rejected`](ackstack_core::SettleError::Rejected) and the offset does not
+//! pass.
+//!
 //! # Header and payload mapping
 //!
 //! Kafka headers become [`ackstack_core::Headers`] in order, repeated names kept. A header
@@ -133,13 +141,24 @@ pub mod fuzzing {
 /// The header that carries a message id (Kafka records have none).
 pub const MESSAGE_ID_HEADER: &str = "x-ackstack-message-id";
 
+/// The dead-letter metadata header that lists, comma-separated, what was left out of a
+/// dead-letter copy so that it fits the size limit (see [`KafkaSettler`]); absent when
+/// nothing was. Like every `x-ackstack-dl-*` header it is replaced on re-dead-lettering.
+pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
+/// In [`DROPPED_HEADER`]: the error message in the metadata was cut shorter than usual.
+pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
+
 /// Errors creating the adapter's clients.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
     /// The configuration is invalid.
     #[error("invalid Kafka configuration: {0}")]
     Config(String),
-    /// librdkafka refused to create or set up a client.
+    /// librdkafka refused to create or set up a client, or a commit failed.
     #[error("Kafka client error: {0}")]
     Client(#[source] rdkafka::error::KafkaError),
+    /// A synchronous commit had no answer within [`KafkaConfig::commit_timeout`]. It stays
+    /// queued in librdkafka and may still land.
+    #[error("offset commit got no answer within {0:?}")]
+    CommitTimeout(std::time::Duration),
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ackstack_core::{BoxError, Delivery, Message, Origin, Publish, PublishError};
+use ackstack_core::{Delivery, Headers, Message, Origin, Publish, PublishError};
 use bytes::Bytes;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -17,6 +17,60 @@ use crate::config::producer_config;
 use crate::headers as record_headers;
 use crate::{KafkaError, MESSAGE_ID_HEADER};
 
+/// Why a produce failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProduceError {
+    /// librdkafka or the broker refused or failed the record.
+    #[error(transparent)]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// No delivery report within the timeout.
+    #[error("no delivery report from Kafka within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ProduceError {
+    /// Whether the record was refused for its size (by librdkafka against the producer's
+    /// `message.max.bytes`, or by the broker against the topic's `max.message.bytes`): sending
+    /// the same record again can never succeed.
+    pub(crate) fn is_too_large(&self) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        match self {
+            ProduceError::Kafka(e) => matches!(
+                e.rdkafka_error_code(),
+                Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize)
+            ),
+            ProduceError::Timeout(_) => false,
+        }
+    }
+}
+
+/// The most bytes librdkafka adds to a record's key, value and headers when it checks the
+/// record against `message.max.bytes` (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`).
+const RECORD_OVERHEAD: usize = 36;
+
+/// The size librdkafka checks against the producer's `message.max.bytes` for a record with
+/// this key, payload and headers (`rd_kafka_msg_max_wire_size`).
+pub(crate) fn record_size(key: Option<&Bytes>, payload: &Bytes, headers: &Headers) -> usize {
+    let headers: usize = headers
+        .iter()
+        .map(|(name, value)| {
+            varint_len(name.len()) + name.len() + varint_len(value.len()) + value.len()
+        })
+        .sum();
+    RECORD_OVERHEAD + key.map_or(0, Bytes::len) + payload.len() + headers
+}
+
+/// Bytes of a zig-zag varint of `n` (as Kafka record fields are encoded).
+fn varint_len(n: usize) -> usize {
+    let mut v = (n as u64).saturating_mul(2);
+    let mut len = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        len += 1;
+    }
+    len
+}
+
 /// Produces one record and waits for its delivery report (at most `timeout`).
 pub(crate) async fn produce(
     producer: &FutureProducer,
@@ -25,7 +79,7 @@ pub(crate) async fn produce(
     payload: &Bytes,
     headers: OwnedHeaders,
     timeout: Duration,
-) -> Result<(), BoxError> {
+) -> Result<(), ProduceError> {
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
         .payload(payload.as_ref())
         .headers(headers);
@@ -34,8 +88,8 @@ pub(crate) async fn produce(
     }
     match tokio::time::timeout(timeout, producer.send(record, Timeout::After(timeout))).await {
         Ok(Ok(_delivered)) => Ok(()),
-        Ok(Err((error, _record))) => Err(Box::new(error)),
-        Err(_) => Err(format!("no delivery report from Kafka within {timeout:?}").into()),
+        Ok(Err((error, _record))) => Err(ProduceError::Kafka(error)),
+        Err(_) => Err(ProduceError::Timeout(timeout)),
     }
 }
 
@@ -107,7 +161,7 @@ impl Publish for KafkaPublisher {
             self.timeout,
         )
         .await
-        .map_err(PublishError)
+        .map_err(|e| PublishError(Box::new(e)))
     }
 }
 
@@ -162,4 +216,46 @@ pub async fn read_topic(
     });
     task.await
         .map_err(|e| KafkaError::Config(format!("reader task failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    use super::*;
+
+    #[test]
+    fn varints_are_zig_zag() {
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(63), 1);
+        assert_eq!(varint_len(64), 2);
+        assert_eq!(varint_len(8191), 2);
+        assert_eq!(varint_len(8192), 3);
+    }
+
+    #[test]
+    fn record_size_counts_key_payload_and_headers() {
+        let headers = Headers::new().with("ab", "xyz");
+        let key = Bytes::from_static(b"k");
+        let payload = Bytes::from(vec![0u8; 100]);
+        // 36 + key 1 + payload 100 + header (1 + 2 + 1 + 3).
+        assert_eq!(record_size(Some(&key), &payload, &headers), 144);
+    }
+
+    #[test]
+    fn size_refusals_are_too_large_and_others_are_not() {
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::MessageBatchTooLarge,
+            RDKafkaErrorCode::InvalidMessageSize,
+        ] {
+            assert!(ProduceError::Kafka(KafkaError::MessageProduction(code)).is_too_large());
+        }
+        let transient = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert!(!ProduceError::Kafka(transient).is_too_large());
+        assert!(!ProduceError::Timeout(Duration::from_secs(1)).is_too_large());
+    }
 }

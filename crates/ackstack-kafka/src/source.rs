@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ackstack_core::{
-    AckReport, Capabilities, DeadLetter, Delivery, Failure, Origin, Received, SettleError,
+    AckReport, Capabilities, DeadLetter, Delivery, Failure, Headers, Origin, Received, SettleError,
     SettleFailure, Settled, SourceError,
 };
 use bytes::Bytes;
@@ -23,9 +23,9 @@ use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
 use crate::headers as record_headers;
-use crate::publisher::produce;
+use crate::publisher::{produce, record_size};
 use crate::watermark::Assignments;
-use crate::{KafkaError, MESSAGE_ID_HEADER};
+use crate::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, KafkaError, MESSAGE_ID_HEADER};
 
 /// How long one poll of the consumer blocks; also the period of time-based commits.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -287,6 +287,10 @@ struct Inner {
     producer: FutureProducer,
     dlq_topic: String,
     produce_timeout: Duration,
+    /// The producer's `message.max.bytes`.
+    max_message_bytes: usize,
+    /// [`KafkaConfig::commit_timeout`].
+    commit_timeout: Duration,
     /// Reported as the lease: see [`KafkaConfig::ownership_check`].
     ownership_check: Duration,
 }
@@ -405,6 +409,8 @@ impl KafkaSource {
                 producer,
                 dlq_topic: config.dlq_topic(),
                 produce_timeout: config.produce_timeout,
+                max_message_bytes: config.max_message_bytes(),
+                commit_timeout: config.commit_timeout,
                 ownership_check: config.ownership_check,
             }),
             rx,
@@ -515,7 +521,9 @@ impl ackstack_core::Source for KafkaSource {
 ///   dead-letter topic with the same key, payload and headers plus
 ///   [`DeadLetterMetadata`](ackstack_core::DeadLetterMetadata) headers (replacing earlier
 ///   `x-ackstack-dl-*`), waits for the delivery report, then returns
-///   [`Settled::AckOriginal`] so that the offset may pass.
+///   [`Settled::AckOriginal`] so that the offset may pass. A copy refused for its size is
+///   produced again with the error message cut (recorded in [`DROPPED_HEADER`](crate::DROPPED_HEADER));
+///   if that is refused too, [`SettleError::Rejected`] (see the crate documentation).
 /// * [`extend`](ackstack_core::Settle::extend) checks that the token's partition is still ours
 ///   in the generation the record was received in (the "lease" is partition ownership, see
 ///   [`KafkaConfig::ownership_check`]); after a revoke it returns [`SettleError::LeaseLost`], so
@@ -564,15 +572,31 @@ impl KafkaSettler {
             .is_current(&t.topic, t.partition, t.generation)
     }
 
-    /// Commits every committable position synchronously; returns how many partitions were
-    /// committed.
+    /// Commits every committable position synchronously and waits for the broker's answer at
+    /// most [`KafkaConfig::commit_timeout`]; returns how many partitions were committed.
+    ///
+    /// [`KafkaError::CommitTimeout`] when no answer came in time. The commit is not withdrawn:
+    /// it runs on in a blocking task, which keeps the commit lock until librdkafka answers or
+    /// gives up itself (after `socket.timeout.ms`, default 60 s, or without a coordinator
+    /// after `session.timeout.ms`). Meanwhile periodic commits skip their turn and stay due,
+    /// and they resume as soon as the lock is free.
     pub async fn commit_now(&self) -> Result<usize, KafkaError> {
         let consumer = self.inner.consumer.clone();
         let shared = self.inner.shared.clone();
-        tokio::task::spawn_blocking(move || shared.commit(&*consumer, true))
-            .await
-            .map_err(|e| KafkaError::Config(format!("commit task failed: {e}")))?
-            .map_err(KafkaError::Client)
+        let task = tokio::task::spawn_blocking(move || shared.commit(&*consumer, true));
+        let timeout = self.inner.commit_timeout;
+        match tokio::time::timeout(timeout, task).await {
+            Ok(joined) => joined
+                .map_err(|e| KafkaError::Config(format!("commit task failed: {e}")))?
+                .map_err(KafkaError::Client),
+            Err(_) => {
+                tracing::warn!(
+                    ?timeout,
+                    "synchronous offset commit not answered in time; it stays queued"
+                );
+                Err(KafkaError::CommitTimeout(timeout))
+            }
+        }
     }
 }
 
@@ -630,20 +654,59 @@ impl ackstack_core::Settle for KafkaSettler {
             let e = lease_lost(&token);
             return Err(SettleFailure::new(token, e));
         }
-        let mut headers = delivery.headers.clone();
-        letter.metadata(delivery).apply_to(&mut headers);
-        let result = produce(
-            &self.inner.producer,
-            &self.inner.dlq_topic,
-            delivery.key.as_ref(),
-            &delivery.payload,
-            record_headers::to_record(&headers),
-            self.inner.produce_timeout,
-        )
-        .await;
-        match result {
-            Ok(()) => Ok(Settled::AckOriginal(token)),
-            Err(error) => Err(SettleFailure::new(token, SettleError::Broker(error))),
+        let mut metadata = letter.metadata(delivery);
+        let mut truncated = false;
+        loop {
+            let headers = dead_letter_headers(delivery, &metadata, truncated);
+            let result = produce(
+                &self.inner.producer,
+                &self.inner.dlq_topic,
+                delivery.key.as_ref(),
+                &delivery.payload,
+                record_headers::to_record(&headers),
+                self.inner.produce_timeout,
+            )
+            .await;
+            let error = match result {
+                Ok(()) => {
+                    if truncated {
+                        tracing::warn!(
+                            topic = %token.topic, partition = token.partition, offset = token.offset,
+                            "dead-letter copy produced with its error message cut to fit the size limit"
+                        );
+                    }
+                    return Ok(Settled::AckOriginal(token));
+                }
+                Err(e) if e.is_too_large() => e,
+                Err(e) => return Err(SettleFailure::new(token, SettleError::Broker(Box::new(e)))),
+            };
+            if truncated && metadata.error_message.is_empty() {
+                tracing::error!(
+                    topic = %token.topic, partition = token.partition, offset = token.offset,
+                    %error, "dead-letter copy refused for its size even without an error message"
+                );
+                let e = SettleError::Rejected(format!(
+                    "the dead-letter copy is too large for {} even with the error message cut: {error}",
+                    self.inner.dlq_topic
+                ));
+                return Err(SettleFailure::new(token, e));
+            }
+            // Cut the message by what the copy is over the producer's limit; when it is within
+            // that limit the broker's is lower and unknown: leave none.
+            truncated = true;
+            let shrunk = dead_letter_headers(delivery, &metadata, true);
+            let over = record_size(delivery.key.as_ref(), &delivery.payload, &shrunk)
+                .saturating_sub(self.inner.max_message_bytes);
+            let keep = if over == 0 {
+                0
+            } else {
+                metadata.error_message.len().saturating_sub(over)
+            };
+            metadata.error_message = if keep <= '…'.len_utf8() {
+                String::new()
+            } else {
+                ackstack_core::error::truncate(std::mem::take(&mut metadata.error_message), keep)
+            };
         }
     }
 
@@ -884,6 +947,21 @@ impl Poller {
             Err(error) => tracing::debug!(%error, topic, partition, "pause failed"),
         }
     }
+}
+
+/// The headers of a dead-letter copy: the original ones, then `metadata` (replacing earlier
+/// metadata), then [`DROPPED_HEADER`] when the error message was cut.
+fn dead_letter_headers(
+    delivery: &Delivery,
+    metadata: &ackstack_core::DeadLetterMetadata,
+    truncated: bool,
+) -> Headers {
+    let mut headers = delivery.headers.clone();
+    metadata.apply_to(&mut headers);
+    if truncated {
+        headers.append(DROPPED_HEADER, DROPPED_ERROR_TRUNCATED);
+    }
+    headers
 }
 
 /// Converts a record. A header with a null value becomes a header with an empty value (the

@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 
 use ackstack_core::deadletter::ATTEMPT_HEADER;
 use ackstack_core::{
-    DeadLetter, DeadLetterMetadata, ErrorKind, Failure, Message, Publish, Settle, Settled, Source,
+    DeadLetter, DeadLetterMetadata, ErrorKind, Failure, Message, Publish, Settle, SettleError,
+    Settled, Source,
 };
-use ackstack_kafka::{KafkaPublisher, KafkaSource, read_topic};
+use ackstack_kafka::{
+    DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, KafkaError, KafkaPublisher, KafkaSource, read_topic,
+};
 use common::{kafka, receive_for, receive_n, unique};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -449,4 +452,178 @@ async fn rebalance_to_a_second_member_loses_nothing() {
     let committed = k.committed(&group, &topic, PARTITIONS).await;
     assert_eq!(committed, vec![(N as i64) / PARTITIONS as i64; 4]);
     eprintln!("acks refused as stale: {}", stale.lock().unwrap());
+}
+
+/// The dead-letter producer's `message.max.bytes` in the size-limit tests (librdkafka's
+/// minimum is 1000).
+const SMALL_MAX_MESSAGE: usize = 4096;
+
+/// The original (3,500-byte payload) fits `message.max.bytes`, but its copy with a long error
+/// message in the metadata would not: librdkafka refuses it (`MSG_SIZE_TOO_LARGE`), and the
+/// copy is produced again with the error message cut, marked in the dropped header. Payload,
+/// key and original headers are unchanged, and the offset passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_over_message_max_bytes_only_by_our_metadata_is_shrunk_to_fit() {
+    let k = kafka();
+    let topic = unique("dlfit");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    let config = k
+        .config(&group, &topic)
+        .property("message.max.bytes", SMALL_MAX_MESSAGE.to_string());
+    k.create_topic(&config.dlq_topic(), 1).await;
+    let payload: Vec<u8> = (0..3500u32).map(|i| (i % 251) as u8).collect();
+    KafkaPublisher::new(&k.brokers, &topic)
+        .unwrap()
+        .publish(
+            Message::new(payload.clone())
+                .key("k-1")
+                .header("app", "kept"),
+        )
+        .await
+        .unwrap();
+    let mut source = KafkaSource::new(&config).unwrap();
+    let settler = source.settler();
+    let r = receive_n(&mut source, 1, WAIT).await.remove(0);
+    let long_error = "field \"total\" is not a number; ".repeat(30);
+    let letter = DeadLetter::new(&r.delivery, Failure::new(ErrorKind::Permanent, &long_error));
+    let settled = settler
+        .dead_letter(r.token, &r.delivery, &letter)
+        .await
+        .expect("a copy that fits once shrunk is produced");
+    let Settled::AckOriginal(token) = settled else {
+        panic!("dead-letter must hand the original back for ack");
+    };
+    assert_eq!(settler.ack(vec![token]).await.acked, 1);
+    settler.flush().await;
+    assert_eq!(k.committed(&group, &topic, 1).await, vec![1]);
+
+    let copies = read_topic(&k.brokers, &config.dlq_topic(), 1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(copies.len(), 1);
+    let c = &copies[0];
+    assert_eq!(&c.payload[..], &payload[..], "payload byte for byte");
+    assert_eq!(c.key.as_deref(), Some(&b"k-1"[..]));
+    assert_eq!(c.headers.get_str("app"), Some("kept"));
+    assert_eq!(
+        c.headers.get_str(DROPPED_HEADER),
+        Some(DROPPED_ERROR_TRUNCATED)
+    );
+    let meta = DeadLetterMetadata::from_headers(&c.headers).expect("metadata headers");
+    let kept = meta.error_message.trim_end_matches('…');
+    assert!(kept.len() < letter.failure.message.len());
+    assert!(letter.failure.message.starts_with(kept));
+    assert_eq!(meta.offset, Some(0));
+}
+
+/// A payload that alone fills `message.max.bytes` cannot be dead-lettered however the
+/// metadata is cut: `dead_letter` fails with `Rejected` (librdkafka's `MSG_SIZE_TOO_LARGE`,
+/// for good), the offset does not pass, and a release reads the record again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_that_cannot_fit_message_max_bytes_is_rejected_and_not_committed() {
+    let k = kafka();
+    let topic = unique("dlbig");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    let config = k
+        .config(&group, &topic)
+        .property("message.max.bytes", SMALL_MAX_MESSAGE.to_string());
+    k.create_topic(&config.dlq_topic(), 1).await;
+    let payload = vec![7u8; SMALL_MAX_MESSAGE];
+    KafkaPublisher::new(&k.brokers, &topic)
+        .unwrap()
+        .publish(Message::new(payload.clone()))
+        .await
+        .unwrap();
+    let mut source = KafkaSource::new(&config).unwrap();
+    let settler = source.settler();
+    let r = receive_n(&mut source, 1, WAIT).await.remove(0);
+    let letter = DeadLetter::new(&r.delivery, Failure::new(ErrorKind::Permanent, "bad"));
+    let failed = settler
+        .dead_letter(r.token, &r.delivery, &letter)
+        .await
+        .expect_err("a copy that can never fit must not be reported as produced");
+    assert!(
+        matches!(failed.error, SettleError::Rejected(_)),
+        "{:?}",
+        failed.error
+    );
+    settler.flush().await;
+    let committed = k.committed(&group, &topic, 1).await;
+    assert!(
+        committed[0] <= 0,
+        "the offset must not pass the record: {committed:?}"
+    );
+    settler.release(failed.token).await;
+    let again = receive_n(&mut source, 1, WAIT).await;
+    assert_eq!(ids(&again), vec![0], "the record is read again");
+    assert_eq!(&again[0].delivery.payload[..], &payload[..]);
+    assert!(
+        read_topic(&k.brokers, &config.dlq_topic(), 1, Duration::from_secs(3))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A broker that answers a synchronous commit only after 6 s: `commit_now` gives up after
+/// `commit_timeout` (1 s) with `CommitTimeout` instead of waiting, and nothing stays locked
+/// behind it: once the broker answers promptly again, periodic commits carry later acks and
+/// `commit_now` succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_commit_now_gives_up_within_commit_timeout_and_periodic_commits_resume() {
+    let k = kafka();
+    let Some(mock) = k.mock() else {
+        eprintln!("needs the mock cluster's fault injection; skipped against KAFKA_BROKERS");
+        return;
+    };
+    let topic = unique("stall");
+    let group = unique("g");
+    k.create_topic(&topic, 1).await;
+    k.produce(&topic, 3, 1).await;
+    let mut config = k.config(&group, &topic);
+    config.commit_timeout = Duration::from_secs(1);
+    // Long enough that the slow broker does not end the member's session.
+    config.session_timeout = Duration::from_secs(30);
+    let mut source = KafkaSource::new(&config).unwrap();
+    let settler = source.settler();
+    let mut got = receive_n(&mut source, 3, WAIT).await;
+    assert_eq!(ids(&got), vec![0, 1, 2]);
+    let third = got.pop().unwrap();
+    let second = got.pop().unwrap();
+    let first = got.pop().unwrap();
+    assert_eq!(settler.ack(vec![first.token]).await.acked, 1);
+    assert_eq!(settler.commit_now().await.unwrap(), 1);
+
+    mock.broker_round_trip_time(1, Duration::from_secs(6))
+        .unwrap();
+    assert_eq!(settler.ack(vec![second.token]).await.acked, 1);
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(20), settler.commit_now())
+        .await
+        .expect("commit_now must return");
+    let took = started.elapsed();
+    assert!(
+        matches!(result, Err(KafkaError::CommitTimeout(_))),
+        "{result:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(4), "gave up only after {took:?}");
+
+    mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    let commits_before = settler.stats().commits();
+    assert_eq!(settler.ack(vec![third.token]).await.acked, 1);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if k.committed(&group, &topic, 1).await == vec![3] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "periodic commits did not resume");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(settler.stats().commits() > commits_before);
+    settler
+        .commit_now()
+        .await
+        .expect("commit_now succeeds again");
 }

@@ -2,6 +2,7 @@
 //! declaring topology, confirmed publishing, header conversion and the attempt count.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
 use ackstack_core::deadletter::{ATTEMPT_HEADER, FIRST_FAILURE_HEADER, METADATA_PREFIX};
@@ -27,20 +28,47 @@ pub const ORIGINAL_EXPIRATION_HEADER: &str = "x-ackstack-original-expiration";
 /// AMQP delivery mode 2: persistent.
 pub(crate) const PERSISTENT: u8 = 2;
 
-/// Opens a connection named after the config.
+/// Runs one broker round trip, failing it with [`RabbitError::Timeout`] naming `what` when it
+/// takes longer than `timeout`.
+pub(crate) async fn bounded<T, E>(
+    what: &'static str,
+    timeout: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, RabbitError>
+where
+    RabbitError: From<E>,
+{
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(RabbitError::Timeout(what)),
+    }
+}
+
+/// Opens a connection named after the config, within [`RabbitConfig::operation_timeout`].
 pub(crate) async fn connect(config: &RabbitConfig, role: &str) -> Result<Connection, RabbitError> {
     config.validate()?;
     let name = format!("{}-{role}", config.connection_name());
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(&config.uri, props).await?)
+    bounded(
+        "connection open",
+        config.operation_timeout,
+        Connection::connect(&config.uri, props),
+    )
+    .await
 }
 
-/// Opens a channel in publisher-confirm mode.
-pub(crate) async fn confirm_channel(connection: &Connection) -> Result<Channel, RabbitError> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+/// Opens a channel in publisher-confirm mode; each step within `timeout`.
+pub(crate) async fn confirm_channel(
+    connection: &Connection,
+    timeout: Duration,
+) -> Result<Channel, RabbitError> {
+    let channel = bounded("channel open", timeout, connection.create_channel()).await?;
+    bounded(
+        "confirm.select",
+        timeout,
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
     Ok(channel)
 }
 
@@ -70,7 +98,8 @@ pub(crate) async fn declare_topology(
         }
     }
     expire(&mut work_args, config.queue_expires);
-    declare(channel, &config.queue, work_args).await?;
+    let timeout = config.operation_timeout;
+    declare(channel, &config.queue, work_args, timeout).await?;
     for bucket in &config.delay_buckets {
         let mut args = queue_type_args(config.queue_type);
         expire(&mut args, config.queue_expires);
@@ -78,11 +107,11 @@ pub(crate) async fn declare_topology(
         args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl));
         insert_str(&mut args, "x-dead-letter-exchange", "");
         insert_str(&mut args, "x-dead-letter-routing-key", &config.queue);
-        declare(channel, &config.delay_queue_name(*bucket), args).await?;
+        declare(channel, &config.delay_queue_name(*bucket), args, timeout).await?;
     }
     let mut dlq_args = queue_type_args(config.queue_type);
     expire(&mut dlq_args, config.queue_expires);
-    declare(channel, &dlq, dlq_args).await?;
+    declare(channel, &dlq, dlq_args, timeout).await?;
     Ok(())
 }
 
@@ -111,10 +140,19 @@ fn insert_str(table: &mut FieldTable, key: &'static str, value: &str) {
     );
 }
 
-async fn declare(channel: &Channel, name: &str, args: FieldTable) -> Result<(), RabbitError> {
-    channel
-        .queue_declare(short(name)?, QueueDeclareOptions::durable(), args)
-        .await?;
+async fn declare(
+    channel: &Channel,
+    name: &str,
+    args: FieldTable,
+    timeout: Duration,
+) -> Result<(), RabbitError> {
+    let name = short(name)?;
+    bounded(
+        "queue.declare",
+        timeout,
+        channel.queue_declare(name, QueueDeclareOptions::durable(), args),
+    )
+    .await?;
     Ok(())
 }
 

@@ -99,6 +99,15 @@ pub struct RabbitConfig {
         with = "ackstack_core::config::duration"
     )]
     pub held_ack_delay: Duration,
+    /// How long one broker round trip other than a publisher confirm may take: opening a
+    /// connection, opening a channel and putting it in confirm mode, declaring queues, QoS
+    /// and starting the consumer. Past it the step fails (and is retried by the caller: the
+    /// source reconnects, a settlement is released, a publish returns the error). Default 10s.
+    #[serde(
+        default = "default_operation_timeout",
+        with = "ackstack_core::config::duration"
+    )]
+    pub operation_timeout: Duration,
 }
 
 impl RabbitConfig {
@@ -119,6 +128,7 @@ impl RabbitConfig {
             poll_interval: default_poll_interval(),
             queue_expires: None,
             held_ack_delay: default_held_ack_delay(),
+            operation_timeout: default_operation_timeout(),
         }
     }
 
@@ -187,6 +197,9 @@ impl RabbitConfig {
         if let Some(tag) = &self.consumer_tag {
             check_name("consumer_tag", tag)?;
         }
+        if self.operation_timeout.is_zero() {
+            return Err(ConfigError::new("operation_timeout must be longer than 0"));
+        }
         if self.max_attempts == Some(0) {
             return Err(ConfigError::new("max_attempts must be at least 1"));
         }
@@ -230,6 +243,7 @@ impl fmt::Debug for RabbitConfig {
             .field("poll_interval", &self.poll_interval)
             .field("queue_expires", &self.queue_expires)
             .field("held_ack_delay", &self.held_ack_delay)
+            .field("operation_timeout", &self.operation_timeout)
             .finish()
     }
 }
@@ -278,6 +292,10 @@ fn default_poll_interval() -> Duration {
 
 fn default_held_ack_delay() -> Duration {
     Duration::from_millis(50)
+}
+
+fn default_operation_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// A list of durations in the `ackstack_core::config::duration` format.
@@ -368,5 +386,6 @@ mod tests {
         );
         assert_eq!(c.dlq_name(), "q-dlq");
         assert_eq!(c.held_ack_delay, Duration::from_millis(50));
+        assert_eq!(c.operation_timeout, Duration::from_secs(10));
     }
 }

@@ -7,12 +7,14 @@ use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::amqp::{self, KEY_HEADER, PERSISTENT, headers_from_table, long_string};
+use crate::amqp::{self, KEY_HEADER, PERSISTENT, bounded, headers_from_table, long_string};
 use crate::config::RabbitConfig;
 use crate::error::RabbitError;
 
 /// Publishes to the configured work queue through the default exchange, persistent, and
-/// waits for the broker's publisher confirm. Reconnects on the next call after a failure.
+/// waits for the broker's publisher confirm. Reconnects on the next call after a failure;
+/// each step of a reconnect, like every other broker call here, is bounded by
+/// [`RabbitConfig::operation_timeout`] (the confirm by `confirm_timeout`).
 pub struct RabbitPublisher {
     config: RabbitConfig,
     link: tokio::sync::Mutex<Option<Link>>,
@@ -79,7 +81,7 @@ impl RabbitPublisher {
             return Ok(l.channel.clone());
         }
         let connection = amqp::connect(&self.config, "publisher").await?;
-        let channel = amqp::confirm_channel(&connection).await?;
+        let channel = amqp::confirm_channel(&connection, self.config.operation_timeout).await?;
         *link = Some(Link {
             connection,
             channel: channel.clone(),
@@ -130,9 +132,12 @@ impl RabbitPublisher {
     /// Takes one message from `queue` (`basic.get` with auto-ack), or `None` when empty.
     pub async fn get(&self, queue: &str) -> Result<Option<Fetched>, RabbitError> {
         let channel = self.channel().await?;
-        let got = channel
-            .basic_get(amqp::short(queue)?, BasicGetOptions { no_ack: true })
-            .await?;
+        let got = bounded(
+            "basic.get",
+            self.config.operation_timeout,
+            channel.basic_get(amqp::short(queue)?, BasicGetOptions { no_ack: true }),
+        )
+        .await?;
         Ok(got.map(|m| {
             let d = m.delivery;
             Fetched {
@@ -155,20 +160,22 @@ impl RabbitPublisher {
             self.channel().await?;
             let link = self.link.lock().await;
             match link.as_ref() {
-                Some(l) => l.connection.create_channel().await?,
+                Some(l) => {
+                    let open = l.connection.create_channel();
+                    bounded("channel open", self.config.operation_timeout, open).await?
+                }
                 None => return Err(RabbitError::Timeout("publisher connection")),
             }
         };
-        let queue = connection
-            .queue_declare(
-                amqp::short(queue)?,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let declare = connection.queue_declare(
+            amqp::short(queue)?,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        );
+        let queue = bounded("queue.declare", self.config.operation_timeout, declare).await?;
         let _ = connection.close(200, "ok".into()).await;
         Ok(queue.message_count())
     }
@@ -176,9 +183,8 @@ impl RabbitPublisher {
     /// Removes every ready message from `queue`; returns how many.
     pub async fn purge(&self, queue: &str) -> Result<u32, RabbitError> {
         let channel = self.channel().await?;
-        Ok(channel
-            .queue_purge(amqp::short(queue)?, QueuePurgeOptions::default())
-            .await?)
+        let purge = channel.queue_purge(amqp::short(queue)?, QueuePurgeOptions::default());
+        bounded("queue.purge", self.config.operation_timeout, purge).await
     }
 }
 

@@ -19,7 +19,7 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::amqp::{self, KEY_HEADER, attempt_of, copy_properties, headers_from_table};
+use crate::amqp::{self, KEY_HEADER, attempt_of, bounded, copy_properties, headers_from_table};
 use crate::config::RabbitConfig;
 use crate::error::RabbitError;
 use crate::tracker::{AckPlan, AckTracker, Completion};
@@ -97,6 +97,8 @@ struct Generation {
     consume: Channel,
     /// A confirm-mode channel on the same connection, reopened when it closes.
     publish: tokio::sync::Mutex<Option<Channel>>,
+    /// [`RabbitConfig::operation_timeout`]: bounds reopening `publish`.
+    timeout: Duration,
     /// The tags of `consume`; the lock also orders the frames sent for them.
     tracker: tokio::sync::Mutex<AckTracker>,
     /// Woken when ack frames were sent or the generation died: ack calls waiting for their
@@ -124,7 +126,7 @@ impl Generation {
         {
             return Ok(channel.clone());
         }
-        let channel = amqp::confirm_channel(&self.connection).await?;
+        let channel = amqp::confirm_channel(&self.connection, self.timeout).await?;
         *guard = Some(channel.clone());
         Ok(channel)
     }
@@ -304,30 +306,33 @@ impl RabbitSource {
 
     async fn open(&mut self) -> Result<(), RabbitError> {
         let config = &self.shared.config;
+        let timeout = config.operation_timeout;
         let connection = amqp::connect(config, "consumer").await?;
-        let consume = connection.create_channel().await?;
+        let consume = bounded("channel open", timeout, connection.create_channel()).await?;
         if config.declare_topology {
             amqp::declare_topology(&consume, config).await?;
         }
-        consume
-            .basic_qos(config.prefetch, BasicQosOptions::default())
-            .await?;
+        bounded(
+            "basic.qos",
+            timeout,
+            consume.basic_qos(config.prefetch, BasicQosOptions::default()),
+        )
+        .await?;
         let tag = match &config.consumer_tag {
             Some(tag) => amqp::short(tag)?,
             None => ShortString::default(),
         };
-        let consumer = consume
-            .basic_consume(
-                amqp::short(&config.queue)?,
-                tag,
-                BasicConsumeOptions {
-                    no_ack: false,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let publish = amqp::confirm_channel(&connection).await?;
+        let consume_call = consume.basic_consume(
+            amqp::short(&config.queue)?,
+            tag,
+            BasicConsumeOptions {
+                no_ack: false,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        );
+        let consumer = bounded("basic.consume", timeout, consume_call).await?;
+        let publish = amqp::confirm_channel(&connection, timeout).await?;
         let id = self.next_generation;
         self.next_generation += 1;
         let generation = Arc::new(Generation {
@@ -335,6 +340,7 @@ impl RabbitSource {
             connection,
             consume,
             publish: tokio::sync::Mutex::new(Some(publish)),
+            timeout,
             tracker: tokio::sync::Mutex::new(AckTracker::new(config.prefetch)),
             progress: tokio::sync::Notify::new(),
             dead: AtomicBool::new(false),

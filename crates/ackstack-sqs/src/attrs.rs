@@ -85,18 +85,148 @@ pub fn headers_to_attributes(
 /// in the metadata JSON under [`DISPLACED_KEY`] (binary values hex-encoded), so nothing is lost
 /// and [`DeadLetterRecord::restore`] can put it back. Displaced attributes recorded by an
 /// earlier dead-lettering are carried forward.
+///
+/// This does not check SQS's message size limit; [`fit_dead_letter`] does.
 pub fn dead_letter_attributes(
     original: &HashMap<String, MessageAttributeValue>,
     metadata: &DeadLetterMetadata,
 ) -> Result<HashMap<String, MessageAttributeValue>, String> {
+    build_dead_letter(original, metadata, true, &[]).map(|(attrs, _)| attrs)
+}
+
+/// The key in the dead-letter JSON that lists what was left out of the copy to fit SQS's
+/// message size limit (see [`fit_dead_letter`]); absent when nothing was.
+pub const DROPPED_KEY: &str = "dropped";
+/// In [`DROPPED_KEY`]: the displaced attributes (see [`DISPLACED_KEY`]) were not stored.
+pub const DROPPED_DISPLACED: &str = "displaced_attributes";
+/// In [`DROPPED_KEY`]: the error message in the metadata was cut shorter than usual.
+pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
+/// SQS's message size limit when a queue's `MaximumMessageSize` cannot be read: 256 KiB, the
+/// long-standing default (and the lowest maximum SQS has had).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 262_144;
+
+/// A dead-letter copy's attributes that fit SQS's size limit, and what was left out for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FittedDeadLetter {
+    /// The attributes to send.
+    pub attributes: HashMap<String, MessageAttributeValue>,
+    /// What was left out ([`DROPPED_DISPLACED`], [`DROPPED_ERROR_TRUNCATED`]); also recorded in
+    /// the metadata JSON under [`DROPPED_KEY`]. Empty when the copy fit as it was.
+    pub dropped: Vec<&'static str>,
+    /// The copy's size as SQS counts it ([`message_size`]).
+    pub size: usize,
+}
+
+/// A message's size as SQS counts it against `MaximumMessageSize`: the body's bytes plus, for
+/// each message attribute, its name, its data type and its value.
+pub fn message_size(body: &str, attributes: &HashMap<String, MessageAttributeValue>) -> usize {
+    body.len()
+        + attributes
+            .iter()
+            .map(|(name, value)| {
+                name.len()
+                    + value.data_type().len()
+                    + value.string_value().map_or(0, str::len)
+                    + value.binary_value().map_or(0, |b| b.as_ref().len())
+            })
+            .sum::<usize>()
+}
+
+/// The attributes of the dead-letter copy of a message with `body` (see
+/// [`dead_letter_attributes`]), shrunk to fit `max_size` bytes ([`message_size`]) when they
+/// do not as they are. The body and the attributes that stay on the copy are never changed:
+///
+/// 1. as [`dead_letter_attributes`] builds them;
+/// 2. without the displaced attributes (the original had 10 of its own; the eleventh, and any
+///    recorded by an earlier dead-lettering, are dropped: [`DROPPED_DISPLACED`]);
+/// 3. with the error message in the metadata cut as short as needed, down to nothing
+///    ([`DROPPED_ERROR_TRUNCATED`]).
+///
+/// What was left out is listed in the metadata JSON under [`DROPPED_KEY`]. `Err` when even the
+/// smallest copy is larger than `max_size` (or an attribute cannot be built): SQS would refuse
+/// it however often it is sent.
+pub fn fit_dead_letter(
+    original: &HashMap<String, MessageAttributeValue>,
+    metadata: &DeadLetterMetadata,
+    body: &str,
+    max_size: usize,
+) -> Result<FittedDeadLetter, String> {
+    let (attributes, displaced) = build_dead_letter(original, metadata, true, &[])?;
+    let size = message_size(body, &attributes);
+    if size <= max_size {
+        return Ok(FittedDeadLetter {
+            attributes,
+            dropped: Vec::new(),
+            size,
+        });
+    }
+    let mut dropped: Vec<&'static str> = Vec::new();
+    if displaced > 0 {
+        dropped.push(DROPPED_DISPLACED);
+        let (attributes, _) = build_dead_letter(original, metadata, false, &dropped)?;
+        let size = message_size(body, &attributes);
+        if size <= max_size {
+            return Ok(FittedDeadLetter {
+                attributes,
+                dropped,
+                size,
+            });
+        }
+    }
+    dropped.push(DROPPED_ERROR_TRUNCATED);
+    let mut shorter = metadata.clone();
+    loop {
+        let (attributes, _) = build_dead_letter(original, &shorter, false, &dropped)?;
+        let size = message_size(body, &attributes);
+        if size <= max_size {
+            return Ok(FittedDeadLetter {
+                attributes,
+                dropped,
+                size,
+            });
+        }
+        if shorter.error_message.is_empty() {
+            return Err(format!(
+                "the dead-letter copy is {size} bytes even without displaced attributes and \
+                 error message; the dead-letter queue accepts at most {max_size}"
+            ));
+        }
+        // Each byte cut from the message shortens its JSON by at least one byte.
+        let keep = shorter.error_message.len().saturating_sub(size - max_size);
+        shorter.error_message = if keep <= '…'.len_utf8() {
+            String::new()
+        } else {
+            ackstack_core::error::truncate(std::mem::take(&mut shorter.error_message), keep)
+        };
+    }
+}
+
+/// Builds the copy's attributes; returns them and how many displaced attributes there are
+/// (stored in the JSON when `keep_displaced`, else left out). `dropped` is recorded under
+/// [`DROPPED_KEY`], together with a [`DROPPED_DISPLACED`] recorded by an earlier
+/// dead-lettering (the attributes it dropped stay lost).
+fn build_dead_letter(
+    original: &HashMap<String, MessageAttributeValue>,
+    metadata: &DeadLetterMetadata,
+    keep_displaced: bool,
+    dropped: &[&'static str],
+) -> Result<(HashMap<String, MessageAttributeValue>, usize), String> {
     let mut attrs = original.clone();
     let mut displaced: Vec<Value> = Vec::new();
+    let mut dropped: Vec<&'static str> = dropped.to_vec();
     if let Some(earlier) = attrs.remove(DEAD_LETTER_ATTRIBUTE)
         && let Some(text) = earlier.string_value()
         && let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text)
-        && let Some(Value::Array(items)) = map.get(DISPLACED_KEY)
     {
-        displaced.extend(items.iter().cloned());
+        if let Some(Value::Array(items)) = map.get(DISPLACED_KEY) {
+            displaced.extend(items.iter().cloned());
+        }
+        if let Some(Value::Array(items)) = map.get(DROPPED_KEY)
+            && items.iter().any(|v| v.as_str() == Some(DROPPED_DISPLACED))
+            && !dropped.contains(&DROPPED_DISPLACED)
+        {
+            dropped.insert(0, DROPPED_DISPLACED);
+        }
     }
     while attrs.len() >= MAX_ATTRIBUTES {
         let Some(last) = attrs.keys().max().cloned() else {
@@ -110,8 +240,13 @@ pub fn dead_letter_attributes(
         Ok(Value::Object(map)) => map,
         _ => Map::new(),
     };
-    if !displaced.is_empty() {
+    let count = displaced.len();
+    if keep_displaced && !displaced.is_empty() {
         json.insert(DISPLACED_KEY.to_string(), Value::Array(displaced));
+    }
+    if !dropped.is_empty() {
+        let list = dropped.iter().map(|d| Value::String((*d).to_string()));
+        json.insert(DROPPED_KEY.to_string(), Value::Array(list.collect()));
     }
     let value = MessageAttributeValue::builder()
         .data_type("String")
@@ -119,7 +254,7 @@ pub fn dead_letter_attributes(
         .build()
         .map_err(|e| e.to_string())?;
     attrs.insert(DEAD_LETTER_ATTRIBUTE.to_string(), value);
-    Ok(attrs)
+    Ok((attrs, count))
 }
 
 fn encode_displaced(name: &str, value: &MessageAttributeValue) -> Value {
@@ -145,6 +280,8 @@ pub struct DeadLetterRecord {
     pub metadata: DeadLetterMetadata,
     /// Original attributes that did not fit SQS's 10-attribute limit, type and bytes intact.
     pub displaced: Vec<(String, MessageAttributeValue)>,
+    /// What was left out of the copy to fit SQS's size limit ([`DROPPED_KEY`]).
+    pub dropped: Vec<String>,
 }
 
 impl DeadLetterRecord {
@@ -154,18 +291,23 @@ impl DeadLetterRecord {
         let text = attrs.get(DEAD_LETTER_ATTRIBUTE)?.string_value()?;
         let metadata: DeadLetterMetadata = serde_json::from_str(text).ok()?;
         let mut displaced = Vec::new();
-        if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text)
-            && let Some(Value::Array(items)) = map.get(DISPLACED_KEY)
-        {
-            for item in items {
-                if let Some(pair) = decode_displaced(item) {
-                    displaced.push(pair);
+        let mut dropped = Vec::new();
+        if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text) {
+            if let Some(Value::Array(items)) = map.get(DISPLACED_KEY) {
+                for item in items {
+                    if let Some(pair) = decode_displaced(item) {
+                        displaced.push(pair);
+                    }
                 }
+            }
+            if let Some(Value::Array(items)) = map.get(DROPPED_KEY) {
+                dropped.extend(items.iter().filter_map(Value::as_str).map(str::to_string));
             }
         }
         Some(DeadLetterRecord {
             metadata,
             displaced,
+            dropped,
         })
     }
 
@@ -478,6 +620,84 @@ mod tests {
         let record = DeadLetterRecord::from_attributes(&again).unwrap();
         assert_eq!(record.displaced.len(), 1);
         assert_eq!(record.restore(&again), original);
+    }
+
+    #[test]
+    fn a_copy_that_fits_is_unchanged_and_records_nothing_dropped() {
+        let original: HashMap<String, MessageAttributeValue> =
+            (0..10).map(|i| (format!("a{i}"), string("v"))).collect();
+        let meta = metadata();
+        let fitted = fit_dead_letter(&original, &meta, "body", 262_144).unwrap();
+        assert!(fitted.dropped.is_empty());
+        assert_eq!(
+            fitted.attributes,
+            dead_letter_attributes(&original, &meta).unwrap()
+        );
+        let record = DeadLetterRecord::from_attributes(&fitted.attributes).unwrap();
+        assert!(record.dropped.is_empty());
+        assert_eq!(record.displaced.len(), 1);
+    }
+
+    #[test]
+    fn a_copy_over_the_limit_drops_displaced_then_truncates_the_error_message() {
+        let mut original: HashMap<String, MessageAttributeValue> =
+            (0..9).map(|i| (format!("a{i}"), string("v"))).collect();
+        original.insert("zz".into(), string(&"d".repeat(300)));
+        let mut meta = metadata();
+        meta.error_message = "e\"".repeat(250);
+        let body = "b".repeat(400);
+        let limit = 1024;
+        assert!(message_size(&body, &original) <= limit);
+        let full = dead_letter_attributes(&original, &meta).unwrap();
+        assert!(message_size(&body, &full) > limit);
+        let fitted = fit_dead_letter(&original, &meta, &body, limit).unwrap();
+        assert!(fitted.size <= limit, "{}", fitted.size);
+        assert_eq!(fitted.size, message_size(&body, &fitted.attributes));
+        assert_eq!(
+            fitted.dropped,
+            vec![DROPPED_DISPLACED, DROPPED_ERROR_TRUNCATED]
+        );
+        for i in 0..9 {
+            let name = format!("a{i}");
+            assert_eq!(fitted.attributes[&name], original[&name]);
+        }
+        assert!(!fitted.attributes.contains_key("zz"));
+        let record = DeadLetterRecord::from_attributes(&fitted.attributes).unwrap();
+        assert!(record.displaced.is_empty());
+        assert_eq!(
+            record.dropped,
+            vec![
+                DROPPED_DISPLACED.to_string(),
+                DROPPED_ERROR_TRUNCATED.to_string()
+            ]
+        );
+        let kept = record.metadata.error_message.trim_end_matches('…');
+        assert!(meta.error_message.starts_with(kept));
+        assert!(kept.len() < meta.error_message.len());
+        // Dead-lettering the copy again still says the displaced attribute was dropped.
+        let again = fit_dead_letter(&fitted.attributes, &metadata(), &body, limit).unwrap();
+        let record = DeadLetterRecord::from_attributes(&again.attributes).unwrap();
+        assert_eq!(record.dropped, vec![DROPPED_DISPLACED.to_string()]);
+    }
+
+    #[test]
+    fn a_copy_that_cannot_fit_even_shrunk_is_an_error() {
+        let original = HashMap::new();
+        let body = "b".repeat(1000);
+        let mut meta = metadata();
+        meta.error_message = "e".repeat(200);
+        assert!(fit_dead_letter(&original, &meta, &body, 1024).is_err());
+        // Exactly the limit with a 0-byte error message fits; one byte less does not.
+        let mut empty = metadata();
+        empty.error_message.clear();
+        let (attrs, _) =
+            build_dead_letter(&original, &empty, false, &[DROPPED_ERROR_TRUNCATED]).unwrap();
+        let smallest = message_size("", &attrs);
+        let exact = "b".repeat(1024 - smallest);
+        let fitted = fit_dead_letter(&original, &meta, &exact, 1024).unwrap();
+        assert_eq!(fitted.size, 1024);
+        let over = "b".repeat(1025 - smallest);
+        assert!(fit_dead_letter(&original, &meta, &over, 1024).is_err());
     }
 
     #[test]

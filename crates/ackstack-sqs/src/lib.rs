@@ -58,6 +58,16 @@
 //! whose name sorts last is moved, with its type and bytes, into the metadata JSON under
 //! [`DISPLACED_KEY`]; [`DeadLetterRecord`] reads the record and restores the attributes.
 //!
+//! SQS refuses a message larger than the queue's `MaximumMessageSize` (read from the
+//! dead-letter queue when the source starts; 256 KiB when it cannot be read), counting the
+//! body and every attribute's name, type and value ([`message_size`]). A copy that would
+//! exceed it only because of what we add is shrunk first ([`fit_dead_letter`]): the
+//! displaced attributes are left out, then the error message in the metadata is cut, and
+//! the JSON lists what was left out under [`DROPPED_KEY`]. The body and the attributes kept
+//! on the copy never change. A copy too large even then is refused with
+//! [`SettleError::Rejected`](ackstack_core::SettleError::Rejected) without a call to SQS,
+//! and the original stays in its queue.
+//!
 //! # Timeouts
 //!
 //! The SDK puts no limit on a call's duration, so a stalled connection would hang it (and
@@ -96,8 +106,9 @@ mod stats;
 pub mod testing;
 
 pub use attrs::{
-    DEAD_LETTER_ATTRIBUTE, DISPLACED_KEY, DeadLetterRecord, MAX_ATTRIBUTES,
-    SYSTEM_ATTRIBUTE_PREFIX, dead_letter_attributes,
+    DEAD_LETTER_ATTRIBUTE, DEFAULT_MAX_MESSAGE_SIZE, DISPLACED_KEY, DROPPED_DISPLACED,
+    DROPPED_ERROR_TRUNCATED, DROPPED_KEY, DeadLetterRecord, FittedDeadLetter, MAX_ATTRIBUTES,
+    SYSTEM_ATTRIBUTE_PREFIX, dead_letter_attributes, fit_dead_letter, message_size,
 };
 pub use config::SqsConfig;
 pub use error::SqsError;

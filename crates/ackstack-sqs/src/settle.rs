@@ -12,7 +12,7 @@ use ackstack_core::{
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 
-use crate::attrs::dead_letter_attributes;
+use crate::attrs::fit_dead_letter;
 use crate::config::{MAX_BATCH, duration_secs_ceil};
 use crate::error::{ErrorClass, bounded, classify_code, settle_error};
 use crate::source::{QueueInfo, SqsToken};
@@ -35,7 +35,10 @@ const DELETE_ATTEMPTS: u32 = 5;
 ///   attributes plus one `ackstack-dead-letter` attribute (see
 ///   [`dead_letter_attributes`](crate::dead_letter_attributes)), then
 ///   [`Settled::AckOriginal`]. On a FIFO dead-letter queue the copy keeps the
-///   `MessageGroupId` and is deduplicated by the original `MessageId`.
+///   `MessageGroupId` and is deduplicated by the original `MessageId`. A copy over the
+///   dead-letter queue's `MaximumMessageSize` is shrunk first
+///   ([`fit_dead_letter`](crate::fit_dead_letter)); one that cannot fit is
+///   [`SettleError::Rejected`] without a call (the original stays in its queue).
 /// - **release**: `ChangeMessageVisibility(0)`.
 #[derive(Clone, Debug)]
 pub struct SqsSettler {
@@ -278,10 +281,6 @@ impl Settle for SqsSettler {
         letter: &DeadLetter,
     ) -> Result<Settled<SqsToken>, SettleFailure<SqsToken>> {
         let metadata = letter.metadata(delivery);
-        let attributes = match dead_letter_attributes(token.attributes(), &metadata) {
-            Ok(a) => a,
-            Err(e) => return Err(SettleFailure::new(token, SettleError::Rejected(e))),
-        };
         // The payload came from an SQS body, which is a string.
         let body = match std::str::from_utf8(&delivery.payload) {
             Ok(b) => b.to_string(),
@@ -292,6 +291,28 @@ impl Settle for SqsSettler {
                 ));
             }
         };
+        let fitted = match fit_dead_letter(
+            token.attributes(),
+            &metadata,
+            &body,
+            self.queue.dlq_max_size,
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(
+                    message_id = ?token.message_id(), error = %e,
+                    "dead-letter copy refused: too large for the dead-letter queue"
+                );
+                return Err(SettleFailure::new(token, SettleError::Rejected(e)));
+            }
+        };
+        if !fitted.dropped.is_empty() {
+            tracing::warn!(
+                message_id = ?token.message_id(), dropped = ?fitted.dropped, size = fitted.size,
+                "dead-letter copy shrunk to fit the dead-letter queue's size limit"
+            );
+        }
+        let attributes = fitted.attributes;
         let mut request = self
             .client
             .send_message()

@@ -14,7 +14,7 @@ use aws_sdk_sqs::config::Region;
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
 use bytes::Bytes;
 
-use crate::attrs::{SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
+use crate::attrs::{DEFAULT_MAX_MESSAGE_SIZE, SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
 use crate::config::{DEFAULT_OPERATION_TIMEOUT, MAX_VISIBILITY, SqsConfig, is_url, name_from_url};
 use crate::error::{
     CallError, ErrorClass, SqsError, bounded, classify_sdk, describe, is_missing_queue,
@@ -107,6 +107,36 @@ pub(crate) struct QueueInfo {
     pub(crate) system_headers: bool,
     /// [`SqsConfig::operation_timeout`].
     pub(crate) timeout: Duration,
+    /// The dead-letter queue's `MaximumMessageSize`, in bytes.
+    pub(crate) dlq_max_size: usize,
+}
+
+/// The `MaximumMessageSize` of the queue at `url`, or [`DEFAULT_MAX_MESSAGE_SIZE`] (logged)
+/// when it cannot be read.
+async fn max_message_size(client: &Client, url: &str, timeout: Duration) -> usize {
+    let request = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::MaximumMessageSize);
+    let answer = bounded("GetQueueAttributes", timeout, request.send()).await;
+    let read = match answer {
+        Ok(out) => out
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::MaximumMessageSize))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or_else(|| "no MaximumMessageSize in the answer".to_string()),
+        Err(e) => Err(e.describe()),
+    };
+    match read {
+        Ok(size) => size,
+        Err(error) => {
+            tracing::warn!(
+                %error, queue = url,
+                "cannot read the dead-letter queue's MaximumMessageSize; assuming {DEFAULT_MAX_MESSAGE_SIZE} bytes"
+            );
+            DEFAULT_MAX_MESSAGE_SIZE
+        }
+    }
 }
 
 /// Builds an SQS client through aws-config's default chain (credentials, region, retries),
@@ -234,6 +264,7 @@ impl SqsSource {
         let dlq_fifo = name_from_url(&dlq_url)
             .unwrap_or(&dlq_name)
             .ends_with(".fifo");
+        let dlq_max_size = max_message_size(&client, &dlq_url, config.operation_timeout).await;
         let queue = Arc::new(QueueInfo {
             url,
             name: name.into(),
@@ -247,6 +278,7 @@ impl SqsSource {
             parallel_acks: config.parallel_acks.max(1),
             system_headers: config.system_attribute_headers,
             timeout: config.operation_timeout,
+            dlq_max_size,
         });
         let stats = Arc::new(Counters::default());
         let settler = SqsSettler::new(

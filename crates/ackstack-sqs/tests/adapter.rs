@@ -11,8 +11,8 @@ use ackstack_core::{
 };
 use ackstack_sqs::testing::{self, TestQueue};
 use ackstack_sqs::{
-    Client, DEAD_LETTER_ATTRIBUTE, DeadLetterRecord, SqsConfig, SqsError, SqsPublisher, SqsSource,
-    SqsToken,
+    Client, DEAD_LETTER_ATTRIBUTE, DROPPED_DISPLACED, DROPPED_ERROR_TRUNCATED, DeadLetterRecord,
+    SqsConfig, SqsError, SqsPublisher, SqsSource, SqsToken, message_size,
 };
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
@@ -595,6 +595,137 @@ async fn fifo_round_trip_with_group_ids() {
                 .as_ref()
                 .map(|k| std::str::from_utf8(k).unwrap())
         );
+        queue.delete(&client).await;
+    })
+    .await;
+}
+
+/// Sets the dead-letter queue's `MaximumMessageSize` (SQS's lowest allowed value is 1024).
+async fn limit_dead_letter_queue(client: &Client, queue: &TestQueue, bytes: usize) {
+    client
+        .set_queue_attributes()
+        .queue_url(&queue.dlq_url)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::MaximumMessageSize,
+            bytes.to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+}
+
+/// The original fits the dead-letter queue's 1024-byte limit, but its copy would not: the
+/// metadata JSON, the displaced eleventh attribute and a long error message push it over.
+/// The copy is shrunk (displaced attribute and most of the error message left out, both
+/// recorded) and stays within the limit; body and the other attributes are unchanged.
+#[tokio::test]
+async fn dead_letter_over_the_size_limit_only_by_our_metadata_is_shrunk_to_fit() {
+    bounded(async {
+        let client = testing::client().await;
+        let queue = TestQueue::create(&client, "dlqfit", false).await.unwrap();
+        limit_dead_letter_queue(&client, &queue, 1024).await;
+        let mut source =
+            SqsSource::from_client(client.clone(), queue.config(Duration::from_secs(30)))
+                .await
+                .unwrap();
+        let mut attrs: HashMap<String, MessageAttributeValue> = (0..9)
+            .map(|i| (format!("a{i}"), string_attr("v")))
+            .collect();
+        attrs.insert("zz-displaced".to_string(), string_attr(&"d".repeat(300)));
+        let body = "b".repeat(400);
+        assert!(message_size(&body, &attrs) <= 1024);
+        send_raw(&client, &queue.url, &body, &attrs).await;
+        let r = receive_n(&mut source, 1, Duration::from_secs(10))
+            .await
+            .remove(0);
+        let long_error = "decoding failed at field \"total\"; ".repeat(20);
+        let letter = DeadLetter::new(&r.delivery, Failure::new(ErrorKind::Permanent, &long_error));
+        let settler = source.settler();
+        let Settled::AckOriginal(token) = settler
+            .dead_letter(r.token, &r.delivery, &letter)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert_eq!(settler.ack(vec![token]).await.acked, 1);
+        let copies = queue
+            .read_dead_letters(&client, 1, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(copies.len(), 1);
+        let copy = &copies[0];
+        let copy_attrs = copy.message_attributes().unwrap();
+        let size = message_size(copy.body().unwrap(), copy_attrs);
+        assert!(
+            size <= 1024,
+            "the copy is {size} bytes; SQS would refuse it"
+        );
+        assert_eq!(copy.body(), Some(body.as_str()));
+        for i in 0..9 {
+            let name = format!("a{i}");
+            assert_eq!(copy_attrs[&name].string_value(), Some("v"), "{name}");
+            assert_eq!(copy_attrs[&name].data_type(), "String", "{name}");
+        }
+        assert!(!copy_attrs.contains_key("zz-displaced"));
+        let record = DeadLetterRecord::from_attributes(copy_attrs).unwrap();
+        assert_eq!(
+            record.dropped,
+            vec![
+                DROPPED_DISPLACED.to_string(),
+                DROPPED_ERROR_TRUNCATED.to_string()
+            ]
+        );
+        assert!(record.displaced.is_empty());
+        let kept = record.metadata.error_message.trim_end_matches('…');
+        assert!(!kept.is_empty() && letter.failure.message.starts_with(kept));
+        assert_eq!(record.metadata.queue, queue.name);
+        queue.delete(&client).await;
+    })
+    .await;
+}
+
+/// A body that alone nearly fills the dead-letter queue's limit leaves no room for the
+/// metadata even shrunk: `dead_letter` refuses it for good (`Rejected`), sends nothing, and
+/// the original stays in its queue to be received again.
+#[tokio::test]
+async fn dead_letter_that_cannot_fit_even_shrunk_is_rejected_and_the_original_stays() {
+    bounded(async {
+        let client = testing::client().await;
+        let queue = TestQueue::create(&client, "dlqbig", false).await.unwrap();
+        limit_dead_letter_queue(&client, &queue, 1024).await;
+        let mut source =
+            SqsSource::from_client(client.clone(), queue.config(Duration::from_secs(30)))
+                .await
+                .unwrap();
+        let body = "b".repeat(1000);
+        send_raw(&client, &queue.url, &body, &HashMap::new()).await;
+        let r = receive_n(&mut source, 1, Duration::from_secs(10))
+            .await
+            .remove(0);
+        let letter = DeadLetter::new(&r.delivery, failure());
+        let settler = source.settler();
+        let failed = settler
+            .dead_letter(r.token, &r.delivery, &letter)
+            .await
+            .expect_err("a copy that cannot fit must not be reported as stored");
+        assert!(
+            matches!(failed.error, SettleError::Rejected(_)),
+            "{:?}",
+            failed.error
+        );
+        assert_eq!(source.stats().dead_lettered, 0);
+        // Not acked: released, it is received again, and nothing reached the DLQ.
+        settler.release(failed.token).await;
+        let again = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].delivery.payload.as_ref(), body.as_bytes());
+        assert_eq!(again[0].delivery.attempt, 2);
+        let copies = queue
+            .read_dead_letters(&client, 1, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(copies.is_empty());
         queue.delete(&client).await;
     })
     .await;

@@ -52,6 +52,11 @@ pub fn unique(prefix: &str) -> String {
 }
 
 impl Kafka {
+    /// The mock cluster, for fault injection (`None` against a real cluster).
+    pub fn mock(&self) -> Option<&MockCluster<'static, DefaultProducerContext>> {
+        self.mock.as_ref()
+    }
+
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
         if let Some(mock) = &self.mock {
             mock.create_topic(topic, partitions, 1).unwrap();
