@@ -25,6 +25,13 @@ pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// themselves are published without an `expiration`: in a delay queue it would cut the retry
 /// delay short, and in the dead-letter queue it would silently delete the dead letter.
 pub const ORIGINAL_EXPIRATION_HEADER: &str = "x-ackstack-original-expiration";
+/// The dead-letter metadata header that lists, comma-separated, what was left out of a
+/// dead-letter copy so that its content header fits the connection's negotiated `frame_max`;
+/// absent when nothing was. Like every `x-ackstack-dl-*` header it is replaced on
+/// re-dead-lettering.
+pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
+/// In [`DROPPED_HEADER`]: the error message in the metadata was cut shorter than usual.
+pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
 /// AMQP delivery mode 2: persistent.
 pub(crate) const PERSISTENT: u8 = 2;
 
@@ -311,10 +318,12 @@ pub(crate) fn retry_table(
 }
 
 /// The headers of a dead-letter copy: every value of `table` unchanged (typed), except that
-/// earlier `x-ackstack-dl-*` metadata is replaced by `metadata`.
+/// earlier `x-ackstack-dl-*` metadata is replaced by `metadata`, plus [`DROPPED_HEADER`]
+/// listing `dropped` when it is not empty.
 pub(crate) fn dead_letter_table(
     original: &BasicProperties,
     metadata: &DeadLetterMetadata,
+    dropped: &[&str],
 ) -> FieldTable {
     edit_table(original.headers().as_ref(), |map| {
         map.retain(|name, _| !name.as_str().starts_with(METADATA_PREFIX));
@@ -323,8 +332,98 @@ pub(crate) fn dead_letter_table(
                 map.insert(name, long_string(&value));
             }
         }
+        if !dropped.is_empty() {
+            map.insert(DROPPED_HEADER.into(), long_string(&dropped.join(",")));
+        }
         record_expiration(map, original);
     })
+}
+
+/// The bytes of a content-header frame besides its properties: frame type (1), channel (2)
+/// and payload size (4), then class id (2), weight (2) and body size (8), and the frame-end
+/// octet (1). RabbitMQ refuses a frame larger than the negotiated `frame_max` by closing the
+/// whole connection (`FRAME_ERROR`, `frame_too_large`).
+const CONTENT_HEADER_OVERHEAD: usize = 20;
+
+/// The size of the content-header frame that carries `properties` (the header table
+/// included), encoded by lapin's own serializer, so exactly what would be sent. Unlike the
+/// body, which lapin splits into frames, the content header must fit one frame.
+pub(crate) fn content_header_frame_size(properties: &BasicProperties) -> Result<usize, String> {
+    let written = lapin::protocol::basic::gen_properties(properties)(Vec::new().into())
+        .map_err(|e| format!("the message properties cannot be encoded: {e}"))?;
+    Ok(written.write.len() + CONTENT_HEADER_OVERHEAD)
+}
+
+/// The properties of a dead-letter copy whose content header fits `frame_max`, and what was
+/// left out of our metadata for it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct FittedCopy {
+    /// The properties to publish (see [`copy_properties`]).
+    pub(crate) properties: BasicProperties,
+    /// What was left out ([`DROPPED_ERROR_TRUNCATED`]); also in [`DROPPED_HEADER`]. Empty
+    /// when the copy fit as it was.
+    pub(crate) dropped: Vec<&'static str>,
+    /// The copy's content-header frame size ([`content_header_frame_size`]).
+    pub(crate) size: usize,
+}
+
+/// The properties of the dead-letter copy of a message received with `original` (see
+/// [`dead_letter_table`] and [`copy_properties`]), shrunk when needed so that its content
+/// header fits `frame_max` (the connection's negotiated frame size; 0 means no limit).
+///
+/// RabbitMQ's `max_message_size` counts only the body, which the copy keeps byte for byte,
+/// so the metadata can only push the content header over the frame size. Then the error
+/// message in the metadata is cut as short as needed, down to nothing
+/// ([`DROPPED_ERROR_TRUNCATED`], recorded in [`DROPPED_HEADER`]). The payload, the original
+/// headers and the other properties never change. `Err` when even the copy without an error
+/// message does not fit (the original headers nearly fill the frame on their own): the
+/// broker would close the connection over it however often it is sent.
+pub(crate) fn fit_dead_letter(
+    original: &BasicProperties,
+    metadata: &DeadLetterMetadata,
+    frame_max: u32,
+) -> Result<FittedCopy, String> {
+    let limit = match usize::try_from(frame_max) {
+        Ok(0) | Err(_) => usize::MAX,
+        Ok(limit) => limit,
+    };
+    let build = |metadata: &DeadLetterMetadata, dropped: &[&str]| {
+        let properties = copy_properties(original, dead_letter_table(original, metadata, dropped));
+        content_header_frame_size(&properties).map(|size| (properties, size))
+    };
+    let (properties, size) = build(metadata, &[])?;
+    if size <= limit {
+        return Ok(FittedCopy {
+            properties,
+            dropped: Vec::new(),
+            size,
+        });
+    }
+    let dropped = vec![DROPPED_ERROR_TRUNCATED];
+    let mut shorter = metadata.clone();
+    loop {
+        let (properties, size) = build(&shorter, &dropped)?;
+        if size <= limit {
+            return Ok(FittedCopy {
+                properties,
+                dropped,
+                size,
+            });
+        }
+        if shorter.error_message.is_empty() {
+            return Err(format!(
+                "the dead-letter copy's content header is {size} bytes even without an error \
+                 message; the connection's frame_max is {limit}"
+            ));
+        }
+        // The error message is a long string: each byte cut shortens the frame by one.
+        let keep = shorter.error_message.len().saturating_sub(size - limit);
+        shorter.error_message = if keep <= '…'.len_utf8() {
+            String::new()
+        } else {
+            ackstack_core::error::truncate(std::mem::take(&mut shorter.error_message), keep)
+        };
+    }
 }
 
 /// A copy of `table` with `edit` applied to its entries.
@@ -628,17 +727,64 @@ mod tests {
 
             #[test]
             fn dead_letter_metadata_round_trips_through_a_table(t in table(), meta in metadata()) {
-                let copy = dead_letter_table(&BasicProperties::default().with_headers(t.clone()), &meta);
+                let copy = dead_letter_table(&BasicProperties::default().with_headers(t.clone()), &meta, &[]);
                 prop_assert_eq!(
                     DeadLetterMetadata::from_headers(&headers_from_table(Some(&copy))),
                     Some(meta.clone())
                 );
                 // Dead-lettering the copy again replaces the metadata, never grows it.
-                let again = dead_letter_table(&BasicProperties::default().with_headers(copy.clone()), &meta);
+                let again = dead_letter_table(&BasicProperties::default().with_headers(copy.clone()), &meta, &[]);
                 prop_assert_eq!(again.inner().len(), copy.inner().len());
                 for (name, value) in t.inner() {
                     if !name.as_str().starts_with(METADATA_PREFIX) {
                         prop_assert_eq!(copy.inner().get(name), Some(value));
+                    }
+                }
+            }
+
+            #[test]
+            fn dead_letter_copy_fits_the_frame_or_is_refused(t in table(), meta in metadata(), frame_max in 0u32..3000) {
+                let original = BasicProperties::default()
+                    .with_headers(t.clone())
+                    .with_message_id("m".into());
+                match fit_dead_letter(&original, &meta, frame_max) {
+                    Ok(fitted) => {
+                        prop_assert_eq!(content_header_frame_size(&fitted.properties), Ok(fitted.size));
+                        if frame_max > 0 {
+                            prop_assert!(fitted.size <= frame_max as usize);
+                        }
+                        let headers = fitted.properties.headers().clone().unwrap_or_default();
+                        for (name, value) in t.inner() {
+                            if !name.as_str().starts_with(METADATA_PREFIX) {
+                                prop_assert_eq!(headers.inner().get(name), Some(value));
+                            }
+                        }
+                        let read = DeadLetterMetadata::from_headers(&headers_from_table(Some(&headers)));
+                        prop_assert!(read.is_some());
+                        let mut read = read.unwrap_or_else(|| meta.clone());
+                        if fitted.dropped.is_empty() {
+                            prop_assert!(headers.inner().get(DROPPED_HEADER).is_none());
+                        } else {
+                            prop_assert_eq!(
+                                headers.inner().get(DROPPED_HEADER),
+                                Some(&long_string(DROPPED_ERROR_TRUNCATED))
+                            );
+                            prop_assert!(read.error_message.len() < meta.error_message.len());
+                            read.error_message = meta.error_message.clone();
+                        }
+                        prop_assert_eq!(read, meta);
+                    }
+                    Err(_) => {
+                        // Refused only when the smallest copy does not fit either.
+                        prop_assert!(frame_max > 0);
+                        let mut empty = meta.clone();
+                        empty.error_message.clear();
+                        let smallest = copy_properties(
+                            &original,
+                            dead_letter_table(&original, &empty, &[DROPPED_ERROR_TRUNCATED]),
+                        );
+                        let size = content_header_frame_size(&smallest);
+                        prop_assert!(size.is_ok_and(|s| s > frame_max as usize));
                     }
                 }
             }
@@ -696,6 +842,19 @@ mod tests {
             map.get(ORIGINAL_EXPIRATION_HEADER),
             Some(&long_string("1000"))
         );
+    }
+
+    #[test]
+    fn content_header_frame_size_counts_the_frame_around_the_properties() {
+        // No properties: the 2-byte property flags, plus 20 bytes of frame.
+        assert_eq!(
+            content_header_frame_size(&BasicProperties::default()),
+            Ok(22)
+        );
+        // A table of one long string: 4 (table length) + 1 + 1 (name) + 1 (type) + 4 + 3.
+        let headers = table(vec![("h", long_string("abc"))]);
+        let props = BasicProperties::default().with_headers(headers);
+        assert_eq!(content_header_frame_size(&props), Ok(22 + 14));
     }
 
     #[test]

@@ -57,7 +57,28 @@ impl RabbitError {
         }
     }
 
+    /// Whether the broker closed the channel over this operation with an error that repeats
+    /// however often it is retried: `PRECONDITION_FAILED` (for a publish, for instance a
+    /// `user_id` property that is not the connection's user), `ACCESS_REFUSED` or `NOT_FOUND`.
+    pub(crate) fn is_permanent_channel_error(&self) -> bool {
+        match self {
+            RabbitError::Amqp(e) => is_permanent_soft(e),
+            _ => false,
+        }
+    }
+
+    /// The settlement error for a failed republish (retry or dead-letter copy).
+    ///
+    /// [`SettleError::Rejected`] (the broker refuses this copy for good; the runner counts it
+    /// and never acks the original) for an unroutable copy, a bad name or config, and a
+    /// permanent channel error ([`is_permanent_channel_error`](Self::is_permanent_channel_error)).
+    /// Everything else is [`SettleError::Broker`], transient: timeouts, connection losses and
+    /// a publisher-confirm nack (a queue with `x-overflow = reject-publish` nacks while it is
+    /// full and accepts again once it drains).
     pub(crate) fn into_settle_error(self) -> SettleError {
+        if self.is_permanent_channel_error() {
+            return SettleError::Rejected(self.to_string());
+        }
         match self {
             RabbitError::Unroutable(..) | RabbitError::InvalidName(_) | RabbitError::Config(_) => {
                 SettleError::Rejected(self.to_string())
@@ -67,15 +88,24 @@ impl RabbitError {
     }
 }
 
-fn is_fatal_amqp(e: &lapin::Error) -> bool {
+fn is_permanent_soft(e: &lapin::Error) -> bool {
     match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(soft) => matches!(
-                soft,
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Soft(
                 AMQPSoftError::ACCESSREFUSED
                     | AMQPSoftError::NOTFOUND
                     | AMQPSoftError::PRECONDITIONFAILED
-            ),
+            )
+        ),
+        _ => false,
+    }
+}
+
+fn is_fatal_amqp(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(_) => is_permanent_soft(e),
             AMQPErrorKind::Hard(hard) => {
                 matches!(hard, AMQPHardError::NOTALLOWED | AMQPHardError::INVALIDPATH)
             }

@@ -34,6 +34,22 @@
 //! plus the quorum queue's `x-delivery-count` of unsettled earlier deliveries. See
 //! [`attempt_of`].
 //!
+//! # Dead letters
+//!
+//! A dead-letter copy keeps the payload, the AMQP properties (but `expiration`) and every
+//! original header value byte for byte and type for type, and adds `x-ackstack-dl-*`
+//! metadata. Its content header must fit the connection's negotiated `frame_max` (the broker
+//! closes the connection over a larger frame): when the metadata would push it over, the
+//! error message in the metadata is cut to fit and [`DROPPED_HEADER`] says so
+//! ([`DROPPED_ERROR_TRUNCATED`]); when even the copy without an error message does not fit,
+//! nothing is published and
+//! [`dead_letter`](ackstack_core::Settle::dead_letter) fails with
+//! [`SettleError::Rejected`](ackstack_core::SettleError::Rejected), as it does when the broker
+//! closes the channel over the copy with `PRECONDITION_FAILED` (or `ACCESS_REFUSED`,
+//! `NOT_FOUND`). A publisher-confirm nack is
+//! [`SettleError::Broker`](ackstack_core::SettleError::Broker): transient. The original is
+//! acked only after the copy was confirmed.
+//!
 //! # Acks
 //!
 //! Acks are `basic.ack multiple=true` up to the highest completed tag below the lowest
@@ -95,7 +111,8 @@ mod source;
 mod tracker;
 
 pub use amqp::{
-    DELIVERY_COUNT_HEADER, KEY_HEADER, ORIGINAL_EXPIRATION_HEADER, attempt_of, headers_from_table,
+    DELIVERY_COUNT_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, KEY_HEADER,
+    ORIGINAL_EXPIRATION_HEADER, attempt_of, headers_from_table,
 };
 pub use config::{QueueType, RabbitConfig};
 pub use error::{ConfigError, RabbitError};

@@ -119,6 +119,12 @@ impl Generation {
         self.progress.notify_waiters();
     }
 
+    /// The connection's negotiated maximum frame size (0: no limit). A content header (the
+    /// properties with the header table) must fit one frame.
+    fn frame_max(&self) -> u32 {
+        self.connection.configuration().frame_max()
+    }
+
     async fn publish_channel(&self) -> Result<Channel, RabbitError> {
         let mut guard = self.publish.lock().await;
         if let Some(channel) = guard.as_ref()
@@ -647,28 +653,50 @@ impl RabbitSettler {
         }
     }
 
-    /// Publishes a copy of the token's message to `queue` with `headers` (see
-    /// [`copy_properties`]) and waits for its confirm.
+    /// Publishes a copy of the token's message (its payload with `properties`) to `queue` on
+    /// the generation's publish channel and waits for its confirm.
+    ///
+    /// When the broker closes the channel with a permanent error
+    /// ([`RabbitError::is_permanent_channel_error`]), the cause may be another copy in flight
+    /// on the same shared channel: this copy is published once more, alone on a channel of
+    /// its own, and only a refusal there is [`SettleError::Rejected`].
     async fn publish_copy(
         &self,
         token: &RabbitToken,
         queue: &str,
-        headers: FieldTable,
+        properties: BasicProperties,
     ) -> Result<(), SettleError> {
-        let channel = token
-            .generation
+        let generation = &token.generation;
+        let confirm_timeout = self.shared.config.confirm_timeout;
+        let channel = generation
             .publish_channel()
             .await
             .map_err(RabbitError::into_settle_error)?;
-        amqp::publish_confirmed(
+        let shared = amqp::publish_confirmed(
             &channel,
             queue,
             &token.payload,
-            copy_properties(&token.properties, headers),
-            self.shared.config.confirm_timeout,
+            properties.clone(),
+            confirm_timeout,
         )
-        .await
-        .map_err(RabbitError::into_settle_error)
+        .await;
+        match shared {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_permanent_channel_error() => {
+                tracing::debug!(error = %e, "publish channel closed by the broker; publishing the copy again alone");
+            }
+            Err(e) => return Err(e.into_settle_error()),
+        }
+        let alone = amqp::confirm_channel(&generation.connection, generation.timeout)
+            .await
+            .map_err(RabbitError::into_settle_error)?;
+        let result =
+            amqp::publish_confirmed(&alone, queue, &token.payload, properties, confirm_timeout)
+                .await;
+        if alone.status().connected() {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, alone.close(200, "done".into())).await;
+        }
+        result.map_err(RabbitError::into_settle_error)
     }
 }
 
@@ -720,7 +748,22 @@ impl Settle for RabbitSettler {
         let next_attempt = delivery.attempt.max(1).saturating_add(1);
         let first_failure = millis(failure.at);
         let headers = amqp::retry_table(&token.properties, next_attempt, first_failure);
-        match self.publish_copy(&token, &queue, headers).await {
+        let properties = copy_properties(&token.properties, headers);
+        // A content header over `frame_max` would make the broker close the whole connection
+        // (and with it every other unacked delivery of this generation).
+        let frame_max = token.generation.frame_max();
+        match amqp::content_header_frame_size(&properties) {
+            Ok(size) if frame_max == 0 || size <= frame_max as usize => {}
+            Ok(size) => {
+                let err = SettleError::Rejected(format!(
+                    "the retry copy's content header is {size} bytes; the connection's \
+                     frame_max is {frame_max}"
+                ));
+                return Err(SettleFailure::new(token, err));
+            }
+            Err(why) => return Err(SettleFailure::new(token, SettleError::Rejected(why))),
+        }
+        match self.publish_copy(&token, &queue, properties).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
             Err(err) => Err(SettleFailure::new(token, err)),
         }
@@ -731,6 +774,15 @@ impl Settle for RabbitSettler {
     /// the DLQ; returns [`Settled::AckOriginal`] once the copy is confirmed. The copy has no
     /// `expiration` (a publisher's TTL would delete the dead letter): the original one is in
     /// [`ORIGINAL_EXPIRATION_HEADER`](crate::ORIGINAL_EXPIRATION_HEADER).
+    ///
+    /// The copy's content header (properties and header table) must fit the connection's
+    /// negotiated `frame_max`, or the broker closes the connection. When the metadata would
+    /// push it over, the error message in the metadata is cut to fit, recorded in
+    /// [`DROPPED_HEADER`](crate::DROPPED_HEADER); when even the copy without an error message
+    /// does not fit, nothing is published and the result is [`SettleError::Rejected`], as it
+    /// is when the broker closes the channel over the publish with a permanent error such as
+    /// `PRECONDITION_FAILED`. A publisher-confirm nack stays [`SettleError::Broker`]
+    /// (transient). The original is never acked on an error.
     async fn dead_letter(
         &self,
         token: RabbitToken,
@@ -742,9 +794,22 @@ impl Settle for RabbitSettler {
             return Err(SettleFailure::new(token, err));
         }
         let metadata = letter.metadata(delivery);
-        let headers = amqp::dead_letter_table(&token.properties, &metadata);
+        let frame_max = token.generation.frame_max();
+        let fitted = match amqp::fit_dead_letter(&token.properties, &metadata, frame_max) {
+            Ok(fitted) => fitted,
+            Err(why) => return Err(SettleFailure::new(token, SettleError::Rejected(why))),
+        };
+        if !fitted.dropped.is_empty() {
+            tracing::warn!(
+                delivery_tag = token.tag,
+                size = fitted.size,
+                frame_max,
+                dropped = ?fitted.dropped,
+                "dead-letter copy's metadata shortened to fit the connection's frame_max"
+            );
+        }
         let dlq = self.shared.config.dlq_name();
-        match self.publish_copy(&token, &dlq, headers).await {
+        match self.publish_copy(&token, &dlq, fitted.properties).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
             Err(err) => Err(SettleFailure::new(token, err)),
         }
