@@ -21,7 +21,7 @@ use ackstack_core::{
 };
 
 mod common;
-use common::{Outage, fast_retry, until};
+use common::{Outage, fast_retry, run_counting, until};
 
 /// A layer that panics on every delivery.
 struct Panics;
@@ -206,24 +206,13 @@ async fn a_claim_applied_but_unanswered_is_ours_on_the_next_try() {
     let broker = MemoryBroker::new();
     broker.publish("q", Message::new("m").message_id("k"));
     let store = Outage::new(false, true);
-    let calls = Arc::new(AtomicU32::new(0));
-    let c = calls.clone();
     let mut config = ConsumerConfig::default();
     config.dedup.store_retry_after = Duration::from_millis(50);
-    let b = broker.clone();
-    let summary = Consumer::new(broker.source("q"))
+    let consumer = Consumer::new(broker.source("q"))
         .config(config)
-        .dedup_shared(store.clone(), DedupKey::MessageId)
-        .run_until(
-            handler_fn(move |_d, _cx| {
-                c.fetch_add(1, Ordering::SeqCst);
-                async { Ok(()) }
-            }),
-            until(move || b.is_empty("q")),
-        )
-        .await
-        .unwrap();
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+        .dedup_shared(store.clone(), DedupKey::MessageId);
+    let (calls, summary) = run_counting(consumer, &broker).await;
+    assert_eq!(calls, 1);
     assert_eq!(summary.retried, 0, "not seen as busy: {summary:?}");
     assert_eq!(broker.stats("q").received, 1, "never redelivered");
 }
@@ -231,21 +220,9 @@ async fn a_claim_applied_but_unanswered_is_ours_on_the_next_try() {
 /// Consumes everything in `broker`'s queue `q` with dedup on header `idem`; returns the
 /// handler's call count and the summary.
 async fn consume_dedup_by_header(broker: &MemoryBroker) -> (u32, ackstack_core::Summary) {
-    let calls = Arc::new(AtomicU32::new(0));
-    let c = calls.clone();
-    let b = broker.clone();
-    let summary = Consumer::new(broker.source("q"))
-        .dedup(MemoryDedupStore::new(), DedupKey::Header("idem".into()))
-        .run_until(
-            handler_fn(move |_d, _cx| {
-                c.fetch_add(1, Ordering::SeqCst);
-                async { Ok(()) }
-            }),
-            until(move || b.is_empty("q")),
-        )
-        .await
-        .unwrap();
-    (calls.load(Ordering::SeqCst), summary)
+    let consumer = Consumer::new(broker.source("q"))
+        .dedup(MemoryDedupStore::new(), DedupKey::Header("idem".into()));
+    run_counting(consumer, broker).await
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use ackstack_core::{
 };
 
 mod common;
-use common::{Outage, fast_retry, until};
+use common::{Outage, fast_retry, run_counting, until};
 
 #[tokio::test]
 async fn dedup_a_message_that_fails_once_then_succeeds_is_processed_exactly_once() {
@@ -138,21 +138,10 @@ async fn dedup_fails_closed_by_default_and_open_by_option() {
             );
             // The store comes back: the message is processed.
             store.down.store(false, Ordering::SeqCst);
-            let b = broker.clone();
-            let calls2 = Arc::new(AtomicU32::new(0));
-            let c3 = calls2.clone();
-            Consumer::new(broker.source("q"))
-                .dedup_shared(store.clone(), DedupKey::MessageId)
-                .run_until(
-                    handler_fn(move |_d, _cx| {
-                        c3.fetch_add(1, Ordering::SeqCst);
-                        async { Ok(()) }
-                    }),
-                    until(move || b.is_empty("q")),
-                )
-                .await
-                .unwrap();
-            assert_eq!(calls2.load(Ordering::SeqCst), 1);
+            let consumer =
+                Consumer::new(broker.source("q")).dedup_shared(store.clone(), DedupKey::MessageId);
+            let (calls, _) = run_counting(consumer, &broker).await;
+            assert_eq!(calls, 1);
         }
     }
 }

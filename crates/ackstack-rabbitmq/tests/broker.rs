@@ -8,13 +8,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ackstack_core::deadletter::{ATTEMPT_HEADER, FIRST_FAILURE_HEADER};
 use ackstack_core::{
-    DeadLetter, DeadLetterMetadata, ErrorKind, Failure, Message, Publish, Received, Settle,
-    Settled, Source, SourceError,
+    DeadLetter, DeadLetterMetadata, Delivery, ErrorKind, Failure, Message, Publish, Received,
+    Settle, Settled, Source, SourceError,
 };
 use ackstack_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
 use ackstack_rabbitmq::{
-    ORIGINAL_EXPIRATION_HEADER, RabbitConfig, RabbitPublisher, RabbitSource, RabbitToken,
-    text_value,
+    Fetched, ORIGINAL_EXPIRATION_HEADER, RabbitConfig, RabbitPublisher, RabbitSettler,
+    RabbitSource, RabbitToken, text_value,
 };
 use bytes::Bytes;
 
@@ -97,6 +97,29 @@ async fn kill_connection(source: &mut RabbitSource) {
         eprintln!("rabbitmqctl unavailable: closing from the client side instead");
         source.disconnect().await;
     }
+}
+
+/// Dead-letters `delivery` (permanent failure `reason`), acks the original once the copy is
+/// confirmed, and reads the copy back from the DLQ; returns it with the decision.
+async fn dead_letter_confirmed(
+    settler: &RabbitSettler,
+    publisher: &RabbitPublisher,
+    token: RabbitToken,
+    delivery: &Delivery,
+    reason: &str,
+) -> (Fetched, DeadLetter) {
+    let letter = DeadLetter::new(delivery, Failure::new(ErrorKind::Permanent, reason));
+    let Settled::AckOriginal(token) = settler.dead_letter(token, delivery, &letter).await.unwrap()
+    else {
+        panic!("expected AckOriginal");
+    };
+    assert!(settler.ack(vec![token]).await.failed.is_empty());
+    let copy = publisher
+        .get_dead_letter()
+        .await
+        .unwrap()
+        .expect("a DLQ copy");
+    (copy, letter)
 }
 
 #[tokio::test]
@@ -275,21 +298,8 @@ async fn dead_letter_copy_keeps_payload_and_typed_headers_and_adds_metadata() {
         let settler = source.settler();
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         let Received { delivery, token } = got.into_iter().next().unwrap();
-        let letter = DeadLetter::new(&delivery, Failure::new(ErrorKind::Permanent, "bad input"));
-        let Settled::AckOriginal(token) = settler
-            .dead_letter(token, &delivery, &letter)
-            .await
-            .unwrap()
-        else {
-            panic!("expected AckOriginal");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
-
-        let copy = publisher
-            .get_dead_letter()
-            .await
-            .unwrap()
-            .expect("a DLQ copy");
+        let (copy, letter) =
+            dead_letter_confirmed(&settler, &publisher, token, &delivery, "bad input").await;
         assert_eq!(copy.payload, payload);
         assert_eq!(
             copy.properties.message_id().as_ref().unwrap().as_str(),
@@ -779,20 +789,8 @@ async fn retry_copy_of_an_expiring_message_waits_its_full_delay_and_keeps_the_ex
             Some("200")
         );
         // Dead-lettering the retry copy still records the publisher's expiration.
-        let letter = DeadLetter::new(&delivery, Failure::new(ErrorKind::Permanent, "give up"));
-        let Settled::AckOriginal(token) = settler
-            .dead_letter(token, &delivery, &letter)
-            .await
-            .unwrap()
-        else {
-            panic!("expected AckOriginal");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
-        let copy = publisher
-            .get_dead_letter()
-            .await
-            .unwrap()
-            .expect("a DLQ copy");
+        let (copy, _) =
+            dead_letter_confirmed(&settler, &publisher, token, &delivery, "give up").await;
         assert!(copy.properties.expiration().is_none());
         assert_eq!(
             copy.headers.get_str(ORIGINAL_EXPIRATION_HEADER),

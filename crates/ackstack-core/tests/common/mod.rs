@@ -5,13 +5,35 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ackstack_core::Backoff;
-use ackstack_core::MemoryDedupStore;
 use ackstack_core::dedup::{BoxFuture, Claim, DedupError, DedupStore};
+use ackstack_core::memory::MemoryBroker;
+use ackstack_core::{Backoff, Consumer, MemoryDedupStore, Source, Summary, handler_fn};
 
 /// Exponential from 20 ms to 100 ms, no jitter.
 pub fn fast_retry() -> Backoff {
     Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100)).no_jitter()
+}
+
+/// Runs `consumer` with a handler that succeeds and counts its calls, until `broker`'s queue
+/// `q` is empty (or 20 s); returns the count and the summary.
+pub async fn run_counting<S: Source>(
+    consumer: Consumer<S>,
+    broker: &MemoryBroker,
+) -> (u32, Summary) {
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let c = calls.clone();
+    let b = broker.clone();
+    let summary = consumer
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    (calls.load(Ordering::SeqCst), summary)
 }
 
 /// Resolves when `done` holds, or after 20 s (the test's assertions then fail).
