@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace against real brokers, setting up what is missing first:
-# Redis and RabbitMQ are started if they do not answer; moto (the SQS emulator) is installed
+# Redis, PostgreSQL and RabbitMQ are started if they do not answer; moto (the SQS emulator) is installed
 # into a virtualenv and started, and stopped again at the end. Kafka tests use librdkafka's
 # in-process mock cluster unless KAFKA_BROKERS is set.
 #
@@ -38,6 +38,13 @@ ensure_redis() {
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
   wait_port 6379 30 Redis
+}
+
+ensure_postgres() {
+  if port_open 5432; then return; fi
+  log "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+  wait_port 5432 60 PostgreSQL
 }
 
 ensure_rabbitmq() {
@@ -84,6 +91,7 @@ stop_moto() {
 trap stop_moto EXIT
 
 ensure_redis
+ensure_postgres
 ensure_rabbitmq
 start_moto
 

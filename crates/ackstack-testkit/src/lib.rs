@@ -17,6 +17,9 @@
 //! # }
 //! ```
 //!
+//! The invariants are listed, with every test that proves each, in the repository's
+//! `docs/CONTRACT.md`.
+//!
 //! | check | invariant |
 //! |---|---|
 //! | [`checks::acks_only_after_success`] | 1 no loss, 7 batch ack |
