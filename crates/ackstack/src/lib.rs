@@ -74,6 +74,7 @@
 //! | `sqs` | `sqs` | Amazon SQS through aws-sdk-sqs |
 //! | `kafka` | `kafka` | Apache Kafka through rdkafka |
 //! | `redis` | `redis` | the Redis deduplication store |
+//! | `postgres` | `postgres` | the PostgreSQL transactional inbox (exactly-once effects) |
 //!
 //! ## How the pieces fit
 //!
@@ -97,3 +98,6 @@ pub use ackstack_kafka as kafka;
 
 #[cfg(feature = "redis")]
 pub use ackstack_redis as redis;
+
+#[cfg(feature = "postgres")]
+pub use ackstack_postgres as postgres;

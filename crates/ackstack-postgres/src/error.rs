@@ -1,0 +1,65 @@
+//! The inbox's errors.
+
+use std::time::Duration;
+
+use ackstack_core::HandlerError;
+
+/// What went wrong talking to PostgreSQL.
+///
+/// Every variant becomes a [`HandlerError::transient`] through `?` in a handler (the message
+/// is retried with backoff, then dead-lettered after the attempt limit); to dead-letter at
+/// once on a particular SQL error, check [`InboxError::code`] and return
+/// [`HandlerError::permanent`] yourself, or use `Consumer::classify`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboxError {
+    /// The configuration cannot work (a bad URL or table name).
+    #[error("invalid inbox configuration: {0}")]
+    Config(String),
+    /// No connection could be had from the pool: the database is unreachable, refuses us, or
+    /// every connection stayed busy for too long.
+    #[error("database unreachable: {0}")]
+    Unreachable(String),
+    /// A statement failed (an SQL error, or the connection broke while it ran).
+    #[error("database error: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    /// A call did not finish in time. The connection is closed, not reused.
+    #[error("{what} timed out after {after:?}")]
+    Timeout {
+        /// What was being done.
+        what: &'static str,
+        /// The bound that passed.
+        after: Duration,
+    },
+    /// A statement failed inside the transaction and the handler carried on as if it had not;
+    /// PostgreSQL had aborted the transaction, so nothing was committed (rolled back).
+    #[error(
+        "a statement failed inside the inbox transaction, so nothing was committed (rolled back)"
+    )]
+    Aborted(#[source] tokio_postgres::Error),
+    /// The commit's answer was lost (the connection broke or timed out during `COMMIT`). The
+    /// transaction may or may not have committed; either way a retry is safe: if it committed,
+    /// the redelivery finds its inbox row and is acknowledged as a duplicate.
+    #[error("the outcome of COMMIT is unknown: {0}")]
+    CommitUnknown(String),
+    /// The transaction handle was used after its transaction had ended (a clone kept past the
+    /// handler's return), or after its connection broke.
+    #[error("the inbox transaction has already ended")]
+    Ended,
+}
+
+impl InboxError {
+    /// The SQLSTATE code of a database error, e.g. `"23505"` for a unique violation.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            InboxError::Database(e) | InboxError::Aborted(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+}
+
+impl From<InboxError> for HandlerError {
+    fn from(err: InboxError) -> Self {
+        HandlerError::transient(err)
+    }
+}

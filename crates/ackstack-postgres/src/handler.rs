@@ -1,0 +1,106 @@
+//! [`TxHandler`]: a [`Handler`] that applies a delivery's effects exactly once.
+
+use std::future::Future;
+
+use ackstack_core::{Context, DedupKey, Delivery, Handler, HandlerError};
+
+use crate::inbox::PgInbox;
+use crate::tx::InboxTx;
+
+/// A [`Handler`] running your function inside an inbox transaction; see [`tx_handler_fn`].
+#[derive(Clone)]
+pub struct TxHandler<F> {
+    inbox: PgInbox,
+    key: DedupKey,
+    f: F,
+}
+
+impl<F> std::fmt::Debug for TxHandler<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxHandler")
+            .field("inbox", &self.inbox)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes a handler that applies each delivery's effects exactly once, in one PostgreSQL
+/// transaction with the delivery's inbox row.
+///
+/// `f` is `Fn(Delivery, InboxTx, Context) -> impl Future<Output = Result<(), HandlerError>>`:
+/// it gets owned values, so an `async move` block needs no lifetimes. Per delivery:
+///
+/// 1. the key is [`DedupKey::extract`]ed (bytes); a transaction begins;
+/// 2. `INSERT INTO inbox (consumer, key) VALUES (..) ON CONFLICT DO NOTHING`:
+///    - no row inserted: the key was committed before, a **duplicate**: roll back, count it
+///      (`Context::note_deduplicated`, `ackstack_deduplicated_total`) and return `Ok`, so it is
+///      acked without calling `f`;
+///    - another transaction holds the same key right now: the insert waits for it to end (no
+///      polling, no lease), then is a duplicate (it committed) or proceeds (it rolled back);
+///      a wait longer than `statement_timeout` fails as a transient error (retried);
+/// 3. `f` runs with the open transaction ([`InboxTx`]);
+/// 4. `Ok`: **commit**, then return `Ok` (the consumer acks after the commit); `Err`: roll
+///    back and return the error (retried or dead-lettered as usual); a panic or a cancelled
+///    handler: the connection is closed, which rolls back, and the runner counts the panic as
+///    a transient failure.
+///
+/// A delivery without a key (or with an empty one) runs `f` in a transaction without an inbox
+/// row: it is not deduplicated (counted in `ackstack_dedup_keyless_total` and logged at
+/// debug).
+///
+/// When the database is unreachable, each delivery fails with a transient
+/// [`InboxError::Unreachable`](crate::InboxError::Unreachable) and is retried with the
+/// consumer's backoff; the consumer keeps running.
+///
+/// Only effects made through the [`InboxTx`] are exactly-once. Anything else `f` does (an
+/// HTTP call, a publish) happens at least once: it may repeat when the commit fails.
+pub fn tx_handler_fn<F, Fut>(inbox: PgInbox, key: DedupKey, f: F) -> TxHandler<F>
+where
+    F: Fn(Delivery, InboxTx, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    TxHandler { inbox, key, f }
+}
+
+impl<F, Fut> Handler for TxHandler<F>
+where
+    F: Fn(Delivery, InboxTx, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    async fn handle(&self, delivery: &Delivery, cx: &Context) -> Result<(), HandlerError> {
+        let key = self.key.extract(delivery);
+        let tx = self.inbox.begin().await?;
+        match &key {
+            Some(key) => match self.inbox.record(&tx, key).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tx.rollback().await;
+                    metrics::counter!(ackstack_core::metrics::DEDUPLICATED).increment(1);
+                    cx.note_deduplicated();
+                    tracing::debug!(key = %key.escape_ascii(), "already in the inbox; acking without calling the handler");
+                    return Ok(());
+                }
+                Err(err) => {
+                    tx.rollback().await;
+                    return Err(err.into());
+                }
+            },
+            None => {
+                metrics::counter!(ackstack_core::metrics::DEDUP_KEYLESS).increment(1);
+                tracing::debug!(
+                    "no inbox key; running the handler in a transaction without an inbox row"
+                );
+            }
+        }
+        match (self.f)(delivery.clone(), tx.clone(), cx.clone()).await {
+            Ok(()) => {
+                tx.commit().await?;
+                Ok(())
+            }
+            Err(err) => {
+                tx.rollback().await;
+                Err(err)
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! A transactional inbox in PostgreSQL for ackstack: a message's effects are applied
+//! **exactly once**, however often the broker delivers it.
+//!
+//! Deduplication in a separate store (Redis) marks a key done *after* the handler's effects:
+//! a crash between the two repeats the effect. When the effects live in PostgreSQL, the inbox
+//! closes that gap: the record "this message was applied" is a row written **in the same
+//! transaction** as the effects, so both commit or neither does.
+//!
+//! ```text
+//! BEGIN
+//! INSERT INTO ackstack_inbox (consumer, key) VALUES ($1, $2) ON CONFLICT DO NOTHING
+//!   0 rows -> a duplicate: ROLLBACK, ack without calling the handler
+//!   1 row  -> your handler runs its statements in this transaction
+//!             Ok  -> COMMIT, then the consumer acks
+//!             Err -> ROLLBACK, retried or dead-lettered as usual
+//! ```
+//!
+//! Two workers given the same message at once (a redelivery after a lost lease, a duplicate
+//! publish) serialize on the primary key: the second `INSERT` waits until the first
+//! transaction ends, then finds the row (a duplicate) or, if the first rolled back, proceeds.
+//! A crash anywhere before `COMMIT` leaves nothing behind; a crash after it leaves the row,
+//! so the redelivery is acked as a duplicate.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use ackstack_core::{Consumer, DedupKey, HandlerError, MemoryBroker, Message};
+//! use ackstack_postgres::{PgInbox, PgInboxConfig};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Charge { order_id: String, amount_cents: i64 }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let inbox = PgInbox::new(
+//!     "postgres://postgres@127.0.0.1:5432/test",
+//!     PgInboxConfig::new("charges"),
+//! )?;
+//! inbox.migrate().await?; // or run migrations/0001_inbox.sql with your own tool
+//! let _sweeper = inbox.spawn_sweeper(Duration::from_secs(600)); // forgets keys after 7 days
+//!
+//! let broker = MemoryBroker::new();
+//! broker.publish("orders", Message::new(r#"{"order_id":"A-1","amount_cents":1250}"#).message_id("m-1"));
+//!
+//! let handler = inbox.handler(DedupKey::MessageId, |delivery, tx, _cx| async move {
+//!     let charge: Charge = ackstack_core::decode::json(&delivery)?;
+//!     // Runs in the inbox transaction: committed together with the inbox row, or not at all.
+//!     tx.execute(
+//!         "INSERT INTO charges (order_id, amount_cents) VALUES ($1, $2)",
+//!         &[&charge.order_id, &charge.amount_cents],
+//!     )
+//!     .await?;
+//!     Ok(())
+//! });
+//!
+//! Consumer::new(broker.source("orders"))
+//!     .run_until(handler, tokio::time::sleep(Duration::from_secs(1)))
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The handler gets an owned [`InboxTx`] (a handle to the open transaction), so the usual
+//! `async move` block works without lifetimes; the inbox commits or rolls back after the block
+//! returns.
+//!
+//! # Exactly once, and what is not
+//!
+//! Only statements run through the [`InboxTx`] are exactly-once. Other side effects of the
+//! handler (HTTP calls, publishing) are at-least-once: a failed commit repeats them. The
+//! guarantee lasts as long as the inbox keeps the key ([`PgInboxConfig::retention`], 7 days by
+//! default): keep that longer than any redelivery (broker retention, retry schedule, replays
+//! of dead letters). A delivery without a key is processed in a transaction but not
+//! deduplicated.
+//!
+//! The inbox replaces the dedup layer for these handlers: do not also give the consumer a
+//! dedup store for the same key.
+//!
+//! # Failures and bounds
+//!
+//! - The database unreachable, a broken connection, a timeout: the delivery fails with a
+//!   transient error (retried with the consumer's backoff); the consumer keeps running and
+//!   the pool reconnects on the next delivery.
+//! - Every statement is bounded: `statement_timeout` (default 10 s) is set for each inbox
+//!   transaction (`SET LOCAL`) and on each connection of a pool the inbox made, and the
+//!   client gives up a second later. A connection whose state is unknown after a timeout,
+//!   a panic or a cancelled handler is closed, never returned to the pool.
+//! - An SQL error inside the handler aborts the transaction; a handler that swallows it and
+//!   returns `Ok` gets [`InboxError::Aborted`] at commit instead of a silent rollback.
+//!
+//! # The table
+//!
+//! [`PgInbox::migrate`] runs [`MIGRATION_0001`] (`migrations/0001_inbox.sql`, the same file)
+//! for the configured table: `(consumer text, key bytea, received_at timestamptz, primary key
+//! (consumer, key))` and an index on `received_at` for the sweeper. [`PgInbox::sweep_once`]
+//! deletes a consumer's rows older than a given age in short batches;
+//! [`PgInbox::spawn_sweeper`] runs it periodically with the configured retention.
+
+mod config;
+mod error;
+mod handler;
+mod inbox;
+mod tx;
+
+pub use config::{DEFAULT_TABLE, PgInboxConfig};
+pub use error::InboxError;
+pub use handler::{TxHandler, tx_handler_fn};
+pub use inbox::{MIGRATION_0001, PgInbox, SweeperHandle};
+pub use tx::InboxTx;
+
+/// The PostgreSQL client and pool crates this one is built on, for your own pool
+/// ([`PgInbox::from_pool`]) and types ([`tokio_postgres::types::ToSql`], rows).
+pub use deadpool_postgres;
+pub use tokio_postgres;
