@@ -1,7 +1,83 @@
 //! The core of ackstack: the broker-independent consumer contract, the runner, the reliability
-//! layers and an in-memory broker.
+//! layers and an in-memory broker. Applications usually depend on the `ackstack` facade, which
+//! re-exports this crate; adapter authors depend on this one.
 //!
-//! (Crate documentation is completed with the runner.)
+//! # The life of a delivery
+//!
+//! ```text
+//!  Source::receive ──► runner (runner.rs) ──► [per-key gate] (ordering.rs)
+//!                         │   holds: a concurrency permit, a lease (lease.rs)
+//!                         ▼
+//!   retry (retry.rs) ─► dedup (dedup.rs) ─► your layers ─► Terminal ─► your Handler
+//!        │ the one place a failure becomes Retry or DeadLetter; panics are attempts
+//!        ▼
+//!   Outcome (outcome.rs) ──► runner settles through Source::Settler (source.rs):
+//!        Ack ───────────► batch acker (acker.rs) ─► Settle::ack (batched, lease kept until sent)
+//!        Retry{after} ──► Settle::retry (the broker delays it; lease released first)
+//!        DeadLetter ────► Settle::dead_letter (confirmed copy) ─► ack of the original
+//!        Release ───────► Settle::release (not an attempt: given back at once)
+//! ```
+//!
+//! 1. **Receive.** The runner asks the [`Source`] for at most as many deliveries as it has free
+//!    concurrency permits. Each [`Delivery`] carries its payload, headers, key, message id, the
+//!    attempt number *as the broker counts it* and its [`Origin`].
+//! 2. **Decide.** The processing stack turns the delivery into an [`Outcome`]. Its order is
+//!    fixed: the retry layer outermost (schedule from [`Backoff`], limit from
+//!    [`RetryConfig::max_attempts`]), then deduplication ([`DedupKey`], a [`DedupStore`]), then
+//!    the [`Layer`]s you add, then your [`Handler`]. A [`HandlerError`] says whether a failure
+//!    is transient (retried) or permanent (dead-lettered at once).
+//! 3. **Settle.** The runner settles the outcome through the adapter's [`Settle`]
+//!    implementation, which consumes the token so that a delivery cannot be settled twice. A
+//!    failed settlement hands the token back ([`SettleFailure`]) and the delivery is released,
+//!    never acked. A lost lease cancels the handler's [`Context`] and nothing is settled.
+//!
+//! # The adapter contract
+//!
+//! An adapter implements [`Source`] (receive, report [`Capabilities`]) and [`Settle`] (ack,
+//! retry, dead-letter, extend, release). The thirteen invariants every adapter keeps, and the
+//! tests that prove each, are listed in the repository's `docs/CONTRACT.md`; the
+//! `ackstack-testkit` crate runs the same conformance checks on any adapter.
+//!
+//! # Example
+//!
+//! A handler that fails once and then succeeds, on the in-memory broker:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::time::Duration;
+//! use ackstack_core::{Backoff, Consumer, HandlerError, MemoryBroker, Message, handler_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let broker = MemoryBroker::new();
+//! broker.publish("q", Message::new("hello"));
+//! let calls = Arc::new(AtomicU32::new(0));
+//! let c = calls.clone();
+//! let consumer = Consumer::new(broker.source("q"))
+//!     .retry(Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)).no_jitter())
+//!     .max_attempts(3);
+//! let status = consumer.status();
+//! let summary = consumer
+//!     .run_until(
+//!         handler_fn(move |delivery, _cx| {
+//!             let first = c.fetch_add(1, Ordering::SeqCst) == 0;
+//!             async move {
+//!                 if first {
+//!                     return Err(HandlerError::transient("not yet"));
+//!                 }
+//!                 assert_eq!(delivery.attempt, 2, "the broker counted the retry");
+//!                 Ok(())
+//!             }
+//!         }),
+//!         async move { status.idle(Duration::from_millis(300)).await },
+//!     )
+//!     .await
+//!     .unwrap();
+//! assert_eq!((summary.retried, summary.acked), (1, 1));
+//! assert!(broker.is_empty("q"));
+//! # }
+//! ```
 
 pub mod acker;
 pub mod backoff;

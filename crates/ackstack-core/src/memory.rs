@@ -407,7 +407,11 @@ impl Settle for MemorySettler {
             Ok(())
         });
         match result {
-            Ok(()) => Ok(Settled::Done),
+            Ok(()) => {
+                // A receive already waiting must learn of the new due time.
+                self.broker.shared.notify.notify_waiters();
+                Ok(Settled::Done)
+            }
             Err(e) => Err(SettleFailure::new(token, e)),
         }
     }

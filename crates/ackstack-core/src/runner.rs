@@ -93,7 +93,7 @@ pub struct ConsumerConfig {
 }
 
 /// What happens to a delivery whose dead-letter copy the broker refuses for good
-/// ([`SettleError::Rejected`](crate::SettleError::Rejected)). Never an ack: the message stays
+/// ([`SettleError::Rejected`]). Never an ack: the message stays
 /// at the broker until an operator deals with it (`ackstack_dead_letters_refused_total`,
 /// [`Status::dead_letters_refused`], an error log line per message).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
