@@ -511,6 +511,7 @@ impl OrdersProcess {
             .args(args)
             .env_remove("REDIS_URL")
             .env_remove("KAFKA_BROKERS")
+            .env_remove("DATABASE_URL")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
