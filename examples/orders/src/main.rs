@@ -545,7 +545,7 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
 
 /// The outcome of parsing the command line.
 enum Parsed {
-    Run(Options),
+    Run(Box<Options>),
     Help,
 }
 
@@ -631,7 +631,7 @@ fn parse_args(
             other => return Err(format!("unexpected argument {other:?}")),
         }
     }
-    Ok(Parsed::Run(opts))
+    Ok(Parsed::Run(Box::new(opts)))
 }
 
 /// The flag's value: the inline `=value`, or the next argument.
@@ -690,7 +690,7 @@ fn queue_name(name: &str) -> Result<String, String> {
 async fn main() -> ExitCode {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let opts = match parse_args(std::env::args().skip(1), env) {
-        Ok(Parsed::Run(opts)) => opts,
+        Ok(Parsed::Run(opts)) => *opts,
         Ok(Parsed::Help) => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
