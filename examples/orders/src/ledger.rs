@@ -157,13 +157,15 @@ impl PgLedger {
 
     /// Records one charge of `order_id` in the delivery's inbox transaction.
     pub async fn charge(&self, tx: &InboxTx, order_id: &str) -> Result<(), InboxError> {
-        tx.execute(
-            "INSERT INTO ackstack_example_charges (queue, order_id, count) VALUES ($1, $2, 1) \
-             ON CONFLICT (queue, order_id) \
-             DO UPDATE SET count = ackstack_example_charges.count + 1",
-            &[&self.queue, &order_id],
-        )
-        .await?;
+        // Prepared once per connection: one round trip per charge after that.
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO ackstack_example_charges (queue, order_id, count) \
+                 VALUES ($1, $2, 1) ON CONFLICT (queue, order_id) \
+                 DO UPDATE SET count = ackstack_example_charges.count + 1",
+            )
+            .await?;
+        tx.execute(&upsert, &[&self.queue, &order_id]).await?;
         Ok(())
     }
 

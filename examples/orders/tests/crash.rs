@@ -19,8 +19,16 @@
 //! - nothing is left on the work queue (nor, on RabbitMQ, its delay queues).
 //!
 //! Each broker prints one figures line, e.g.
-//! `crash-suite broker=rabbitmq orders=200 good=190 malformed=10 duplicates_injected=19 kills=4
-//! connection_drops=1 redis_restarts=1 lost=0 double_charged=0 dead_lettered=10 seed=...`.
+//! `crash-suite broker=rabbitmq store=redis orders=200 good=190 malformed=10
+//! duplicates_injected=19 kills=4 connection_drops=1 redis_restarts=1 lost=0 double_charged=0
+//! dead_lettered=10 seed=...`.
+//!
+//! The `*_with_inbox` variants run the same plan with the PostgreSQL transactional inbox
+//! (`--database-url`, `DATABASE_URL` or `postgres://postgres@127.0.0.1:5432/test`) instead of
+//! Redis, and audit the `ackstack_example_charges` rows of the queue: the charge commits with
+//! the inbox row, so **every good order must be charged exactly once** (`double_charged=0`,
+//! no window to explain). Nothing but the consumer is restarted there (and, on RabbitMQ, its
+//! connection dropped); the figures line says `store=postgres`.
 //!
 //! Brokers: RabbitMQ, SQS and Kafka, the brokers that outlive the consumer process (the memory
 //! broker dies with its process). Kafka runs against `KAFKA_BROKERS` when set, else against
