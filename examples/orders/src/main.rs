@@ -23,6 +23,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ackstack::postgres::{InboxTx, PgInbox, PgInboxConfig};
 use ackstack::redis::{RedisDedupConfig, RedisDedupError, RedisDedupStore};
 use ackstack::{
     Backoff, Consumer, DedupKey, DedupStore, Delivery, HandlerError, MemoryDedupStore, Message,
@@ -30,7 +31,7 @@ use ackstack::{
 };
 use serde::Deserialize;
 
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, PgLedger};
 
 /// An error that ends the program with exit code 1 (a broker or configuration failure).
 pub type Fatal = Box<dyn std::error::Error + Send + Sync>;
@@ -57,8 +58,12 @@ OPTIONS:
                            mock cluster is started)
     --redis-url URL        Redis for deduplication and the charge ledger (env REDIS_URL; unset:
                            both are kept in memory)
-    --connect-timeout SECS give up (exit 1) when the broker or Redis has not answered within
-                           SECS of starting (default: wait for ever, retrying with backoff)
+    --database-url URL     PostgreSQL for a transactional inbox and the charge ledger, each
+                           charge committed with its inbox row (env DATABASE_URL; wins over
+                           --redis-url when both are given)
+    --connect-timeout SECS give up (exit 1) when the broker, Redis or PostgreSQL has not
+                           answered within SECS of starting (default: wait for ever, retrying
+                           with backoff)
     -h, --help             print this help
 
 OUTPUT (stdout, one line per event):
@@ -73,7 +78,8 @@ OUTPUT (stdout, one line per event):
 
 EXIT CODES:
     0 normal exit (idle, Ctrl-C or SIGTERM), 1 configuration error or --connect-timeout ran
-    out, 2 bad arguments. An unreachable broker or Redis is waited for, not an error.
+    out, 2 bad arguments. An unreachable broker, Redis or PostgreSQL is waited for, not an
+    error.
 
 Logs go to stderr; set RUST_LOG (default warn).
 ";
@@ -82,7 +88,7 @@ Logs go to stderr; set RUST_LOG (default warn).
 const DEFAULT_IDLE: Duration = Duration::from_secs(3);
 /// The longest retry delay.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
-/// How long connecting to a broker or Redis may take.
+/// How long connecting to a broker, Redis or PostgreSQL may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a charge takes (a call to a payment provider, simulated).
 const CHARGE_LATENCY: Duration = Duration::from_millis(50);
@@ -126,7 +132,9 @@ pub struct Options {
     pub kafka_brokers: Option<String>,
     /// Redis URL; `None`: in-memory dedup store and ledger.
     pub redis_url: Option<String>,
-    /// How long start-up may wait for the broker and Redis; `None`: for ever.
+    /// PostgreSQL URL: the inbox and the ledger there instead (wins over `redis_url`).
+    pub database_url: Option<String>,
+    /// How long start-up may wait for the broker, Redis and PostgreSQL; `None`: for ever.
     pub connect_timeout: Option<Duration>,
 }
 
@@ -167,8 +175,30 @@ fn sample_orders() -> Vec<&'static str> {
 
 /// The handler: decode, maybe fail on purpose, charge. Returning `Ok` acks the delivery.
 async fn handle(delivery: Delivery, ledger: Ledger) -> Result<(), HandlerError> {
+    let order = order_to_charge(&delivery).await?;
+    ledger
+        .charge(&order.order_id)
+        .await
+        .map_err(HandlerError::transient)?;
+    Ok(())
+}
+
+/// The handler with the PostgreSQL inbox: the same, but the charge is a statement in the
+/// delivery's inbox transaction, committed with its inbox row after this returns `Ok`.
+async fn handle_in_inbox(
+    delivery: Delivery,
+    tx: InboxTx,
+    ledger: PgLedger,
+) -> Result<(), HandlerError> {
+    let order = order_to_charge(&delivery).await?;
+    ledger.charge(&tx, &order.order_id).await?;
+    Ok(())
+}
+
+/// Decodes the order, fails on purpose while it asks to, and waits for the payment provider.
+async fn order_to_charge(delivery: &Delivery) -> Result<Order, HandlerError> {
     // A body that is not an order fails permanently: it is dead-lettered at once.
-    let order: Order = ackstack::decode::json(&delivery)?;
+    let order: Order = ackstack::decode::json(delivery)?;
     if let Some(fail_first) = order.fail_first
         && delivery.attempt <= fail_first
     {
@@ -178,11 +208,27 @@ async fn handle(delivery: Delivery, ledger: Ledger) -> Result<(), HandlerError> 
     }
     tokio::time::sleep(CHARGE_LATENCY).await;
     tracing::debug!(order_id = %order.order_id, amount_cents = order.amount_cents, "charging");
-    ledger
-        .charge(&order.order_id)
-        .await
-        .map_err(HandlerError::transient)?;
-    Ok(())
+    Ok(order)
+}
+
+/// How duplicates are recognised and where charges go.
+#[derive(Clone)]
+pub enum Effects {
+    /// A dedup store in front of the handler (claim before, done marker after), and a ledger
+    /// the handler charges.
+    Dedup {
+        /// The dedup store (Redis or in memory).
+        store: Arc<dyn DedupStore>,
+        /// The ledger (Redis or in memory).
+        ledger: Ledger,
+    },
+    /// The PostgreSQL inbox: each delivery's inbox row and its charge in one transaction.
+    Inbox {
+        /// The inbox.
+        inbox: PgInbox,
+        /// The ledger, in the same database.
+        ledger: PgLedger,
+    },
 }
 
 /// The dedup key: the body's `order_id` (a body without one is not deduplicated).
@@ -233,8 +279,7 @@ async fn publish_and_consume<S: Source, P: Publish>(
     opts: &Options,
     source: S,
     publisher: P,
-    dedup: Arc<dyn DedupStore>,
-    ledger: Ledger,
+    effects: Effects,
 ) -> Result<(), Fatal> {
     if !opts.consume_only {
         for body in sample_orders() {
@@ -250,7 +295,6 @@ async fn publish_and_consume<S: Source, P: Publish>(
         .retry(opts.backoff())
         .max_attempts(opts.max_attempts)
         .shutdown_deadline(Duration::from_secs(10))
-        .dedup_shared(dedup, DedupKey::from_fn(order_id_of))
         .inspect(print_outcome);
     let idle = match (opts.exit_when_idle, opts.consume_only) {
         (Some(period), _) => Some(period),
@@ -258,15 +302,27 @@ async fn publish_and_consume<S: Source, P: Publish>(
         (None, true) => None,
     };
     let stop = stop_signal(consumer.status(), idle);
-    let handler_ledger = ledger.clone();
-    let summary = consumer
-        .run_until(
-            handler_fn(move |delivery, _cx| handle(delivery, handler_ledger.clone())),
-            stop,
-        )
-        .await?;
+    let (summary, entries) = match effects {
+        Effects::Dedup { store, ledger } => {
+            let consumer = consumer.dedup_shared(store, DedupKey::from_fn(order_id_of));
+            let handler_ledger = ledger.clone();
+            let handler = handler_fn(move |delivery, _cx| handle(delivery, handler_ledger.clone()));
+            let summary = consumer.run_until(handler, stop).await?;
+            (summary, ledger.entries().await?)
+        }
+        Effects::Inbox { inbox, ledger } => {
+            // The inbox is the dedup: keyed by the order id, like the dedup store.
+            let handler_ledger = ledger.clone();
+            let handler = inbox
+                .handler(DedupKey::from_fn(order_id_of), move |delivery, tx, _cx| {
+                    handle_in_inbox(delivery, tx, handler_ledger.clone())
+                });
+            let summary = consumer.run_until(handler, stop).await?;
+            (summary, ledger.entries().await?)
+        }
+    };
     print_summary(&summary);
-    for (order_id, count) in ledger.entries().await? {
+    for (order_id, count) in entries {
         println!("ledger order_id={} count={count}", shown(&order_id));
     }
     Ok(())
@@ -329,7 +385,7 @@ async fn interrupted() {
 pub enum StartError {
     /// The configuration is wrong: give up at once (exit 1).
     Config(Fatal),
-    /// The broker or Redis did not answer: wait and try again.
+    /// The broker, Redis or PostgreSQL did not answer: wait and try again.
     Unreachable(Fatal),
 }
 
@@ -380,7 +436,7 @@ where
 }
 
 /// Sets up deduplication and the ledger, connects to the broker, and runs. Ctrl-C or SIGTERM
-/// while it still waits for the broker or Redis ends it normally.
+/// while it still waits for the broker, Redis or PostgreSQL ends it normally.
 async fn run(opts: Options) -> Result<(), Fatal> {
     tokio::select! {
         result = start_and_run(opts) => result,
@@ -393,8 +449,22 @@ async fn run(opts: Options) -> Result<(), Fatal> {
 
 async fn start_and_run(opts: Options) -> Result<(), Fatal> {
     let started = Instant::now();
-    let (dedup, ledger): (Arc<dyn DedupStore>, Ledger) = match &opts.redis_url {
-        Some(url) => {
+    // Kept for the whole run: forgets inbox rows past their retention.
+    let mut _sweeper = None;
+    let (effects, store) = match (&opts.database_url, &opts.redis_url) {
+        (Some(url), _) => {
+            let config = PgInboxConfig::new(format!("{CONSUMER_NAME}:{}", opts.queue))
+                .max_connections(opts.concurrency.clamp(1, 32));
+            let inbox = PgInbox::new(url, config).map_err(|e| format!("PostgreSQL inbox: {e}"))?;
+            let ledger = PgLedger::new(&inbox, &opts.queue);
+            until_up("PostgreSQL", started, opts.connect_timeout, || {
+                ledger.set_up(&inbox)
+            })
+            .await?;
+            _sweeper = Some(inbox.spawn_sweeper(Duration::from_secs(3600)));
+            (Effects::Inbox { inbox, ledger }, "postgres")
+        }
+        (None, Some(url)) => {
             let config = RedisDedupConfig::new(url.clone())
                 .key_prefix(format!("{}:dedup:", opts.queue))
                 .connect_timeout(CONNECT_TIMEOUT);
@@ -412,20 +482,21 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
                 }
             })
             .await?;
-            (Arc::new(store), Ledger::redis(url, &opts.queue)?)
+            let store: Arc<dyn DedupStore> = Arc::new(store);
+            let ledger = Ledger::redis(url, &opts.queue)?;
+            (Effects::Dedup { store, ledger }, "redis")
         }
-        None => (Arc::new(MemoryDedupStore::new()), Ledger::in_memory()),
+        (None, None) => {
+            let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::new());
+            let ledger = Ledger::in_memory();
+            (Effects::Dedup { store, ledger }, "memory")
+        }
     };
     let name = match opts.broker {
         BrokerKind::Memory => "memory",
         BrokerKind::Rabbitmq => "rabbitmq",
         BrokerKind::Sqs => "sqs",
         BrokerKind::Kafka => "kafka",
-    };
-    let store = if opts.redis_url.is_some() {
-        "redis"
-    } else {
-        "memory"
     };
     println!(
         "start broker={name} queue={} dlq={} dedup={store} ledger={store}",
@@ -440,19 +511,19 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
                 );
             }
             let (source, publisher) = memory::connect(&opts);
-            publish_and_consume(&opts, source, publisher, dedup, ledger).await
+            publish_and_consume(&opts, source, publisher, effects).await
         }
         BrokerKind::Rabbitmq => {
             let (source, publisher) = until_up("RabbitMQ", started, opts.connect_timeout, || {
                 rabbitmq::connect(&opts)
             })
             .await?;
-            publish_and_consume(&opts, source, publisher, dedup, ledger).await
+            publish_and_consume(&opts, source, publisher, effects).await
         }
         BrokerKind::Sqs => {
             let (source, publisher) =
                 until_up("SQS", started, opts.connect_timeout, || sqs::connect(&opts)).await?;
-            publish_and_consume(&opts, source, publisher, dedup, ledger).await
+            publish_and_consume(&opts, source, publisher, effects).await
         }
         BrokerKind::Kafka => {
             let kafka::Connected {
@@ -460,7 +531,7 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
                 publisher,
                 mock,
             } = kafka::connect(&opts).await?;
-            let result = publish_and_consume(&opts, source, publisher, dedup, ledger).await;
+            let result = publish_and_consume(&opts, source, publisher, effects).await;
             // The consumer closes (leaves its group) on its own thread once the run is over;
             // give it a moment before a mock cluster goes away under it.
             if mock.is_some() {
@@ -474,7 +545,7 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
 
 /// The outcome of parsing the command line.
 enum Parsed {
-    Run(Options),
+    Run(Box<Options>),
     Help,
 }
 
@@ -496,6 +567,7 @@ fn parse_args(
         sqs_endpoint: env("SQS_ENDPOINT").unwrap_or_else(|| "http://127.0.0.1:4566".to_string()),
         kafka_brokers: env("KAFKA_BROKERS"),
         redis_url: env("REDIS_URL"),
+        database_url: env("DATABASE_URL"),
         connect_timeout: None,
     };
     let mut args = args.into_iter();
@@ -551,6 +623,7 @@ fn parse_args(
             "--sqs-endpoint" => opts.sqs_endpoint = value(&flag, inline, &mut args)?,
             "--kafka-brokers" => opts.kafka_brokers = Some(value(&flag, inline, &mut args)?),
             "--redis-url" => opts.redis_url = Some(value(&flag, inline, &mut args)?),
+            "--database-url" => opts.database_url = Some(value(&flag, inline, &mut args)?),
             "--connect-timeout" => {
                 opts.connect_timeout = Some(seconds(&flag, &value(&flag, inline, &mut args)?)?)
             }
@@ -558,7 +631,7 @@ fn parse_args(
             other => return Err(format!("unexpected argument {other:?}")),
         }
     }
-    Ok(Parsed::Run(opts))
+    Ok(Parsed::Run(Box::new(opts)))
 }
 
 /// The flag's value: the inline `=value`, or the next argument.
@@ -617,7 +690,7 @@ fn queue_name(name: &str) -> Result<String, String> {
 async fn main() -> ExitCode {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let opts = match parse_args(std::env::args().skip(1), env) {
-        Ok(Parsed::Run(opts)) => opts,
+        Ok(Parsed::Run(opts)) => *opts,
         Ok(Parsed::Help) => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -666,6 +739,7 @@ mod tests {
         );
         assert_eq!(o.base_delay, Duration::from_millis(200));
         assert!(o.kafka_brokers.is_none() && o.redis_url.is_none() && !o.consume_only);
+        assert!(o.database_url.is_none());
         assert_eq!(o.connect_timeout, None, "waits for ever by default");
         let Ok(Parsed::Run(o)) = parse(&[
             "--broker=kafka",
@@ -677,6 +751,7 @@ mod tests {
             "--concurrency=2",
             "--connect-timeout",
             "30",
+            "--database-url=postgres://db/x",
         ]) else {
             panic!("flags should parse")
         };
@@ -687,6 +762,7 @@ mod tests {
         assert_eq!(o.exit_when_idle, Some(Duration::from_millis(1500)));
         assert_eq!(o.concurrency, 2);
         assert_eq!(o.connect_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(o.database_url.as_deref(), Some("postgres://db/x"));
         assert!(matches!(parse(&["--help"]), Ok(Parsed::Help)));
     }
 
@@ -704,6 +780,8 @@ mod tests {
             &["--exit-when-idle", "0"],
             &["--exit-when-idle", "NaN"],
             &["--connect-timeout", "0"],
+            &["--database-url"],
+            &["--database-url", " "],
             &["--consume-only=yes"],
             &["stray"],
         ] {

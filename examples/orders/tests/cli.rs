@@ -2,8 +2,8 @@
 //! the summary and ledger, exit codes, on every broker.
 //!
 //! Needs RabbitMQ on 127.0.0.1:5672 (or `AMQP_URL`), Redis on 127.0.0.1:6379 (or `REDIS_URL`)
-//! and an SQS endpoint such as moto on 127.0.0.1:4566 (or `SQS_ENDPOINT`). Kafka runs on the
-//! in-process mock cluster. Every run is killed after a time limit.
+//! and an SQS endpoint such as moto on 127.0.0.1:4566 (or `SQS_ENDPOINT`), and PostgreSQL on
+//! 127.0.0.1:5432 (or `DATABASE_URL`). Kafka runs on the in-process mock cluster. Every run is killed after a time limit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -75,13 +75,14 @@ impl std::fmt::Debug for Run {
     }
 }
 
-/// Runs `orders` with `args` and extra `env`, without `REDIS_URL` and `KAFKA_BROKERS` unless
-/// given; kills it and fails after `limit`.
+/// Runs `orders` with `args` and extra `env`, without `REDIS_URL`, `KAFKA_BROKERS` and
+/// `DATABASE_URL` unless given; kills it and fails after `limit`.
 fn orders(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_orders"));
     cmd.args(args)
         .env_remove("REDIS_URL")
         .env_remove("KAFKA_BROKERS")
+        .env_remove("DATABASE_URL")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -402,4 +403,110 @@ fn redis_ledger_charges_each_order_once_across_runs() {
         .query(&mut conn)
         .unwrap();
     let _: () = redis::cmd("DEL").arg(keys).query(&mut conn).unwrap();
+}
+
+fn database_url() -> String {
+    env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+}
+
+/// The rows of `queue` in the example's PostgreSQL ledger table.
+fn pg_ledger(queue: &str) -> BTreeMap<String, u64> {
+    use ackstack::postgres::tokio_postgres;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let rows = client
+            .query(
+                "SELECT order_id, count FROM ackstack_example_charges WHERE queue = $1",
+                &[&queue],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| {
+                let count: i32 = r.get(1);
+                (r.get::<_, String>(0), u64::try_from(count).unwrap())
+            })
+            .collect()
+    })
+}
+
+/// With `DATABASE_URL`, dedup is the PostgreSQL inbox and the ledger a PostgreSQL table; a
+/// second publishing run on the same queue finds every good order in the inbox.
+#[test]
+fn postgres_inbox_charges_each_order_once_across_runs() {
+    let url = database_url();
+    let queue = unique("orders-cli-pg");
+    let env = [("DATABASE_URL", url.as_str())];
+    let first = orders(&["--queue", &queue], &env, LIMIT);
+    assert_sample_run(&first, true);
+    assert!(
+        first.stdout.contains("dedup=postgres ledger=postgres"),
+        "{first:?}"
+    );
+    assert_eq!(pg_ledger(&queue), good_ledger());
+
+    // Both set: PostgreSQL wins. The same orders again: every good one is a duplicate now.
+    let redis = env_or("REDIS_URL", "redis://127.0.0.1:6379");
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("REDIS_URL", redis.as_str()),
+    ];
+    let second = orders(&["--queue", &queue], &env, LIMIT);
+    assert_eq!(second.code, Some(0), "{second:?}");
+    assert!(second.stdout.contains("dedup=postgres ledger=postgres"));
+    let s = second.summary();
+    assert_eq!((s["deduplicated"], s["acked"]), (5, 5), "{second:?}");
+    assert_eq!(second.ledger(), good_ledger(), "{second:?}");
+    assert_eq!(pg_ledger(&queue), good_ledger());
+}
+
+/// The same on RabbitMQ, with `--database-url`: two publishing runs on one queue, the ledger
+/// stays at 1 and the second run reports every good order deduplicated.
+#[test]
+fn rabbitmq_with_the_postgres_inbox_deduplicates_across_runs() {
+    let url = database_url();
+    let queue = unique("orders-cli-pg");
+    let args = [
+        "--broker",
+        "rabbitmq",
+        "--queue",
+        &queue,
+        "--database-url",
+        &url,
+    ];
+    let first = orders(&args, &[], LIMIT);
+    assert_sample_run(&first, true);
+    assert!(first.stdout.contains("dedup=postgres ledger=postgres"));
+    let second = orders(&args, &[], LIMIT);
+    assert_eq!(second.code, Some(0), "{second:?}");
+    let s = second.summary();
+    assert_eq!((s["deduplicated"], s["acked"]), (5, 5), "{second:?}");
+    assert_eq!(second.ledger(), good_ledger(), "{second:?}");
+    assert_eq!(pg_ledger(&queue), good_ledger());
+}
+
+#[test]
+fn unreachable_postgres_exits_1_at_the_connect_timeout_without_leaking_the_password() {
+    let run = orders(
+        &[
+            "--database-url",
+            "postgres://postgres:hunter2@127.0.0.1:1/test",
+            "--connect-timeout",
+            "2",
+        ],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("waiting for PostgreSQL"), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("orders: error: not reachable within --connect-timeout 2s: PostgreSQL"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("hunter2") && !run.stdout.contains("hunter2"));
 }

@@ -19,8 +19,16 @@
 //! - nothing is left on the work queue (nor, on RabbitMQ, its delay queues).
 //!
 //! Each broker prints one figures line, e.g.
-//! `crash-suite broker=rabbitmq orders=200 good=190 malformed=10 duplicates_injected=19 kills=4
-//! connection_drops=1 redis_restarts=1 lost=0 double_charged=0 dead_lettered=10 seed=...`.
+//! `crash-suite broker=rabbitmq store=redis orders=200 good=190 malformed=10
+//! duplicates_injected=19 kills=4 connection_drops=1 redis_restarts=1 lost=0 double_charged=0
+//! dead_lettered=10 seed=...`.
+//!
+//! The `*_with_inbox` variants run the same plan with the PostgreSQL transactional inbox
+//! (`--database-url`, `DATABASE_URL` or `postgres://postgres@127.0.0.1:5432/test`) instead of
+//! Redis, and audit the `ackstack_example_charges` rows of the queue: the charge commits with
+//! the inbox row, so **every good order must be charged exactly once** (`double_charged=0`,
+//! no window to explain). Nothing but the consumer is restarted there (and, on RabbitMQ, its
+//! connection dropped); the figures line says `store=postgres`.
 //!
 //! Brokers: RabbitMQ, SQS and Kafka, the brokers that outlive the consumer process (the memory
 //! broker dies with its process). Kafka runs against `KAFKA_BROKERS` when set, else against
@@ -511,6 +519,7 @@ impl OrdersProcess {
             .args(args)
             .env_remove("REDIS_URL")
             .env_remove("KAFKA_BROKERS")
+            .env_remove("DATABASE_URL")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1083,7 +1092,72 @@ enum Event {
     DropConnection,
 }
 
-fn crash_suite(broker_name: &str) {
+/// Where the consumer deduplicates and keeps its ledger.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// The test's own Redis (`--redis-url`): dedup marks after the charge, so a kill between
+    /// the two can charge again.
+    Redis,
+    /// PostgreSQL (`--database-url`): the inbox row and the charge commit together, so no
+    /// kill can charge twice.
+    Postgres,
+}
+
+fn database_url() -> String {
+    env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+}
+
+/// A connection to the test database.
+async fn pg_client() -> ackstack::postgres::tokio_postgres::Client {
+    use ackstack::postgres::tokio_postgres;
+    let (client, connection) = bounded(
+        "connecting to PostgreSQL",
+        tokio_postgres::connect(&database_url(), tokio_postgres::NoTls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// The PostgreSQL ledger of `queue`: `order_id -> count`.
+async fn pg_charges(queue: &str) -> BTreeMap<String, u64> {
+    let client = pg_client().await;
+    let rows = client
+        .query(
+            "SELECT order_id, count FROM ackstack_example_charges WHERE queue = $1",
+            &[&queue],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            let count: i32 = r.get(1);
+            (r.get::<_, String>(0), u64::try_from(count).unwrap())
+        })
+        .collect()
+}
+
+/// Deletes the ledger rows and inbox rows of `queue`.
+async fn pg_cleanup(queue: &str) {
+    let client = pg_client().await;
+    client
+        .execute(
+            "DELETE FROM ackstack_example_charges WHERE queue = $1",
+            &[&queue],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "DELETE FROM ackstack_inbox WHERE consumer = $1",
+            &[&format!("example-orders:{queue}")],
+        )
+        .await
+        .unwrap();
+}
+
+fn crash_suite(broker_name: &str, store: Store) {
     let settings = settings();
     let started = Instant::now();
     let mut rng = Rng(settings.seed);
@@ -1092,7 +1166,11 @@ fn crash_suite(broker_name: &str) {
     let stderr_log = tmp.0.join("orders.stderr.log");
     let redis_dir = tmp.0.join("redis");
     std::fs::create_dir_all(&redis_dir).unwrap();
-    let mut redis = OwnRedis::start(&redis_dir);
+    let mut redis = (store == Store::Redis).then(|| OwnRedis::start(&redis_dir));
+    let store_name = match store {
+        Store::Redis => "redis",
+        Store::Postgres => "postgres",
+    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = rt.block_on(async {
         match broker_name {
@@ -1104,7 +1182,7 @@ fn crash_suite(broker_name: &str) {
     });
     let plan = Plan::new(settings.orders, &mut rng);
     println!(
-        "crash-suite broker={broker_name} queue={queue} seed={} plan: orders={} good={} \
+        "crash-suite broker={broker_name} store={store_name} queue={queue} seed={} plan: orders={} good={} \
          malformed={} fail_first={} duplicates={} publishes={} kills={}",
         settings.seed,
         settings.orders,
@@ -1117,13 +1195,16 @@ fn crash_suite(broker_name: &str) {
     );
 
     let mut args = broker.flags();
+    let store_flag = match &redis {
+        Some(redis) => ["--redis-url".to_string(), redis.url()],
+        None => ["--database-url".to_string(), database_url()],
+    };
+    args.extend(store_flag);
     args.extend(
         [
             "--queue",
             &queue,
             "--consume-only",
-            "--redis-url",
-            &redis.url(),
             "--concurrency",
             CONCURRENCY,
             "--max-attempts",
@@ -1168,12 +1249,18 @@ fn crash_suite(broker_name: &str) {
             std::thread::sleep(Duration::from_millis(rng.below(41) as u64));
             process.sigkill();
             kills += 1;
-            let hits = window_hits(&redis, &queue, &mut window_seen);
-            hits_per_kill.push(hits);
+            // (With the inbox no kill can leave a charge without its inbox row.)
+            if let Some(redis) = &redis {
+                let hits = window_hits(redis, &queue, &mut window_seen);
+                hits_per_kill.push(hits);
+            }
             continue;
         }
         let half = (wave.len() / 2).max(1);
-        let mut events = vec![(rng.between(1, half), Event::RestartRedis)];
+        let mut events = Vec::new();
+        if redis.is_some() {
+            events.push((rng.between(1, half), Event::RestartRedis));
+        }
         if broker.can_drop_connection() {
             events.push((rng.between(1, half), Event::DropConnection));
         }
@@ -1182,8 +1269,10 @@ fn crash_suite(broker_name: &str) {
             process.wait_outcomes(at, KILL_POINT_WAIT);
             match event {
                 Event::RestartRedis => {
-                    redis_downtime = redis.restart();
-                    redis_restarts += 1;
+                    if let Some(redis) = &mut redis {
+                        redis_downtime = redis.restart();
+                        redis_restarts += 1;
+                    }
                 }
                 Event::DropConnection => {
                     broker.drop_connection(&queue);
@@ -1201,12 +1290,15 @@ fn crash_suite(broker_name: &str) {
         final_stdout = process.stdout_lines();
     }
 
-    // The audit. The ledger: HGETALL <queue>:charges in the test's Redis.
-    let mut conn = redis.connection();
-    let charges: BTreeMap<String, u64> = redis::cmd("HGETALL")
-        .arg(format!("{queue}:charges"))
-        .query(&mut conn)
-        .unwrap();
+    // The audit. The ledger: HGETALL <queue>:charges in the test's Redis, or the queue's rows
+    // of ackstack_example_charges in PostgreSQL.
+    let charges: BTreeMap<String, u64> = match &redis {
+        Some(redis) => redis::cmd("HGETALL")
+            .arg(format!("{queue}:charges"))
+            .query(&mut redis.connection())
+            .unwrap(),
+        None => rt.block_on(pg_charges(&queue)),
+    };
     let lost: Vec<&String> = plan
         .good
         .iter()
@@ -1289,7 +1381,8 @@ fn crash_suite(broker_name: &str) {
 
     let window_hits_total: usize = hits_per_kill.iter().sum();
     println!(
-        "crash-suite broker={broker_name} orders={} good={} malformed={} duplicates_injected={} \
+        "crash-suite broker={broker_name} store={store_name} orders={} good={} malformed={} \
+         duplicates_injected={} \
          kills={kills} connection_drops={connection_drops} redis_restarts={redis_restarts} \
          lost={} double_charged={} dead_lettered={} seed={}",
         settings.orders,
@@ -1302,7 +1395,7 @@ fn crash_suite(broker_name: &str) {
         settings.seed
     );
     println!(
-        "crash-suite-detail broker={broker_name} extra_charges={extra_charges} \
+        "crash-suite-detail broker={broker_name} store={store_name} extra_charges={extra_charges} \
          window_hits_per_kill={hits_per_kill:?} double_charged_ids={double:?} \
          dlq_extra_copies={extra_dead} leftover={leftover} \
          kills_at_time_limit={kills_at_time_limit} redis_down_ms={} elapsed_s={:.1} \
@@ -1317,6 +1410,15 @@ fn crash_suite(broker_name: &str) {
         strangers.is_empty(),
         "charges for orders never published as good ones: {strangers:?}"
     );
+    // With the inbox, a charge commits with its inbox row or not at all: whatever was killed
+    // when, every good order is charged exactly once.
+    if store == Store::Postgres {
+        assert!(
+            double.is_empty(),
+            "orders charged more than once with the inbox: {double:?}; {}",
+            diagnostics()
+        );
+    }
     // A kill (or the Redis restart, whose last replies can be lost after the write) can land
     // between an order's charge and its done marker at most once per order: each such event
     // allows one extra charge of the orders it catches, and no more.
@@ -1358,23 +1460,44 @@ fn crash_suite(broker_name: &str) {
     );
 
     rt.block_on(broker.cleanup(&queue));
+    if store == Store::Postgres {
+        rt.block_on(pg_cleanup(&queue));
+    }
 }
 
 #[test]
 fn rabbitmq_crash_suite() {
-    crash_suite("rabbitmq");
+    crash_suite("rabbitmq", Store::Redis);
 }
 
 #[test]
 fn sqs_crash_suite() {
-    crash_suite("sqs");
+    crash_suite("sqs", Store::Redis);
 }
 
 /// Against `KAFKA_BROKERS`, or else a mock cluster hosted by this test process (so that it
 /// outlives the `orders` processes the suite kills).
 #[test]
 fn kafka_crash_suite() {
-    crash_suite("kafka");
+    crash_suite("kafka", Store::Redis);
+}
+
+/// The suite with the PostgreSQL inbox (`--database-url`) instead of Redis: the same kills
+/// and connection drop (no Redis to restart); no order may be charged twice.
+#[test]
+fn rabbitmq_crash_suite_with_inbox() {
+    crash_suite("rabbitmq", Store::Postgres);
+}
+
+#[test]
+fn sqs_crash_suite_with_inbox() {
+    crash_suite("sqs", Store::Postgres);
+}
+
+/// Kafka on `KAFKA_BROKERS` or the test-hosted mock cluster, like `kafka_crash_suite`.
+#[test]
+fn kafka_crash_suite_with_inbox() {
+    crash_suite("kafka", Store::Postgres);
 }
 
 /// A replica started while its Redis answers nothing (SIGSTOP) waits for it, logging, instead
