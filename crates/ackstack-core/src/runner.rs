@@ -616,7 +616,8 @@ impl<S: Source, L> Consumer<S, L> {
             KeyOrdering::None => false,
             KeyOrdering::Auto => !caps.broker_delay,
         };
-        let in_place = !caps.broker_delay || per_key;
+        // At-most-once acks on receipt: there is nothing left to retry in place.
+        let in_place = (!caps.broker_delay || per_key) && cfg.mode != DeliveryMode::AtMostOnce;
         let stats = self.status.inner.stats.clone();
         let on_in_place: Option<crate::retry::OnInPlaceRetry> =
             self.inspector.clone().map(|inspect| {

@@ -697,3 +697,37 @@ fn the_configuration_in_the_readme_parses_and_validates() {
         "a misspelt retry field is an error, not ignored"
     );
 }
+
+#[tokio::test]
+async fn at_most_once_never_retries_in_place() {
+    // Per-key ordering makes retries happen in place; at-most-once has acked already, so a
+    // failure must end there instead of re-running the handler.
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m").key("k"));
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let c2 = calls.clone();
+    Consumer::new(broker.source("q"))
+        .mode(DeliveryMode::AtMostOnce)
+        .ordering(KeyOrdering::PerKey)
+        .retry(fast_retry())
+        .max_attempts(5)
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Err(HandlerError::transient("fails")) }
+            }),
+            async move {
+                until(move || c2.load(Ordering::SeqCst) > 0).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "no retries in at-most-once"
+    );
+    assert!(broker.is_empty("q"), "acked on receipt");
+}
