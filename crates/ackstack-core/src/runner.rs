@@ -864,7 +864,8 @@ impl<P: Process, S: Settle> Shared<P, S> {
         letter: &DeadLetter,
         cx: &Context,
     ) -> Result<Settled<S::Token>, SettleFailure<S::Token>> {
-        let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30));
+        let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30))
+            .equal_jitter();
         let mut tries = 0;
         loop {
             let result = self.settler.dead_letter(token, delivery, letter).await;
@@ -882,7 +883,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                         && !cx.is_cancelled() =>
                 {
                     tries += 1;
-                    let wait = backoff.delay_with(tries, 0.5 + rand::random::<f64>() / 2.0);
+                    let wait = backoff.delay(tries);
                     tracing::warn!(error = %failure.error, retry_in = ?wait, "dead-letter not confirmed; trying again");
                     tokio::select! {
                         _ = cx.cancelled() => return Err(failure),
@@ -1022,6 +1023,19 @@ impl<P: Process, S: Settle> Shared<P, S> {
         Context::with_stats(cancel.clone(), self.stats.clone()).with_stopping(self.stopping.clone())
     }
 
+    /// Releases the delivery for redelivery: its lease first (waiting out an extension in
+    /// flight, so none lands after the release), then the message. A lease already lost is
+    /// not ours to release.
+    async fn give_back(&self, token: S::Token, lease: Option<LeaseGuard<S::Token>>) {
+        if let Some(lease) = lease {
+            if lease.state().is_lost() {
+                return;
+            }
+            lease.release().await;
+        }
+        self.settler.release(token).await;
+    }
+
     /// Settles from the outcome. The lease is kept until the ack is confirmed; for a retry it
     /// is released (waiting out an extension in flight) before the broker is told to hold the
     /// message back, so that no extension undoes the delay.
@@ -1035,10 +1049,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
     ) {
         let settled = match outcome {
             Outcome::Release => {
-                if let Some(lease) = lease {
-                    lease.release().await;
-                }
-                self.settler.release(token).await;
+                self.give_back(token, lease).await;
                 return;
             }
             Outcome::Ack => {
@@ -1093,13 +1104,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                     _ = cx.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
                 }
-                if let Some(lease) = lease {
-                    if lease.state().is_lost() {
-                        return;
-                    }
-                    lease.release().await;
-                }
-                self.settler.release(token).await;
+                self.give_back(token, lease).await;
             }
         }
     }
