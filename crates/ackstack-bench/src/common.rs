@@ -10,6 +10,8 @@ use ackstack_core::{
     Consumer, ConsumerConfig, Context, DedupKey, DedupStore, Delivery, Handler, HandlerError,
     Source,
 };
+use ackstack_postgres::{PgInbox, PgInboxConfig};
+use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 use serde::Deserialize;
 use stats_alloc::Region;
 use tokio::sync::Notify;
@@ -186,25 +188,60 @@ impl Handler for BenchHandler {
     }
 }
 
-/// Runs ackstack's consumer of `source` with `config` (deduplicating by message id in `dedup`,
-/// if given) until `progress` is done. Fails unless every handled message was acked; returns
-/// when the consumer finished, after its shutdown flush.
+/// How a loop deduplicates.
+#[derive(Clone)]
+pub enum Dedup {
+    /// Not at all.
+    None,
+    /// The dedup layer, by message id, in this store.
+    Store(Arc<dyn DedupStore>),
+    /// The transactional inbox, by message id (the handler runs in its transaction and runs
+    /// no statements of its own).
+    Inbox(PgInbox),
+}
+
+impl From<Option<Arc<dyn DedupStore>>> for Dedup {
+    fn from(store: Option<Arc<dyn DedupStore>>) -> Self {
+        store.map_or(Dedup::None, Dedup::Store)
+    }
+}
+
+/// Runs ackstack's consumer of `source` with `config` and `dedup` until `progress` is done.
+/// Fails unless every handled message was acked; returns when the consumer finished, after
+/// its shutdown flush.
 pub async fn run_ackstack<S: Source>(
     source: S,
     config: ConsumerConfig,
-    dedup: Option<Arc<dyn DedupStore>>,
+    dedup: impl Into<Dedup>,
     progress: &Arc<Progress>,
     noop: bool,
 ) -> Result<Instant, String> {
-    let mut consumer = Consumer::new(source).config(config);
-    if let Some(store) = dedup {
-        consumer = consumer.dedup_shared(store, DedupKey::MessageId);
+    let consumer = Consumer::new(source).config(config);
+    let bench = BenchHandler::new(progress.clone(), noop);
+    match dedup.into() {
+        Dedup::None => run_to_end(consumer, bench, progress).await,
+        Dedup::Store(store) => {
+            let consumer = consumer.dedup_shared(store, DedupKey::MessageId);
+            run_to_end(consumer, bench, progress).await
+        }
+        Dedup::Inbox(inbox) => {
+            let handler = inbox.handler(DedupKey::MessageId, move |delivery, _tx, cx| {
+                let bench = bench.clone();
+                async move { bench.handle(&delivery, &cx).await }
+            });
+            run_to_end(consumer, handler, progress).await
+        }
     }
+}
+
+async fn run_to_end<S: Source, H: Handler>(
+    consumer: Consumer<S>,
+    handler: H,
+    progress: &Arc<Progress>,
+) -> Result<Instant, String> {
     let done = progress.clone();
     let summary = consumer
-        .run_until(BenchHandler::new(progress.clone(), noop), async move {
-            done.wait_done().await
-        })
+        .run_until(handler, async move { done.wait_done().await })
         .await
         .map_err(|e| e.to_string())?;
     let end = Instant::now();
@@ -218,6 +255,40 @@ pub async fn run_ackstack<S: Source>(
     Ok(end)
 }
 
+/// A Redis dedup store under a key prefix of its own.
+pub async fn redis_store(stores: &crate::Stores) -> Result<Arc<RedisDedupStore>, String> {
+    let config = RedisDedupConfig::new(stores.redis.usable()?)
+        .key_prefix(format!("{}:", unique("ackstack-bench")));
+    let store = RedisDedupStore::connect(config)
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    Ok(Arc::new(store))
+}
+
+/// The inbox table of the benchmark.
+const INBOX_TABLE: &str = "ackstack_bench_inbox";
+
+/// A PostgreSQL inbox for one loop: a consumer name of its own in the benchmark's inbox
+/// table (migrated), a pool as large as the consumer's `concurrency`.
+pub async fn inbox_store(stores: &crate::Stores, concurrency: usize) -> Result<PgInbox, String> {
+    let config = PgInboxConfig::new(unique("ackstack-bench"))
+        .table(INBOX_TABLE)
+        .max_connections(concurrency.max(1));
+    let inbox = PgInbox::new(&stores.postgres.usable()?, config).map_err(|e| e.to_string())?;
+    inbox
+        .migrate()
+        .await
+        .map_err(|e| format!("postgres: {e}"))?;
+    Ok(inbox)
+}
+
+/// Deletes the loop's inbox rows (outside the measured interval).
+pub async fn inbox_cleanup(inbox: &PgInbox) {
+    if let Err(e) = inbox.sweep_once(Duration::ZERO).await {
+        eprintln!("  could not delete the benchmark's inbox rows: {e}");
+    }
+}
+
 /// What one loop reports besides the clock.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Counts {
@@ -225,6 +296,8 @@ pub struct Counts {
     pub calls: Option<u64>,
     /// Redis round trips (dedup store rows only).
     pub redis_round_trips: Option<u64>,
+    /// PostgreSQL transactions (inbox rows only).
+    pub pg_transactions: Option<u64>,
 }
 
 /// One measured run of one loop.

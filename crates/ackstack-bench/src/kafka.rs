@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use ackstack_core::{DedupStore, MemoryDedupStore};
 use ackstack_kafka::{KafkaConfig, KafkaSource, MESSAGE_ID_HEADER};
-use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -21,11 +20,11 @@ use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::common::{
-    Counts, LoopEnd, Progress, Sample, budget, measure, payload, run_ackstack, unique,
+    Counts, LoopEnd, Progress, Sample, budget, measure, payload, redis_store, run_ackstack, unique,
 };
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
-use crate::{Options, RedisTarget};
+use crate::{Options, Stores};
 
 /// Handlers at once in ackstack's consumer.
 const CONCURRENCY: usize = 64;
@@ -222,7 +221,7 @@ async fn raw(
         end: Instant::now(),
         counts: Counts {
             calls: (!tuned).then_some(commits),
-            redis_round_trips: None,
+            ..Counts::default()
         },
     })
 }
@@ -261,19 +260,13 @@ async fn one(
     kind: Loop,
     n: u64,
     opts: &Options,
-    redis: &RedisTarget,
+    stores: &Stores,
 ) -> Result<Sample, String> {
     let group = unique("bench-group");
-    let mut redis_store: Option<Arc<RedisDedupStore>> = None;
-    if kind == Loop::FullRedis {
-        let store = RedisDedupStore::connect(
-            RedisDedupConfig::new(redis.usable()?)
-                .key_prefix(format!("{}:", unique("ackstack-bench"))),
-        )
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
-        redis_store = Some(Arc::new(store));
-    }
+    let redis_store = match kind {
+        Loop::FullRedis => Some(redis_store(stores).await?),
+        _ => None,
+    };
     let progress = Progress::new(n);
     let p = progress.clone();
     let store = redis_store.clone();
@@ -311,7 +304,7 @@ async fn one(
 }
 
 /// The Kafka rows, rounds interleaved.
-pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, String> {
+pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String> {
     let n = opts.messages.unwrap_or(10_000);
     let cluster = Cluster::start(n).await?;
     let where_ = if cluster._mock.is_some() {
@@ -384,7 +377,7 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, Str
             ),
         ),
     ];
-    if redis.available() {
+    if stores.redis.available() {
         loops.push((
             Loop::FullRedis,
             Series::new(
@@ -400,7 +393,7 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, Str
     for round in 0..opts.rounds {
         for (kind, series) in loops.iter_mut() {
             eprintln!("kafka round {}/{}: {}", round + 1, opts.rounds, series.mode);
-            series.record(one(&cluster, *kind, n, opts, redis).await);
+            series.record(one(&cluster, *kind, n, opts, stores).await);
         }
     }
     Ok(loops.into_iter().map(|(_, s)| s).collect())

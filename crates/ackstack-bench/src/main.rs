@@ -16,7 +16,8 @@
 //! Brokers: RabbitMQ at `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), SQS at
 //! `SQS_ENDPOINT` (default the moto server at `http://127.0.0.1:4566`), Kafka on an in-process
 //! librdkafka mock cluster unless `KAFKA_BROKERS` is set, Redis at `REDIS_URL` (default
-//! `redis://127.0.0.1:6379`). A broker that does not answer is skipped with a note.
+//! `redis://127.0.0.1:6379`), PostgreSQL at `DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`, for the inbox rows). A broker that does not answer is skipped with a note.
 //!
 //! Heap allocations are counted by a counting global allocator over the whole process while a
 //! loop runs (client threads included); peak RSS is `VmHWM`, reset before each loop.
@@ -123,34 +124,58 @@ fn number(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("not a number: {s:?}"))
 }
 
-/// Where the Redis dedup rows go, and whether Redis answered.
+/// A store the dedup rows use (Redis, PostgreSQL), and whether it answered.
 #[derive(Clone, Debug)]
-pub struct RedisTarget {
+pub struct Target {
+    name: &'static str,
     url: String,
     down: Option<String>,
 }
 
-impl RedisTarget {
-    fn probe() -> Self {
-        let url =
-            std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
-        let down = match common::host_port(&url, 6379) {
+impl Target {
+    /// The store at `$env` (or `default`), probed with a TCP connect.
+    fn probe(name: &'static str, env: &str, default: &str, port: u16) -> Self {
+        let url = std::env::var(env).unwrap_or_else(|_| default.to_string());
+        let down = match common::host_port(&url, port) {
             Some(hp) => common::tcp_reachable(&hp).err(),
-            None => Some(format!("cannot parse REDIS_URL {url:?}")),
+            None => Some(format!("cannot parse {env} {url:?}")),
         };
-        RedisTarget { url, down }
+        Target { name, url, down }
     }
 
-    /// Whether the Redis rows can run.
+    /// Whether its rows can run.
     pub fn available(&self) -> bool {
         self.down.is_none()
     }
 
-    /// The URL, or why Redis is unusable.
+    /// The URL, or why the store is unusable.
     pub fn usable(&self) -> Result<String, String> {
         match &self.down {
             None => Ok(self.url.clone()),
-            Some(e) => Err(format!("Redis unavailable: {e}")),
+            Some(e) => Err(format!("{} unavailable: {e}", self.name)),
+        }
+    }
+}
+
+/// The stores of the dedup rows: Redis (`REDIS_URL`) and PostgreSQL (`DATABASE_URL`).
+#[derive(Clone, Debug)]
+pub struct Stores {
+    /// Redis, for the Redis-dedup rows.
+    pub redis: Target,
+    /// PostgreSQL, for the transactional-inbox rows.
+    pub postgres: Target,
+}
+
+impl Stores {
+    fn probe() -> Self {
+        Stores {
+            redis: Target::probe("Redis", "REDIS_URL", "redis://127.0.0.1:6379", 6379),
+            postgres: Target::probe(
+                "PostgreSQL",
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/test",
+                5432,
+            ),
         }
     }
 }
@@ -231,20 +256,25 @@ fn real_main() -> Result<(), String> {
         drop(rt);
         return rss_scaling();
     }
-    let redis = RedisTarget::probe();
+    let stores = Stores::probe();
     let mut rows: Vec<Row> = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
-    if let Some(e) = &redis.down {
-        skipped.push(format!("Redis dedup rows skipped: Redis unavailable ({e})"));
+    for (target, rows) in [
+        (&stores.redis, "Redis dedup"),
+        (&stores.postgres, "PostgreSQL inbox"),
+    ] {
+        if let Err(e) = target.usable() {
+            skipped.push(format!("{rows} rows skipped: {e}"));
+        }
     }
     let started = std::time::Instant::now();
     for broker in &opts.brokers {
         eprintln!("== {broker}");
         let series: Result<Vec<Series>, String> = match broker.as_str() {
-            "memory" => Ok(rt.block_on(memory::run(&opts, &redis))),
-            "rabbitmq" => rt.block_on(rabbit::run(&opts, &redis)),
-            "sqs" => rt.block_on(sqs::run(&opts, &redis)),
-            "kafka" => rt.block_on(kafka::run(&opts, &redis)),
+            "memory" => Ok(rt.block_on(memory::run(&opts, &stores))),
+            "rabbitmq" => rt.block_on(rabbit::run(&opts, &stores)),
+            "sqs" => rt.block_on(sqs::run(&opts, &stores)),
+            "kafka" => rt.block_on(kafka::run(&opts, &stores)),
             _ => Err(format!("unknown broker {broker}")),
         };
         match series {

@@ -9,13 +9,13 @@ use ackstack_core::{
     Backoff, Consumer, ConsumerConfig, DedupConfig, DedupKey, DedupStore, MemoryBroker,
     MemoryDedupStore, Message, Settle, Source,
 };
-use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 
 use crate::common::{
-    BenchHandler, Counts, LoopEnd, Progress, budget, measure, payload, run_ackstack, unique,
+    BenchHandler, Counts, Dedup, LoopEnd, Progress, budget, inbox_cleanup, inbox_store, measure,
+    payload, redis_store, run_ackstack, unique,
 };
 use crate::report::{Role, Series};
-use crate::{Options, RedisTarget};
+use crate::{Options, Stores};
 
 const QUEUE: &str = "bench";
 /// Handlers at once in every runner loop on the memory broker.
@@ -29,6 +29,7 @@ enum Loop {
     Bare,
     Full,
     FullRedis,
+    FullInbox,
 }
 
 fn fill(n: u64) -> MemoryBroker {
@@ -108,7 +109,7 @@ async fn raw(
         end: Instant::now(),
         counts: Counts {
             calls: Some(ack_calls),
-            redis_round_trips: None,
+            ..Counts::default()
         },
     })
 }
@@ -118,7 +119,7 @@ pub async fn run_consumer(
     broker: &MemoryBroker,
     progress: Arc<Progress>,
     config: ConsumerConfig,
-    dedup: Option<Arc<dyn DedupStore>>,
+    dedup: impl Into<Dedup>,
 ) -> Result<LoopEnd, String> {
     let source = broker.source(QUEUE).poll_wait(Duration::from_millis(50));
     let end = run_ackstack(source, config, dedup, &progress, true).await?;
@@ -132,41 +133,51 @@ async fn one(
     kind: Loop,
     n: u64,
     opts: &Options,
-    redis: &RedisTarget,
+    stores: &Stores,
 ) -> Result<crate::common::Sample, String> {
     let broker = fill(n);
     let progress = Progress::new(n);
     let budget = budget(n, opts.timeout_secs);
-    let mut redis_store: Option<Arc<RedisDedupStore>> = None;
-    if kind == Loop::FullRedis {
-        let url = redis.usable()?;
-        let store = RedisDedupStore::connect(
-            RedisDedupConfig::new(url).key_prefix(format!("{}:", unique("ackstack-bench"))),
-        )
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
-        redis_store = Some(Arc::new(store));
-    }
+    let redis_store = match kind {
+        Loop::FullRedis => Some(redis_store(stores).await?),
+        _ => None,
+    };
+    let concurrency = opts.concurrency.unwrap_or(CONCURRENCY);
+    let inbox = match kind {
+        Loop::FullInbox => Some(inbox_store(stores, concurrency).await?),
+        _ => None,
+    };
     let p = progress.clone();
     let b = broker.clone();
     let store = redis_store.clone();
-    let concurrency = opts.concurrency.unwrap_or(CONCURRENCY);
+    let pg = inbox.clone();
     let mut sample = measure(&progress, budget, async move {
         match kind {
             Loop::RawNaive => raw(b.source(QUEUE), p, false).await,
             Loop::RawTuned => raw(b.source(QUEUE), p, true).await,
-            Loop::Bare => run_consumer(&b, p, bare_config(concurrency, 64), None).await,
+            Loop::Bare => run_consumer(&b, p, bare_config(concurrency, 64), Dedup::None).await,
             Loop::Full => {
                 let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
-                run_consumer(&b, p, full_config(concurrency, 64), Some(store)).await
+                run_consumer(&b, p, full_config(concurrency, 64), Dedup::Store(store)).await
             }
             Loop::FullRedis => {
                 let store: Option<Arc<dyn DedupStore>> = store.map(|s| s as Arc<dyn DedupStore>);
                 run_consumer(&b, p, full_config(concurrency, 64), store).await
             }
+            Loop::FullInbox => {
+                let inbox = Dedup::Inbox(pg.ok_or("no inbox")?);
+                run_consumer(&b, p, full_config(concurrency, 64), inbox).await
+            }
         }
     })
-    .await?;
+    .await;
+    if let Some(inbox) = &inbox {
+        if let Ok(sample) = &mut sample {
+            sample.counts.pg_transactions = Some(inbox.stats().transactions);
+        }
+        inbox_cleanup(inbox).await;
+    }
+    let mut sample = sample?;
     let stats = broker.stats(QUEUE);
     if stats.acked < n {
         return Err(format!("broker acked {} of {n}", stats.acked));
@@ -177,7 +188,7 @@ async fn one(
 }
 
 /// The memory broker's rows, rounds interleaved.
-pub async fn run(opts: &Options, redis: &RedisTarget) -> Vec<Series> {
+pub async fn run(opts: &Options, stores: &Stores) -> Vec<Series> {
     let n = opts.messages.unwrap_or(20_000);
     let what = "ack calls to the in-memory broker (no network)";
     let mut loops = vec![
@@ -229,7 +240,7 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Vec<Series> {
             ),
         ),
     ];
-    if redis.available() {
+    if stores.redis.available() {
         loops.push((
             Loop::FullRedis,
             Series::new(
@@ -242,6 +253,20 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Vec<Series> {
             ),
         ));
     }
+    if stores.postgres.available() {
+        loops.push((
+            Loop::FullInbox,
+            Series::new(
+                "memory",
+                "ackstack full + PostgreSQL inbox",
+                Role::Ackstack,
+                what,
+                n,
+                "all layers but dedup; the handler runs in a PgInbox transaction (BEGIN, INSERT of the message id, COMMIT before the ack; no statements of its own), no-op handler",
+            )
+            .compared_to("ackstack full + Redis dedup"),
+        ));
+    }
     for round in 0..opts.rounds {
         for (kind, series) in loops.iter_mut() {
             eprintln!(
@@ -250,7 +275,7 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Vec<Series> {
                 opts.rounds,
                 series.mode
             );
-            series.record(one(*kind, n, opts, redis).await);
+            series.record(one(*kind, n, opts, stores).await);
         }
     }
     loops.into_iter().map(|(_, s)| s).collect()
@@ -345,7 +370,7 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
                 &broker,
                 progress.clone(),
                 bare_config(CONCURRENCY, 64),
-                None,
+                Dedup::None,
             )
             .await?;
         }
@@ -355,7 +380,7 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
                 &broker,
                 progress.clone(),
                 full_config(CONCURRENCY, 64),
-                Some(store),
+                Dedup::Store(store),
             )
             .await?;
         }

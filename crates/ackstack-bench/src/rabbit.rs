@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use ackstack_core::{DedupStore, MemoryDedupStore, Source};
 use ackstack_rabbitmq::{RabbitConfig, RabbitSource};
-use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -16,12 +15,12 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::common::{
-    Counts, LoopEnd, Progress, Sample, budget, host_port, measure, payload, run_ackstack,
-    tcp_reachable, unique,
+    Counts, Dedup, LoopEnd, Progress, Sample, budget, host_port, inbox_cleanup, inbox_store,
+    measure, payload, redis_store, run_ackstack, tcp_reachable, unique,
 };
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
-use crate::{Options, RedisTarget};
+use crate::{Options, Stores};
 
 /// Prefetch of every loop (as in the reference measurement).
 const PREFETCH: u16 = 200;
@@ -37,6 +36,7 @@ enum Loop {
     Adapter,
     Full,
     FullRedis,
+    FullInbox,
 }
 
 fn short(s: &str) -> Result<ShortString, String> {
@@ -220,7 +220,7 @@ async fn raw(
         end,
         counts: Counts {
             calls: Some(calls),
-            redis_round_trips: None,
+            ..Counts::default()
         },
     })
 }
@@ -229,7 +229,7 @@ async fn adapter(
     config: RabbitConfig,
     progress: Arc<Progress>,
     full: bool,
-    dedup: Option<Arc<dyn DedupStore>>,
+    dedup: impl Into<Dedup>,
 ) -> Result<LoopEnd, String> {
     let source = RabbitSource::connect(config)
         .await
@@ -246,7 +246,7 @@ async fn adapter(
         end,
         counts: Counts {
             calls: Some(stats.ack_frames + stats.nack_frames),
-            redis_round_trips: None,
+            ..Counts::default()
         },
     })
 }
@@ -256,7 +256,7 @@ async fn one(
     kind: Loop,
     n: u64,
     opts: &Options,
-    redis: &RedisTarget,
+    stores: &Stores,
 ) -> Result<Sample, String> {
     let queue = unique("ackstack-bench");
     let mut config = RabbitConfig::new(admin.uri.clone(), queue.clone());
@@ -264,7 +264,7 @@ async fn one(
     config.delay_buckets = vec![Duration::from_secs(1)];
     config.poll_interval = Duration::from_millis(200);
     config.connection_name = Some(queue.clone());
-    let result = one_inner(admin, &config, kind, n, opts, redis).await;
+    let result = one_inner(admin, &config, kind, n, opts, stores).await;
     admin.delete(&config).await;
     result
 }
@@ -275,22 +275,21 @@ async fn one_inner(
     kind: Loop,
     n: u64,
     opts: &Options,
-    redis: &RedisTarget,
+    stores: &Stores,
 ) -> Result<Sample, String> {
     admin.fill(&config.queue, n).await?;
-    let mut redis_store: Option<Arc<RedisDedupStore>> = None;
-    if kind == Loop::FullRedis {
-        let store = RedisDedupStore::connect(
-            RedisDedupConfig::new(redis.usable()?)
-                .key_prefix(format!("{}:", unique("ackstack-bench"))),
-        )
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
-        redis_store = Some(Arc::new(store));
-    }
+    let redis_store = match kind {
+        Loop::FullRedis => Some(redis_store(stores).await?),
+        _ => None,
+    };
+    let inbox = match kind {
+        Loop::FullInbox => Some(inbox_store(stores, CONCURRENCY).await?),
+        _ => None,
+    };
     let progress = Progress::new(n);
     let p = progress.clone();
     let store = redis_store.clone();
+    let pg = inbox.clone();
     let uri = admin.uri.clone();
     let queue = config.queue.clone();
     let config_queue = config.queue.clone();
@@ -299,18 +298,29 @@ async fn one_inner(
         match kind {
             Loop::RawNaive => raw(&uri, &queue, p, false).await,
             Loop::RawTuned => raw(&uri, &queue, p, true).await,
-            Loop::Adapter => adapter(config, p, false, None).await,
+            Loop::Adapter => adapter(config, p, false, Dedup::None).await,
             Loop::Full => {
                 let s: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
-                adapter(config, p, true, Some(s)).await
+                adapter(config, p, true, Dedup::Store(s)).await
             }
             Loop::FullRedis => {
                 let s = store.map(|s| s as Arc<dyn DedupStore>);
                 adapter(config, p, true, s).await
             }
+            Loop::FullInbox => {
+                let inbox = Dedup::Inbox(pg.ok_or("no inbox")?);
+                adapter(config, p, true, inbox).await
+            }
         }
     })
-    .await?;
+    .await;
+    if let Some(inbox) = &inbox {
+        if let Ok(sample) = &mut sample {
+            sample.counts.pg_transactions = Some(inbox.stats().transactions);
+        }
+        inbox_cleanup(inbox).await;
+    }
+    let mut sample = sample?;
     let left = admin.message_count(&config_queue).await?;
     if left > 0 {
         return Err(format!("{left} messages left in the queue after the loop"));
@@ -320,7 +330,7 @@ async fn one_inner(
 }
 
 /// The RabbitMQ rows, rounds interleaved; an error when RabbitMQ does not answer.
-pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, String> {
+pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String> {
     let uri = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
     let hp = host_port(&uri, 5672).ok_or("cannot parse AMQP_URL")?;
@@ -378,7 +388,7 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, Str
             ),
         ),
     ];
-    if redis.available() {
+    if stores.redis.available() {
         loops.push((
             Loop::FullRedis,
             Series::new(
@@ -391,6 +401,20 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, Str
             ),
         ));
     }
+    if stores.postgres.available() {
+        loops.push((
+            Loop::FullInbox,
+            Series::new(
+                "rabbitmq",
+                "ackstack full + PostgreSQL inbox",
+                Role::Ackstack,
+                what,
+                n,
+                "all layers but dedup; the handler runs in a PgInbox transaction committed before the ack",
+            )
+            .compared_to("ackstack full + Redis dedup"),
+        ));
+    }
     for round in 0..opts.rounds {
         for (kind, series) in loops.iter_mut() {
             eprintln!(
@@ -399,7 +423,7 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, Str
                 opts.rounds,
                 series.mode
             );
-            series.record(one(&admin, *kind, n, opts, redis).await);
+            series.record(one(&admin, *kind, n, opts, stores).await);
         }
     }
     Ok(loops.into_iter().map(|(_, s)| s).collect())

@@ -35,6 +35,8 @@ pub struct Series {
     pub samples: Vec<Sample>,
     /// Failed rounds.
     pub errors: Vec<String>,
+    /// The mode of another row of the same broker this one is also compared with.
+    pub compare_to: Option<&'static str>,
 }
 
 impl Series {
@@ -56,7 +58,14 @@ impl Series {
             messages,
             samples: Vec::new(),
             errors: Vec::new(),
+            compare_to: None,
         }
+    }
+
+    /// Also compares this row with the row of mode `mode` (a ratio in the notes).
+    pub fn compared_to(mut self, mode: &'static str) -> Self {
+        self.compare_to = Some(mode);
+        self
     }
 
     /// Records one round's outcome.
@@ -148,6 +157,10 @@ pub struct Row {
     pub calls_counted: String,
     /// Redis round trips per message (Redis dedup rows).
     pub redis_round_trips_per_message: Option<f64>,
+    /// PostgreSQL transactions per message (inbox rows).
+    pub pg_transactions_per_message: Option<f64>,
+    /// The row this one is also compared with, and the ratio.
+    pub compared: Option<(String, Ratio)>,
     /// Heap allocations per message (median over rounds), whole process during the loop.
     pub allocations_per_message: Option<f64>,
     /// Highest VmHWM over the rounds, KiB.
@@ -194,6 +207,11 @@ pub fn rows(series: &[Series]) -> Vec<Row> {
                 calls_per_message: s.per_message(|x| x.counts.calls),
                 calls_counted: s.calls_what.to_string(),
                 redis_round_trips_per_message: s.per_message(|x| x.counts.redis_round_trips),
+                pg_transactions_per_message: s.per_message(|x| x.counts.pg_transactions),
+                compared: s.compare_to.and_then(|mode| {
+                    let base = series.iter().find(|b| b.mode == mode);
+                    Some((mode.to_string(), ratio(s, base)?))
+                }),
                 allocations_per_message: s.per_message(|x| Some(x.allocations)),
                 peak_rss_kib: s.samples.iter().filter_map(|x| x.peak_rss_kib).max(),
             }
@@ -225,10 +243,22 @@ fn ratio_cell(r: &Option<Ratio>) -> String {
     }
 }
 
+/// Redis round trips or PostgreSQL transactions per message.
+fn store_calls(r: &Row) -> String {
+    match (
+        r.redis_round_trips_per_message,
+        r.pg_transactions_per_message,
+    ) {
+        (Some(rt), _) => format!("{rt:.3} RT"),
+        (None, Some(tx)) => format!("{tx:.3} tx"),
+        (None, None) => "–".to_string(),
+    }
+}
+
 /// The Markdown table of `rows`.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::new();
-    out.push_str("| broker | mode | msgs × rounds | msg/s best | msg/s median | msg/s worst | vs naive raw | vs tuned raw | calls/msg | Redis RT/msg | allocs/msg | peak RSS MiB |\n");
+    out.push_str("| broker | mode | msgs × rounds | msg/s best | msg/s median | msg/s worst | vs naive raw | vs tuned raw | calls/msg | store calls/msg | allocs/msg | peak RSS MiB |\n");
     out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let rounds = if r.errors.is_empty() {
@@ -256,8 +286,7 @@ pub fn markdown(rows: &[Row]) -> String {
             ratio_cell(&r.vs_raw_naive),
             ratio_cell(&r.vs_raw_tuned),
             calls,
-            r.redis_round_trips_per_message
-                .map_or("–".to_string(), |x| format!("{x:.3}")),
+            store_calls(r),
             num(r.allocations_per_message),
             r.peak_rss_kib
                 .map_or("–".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
@@ -272,6 +301,12 @@ pub fn notes(rows: &[Row]) -> String {
     let mut seen_calls: Vec<(String, String)> = Vec::new();
     for r in rows {
         out.push_str(&format!("- {} {}: {}\n", r.broker, r.mode, r.description));
+        if let Some((base, ratio)) = &r.compared {
+            out.push_str(&format!(
+                "  - {} of {base}\n",
+                ratio_cell(&Some(ratio.clone()))
+            ));
+        }
         for e in &r.errors {
             out.push_str(&format!("  - failed round: {e}\n"));
         }

@@ -5,19 +5,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ackstack_core::{DedupStore, MemoryDedupStore, Source};
-use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 use ackstack_sqs::testing::{TestQueue, endpoint};
 use ackstack_sqs::{Client, SqsSource};
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
 
 use crate::common::{
-    Counts, LoopEnd, Progress, Sample, budget, host_port, measure, payload, run_ackstack,
-    tcp_reachable, unique,
+    Counts, LoopEnd, Progress, Sample, budget, host_port, measure, payload, redis_store,
+    run_ackstack, tcp_reachable,
 };
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
-use crate::{Options, RedisTarget};
+use crate::{Options, Stores};
 
 /// Handlers at once in ackstack's consumer (two receives' worth).
 const CONCURRENCY: usize = 20;
@@ -154,7 +153,7 @@ async fn raw(
         end: Instant::now(),
         counts: Counts {
             calls: Some(calls),
-            redis_round_trips: None,
+            ..Counts::default()
         },
     })
 }
@@ -186,7 +185,7 @@ async fn adapter(
             calls: Some(
                 s.receive_calls + s.delete_batch_calls + s.change_visibility_calls + s.send_calls,
             ),
-            redis_round_trips: None,
+            ..Counts::default()
         },
     })
 }
@@ -196,7 +195,7 @@ async fn one(
     kind: Loop,
     n: u64,
     opts: &Options,
-    redis: &RedisTarget,
+    stores: &Stores,
 ) -> Result<Sample, String> {
     let queue = tokio::time::timeout(
         Duration::from_secs(30),
@@ -205,7 +204,7 @@ async fn one(
     .await
     .map_err(|_| "CreateQueue timed out".to_string())?
     .map_err(|e| format!("CreateQueue: {e}"))?;
-    let result = one_inner(client, &queue, kind, n, opts, redis).await;
+    let result = one_inner(client, &queue, kind, n, opts, stores).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), queue.delete(client)).await;
     result
 }
@@ -216,7 +215,7 @@ async fn one_inner(
     kind: Loop,
     n: u64,
     opts: &Options,
-    redis: &RedisTarget,
+    stores: &Stores,
 ) -> Result<Sample, String> {
     let initial = n.min(BACKLOG);
     let mut start = 0;
@@ -225,16 +224,10 @@ async fn one_inner(
         send_batch(client, &queue.url, start, end).await?;
         start = end;
     }
-    let mut redis_store: Option<Arc<RedisDedupStore>> = None;
-    if kind == Loop::FullRedis {
-        let store = RedisDedupStore::connect(
-            RedisDedupConfig::new(redis.usable()?)
-                .key_prefix(format!("{}:", unique("ackstack-bench"))),
-        )
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
-        redis_store = Some(Arc::new(store));
-    }
+    let redis_store = match kind {
+        Loop::FullRedis => Some(redis_store(stores).await?),
+        _ => None,
+    };
     let progress = Progress::new(n);
     let p = progress.clone();
     let store = redis_store.clone();
@@ -281,7 +274,7 @@ async fn one_inner(
 }
 
 /// The SQS rows, rounds interleaved; an error when the endpoint does not answer.
-pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, String> {
+pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String> {
     let url = endpoint();
     let hp = host_port(&url, 443).ok_or("cannot parse SQS_ENDPOINT")?;
     tcp_reachable(&hp).map_err(|e| {
@@ -341,7 +334,7 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, Str
             ),
         ),
     ];
-    if redis.available() {
+    if stores.redis.available() {
         loops.push((
             Loop::FullRedis,
             Series::new(
@@ -357,7 +350,7 @@ pub async fn run(opts: &Options, redis: &RedisTarget) -> Result<Vec<Series>, Str
     for round in 0..opts.rounds {
         for (kind, series) in loops.iter_mut() {
             eprintln!("sqs round {}/{}: {}", round + 1, opts.rounds, series.mode);
-            series.record(one(&client, *kind, n, opts, redis).await);
+            series.record(one(&client, *kind, n, opts, stores).await);
         }
     }
     Ok(loops.into_iter().map(|(_, s)| s).collect())

@@ -75,6 +75,7 @@ where
                 Ok(true) => {}
                 Ok(false) => {
                     tx.rollback().await;
+                    self.inbox.note_duplicate();
                     metrics::counter!(ackstack_core::metrics::DEDUPLICATED).increment(1);
                     cx.note_deduplicated();
                     tracing::debug!(key = %key.escape_ascii(), "already in the inbox; acking without calling the handler");

@@ -2,6 +2,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -33,6 +34,18 @@ struct Inner {
     insert_sql: String,
     sweep_sql: String,
     migration_sql: String,
+    transactions: AtomicU64,
+    duplicates: AtomicU64,
+}
+
+/// What an inbox has done since it was made (see [`PgInbox::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InboxStats {
+    /// Transactions begun (one per delivery handled, plus `contains`, sweeps and migrations).
+    pub transactions: u64,
+    /// Deliveries found already applied and acked without calling the handler.
+    pub duplicates: u64,
 }
 
 impl std::fmt::Debug for PgInbox {
@@ -115,8 +128,23 @@ impl PgInbox {
                 insert_sql,
                 sweep_sql,
                 migration_sql,
+                transactions: AtomicU64::new(0),
+                duplicates: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Counts of transactions and duplicates so far (for benchmarks and dashboards).
+    pub fn stats(&self) -> InboxStats {
+        InboxStats {
+            transactions: self.inner.transactions.load(Ordering::Relaxed),
+            duplicates: self.inner.duplicates.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts one delivery found already applied.
+    pub(crate) fn note_duplicate(&self) {
+        self.inner.duplicates.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The settings.
@@ -149,6 +177,7 @@ impl PgInbox {
 
     /// Takes a connection and opens a transaction on it.
     pub(crate) async fn begin(&self) -> Result<InboxTx, InboxError> {
+        self.inner.transactions.fetch_add(1, Ordering::Relaxed);
         let config = &self.inner.config;
         let wait = config.connect_timeout + config.statement_timeout;
         let client = match tokio::time::timeout(wait, self.inner.pool.get()).await {

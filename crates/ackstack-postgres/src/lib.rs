@@ -106,7 +106,7 @@ mod tx;
 pub use config::{DEFAULT_TABLE, PgInboxConfig};
 pub use error::InboxError;
 pub use handler::{TxHandler, tx_handler_fn};
-pub use inbox::{MIGRATION_0001, PgInbox, SweeperHandle};
+pub use inbox::{InboxStats, MIGRATION_0001, PgInbox, SweeperHandle};
 pub use tx::InboxTx;
 
 /// The PostgreSQL client and pool crates this one is built on, for your own pool

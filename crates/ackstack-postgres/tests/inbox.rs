@@ -156,6 +156,9 @@ async fn duplicate_deliveries_run_the_handler_once() {
     assert_eq!(summary.acked, 30, "{summary:?}");
     assert_eq!(summary.deduplicated, 20, "{summary:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 10);
+    let stats = s.inbox.stats();
+    assert_eq!(stats.duplicates, 20, "{stats:?}");
+    assert!(stats.transactions >= 30, "one per delivery: {stats:?}");
     assert_eq!(s.effects().await, 10);
     assert_eq!(
         count(
