@@ -5,14 +5,14 @@
 //! # The life of a delivery
 //!
 //! ```text
-//!  Source::receive ──► runner (runner.rs) ──► [per-key gate] (ordering.rs)
-//!                         │   holds: a concurrency permit, a lease (lease.rs)
+//!  Source::receive ──► runner (runner/) ──► [per-key gate] (runner/ordering.rs)
+//!                         │   holds: a concurrency permit, a lease (runner/lease.rs)
 //!                         ▼
 //!   retry (retry.rs) ─► dedup (dedup.rs) ─► your layers ─► Terminal ─► your Handler
 //!        │ the one place a failure becomes Retry or DeadLetter; panics are attempts
 //!        ▼
 //!   Outcome (outcome.rs) ──► runner settles through Source::Settler (source.rs):
-//!        Ack ───────────► batch acker (acker.rs) ─► Settle::ack (batched, lease kept until sent)
+//!        Ack ───────────► batch acker (runner/acker.rs) ─► Settle::ack (batched, lease kept until sent)
 //!        Retry{after} ──► Settle::retry (the broker delays it; lease released first)
 //!        DeadLetter ────► Settle::dead_letter (confirmed copy) ─► ack of the original
 //!        Release ───────► Settle::release (not an attempt: given back at once)
@@ -79,7 +79,6 @@
 //! # }
 //! ```
 
-pub mod acker;
 pub mod backoff;
 pub mod config;
 pub mod deadletter;
@@ -88,16 +87,32 @@ pub mod dedup;
 pub mod delivery;
 pub mod error;
 pub mod handler;
-pub mod lease;
 pub mod memory;
 pub mod metrics;
-pub mod ordering;
 pub mod outcome;
 pub mod publish;
 pub mod retry;
 pub mod runner;
 pub mod source;
 pub mod watermark;
+
+/// The batch acker that the runner sends completed deliveries through (invariant 7). Its code
+/// lives beside the runner, which alone drives it.
+pub mod acker {
+    pub use crate::runner::acker::{AckQueue, AckStats, BatchAcker};
+}
+
+/// The lease keeper that extends in-flight deliveries' leases for the runner (invariant 6),
+/// and its settings. Its code lives beside the runner, which alone drives it.
+pub mod lease {
+    pub use crate::runner::lease::{LeaseConfig, LeaseGuard, LeaseKeeper, LeaseState};
+}
+
+/// The per-key gate that keeps deliveries sharing a key in order for the runner
+/// (invariant 11). Its code lives beside the runner, which alone drives it.
+pub mod ordering {
+    pub use crate::runner::ordering::{KeyGate, Turn};
+}
 
 pub use backoff::{Backoff, Jitter};
 pub use deadletter::{DeadLetter, DeadLetterMetadata, DeadLetterReason};

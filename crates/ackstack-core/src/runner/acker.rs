@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::lease::LeaseGuard;
+use super::lease::LeaseGuard;
 use crate::source::Settle;
 
 /// Counts kept by the acker.

@@ -1,5 +1,9 @@
 //! The runner: receives, processes with bounded concurrency, settles, and shuts down cleanly.
 
+pub(crate) mod acker;
+pub(crate) mod lease;
+pub(crate) mod ordering;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -12,7 +16,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::acker::{AckQueue, BatchAcker};
 use crate::backoff::Backoff;
 use crate::deadletter::DeadLetter;
 use crate::dedup::{DedupConfig, DedupKey, DedupLayer, DedupStore};
@@ -22,11 +25,12 @@ use crate::error::SourceError;
 use crate::handler::{
     Classifier, Context, Handler, Identity, Layer, Process, RunStats, Stack, Terminal,
 };
-use crate::lease::{LeaseConfig, LeaseGuard, LeaseKeeper};
-use crate::ordering::{KeyGate, Turn};
 use crate::outcome::Outcome;
 use crate::retry::{RetryConfig, RetryLayer};
 use crate::source::{Received, Settle, SettleFailure, Settled, Source};
+use acker::{AckQueue, BatchAcker};
+use lease::{LeaseConfig, LeaseGuard, LeaseKeeper};
+use ordering::{KeyGate, Turn};
 
 /// When a delivery is acknowledged, as users know the modes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
