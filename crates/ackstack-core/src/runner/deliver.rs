@@ -1,0 +1,165 @@
+//! One delivery's task: waits for its key's turn, runs the processing stack (the decision:
+//! retry, dedup, your layers, the handler) and hands the outcome to settlement.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::delivery::Delivery;
+use crate::handler::{Context, Process, RunStats};
+use crate::outcome::Outcome;
+use crate::source::{Received, Settle};
+
+use super::acker::AckQueue;
+use super::builder::Inspector;
+use super::config::{DeliveryMode, OnRefused};
+use super::lease::LeaseGuard;
+use super::ordering::Turn;
+use super::settle::Refusals;
+use super::status::{Counters, Status};
+
+/// Calls `inspect`; its panics are logged, never propagated.
+pub(super) fn call_inspector(inspect: &Inspector, delivery: &Delivery, outcome: &Outcome) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inspect(delivery, outcome)))
+        .is_err()
+    {
+        tracing::error!("the outcome inspector panicked");
+    }
+}
+
+pub(super) struct Shared<P, S: Settle> {
+    pub(super) stack: P,
+    pub(super) settler: S,
+    pub(super) acks: AckQueue<S::Token>,
+    pub(super) mode: DeliveryMode,
+    /// Whether the retry layer retries in place.
+    pub(super) in_place: bool,
+    pub(super) counters: Counters,
+    pub(super) stats: Arc<RunStats>,
+    pub(super) correlation_header: Option<String>,
+    pub(super) name: Option<Arc<str>>,
+    pub(super) inspector: Option<Inspector>,
+    pub(super) backoff: Backoff,
+    /// Whether a released delivery comes back by itself (false for cumulative-commit brokers
+    /// such as Kafka, where an unsettled record holds its partition back).
+    pub(super) release_redelivers: bool,
+    pub(super) status: Status,
+    /// Fired when shutdown begins.
+    pub(super) stopping: CancellationToken,
+    pub(super) on_refused: OnRefused,
+    pub(super) refusals: Refusals,
+}
+
+impl<P: Process, S: Settle> Shared<P, S> {
+    /// Calls the inspector, if any; its panics are logged, never propagated.
+    fn inspect(&self, delivery: &Delivery, outcome: &Outcome) {
+        if let Some(inspect) = &self.inspector {
+            call_inspector(inspect, delivery, outcome);
+        }
+    }
+
+    pub(super) async fn run_one(
+        &self,
+        received: Received<S::Token>,
+        cancel: CancellationToken,
+        mut lease: Option<LeaseGuard<S::Token>>,
+        mut turn: Option<Turn>,
+    ) {
+        let Received {
+            mut delivery,
+            token,
+        } = received;
+        if let Some(name) = &self.name {
+            delivery.origin.consumer = name.clone();
+        }
+        let correlation = self
+            .correlation_header
+            .as_deref()
+            .and_then(|h| delivery.headers.get_str(h))
+            .unwrap_or("");
+        let span = tracing::info_span!(
+            "delivery",
+            consumer = %delivery.origin.consumer,
+            broker = delivery.origin.broker,
+            queue = %delivery.origin.queue,
+            message_id = delivery.message_id.as_deref().unwrap_or(""),
+            attempt = delivery.attempt,
+            correlation_id = correlation,
+            outcome = tracing::field::Empty,
+        );
+        async {
+            if let Some(turn) = &mut turn {
+                // Waiting for the key's turn; a lost lease or the deadline ends the wait.
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => {}
+                    _ = turn.wait() => {}
+                }
+            }
+            if cancel.is_cancelled() {
+                // Checked right before the handler: a delivery whose lease was lost (or a
+                // partition revoked) while it waited is never processed.
+                self.not_processed(lease.as_ref());
+                return;
+            }
+            let cx = self.context(&cancel);
+            if self.mode == DeliveryMode::AtMostOnce {
+                // Acked on receipt: the lease no longer matters.
+                drop(lease.take());
+                self.acks.push(token).await;
+                let outcome = self.stack.process(&delivery, &cx).await;
+                tracing::Span::current().record("outcome", outcome.as_str());
+                if outcome == Outcome::Ack {
+                    self.counters
+                        .succeeded
+                        .fetch_add(1, AtomicOrdering::Relaxed);
+                }
+                return;
+            }
+            let started = Instant::now();
+            let cx = if self.in_place {
+                cx.with_attempt_slot()
+            } else {
+                cx
+            };
+            let outcome = self.stack.process(&delivery, &cx).await;
+            if let Some(attempt) = cx.attempt_reached() {
+                // Retried in place: report and dead-letter with the attempt it reached.
+                delivery.attempt = attempt;
+            }
+            metrics::histogram!(crate::metrics::HANDLER_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            if cx.is_cancelled() {
+                self.not_processed(lease.as_ref());
+                return;
+            }
+            tracing::Span::current().record("outcome", outcome.as_str());
+            self.inspect(&delivery, &outcome);
+            self.settle(token, &delivery, outcome, lease, &cx).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Records why a cancelled delivery is left unsettled.
+    fn not_processed(&self, lease: Option<&LeaseGuard<S::Token>>) {
+        if lease.is_some_and(|l| l.state().is_lost()) {
+            // Not ours any more: the broker redelivers it. Never ack, never release.
+            tracing::Span::current().record("outcome", "lease_lost");
+            self.counters
+                .leases_lost
+                .fetch_add(1, AtomicOrdering::Relaxed);
+        } else {
+            // The shutdown deadline passed: abandoned unacked.
+            tracing::Span::current().record("outcome", "abandoned");
+        }
+    }
+
+    fn context(&self, cancel: &CancellationToken) -> Context {
+        Context::with_stats(cancel.clone(), self.stats.clone()).with_stopping(self.stopping.clone())
+    }
+}

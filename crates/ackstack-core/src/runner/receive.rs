@@ -1,0 +1,255 @@
+//! The receive loop: [`Consumer::run_until`] builds the stack, the acker and the lease keeper,
+//! receives while there are free permits, spawns a task per delivery, and shuts down cleanly.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::dedup::DedupLayer;
+use crate::delivery::Delivery;
+use crate::handler::{Handler, Layer, Terminal};
+use crate::outcome::Outcome;
+use crate::retry::RetryLayer;
+use crate::source::{Settle, Source};
+
+use super::acker::BatchAcker;
+use super::builder::Consumer;
+use super::config::{DeliveryMode, KeyOrdering};
+use super::deliver::{Shared, call_inspector};
+use super::lease::LeaseKeeper;
+use super::ordering::KeyGate;
+use super::settle::Refusals;
+use super::status::{ConsumerError, Counters, InFlight, Summary};
+
+impl<S: Source, L> Consumer<S, L> {
+    /// Runs until `shutdown` completes, then drains, flushes and returns what happened.
+    pub async fn run_until<H, F>(
+        mut self,
+        handler: H,
+        shutdown: F,
+    ) -> Result<Summary, ConsumerError>
+    where
+        H: Handler,
+        L: Layer<Terminal<H>>,
+        F: Future<Output = ()> + Send,
+    {
+        self.validate()?;
+        let cfg = self.effective_config();
+        let caps = self.source.capabilities();
+        let settler = self.source.settler();
+        let per_key = match cfg.ordering {
+            KeyOrdering::PerKey => true,
+            KeyOrdering::None => false,
+            KeyOrdering::Auto => !caps.broker_delay,
+        };
+        // At-most-once acks on receipt: there is nothing left to retry in place.
+        let in_place = (!caps.broker_delay || per_key) && cfg.mode != DeliveryMode::AtMostOnce;
+        let stats = self.status.inner.stats.clone();
+        let on_in_place: Option<crate::retry::OnInPlaceRetry> =
+            self.inspector.clone().map(|inspect| {
+                Arc::new(move |d: &Delivery, o: &Outcome| call_inspector(&inspect, d, o))
+                    as crate::retry::OnInPlaceRetry
+            });
+        let terminal = Terminal::new(handler).classify(self.classifier.clone());
+        let dedup = self
+            .dedup
+            .take()
+            .map(|(store, key)| DedupLayer::shared(store, key).config(cfg.dedup));
+        let retry = RetryLayer::from_config(cfg.retry)
+            .in_place(in_place)
+            .max_delay(caps.max_retry_delay)
+            .on_in_place_retry(on_in_place);
+        let stack = retry.layer(dedup.layer(self.layers.layer(terminal)));
+        let ack_batch = cfg
+            .ack_batch
+            .unwrap_or(caps.max_ack_batch)
+            .clamp(1, caps.max_ack_batch);
+        let acker = BatchAcker::spawn(
+            settler.clone(),
+            ack_batch,
+            cfg.ack_delay,
+            caps.parallel_acks,
+            (ack_batch * (caps.parallel_acks + 1)).max(cfg.concurrency * 2),
+        );
+        let leases = caps
+            .lease
+            .map(|lease| LeaseKeeper::spawn(settler.clone(), lease, cfg.lease));
+        let shared = Arc::new(Shared {
+            stack,
+            settler,
+            acks: acker.queue(),
+            mode: cfg.mode,
+            in_place,
+            counters: Counters::default(),
+            stats: stats.clone(),
+            correlation_header: cfg.correlation_header.clone(),
+            name: self.name.clone(),
+            inspector: self.inspector.clone(),
+            backoff: cfg.retry.backoff,
+            release_redelivers: caps.broker_delay,
+            status: self.status.clone(),
+            stopping: CancellationToken::new(),
+            on_refused: cfg.on_dead_letter_refused,
+            refusals: Refusals::default(),
+        });
+        let gate = per_key.then(KeyGate::new);
+        let hard_stop = CancellationToken::new();
+        let stopping = shared.stopping.clone();
+        let permits = Arc::new(Semaphore::new(cfg.concurrency));
+        let receive_batch = cfg.receive_batch;
+        let reconnect = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10))
+            .equal_jitter();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut receive_errors = 0u64;
+        let mut consecutive_errors = 0u32;
+        tokio::pin!(shutdown);
+
+        let result = loop {
+            while let Some(done) = tasks.try_join_next() {
+                log_join_error(done);
+            }
+            let first = tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break Ok(()),
+                },
+            };
+            let max = (1 + permits.available_permits()).min(receive_batch);
+            let batch = tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                batch = self.source.receive(max) => batch,
+            };
+            let batch = match batch {
+                Ok(batch) => {
+                    if consecutive_errors > 0 {
+                        consecutive_errors = 0;
+                        shared.status.set_receive_failures(0);
+                    }
+                    batch
+                }
+                Err(err) if err.is_fatal() => break Err(ConsumerError::Source(err)),
+                Err(err) => {
+                    receive_errors += 1;
+                    consecutive_errors = consecutive_errors.saturating_add(1);
+                    shared.status.set_receive_failures(consecutive_errors);
+                    let wait = reconnect.delay(consecutive_errors);
+                    tracing::warn!(error = %err, retry_in = ?wait, "receive failed");
+                    drop(first);
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break Ok(()),
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+            };
+            let received_at = Instant::now();
+            shared.status.received(batch.len() as u64);
+            let mut first = Some(first);
+            for received in batch {
+                let permit = match first.take() {
+                    Some(p) => p,
+                    None => match permits.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                shared
+                    .counters
+                    .received
+                    .fetch_add(1, AtomicOrdering::Relaxed);
+                metrics::counter!(crate::metrics::RECEIVED).increment(1);
+                let cancel = hard_stop.child_token();
+                let lease = leases
+                    .as_ref()
+                    .map(|k| k.hold(received.token.clone(), received_at, cancel.clone()));
+                let turn = match (&gate, &received.delivery.key) {
+                    (Some(gate), Some(key)) => Some(gate.enter(key.clone())),
+                    _ => None,
+                };
+                let shared = shared.clone();
+                let in_flight = InFlight::start(shared.status.clone());
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let _in_flight = in_flight;
+                    shared.run_one(received, cancel, lease, turn).await;
+                });
+            }
+        };
+
+        // Shutdown: stop receiving, drain up to the deadline, abandon the rest, flush.
+        stopping.cancel();
+        self.source.close().await;
+        let drain = async {
+            while let Some(done) = tasks.join_next().await {
+                log_join_error(done);
+            }
+        };
+        let mut abandoned = 0;
+        if tokio::time::timeout(cfg.shutdown_deadline, drain)
+            .await
+            .is_err()
+        {
+            abandoned = tasks.len() as u64;
+            tracing::warn!(
+                abandoned,
+                "shutdown deadline reached; abandoning in-flight work unacked"
+            );
+            metrics::counter!(crate::metrics::ABANDONED).increment(abandoned);
+            hard_stop.cancel();
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        let Ok(shared) = Arc::try_unwrap(shared) else {
+            return Err(ConsumerError::Internal("tasks outlived shutdown"));
+        };
+        let Shared {
+            settler,
+            acks,
+            counters,
+            ..
+        } = shared;
+        drop(acks);
+        let ack_stats = acker.stats().clone();
+        acker.shutdown().await;
+        settler.flush().await;
+        if let Some(leases) = leases {
+            leases.shutdown();
+        }
+        result?;
+        Ok(Summary {
+            received: counters.received.into_inner(),
+            succeeded: counters.succeeded.into_inner(),
+            acked: ack_stats.acked.load(AtomicOrdering::Relaxed),
+            ack_calls: ack_stats.calls.load(AtomicOrdering::Relaxed),
+            retried: counters.retried.into_inner()
+                + stats.retried_in_place.load(AtomicOrdering::Relaxed),
+            dead_lettered: counters.dead_lettered.into_inner(),
+            deduplicated: stats.deduplicated.load(AtomicOrdering::Relaxed),
+            dedup_keyless: stats.dedup_keyless.load(AtomicOrdering::Relaxed),
+            ack_failures: ack_stats.failed.load(AtomicOrdering::Relaxed),
+            settle_failures: counters.settle_failures.into_inner(),
+            leases_lost: counters.leases_lost.into_inner()
+                + ack_stats.lost.load(AtomicOrdering::Relaxed),
+            abandoned,
+            receive_errors,
+        })
+    }
+}
+
+fn log_join_error(done: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = done
+        && err.is_panic()
+    {
+        tracing::error!(error = %err, "delivery task panicked outside the handler");
+    }
+}

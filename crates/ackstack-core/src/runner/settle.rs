@@ -1,0 +1,197 @@
+//! Settlement: acks through the batch acker, retries, dead letters (kept trying where a
+//! release would not redeliver) and releases, with the lease given up in the right order.
+
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::Duration;
+
+use crate::backoff::Backoff;
+use crate::deadletter::DeadLetter;
+use crate::delivery::Delivery;
+use crate::error::SettleError;
+use crate::handler::{Context, Process};
+use crate::outcome::Outcome;
+use crate::source::{Settle, SettleFailure, Settled};
+
+use super::config::OnRefused;
+use super::deliver::Shared;
+use super::lease::LeaseGuard;
+
+impl<P: Process, S: Settle> Shared<P, S> {
+    /// Dead-letters; where a released delivery would not come back by itself (cumulative
+    /// commits), keeps trying in place until the copy is confirmed, the lease is lost or the
+    /// work is cancelled.
+    async fn dead_letter(
+        &self,
+        mut token: S::Token,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+        cx: &Context,
+    ) -> Result<Settled<S::Token>, SettleFailure<S::Token>> {
+        let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30))
+            .equal_jitter();
+        let mut tries = 0;
+        loop {
+            let result = self.settler.dead_letter(token, delivery, letter).await;
+            if let Err(failure) = &result
+                && matches!(failure.error, SettleError::Rejected(_))
+            {
+                self.refused(delivery, &failure.error);
+            }
+            match result {
+                Err(failure)
+                    if (!self.release_redelivers
+                        || (self.on_refused == OnRefused::Hold
+                            && matches!(failure.error, SettleError::Rejected(_))))
+                        && !failure.error.is_lease_lost()
+                        && !cx.is_cancelled() =>
+                {
+                    tries += 1;
+                    let wait = backoff.delay(tries);
+                    tracing::warn!(error = %failure.error, retry_in = ?wait, "dead-letter not confirmed; trying again");
+                    tokio::select! {
+                        _ = cx.cancelled() => return Err(failure),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    token = failure.token;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Counts a dead-letter copy the broker refused for good; logs it at error once per message.
+    fn refused(&self, delivery: &Delivery, error: &SettleError) {
+        metrics::counter!(crate::metrics::DEAD_LETTERS_REFUSED).increment(1);
+        self.stats
+            .dead_letters_refused
+            .fetch_add(1, AtomicOrdering::Relaxed);
+        if self.refusals.first_time(delivery) {
+            tracing::error!(
+                error = %error,
+                message_id = delivery.message_id.as_deref().unwrap_or(""),
+                "the broker refuses this message's dead-letter copy for good; it is kept \
+                 unacked (policy {:?}) until an operator deals with it",
+                self.on_refused
+            );
+        } else {
+            tracing::debug!(error = %error, "dead-letter copy refused again");
+        }
+    }
+
+    /// Releases the delivery for redelivery: its lease first (waiting out an extension in
+    /// flight, so none lands after the release), then the message. A lease already lost is
+    /// not ours to release.
+    async fn give_back(&self, token: S::Token, lease: Option<LeaseGuard<S::Token>>) {
+        if let Some(lease) = lease {
+            if lease.state().is_lost() {
+                return;
+            }
+            lease.release().await;
+        }
+        self.settler.release(token).await;
+    }
+
+    /// Settles from the outcome. The lease is kept until the ack is confirmed; for a retry it
+    /// is released (waiting out an extension in flight) before the broker is told to hold the
+    /// message back, so that no extension undoes the delay.
+    pub(super) async fn settle(
+        &self,
+        token: S::Token,
+        delivery: &Delivery,
+        outcome: Outcome,
+        mut lease: Option<LeaseGuard<S::Token>>,
+        cx: &Context,
+    ) {
+        let settled = match outcome {
+            Outcome::Release => {
+                self.give_back(token, lease).await;
+                return;
+            }
+            Outcome::Ack => {
+                self.counters
+                    .succeeded
+                    .fetch_add(1, AtomicOrdering::Relaxed);
+                self.acks.push_held(token, lease).await;
+                return;
+            }
+            Outcome::Retry { after, failure } => {
+                self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
+                metrics::counter!(crate::metrics::RETRIED).increment(1);
+                tracing::info!(after = ?after, error = %failure, "retry");
+                if let Some(lease) = lease.take() {
+                    lease.release().await;
+                }
+                self.settler.retry(token, delivery, after, &failure).await
+            }
+            Outcome::DeadLetter(failure) => {
+                self.counters
+                    .dead_lettered
+                    .fetch_add(1, AtomicOrdering::Relaxed);
+                metrics::counter!(crate::metrics::DEAD_LETTERED).increment(1);
+                tracing::warn!(error = %failure, "dead-letter");
+                let letter = DeadLetter::new(delivery, failure);
+                self.dead_letter(token, delivery, &letter, cx).await
+            }
+        };
+        match settled {
+            Ok(Settled::Done) => {}
+            Ok(Settled::AckOriginal(token)) => {
+                self.acks.push_held(token, lease).await;
+            }
+            Err(SettleFailure { token, error }) => {
+                self.counters
+                    .settle_failures
+                    .fetch_add(1, AtomicOrdering::Relaxed);
+                metrics::counter!(crate::metrics::SETTLE_FAILURES).increment(1);
+                if error.is_lease_lost() {
+                    tracing::warn!(error = %error, "settlement failed: the delivery is no longer ours");
+                    return;
+                }
+                // Give it back after a pause, so that a failure that repeats (an unroutable
+                // dead-letter queue, a broker alarm) does not become a hot redelivery loop. The
+                // lease is still kept meanwhile.
+                let pause = self
+                    .backoff
+                    .delay_with(delivery.attempt, 1.0)
+                    .min(Duration::from_secs(30));
+                tracing::warn!(error = %error, release_in = ?pause, "settlement failed; the delivery will be released for redelivery");
+                tokio::select! {
+                    _ = cx.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                self.give_back(token, lease).await;
+            }
+        }
+    }
+}
+
+/// The messages whose refused dead letter was already logged at error: bounded, forgetting
+/// everything once full (a message then logs again, which is harmless).
+#[derive(Debug, Default)]
+pub(super) struct Refusals {
+    seen: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+impl Refusals {
+    const CAPACITY: usize = 4096;
+
+    /// Whether `delivery`'s message was not seen before (and remembers it).
+    fn first_time(&self, delivery: &Delivery) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        delivery.origin.queue.hash(&mut h);
+        match &delivery.message_id {
+            Some(id) => id.hash(&mut h),
+            None => {
+                delivery.origin.partition.hash(&mut h);
+                delivery.origin.offset.hash(&mut h);
+                delivery.payload.hash(&mut h);
+            }
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= Self::CAPACITY {
+            seen.clear();
+        }
+        seen.insert(h.finish())
+    }
+}
