@@ -15,8 +15,9 @@
 //!    runs.
 //! 3. **Settle** (`settle.rs`). An ack goes to the batch acker, its lease kept until the ack
 //!    is sent; a retry or a release gives up the lease first; a dead-letter copy is written
-//!    and, once confirmed, the original is acked. A failed settlement releases the delivery
-//!    after a pause.
+//!    and, once confirmed, the original is acked (where a released delivery would not come
+//!    back by itself, the write is tried again in place). A failed settlement releases the
+//!    delivery after a pause, unless its lease is lost.
 //!
 //! The settings are in `config.rs` ([`ConsumerConfig`], checked by
 //! [`ConsumerConfig::validate`]), the builder in `builder.rs` ([`Consumer`], its setters and
