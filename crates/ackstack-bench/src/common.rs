@@ -268,12 +268,21 @@ pub async fn redis_store(stores: &crate::Stores) -> Result<Arc<RedisDedupStore>,
 /// The inbox table of the benchmark.
 const INBOX_TABLE: &str = "ackstack_bench_inbox";
 
+/// Deliveries per transaction in the "commit groups" inbox rows.
+pub const COMMIT_GROUP: usize = 16;
+
 /// A PostgreSQL inbox for one loop: a consumer name of its own in the benchmark's inbox
-/// table (migrated), a pool as large as the consumer's `concurrency`.
-pub async fn inbox_store(stores: &crate::Stores, concurrency: usize) -> Result<PgInbox, String> {
+/// table (migrated), a pool as large as the consumer's `concurrency`, up to `group`
+/// deliveries per transaction.
+pub async fn inbox_store(
+    stores: &crate::Stores,
+    concurrency: usize,
+    group: usize,
+) -> Result<PgInbox, String> {
     let config = PgInboxConfig::new(unique("ackstack-bench"))
         .table(INBOX_TABLE)
-        .max_connections(concurrency.max(1));
+        .max_connections(concurrency.max(1))
+        .commit_group(group);
     let inbox = PgInbox::new(&stores.postgres.usable()?, config).map_err(|e| e.to_string())?;
     inbox
         .migrate()
@@ -282,8 +291,12 @@ pub async fn inbox_store(stores: &crate::Stores, concurrency: usize) -> Result<P
     Ok(inbox)
 }
 
-/// Deletes the loop's inbox rows (outside the measured interval).
-pub async fn inbox_cleanup(inbox: &PgInbox) {
+/// Records the loop's transactions in `sample` and deletes its inbox rows (outside the
+/// measured interval).
+pub async fn inbox_finish(inbox: &PgInbox, sample: &mut Result<Sample, String>) {
+    if let Ok(sample) = sample {
+        sample.counts.pg_transactions = Some(inbox.stats().transactions);
+    }
     if let Err(e) = inbox.sweep_once(Duration::ZERO).await {
         eprintln!("  could not delete the benchmark's inbox rows: {e}");
     }

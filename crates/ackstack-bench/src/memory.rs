@@ -11,8 +11,8 @@ use ackstack_core::{
 };
 
 use crate::common::{
-    BenchHandler, Counts, Dedup, LoopEnd, Progress, budget, inbox_cleanup, inbox_store, measure,
-    payload, redis_store, run_ackstack, unique,
+    BenchHandler, COMMIT_GROUP, Counts, Dedup, LoopEnd, Progress, budget, inbox_finish,
+    inbox_store, measure, payload, redis_store, run_ackstack, unique,
 };
 use crate::report::{Role, Series};
 use crate::{Options, Stores};
@@ -30,6 +30,7 @@ enum Loop {
     Full,
     FullRedis,
     FullInbox,
+    FullInboxGrouped,
 }
 
 fn fill(n: u64) -> MemoryBroker {
@@ -144,7 +145,8 @@ async fn one(
     };
     let concurrency = opts.concurrency.unwrap_or(CONCURRENCY);
     let inbox = match kind {
-        Loop::FullInbox => Some(inbox_store(stores, concurrency).await?),
+        Loop::FullInbox => Some(inbox_store(stores, concurrency, 1).await?),
+        Loop::FullInboxGrouped => Some(inbox_store(stores, concurrency, COMMIT_GROUP).await?),
         _ => None,
     };
     let p = progress.clone();
@@ -164,7 +166,7 @@ async fn one(
                 let store: Option<Arc<dyn DedupStore>> = store.map(|s| s as Arc<dyn DedupStore>);
                 run_consumer(&b, p, full_config(concurrency, 64), store).await
             }
-            Loop::FullInbox => {
+            Loop::FullInbox | Loop::FullInboxGrouped => {
                 let inbox = Dedup::Inbox(pg.ok_or("no inbox")?);
                 run_consumer(&b, p, full_config(concurrency, 64), inbox).await
             }
@@ -172,10 +174,7 @@ async fn one(
     })
     .await;
     if let Some(inbox) = &inbox {
-        if let Ok(sample) = &mut sample {
-            sample.counts.pg_transactions = Some(inbox.stats().transactions);
-        }
-        inbox_cleanup(inbox).await;
+        inbox_finish(inbox, &mut sample).await;
     }
     let mut sample = sample?;
     let stats = broker.stats(QUEUE);
@@ -263,6 +262,18 @@ pub async fn run(opts: &Options, stores: &Stores) -> Vec<Series> {
                 what,
                 n,
                 "all layers but dedup; the handler runs in a PgInbox transaction (BEGIN, INSERT of the message id, COMMIT before the ack; no statements of its own), no-op handler",
+            )
+            .compared_to("ackstack full + Redis dedup"),
+        ));
+        loops.push((
+            Loop::FullInboxGrouped,
+            Series::new(
+                "memory",
+                "ackstack full + PostgreSQL inbox, commit groups",
+                Role::Ackstack,
+                what,
+                n,
+                format!("as the inbox row, with up to {COMMIT_GROUP} deliveries per transaction (PgInboxConfig::commit_group; a savepoint each, acked after the shared commit)"),
             )
             .compared_to("ackstack full + Redis dedup"),
         ));

@@ -15,8 +15,8 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::common::{
-    Counts, Dedup, LoopEnd, Progress, Sample, budget, host_port, inbox_cleanup, inbox_store,
-    measure, payload, redis_store, run_ackstack, tcp_reachable, unique,
+    COMMIT_GROUP, Counts, Dedup, LoopEnd, Progress, Sample, budget, host_port, inbox_finish,
+    inbox_store, measure, payload, redis_store, run_ackstack, tcp_reachable, unique,
 };
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
@@ -37,6 +37,7 @@ enum Loop {
     Full,
     FullRedis,
     FullInbox,
+    FullInboxGrouped,
 }
 
 fn short(s: &str) -> Result<ShortString, String> {
@@ -283,7 +284,8 @@ async fn one_inner(
         _ => None,
     };
     let inbox = match kind {
-        Loop::FullInbox => Some(inbox_store(stores, CONCURRENCY).await?),
+        Loop::FullInbox => Some(inbox_store(stores, CONCURRENCY, 1).await?),
+        Loop::FullInboxGrouped => Some(inbox_store(stores, CONCURRENCY, COMMIT_GROUP).await?),
         _ => None,
     };
     let progress = Progress::new(n);
@@ -307,7 +309,7 @@ async fn one_inner(
                 let s = store.map(|s| s as Arc<dyn DedupStore>);
                 adapter(config, p, true, s).await
             }
-            Loop::FullInbox => {
+            Loop::FullInbox | Loop::FullInboxGrouped => {
                 let inbox = Dedup::Inbox(pg.ok_or("no inbox")?);
                 adapter(config, p, true, inbox).await
             }
@@ -315,10 +317,7 @@ async fn one_inner(
     })
     .await;
     if let Some(inbox) = &inbox {
-        if let Ok(sample) = &mut sample {
-            sample.counts.pg_transactions = Some(inbox.stats().transactions);
-        }
-        inbox_cleanup(inbox).await;
+        inbox_finish(inbox, &mut sample).await;
     }
     let mut sample = sample?;
     let left = admin.message_count(&config_queue).await?;
@@ -411,6 +410,18 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
                 what,
                 n,
                 "all layers but dedup; the handler runs in a PgInbox transaction committed before the ack",
+            )
+            .compared_to("ackstack full + Redis dedup"),
+        ));
+        loops.push((
+            Loop::FullInboxGrouped,
+            Series::new(
+                "rabbitmq",
+                "ackstack full + PostgreSQL inbox, commit groups",
+                Role::Ackstack,
+                what,
+                n,
+                format!("as the inbox row, with up to {COMMIT_GROUP} deliveries per transaction (PgInboxConfig::commit_group; a savepoint each, acked after the shared commit)"),
             )
             .compared_to("ackstack full + Redis dedup"),
         ));

@@ -42,6 +42,14 @@ pub enum InboxError {
     /// the redelivery finds its inbox row and is acknowledged as a duplicate.
     #[error("the outcome of COMMIT is unknown: {0}")]
     CommitUnknown(String),
+    /// The shared transaction of a commit group ([`PgInboxConfig::commit_group`]) was not
+    /// committed: another member panicked or was cancelled, the connection broke, or the
+    /// commit failed or its answer was lost. Nothing of this delivery was acknowledged; the
+    /// retry is safe (a committed row makes it a duplicate).
+    ///
+    /// [`PgInboxConfig::commit_group`]: crate::PgInboxConfig::commit_group
+    #[error("the commit group's transaction was not committed: {0}")]
+    Group(String),
     /// The transaction handle was used after its transaction had ended (a clone kept past the
     /// handler's return), or after its connection broke.
     #[error("the inbox transaction has already ended")]

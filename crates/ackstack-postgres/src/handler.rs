@@ -44,6 +44,12 @@ impl<F> std::fmt::Debug for TxHandler<F> {
 ///    handler: the connection is closed, which rolls back, and the runner counts the panic as
 ///    a transient failure.
 ///
+/// With [`PgInboxConfig::commit_group`](crate::PgInboxConfig::commit_group) above 1,
+/// deliveries handled at the same time share a transaction: steps 2 and 3 run in a savepoint
+/// per delivery, one delivery after another, and step 4 is one commit for all of them (a
+/// failed `f` rolls back to its own savepoint; every delivery returns `Ok` only after the
+/// commit).
+///
 /// A delivery without a key (or with an empty one) runs `f` in a transaction without an inbox
 /// row: it is not deduplicated (counted in `ackstack_dedup_keyless_total` and logged at
 /// debug).
@@ -69,16 +75,16 @@ where
 {
     async fn handle(&self, delivery: &Delivery, cx: &Context) -> Result<(), HandlerError> {
         let key = self.key.extract(delivery);
+        if self.inbox.config().commit_group > 1 {
+            return crate::group::handle(&self.inbox, key.as_deref(), &self.f, delivery, cx).await;
+        }
         let tx = self.inbox.begin().await?;
         match &key {
             Some(key) => match self.inbox.record(&tx, key).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tx.rollback().await;
-                    self.inbox.note_duplicate();
-                    metrics::counter!(ackstack_core::metrics::DEDUPLICATED).increment(1);
-                    cx.note_deduplicated();
-                    tracing::debug!(key = %key.escape_ascii(), "already in the inbox; acking without calling the handler");
+                    self.inbox.note_duplicate_delivery(cx, Some(key));
                     return Ok(());
                 }
                 Err(err) => {
@@ -86,12 +92,7 @@ where
                     return Err(err.into());
                 }
             },
-            None => {
-                metrics::counter!(ackstack_core::metrics::DEDUP_KEYLESS).increment(1);
-                tracing::debug!(
-                    "no inbox key; running the handler in a transaction without an inbox row"
-                );
-            }
+            None => self.inbox.note_keyless(),
         }
         match (self.f)(delivery.clone(), tx.clone(), cx.clone()).await {
             Ok(()) => {

@@ -9,6 +9,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use crate::config::{DEFAULT_TABLE, PgInboxConfig};
 use crate::error::InboxError;
+use crate::group::Groups;
 use crate::handler::{TxHandler, tx_handler_fn};
 use crate::tx::InboxTx;
 use ackstack_core::{Context, DedupKey, Delivery, HandlerError};
@@ -36,6 +37,7 @@ struct Inner {
     migration_sql: String,
     transactions: AtomicU64,
     duplicates: AtomicU64,
+    groups: Groups,
 }
 
 /// What an inbox has done since it was made (see [`PgInbox::stats`]).
@@ -130,6 +132,7 @@ impl PgInbox {
                 migration_sql,
                 transactions: AtomicU64::new(0),
                 duplicates: AtomicU64::new(0),
+                groups: Groups::default(),
             }),
         }
     }
@@ -142,9 +145,25 @@ impl PgInbox {
         }
     }
 
-    /// Counts one delivery found already applied.
-    pub(crate) fn note_duplicate(&self) {
+    /// Counts a delivery found already applied (acked without calling the handler).
+    pub(crate) fn note_duplicate_delivery(&self, cx: &Context, key: Option<&[u8]>) {
         self.inner.duplicates.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(ackstack_core::metrics::DEDUPLICATED).increment(1);
+        cx.note_deduplicated();
+        if let Some(key) = key {
+            tracing::debug!(key = %key.escape_ascii(), "already in the inbox; acking without calling the handler");
+        }
+    }
+
+    /// Counts a delivery without a key (run in a transaction, not deduplicated).
+    pub(crate) fn note_keyless(&self) {
+        metrics::counter!(ackstack_core::metrics::DEDUP_KEYLESS).increment(1);
+        tracing::debug!("no inbox key; running the handler in a transaction without an inbox row");
+    }
+
+    /// The open commit group (see [`PgInboxConfig::commit_group`]).
+    pub(crate) fn groups(&self) -> &Groups {
+        &self.inner.groups
     }
 
     /// The settings.

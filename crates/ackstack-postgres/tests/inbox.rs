@@ -570,3 +570,117 @@ async fn a_handle_kept_past_the_handler_is_refused() {
     assert!(s.inbox.contains(b"l-1").await.unwrap());
     s.drop_tables().await;
 }
+
+/// 60 distinct keys published twice each, handled 32 at a time in groups of up to 16.
+async fn run_grouped<F, Fut>(s: &Setup, f: F) -> Summary
+where
+    F: Fn(Delivery, InboxTx, Context) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), HandlerError>> + Send,
+{
+    let broker = MemoryBroker::new();
+    for _ in 0..2 {
+        for i in 0..60 {
+            broker.publish("q", Message::new("{}").message_id(format!("g-{i}")));
+        }
+    }
+    let handler = s.inbox.handler(DedupKey::MessageId, f);
+    run_until_idle(&broker, "q", handler, 32).await
+}
+
+#[tokio::test]
+async fn a_commit_group_applies_each_key_once_with_fewer_commits() {
+    let s = Setup::with("group", |c| c.commit_group(16)).await;
+    let fx = s.fx.clone();
+    let summary = run_grouped(&s, move |delivery, tx, _cx| {
+        let fx = fx.clone();
+        async move {
+            record_effect(&tx, &fx, &delivery).await?;
+            Ok(())
+        }
+    })
+    .await;
+    assert_eq!(summary.acked, 120, "{summary:?}");
+    assert_eq!(summary.deduplicated, 60, "{summary:?}");
+    assert_eq!(s.effects().await, 60, "each key applied once");
+    assert_eq!(s.inbox_rows().await, 60);
+    let stats = s.inbox.stats();
+    // With a transaction per delivery this would be 120 (plus the test's own queries).
+    assert!(
+        stats.transactions < 60,
+        "deliveries share commits: {stats:?}"
+    );
+    s.drop_tables().await;
+}
+
+#[tokio::test]
+async fn a_failing_member_is_rolled_back_alone() {
+    let s = Setup::with("group_err", |c| c.commit_group(16)).await;
+    let fx = s.fx.clone();
+    let summary = run_grouped(&s, move |delivery, tx, _cx| {
+        let fx = fx.clone();
+        async move {
+            record_effect(&tx, &fx, &delivery).await?;
+            let id = delivery.message_id.clone().unwrap_or_default();
+            if id.ends_with('7') {
+                // Its effect is in the shared transaction: it must be rolled back alone.
+                return Err(HandlerError::permanent("refused"));
+            }
+            if id.ends_with('3') {
+                // A swallowed SQL error aborts this member's savepoint only (and fails it,
+                // every attempt).
+                let _ = tx
+                    .execute("INSERT INTO no_such_table VALUES (1)", &[])
+                    .await;
+            }
+            Ok(())
+        }
+    })
+    .await;
+    // g-3, g-7, g-13, ..., g-57: twelve keys, each delivered twice, dead-lettered each time.
+    assert_eq!(summary.dead_lettered, 24, "{summary:?}");
+    let failed = count(
+        &s.inbox,
+        &format!(
+            "SELECT count(*) FROM {} WHERE key LIKE '%7' OR key LIKE '%3'",
+            s.fx
+        ),
+    )
+    .await;
+    assert_eq!(failed, 0, "a failed member's effect was committed");
+    assert_eq!(s.effects().await, 48, "every other key applied once");
+    assert_eq!(s.inbox_rows().await, 48);
+    s.drop_tables().await;
+}
+
+#[tokio::test]
+async fn a_panicking_member_fails_its_group_and_nothing_is_lost_or_doubled() {
+    let s = Setup::with("group_panic", |c| c.commit_group(16)).await;
+    let fx = s.fx.clone();
+    let summary = run_grouped(&s, move |delivery, tx, _cx| {
+        let fx = fx.clone();
+        async move {
+            record_effect(&tx, &fx, &delivery).await?;
+            if delivery.message_id.as_deref() == Some("g-5") && delivery.attempt == 1 {
+                panic!("handler bug");
+            }
+            Ok(())
+        }
+    })
+    .await;
+    assert_eq!(summary.acked, 120, "{summary:?}");
+    assert_eq!(summary.dead_lettered, 0, "{summary:?}");
+    assert!(
+        summary.retried >= 1,
+        "the panic and its group are retried: {summary:?}"
+    );
+    assert_eq!(s.effects().await, 60, "each key applied exactly once");
+    assert_eq!(s.inbox_rows().await, 60);
+    s.drop_tables().await;
+}
+
+#[test]
+fn a_commit_group_is_between_1_and_64() {
+    assert!(PgInboxConfig::new("c").commit_group(0).validate().is_err());
+    assert!(PgInboxConfig::new("c").commit_group(65).validate().is_err());
+    assert!(PgInboxConfig::new("c").commit_group(64).validate().is_ok());
+}

@@ -1,0 +1,296 @@
+//! Commit groups: deliveries handled at the same time share one transaction, a savepoint each,
+//! and one `COMMIT` (see [`PgInboxConfig::commit_group`](crate::PgInboxConfig::commit_group)).
+//!
+//! ```text
+//! BEGIN                                   the first member opens the group
+//!   SAVEPOINT m; INSERT key1 ...          member 1 (one round trip), then its statements
+//!   RELEASE SAVEPOINT m                   Ok (an error: ROLLBACK TO SAVEPOINT m, member 1 fails alone)
+//!   SAVEPOINT m; INSERT key2 ...          member 2, after member 1 (members take turns)
+//!   ...
+//! COMMIT                                  by the last member to finish; then every member returns
+//! ```
+//!
+//! A member joins the open group unless it is full or closed; the group closes when every
+//! member that joined has had its turn, so a lone delivery commits at once and a burst fills
+//! the group without a timer. No member returns `Ok` before the commit succeeded, so "ack
+//! after commit" holds for each of them. A member interrupted during its turn (a panic, a
+//! cancelled future) leaves the transaction in an unknown state: the group is poisoned, the
+//! others fail with [`InboxError::Group`] and the connection is closed, which rolls back.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use ackstack_core::{Context, Delivery, HandlerError};
+use tokio::sync::watch;
+
+use crate::error::InboxError;
+use crate::inbox::PgInbox;
+use crate::tx::InboxTx;
+
+/// The savepoint every member runs in (members take turns, so one name suffices).
+const SAVEPOINT: &str = "SAVEPOINT ackstack_member";
+const RELEASE: &str = "RELEASE SAVEPOINT ackstack_member";
+const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT ackstack_member";
+
+/// The group open for new members, if any. Held weakly: a group's connection goes back to
+/// the pool as soon as its members are done.
+#[derive(Default)]
+pub(crate) struct Groups {
+    open: tokio::sync::Mutex<Weak<Group>>,
+}
+
+/// One shared transaction and its members.
+struct Group {
+    tx: InboxTx,
+    /// Held by the member whose statements run now.
+    turn: tokio::sync::Mutex<()>,
+    members: Mutex<Members>,
+    /// `Some` once the transaction ended: `Ok` when it committed.
+    outcome: watch::Sender<Option<Result<(), String>>>,
+}
+
+#[derive(Default)]
+struct Members {
+    joined: usize,
+    finished: usize,
+    /// Set by the member that finished last: no one joins any more.
+    closed: bool,
+    /// Why the transaction can no longer commit.
+    poisoned: Option<String>,
+}
+
+impl Group {
+    fn members(&self) -> MutexGuard<'_, Members> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What one member's turn came to.
+enum Turn {
+    /// Its statements ran and were released into the transaction.
+    Applied,
+    /// Its key was already in the inbox (committed, or earlier in this transaction).
+    Duplicate,
+    /// Its handler failed; its savepoint was rolled back, the group goes on.
+    Failed(HandlerError),
+}
+
+impl Groups {
+    /// Joins the open group, or opens a new one (taking a connection and beginning a
+    /// transaction) when there is none, or it is full or closed.
+    async fn join(&self, inbox: &PgInbox) -> Result<Member, InboxError> {
+        let max = inbox.config().commit_group;
+        // Held while a new group begins, so that a burst of deliveries joins one group.
+        let mut open = self.open.lock().await;
+        if let Some(group) = open.upgrade() {
+            let mut members = group.members();
+            if !members.closed && members.poisoned.is_none() && members.joined < max {
+                members.joined += 1;
+                drop(members);
+                return Ok(Member::new(group.clone()));
+            }
+        }
+        let tx = inbox.begin().await?;
+        let (outcome, _) = watch::channel(None);
+        let group = Arc::new(Group {
+            tx,
+            turn: tokio::sync::Mutex::new(()),
+            members: Mutex::new(Members {
+                joined: 1,
+                ..Members::default()
+            }),
+            outcome,
+        });
+        *open = Arc::downgrade(&group);
+        Ok(Member::new(group))
+    }
+}
+
+/// A delivery's place in a group, from joining until it has finished its turn. Dropped
+/// before that (a panic, a cancelled future), it still counts as finished, poisons the group
+/// if its statements may have started, and ends the group if it was the last.
+struct Member {
+    group: Arc<Group>,
+    finished: bool,
+    /// Its statements started: an interruption leaves the transaction in an unknown state.
+    started: bool,
+}
+
+impl Member {
+    fn new(group: Arc<Group>) -> Self {
+        Member {
+            group,
+            finished: false,
+            started: false,
+        }
+    }
+
+    /// Counts this member finished (poisoning the group with `poison`); true when it was the
+    /// last one, which must end the transaction.
+    fn finish(&mut self, poison: Option<String>) -> bool {
+        self.finished = true;
+        let mut members = self.group.members();
+        if let Some(reason) = poison {
+            members.poisoned.get_or_insert(reason);
+        }
+        members.finished += 1;
+        let last = members.finished == members.joined;
+        if last {
+            members.closed = true;
+        }
+        last
+    }
+
+    fn poisoned(&self) -> Option<String> {
+        self.group.members().poisoned.clone()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let poison = self
+            .started
+            .then(|| "a member's handler panicked or was cancelled during its turn".to_string());
+        if self.finish(poison) {
+            // The last member cannot await a rollback here: the outcome is a failure, and the
+            // connection is closed (rolling back) when the last handle to the group goes.
+            let reason = self
+                .poisoned()
+                .unwrap_or_else(|| "the last member was interrupted before the commit".into());
+            self.group.outcome.send_replace(Some(Err(reason)));
+        }
+    }
+}
+
+/// Sends a failure outcome if the commit of the last member is interrupted (its answer may
+/// be lost: the members are retried, and a committed row makes them duplicates).
+struct Ending<'a>(&'a Group, bool);
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0
+                .outcome
+                .send_replace(Some(Err("the commit was interrupted".into())));
+        }
+    }
+}
+
+/// Handles one delivery as a member of a commit group: see the module docs.
+pub(crate) async fn handle<F, Fut>(
+    inbox: &PgInbox,
+    key: Option<&[u8]>,
+    f: &F,
+    delivery: &Delivery,
+    cx: &Context,
+) -> Result<(), HandlerError>
+where
+    F: Fn(Delivery, InboxTx, Context) -> Fut,
+    Fut: Future<Output = Result<(), HandlerError>>,
+{
+    let mut member = inbox.groups().join(inbox).await?;
+    let group = member.group.clone();
+    let turn = group.turn.lock().await;
+    let result = match member.poisoned() {
+        Some(reason) => Err(InboxError::Group(reason).into()),
+        None => {
+            member.started = true;
+            run_turn(inbox, &group.tx, key, f, delivery, cx).await
+        }
+    };
+    let (turn_result, poison) = match result {
+        Ok(turn) => (Ok(turn), None),
+        Err(err) => {
+            // The transaction's state is unknown: no member of this group may commit.
+            let reason = format!("a member's statements failed: {err}");
+            (Err(err), Some(reason))
+        }
+    };
+    let last = member.finish(poison);
+    drop(turn);
+    if last {
+        let mut ending = Ending(&group, false);
+        let outcome = match member.poisoned() {
+            Some(reason) => {
+                group.tx.rollback().await;
+                Err(reason)
+            }
+            None => group.tx.commit().await.map_err(|e| e.to_string()),
+        };
+        ending.1 = true;
+        group.outcome.send_replace(Some(outcome));
+    }
+    let turn = turn_result?;
+    if let Turn::Failed(err) = turn {
+        // Rolled back to its savepoint: nothing of it is in the transaction. Its retry need
+        // not wait for the others.
+        return Err(err);
+    }
+    let mut outcome = group.outcome.subscribe();
+    let committed = match outcome.wait_for(Option::is_some).await {
+        Ok(done) => done.clone().unwrap_or(Err("no outcome".into())),
+        Err(_) => Err("the group ended without an outcome".into()),
+    };
+    committed.map_err(InboxError::Group)?;
+    if let Turn::Duplicate = turn {
+        inbox.note_duplicate_delivery(cx, key);
+    }
+    Ok(())
+}
+
+/// One member's statements, inside its savepoint. `Err`: the transaction's state is unknown
+/// (the group is poisoned); `Ok(Turn::Failed)`: the handler failed and was rolled back alone.
+async fn run_turn<F, Fut>(
+    inbox: &PgInbox,
+    tx: &InboxTx,
+    key: Option<&[u8]>,
+    f: &F,
+    delivery: &Delivery,
+    cx: &Context,
+) -> Result<Turn, HandlerError>
+where
+    F: Fn(Delivery, InboxTx, Context) -> Fut,
+    Fut: Future<Output = Result<(), HandlerError>>,
+{
+    match key {
+        Some(key) => {
+            // SAVEPOINT and INSERT go out together (tokio-postgres pipelines them).
+            let (savepoint, recorded) =
+                tokio::join!(tx.batch_execute(SAVEPOINT), inbox.record(tx, key));
+            savepoint?;
+            match recorded {
+                Ok(true) => {}
+                Ok(false) => return Ok(Turn::Duplicate),
+                // Waiting for another transaction's row timed out, or a deadlock between two
+                // groups was broken: this member alone fails and is retried.
+                Err(InboxError::Database(err)) if err.as_db_error().is_some() => {
+                    tx.batch_execute(ROLLBACK_TO).await?;
+                    return Ok(Turn::Failed(InboxError::Database(err).into()));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        None => {
+            inbox.note_keyless();
+            tx.batch_execute(SAVEPOINT).await?;
+        }
+    }
+    match f(delivery.clone(), tx.clone(), cx.clone()).await {
+        Ok(()) => match tx.batch_execute(RELEASE).await {
+            Ok(()) => Ok(Turn::Applied),
+            // A statement failed and the handler returned Ok anyway: PostgreSQL aborted the
+            // savepoint, so nothing of this member is kept.
+            Err(InboxError::Database(err)) if err.as_db_error().is_some() => {
+                tx.batch_execute(ROLLBACK_TO).await?;
+                Ok(Turn::Failed(InboxError::Aborted(err).into()))
+            }
+            Err(err) => Err(err.into()),
+        },
+        Err(err) => {
+            tx.batch_execute(ROLLBACK_TO).await?;
+            Ok(Turn::Failed(err))
+        }
+    }
+}
