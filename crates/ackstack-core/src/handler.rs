@@ -24,17 +24,17 @@ pub struct Context {
 
 /// Counts that layers report to the runner's [`Summary`](crate::Summary).
 #[derive(Debug, Default)]
-pub struct RunStats {
+pub(crate) struct RunStats {
     /// Deliveries acked without calling the handler.
-    pub deduplicated: AtomicU64,
+    pub(crate) deduplicated: AtomicU64,
     /// Retries performed in place by the retry layer.
-    pub retried_in_place: AtomicU64,
+    pub(crate) retried_in_place: AtomicU64,
     /// Deliveries whose dedup key was missing or empty (processed without deduplication).
-    pub dedup_keyless: AtomicU64,
+    pub(crate) dedup_keyless: AtomicU64,
     /// Deliveries held in process right now, waiting for the dedup store or a busy key.
-    pub held: AtomicU64,
+    pub(crate) held: AtomicU64,
     /// Dead-letter copies the broker refused for good.
-    pub dead_letters_refused: AtomicU64,
+    pub(crate) dead_letters_refused: AtomicU64,
 }
 
 impl RunStats {
@@ -71,7 +71,7 @@ impl Context {
     }
 
     /// A context observing `cancel` that reports to `stats`.
-    pub fn with_stats(cancel: CancellationToken, stats: Arc<RunStats>) -> Self {
+    pub(crate) fn with_stats(cancel: CancellationToken, stats: Arc<RunStats>) -> Self {
         Context {
             cancel,
             stopping: CancellationToken::new(),

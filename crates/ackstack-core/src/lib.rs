@@ -96,24 +96,6 @@ pub mod runner;
 pub mod source;
 pub mod watermark;
 
-/// The batch acker that the runner sends completed deliveries through (invariant 7). Its code
-/// lives beside the runner, which alone drives it.
-pub mod acker {
-    pub use crate::runner::acker::{AckQueue, AckStats, BatchAcker};
-}
-
-/// The lease keeper that extends in-flight deliveries' leases for the runner (invariant 6),
-/// and its settings. Its code lives beside the runner, which alone drives it.
-pub mod lease {
-    pub use crate::runner::lease::{LeaseConfig, LeaseGuard, LeaseKeeper, LeaseState};
-}
-
-/// The per-key gate that keeps deliveries sharing a key in order for the runner
-/// (invariant 11). Its code lives beside the runner, which alone drives it.
-pub mod ordering {
-    pub use crate::runner::ordering::{KeyGate, Turn};
-}
-
 pub use backoff::{Backoff, Jitter};
 pub use deadletter::{DeadLetter, DeadLetterMetadata, DeadLetterReason};
 pub use dedup::{
@@ -125,11 +107,11 @@ pub use handler::{
     Classifier, Context, Either, Handler, HandlerFn, Identity, Layer, Process, Stack, Terminal,
     handler_fn,
 };
-pub use lease::LeaseConfig;
 pub use memory::MemoryBroker;
 pub use outcome::Outcome;
 pub use publish::{Message, Publish, PublishError};
 pub use retry::{RetryConfig, RetryLayer};
+pub use runner::LeaseConfig;
 pub use runner::{
     ConfigError, Consumer, ConsumerConfig, ConsumerError, DeliveryMode, Inspector, KeyOrdering,
     OnRefused, Status, Summary,

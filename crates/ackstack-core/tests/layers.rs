@@ -10,13 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ackstack_core::acker::BatchAcker;
 use ackstack_core::dedup::{BoxFuture, Claim, DedupError, DedupStore};
 use ackstack_core::memory::MemoryBroker;
 use ackstack_core::{
-    AckReport, Consumer, ConsumerConfig, DeadLetter, DedupKey, DeliveryMode, Failure, HandlerError,
-    KeyOrdering, MemoryDedupStore, Message, OnStoreError, Settle, SettleError, SettleFailure,
-    Settled, handler_fn,
+    Consumer, ConsumerConfig, DedupKey, DeliveryMode, HandlerError, KeyOrdering, MemoryDedupStore,
+    Message, OnStoreError, handler_fn,
 };
 
 mod common;
@@ -217,71 +215,6 @@ async fn immediate_tier_runs_in_process_before_the_broker_retry() {
     );
 }
 
-/// A settler that records ack batch sizes and when each arrived.
-#[derive(Clone, Default)]
-struct Recording {
-    batches: Arc<Mutex<Vec<(usize, tokio::time::Instant)>>>,
-}
-
-impl Settle for Recording {
-    type Token = u32;
-    async fn ack(&self, tokens: Vec<u32>) -> AckReport<u32> {
-        self.batches
-            .lock()
-            .unwrap()
-            .push((tokens.len(), tokio::time::Instant::now()));
-        AckReport::all(tokens.len())
-    }
-    async fn retry(
-        &self,
-        t: u32,
-        _: &ackstack_core::Delivery,
-        _: Duration,
-        _: &Failure,
-    ) -> Result<Settled<u32>, SettleFailure<u32>> {
-        Ok(Settled::AckOriginal(t))
-    }
-    async fn dead_letter(
-        &self,
-        t: u32,
-        _: &ackstack_core::Delivery,
-        _: &DeadLetter,
-    ) -> Result<Settled<u32>, SettleFailure<u32>> {
-        Ok(Settled::AckOriginal(t))
-    }
-    async fn extend(&self, _: &u32, _: Duration) -> Result<(), SettleError> {
-        Ok(())
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn ack_batches_never_exceed_the_batch_size_and_flush_within_the_max_delay() {
-    let settler = Recording::default();
-    let acker = BatchAcker::spawn(settler.clone(), 10, Duration::from_millis(100), 1, 64);
-    let queue = acker.queue();
-    for i in 0..25 {
-        queue.push(i).await;
-    }
-    let pushed_at = tokio::time::Instant::now();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    {
-        let batches = settler.batches.lock().unwrap();
-        let sizes: Vec<_> = batches.iter().map(|b| b.0).collect();
-        assert_eq!(
-            sizes,
-            vec![10, 10, 5],
-            "full batches at once, the rest within the delay"
-        );
-        assert!(batches[2].1 - pushed_at <= Duration::from_millis(100));
-    }
-    queue.push(99).await;
-    drop(queue);
-    acker.shutdown().await;
-    let batches = settler.batches.lock().unwrap();
-    assert_eq!(batches.last().unwrap().0, 1, "flushed on shutdown");
-    assert!(batches.iter().all(|b| b.0 <= 10));
-}
-
 #[tokio::test]
 async fn batch_ack_makes_fewer_ack_calls_than_deliveries() {
     let broker = MemoryBroker::new();
@@ -469,53 +402,6 @@ async fn effectively_once_refuses_to_start_without_a_store() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("dedup"));
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_full_ack_queue_pushes_back_instead_of_growing() {
-    /// A settler whose acks never complete.
-    #[derive(Clone, Default)]
-    struct Stuck;
-    impl Settle for Stuck {
-        type Token = u32;
-        async fn ack(&self, _: Vec<u32>) -> AckReport<u32> {
-            std::future::pending().await
-        }
-        async fn retry(
-            &self,
-            t: u32,
-            _: &ackstack_core::Delivery,
-            _: Duration,
-            _: &Failure,
-        ) -> Result<Settled<u32>, SettleFailure<u32>> {
-            Ok(Settled::AckOriginal(t))
-        }
-        async fn dead_letter(
-            &self,
-            t: u32,
-            _: &ackstack_core::Delivery,
-            _: &DeadLetter,
-        ) -> Result<Settled<u32>, SettleFailure<u32>> {
-            Ok(Settled::AckOriginal(t))
-        }
-        async fn extend(&self, _: &u32, _: Duration) -> Result<(), SettleError> {
-            Ok(())
-        }
-    }
-    let acker = BatchAcker::spawn(Stuck, 4, Duration::from_millis(10), 1, 8);
-    let queue = acker.queue();
-    let mut accepted = 0;
-    for i in 0..100 {
-        match tokio::time::timeout(Duration::from_secs(1), queue.push(i)).await {
-            Ok(true) => accepted += 1,
-            _ => break,
-        }
-    }
-    // One batch in flight (4), one being gathered (4) and the queue's capacity (8).
-    assert!(
-        accepted <= 16,
-        "accepted {accepted} tokens while acks were stuck"
-    );
 }
 
 #[tokio::test]

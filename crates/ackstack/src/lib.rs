@@ -78,14 +78,67 @@
 //!
 //! ## How the pieces fit
 //!
-//! A [`Source`] receives [`Delivery`]s from a broker; its [`Settle`] handle acks, retries,
-//! dead-letters and extends them. A [`Consumer`] runs a [`Handler`] over a source with bounded
-//! concurrency, through a fixed stack of layers: deduplication outermost (it must see the final
-//! outcome), then retry (it turns failures into delays or dead letters), then any layers of
-//! your own, then your handler. Adapter authors check their `Source` with the conformance suite
-//! in `ackstack-testkit`.
+//! A [`Source`](adapter::Source) receives [`Delivery`]s from a broker; its
+//! [`Settle`](adapter::Settle) handle acks, retries, dead-letters and extends them. A
+//! [`Consumer`] runs a [`Handler`] over a source with bounded concurrency, through a fixed
+//! stack of layers: retry outermost (the one place a failure, or a panic, becomes a retry or a
+//! dead letter), then deduplication, then any [`Layer`]s of your own, then your handler. What
+//! the handler's result becomes is an [`Outcome`]; the consumer settles it with the broker
+//! (acks in batches, only after success) while a lease keeper extends the leases of deliveries
+//! still running.
+//!
+//! The root of this crate is what a consumer is written with. Three modules serve the people
+//! who extend it: [`adapter`] (a new broker; check it with the conformance suite in
+//! `ackstack-testkit`), [`layer`] (a layer of your own) and [`dedup`] (a store of your own).
 
-pub use ackstack_core::*;
+// What a consumer is written with. The list is short on purpose: items for adapter and layer
+// authors are in `adapter`, `layer` and `dedup`; the runner's machinery stays inside
+// ackstack-core.
+pub use ackstack_core::{
+    Backoff, ConfigError, Consumer, ConsumerConfig, ConsumerError, Context, DeadLetterMetadata,
+    DeadLetterReason, DedupConfig, DedupKey, DedupStore, Delivery, DeliveryMode, ErrorKind,
+    Failure, Handler, HandlerError, HandlerFn, Headers, Inspector, Jitter, KeyOrdering, Layer,
+    LeaseConfig, MemoryBroker, MemoryDedupStore, Message, OnRefused, OnStoreError, Origin, Outcome,
+    Publish, PublishError, RetryConfig, Status, Summary, handler_fn,
+};
+
+/// Decoding helpers for handlers (`decode::json`: a payload that does not parse is a
+/// permanent failure, dead-lettered at once).
+pub use ackstack_core::decode;
+
+/// The names of the metrics ackstack records (through the `metrics` crate).
+pub use ackstack_core::metrics;
+
+/// The in-memory broker: its source, settler and publisher, for tests and examples.
+pub use ackstack_core::memory;
+
+/// Writing your own [`DedupStore`]: the claim protocol's types.
+pub mod dedup {
+    pub use ackstack_core::dedup::{BoxFuture, Claim, DedupError, KeyFn};
+}
+
+/// Writing your own layer: the types a [`Layer`] wraps, and the built-in
+/// layers for use outside a [`Consumer`].
+pub mod layer {
+    pub use ackstack_core::{
+        Classifier, DedupLayer, Either, Identity, Process, RetryLayer, Stack, Terminal,
+    };
+}
+
+/// Writing an adapter for another broker: the contract (`Source`, `Settle` and what they
+/// return), the helpers the adapters share, and the dead-letter format. Check an adapter
+/// against the contract with the `ackstack-testkit` crate; the invariants are listed in
+/// `docs/CONTRACT.md`.
+pub mod adapter {
+    /// Serde helpers for durations in configuration (`"30s"`, `"250ms"` or seconds).
+    pub use ackstack_core::config::duration;
+    pub use ackstack_core::deadletter;
+    pub use ackstack_core::error::{MAX_FAILURE_MESSAGE, truncate};
+    pub use ackstack_core::{
+        AckReport, BoxError, Capabilities, DeadLetter, Received, Settle, SettleError,
+        SettleFailure, Settled, Source, SourceError, Watermark,
+    };
+}
 
 #[cfg(feature = "rabbitmq")]
 pub use ackstack_rabbitmq as rabbitmq;

@@ -23,11 +23,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ackstack::adapter::Source;
 use ackstack::postgres::{InboxTx, PgInbox, PgInboxConfig};
 use ackstack::redis::{RedisDedupConfig, RedisDedupError, RedisDedupStore};
 use ackstack::{
     Backoff, Consumer, DedupKey, DedupStore, Delivery, HandlerError, MemoryDedupStore, Message,
-    Outcome, Publish, Source, Status, Summary, handler_fn,
+    Outcome, Publish, Status, Summary, handler_fn,
 };
 use serde::Deserialize;
 

@@ -202,3 +202,105 @@ async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<A
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{AckReport, DeadLetter, Delivery, Failure, SettleError, SettleFailure, Settled};
+
+    /// A settler that records ack batch sizes and when each arrived, or whose acks never
+    /// complete (`stuck`).
+    #[derive(Clone, Default)]
+    struct Recording {
+        batches: Arc<Mutex<Vec<(usize, Instant)>>>,
+        stuck: bool,
+    }
+
+    impl Settle for Recording {
+        type Token = u32;
+        async fn ack(&self, tokens: Vec<u32>) -> AckReport<u32> {
+            if self.stuck {
+                std::future::pending::<()>().await;
+            }
+            self.batches
+                .lock()
+                .unwrap()
+                .push((tokens.len(), Instant::now()));
+            AckReport::all(tokens.len())
+        }
+        async fn retry(
+            &self,
+            t: u32,
+            _: &Delivery,
+            _: Duration,
+            _: &Failure,
+        ) -> Result<Settled<u32>, SettleFailure<u32>> {
+            Ok(Settled::AckOriginal(t))
+        }
+        async fn dead_letter(
+            &self,
+            t: u32,
+            _: &Delivery,
+            _: &DeadLetter,
+        ) -> Result<Settled<u32>, SettleFailure<u32>> {
+            Ok(Settled::AckOriginal(t))
+        }
+        async fn extend(&self, _: &u32, _: Duration) -> Result<(), SettleError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ack_batches_never_exceed_the_batch_size_and_flush_within_the_max_delay() {
+        let settler = Recording::default();
+        let acker = BatchAcker::spawn(settler.clone(), 10, Duration::from_millis(100), 1, 64);
+        let queue = acker.queue();
+        for i in 0..25 {
+            queue.push(i).await;
+        }
+        let pushed_at = Instant::now();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        {
+            let batches = settler.batches.lock().unwrap();
+            let sizes: Vec<_> = batches.iter().map(|b| b.0).collect();
+            assert_eq!(
+                sizes,
+                vec![10, 10, 5],
+                "full batches at once, the rest within the delay"
+            );
+            assert!(batches[2].1 - pushed_at <= Duration::from_millis(100));
+        }
+        queue.push(99).await;
+        drop(queue);
+        acker.shutdown().await;
+        let batches = settler.batches.lock().unwrap();
+        assert_eq!(batches.last().unwrap().0, 1, "flushed on shutdown");
+        assert!(batches.iter().all(|b| b.0 <= 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_ack_queue_pushes_back_instead_of_growing() {
+        let stuck = Recording {
+            stuck: true,
+            ..Recording::default()
+        };
+        let acker = BatchAcker::spawn(stuck, 4, Duration::from_millis(10), 1, 8);
+        let queue = acker.queue();
+        let mut accepted = 0;
+        for i in 0..100 {
+            match tokio::time::timeout(Duration::from_secs(1), queue.push(i)).await {
+                Ok(true) => accepted += 1,
+                _ => break,
+            }
+        }
+        // One batch in flight (4), one being gathered (4) and the queue's capacity (8).
+        assert!(
+            accepted <= 16,
+            "accepted {accepted} tokens while acks were stuck"
+        );
+    }
+}

@@ -24,16 +24,17 @@
 //! [`Consumer::effective_config`]), and what a run reports in `status.rs` ([`Status`] while it
 //! runs, [`Summary`] when it stops).
 
-pub(crate) mod acker;
+mod acker;
 mod builder;
 mod config;
 mod deliver;
-pub(crate) mod lease;
-pub(crate) mod ordering;
+mod lease;
+mod ordering;
 mod receive;
 mod settle;
 mod status;
 
 pub use builder::{Consumer, Inspector};
 pub use config::{ConfigError, ConsumerConfig, DeliveryMode, KeyOrdering, OnRefused};
+pub use lease::LeaseConfig;
 pub use status::{ConsumerError, Status, Summary};

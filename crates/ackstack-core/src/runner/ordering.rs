@@ -53,12 +53,14 @@ impl KeyGate {
     }
 
     /// Keys with work in flight.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.tails.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Whether no key has work in flight.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
