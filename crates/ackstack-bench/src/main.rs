@@ -10,7 +10,7 @@
 //! cargo run --release -p ackstack-bench -- [--brokers memory,rabbitmq,sqs,kafka]
 //!     [--messages N] [--rounds R] [--json PATH] [--timeout-secs S] [--concurrency N (in-memory rows)]
 //! cargo run --release -p ackstack-bench -- --rss-scaling
-//! valgrind --tool=callgrind target/release/ackstack-bench --callgrind bare|full|publish --messages N
+//! valgrind --tool=callgrind target/release/ackstack-bench --callgrind bare|full|tower|publish --messages N
 //! ```
 //!
 //! Brokers: RabbitMQ at `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), SQS at
@@ -60,7 +60,7 @@ pub struct Options {
 
 const USAGE: &str = "usage: ackstack-bench [--brokers memory,rabbitmq,sqs,kafka] [--messages N] [--rounds R] [--json PATH] [--timeout-secs S]
        ackstack-bench --rss-scaling
-       ackstack-bench --callgrind publish|bare|full [--messages N]";
+       ackstack-bench --callgrind publish|bare|full|tower [--messages N]";
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {

@@ -395,9 +395,28 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
             )
             .await?;
         }
+        "tower" => {
+            // The bare runner with the same handler behind `tower::Service` (service_handler).
+            let source = broker.source(QUEUE).poll_wait(Duration::from_millis(50));
+            let counter = progress.clone();
+            let service = tower::service_fn(move |delivery: ackstack_core::Delivery| {
+                let result = counter
+                    .process(&delivery.payload, true)
+                    .map_err(ackstack_core::HandlerError::permanent);
+                std::future::ready(result)
+            });
+            let done = progress.clone();
+            Consumer::new(source)
+                .config(bare_config(CONCURRENCY, 64))
+                .run_until(ackstack_core::tower::service_handler(service), async move {
+                    done.wait_done().await
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         other => {
             return Err(format!(
-                "unknown --callgrind mode {other:?} (publish|bare|full)"
+                "unknown --callgrind mode {other:?} (publish|bare|full|tower)"
             ));
         }
     }

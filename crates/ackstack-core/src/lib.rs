@@ -94,6 +94,8 @@ pub mod publish;
 pub mod retry;
 pub mod runner;
 pub mod source;
+#[cfg(feature = "tower")]
+pub mod tower;
 pub mod watermark;
 
 pub use backoff::{Backoff, Jitter};
