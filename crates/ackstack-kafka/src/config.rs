@@ -7,7 +7,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::KafkaError;
+use crate::error::KafkaError;
 
 /// Configuration of a [`KafkaSource`](crate::KafkaSource) (and its dead-letter producer).
 ///

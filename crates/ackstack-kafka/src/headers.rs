@@ -7,6 +7,18 @@ use ackstack_core::deadletter::ATTEMPT_HEADER;
 use bytes::Bytes;
 use rdkafka::message::{Header, Headers as KafkaHeaders, OwnedHeaders};
 
+/// The header that carries a message id (Kafka records have none).
+pub const MESSAGE_ID_HEADER: &str = "x-ackstack-message-id";
+
+/// The dead-letter metadata header that lists, comma-separated, what was left out of a
+/// dead-letter copy so that it fits the size limit (see [`KafkaSettler`]); absent when
+/// nothing was. Like every `x-ackstack-dl-*` header it is replaced on re-dead-lettering.
+///
+/// [`KafkaSettler`]: crate::KafkaSettler
+pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
+/// In [`DROPPED_HEADER`]: the error message in the metadata was cut shorter than usual.
+pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
+
 /// Headers read from a record, and how many could not be read.
 #[derive(Debug, Default)]
 pub struct Converted {
@@ -78,7 +90,7 @@ mod tests {
     fn name() -> impl Strategy<Value = String> {
         prop_oneof![
             Just(ATTEMPT_HEADER.to_string()),
-            Just(crate::MESSAGE_ID_HEADER.to_string()),
+            Just(MESSAGE_ID_HEADER.to_string()),
             any::<String>(),
             "[a-z\\x00é]{0,8}",
         ]

@@ -120,13 +120,21 @@
 //! over partitions, or produce while consuming; and set `auto.offset.reset=earliest` (this
 //! adapter's default).
 
+mod commit;
 pub mod config;
+mod error;
 mod headers;
+mod poller;
 pub mod publisher;
+mod settler;
 pub mod source;
+mod stats;
+mod token;
 pub mod watermark;
 
 pub use config::KafkaConfig;
+pub use error::KafkaError;
+pub use headers::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, MESSAGE_ID_HEADER};
 pub use publisher::{KafkaPublisher, read_topic};
 pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaStats, KafkaToken};
 
@@ -136,29 +144,4 @@ pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaStats, KafkaToken
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::headers::{Converted, attempt_of, from_record};
-}
-
-/// The header that carries a message id (Kafka records have none).
-pub const MESSAGE_ID_HEADER: &str = "x-ackstack-message-id";
-
-/// The dead-letter metadata header that lists, comma-separated, what was left out of a
-/// dead-letter copy so that it fits the size limit (see [`KafkaSettler`]); absent when
-/// nothing was. Like every `x-ackstack-dl-*` header it is replaced on re-dead-lettering.
-pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
-/// In [`DROPPED_HEADER`]: the error message in the metadata was cut shorter than usual.
-pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
-
-/// Errors creating the adapter's clients.
-#[derive(Debug, thiserror::Error)]
-pub enum KafkaError {
-    /// The configuration is invalid.
-    #[error("invalid Kafka configuration: {0}")]
-    Config(String),
-    /// librdkafka refused to create or set up a client, or a commit failed.
-    #[error("Kafka client error: {0}")]
-    Client(#[source] rdkafka::error::KafkaError),
-    /// A synchronous commit had no answer within [`KafkaConfig::commit_timeout`]. It stays
-    /// queued in librdkafka and may still land.
-    #[error("offset commit got no answer within {0:?}")]
-    CommitTimeout(std::time::Duration),
 }

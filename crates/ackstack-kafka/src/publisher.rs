@@ -14,8 +14,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
 use crate::config::producer_config;
+use crate::error::KafkaError;
 use crate::headers as record_headers;
-use crate::{KafkaError, MESSAGE_ID_HEADER};
+use crate::headers::MESSAGE_ID_HEADER;
 
 /// Why a produce failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +97,7 @@ pub(crate) async fn produce(
 /// Publishes to one topic and waits for each record's delivery report.
 ///
 /// A message's [`message_id`](Message::message_id) travels in the
-/// [`MESSAGE_ID_HEADER`](crate::MESSAGE_ID_HEADER) header (Kafka records have no id), and
+/// [`MESSAGE_ID_HEADER`] header (Kafka records have no id), and
 /// its key is the record key (partitioning and ordering).
 #[derive(Clone)]
 pub struct KafkaPublisher {

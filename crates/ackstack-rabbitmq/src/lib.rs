@@ -104,20 +104,29 @@
 //! `receive` yourself.
 
 mod amqp;
+mod channel;
 pub mod config;
 pub mod error;
+mod headers;
+mod metadata;
 mod publisher;
+mod settler;
 mod source;
+mod stats;
+mod token;
 mod tracker;
 
-pub use amqp::{
+pub use config::{QueueType, RabbitConfig};
+pub use error::{ConfigError, RabbitError};
+pub use headers::{
     DELIVERY_COUNT_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, KEY_HEADER,
     ORIGINAL_EXPIRATION_HEADER, attempt_of, headers_from_table,
 };
-pub use config::{QueueType, RabbitConfig};
-pub use error::{ConfigError, RabbitError};
 pub use publisher::{Fetched, RabbitPublisher, text_value};
-pub use source::{RabbitSettler, RabbitSource, RabbitStats, RabbitToken};
+pub use settler::RabbitSettler;
+pub use source::RabbitSource;
+pub use stats::RabbitStats;
+pub use token::RabbitToken;
 
 /// lapin, re-exported for typed AMQP values ([`lapin::types::FieldTable`], `AMQPValue`).
 pub use lapin;

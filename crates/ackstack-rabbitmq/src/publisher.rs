@@ -7,9 +7,10 @@ use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::amqp::{self, KEY_HEADER, PERSISTENT, bounded, headers_from_table, long_string};
+use crate::amqp::{self, PERSISTENT, bounded};
 use crate::config::RabbitConfig;
 use crate::error::RabbitError;
+use crate::headers::{KEY_HEADER, headers_from_table, long_string, table_from_headers};
 
 /// Publishes to the configured work queue through the default exchange, persistent, and
 /// waits for the broker's publisher confirm. Reconnects on the next call after a failure;
@@ -92,7 +93,7 @@ impl RabbitPublisher {
     /// Publishes `message` to `queue` (any queue, through the default exchange) with
     /// confirms.
     pub async fn publish_to(&self, queue: &str, message: Message) -> Result<(), RabbitError> {
-        let mut table = amqp::table_from_headers(&message.headers);
+        let mut table = table_from_headers(&message.headers);
         if let Some(key) = &message.key {
             table.insert(
                 KEY_HEADER.into(),

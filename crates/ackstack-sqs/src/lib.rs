@@ -99,11 +99,15 @@
 pub mod attrs;
 pub mod config;
 pub mod error;
-mod publish;
-mod settle;
+mod headers;
+mod metadata;
+mod publisher;
+mod queue;
+mod settler;
 mod source;
 mod stats;
 pub mod testing;
+mod token;
 
 pub use attrs::{
     DEAD_LETTER_ATTRIBUTE, DEFAULT_MAX_MESSAGE_SIZE, DISPLACED_KEY, DROPPED_DISPLACED,
@@ -112,10 +116,12 @@ pub use attrs::{
 };
 pub use config::SqsConfig;
 pub use error::SqsError;
-pub use publish::{DEFAULT_GROUP, SqsPublisher};
-pub use settle::SqsSettler;
-pub use source::{SqsSource, SqsToken, build_client, resolve_queue_url};
+pub use publisher::{DEFAULT_GROUP, SqsPublisher};
+pub use queue::{build_client, resolve_queue_url};
+pub use settler::SqsSettler;
+pub use source::SqsSource;
 pub use stats::SqsStats;
+pub use token::SqsToken;
 
 /// Internal parsers reachable by the fuzz targets in `fuzz/` (feature `fuzzing`); not part
 /// of the API.

@@ -1,6 +1,5 @@
-//! [`SqsSource`]: receives with long polling; [`SqsToken`]: one received message's handle.
+//! [`SqsSource`]: receives with long polling.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,195 +7,17 @@ use std::time::{Duration, Instant};
 use ackstack_core::{
     Backoff, Capabilities, Delivery, Headers, Origin, Received, Source, SourceError,
 };
-use aws_config::BehaviorVersion;
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::config::Region;
-use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::MessageSystemAttributeName;
 use bytes::Bytes;
 
-use crate::attrs::{DEFAULT_MAX_MESSAGE_SIZE, SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
-use crate::config::{DEFAULT_OPERATION_TIMEOUT, MAX_VISIBILITY, SqsConfig, is_url, name_from_url};
-use crate::error::{
-    CallError, ErrorClass, SqsError, bounded, classify_sdk, describe, is_missing_queue,
-};
-use crate::settle::SqsSettler;
+use crate::config::{MAX_VISIBILITY, SqsConfig, is_url, name_from_url};
+use crate::error::{ErrorClass, SqsError, classify_sdk, describe, is_missing_queue};
+use crate::headers::{SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
+use crate::queue::{QueueInfo, build_client, max_message_size, resolve_queue_url_within};
+use crate::settler::SqsSettler;
 use crate::stats::{Counters, SqsStats, bump};
-
-/// A received message's handle: its receipt handle and what settling it needs later.
-///
-/// Cheap to clone (one `Arc`). It keeps the original message attributes exactly as SQS
-/// returned them, so a dead-letter copy carries every attribute with its type (String, Number,
-/// Binary, custom suffixes) unchanged.
-#[derive(Clone)]
-pub struct SqsToken(Arc<TokenInner>);
-
-struct TokenInner {
-    receipt_handle: String,
-    message_id: Option<String>,
-    group_id: Option<String>,
-    attributes: HashMap<String, MessageAttributeValue>,
-    received_at: Instant,
-}
-
-impl SqsToken {
-    /// A token for a receipt handle obtained elsewhere (tools, tests), with no attributes.
-    pub fn from_receipt_handle(receipt_handle: impl Into<String>) -> Self {
-        SqsToken(Arc::new(TokenInner {
-            receipt_handle: receipt_handle.into(),
-            message_id: None,
-            group_id: None,
-            attributes: HashMap::new(),
-            received_at: Instant::now(),
-        }))
-    }
-
-    /// The receipt handle of this receive.
-    pub fn receipt_handle(&self) -> &str {
-        &self.0.receipt_handle
-    }
-
-    /// The SQS message id.
-    pub fn message_id(&self) -> Option<&str> {
-        self.0.message_id.as_deref()
-    }
-
-    /// The FIFO message group id.
-    pub fn message_group_id(&self) -> Option<&str> {
-        self.0.group_id.as_deref()
-    }
-
-    /// The message attributes as received.
-    pub fn attributes(&self) -> &HashMap<String, MessageAttributeValue> {
-        &self.0.attributes
-    }
-
-    /// How much of SQS's 12-hour visibility budget (counted from this receive) is left.
-    pub(crate) fn visibility_budget(&self) -> Duration {
-        // One second of margin for clock skew and request latency.
-        MAX_VISIBILITY
-            .saturating_sub(self.0.received_at.elapsed())
-            .saturating_sub(Duration::from_secs(1))
-    }
-}
-
-impl fmt::Debug for SqsToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let handle = &self.0.receipt_handle;
-        let short: String = handle.chars().take(16).collect();
-        f.debug_struct("SqsToken")
-            .field("message_id", &self.0.message_id)
-            .field("receipt_handle", &format_args!("{short}…"))
-            .field("attributes", &self.0.attributes.len())
-            .finish()
-    }
-}
-
-/// The resolved queue and everything settling needs to know about it.
-#[derive(Debug)]
-pub(crate) struct QueueInfo {
-    pub(crate) url: String,
-    pub(crate) name: Arc<str>,
-    pub(crate) dlq_url: String,
-    pub(crate) dlq_fifo: bool,
-    pub(crate) consumer: Arc<str>,
-    pub(crate) visibility: Duration,
-    pub(crate) visibility_secs: i32,
-    pub(crate) wait_secs: i32,
-    pub(crate) max_messages: usize,
-    pub(crate) parallel_acks: usize,
-    pub(crate) system_headers: bool,
-    /// [`SqsConfig::operation_timeout`].
-    pub(crate) timeout: Duration,
-    /// The dead-letter queue's `MaximumMessageSize`, in bytes.
-    pub(crate) dlq_max_size: usize,
-}
-
-/// The `MaximumMessageSize` of the queue at `url`, or [`DEFAULT_MAX_MESSAGE_SIZE`] (logged)
-/// when it cannot be read.
-async fn max_message_size(client: &Client, url: &str, timeout: Duration) -> usize {
-    let request = client
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::MaximumMessageSize);
-    let answer = bounded("GetQueueAttributes", timeout, request.send()).await;
-    let read = match answer {
-        Ok(out) => out
-            .attributes()
-            .and_then(|a| a.get(&QueueAttributeName::MaximumMessageSize))
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .ok_or_else(|| "no MaximumMessageSize in the answer".to_string()),
-        Err(e) => Err(e.describe()),
-    };
-    match read {
-        Ok(size) => size,
-        Err(error) => {
-            tracing::warn!(
-                %error, queue = url,
-                "cannot read the dead-letter queue's MaximumMessageSize; assuming {DEFAULT_MAX_MESSAGE_SIZE} bytes"
-            );
-            DEFAULT_MAX_MESSAGE_SIZE
-        }
-    }
-}
-
-/// Builds an SQS client through aws-config's default chain (credentials, region, retries),
-/// with the config's region and endpoint override ([`SqsConfig::effective_endpoint`]).
-pub async fn build_client(config: &SqsConfig) -> Client {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if let Some(region) = &config.region {
-        loader = loader.region(Region::new(region.clone()));
-    }
-    if let Some(endpoint) = config.effective_endpoint() {
-        loader = loader.endpoint_url(endpoint);
-    }
-    Client::new(&loader.load().await)
-}
-
-/// Looks up the URL of the queue named `name`, creating it (FIFO when the name ends in
-/// `.fifo`) when `create` is set. Each call is bounded by [`DEFAULT_OPERATION_TIMEOUT`].
-pub async fn resolve_queue_url(
-    client: &Client,
-    name: &str,
-    create: bool,
-) -> Result<String, SqsError> {
-    resolve_queue_url_within(client, name, create, DEFAULT_OPERATION_TIMEOUT).await
-}
-
-/// [`resolve_queue_url`] with each call bounded by `timeout`.
-pub(crate) async fn resolve_queue_url_within(
-    client: &Client,
-    name: &str,
-    create: bool,
-    timeout: Duration,
-) -> Result<String, SqsError> {
-    let found = bounded(
-        "GetQueueUrl",
-        timeout,
-        client.get_queue_url().queue_name(name).send(),
-    )
-    .await;
-    match found {
-        Ok(out) => out.queue_url().map(str::to_string).ok_or_else(|| {
-            SqsError::Sdk(format!("GetQueueUrl for {name:?} returned no URL").into())
-        }),
-        Err(CallError::Sdk(e)) if is_missing_queue(&e) => {
-            if !create {
-                return Err(SqsError::QueueNotFound(name.to_string()));
-            }
-            let mut req = client.create_queue().queue_name(name);
-            if name.ends_with(".fifo") {
-                req = req.attributes(QueueAttributeName::FifoQueue, "true");
-            }
-            let out = bounded("CreateQueue", timeout, req.send())
-                .await
-                .map_err(CallError::into_sqs_error)?;
-            out.queue_url().map(str::to_string).ok_or_else(|| {
-                SqsError::Sdk(format!("CreateQueue for {name:?} returned no URL").into())
-            })
-        }
-        Err(e) => Err(e.into_sqs_error()),
-    }
-}
+use crate::token::{SqsToken, TokenInner};
 
 /// An SQS queue as an ackstack [`Source`].
 ///
@@ -502,13 +323,5 @@ mod tests {
         assert_eq!(parse_attempt(Some("lots")), 1);
         assert_eq!(parse_attempt(Some("99999999999999999999")), 1);
         assert_eq!(parse_attempt(None), 1);
-    }
-
-    #[test]
-    fn token_debug_hides_most_of_the_handle() {
-        let t = SqsToken::from_receipt_handle("x".repeat(200));
-        let shown = format!("{t:?}");
-        assert!(shown.len() < 120, "{shown}");
-        assert!(t.visibility_budget() > Duration::from_secs(43_000));
     }
 }

@@ -15,7 +15,7 @@ use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 
 use crate::config::{ENDPOINT_ENV, SqsConfig, default_dead_letter_name};
 use crate::error::{SqsError, describe};
-use crate::source::resolve_queue_url;
+use crate::queue::resolve_queue_url;
 
 /// The endpoint used when `SQS_ENDPOINT` is unset.
 pub const DEFAULT_TEST_ENDPOINT: &str = "http://127.0.0.1:4566";

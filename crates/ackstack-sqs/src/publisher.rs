@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ackstack_core::{Message, Publish, PublishError};
 use aws_sdk_sqs::Client;
 
-use crate::attrs::headers_to_attributes;
 use crate::config::{DEFAULT_OPERATION_TIMEOUT, name_from_url};
 use crate::error::bounded;
+use crate::headers::headers_to_attributes;
 use crate::source::SqsSource;
 use crate::stats::{Counters, SqsStats, bump};
 

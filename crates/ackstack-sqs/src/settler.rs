@@ -12,11 +12,12 @@ use ackstack_core::{
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 
-use crate::attrs::fit_dead_letter;
 use crate::config::{MAX_BATCH, duration_secs_ceil};
 use crate::error::{ErrorClass, bounded, classify_code, settle_error};
-use crate::source::{QueueInfo, SqsToken};
+use crate::metadata::fit_dead_letter;
+use crate::queue::QueueInfo;
 use crate::stats::{Counters, SqsStats, bump};
+use crate::token::SqsToken;
 
 /// Tries of a transient `DeleteMessageBatch` failure before it is reported as failed.
 const DELETE_ATTEMPTS: u32 = 5;

@@ -1,0 +1,130 @@
+//! AMQP header tables to and from ackstack [`Headers`], the headers the adapter reads and
+//! writes, and the attempt number they carry.
+
+use ackstack_core::Headers;
+use ackstack_core::deadletter::ATTEMPT_HEADER;
+use bytes::Bytes;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use crate::config::QueueType;
+
+/// The header the publisher writes a message's ordering key to, and the source reads
+/// [`ackstack_core::Delivery::key`] from.
+pub const KEY_HEADER: &str = "x-ackstack-key";
+/// The quorum-queue header that counts earlier (unsettled) deliveries of a message.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// The header in which retry and dead-letter copies carry the `expiration` property (the
+/// per-message TTL, milliseconds as text) the message was first published with. The copies
+/// themselves are published without an `expiration`: in a delay queue it would cut the retry
+/// delay short, and in the dead-letter queue it would silently delete the dead letter.
+pub const ORIGINAL_EXPIRATION_HEADER: &str = "x-ackstack-original-expiration";
+/// The dead-letter metadata header that lists, comma-separated, what was left out of a
+/// dead-letter copy so that its content header fits the connection's negotiated `frame_max`;
+/// absent when nothing was. Like every `x-ackstack-dl-*` header it is replaced on
+/// re-dead-lettering.
+pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
+/// In [`DROPPED_HEADER`]: the error message in the metadata was cut shorter than usual.
+pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
+
+/// Converts AMQP headers to ackstack's byte-string headers.
+///
+/// Strings and byte arrays pass through as bytes; booleans, integers, floats and timestamps
+/// become their decimal text. Nested tables and arrays (such as `x-death`), decimals and
+/// voids have no byte form and are left out here; they survive untouched in the original
+/// [`FieldTable`] that the token keeps for dead-lettering.
+pub fn headers_from_table(table: Option<&FieldTable>) -> Headers {
+    let mut headers = Headers::new();
+    let Some(table) = table else {
+        return headers;
+    };
+    for (name, value) in table {
+        if let Some(bytes) = value_bytes(value) {
+            headers.append(name.as_str(), bytes);
+        }
+    }
+    headers
+}
+
+fn value_bytes(value: &AMQPValue) -> Option<Bytes> {
+    let text = match value {
+        AMQPValue::LongString(s) => return Some(Bytes::copy_from_slice(s.as_bytes())),
+        AMQPValue::ShortString(s) => return Some(Bytes::copy_from_slice(s.as_str().as_bytes())),
+        AMQPValue::ByteArray(b) => return Some(Bytes::copy_from_slice(b.as_slice())),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(v) => v.to_string(),
+        AMQPValue::ShortShortUInt(v) => v.to_string(),
+        AMQPValue::ShortInt(v) => v.to_string(),
+        AMQPValue::ShortUInt(v) => v.to_string(),
+        AMQPValue::LongInt(v) => v.to_string(),
+        AMQPValue::LongUInt(v) => v.to_string(),
+        AMQPValue::LongLongInt(v) => v.to_string(),
+        AMQPValue::Float(v) => v.to_string(),
+        AMQPValue::Double(v) => v.to_string(),
+        AMQPValue::Timestamp(v) => v.to_string(),
+        AMQPValue::DecimalValue(_)
+        | AMQPValue::FieldArray(_)
+        | AMQPValue::FieldTable(_)
+        | AMQPValue::Void => return None,
+    };
+    Some(Bytes::from(text))
+}
+
+/// Converts ackstack headers to an AMQP table of long strings. Names longer than an AMQP
+/// short string are skipped.
+pub(crate) fn table_from_headers(headers: &Headers) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in headers.iter() {
+        if let Ok(name) = ShortString::try_new(name) {
+            table.insert(
+                name,
+                AMQPValue::LongString(LongString::from(value.to_vec())),
+            );
+        }
+    }
+    table
+}
+
+/// Reads a non-negative integer header value: any AMQP integer type, or a string of digits.
+/// Anything else (negative, fractional, garbage, nested) is `None`.
+pub(crate) fn header_u64(table: Option<&FieldTable>, name: &str) -> Option<u64> {
+    let value = table?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::Timestamp(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()
+            .and_then(|t| t.trim().parse().ok()),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The attempt number of a delivery (invariant 2): our [`ATTEMPT_HEADER`] (written when we
+/// republish for a retry; 1 when absent or malformed) plus, on quorum queues, the broker's
+/// `x-delivery-count` of earlier unsettled deliveries of this copy (absent on the first
+/// delivery). A crash loop on one copy therefore still counts up; classic queues have no
+/// such count, so there a crash-redelivery repeats the attempt number.
+pub fn attempt_of(table: Option<&FieldTable>, queue_type: QueueType) -> u32 {
+    let ours = header_u64(table, ATTEMPT_HEADER)
+        .filter(|&a| a >= 1)
+        .map(|a| u32::try_from(a).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    let redeliveries = match queue_type {
+        QueueType::Quorum => header_u64(table, DELIVERY_COUNT_HEADER)
+            .map(|c| u32::try_from(c).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+        QueueType::Classic => 0,
+    };
+    ours.saturating_add(redeliveries)
+}
+
+/// An AMQP long-string value.
+pub(crate) fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.as_bytes()))
+}

@@ -1,0 +1,60 @@
+//! [`RabbitToken`], the handle of one delivery.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lapin::BasicProperties;
+
+use crate::channel::Generation;
+
+/// The handle of one RabbitMQ delivery: its delivery tag, the channel generation it came
+/// from, and the original payload and AMQP properties (so a dead-letter copy keeps typed
+/// header values byte for byte).
+#[derive(Clone)]
+pub struct RabbitToken {
+    pub(crate) tag: u64,
+    pub(crate) generation: Arc<Generation>,
+    pub(crate) properties: Arc<BasicProperties>,
+    pub(crate) payload: Bytes,
+}
+
+impl RabbitToken {
+    /// The delivery tag on its channel.
+    pub fn delivery_tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// The channel generation the delivery came from (1 for the first connection, counting
+    /// up with each reconnect).
+    pub fn generation(&self) -> u64 {
+        self.generation.id
+    }
+
+    /// The original AMQP properties, including the header table.
+    pub fn properties(&self) -> &BasicProperties {
+        &self.properties
+    }
+
+    /// Whether the channel the delivery came from is still open (its delivery can be acked).
+    pub fn is_live(&self) -> bool {
+        self.generation.alive()
+    }
+}
+
+impl fmt::Debug for RabbitToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitToken")
+            .field("tag", &self.tag)
+            .field("generation", &self.generation.id)
+            .finish()
+    }
+}
+
+impl PartialEq for RabbitToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.tag == other.tag && self.generation.id == other.generation.id
+    }
+}
+
+impl Eq for RabbitToken {}
