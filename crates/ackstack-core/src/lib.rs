@@ -5,13 +5,15 @@
 //! # The life of a delivery
 //!
 //! ```text
-//!  Source::receive ──► runner (runner/) ──► [per-key gate] (runner/ordering.rs)
-//!                         │   holds: a concurrency permit, a lease (runner/lease.rs)
+//!  Source::receive ──► runner/receive.rs: the receive loop, one task per delivery
+//!                         │   holds a concurrency permit and a lease (runner/lease.rs)
 //!                         ▼
-//!   retry (retry.rs) ─► dedup (dedup.rs) ─► your layers ─► Terminal ─► your Handler
+//!  runner/deliver.rs ──► [per-key gate] (runner/ordering.rs)
+//!                         ▼
+//!   retry (retry.rs) ─► dedup (dedup.rs) ─► your layers ─► Terminal ─► your Handler (handler.rs)
 //!        │ the one place a failure becomes Retry or DeadLetter; panics are attempts
 //!        ▼
-//!   Outcome (outcome.rs) ──► runner settles through Source::Settler (source.rs):
+//!   Outcome (outcome.rs) ──► runner/settle.rs, through the adapter's Settle (source.rs):
 //!        Ack ───────────► batch acker (runner/acker.rs) ─► Settle::ack (batched, lease kept until sent)
 //!        Retry{after} ──► Settle::retry (the broker delays it; lease released first)
 //!        DeadLetter ────► Settle::dead_letter (confirmed copy) ─► ack of the original
