@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ackstack_core::{DedupStore, MemoryDedupStore};
 use ackstack_kafka::{KafkaConfig, KafkaSource, MESSAGE_ID_HEADER};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -20,7 +19,8 @@ use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::common::{
-    Counts, LoopEnd, Progress, Sample, budget, measure, payload, redis_store, run_ackstack, unique,
+    Counts, Dedup, Loop, LoopEnd, LoopStore, Progress, Sample, Store, budget, interleave, measure,
+    payload, run_ackstack, store_rows, unique,
 };
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
@@ -30,16 +30,6 @@ use crate::{Options, Stores};
 const CONCURRENCY: usize = 64;
 /// Records per partition at most (the mock keeps about 18,000 records of 256 B).
 const PER_PARTITION: u64 = 10_000;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Loop {
-    RawNaive,
-    RawTuned,
-    Adapter,
-    Full,
-    FullBigBuffer,
-    FullRedis,
-}
 
 /// The `buffer` of the extra row: enough that the source never pauses a partition.
 const BIG_BUFFER: usize = 20_000;
@@ -231,7 +221,7 @@ async fn adapter(
     group: &str,
     progress: Arc<Progress>,
     full: bool,
-    dedup: Option<Arc<dyn DedupStore>>,
+    dedup: Dedup,
     buffer: Option<usize>,
 ) -> Result<LoopEnd, String> {
     let mut config = cluster.config(group);
@@ -263,34 +253,23 @@ async fn one(
     stores: &Stores,
 ) -> Result<Sample, String> {
     let group = unique("bench-group");
-    let redis_store = match kind {
-        Loop::FullRedis => Some(redis_store(stores).await?),
-        _ => None,
-    };
+    let store = LoopStore::open(kind, stores, CONCURRENCY).await?;
+    let dedup = store.dedup();
     let progress = Progress::new(n);
     let p = progress.clone();
-    let store = redis_store.clone();
     let g = group.clone();
     let mut sample = measure(&progress, budget(n, opts.timeout_secs), async move {
         match kind {
             Loop::RawNaive => raw(cluster, &g, p, false).await,
             Loop::RawTuned => raw(cluster, &g, p, true).await,
-            Loop::Adapter => adapter(cluster, &g, p, false, None, None).await,
-            Loop::Full => {
-                let s: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
-                adapter(cluster, &g, p, true, Some(s), None).await
-            }
-            Loop::FullBigBuffer => {
-                let s: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
-                adapter(cluster, &g, p, true, Some(s), Some(BIG_BUFFER)).await
-            }
-            Loop::FullRedis => {
-                let s = store.map(|s| s as Arc<dyn DedupStore>);
-                adapter(cluster, &g, p, true, s, None).await
-            }
+            Loop::Bare => adapter(cluster, &g, p, false, dedup, None).await,
+            Loop::Full(_) => adapter(cluster, &g, p, true, dedup, None).await,
+            Loop::FullTuned => adapter(cluster, &g, p, true, dedup, Some(BIG_BUFFER)).await,
         }
     })
-    .await?;
+    .await;
+    store.finish(&mut sample).await;
+    let sample = sample?;
     if !matches!(kind, Loop::RawNaive | Loop::RawTuned) {
         let committed = cluster.committed(&group).await?;
         if committed != n as i64 {
@@ -299,7 +278,6 @@ async fn one(
             ));
         }
     }
-    sample.counts.redis_round_trips = redis_store.map(|s| s.stats().round_trips);
     Ok(sample)
 }
 
@@ -340,7 +318,7 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
         (
-            Loop::Adapter,
+            Loop::Bare,
             Series::new(
                 "kafka",
                 "ackstack adapter",
@@ -353,7 +331,7 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
         (
-            Loop::Full,
+            Loop::Full(Store::Memory),
             Series::new(
                 "kafka",
                 "ackstack full",
@@ -364,7 +342,7 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
         (
-            Loop::FullBigBuffer,
+            Loop::FullTuned,
             Series::new(
                 "kafka",
                 "ackstack full, buffer 20000",
@@ -377,24 +355,10 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
     ];
-    if stores.redis.available() {
-        loops.push((
-            Loop::FullRedis,
-            Series::new(
-                "kafka",
-                "ackstack full + Redis dedup",
-                Role::Ackstack,
-                what,
-                n,
-                "all layers + dedup in RedisDedupStore",
-            ),
-        ));
-    }
-    for round in 0..opts.rounds {
-        for (kind, series) in loops.iter_mut() {
-            eprintln!("kafka round {}/{}: {}", round + 1, opts.rounds, series.mode);
-            series.record(one(&cluster, *kind, n, opts, stores).await);
-        }
-    }
-    Ok(loops.into_iter().map(|(_, s)| s).collect())
+    loops.extend(store_rows("kafka", what, n, stores, false));
+    let cluster = &cluster;
+    Ok(interleave(opts, "kafka", loops, |kind| {
+        one(cluster, kind, n, opts, stores)
+    })
+    .await)
 }

@@ -11,8 +11,8 @@ use ackstack_core::{
 };
 
 use crate::common::{
-    BenchHandler, COMMIT_GROUP, Counts, Dedup, LoopEnd, Progress, budget, inbox_finish,
-    inbox_store, measure, payload, redis_store, run_ackstack, unique,
+    BenchHandler, Counts, Dedup, Loop, LoopEnd, LoopStore, Progress, Store, budget, interleave,
+    measure, payload, run_ackstack, store_rows, unique,
 };
 use crate::report::{Role, Series};
 use crate::{Options, Stores};
@@ -20,18 +20,6 @@ use crate::{Options, Stores};
 const QUEUE: &str = "bench";
 /// Handlers at once in every runner loop on the memory broker.
 pub const CONCURRENCY: usize = 64;
-
-/// The loops of the memory broker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Loop {
-    RawNaive,
-    RawTuned,
-    Bare,
-    Full,
-    FullRedis,
-    FullInbox,
-    FullInboxGrouped,
-}
 
 fn fill(n: u64) -> MemoryBroker {
     let broker = MemoryBroker::new();
@@ -139,50 +127,29 @@ async fn one(
     let broker = fill(n);
     let progress = Progress::new(n);
     let budget = budget(n, opts.timeout_secs);
-    let redis_store = match kind {
-        Loop::FullRedis => Some(redis_store(stores).await?),
-        _ => None,
-    };
     let concurrency = opts.concurrency.unwrap_or(CONCURRENCY);
-    let inbox = match kind {
-        Loop::FullInbox => Some(inbox_store(stores, concurrency, 1).await?),
-        Loop::FullInboxGrouped => Some(inbox_store(stores, concurrency, COMMIT_GROUP).await?),
-        _ => None,
-    };
+    let store = LoopStore::open(kind, stores, concurrency).await?;
     let p = progress.clone();
     let b = broker.clone();
-    let store = redis_store.clone();
-    let pg = inbox.clone();
+    let dedup = store.dedup();
     let mut sample = measure(&progress, budget, async move {
         match kind {
             Loop::RawNaive => raw(b.source(QUEUE), p, false).await,
             Loop::RawTuned => raw(b.source(QUEUE), p, true).await,
-            Loop::Bare => run_consumer(&b, p, bare_config(concurrency, 64), Dedup::None).await,
-            Loop::Full => {
-                let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
-                run_consumer(&b, p, full_config(concurrency, 64), Dedup::Store(store)).await
-            }
-            Loop::FullRedis => {
-                let store: Option<Arc<dyn DedupStore>> = store.map(|s| s as Arc<dyn DedupStore>);
-                run_consumer(&b, p, full_config(concurrency, 64), store).await
-            }
-            Loop::FullInbox | Loop::FullInboxGrouped => {
-                let inbox = Dedup::Inbox(pg.ok_or("no inbox")?);
-                run_consumer(&b, p, full_config(concurrency, 64), inbox).await
+            Loop::Bare => run_consumer(&b, p, bare_config(concurrency, 64), dedup).await,
+            Loop::Full(_) | Loop::FullTuned => {
+                run_consumer(&b, p, full_config(concurrency, 64), dedup).await
             }
         }
     })
     .await;
-    if let Some(inbox) = &inbox {
-        inbox_finish(inbox, &mut sample).await;
-    }
+    store.finish(&mut sample).await;
     let mut sample = sample?;
     let stats = broker.stats(QUEUE);
     if stats.acked < n {
         return Err(format!("broker acked {} of {n}", stats.acked));
     }
     sample.counts.calls = Some(stats.ack_calls);
-    sample.counts.redis_round_trips = redis_store.map(|s| s.stats().round_trips);
     Ok(sample)
 }
 
@@ -228,7 +195,7 @@ pub async fn run(opts: &Options, stores: &Stores) -> Vec<Series> {
             ),
         ),
         (
-            Loop::Full,
+            Loop::Full(Store::Memory),
             Series::new(
                 "memory",
                 "ackstack full",
@@ -239,57 +206,8 @@ pub async fn run(opts: &Options, stores: &Stores) -> Vec<Series> {
             ),
         ),
     ];
-    if stores.redis.available() {
-        loops.push((
-            Loop::FullRedis,
-            Series::new(
-                "memory",
-                "ackstack full + Redis dedup",
-                Role::Ackstack,
-                what,
-                n,
-                "all layers, dedup in RedisDedupStore (pipelined), no-op handler",
-            ),
-        ));
-    }
-    if stores.postgres.available() {
-        loops.push((
-            Loop::FullInbox,
-            Series::new(
-                "memory",
-                "ackstack full + PostgreSQL inbox",
-                Role::Ackstack,
-                what,
-                n,
-                "all layers but dedup; the handler runs in a PgInbox transaction (BEGIN, INSERT of the message id, COMMIT before the ack; no statements of its own), no-op handler",
-            )
-            .compared_to("ackstack full + Redis dedup"),
-        ));
-        loops.push((
-            Loop::FullInboxGrouped,
-            Series::new(
-                "memory",
-                "ackstack full + PostgreSQL inbox, commit groups",
-                Role::Ackstack,
-                what,
-                n,
-                format!("as the inbox row, with up to {COMMIT_GROUP} deliveries per transaction (PgInboxConfig::commit_group; a savepoint each, acked after the shared commit)"),
-            )
-            .compared_to("ackstack full + Redis dedup"),
-        ));
-    }
-    for round in 0..opts.rounds {
-        for (kind, series) in loops.iter_mut() {
-            eprintln!(
-                "memory round {}/{}: {}",
-                round + 1,
-                opts.rounds,
-                series.mode
-            );
-            series.record(one(*kind, n, opts, stores).await);
-        }
-    }
-    loops.into_iter().map(|(_, s)| s).collect()
+    loops.extend(store_rows("memory", what, n, stores, true));
+    interleave(opts, "memory", loops, |kind| one(kind, n, opts, stores)).await
 }
 
 /// One child run of `--rss-scaling`: `n` messages through all layers with a bounded dedup

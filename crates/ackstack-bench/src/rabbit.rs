@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ackstack_core::{DedupStore, MemoryDedupStore, Source};
+use ackstack_core::Source;
 use ackstack_rabbitmq::{RabbitConfig, RabbitSource};
 use futures::StreamExt;
 use lapin::options::{
@@ -15,8 +15,8 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::common::{
-    COMMIT_GROUP, Counts, Dedup, LoopEnd, Progress, Sample, budget, host_port, inbox_finish,
-    inbox_store, measure, payload, redis_store, run_ackstack, tcp_reachable, unique,
+    Counts, Dedup, Loop, LoopEnd, LoopStore, Progress, Sample, Store, budget, host_port,
+    interleave, measure, payload, run_ackstack, store_rows, tcp_reachable, unique,
 };
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
@@ -28,17 +28,6 @@ const PREFETCH: u16 = 200;
 const CONCURRENCY: usize = 64;
 /// The tuned raw loop acks `multiple=true` every this many messages.
 const ACK_EVERY: u64 = 50;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Loop {
-    RawNaive,
-    RawTuned,
-    Adapter,
-    Full,
-    FullRedis,
-    FullInbox,
-    FullInboxGrouped,
-}
 
 fn short(s: &str) -> Result<ShortString, String> {
     ShortString::try_new(s).map_err(|e| format!("bad AMQP name {s:?}: {e}"))
@@ -279,19 +268,10 @@ async fn one_inner(
     stores: &Stores,
 ) -> Result<Sample, String> {
     admin.fill(&config.queue, n).await?;
-    let redis_store = match kind {
-        Loop::FullRedis => Some(redis_store(stores).await?),
-        _ => None,
-    };
-    let inbox = match kind {
-        Loop::FullInbox => Some(inbox_store(stores, CONCURRENCY, 1).await?),
-        Loop::FullInboxGrouped => Some(inbox_store(stores, CONCURRENCY, COMMIT_GROUP).await?),
-        _ => None,
-    };
+    let store = LoopStore::open(kind, stores, CONCURRENCY).await?;
+    let dedup = store.dedup();
     let progress = Progress::new(n);
     let p = progress.clone();
-    let store = redis_store.clone();
-    let pg = inbox.clone();
     let uri = admin.uri.clone();
     let queue = config.queue.clone();
     let config_queue = config.queue.clone();
@@ -300,31 +280,17 @@ async fn one_inner(
         match kind {
             Loop::RawNaive => raw(&uri, &queue, p, false).await,
             Loop::RawTuned => raw(&uri, &queue, p, true).await,
-            Loop::Adapter => adapter(config, p, false, Dedup::None).await,
-            Loop::Full => {
-                let s: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
-                adapter(config, p, true, Dedup::Store(s)).await
-            }
-            Loop::FullRedis => {
-                let s = store.map(|s| s as Arc<dyn DedupStore>);
-                adapter(config, p, true, s).await
-            }
-            Loop::FullInbox | Loop::FullInboxGrouped => {
-                let inbox = Dedup::Inbox(pg.ok_or("no inbox")?);
-                adapter(config, p, true, inbox).await
-            }
+            Loop::Bare => adapter(config, p, false, dedup).await,
+            Loop::Full(_) | Loop::FullTuned => adapter(config, p, true, dedup).await,
         }
     })
     .await;
-    if let Some(inbox) = &inbox {
-        inbox_finish(inbox, &mut sample).await;
-    }
-    let mut sample = sample?;
+    store.finish(&mut sample).await;
+    let sample = sample?;
     let left = admin.message_count(&config_queue).await?;
     if left > 0 {
         return Err(format!("{left} messages left in the queue after the loop"));
     }
-    sample.counts.redis_round_trips = redis_store.map(|s| s.stats().round_trips);
     Ok(sample)
 }
 
@@ -363,7 +329,7 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
         (
-            Loop::Adapter,
+            Loop::Bare,
             Series::new(
                 "rabbitmq",
                 "ackstack adapter",
@@ -376,7 +342,7 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
         (
-            Loop::Full,
+            Loop::Full(Store::Memory),
             Series::new(
                 "rabbitmq",
                 "ackstack full",
@@ -387,55 +353,10 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
     ];
-    if stores.redis.available() {
-        loops.push((
-            Loop::FullRedis,
-            Series::new(
-                "rabbitmq",
-                "ackstack full + Redis dedup",
-                Role::Ackstack,
-                what,
-                n,
-                "all layers + dedup in RedisDedupStore",
-            ),
-        ));
-    }
-    if stores.postgres.available() {
-        loops.push((
-            Loop::FullInbox,
-            Series::new(
-                "rabbitmq",
-                "ackstack full + PostgreSQL inbox",
-                Role::Ackstack,
-                what,
-                n,
-                "all layers but dedup; the handler runs in a PgInbox transaction committed before the ack",
-            )
-            .compared_to("ackstack full + Redis dedup"),
-        ));
-        loops.push((
-            Loop::FullInboxGrouped,
-            Series::new(
-                "rabbitmq",
-                "ackstack full + PostgreSQL inbox, commit groups",
-                Role::Ackstack,
-                what,
-                n,
-                format!("as the inbox row, with up to {COMMIT_GROUP} deliveries per transaction (PgInboxConfig::commit_group; a savepoint each, acked after the shared commit)"),
-            )
-            .compared_to("ackstack full + Redis dedup"),
-        ));
-    }
-    for round in 0..opts.rounds {
-        for (kind, series) in loops.iter_mut() {
-            eprintln!(
-                "rabbitmq round {}/{}: {}",
-                round + 1,
-                opts.rounds,
-                series.mode
-            );
-            series.record(one(&admin, *kind, n, opts, stores).await);
-        }
-    }
-    Ok(loops.into_iter().map(|(_, s)| s).collect())
+    loops.extend(store_rows("rabbitmq", what, n, stores, true));
+    let admin = &admin;
+    Ok(interleave(opts, "rabbitmq", loops, |kind| {
+        one(admin, kind, n, opts, stores)
+    })
+    .await)
 }

@@ -4,15 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ackstack_core::{DedupStore, MemoryDedupStore, Source};
+use ackstack_core::Source;
 use ackstack_sqs::testing::{TestQueue, endpoint};
 use ackstack_sqs::{Client, SqsSource};
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
 
 use crate::common::{
-    Counts, LoopEnd, Progress, Sample, budget, host_port, measure, payload, redis_store,
-    run_ackstack, tcp_reachable,
+    Counts, Dedup, Loop, LoopEnd, LoopStore, Progress, Sample, Store, budget, host_port,
+    interleave, measure, payload, run_ackstack, store_rows, tcp_reachable,
 };
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
@@ -22,15 +22,6 @@ use crate::{Options, Stores};
 const CONCURRENCY: usize = 20;
 /// Visibility timeout of every loop.
 const VISIBILITY: Duration = Duration::from_secs(30);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Loop {
-    RawNaive,
-    RawTuned,
-    Adapter,
-    Full,
-    FullRedis,
-}
 
 fn sdk<E: std::error::Error + 'static>(context: &str, e: E) -> String {
     format!("{context}: {}", DisplayErrorContext(e))
@@ -163,7 +154,7 @@ async fn adapter(
     queue: &TestQueue,
     progress: Arc<Progress>,
     full: bool,
-    dedup: Option<Arc<dyn DedupStore>>,
+    dedup: Dedup,
 ) -> Result<LoopEnd, String> {
     let config = queue
         .config(VISIBILITY)
@@ -224,13 +215,10 @@ async fn one_inner(
         send_batch(client, &queue.url, start, end).await?;
         start = end;
     }
-    let redis_store = match kind {
-        Loop::FullRedis => Some(redis_store(stores).await?),
-        _ => None,
-    };
+    let store = LoopStore::open(kind, stores, CONCURRENCY).await?;
+    let dedup = store.dedup();
     let progress = Progress::new(n);
     let p = progress.clone();
-    let store = redis_store.clone();
     let feeder = tokio::spawn(feed(
         client.clone(),
         queue.url.clone(),
@@ -243,15 +231,8 @@ async fn one_inner(
         let end = match kind {
             Loop::RawNaive => raw(client, &queue.url, p, false).await,
             Loop::RawTuned => raw(client, &queue.url, p, true).await,
-            Loop::Adapter => adapter(client, queue, p, false, None).await,
-            Loop::Full => {
-                let s: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
-                adapter(client, queue, p, true, Some(s)).await
-            }
-            Loop::FullRedis => {
-                let s = store.map(|s| s as Arc<dyn DedupStore>);
-                adapter(client, queue, p, true, s).await
-            }
+            Loop::Bare => adapter(client, queue, p, false, dedup).await,
+            Loop::Full(_) | Loop::FullTuned => adapter(client, queue, p, true, dedup).await,
         }?;
         match feeder.await {
             Ok(Ok(())) => Ok(end),
@@ -261,7 +242,9 @@ async fn one_inner(
     })
     .await;
     abort.abort();
-    let mut sample = measured?;
+    let mut measured = measured;
+    store.finish(&mut measured).await;
+    let sample = measured?;
     let left = queue
         .approximate_count(client)
         .await
@@ -269,7 +252,6 @@ async fn one_inner(
     if left > 0 {
         return Err(format!("{left} messages left in the queue after the loop"));
     }
-    sample.counts.redis_round_trips = redis_store.map(|s| s.stats().round_trips);
     Ok(sample)
 }
 
@@ -310,7 +292,7 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
         (
-            Loop::Adapter,
+            Loop::Bare,
             Series::new(
                 "sqs",
                 "ackstack adapter",
@@ -323,7 +305,7 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
         (
-            Loop::Full,
+            Loop::Full(Store::Memory),
             Series::new(
                 "sqs",
                 "ackstack full",
@@ -334,24 +316,10 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
             ),
         ),
     ];
-    if stores.redis.available() {
-        loops.push((
-            Loop::FullRedis,
-            Series::new(
-                "sqs",
-                "ackstack full + Redis dedup",
-                Role::Ackstack,
-                what,
-                n,
-                "all layers + dedup in RedisDedupStore",
-            ),
-        ));
-    }
-    for round in 0..opts.rounds {
-        for (kind, series) in loops.iter_mut() {
-            eprintln!("sqs round {}/{}: {}", round + 1, opts.rounds, series.mode);
-            series.record(one(&client, *kind, n, opts, stores).await);
-        }
-    }
-    Ok(loops.into_iter().map(|(_, s)| s).collect())
+    loops.extend(store_rows("sqs", what, n, stores, false));
+    let client = &client;
+    Ok(interleave(opts, "sqs", loops, |kind| {
+        one(client, kind, n, opts, stores)
+    })
+    .await)
 }
