@@ -79,6 +79,7 @@
 //! # }
 //! ```
 
+pub mod adapter;
 pub mod backoff;
 pub mod config;
 pub mod deadletter;

@@ -3,6 +3,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use ackstack_core::Headers;
+use ackstack_core::adapter::parse_attempt;
 use ackstack_core::deadletter::ATTEMPT_HEADER;
 use bytes::Bytes;
 use rdkafka::message::{Header, Headers as KafkaHeaders, OwnedHeaders};
@@ -71,14 +72,10 @@ pub(crate) fn to_record(headers: &Headers) -> OwnedHeaders {
     out
 }
 
-/// The attempt number a record carries: our [`ATTEMPT_HEADER`] (decimal, surrounding spaces
-/// allowed) when present and at least 1, else 1.
+/// The attempt number a record carries: our [`ATTEMPT_HEADER`] read by core's
+/// [`parse_attempt`] (decimal, surrounding spaces allowed, at least 1), else 1.
 pub fn attempt_of(headers: &Headers) -> u32 {
-    headers
-        .get_str(ATTEMPT_HEADER)
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(1)
+    parse_attempt(headers.get(ATTEMPT_HEADER).map(|v| v.as_ref()))
 }
 
 #[cfg(test)]

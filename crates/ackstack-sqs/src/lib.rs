@@ -128,7 +128,7 @@ pub use token::SqsToken;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::source::parse_attempt;
+    pub use ackstack_core::adapter::parse_attempt;
 }
 
 /// The SDK client type, re-exported for convenience.

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ackstack_core::adapter::parse_attempt;
 use ackstack_core::{
     Backoff, Capabilities, Delivery, Headers, Origin, Received, Source, SourceError,
 };
@@ -153,10 +154,11 @@ impl SqsSource {
         };
         let system = m.attributes.unwrap_or_default();
         let attributes = m.message_attributes.unwrap_or_default();
+        // `ApproximateReceiveCount`: 1 when missing, malformed or zero.
         let attempt = parse_attempt(
             system
                 .get(&MessageSystemAttributeName::ApproximateReceiveCount)
-                .map(String::as_str),
+                .map(String::as_bytes),
         );
         let group_id = system
             .get(&MessageSystemAttributeName::MessageGroupId)
@@ -191,14 +193,6 @@ impl SqsSource {
         }));
         Some(Received { delivery, token })
     }
-}
-
-/// `ApproximateReceiveCount` as an attempt number: 1 when missing, malformed or zero.
-pub fn parse_attempt(value: Option<&str>) -> u32 {
-    value
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(1)
 }
 
 impl Source for SqsSource {
@@ -288,40 +282,4 @@ fn is_auth_error<E: aws_sdk_sqs::error::ProvideErrorMetadata>(
             | "InvalidSecurity"
             | "MissingAuthenticationToken"
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
-
-        #[test]
-        fn parse_attempt_never_panics(text in any::<String>(), near in " ?[+-]?[0-9]{0,12} ?") {
-            for v in [text.as_str(), near.as_str()] {
-                let got = parse_attempt(Some(v));
-                prop_assert!(got >= 1);
-                let expected = v.trim().parse::<u32>().ok().filter(|&n| n >= 1).unwrap_or(1);
-                prop_assert_eq!(got, expected);
-            }
-        }
-
-        #[test]
-        fn parse_attempt_reads_every_receive_count(n in 1u32..) {
-            prop_assert_eq!(parse_attempt(Some(&n.to_string())), n);
-        }
-    }
-
-    #[test]
-    fn attempt_never_panics() {
-        assert_eq!(parse_attempt(Some("3")), 3);
-        assert_eq!(parse_attempt(Some(" 2 ")), 2);
-        assert_eq!(parse_attempt(Some("0")), 1);
-        assert_eq!(parse_attempt(Some("-4")), 1);
-        assert_eq!(parse_attempt(Some("lots")), 1);
-        assert_eq!(parse_attempt(Some("99999999999999999999")), 1);
-        assert_eq!(parse_attempt(None), 1);
-    }
 }

@@ -130,6 +130,8 @@ pub mod layer {
 /// against the contract with the `ackstack-testkit` crate; the invariants are listed in
 /// `docs/CONTRACT.md`.
 pub mod adapter {
+    // The mechanisms the adapters share (`ackstack_core::adapter`).
+    pub use ackstack_core::adapter::{attempt_from_count, parse_attempt, parse_count};
     /// Serde helpers for durations in configuration (`"30s"`, `"250ms"` or seconds).
     pub use ackstack_core::config::duration;
     pub use ackstack_core::deadletter;
