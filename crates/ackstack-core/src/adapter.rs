@@ -1,7 +1,12 @@
-//! Mechanisms the broker adapters share: reading an attempt number from broker data.
+//! Mechanisms the broker adapters share: reading an attempt number from broker data, and
+//! fencing tokens by the [`Generation`] they were received in.
 //!
 //! Each adapter reads its broker's own fields; what those fields mean to ackstack is decided
 //! here once, so every adapter gives the same answer for the same input.
+
+use std::fmt;
+
+use crate::error::SettleError;
 
 /// A count written as decimal text (surrounding whitespace allowed), as a broker or one of
 /// our copies writes it: `None` when the text is not UTF-8, not a number, or above
@@ -27,6 +32,47 @@ pub fn attempt_from_count(count: Option<u64>) -> u32 {
     count
         .filter(|&n| n >= 1)
         .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// One epoch of the broker state a delivery token belongs to: a Kafka partition's
+/// assignment, a RabbitMQ connection. A token carries the generation it was received in;
+/// once that generation has ended (the partition was revoked, the channel closed) the token
+/// is fenced off: settling it is [`SettleError::LeaseLost`] ([`Generation::lease_lost`]),
+/// and nothing is sent for it.
+///
+/// Generations count up from 1 ([`Generation::next`] of the default, 0, which no token
+/// carries); only equality matters for fencing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Generation(u64);
+
+impl Generation {
+    /// The generation numbered `n`.
+    pub const fn new(n: u64) -> Self {
+        Generation(n)
+    }
+
+    /// Its number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The generation after this one.
+    #[must_use]
+    pub const fn next(self) -> Self {
+        Generation(self.0.saturating_add(1))
+    }
+
+    /// The error for settling a token of this generation after it ended:
+    /// [`SettleError::LeaseLost`], "`what` (generation N ended)".
+    pub fn lease_lost(self, what: impl fmt::Display) -> SettleError {
+        SettleError::LeaseLost(format!("{what} (generation {} ended)", self.0))
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 #[cfg(test)]
@@ -79,6 +125,21 @@ mod tests {
         );
         assert_eq!(parse_attempt(Some(&[0xff, 0xfe])), 1);
         assert_eq!(parse_attempt(None), 1);
+    }
+
+    #[test]
+    fn generations_count_up_from_one_and_name_the_ended_one() {
+        let first = Generation::default().next();
+        assert_eq!(first, Generation::new(1));
+        assert_eq!(first.next().get(), 2);
+        assert_ne!(first, first.next());
+        let e = Generation::new(3).lease_lost("partition t/0 was revoked");
+        assert!(e.is_lease_lost());
+        assert!(
+            e.to_string()
+                .contains("partition t/0 was revoked (generation 3 ended)"),
+            "{e}"
+        );
     }
 
     #[test]

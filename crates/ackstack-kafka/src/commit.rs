@@ -192,6 +192,7 @@ mod tests {
     use std::sync::mpsc as std_mpsc;
 
     use super::*;
+    use ackstack_core::adapter::Generation;
 
     fn shared() -> Arc<Shared> {
         Arc::new(Shared::new(Duration::from_secs(1), 1000))
@@ -237,7 +238,7 @@ mod tests {
     }
 
     /// `t`/0 assigned, offsets 0..10 received, 0..done completed.
-    fn partition(shared: &Shared, done: i64) -> u64 {
+    fn partition(shared: &Shared, done: i64) -> Generation {
         let mut a = shared.assignments();
         let g = a.assign("t", 0);
         for o in 0..10 {
@@ -249,7 +250,7 @@ mod tests {
         g
     }
 
-    fn complete(shared: &Shared, g: u64, offsets: std::ops::Range<i64>) {
+    fn complete(shared: &Shared, g: Generation, offsets: std::ops::Range<i64>) {
         let mut a = shared.assignments();
         for o in offsets {
             a.complete("t", 0, o, g).unwrap();

@@ -259,7 +259,7 @@ impl Poller {
                     .rewind(&t.topic, t.partition, t.generation, position);
             match rewound {
                 Ok(generation) => tracing::info!(
-                    topic = %t.topic, partition = t.partition, position, generation,
+                    topic = %t.topic, partition = t.partition, position, generation = generation.get(),
                     "partition rewound for a released record"
                 ),
                 // Cannot happen: only this thread revokes (inside poll) or rewinds.

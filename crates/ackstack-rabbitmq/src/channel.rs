@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ackstack_core::SettleError;
+use ackstack_core::adapter;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
@@ -55,7 +56,8 @@ impl Shared {
 /// channel that delivered them, so every token points at its generation, and a token of a
 /// dead generation is never acked anywhere (its delivery is redelivered by the broker).
 pub(crate) struct Generation {
-    pub(crate) id: u64,
+    /// Its number; tokens are fenced by it (see [`adapter::Generation`]).
+    pub(crate) id: adapter::Generation,
     pub(crate) connection: Connection,
     pub(crate) consume: Channel,
     /// A confirm-mode channel on the same connection, reopened when it closes.
@@ -75,7 +77,7 @@ impl Generation {
     /// prefetch and starts consuming on one channel, and opens the publish channel.
     pub(crate) async fn open(
         config: &RabbitConfig,
-        id: u64,
+        id: adapter::Generation,
     ) -> Result<(Generation, lapin::Consumer), RabbitError> {
         let timeout = config.operation_timeout;
         let connection = amqp::connect(config, "consumer").await?;

@@ -37,9 +37,9 @@ impl RabbitSettler {
             .counters
             .lease_lost
             .fetch_add(1, Ordering::Relaxed);
-        SettleError::LeaseLost(format!(
-            "delivery tag {} belongs to closed channel generation {}",
-            token.tag, token.generation.id
+        token.generation.id.lease_lost(format_args!(
+            "delivery tag {} belongs to a closed channel",
+            token.tag
         ))
     }
 

@@ -131,7 +131,7 @@ pub mod layer {
 /// `docs/CONTRACT.md`.
 pub mod adapter {
     // The mechanisms the adapters share (`ackstack_core::adapter`).
-    pub use ackstack_core::adapter::{attempt_from_count, parse_attempt, parse_count};
+    pub use ackstack_core::adapter::{Generation, attempt_from_count, parse_attempt, parse_count};
     /// Serde helpers for durations in configuration (`"30s"`, `"250ms"` or seconds).
     pub use ackstack_core::config::duration;
     pub use ackstack_core::deadletter;
