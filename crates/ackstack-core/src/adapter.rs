@@ -1,10 +1,12 @@
-//! Mechanisms the broker adapters share: reading an attempt number from broker data, and
-//! fencing tokens by the [`Generation`] they were received in.
+//! Mechanisms the broker adapters share: reading an attempt number from broker data,
+//! fencing tokens by the [`Generation`] they were received in, and the [`Counter`]s behind
+//! their stats.
 //!
 //! Each adapter reads its broker's own fields; what those fields mean to ackstack is decided
 //! here once, so every adapter gives the same answer for the same input.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::SettleError;
 
@@ -75,6 +77,72 @@ impl fmt::Display for Generation {
     }
 }
 
+/// A statistics counter that any task may bump and an adapter's public stats snapshot read
+/// (relaxed ordering: each count is exact, but counters read together are not one atomic
+/// snapshot).
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The count so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Declares an adapter's live counters: a struct with one [`Counter`] per field of its public
+/// stats struct, and a `snapshot()` that reads them all into that struct, so the list of
+/// fields is written only once more.
+///
+/// ```
+/// #[derive(Debug, Default, PartialEq)]
+/// pub struct MyStats {
+///     /// Calls made.
+///     pub calls: u64,
+///     /// Messages received.
+///     pub received: u64,
+/// }
+///
+/// ackstack_core::counters! {
+///     /// The live counts behind `MyStats`.
+///     pub struct Counters for MyStats { calls, received }
+/// }
+///
+/// let c = Counters::default();
+/// c.calls.add(2);
+/// assert_eq!(c.snapshot(), MyStats { calls: 2, received: 0 });
+/// ```
+#[macro_export]
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident for $stats:ident { $($field:ident),* $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default)]
+        $vis struct $name {
+            $(
+                #[doc = concat!("The live count of `", stringify!($field), "`.")]
+                $vis $field: $crate::adapter::Counter,
+            )*
+        }
+
+        impl $name {
+            #[doc = concat!("Every count so far, as [`", stringify!($stats), "`].")]
+            $vis fn snapshot(&self) -> $stats {
+                $stats {
+                    $($field: self.$field.get(),)*
+                }
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +208,14 @@ mod tests {
                 .contains("partition t/0 was revoked (generation 3 ended)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_counter_adds_up() {
+        let c = Counter::default();
+        c.add(1);
+        c.add(41);
+        assert_eq!(c.get(), 42);
     }
 
     #[test]

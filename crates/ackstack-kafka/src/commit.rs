@@ -2,10 +2,11 @@
 //! settler, and the commits of the partitions' watermarks, in the order their positions were
 //! taken.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
+use ackstack_core::adapter::Counter;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
@@ -30,7 +31,7 @@ pub(crate) struct Shared {
     /// Released records whose partitions the poll thread is to read again from them.
     rewinds: Mutex<Vec<KafkaToken>>,
     /// Offset commit requests sent (async, sync and on revoke).
-    pub(crate) commits: Arc<AtomicU64>,
+    pub(crate) commits: Arc<Counter>,
 }
 
 /// Acks since the last commit, and when that was.
@@ -110,7 +111,7 @@ impl Shared {
             return Ok(0);
         }
         let tpl = position_list(&positions)?;
-        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.commits.add(1);
         let mode = if sync {
             CommitMode::Sync
         } else {
@@ -154,7 +155,7 @@ impl Shared {
         if positions.is_empty() || lost {
             return;
         }
-        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.commits.add(1);
         let result =
             position_list(&positions).and_then(|t| consumer.send_commit(&t, CommitMode::Sync));
         if let Err(error) = result {

@@ -40,15 +40,7 @@ impl Shared {
     }
 
     pub(crate) fn stats(&self) -> RabbitStats {
-        let c = &self.counters;
-        RabbitStats {
-            ack_frames: c.ack_frames.load(Ordering::Relaxed),
-            multiple_ack_frames: c.multiple_ack_frames.load(Ordering::Relaxed),
-            nack_frames: c.nack_frames.load(Ordering::Relaxed),
-            acked_tokens: c.acked_tokens.load(Ordering::Relaxed),
-            lease_lost: c.lease_lost.load(Ordering::Relaxed),
-            connects: c.connects.load(Ordering::Relaxed),
-        }
+        self.counters.snapshot()
     }
 }
 
@@ -159,13 +151,11 @@ impl Generation {
     ) -> Result<(), SettleError> {
         if let Some(tag) = plan.multiple {
             self.ack_frame(tag, true, counters).await?;
-            counters
-                .acked_tokens
-                .fetch_add(plan.multiple_covers as u64, Ordering::Relaxed);
+            counters.acked_tokens.add(plan.multiple_covers as u64);
         }
         for &tag in &plan.singles {
             self.ack_frame(tag, false, counters).await?;
-            counters.acked_tokens.fetch_add(1, Ordering::Relaxed);
+            counters.acked_tokens.add(1);
         }
         if plan.multiple.is_some() || !plan.singles.is_empty() {
             self.progress.notify_waiters();
@@ -181,9 +171,9 @@ impl Generation {
         .await;
         match sent {
             Ok(Ok(())) => {
-                c.ack_frames.fetch_add(1, Ordering::Relaxed);
+                c.ack_frames.add(1);
                 if multiple {
-                    c.multiple_ack_frames.fetch_add(1, Ordering::Relaxed);
+                    c.multiple_ack_frames.add(1);
                 }
                 Ok(())
             }

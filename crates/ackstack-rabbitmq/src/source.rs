@@ -1,6 +1,5 @@
 //! [`RabbitSource`]: consuming in manual-ack mode, reconnecting by itself.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use ackstack_core::adapter;
@@ -103,10 +102,7 @@ impl RabbitSource {
         let generation = Arc::new(generation);
         let origin = Origin::new("rabbitmq", config.queue.as_str(), consumer.tag().as_str());
         *self.shared.current() = Some(generation.clone());
-        self.shared
-            .counters
-            .connects
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.connects.add(1);
         tracing::debug!(generation = id.get(), queue = %config.queue, "rabbitmq consumer started");
         self.active = Some(Active {
             generation,

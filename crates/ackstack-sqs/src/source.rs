@@ -17,7 +17,7 @@ use crate::error::{ErrorClass, SqsError, classify_sdk, describe, is_missing_queu
 use crate::headers::{SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
 use crate::queue::{QueueInfo, build_client, max_message_size, resolve_queue_url_within};
 use crate::settler::SqsSettler;
-use crate::stats::{Counters, SqsStats, bump};
+use crate::stats::{Counters, SqsStats};
 use crate::token::{SqsToken, TokenInner};
 
 /// An SQS queue as an ackstack [`Source`].
@@ -204,7 +204,7 @@ impl Source for SqsSource {
             return Ok(Vec::new());
         }
         let n = max.clamp(1, self.queue.max_messages);
-        bump(&self.stats.receive_calls, 1);
+        self.stats.receive_calls.add(1);
         let call = self
             .client
             .receive_message()
@@ -247,7 +247,7 @@ impl Source for SqsSource {
                 received.push(r);
             }
         }
-        bump(&self.stats.received, received.len() as u64);
+        self.stats.received.add(received.len() as u64);
         Ok(received)
     }
 

@@ -131,9 +131,12 @@ pub mod layer {
 /// `docs/CONTRACT.md`.
 pub mod adapter {
     // The mechanisms the adapters share (`ackstack_core::adapter`).
-    pub use ackstack_core::adapter::{Generation, attempt_from_count, parse_attempt, parse_count};
+    pub use ackstack_core::adapter::{
+        Counter, Generation, attempt_from_count, parse_attempt, parse_count,
+    };
     /// Serde helpers for durations in configuration (`"30s"`, `"250ms"` or seconds).
     pub use ackstack_core::config::duration;
+    pub use ackstack_core::counters;
     pub use ackstack_core::deadletter;
     pub use ackstack_core::error::{MAX_FAILURE_MESSAGE, truncate};
     pub use ackstack_core::{
