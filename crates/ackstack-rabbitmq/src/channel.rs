@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ackstack_core::SettleError;
 use ackstack_core::adapter;
+use ackstack_core::{Backoff, Jitter, SettleError};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
@@ -193,10 +193,32 @@ impl Generation {
     }
 }
 
+/// The schedule of reconnect pauses: core's [`Backoff`], exponential from 100 ms up to
+/// [`MAX_RECONNECT_PAUSE`], without jitter.
+const RECONNECT_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    factor: 2.0,
+    cap: MAX_RECONNECT_PAUSE,
+    jitter: Jitter::None,
+};
+
 /// The pause before the next reconnect attempt after `failures` failed ones (the source
-/// pauses only after a failure): 100 ms × 2^`failures`, up to [`MAX_RECONNECT_PAUSE`].
+/// pauses only after a failure): [`RECONNECT_BACKOFF`] one step on, 100 ms × 2^`failures`,
+/// so 200 ms after the first failure, up to [`MAX_RECONNECT_PAUSE`].
 pub(crate) fn reconnect_pause(failures: u32) -> Duration {
-    Duration::from_millis(100)
-        .saturating_mul(1u32 << failures.min(6))
-        .min(MAX_RECONNECT_PAUSE)
+    RECONNECT_BACKOFF.delay(failures.saturating_add(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_pauses_double_from_100_ms_up_to_5_s() {
+        let ms = |n| Duration::from_millis(n);
+        let pauses: Vec<Duration> = (0..8).map(reconnect_pause).collect();
+        let expected = [100, 200, 400, 800, 1600, 3200, 5000, 5000].map(ms);
+        assert_eq!(pauses, expected);
+        assert_eq!(reconnect_pause(u32::MAX), MAX_RECONNECT_PAUSE);
+    }
 }
