@@ -11,15 +11,6 @@ use rdkafka::message::{Header, Headers as KafkaHeaders, OwnedHeaders};
 /// The header that carries a message id (Kafka records have none).
 pub const MESSAGE_ID_HEADER: &str = "x-ackstack-message-id";
 
-/// The dead-letter metadata header that lists, comma-separated, what was left out of a
-/// dead-letter copy so that it fits the size limit (see [`KafkaSettler`]); absent when
-/// nothing was. Like every `x-ackstack-dl-*` header it is replaced on re-dead-lettering.
-///
-/// [`KafkaSettler`]: crate::KafkaSettler
-pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
-/// In [`DROPPED_HEADER`]: the error message in the metadata was cut shorter than usual.
-pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
-
 /// Headers read from a record, and how many could not be read.
 #[derive(Debug, Default)]
 pub struct Converted {

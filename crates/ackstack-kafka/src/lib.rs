@@ -132,9 +132,12 @@ mod stats;
 mod token;
 pub mod watermark;
 
+/// What a dead-letter copy's [`DROPPED_HEADER`] lists when it had to be shrunk to fit the
+/// size limit (see [`KafkaSettler`]; core's dead-letter format).
+pub use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 pub use config::KafkaConfig;
 pub use error::KafkaError;
-pub use headers::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, MESSAGE_ID_HEADER};
+pub use headers::MESSAGE_ID_HEADER;
 pub use publisher::{KafkaPublisher, read_topic};
 pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaStats, KafkaToken};
 

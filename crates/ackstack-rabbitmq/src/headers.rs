@@ -19,13 +19,6 @@ pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// themselves are published without an `expiration`: in a delay queue it would cut the retry
 /// delay short, and in the dead-letter queue it would silently delete the dead letter.
 pub const ORIGINAL_EXPIRATION_HEADER: &str = "x-ackstack-original-expiration";
-/// The dead-letter metadata header that lists, comma-separated, what was left out of a
-/// dead-letter copy so that its content header fits the connection's negotiated `frame_max`;
-/// absent when nothing was. Like every `x-ackstack-dl-*` header it is replaced on
-/// re-dead-lettering.
-pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
-/// In [`DROPPED_HEADER`]: the error message in the metadata was cut shorter than usual.
-pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
 
 /// Converts AMQP headers to ackstack's byte-string headers.
 ///
