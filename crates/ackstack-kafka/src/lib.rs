@@ -126,6 +126,8 @@ mod error;
 mod headers;
 mod poller;
 pub mod publisher;
+#[cfg(feature = "test-util")]
+mod reader;
 mod settler;
 pub mod source;
 mod stats;
@@ -138,8 +140,10 @@ pub use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 pub use config::KafkaConfig;
 pub use error::KafkaError;
 pub use headers::MESSAGE_ID_HEADER;
-pub use publisher::{KafkaPublisher, read_topic};
-pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaStats, KafkaToken};
+pub use publisher::KafkaPublisher;
+#[cfg(feature = "test-util")]
+pub use reader::read_topic;
+pub use source::{KafkaSettler, KafkaSource, KafkaStats, KafkaToken};
 
 /// Internal parsers reachable by the fuzz targets in `fuzz/` (feature `fuzzing`); not part
 /// of the API.

@@ -30,7 +30,7 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The consumer's context: rebalance callbacks commit revoked partitions' watermarks and start
 /// new generations; librdkafka's log lines go to `tracing`.
-pub struct KafkaContext {
+pub(crate) struct KafkaContext {
     shared: Arc<Shared>,
 }
 

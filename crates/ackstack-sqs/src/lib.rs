@@ -106,6 +106,7 @@ mod queue;
 mod settler;
 mod source;
 mod stats;
+#[cfg(feature = "test-util")]
 pub mod testing;
 mod token;
 

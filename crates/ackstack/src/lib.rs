@@ -76,6 +76,10 @@
 //! | `redis` | `redis` | the Redis deduplication store |
 //! | `postgres` | `postgres` | the PostgreSQL transactional inbox (exactly-once effects) |
 //!
+//! The feature `test-util` adds the broker crates' helpers for tests (`sqs::testing`: queues
+//! on an SQS endpoint such as moto; `kafka::read_topic`: reading a topic such as the
+//! dead-letter topic) to whichever of `sqs` and `kafka` is on.
+//!
 //! ## How the pieces fit
 //!
 //! A [`Source`](adapter::Source) receives [`Delivery`]s from a broker; its
