@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let attempt = parse_attempt(Some(&text));
+    let attempt = parse_attempt(Some(text.as_bytes()));
     assert!(attempt >= 1);
     if let Ok(n) = text.trim().parse::<u32>()
         && n >= 1

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::delivery::{Delivery, Headers};
-use crate::error::{ErrorKind, Failure};
+use crate::error::{ErrorKind, Failure, truncate};
 
 /// The prefix of every dead-letter metadata header.
 pub const METADATA_PREFIX: &str = "x-ackstack-dl-";
@@ -19,6 +19,14 @@ pub const METADATA_PREFIX: &str = "x-ackstack-dl-";
 pub const ATTEMPT_HEADER: &str = "x-ackstack-attempt";
 /// The header that records when a republished message first failed (milliseconds since epoch).
 pub const FIRST_FAILURE_HEADER: &str = "x-ackstack-first-failure";
+/// The dead-letter metadata header that lists, comma-separated, what was left out of a
+/// dead-letter copy so that it fits the broker's limit (Kafka's message size, RabbitMQ's
+/// `frame_max`); absent when nothing was. Like every `x-ackstack-dl-*` header it is replaced
+/// on re-dead-lettering. (SQS lists the same names in its metadata JSON.)
+pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
+/// In [`DROPPED_HEADER`] (or SQS's JSON list): the error message in the metadata was cut
+/// shorter than usual ([`DeadLetterMetadata::cut_error_message`]).
+pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
 
 /// Why a message is dead-lettered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +162,20 @@ impl DeadLetterMetadata {
         }
     }
 
+    /// Cuts the error message by `over` bytes, what a dead-letter copy is over its broker's
+    /// limit (each byte cut shortens the copy by at least one), marking the cut with `…`
+    /// ([`truncate`]); to nothing when no more than the marker would be left. Adapters that
+    /// shrink a copy to fit repeat this until it fits or the message is empty, and record
+    /// [`DROPPED_ERROR_TRUNCATED`].
+    pub fn cut_error_message(&mut self, over: usize) {
+        let keep = self.error_message.len().saturating_sub(over);
+        self.error_message = if keep <= '…'.len_utf8() {
+            String::new()
+        } else {
+            truncate(std::mem::take(&mut self.error_message), keep)
+        };
+    }
+
     /// The fields as one compact JSON object, for brokers with few attributes.
     pub fn to_json(&self) -> String {
         // Serializing plain strings, numbers and enums cannot fail.
@@ -249,6 +271,28 @@ mod tests {
         );
         let json: DeadLetterMetadata = serde_json::from_str(&meta.to_json()).unwrap();
         assert_eq!(json, meta);
+    }
+
+    #[test]
+    fn the_error_message_is_cut_by_the_overshoot_to_nothing_below_the_marker() {
+        let d = delivery();
+        let mut meta =
+            DeadLetter::new(&d, Failure::new(ErrorKind::Permanent, "x".repeat(100))).metadata(&d);
+        meta.cut_error_message(40);
+        assert_eq!(meta.error_message.len(), 60);
+        assert!(meta.error_message.ends_with('…'));
+        meta.cut_error_message(0);
+        assert_eq!(meta.error_message.len(), 60, "nothing over: nothing cut");
+        meta.cut_error_message(57);
+        assert_eq!(
+            meta.error_message, "",
+            "3 bytes left: no room for more than the marker"
+        );
+        let mut meta = DeadLetter::new(&d, Failure::new(ErrorKind::Permanent, "éééé")).metadata(&d);
+        meta.cut_error_message(3);
+        assert_eq!(meta.error_message, "é…", "cut on a character boundary");
+        meta.cut_error_message(usize::MAX);
+        assert_eq!(meta.error_message, "");
     }
 
     #[test]

@@ -38,7 +38,10 @@
 //! An adapter implements [`Source`] (receive, report [`Capabilities`]) and [`Settle`] (ack,
 //! retry, dead-letter, extend, release). The thirteen invariants every adapter keeps, and the
 //! tests that prove each, are listed in the repository's `docs/CONTRACT.md`; the
-//! `ackstack-testkit` crate runs the same conformance checks on any adapter.
+//! `ackstack-testkit` crate runs the same conformance checks on any adapter. What every
+//! adapter needs besides the contract is in [`adapter`] (reading attempt numbers, fencing
+//! tokens by [`Generation`](adapter::Generation), stats [`Counter`](adapter::Counter)s) and
+//! [`deadletter`] (the dead-letter format, and shrinking a copy's error message to fit).
 //!
 //! # Example
 //!
@@ -81,6 +84,7 @@
 //! # }
 //! ```
 
+pub mod adapter;
 pub mod backoff;
 pub mod config;
 pub mod deadletter;

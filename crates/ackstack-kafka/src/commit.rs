@@ -2,10 +2,11 @@
 //! settler, and the commits of the partitions' watermarks, in the order their positions were
 //! taken.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
+use ackstack_core::adapter::Counter;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
@@ -30,7 +31,7 @@ pub(crate) struct Shared {
     /// Released records whose partitions the poll thread is to read again from them.
     rewinds: Mutex<Vec<KafkaToken>>,
     /// Offset commit requests sent (async, sync and on revoke).
-    pub(crate) commits: Arc<AtomicU64>,
+    pub(crate) commits: Arc<Counter>,
 }
 
 /// Acks since the last commit, and when that was.
@@ -110,7 +111,7 @@ impl Shared {
             return Ok(0);
         }
         let tpl = position_list(&positions)?;
-        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.commits.add(1);
         let mode = if sync {
             CommitMode::Sync
         } else {
@@ -154,7 +155,7 @@ impl Shared {
         if positions.is_empty() || lost {
             return;
         }
-        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.commits.add(1);
         let result =
             position_list(&positions).and_then(|t| consumer.send_commit(&t, CommitMode::Sync));
         if let Err(error) = result {
@@ -192,6 +193,7 @@ mod tests {
     use std::sync::mpsc as std_mpsc;
 
     use super::*;
+    use ackstack_core::adapter::Generation;
 
     fn shared() -> Arc<Shared> {
         Arc::new(Shared::new(Duration::from_secs(1), 1000))
@@ -237,7 +239,7 @@ mod tests {
     }
 
     /// `t`/0 assigned, offsets 0..10 received, 0..done completed.
-    fn partition(shared: &Shared, done: i64) -> u64 {
+    fn partition(shared: &Shared, done: i64) -> Generation {
         let mut a = shared.assignments();
         let g = a.assign("t", 0);
         for o in 0..10 {
@@ -249,7 +251,7 @@ mod tests {
         g
     }
 
-    fn complete(shared: &Shared, g: u64, offsets: std::ops::Range<i64>) {
+    fn complete(shared: &Shared, g: Generation, offsets: std::ops::Range<i64>) {
         let mut a = shared.assignments();
         for o in offsets {
             a.complete("t", 0, o, g).unwrap();

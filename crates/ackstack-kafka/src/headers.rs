@@ -3,21 +3,13 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use ackstack_core::Headers;
+use ackstack_core::adapter::parse_attempt;
 use ackstack_core::deadletter::ATTEMPT_HEADER;
 use bytes::Bytes;
 use rdkafka::message::{Header, Headers as KafkaHeaders, OwnedHeaders};
 
 /// The header that carries a message id (Kafka records have none).
 pub const MESSAGE_ID_HEADER: &str = "x-ackstack-message-id";
-
-/// The dead-letter metadata header that lists, comma-separated, what was left out of a
-/// dead-letter copy so that it fits the size limit (see [`KafkaSettler`]); absent when
-/// nothing was. Like every `x-ackstack-dl-*` header it is replaced on re-dead-lettering.
-///
-/// [`KafkaSettler`]: crate::KafkaSettler
-pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
-/// In [`DROPPED_HEADER`]: the error message in the metadata was cut shorter than usual.
-pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
 
 /// Headers read from a record, and how many could not be read.
 #[derive(Debug, Default)]
@@ -71,14 +63,10 @@ pub(crate) fn to_record(headers: &Headers) -> OwnedHeaders {
     out
 }
 
-/// The attempt number a record carries: our [`ATTEMPT_HEADER`] (decimal, surrounding spaces
-/// allowed) when present and at least 1, else 1.
+/// The attempt number a record carries: our [`ATTEMPT_HEADER`] read by core's
+/// [`parse_attempt`] (decimal, surrounding spaces allowed, at least 1), else 1.
 pub fn attempt_of(headers: &Headers) -> u32 {
-    headers
-        .get_str(ATTEMPT_HEADER)
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(1)
+    parse_attempt(headers.get(ATTEMPT_HEADER).map(|v| v.as_ref()))
 }
 
 #[cfg(test)]

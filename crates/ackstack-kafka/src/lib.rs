@@ -126,17 +126,24 @@ mod error;
 mod headers;
 mod poller;
 pub mod publisher;
+#[cfg(feature = "test-util")]
+mod reader;
 mod settler;
 pub mod source;
 mod stats;
 mod token;
 pub mod watermark;
 
+/// What a dead-letter copy's [`DROPPED_HEADER`] lists when it had to be shrunk to fit the
+/// size limit (see [`KafkaSettler`]; core's dead-letter format).
+pub use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 pub use config::KafkaConfig;
 pub use error::KafkaError;
-pub use headers::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, MESSAGE_ID_HEADER};
-pub use publisher::{KafkaPublisher, read_topic};
-pub use source::{KafkaContext, KafkaSettler, KafkaSource, KafkaStats, KafkaToken};
+pub use headers::MESSAGE_ID_HEADER;
+pub use publisher::KafkaPublisher;
+#[cfg(feature = "test-util")]
+pub use reader::read_topic;
+pub use source::{KafkaSettler, KafkaSource, KafkaStats, KafkaToken};
 
 /// Internal parsers reachable by the fuzz targets in `fuzz/` (feature `fuzzing`); not part
 /// of the API.

@@ -30,7 +30,7 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The consumer's context: rebalance callbacks commit revoked partitions' watermarks and start
 /// new generations; librdkafka's log lines go to `tracing`.
-pub struct KafkaContext {
+pub(crate) struct KafkaContext {
     shared: Arc<Shared>,
 }
 
@@ -259,7 +259,7 @@ impl Poller {
                     .rewind(&t.topic, t.partition, t.generation, position);
             match rewound {
                 Ok(generation) => tracing::info!(
-                    topic = %t.topic, partition = t.partition, position, generation,
+                    topic = %t.topic, partition = t.partition, position, generation = generation.get(),
                     "partition rewound for a released record"
                 ),
                 // Cannot happen: only this thread revokes (inside poll) or rewinds.

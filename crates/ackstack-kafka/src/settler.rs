@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 use ackstack_core::{
     AckReport, DeadLetter, Delivery, Failure, Headers, SettleError, SettleFailure, Settled,
 };
@@ -14,7 +15,6 @@ use rdkafka::producer::FutureProducer;
 use crate::commit::Shared;
 use crate::error::KafkaError;
 use crate::headers as record_headers;
-use crate::headers::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 use crate::poller::KafkaContext;
 use crate::publisher::{produce, record_size};
 use crate::stats::KafkaStats;
@@ -235,16 +235,7 @@ impl ackstack_core::Settle for KafkaSettler {
             let shrunk = dead_letter_headers(delivery, &metadata, true);
             let over = record_size(delivery.key.as_ref(), &delivery.payload, &shrunk)
                 .saturating_sub(self.inner.max_message_bytes);
-            let keep = if over == 0 {
-                0
-            } else {
-                metadata.error_message.len().saturating_sub(over)
-            };
-            metadata.error_message = if keep <= '…'.len_utf8() {
-                String::new()
-            } else {
-                ackstack_core::error::truncate(std::mem::take(&mut metadata.error_message), keep)
-            };
+            metadata.cut_error_message(if over == 0 { usize::MAX } else { over });
         }
     }
 

@@ -11,7 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 
-pub use crate::poller::KafkaContext;
+use crate::poller::KafkaContext;
 pub use crate::settler::KafkaSettler;
 pub use crate::stats::KafkaStats;
 pub use crate::token::KafkaToken;

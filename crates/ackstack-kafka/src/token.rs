@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use ackstack_core::SettleError;
+use ackstack_core::adapter::Generation;
 
 /// The handle of one received record: where it is and in which assignment generation it was
 /// received. Acks of a token whose generation has ended (the partition was revoked) are refused
@@ -12,7 +13,7 @@ pub struct KafkaToken {
     pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
-    pub(crate) generation: u64,
+    pub(crate) generation: Generation,
 }
 
 impl KafkaToken {
@@ -30,14 +31,14 @@ impl KafkaToken {
     }
     /// The assignment generation the record was received in.
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.generation.get()
     }
 }
 
 /// The error for a token whose generation has ended: its partition was revoked (or rewound).
 pub(crate) fn lease_lost(t: &KafkaToken) -> SettleError {
-    SettleError::LeaseLost(format!(
-        "partition {}/{} was revoked (generation {} ended)",
-        t.topic, t.partition, t.generation
+    t.generation.lease_lost(format_args!(
+        "partition {}/{} was revoked",
+        t.topic, t.partition
     ))
 }

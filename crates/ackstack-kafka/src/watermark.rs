@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 
 use ackstack_core::Watermark;
+use ackstack_core::adapter::Generation;
 
 /// A completion for a partition that is no longer assigned to us in the generation the
 /// delivery was received in.
@@ -26,7 +27,7 @@ pub struct Stale;
 /// One assigned partition: its generation, watermark and last committed position.
 #[derive(Clone, Debug)]
 struct Entry {
-    generation: u64,
+    generation: Generation,
     watermark: Watermark,
     committed: Option<i64>,
 }
@@ -35,7 +36,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Assignments {
     topics: HashMap<String, HashMap<i32, Entry>>,
-    next_generation: u64,
+    /// The last generation started (of any partition).
+    last_generation: Generation,
 }
 
 impl Assignments {
@@ -46,9 +48,9 @@ impl Assignments {
 
     /// Starts a new generation of `topic`/`partition` with an empty watermark and returns the
     /// generation. Any earlier generation of the partition becomes stale.
-    pub fn assign(&mut self, topic: &str, partition: i32) -> u64 {
-        self.next_generation += 1;
-        let generation = self.next_generation;
+    pub fn assign(&mut self, topic: &str, partition: i32) -> Generation {
+        self.last_generation = self.last_generation.next();
+        let generation = self.last_generation;
         self.topics.entry(topic.to_string()).or_default().insert(
             partition,
             Entry {
@@ -74,7 +76,7 @@ impl Assignments {
 
     /// Tracks a received offset; returns the partition's current generation, or `None` when the
     /// partition is not assigned.
-    pub fn track(&mut self, topic: &str, partition: i32, offset: i64) -> Option<u64> {
+    pub fn track(&mut self, topic: &str, partition: i32, offset: i64) -> Option<Generation> {
         let entry = self.topics.get_mut(topic)?.get_mut(&partition)?;
         entry.watermark.track(offset);
         Some(entry.generation)
@@ -89,7 +91,7 @@ impl Assignments {
         topic: &str,
         partition: i32,
         offset: i64,
-        generation: u64,
+        generation: Generation,
     ) -> Result<(), Stale> {
         let entry = self.entry_mut(topic, partition, generation)?;
         entry.watermark.complete(offset);
@@ -97,7 +99,7 @@ impl Assignments {
     }
 
     /// Whether `generation` is the partition's current generation.
-    pub fn is_current(&self, topic: &str, partition: i32, generation: u64) -> bool {
+    pub fn is_current(&self, topic: &str, partition: i32, generation: Generation) -> bool {
         self.topics
             .get(topic)
             .and_then(|p| p.get(&partition))
@@ -146,7 +148,7 @@ impl Assignments {
         &self,
         topic: &str,
         partition: i32,
-        generation: u64,
+        generation: Generation,
     ) -> Result<Option<i64>, Stale> {
         match self.topics.get(topic).and_then(|p| p.get(&partition)) {
             Some(entry) if entry.generation == generation => Ok(entry.watermark.resume_position()),
@@ -167,12 +169,12 @@ impl Assignments {
         &mut self,
         topic: &str,
         partition: i32,
-        generation: u64,
+        generation: Generation,
         position: i64,
-    ) -> Result<u64, Stale> {
+    ) -> Result<Generation, Stale> {
         let committed = self.entry_mut(topic, partition, generation)?.committed;
-        self.next_generation += 1;
-        let generation = self.next_generation;
+        self.last_generation = self.last_generation.next();
+        let generation = self.last_generation;
         let mut watermark = Watermark::new();
         watermark.track(position);
         self.topics.entry(topic.to_string()).or_default().insert(
@@ -200,7 +202,7 @@ impl Assignments {
         &mut self,
         topic: &str,
         partition: i32,
-        generation: u64,
+        generation: Generation,
     ) -> Result<&mut Entry, Stale> {
         match self
             .topics
@@ -218,7 +220,7 @@ mod tests {
     use super::*;
 
     /// One assigned partition `t`/0 and its generation.
-    fn assigned() -> (Assignments, u64) {
+    fn assigned() -> (Assignments, Generation) {
         let mut a = Assignments::new();
         let g = a.assign("t", 0);
         (a, g)

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ackstack_core::SettleError;
+use ackstack_core::adapter;
+use ackstack_core::{Backoff, Jitter, SettleError};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
@@ -39,15 +40,7 @@ impl Shared {
     }
 
     pub(crate) fn stats(&self) -> RabbitStats {
-        let c = &self.counters;
-        RabbitStats {
-            ack_frames: c.ack_frames.load(Ordering::Relaxed),
-            multiple_ack_frames: c.multiple_ack_frames.load(Ordering::Relaxed),
-            nack_frames: c.nack_frames.load(Ordering::Relaxed),
-            acked_tokens: c.acked_tokens.load(Ordering::Relaxed),
-            lease_lost: c.lease_lost.load(Ordering::Relaxed),
-            connects: c.connects.load(Ordering::Relaxed),
-        }
+        self.counters.snapshot()
     }
 }
 
@@ -55,7 +48,8 @@ impl Shared {
 /// channel that delivered them, so every token points at its generation, and a token of a
 /// dead generation is never acked anywhere (its delivery is redelivered by the broker).
 pub(crate) struct Generation {
-    pub(crate) id: u64,
+    /// Its number; tokens are fenced by it (see [`adapter::Generation`]).
+    pub(crate) id: adapter::Generation,
     pub(crate) connection: Connection,
     pub(crate) consume: Channel,
     /// A confirm-mode channel on the same connection, reopened when it closes.
@@ -75,7 +69,7 @@ impl Generation {
     /// prefetch and starts consuming on one channel, and opens the publish channel.
     pub(crate) async fn open(
         config: &RabbitConfig,
-        id: u64,
+        id: adapter::Generation,
     ) -> Result<(Generation, lapin::Consumer), RabbitError> {
         let timeout = config.operation_timeout;
         let connection = amqp::connect(config, "consumer").await?;
@@ -157,13 +151,11 @@ impl Generation {
     ) -> Result<(), SettleError> {
         if let Some(tag) = plan.multiple {
             self.ack_frame(tag, true, counters).await?;
-            counters
-                .acked_tokens
-                .fetch_add(plan.multiple_covers as u64, Ordering::Relaxed);
+            counters.acked_tokens.add(plan.multiple_covers as u64);
         }
         for &tag in &plan.singles {
             self.ack_frame(tag, false, counters).await?;
-            counters.acked_tokens.fetch_add(1, Ordering::Relaxed);
+            counters.acked_tokens.add(1);
         }
         if plan.multiple.is_some() || !plan.singles.is_empty() {
             self.progress.notify_waiters();
@@ -179,9 +171,9 @@ impl Generation {
         .await;
         match sent {
             Ok(Ok(())) => {
-                c.ack_frames.fetch_add(1, Ordering::Relaxed);
+                c.ack_frames.add(1);
                 if multiple {
-                    c.multiple_ack_frames.fetch_add(1, Ordering::Relaxed);
+                    c.multiple_ack_frames.add(1);
                 }
                 Ok(())
             }
@@ -201,10 +193,32 @@ impl Generation {
     }
 }
 
+/// The schedule of reconnect pauses: core's [`Backoff`], exponential from 100 ms up to
+/// [`MAX_RECONNECT_PAUSE`], without jitter.
+const RECONNECT_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    factor: 2.0,
+    cap: MAX_RECONNECT_PAUSE,
+    jitter: Jitter::None,
+};
+
 /// The pause before the next reconnect attempt after `failures` failed ones (the source
-/// pauses only after a failure): 100 ms × 2^`failures`, up to [`MAX_RECONNECT_PAUSE`].
+/// pauses only after a failure): [`RECONNECT_BACKOFF`] one step on, 100 ms × 2^`failures`,
+/// so 200 ms after the first failure, up to [`MAX_RECONNECT_PAUSE`].
 pub(crate) fn reconnect_pause(failures: u32) -> Duration {
-    Duration::from_millis(100)
-        .saturating_mul(1u32 << failures.min(6))
-        .min(MAX_RECONNECT_PAUSE)
+    RECONNECT_BACKOFF.delay(failures.saturating_add(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_pauses_double_from_100_ms_up_to_5_s() {
+        let ms = |n| Duration::from_millis(n);
+        let pauses: Vec<Duration> = (0..8).map(reconnect_pause).collect();
+        let expected = [100, 200, 400, 800, 1600, 3200, 5000, 5000].map(ms);
+        assert_eq!(pauses, expected);
+        assert_eq!(reconnect_pause(u32::MAX), MAX_RECONNECT_PAUSE);
+    }
 }

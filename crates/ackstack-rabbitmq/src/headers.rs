@@ -2,6 +2,7 @@
 //! writes, and the attempt number they carry.
 
 use ackstack_core::Headers;
+use ackstack_core::adapter::{attempt_from_count, parse_count};
 use ackstack_core::deadletter::ATTEMPT_HEADER;
 use bytes::Bytes;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -18,13 +19,6 @@ pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// themselves are published without an `expiration`: in a delay queue it would cut the retry
 /// delay short, and in the dead-letter queue it would silently delete the dead letter.
 pub const ORIGINAL_EXPIRATION_HEADER: &str = "x-ackstack-original-expiration";
-/// The dead-letter metadata header that lists, comma-separated, what was left out of a
-/// dead-letter copy so that its content header fits the connection's negotiated `frame_max`;
-/// absent when nothing was. Like every `x-ackstack-dl-*` header it is replaced on
-/// re-dead-lettering.
-pub const DROPPED_HEADER: &str = "x-ackstack-dl-dropped";
-/// In [`DROPPED_HEADER`]: the error message in the metadata was cut shorter than usual.
-pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
 
 /// Converts AMQP headers to ackstack's byte-string headers.
 ///
@@ -84,8 +78,8 @@ pub(crate) fn table_from_headers(headers: &Headers) -> FieldTable {
     table
 }
 
-/// Reads a non-negative integer header value: any AMQP integer type, or a string of digits.
-/// Anything else (negative, fractional, garbage, nested) is `None`.
+/// Reads a non-negative integer header value: any AMQP integer type, or a string of digits
+/// (core's [`parse_count`]). Anything else (negative, fractional, garbage, nested) is `None`.
 pub(crate) fn header_u64(table: Option<&FieldTable>, name: &str) -> Option<u64> {
     let value = table?.inner().get(name)?;
     match value {
@@ -97,10 +91,8 @@ pub(crate) fn header_u64(table: Option<&FieldTable>, name: &str) -> Option<u64> 
         AMQPValue::LongUInt(v) => Some(u64::from(*v)),
         AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
         AMQPValue::Timestamp(v) => Some(*v),
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
-            .ok()
-            .and_then(|t| t.trim().parse().ok()),
-        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        AMQPValue::LongString(s) => parse_count(s.as_bytes()),
+        AMQPValue::ShortString(s) => parse_count(s.as_str().as_bytes()),
         _ => None,
     }
 }
@@ -111,10 +103,7 @@ pub(crate) fn header_u64(table: Option<&FieldTable>, name: &str) -> Option<u64> 
 /// delivery). A crash loop on one copy therefore still counts up; classic queues have no
 /// such count, so there a crash-redelivery repeats the attempt number.
 pub fn attempt_of(table: Option<&FieldTable>, queue_type: QueueType) -> u32 {
-    let ours = header_u64(table, ATTEMPT_HEADER)
-        .filter(|&a| a >= 1)
-        .map(|a| u32::try_from(a).unwrap_or(u32::MAX))
-        .unwrap_or(1);
+    let ours = attempt_from_count(header_u64(table, ATTEMPT_HEADER));
     let redeliveries = match queue_type {
         QueueType::Quorum => header_u64(table, DELIVERY_COUNT_HEADER)
             .map(|c| u32::try_from(c).unwrap_or(u32::MAX))

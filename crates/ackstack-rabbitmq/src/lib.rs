@@ -116,11 +116,13 @@ mod stats;
 mod token;
 mod tracker;
 
+/// What a dead-letter copy's [`DROPPED_HEADER`] lists when its content header had to be
+/// shrunk to fit the connection's negotiated `frame_max` (core's dead-letter format).
+pub use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 pub use config::{QueueType, RabbitConfig};
 pub use error::{ConfigError, RabbitError};
 pub use headers::{
-    DELIVERY_COUNT_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, KEY_HEADER,
-    ORIGINAL_EXPIRATION_HEADER, attempt_of, headers_from_table,
+    DELIVERY_COUNT_HEADER, KEY_HEADER, ORIGINAL_EXPIRATION_HEADER, attempt_of, headers_from_table,
 };
 pub use publisher::{Fetched, RabbitPublisher, text_value};
 pub use settler::RabbitSettler;

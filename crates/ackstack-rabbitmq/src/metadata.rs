@@ -5,15 +5,14 @@
 use std::collections::BTreeMap;
 
 use ackstack_core::DeadLetterMetadata;
-use ackstack_core::deadletter::{ATTEMPT_HEADER, FIRST_FAILURE_HEADER, METADATA_PREFIX};
+use ackstack_core::deadletter::{
+    ATTEMPT_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, FIRST_FAILURE_HEADER, METADATA_PREFIX,
+};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::amqp::PERSISTENT;
-use crate::headers::{
-    DELIVERY_COUNT_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, ORIGINAL_EXPIRATION_HEADER,
-    long_string,
-};
+use crate::headers::{DELIVERY_COUNT_HEADER, ORIGINAL_EXPIRATION_HEADER, long_string};
 
 /// The headers of a retry copy: `table` with [`ATTEMPT_HEADER`] set to `next_attempt`,
 /// [`FIRST_FAILURE_HEADER`] kept (or set to `first_failure_ms`) and the broker's
@@ -136,12 +135,7 @@ pub(crate) fn fit_dead_letter(
             ));
         }
         // The error message is a long string: each byte cut shortens the frame by one.
-        let keep = shorter.error_message.len().saturating_sub(size - limit);
-        shorter.error_message = if keep <= '…'.len_utf8() {
-            String::new()
-        } else {
-            ackstack_core::error::truncate(std::mem::take(&mut shorter.error_message), keep)
-        };
+        shorter.cut_error_message(size - limit);
     }
 }
 

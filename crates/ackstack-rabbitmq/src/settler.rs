@@ -1,7 +1,6 @@
 //! [`RabbitSettler`]: acks, delayed retries, dead-lettering, releases.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ackstack_core::deadletter::{DeadLetter, millis};
@@ -33,13 +32,10 @@ impl RabbitSettler {
     }
 
     fn lease_lost(&self, token: &RabbitToken) -> SettleError {
-        self.shared
-            .counters
-            .lease_lost
-            .fetch_add(1, Ordering::Relaxed);
-        SettleError::LeaseLost(format!(
-            "delivery tag {} belongs to closed channel generation {}",
-            token.tag, token.generation.id
+        self.shared.counters.lease_lost.add(1);
+        token.generation.id.lease_lost(format_args!(
+            "delivery tag {} belongs to a closed channel",
+            token.tag
         ))
     }
 
@@ -316,10 +312,7 @@ impl Settle for RabbitSettler {
         .await;
         match sent {
             Ok(Ok(())) => {
-                self.shared
-                    .counters
-                    .nack_frames
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.nack_frames.add(1);
             }
             _ => {
                 // The channel is gone; the broker gives back this delivery and every other

@@ -1,8 +1,8 @@
 //! [`RabbitSource`]: consuming in manual-ack mode, reconnecting by itself.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use ackstack_core::adapter;
 use ackstack_core::{Capabilities, Delivery, Origin, Received, Source, SourceError};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -39,7 +39,8 @@ struct Active {
 pub struct RabbitSource {
     shared: Arc<Shared>,
     active: Option<Active>,
-    next_generation: u64,
+    /// The last generation opened (none yet: the default).
+    last_generation: adapter::Generation,
     failures: u32,
     closed: bool,
 }
@@ -55,7 +56,7 @@ impl RabbitSource {
                 current: Mutex::new(None),
             }),
             active: None,
-            next_generation: 1,
+            last_generation: adapter::Generation::default(),
             failures: 0,
             closed: false,
         };
@@ -75,7 +76,7 @@ impl RabbitSource {
 
     /// The current channel generation, if connected.
     pub fn generation(&self) -> Option<u64> {
-        self.active.as_ref().map(|a| a.generation.id)
+        self.active.as_ref().map(|a| a.generation.id.get())
     }
 
     /// The name of the current connection as the broker shows it
@@ -95,17 +96,14 @@ impl RabbitSource {
 
     async fn open(&mut self) -> Result<(), RabbitError> {
         let config = &self.shared.config;
-        let (generation, consumer) = Generation::open(config, self.next_generation).await?;
-        let id = generation.id;
-        self.next_generation += 1;
+        let id = self.last_generation.next();
+        let (generation, consumer) = Generation::open(config, id).await?;
+        self.last_generation = id;
         let generation = Arc::new(generation);
         let origin = Origin::new("rabbitmq", config.queue.as_str(), consumer.tag().as_str());
         *self.shared.current() = Some(generation.clone());
-        self.shared
-            .counters
-            .connects
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(generation = id, queue = %config.queue, "rabbitmq consumer started");
+        self.shared.counters.connects.add(1);
+        tracing::debug!(generation = id.get(), queue = %config.queue, "rabbitmq consumer started");
         self.active = Some(Active {
             generation,
             consumer,
@@ -121,7 +119,7 @@ impl RabbitSource {
             return;
         };
         tracing::warn!(
-            generation = active.generation.id,
+            generation = active.generation.id.get(),
             reason = why,
             "rabbitmq channel lost"
         );

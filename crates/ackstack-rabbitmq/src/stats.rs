@@ -1,7 +1,5 @@
 //! [`RabbitStats`]: counters of what the adapter sent.
 
-use std::sync::atomic::AtomicU64;
-
 /// Counters of what the adapter sent, for tests and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -24,12 +22,14 @@ pub struct RabbitStats {
     pub connects: u64,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) ack_frames: AtomicU64,
-    pub(crate) multiple_ack_frames: AtomicU64,
-    pub(crate) nack_frames: AtomicU64,
-    pub(crate) acked_tokens: AtomicU64,
-    pub(crate) lease_lost: AtomicU64,
-    pub(crate) connects: AtomicU64,
+ackstack_core::counters! {
+    /// The live counts behind [`RabbitStats`], shared by the source and its settlers.
+    pub(crate) struct Counters for RabbitStats {
+        ack_frames,
+        multiple_ack_frames,
+        nack_frames,
+        acked_tokens,
+        lease_lost,
+        connects,
+    }
 }

@@ -28,7 +28,7 @@ impl RabbitToken {
     /// The channel generation the delivery came from (1 for the first connection, counting
     /// up with each reconnect).
     pub fn generation(&self) -> u64 {
-        self.generation.id
+        self.generation.id.get()
     }
 
     /// The original AMQP properties, including the header table.
@@ -46,7 +46,7 @@ impl fmt::Debug for RabbitToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitToken")
             .field("tag", &self.tag)
-            .field("generation", &self.generation.id)
+            .field("generation", &self.generation.id.get())
             .finish()
     }
 }

@@ -106,6 +106,7 @@ mod queue;
 mod settler;
 mod source;
 mod stats;
+#[cfg(feature = "test-util")]
 pub mod testing;
 mod token;
 
@@ -128,7 +129,7 @@ pub use token::SqsToken;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::source::parse_attempt;
+    pub use ackstack_core::adapter::parse_attempt;
 }
 
 /// The SDK client type, re-exported for convenience.

@@ -39,8 +39,9 @@ pub fn dead_letter_attributes(
 pub const DROPPED_KEY: &str = "dropped";
 /// In [`DROPPED_KEY`]: the displaced attributes (see [`DISPLACED_KEY`]) were not stored.
 pub const DROPPED_DISPLACED: &str = "displaced_attributes";
-/// In [`DROPPED_KEY`]: the error message in the metadata was cut shorter than usual.
-pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
+/// In [`DROPPED_KEY`]: the error message in the metadata was cut shorter than usual (core's
+/// dead-letter format).
+pub use ackstack_core::deadletter::DROPPED_ERROR_TRUNCATED;
 /// SQS's message size limit when a queue's `MaximumMessageSize` cannot be read: 256 KiB, the
 /// long-standing default (and the lowest maximum SQS has had).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 262_144;
@@ -132,12 +133,7 @@ pub fn fit_dead_letter(
             ));
         }
         // Each byte cut from the message shortens its JSON by at least one byte.
-        let keep = shorter.error_message.len().saturating_sub(size - max_size);
-        shorter.error_message = if keep <= '…'.len_utf8() {
-            String::new()
-        } else {
-            ackstack_core::error::truncate(std::mem::take(&mut shorter.error_message), keep)
-        };
+        shorter.cut_error_message(size - max_size);
     }
 }
 

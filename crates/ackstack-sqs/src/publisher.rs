@@ -11,7 +11,7 @@ use crate::config::{DEFAULT_OPERATION_TIMEOUT, name_from_url};
 use crate::error::bounded;
 use crate::headers::headers_to_attributes;
 use crate::source::SqsSource;
-use crate::stats::{Counters, SqsStats, bump};
+use crate::stats::{Counters, SqsStats};
 
 /// The group used on a FIFO queue for a message without a key.
 pub const DEFAULT_GROUP: &str = "default";
@@ -122,7 +122,7 @@ impl Publish for SqsPublisher {
                 .message_group_id(group)
                 .message_deduplication_id(dedup);
         }
-        bump(&self.stats.send_calls, 1);
+        self.stats.send_calls.add(1);
         bounded("SendMessage", self.timeout, request.send())
             .await
             .map(|_| ())

@@ -16,7 +16,7 @@ use crate::config::{MAX_BATCH, duration_secs_ceil};
 use crate::error::{ErrorClass, bounded, classify_code, settle_error};
 use crate::metadata::fit_dead_letter;
 use crate::queue::QueueInfo;
-use crate::stats::{Counters, SqsStats, bump};
+use crate::stats::{Counters, SqsStats};
 use crate::token::SqsToken;
 
 /// Tries of a transient `DeleteMessageBatch` failure before it is reported as failed.
@@ -100,7 +100,7 @@ impl SqsSettler {
             if entries.is_empty() {
                 return;
             }
-            bump(&self.stats.delete_batch_calls, 1);
+            self.stats.delete_batch_calls.add(1);
             let request = self
                 .client
                 .delete_message_batch()
@@ -114,7 +114,7 @@ impl SqsSettler {
                         if let Some(token) = take(&mut slots, ok.id()) {
                             drop(token);
                             report.acked += 1;
-                            bump(&self.stats.deleted, 1);
+                            self.stats.deleted.add(1);
                         }
                     }
                     for failed in out.failed() {
@@ -177,9 +177,9 @@ impl SqsSettler {
     }
 
     fn fail(&self, report: &mut AckReport<SqsToken>, token: SqsToken, error: SettleError) {
-        bump(&self.stats.ack_failures, 1);
+        self.stats.ack_failures.add(1);
         if error.is_lease_lost() {
-            bump(&self.stats.lease_lost, 1);
+            self.stats.lease_lost.add(1);
         }
         tracing::warn!(message_id = ?token.message_id(), %error, "SQS delete failed");
         report.failed.push((token, error));
@@ -191,7 +191,7 @@ impl SqsSettler {
         token: &SqsToken,
         timeout: Duration,
     ) -> Result<(), SettleError> {
-        bump(&self.stats.change_visibility_calls, 1);
+        self.stats.change_visibility_calls.add(1);
         let request = self
             .client
             .change_message_visibility()
@@ -209,7 +209,7 @@ impl SqsSettler {
             Err(e) => {
                 let class = e.class();
                 if class == ErrorClass::LeaseLost {
-                    bump(&self.stats.lease_lost, 1);
+                    self.stats.lease_lost.add(1);
                 }
                 Err(settle_error(
                     class,
@@ -336,10 +336,10 @@ impl Settle for SqsSettler {
                 .message_group_id(group)
                 .message_deduplication_id(dead_letter_dedup_id(&token));
         }
-        bump(&self.stats.send_calls, 1);
+        self.stats.send_calls.add(1);
         match bounded("SendMessage", self.queue.timeout, request.send()).await {
             Ok(_) => {
-                bump(&self.stats.dead_lettered, 1);
+                self.stats.dead_lettered.add(1);
                 Ok(Settled::AckOriginal(token))
             }
             Err(e) => {
@@ -365,7 +365,7 @@ impl Settle for SqsSettler {
     async fn extend(&self, token: &SqsToken, by: Duration) -> Result<(), SettleError> {
         let budget = token.visibility_budget();
         if budget.is_zero() {
-            bump(&self.stats.lease_lost, 1);
+            self.stats.lease_lost.add(1);
             return Err(SettleError::LeaseLost(
                 "SQS's 12-hour visibility limit for this receive is reached".into(),
             ));

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ackstack_core::adapter::parse_attempt;
 use ackstack_core::{
     Backoff, Capabilities, Delivery, Headers, Origin, Received, Source, SourceError,
 };
@@ -16,7 +17,7 @@ use crate::error::{ErrorClass, SqsError, classify_sdk, describe, is_missing_queu
 use crate::headers::{SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
 use crate::queue::{QueueInfo, build_client, max_message_size, resolve_queue_url_within};
 use crate::settler::SqsSettler;
-use crate::stats::{Counters, SqsStats, bump};
+use crate::stats::{Counters, SqsStats};
 use crate::token::{SqsToken, TokenInner};
 
 /// An SQS queue as an ackstack [`Source`].
@@ -153,10 +154,11 @@ impl SqsSource {
         };
         let system = m.attributes.unwrap_or_default();
         let attributes = m.message_attributes.unwrap_or_default();
+        // `ApproximateReceiveCount`: 1 when missing, malformed or zero.
         let attempt = parse_attempt(
             system
                 .get(&MessageSystemAttributeName::ApproximateReceiveCount)
-                .map(String::as_str),
+                .map(String::as_bytes),
         );
         let group_id = system
             .get(&MessageSystemAttributeName::MessageGroupId)
@@ -193,14 +195,6 @@ impl SqsSource {
     }
 }
 
-/// `ApproximateReceiveCount` as an attempt number: 1 when missing, malformed or zero.
-pub fn parse_attempt(value: Option<&str>) -> u32 {
-    value
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(1)
-}
-
 impl Source for SqsSource {
     type Token = SqsToken;
     type Settler = SqsSettler;
@@ -210,7 +204,7 @@ impl Source for SqsSource {
             return Ok(Vec::new());
         }
         let n = max.clamp(1, self.queue.max_messages);
-        bump(&self.stats.receive_calls, 1);
+        self.stats.receive_calls.add(1);
         let call = self
             .client
             .receive_message()
@@ -253,7 +247,7 @@ impl Source for SqsSource {
                 received.push(r);
             }
         }
-        bump(&self.stats.received, received.len() as u64);
+        self.stats.received.add(received.len() as u64);
         Ok(received)
     }
 
@@ -288,40 +282,4 @@ fn is_auth_error<E: aws_sdk_sqs::error::ProvideErrorMetadata>(
             | "InvalidSecurity"
             | "MissingAuthenticationToken"
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
-
-        #[test]
-        fn parse_attempt_never_panics(text in any::<String>(), near in " ?[+-]?[0-9]{0,12} ?") {
-            for v in [text.as_str(), near.as_str()] {
-                let got = parse_attempt(Some(v));
-                prop_assert!(got >= 1);
-                let expected = v.trim().parse::<u32>().ok().filter(|&n| n >= 1).unwrap_or(1);
-                prop_assert_eq!(got, expected);
-            }
-        }
-
-        #[test]
-        fn parse_attempt_reads_every_receive_count(n in 1u32..) {
-            prop_assert_eq!(parse_attempt(Some(&n.to_string())), n);
-        }
-    }
-
-    #[test]
-    fn attempt_never_panics() {
-        assert_eq!(parse_attempt(Some("3")), 3);
-        assert_eq!(parse_attempt(Some(" 2 ")), 2);
-        assert_eq!(parse_attempt(Some("0")), 1);
-        assert_eq!(parse_attempt(Some("-4")), 1);
-        assert_eq!(parse_attempt(Some("lots")), 1);
-        assert_eq!(parse_attempt(Some("99999999999999999999")), 1);
-        assert_eq!(parse_attempt(None), 1);
-    }
 }

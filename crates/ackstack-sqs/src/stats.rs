@@ -1,7 +1,5 @@
 //! Counters of SQS API calls and settlement results, for tests and benchmarks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 /// A snapshot of the adapter's counters (shared by a source, its settler and its publishers
 /// created with [`SqsPublisher::for_source`](crate::SqsPublisher::for_source)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,36 +24,17 @@ pub struct SqsStats {
     pub dead_lettered: u64,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) receive_calls: AtomicU64,
-    pub(crate) received: AtomicU64,
-    pub(crate) delete_batch_calls: AtomicU64,
-    pub(crate) deleted: AtomicU64,
-    pub(crate) ack_failures: AtomicU64,
-    pub(crate) lease_lost: AtomicU64,
-    pub(crate) change_visibility_calls: AtomicU64,
-    pub(crate) send_calls: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-}
-
-pub(crate) fn bump(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
-}
-
-impl Counters {
-    pub(crate) fn snapshot(&self) -> SqsStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        SqsStats {
-            receive_calls: get(&self.receive_calls),
-            received: get(&self.received),
-            delete_batch_calls: get(&self.delete_batch_calls),
-            deleted: get(&self.deleted),
-            ack_failures: get(&self.ack_failures),
-            lease_lost: get(&self.lease_lost),
-            change_visibility_calls: get(&self.change_visibility_calls),
-            send_calls: get(&self.send_calls),
-            dead_lettered: get(&self.dead_lettered),
-        }
+ackstack_core::counters! {
+    /// The live counts behind [`SqsStats`].
+    pub(crate) struct Counters for SqsStats {
+        receive_calls,
+        received,
+        delete_batch_calls,
+        deleted,
+        ack_failures,
+        lease_lost,
+        change_visibility_calls,
+        send_calls,
+        dead_lettered,
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! The endpoint is `SQS_ENDPOINT`, default [`DEFAULT_TEST_ENDPOINT`]; region `us-east-1`;
 //! credentials `test`/`test`.
+//!
+//! Behind the feature `test-util`: these are for tests and benchmarks, not for services.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -76,6 +76,10 @@
 //! | `redis` | `redis` | the Redis deduplication store |
 //! | `postgres` | `postgres` | the PostgreSQL transactional inbox (exactly-once effects) |
 //!
+//! The feature `test-util` adds the broker crates' helpers for tests (`sqs::testing`: queues
+//! on an SQS endpoint such as moto; `kafka::read_topic`: reading a topic such as the
+//! dead-letter topic) to whichever of `sqs` and `kafka` is on.
+//!
 //! ## How the pieces fit
 //!
 //! A [`Source`](adapter::Source) receives [`Delivery`]s from a broker; its
@@ -130,8 +134,13 @@ pub mod layer {
 /// against the contract with the `ackstack-testkit` crate; the invariants are listed in
 /// `docs/CONTRACT.md`.
 pub mod adapter {
+    // The mechanisms the adapters share (`ackstack_core::adapter`).
+    pub use ackstack_core::adapter::{
+        Counter, Generation, attempt_from_count, parse_attempt, parse_count,
+    };
     /// Serde helpers for durations in configuration (`"30s"`, `"250ms"` or seconds).
     pub use ackstack_core::config::duration;
+    pub use ackstack_core::counters;
     pub use ackstack_core::deadletter;
     pub use ackstack_core::error::{MAX_FAILURE_MESSAGE, truncate};
     pub use ackstack_core::{
