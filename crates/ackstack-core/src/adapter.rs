@@ -95,54 +95,6 @@ impl Counter {
     }
 }
 
-/// Declares an adapter's live counters: a struct with one [`Counter`] per field of its public
-/// stats struct, and a `snapshot()` that reads them all into that struct, so the list of
-/// fields is written only once more.
-///
-/// ```
-/// #[derive(Debug, Default, PartialEq)]
-/// pub struct MyStats {
-///     /// Calls made.
-///     pub calls: u64,
-///     /// Messages received.
-///     pub received: u64,
-/// }
-///
-/// ackstack_core::counters! {
-///     /// The live counts behind `MyStats`.
-///     pub struct Counters for MyStats { calls, received }
-/// }
-///
-/// let c = Counters::default();
-/// c.calls.add(2);
-/// assert_eq!(c.snapshot(), MyStats { calls: 2, received: 0 });
-/// ```
-#[macro_export]
-macro_rules! counters {
-    (
-        $(#[$meta:meta])*
-        $vis:vis struct $name:ident for $stats:ident { $($field:ident),* $(,)? }
-    ) => {
-        $(#[$meta])*
-        #[derive(Debug, Default)]
-        $vis struct $name {
-            $(
-                #[doc = concat!("The live count of `", stringify!($field), "`.")]
-                $vis $field: $crate::adapter::Counter,
-            )*
-        }
-
-        impl $name {
-            #[doc = concat!("Every count so far, as [`", stringify!($stats), "`].")]
-            $vis fn snapshot(&self) -> $stats {
-                $stats {
-                    $($field: self.$field.get(),)*
-                }
-            }
-        }
-    };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,7 @@
 //! [`RabbitStats`]: counters of what the adapter sent.
 
+use ackstack_core::adapter::Counter;
+
 /// Counters of what the adapter sent, for tests and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -22,14 +24,27 @@ pub struct RabbitStats {
     pub connects: u64,
 }
 
-ackstack_core::counters! {
-    /// The live counts behind [`RabbitStats`], shared by the source and its settlers.
-    pub(crate) struct Counters for RabbitStats {
-        ack_frames,
-        multiple_ack_frames,
-        nack_frames,
-        acked_tokens,
-        lease_lost,
-        connects,
+/// The live counts behind [`RabbitStats`], shared by the source and its settlers.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) ack_frames: Counter,
+    pub(crate) multiple_ack_frames: Counter,
+    pub(crate) nack_frames: Counter,
+    pub(crate) acked_tokens: Counter,
+    pub(crate) lease_lost: Counter,
+    pub(crate) connects: Counter,
+}
+
+impl Counters {
+    /// Every count so far.
+    pub(crate) fn snapshot(&self) -> RabbitStats {
+        RabbitStats {
+            ack_frames: self.ack_frames.get(),
+            multiple_ack_frames: self.multiple_ack_frames.get(),
+            nack_frames: self.nack_frames.get(),
+            acked_tokens: self.acked_tokens.get(),
+            lease_lost: self.lease_lost.get(),
+            connects: self.connects.get(),
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! Counters of SQS API calls and settlement results, for tests and benchmarks.
 
+use ackstack_core::adapter::Counter;
+
 /// A snapshot of the adapter's counters (shared by a source, its settler and its publishers
 /// created with [`SqsPublisher::for_source`](crate::SqsPublisher::for_source)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,17 +26,33 @@ pub struct SqsStats {
     pub dead_lettered: u64,
 }
 
-ackstack_core::counters! {
-    /// The live counts behind [`SqsStats`].
-    pub(crate) struct Counters for SqsStats {
-        receive_calls,
-        received,
-        delete_batch_calls,
-        deleted,
-        ack_failures,
-        lease_lost,
-        change_visibility_calls,
-        send_calls,
-        dead_lettered,
+/// The live counts behind [`SqsStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) receive_calls: Counter,
+    pub(crate) received: Counter,
+    pub(crate) delete_batch_calls: Counter,
+    pub(crate) deleted: Counter,
+    pub(crate) ack_failures: Counter,
+    pub(crate) lease_lost: Counter,
+    pub(crate) change_visibility_calls: Counter,
+    pub(crate) send_calls: Counter,
+    pub(crate) dead_lettered: Counter,
+}
+
+impl Counters {
+    /// Every count so far.
+    pub(crate) fn snapshot(&self) -> SqsStats {
+        SqsStats {
+            receive_calls: self.receive_calls.get(),
+            received: self.received.get(),
+            delete_batch_calls: self.delete_batch_calls.get(),
+            deleted: self.deleted.get(),
+            ack_failures: self.ack_failures.get(),
+            lease_lost: self.lease_lost.get(),
+            change_visibility_calls: self.change_visibility_calls.get(),
+            send_calls: self.send_calls.get(),
+            dead_lettered: self.dead_lettered.get(),
+        }
     }
 }

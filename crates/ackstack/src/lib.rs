@@ -140,7 +140,6 @@ pub mod adapter {
     };
     /// Serde helpers for durations in configuration (`"30s"`, `"250ms"` or seconds).
     pub use ackstack_core::config::duration;
-    pub use ackstack_core::counters;
     pub use ackstack_core::deadletter;
     pub use ackstack_core::error::{MAX_FAILURE_MESSAGE, truncate};
     pub use ackstack_core::{
