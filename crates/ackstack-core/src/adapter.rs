@@ -20,7 +20,7 @@ pub fn parse_count(text: &[u8]) -> Option<u64> {
 /// The attempt number written as text (SQS `ApproximateReceiveCount`, our
 /// [`ATTEMPT_HEADER`](crate::deadletter::ATTEMPT_HEADER) on a copy): the count when it is a
 /// number from 1 to [`u32::MAX`] (see [`parse_count`]), else 1. Missing, malformed, zero and
-/// out-of-range values all mean a first attempt (invariant 2 never fails on bad data).
+/// out-of-range values all mean a first attempt (invariant 2 of docs/CONTRACT.md never fails on bad data).
 pub fn parse_attempt(text: Option<&[u8]>) -> u32 {
     text.and_then(parse_count)
         .and_then(|n| u32::try_from(n).ok())

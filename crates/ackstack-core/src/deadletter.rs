@@ -1,7 +1,7 @@
 //! Dead-letter metadata: what is attached to a message forwarded to the dead-letter destination.
 //!
 //! The payload and the original headers travel byte for byte; ackstack adds a bounded set of
-//! fields (invariant 4). As headers they are named `x-ackstack-dl-*`; where a broker limits the
+//! fields (invariant 4 in docs/CONTRACT.md). As headers they are named `x-ackstack-dl-*`; where a broker limits the
 //! number of attributes (SQS: 10) adapters pack them into one JSON value with
 //! [`DeadLetterMetadata::to_json`]. Dead-lettering a message that already carries our metadata
 //! replaces it ([`strip_metadata`]) instead of adding more.

@@ -1,4 +1,4 @@
-//! Deduplication: a store protocol that marks a key done only after success (invariant 5), the
+//! Deduplication: a store protocol that marks a key done only after success (invariant 5 in docs/CONTRACT.md), the
 //! layer that applies it, key extractors, and an in-memory store.
 //!
 //! Per delivery with a key:

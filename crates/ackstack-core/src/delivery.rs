@@ -19,7 +19,7 @@ pub struct Delivery {
     pub key: Option<Bytes>,
     /// The broker's or publisher's message id, when there is one.
     pub message_id: Option<String>,
-    /// Which delivery attempt this is, starting at 1, as counted by the broker (invariant 2).
+    /// Which delivery attempt this is, starting at 1, as counted by the broker (invariant 2 in docs/CONTRACT.md).
     pub attempt: u32,
     /// Where the message came from.
     pub origin: Origin,

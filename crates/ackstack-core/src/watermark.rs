@@ -1,5 +1,5 @@
 //! The watermark tracker: the contiguous completion point of a sequence of deliveries that
-//! finish out of order (invariant 8).
+//! finish out of order (invariant 8 in docs/CONTRACT.md).
 //!
 //! Brokers that acknowledge cumulatively (a Kafka offset commit, a RabbitMQ `multiple=true`
 //! ack) may only acknowledge up to the first delivery still in flight. Track every position

@@ -30,7 +30,7 @@
 //! The committed position is the watermark's
 //! [`resume_position`](ackstack_core::Watermark::resume_position): the lowest offset still in
 //! flight, or one past the highest completed one, so it never passes a record that is still being handled, retried or
-//! was released (invariant 8), and gaps in the offsets (compaction, transaction markers) never
+//! was released (invariant 8 in docs/CONTRACT.md), and gaps in the offsets (compaction, transaction markers) never
 //! hold it back. Positions are committed as offset lists (`enable.auto.commit=false`,
 //! `enable.auto.offset.store=false`): storing one message's offset adds 1 while a list does
 //! not, and we only ever commit lists of "next offset to read".

@@ -2,7 +2,7 @@
 //!
 //! Kafka commits one position per partition: "everything before this offset is done". With
 //! concurrent, out-of-order completion, that position must never pass an offset that is still
-//! in flight (invariant 8). Each assigned partition keeps one core
+//! in flight (invariant 8 in docs/CONTRACT.md). Each assigned partition keeps one core
 //! [`Watermark`]: offsets are tracked when received and completed when acked,
 //! and the partition's commit position is the watermark's
 //! [`resume_position`](Watermark::resume_position): the lowest offset still in flight, or one

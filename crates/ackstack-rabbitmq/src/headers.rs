@@ -97,7 +97,7 @@ pub(crate) fn header_u64(table: Option<&FieldTable>, name: &str) -> Option<u64> 
     }
 }
 
-/// The attempt number of a delivery (invariant 2): our [`ATTEMPT_HEADER`] (written when we
+/// The attempt number of a delivery (invariant 2 in docs/CONTRACT.md): our [`ATTEMPT_HEADER`] (written when we
 /// republish for a retry; 1 when absent or malformed) plus, on quorum queues, the broker's
 /// `x-delivery-count` of earlier unsettled deliveries of this copy (absent on the first
 /// delivery). A crash loop on one copy therefore still counts up; classic queues have no

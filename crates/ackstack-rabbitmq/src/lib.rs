@@ -18,7 +18,7 @@
 //! # Retries and attempts
 //!
 //! A retry republishes the original payload and properties to a delay queue and waits for
-//! the publisher confirm before the original is acked (invariants 1 and 3). Delays are
+//! the publisher confirm before the original is acked (invariants 1 and 3 in docs/CONTRACT.md). Delays are
 //! **bucketed**: the smallest bucket at least as long as the requested delay is used, or the
 //! largest bucket when the request is longer than all of them (so
 //! [`Capabilities::max_retry_delay`](ackstack_core::Capabilities) is the largest bucket).
@@ -29,7 +29,7 @@
 //! win and cut the delay short, and in the dead-letter queue it would delete the dead letter.
 //! The original value travels in the [`ORIGINAL_EXPIRATION_HEADER`] header instead.
 //!
-//! The attempt number is read from the message (invariant 2): the
+//! The attempt number is read from the message (invariant 2 in docs/CONTRACT.md): the
 //! [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) we write on each retry copy,
 //! plus the quorum queue's `x-delivery-count` of unsettled earlier deliveries. See
 //! [`attempt_of`].
@@ -53,7 +53,7 @@
 //! # Acks
 //!
 //! Acks are `basic.ack multiple=true` up to the highest completed tag below the lowest
-//! delivery still in flight, never past it (invariant 8). Completed deliveries above a
+//! delivery still in flight, never past it (invariant 8 in docs/CONTRACT.md). Completed deliveries above a
 //! straggler are held back for the straggler's cumulative ack, at most
 //! [`RabbitConfig::held_ack_delay`] (default 50 ms), then acked individually; at once when
 //! they would otherwise eat half the prefetch window, and at

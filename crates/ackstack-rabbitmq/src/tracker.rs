@@ -2,12 +2,12 @@
 //!
 //! A channel's delivery tags count up from 1. `basic.ack multiple=true` with tag `T` acks every
 //! still-unacked delivery with a tag `<= T`, so it may only be sent when no delivery `<= T` is
-//! still in flight (invariant 8). The tracker keeps, for the tags above the last cumulative
+//! still in flight (invariant 8 in docs/CONTRACT.md). The tracker keeps, for the tags above the last cumulative
 //! ack: those in flight (returned by `receive`, not yet settled), those completed (the runner
 //! asked to ack them: the handler succeeded, or a retry / dead-letter copy was confirmed) and
 //! those already settled one by one (individual acks, or rejects from `release`).
 //!
-//! The contiguous part is the core [`Watermark`] (invariant 8: one tracker serves Kafka and
+//! The contiguous part is the core [`Watermark`] (invariant 8 in docs/CONTRACT.md: one tracker serves Kafka and
 //! RabbitMQ): every delivered tag is tracked in it, and a tag leaves it in flight when it is
 //! completed *or* settled individually, since either way it no longer holds a cumulative ack
 //! back. What is AMQP-specific stays here: which finished tags still need an ack frame (a

@@ -1,7 +1,7 @@
 //! Redis-backed deduplication store for ackstack.
 //!
 //! [`RedisDedupStore`] implements [`ackstack_core::dedup::DedupStore`], the protocol of
-//! invariant 5 (mark done only after success):
+//! invariant 5 of docs/CONTRACT.md (mark done only after success):
 //!
 //! | call       | Redis                                                                  |
 //! |------------|------------------------------------------------------------------------|

@@ -1,5 +1,5 @@
 //! The batch acker: coalesces acks up to the broker's batch size or a maximum delay, whichever
-//! comes first (invariant 7).
+//! comes first (invariant 7 in docs/CONTRACT.md).
 //!
 //! Completed deliveries are queued here by the runner; one task sends them to
 //! [`Settle::ack`] in batches. A failed ack is counted and logged, never retried into a loss:
@@ -168,7 +168,7 @@ async fn run<S: Settle>(
 
 async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<AckStats>) {
     // A delivery whose lease was lost while its ack waited is not ours any more: the broker
-    // redelivers it, so it must not be acked (invariant 6).
+    // redelivers it, so it must not be acked (invariant 6 in docs/CONTRACT.md).
     let before = batch.len();
     let batch: Vec<_> = batch
         .into_iter()

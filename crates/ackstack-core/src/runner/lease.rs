@@ -1,5 +1,5 @@
 //! The lease keeper: extends the leases (visibility timeouts) of in-flight deliveries before
-//! they lapse (invariant 6).
+//! they lapse (invariant 6 in docs/CONTRACT.md).
 //!
 //! One task schedules every in-flight delivery, not a timer per message. Each lease is
 //! extended at [`LeaseConfig::extend_at`] (70% by default) of its length, up to
@@ -92,7 +92,7 @@ impl<T> LeaseGuard<T> {
 
     /// Stops keeping the lease and waits until no extension of it is in flight, so that the
     /// settlement that follows (a retry delay, a release) is the last word on the delivery's
-    /// visibility: an extension never lands after it (invariant 6). An extension that does not
+    /// visibility: an extension never lands after it (invariant 6 in docs/CONTRACT.md). An extension that does not
     /// finish within the lease's length is given up on (adapters bound their calls).
     pub async fn release(mut self) {
         self.released = true;

@@ -1,5 +1,5 @@
 //! Per-key ordering: a delivery whose key has an earlier delivery in flight (or retrying in
-//! place) waits for it (invariant 11).
+//! place) waits for it (invariant 11 in docs/CONTRACT.md).
 //!
 //! The gate is entered in receive order, so deliveries of one key run one at a time in the
 //! order the broker gave them. State is one small entry per key with work in flight.
