@@ -10,7 +10,7 @@
 //!                         ▼
 //!  runner/deliver.rs ──► [per-key gate] (runner/ordering.rs)
 //!                         ▼
-//!   retry (retry.rs) ─► dedup (dedup.rs) ─► your layers ─► Terminal ─► your Handler (handler.rs)
+//!   retry (retry.rs) ─► dedup (dedup/layer.rs) ─► your layers ─► Terminal ─► your Handler (handler.rs)
 //!        │ the one place a failure becomes Retry or DeadLetter; panics are attempts
 //!        ▼
 //!   Outcome (outcome.rs) ──► runner/settle.rs, through the adapter's Settle (source.rs):

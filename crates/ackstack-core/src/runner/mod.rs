@@ -8,7 +8,7 @@
 //!    permits, holds a lease for each, enters its key in the per-key gate (`ordering.rs`) and
 //!    spawns a task for it. At shutdown it stops receiving, drains up to the deadline, abandons
 //!    the rest unacked and flushes the acker.
-//! 2. **Decide** (`deliver.rs`, with the stack from `retry.rs`, `dedup.rs` and `handler.rs`
+//! 2. **Decide** (`deliver.rs`, with the stack from `retry.rs`, `dedup/layer.rs` and `handler.rs`
 //!    beside this folder). The delivery's task waits for its key's turn, leaves the delivery
 //!    unsettled if its lease was lost or the deadline passed meanwhile, and runs the stack,
 //!    which turns it into an [`Outcome`](crate::Outcome). At-most-once acks before the stack
