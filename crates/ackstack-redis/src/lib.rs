@@ -80,6 +80,7 @@
 mod config;
 mod error;
 mod key;
+mod pipeline;
 mod store;
 
 pub use config::{DEFAULT_KEY_PREFIX, PipelineConfig, RedisDedupConfig, redact_url};

@@ -1,0 +1,312 @@
+//! How calls reach Redis: the Lua scripts of the claim protocol, and the background task that
+//! sends queued calls as pipelines.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ackstack_core::dedup::Claim;
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script, Value};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::error::RedisDedupError;
+use crate::store::{Counters, DONE_MARKER};
+
+/// Claim: `SET key token NX PX lease`; when the key exists, report done, our own claim (same
+/// token: refreshed, so a claim retried after a lost reply is idempotent) or busy with its PTTL.
+/// Replies `{1, 0}` acquired, `{2, pttl}` done, `{3, pttl}` busy.
+const CLAIM_LUA: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, 0}
+end
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[3] then
+  return {2, redis.call('PTTL', KEYS[1])}
+end
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, 0}
+end
+return {3, redis.call('PTTL', KEYS[1])}
+";
+
+/// Complete: replace our claim by the done marker with a TTL, only if the token still matches.
+const COMPLETE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Release: compare-and-delete.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Extend: compare-and-PEXPIRE.
+const EXTEND_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+pub(crate) struct Scripts {
+    claim: Script,
+    complete: Script,
+    release: Script,
+    extend: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        Scripts {
+            claim: Script::new(CLAIM_LUA),
+            complete: Script::new(COMPLETE_LUA),
+            release: Script::new(RELEASE_LUA),
+            extend: Script::new(EXTEND_LUA),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Op {
+    Claim { lease_ms: u64 },
+    Complete { ttl_ms: u64 },
+    Release,
+    Extend { lease_ms: u64 },
+}
+
+pub(crate) enum Reply {
+    Claim(Claim),
+    Flag(bool),
+}
+
+pub(crate) struct Request {
+    pub(crate) op: Op,
+    pub(crate) key: String,
+    pub(crate) token: String,
+    pub(crate) reply: oneshot::Sender<Result<Reply, RedisDedupError>>,
+}
+
+/// The background task: takes queued requests and sends them as pipelines.
+pub(crate) struct Batcher {
+    pub(crate) rx: mpsc::Receiver<Request>,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) scripts: Arc<Scripts>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) max_batch: usize,
+    pub(crate) linger: Duration,
+    pub(crate) in_flight: Arc<Semaphore>,
+    pub(crate) timeout: Duration,
+    pub(crate) redacted_url: String,
+}
+
+impl Batcher {
+    pub(crate) async fn run(mut self) {
+        loop {
+            // Wait for a free pipeline slot first: while all slots are busy, requests pile up in
+            // the queue and go out together in the next pipeline.
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(first) = self.rx.recv().await else {
+                return;
+            };
+            let mut batch = Vec::with_capacity(self.max_batch.min(64));
+            batch.push(first);
+            if !self.linger.is_zero() {
+                let deadline = tokio::time::Instant::now() + self.linger;
+                while batch.len() < self.max_batch {
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(request)) => batch.push(request),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            while batch.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            // A caller that gave up (timed out) no longer waits: don't run its command.
+            batch.retain(|request| !request.reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            let sender = Sender {
+                conn: self.conn.clone(),
+                scripts: self.scripts.clone(),
+                counters: self.counters.clone(),
+                timeout: self.timeout,
+                redacted_url: self.redacted_url.clone(),
+            };
+            tokio::spawn(async move {
+                sender.send(batch).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Sends one batch as a pipeline and answers each request.
+struct Sender {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    counters: Arc<Counters>,
+    timeout: Duration,
+    redacted_url: String,
+}
+
+impl Sender {
+    async fn send(mut self, batch: Vec<Request>) {
+        let all: Vec<usize> = (0..batch.len()).collect();
+        let mut results = match self.round_trip(&batch, &all, false).await {
+            Ok(results) => results,
+            Err(err) => {
+                tracing::warn!(url = %self.redacted_url, error = %err, calls = batch.len(), "redis dedup pipeline failed");
+                for request in batch {
+                    let _ = request.reply.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        // Scripts are cached per server and lost on restart or SCRIPT FLUSH: load them and rerun
+        // the commands that found no script (they did not run, so rerunning is safe).
+        let missing: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| is_noscript(r))
+            .map(|(i, _)| i)
+            .collect();
+        if !missing.is_empty() {
+            match self.round_trip(&batch, &missing, true).await {
+                Ok(rerun) => {
+                    for (index, result) in missing.iter().zip(rerun) {
+                        results[*index] = result;
+                    }
+                }
+                Err(err) => {
+                    for index in &missing {
+                        results[*index] = Err(err.clone());
+                    }
+                }
+            }
+        }
+        for (request, result) in batch.into_iter().zip(results) {
+            let answer = result.and_then(|value| parse_reply(request.op, value));
+            let _ = request.reply.send(answer);
+        }
+    }
+
+    /// One pipeline with the scripts of `batch[indices]` (and the `SCRIPT LOAD`s first when
+    /// `load`); one result per index.
+    async fn round_trip(
+        &mut self,
+        batch: &[Request],
+        indices: &[usize],
+        load: bool,
+    ) -> Result<Vec<Result<Value, RedisDedupError>>, RedisDedupError> {
+        let scripts = &*self.scripts;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if load {
+            for script in [
+                &scripts.claim,
+                &scripts.complete,
+                &scripts.release,
+                &scripts.extend,
+            ] {
+                pipe.load_script(script).ignore();
+            }
+        }
+        for &index in indices {
+            let Some(request) = batch.get(index) else {
+                continue;
+            };
+            let mut invocation = match request.op {
+                Op::Claim { .. } => scripts.claim.prepare_invoke(),
+                Op::Complete { .. } => scripts.complete.prepare_invoke(),
+                Op::Release => scripts.release.prepare_invoke(),
+                Op::Extend { .. } => scripts.extend.prepare_invoke(),
+            };
+            invocation.key(&request.key).arg(&request.token);
+            match request.op {
+                Op::Claim { lease_ms } => {
+                    invocation.arg(lease_ms).arg(DONE_MARKER);
+                }
+                Op::Complete { ttl_ms } => {
+                    invocation.arg(ttl_ms).arg(DONE_MARKER);
+                }
+                Op::Release => {}
+                Op::Extend { lease_ms } => {
+                    invocation.arg(lease_ms);
+                }
+            }
+            pipe.invoke_script(&invocation);
+        }
+        self.counters.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .commands
+            .fetch_add(pipe.len() as u64, Ordering::Relaxed);
+        let query = pipe.query_async::<Vec<RedisResult<Value>>>(&mut self.conn);
+        let outcome = match tokio::time::timeout(self.timeout, query).await {
+            Ok(Ok(values)) if values.len() == indices.len() => Ok(values
+                .into_iter()
+                .map(|r| r.map_err(RedisDedupError::Redis))
+                .collect()),
+            Ok(Ok(values)) => Err(RedisDedupError::UnexpectedReply(format!(
+                "{} replies for {} commands",
+                values.len(),
+                indices.len()
+            ))),
+            Ok(Err(e)) => Err(RedisDedupError::Redis(e)),
+            Err(_) => Err(RedisDedupError::Timeout(self.timeout)),
+        };
+        if outcome.is_err() {
+            self.counters
+                .failed_round_trips
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        outcome
+    }
+}
+
+fn is_noscript(result: &Result<Value, RedisDedupError>) -> bool {
+    match result {
+        Err(RedisDedupError::Redis(e)) => {
+            e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        }
+        _ => false,
+    }
+}
+
+fn parse_reply(op: Op, value: Value) -> Result<Reply, RedisDedupError> {
+    match op {
+        Op::Claim { .. } => {
+            let (code, pttl) = redis::from_redis_value::<(i64, i64)>(value)
+                .map_err(|e| RedisDedupError::UnexpectedReply(e.to_string()))?;
+            match code {
+                1 => Ok(Reply::Claim(Claim::Acquired)),
+                2 => Ok(Reply::Claim(Claim::Done)),
+                3 => Ok(Reply::Claim(Claim::Busy {
+                    expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
+                })),
+                other => Err(RedisDedupError::UnexpectedReply(format!(
+                    "claim script returned {other}"
+                ))),
+            }
+        }
+        Op::Complete { .. } | Op::Release | Op::Extend { .. } => {
+            let n = redis::from_redis_value::<i64>(value)
+                .map_err(|e| RedisDedupError::UnexpectedReply(e.to_string()))?;
+            Ok(Reply::Flag(n == 1))
+        }
+    }
+}
