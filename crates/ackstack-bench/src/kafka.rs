@@ -19,9 +19,9 @@ use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::common::{
-    Counts, Dedup, Loop, LoopEnd, LoopStore, Progress, Sample, Store, budget, interleave, measure,
-    payload, run_ackstack, store_rows, unique,
+    Counts, Dedup, LoopEnd, Progress, Sample, budget, measure, payload, run_ackstack, unique,
 };
+use crate::driver::{Loop, LoopStore, Store, interleave, store_rows};
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
 use crate::{Options, Stores};

@@ -23,6 +23,7 @@
 //! loop runs (client threads included); peak RSS is `VmHWM`, reset before each loop.
 
 mod common;
+mod driver;
 mod kafka;
 mod memory;
 mod rabbit;

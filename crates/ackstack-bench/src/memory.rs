@@ -11,9 +11,9 @@ use ackstack_core::{
 };
 
 use crate::common::{
-    BenchHandler, Counts, Dedup, Loop, LoopEnd, LoopStore, Progress, Store, budget, interleave,
-    measure, payload, run_ackstack, store_rows, unique,
+    BenchHandler, Counts, Dedup, LoopEnd, Progress, budget, measure, payload, run_ackstack, unique,
 };
+use crate::driver::{Loop, LoopStore, Store, interleave, store_rows};
 use crate::report::{Role, Series};
 use crate::{Options, Stores};
 

@@ -15,9 +15,10 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::common::{
-    Counts, Dedup, Loop, LoopEnd, LoopStore, Progress, Sample, Store, budget, host_port,
-    interleave, measure, payload, run_ackstack, store_rows, tcp_reachable, unique,
+    Counts, Dedup, LoopEnd, Progress, Sample, budget, host_port, measure, payload, run_ackstack,
+    tcp_reachable, unique,
 };
+use crate::driver::{Loop, LoopStore, Store, interleave, store_rows};
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
 use crate::{Options, Stores};

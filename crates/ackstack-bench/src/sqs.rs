@@ -11,9 +11,10 @@ use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
 
 use crate::common::{
-    Counts, Dedup, Loop, LoopEnd, LoopStore, Progress, Sample, Store, budget, host_port,
-    interleave, measure, payload, run_ackstack, store_rows, tcp_reachable,
+    Counts, Dedup, LoopEnd, Progress, Sample, budget, host_port, measure, payload, run_ackstack,
+    tcp_reachable,
 };
+use crate::driver::{Loop, LoopStore, Store, interleave, store_rows};
 use crate::memory::{bare_config, full_config};
 use crate::report::{Role, Series};
 use crate::{Options, Stores};
