@@ -48,8 +48,10 @@ use ackstack_core::{DeadLetterMetadata, Headers, MemoryDedupStore, Publish, Sour
 use bytes::Bytes;
 
 pub mod checks;
+mod support;
 
 pub use ackstack_core::{Capabilities, Consumer};
+pub use support::{unique_identifier, unique_name};
 
 /// A queue (or topic) made for one check.
 #[derive(Clone, Debug)]
@@ -211,17 +213,6 @@ impl Harness for MemoryHarness {
             None => Arc::new(MemoryDedupStore::new()),
         }
     }
-}
-
-/// A name unique to this process run: `<prefix>-<nanos>-<counter>`.
-pub fn unique_name(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{prefix}-{nanos:x}-{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The result of [`run_all`]: which checks passed, failed or were skipped.
