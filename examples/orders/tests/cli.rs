@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 use ackstack::Message;
 use ackstack::rabbitmq::{RabbitConfig, RabbitPublisher};
 use ackstack_testkit::unique_name;
+use common::{database_url, env_or, pg_charges};
+
+mod common;
 
 /// A finished run of the binary.
 struct Run {
@@ -125,13 +128,6 @@ fn orders(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
         "orders {args:?} did not finish in {limit:?}:\n{run:?}"
     );
     run
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| default.to_string())
 }
 
 fn good_ledger() -> BTreeMap<String, u64> {
@@ -396,10 +392,6 @@ fn redis_ledger_charges_each_order_once_across_runs() {
     let _: () = redis::cmd("DEL").arg(keys).query(&mut conn).unwrap();
 }
 
-fn database_url() -> String {
-    env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
-}
-
 /// The rows of `queue` in the example's PostgreSQL ledger table.
 fn pg_ledger(queue: &str) -> BTreeMap<String, u64> {
     use ackstack::postgres::tokio_postgres;
@@ -409,19 +401,7 @@ fn pg_ledger(queue: &str) -> BTreeMap<String, u64> {
             .await
             .unwrap();
         tokio::spawn(connection);
-        let rows = client
-            .query(
-                "SELECT order_id, count FROM ackstack_example_charges WHERE queue = $1",
-                &[&queue],
-            )
-            .await
-            .unwrap();
-        rows.iter()
-            .map(|r| {
-                let count: i32 = r.get(1);
-                (r.get::<_, String>(0), u64::try_from(count).unwrap())
-            })
-            .collect()
+        pg_charges(&client, queue).await
     })
 }
 

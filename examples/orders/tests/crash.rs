@@ -60,6 +60,9 @@ use ackstack::sqs::testing::TestQueue;
 use ackstack::sqs::{Client, DeadLetterRecord, SqsPublisher, resolve_queue_url};
 use ackstack::{Message, Publish};
 use ackstack_testkit::unique_name;
+use common::{database_url, env_or, pg_charges};
+
+mod common;
 
 /// Orders per broker unless `ACKSTACK_CRASH_ORDERS` says otherwise.
 const DEFAULT_ORDERS: usize = 200;
@@ -146,13 +149,6 @@ impl Rng {
             items.swap(i, j);
         }
     }
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| default.to_string())
 }
 
 /// How long one broker call may take before the test fails (instead of hanging).
@@ -1094,10 +1090,6 @@ enum Store {
     Postgres,
 }
 
-fn database_url() -> String {
-    env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
-}
-
 /// A connection to the test database.
 async fn pg_client() -> ackstack::postgres::tokio_postgres::Client {
     use ackstack::postgres::tokio_postgres;
@@ -1112,21 +1104,8 @@ async fn pg_client() -> ackstack::postgres::tokio_postgres::Client {
 }
 
 /// The PostgreSQL ledger of `queue`: `order_id -> count`.
-async fn pg_charges(queue: &str) -> BTreeMap<String, u64> {
-    let client = pg_client().await;
-    let rows = client
-        .query(
-            "SELECT order_id, count FROM ackstack_example_charges WHERE queue = $1",
-            &[&queue],
-        )
-        .await
-        .unwrap();
-    rows.iter()
-        .map(|r| {
-            let count: i32 = r.get(1);
-            (r.get::<_, String>(0), u64::try_from(count).unwrap())
-        })
-        .collect()
+async fn pg_ledger(queue: &str) -> BTreeMap<String, u64> {
+    pg_charges(&pg_client().await, queue).await
 }
 
 /// Deletes the ledger rows and inbox rows of `queue`.
@@ -1288,7 +1267,7 @@ fn crash_suite(broker_name: &str, store: Store) {
             .arg(format!("{queue}:charges"))
             .query(&mut redis.connection())
             .unwrap(),
-        None => rt.block_on(pg_charges(&queue)),
+        None => rt.block_on(pg_ledger(&queue)),
     };
     let lost: Vec<&String> = plan
         .good
