@@ -1,6 +1,7 @@
 //! The conformance suite against Kafka: librdkafka's mock cluster, or `KAFKA_BROKERS`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
@@ -19,7 +20,12 @@ struct Kafka {
     brokers: String,
     /// Creates topics on the mock cluster, which lives on its own thread (it is not `Send`).
     mock: Option<Mutex<TopicRequests>>,
+    /// How many dead letters of each queue `read_dead_letters` has returned.
+    returned: Mutex<HashMap<String, usize>>,
 }
+
+/// How long one read of a dead-letter topic waits for a record.
+const READ_WINDOW: Duration = Duration::from_secs(10);
 
 /// Starts a mock cluster on a thread of its own; returns its bootstrap servers and a channel
 /// that creates topics on it. The cluster stops when the channel is dropped.
@@ -99,19 +105,27 @@ impl Harness for Kafka {
         KafkaPublisher::new(&self.brokers, &queue.name).unwrap()
     }
 
-    async fn dead_letters(
-        &self,
-        queue: &TestQueue,
-        min: usize,
-        timeout: Duration,
-    ) -> Vec<DeadLetterCopy> {
-        let records = read_topic(&self.brokers, &format!("{}-dlq", queue.name), min, timeout)
+    async fn read_dead_letters(&self, queue: &TestQueue) -> Vec<DeadLetterCopy> {
+        // Each read is a new reader from the earliest offset, which first joins its group
+        // (seconds): it waits for one record past those returned before, and skips those.
+        let seen = self.returned.lock().unwrap().get(&queue.name).copied();
+        let seen = seen.unwrap_or_default();
+        let dlq = format!("{}-dlq", queue.name);
+        let records = read_topic(&self.brokers, &dlq, seen + 1, READ_WINDOW)
             .await
             .unwrap();
-        records
+        let new: Vec<DeadLetterCopy> = records
             .into_iter()
+            .skip(seen)
             .map(|d| DeadLetterCopy::from_headers(d.payload, d.headers).expect("metadata"))
-            .collect()
+            .collect();
+        *self
+            .returned
+            .lock()
+            .unwrap()
+            .entry(queue.name.clone())
+            .or_default() += new.len();
+        new
     }
 
     fn counts_redeliveries(&self) -> bool {
@@ -130,12 +144,14 @@ async fn kafka_conforms() {
         Ok(brokers) if !brokers.trim().is_empty() => Kafka {
             brokers,
             mock: None,
+            returned: Mutex::default(),
         },
         _ => {
             let (brokers, topics) = start_mock();
             Kafka {
                 brokers,
                 mock: Some(Mutex::new(topics)),
+                returned: Mutex::default(),
             }
         }
     };

@@ -56,23 +56,15 @@ impl Harness for Rabbit {
         RabbitPublisher::connect(self.config(queue)).await.unwrap()
     }
 
-    async fn dead_letters(
-        &self,
-        queue: &TestQueue,
-        min: usize,
-        timeout: Duration,
-    ) -> Vec<DeadLetterCopy> {
+    async fn read_dead_letters(&self, queue: &TestQueue) -> Vec<DeadLetterCopy> {
+        // `basic.get` consumes: take what the dead-letter queue holds.
         let publisher = self.publisher(queue).await;
-        let deadline = tokio::time::Instant::now() + timeout;
         let mut found = Vec::new();
-        while found.len() < min && tokio::time::Instant::now() < deadline {
-            match publisher.get_dead_letter().await.unwrap() {
-                Some(fetched) => found.push(
-                    DeadLetterCopy::from_headers(fetched.payload, fetched.headers)
-                        .expect("dead letter carries metadata"),
-                ),
-                None => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+        while let Some(fetched) = publisher.get_dead_letter().await.unwrap() {
+            found.push(
+                DeadLetterCopy::from_headers(fetched.payload, fetched.headers)
+                    .expect("dead letter carries metadata"),
+            );
         }
         found
     }

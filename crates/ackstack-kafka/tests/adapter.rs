@@ -15,7 +15,8 @@ use ackstack_core::{
 use ackstack_kafka::{
     DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, KafkaError, KafkaPublisher, KafkaSource, read_topic,
 };
-use common::{kafka, receive_for, receive_n, unique};
+use ackstack_testkit::unique_name;
+use common::{kafka, receive_for, receive_n};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -26,8 +27,8 @@ fn ids(received: &[ackstack_core::Received<ackstack_kafka::KafkaToken>]) -> Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_n_consume_ack_all_commits_n() {
     let k = kafka();
-    let topic = unique("all");
-    let group = unique("g");
+    let topic = unique_name("all");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     const N: usize = 500;
     k.produce(&topic, N, 1).await;
@@ -66,8 +67,8 @@ async fn produce_n_consume_ack_all_commits_n() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_completion_never_commits_past_an_unfinished_offset() {
     let k = kafka();
-    let topic = unique("ooo");
-    let group = unique("g");
+    let topic = unique_name("ooo");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     k.produce(&topic, 10, 1).await;
 
@@ -97,8 +98,8 @@ async fn out_of_order_completion_never_commits_past_an_unfinished_offset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_based_commit_happens_without_flush() {
     let k = kafka();
-    let topic = unique("timed");
-    let group = unique("g");
+    let topic = unique_name("timed");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     k.produce(&topic, 5, 1).await;
 
@@ -121,8 +122,8 @@ async fn time_based_commit_happens_without_flush() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_member_after_partial_run_gets_only_the_uncommitted() {
     let k = kafka();
-    let topic = unique("partial");
-    let group = unique("g");
+    let topic = unique_name("partial");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     k.produce(&topic, 20, 1).await;
 
@@ -153,8 +154,8 @@ async fn new_member_after_partial_run_gets_only_the_uncommitted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_lettered_record_lands_in_dlq_with_metadata_and_its_offset_passes() {
     let k = kafka();
-    let topic = unique("dl");
-    let group = unique("g");
+    let topic = unique_name("dl");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     let config = k.config(&group, &topic);
     let dlq = config.dlq_topic();
@@ -222,8 +223,8 @@ async fn dead_lettered_record_lands_in_dlq_with_metadata_and_its_offset_passes()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_leaves_the_record_uncommitted_and_the_lease_is_ownership() {
     let k = kafka();
-    let topic = unique("retry");
-    let group = unique("g");
+    let topic = unique_name("retry");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     k.produce(&topic, 2, 1).await;
 
@@ -274,8 +275,8 @@ async fn retry_leaves_the_record_uncommitted_and_the_lease_is_ownership() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_reads_the_record_again_and_unfreezes_the_partition() {
     let k = kafka();
-    let topic = unique("rel");
-    let group = unique("g");
+    let topic = unique_name("rel");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     k.produce(&topic, 4, 1).await;
 
@@ -330,8 +331,8 @@ async fn release_reads_the_record_again_and_unfreezes_the_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extend_fails_with_lease_lost_once_the_partition_is_revoked() {
     let k = kafka();
-    let topic = unique("own");
-    let group = unique("g");
+    let topic = unique_name("own");
+    let group = unique_name("g");
     k.create_topic(&topic, 2).await;
     k.produce(&topic, 2, 2).await;
 
@@ -381,8 +382,8 @@ async fn extend_fails_with_lease_lost_once_the_partition_is_revoked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_to_a_second_member_loses_nothing() {
     let k = kafka();
-    let topic = unique("rebal");
-    let group = unique("g");
+    let topic = unique_name("rebal");
+    let group = unique_name("g");
     const PARTITIONS: i32 = 4;
     const N: usize = 400;
     k.create_topic(&topic, PARTITIONS).await;
@@ -465,8 +466,8 @@ const SMALL_MAX_MESSAGE: usize = 4096;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_over_message_max_bytes_only_by_our_metadata_is_shrunk_to_fit() {
     let k = kafka();
-    let topic = unique("dlfit");
-    let group = unique("g");
+    let topic = unique_name("dlfit");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     let config = k
         .config(&group, &topic)
@@ -523,8 +524,8 @@ async fn dead_letter_over_message_max_bytes_only_by_our_metadata_is_shrunk_to_fi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_that_cannot_fit_message_max_bytes_is_rejected_and_not_committed() {
     let k = kafka();
-    let topic = unique("dlbig");
-    let group = unique("g");
+    let topic = unique_name("dlbig");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     let config = k
         .config(&group, &topic)
@@ -578,8 +579,8 @@ async fn a_stalled_commit_now_gives_up_within_commit_timeout_and_periodic_commit
         eprintln!("needs the mock cluster's fault injection; skipped against KAFKA_BROKERS");
         return;
     };
-    let topic = unique("stall");
-    let group = unique("g");
+    let topic = unique_name("stall");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     k.produce(&topic, 3, 1).await;
     let mut config = k.config(&group, &topic);

@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use ackstack_core::{Backoff, Consumer, DeadLetterMetadata, HandlerError, handler_fn};
 use ackstack_kafka::{KafkaSource, read_topic};
-use common::{kafka, unique};
+use ackstack_testkit::unique_name;
+use common::kafka;
 use tokio::sync::Notify;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_retries_in_place_dead_letters_and_commits_everything() {
     let k = kafka();
-    let topic = unique("e2e");
-    let group = unique("g");
+    let topic = unique_name("e2e");
+    let group = unique_name("g");
     k.create_topic(&topic, 2).await;
     let config = k.config(&group, &topic);
     k.create_topic(&config.dlq_topic(), 1).await;

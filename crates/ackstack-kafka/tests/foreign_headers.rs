@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use ackstack_core::Source;
 use ackstack_kafka::KafkaSource;
-use common::{kafka, receive_n, unique};
+use ackstack_testkit::unique_name;
+use common::{kafka, receive_n};
 
 /// Appends a zigzag varint (the record format's integers).
 fn varint(out: &mut Vec<u8>, v: i64) {
@@ -142,8 +143,8 @@ async fn a_header_name_that_is_not_utf8_is_skipped_not_a_panic() {
         eprintln!("skipped: needs the mock cluster");
         return;
     }
-    let topic = unique("foreign-headers");
-    let group = unique("g");
+    let topic = unique_name("foreign-headers");
+    let group = unique_name("g");
     k.create_topic(&topic, 1).await;
     let batch = record_batch(
         b"body",

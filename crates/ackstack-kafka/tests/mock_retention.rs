@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use ackstack_core::{Settle, Source};
 use ackstack_kafka::KafkaSource;
-use common::{kafka, receive_for, unique};
+use ackstack_testkit::unique_name;
+use common::{kafka, receive_for};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureRecord;
@@ -16,7 +17,7 @@ use rdkafka::producer::FutureRecord;
 /// reports the partition's watermarks and what arrived.
 async fn backlog(n: usize) -> (i64, i64, usize) {
     let k = kafka();
-    let topic = unique("backlog");
+    let topic = unique_name("backlog");
     k.create_topic(&topic, 1).await;
     let producer = k.producer();
     let payload = vec![b'x'; 256];
@@ -40,7 +41,7 @@ async fn backlog(n: usize) -> (i64, i64, usize) {
     })
     .await
     .unwrap();
-    let mut source = KafkaSource::new(&k.config(&unique("g"), &topic)).unwrap();
+    let mut source = KafkaSource::new(&k.config(&unique_name("g"), &topic)).unwrap();
     let settler = source.settler();
     let got = receive_for(&mut source, Duration::from_secs(10)).await;
     settler
@@ -66,7 +67,7 @@ async fn stream_consumer_on_a_trimmed_partition() {
     use rdkafka::consumer::StreamConsumer;
     for n in [2_000usize, 50_000] {
         let k = kafka();
-        let topic = unique("stream");
+        let topic = unique_name("stream");
         k.create_topic(&topic, 1).await;
         let producer = k.producer();
         let payload = vec![b'x'; 256];
@@ -80,7 +81,7 @@ async fn stream_consumer_on_a_trimmed_partition() {
         }
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &k.brokers)
-            .set("group.id", unique("g"))
+            .set("group.id", unique_name("g"))
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("enable.auto.commit", "false")

@@ -4,14 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use ackstack_core::{
     Backoff, Consumer, Context, DedupKey, Delivery, ErrorKind, Handler, HandlerError, MemoryBroker,
     Message, Origin, Summary,
 };
 use ackstack_postgres::{InboxError, InboxTx, PgInbox, PgInboxConfig};
+use ackstack_testkit::unique_identifier;
 use futures::FutureExt;
 
 fn database_url() -> String {
@@ -21,14 +22,7 @@ fn database_url() -> String {
 
 /// A table name no other test or run uses.
 fn unique(name: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-        % 1_000_000_000_000;
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("t_{name}_{}_{nanos}_{n}", std::process::id())
+    unique_identifier(&format!("t_{name}"))
 }
 
 /// An inbox on its own table, migrated, and an effects table `<table>_fx (key text)` with no

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ackstack_core::deadletter::{ATTEMPT_HEADER, FIRST_FAILURE_HEADER};
 use ackstack_core::{
@@ -17,48 +17,14 @@ use ackstack_rabbitmq::{
     RabbitSource, RabbitToken, text_value,
 };
 use bytes::Bytes;
+use common::{receive_n, url};
+
+mod common;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("ackstack-test-{prefix}-{nanos}")
-}
-
 fn config(prefix: &str) -> RabbitConfig {
-    let queue = unique(prefix);
-    let mut c = RabbitConfig::new(url(), queue.clone());
-    c.connection_name = Some(queue);
-    c.delay_buckets = vec![Duration::from_millis(500), Duration::from_millis(1500)];
-    c.poll_interval = Duration::from_millis(200);
-    // Test queues delete themselves once unused, so repeated runs leave nothing behind.
-    c.queue_expires = Some(Duration::from_secs(300));
-    c
-}
-
-/// Receives until `n` deliveries arrived or `within` passed; disconnections are retried.
-async fn receive_n(
-    source: &mut RabbitSource,
-    n: usize,
-    within: Duration,
-) -> Vec<Received<RabbitToken>> {
-    let deadline = Instant::now() + within;
-    let mut out = Vec::new();
-    while out.len() < n && Instant::now() < deadline {
-        match source.receive(n - out.len()).await {
-            Ok(batch) => out.extend(batch),
-            Err(SourceError::Disconnected(_)) => continue,
-            Err(e) => panic!("receive failed: {e}"),
-        }
-    }
-    out
+    common::config(url(), prefix, &[500, 1500])
 }
 
 /// Closes the source's connection from the broker side with `rabbitmqctl close_connection`.

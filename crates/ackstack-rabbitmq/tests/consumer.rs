@@ -3,27 +3,18 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ackstack_core::{
     Backoff, Consumer, DeadLetterMetadata, HandlerError, Message, Publish, Source, handler_fn,
 };
 use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
 
+mod common;
+
 fn config() -> RabbitConfig {
-    let url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let queue = format!("ackstack-test-e2e-{nanos}");
-    let mut c = RabbitConfig::new(url, queue.clone());
-    c.connection_name = Some(queue);
-    c.delay_buckets = vec![Duration::from_millis(300), Duration::from_secs(1)];
-    c.poll_interval = Duration::from_millis(200);
+    let mut c = common::config(common::url(), "e2e", &[300, 1000]);
     c.prefetch = 20;
-    c.queue_expires = Some(Duration::from_secs(300));
     c
 }
 

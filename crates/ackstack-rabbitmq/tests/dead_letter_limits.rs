@@ -5,65 +5,28 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ackstack_core::{
     DeadLetter, DeadLetterMetadata, ErrorKind, Failure, Received, Settle, SettleError, Settled,
-    Source, SourceError,
+    Source,
 };
 use ackstack_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
 use ackstack_rabbitmq::{
-    DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, RabbitConfig, RabbitPublisher, RabbitSource,
-    RabbitToken, text_value,
+    DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, RabbitPublisher, RabbitSource, text_value,
 };
 use bytes::Bytes;
+use common::{config, receive_n, unique, url};
+
+mod common;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// A low `frame_max` (the server's minimum is 4096), so that headers can fill a frame.
 const FRAME_MAX: usize = 8192;
 
-fn url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
 fn with_frame_max(url: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}frame_max={FRAME_MAX}")
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("ackstack-test-{prefix}-{nanos}")
-}
-
-fn config(prefix: &str, uri: String) -> RabbitConfig {
-    let queue = unique(prefix);
-    let mut c = RabbitConfig::new(uri, queue.clone());
-    c.connection_name = Some(queue);
-    c.delay_buckets = vec![Duration::from_millis(500)];
-    c.poll_interval = Duration::from_millis(200);
-    c.queue_expires = Some(Duration::from_secs(300));
-    c
-}
-
-async fn receive_n(
-    source: &mut RabbitSource,
-    n: usize,
-    within: Duration,
-) -> Vec<Received<RabbitToken>> {
-    let deadline = Instant::now() + within;
-    let mut out = Vec::new();
-    while out.len() < n && Instant::now() < deadline {
-        match source.receive(n - out.len()).await {
-            Ok(batch) => out.extend(batch),
-            Err(SourceError::Disconnected(_)) => continue,
-            Err(e) => panic!("receive failed: {e}"),
-        }
-    }
-    out
 }
 
 /// Original headers of `filler` bytes in one long string, plus typed values.
@@ -83,7 +46,7 @@ fn original_headers(filler: usize) -> FieldTable {
 #[tokio::test]
 async fn dead_letter_copy_over_frame_max_is_shortened_and_keeps_payload_and_headers() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let config = config("dl-frame-fit", with_frame_max(&url()));
+        let config = config(with_frame_max(&url()), "dl-frame-fit", &[500]);
         let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
         // About 7 KB of headers: the original fits 8192, its copy with ~1.4 KB of metadata
         // (a 1000-byte error message) does not.
@@ -149,7 +112,7 @@ async fn dead_letter_copy_over_frame_max_is_shortened_and_keeps_payload_and_head
 #[tokio::test]
 async fn dead_letter_of_headers_that_fill_the_frame_is_rejected_and_not_acked() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let config = config("dl-frame-full", with_frame_max(&url()));
+        let config = config(with_frame_max(&url()), "dl-frame-full", &[500]);
         let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
         // The original's content header is a few dozen bytes under 8192: no metadata fits.
         let headers = original_headers(FRAME_MAX - 150);
@@ -277,7 +240,7 @@ async fn dead_letter_refused_with_precondition_failed_is_rejected() {
             return;
         };
         let other = base.replace("guest:guest@", &format!("{}:{password}@", user.name));
-        let config = config("dl-user-id", other);
+        let config = config(other, "dl-user-id", &[500]);
         let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
         publish_with_user_id(&config.queue, b"from guest").await;
         let mut source = RabbitSource::connect(config.clone()).await.unwrap();

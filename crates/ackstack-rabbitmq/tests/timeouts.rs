@@ -5,13 +5,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ackstack_core::{Message, Publish, Source, SourceError};
 use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+
+mod common;
 
 const BOUND: Duration = Duration::from_secs(1);
 
@@ -104,15 +106,7 @@ async fn pump(
 }
 
 fn config(proxy: &Proxy, prefix: &str) -> RabbitConfig {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let queue = format!("ackstack-test-{prefix}-{nanos}");
-    let mut c = RabbitConfig::new(proxy.uri(), queue.clone());
-    c.connection_name = Some(queue);
-    c.delay_buckets = vec![Duration::from_millis(500)];
-    c.poll_interval = Duration::from_millis(200);
+    let mut c = common::config(proxy.uri(), prefix, &[500]);
     c.queue_expires = Some(Duration::from_secs(120));
     c.operation_timeout = BOUND;
     c.confirm_timeout = Duration::from_secs(2);

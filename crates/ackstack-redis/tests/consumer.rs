@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use ackstack_core::dedup::DedupStore;
 use ackstack_core::memory::MemoryBroker;
@@ -13,23 +13,9 @@ use ackstack_core::{
     Backoff, Consumer, ConsumerConfig, DedupKey, HandlerError, Message, handler_fn,
 };
 mod common;
-use common::{OwnRedis, free_port};
+use common::{OwnRedis, free_port, redis_url, unique_prefix};
 
 use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
-
-fn unique_prefix(test: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("ackstack-test:{test}:{}:{nanos}:{n}:", std::process::id())
-}
 
 fn fast_retry() -> Backoff {
     Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100)).no_jitter()

@@ -4,28 +4,13 @@
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ackstack_core::dedup::{Claim, DedupStore};
 mod common;
-use common::{OwnRedis, free_port};
+use common::{OwnRedis, free_port, redis_url, unique_prefix};
 
 use ackstack_redis::{DONE_MARKER, PipelineConfig, RedisDedupConfig, RedisDedupStore};
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
-
-fn unique_prefix(test: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("ackstack-test:{test}:{}:{nanos}:{n}:", std::process::id())
-}
 
 async fn store(test: &str) -> RedisDedupStore {
     let config = RedisDedupConfig::new(redis_url()).key_prefix(unique_prefix(test));

@@ -470,7 +470,7 @@ pub async fn dead_letters_after_max_attempts<H: Harness>(h: Arc<H>) -> CheckResu
         )
     })?;
     ensure(summary.dead_lettered == 1, || format!("{summary:?}"))?;
-    let dl = h.dead_letters(&q, 1, Duration::from_secs(10)).await;
+    let dl = h.wait_dead_letters(&q, 1, Duration::from_secs(10)).await;
     ensure(dl.len() == 1, || {
         format!("expected 1 dead letter, found {}", dl.len())
     })?;
@@ -540,7 +540,7 @@ pub async fn permanent_failures_dead_letter_at_once<H: Harness>(h: Arc<H>) -> Ch
     ensure(summary.dead_lettered == 1 && summary.retried == 0, || {
         format!("{summary:?}")
     })?;
-    let dl = h.dead_letters(&q, 1, Duration::from_secs(10)).await;
+    let dl = h.wait_dead_letters(&q, 1, Duration::from_secs(10)).await;
     ensure(dl.len() == 1, || {
         format!("expected 1 dead letter, found {}", dl.len())
     })?;

@@ -1,8 +1,8 @@
 //! The ackstack conformance suite: the checks every broker adapter must pass, as a library.
 //!
 //! An adapter author implements [`Harness`] for their broker (how to make a fresh queue, a
-//! consumer on it, a publisher, and how to read its dead letters) and runs [`run_all`] in a
-//! test. Every check drives the adapter through the real [`Consumer`] runner against the real
+//! consumer on it, a publisher, and how to read its dead letters once) and runs [`run_all`] in
+//! a test. Every check drives the adapter through the real [`Consumer`] runner against the real
 //! broker, and checks one of ackstack's invariants; checks that depend on what a broker can do
 //! are switched by the adapter's [`Capabilities`] and by [`Harness::counts_redeliveries`].
 //!
@@ -16,6 +16,93 @@
 //! report.assert_passed();
 //! # }
 //! ```
+//!
+//! # Implementing `Harness`
+//!
+//! A harness is a small struct holding what the adapter needs to reach the broker (a URL, a
+//! client). It implements five required methods:
+//!
+//! 1. [`Harness::name`]: the broker's name in the report.
+//! 2. [`Harness::create`]: a fresh, empty queue with its dead-letter destination. Name it with
+//!    [`unique_name`] so that concurrent checks and repeated runs never share a queue; declare
+//!    whatever the broker needs declared (delay queues, the dead-letter queue, topics).
+//! 3. [`Harness::source`]: a new consumer on that queue, as a freshly started process would
+//!    have, with [`TestQueue::lease`] as its lease (visibility timeout).
+//! 4. [`Harness::publisher`]: a publisher to that queue.
+//! 5. [`Harness::read_dead_letters`]: one read of the dead-letter destination, returning each
+//!    copy once, turned into [`DeadLetterCopy`]s ([`DeadLetterCopy::from_headers`] does it for
+//!    adapters whose metadata travels as `x-ackstack-dl-*` headers).
+//!
+//! The checks wait for dead letters with the provided [`Harness::wait_dead_letters`], which
+//! calls `read_dead_letters` until enough arrived: a harness writes no polling loop of its
+//! own. The other provided methods describe what the broker can do; override them where it
+//! differs: [`Harness::counts_redeliveries`], [`Harness::redelivery_wait`],
+//! [`Harness::preserves_key_order`], and [`Harness::dedup_store`] to check a real dedup store.
+//!
+//! A harness over the in-memory broker, the shape of an adapter's test (the crate's own
+//! [`MemoryHarness`] is the same, with a pluggable dedup store):
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//!
+//! use ackstack_core::memory::{MemoryBroker, MemoryPublisher, MemorySource};
+//! use ackstack_testkit::{DeadLetterCopy, Harness, TestQueue, checks, unique_name};
+//!
+//! #[derive(Default)]
+//! struct Memory {
+//!     broker: MemoryBroker,
+//!     // Peeking at the dead letters does not consume them: how many each queue has returned.
+//!     returned: Mutex<HashMap<String, usize>>,
+//! }
+//!
+//! impl Harness for Memory {
+//!     type Source = MemorySource;
+//!     type Publisher = MemoryPublisher;
+//!
+//!     fn name(&self) -> &'static str {
+//!         "memory"
+//!     }
+//!
+//!     async fn create(&self, lease: Duration) -> TestQueue {
+//!         TestQueue { name: unique_name("conformance"), lease }
+//!     }
+//!
+//!     async fn source(&self, queue: &TestQueue) -> MemorySource {
+//!         self.broker.source(&queue.name).visibility_timeout(queue.lease)
+//!     }
+//!
+//!     async fn publisher(&self, queue: &TestQueue) -> MemoryPublisher {
+//!         self.broker.publisher(&queue.name)
+//!     }
+//!
+//!     async fn read_dead_letters(&self, queue: &TestQueue) -> Vec<DeadLetterCopy> {
+//!         let all = self.broker.dead_letters(&queue.name);
+//!         let mut returned = self.returned.lock().unwrap();
+//!         let seen = returned.entry(queue.name.clone()).or_default();
+//!         let new: Vec<_> = all.into_iter().skip(*seen).collect();
+//!         *seen += new.len();
+//!         new.into_iter()
+//!             .map(|m| DeadLetterCopy::from_headers(m.payload, m.headers).unwrap())
+//!             .collect()
+//!     }
+//! }
+//!
+//! # #[tokio::main]
+//! # async fn main() {
+//! // One check on its own; `run_all(Memory::default())` runs them all.
+//! let verdict = checks::permanent_failures_dead_letter_at_once(Arc::new(Memory::default()))
+//!     .await
+//!     .unwrap();
+//! assert_eq!(verdict, checks::Verdict::Passed);
+//! # }
+//! ```
+//!
+//! The repository's `integration-tests/tests/conformance_*.rs` hold the harnesses of the
+//! RabbitMQ, SQS and Kafka adapters.
+//!
+//! # The checks
 //!
 //! The invariants are listed, with every test that proves each, in the repository's
 //! `docs/CONTRACT.md`.
@@ -38,8 +125,9 @@
 //! | [`checks::per_key_ordering`] | 11 ordering |
 //! | [`checks::concurrency_is_bounded`] | runner contract |
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ackstack_core::dedup::DedupStore;
@@ -48,8 +136,13 @@ use ackstack_core::{DeadLetterMetadata, Headers, MemoryDedupStore, Publish, Sour
 use bytes::Bytes;
 
 pub mod checks;
+mod support;
 
 pub use ackstack_core::{Capabilities, Consumer};
+pub use support::{unique_identifier, unique_name};
+
+/// How long [`Harness::wait_dead_letters`] sleeps after a read that found nothing.
+pub const DEAD_LETTER_POLL: Duration = Duration::from_millis(50);
 
 /// A queue (or topic) made for one check.
 #[derive(Clone, Debug)]
@@ -105,13 +198,51 @@ pub trait Harness: Send + Sync + 'static {
     /// A publisher to `queue`.
     fn publisher(&self, queue: &TestQueue) -> impl Future<Output = Self::Publisher> + Send;
 
-    /// The dead letters of `queue`, waiting up to `timeout` until there are at least `min`.
-    fn dead_letters(
+    /// Reads `queue`'s dead-letter destination once: the copies that arrived since the
+    /// previous read, oldest first, or none.
+    ///
+    /// One read may wait as long as one read from the broker takes (an SQS long poll, a Kafka
+    /// reader joining its group), but need not wait for anything to arrive:
+    /// [`Harness::wait_dead_letters`] reads again until enough have. It may return fewer than
+    /// have arrived (SQS hands out at most 10 messages a receive); the next read returns the
+    /// rest.
+    ///
+    /// Each copy is returned by one read only. Brokers whose reads consume (RabbitMQ
+    /// `basic.get`, SQS receive-and-delete) have that for free; where a read does not (a Kafka
+    /// topic, the in-memory broker), the harness remembers how many copies of each queue it has
+    /// returned and skips those.
+    fn read_dead_letters(
         &self,
         queue: &TestQueue,
-        min: usize,
-        timeout: Duration,
     ) -> impl Future<Output = Vec<DeadLetterCopy>> + Send;
+
+    /// The dead letters of `queue`: reads them with [`Harness::read_dead_letters`], every
+    /// [`DEAD_LETTER_POLL`] while reads find nothing, until at least `n` arrived or `timeout`
+    /// passed; then returns all it read, which may be fewer or more than `n`.
+    ///
+    /// It reads at least once, even with a zero `timeout`. Harnesses need not override it.
+    fn wait_dead_letters(
+        &self,
+        queue: &TestQueue,
+        n: usize,
+        timeout: Duration,
+    ) -> impl Future<Output = Vec<DeadLetterCopy>> + Send {
+        async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut found = Vec::new();
+            loop {
+                let read = self.read_dead_letters(queue).await;
+                let empty = read.is_empty();
+                found.extend(read);
+                if found.len() >= n || tokio::time::Instant::now() >= deadline {
+                    return found;
+                }
+                if empty {
+                    tokio::time::sleep(DEAD_LETTER_POLL).await;
+                }
+            }
+        }
+    }
 
     /// Whether a delivery that was received and never settled comes back with a higher
     /// attempt number (SQS and quorum queues: yes; classic queues and Kafka: no).
@@ -141,6 +272,8 @@ pub trait Harness: Send + Sync + 'static {
 pub struct MemoryHarness {
     broker: MemoryBroker,
     dedup: Option<Arc<dyn DedupStoreDebug>>,
+    /// How many dead letters of each queue [`Harness::read_dead_letters`] has returned.
+    returned: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// A dedup store that can be shown in debug output.
@@ -186,23 +319,16 @@ impl Harness for MemoryHarness {
         self.broker.publisher(&queue.name)
     }
 
-    async fn dead_letters(
-        &self,
-        queue: &TestQueue,
-        min: usize,
-        timeout: Duration,
-    ) -> Vec<DeadLetterCopy> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let found = self.broker.dead_letters(&queue.name);
-            if found.len() >= min || tokio::time::Instant::now() >= deadline {
-                return found
-                    .into_iter()
-                    .filter_map(|m| DeadLetterCopy::from_headers(m.payload, m.headers))
-                    .collect();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    async fn read_dead_letters(&self, queue: &TestQueue) -> Vec<DeadLetterCopy> {
+        // Peeking does not consume: skip the copies earlier reads returned.
+        let all = self.broker.dead_letters(&queue.name);
+        let mut returned = self.returned.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = returned.entry(queue.name.clone()).or_default();
+        let new = all.into_iter().skip(*seen).collect::<Vec<_>>();
+        *seen += new.len();
+        new.into_iter()
+            .filter_map(|m| DeadLetterCopy::from_headers(m.payload, m.headers))
+            .collect()
     }
 
     fn dedup_store(&self) -> Arc<dyn DedupStore> {
@@ -211,17 +337,6 @@ impl Harness for MemoryHarness {
             None => Arc::new(MemoryDedupStore::new()),
         }
     }
-}
-
-/// A name unique to this process run: `<prefix>-<nanos>-<counter>`.
-pub fn unique_name(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{prefix}-{nanos:x}-{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The result of [`run_all`]: which checks passed, failed or were skipped.

@@ -9,11 +9,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ackstack::Message;
 use ackstack::rabbitmq::{RabbitConfig, RabbitPublisher};
+use ackstack_testkit::unique_name;
+use common::{database_url, env_or, pg_charges};
+
+mod common;
 
 /// A finished run of the binary.
 struct Run {
@@ -125,22 +128,6 @@ fn orders(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
         "orders {args:?} did not finish in {limit:?}:\n{run:?}"
     );
     run
-}
-
-fn unique(prefix: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| default.to_string())
 }
 
 fn good_ledger() -> BTreeMap<String, u64> {
@@ -296,7 +283,7 @@ fn unreachable_broker_waits_then_exits_1_at_the_connect_timeout_without_leaking_
 
 #[test]
 fn rabbitmq_publish_run_then_consume_only_run() {
-    let queue = unique("orders-cli");
+    let queue = unique_name("orders-cli");
     let run = orders(&["--broker", "rabbitmq", "--queue", &queue], &[], LIMIT);
     assert_sample_run(&run, true);
 
@@ -358,14 +345,14 @@ fn sqs_publish_run() {
         std::net::TcpStream::connect(&addr).is_ok(),
         "no SQS endpoint at {endpoint}: start moto with `moto_server -H 127.0.0.1 -p 4566`"
     );
-    let queue = unique("orders-cli");
+    let queue = unique_name("orders-cli");
     let run = orders(&["--broker", "sqs", "--queue", &queue], &[], LIMIT);
     assert_sample_run(&run, true);
 }
 
 #[test]
 fn kafka_publish_run_on_the_mock_cluster() {
-    let queue = unique("orders-cli");
+    let queue = unique_name("orders-cli");
     let run = orders(&["--broker", "kafka", "--queue", &queue], &[], LIMIT);
     assert!(run.has_line("note KAFKA_BROKERS is not set"), "{run:?}");
     // Kafka retries in place (the record holds its place in its partition): reported, but
@@ -376,7 +363,7 @@ fn kafka_publish_run_on_the_mock_cluster() {
 #[test]
 fn redis_ledger_charges_each_order_once_across_runs() {
     let url = env_or("REDIS_URL", "redis://127.0.0.1:6379");
-    let queue = unique("orders-cli");
+    let queue = unique_name("orders-cli");
     let env = [("REDIS_URL", url.as_str())];
     let first = orders(&["--queue", &queue], &env, LIMIT);
     assert_sample_run(&first, true);
@@ -405,10 +392,6 @@ fn redis_ledger_charges_each_order_once_across_runs() {
     let _: () = redis::cmd("DEL").arg(keys).query(&mut conn).unwrap();
 }
 
-fn database_url() -> String {
-    env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
-}
-
 /// The rows of `queue` in the example's PostgreSQL ledger table.
 fn pg_ledger(queue: &str) -> BTreeMap<String, u64> {
     use ackstack::postgres::tokio_postgres;
@@ -418,19 +401,7 @@ fn pg_ledger(queue: &str) -> BTreeMap<String, u64> {
             .await
             .unwrap();
         tokio::spawn(connection);
-        let rows = client
-            .query(
-                "SELECT order_id, count FROM ackstack_example_charges WHERE queue = $1",
-                &[&queue],
-            )
-            .await
-            .unwrap();
-        rows.iter()
-            .map(|r| {
-                let count: i32 = r.get(1);
-                (r.get::<_, String>(0), u64::try_from(count).unwrap())
-            })
-            .collect()
+        pg_charges(&client, queue).await
     })
 }
 
@@ -439,7 +410,7 @@ fn pg_ledger(queue: &str) -> BTreeMap<String, u64> {
 #[test]
 fn postgres_inbox_charges_each_order_once_across_runs() {
     let url = database_url();
-    let queue = unique("orders-cli-pg");
+    let queue = unique_name("orders-cli-pg");
     let env = [("DATABASE_URL", url.as_str())];
     let first = orders(&["--queue", &queue], &env, LIMIT);
     assert_sample_run(&first, true);
@@ -469,7 +440,7 @@ fn postgres_inbox_charges_each_order_once_across_runs() {
 #[test]
 fn rabbitmq_with_the_postgres_inbox_deduplicates_across_runs() {
     let url = database_url();
-    let queue = unique("orders-cli-pg");
+    let queue = unique_name("orders-cli-pg");
     let args = [
         "--broker",
         "rabbitmq",

@@ -49,7 +49,6 @@ use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -60,6 +59,10 @@ use ackstack::rabbitmq::{RabbitConfig, RabbitPublisher};
 use ackstack::sqs::testing::TestQueue;
 use ackstack::sqs::{Client, DeadLetterRecord, SqsPublisher, resolve_queue_url};
 use ackstack::{Message, Publish};
+use ackstack_testkit::unique_name;
+use common::{database_url, env_or, pg_charges};
+
+mod common;
 
 /// Orders per broker unless `ACKSTACK_CRASH_ORDERS` says otherwise.
 const DEFAULT_ORDERS: usize = 200;
@@ -146,22 +149,6 @@ impl Rng {
             items.swap(i, j);
         }
     }
-}
-
-fn unique(prefix: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| default.to_string())
 }
 
 /// How long one broker call may take before the test fails (instead of hanging).
@@ -329,7 +316,7 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(unique(name));
+        let path = std::env::temp_dir().join(unique_name(name));
         std::fs::create_dir_all(&path).unwrap();
         TempDir(path)
     }
@@ -1103,10 +1090,6 @@ enum Store {
     Postgres,
 }
 
-fn database_url() -> String {
-    env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
-}
-
 /// A connection to the test database.
 async fn pg_client() -> ackstack::postgres::tokio_postgres::Client {
     use ackstack::postgres::tokio_postgres;
@@ -1121,21 +1104,8 @@ async fn pg_client() -> ackstack::postgres::tokio_postgres::Client {
 }
 
 /// The PostgreSQL ledger of `queue`: `order_id -> count`.
-async fn pg_charges(queue: &str) -> BTreeMap<String, u64> {
-    let client = pg_client().await;
-    let rows = client
-        .query(
-            "SELECT order_id, count FROM ackstack_example_charges WHERE queue = $1",
-            &[&queue],
-        )
-        .await
-        .unwrap();
-    rows.iter()
-        .map(|r| {
-            let count: i32 = r.get(1);
-            (r.get::<_, String>(0), u64::try_from(count).unwrap())
-        })
-        .collect()
+async fn pg_ledger(queue: &str) -> BTreeMap<String, u64> {
+    pg_charges(&pg_client().await, queue).await
 }
 
 /// Deletes the ledger rows and inbox rows of `queue`.
@@ -1161,7 +1131,7 @@ fn crash_suite(broker_name: &str, store: Store) {
     let settings = settings();
     let started = Instant::now();
     let mut rng = Rng(settings.seed);
-    let queue = unique(&format!("orders-crash-{broker_name}"));
+    let queue = unique_name(&format!("orders-crash-{broker_name}"));
     let tmp = TempDir::new(&format!("ackstack-crash-{broker_name}"));
     let stderr_log = tmp.0.join("orders.stderr.log");
     let redis_dir = tmp.0.join("redis");
@@ -1297,7 +1267,7 @@ fn crash_suite(broker_name: &str, store: Store) {
             .arg(format!("{queue}:charges"))
             .query(&mut redis.connection())
             .unwrap(),
-        None => rt.block_on(pg_charges(&queue)),
+        None => rt.block_on(pg_ledger(&queue)),
     };
     let lost: Vec<&String> = plan
         .good
@@ -1506,7 +1476,7 @@ fn kafka_crash_suite_with_inbox() {
 fn a_replica_started_while_redis_is_frozen_waits_and_then_consumes_everything() {
     let dir = TempDir::new("frozen-start");
     let redis = OwnRedis::start(&dir.0);
-    let queue = unique("frozen-start");
+    let queue = unique_name("frozen-start");
     redis.signal("STOP");
     let args: Vec<String> = [
         "--broker",
@@ -1563,7 +1533,7 @@ fn connect_timeout_gives_up_on_a_frozen_redis_with_exit_code_1() {
         "--broker",
         "memory",
         "--queue",
-        &unique("frozen-timeout"),
+        &unique_name("frozen-timeout"),
         "--redis-url",
         &redis.url(),
         "--connect-timeout",

@@ -1,8 +1,8 @@
-//! Shared test setup: a mock cluster (or `KAFKA_BROKERS`), unique names, producing and
-//! reading committed offsets.
+//! Shared test setup: a mock cluster (or `KAFKA_BROKERS`), producing and reading committed
+//! offsets.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ackstack_core::{Received, Source};
 use ackstack_kafka::{KafkaConfig, KafkaSource, KafkaToken};
@@ -41,14 +41,6 @@ pub fn kafka() -> Kafka {
             }
         }
     }
-}
-
-pub fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{nanos}-{}", rand::random::<u32>())
 }
 
 impl Kafka {

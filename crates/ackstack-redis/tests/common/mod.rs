@@ -1,10 +1,22 @@
-//! A `redis-server` of a test's own, for tests that stop and restart Redis (never the shared
-//! server on 6379).
+//! Shared test setup: the shared Redis and unique key prefixes on it, and a `redis-server` of a
+//! test's own, for tests that stop and restart Redis (never the shared server on 6379).
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use ackstack_testkit::unique_name;
+
+/// The shared Redis: `REDIS_URL`, default `redis://127.0.0.1:6379`.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// A key prefix no other test or run uses: `ackstack-test:<test>-<unique>:`.
+pub fn unique_prefix(test: &str) -> String {
+    format!("{}:", unique_name(&format!("ackstack-test:{test}")))
+}
 
 /// A `redis-server` child process on its own port, killed on drop.
 pub struct OwnRedis {
