@@ -292,7 +292,7 @@ impl<H: Handler> Process for Terminal<H> {
                     crate::ErrorKind::Transient,
                     format!(
                         "handler panicked: {}",
-                        crate::retry::panic_message(panic.as_ref())
+                        crate::error::panic_message(panic.as_ref())
                     ),
                 )
             }

@@ -241,7 +241,7 @@ impl<P: Process> Retry<P> {
                     after: Duration::ZERO,
                     failure: Failure::new(
                         ErrorKind::Transient,
-                        format!("panicked: {}", panic_message(panic.as_ref())),
+                        format!("panicked: {}", crate::error::panic_message(panic.as_ref())),
                     ),
                 }
             }
@@ -319,15 +319,6 @@ impl<P: Process> Process for Retry<P> {
             immediate = 0;
         }
     }
-}
-
-/// The message of a caught panic.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 #[cfg(test)]

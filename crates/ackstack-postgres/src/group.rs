@@ -180,6 +180,7 @@ impl Drop for Ending<'_> {
 
 /// Handles one delivery as a member of a commit group: see the module docs.
 pub(crate) async fn handle<F, Fut>(
+    groups: &Groups,
     inbox: &PgInbox,
     key: Option<&[u8]>,
     f: &F,
@@ -190,7 +191,7 @@ where
     F: Fn(Delivery, InboxTx, Context) -> Fut,
     Fut: Future<Output = Result<(), HandlerError>>,
 {
-    let mut member = inbox.groups().join(inbox).await?;
+    let mut member = groups.join(inbox).await?;
     let group = member.group.clone();
     let turn = group.turn.lock().await;
     let result = match member.poisoned() {

@@ -1,9 +1,11 @@
 //! [`TxHandler`]: a [`Handler`] that applies a delivery's effects exactly once.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use ackstack_core::{Context, DedupKey, Delivery, Handler, HandlerError};
 
+use crate::group::Groups;
 use crate::inbox::PgInbox;
 use crate::tx::InboxTx;
 
@@ -13,6 +15,8 @@ pub struct TxHandler<F> {
     inbox: PgInbox,
     key: DedupKey,
     f: F,
+    /// The open commit group of this handler's deliveries (shared by its clones).
+    groups: Arc<Groups>,
 }
 
 impl<F> std::fmt::Debug for TxHandler<F> {
@@ -65,7 +69,12 @@ where
     F: Fn(Delivery, InboxTx, Context) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send,
 {
-    TxHandler { inbox, key, f }
+    TxHandler {
+        inbox,
+        key,
+        f,
+        groups: Arc::default(),
+    }
 }
 
 impl<F, Fut> Handler for TxHandler<F>
@@ -76,7 +85,15 @@ where
     async fn handle(&self, delivery: &Delivery, cx: &Context) -> Result<(), HandlerError> {
         let key = self.key.extract(delivery);
         if self.inbox.config().commit_group > 1 {
-            return crate::group::handle(&self.inbox, key.as_deref(), &self.f, delivery, cx).await;
+            return crate::group::handle(
+                &self.groups,
+                &self.inbox,
+                key.as_deref(),
+                &self.f,
+                delivery,
+                cx,
+            )
+            .await;
         }
         let tx = self.inbox.begin().await?;
         match &key {
@@ -104,5 +121,16 @@ where
                 Err(err)
             }
         }
+    }
+}
+
+impl PgInbox {
+    /// A handler that runs `f` inside an inbox transaction: see [`tx_handler_fn`].
+    pub fn handler<F, Fut>(&self, key: DedupKey, f: F) -> TxHandler<F>
+    where
+        F: Fn(Delivery, InboxTx, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send,
+    {
+        tx_handler_fn(self.clone(), key, f)
     }
 }

@@ -9,10 +9,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use crate::config::{DEFAULT_TABLE, PgInboxConfig};
 use crate::error::InboxError;
-use crate::group::Groups;
-use crate::handler::{TxHandler, tx_handler_fn};
 use crate::tx::InboxTx;
-use ackstack_core::{Context, DedupKey, Delivery, HandlerError};
+use ackstack_core::Context;
 
 /// The inbox table's DDL, version 1, exactly as [`PgInbox::migrate`] runs it for the default
 /// table `ackstack_inbox` (it is the file `migrations/0001_inbox.sql` of this crate). For your
@@ -37,7 +35,6 @@ struct Inner {
     migration_sql: String,
     transactions: AtomicU64,
     duplicates: AtomicU64,
-    groups: Groups,
 }
 
 /// What an inbox has done since it was made (see [`PgInbox::stats`]).
@@ -132,7 +129,6 @@ impl PgInbox {
                 migration_sql,
                 transactions: AtomicU64::new(0),
                 duplicates: AtomicU64::new(0),
-                groups: Groups::default(),
             }),
         }
     }
@@ -159,11 +155,6 @@ impl PgInbox {
     pub(crate) fn note_keyless(&self) {
         metrics::counter!(ackstack_core::metrics::DEDUP_KEYLESS).increment(1);
         tracing::debug!("no inbox key; running the handler in a transaction without an inbox row");
-    }
-
-    /// The open commit group (see [`PgInboxConfig::commit_group`]).
-    pub(crate) fn groups(&self) -> &Groups {
-        &self.inner.groups
     }
 
     /// The settings.
@@ -234,15 +225,6 @@ impl PgInbox {
             .await?;
         tx.commit().await?;
         Ok(row.is_some())
-    }
-
-    /// A handler that runs `f` inside an inbox transaction: see [`tx_handler_fn`].
-    pub fn handler<F, Fut>(&self, key: DedupKey, f: F) -> TxHandler<F>
-    where
-        F: Fn(Delivery, InboxTx, Context) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send,
-    {
-        tx_handler_fn(self.clone(), key, f)
     }
 
     /// Deletes this consumer's rows older than `older_than`, in batches of

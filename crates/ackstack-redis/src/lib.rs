@@ -86,4 +86,5 @@ mod store;
 pub use config::{DEFAULT_KEY_PREFIX, PipelineConfig, RedisDedupConfig, redact_url};
 pub use error::RedisDedupError;
 pub use key::{MAX_RAW_KEY_LEN, redis_key};
-pub use store::{DONE_MARKER, RedisDedupStats, RedisDedupStore};
+pub use pipeline::DONE_MARKER;
+pub use store::{RedisDedupStats, RedisDedupStore};

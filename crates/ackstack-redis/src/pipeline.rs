@@ -2,7 +2,7 @@
 //! sends queued calls as pipelines.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ackstack_core::dedup::Claim;
@@ -11,7 +11,18 @@ use redis::{RedisResult, Script, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::RedisDedupError;
-use crate::store::{Counters, DONE_MARKER};
+
+/// The value a completed key holds. Tokens equal to it are refused.
+pub const DONE_MARKER: &str = "ackstack:done";
+
+/// The live counts behind `RedisDedupStats`.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) operations: AtomicU64,
+    pub(crate) round_trips: AtomicU64,
+    pub(crate) commands: AtomicU64,
+    pub(crate) failed_round_trips: AtomicU64,
+}
 
 /// Claim: `SET key token NX PX lease`; when the key exists, report done, our own claim (same
 /// token: refreshed, so a claim retried after a lost reply is idempotent) or busy with its PTTL.

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ackstack_core::dedup::{BoxFuture, Claim, DedupError, DedupStore};
@@ -13,10 +13,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::config::RedisDedupConfig;
 use crate::error::RedisDedupError;
 use crate::key::redis_key;
-use crate::pipeline::{Batcher, Op, Reply, Request, Scripts};
-
-/// The value a completed key holds. Tokens equal to it are refused.
-pub const DONE_MARKER: &str = "ackstack:done";
+use crate::pipeline::{Batcher, Counters, DONE_MARKER, Op, Reply, Request, Scripts};
 
 /// The longest expiry sent to Redis, in milliseconds (far beyond any sane lease or TTL, far
 /// below Redis's overflow check).
@@ -33,15 +30,6 @@ pub struct RedisDedupStats {
     pub commands: u64,
     /// Pipelines that failed as a whole (connection error or timeout).
     pub failed_round_trips: u64,
-}
-
-/// The live counts behind [`RedisDedupStats`].
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) operations: AtomicU64,
-    pub(crate) round_trips: AtomicU64,
-    pub(crate) commands: AtomicU64,
-    pub(crate) failed_round_trips: AtomicU64,
 }
 
 struct Shared {

@@ -19,7 +19,6 @@ use super::builder::Inspector;
 use super::config::{DeliveryMode, OnRefused};
 use super::lease::LeaseGuard;
 use super::ordering::Turn;
-use super::settle::Refusals;
 use super::status::{Counters, Status};
 
 /// Calls `inspect`; its panics are logged, never propagated.
@@ -161,5 +160,36 @@ impl<P: Process, S: Settle> Shared<P, S> {
 
     fn context(&self, cancel: &CancellationToken) -> Context {
         Context::with_stats(cancel.clone(), self.stats.clone()).with_stopping(self.stopping.clone())
+    }
+}
+
+/// The messages whose refused dead letter was already logged at error: bounded, forgetting
+/// everything once full (a message then logs again, which is harmless).
+#[derive(Debug, Default)]
+pub(super) struct Refusals {
+    seen: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+impl Refusals {
+    const CAPACITY: usize = 4096;
+
+    /// Whether `delivery`'s message was not seen before (and remembers it).
+    pub(super) fn first_time(&self, delivery: &Delivery) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        delivery.origin.queue.hash(&mut h);
+        match &delivery.message_id {
+            Some(id) => id.hash(&mut h),
+            None => {
+                delivery.origin.partition.hash(&mut h);
+                delivery.origin.offset.hash(&mut h);
+                delivery.payload.hash(&mut h);
+            }
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= Self::CAPACITY {
+            seen.clear();
+        }
+        seen.insert(h.finish())
     }
 }

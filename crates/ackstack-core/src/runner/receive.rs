@@ -22,10 +22,10 @@ use crate::source::{Settle, Source};
 use super::acker::BatchAcker;
 use super::builder::Consumer;
 use super::config::{DeliveryMode, KeyOrdering};
+use super::deliver::Refusals;
 use super::deliver::{Shared, call_inspector};
 use super::lease::LeaseKeeper;
 use super::ordering::KeyGate;
-use super::settle::Refusals;
 use super::status::{ConsumerError, Counters, InFlight, Summary};
 
 impl<S: Source, L> Consumer<S, L> {
