@@ -70,6 +70,11 @@ pub struct ServiceHandler<S> {
 /// An error of the service that is a [`HandlerError`] keeps its kind (permanent errors are
 /// dead-lettered); any other error (a `tower` timeout, an overloaded load shedder, your own
 /// error type) is transient: the delivery is retried with backoff.
+///
+/// tower treats an error from `poll_ready` as "this service is gone"; here every delivery
+/// polls it again, so a service that stays broken (a `Buffer` whose worker died) fails each
+/// delivery transiently until its attempts run out. Build the service so that readiness
+/// errors are temporary, or stop the consumer when they are not.
 pub fn service_handler<S>(service: S) -> ServiceHandler<S>
 where
     S: Service<Delivery, Response = ()> + Send + 'static,

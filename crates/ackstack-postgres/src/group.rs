@@ -17,6 +17,7 @@
 //! cancelled future) leaves the transaction in an unknown state: the group is poisoned, the
 //! others fail with [`InboxError::Group`] and the connection is closed, which rolls back.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use ackstack_core::{Context, Delivery, HandlerError};
@@ -79,8 +80,15 @@ impl Groups {
     /// transaction) when there is none, or it is full or closed.
     async fn join(&self, inbox: &PgInbox) -> Result<Member, InboxError> {
         let max = inbox.config().commit_group;
-        // Held while a new group begins, so that a burst of deliveries joins one group.
-        let mut open = self.open.lock().await;
+        // Held while a new group begins, so that a burst of deliveries joins one group; the
+        // wait for it is bounded like taking a connection (invariant 13 in docs/CONTRACT.md).
+        let config = inbox.config();
+        let wait = config.connect_timeout + config.statement_timeout;
+        let Ok(mut open) = tokio::time::timeout(wait, self.open.lock()).await else {
+            return Err(InboxError::Unreachable(format!(
+                "no commit group could be opened within {wait:?}"
+            )));
+        };
         if let Some(group) = open.upgrade() {
             let mut members = group.members();
             if !members.closed && members.poisoned.is_none() && members.joined < max {
@@ -164,6 +172,19 @@ impl Drop for Member {
     }
 }
 
+/// Poisons the group if a member's turn is interrupted (a panic, a cancelled future).
+struct Unfinished<'a>(&'a Group, bool);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.members().poisoned.get_or_insert_with(|| {
+                "a member's handler panicked or was cancelled during its turn".to_string()
+            });
+        }
+    }
+}
+
 /// Sends a failure outcome if the commit of the last member is interrupted (its answer may
 /// be lost: the members are retried, and a committed row makes them duplicates).
 struct Ending<'a>(&'a Group, bool);
@@ -198,7 +219,13 @@ where
         Some(reason) => Err(InboxError::Group(reason).into()),
         None => {
             member.started = true;
-            run_turn(inbox, &group.tx, key, f, delivery, cx).await
+            // Declared after `turn`, so dropped before it if this future unwinds or is
+            // cancelled mid-turn: the group is poisoned before the next member can take the
+            // turn (and commit this member's half-done statements).
+            let mut unfinished = Unfinished(&group, true);
+            let result = run_turn(inbox, &group.tx, key, f, delivery, cx).await;
+            unfinished.1 = false;
+            result
         }
     };
     let (turn_result, poison) = match result {
@@ -241,6 +268,15 @@ where
     Ok(())
 }
 
+/// Ends a member's turn for its handle when dropped.
+struct TurnOver(Arc<AtomicBool>);
+
+impl Drop for TurnOver {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// One member's statements, inside its savepoint. `Err`: the transaction's state is unknown
 /// (the group is poisoned); `Ok(Turn::Failed)`: the handler failed and was rolled back alone.
 async fn run_turn<F, Fut>(
@@ -278,7 +314,12 @@ where
             tx.batch_execute(SAVEPOINT).await?;
         }
     }
-    match f(delivery.clone(), tx.clone(), cx.clone()).await {
+    // The member's own handle: refused once its turn is over (also when `f` unwinds).
+    let turn = Arc::new(AtomicBool::new(true));
+    let _over = TurnOver(turn.clone());
+    let result = f(delivery.clone(), tx.for_turn(turn.clone()), cx.clone()).await;
+    turn.store(false, Ordering::Release);
+    match result {
         Ok(()) => match tx.batch_execute(RELEASE).await {
             Ok(()) => Ok(Turn::Applied),
             // A statement failed and the handler returned Ok anyway: PostgreSQL aborted the

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::Object;
@@ -39,6 +39,8 @@ const BROKEN: u8 = 3;
 #[derive(Clone)]
 pub struct InboxTx {
     inner: Arc<TxInner>,
+    /// In a commit group: whether this member's turn is still on (its handle is refused after).
+    turn: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for InboxTx {
@@ -82,6 +84,7 @@ impl InboxTx {
         timeout: Duration,
     ) -> Result<InboxTx, InboxError> {
         let tx = InboxTx {
+            turn: None,
             inner: Arc::new(TxInner {
                 client: Some(client),
                 state: AtomicU8::new(OPEN),
@@ -103,12 +106,22 @@ impl InboxTx {
         }
     }
 
-    /// The connection, if the transaction is still open.
+    /// The connection, if the transaction is still open (and, in a commit group, this
+    /// member's turn is not over).
     fn open(&self) -> Result<&deadpool_postgres::ClientWrapper, InboxError> {
-        if self.inner.state.load(Ordering::Acquire) != OPEN {
+        if !self.is_open() {
             return Err(InboxError::Ended);
         }
         self.raw()
+    }
+
+    /// A handle for one member of a commit group, refused once `turn` is set to false (a clone
+    /// kept past the member's turn must not run statements inside a later member's savepoint).
+    pub(crate) fn for_turn(&self, turn: Arc<AtomicBool>) -> InboxTx {
+        InboxTx {
+            inner: self.inner.clone(),
+            turn: Some(turn),
+        }
     }
 
     fn mark(&self, state: u8) {
@@ -220,6 +233,10 @@ impl InboxTx {
     /// Whether the transaction is still open for statements.
     pub fn is_open(&self) -> bool {
         self.inner.state.load(Ordering::Acquire) == OPEN
+            && self
+                .turn
+                .as_ref()
+                .is_none_or(|turn| turn.load(Ordering::Acquire))
     }
 
     /// Commits. `SELECT 1` goes first in the same round trip: PostgreSQL answers a `COMMIT`

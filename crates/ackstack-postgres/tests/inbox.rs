@@ -678,3 +678,50 @@ fn a_commit_group_is_between_1_and_64() {
     assert!(PgInboxConfig::new("c").commit_group(65).validate().is_err());
     assert!(PgInboxConfig::new("c").commit_group(64).validate().is_ok());
 }
+
+#[tokio::test]
+async fn a_member_handle_kept_past_its_turn_is_refused_in_the_next_turn() {
+    let s = Setup::with("group_kept", |c| c.commit_group(16)).await;
+    let kept: Arc<std::sync::Mutex<Option<InboxTx>>> = Arc::default();
+    let late = Arc::new(std::sync::Mutex::new(None::<bool>));
+    let (fx, k, l) = (s.fx.clone(), kept.clone(), late.clone());
+    let handler = s
+        .inbox
+        .handler(DedupKey::MessageId, move |delivery, tx, _cx| {
+            let (fx, kept, late) = (fx.clone(), k.clone(), l.clone());
+            async move {
+                record_effect(&tx, &fx, &delivery).await?;
+                if delivery.message_id.as_deref() == Some("first") {
+                    // Keep the handle, and stay long enough for the second delivery to join
+                    // this group.
+                    *kept.lock().unwrap() = Some(tx.clone());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                } else {
+                    // Running in the second member's turn: the first member's handle must not
+                    // run statements inside this member's savepoint.
+                    let old = kept.lock().unwrap().clone().expect("first ran first");
+                    let sql = format!("INSERT INTO {fx} (key) VALUES ('stray')");
+                    let refused =
+                        matches!(old.execute(sql.as_str(), &[]).await, Err(InboxError::Ended));
+                    *late.lock().unwrap() = Some(refused);
+                }
+                Ok(())
+            }
+        });
+    let cx = Context::new();
+    let (first, second) = (delivery(Some("first"), 1), delivery(Some("second"), 1));
+    let (a, b) = tokio::join!(handler.handle(&first, &cx), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        handler.handle(&second, &cx).await
+    });
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(
+        *late.lock().unwrap(),
+        Some(true),
+        "the kept handle ran a statement"
+    );
+    assert_eq!(s.effects().await, 2, "no stray effect");
+    assert!(s.inbox.stats().transactions <= 2, "{:?}", s.inbox.stats());
+    s.drop_tables().await;
+}

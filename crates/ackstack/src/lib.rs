@@ -124,10 +124,16 @@ pub mod dedup {
 /// Writing your own layer: the types a [`Layer`] wraps, and the built-in
 /// layers for use outside a [`Consumer`].
 pub mod layer {
+    pub use ackstack_core::dedup::Dedup;
+    pub use ackstack_core::retry::Retry;
     pub use ackstack_core::{
         Classifier, DedupLayer, Either, Identity, Process, RetryLayer, Stack, Terminal,
     };
 }
+
+/// tower interoperability (feature `tower`): a `tower::Service<Delivery>` as the handler.
+#[cfg(feature = "tower")]
+pub use ackstack_core::tower;
 
 /// Writing an adapter for another broker: the contract (`Source`, `Settle` and what they
 /// return), the helpers the adapters share, and the dead-letter format. Check an adapter
