@@ -79,10 +79,10 @@ impl Groups {
     /// Joins the open group, or opens a new one (taking a connection and beginning a
     /// transaction) when there is none, or it is full or closed.
     async fn join(&self, inbox: &PgInbox) -> Result<Member, InboxError> {
-        let max = inbox.config().commit_group;
+        let config = inbox.config();
+        let max = config.commit_group;
         // Held while a new group begins, so that a burst of deliveries joins one group; the
         // wait for it is bounded like taking a connection (invariant 13 in docs/CONTRACT.md).
-        let config = inbox.config();
         let wait = config.connect_timeout + config.statement_timeout;
         let Ok(mut open) = tokio::time::timeout(wait, self.open.lock()).await else {
             return Err(InboxError::Unreachable(format!(
@@ -114,13 +114,11 @@ impl Groups {
 }
 
 /// A delivery's place in a group, from joining until it has finished its turn. Dropped
-/// before that (a panic, a cancelled future), it still counts as finished, poisons the group
-/// if its statements may have started, and ends the group if it was the last.
+/// before that (a panic, a cancelled future), it still counts as finished and ends the group
+/// if it was the last (an interrupted turn has poisoned the group already: [`Unfinished`]).
 struct Member {
     group: Arc<Group>,
     finished: bool,
-    /// Its statements started: an interruption leaves the transaction in an unknown state.
-    started: bool,
 }
 
 impl Member {
@@ -128,7 +126,6 @@ impl Member {
         Member {
             group,
             finished: false,
-            started: false,
         }
     }
 
@@ -158,10 +155,7 @@ impl Drop for Member {
         if self.finished {
             return;
         }
-        let poison = self
-            .started
-            .then(|| "a member's handler panicked or was cancelled during its turn".to_string());
-        if self.finish(poison) {
+        if self.finish(None) {
             // The last member cannot await a rollback here: the outcome is a failure, and the
             // connection is closed (rolling back) when the last handle to the group goes.
             let reason = self
@@ -218,7 +212,6 @@ where
     let result = match member.poisoned() {
         Some(reason) => Err(InboxError::Group(reason).into()),
         None => {
-            member.started = true;
             // Declared after `turn`, so dropped before it if this future unwinds or is
             // cancelled mid-turn: the group is poisoned before the next member can take the
             // turn (and commit this member's half-done statements).
