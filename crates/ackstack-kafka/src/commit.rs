@@ -11,6 +11,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::queues::Flow;
 use crate::token::KafkaToken;
 use crate::watermark::Assignments;
 
@@ -32,6 +33,10 @@ pub(crate) struct Shared {
     rewinds: Mutex<Vec<KafkaToken>>,
     /// Offset commit requests sent (async, sync and on revoke).
     pub(crate) commits: Arc<Counter>,
+    /// Partitions paused by the poll thread.
+    pub(crate) pauses: Arc<Counter>,
+    /// Wakes the poll thread when records arrive or the runner makes room.
+    pub(crate) flow: Flow,
 }
 
 /// Acks since the last commit, and when that was.
@@ -57,6 +62,8 @@ impl Shared {
             commit_max_count,
             rewinds: Mutex::new(Vec::new()),
             commits: Arc::default(),
+            pauses: Arc::default(),
+            flow: Flow::default(),
         }
     }
 

@@ -55,8 +55,9 @@ pub struct KafkaConfig {
         with = "ackstack_core::config::duration"
     )]
     pub produce_timeout: Duration,
-    /// How many received records may wait for the runner before partitions are paused
-    /// (default 1024).
+    /// How many received records may wait for the runner (default 1024). Beyond it, records
+    /// stay in librdkafka's per-partition prefetch queues, bounded by its `queued.min.messages`
+    /// and `queued.max.messages.kbytes` (settable as [`properties`](Self::properties)).
     #[serde(default = "default_buffer")]
     pub buffer: usize,
     /// The consumer name recorded in deliveries' origin and dead-letter metadata (default: the

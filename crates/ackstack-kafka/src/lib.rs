@@ -70,8 +70,9 @@
 //!
 //! Kafka retries in place ([`ackstack_core::Capabilities::with_in_place_retry`]): the runner
 //! re-runs the handler while the record holds its partition's watermark back. The poll thread
-//! keeps polling meanwhile (the member stays in its group) and pauses partitions whose records
-//! the runner has no room for, so nothing is buffered without bound. Dead letters are produced
+//! keeps polling meanwhile (the member stays in its group) and stops reading the partitions'
+//! queues while the runner has no room, so nothing is buffered without bound and nothing
+//! prefetched is thrown away (no pause: a pause drops librdkafka's prefetched records). Dead letters are produced
 //! to [`KafkaConfig::dlq_topic`] (default `<topic>-dlq`) with the same key, payload and
 //! headers plus `x-ackstack-dl-*` metadata, and the original offset passes only after the
 //! delivery report confirmed the copy.
@@ -126,6 +127,7 @@ mod error;
 mod headers;
 mod poller;
 pub mod publisher;
+mod queues;
 #[cfg(feature = "test-util")]
 mod reader;
 mod settler;

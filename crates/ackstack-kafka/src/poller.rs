@@ -1,6 +1,8 @@
-//! The poll thread: polls the [`BaseConsumer`] every 50 ms, tracks each record in its
-//! partition's watermark, hands records to the runner, pauses and resumes partitions, rewinds
-//! released ones; and [`KafkaContext`], whose rebalance callbacks run on that thread.
+//! The poll thread: serves the consumer queue (rebalances, errors, commit results) on every
+//! turn, takes records from the partitions' own queues while the runner has room, tracks each
+//! record in its partition's watermark, hands records to the runner, rewinds released
+//! partitions; and [`KafkaContext`], whose rebalance callbacks run on that thread. See
+//! [`crate::queues`] for the flow control.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use ackstack_core::{Delivery, Origin, Received, SourceError};
 use bytes::Bytes;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message as _};
@@ -21,10 +24,16 @@ use tokio::sync::mpsc;
 use crate::commit::Shared;
 use crate::headers as record_headers;
 use crate::headers::MESSAGE_ID_HEADER;
+use crate::queues::PartitionQueues;
 use crate::token::KafkaToken;
 
-/// How long one poll of the consumer blocks; also the period of time-based commits.
+/// How long the poll thread sleeps at most when it has nothing to do; also the period of
+/// time-based commits.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Events and records taken from the consumer queue per turn at most.
+const MAIN_BATCH: usize = 64;
+/// Records taken from one partition's queue per turn at most, so that partitions take turns.
+const PARTITION_BATCH: usize = 256;
 /// How long moving a partition's read position back (for a released record) may take.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -32,11 +41,16 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// new generations; librdkafka's log lines go to `tracing`.
 pub(crate) struct KafkaContext {
     shared: Arc<Shared>,
+    /// The partitions' own queues, split here before each assignment takes effect.
+    pub(crate) queues: PartitionQueues,
 }
 
 impl KafkaContext {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        KafkaContext { shared }
+        KafkaContext {
+            shared,
+            queues: PartitionQueues::default(),
+        }
     }
 }
 
@@ -76,7 +90,7 @@ impl ConsumerContext for KafkaContext {
                 self.shared
                     .revoke(consumer, &partitions, consumer.assignment_lost());
             }
-            Rebalance::Assign(_) => {}
+            Rebalance::Assign(tpl) => self.queues.split(tpl, &self.shared),
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
         }
     }
@@ -118,6 +132,8 @@ pub(crate) fn spawn(
         consumer_name,
         pending: VecDeque::new(),
         paused: HashSet::new(),
+        queues: Vec::new(),
+        next_queue: 0,
     };
     std::thread::Builder::new()
         .name("ackstack-kafka-poll".to_string())
@@ -133,8 +149,13 @@ struct Poller {
     consumer_name: Arc<str>,
     /// Records received but not yet handed to the runner (the channel was full).
     pending: VecDeque<Received<KafkaToken>>,
-    /// Partitions paused because `pending` holds records of theirs.
+    /// Partitions paused because `pending` holds records of theirs that came through the
+    /// consumer queue (partitions whose queue could not be split).
     paused: HashSet<(Arc<str>, i32)>,
+    /// The partitions' own queues, read while the runner has room.
+    queues: Vec<PartitionQueue<KafkaContext>>,
+    /// Which queue is read first on the next turn (they take turns).
+    next_queue: usize,
 }
 
 impl Poller {
@@ -150,17 +171,22 @@ impl Poller {
             {
                 tracing::warn!(%error, "offset commit could not be queued");
             }
-            let consumer = self.consumer.clone();
-            match consumer.poll(POLL_INTERVAL) {
-                None => {}
-                Some(Ok(message)) => self.on_message(&message),
-                Some(Err(error)) => self.on_error(error),
+            // Wake-ups from here on are kept for the wait below.
+            self.shared.flow.reset();
+            let mut busy = self.serve_consumer_queue();
+            self.queues
+                .extend(self.consumer.context().queues.take_new());
+            busy |= self.take_from_partitions();
+            if !busy {
+                self.idle();
             }
-            drop(consumer);
         }
-        // The settlers are gone: their final flush has run. Wait (briefly) for the last other
-        // reference so that the consumer is closed here, on this thread: closing leaves the
-        // group, which revokes (and commits) the partitions through the rebalance callback.
+        // Each split queue holds the consumer: drop them first. Then, the settlers being gone
+        // (their final flush has run), wait (briefly) for the last other reference so that the
+        // consumer is closed here, on this thread: closing leaves the group, which revokes (and
+        // commits) the partitions through the rebalance callback.
+        self.queues.clear();
+        self.consumer.context().queues.close();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Arc::strong_count(&self.consumer) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
@@ -168,7 +194,75 @@ impl Poller {
         tracing::debug!("Kafka poll thread stopping; closing the consumer");
     }
 
-    fn on_message(&mut self, m: &BorrowedMessage<'_>) {
+    /// Serves what waits on the consumer queue (rebalance callbacks run in here); returns
+    /// whether anything did.
+    fn serve_consumer_queue(&mut self) -> bool {
+        let consumer = self.consumer.clone();
+        let mut busy = false;
+        for _ in 0..MAIN_BATCH {
+            match consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(message)) => self.on_message(&message, false),
+                Some(Err(error)) => self.on_error(error),
+            }
+            busy = true;
+        }
+        busy
+    }
+
+    /// Takes records from the partitions' own queues, each in turn, while the runner has room;
+    /// returns whether any came.
+    fn take_from_partitions(&mut self) -> bool {
+        if self.queues.is_empty() || self.shared.closing.load(Ordering::SeqCst) {
+            return false;
+        }
+        let n = self.queues.len();
+        let first = self.next_queue % n;
+        self.next_queue = first + 1;
+        // Out of `self` while records borrowed from them are handled.
+        let queues = std::mem::take(&mut self.queues);
+        let mut busy = false;
+        'partitions: for i in 0..n {
+            let queue = &queues[(first + i) % n];
+            for _ in 0..PARTITION_BATCH {
+                if !self.has_room() {
+                    break 'partitions;
+                }
+                match queue.poll(Duration::ZERO) {
+                    None => break,
+                    Some(Ok(message)) => self.on_message(&message, true),
+                    Some(Err(error)) => self.on_error(error),
+                }
+                busy = true;
+            }
+        }
+        self.queues = queues;
+        busy
+    }
+
+    /// Whether a record taken now would go straight to the runner.
+    fn has_room(&self) -> bool {
+        self.pending.is_empty() && self.tx.capacity() > 0
+    }
+
+    /// Sleeps until a queue becomes non-empty, a receive makes room (if the runner has none
+    /// now), or the next commit check is due.
+    fn idle(&self) {
+        if !self.has_room() && !self.shared.closing.load(Ordering::SeqCst) {
+            self.shared.flow.want_room();
+            // A receive between the look above and asking for room does not wake the thread:
+            // look again.
+            if self.has_room() {
+                return;
+            }
+        }
+        self.shared.flow.wait(POLL_INTERVAL);
+    }
+
+    /// Tracks a record and hands it to the runner (or keeps it in `pending`). A record that
+    /// came through the consumer queue (`split` false) pauses its partition if it had to be
+    /// kept; a split partition is not paused: its queue is simply not read until there is room.
+    fn on_message(&mut self, m: &BorrowedMessage<'_>, split: bool) {
         let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
         if self.shared.closing.load(Ordering::SeqCst) {
             // Not tracked and never handed out: read again by the next owner.
@@ -198,6 +292,9 @@ impl Poller {
         };
         self.pending.push_back(Received { delivery, token });
         self.hand_over();
+        if split {
+            return;
+        }
         if let Some(last) = self.pending.back() {
             let (t, p) = (last.token.topic.clone(), last.token.partition);
             self.pause(&t, p);
@@ -317,6 +414,7 @@ impl Poller {
         tpl.add_partition(topic, partition);
         match self.consumer.pause(&tpl) {
             Ok(()) => {
+                self.shared.pauses.add(1);
                 self.paused.insert(key);
             }
             Err(error) => tracing::debug!(%error, topic, partition, "pause failed"),

@@ -98,7 +98,10 @@ impl std::fmt::Debug for KafkaSettler {
 impl KafkaSettler {
     /// Counts of the source's broker calls.
     pub fn stats(&self) -> KafkaStats {
-        KafkaStats::new(self.inner.shared.commits.clone())
+        KafkaStats::new(
+            self.inner.shared.commits.clone(),
+            self.inner.shared.pauses.clone(),
+        )
     }
 
     fn is_current(&self, t: &KafkaToken) -> bool {

@@ -37,9 +37,11 @@ const IDLE_WAIT: Duration = Duration::from_secs(1);
 ///   hold every runner slot, and every queued event (logs, statistics, errors, commit results)
 ///   is drained, which is what stops a `StreamConsumer` from waking when neglected;
 /// * records pass to the runner through a bounded channel of [`KafkaConfig::buffer`] records.
-///   When it is full the thread keeps the record and **pauses** its partition (still polling);
-///   once the backlog is handed over, the partitions are resumed. So a record that retries in
-///   place never makes the consumer buffer without bound nor leave its group;
+///   Each assigned partition's records come from its own librdkafka queue, which the thread
+///   does not read while the channel is full (it keeps serving the consumer queue): nothing
+///   prefetched is thrown away, and librdkafka's `queued.min.messages` /
+///   `queued.max.messages.kbytes` bound what waits. So a record that retries in place never
+///   makes the consumer buffer without bound nor leave its group (see `queues.rs`);
 /// * every offset is tracked in its partition's watermark on the poll thread, before the runner
 ///   sees it, and rebalance callbacks run on that same thread, so a token's generation is always
 ///   the one the record was fetched in.
@@ -63,21 +65,27 @@ impl std::fmt::Debug for KafkaSource {
 impl KafkaSource {
     /// Counts of this source's broker calls (shared with its settlers).
     pub fn stats(&self) -> KafkaStats {
-        KafkaStats::new(self.inner.shared.commits.clone())
+        KafkaStats::new(
+            self.inner.shared.commits.clone(),
+            self.inner.shared.pauses.clone(),
+        )
     }
 
     /// Creates the consumer, subscribes to the topic and starts the poll thread.
     pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
         config.validate()?;
         let shared = Arc::new(Shared::new(config.commit_interval, config.commit_max_count));
-        let consumer: BaseConsumer<KafkaContext> = config
+        let mut consumer: BaseConsumer<KafkaContext> = config
             .consumer_config()
             .create_with_context(KafkaContext::new(shared.clone()))
             .map_err(KafkaError::Client)?;
+        let waker = shared.clone();
+        consumer.set_nonempty_callback(move || waker.flow.wake());
         consumer
             .subscribe(&[config.topic.as_str()])
             .map_err(KafkaError::Client)?;
         let consumer = Arc::new(consumer);
+        consumer.context().queues.set_consumer(&consumer);
         let producer: FutureProducer = config
             .producer_config()
             .create()
@@ -165,6 +173,7 @@ impl ackstack_core::Source for KafkaSource {
             }
             next = self.rx.try_recv().ok();
         }
+        self.inner.shared.flow.room_made();
         Ok(out)
     }
 

@@ -628,3 +628,47 @@ async fn a_stalled_commit_now_gives_up_within_commit_timeout_and_periodic_commit
         .await
         .expect("commit_now succeeds again");
 }
+
+/// Flow control stops reading a partition's own queue while the runner has no room; it never
+/// pauses the partition (a pause throws away librdkafka's prefetched records). A one-record
+/// buffer and a reader that takes its time still get every record once, in offset order per
+/// partition, with no pause at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_stops_reading_without_pausing_and_keeps_each_partitions_order() {
+    let k = kafka();
+    let topic = unique_name("flow");
+    let group = unique_name("g");
+    k.create_topic(&topic, 3).await;
+    const N: usize = 600;
+    k.produce(&topic, N, 3).await;
+
+    let mut config = k.config(&group, &topic);
+    config.buffer = 1;
+    let mut source = KafkaSource::new(&config).unwrap();
+    let settler = source.settler();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < N && Instant::now() < deadline {
+        let batch = source.receive(7).await.unwrap();
+        // The channel stays full while the reader dawdles.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        got.extend(batch);
+    }
+    assert_eq!(got.len(), N, "every record arrives");
+    let mut last: std::collections::HashMap<i32, i64> = Default::default();
+    for r in &got {
+        let p = r.delivery.origin.partition.unwrap();
+        let o = r.token.offset();
+        if let Some(prev) = last.insert(p, o) {
+            assert!(o > prev, "partition {p}: offset {o} after {prev}");
+        }
+    }
+    assert_eq!(source.stats().pauses(), 0, "no partition was paused");
+    let report = settler
+        .ack(got.into_iter().map(|r| r.token).collect())
+        .await;
+    assert_eq!(report.acked, N);
+    settler.flush().await;
+    let committed: i64 = k.committed(&group, &topic, 3).await.iter().sum();
+    assert_eq!(committed, N as i64);
+}
