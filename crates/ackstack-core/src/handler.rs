@@ -1,18 +1,19 @@
 //! Handlers, the per-delivery context, and the [`Process`]/[`Layer`] pair that middleware is built from.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::dedup::done::DoneMark;
 use crate::delivery::Delivery;
 use crate::error::{Failure, HandlerError};
 use crate::outcome::Outcome;
 
 /// Per-delivery context handed to the handler.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Context {
     cancel: CancellationToken,
     stopping: CancellationToken,
@@ -20,6 +21,9 @@ pub struct Context {
     /// Where the retry layer records the attempt it is on when it retries in place (set by
     /// the runner only where retries happen in place).
     attempt: Option<Arc<std::sync::atomic::AtomicU32>>,
+    /// Where the dedup layer leaves the done mark of an acked delivery for the acker (set by
+    /// the runner where a dedup layer runs); without it the layer writes the mark itself.
+    done: Option<std::sync::Mutex<Option<DoneMark>>>,
 }
 
 /// Counts that layers report to the runner's [`Summary`](crate::Summary).
@@ -54,6 +58,20 @@ impl Drop for HeldGuard {
     }
 }
 
+impl Clone for Context {
+    /// The same delivery's context, without its done-mark slot: only the runner's own
+    /// context hands a done mark to the acker.
+    fn clone(&self) -> Self {
+        Context {
+            cancel: self.cancel.clone(),
+            stopping: self.stopping.clone(),
+            stats: self.stats.clone(),
+            attempt: self.attempt.clone(),
+            done: None,
+        }
+    }
+}
+
 impl Context {
     /// A context with a fresh cancellation token.
     pub fn new() -> Self {
@@ -67,6 +85,7 @@ impl Context {
             stopping: CancellationToken::new(),
             stats: Arc::default(),
             attempt: None,
+            done: None,
         }
     }
 
@@ -77,6 +96,7 @@ impl Context {
             stopping: CancellationToken::new(),
             stats,
             attempt: None,
+            done: None,
         }
     }
 
@@ -93,6 +113,8 @@ impl Context {
             stopping: self.stopping.clone(),
             stats: self.stats.clone(),
             attempt: self.attempt.clone(),
+            // Nested work acks nothing itself.
+            done: None,
         }
     }
 
@@ -138,6 +160,31 @@ impl Context {
             .as_ref()
             .map(|slot| slot.load(AtomicOrdering::Relaxed))
             .filter(|&n| n > 0)
+    }
+
+    /// Lets the dedup layer leave its done mark here (see [`Context::take_done`]).
+    pub(crate) fn with_done_slot(mut self) -> Self {
+        self.done = Some(std::sync::Mutex::new(None));
+        self
+    }
+
+    /// Leaves `mark` for the runner to write right before the delivery's ack; gives it back
+    /// when this context has no slot for it.
+    pub(crate) fn defer_done(&self, mark: DoneMark) -> Result<(), DoneMark> {
+        match &self.done {
+            Some(slot) => {
+                *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(mark);
+                Ok(())
+            }
+            None => Err(mark),
+        }
+    }
+
+    /// The done mark the dedup layer left, if any.
+    pub(crate) fn take_done(&self) -> Option<DoneMark> {
+        self.done
+            .as_ref()
+            .and_then(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).take())
     }
 
     pub(crate) fn note_retried_in_place(&self) {

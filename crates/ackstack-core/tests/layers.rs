@@ -530,3 +530,124 @@ async fn a_lost_dedup_claim_is_not_acked_and_the_duplicate_is_absorbed() {
     assert!(summary.retried >= 1, "{summary:?}");
     assert!(calls.load(Ordering::SeqCst) >= 2, "the message came back");
 }
+
+/// The done marks of deliveries acked together are written together, right before their ack
+/// batch: each key is done while its message is still unacked (done before ack), and even at
+/// concurrency 1 (deliveries one at a time) the marks go to the store at once, so a
+/// pipelining store sends them in one round trip rather than one per message.
+#[tokio::test]
+async fn dedup_done_marks_of_one_ack_batch_go_together_and_before_the_ack() {
+    struct Recorder {
+        inner: MemoryDedupStore,
+        broker: MemoryBroker,
+        now: AtomicUsize,
+        most_at_once: AtomicUsize,
+        after_ack: AtomicUsize,
+        completes: AtomicUsize,
+    }
+    impl DedupStore for Recorder {
+        fn claim<'a>(
+            &'a self,
+            key: &'a [u8],
+            token: &'a str,
+            lease: Duration,
+        ) -> BoxFuture<'a, Result<Claim, DedupError>> {
+            self.inner.claim(key, token, lease)
+        }
+        fn complete<'a>(
+            &'a self,
+            key: &'a [u8],
+            token: &'a str,
+            ttl: Duration,
+        ) -> BoxFuture<'a, Result<bool, DedupError>> {
+            Box::pin(async move {
+                let id = String::from_utf8_lossy(key).into_owned();
+                let unacked = self
+                    .broker
+                    .peek_all("q")
+                    .iter()
+                    .any(|m| m.message_id.as_deref() == Some(id.as_str()));
+                if !unacked {
+                    self.after_ack.fetch_add(1, Ordering::SeqCst);
+                }
+                self.completes.fetch_add(1, Ordering::SeqCst);
+                let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most_at_once.fetch_max(now, Ordering::SeqCst);
+                // A store call takes a moment: marks sent together overlap here.
+                tokio::task::yield_now().await;
+                self.now.fetch_sub(1, Ordering::SeqCst);
+                self.inner.complete(key, token, ttl).await
+            })
+        }
+        fn release<'a>(
+            &'a self,
+            key: &'a [u8],
+            token: &'a str,
+        ) -> BoxFuture<'a, Result<(), DedupError>> {
+            self.inner.release(key, token)
+        }
+        fn extend<'a>(
+            &'a self,
+            key: &'a [u8],
+            token: &'a str,
+            lease: Duration,
+        ) -> BoxFuture<'a, Result<bool, DedupError>> {
+            self.inner.extend(key, token, lease)
+        }
+    }
+    let broker = MemoryBroker::new();
+    const N: usize = 40;
+    for i in 0..N {
+        broker.publish("q", Message::new("m").message_id(format!("k{i}")));
+    }
+    let store = Arc::new(Recorder {
+        inner: MemoryDedupStore::new(),
+        broker: broker.clone(),
+        now: AtomicUsize::new(0),
+        most_at_once: AtomicUsize::new(0),
+        after_ack: AtomicUsize::new(0),
+        completes: AtomicUsize::new(0),
+    });
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .concurrency(1)
+        .dedup_shared(store.clone(), DedupKey::MessageId)
+        .run_until(
+            handler_fn(|_d, _cx| async { Ok(()) }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.acked, N as u64);
+    assert_eq!(store.completes.load(Ordering::SeqCst), N);
+    assert_eq!(
+        store.after_ack.load(Ordering::SeqCst),
+        0,
+        "a key was marked done after its message was acked"
+    );
+    let together = store.most_at_once.load(Ordering::SeqCst);
+    assert!(
+        together >= 2,
+        "done marks went one at a time ({together} at once at most)"
+    );
+    // The keys are done: duplicates published now are absorbed.
+    for i in 0..N {
+        broker.publish("q", Message::new("m").message_id(format!("k{i}")));
+    }
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let b = broker.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .dedup_shared(store.clone(), DedupKey::MessageId)
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                r.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(summary.deduplicated, N as u64);
+}

@@ -12,6 +12,7 @@ use crate::error::{ErrorKind, Failure};
 use crate::handler::{Context, Layer, Process};
 use crate::outcome::Outcome;
 
+use super::done::DoneMark;
 use super::{Claim, DedupConfig, DedupKey, DedupStore, OnStoreError, ShowKey};
 
 /// The deduplication layer: see the module docs for the protocol.
@@ -226,16 +227,18 @@ impl<P: Process> Process for Dedup<P> {
         }
         let outcome = self.run_claimed(key, &token, delivery, cx).await;
         match &outcome {
-            Outcome::Ack => match self.store.complete(key, &token, self.config.done_ttl).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(key = %ShowKey(key), "dedup claim had lapsed before completion")
+            Outcome::Ack => {
+                let mark = DoneMark {
+                    store: self.store.clone(),
+                    key: key.to_vec(),
+                    token,
+                    ttl: self.config.done_ttl,
+                };
+                // Under the runner the mark goes with the ack, written right before its batch.
+                if let Err(mark) = cx.defer_done(mark) {
+                    mark.write().await;
                 }
-                // The effect happened: acking is right; a later duplicate may run again.
-                Err(err) => {
-                    tracing::warn!(error = %err, key = %ShowKey(key), "could not mark the dedup key done")
-                }
-            },
+            }
             _ => {
                 if let Err(err) = self.store.release(key, &token).await {
                     tracing::warn!(error = %err, key = %ShowKey(key), "could not release the dedup claim; it lapses with its lease");

@@ -15,7 +15,10 @@
 //!      handler without a claim.
 //! 2. run the handler, **extending** the claim while it runs;
 //! 3. on ack, **complete**: replace the claim by a done marker with a TTL (only if the token
-//!    still matches); on retry or dead-letter, **release** the claim (compare-and-delete).
+//!    still matches), before the broker hears the ack; on retry or dead-letter, **release**
+//!    the claim (compare-and-delete). Under the runner the done marks of one ack batch are
+//!    written together right before that batch is sent (`done.rs`), so a pipelining store
+//!    pays one round trip per batch for them.
 //!
 //! Keys are bytes, never a lossy string conversion: two binary ids that differ are two keys. A
 //! missing or empty key means "not deduplicated" (counted in `ackstack_dedup_keyless_total`).
@@ -24,9 +27,10 @@
 //! this protocol never does that.
 //!
 //! The files: this one has the store protocol ([`DedupStore`], [`Claim`]) and the settings
-//! ([`DedupKey`], [`DedupConfig`]); `layer.rs` the layer that runs it; `memory_store.rs` the
-//! in-memory store.
+//! ([`DedupKey`], [`DedupConfig`]); `layer.rs` the layer that runs it; `done.rs` the done
+//! marks left for the acker; `memory_store.rs` the in-memory store.
 
+pub(crate) mod done;
 mod layer;
 mod memory_store;
 

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::lease::LeaseGuard;
+use crate::dedup::done::{self, DoneMark};
 use crate::source::Settle;
 
 /// Counts kept by the acker.
@@ -31,8 +32,13 @@ pub struct AckStats {
     pub lost: AtomicU64,
 }
 
-/// A token waiting to be acked, with the lease kept until the broker confirmed the ack.
-type Pending<T> = (T, Option<LeaseGuard<T>>);
+/// A token waiting to be acked, with the lease kept until the broker confirmed the ack, and
+/// the delivery's dedup done mark, written right before its batch goes out.
+struct Pending<T> {
+    token: T,
+    lease: Option<LeaseGuard<T>>,
+    done: Option<DoneMark>,
+}
 
 /// A handle that queues tokens for acking.
 #[derive(Debug)]
@@ -61,12 +67,28 @@ impl<T: Send + 'static> AckQueue<T> {
     /// slow acks). Returns `false` if the acker has stopped (the token is then simply not
     /// acked, and the broker redelivers the message).
     pub async fn push(&self, token: T) -> bool {
-        self.tx.send((token, None)).await.is_ok()
+        self.push_held(token, None, None).await
     }
 
-    /// Like [`AckQueue::push`], keeping the delivery's lease until the ack is confirmed.
-    pub async fn push_held(&self, token: T, lease: Option<LeaseGuard<T>>) -> bool {
-        self.tx.send((token, lease)).await.is_ok()
+    /// Like [`AckQueue::push`], keeping the delivery's lease until the ack is confirmed, and
+    /// writing its dedup `done` mark right before its ack batch is sent (at once, should the
+    /// acker have stopped: the effect happened).
+    pub(crate) async fn push_held(
+        &self,
+        token: T,
+        lease: Option<LeaseGuard<T>>,
+        done: Option<DoneMark>,
+    ) -> bool {
+        let pending = Pending { token, lease, done };
+        match self.tx.send(pending).await {
+            Ok(()) => true,
+            Err(mpsc::error::SendError(pending)) => {
+                if let Some(mark) = pending.done {
+                    mark.write().await;
+                }
+                false
+            }
+        }
     }
 }
 
@@ -166,13 +188,18 @@ async fn run<S: Settle>(
     while calls.join_next().await.is_some() {}
 }
 
-async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<AckStats>) {
+async fn send<S: Settle>(settler: S, mut batch: Vec<Pending<S::Token>>, stats: Arc<AckStats>) {
+    // Done before ack: the batch's dedup marks, all together (one round trip to a pipelining
+    // store). Also for deliveries whose lease was lost below: their effect happened.
+    let marks: Vec<DoneMark> = batch.iter_mut().filter_map(|p| p.done.take()).collect();
+    done::write_all(&marks).await;
+    drop(marks);
     // A delivery whose lease was lost while its ack waited is not ours any more: the broker
     // redelivers it, so it must not be acked (invariant 6 in docs/CONTRACT.md).
     let before = batch.len();
     let batch: Vec<_> = batch
         .into_iter()
-        .filter(|(_, lease)| !lease.as_ref().is_some_and(|l| l.state().is_lost()))
+        .filter(|p| !p.lease.as_ref().is_some_and(|l| l.state().is_lost()))
         .collect();
     if batch.len() < before {
         let lost = (before - batch.len()) as u64;
@@ -184,7 +211,7 @@ async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<A
     }
     let n = batch.len();
     stats.calls.fetch_add(1, Ordering::Relaxed);
-    let (tokens, leases): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let (tokens, leases): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.token, p.lease)).unzip();
     let report = settler.ack(tokens).await;
     // The leases were kept until now so that no lease lapsed while its ack was on its way.
     drop(leases);

@@ -51,6 +51,8 @@ pub(super) struct Shared<P, S: Settle> {
     pub(super) stopping: CancellationToken,
     pub(super) on_refused: OnRefused,
     pub(super) refusals: Refusals,
+    /// Whether a dedup layer runs (its done marks then go with the acks).
+    pub(super) dedup: bool,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -133,6 +135,11 @@ impl<P: Process, S: Settle> Shared<P, S> {
             metrics::histogram!(crate::metrics::HANDLER_SECONDS)
                 .record(started.elapsed().as_secs_f64());
             if cx.is_cancelled() {
+                // Not acked; but if the handler succeeded its effect happened: mark it done so
+                // that the redelivery is recognised.
+                if let Some(mark) = cx.take_done() {
+                    mark.write().await;
+                }
                 self.not_processed(lease.as_ref());
                 return;
             }
@@ -159,7 +166,9 @@ impl<P: Process, S: Settle> Shared<P, S> {
     }
 
     fn context(&self, cancel: &CancellationToken) -> Context {
-        Context::with_stats(cancel.clone(), self.stats.clone()).with_stopping(self.stopping.clone())
+        let cx = Context::with_stats(cancel.clone(), self.stats.clone())
+            .with_stopping(self.stopping.clone());
+        if self.dedup { cx.with_done_slot() } else { cx }
     }
 }
 

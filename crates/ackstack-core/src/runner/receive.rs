@@ -58,6 +58,7 @@ impl<S: Source, L> Consumer<S, L> {
                     as crate::retry::OnInPlaceRetry
             });
         let terminal = Terminal::new(handler).classify(self.classifier.clone());
+        let has_dedup = self.dedup.is_some();
         let dedup = self
             .dedup
             .take()
@@ -98,6 +99,7 @@ impl<S: Source, L> Consumer<S, L> {
             stopping: CancellationToken::new(),
             on_refused: cfg.on_dead_letter_refused,
             refusals: Refusals::default(),
+            dedup: has_dedup,
         });
         let gate = per_key.then(KeyGate::new);
         let hard_stop = CancellationToken::new();

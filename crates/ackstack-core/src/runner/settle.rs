@@ -111,7 +111,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.counters
                     .succeeded
                     .fetch_add(1, AtomicOrdering::Relaxed);
-                self.acks.push_held(token, lease).await;
+                self.acks.push_held(token, lease, cx.take_done()).await;
                 return;
             }
             Outcome::Retry { after, failure } => {
@@ -136,7 +136,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
         match settled {
             Ok(Settled::Done) => {}
             Ok(Settled::AckOriginal(token)) => {
-                self.acks.push_held(token, lease).await;
+                self.acks.push_held(token, lease, None).await;
             }
             Err(SettleFailure { token, error }) => {
                 self.counters

@@ -1,0 +1,55 @@
+//! Done marks written right before their delivery's ack batch.
+//!
+//! A delivery acked by its handler must have its key marked done before the broker hears the
+//! ack (a redelivery after the ack would otherwise run again). Under the runner, the layer
+//! does not write the mark itself: it leaves a [`DoneMark`] in the delivery's
+//! [`Context`](crate::Context), the runner queues it with the ack, and the acker writes the
+//! marks of one ack batch together ([`write_all`]), right before that batch goes to the
+//! broker. A pipelining store (Redis) sends them in one round trip, so a done mark costs a
+//! fraction of a round trip per message instead of one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{DedupStore, ShowKey};
+
+/// A key to mark done once its handler succeeded.
+pub(crate) struct DoneMark {
+    pub(crate) store: Arc<dyn DedupStore>,
+    pub(crate) key: Vec<u8>,
+    pub(crate) token: String,
+    pub(crate) ttl: Duration,
+}
+
+impl std::fmt::Debug for DoneMark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DoneMark({})", ShowKey(&self.key))
+    }
+}
+
+impl DoneMark {
+    /// Replaces the claim by the done marker. A failure is logged, not returned: the effect
+    /// happened, so acking is still right (a later duplicate may run again).
+    pub(crate) async fn write(&self) {
+        match self.store.complete(&self.key, &self.token, self.ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(key = %ShowKey(&self.key), "dedup claim had lapsed before completion")
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, key = %ShowKey(&self.key), "could not mark the dedup key done")
+            }
+        }
+    }
+}
+
+/// Writes every mark at once and waits for all of them.
+pub(crate) async fn write_all(marks: &[DoneMark]) {
+    match marks {
+        [] => {}
+        [one] => one.write().await,
+        many => {
+            futures::future::join_all(many.iter().map(DoneMark::write)).await;
+        }
+    }
+}
