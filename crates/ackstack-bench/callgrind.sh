@@ -10,9 +10,14 @@
 #
 # Usage: crates/ackstack-bench/callgrind.sh            (N1=2000, N2=12000)
 #        N1=1000 N2=5000 crates/ackstack-bench/callgrind.sh
+#        crates/ackstack-bench/callgrind.sh --check    (exit 1 when a target is missed: bare
+#                                                      runner <= 3000, all layers <= 5000
+#                                                      instructions/msg, publishing subtracted)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/root/.cache/ackstack/target}"
+CHECK=0
+[ "${1:-}" = "--check" ] && CHECK=1
 N1="${N1:-2000}"
 N2="${N2:-12000}"
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
@@ -45,3 +50,11 @@ echo "| all layers (incl. publish) | ${PER[full]} |"
 echo "| bare runner − publish | $(( PER[bare] - PER[publish] )) |"
 echo "| all layers − publish | $(( PER[full] - PER[publish] )) |"
 echo "| layers' own cost (full − bare) | $(( PER[full] - PER[bare] )) |"
+if [ "$CHECK" = 1 ]; then
+    missed=0
+    bare=$(( PER[bare] - PER[publish] ))
+    full=$(( PER[full] - PER[publish] ))
+    if [ "$bare" -le 3000 ]; then echo "met    bare runner <= 3000 ($bare)"; else echo "MISSED bare runner <= 3000 ($bare)"; missed=1; fi
+    if [ "$full" -le 5000 ]; then echo "met    all layers <= 5000 ($full)"; else echo "MISSED all layers <= 5000 ($full)"; missed=1; fi
+    exit "$missed"
+fi

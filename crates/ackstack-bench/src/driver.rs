@@ -13,7 +13,7 @@ use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 use crate::common::{Dedup, Sample, unique};
 use crate::report::{Role, Series};
 
-/// The loops every broker runs (Kafka adds one of its own).
+/// The loops every broker runs (the in-memory broker adds its concurrency-1 rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Loop {
     /// The naive raw client loop.
@@ -24,8 +24,20 @@ pub enum Loop {
     Bare,
     /// All layers, deduplicating in this store.
     Full(Store),
-    /// All layers with in-memory dedup and the broker's buffer tuned (Kafka).
-    FullTuned,
+    /// One handler at a time: the bare runner (`None`) or all layers deduplicating in this
+    /// store (in-memory broker).
+    Serial(Option<Store>),
+}
+
+impl Loop {
+    /// Where the loop deduplicates, if it does.
+    pub fn store(self) -> Option<Store> {
+        match self {
+            Loop::RawNaive | Loop::RawTuned | Loop::Bare => None,
+            Loop::Full(store) | Loop::Serial(Some(store)) => Some(store),
+            Loop::Serial(None) => None,
+        }
+    }
 }
 
 /// Where an "all layers" loop deduplicates.
@@ -67,12 +79,12 @@ impl LoopStore {
             redis: None,
             inbox: None,
         };
-        match kind {
-            Loop::RawNaive | Loop::RawTuned | Loop::Bare => {}
-            Loop::Full(Store::Memory) | Loop::FullTuned => {
+        match kind.store() {
+            None => {}
+            Some(Store::Memory) => {
                 store.dedup = Dedup::Store(Arc::new(MemoryDedupStore::with_capacity(100_000)));
             }
-            Loop::Full(Store::Redis) => {
+            Some(Store::Redis) => {
                 let config = RedisDedupConfig::new(stores.redis.usable()?)
                     .key_prefix(format!("{}:", unique("ackstack-bench")));
                 let redis = RedisDedupStore::connect(config)
@@ -82,8 +94,8 @@ impl LoopStore {
                 store.dedup = Dedup::Store(redis.clone());
                 store.redis = Some(redis);
             }
-            Loop::Full(Store::Inbox | Store::InboxGrouped) => {
-                let group = if kind == Loop::Full(Store::Inbox) {
+            Some(inbox @ (Store::Inbox | Store::InboxGrouped)) => {
+                let group = if inbox == Store::Inbox {
                     1
                 } else {
                     COMMIT_GROUP

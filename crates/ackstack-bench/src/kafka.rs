@@ -31,9 +31,6 @@ const CONCURRENCY: usize = 64;
 /// Records per partition at most (the mock keeps about 18,000 records of 256 B).
 const PER_PARTITION: u64 = 10_000;
 
-/// The `buffer` of the extra row: enough that the source never pauses a partition.
-const BIG_BUFFER: usize = 20_000;
-
 struct Cluster {
     _mock: Option<MockCluster<'static, DefaultProducerContext>>,
     brokers: String,
@@ -222,12 +219,8 @@ async fn adapter(
     progress: Arc<Progress>,
     full: bool,
     dedup: Dedup,
-    buffer: Option<usize>,
 ) -> Result<LoopEnd, String> {
-    let mut config = cluster.config(group);
-    if let Some(b) = buffer {
-        config.buffer = b;
-    }
+    let config = cluster.config(group);
     let source = KafkaSource::new(&config).map_err(|e| format!("KafkaSource: {e}"))?;
     let stats = source.stats();
     let consumer_config = if full {
@@ -262,9 +255,8 @@ async fn one(
         match kind {
             Loop::RawNaive => raw(cluster, &g, p, false).await,
             Loop::RawTuned => raw(cluster, &g, p, true).await,
-            Loop::Bare => adapter(cluster, &g, p, false, dedup, None).await,
-            Loop::Full(_) => adapter(cluster, &g, p, true, dedup, None).await,
-            Loop::FullTuned => adapter(cluster, &g, p, true, dedup, Some(BIG_BUFFER)).await,
+            Loop::Bare | Loop::Serial(_) => adapter(cluster, &g, p, false, dedup).await,
+            Loop::Full(_) => adapter(cluster, &g, p, true, dedup).await,
         }
     })
     .await;
@@ -341,21 +333,13 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
                 "all layers (in-place retry/dead-letter, batch ack, lease keeper if the adapter reports a lease) + dedup in MemoryDedupStore",
             ),
         ),
-        (
-            Loop::FullTuned,
-            Series::new(
-                "kafka",
-                "ackstack full, buffer 20000",
-                Role::Ackstack,
-                what,
-                n,
-                format!(
-                    "as ackstack full with KafkaConfig::buffer = {BIG_BUFFER} instead of 256: the source then never pauses partitions (a pause drops librdkafka's prefetched records, fetched again on resume)"
-                ),
-            ),
-        ),
     ];
     loops.extend(store_rows("kafka", what, n, stores, false));
+    for (kind, series) in &mut loops {
+        if *kind == Loop::Full(Store::Redis) {
+            *series = series.clone().compared_to("ackstack full");
+        }
+    }
     let cluster = &cluster;
     Ok(interleave(opts, "kafka", loops, |kind| {
         one(cluster, kind, n, opts, stores)

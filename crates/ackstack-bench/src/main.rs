@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo run --release -p ackstack-bench -- [--brokers memory,rabbitmq,sqs,kafka]
-//!     [--messages N] [--rounds R] [--json PATH] [--timeout-secs S] [--concurrency N (in-memory rows)]
+//!     [--messages N] [--rounds R] [--json PATH] [--check] [--timeout-secs S] [--concurrency N (in-memory rows)]
 //! cargo run --release -p ackstack-bench -- --rss-scaling
 //! valgrind --tool=callgrind target/release/ackstack-bench --callgrind bare|full|tower|publish --messages N
 //! ```
@@ -22,6 +22,7 @@
 //! Heap allocations are counted by a counting global allocator over the whole process while a
 //! loop runs (client threads included); peak RSS is `VmHWM`, reset before each loop.
 
+mod check;
 mod common;
 mod driver;
 mod kafka;
@@ -50,6 +51,7 @@ pub struct Options {
     /// Rounds of interleaved loops.
     pub rounds: usize,
     json: Option<String>,
+    check: bool,
     /// Time budget of one loop, overriding the default.
     pub timeout_secs: Option<u64>,
     rss_scaling: bool,
@@ -59,7 +61,7 @@ pub struct Options {
     pub concurrency: Option<usize>,
 }
 
-const USAGE: &str = "usage: ackstack-bench [--brokers memory,rabbitmq,sqs,kafka] [--messages N] [--rounds R] [--json PATH] [--timeout-secs S]
+const USAGE: &str = "usage: ackstack-bench [--brokers memory,rabbitmq,sqs,kafka] [--messages N] [--rounds R] [--json PATH] [--check] [--timeout-secs S]
        ackstack-bench --rss-scaling
        ackstack-bench --callgrind publish|bare|full|tower [--messages N]";
 
@@ -74,6 +76,7 @@ fn parse_args() -> Result<Options, String> {
         messages: None,
         rounds: 5,
         json: None,
+        check: false,
         timeout_secs: None,
         concurrency: None,
         rss_scaling: false,
@@ -107,6 +110,7 @@ fn parse_args() -> Result<Options, String> {
             }
             "--timeout-secs" => opts.timeout_secs = Some(number(&value("--timeout-secs")?)?),
             "--rss-scaling" => opts.rss_scaling = true,
+            "--check" => opts.check = true,
             "--rss-child" => opts.rss_child = Some(number(&value("--rss-child")?)?),
             "--callgrind" => opts.callgrind = Some(value("--callgrind")?),
             "-h" | "--help" => return Err(USAGE.into()),
@@ -306,6 +310,9 @@ fn real_main() -> Result<(), String> {
     out.push_str("- ratios are median over median; \"indistinguishable\" means the [worst, best] spreads overlap\n");
     out.push_str("- msg/s runs from the first message handled to the loop's end (last ack, or the consumer's return after its shutdown flush)\n");
     out.push_str("- allocs/msg: whole process (client threads included) during the loop, over messages; peak RSS: VmHWM reset before each loop, highest over rounds, process-wide (it carries heap retained from earlier loops and, for Kafka, the in-process mock cluster's log), so bounded state is shown by --rss-scaling instead\n");
+    let checked = check::check(&rows, &opts.brokers);
+    out.push('\n');
+    out.push_str(&check::report(&checked));
     println!("{out}");
 
     if let Some(path) = &opts.json {
@@ -314,11 +321,24 @@ fn real_main() -> Result<(), String> {
             "machine": machine(),
             "rounds": opts.rounds,
             "rows": rows,
+            "targets": checked,
             "skipped": skipped,
         });
         let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
         std::fs::write(path, text).map_err(|e| format!("cannot write {path}: {e}"))?;
         eprintln!("wrote {path}");
+    }
+    let missed: Vec<&str> = checked
+        .iter()
+        .filter(|c| !c.met)
+        .map(|c| c.target.as_str())
+        .collect();
+    if opts.check && !missed.is_empty() {
+        return Err(format!(
+            "{} target(s) missed: {}",
+            missed.len(),
+            missed.join("; ")
+        ));
     }
     Ok(())
 }

@@ -127,7 +127,10 @@ async fn one(
     let broker = fill(n);
     let progress = Progress::new(n);
     let budget = budget(n, opts.timeout_secs);
-    let concurrency = opts.concurrency.unwrap_or(CONCURRENCY);
+    let concurrency = match kind {
+        Loop::Serial(_) => 1,
+        _ => opts.concurrency.unwrap_or(CONCURRENCY),
+    };
     let store = LoopStore::open(kind, stores, concurrency).await?;
     let p = progress.clone();
     let b = broker.clone();
@@ -136,8 +139,10 @@ async fn one(
         match kind {
             Loop::RawNaive => raw(b.source(QUEUE), p, false).await,
             Loop::RawTuned => raw(b.source(QUEUE), p, true).await,
-            Loop::Bare => run_consumer(&b, p, bare_config(concurrency, 64), dedup).await,
-            Loop::Full(_) | Loop::FullTuned => {
+            Loop::Bare | Loop::Serial(None) => {
+                run_consumer(&b, p, bare_config(concurrency, 64), dedup).await
+            }
+            Loop::Full(_) | Loop::Serial(Some(_)) => {
                 run_consumer(&b, p, full_config(concurrency, 64), dedup).await
             }
         }
@@ -207,6 +212,47 @@ pub async fn run(opts: &Options, stores: &Stores) -> Vec<Series> {
         ),
     ];
     loops.extend(store_rows("memory", what, n, stores, true));
+    loops.push((
+        Loop::Serial(None),
+        Series::new(
+            "memory",
+            "ackstack bare, concurrency 1",
+            Role::Ackstack,
+            what,
+            n,
+            "as ackstack bare with one handler at a time: the runner's cost per delivery, unhidden by concurrency",
+        ),
+    ));
+    loops.push((
+        Loop::Serial(Some(Store::Memory)),
+        Series::new(
+            "memory",
+            "ackstack full, concurrency 1",
+            Role::Ackstack,
+            what,
+            n,
+            "as ackstack full with one handler at a time",
+        ),
+    ));
+    if stores.redis.available() {
+        loops.push((
+            Loop::Serial(Some(Store::Redis)),
+            Series::new(
+                "memory",
+                "ackstack full + Redis dedup, concurrency 1",
+                Role::Ackstack,
+                what,
+                n,
+                "as ackstack full + Redis dedup with one handler at a time: claims cannot share a round trip; done marks go together before each ack batch",
+            )
+            .compared_to("ackstack full, concurrency 1"),
+        ));
+    }
+    for (kind, series) in &mut loops {
+        if *kind == Loop::Full(Store::Redis) {
+            *series = series.clone().compared_to("ackstack full");
+        }
+    }
     interleave(opts, "memory", loops, |kind| one(kind, n, opts, stores)).await
 }
 

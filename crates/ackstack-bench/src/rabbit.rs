@@ -282,7 +282,7 @@ async fn one_inner(
             Loop::RawNaive => raw(&uri, &queue, p, false).await,
             Loop::RawTuned => raw(&uri, &queue, p, true).await,
             Loop::Bare => adapter(config, p, false, dedup).await,
-            Loop::Full(_) | Loop::FullTuned => adapter(config, p, true, dedup).await,
+            Loop::Full(_) | Loop::Serial(_) => adapter(config, p, true, dedup).await,
         }
     })
     .await;

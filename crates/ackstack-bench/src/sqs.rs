@@ -233,7 +233,7 @@ async fn one_inner(
             Loop::RawNaive => raw(client, &queue.url, p, false).await,
             Loop::RawTuned => raw(client, &queue.url, p, true).await,
             Loop::Bare => adapter(client, queue, p, false, dedup).await,
-            Loop::Full(_) | Loop::FullTuned => adapter(client, queue, p, true, dedup).await,
+            Loop::Full(_) | Loop::Serial(_) => adapter(client, queue, p, true, dedup).await,
         }?;
         match feeder.await {
             Ok(Ok(())) => Ok(end),
