@@ -533,14 +533,13 @@ async fn a_lost_dedup_claim_is_not_acked_and_the_duplicate_is_absorbed() {
 
 /// The done marks of deliveries acked together are written together, right before their ack
 /// batch: each key is done while its message is still unacked (done before ack), and even at
-/// concurrency 1 (deliveries one at a time) the marks go to the store at once, so a
-/// pipelining store sends them in one round trip rather than one per message.
+/// concurrency 1 (deliveries one at a time) the marks go to the store in one `complete_all`
+/// call, which a pipelining store sends in one round trip rather than one per message.
 #[tokio::test]
 async fn dedup_done_marks_of_one_ack_batch_go_together_and_before_the_ack() {
     struct Recorder {
         inner: MemoryDedupStore,
         broker: MemoryBroker,
-        now: AtomicUsize,
         most_at_once: AtomicUsize,
         after_ack: AtomicUsize,
         completes: AtomicUsize,
@@ -571,12 +570,21 @@ async fn dedup_done_marks_of_one_ack_batch_go_together_and_before_the_ack() {
                     self.after_ack.fetch_add(1, Ordering::SeqCst);
                 }
                 self.completes.fetch_add(1, Ordering::SeqCst);
-                let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-                self.most_at_once.fetch_max(now, Ordering::SeqCst);
-                // A store call takes a moment: marks sent together overlap here.
-                tokio::task::yield_now().await;
-                self.now.fetch_sub(1, Ordering::SeqCst);
                 self.inner.complete(key, token, ttl).await
+            })
+        }
+        fn complete_all<'a>(
+            &'a self,
+            marks: &'a [(&'a [u8], &'a str)],
+            ttl: Duration,
+        ) -> BoxFuture<'a, Vec<Result<bool, DedupError>>> {
+            self.most_at_once.fetch_max(marks.len(), Ordering::SeqCst);
+            Box::pin(async move {
+                let mut out = Vec::new();
+                for (key, token) in marks {
+                    out.push(self.complete(key, token, ttl).await);
+                }
+                out
             })
         }
         fn release<'a>(
@@ -603,7 +611,6 @@ async fn dedup_done_marks_of_one_ack_batch_go_together_and_before_the_ack() {
     let store = Arc::new(Recorder {
         inner: MemoryDedupStore::new(),
         broker: broker.clone(),
-        now: AtomicUsize::new(0),
         most_at_once: AtomicUsize::new(0),
         after_ack: AtomicUsize::new(0),
         completes: AtomicUsize::new(0),

@@ -163,6 +163,19 @@ impl RedisDedupStore {
     }
 
     async fn call(&self, op: Op, key: &[u8], token: &str) -> Result<Reply, RedisDedupError> {
+        let deadline = tokio::time::Instant::now() + self.shared.timeout;
+        let answer = self.enqueue(op, key, token, deadline).await?;
+        self.answer(answer, deadline).await
+    }
+
+    /// Queues one call for the next pipeline; its answer comes on the returned channel.
+    async fn enqueue(
+        &self,
+        op: Op,
+        key: &[u8],
+        token: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<oneshot::Receiver<Result<Reply, RedisDedupError>>, RedisDedupError> {
         self.shared
             .counters
             .operations
@@ -177,18 +190,51 @@ impl RedisDedupStore {
             token: token.to_owned(),
             reply,
         };
-        let round = async {
-            self.shared
-                .tx
-                .send(request)
-                .await
-                .map_err(|_| RedisDedupError::Closed)?;
-            answer.await.map_err(|_| RedisDedupError::Closed)?
-        };
-        match tokio::time::timeout(self.shared.timeout, round).await {
-            Ok(result) => result,
+        match tokio::time::timeout_at(deadline, self.shared.tx.send(request)).await {
+            Ok(Ok(())) => Ok(answer),
+            Ok(Err(_)) => Err(RedisDedupError::Closed),
             Err(_) => Err(RedisDedupError::Timeout(self.shared.timeout)),
         }
+    }
+
+    /// Waits for a queued call's answer until `deadline`.
+    async fn answer(
+        &self,
+        answer: oneshot::Receiver<Result<Reply, RedisDedupError>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Reply, RedisDedupError> {
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(RedisDedupError::Closed),
+            Err(_) => Err(RedisDedupError::Timeout(self.shared.timeout)),
+        }
+    }
+
+    /// Marks every `(key, token)` done for `ttl` (see [`DedupStore::complete_all`]): all are
+    /// queued before any answer is awaited, so they share pipelines (one round trip for up
+    /// to `pipeline.max_batch` of them).
+    pub async fn try_complete_all(
+        &self,
+        marks: &[(&[u8], &str)],
+        ttl: Duration,
+    ) -> Vec<Result<bool, RedisDedupError>> {
+        let op = Op::Complete {
+            ttl_ms: expiry_ms(ttl),
+        };
+        let deadline = tokio::time::Instant::now() + self.shared.timeout;
+        let mut queued = Vec::with_capacity(marks.len());
+        for (key, token) in marks {
+            queued.push(self.enqueue(op, key, token, deadline).await);
+        }
+        let mut out = Vec::with_capacity(marks.len());
+        for q in queued {
+            let reply = match q {
+                Ok(answer) => self.answer(answer, deadline).await,
+                Err(e) => Err(e),
+            };
+            out.push(reply.and_then(as_flag));
+        }
+        out
     }
 
     /// Claims `key` (see [`DedupStore::claim`]), with this crate's error type.
@@ -239,10 +285,14 @@ impl RedisDedupStore {
     }
 
     async fn flag(&self, op: Op, key: &[u8], token: &str) -> Result<bool, RedisDedupError> {
-        match self.call(op, key, token).await? {
-            Reply::Flag(done) => Ok(done),
-            Reply::Claim(_) => Err(RedisDedupError::UnexpectedReply("claim for a flag".into())),
-        }
+        as_flag(self.call(op, key, token).await?)
+    }
+}
+
+fn as_flag(reply: Reply) -> Result<bool, RedisDedupError> {
+    match reply {
+        Reply::Flag(done) => Ok(done),
+        Reply::Claim(_) => Err(RedisDedupError::UnexpectedReply("claim for a flag".into())),
     }
 }
 
@@ -263,6 +313,20 @@ impl DedupStore for RedisDedupStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, DedupError>> {
         Box::pin(async move { Ok(self.try_complete(key, token, ttl).await?) })
+    }
+
+    fn complete_all<'a>(
+        &'a self,
+        marks: &'a [(&'a [u8], &'a str)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Vec<Result<bool, DedupError>>> {
+        Box::pin(async move {
+            self.try_complete_all(marks, ttl)
+                .await
+                .into_iter()
+                .map(|r| r.map_err(DedupError::from))
+                .collect()
+        })
     }
 
     fn release<'a>(

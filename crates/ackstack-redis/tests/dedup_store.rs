@@ -296,6 +296,42 @@ async fn concurrent_calls_share_round_trips() {
     assert_eq!(after.failed_round_trips, 0);
 }
 
+/// The done marks of one ack batch, from one caller, go in one pipeline; each answer is its
+/// own (a mark whose claim another token holds is refused).
+#[tokio::test]
+async fn complete_all_sends_the_marks_of_one_caller_in_one_round_trip() {
+    let store = store("complete-all").await;
+    let keys: Vec<String> = (0..50).map(|i| format!("all-{i}")).collect();
+    for key in &keys {
+        assert_eq!(
+            store.claim(key.as_bytes(), "mine", LEASE).await.unwrap(),
+            Claim::Acquired
+        );
+    }
+    assert_eq!(
+        store.claim(b"all-theirs", "theirs", LEASE).await.unwrap(),
+        Claim::Acquired
+    );
+    let mut marks: Vec<(&[u8], &str)> = keys.iter().map(|k| (k.as_bytes(), "mine")).collect();
+    marks.push((b"all-theirs", "mine"));
+    let before = store.stats();
+    let answers = store.complete_all(&marks, TTL).await;
+    let after = store.stats();
+    assert_eq!(answers.len(), 51);
+    assert!(answers[..50].iter().all(|a| matches!(a, Ok(true))));
+    assert!(
+        matches!(answers[50], Ok(false)),
+        "another token's claim is left alone"
+    );
+    assert_eq!(after.round_trips - before.round_trips, 1);
+    for key in &keys {
+        assert_eq!(
+            store.claim(key.as_bytes(), "again", LEASE).await.unwrap(),
+            Claim::Done
+        );
+    }
+}
+
 #[tokio::test]
 async fn max_batch_bounds_pipeline_size() {
     let config = RedisDedupConfig::new(redis_url())

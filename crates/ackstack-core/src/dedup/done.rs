@@ -31,7 +31,11 @@ impl DoneMark {
     /// Replaces the claim by the done marker. A failure is logged, not returned: the effect
     /// happened, so acking is still right (a later duplicate may run again).
     pub(crate) async fn write(&self) {
-        match self.store.complete(&self.key, &self.token, self.ttl).await {
+        self.log(self.store.complete(&self.key, &self.token, self.ttl).await);
+    }
+
+    fn log(&self, answer: Result<bool, super::DedupError>) {
+        match answer {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(key = %ShowKey(&self.key), "dedup claim had lapsed before completion")
@@ -43,13 +47,28 @@ impl DoneMark {
     }
 }
 
-/// Writes every mark at once and waits for all of them.
+/// Writes every mark and waits for all of them: marks of one store and TTL (normally all of
+/// them) in one [`DedupStore::complete_all`] call.
 pub(crate) async fn write_all(marks: &[DoneMark]) {
-    match marks {
-        [] => {}
-        [one] => one.write().await,
-        many => {
-            futures::future::join_all(many.iter().map(DoneMark::write)).await;
+    let mut rest = marks;
+    while let Some(first) = rest.first() {
+        let same = rest
+            .iter()
+            .take_while(|m| Arc::ptr_eq(&m.store, &first.store) && m.ttl == first.ttl)
+            .count();
+        let (group, tail) = rest.split_at(same);
+        if let [one] = group {
+            one.write().await;
+        } else {
+            let pairs: Vec<(&[u8], &str)> = group
+                .iter()
+                .map(|m| (&m.key[..], m.token.as_str()))
+                .collect();
+            let answers = first.store.complete_all(&pairs, first.ttl).await;
+            for (mark, answer) in group.iter().zip(answers) {
+                mark.log(answer);
+            }
         }
+        rest = tail;
     }
 }

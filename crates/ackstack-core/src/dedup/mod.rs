@@ -94,6 +94,25 @@ pub trait DedupStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, DedupError>>;
 
+    /// Marks every `(key, token)` of `marks` done for `ttl`, each as
+    /// [`complete`](Self::complete) would; one answer per mark, in order. The runner calls it
+    /// with the marks of one ack batch, right before the batch is acked. The default completes
+    /// them one after another; a store that can send them together overrides it (the Redis
+    /// store: one pipeline).
+    fn complete_all<'a>(
+        &'a self,
+        marks: &'a [(&'a [u8], &'a str)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Vec<Result<bool, DedupError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(marks.len());
+            for (key, token) in marks {
+                out.push(self.complete(key, token, ttl).await);
+            }
+            out
+        })
+    }
+
     /// Deletes the claim on `key` if `token` still holds it.
     fn release<'a>(
         &'a self,
