@@ -211,27 +211,28 @@ async fn run<S: Settle>(
     let mut held: HashMap<u64, Held<S::Token>> = HashMap::new();
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     let mut calls: JoinSet<(u64, Instant, Extended)> = JoinSet::new();
+    // One timer, moved when the earliest due time changes: a new sleep per turn of the loop
+    // would register and cancel a timer for every command (two per delivery).
+    let timer = tokio::time::sleep_until(far_future(Instant::now()));
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
         let next = due.peek().map(|Reverse((at, _))| *at);
+        if next != armed {
+            if let Some(at) = next {
+                timer.as_mut().reset(at);
+            }
+            armed = next;
+        }
         tokio::select! {
-            cmd = rx.recv() => match cmd {
-                Some(Command::Hold { id, token, received, cancel, state }) => {
-                    let expires = later(received, lease);
-                    let extend_at = later(received, extend_after);
-                    held.insert(id, Held { token, received, expires, extend_at, cancel, state, extending: false, released: None });
-                    due.push(Reverse((extend_at, id)));
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                let mut schedule = Schedule { held: &mut held, due: &mut due, lease, extend_after };
+                schedule.apply(cmd);
+                // Everything already queued, without a turn of the loop each.
+                while let Ok(cmd) = rx.try_recv() {
+                    schedule.apply(cmd);
                 }
-                Some(Command::Drop(id)) => {
-                    held.remove(&id);
-                }
-                Some(Command::Release(id, done)) => match held.get_mut(&id) {
-                    Some(h) if h.extending => h.released = Some(done),
-                    _ => {
-                        held.remove(&id);
-                        let _ = done.send(());
-                    }
-                },
-                None => break,
             },
             Some(done) = calls.join_next(), if !calls.is_empty() => {
                 let Ok((id, started, result)) = done else { continue };
@@ -259,7 +260,8 @@ async fn run<S: Settle>(
                     }
                 }
             },
-            _ = sleep_until(next), if next.is_some() => {
+            _ = &mut timer, if armed.is_some() => {
+                armed = None;
                 let now = Instant::now();
                 while let Some(Reverse((at, id))) = due.peek().copied() {
                     if at > now {
@@ -321,9 +323,51 @@ fn far_future(now: Instant) -> Instant {
     later(now, Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// The keeper's schedule, as a command changes it.
+struct Schedule<'a, T> {
+    held: &'a mut HashMap<u64, Held<T>>,
+    due: &'a mut BinaryHeap<Reverse<(Instant, u64)>>,
+    lease: Duration,
+    extend_after: Duration,
+}
+
+impl<T> Schedule<'_, T> {
+    fn apply(&mut self, cmd: Command<T>) {
+        match cmd {
+            Command::Hold {
+                id,
+                token,
+                received,
+                cancel,
+                state,
+            } => {
+                let expires = later(received, self.lease);
+                let extend_at = later(received, self.extend_after);
+                self.held.insert(
+                    id,
+                    Held {
+                        token,
+                        received,
+                        expires,
+                        extend_at,
+                        cancel,
+                        state,
+                        extending: false,
+                        released: None,
+                    },
+                );
+                self.due.push(Reverse((extend_at, id)));
+            }
+            Command::Drop(id) => {
+                self.held.remove(&id);
+            }
+            Command::Release(id, done) => match self.held.get_mut(&id) {
+                Some(h) if h.extending => h.released = Some(done),
+                _ => {
+                    self.held.remove(&id);
+                    let _ = done.send(());
+                }
+            },
+        }
     }
 }
