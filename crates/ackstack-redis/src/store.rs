@@ -37,6 +37,8 @@ struct Shared {
     counters: Arc<Counters>,
     prefix: String,
     timeout: Duration,
+    /// The most calls in one pipeline (for the deadline of a batch of marks).
+    max_batch: usize,
     redacted_url: String,
     conn: ConnectionManager,
 }
@@ -140,6 +142,7 @@ impl RedisDedupStore {
                 counters,
                 prefix: config.key_prefix,
                 timeout: config.timeout,
+                max_batch: pipeline.max_batch,
                 redacted_url,
                 conn,
             }),
@@ -212,7 +215,8 @@ impl RedisDedupStore {
 
     /// Marks every `(key, token)` done for `ttl` (see [`DedupStore::complete_all`]): all are
     /// queued before any answer is awaited, so they share pipelines (one round trip for up
-    /// to `pipeline.max_batch` of them).
+    /// to `pipeline.max_batch` of them). The batch may take [`RedisDedupConfig::timeout`] per
+    /// pipeline it fills, so that the tail of a large batch does not time out behind its head.
     pub async fn try_complete_all(
         &self,
         marks: &[(&[u8], &str)],
@@ -221,7 +225,12 @@ impl RedisDedupStore {
         let op = Op::Complete {
             ttl_ms: expiry_ms(ttl),
         };
-        let deadline = tokio::time::Instant::now() + self.shared.timeout;
+        let pipelines = marks.len().div_ceil(self.shared.max_batch.max(1)).max(1);
+        let budget = self
+            .shared
+            .timeout
+            .saturating_mul(u32::try_from(pipelines).unwrap_or(u32::MAX));
+        let deadline = tokio::time::Instant::now() + budget;
         let mut queued = Vec::with_capacity(marks.len());
         for (key, token) in marks {
             queued.push(self.enqueue(op, key, token, deadline).await);

@@ -80,15 +80,22 @@ impl<T: Send + 'static> AckQueue<T> {
         done: Option<DoneMark>,
     ) -> bool {
         let pending = Pending { token, lease, done };
-        match self.tx.send(pending).await {
-            Ok(()) => true,
-            Err(mpsc::error::SendError(pending)) => {
+        let mut pending = match self.tx.try_send(pending) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Full(pending)) => pending,
+            Err(mpsc::error::TrySendError::Closed(pending)) => {
                 if let Some(mark) = pending.done {
                     mark.write().await;
                 }
-                false
+                return false;
             }
+        };
+        // The acks are backed up: write the done mark now rather than after the wait, which
+        // could outlast the dedup claim (the mark would then be refused).
+        if let Some(mark) = pending.done.take() {
+            mark.write().await;
         }
+        self.tx.send(pending).await.is_ok()
     }
 }
 
@@ -177,6 +184,11 @@ async fn run<S: Settle>(
                 Err(_) => break,
             }
         }
+        if calls.len() >= parallel {
+            // Every ack call is busy: write this batch's done marks now rather than after the
+            // wait, which could outlast their dedup claims.
+            write_marks(&mut batch).await;
+        }
         while calls.len() >= parallel {
             calls.join_next().await;
         }
@@ -188,12 +200,16 @@ async fn run<S: Settle>(
     while calls.join_next().await.is_some() {}
 }
 
+/// Writes (and takes) the dedup done marks of `batch`, in one store call.
+async fn write_marks<T>(batch: &mut [Pending<T>]) {
+    let marks: Vec<DoneMark> = batch.iter_mut().filter_map(|p| p.done.take()).collect();
+    done::write_all(&marks).await;
+}
+
 async fn send<S: Settle>(settler: S, mut batch: Vec<Pending<S::Token>>, stats: Arc<AckStats>) {
     // Done before ack: the batch's dedup marks, all together (one round trip to a pipelining
     // store). Also for deliveries whose lease was lost below: their effect happened.
-    let marks: Vec<DoneMark> = batch.iter_mut().filter_map(|p| p.done.take()).collect();
-    done::write_all(&marks).await;
-    drop(marks);
+    write_marks(&mut batch).await;
     // A delivery whose lease was lost while its ack waited is not ours any more: the broker
     // redelivers it, so it must not be acked (invariant 6 in docs/CONTRACT.md).
     let before = batch.len();
@@ -307,6 +323,45 @@ mod tests {
         let batches = settler.batches.lock().unwrap();
         assert_eq!(batches.last().unwrap().0, 1, "flushed on shutdown");
         assert!(batches.iter().all(|b| b.0 <= 10));
+    }
+
+    /// While every ack call hangs, the done marks of the batches waiting behind it are written
+    /// at once, not after the wait (which could outlast their dedup claims).
+    #[tokio::test(start_paused = true)]
+    async fn done_marks_are_written_without_waiting_for_a_stuck_ack_call() {
+        use crate::dedup::{Claim, DedupStore, MemoryDedupStore};
+        let stuck = Recording {
+            stuck: true,
+            ..Recording::default()
+        };
+        let store = Arc::new(MemoryDedupStore::new());
+        let lease = Duration::from_secs(30);
+        let acker = BatchAcker::spawn(stuck, 2, Duration::from_millis(10), 1, 64);
+        let queue = acker.queue();
+        for i in 0..6u32 {
+            let key = format!("k{i}").into_bytes();
+            assert_eq!(
+                store.claim(&key, "t", lease).await.unwrap(),
+                Claim::Acquired
+            );
+            let mark = DoneMark {
+                store: store.clone(),
+                key,
+                token: "t".to_string(),
+                ttl: Duration::from_secs(60),
+            };
+            assert!(queue.push_held(i, None, Some(mark)).await);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The first batch's call hangs; the next batch waits for a free call slot. Its marks
+        // (k2, k3) are written already.
+        for key in ["k0", "k1", "k2", "k3"] {
+            assert_eq!(
+                store.claim(key.as_bytes(), "other", lease).await.unwrap(),
+                Claim::Done,
+                "{key} not marked done"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
