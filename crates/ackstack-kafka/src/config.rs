@@ -56,8 +56,11 @@ pub struct KafkaConfig {
     )]
     pub produce_timeout: Duration,
     /// How many received records may wait for the runner (default 1024). Beyond it, records
-    /// stay in librdkafka's per-partition prefetch queues, bounded by its `queued.min.messages`
-    /// and `queued.max.messages.kbytes` (settable as [`properties`](Self::properties)).
+    /// stay in librdkafka's prefetch queue of their partition, which librdkafka fills up to
+    /// `queued.min.messages` records or `queued.max.messages.kbytes`, **per partition** here
+    /// (each partition's queue is read on its own). ackstack sets `queued.max.messages.kbytes`
+    /// to 8192 (8 MiB per partition) unless [`properties`](Self::properties) set it: lower it
+    /// for consumers of many partitions.
     #[serde(default = "default_buffer")]
     pub buffer: usize,
     /// The consumer name recorded in deliveries' origin and dead-letter metadata (default: the
@@ -106,6 +109,10 @@ fn default_offset_reset() -> String {
 fn default_produce_timeout() -> Duration {
     Duration::from_secs(30)
 }
+/// The `queued.max.messages.kbytes` ackstack sets unless the properties do: the prefetch
+/// bound of each partition's queue.
+const DEFAULT_QUEUED_MAX_KBYTES: u32 = 8192;
+
 fn default_buffer() -> usize {
     1024
 }
@@ -212,6 +219,12 @@ impl KafkaConfig {
                 "session.timeout.ms",
                 self.session_timeout.as_millis().to_string(),
             );
+        // Each partition's queue is read on its own (see `queues.rs`), so librdkafka's prefetch
+        // bound applies per partition: keep it well below its 64 MiB default.
+        c.set(
+            "queued.max.messages.kbytes",
+            DEFAULT_QUEUED_MAX_KBYTES.to_string(),
+        );
         for (k, v) in &self.properties {
             c.set(k, v);
         }

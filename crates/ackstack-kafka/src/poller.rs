@@ -199,12 +199,22 @@ impl Poller {
     fn serve_consumer_queue(&mut self) -> bool {
         let consumer = self.consumer.clone();
         let mut busy = false;
+        // `None` also answers a poll that served an event (a rebalance, a commit result), with
+        // more possibly behind it: stop at the second `None` in a row.
+        let mut empty = 0;
         for _ in 0..MAIN_BATCH {
             match consumer.poll(Duration::ZERO) {
-                None => break,
+                None => {
+                    empty += 1;
+                    if empty == 2 {
+                        break;
+                    }
+                    continue;
+                }
                 Some(Ok(message)) => self.on_message(&message, false),
                 Some(Err(error)) => self.on_error(error),
             }
+            empty = 0;
             busy = true;
         }
         busy
@@ -247,11 +257,12 @@ impl Poller {
 
     /// Sleeps until a queue becomes non-empty, a receive makes room (if the runner has none
     /// now), or the next commit check is due.
-    fn idle(&self) {
+    fn idle(&mut self) {
         if !self.has_room() && !self.shared.closing.load(Ordering::SeqCst) {
             self.shared.flow.want_room();
             // A receive between the look above and asking for room does not wake the thread:
-            // look again.
+            // hand over what waits and look again.
+            self.hand_over();
             if self.has_room() {
                 return;
             }

@@ -71,8 +71,7 @@ impl Flow {
 
     /// Called by a receive after it took records: wakes the thread if it waits for room.
     pub(crate) fn room_made(&self) {
-        if self.wants_room.load(Ordering::Relaxed) && self.wants_room.swap(false, Ordering::SeqCst)
-        {
+        if self.wants_room.load(Ordering::SeqCst) && self.wants_room.swap(false, Ordering::SeqCst) {
             self.wake();
         }
     }

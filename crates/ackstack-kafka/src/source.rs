@@ -40,7 +40,8 @@ const IDLE_WAIT: Duration = Duration::from_secs(1);
 ///   Each assigned partition's records come from its own librdkafka queue, which the thread
 ///   does not read while the channel is full (it keeps serving the consumer queue): nothing
 ///   prefetched is thrown away, and librdkafka's `queued.min.messages` /
-///   `queued.max.messages.kbytes` bound what waits. So a record that retries in place never
+///   `queued.max.messages.kbytes` bound what waits, per partition (see
+///   [`KafkaConfig::buffer`]). So a record that retries in place never
 ///   makes the consumer buffer without bound nor leave its group (see `queues.rs`);
 /// * every offset is tracked in its partition's watermark on the poll thread, before the runner
 ///   sees it, and rebalance callbacks run on that same thread, so a token's generation is always

@@ -229,8 +229,10 @@ async fn run<S: Settle>(
                 let Some(cmd) = cmd else { break };
                 let mut schedule = Schedule { held: &mut held, due: &mut due, lease, extend_after };
                 schedule.apply(cmd);
-                // Everything already queued, without a turn of the loop each.
-                while let Ok(cmd) = rx.try_recv() {
+                // What is already queued, without a turn of the loop each; bounded, so that
+                // extensions and lapses are looked at between bursts.
+                for _ in 0..DRAIN_MAX {
+                    let Ok(cmd) = rx.try_recv() else { break };
                     schedule.apply(cmd);
                 }
             },
@@ -322,6 +324,9 @@ fn lose<T>(h: &mut Held<T>) {
 fn far_future(now: Instant) -> Instant {
     later(now, Duration::from_secs(100 * 365 * 24 * 3600))
 }
+
+/// Commands applied in one turn of the keeper's loop at most.
+const DRAIN_MAX: usize = 1024;
 
 /// Hashes the keeper's ids (unique, sequential `u64`s made here, never from outside) with one
 /// multiplication instead of SipHash: two map operations per delivery.
