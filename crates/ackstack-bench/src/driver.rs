@@ -158,7 +158,8 @@ pub fn store_rows(
                 what,
                 n,
                 "all layers, dedup in RedisDedupStore (pipelined)",
-            ),
+            )
+            .compared_to("ackstack full"),
         ));
     }
     if inbox && stores.postgres.available() {

@@ -335,11 +335,6 @@ pub async fn run(opts: &Options, stores: &Stores) -> Result<Vec<Series>, String>
         ),
     ];
     loops.extend(store_rows("kafka", what, n, stores, false));
-    for (kind, series) in &mut loops {
-        if *kind == Loop::Full(Store::Redis) {
-            *series = series.clone().compared_to("ackstack full");
-        }
-    }
     let cluster = &cluster;
     Ok(interleave(opts, "kafka", loops, |kind| {
         one(cluster, kind, n, opts, stores)

@@ -248,11 +248,6 @@ pub async fn run(opts: &Options, stores: &Stores) -> Vec<Series> {
             .compared_to("ackstack full, concurrency 1"),
         ));
     }
-    for (kind, series) in &mut loops {
-        if *kind == Loop::Full(Store::Redis) {
-            *series = series.clone().compared_to("ackstack full");
-        }
-    }
     interleave(opts, "memory", loops, |kind| one(kind, n, opts, stores)).await
 }
 

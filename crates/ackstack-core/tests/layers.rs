@@ -544,6 +544,21 @@ async fn dedup_done_marks_of_one_ack_batch_go_together_and_before_the_ack() {
         after_ack: AtomicUsize,
         completes: AtomicUsize,
     }
+    impl Recorder {
+        /// Counts the mark of `key` and whether its message was already acked.
+        fn check_unacked(&self, key: &[u8]) {
+            let id = String::from_utf8_lossy(key);
+            let unacked = self
+                .broker
+                .peek_all("q")
+                .iter()
+                .any(|m| m.message_id.as_deref() == Some(&*id));
+            if !unacked {
+                self.after_ack.fetch_add(1, Ordering::SeqCst);
+            }
+            self.completes.fetch_add(1, Ordering::SeqCst);
+        }
+    }
     impl DedupStore for Recorder {
         fn claim<'a>(
             &'a self,
@@ -559,19 +574,8 @@ async fn dedup_done_marks_of_one_ack_batch_go_together_and_before_the_ack() {
             token: &'a str,
             ttl: Duration,
         ) -> BoxFuture<'a, Result<bool, DedupError>> {
-            Box::pin(async move {
-                let id = String::from_utf8_lossy(key).into_owned();
-                let unacked = self
-                    .broker
-                    .peek_all("q")
-                    .iter()
-                    .any(|m| m.message_id.as_deref() == Some(id.as_str()));
-                if !unacked {
-                    self.after_ack.fetch_add(1, Ordering::SeqCst);
-                }
-                self.completes.fetch_add(1, Ordering::SeqCst);
-                self.inner.complete(key, token, ttl).await
-            })
+            self.check_unacked(key);
+            self.inner.complete(key, token, ttl)
         }
         fn complete_all<'a>(
             &'a self,
@@ -579,13 +583,10 @@ async fn dedup_done_marks_of_one_ack_batch_go_together_and_before_the_ack() {
             ttl: Duration,
         ) -> BoxFuture<'a, Vec<Result<bool, DedupError>>> {
             self.most_at_once.fetch_max(marks.len(), Ordering::SeqCst);
-            Box::pin(async move {
-                let mut out = Vec::new();
-                for (key, token) in marks {
-                    out.push(self.complete(key, token, ttl).await);
-                }
-                out
-            })
+            for (key, _) in marks {
+                self.check_unacked(key);
+            }
+            self.inner.complete_all(marks, ttl)
         }
         fn release<'a>(
             &'a self,
