@@ -99,6 +99,7 @@ pub mod outcome;
 pub mod publish;
 pub mod retry;
 pub mod runner;
+pub mod signal;
 pub mod source;
 #[cfg(feature = "tower")]
 pub mod tower;
@@ -124,5 +125,6 @@ pub use runner::{
     ConfigError, Consumer, ConsumerConfig, ConsumerError, DeliveryMode, Inspector, KeyOrdering,
     OnRefused, Status, Summary,
 };
+pub use signal::shutdown_signal;
 pub use source::{AckReport, Capabilities, Received, Settle, SettleFailure, Settled, Source};
 pub use watermark::Watermark;

@@ -103,7 +103,7 @@ pub use ackstack_core::{
     DeadLetterReason, DedupConfig, DedupKey, DedupStore, Delivery, DeliveryMode, ErrorKind,
     Failure, Handler, HandlerError, HandlerFn, Headers, Inspector, Jitter, KeyOrdering, Layer,
     LeaseConfig, MemoryBroker, MemoryDedupStore, Message, OnRefused, OnStoreError, Origin, Outcome,
-    Publish, PublishError, RetryConfig, Status, Summary, handler_fn,
+    Publish, PublishError, RetryConfig, Status, Summary, handler_fn, shutdown_signal,
 };
 
 /// Decoding helpers for handlers (`decode::json`: a payload that does not parse is a

@@ -248,6 +248,7 @@ async fn run<S: Settle>(
                 match result {
                     Extended::Ok => {
                         metrics::counter!(crate::metrics::LEASE_EXTENSIONS).increment(1);
+                        tracing::debug!(by = ?lease, "lease extended");
                         h.expires = later(started, lease);
                         h.extend_at = later(started, extend_after);
                         due.push(Reverse((h.extend_at, id)));
@@ -285,6 +286,10 @@ async fn run<S: Settle>(
                     }
                     if now.duration_since(h.received).saturating_add(lease) > config.max_total {
                         // No more extensions: the lease lapses at `expires`.
+                        tracing::info!(
+                            max_total = ?config.max_total,
+                            "lease held for its longest allowed time; it will not be extended again"
+                        );
                         h.extend_at = far_future(now);
                         due.push(Reverse((h.expires, id)));
                         continue;
