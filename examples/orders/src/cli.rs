@@ -1,41 +1,34 @@
 //! The command line: flags, environment variables, and what they ask for.
+//!
+//! The flags are parsed by clap; the environment fallbacks (`AMQP_URL`, `SQS_ENDPOINT`,
+//! `KAFKA_BROKERS`, `REDIS_URL`, `DATABASE_URL`) are applied afterwards, so that a variable set
+//! to an empty string counts as unset. The flags, their defaults, the output lines and the exit
+//! codes are a contract that scripts drive: `tests/cli.rs` checks them.
 
+use std::ffi::OsString;
 use std::time::Duration;
 
 use ackstack::Backoff;
+use clap::builder::RangedU64ValueParser;
+use clap::{Parser, ValueEnum};
 
 use crate::MAX_RETRY_DELAY;
 
-pub(crate) const USAGE: &str = "\
-orders: publishes sample orders, consumes them reliably, and prints what happened to each.
+/// The help page's layout: clap fills in the usage line and the options.
+const HELP_TEMPLATE: &str = "\
+{about}
 
 USAGE:
-    orders [OPTIONS]
+    {usage}
 
 OPTIONS:
-    --broker NAME          memory | rabbitmq | sqs | kafka (default memory)
-    --queue NAME           queue (Kafka: topic) to use; dead letters go to NAME-dlq (default orders)
-    --consume-only         publish nothing; consume what is already on the queue
-    --exit-when-idle SECS  exit once nothing was received and nothing was in flight for SECS
-                           (default: 3 when publishing; never with --consume-only)
-    --concurrency N        handlers running at once (default 8)
-    --max-attempts N       attempts before a failing order is dead-lettered (default 4)
-    --base-delay-ms N      retry backoff base in ms; doubles per attempt, equal jitter,
-                           capped at 10 s (default 200)
-    --amqp-url URL         RabbitMQ (env AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f)
-    --sqs-endpoint URL     SQS endpoint (env SQS_ENDPOINT, default http://127.0.0.1:4566)
-    --kafka-brokers LIST   Kafka bootstrap servers (env KAFKA_BROKERS; unset: an in-process
-                           mock cluster is started)
-    --redis-url URL        Redis for deduplication and the charge ledger (env REDIS_URL; unset:
-                           both are kept in memory)
-    --database-url URL     PostgreSQL for a transactional inbox and the charge ledger, each
-                           charge committed with its inbox row (env DATABASE_URL; wins over
-                           --redis-url when both are given)
-    --connect-timeout SECS give up (exit 1) when the broker, Redis or PostgreSQL has not
-                           answered within SECS of starting (default: wait for ever, retrying
-                           with backoff)
-    -h, --help             print this help
+{options}
 
+{after-help}
+";
+
+/// What follows the options on the help page.
+const AFTER_HELP: &str = "\
 OUTPUT (stdout, one line per event):
     published order_id=ID
     acked order_id=ID attempt=N
@@ -51,23 +44,85 @@ EXIT CODES:
     out, 2 bad arguments. An unreachable broker, Redis or PostgreSQL is waited for, not an
     error.
 
-Logs go to stderr; set RUST_LOG (default warn).
-";
+Logs go to stderr; set RUST_LOG (default warn).";
 
 /// How long a publishing run waits with nothing to do before it exits, unless told otherwise.
 pub(crate) const DEFAULT_IDLE: Duration = Duration::from_secs(3);
 
-/// Which broker to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which broker to use. (Plain comments on the variants: doc comments would become a second,
+/// long form of the help page.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[allow(missing_docs)]
 pub enum BrokerKind {
-    /// The in-process broker of `ackstack::memory`.
+    // The in-process broker of `ackstack::memory`.
     Memory,
-    /// RabbitMQ.
+    // RabbitMQ.
     Rabbitmq,
-    /// Amazon SQS (or an emulator).
+    // Amazon SQS (or an emulator).
     Sqs,
-    /// Apache Kafka (or an in-process mock cluster).
+    // Apache Kafka (or an in-process mock cluster).
     Kafka,
+}
+
+/// The flags as clap parses them; [`Options`] adds the environment's fallbacks.
+#[derive(Parser)]
+#[command(
+    name = "orders",
+    about = "orders: publishes sample orders, consumes them reliably, and prints what happened to each.",
+    help_template = HELP_TEMPLATE,
+    after_help = AFTER_HELP,
+    disable_version_flag = true,
+    hide_possible_values = true,
+    max_term_width = 100
+)]
+struct Args {
+    /// memory | rabbitmq | sqs | kafka
+    #[arg(long, value_enum, value_name = "NAME", default_value = "memory")]
+    broker: BrokerKind,
+    /// Queue (Kafka: topic) to use; dead letters go to NAME-dlq
+    #[arg(long, value_name = "NAME", default_value = "orders", value_parser = queue_name)]
+    queue: String,
+    /// Publish nothing; consume what is already on the queue
+    #[arg(long)]
+    consume_only: bool,
+    /// Exit once nothing was received and nothing was in flight for SECS [default: 3 when
+    /// publishing; never with --consume-only]
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    exit_when_idle: Option<Duration>,
+    /// Handlers running at once
+    #[arg(long, value_name = "N", default_value = "8",
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    concurrency: usize,
+    /// Attempts before a failing order is dead-lettered
+    #[arg(long, value_name = "N", default_value = "4",
+          value_parser = RangedU64ValueParser::<u32>::new().range(1..=1_000))]
+    max_attempts: u32,
+    /// Retry backoff base in ms; doubles per attempt, equal jitter, capped at 10 s
+    #[arg(long, value_name = "N", default_value = "200",
+          value_parser = RangedU64ValueParser::<u64>::new().range(1..=3_600_000))]
+    base_delay_ms: u64,
+    /// RabbitMQ [env AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[arg(long, value_name = "URL", value_parser = non_blank)]
+    amqp_url: Option<String>,
+    /// SQS endpoint [env SQS_ENDPOINT; default http://127.0.0.1:4566]
+    #[arg(long, value_name = "URL", value_parser = non_blank)]
+    sqs_endpoint: Option<String>,
+    /// Kafka bootstrap servers [env KAFKA_BROKERS; unset: an in-process mock cluster is
+    /// started]
+    #[arg(long, value_name = "LIST", value_parser = non_blank)]
+    kafka_brokers: Option<String>,
+    /// Redis for deduplication and the charge ledger [env REDIS_URL; unset: both are kept in
+    /// memory]
+    #[arg(long, value_name = "URL", value_parser = non_blank)]
+    redis_url: Option<String>,
+    /// PostgreSQL for a transactional inbox and the charge ledger, each charge committed with
+    /// its inbox row [env DATABASE_URL; wins over --redis-url when both are given]
+    #[arg(long, value_name = "URL", value_parser = non_blank)]
+    database_url: Option<String>,
+    /// Give up (exit 1) when the broker, Redis or PostgreSQL has not answered within SECS of
+    /// starting [default: wait for ever, retrying with backoff]
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    connect_timeout: Option<Duration>,
 }
 
 /// What the command line and the environment asked for. Not `Debug`: URLs may hold passwords.
@@ -112,125 +167,56 @@ impl Options {
     }
 }
 
-/// The outcome of parsing the command line.
-pub(crate) enum Parsed {
-    Run(Box<Options>),
-    Help,
-}
-
-/// Parses the arguments (without the program name); `env` reads an environment variable.
-pub(crate) fn parse_args(
-    args: impl IntoIterator<Item = String>,
+/// Parses the arguments (without the program name); `env` reads an environment variable and
+/// returns `None` for one that is unset or blank.
+///
+/// `Err` is clap's error: for `--help` it holds the help page (print it to stdout, exit 0), for
+/// a bad argument the message (stderr, exit 2); [`clap::Error::use_stderr`] tells which.
+pub(crate) fn parse_args<I>(
+    args: I,
     env: impl Fn(&str) -> Option<String>,
-) -> Result<Parsed, String> {
-    let mut opts = Options {
-        broker: BrokerKind::Memory,
-        queue: "orders".to_string(),
-        consume_only: false,
-        exit_when_idle: None,
-        concurrency: 8,
-        max_attempts: 4,
-        base_delay: Duration::from_millis(200),
-        amqp_url: env("AMQP_URL")
+) -> Result<Options, clap::Error>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString> + Clone,
+{
+    let program = std::iter::once(OsString::from("orders"));
+    let args = Args::try_parse_from(program.chain(args.into_iter().map(Into::into)))?;
+    Ok(Options {
+        broker: args.broker,
+        queue: args.queue,
+        consume_only: args.consume_only,
+        exit_when_idle: args.exit_when_idle,
+        concurrency: args.concurrency,
+        max_attempts: args.max_attempts,
+        base_delay: Duration::from_millis(args.base_delay_ms),
+        amqp_url: args
+            .amqp_url
+            .or_else(|| env("AMQP_URL"))
             .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()),
-        sqs_endpoint: env("SQS_ENDPOINT").unwrap_or_else(|| "http://127.0.0.1:4566".to_string()),
-        kafka_brokers: env("KAFKA_BROKERS"),
-        redis_url: env("REDIS_URL"),
-        database_url: env("DATABASE_URL"),
-        connect_timeout: None,
-    };
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        // `--flag=value` and `--flag value` are both accepted.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_string(), Some(value.to_string()))
-            }
-            _ => (arg, None),
-        };
-        let switch = |inline: Option<String>| match inline {
-            Some(_) => Err(format!("{flag} takes no value")),
-            None => Ok(()),
-        };
-        match flag.as_str() {
-            "-h" | "--help" => {
-                switch(inline)?;
-                return Ok(Parsed::Help);
-            }
-            "--consume-only" => {
-                switch(inline)?;
-                opts.consume_only = true;
-            }
-            "--broker" => {
-                opts.broker = match value(&flag, inline, &mut args)?.as_str() {
-                    "memory" => BrokerKind::Memory,
-                    "rabbitmq" => BrokerKind::Rabbitmq,
-                    "sqs" => BrokerKind::Sqs,
-                    "kafka" => BrokerKind::Kafka,
-                    other => {
-                        return Err(format!(
-                            "--broker: unknown broker {other:?} (expected memory, rabbitmq, sqs or kafka)"
-                        ));
-                    }
-                }
-            }
-            "--queue" => opts.queue = queue_name(&value(&flag, inline, &mut args)?)?,
-            "--exit-when-idle" => {
-                opts.exit_when_idle = Some(seconds(&flag, &value(&flag, inline, &mut args)?)?)
-            }
-            "--concurrency" => {
-                opts.concurrency = number(&flag, &value(&flag, inline, &mut args)?, 10_000)?
-            }
-            "--max-attempts" => {
-                opts.max_attempts = number(&flag, &value(&flag, inline, &mut args)?, 1_000)?
-            }
-            "--base-delay-ms" => {
-                let ms: u64 = number(&flag, &value(&flag, inline, &mut args)?, 3_600_000)?;
-                opts.base_delay = Duration::from_millis(ms);
-            }
-            "--amqp-url" => opts.amqp_url = value(&flag, inline, &mut args)?,
-            "--sqs-endpoint" => opts.sqs_endpoint = value(&flag, inline, &mut args)?,
-            "--kafka-brokers" => opts.kafka_brokers = Some(value(&flag, inline, &mut args)?),
-            "--redis-url" => opts.redis_url = Some(value(&flag, inline, &mut args)?),
-            "--database-url" => opts.database_url = Some(value(&flag, inline, &mut args)?),
-            "--connect-timeout" => {
-                opts.connect_timeout = Some(seconds(&flag, &value(&flag, inline, &mut args)?)?)
-            }
-            other if other.starts_with('-') => return Err(format!("unknown flag {other:?}")),
-            other => return Err(format!("unexpected argument {other:?}")),
-        }
-    }
-    Ok(Parsed::Run(Box::new(opts)))
+        sqs_endpoint: args
+            .sqs_endpoint
+            .or_else(|| env("SQS_ENDPOINT"))
+            .unwrap_or_else(|| "http://127.0.0.1:4566".to_string()),
+        kafka_brokers: args.kafka_brokers.or_else(|| env("KAFKA_BROKERS")),
+        redis_url: args.redis_url.or_else(|| env("REDIS_URL")),
+        database_url: args.database_url.or_else(|| env("DATABASE_URL")),
+        connect_timeout: args.connect_timeout,
+    })
 }
 
-/// The flag's value: the inline `=value`, or the next argument.
-fn value(
-    flag: &str,
-    inline: Option<String>,
-    args: &mut impl Iterator<Item = String>,
-) -> Result<String, String> {
-    let value = inline
-        .or_else(|| args.next())
-        .ok_or_else(|| format!("{flag} needs a value"))?;
+/// A value that is not empty or blank.
+fn non_blank(value: &str) -> Result<String, String> {
     if value.trim().is_empty() {
-        return Err(format!("{flag}: the value is empty"));
+        Err("the value is empty".to_string())
+    } else {
+        Ok(value.to_string())
     }
-    Ok(value)
-}
-
-/// A whole number from 1 to `max`.
-fn number<T: TryFrom<u64>>(flag: &str, text: &str, max: u64) -> Result<T, String> {
-    let bad = || format!("{flag}: expected a whole number from 1 to {max}, got {text:?}");
-    let n: u64 = text.trim().parse().map_err(|_| bad())?;
-    if n == 0 || n > max {
-        return Err(bad());
-    }
-    T::try_from(n).map_err(|_| bad())
 }
 
 /// A positive number of seconds (fractions allowed), at most a day.
-fn seconds(flag: &str, text: &str) -> Result<Duration, String> {
-    let bad = || format!("{flag}: expected a number of seconds above 0, got {text:?}");
+fn seconds(text: &str) -> Result<Duration, String> {
+    let bad = || format!("expected a number of seconds above 0, got {text:?}");
     let secs: f64 = text.trim().parse().map_err(|_| bad())?;
     if !(secs > 0.0 && secs <= 86_400.0) {
         return Err(bad());
@@ -250,7 +236,7 @@ fn queue_name(name: &str) -> Result<String, String> {
         Ok(name.to_string())
     } else {
         Err(format!(
-            "--queue: {name:?} is not a valid name (1 to 76 characters of A-Z a-z 0-9 . _ -)"
+            "{name:?} is not a valid name (1 to 76 characters of A-Z a-z 0-9 . _ -)"
         ))
     }
 }
@@ -260,13 +246,13 @@ mod tests {
     use super::*;
     use crate::shown;
 
-    fn parse(args: &[&str]) -> Result<Parsed, String> {
-        parse_args(args.iter().map(|s| s.to_string()), |_| None)
+    fn parse(args: &[&str]) -> Result<Options, clap::Error> {
+        parse_args(args.iter().copied(), |_| None)
     }
 
     #[test]
     fn defaults_and_flags() {
-        let Ok(Parsed::Run(o)) = parse(&[]) else {
+        let Ok(o) = parse(&[]) else {
             panic!("defaults should parse")
         };
         assert_eq!(o.broker, BrokerKind::Memory);
@@ -278,7 +264,9 @@ mod tests {
         assert!(o.kafka_brokers.is_none() && o.redis_url.is_none() && !o.consume_only);
         assert!(o.database_url.is_none());
         assert_eq!(o.connect_timeout, None, "waits for ever by default");
-        let Ok(Parsed::Run(o)) = parse(&[
+        assert_eq!(o.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(o.sqs_endpoint, "http://127.0.0.1:4566");
+        let Ok(o) = parse(&[
             "--broker=kafka",
             "--queue",
             "q-1",
@@ -300,7 +288,30 @@ mod tests {
         assert_eq!(o.concurrency, 2);
         assert_eq!(o.connect_timeout, Some(Duration::from_secs(30)));
         assert_eq!(o.database_url.as_deref(), Some("postgres://db/x"));
-        assert!(matches!(parse(&["--help"]), Ok(Parsed::Help)));
+        let help = parse(&["--help"])
+            .err()
+            .map(|e| (e.use_stderr(), e.to_string()));
+        let Some((false, page)) = help else {
+            panic!("--help should be the help page: {help:?}")
+        };
+        assert!(page.contains("USAGE") && page.contains("--exit-when-idle"));
+    }
+
+    #[test]
+    fn the_environment_fills_in_what_the_flags_leave_out() {
+        let env = |name: &str| match name {
+            "AMQP_URL" => Some("amqp://env".to_string()),
+            "REDIS_URL" => Some("redis://env".to_string()),
+            "KAFKA_BROKERS" => Some("env:9092".to_string()),
+            _ => None,
+        };
+        let Ok(o) = parse_args(["--redis-url", "redis://flag"], env) else {
+            panic!("should parse")
+        };
+        assert_eq!(o.amqp_url, "amqp://env");
+        assert_eq!(o.redis_url.as_deref(), Some("redis://flag"), "a flag wins");
+        assert_eq!(o.kafka_brokers.as_deref(), Some("env:9092"));
+        assert_eq!(o.database_url, None);
     }
 
     #[test]
@@ -312,6 +323,7 @@ mod tests {
             &["--queue", "has space"],
             &["--queue", ""],
             &["--concurrency", "0"],
+            &["--concurrency", "10001"],
             &["--max-attempts", "-1"],
             &["--base-delay-ms", "fast"],
             &["--exit-when-idle", "0"],
@@ -322,7 +334,10 @@ mod tests {
             &["--consume-only=yes"],
             &["stray"],
         ] {
-            assert!(parse(bad).is_err(), "{bad:?} should be rejected");
+            match parse(bad) {
+                Err(e) => assert!(e.use_stderr(), "{bad:?} should be an error, not help"),
+                Ok(_) => panic!("{bad:?} should be rejected"),
+            }
         }
     }
 

@@ -34,7 +34,7 @@ use ackstack::{
 use serde::Deserialize;
 
 pub use crate::cli::{BrokerKind, Options};
-use crate::cli::{DEFAULT_IDLE, Parsed, USAGE, parse_args};
+use crate::cli::{DEFAULT_IDLE, parse_args};
 use crate::ledger::{Ledger, PgLedger};
 pub use crate::startup::{StartError, until_up};
 
@@ -392,15 +392,15 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let opts = match parse_args(std::env::args().skip(1), env) {
-        Ok(Parsed::Run(opts)) => *opts,
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(message) => {
-            eprintln!("orders: {message}\nRun `orders --help` for the flags.");
+    let opts = match parse_args(std::env::args_os().skip(1), env) {
+        Ok(opts) => opts,
+        Err(e) if e.use_stderr() => {
+            eprint!("orders: {e}");
             return ExitCode::from(2);
+        }
+        Err(help) => {
+            print!("{help}");
+            return ExitCode::SUCCESS;
         }
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
