@@ -1,6 +1,6 @@
-//! The README's configuration blocks parse as the types they claim to be, and the examples'
-//! TOML files hold the adapters' and the consumer's configs as the examples read them. (The
-//! README's Rust blocks are compiled as doc tests: `src/lib.rs`.)
+//! The README's JSON configuration blocks parse as the `ConsumerConfig`s they claim to be, and
+//! none of its blocks escapes compilation. (The README's Rust blocks are compiled as doc tests:
+//! `src/lib.rs`; the examples' TOML files are read by the examples in their own tests.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ackstack_core::ConsumerConfig;
@@ -16,17 +16,22 @@ fn blocks<'a>(markdown: &'a str, lang: &str) -> Vec<&'a str> {
 }
 
 #[test]
-fn the_readme_configuration_block_is_a_valid_consumer_config() {
+fn the_readme_configuration_blocks_are_valid_consumer_configs() {
     let readme = include_str!("../../README.md");
     let json = blocks(readme, "json");
-    assert_eq!(json.len(), 1, "one JSON block, under Configuration");
-    let config: ConsumerConfig = serde_json::from_str(json[0]).expect("a ConsumerConfig");
-    assert_eq!(config.concurrency, 64);
-    assert_eq!(config.retry.max_attempts, 8);
-    // Every field it names is a real one: parsing denies unknown fields.
-    let mut value: serde_json::Value = serde_json::from_str(json[0]).unwrap();
-    value["not_a_setting"] = serde_json::Value::Bool(true);
-    assert!(serde_json::from_value::<ConsumerConfig>(value).is_err());
+    assert!(json.len() >= 2, "the Configuration and kill-switch blocks");
+    for block in &json {
+        let config: ConsumerConfig = serde_json::from_str(block).expect("a ConsumerConfig");
+        config.validate().expect("settings that work");
+        // Every field it names is a real one: parsing denies unknown fields.
+        let mut value: serde_json::Value = serde_json::from_str(block).unwrap();
+        value["not_a_setting"] = serde_json::Value::Bool(true);
+        assert!(serde_json::from_value::<ConsumerConfig>(value).is_err());
+    }
+    let full: ConsumerConfig = serde_json::from_str(json.last().unwrap()).unwrap();
+    assert_eq!((full.concurrency, full.retry.max_attempts), (64, 8));
+    let switch: ConsumerConfig = serde_json::from_str(json[0]).unwrap();
+    assert_eq!(switch.kill_switch.map(|k| k.activation), Some(20));
 }
 
 #[test]

@@ -122,8 +122,8 @@ pub use publish::{Message, Publish, PublishError};
 pub use retry::{RetryConfig, RetryLayer};
 pub use runner::LeaseConfig;
 pub use runner::{
-    ConfigError, Consumer, ConsumerConfig, ConsumerError, DeliveryMode, Inspector, KeyOrdering,
-    OnRefused, Status, Summary,
+    ConfigError, Consumer, ConsumerConfig, ConsumerError, ConsumerState, Control, DeliveryMode,
+    Inspector, KeyOrdering, KillSwitchConfig, OnRefused, Status, Summary,
 };
 pub use signal::shutdown_signal;
 pub use source::{AckReport, Capabilities, Received, Settle, SettleFailure, Settled, Source};

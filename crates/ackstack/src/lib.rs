@@ -99,11 +99,12 @@
 // authors are in `adapter`, `layer` and `dedup`; the runner's machinery stays inside
 // ackstack-core.
 pub use ackstack_core::{
-    Backoff, ConfigError, Consumer, ConsumerConfig, ConsumerError, Context, DeadLetterMetadata,
-    DeadLetterReason, DedupConfig, DedupKey, DedupStore, Delivery, DeliveryMode, ErrorKind,
-    Failure, Handler, HandlerError, HandlerFn, Headers, Inspector, Jitter, KeyOrdering, Layer,
-    LeaseConfig, MemoryBroker, MemoryDedupStore, Message, OnRefused, OnStoreError, Origin, Outcome,
-    Publish, PublishError, RetryConfig, Status, Summary, handler_fn, shutdown_signal,
+    Backoff, ConfigError, Consumer, ConsumerConfig, ConsumerError, ConsumerState, Context, Control,
+    DeadLetterMetadata, DeadLetterReason, DedupConfig, DedupKey, DedupStore, Delivery,
+    DeliveryMode, ErrorKind, Failure, Handler, HandlerError, HandlerFn, Headers, Inspector, Jitter,
+    KeyOrdering, KillSwitchConfig, Layer, LeaseConfig, MemoryBroker, MemoryDedupStore, Message,
+    OnRefused, OnStoreError, Origin, Outcome, Publish, PublishError, RetryConfig, Status, Summary,
+    handler_fn, shutdown_signal,
 };
 
 /// Decoding helpers for handlers (`decode::json`: a payload that does not parse is a

@@ -11,6 +11,7 @@ use crate::outcome::Outcome;
 use crate::source::Source;
 
 use super::config::{ConfigError, ConsumerConfig, DeliveryMode, KeyOrdering, Overrides};
+use super::control::Control;
 use super::status::Status;
 
 /// Called with each delivery and its outcome, before it is settled; see [`Consumer::inspect`].
@@ -33,6 +34,7 @@ pub struct Consumer<S, L = Identity> {
     pub(super) name: Option<Arc<str>>,
     pub(super) inspector: Option<Inspector>,
     pub(super) status: Status,
+    pub(super) control: Control,
 }
 
 impl<S: Source> Consumer<S> {
@@ -48,6 +50,7 @@ impl<S: Source> Consumer<S> {
             name: None,
             inspector: None,
             status: Status::default(),
+            control: Control::default(),
         }
     }
 }
@@ -160,6 +163,12 @@ impl<S: Source, L> Consumer<S, L> {
         self.status.clone()
     }
 
+    /// Pauses and resumes this consumer, and shows whether it receives (a pause, or the kill
+    /// switch of [`ConsumerConfig::kill_switch`]); take it before [`Consumer::run_until`].
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
     /// Adds a layer around the handler (outside the layers added before it).
     pub fn layer<N>(self, layer: N) -> Consumer<S, Stack<L, N>> {
         Consumer {
@@ -172,6 +181,7 @@ impl<S: Source, L> Consumer<S, L> {
             name: self.name,
             inspector: self.inspector,
             status: self.status,
+            control: self.control,
         }
     }
 }

@@ -9,6 +9,7 @@ use crate::backoff::Backoff;
 use crate::dedup::DedupConfig;
 use crate::retry::RetryConfig;
 
+use super::control::KillSwitchConfig;
 use super::lease::LeaseConfig;
 
 /// When a delivery is acknowledged, as users know the modes.
@@ -73,6 +74,9 @@ pub struct ConsumerConfig {
     /// What happens to a delivery whose dead-letter copy the broker refuses for good (too
     /// large even after shrinking, invalid): it is never acked either way.
     pub on_dead_letter_refused: OnRefused,
+    /// The kill switch (a circuit breaker over the failure rate); off when `None`, the
+    /// default. See [`KillSwitchConfig`].
+    pub kill_switch: Option<KillSwitchConfig>,
 }
 
 /// What happens to a delivery whose dead-letter copy the broker refuses for good
@@ -107,6 +111,7 @@ impl Default for ConsumerConfig {
             dedup: DedupConfig::default(),
             correlation_header: None,
             on_dead_letter_refused: OnRefused::Release,
+            kill_switch: None,
         }
     }
 }
@@ -146,6 +151,13 @@ impl ConsumerConfig {
         }
         if self.dedup.store_retry_after.is_zero() || self.dedup.busy_retry_after.is_zero() {
             return Err(ConfigError::ZeroDedupPause);
+        }
+        if let Some(problem) = self
+            .kill_switch
+            .as_ref()
+            .and_then(KillSwitchConfig::problem)
+        {
+            return Err(ConfigError::KillSwitch(problem));
         }
         Ok(())
     }
@@ -191,6 +203,10 @@ pub enum ConfigError {
         "at-most-once cannot be combined with deduplication (the message is acked before dedup could act)"
     )]
     AtMostOnceWithDedup,
+    /// A kill-switch setting that cannot work (a zero window, cooldown, activation or
+    /// probes, or a trip level outside (0, 1]).
+    #[error("{0}")]
+    KillSwitch(&'static str),
     /// Effectively-once was asked for without a dedup store.
     #[error("effectively-once needs a dedup store: call .dedup(store, key)")]
     EffectivelyOnceWithoutStore,

@@ -17,6 +17,7 @@ use crate::source::{Received, Settle};
 use super::acker::AckQueue;
 use super::builder::Inspector;
 use super::config::{DeliveryMode, OnRefused};
+use super::control::Control;
 use super::lease::LeaseGuard;
 use super::ordering::Turn;
 use super::status::{Counters, Status};
@@ -53,6 +54,8 @@ pub(super) struct Shared<P, S: Settle> {
     pub(super) refusals: Refusals,
     /// Whether a dedup layer runs (its done marks then go with the acks).
     pub(super) dedup: bool,
+    /// The consumer's control, when a kill switch is armed (it then counts outcomes).
+    pub(super) kill_switch: Option<Control>,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -144,6 +147,9 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 return;
             }
             tracing::Span::current().record("outcome", outcome.as_str());
+            if let Some(control) = &self.kill_switch {
+                control.record(&outcome);
+            }
             self.inspect(&delivery, &outcome);
             self.settle(token, &delivery, outcome, lease, &cx).await;
         }

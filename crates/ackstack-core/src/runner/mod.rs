@@ -27,6 +27,7 @@
 mod acker;
 mod builder;
 mod config;
+mod control;
 mod deliver;
 mod lease;
 mod ordering;
@@ -36,5 +37,6 @@ mod status;
 
 pub use builder::{Consumer, Inspector};
 pub use config::{ConfigError, ConsumerConfig, DeliveryMode, KeyOrdering, OnRefused};
+pub use control::{ConsumerState, Control, KillSwitchConfig};
 pub use lease::LeaseConfig;
 pub use status::{ConsumerError, Status, Summary};

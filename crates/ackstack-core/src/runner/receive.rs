@@ -22,11 +22,16 @@ use crate::source::{Settle, Source};
 use super::acker::BatchAcker;
 use super::builder::Consumer;
 use super::config::{DeliveryMode, KeyOrdering};
+use super::control::Admit;
 use super::deliver::Refusals;
 use super::deliver::{Shared, call_inspector};
 use super::lease::LeaseKeeper;
 use super::ordering::KeyGate;
 use super::status::{ConsumerError, Counters, InFlight, Summary};
+
+/// How often a paused receive loop looks again without being woken (a safety net: pause,
+/// resume and circuit changes wake it at once).
+const PAUSE_RECHECK: Duration = Duration::from_secs(1);
 
 impl<S: Source, L> Consumer<S, L> {
     /// Runs until `shutdown` completes, then drains, flushes and returns what happened.
@@ -100,7 +105,10 @@ impl<S: Source, L> Consumer<S, L> {
             on_refused: cfg.on_dead_letter_refused,
             refusals: Refusals::default(),
             dedup: has_dedup,
+            kill_switch: cfg.kill_switch.is_some().then(|| self.control.clone()),
         });
+        self.control.install(cfg.kill_switch);
+        let control = self.control.clone();
         let gate = per_key.then(KeyGate::new);
         let hard_stop = CancellationToken::new();
         let stopping = shared.stopping.clone();
@@ -113,10 +121,28 @@ impl<S: Source, L> Consumer<S, L> {
         let mut consecutive_errors = 0u32;
         tokio::pin!(shutdown);
 
-        let result = loop {
+        let result = 'receive: loop {
             while let Some(done) = tasks.try_join_next() {
                 log_join_error(done);
             }
+            // Paused, or the kill switch open: take nothing until that changes.
+            let admitted = loop {
+                let changed = control.changed();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                match control.admit(receive_batch) {
+                    Admit::Take(n) => break n,
+                    Admit::Wait(until) => {
+                        let until = until.unwrap_or_else(|| Instant::now() + PAUSE_RECHECK);
+                        tokio::select! {
+                            biased;
+                            _ = &mut shutdown => break 'receive Ok(()),
+                            _ = changed => {}
+                            _ = tokio::time::sleep_until(until) => {}
+                        }
+                    }
+                }
+            };
             let first = tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ok(()),
@@ -125,7 +151,9 @@ impl<S: Source, L> Consumer<S, L> {
                     Err(_) => break Ok(()),
                 },
             };
-            let max = (1 + permits.available_permits()).min(receive_batch);
+            let max = (1 + permits.available_permits())
+                .min(receive_batch)
+                .min(admitted);
             let batch = tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ok(()),
@@ -155,6 +183,7 @@ impl<S: Source, L> Consumer<S, L> {
                 }
             };
             let received_at = Instant::now();
+            control.admitted(batch.len());
             shared.status.received(batch.len() as u64);
             let mut first = Some(first);
             for received in batch {

@@ -1,0 +1,682 @@
+//! Stopping and restarting a consumer's receiving without stopping the consumer: by hand
+//! ([`Control::pause`], [`Control::resume`]) and by the kill switch, a circuit breaker over
+//! the failure rate ([`KillSwitchConfig`]).
+//!
+//! Both act at one point: the receive loop asks [`Control`] how many deliveries it may take
+//! before each receive, and waits while the answer is none. In-flight work is not touched: it
+//! finishes and settles as usual. Each broker then stops in its own terms: RabbitMQ's and
+//! SQS's sources are simply not asked for more (no pull, no poll), and Kafka's poll thread goes
+//! on serving the group (heartbeats, rebalances) while its partition queues are not read, so
+//! the assignment is kept and nothing prefetched is thrown away.
+//!
+//! # The kill switch
+//!
+//! Closed, it counts the outcomes of the deliveries that finished within a sliding `window`.
+//! Once at least `activation` did and the share of failures reaches `trip`, it opens: nothing
+//! is received for `cooldown`. It also opens once `activation` deliveries finished since the
+//! start without a single success, however sparse they were. Then it is half-open: `probes`
+//! deliveries are let through; if all of them succeed it closes (and counts afresh), and the
+//! first failure opens it again.
+//!
+//! A failure is an attempt that failed transiently (an error or a panic, retried or
+//! dead-lettered after the last attempt). A dead letter of a permanent error (a payload that
+//! does not decode) counts only with `count_permanent`: one bad message is not a broken
+//! consumer. A release (shutdown while waiting for the dedup store) counts as nothing.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::error::ErrorKind;
+use crate::outcome::Outcome;
+
+/// The kill switch's settings; off unless [`ConsumerConfig::kill_switch`](super::ConsumerConfig)
+/// is set.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KillSwitchConfig {
+    /// The sliding window over which the failure rate is computed. Default 60 s.
+    #[serde(with = "crate::config::duration")]
+    pub window: Duration,
+    /// Deliveries that must have finished within the window before it can trip. Default 20.
+    pub activation: u32,
+    /// The share of failures (above 0, at most 1) at which it trips. Default 0.5.
+    pub trip: f64,
+    /// How long it stays open before letting probes through. Default 30 s.
+    #[serde(with = "crate::config::duration")]
+    pub cooldown: Duration,
+    /// Deliveries let through when half-open; all must succeed for it to close. Default 3.
+    pub probes: u32,
+    /// Whether dead letters of permanent errors count as failures. Default false.
+    pub count_permanent: bool,
+}
+
+impl Default for KillSwitchConfig {
+    fn default() -> Self {
+        KillSwitchConfig {
+            window: Duration::from_secs(60),
+            activation: 20,
+            trip: 0.5,
+            cooldown: Duration::from_secs(30),
+            probes: 3,
+            count_permanent: false,
+        }
+    }
+}
+
+impl KillSwitchConfig {
+    /// Why these settings cannot work, if they cannot.
+    pub(super) fn problem(&self) -> Option<&'static str> {
+        if self.window.is_zero() {
+            return Some("kill_switch.window must not be zero");
+        }
+        if self.activation == 0 {
+            return Some("kill_switch.activation must be at least 1");
+        }
+        if !(self.trip > 0.0 && self.trip <= 1.0) {
+            return Some("kill_switch.trip must be above 0 and at most 1");
+        }
+        if self.cooldown.is_zero() {
+            return Some("kill_switch.cooldown must not be zero");
+        }
+        if self.probes == 0 {
+            return Some("kill_switch.probes must be at least 1");
+        }
+        None
+    }
+}
+
+/// Whether a consumer is receiving, and if not, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumerState {
+    /// Receiving.
+    Running,
+    /// Paused by [`Control::pause`].
+    Paused,
+    /// The kill switch tripped: not receiving until its cooldown is over.
+    CircuitOpen,
+    /// The kill switch lets a few deliveries through to see whether the failures are over.
+    HalfOpen,
+}
+
+/// Pauses and resumes a consumer, and shows whether it receives; from
+/// [`Consumer::control`](super::Consumer::control). Cheap to clone; usable before, during and
+/// after a run. The kill switch uses the same gate.
+#[derive(Clone, Debug, Default)]
+pub struct Control {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    paused: AtomicBool,
+    /// Whether a kill switch is installed: without one, admitting takes no lock.
+    armed: AtomicBool,
+    trips: AtomicU64,
+    breaker: Mutex<Option<Breaker>>,
+    changed: Notify,
+}
+
+/// How many deliveries the receive loop may take now.
+pub(super) enum Admit {
+    /// Up to this many.
+    Take(usize),
+    /// None; ask again once [`Control::changed`] fires or at this instant.
+    Wait(Option<Instant>),
+}
+
+impl Control {
+    /// Stops receiving; deliveries in flight finish and settle as usual.
+    pub fn pause(&self) {
+        self.inner.paused.store(true, Ordering::SeqCst);
+        tracing::info!("consumer paused");
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Receives again after [`Control::pause`] (the kill switch, if open, still decides).
+    pub fn resume(&self) {
+        self.inner.paused.store(false, Ordering::SeqCst);
+        tracing::info!("consumer resumed");
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Whether the consumer receives now, and if not, why (a pause wins over the circuit).
+    pub fn state(&self) -> ConsumerState {
+        if self.inner.paused.load(Ordering::SeqCst) {
+            return ConsumerState::Paused;
+        }
+        match self.lock().as_ref().map(|b| &b.circuit) {
+            Some(Circuit::Open { .. }) => ConsumerState::CircuitOpen,
+            Some(Circuit::HalfOpen { .. }) => ConsumerState::HalfOpen,
+            Some(Circuit::Closed) | None => ConsumerState::Running,
+        }
+    }
+
+    /// How many times the kill switch has tripped (opened), half-open failures included.
+    pub fn trips(&self) -> u64 {
+        self.inner.trips.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Breaker>> {
+        self.inner
+            .breaker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Arms the kill switch for a run (or disarms it with `None`).
+    pub(super) fn install(&self, config: Option<KillSwitchConfig>) {
+        *self.lock() = config.map(Breaker::new);
+        self.inner.armed.store(config.is_some(), Ordering::SeqCst);
+    }
+
+    /// Completes on the next pause, resume or circuit change. Create it (and enable it)
+    /// before calling [`Control::admit`], so that a change in between is not missed.
+    pub(super) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.changed.notified()
+    }
+
+    /// How many of `want` deliveries the receive loop may take now.
+    pub(super) fn admit(&self, want: usize) -> Admit {
+        if self.inner.paused.load(Ordering::SeqCst) {
+            return Admit::Wait(None);
+        }
+        if !self.inner.armed.load(Ordering::SeqCst) {
+            return Admit::Take(want);
+        }
+        let mut guard = self.lock();
+        let Some(breaker) = guard.as_mut() else {
+            return Admit::Take(want);
+        };
+        let now = Instant::now();
+        if let Circuit::Open { until } = breaker.circuit {
+            if now < until {
+                return Admit::Wait(Some(until));
+            }
+            tracing::info!(probes = breaker.config.probes, "kill switch half-open");
+            breaker.circuit = Circuit::HalfOpen {
+                left: breaker.config.probes,
+                pending: 0,
+            };
+        }
+        match breaker.circuit {
+            Circuit::HalfOpen { left: 0, .. } => Admit::Wait(None),
+            Circuit::HalfOpen { left, .. } => {
+                Admit::Take(want.min(usize::try_from(left).unwrap_or(usize::MAX)))
+            }
+            _ => Admit::Take(want),
+        }
+    }
+
+    /// Counts `n` received deliveries against the half-open probes.
+    pub(super) fn admitted(&self, n: usize) {
+        if let Some(Breaker {
+            circuit: Circuit::HalfOpen { left, pending },
+            ..
+        }) = self.lock().as_mut()
+        {
+            let n = u32::try_from(n).unwrap_or(u32::MAX).min(*left);
+            *left -= n;
+            *pending += n;
+        }
+    }
+
+    /// Records a finished delivery's outcome (called only while a kill switch is installed).
+    pub(super) fn record(&self, outcome: &Outcome) {
+        let change = match self.lock().as_mut() {
+            Some(breaker) => match breaker.classify(outcome) {
+                Some(failed) => breaker.record(failed, Instant::now()),
+                None => Change::None,
+            },
+            None => Change::None,
+        };
+        if change == Change::Opened {
+            self.inner.trips.fetch_add(1, Ordering::Relaxed);
+        }
+        if change != Change::None {
+            self.inner.changed.notify_waiters();
+        }
+    }
+}
+
+/// What recording an outcome did to the circuit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    None,
+    Opened,
+    Closed,
+}
+
+#[derive(Debug)]
+enum Circuit {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { left: u32, pending: u32 },
+}
+
+/// The window is kept as this many buckets, each a tenth of it.
+const BUCKETS: u32 = 10;
+
+#[derive(Debug)]
+struct Breaker {
+    config: KillSwitchConfig,
+    circuit: Circuit,
+    /// (bucket start, successes, failures), oldest first.
+    buckets: VecDeque<(Instant, u32, u32)>,
+    /// Outcomes since the start (or the last close), and whether one was a success.
+    seen: u64,
+    succeeded: bool,
+}
+
+impl Breaker {
+    fn new(config: KillSwitchConfig) -> Self {
+        Breaker {
+            config,
+            circuit: Circuit::Closed,
+            buckets: VecDeque::new(),
+            seen: 0,
+            succeeded: false,
+        }
+    }
+
+    /// `Some(true)` for a failure, `Some(false)` for a success, `None` for what does not count.
+    fn classify(&self, outcome: &Outcome) -> Option<bool> {
+        match outcome {
+            Outcome::Ack => Some(false),
+            Outcome::Retry { .. } => Some(true),
+            Outcome::DeadLetter(failure) => match failure.kind {
+                ErrorKind::Transient => Some(true),
+                ErrorKind::Permanent => self.config.count_permanent.then_some(true),
+            },
+            Outcome::Release => None,
+        }
+    }
+
+    /// Records one outcome.
+    fn record(&mut self, failed: bool, now: Instant) -> Change {
+        match &mut self.circuit {
+            // Deliveries that were in flight when it opened: already judged.
+            Circuit::Open { .. } => Change::None,
+            Circuit::HalfOpen { left, pending } => {
+                *pending = pending.saturating_sub(1);
+                if failed {
+                    self.open(now, "a probe failed");
+                    Change::Opened
+                } else if *pending == 0 && *left == 0 {
+                    tracing::info!("kill switch closed: the probes succeeded");
+                    self.circuit = Circuit::Closed;
+                    self.buckets.clear();
+                    self.seen = 0;
+                    self.succeeded = false;
+                    Change::Closed
+                } else {
+                    Change::None
+                }
+            }
+            Circuit::Closed => {
+                self.count(failed, now);
+                self.seen += 1;
+                self.succeeded |= !failed;
+                let (ok, bad) = self
+                    .buckets
+                    .iter()
+                    .fold((0u64, 0u64), |(o, b), &(_, ok, bad)| {
+                        (o + u64::from(ok), b + u64::from(bad))
+                    });
+                let total = ok + bad;
+                let activation = u64::from(self.config.activation);
+                if total >= activation && bad as f64 >= self.config.trip * total as f64 {
+                    self.open(now, "the failure rate reached the trip level");
+                    Change::Opened
+                } else if !self.succeeded && self.seen >= activation {
+                    self.open(now, "nothing has succeeded since the start");
+                    Change::Opened
+                } else {
+                    Change::None
+                }
+            }
+        }
+    }
+
+    fn count(&mut self, failed: bool, now: Instant) {
+        let width = self.config.window / BUCKETS;
+        while let Some(&(start, _, _)) = self.buckets.front() {
+            if now.duration_since(start) >= self.config.window {
+                self.buckets.pop_front();
+            } else {
+                break;
+            }
+        }
+        match self.buckets.back_mut() {
+            Some((start, ok, bad)) if now.duration_since(*start) < width => {
+                if failed {
+                    *bad += 1;
+                } else {
+                    *ok += 1;
+                }
+            }
+            _ => self
+                .buckets
+                .push_back((now, u32::from(!failed), u32::from(failed))),
+        }
+    }
+
+    fn open(&mut self, now: Instant, why: &str) {
+        tracing::warn!(cooldown = ?self.config.cooldown, "kill switch open: {why}; receiving stops");
+        self.circuit = Circuit::Open {
+            until: now + self.config.cooldown,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use crate::{
+        Backoff, ConfigError, Consumer, ConsumerConfig, HandlerError, MemoryBroker, Message,
+        handler_fn,
+    };
+
+    use super::{ConsumerState, Control, KillSwitchConfig};
+
+    fn switch(activation: u32, window: Duration, cooldown: Duration) -> KillSwitchConfig {
+        KillSwitchConfig {
+            window,
+            activation,
+            trip: 0.5,
+            cooldown,
+            probes: 2,
+            count_permanent: false,
+        }
+    }
+
+    /// A consumer of `n` messages, one handler at a time, retrying after 1 ms for ever.
+    fn consumer(
+        broker: &MemoryBroker,
+        n: usize,
+        kill_switch: KillSwitchConfig,
+    ) -> Consumer<crate::memory::MemorySource> {
+        for i in 0..n {
+            broker.publish("q", Message::new(format!("m{i}")));
+        }
+        let config = ConsumerConfig {
+            concurrency: 1,
+            kill_switch: Some(kill_switch),
+            ..ConsumerConfig::default()
+        };
+        Consumer::new(broker.source("q"))
+            .config(config)
+            .retry(Backoff::exponential(
+                Duration::from_millis(1),
+                Duration::from_millis(1),
+            ))
+            .max_attempts(1_000)
+    }
+
+    async fn until(control: &Control, what: impl Fn(&Control) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !what(control) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn it_trips_at_the_failure_rate_and_stops_receiving() {
+        let broker = MemoryBroker::new();
+        let consumer = consumer(
+            &broker,
+            50,
+            switch(5, Duration::from_secs(60), Duration::from_secs(3600)),
+        );
+        let control = consumer.control();
+        let calls = Arc::new(AtomicU32::new(0));
+        let counted = calls.clone();
+        let watch = control.clone();
+        let seen = calls.clone();
+        consumer
+            .run_until(
+                handler_fn(move |_d, _cx| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async { Err(HandlerError::transient("down")) }
+                }),
+                async move {
+                    until(&watch, |c| c.state() == ConsumerState::CircuitOpen).await;
+                    let at_open = seen.load(Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    assert_eq!(
+                        seen.load(Ordering::SeqCst),
+                        at_open,
+                        "nothing runs while open"
+                    );
+                },
+            )
+            .await
+            .unwrap();
+        let calls = calls.load(Ordering::SeqCst);
+        assert!(
+            (5..=6).contains(&calls),
+            "tripped after the 5th failure: {calls} calls"
+        );
+        assert_eq!(control.trips(), 1);
+        assert_eq!(control.state(), ConsumerState::CircuitOpen);
+    }
+
+    #[tokio::test]
+    async fn it_never_trips_below_activation() {
+        let broker = MemoryBroker::new();
+        let consumer = consumer(
+            &broker,
+            20,
+            switch(100, Duration::from_secs(60), Duration::from_secs(3600)),
+        )
+        .max_attempts(1);
+        let control = consumer.control();
+        let idle = consumer.status();
+        let summary = consumer
+            .run_until(
+                handler_fn(|_d, _cx| async { Err(HandlerError::transient("down")) }),
+                async move { idle.idle(Duration::from_millis(300)).await },
+            )
+            .await
+            .unwrap();
+        assert_eq!(summary.dead_lettered, 20, "every failure was handled");
+        assert_eq!(control.trips(), 0);
+        assert_eq!(control.state(), ConsumerState::Running);
+    }
+
+    /// Failures too sparse for the window ever to hold `activation` of them: the window alone
+    /// never trips, but a consumer that has never succeeded does.
+    async fn sparse_failures(first_succeeds: bool) -> Control {
+        let broker = MemoryBroker::new();
+        if first_succeeds {
+            broker.publish("q", Message::new("ok"));
+        }
+        let consumer = consumer(
+            &broker,
+            30,
+            switch(5, Duration::from_millis(100), Duration::from_secs(3600)),
+        );
+        let control = consumer.control();
+        let watch = control.clone();
+        consumer
+            .run_until(
+                handler_fn(|d, _cx| async move {
+                    tokio::time::sleep(Duration::from_millis(60)).await;
+                    if &d.payload[..] == b"ok" {
+                        Ok(())
+                    } else {
+                        Err(HandlerError::transient("down"))
+                    }
+                }),
+                async move {
+                    let give_up = tokio::time::sleep(Duration::from_millis(1200));
+                    tokio::select! {
+                        () = until(&watch, |c| c.trips() > 0) => {}
+                        () = give_up => {}
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        control
+    }
+
+    #[tokio::test]
+    async fn it_trips_on_a_consumer_that_never_succeeded() {
+        assert_eq!(sparse_failures(false).await.trips(), 1);
+        assert_eq!(
+            sparse_failures(true).await.trips(),
+            0,
+            "the same sparse failures after one success: the window decides, and it never fills"
+        );
+    }
+
+    #[tokio::test]
+    async fn it_recovers_through_half_open_once_the_failures_stop() {
+        let broker = MemoryBroker::new();
+        let consumer = consumer(
+            &broker,
+            20,
+            switch(4, Duration::from_secs(60), Duration::from_millis(200)),
+        );
+        let control = consumer.control();
+        let failing = Arc::new(AtomicBool::new(true));
+        let flag = failing.clone();
+        let watch = control.clone();
+        let idle = consumer.status();
+        let summary = consumer
+            .run_until(
+                handler_fn(move |_d, _cx| {
+                    let failing = flag.load(Ordering::SeqCst);
+                    async move {
+                        if failing {
+                            Err(HandlerError::transient("down"))
+                        } else {
+                            Ok(())
+                        }
+                    }
+                }),
+                async move {
+                    until(&watch, |c| c.state() == ConsumerState::CircuitOpen).await;
+                    failing.store(false, Ordering::SeqCst);
+                    until(&watch, |c| c.state() == ConsumerState::Running).await;
+                    idle.idle(Duration::from_millis(300)).await;
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(summary.acked, 20, "everything went through once it closed");
+        assert_eq!(control.trips(), 1);
+        assert_eq!(control.state(), ConsumerState::Running);
+    }
+
+    #[tokio::test]
+    async fn a_failing_probe_opens_it_again() {
+        let broker = MemoryBroker::new();
+        let consumer = consumer(
+            &broker,
+            20,
+            switch(3, Duration::from_secs(60), Duration::from_millis(50)),
+        );
+        let control = consumer.control();
+        let watch = control.clone();
+        consumer
+            .run_until(
+                handler_fn(|_d, _cx| async { Err(HandlerError::transient("down")) }),
+                async move { until(&watch, |c| c.trips() >= 3).await },
+            )
+            .await
+            .unwrap();
+        assert!(control.trips() >= 3);
+    }
+
+    #[tokio::test]
+    async fn pause_stops_receiving_and_resume_starts_it_again() {
+        let broker = MemoryBroker::new();
+        for i in 0..10 {
+            broker.publish("q", Message::new(format!("m{i}")));
+        }
+        let consumer = Consumer::new(broker.source("q"));
+        let control = consumer.control();
+        let status = consumer.status();
+        control.pause();
+        assert_eq!(control.state(), ConsumerState::Paused);
+        let watch = control.clone();
+        let summary = consumer
+            .run_until(handler_fn(|_d, _cx| async { Ok(()) }), async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                assert_eq!(
+                    status.received_total(),
+                    0,
+                    "nothing is received while paused"
+                );
+                watch.resume();
+                while status.received_total() < 10 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                status.idle(Duration::from_millis(200)).await;
+            })
+            .await
+            .unwrap();
+        assert_eq!(summary.acked, 10);
+        assert_eq!(control.state(), ConsumerState::Running);
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        for bad in [
+            KillSwitchConfig {
+                trip: 0.0,
+                ..KillSwitchConfig::default()
+            },
+            KillSwitchConfig {
+                trip: f64::NAN,
+                ..KillSwitchConfig::default()
+            },
+            KillSwitchConfig {
+                activation: 0,
+                ..KillSwitchConfig::default()
+            },
+            KillSwitchConfig {
+                probes: 0,
+                ..KillSwitchConfig::default()
+            },
+            KillSwitchConfig {
+                cooldown: Duration::ZERO,
+                ..KillSwitchConfig::default()
+            },
+            KillSwitchConfig {
+                window: Duration::ZERO,
+                ..KillSwitchConfig::default()
+            },
+        ] {
+            let config = ConsumerConfig {
+                kill_switch: Some(bad),
+                ..ConsumerConfig::default()
+            };
+            assert!(
+                matches!(config.validate(), Err(ConfigError::KillSwitch(_))),
+                "{bad:?}"
+            );
+        }
+        let config: ConsumerConfig = serde_json::from_str(
+            r#"{"kill_switch":{"activation":10,"trip":0.8,"cooldown":"10s"}}"#,
+        )
+        .unwrap();
+        let switch = config.kill_switch.unwrap();
+        assert_eq!(
+            (switch.activation, switch.cooldown),
+            (10, Duration::from_secs(10))
+        );
+        assert!(config.validate().is_ok());
+    }
+}
