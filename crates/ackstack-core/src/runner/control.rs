@@ -21,7 +21,9 @@
 //! A failure is an attempt that failed transiently (an error or a panic, retried or
 //! dead-lettered after the last attempt). A dead letter of a permanent error (a payload that
 //! does not decode) counts only with `count_permanent`: one bad message is not a broken
-//! consumer. A release (shutdown while waiting for the dedup store) counts as nothing.
+//! consumer. A release (shutdown while waiting for the dedup store), a lost lease and work
+//! abandoned at the shutdown deadline count as nothing; a half-open probe that ends so is
+//! replaced by another delivery.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -226,13 +228,15 @@ impl Control {
         }
     }
 
-    /// Records a finished delivery's outcome (called only while a kill switch is installed).
-    pub(super) fn record(&self, outcome: &Outcome) {
+    /// Records a finished delivery's outcome, or `None` for one that finished without one
+    /// (its lease lost, or abandoned at the shutdown deadline). Called only while a kill
+    /// switch is installed.
+    pub(super) fn record(&self, outcome: Option<&Outcome>) {
         let change = match self.lock().as_mut() {
-            Some(breaker) => match breaker.classify(outcome) {
-                Some(failed) => breaker.record(failed, Instant::now()),
-                None => Change::None,
-            },
+            Some(breaker) => {
+                let verdict = outcome.and_then(|o| breaker.classify(o));
+                breaker.record(verdict, Instant::now())
+            }
             None => Change::None,
         };
         if change == Change::Opened {
@@ -250,6 +254,8 @@ enum Change {
     None,
     Opened,
     Closed,
+    /// A half-open probe ended without a verdict: another delivery may take its place.
+    ProbeFreed,
 }
 
 #[derive(Debug)]
@@ -297,13 +303,19 @@ impl Breaker {
         }
     }
 
-    /// Records one outcome.
-    fn record(&mut self, failed: bool, now: Instant) -> Change {
+    /// Records one finished delivery: `Some(true)` failed, `Some(false)` succeeded, `None`
+    /// says nothing either way.
+    fn record(&mut self, verdict: Option<bool>, now: Instant) -> Change {
         match &mut self.circuit {
             // Deliveries that were in flight when it opened: already judged.
             Circuit::Open { .. } => Change::None,
             Circuit::HalfOpen { left, pending } => {
                 *pending = pending.saturating_sub(1);
+                let Some(failed) = verdict else {
+                    // Not a verdict on the failures: let another delivery probe instead.
+                    *left += 1;
+                    return Change::ProbeFreed;
+                };
                 if failed {
                     self.open(now, "a probe failed");
                     Change::Opened
@@ -319,6 +331,9 @@ impl Breaker {
                 }
             }
             Circuit::Closed => {
+                let Some(failed) = verdict else {
+                    return Change::None;
+                };
                 self.count(failed, now);
                 self.seen += 1;
                 self.succeeded |= !failed;
@@ -628,6 +643,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(summary.acked, 10);
+        assert_eq!(control.state(), ConsumerState::Running);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_ends_without_a_verdict_gives_its_place_back() {
+        use super::Admit;
+        use crate::error::{ErrorKind, Failure};
+        use crate::outcome::Outcome;
+
+        let control = Control::default();
+        control.install(Some(switch(
+            2,
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )));
+        let failed = Outcome::Retry {
+            after: Duration::ZERO,
+            failure: Failure::new(ErrorKind::Transient, "down"),
+        };
+        control.record(Some(&failed));
+        control.record(Some(&failed));
+        assert_eq!(control.state(), ConsumerState::CircuitOpen);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(matches!(control.admit(10), Admit::Take(2)), "two probes");
+        control.admitted(2);
+        // One probe is a permanent dead letter (not counted), the other's lease is lost (no
+        // outcome at all): neither says whether the failures are over, so both are tried again.
+        let bad_input = Outcome::DeadLetter(Failure::new(ErrorKind::Permanent, "not json"));
+        control.record(Some(&bad_input));
+        control.record(None);
+        assert!(
+            matches!(control.admit(10), Admit::Take(2)),
+            "the probes' places are given back, not lost"
+        );
+        control.admitted(2);
+        control.record(Some(&Outcome::Ack));
+        control.record(Some(&Outcome::Ack));
         assert_eq!(control.state(), ConsumerState::Running);
     }
 

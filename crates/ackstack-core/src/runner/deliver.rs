@@ -117,6 +117,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.acks.push(token).await;
                 let outcome = self.stack.process(&delivery, &cx).await;
                 tracing::Span::current().record("outcome", outcome.as_str());
+                self.judge(Some(&outcome));
                 if outcome == Outcome::Ack {
                     self.counters
                         .succeeded
@@ -147,9 +148,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 return;
             }
             tracing::Span::current().record("outcome", outcome.as_str());
-            if let Some(control) = &self.kill_switch {
-                control.record(&outcome);
-            }
+            self.judge(Some(&outcome));
             self.inspect(&delivery, &outcome);
             self.settle(token, &delivery, outcome, lease, &cx).await;
         }
@@ -157,8 +156,17 @@ impl<P: Process, S: Settle> Shared<P, S> {
         .await
     }
 
+    /// Tells the kill switch, if one is armed, how a delivery ended (`None`: without an
+    /// outcome).
+    fn judge(&self, outcome: Option<&Outcome>) {
+        if let Some(control) = &self.kill_switch {
+            control.record(outcome);
+        }
+    }
+
     /// Records why a cancelled delivery is left unsettled.
     fn not_processed(&self, lease: Option<&LeaseGuard<S::Token>>) {
+        self.judge(None);
         if lease.is_some_and(|l| l.state().is_lost()) {
             // Not ours any more: the broker redelivers it. Never ack, never release.
             tracing::Span::current().record("outcome", "lease_lost");
