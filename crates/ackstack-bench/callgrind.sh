@@ -10,6 +10,8 @@
 #
 # Usage: crates/ackstack-bench/callgrind.sh            (N1=2000, N2=12000)
 #        N1=1000 N2=5000 crates/ackstack-bench/callgrind.sh
+#        RECORDER=prometheus crates/ackstack-bench/callgrind.sh   (with a Prometheus recorder
+#                                                      installed: what recording metrics costs)
 #        crates/ackstack-bench/callgrind.sh --check    (exit 1 when a target is missed: bare
 #                                                      runner <= 3000, all layers <= 5000
 #                                                      instructions/msg, publishing subtracted)
@@ -28,7 +30,7 @@ trap 'rm -rf "$OUT"' EXIT
 
 ir() { # mode n -> total instructions
     local file="$OUT/callgrind.$1.$2"
-    valgrind --tool=callgrind --callgrind-out-file="$file" "$BIN" --callgrind "$1" --messages "$2" >&2 2>"$OUT/log.$1.$2" \
+    valgrind --tool=callgrind --callgrind-out-file="$file" "$BIN" --callgrind "$1" --messages "$2" ${RECORDER:+--recorder "$RECORDER"} >&2 2>"$OUT/log.$1.$2" \
         || { cat "$OUT/log.$1.$2" >&2; exit 1; }
     awk '/^(summary|totals):/ { print $2; exit }' "$file"
 }
@@ -41,7 +43,7 @@ for mode in publish bare full; do
     echo "$mode: Ir($N1)=$a Ir($N2)=$b" >&2
 done
 echo
-echo "instructions per message (callgrind, in-memory broker, no-op handler, $N1 vs $N2 messages):"
+echo "instructions per message (callgrind, in-memory broker, no-op handler, $N1 vs $N2 messages, recorder: ${RECORDER:-none}):"
 echo "| run | instructions/msg |"
 echo "|---|---|"
 echo "| publish only (broker fill) | ${PER[publish]} |"

@@ -57,13 +57,15 @@ pub struct Options {
     rss_scaling: bool,
     rss_child: Option<u64>,
     callgrind: Option<String>,
+    /// Installs this metrics recorder first (`prometheus`), to count what recording costs.
+    recorder: Option<String>,
     /// Handlers at once in the in-memory rows (default 64).
     pub concurrency: Option<usize>,
 }
 
 const USAGE: &str = "usage: ackstack-bench [--brokers memory,rabbitmq,sqs,kafka] [--messages N] [--rounds R] [--json PATH] [--check] [--timeout-secs S]
        ackstack-bench --rss-scaling
-       ackstack-bench --callgrind publish|bare|full|tower [--messages N]";
+       ackstack-bench --callgrind publish|bare|full|tower [--messages N] [--recorder prometheus]";
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
@@ -82,6 +84,7 @@ fn parse_args() -> Result<Options, String> {
         rss_scaling: false,
         rss_child: None,
         callgrind: None,
+        recorder: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -113,6 +116,7 @@ fn parse_args() -> Result<Options, String> {
             "--check" => opts.check = true,
             "--rss-child" => opts.rss_child = Some(number(&value("--rss-child")?)?),
             "--callgrind" => opts.callgrind = Some(value("--callgrind")?),
+            "--recorder" => opts.recorder = Some(value("--recorder")?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -245,6 +249,22 @@ fn main() {
 
 fn real_main() -> Result<(), String> {
     let opts = parse_args()?;
+    match opts.recorder.as_deref() {
+        None => {}
+        Some("prometheus") => {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        ackstack_core::metrics::HANDLER_SECONDS.to_string(),
+                    ),
+                    ackstack_core::metrics::HANDLER_SECONDS_BUCKETS,
+                )
+                .map_err(|e| e.to_string())?
+                .build_recorder();
+            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+        }
+        Some(other) => return Err(format!("unknown --recorder {other} (prometheus)")),
+    }
     let rt = runtime()?;
     if let Some(mode) = &opts.callgrind {
         let n = opts.messages.unwrap_or(10_000);

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dedup::done::DoneMark;
 use crate::delivery::Delivery;
 use crate::error::{Failure, HandlerError};
+use crate::metrics::{Metrics, unregistered};
 use crate::outcome::Outcome;
 
 /// Per-delivery context handed to the handler.
@@ -24,6 +25,8 @@ pub struct Context {
     /// Where the dedup layer leaves the done mark of an acked delivery for the acker (set by
     /// the runner where a dedup layer runs); without it the layer writes the mark itself.
     done: Option<std::sync::Mutex<Option<DoneMark>>>,
+    /// The delivery's metric handles (its consumer and queue); none outside a consumer.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Counts that layers report to the runner's [`Summary`](crate::Summary).
@@ -39,6 +42,12 @@ pub(crate) struct RunStats {
     pub(crate) held: AtomicU64,
     /// Dead-letter copies the broker refused for good.
     pub(crate) dead_letters_refused: AtomicU64,
+    /// Whether the dedup store's last answer was an error, and since when.
+    pub(crate) store: crate::runner::Condition,
+    /// Whether the last dead-letter write failed, and since when.
+    pub(crate) dead_letters: crate::runner::Condition,
+    /// Whether the last lease extension failed, and since when.
+    pub(crate) leases: crate::runner::Condition,
 }
 
 impl RunStats {
@@ -68,6 +77,7 @@ impl Clone for Context {
             stats: self.stats.clone(),
             attempt: self.attempt.clone(),
             done: None,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -86,6 +96,7 @@ impl Context {
             stats: Arc::default(),
             attempt: None,
             done: None,
+            metrics: None,
         }
     }
 
@@ -97,6 +108,7 @@ impl Context {
             stats,
             attempt: None,
             done: None,
+            metrics: None,
         }
     }
 
@@ -115,6 +127,7 @@ impl Context {
             attempt: self.attempt.clone(),
             // Nested work acks nothing itself.
             done: None,
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -132,9 +145,41 @@ impl Context {
 
     /// Records that the delivery was acked as a duplicate, without calling the handler.
     pub fn note_deduplicated(&self) {
+        self.metrics().deduplicated.increment(1);
         self.stats
             .deduplicated
             .fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
+    /// Records that the delivery had no (non-empty) dedup key and runs without deduplication.
+    pub fn note_keyless(&self) {
+        self.metrics().dedup_keyless.increment(1);
+        self.stats
+            .dedup_keyless
+            .fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
+    /// Records whether a call to the dedup store (or inbox database) just failed: while the
+    /// last one failed, [`Status::health`](crate::Status::health) reports the store unavailable.
+    pub fn note_store(&self, ok: bool) {
+        if !ok {
+            self.metrics().store_errors.increment(1);
+        }
+        self.stats.store.set(!ok);
+    }
+
+    /// With the metric handles of the delivery's consumer and queue.
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The delivery's metric handles (handles that record nothing outside a consumer).
+    pub(crate) fn metrics(&self) -> &Metrics {
+        match &self.metrics {
+            Some(m) => m,
+            None => unregistered(),
+        }
     }
 
     pub(crate) fn stats(&self) -> &Arc<RunStats> {
@@ -187,15 +232,10 @@ impl Context {
             .and_then(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).take())
     }
 
-    pub(crate) fn note_retried_in_place(&self) {
+    pub(crate) fn note_retried_in_place(&self, kind: crate::error::ErrorKind) {
+        self.metrics().retried(kind);
         self.stats
             .retried_in_place
-            .fetch_add(1, AtomicOrdering::Relaxed);
-    }
-
-    pub(crate) fn note_keyless(&self) {
-        self.stats
-            .dedup_keyless
             .fetch_add(1, AtomicOrdering::Relaxed);
     }
 
@@ -334,7 +374,7 @@ impl<H: Handler> Process for Terminal<H> {
                 failure
             }
             Err(panic) => {
-                metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
+                cx.metrics().handler_panics.increment(1);
                 Failure::new(
                     crate::ErrorKind::Transient,
                     format!(

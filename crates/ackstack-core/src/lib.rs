@@ -123,7 +123,8 @@ pub use retry::{RetryConfig, RetryLayer};
 pub use runner::LeaseConfig;
 pub use runner::{
     ConfigError, Consumer, ConsumerConfig, ConsumerError, ConsumerState, Control, DeliveryMode,
-    Inspector, KeyOrdering, KillSwitchConfig, OnRefused, Status, Summary,
+    Health, HealthConfig, HealthLevel, HealthReason, Inspector, KeyOrdering, KillSwitchConfig,
+    OnRefused, Problem, Status, Summary,
 };
 pub use signal::shutdown_signal;
 pub use source::{AckReport, Capabilities, Received, Settle, SettleFailure, Settled, Source};

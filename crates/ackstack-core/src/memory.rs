@@ -362,6 +362,10 @@ impl Source for MemorySource {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(self.max_ack_batch).with_lease(self.visibility)
     }
+
+    fn origin(&self) -> Origin {
+        Origin::new("memory", self.queue.clone(), self.consumer.clone())
+    }
 }
 
 /// Settles deliveries of a [`MemorySource`].

@@ -236,7 +236,7 @@ impl<P: Process> Retry<P> {
         {
             Ok(outcome) => outcome,
             Err(panic) => {
-                metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
+                cx.metrics().handler_panics.increment(1);
                 Outcome::Retry {
                     after: Duration::ZERO,
                     failure: Failure::new(
@@ -304,8 +304,7 @@ impl<P: Process> Process for Retry<P> {
                 return outcome;
             }
             tracing::info!(after = ?after, attempt, "retrying in place");
-            metrics::counter!(crate::metrics::RETRIED).increment(1);
-            cx.note_retried_in_place();
+            cx.note_retried_in_place(failure_kind(&outcome));
             if let Some(observe) = &self.layer.on_in_place {
                 observe(current, &outcome);
             }
@@ -318,6 +317,14 @@ impl<P: Process> Process for Retry<P> {
             later_attempt = Some(next);
             immediate = 0;
         }
+    }
+}
+
+/// The kind of a retry's failure (transient, unless a classifier said otherwise).
+fn failure_kind(outcome: &Outcome) -> crate::ErrorKind {
+    match outcome {
+        Outcome::Retry { failure, .. } | Outcome::DeadLetter(failure) => failure.kind,
+        Outcome::Ack | Outcome::Release => crate::ErrorKind::Transient,
     }
 }
 

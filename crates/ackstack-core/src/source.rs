@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::deadletter::DeadLetter;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, Origin};
 use crate::error::{Failure, SettleError, SourceError};
 
 /// A received delivery and the broker's handle for settling it.
@@ -41,6 +41,14 @@ pub trait Source: Send + 'static {
 
     /// What this broker can do natively.
     fn capabilities(&self) -> Capabilities;
+
+    /// Where this source's deliveries come from: its broker, its queue (or topics, joined with
+    /// `,`) and the consumer name it gives them, with no position. The labels of the metrics
+    /// that belong to the consumer rather than to one delivery (acks, leases, receive errors,
+    /// its state). The default says `custom` with no queue; adapters override it.
+    fn origin(&self) -> Origin {
+        Origin::new("custom", "", "")
+    }
 
     /// Stops receiving (cancels the broker-side consumer). Deliveries already returned stay
     /// settleable. The default does nothing.

@@ -20,10 +20,7 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 
-/// Records counter totals, gauge values and histogram sample counts by metric name.
-#[derive(Clone, Default)]
-struct Totals(Arc<Mutex<HashMap<String, Arc<Cell>>>>);
-
+/// A counter total, a gauge value or a histogram's sample count.
 #[derive(Default)]
 struct Cell(AtomicU64);
 
@@ -49,39 +46,6 @@ impl GaugeFn for Cell {
 impl HistogramFn for Cell {
     fn record(&self, _value: f64) {
         self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Totals {
-    fn cell(&self, key: &Key) -> Arc<Cell> {
-        self.0
-            .lock()
-            .unwrap()
-            .entry(key.name().to_string())
-            .or_default()
-            .clone()
-    }
-    fn get(&self, name: &str) -> u64 {
-        self.0
-            .lock()
-            .unwrap()
-            .get(name)
-            .map_or(0, |c| c.0.load(Ordering::SeqCst))
-    }
-}
-
-impl Recorder for Totals {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        Counter::from_arc(self.cell(key))
-    }
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        Gauge::from_arc(self.cell(key))
-    }
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::from_arc(self.cell(key))
     }
 }
 
@@ -119,7 +83,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
 
 #[test]
 fn every_delivery_has_a_span_and_the_documented_metrics_are_emitted() {
-    let totals = Totals::default();
+    let totals = ByKey::default();
     let spans = Spans::default();
     let subscriber = tracing_subscriber::registry().with(spans.clone());
     let broker = MemoryBroker::new();
@@ -165,22 +129,26 @@ fn every_delivery_has_a_span_and_the_documented_metrics_are_emitted() {
             })
         })
     });
-    assert_eq!(totals.get(names::RECEIVED), summary.received);
-    assert_eq!(totals.get(names::RECEIVED), 6);
+    assert_eq!(totals.total(names::RECEIVED), summary.received);
+    assert_eq!(totals.total(names::RECEIVED), 6);
     assert_eq!(
-        totals.get(names::ACKED),
+        totals.total(names::ACKED),
         4,
         "three successes and the dead-lettered original"
     );
-    assert_eq!(totals.get(names::RETRIED), 2);
-    assert_eq!(totals.get(names::DEAD_LETTERED), 1);
-    assert_eq!(totals.get(names::HANDLER_PANICS), 1);
+    assert_eq!(totals.total(names::RETRIED), 2);
+    assert_eq!(totals.total(names::DEAD_LETTERED), 1);
+    assert_eq!(totals.total(names::HANDLER_PANICS), 1);
     assert_eq!(
-        totals.get(names::HANDLER_SECONDS),
+        totals.total(names::HANDLER_SECONDS),
         6,
         "one latency sample per delivery"
     );
-    assert_eq!(totals.get(names::IN_FLIGHT), 0, "the gauge returns to zero");
+    assert_eq!(
+        totals.total(names::IN_FLIGHT),
+        0,
+        "the gauge returns to zero"
+    );
 
     let spans = spans.0.lock().unwrap();
     assert_eq!(spans.len(), 6, "one span per delivery");
@@ -218,4 +186,183 @@ fn every_delivery_has_a_span_and_the_documented_metrics_are_emitted() {
             ("m-retry", "2", "ack"),
         ]
     );
+}
+
+/// A metric's name and its labels, sorted.
+type FullKey = (String, Vec<(String, String)>);
+
+/// Records every metric under its full key: name and labels (counter totals, gauge values,
+/// histogram sample counts).
+#[derive(Clone, Default)]
+struct ByKey(Arc<Mutex<HashMap<FullKey, Arc<Cell>>>>);
+
+impl ByKey {
+    fn cell(&self, key: &Key) -> Arc<Cell> {
+        let mut labels: Vec<(String, String)> = key
+            .labels()
+            .map(|l| (l.key().to_string(), l.value().to_string()))
+            .collect();
+        labels.sort();
+        self.0
+            .lock()
+            .unwrap()
+            .entry((key.name().to_string(), labels))
+            .or_default()
+            .clone()
+    }
+
+    /// The value under `name` with exactly these labels (0 if never registered).
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let mut labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        labels.sort();
+        self.0
+            .lock()
+            .unwrap()
+            .get(&(name.to_string(), labels))
+            .map_or(0, |c| c.0.load(Ordering::SeqCst))
+    }
+
+    /// The sum under `name` over all its label sets.
+    fn total(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|(_, c)| c.0.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    fn keys(&self) -> Vec<FullKey> {
+        self.0.lock().unwrap().keys().cloned().collect()
+    }
+}
+
+impl Recorder for ByKey {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(self.cell(key))
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(self.cell(key))
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(self.cell(key))
+    }
+}
+
+#[test]
+fn two_consumers_in_one_process_are_told_apart_by_their_labels() {
+    let recorder = ByKey::default();
+    let broker = MemoryBroker::new();
+    for m in ["ok", "ok", "bad"] {
+        broker.publish("a", Message::new(m));
+    }
+    for m in ["ok", "retry once"] {
+        broker.publish("b", Message::new(m));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let handler = || {
+                handler_fn(|d, _cx| async move {
+                    match (&d.payload[..], d.attempt) {
+                        (b"bad", _) => Err(HandlerError::permanent("bad")),
+                        (b"retry once", 1) => Err(HandlerError::transient("later")),
+                        _ => Ok(()),
+                    }
+                })
+            };
+            let run = |queue: &str, name: &str| {
+                let mut config = ackstack_core::ConsumerConfig::default();
+                config.retry.backoff =
+                    Backoff::exponential(Duration::from_millis(10), Duration::from_millis(20))
+                        .no_jitter();
+                let consumer =
+                    Consumer::new(broker.source(queue).poll_wait(Duration::from_millis(20)))
+                        .config(config)
+                        .name(name);
+                let status = consumer.status();
+                consumer.run_until(handler(), async move {
+                    status.idle(Duration::from_millis(300)).await
+                })
+            };
+            let (a, b) = tokio::join!(run("a", "alpha"), run("b", "beta"));
+            a.unwrap();
+            b.unwrap();
+        })
+    });
+    let alpha = [("consumer", "alpha"), ("broker", "memory"), ("queue", "a")];
+    let beta = [("consumer", "beta"), ("broker", "memory"), ("queue", "b")];
+    let with = |base: &[(&'static str, &'static str); 3], k: &'static str, v: &'static str| {
+        let mut labels = base.to_vec();
+        labels.push((k, v));
+        labels
+    };
+    assert_eq!(recorder.get(names::RECEIVED, &alpha), 3);
+    assert_eq!(
+        recorder.get(names::RECEIVED, &beta),
+        3,
+        "one retry redelivered"
+    );
+    assert_eq!(
+        recorder.get(names::OUTCOMES, &with(&alpha, "outcome", "ack")),
+        2
+    );
+    assert_eq!(
+        recorder.get(names::OUTCOMES, &with(&alpha, "outcome", "dead_letter")),
+        1
+    );
+    assert_eq!(
+        recorder.get(
+            names::DEAD_LETTERED,
+            &with(&alpha, "error_kind", "permanent")
+        ),
+        1
+    );
+    assert_eq!(
+        recorder.get(names::RETRIED, &with(&beta, "error_kind", "transient")),
+        1
+    );
+    assert_eq!(
+        recorder.get(names::RETRIED, &with(&alpha, "error_kind", "transient")),
+        0
+    );
+    assert_eq!(
+        recorder.get(names::OUTCOMES, &with(&beta, "outcome", "ack")),
+        2
+    );
+    assert_eq!(recorder.get(names::ACKED, &alpha), 3);
+    assert_eq!(recorder.get(names::ACKED, &beta), 2);
+    assert_eq!(
+        recorder.get(names::HANDLER_SECONDS, &with(&alpha, "outcome", "ack")),
+        2,
+        "one latency sample per delivery, by outcome"
+    );
+    assert_eq!(recorder.get(names::IN_FLIGHT, &alpha), 0);
+    assert_eq!(
+        recorder.get(names::CONSUMER_STATE, &with(&beta, "state", "running")),
+        1
+    );
+    assert_eq!(
+        recorder.get(names::CONSUMER_STATE, &with(&beta, "state", "paused")),
+        0
+    );
+    for (name, labels) in recorder.keys() {
+        assert!(names::ALL.contains(&name.as_str()), "{name} is documented");
+        for label in ["consumer", "broker", "queue"] {
+            assert!(
+                labels.iter().any(|(k, _)| k == label),
+                "{name} carries {label}: {labels:?}"
+            );
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ackstack_core::{Capabilities, Received, SourceError};
+use ackstack_core::{Capabilities, Origin, Received, SourceError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
@@ -53,6 +53,7 @@ pub struct KafkaSource {
     inner: Arc<Inner>,
     rx: mpsc::Receiver<Result<Received<KafkaToken>, SourceError>>,
     thread: Option<JoinHandle<()>>,
+    origin: Origin,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -92,12 +93,13 @@ impl KafkaSource {
             .create()
             .map_err(KafkaError::Client)?;
         let (tx, rx) = mpsc::channel(config.buffer.max(1));
+        let origin = Origin::new("kafka", config.topic.as_str(), config.consumer_name());
         let thread = poller::spawn(
             consumer.clone(),
             shared.clone(),
             tx,
-            Arc::from(config.topic.as_str()),
-            Arc::from(config.consumer_name()),
+            origin.queue.clone(),
+            origin.consumer.clone(),
         )
         .map_err(|e| KafkaError::Config(format!("cannot start the poll thread: {e}")))?;
         Ok(KafkaSource {
@@ -113,6 +115,7 @@ impl KafkaSource {
             }),
             rx,
             thread: Some(thread),
+            origin,
         })
     }
 
@@ -191,6 +194,10 @@ impl ackstack_core::Source for KafkaSource {
         Capabilities::new(1000)
             .with_in_place_retry()
             .with_lease(self.inner.ownership_check)
+    }
+
+    fn origin(&self) -> Origin {
+        self.origin.clone()
     }
 
     async fn close(&mut self) {

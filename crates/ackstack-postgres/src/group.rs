@@ -303,7 +303,7 @@ where
             }
         }
         None => {
-            inbox.note_keyless();
+            inbox.note_keyless(cx);
             tx.batch_execute(SAVEPOINT).await?;
         }
     }

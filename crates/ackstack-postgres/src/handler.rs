@@ -109,7 +109,7 @@ where
                     return Err(err.into());
                 }
             },
-            None => self.inbox.note_keyless(),
+            None => self.inbox.note_keyless(cx),
         }
         match (self.f)(delivery.clone(), tx.clone(), cx.clone()).await {
             Ok(()) => {

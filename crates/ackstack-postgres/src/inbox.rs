@@ -144,7 +144,6 @@ impl PgInbox {
     /// Counts a delivery found already applied (acked without calling the handler).
     pub(crate) fn note_duplicate_delivery(&self, cx: &Context, key: Option<&[u8]>) {
         self.inner.duplicates.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(ackstack_core::metrics::DEDUPLICATED).increment(1);
         cx.note_deduplicated();
         if let Some(key) = key {
             tracing::debug!(key = %key.escape_ascii(), "already in the inbox; acking without calling the handler");
@@ -152,8 +151,8 @@ impl PgInbox {
     }
 
     /// Counts a delivery without a key (run in a transaction, not deduplicated).
-    pub(crate) fn note_keyless(&self) {
-        metrics::counter!(ackstack_core::metrics::DEDUP_KEYLESS).increment(1);
+    pub(crate) fn note_keyless(&self, cx: &Context) {
+        cx.note_keyless();
         tracing::debug!("no inbox key; running the handler in a transaction without an inbox row");
     }
 

@@ -283,6 +283,14 @@ impl Source for RabbitSource {
             .with_parallel_acks(4)
     }
 
+    /// The consumer is named by its configured consumer tag, or else by its queue: the
+    /// broker's generated tags change with every reconnect.
+    fn origin(&self) -> Origin {
+        let config = &self.shared.config;
+        let consumer = config.consumer_tag.as_deref().unwrap_or(&config.queue);
+        Origin::new("rabbitmq", config.queue.as_str(), consumer)
+    }
+
     async fn close(&mut self) {
         self.closed = true;
         if let Some(active) = self.active.as_ref() {

@@ -262,6 +262,10 @@ impl Source for SqsSource {
             .with_parallel_acks(self.queue.parallel_acks)
     }
 
+    fn origin(&self) -> Origin {
+        Origin::new("sqs", self.queue.name.clone(), self.queue.consumer.clone())
+    }
+
     async fn close(&mut self) {
         self.closed = true;
     }

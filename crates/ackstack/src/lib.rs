@@ -101,10 +101,11 @@
 pub use ackstack_core::{
     Backoff, ConfigError, Consumer, ConsumerConfig, ConsumerError, ConsumerState, Context, Control,
     DeadLetterMetadata, DeadLetterReason, DedupConfig, DedupKey, DedupStore, Delivery,
-    DeliveryMode, ErrorKind, Failure, Handler, HandlerError, HandlerFn, Headers, Inspector, Jitter,
-    KeyOrdering, KillSwitchConfig, Layer, LeaseConfig, MemoryBroker, MemoryDedupStore, Message,
-    OnRefused, OnStoreError, Origin, Outcome, Publish, PublishError, RetryConfig, Status, Summary,
-    handler_fn, shutdown_signal,
+    DeliveryMode, ErrorKind, Failure, Handler, HandlerError, HandlerFn, Headers, Health,
+    HealthConfig, HealthLevel, HealthReason, Inspector, Jitter, KeyOrdering, KillSwitchConfig,
+    Layer, LeaseConfig, MemoryBroker, MemoryDedupStore, Message, OnRefused, OnStoreError, Origin,
+    Outcome, Problem, Publish, PublishError, RetryConfig, Status, Summary, handler_fn,
+    shutdown_signal,
 };
 
 /// Decoding helpers for handlers (`decode::json`: a payload that does not parse is a

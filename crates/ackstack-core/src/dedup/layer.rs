@@ -99,7 +99,9 @@ impl<P: Process> Dedup<P> {
         // Counts this delivery as waiting for the store (in `Status`) while it is held.
         let mut held = None;
         loop {
-            let wait = match self.store.claim(key, token, self.config.claim_lease).await {
+            let claimed = self.store.claim(key, token, self.config.claim_lease).await;
+            cx.note_store(claimed.is_ok());
+            let wait = match claimed {
                 Ok(Claim::Acquired) => return Claimed::Acquired,
                 Ok(Claim::Done) => return Claimed::Done,
                 Ok(Claim::Busy { expires_in }) => {
@@ -127,7 +129,7 @@ impl<P: Process> Dedup<P> {
                 }
             };
             if held.is_none() {
-                metrics::counter!(crate::metrics::DEDUP_HELD).increment(1);
+                cx.metrics().dedup_held.increment(1);
                 held = Some(cx.stats().hold());
             }
             tokio::select! {
@@ -197,7 +199,6 @@ impl<P: Process> Dedup<P> {
 impl<P: Process> Process for Dedup<P> {
     async fn process(&self, delivery: &Delivery, cx: &Context) -> Outcome {
         let Some(key) = self.key.extract(delivery) else {
-            metrics::counter!(crate::metrics::DEDUP_KEYLESS).increment(1);
             cx.note_keyless();
             return self.inner.process(delivery, cx).await;
         };
@@ -206,7 +207,6 @@ impl<P: Process> Process for Dedup<P> {
         match self.claim(key, &token, cx).await {
             Claimed::Acquired => {}
             Claimed::Done => {
-                metrics::counter!(crate::metrics::DEDUPLICATED).increment(1);
                 cx.note_deduplicated();
                 tracing::debug!(key = %ShowKey(key), "already processed; acking without calling the handler");
                 return Outcome::Ack;

@@ -17,11 +17,13 @@ use tokio::time::Instant;
 
 use super::lease::LeaseGuard;
 use crate::dedup::done::{self, DoneMark};
+use crate::metrics::Metrics;
 use crate::source::Settle;
 
-/// Counts kept by the acker.
-#[derive(Debug, Default)]
+/// Counts kept by the acker, and the consumer's metric handles it records into.
+#[derive(Debug)]
 pub struct AckStats {
+    metrics: Arc<Metrics>,
     /// Tokens the broker acknowledged.
     pub acked: AtomicU64,
     /// Tokens the broker refused.
@@ -109,12 +111,19 @@ impl<T: Clone + Send + Sync + 'static> BatchAcker<T> {
         max_delay: Duration,
         parallel: usize,
         capacity: usize,
+        metrics: Arc<Metrics>,
     ) -> Self
     where
         S: Settle<Token = T>,
     {
         let (tx, rx) = mpsc::channel(capacity.max(max_batch).max(1));
-        let stats = Arc::new(AckStats::default());
+        let stats = Arc::new(AckStats {
+            metrics,
+            acked: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+        });
         let task = tokio::spawn(run(
             settler,
             rx,
@@ -234,12 +243,15 @@ async fn send<S: Settle>(settler: S, mut batch: Vec<Pending<S::Token>>, stats: A
     stats
         .acked
         .fetch_add(report.acked as u64, Ordering::Relaxed);
-    metrics::counter!(crate::metrics::ACKED).increment(report.acked as u64);
+    stats.metrics.acked.increment(report.acked as u64);
     if !report.failed.is_empty() {
         stats
             .failed
             .fetch_add(report.failed.len() as u64, Ordering::Relaxed);
-        metrics::counter!(crate::metrics::ACK_FAILURES).increment(report.failed.len() as u64);
+        stats
+            .metrics
+            .ack_failures
+            .increment(report.failed.len() as u64);
         for (_, err) in &report.failed {
             tracing::warn!(error = %err, batch = n, "ack failed; the broker will redeliver");
         }
@@ -254,6 +266,10 @@ mod tests {
 
     use super::*;
     use crate::{AckReport, DeadLetter, Delivery, Failure, SettleError, SettleFailure, Settled};
+
+    fn noop() -> Arc<Metrics> {
+        Arc::new(Metrics::detached())
+    }
 
     /// A settler that records ack batch sizes and when each arrived, or whose acks never
     /// complete (`stuck`).
@@ -300,7 +316,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ack_batches_never_exceed_the_batch_size_and_flush_within_the_max_delay() {
         let settler = Recording::default();
-        let acker = BatchAcker::spawn(settler.clone(), 10, Duration::from_millis(100), 1, 64);
+        let acker = BatchAcker::spawn(
+            settler.clone(),
+            10,
+            Duration::from_millis(100),
+            1,
+            64,
+            noop(),
+        );
         let queue = acker.queue();
         for i in 0..25 {
             queue.push(i).await;
@@ -336,7 +359,7 @@ mod tests {
         };
         let store = Arc::new(MemoryDedupStore::new());
         let lease = Duration::from_secs(30);
-        let acker = BatchAcker::spawn(stuck, 2, Duration::from_millis(10), 1, 64);
+        let acker = BatchAcker::spawn(stuck, 2, Duration::from_millis(10), 1, 64, noop());
         let queue = acker.queue();
         for i in 0..6u32 {
             let key = format!("k{i}").into_bytes();
@@ -370,7 +393,7 @@ mod tests {
             stuck: true,
             ..Recording::default()
         };
-        let acker = BatchAcker::spawn(stuck, 4, Duration::from_millis(10), 1, 8);
+        let acker = BatchAcker::spawn(stuck, 4, Duration::from_millis(10), 1, 8, noop());
         let queue = acker.queue();
         let mut accepted = 0;
         for i in 0..100 {

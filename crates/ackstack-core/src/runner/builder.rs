@@ -40,6 +40,7 @@ pub struct Consumer<S, L = Identity> {
 impl<S: Source> Consumer<S> {
     /// A consumer of `source` with the default config.
     pub fn new(source: S) -> Self {
+        let control = Control::default();
         Consumer {
             source,
             layers: Identity,
@@ -49,8 +50,8 @@ impl<S: Source> Consumer<S> {
             classifier: None,
             name: None,
             inspector: None,
-            status: Status::default(),
-            control: Control::default(),
+            status: Status::new(control.clone()),
+            control,
         }
     }
 }

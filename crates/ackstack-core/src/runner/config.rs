@@ -11,6 +11,7 @@ use crate::retry::RetryConfig;
 
 use super::control::KillSwitchConfig;
 use super::lease::LeaseConfig;
+use super::status::HealthConfig;
 
 /// When a delivery is acknowledged, as users know the modes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +78,8 @@ pub struct ConsumerConfig {
     /// The kill switch (a circuit breaker over the failure rate); off when `None`, the
     /// default. See [`KillSwitchConfig`].
     pub kill_switch: Option<KillSwitchConfig>,
+    /// What [`Status::health`](crate::Status::health) counts as unhealthy.
+    pub health: HealthConfig,
 }
 
 /// What happens to a delivery whose dead-letter copy the broker refuses for good
@@ -112,6 +115,7 @@ impl Default for ConsumerConfig {
             correlation_header: None,
             on_dead_letter_refused: OnRefused::Release,
             kill_switch: None,
+            health: HealthConfig::default(),
         }
     }
 }

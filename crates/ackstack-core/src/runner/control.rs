@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::ErrorKind;
+use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 
 /// The kill switch's settings; off unless [`ConsumerConfig::kill_switch`](super::ConsumerConfig)
@@ -122,6 +123,8 @@ struct Inner {
     trips: AtomicU64,
     breaker: Mutex<Option<Breaker>>,
     changed: Notify,
+    /// The run's metric handles, for the state gauge and the trip counter.
+    metrics: Mutex<Option<Arc<Metrics>>>,
 }
 
 /// How many deliveries the receive loop may take now.
@@ -137,14 +140,34 @@ impl Control {
     pub fn pause(&self) {
         self.inner.paused.store(true, Ordering::SeqCst);
         tracing::info!("consumer paused");
-        self.inner.changed.notify_waiters();
+        self.changed_state();
     }
 
     /// Receives again after [`Control::pause`] (the kill switch, if open, still decides).
     pub fn resume(&self) {
         self.inner.paused.store(false, Ordering::SeqCst);
         tracing::info!("consumer resumed");
+        self.changed_state();
+    }
+
+    /// How long the kill switch has been open or half-open, if it is.
+    pub(super) fn open_for(&self) -> Option<Duration> {
+        let opened = self.lock().as_ref().and_then(|b| b.opened_at)?;
+        Some(Instant::now().saturating_duration_since(opened))
+    }
+
+    /// Wakes the receive loop and shows the new state in the state gauge.
+    fn changed_state(&self) {
         self.inner.changed.notify_waiters();
+        let metrics = self
+            .inner
+            .metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(m) = metrics {
+            m.state(self.state());
+        }
     }
 
     /// Whether the consumer receives now, and if not, why (a pause wins over the circuit).
@@ -172,9 +195,15 @@ impl Control {
     }
 
     /// Arms the kill switch for a run (or disarms it with `None`).
-    pub(super) fn install(&self, config: Option<KillSwitchConfig>) {
+    pub(super) fn install(&self, config: Option<KillSwitchConfig>, metrics: Arc<Metrics>) {
         *self.lock() = config.map(Breaker::new);
         self.inner.armed.store(config.is_some(), Ordering::SeqCst);
+        metrics.state(self.state());
+        *self
+            .inner
+            .metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(metrics);
     }
 
     /// Completes on the next pause, resume or circuit change. Create it (and enable it)
@@ -196,6 +225,7 @@ impl Control {
             return Admit::Take(want);
         };
         let now = Instant::now();
+        let mut half_opened = false;
         if let Circuit::Open { until } = breaker.circuit {
             if now < until {
                 return Admit::Wait(Some(until));
@@ -205,14 +235,20 @@ impl Control {
                 left: breaker.config.probes,
                 pending: 0,
             };
+            half_opened = true;
         }
-        match breaker.circuit {
+        let admit = match breaker.circuit {
             Circuit::HalfOpen { left: 0, .. } => Admit::Wait(None),
             Circuit::HalfOpen { left, .. } => {
                 Admit::Take(want.min(usize::try_from(left).unwrap_or(usize::MAX)))
             }
             _ => Admit::Take(want),
+        };
+        drop(guard);
+        if half_opened {
+            self.changed_state();
         }
+        admit
     }
 
     /// Counts `n` received deliveries against the half-open probes.
@@ -241,9 +277,17 @@ impl Control {
         };
         if change == Change::Opened {
             self.inner.trips.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &*self
+                .inner
+                .metrics
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+            {
+                m.circuit_trips.increment(1);
+            }
         }
         if change != Change::None {
-            self.inner.changed.notify_waiters();
+            self.changed_state();
         }
     }
 }
@@ -277,6 +321,8 @@ struct Breaker {
     /// Outcomes since the start (or the last close), and whether one was a success.
     seen: u64,
     succeeded: bool,
+    /// When it opened (kept through half-open and re-opening; cleared when it closes).
+    opened_at: Option<Instant>,
 }
 
 impl Breaker {
@@ -287,6 +333,7 @@ impl Breaker {
             buckets: VecDeque::new(),
             seen: 0,
             succeeded: false,
+            opened_at: None,
         }
     }
 
@@ -325,6 +372,7 @@ impl Breaker {
                     self.buckets.clear();
                     self.seen = 0;
                     self.succeeded = false;
+                    self.opened_at = None;
                     Change::Closed
                 } else {
                     Change::None
@@ -386,6 +434,7 @@ impl Breaker {
         self.circuit = Circuit::Open {
             until: now + self.config.cooldown,
         };
+        self.opened_at.get_or_insert(now);
     }
 }
 
@@ -653,11 +702,10 @@ mod tests {
         use crate::outcome::Outcome;
 
         let control = Control::default();
-        control.install(Some(switch(
-            2,
-            Duration::from_secs(60),
-            Duration::from_secs(1),
-        )));
+        control.install(
+            Some(switch(2, Duration::from_secs(60), Duration::from_secs(1))),
+            Arc::new(crate::metrics::Metrics::detached()),
+        );
         let failed = Outcome::Retry {
             after: Duration::ZERO,
             failure: Failure::new(ErrorKind::Transient, "down"),

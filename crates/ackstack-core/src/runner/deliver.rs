@@ -21,6 +21,7 @@ use super::control::Control;
 use super::lease::LeaseGuard;
 use super::ordering::Turn;
 use super::status::{Counters, Status};
+use crate::metrics::{MetricSets, Metrics};
 
 /// Calls `inspect`; its panics are logged, never propagated.
 pub(super) fn call_inspector(inspect: &Inspector, delivery: &Delivery, outcome: &Outcome) {
@@ -56,6 +57,8 @@ pub(super) struct Shared<P, S: Settle> {
     pub(super) dedup: bool,
     /// The consumer's control, when a kill switch is armed (it then counts outcomes).
     pub(super) kill_switch: Option<Control>,
+    /// The run's metric handles, one set per queue.
+    pub(super) metrics: Arc<MetricSets>,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -72,6 +75,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
         cancel: CancellationToken,
         mut lease: Option<LeaseGuard<S::Token>>,
         mut turn: Option<Turn>,
+        metrics: Arc<Metrics>,
     ) {
         let Received {
             mut delivery,
@@ -110,12 +114,15 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.not_processed(lease.as_ref());
                 return;
             }
-            let cx = self.context(&cancel);
+            let cx = self.context(&cancel).with_metrics(metrics);
+            let started = Instant::now();
             if self.mode == DeliveryMode::AtMostOnce {
                 // Acked on receipt: the lease no longer matters.
                 drop(lease.take());
                 self.acks.push(token).await;
                 let outcome = self.stack.process(&delivery, &cx).await;
+                cx.metrics()
+                    .outcome(&outcome, Some(started.elapsed().as_secs_f64()));
                 tracing::Span::current().record("outcome", outcome.as_str());
                 self.judge(Some(&outcome));
                 if outcome == Outcome::Ack {
@@ -125,7 +132,6 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 }
                 return;
             }
-            let started = Instant::now();
             let cx = if self.in_place {
                 cx.with_attempt_slot()
             } else {
@@ -136,8 +142,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 // Retried in place: report and dead-letter with the attempt it reached.
                 delivery.attempt = attempt;
             }
-            metrics::histogram!(crate::metrics::HANDLER_SECONDS)
-                .record(started.elapsed().as_secs_f64());
+            let seconds = started.elapsed().as_secs_f64();
             if cx.is_cancelled() {
                 // Not acked; but if the handler succeeded its effect happened: mark it done so
                 // that the redelivery is recognised.
@@ -147,6 +152,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.not_processed(lease.as_ref());
                 return;
             }
+            cx.metrics().outcome(&outcome, Some(seconds));
             tracing::Span::current().record("outcome", outcome.as_str());
             self.judge(Some(&outcome));
             self.inspect(&delivery, &outcome);

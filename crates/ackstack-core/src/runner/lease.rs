@@ -20,6 +20,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::handler::RunStats;
+use crate::metrics::Metrics;
 use crate::source::Settle;
 
 /// How leases are kept.
@@ -137,9 +139,14 @@ impl<T> std::fmt::Debug for Command<T> {
 
 impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
     /// Starts keeping leases of length `lease` through `settler`.
-    pub fn spawn<S: Settle<Token = T>>(settler: S, lease: Duration, config: LeaseConfig) -> Self {
+    pub fn spawn<S: Settle<Token = T>>(
+        settler: S,
+        lease: Duration,
+        config: LeaseConfig,
+        watch: Watch,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(settler, lease, config, rx));
+        let task = tokio::spawn(run(settler, lease, config, rx, watch));
         LeaseKeeper {
             tx,
             next_id: std::sync::atomic::AtomicU64::new(0),
@@ -188,10 +195,18 @@ struct Held<T> {
     released: Option<oneshot::Sender<()>>,
 }
 
+#[derive(PartialEq, Eq)]
 enum Extended {
     Ok,
     Lost,
     Failed,
+}
+
+/// Where the keeper reports: the consumer's metrics, and whether extensions are failing (for
+/// [`Status::health`](crate::Status::health)).
+pub(super) struct Watch {
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) stats: Arc<RunStats>,
 }
 
 async fn run<S: Settle>(
@@ -199,6 +214,7 @@ async fn run<S: Settle>(
     lease: Duration,
     config: LeaseConfig,
     mut rx: mpsc::UnboundedReceiver<Command<S::Token>>,
+    watch: Watch,
 ) {
     // `extend_at` is validated in (0, 1) with the consumer's config; clamp anyway so that a
     // keeper built by hand cannot spin or overflow.
@@ -245,16 +261,18 @@ async fn run<S: Settle>(
                     let _ = released.send(());
                     continue;
                 }
+                watch.stats.leases.set(result == Extended::Failed);
                 match result {
                     Extended::Ok => {
-                        metrics::counter!(crate::metrics::LEASE_EXTENSIONS).increment(1);
+                        watch.metrics.lease_extensions.increment(1);
                         tracing::debug!(by = ?lease, "lease extended");
                         h.expires = later(started, lease);
                         h.extend_at = later(started, extend_after);
                         due.push(Reverse((h.extend_at, id)));
                     }
-                    Extended::Lost => lose(h),
+                    Extended::Lost => lose(h, &watch),
                     Extended::Failed => {
+                        watch.metrics.lease_extension_failures.increment(1);
                         // Try again soon, while the current lease still runs.
                         let now = Instant::now();
                         let retry_at = now + (h.expires.saturating_duration_since(now) / 4).max(Duration::from_millis(20));
@@ -278,7 +296,7 @@ async fn run<S: Settle>(
                     if now >= h.expires {
                         // Lapsed, even if an extension is still on its way: it may land too
                         // late, after another consumer received the message.
-                        lose(h);
+                        lose(h, &watch);
                         continue;
                     }
                     if h.extending || now < h.extend_at {
@@ -317,11 +335,11 @@ async fn run<S: Settle>(
     }
 }
 
-fn lose<T>(h: &mut Held<T>) {
+fn lose<T>(h: &mut Held<T>, watch: &Watch) {
     if !h.state.is_lost() {
         h.state.mark_lost();
         h.cancel.cancel();
-        metrics::counter!(crate::metrics::LEASES_LOST).increment(1);
+        watch.metrics.leases_lost.increment(1);
         tracing::warn!("lease lost; the delivery's work is cancelled and it will not be acked");
     }
 }

@@ -39,4 +39,7 @@ pub use builder::{Consumer, Inspector};
 pub use config::{ConfigError, ConsumerConfig, DeliveryMode, KeyOrdering, OnRefused};
 pub use control::{ConsumerState, Control, KillSwitchConfig};
 pub use lease::LeaseConfig;
-pub use status::{ConsumerError, Status, Summary};
+pub(crate) use status::Condition;
+pub use status::{
+    ConsumerError, Health, HealthConfig, HealthLevel, HealthReason, Problem, Status, Summary,
+};

@@ -25,9 +25,10 @@ use super::config::{DeliveryMode, KeyOrdering};
 use super::control::Admit;
 use super::deliver::Refusals;
 use super::deliver::{Shared, call_inspector};
-use super::lease::LeaseKeeper;
+use super::lease::{LeaseKeeper, Watch};
 use super::ordering::KeyGate;
 use super::status::{ConsumerError, Counters, InFlight, Summary};
+use crate::metrics::MetricSets;
 
 /// How often a paused receive loop looks again without being woken (a safety net: pause,
 /// resume and circuit changes wake it at once).
@@ -57,6 +58,9 @@ impl<S: Source, L> Consumer<S, L> {
         // At-most-once acks on receipt: there is nothing left to retry in place.
         let in_place = (!caps.broker_delay || per_key) && cfg.mode != DeliveryMode::AtMostOnce;
         let stats = self.status.inner.stats.clone();
+        let metrics = Arc::new(MetricSets::new(&self.source.origin(), self.name.clone()));
+        let own = metrics.own().clone();
+        self.status.configure_health(cfg.health);
         let on_in_place: Option<crate::retry::OnInPlaceRetry> =
             self.inspector.clone().map(|inspect| {
                 Arc::new(move |d: &Delivery, o: &Outcome| call_inspector(&inspect, d, o))
@@ -83,10 +87,15 @@ impl<S: Source, L> Consumer<S, L> {
             cfg.ack_delay,
             caps.parallel_acks,
             (ack_batch * (caps.parallel_acks + 1)).max(cfg.concurrency * 2),
+            own.clone(),
         );
-        let leases = caps
-            .lease
-            .map(|lease| LeaseKeeper::spawn(settler.clone(), lease, cfg.lease));
+        let leases = caps.lease.map(|lease| {
+            let watch = Watch {
+                metrics: own.clone(),
+                stats: stats.clone(),
+            };
+            LeaseKeeper::spawn(settler.clone(), lease, cfg.lease, watch)
+        });
         let shared = Arc::new(Shared {
             stack,
             settler,
@@ -106,8 +115,9 @@ impl<S: Source, L> Consumer<S, L> {
             refusals: Refusals::default(),
             dedup: has_dedup,
             kill_switch: cfg.kill_switch.is_some().then(|| self.control.clone()),
+            metrics,
         });
-        self.control.install(cfg.kill_switch);
+        self.control.install(cfg.kill_switch, own.clone());
         let control = self.control.clone();
         let gate = per_key.then(KeyGate::new);
         let hard_stop = CancellationToken::new();
@@ -170,6 +180,7 @@ impl<S: Source, L> Consumer<S, L> {
                 Err(err) if err.is_fatal() => break Err(ConsumerError::Source(err)),
                 Err(err) => {
                     receive_errors += 1;
+                    own.receive_errors.increment(1);
                     consecutive_errors = consecutive_errors.saturating_add(1);
                     shared.status.set_receive_failures(consecutive_errors);
                     let wait = reconnect.delay(consecutive_errors);
@@ -198,7 +209,8 @@ impl<S: Source, L> Consumer<S, L> {
                     .counters
                     .received
                     .fetch_add(1, AtomicOrdering::Relaxed);
-                metrics::counter!(crate::metrics::RECEIVED).increment(1);
+                let metrics = shared.metrics.of(&received.delivery.origin);
+                metrics.received.increment(1);
                 let cancel = hard_stop.child_token();
                 let lease = leases
                     .as_ref()
@@ -208,7 +220,7 @@ impl<S: Source, L> Consumer<S, L> {
                     _ => None,
                 };
                 let shared = shared.clone();
-                let in_flight = InFlight::start(shared.status.clone());
+                let in_flight = InFlight::start(shared.status.clone(), metrics.clone());
                 // Boxed: the task's future (the delivery, its guards and the whole stack's
                 // state) is several KiB, and tokio moves an unboxed future into its task cell
                 // and between task stages by copying it (callgrind: about 3,300 instructions
@@ -216,7 +228,7 @@ impl<S: Source, L> Consumer<S, L> {
                 tasks.spawn(Box::pin(async move {
                     let _permit = permit;
                     let _in_flight = in_flight;
-                    shared.run_one(received, cancel, lease, turn).await;
+                    shared.run_one(received, cancel, lease, turn, metrics).await;
                 }));
             }
         };
@@ -239,7 +251,7 @@ impl<S: Source, L> Consumer<S, L> {
                 abandoned,
                 "shutdown deadline reached; abandoning in-flight work unacked"
             );
-            metrics::counter!(crate::metrics::ABANDONED).increment(abandoned);
+            own.abandoned.increment(abandoned);
             hard_stop.cancel();
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}

@@ -32,10 +32,15 @@ impl<P: Process, S: Settle> Shared<P, S> {
         let mut tries = 0;
         loop {
             let result = self.settler.dead_letter(token, delivery, letter).await;
+            self.stats.dead_letters.set(
+                result
+                    .as_ref()
+                    .is_err_and(|failure| !failure.error.is_lease_lost()),
+            );
             if let Err(failure) = &result
                 && matches!(failure.error, SettleError::Rejected(_))
             {
-                self.refused(delivery, &failure.error);
+                self.refused(delivery, &failure.error, cx);
             }
             match result {
                 Err(failure)
@@ -60,8 +65,8 @@ impl<P: Process, S: Settle> Shared<P, S> {
     }
 
     /// Counts a dead-letter copy the broker refused for good; logs it at error once per message.
-    fn refused(&self, delivery: &Delivery, error: &SettleError) {
-        metrics::counter!(crate::metrics::DEAD_LETTERS_REFUSED).increment(1);
+    fn refused(&self, delivery: &Delivery, error: &SettleError, cx: &Context) {
+        cx.metrics().dead_letters_refused.increment(1);
         self.stats
             .dead_letters_refused
             .fetch_add(1, AtomicOrdering::Relaxed);
@@ -116,7 +121,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
             }
             Outcome::Retry { after, failure } => {
                 self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
-                metrics::counter!(crate::metrics::RETRIED).increment(1);
+                cx.metrics().retried(failure.kind);
                 tracing::info!(after = ?after, error = %failure, "retry");
                 if let Some(lease) = lease.take() {
                     lease.release().await;
@@ -127,7 +132,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.counters
                     .dead_lettered
                     .fetch_add(1, AtomicOrdering::Relaxed);
-                metrics::counter!(crate::metrics::DEAD_LETTERED).increment(1);
+                cx.metrics().dead_lettered(failure.kind);
                 tracing::warn!(error = %failure, "dead-letter");
                 let letter = DeadLetter::new(delivery, failure);
                 self.dead_letter(token, delivery, &letter, cx).await
@@ -142,7 +147,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.counters
                     .settle_failures
                     .fetch_add(1, AtomicOrdering::Relaxed);
-                metrics::counter!(crate::metrics::SETTLE_FAILURES).increment(1);
+                cx.metrics().settle_failures.increment(1);
                 if error.is_lease_lost() {
                     tracing::warn!(error = %error, "settlement failed: the delivery is no longer ours");
                     return;

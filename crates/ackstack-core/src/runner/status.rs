@@ -1,5 +1,5 @@
-//! What a run reports: the live [`Status`], the [`Summary`] it returns and the
-//! [`ConsumerError`] it may stop with, and the counters behind them.
+//! What a run reports: the live [`Status`] and its [`Health`], the [`Summary`] it returns
+//! and the [`ConsumerError`] it may stop with, and the counters behind them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -11,6 +11,8 @@ use crate::error::SourceError;
 use crate::handler::RunStats;
 
 use super::config::ConfigError;
+use super::control::{ConsumerState, Control};
+use crate::metrics::Metrics;
 
 /// The consumer could not run.
 #[derive(Debug, thiserror::Error)]
@@ -83,10 +85,16 @@ pub(super) struct StatusInner {
     pub(super) stats: Arc<RunStats>,
     /// Receive calls that failed in a row (0 once one succeeds).
     receive_failures: std::sync::atomic::AtomicU32,
+    /// Whether the last receive call failed, and since when.
+    broker: Condition,
+    /// How long the broker may be unreachable before the consumer counts as unhealthy (ms).
+    unhealthy_after_ms: AtomicU64,
+    control: Control,
 }
 
-impl Default for Status {
-    fn default() -> Self {
+impl Status {
+    /// The status of a consumer driven by `control`.
+    pub(super) fn new(control: Control) -> Self {
         Status {
             inner: Arc::new(StatusInner {
                 started: Instant::now(),
@@ -95,12 +103,13 @@ impl Default for Status {
                 last_activity_ms: AtomicU64::new(0),
                 stats: Arc::default(),
                 receive_failures: std::sync::atomic::AtomicU32::new(0),
+                broker: Condition::default(),
+                unhealthy_after_ms: AtomicU64::new(millis(HealthConfig::default().unhealthy_after)),
+                control,
             }),
         }
     }
-}
 
-impl Status {
     fn touch(&self) {
         let ms = self.inner.started.elapsed().as_millis() as u64;
         self.inner
@@ -150,6 +159,59 @@ impl Status {
         self.inner
             .receive_failures
             .store(n, AtomicOrdering::Relaxed);
+        self.inner.broker.set(n > 0);
+    }
+
+    pub(super) fn configure_health(&self, config: HealthConfig) {
+        self.inner
+            .unhealthy_after_ms
+            .store(millis(config.unhealthy_after), AtomicOrdering::Relaxed);
+    }
+
+    /// How the consumer is doing now: healthy; degraded, with the reasons, while it still
+    /// makes progress or waits safely (the dedup store or inbox database unavailable, the kill
+    /// switch open, dead-letter writes or lease extensions failing, the broker unreachable
+    /// for a short while); unhealthy once the broker has been unreachable for longer than
+    /// [`HealthConfig::unhealthy_after`]. Cheap: a handful of atomic loads.
+    pub fn health(&self) -> Health {
+        let inner = &self.inner;
+        let stats = &inner.stats;
+        let mut reasons = Vec::new();
+        let mut unhealthy = false;
+        if let Some(since) = inner.broker.failing_for() {
+            let limit =
+                Duration::from_millis(inner.unhealthy_after_ms.load(AtomicOrdering::Relaxed));
+            unhealthy = since >= limit;
+            reasons.push(HealthReason {
+                problem: Problem::BrokerUnreachable,
+                since,
+            });
+        }
+        for (condition, problem) in [
+            (&stats.store, Problem::StoreUnavailable),
+            (&stats.dead_letters, Problem::DeadLetterWritesFailing),
+            (&stats.leases, Problem::LeaseExtensionsFailing),
+        ] {
+            if let Some(since) = condition.failing_for() {
+                reasons.push(HealthReason { problem, since });
+            }
+        }
+        if let (ConsumerState::CircuitOpen | ConsumerState::HalfOpen, Some(since)) =
+            (inner.control.state(), inner.control.open_for())
+        {
+            reasons.push(HealthReason {
+                problem: Problem::CircuitOpen,
+                since,
+            });
+        }
+        let level = if unhealthy {
+            HealthLevel::Unhealthy
+        } else if reasons.is_empty() {
+            HealthLevel::Healthy
+        } else {
+            HealthLevel::Degraded
+        };
+        Health { level, reasons }
     }
 
     /// Deliveries held in process right now because the dedup store does not answer or their
@@ -179,21 +241,169 @@ impl Status {
     }
 }
 
+/// Health settings, [`ConsumerConfig::health`](crate::ConsumerConfig::health).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How long the broker may stay unreachable (every receive failing) before
+    /// [`Status::health`] says unhealthy rather than degraded (default 60 s).
+    #[serde(with = "crate::config::duration")]
+    pub unhealthy_after: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            unhealthy_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How a consumer is doing, from [`Status::health`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    /// Healthy, degraded or unhealthy.
+    #[serde(rename = "status")]
+    pub level: HealthLevel,
+    /// What is wrong, most serious first; empty when healthy.
+    pub reasons: Vec<HealthReason>,
+}
+
+impl Health {
+    /// Whether nothing is wrong.
+    pub fn is_healthy(&self) -> bool {
+        self.level == HealthLevel::Healthy
+    }
+
+    /// Whether an orchestrator should take the consumer out of service (restart it): only
+    /// when unhealthy. A degraded consumer still makes progress or waits safely.
+    pub fn is_unhealthy(&self) -> bool {
+        self.level == HealthLevel::Unhealthy
+    }
+
+    /// The worst of several consumers' health (one process, many consumers), their reasons
+    /// together.
+    pub fn worst(all: impl IntoIterator<Item = Health>) -> Health {
+        let mut out = Health {
+            level: HealthLevel::Healthy,
+            reasons: Vec::new(),
+        };
+        for h in all {
+            out.level = out.level.max(h.level);
+            out.reasons.extend(h.reasons);
+        }
+        out
+    }
+}
+
+/// The three levels of [`Health`], in order of seriousness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthLevel {
+    /// Nothing is wrong.
+    Healthy,
+    /// Something is wrong, but the consumer makes progress or waits without losing anything.
+    Degraded,
+    /// The broker has been unreachable for longer than [`HealthConfig::unhealthy_after`].
+    Unhealthy,
+}
+
+/// One thing wrong with a consumer, and for how long.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HealthReason {
+    /// What is wrong.
+    #[serde(rename = "reason")]
+    pub problem: Problem,
+    /// How long it has been wrong.
+    #[serde(rename = "for_seconds", serialize_with = "seconds")]
+    pub since: Duration,
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_millis() as f64) / 1000.0)
+}
+
+/// What can be wrong with a consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Problem {
+    /// Every receive call fails: the broker is down, unreachable or refusing.
+    BrokerUnreachable,
+    /// The dedup store (or inbox database) does not answer: deliveries are held in process.
+    StoreUnavailable,
+    /// The kill switch is open (or half-open): the consumer does not receive.
+    CircuitOpen,
+    /// The last dead-letter write failed: dead letters stay on the work queue meanwhile.
+    DeadLetterWritesFailing,
+    /// The last lease extension failed: long handlers may lose their lease.
+    LeaseExtensionsFailing,
+}
+
+/// Whether something is failing now, and since when: set by the last answer, cheap to
+/// update on every call (a load when nothing changes).
+#[derive(Debug, Default)]
+pub(crate) struct Condition {
+    /// Milliseconds since [`epoch`] plus one when it began failing; 0 while it is fine.
+    since: AtomicU64,
+}
+
+impl Condition {
+    /// Records the last answer: failing or not.
+    pub(crate) fn set(&self, failing: bool) {
+        let current = self.since.load(AtomicOrdering::Relaxed);
+        if failing && current == 0 {
+            let now = millis(epoch().elapsed()) + 1;
+            let _ = self.since.compare_exchange(
+                0,
+                now,
+                AtomicOrdering::Relaxed,
+                AtomicOrdering::Relaxed,
+            );
+        } else if !failing && current != 0 {
+            self.since.store(0, AtomicOrdering::Relaxed);
+        }
+    }
+
+    /// How long it has been failing, if it is.
+    pub(crate) fn failing_for(&self) -> Option<Duration> {
+        match self.since.load(AtomicOrdering::Relaxed) {
+            0 => None,
+            since => Some(
+                epoch()
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since - 1)),
+            ),
+        }
+    }
+}
+
+/// The instant conditions are measured from (the first time one is looked at).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Counts a delivery as in flight until dropped (also when its task is aborted).
 pub(super) struct InFlight {
     status: Status,
+    metrics: Arc<Metrics>,
 }
 
 impl InFlight {
-    pub(super) fn start(status: Status) -> Self {
-        metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
-        InFlight { status }
+    pub(super) fn start(status: Status, metrics: Arc<Metrics>) -> Self {
+        metrics.in_flight.increment(1.0);
+        InFlight { status, metrics }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
+        self.metrics.in_flight.decrement(1.0);
         self.status.finished();
     }
 }
