@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace against real brokers, setting up what is missing first:
 # Redis, PostgreSQL and RabbitMQ are started if they do not answer; moto (the SQS emulator) is installed
-# into a virtualenv and started, and stopped again at the end. Kafka tests use librdkafka's
-# in-process mock cluster unless KAFKA_BROKERS is set.
+# into a virtualenv and started, and stopped again at the end; promtool is unpacked into the
+# cache. Kafka tests use librdkafka's in-process mock cluster unless KAFKA_BROKERS is set.
 #
 # Usage: bash scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -68,6 +68,30 @@ ensure_moto() {
   fi
 }
 
+# promtool (for the alert rules' checks) from Debian's prometheus package, unpacked into the
+# cache rather than installed: nothing is started, nothing system-wide changes. Unpacked into a
+# temporary folder and renamed when complete, so an interrupted download is redone. Without
+# network access the rules' promtool checks say so and are skipped.
+ensure_promtool() {
+  if command -v promtool >/dev/null; then return; fi
+  local dest="$CACHE/promtool"
+  if [[ ! -x "$dest/usr/bin/promtool" ]]; then
+    log "fetching promtool (Debian package prometheus)"
+    local tmp
+    tmp="$(mktemp -d "$CACHE/promtool.XXXXXX")"
+    if (cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 \
+          || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
+        && dpkg -x prometheus_*.deb unpacked); then
+      rm -rf "$dest"
+      mv "$tmp/unpacked" "$dest"
+    else
+      log "could not fetch promtool; the alert rules will not be checked by it"
+    fi
+    rm -rf "$tmp"
+  fi
+  if [[ -x "$dest/usr/bin/promtool" ]]; then export PROMTOOL="$dest/usr/bin/promtool"; fi
+}
+
 MOTO_PID=""
 start_moto() {
   if [[ -n "${SQS_ENDPOINT_EXTERNAL:-}" ]]; then return; fi
@@ -93,6 +117,7 @@ trap stop_moto EXIT
 ensure_redis
 ensure_postgres
 ensure_rabbitmq
+ensure_promtool
 start_moto
 
 log "running the tests"

@@ -127,5 +127,7 @@ pub use runner::{
     OnRefused, Problem, Status, Summary,
 };
 pub use signal::shutdown_signal;
-pub use source::{AckReport, Capabilities, Received, Settle, SettleFailure, Settled, Source};
+pub use source::{
+    AckReport, Backlog, Capabilities, Received, Settle, SettleFailure, Settled, Source,
+};
 pub use watermark::Watermark;

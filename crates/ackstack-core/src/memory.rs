@@ -30,7 +30,9 @@ use crate::deadletter::{DeadLetter, millis};
 use crate::delivery::{Delivery, Origin};
 use crate::error::{Failure, SettleError, SourceError};
 use crate::publish::{Message, Publish, PublishError};
-use crate::source::{AckReport, Capabilities, Received, Settle, SettleFailure, Settled, Source};
+use crate::source::{
+    AckReport, Backlog, Capabilities, Received, Settle, SettleFailure, Settled, Source,
+};
 
 /// The suffix of a queue's dead-letter queue.
 pub const DLQ_SUFFIX: &str = "-dlq";
@@ -467,6 +469,17 @@ impl Settle for MemorySettler {
         if released {
             self.broker.shared.notify.notify_waiters();
         }
+    }
+
+    /// The messages of the queue not received by anyone now.
+    async fn backlog(&self) -> Option<Backlog> {
+        let waiting = self.broker.with_queue(&self.queue, |q| {
+            q.messages.values().filter(|m| !m.in_flight).count()
+        });
+        Some(Backlog {
+            total: waiting as u64,
+            partitions: Vec::new(),
+        })
     }
 }
 

@@ -37,6 +37,8 @@
 //! | `ackstack_consumer_state` | gauge | `state` | 1 for the state the consumer is in (`running`, `paused`, `circuit_open`, `half_open`), 0 for the others |
 //! | `ackstack_circuit_trips_total` | counter | | times the kill switch opened |
 //! | `ackstack_handler_seconds` | histogram | `outcome` | time from handler start to outcome |
+//! | `ackstack_backlog` | gauge | | messages waiting at the broker (RabbitMQ ready messages, SQS `ApproximateNumberOfMessages`, Kafka total lag), asked every `backlog_interval` |
+//! | `ackstack_partition_lag` | gauge | `partition` | a Kafka partition's lag: high watermark minus the committed position |
 //!
 //! [`HANDLER_SECONDS_BUCKETS`] are the buckets to give a Prometheus recorder for the latency
 //! histogram.
@@ -94,6 +96,10 @@ pub const RECEIVE_ERRORS: &str = "ackstack_receive_errors_total";
 pub const CONSUMER_STATE: &str = "ackstack_consumer_state";
 /// Times the kill switch opened.
 pub const CIRCUIT_TRIPS: &str = "ackstack_circuit_trips_total";
+/// Messages waiting at the broker.
+pub const BACKLOG: &str = "ackstack_backlog";
+/// A partition's lag (label `partition`).
+pub const PARTITION_LAG: &str = "ackstack_partition_lag";
 
 /// Every metric name above, for exporters and tests that check dashboards against the code.
 pub const ALL: &[&str] = &[
@@ -119,6 +125,8 @@ pub const ALL: &[&str] = &[
     RECEIVE_ERRORS,
     CONSUMER_STATE,
     CIRCUIT_TRIPS,
+    BACKLOG,
+    PARTITION_LAG,
 ];
 
 /// Bucket bounds (seconds) for [`HANDLER_SECONDS`]: 1 ms to 60 s, about three per decade.
@@ -162,6 +170,8 @@ fn state_index(state: ConsumerState) -> usize {
 pub(crate) struct Metrics {
     broker: &'static str,
     queue: Arc<str>,
+    /// The labels every handle carries, for the per-partition gauges made later.
+    base: Vec<Label>,
     pub(crate) received: Counter,
     outcomes: [Counter; 4],
     pub(crate) acked: Counter,
@@ -184,6 +194,7 @@ pub(crate) struct Metrics {
     state: [Gauge; 4],
     pub(crate) circuit_trips: Counter,
     handler_seconds: [Histogram; 4],
+    pub(crate) backlog: Gauge,
 }
 
 impl Metrics {
@@ -230,9 +241,18 @@ impl Metrics {
             circuit_trips: counter(CIRCUIT_TRIPS),
             handler_seconds: OUTCOME_LABELS
                 .map(|o| metrics::histogram!(HANDLER_SECONDS, with("outcome", o))),
+            backlog: metrics::gauge!(BACKLOG, base.clone()),
             broker,
             queue,
+            base,
         }
+    }
+
+    /// The lag gauge of one partition (registered on each call: keep it).
+    pub(crate) fn partition_lag(&self, partition: i32) -> Gauge {
+        let mut labels = self.base.clone();
+        labels.push(Label::new("partition", partition.to_string()));
+        metrics::gauge!(PARTITION_LAG, labels)
     }
 
     /// Handles registered with no recorder: they record nothing.

@@ -157,6 +157,26 @@ pub trait Settle: Clone + Send + Sync + 'static {
     fn flush(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// How many messages wait at the broker for this consumer, where the broker tells
+    /// (`None`: it does not, or asking failed). Called by the runner every
+    /// [`ConsumerConfig::backlog_interval`](crate::ConsumerConfig::backlog_interval), one call
+    /// at a time, for the `ackstack_backlog` and `ackstack_partition_lag` gauges. The default
+    /// says nothing.
+    fn backlog(&self) -> impl Future<Output = Option<Backlog>> + Send {
+        async { None }
+    }
+}
+
+/// Messages waiting at the broker for a consumer, from [`Settle::backlog`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Messages waiting in all: RabbitMQ's ready messages, SQS's
+    /// `ApproximateNumberOfMessages`, the sum of a Kafka member's partition lags.
+    pub total: u64,
+    /// Per partition, where the broker has them (Kafka): partition and lag (the high
+    /// watermark minus the consumer's committed position).
+    pub partitions: Vec<(i32, u64)>,
 }
 
 /// What a broker supports natively; the runner and layers adapt to it.

@@ -366,3 +366,62 @@ fn two_consumers_in_one_process_are_told_apart_by_their_labels() {
         }
     }
 }
+
+#[test]
+fn the_backlog_gauge_shows_what_waits_at_the_broker() {
+    let recorder = ByKey::default();
+    let broker = MemoryBroker::new();
+    for i in 0..3 {
+        broker.publish("q", Message::new(format!("m{i}")));
+    }
+    let labels = [
+        ("consumer", "lagging"),
+        ("broker", "memory"),
+        ("queue", "q"),
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let mut config = ackstack_core::ConsumerConfig::default();
+            config.backlog_interval = Duration::from_millis(20);
+            let consumer = Consumer::new(broker.source("q").poll_wait(Duration::from_millis(20)))
+                .config(config)
+                .name("lagging");
+            let control = consumer.control();
+            control.pause();
+            let status = consumer.status();
+            let watch = recorder.clone();
+            let stop = async move {
+                // Paused: all three wait at the broker.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while watch.get(names::BACKLOG, &labels) != 3
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let seen = watch.get(names::BACKLOG, &labels);
+                control.resume();
+                status.idle(Duration::from_millis(200)).await;
+                seen
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let summary = consumer
+                .run_until(handler_fn(|_d, _cx| async { Ok(()) }), async move {
+                    let _ = tx.send(stop.await);
+                })
+                .await
+                .unwrap();
+            assert_eq!(summary.acked, 3);
+            rx.await.unwrap()
+        })
+    });
+    assert_eq!(seen, 3, "the backlog while paused");
+    assert_eq!(
+        recorder.get(names::BACKLOG, &labels),
+        0,
+        "and once consumed"
+    );
+}

@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) commits: Arc<Counter>,
     /// Partitions paused by the poll thread.
     pub(crate) pauses: Arc<Counter>,
+    /// Partitions revoked from this member (rebalances, lost assignments).
+    pub(crate) revocations: Arc<Counter>,
     /// Wakes the poll thread when records arrive or the runner makes room.
     pub(crate) flow: Flow,
 }
@@ -63,6 +65,7 @@ impl Shared {
             rewinds: Mutex::new(Vec::new()),
             commits: Arc::default(),
             pauses: Arc::default(),
+            revocations: Arc::default(),
             flow: Flow::default(),
         }
     }

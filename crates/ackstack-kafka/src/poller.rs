@@ -87,6 +87,7 @@ impl ConsumerContext for KafkaContext {
                     .iter()
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
+                self.shared.revocations.add(partitions.len() as u64);
                 self.shared
                     .revoke(consumer, &partitions, consumer.assignment_lost());
             }

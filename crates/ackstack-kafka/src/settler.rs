@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 use ackstack_core::{
-    AckReport, DeadLetter, Delivery, Failure, Headers, SettleError, SettleFailure, Settled,
+    AckReport, Backlog, DeadLetter, Delivery, Failure, Headers, SettleError, SettleFailure, Settled,
 };
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 
 use crate::commit::Shared;
@@ -99,10 +99,7 @@ impl std::fmt::Debug for KafkaSettler {
 impl KafkaSettler {
     /// Counts of the source's broker calls.
     pub fn stats(&self) -> KafkaStats {
-        KafkaStats::new(
-            self.inner.shared.commits.clone(),
-            self.inner.shared.pauses.clone(),
-        )
+        KafkaStats::new(&self.inner.shared)
     }
 
     fn is_current(&self, t: &KafkaToken) -> bool {
@@ -279,6 +276,45 @@ impl ackstack_core::Settle for KafkaSettler {
             Ok(n) => tracing::debug!(partitions = n, "offsets flushed"),
             Err(error) => tracing::warn!(%error, "final offset commit failed"),
         }
+    }
+
+    /// The lag of each assigned partition: its high watermark minus the position this member
+    /// can commit (or, before it has one, the committed offset; or the low watermark).
+    async fn backlog(&self) -> Option<Backlog> {
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || inner.lag()).await {
+            Ok(Ok(backlog)) => Some(backlog),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cannot read the partitions' lag");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+impl Inner {
+    /// Asks the cluster for the committed offsets and watermarks of the assignment (blocking).
+    fn lag(&self) -> rdkafka::error::KafkaResult<Backlog> {
+        let committed = self.consumer.committed(self.commit_timeout)?;
+        let mut backlog = Backlog::default();
+        for tp in committed.elements() {
+            let (low, high) =
+                self.consumer
+                    .fetch_watermarks(tp.topic(), tp.partition(), self.commit_timeout)?;
+            let ours = self
+                .shared
+                .assignments()
+                .committable(tp.topic(), tp.partition());
+            let position = ours
+                .or_else(|| tp.offset().to_raw().filter(|&o| o >= 0))
+                .unwrap_or(low)
+                .max(low);
+            let lag = u64::try_from(high.saturating_sub(position)).unwrap_or(0);
+            backlog.total += lag;
+            backlog.partitions.push((tp.partition(), lag));
+        }
+        Ok(backlog)
     }
 }
 

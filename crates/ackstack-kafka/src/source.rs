@@ -67,10 +67,7 @@ impl std::fmt::Debug for KafkaSource {
 impl KafkaSource {
     /// Counts of this source's broker calls (shared with its settlers).
     pub fn stats(&self) -> KafkaStats {
-        KafkaStats::new(
-            self.inner.shared.commits.clone(),
-            self.inner.shared.pauses.clone(),
-        )
+        KafkaStats::new(&self.inner.shared)
     }
 
     /// Creates the consumer, subscribes to the topic and starts the poll thread.

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use ackstack_core::adapter::Counter;
 
+use crate::commit::Shared;
+
 /// Counts of a [`KafkaSource`]'s broker calls, readable while and after it runs.
 ///
 /// [`KafkaSource`]: crate::KafkaSource
@@ -11,11 +13,23 @@ use ackstack_core::adapter::Counter;
 pub struct KafkaStats {
     commits: Arc<Counter>,
     pauses: Arc<Counter>,
+    revocations: Arc<Counter>,
 }
 
 impl KafkaStats {
-    pub(crate) fn new(commits: Arc<Counter>, pauses: Arc<Counter>) -> Self {
-        KafkaStats { commits, pauses }
+    pub(crate) fn new(shared: &Shared) -> Self {
+        KafkaStats {
+            commits: shared.commits.clone(),
+            pauses: shared.pauses.clone(),
+            revocations: shared.revocations.clone(),
+        }
+    }
+
+    /// Partitions revoked from this member so far (rebalances, a lost assignment). A consumer
+    /// paused by [`Control::pause`](ackstack_core::Control::pause) or its kill switch keeps
+    /// polling and keeps its partitions: this stays where it was.
+    pub fn revocations(&self) -> u64 {
+        self.revocations.get()
     }
 
     /// Partitions paused for flow control so far. Each pause throws away librdkafka's

@@ -4,9 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ackstack_core::deadletter::{DeadLetter, millis};
-use ackstack_core::{AckReport, Delivery, Failure, Settle, SettleError, SettleFailure, Settled};
+use ackstack_core::{
+    AckReport, Backlog, Delivery, Failure, Settle, SettleError, SettleFailure, Settled,
+};
 use lapin::BasicProperties;
-use lapin::options::BasicRejectOptions;
+use lapin::options::{BasicRejectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 
 use crate::amqp;
 use crate::channel::{CLOSE_TIMEOUT, FRAME_TIMEOUT, Generation, Shared};
@@ -341,6 +344,39 @@ impl Settle for RabbitSettler {
         let plan = tracker.plan(true);
         if let Err(err) = generation.send(&plan, &self.shared.counters).await {
             tracing::warn!(error = %err, "flushing rabbitmq acks failed");
+        }
+    }
+
+    /// The queue's ready messages, from a passive declare on a throwaway channel of the
+    /// consumer's connection (a passive declare that fails closes its channel; the consuming
+    /// one is never risked).
+    async fn backlog(&self) -> Option<Backlog> {
+        let generation = self.shared.current().clone()?;
+        let config = &self.shared.config;
+        let count = async {
+            let open = generation.connection.create_channel();
+            let channel = amqp::bounded("channel open", config.operation_timeout, open).await?;
+            let declare = channel.queue_declare(
+                amqp::short(&config.queue)?,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            );
+            let queue = amqp::bounded("queue.declare", config.operation_timeout, declare).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "ok".into())).await;
+            Ok::<_, RabbitError>(queue?.message_count())
+        };
+        match count.await {
+            Ok(n) => Some(Backlog {
+                total: u64::from(n),
+                partitions: Vec::new(),
+            }),
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot read the queue's backlog");
+                None
+            }
         }
     }
 }

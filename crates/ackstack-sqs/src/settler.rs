@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ackstack_core::{
-    AckReport, Backoff, DeadLetter, Delivery, Failure, Settle, SettleError, SettleFailure, Settled,
+    AckReport, Backlog, Backoff, DeadLetter, Delivery, Failure, Settle, SettleError, SettleFailure,
+    Settled,
 };
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+use aws_sdk_sqs::types::QueueAttributeName;
 
 use crate::config::{MAX_BATCH, duration_secs_ceil};
 use crate::error::{ErrorClass, bounded, classify_code, settle_error};
@@ -377,6 +379,30 @@ impl Settle for SqsSettler {
         if let Err(e) = self.change_visibility(&token, Duration::ZERO).await {
             tracing::debug!(message_id = ?token.message_id(), error = %e, "SQS release failed; the message returns when its visibility lapses");
         }
+    }
+
+    /// The queue's `ApproximateNumberOfMessages` (visible messages waiting).
+    async fn backlog(&self) -> Option<Backlog> {
+        let request = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.queue.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages);
+        let answer = bounded("GetQueueAttributes", self.queue.timeout, request.send()).await;
+        let waiting = match answer {
+            Ok(out) => out
+                .attributes()
+                .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
+                .and_then(|v| v.trim().parse::<u64>().ok()),
+            Err(e) => {
+                tracing::debug!(error = %e.describe(), "cannot read the queue's backlog");
+                None
+            }
+        }?;
+        Some(Backlog {
+            total: waiting,
+            partitions: Vec::new(),
+        })
     }
 }
 

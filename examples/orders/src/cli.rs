@@ -30,6 +30,7 @@ OPTIONS:
 /// What follows the options on the help page.
 const AFTER_HELP: &str = "\
 OUTPUT (stdout, one line per event):
+    serving metrics=URL health=URL    (with --metrics-addr)
     published order_id=ID
     acked order_id=ID attempt=N
     retried order_id=ID attempt=N delay_ms=MS error=\"...\"
@@ -123,6 +124,10 @@ struct Args {
     /// starting [default: wait for ever, retrying with backoff]
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     connect_timeout: Option<Duration>,
+    /// Serve Prometheus metrics at /metrics and the consumer's health at /health (200, or 503
+    /// while unhealthy or starting) on HOST:PORT
+    #[arg(long, value_name = "HOST:PORT", value_parser = non_blank)]
+    metrics_addr: Option<String>,
 }
 
 /// What the command line and the environment asked for. Not `Debug`: URLs may hold passwords.
@@ -153,6 +158,8 @@ pub struct Options {
     pub database_url: Option<String>,
     /// How long start-up may wait for the broker, Redis and PostgreSQL; `None`: for ever.
     pub connect_timeout: Option<Duration>,
+    /// Where to serve `/metrics` and `/health`; `None`: not served.
+    pub metrics_addr: Option<String>,
 }
 
 impl Options {
@@ -202,6 +209,7 @@ where
         redis_url: args.redis_url.or_else(|| env("REDIS_URL")),
         database_url: args.database_url.or_else(|| env("DATABASE_URL")),
         connect_timeout: args.connect_timeout,
+        metrics_addr: args.metrics_addr,
     })
 }
 

@@ -17,6 +17,7 @@ mod kafka;
 mod ledger;
 mod memory;
 mod rabbitmq;
+mod serve;
 mod sqs;
 mod startup;
 
@@ -180,6 +181,7 @@ async fn publish_and_consume<S: Source, P: Publish>(
     source: S,
     publisher: P,
     effects: Effects,
+    health: Option<serve::Health>,
 ) -> Result<(), Fatal> {
     if !opts.consume_only {
         for body in sample_orders() {
@@ -196,6 +198,9 @@ async fn publish_and_consume<S: Source, P: Publish>(
         .max_attempts(opts.max_attempts)
         .shutdown_deadline(Duration::from_secs(10))
         .inspect(print_outcome);
+    if let Some(health) = health {
+        health.serve(consumer.status());
+    }
     let idle = match (opts.exit_when_idle, opts.consume_only) {
         (Some(period), _) => Some(period),
         (None, false) => Some(DEFAULT_IDLE),
@@ -295,6 +300,12 @@ async fn run(opts: Options) -> Result<(), Fatal> {
 
 async fn start_and_run(opts: Options) -> Result<(), Fatal> {
     let started = Instant::now();
+    // First, so that the recorder is installed before the consumer registers its metrics and
+    // /health answers (503, starting) while the broker, Redis or PostgreSQL is waited for.
+    let health = match &opts.metrics_addr {
+        Some(addr) => Some(serve::start(addr).await?),
+        None => None,
+    };
     // Kept for the whole run: forgets inbox rows past their retention.
     let mut _sweeper = None;
     let (effects, store) = match (&opts.database_url, &opts.redis_url) {
@@ -357,19 +368,19 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
                 );
             }
             let (source, publisher) = memory::connect(&opts);
-            publish_and_consume(&opts, source, publisher, effects).await
+            publish_and_consume(&opts, source, publisher, effects, health).await
         }
         BrokerKind::Rabbitmq => {
             let (source, publisher) = until_up("RabbitMQ", started, opts.connect_timeout, || {
                 rabbitmq::connect(&opts)
             })
             .await?;
-            publish_and_consume(&opts, source, publisher, effects).await
+            publish_and_consume(&opts, source, publisher, effects, health).await
         }
         BrokerKind::Sqs => {
             let (source, publisher) =
                 until_up("SQS", started, opts.connect_timeout, || sqs::connect(&opts)).await?;
-            publish_and_consume(&opts, source, publisher, effects).await
+            publish_and_consume(&opts, source, publisher, effects, health).await
         }
         BrokerKind::Kafka => {
             let kafka::Connected {
@@ -377,7 +388,7 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
                 publisher,
                 mock,
             } = kafka::connect(&opts).await?;
-            let result = publish_and_consume(&opts, source, publisher, effects).await;
+            let result = publish_and_consume(&opts, source, publisher, effects, health).await;
             // The consumer closes (leaves its group) on its own thread once the run is over;
             // give it a moment before a mock cluster goes away under it.
             if mock.is_some() {

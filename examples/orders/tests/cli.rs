@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ackstack::Message;
@@ -81,15 +80,7 @@ impl std::fmt::Debug for Run {
 /// Runs `orders` with `args` and extra `env`, without `REDIS_URL`, `KAFKA_BROKERS` and
 /// `DATABASE_URL` unless given; kills it and fails after `limit`.
 fn orders(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orders"));
-    cmd.args(args)
-        .env_remove("REDIS_URL")
-        .env_remove("KAFKA_BROKERS")
-        .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = common::orders_command(args);
     for (k, v) in env {
         cmd.env(k, v);
     }

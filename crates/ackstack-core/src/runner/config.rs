@@ -80,6 +80,10 @@ pub struct ConsumerConfig {
     pub kill_switch: Option<KillSwitchConfig>,
     /// What [`Status::health`](crate::Status::health) counts as unhealthy.
     pub health: HealthConfig,
+    /// How often the broker is asked for the backlog ([`Settle::backlog`](crate::Settle::backlog),
+    /// the `ackstack_backlog` gauge); zero: never. Default 15 s.
+    #[serde(with = "crate::config::duration")]
+    pub backlog_interval: Duration,
 }
 
 /// What happens to a delivery whose dead-letter copy the broker refuses for good
@@ -116,6 +120,7 @@ impl Default for ConsumerConfig {
             on_dead_letter_refused: OnRefused::Release,
             kill_switch: None,
             health: HealthConfig::default(),
+            backlog_interval: Duration::from_secs(15),
         }
     }
 }

@@ -535,6 +535,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn failed_attempts_retried_in_place_count_towards_tripping() {
+        // Per-key ordering retries in place: the one delivery in flight never finishes while
+        // its handler fails, so only its attempts can trip the switch.
+        let broker = MemoryBroker::new();
+        let consumer = consumer(
+            &broker,
+            3,
+            switch(5, Duration::from_secs(60), Duration::from_secs(3600)),
+        )
+        .ordering(crate::KeyOrdering::PerKey);
+        let control = consumer.control();
+        let watch = control.clone();
+        consumer
+            .run_until(
+                handler_fn(|_d, _cx| async { Err(HandlerError::transient("down")) }),
+                async move {
+                    until(&watch, |c| c.state() == ConsumerState::CircuitOpen).await;
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(control.trips(), 1);
+    }
+
+    #[tokio::test]
     async fn it_never_trips_below_activation() {
         let broker = MemoryBroker::new();
         let consumer = consumer(

@@ -25,6 +25,7 @@
 //! runs, [`Summary`] when it stops).
 
 mod acker;
+mod backlog;
 mod builder;
 mod config;
 mod control;

@@ -61,10 +61,21 @@ impl<S: Source, L> Consumer<S, L> {
         let metrics = Arc::new(MetricSets::new(&self.source.origin(), self.name.clone()));
         let own = metrics.own().clone();
         self.status.configure_health(cfg.health);
+        // Each attempt retried in place is shown to the inspector and, with a kill switch
+        // armed, counted as a failure: a delivery retried in place (Kafka) may never finish
+        // while its downstream is down, and the switch must see those failures.
+        let inspector = self.inspector.clone();
+        let judge = cfg.kill_switch.is_some().then(|| self.control.clone());
         let on_in_place: Option<crate::retry::OnInPlaceRetry> =
-            self.inspector.clone().map(|inspect| {
-                Arc::new(move |d: &Delivery, o: &Outcome| call_inspector(&inspect, d, o))
-                    as crate::retry::OnInPlaceRetry
+            (inspector.is_some() || judge.is_some()).then(|| {
+                Arc::new(move |d: &Delivery, o: &Outcome| {
+                    if let Some(inspect) = &inspector {
+                        call_inspector(inspect, d, o);
+                    }
+                    if let Some(control) = &judge {
+                        control.record(Some(o));
+                    }
+                }) as crate::retry::OnInPlaceRetry
             });
         let terminal = Terminal::new(handler).classify(self.classifier.clone());
         let has_dedup = self.dedup.is_some();
@@ -96,6 +107,7 @@ impl<S: Source, L> Consumer<S, L> {
             };
             LeaseKeeper::spawn(settler.clone(), lease, cfg.lease, watch)
         });
+        let backlog = super::backlog::spawn(settler.clone(), cfg.backlog_interval, own.clone());
         let shared = Arc::new(Shared {
             stack,
             settler,
@@ -272,6 +284,7 @@ impl<S: Source, L> Consumer<S, L> {
         if let Some(leases) = leases {
             leases.shutdown();
         }
+        drop(backlog);
         result?;
         Ok(Summary {
             received: counters.received.into_inner(),

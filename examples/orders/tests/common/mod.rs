@@ -5,6 +5,21 @@ use std::collections::BTreeMap;
 
 use ackstack::postgres::tokio_postgres::Client;
 
+/// The `orders` binary with `args`, its output piped, and none of the variables that would
+/// change what it connects to (`REDIS_URL`, `KAFKA_BROKERS`, `DATABASE_URL`) nor `RUST_LOG`.
+pub fn orders_command(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_orders"));
+    cmd.args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("KAFKA_BROKERS")
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
 /// The variable `name`, or `default` when it is unset or blank.
 pub fn env_or(name: &str, default: &str) -> String {
     std::env::var(name)

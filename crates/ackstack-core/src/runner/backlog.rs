@@ -1,0 +1,38 @@
+//! The backlog watcher: asks the broker every `backlog_interval` how many messages wait
+//! ([`Settle::backlog`]) and shows the answer in the `ackstack_backlog` gauge, and per
+//! partition in `ackstack_partition_lag`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::metrics::Metrics;
+use crate::source::Settle;
+
+/// Starts asking `settler` every `every`; `None` when `every` is zero. Stops when dropped.
+pub(super) fn spawn<S: Settle>(
+    settler: S,
+    every: Duration,
+    metrics: Arc<Metrics>,
+) -> Option<AbortOnDropHandle<()>> {
+    if every.is_zero() {
+        return None;
+    }
+    Some(AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut partitions = HashMap::new();
+        loop {
+            if let Some(backlog) = settler.backlog().await {
+                metrics.backlog.set(backlog.total as f64);
+                for (partition, lag) in backlog.partitions {
+                    partitions
+                        .entry(partition)
+                        .or_insert_with(|| metrics.partition_lag(partition))
+                        .set(lag as f64);
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    })))
+}

@@ -1,0 +1,163 @@
+//! `--metrics-addr HOST:PORT`: a Prometheus recorder for ackstack's metrics, and a small HTTP
+//! endpoint serving them at `/metrics` beside the consumer's health at `/health`.
+//!
+//! `/health` answers 200 while the consumer is healthy or degraded and 503 while it is
+//! unhealthy or not yet started (still waiting for its broker, Redis or PostgreSQL), with
+//! [`ackstack::Health`] as its JSON body. The server is deliberately tiny: one request per
+//! connection, `GET` only, the request head read with a size and time limit.
+
+use std::time::Duration;
+
+use ackstack::Status;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::Fatal;
+
+/// The longest request head read, in bytes.
+const MAX_HEAD: usize = 8 * 1024;
+/// How long a client may take to send its request head.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the recorder's histograms are compacted.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Where the endpoint finds the consumer's status once it exists.
+#[derive(Clone)]
+pub struct Health {
+    status: watch::Sender<Option<Status>>,
+}
+
+impl Health {
+    /// Reports `status` at `/health` from now on.
+    pub fn serve(&self, status: Status) {
+        self.status.send_replace(Some(status));
+    }
+}
+
+/// Installs the Prometheus recorder (before any consumer starts, so that its metrics are
+/// registered with it) and serves `/metrics` and `/health` on `addr`.
+pub async fn start(addr: &str) -> Result<Health, Fatal> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(ackstack::metrics::HANDLER_SECONDS.to_string()),
+            ackstack::metrics::HANDLER_SECONDS_BUCKETS,
+        )?
+        .install_recorder()?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    println!("serving metrics=http://{local}/metrics health=http://{local}/health");
+    let (status, watching) = watch::channel(None);
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(UPKEEP_EVERY).await;
+            upkeep.run_upkeep();
+        }
+    });
+    tokio::spawn(accept(listener, handle, watching));
+    Ok(Health { status })
+}
+
+async fn accept(
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    status: watch::Receiver<Option<Status>>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let metrics = metrics.clone();
+                let status = status.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = answer(stream, &metrics, &status).await {
+                        tracing::debug!(%peer, error = %err, "metrics request failed");
+                    }
+                });
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads one request head and answers it.
+async fn answer(
+    mut stream: TcpStream,
+    metrics: &PrometheusHandle,
+    status: &watch::Receiver<Option<Status>>,
+) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+        Ok(head) => head?,
+        Err(_) => return Ok(()),
+    };
+    let (code, content_type, body) = route(&head, metrics, status);
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let response = format!(
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The request line and headers, up to the blank line (or [`MAX_HEAD`] bytes).
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    Ok(head)
+}
+
+/// The status code, content type and body for a request head.
+fn route(
+    head: &[u8],
+    metrics: &PrometheusHandle,
+    status: &watch::Receiver<Option<Status>>,
+) -> (u16, &'static str, String) {
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return (400, "text/plain", "bad request\n".into());
+    };
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    if method != b"GET" {
+        return (405, "text/plain", "only GET is served\n".into());
+    }
+    match path {
+        b"/metrics" => (200, "text/plain; version=0.0.4", metrics.render()),
+        b"/health" => health(status),
+        _ => (404, "text/plain", "try /metrics or /health\n".into()),
+    }
+}
+
+fn health(status: &watch::Receiver<Option<Status>>) -> (u16, &'static str, String) {
+    let Some(status) = status.borrow().clone() else {
+        let body = r#"{"status":"starting","reasons":[]}"#.to_string();
+        return (503, "application/json", body);
+    };
+    let health = status.health();
+    let code = if health.is_unhealthy() { 503 } else { 200 };
+    match serde_json::to_string(&health) {
+        Ok(body) => (code, "application/json", body),
+        Err(_) => (503, "application/json", r#"{"status":"unknown"}"#.into()),
+    }
+}
