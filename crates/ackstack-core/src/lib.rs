@@ -95,6 +95,8 @@ pub mod error;
 pub mod handler;
 pub mod memory;
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod outcome;
 pub mod publish;
 pub mod retry;

@@ -137,6 +137,11 @@ pub mod layer {
 #[cfg(feature = "tower")]
 pub use ackstack_core::tower;
 
+/// Trace context from the producer (feature `otel`): `traceparent`/`tracestate` headers as the
+/// OpenTelemetry parent of each `delivery` span.
+#[cfg(feature = "otel")]
+pub use ackstack_core::otel;
+
 /// Writing an adapter for another broker: the contract (`Source`, `Settle` and what they
 /// return), the helpers the adapters share, and the dead-letter format. Check an adapter
 /// against the contract with the `ackstack-testkit` crate; the invariants are listed in

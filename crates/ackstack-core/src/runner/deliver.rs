@@ -99,6 +99,8 @@ impl<P: Process, S: Settle> Shared<P, S> {
             correlation_id = correlation,
             outcome = tracing::field::Empty,
         );
+        #[cfg(feature = "otel")]
+        crate::otel::set_parent(&span, &delivery.headers);
         async {
             if let Some(turn) = &mut turn {
                 // Waiting for the key's turn; a lost lease or the deadline ends the wait.
