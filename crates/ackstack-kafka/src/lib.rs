@@ -141,7 +141,7 @@ pub mod watermark;
 pub use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 pub use config::KafkaConfig;
 pub use error::KafkaError;
-pub use headers::MESSAGE_ID_HEADER;
+pub use headers::{Converted, MESSAGE_ID_HEADER, from_record};
 pub use publisher::KafkaPublisher;
 #[cfg(feature = "test-util")]
 pub use reader::read_topic;

@@ -1,0 +1,284 @@
+//! Kafka: a dead-letter topic cannot give records up, so "removed" means "behind the replay
+//! group's position". The command reads the topic with a consumer of its own
+//! (`ackstack-dlq-<topic>`, partitions assigned by hand, no group membership), from that
+//! group's committed offsets to the high watermarks seen when the scan began. A removed letter
+//! (replayed and confirmed by its delivery report, or purged) is committed at once: the
+//! offset past the letters removed in a row, and the removed letters beyond a kept one in the
+//! commit's metadata, so that a filtered replay that stops half-way continues where it
+//! stopped, and nothing it sent is sent again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use ackstack_core::{DeadLetterMetadata, Message, Publish};
+use ackstack_kafka::KafkaPublisher;
+use ackstack_kafka::from_record;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::letter::{Letter, REPLAYS_HEADER, RESET_HEADERS, replays_of};
+use crate::run::{CliError, DeadLetters, Found};
+
+/// The most bytes of done offsets kept in a commit's metadata (Kafka's default limit is 4096).
+const MAX_METADATA: usize = 3500;
+
+/// One partition's scan.
+struct Partition {
+    /// Read up to here (the high watermark when the scan began).
+    end: i64,
+    /// Everything below is removed (the committed offset).
+    committed: i64,
+    /// Removed offsets at or above `committed`.
+    done: BTreeSet<i64>,
+    /// Read up to here.
+    position: i64,
+}
+
+/// A scan of one Kafka dead-letter topic.
+pub struct KafkaDlq {
+    brokers: String,
+    topic: String,
+    consumer: BaseConsumer,
+    partitions: BTreeMap<i32, Partition>,
+    publishers: BTreeMap<String, KafkaPublisher>,
+    timeout: Duration,
+}
+
+/// A letter's position and what a replay sends.
+pub struct Handle {
+    partition: i32,
+    offset: i64,
+    key: Option<bytes::Bytes>,
+    payload: bytes::Bytes,
+    headers: ackstack_core::Headers,
+}
+
+fn broker_err(what: &str) -> impl Fn(rdkafka::error::KafkaError) -> CliError + '_ {
+    move |e| CliError::broker(&format!("Kafka {what}"), e)
+}
+
+impl KafkaDlq {
+    /// Reads `topic` on `brokers` from the replay group's position.
+    pub fn open(brokers: &str, topic: &str, timeout: Duration) -> Result<Self, CliError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("ackstack-dlq-{topic}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(broker_err("consumer"))?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(broker_err("metadata"))?;
+        let ids: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if ids.is_empty() {
+            return Err(CliError::Broker(format!(
+                "Kafka topic {topic} does not exist (or has no partitions)"
+            )));
+        }
+        let mut wanted = TopicPartitionList::new();
+        for id in &ids {
+            wanted.add_partition(topic, *id);
+        }
+        let committed = consumer
+            .committed_offsets(wanted, timeout)
+            .map_err(broker_err("committed offsets"))?;
+        let mut partitions = BTreeMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for elem in committed.elements() {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, elem.partition(), timeout)
+                .map_err(broker_err("watermarks"))?;
+            let start = elem
+                .offset()
+                .to_raw()
+                .filter(|o| *o >= 0)
+                .unwrap_or(low)
+                .max(low);
+            let done = parse_done(elem.metadata(), start);
+            assignment
+                .add_partition_offset(topic, elem.partition(), Offset::Offset(start))
+                .map_err(broker_err("assign"))?;
+            partitions.insert(
+                elem.partition(),
+                Partition {
+                    end: high,
+                    committed: start,
+                    done,
+                    position: start,
+                },
+            );
+        }
+        consumer.assign(&assignment).map_err(broker_err("assign"))?;
+        Ok(KafkaDlq {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            consumer,
+            partitions,
+            publishers: BTreeMap::new(),
+            timeout,
+        })
+    }
+
+    fn finished(&self) -> bool {
+        self.partitions.values().all(|p| p.position >= p.end)
+    }
+
+    /// Commits partition `id`'s position: past the removed letters in a row, the rest of the
+    /// removed ones in the metadata.
+    fn commit(&mut self, id: i32) -> Result<(), CliError> {
+        let Some(p) = self.partitions.get_mut(&id) else {
+            return Ok(());
+        };
+        while p.done.remove(&p.committed) {
+            p.committed += 1;
+        }
+        let metadata = p
+            .done
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        if metadata.len() > MAX_METADATA {
+            return Err(CliError::Broker(format!(
+                "too many letters removed past a kept one in partition {id}; replay or purge \
+                 the kept ones first (or without a filter)"
+            )));
+        }
+        let mut list = TopicPartitionList::new();
+        let mut elem = list.add_partition(&self.topic, id);
+        elem.set_offset(Offset::Offset(p.committed))
+            .map_err(broker_err("commit"))?;
+        elem.set_metadata(metadata);
+        self.consumer
+            .commit(&list, CommitMode::Sync)
+            .map_err(broker_err("commit"))
+    }
+}
+
+/// The removed offsets written in a commit's metadata (those at or above `start`).
+fn parse_done(metadata: &str, start: i64) -> BTreeSet<i64> {
+    metadata
+        .split(',')
+        .filter_map(|o| o.trim().parse::<i64>().ok())
+        .filter(|o| *o >= start)
+        .collect()
+}
+
+impl DeadLetters for KafkaDlq {
+    type Handle = Handle;
+
+    async fn next(&mut self) -> Result<Option<Found<Handle>>, CliError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if self.finished() {
+                return Ok(None);
+            }
+            if Instant::now() > deadline {
+                return Err(CliError::Broker(format!(
+                    "Kafka: no record of {} arrived within {:?}",
+                    self.topic, self.timeout
+                )));
+            }
+            // Short polls on this task: the scan is the only work the command does.
+            let Some(polled) = self.consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let m = polled.map_err(broker_err("poll"))?;
+            let (id, offset) = (m.partition(), m.offset());
+            let Some(p) = self.partitions.get_mut(&id) else {
+                continue;
+            };
+            p.position = p.position.max(offset + 1);
+            if offset >= p.end || p.done.contains(&offset) {
+                // Past the scan's end, or removed by an earlier run.
+                continue;
+            }
+            let mut headers = from_record(m.headers()).headers;
+            let metadata = DeadLetterMetadata::from_headers(&headers);
+            ackstack_core::deadletter::strip_metadata(&mut headers);
+            let payload = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
+            let key = m.key().map(bytes::Bytes::copy_from_slice);
+            let letter = Letter {
+                id: format!("{id}:{offset}"),
+                payload: payload.clone(),
+                replays: replays_of(&headers),
+                headers: headers.clone(),
+                metadata,
+            };
+            return Ok(Some(Found {
+                letter,
+                handle: Handle {
+                    partition: id,
+                    offset,
+                    key,
+                    payload,
+                    headers,
+                },
+            }));
+        }
+    }
+
+    async fn republish(
+        &mut self,
+        handle: &Handle,
+        queue: &str,
+        replays: u32,
+    ) -> Result<(), CliError> {
+        if !self.publishers.contains_key(queue) {
+            let publisher = KafkaPublisher::new(&self.brokers, queue)
+                .map_err(|e| CliError::broker("Kafka producer", e))?;
+            self.publishers.insert(queue.to_string(), publisher);
+        }
+        let Some(publisher) = self.publishers.get(queue) else {
+            return Err(CliError::Broker("Kafka producer missing".into()));
+        };
+        let mut message = Message::new(handle.payload.clone());
+        message.key = handle.key.clone();
+        message.headers = handle.headers.clone();
+        for name in RESET_HEADERS {
+            message.headers.remove(name);
+        }
+        message.headers.insert(REPLAYS_HEADER, replays.to_string());
+        // Returns once the delivery report said the record is written.
+        publisher
+            .publish(message)
+            .await
+            .map_err(|e| CliError::broker(&format!("Kafka produce to {queue}"), e))
+    }
+
+    async fn remove(&mut self, handle: Handle) -> Result<(), CliError> {
+        if let Some(p) = self.partitions.get_mut(&handle.partition) {
+            p.done.insert(handle.offset);
+        }
+        self.commit(handle.partition)
+    }
+
+    async fn keep(&mut self, _handle: Handle) -> Result<(), CliError> {
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<(), CliError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_offsets_round_trip_through_the_metadata() {
+        assert_eq!(parse_done("5,7,9", 6), BTreeSet::from([7, 9]));
+        assert_eq!(parse_done("", 0), BTreeSet::new());
+        assert_eq!(parse_done("x,3", 0), BTreeSet::from([3]));
+    }
+}

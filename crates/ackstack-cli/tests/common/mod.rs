@@ -1,0 +1,397 @@
+//! The `ackstack dlq` scenarios, written once and run on each broker by `rabbitmq.rs`,
+//! `sqs.rs` and `kafka.rs`: real dead letters made by a consumer, then the command driven as
+//! a script drives it.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ackstack_core::deadletter::METADATA_PREFIX;
+use ackstack_core::{Headers, Message};
+use bytes::Bytes;
+
+/// One broker's side of the scenarios.
+pub trait Fixture {
+    /// The flags naming the broker, its connection and the work queue.
+    fn args(&self) -> Vec<String>;
+    /// Environment for the command (credentials for the SQS emulator).
+    fn env(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    /// Whether payloads may be any bytes (SQS bodies are text).
+    fn binary_payloads(&self) -> bool {
+        true
+    }
+    /// Publishes `messages` to the work queue and runs a consumer until every one of them is
+    /// dead-lettered: a payload starting with `transient` fails transiently (one attempt
+    /// allowed), any other permanently, with the error `cannot charge <payload>`.
+    fn dead_letter(&self, messages: Vec<Message>) -> impl Future<Output = ()>;
+    /// Takes what is on the work queue: up to `expected` messages, waiting a few seconds.
+    fn drain_work(&self, expected: usize) -> impl Future<Output = Vec<(Bytes, Headers)>>;
+    /// How many dead letters there are (visible to a new reader).
+    fn dead_letters(&self) -> impl Future<Output = usize>;
+    /// The id `list` shows for the `index`-th message published (0-based), when the broker
+    /// keeps message ids; `None` where ids are positions.
+    fn id_of(&self, letters: &[serde_json::Value], payload: &[u8]) -> String {
+        letters
+            .iter()
+            .find(|l| l["metadata"]["message_id"].as_str() == Some(&id_for(payload)))
+            .and_then(|l| l["id"].as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| id_for(payload))
+    }
+}
+
+/// The message id the scenarios give a payload.
+pub fn id_for(payload: &[u8]) -> String {
+    let hex: String = payload
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("m-{hex}")
+}
+
+/// A message with `payload`, its id and a header of its own.
+pub fn message(payload: impl Into<Bytes>) -> Message {
+    let payload = payload.into();
+    Message::new(payload.clone())
+        .message_id(id_for(&payload))
+        .header("x-tenant", "acme")
+}
+
+/// A finished run of the command.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// `--json` lines.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.text()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code,
+            self.text(),
+            self.stderr
+        )
+    }
+}
+
+fn command(fx: &impl Fixture, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ackstack"));
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    // Subcommand first, then the broker's flags.
+    let split = all.len().min(2);
+    let rest = all.split_off(split);
+    all.extend(fx.args());
+    all.extend(rest);
+    cmd.args(&all)
+        .env_remove("AMQP_URL")
+        .env_remove("KAFKA_BROKERS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in fx.env() {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs `ackstack dlq <args...>` to its end (at most 3 minutes).
+pub fn ackstack(fx: &impl Fixture, args: &[&str]) -> Run {
+    let child = command(fx, args).spawn().unwrap();
+    wait(child, Duration::from_secs(180))
+}
+
+/// Starts `ackstack dlq <args...>`.
+pub fn spawn(fx: &impl Fixture, args: &[&str]) -> Child {
+    command(fx, args).spawn().unwrap()
+}
+
+/// Waits for `child`, reading its output meanwhile; kills it past `limit`.
+fn wait(mut child: Child, limit: Duration) -> Run {
+    use std::io::Read;
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        code,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// The body of the binary letter (or a text one where bodies are text).
+fn odd_payload(fx: &impl Fixture) -> Bytes {
+    if fx.binary_payloads() {
+        Bytes::from((0..=255u8).rev().collect::<Vec<u8>>())
+    } else {
+        Bytes::from("control \u{1}\u{2} chars and é".as_bytes().to_vec())
+    }
+}
+
+/// list (twice: it consumes nothing), show (page, json, raw byte for byte), the filters.
+pub async fn list_show_and_filters(fx: &impl Fixture) {
+    let odd = odd_payload(fx);
+    fx.dead_letter(vec![
+        message("order A"),
+        message("transient order B"),
+        message(odd.clone()),
+    ])
+    .await;
+    let first = ackstack(fx, &["dlq", "list", "--json"]);
+    assert_eq!(first.code, Some(0), "{first:?}");
+    let letters = first.json_lines();
+    assert_eq!(letters.len(), 3, "{first:?}");
+    let again = ackstack(fx, &["dlq", "list", "--json"]);
+    assert_eq!(
+        again.json_lines().len(),
+        3,
+        "listing consumed nothing: {again:?}"
+    );
+    assert_eq!(fx.dead_letters().await, 3);
+    for l in &letters {
+        assert!(l["metadata"]["broker"].as_str().is_some(), "{l}");
+        assert!(l["metadata"]["attempts"].as_u64().unwrap() >= 1);
+        assert!(
+            l["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|h| !h[0].as_str().unwrap().starts_with(METADATA_PREFIX)),
+            "metadata is not shown as a header: {l}"
+        );
+    }
+
+    let table = ackstack(fx, &["dlq", "list"]);
+    assert_eq!(table.code, Some(0), "{table:?}");
+    assert!(table.text().starts_with("MESSAGE ID"), "{table:?}");
+    assert_eq!(table.text().lines().count(), 4, "{table:?}");
+
+    // show: the page, the JSON, and --raw byte for byte.
+    let odd_id = fx.id_of(&letters, &odd);
+    let raw = ackstack(fx, &["dlq", "show", &odd_id, "--raw"]);
+    assert_eq!(raw.code, Some(0), "{raw:?}");
+    assert_eq!(
+        raw.stdout,
+        odd.to_vec(),
+        "--raw is the payload byte for byte"
+    );
+    let page = ackstack(fx, &["dlq", "show", &odd_id]);
+    assert!(page.text().contains("x-tenant: acme"), "{page:?}");
+    assert!(
+        page.text().contains(", hex):"),
+        "binary shown as hex: {page:?}"
+    );
+    let json = ackstack(fx, &["dlq", "show", &odd_id, "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(shown["payload_encoding"], "hex");
+    let hex: String = odd.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(shown["payload"], hex);
+    let missing = ackstack(fx, &["dlq", "show", "no-such-letter"]);
+    assert_eq!(missing.code, Some(2), "{missing:?}");
+
+    // Filters select exactly what they say.
+    let ids = |run: &Run| -> Vec<String> {
+        let mut v: Vec<String> = run
+            .json_lines()
+            .iter()
+            .map(|l| {
+                l["metadata"]["message_id"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let transient = ackstack(fx, &["dlq", "list", "--json", "--error-kind", "transient"]);
+    assert_eq!(
+        ids(&transient),
+        [id_for(b"transient order B")],
+        "{transient:?}"
+    );
+    let permanent = ackstack(fx, &["dlq", "list", "--json", "--error-kind", "permanent"]);
+    assert_eq!(permanent.json_lines().len(), 2, "{permanent:?}");
+    let grep = ackstack(
+        fx,
+        &["dlq", "list", "--json", "--grep", "cannot charge order A"],
+    );
+    assert_eq!(ids(&grep), [id_for(b"order A")], "{grep:?}");
+    let by_id = ackstack(
+        fx,
+        &["dlq", "list", "--json", "--message-id", &id_for(b"order A")],
+    );
+    assert_eq!(ids(&by_id), [id_for(b"order A")], "{by_id:?}");
+    let limit = ackstack(fx, &["dlq", "list", "--json", "--limit", "2"]);
+    assert_eq!(limit.json_lines().len(), 2, "{limit:?}");
+    let future = ackstack(fx, &["dlq", "list", "--json", "--since", "2999-01-01"]);
+    assert_eq!(future.json_lines().len(), 0, "{future:?}");
+    let past = ackstack(
+        fx,
+        &[
+            "dlq",
+            "list",
+            "--json",
+            "--until",
+            "2999-01-01",
+            "--since",
+            "1h",
+        ],
+    );
+    assert_eq!(past.json_lines().len(), 3, "{past:?}");
+    assert_eq!(fx.dead_letters().await, 3, "the filters consumed nothing");
+}
+
+/// replay: dry run first; then the selected letter goes back byte for byte with its headers,
+/// no metadata and a replay count; the loop guard skips a letter replayed too often (exit
+/// 3) unless --force; purge removes what it selects.
+pub async fn replay_loop_guard_and_purge(fx: &impl Fixture) {
+    let odd = odd_payload(fx);
+    fx.dead_letter(vec![message("order C"), message(odd.clone())])
+        .await;
+    let dry = ackstack(fx, &["dlq", "replay", "--dry-run"]);
+    assert_eq!(dry.code, Some(0), "{dry:?}");
+    assert!(dry.text().contains("would replay 2"), "{dry:?}");
+    assert_eq!(
+        fx.dead_letters().await,
+        2,
+        "a dry run sends and removes nothing"
+    );
+    assert!(fx.drain_work(1).await.is_empty());
+
+    let sent = ackstack(fx, &["dlq", "replay", "--message-id", &id_for(&odd)]);
+    assert_eq!(sent.code, Some(0), "{sent:?}");
+    assert!(sent.text().contains("replayed 1"), "{sent:?}");
+    let back = fx.drain_work(1).await;
+    assert_eq!(back.len(), 1, "{sent:?}");
+    let (payload, headers) = &back[0];
+    assert_eq!(payload, &odd, "the payload goes back byte for byte");
+    assert_eq!(headers.get_str("x-tenant"), Some("acme"));
+    assert_eq!(headers.get_str("x-ackstack-replays"), Some("1"));
+    assert!(
+        headers.iter().all(|(n, _)| !n.starts_with(METADATA_PREFIX)),
+        "no metadata on the replay: {headers:?}"
+    );
+    assert_eq!(fx.dead_letters().await, 1);
+
+    // A message already replayed three times: the loop guard holds.
+    fx.dead_letter(vec![message("order D").header("x-ackstack-replays", "3")])
+        .await;
+    let guarded = ackstack(fx, &["dlq", "replay", "--message-id", &id_for(b"order D")]);
+    assert_eq!(
+        guarded.code,
+        Some(3),
+        "skipped by the loop guard: {guarded:?}"
+    );
+    assert!(guarded.stderr.contains("replayed 3 times"), "{guarded:?}");
+    assert!(fx.drain_work(1).await.is_empty());
+    let forced = ackstack(
+        fx,
+        &[
+            "dlq",
+            "replay",
+            "--message-id",
+            &id_for(b"order D"),
+            "--force",
+        ],
+    );
+    assert_eq!(forced.code, Some(0), "{forced:?}");
+    let back = fx.drain_work(1).await;
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].1.get_str("x-ackstack-replays"), Some("4"));
+
+    // purge: refuses without --yes and a terminal; with --yes removes what it selects.
+    let refused = ackstack(fx, &["dlq", "purge"]);
+    assert_eq!(refused.code, Some(2), "{refused:?}");
+    assert_eq!(fx.dead_letters().await, 1);
+    let purged = ackstack(fx, &["dlq", "purge", "--yes", "--grep", "order C"]);
+    assert_eq!(purged.code, Some(0), "{purged:?}");
+    assert!(purged.text().contains("purged 1"), "{purged:?}");
+    assert_eq!(fx.dead_letters().await, 0);
+    assert!(fx.drain_work(1).await.is_empty(), "a purge sends nothing");
+}
+
+/// `n` dead letters, a replay killed with SIGKILL part-way, a second replay: every message is
+/// back on the work queue once, or twice where the kill fell between the broker's confirm
+/// and the letter's removal (at most the one in flight); none is lost.
+pub async fn replay_survives_sigkill(fx: &impl Fixture, n: usize, rate: u32) {
+    let messages: Vec<Message> = (0..n).map(|i| message(format!("bulk {i:05}"))).collect();
+    fx.dead_letter(messages).await;
+    assert_eq!(fx.dead_letters().await, n);
+    let rate = rate.to_string();
+    let mut child = spawn(fx, &["dlq", "replay", "--rate", &rate]);
+    // Kill it part-way: after a third of the letters at the given rate.
+    let part = Duration::from_secs_f64(n as f64 / 3.0 / rate.parse::<f64>().unwrap());
+    std::thread::sleep(part.max(Duration::from_millis(500)));
+    let still_running = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        still_running,
+        "the first replay was still running when killed"
+    );
+    let resumed = ackstack(fx, &["dlq", "replay"]);
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    assert_eq!(fx.dead_letters().await, 0, "{resumed:?}");
+    let back = fx.drain_work(n + 10).await;
+    let mut counts: BTreeMap<Bytes, usize> = BTreeMap::new();
+    for (payload, _) in &back {
+        *counts.entry(payload.clone()).or_default() += 1;
+    }
+    let lost = (0..n)
+        .filter(|i| !counts.contains_key(format!("bulk {i:05}").as_bytes()))
+        .count();
+    let twice = counts.values().filter(|c| **c == 2).count();
+    let more = counts.values().filter(|c| **c > 2).count();
+    eprintln!(
+        "after SIGKILL and resume: {} back, lost={lost} twice={twice}",
+        back.len()
+    );
+    assert_eq!(lost, 0, "nothing lost");
+    assert_eq!(more, 0, "nothing three times");
+    assert!(
+        twice <= 1,
+        "at most the letter in flight twice, not {twice}"
+    );
+}

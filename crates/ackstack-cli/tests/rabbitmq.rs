@@ -1,0 +1,113 @@
+//! `ackstack dlq` on RabbitMQ (`AMQP_URL`, default the local server).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use ackstack_core::{Consumer, HandlerError, Headers, Message, handler_fn};
+use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
+use ackstack_testkit::unique_name;
+use bytes::Bytes;
+use common::Fixture;
+
+struct Rabbit {
+    config: RabbitConfig,
+    publisher: RabbitPublisher,
+}
+
+fn url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+impl Rabbit {
+    async fn new() -> Rabbit {
+        let mut config = RabbitConfig::new(url(), unique_name("cli"));
+        config.queue_expires = Some(Duration::from_secs(300));
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        Rabbit { config, publisher }
+    }
+}
+
+/// The scenarios' handler: every message fails, transiently if it says so.
+pub async fn fail(d: ackstack_core::Delivery) -> Result<(), HandlerError> {
+    let text = String::from_utf8_lossy(&d.payload).into_owned();
+    if text.starts_with("transient") {
+        Err(HandlerError::transient(format!("cannot charge {text}")))
+    } else {
+        Err(HandlerError::permanent(format!("cannot charge {text}")))
+    }
+}
+
+impl Fixture for Rabbit {
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--broker".into(),
+            "rabbitmq".into(),
+            "--queue".into(),
+            self.config.queue.clone(),
+            "--amqp-url".into(),
+            url(),
+        ]
+    }
+
+    async fn dead_letter(&self, messages: Vec<Message>) {
+        let want = self.dead_letters().await + messages.len();
+        for m in messages {
+            self.publisher
+                .publish_to(&self.config.queue, m)
+                .await
+                .unwrap();
+        }
+        let source = RabbitSource::connect(self.config.clone()).await.unwrap();
+        let publisher = &self.publisher;
+        let dlq = self.config.dlq_name();
+        Consumer::new(source)
+            .max_attempts(1)
+            .run_until(handler_fn(|d, _cx| fail(d)), async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while (publisher.queue_len(&dlq).await.unwrap() as usize) < want
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(self.dead_letters().await, want);
+    }
+
+    async fn drain_work(&self, expected: usize) -> Vec<(Bytes, Headers)> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while out.len() < expected && tokio::time::Instant::now() < deadline {
+            match self.publisher.get(&self.config.queue).await.unwrap() {
+                Some(f) => out.push((f.payload, f.headers)),
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        out
+    }
+
+    async fn dead_letters(&self) -> usize {
+        self.publisher
+            .queue_len(&self.config.dlq_name())
+            .await
+            .unwrap() as usize
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_list_show_and_filters() {
+    common::list_show_and_filters(&Rabbit::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_replay_loop_guard_and_purge() {
+    common::replay_loop_guard_and_purge(&Rabbit::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_replay_of_1000_survives_sigkill() {
+    common::replay_survives_sigkill(&Rabbit::new().await, 1000, 500).await;
+}
