@@ -57,7 +57,7 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 /// Every label named in a `by (...)` or `on (...)` clause, or as a `{label=...}` matcher.
 fn label_names(expr: &str) -> BTreeSet<String> {
     let mut labels = BTreeSet::new();
-    for keyword in ["by (", "on ("] {
+    for keyword in ["by (", "on (", "by(", "on(", "without (", "ignoring ("] {
         for part in expr.split(keyword).skip(1) {
             let list = part.split(')').next().unwrap_or_default();
             labels.extend(list.split(',').map(|l| l.trim().to_string()));
@@ -73,6 +73,32 @@ fn label_names(expr: &str) -> BTreeSet<String> {
     }
     labels.retain(|l| !l.is_empty());
     labels
+}
+
+/// The `expr:` values of a rules file, each with its continuation lines (`expr: >-` blocks).
+fn rule_exprs(rules: &str) -> Vec<String> {
+    let mut exprs = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for line in rules.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some((at, text)) = &mut current {
+            if indent > *at && !line.trim().is_empty() {
+                text.push(' ');
+                text.push_str(line.trim());
+                continue;
+            }
+            exprs.push(std::mem::take(text));
+            current = None;
+        }
+        if let Some(rest) = line.trim_start().strip_prefix("expr:") {
+            let rest = rest.trim().trim_start_matches(">-").trim().to_string();
+            current = Some((indent, rest));
+        }
+    }
+    if let Some((_, text)) = current {
+        exprs.push(text);
+    }
+    exprs
 }
 
 fn dashboard_exprs() -> Vec<(String, String)> {
@@ -146,12 +172,14 @@ fn the_alert_rules_name_only_recorded_metrics_and_labels() {
             "{RULES}: {name} is not a metric ackstack records"
         );
     }
-    for line in rules
-        .lines()
-        .filter(|l| l.trim_start().starts_with("expr:"))
-    {
-        for label in label_names(line) {
-            assert!(LABELS.contains(&label.as_str()), "{RULES}: label {label}");
+    let exprs = rule_exprs(&rules);
+    assert!(exprs.len() >= 7, "{exprs:?}");
+    for expr in &exprs {
+        for label in label_names(expr) {
+            assert!(
+                LABELS.contains(&label.as_str()),
+                "{RULES}: label {label} in {expr}"
+            );
         }
     }
     for alert in [

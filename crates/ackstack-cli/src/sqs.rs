@@ -276,7 +276,14 @@ impl DeadLetters for SqsDlq {
         Ok(())
     }
 
-    async fn finish(self) -> Result<(), CliError> {
+    async fn finish(mut self) -> Result<(), CliError> {
+        // Received but not looked at (the scan stopped early): given back too.
+        let unread: Vec<String> = self
+            .buffer
+            .drain(..)
+            .filter_map(|m| m.receipt_handle)
+            .collect();
+        self.kept.extend(unread);
         for chunk in self.kept.chunks(10) {
             let entries = chunk
                 .iter()

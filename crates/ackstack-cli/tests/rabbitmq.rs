@@ -109,5 +109,5 @@ async fn rabbitmq_replay_loop_guard_and_purge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_replay_of_1000_survives_sigkill() {
-    common::replay_survives_sigkill(&Rabbit::new().await, 1000, 500).await;
+    common::replay_survives_sigkill(&Rabbit::new().await, 1000, 500, None).await;
 }

@@ -36,9 +36,9 @@
 //! | `ackstack_in_flight` | gauge | | deliveries being processed now |
 //! | `ackstack_consumer_state` | gauge | `state` | 1 for the state the consumer is in (`running`, `paused`, `circuit_open`, `half_open`), 0 for the others |
 //! | `ackstack_circuit_trips_total` | counter | | times the kill switch opened |
-//! | `ackstack_handler_seconds` | histogram | `outcome` | time from handler start to outcome |
+//! | `ackstack_handler_seconds` | histogram | `outcome` | time the processing stack took to decide: the handler, its retries in place, waits for the dedup store |
 //! | `ackstack_backlog` | gauge | | messages waiting at the broker (RabbitMQ ready messages, SQS `ApproximateNumberOfMessages`, Kafka total lag), asked every `backlog_interval` |
-//! | `ackstack_partition_lag` | gauge | `partition` | a Kafka partition's lag: high watermark minus the committed position |
+//! | `ackstack_partition_lag` | gauge | `partition` | a Kafka partition's lag: high watermark minus the position this member can commit (before it has one, the committed offset) |
 //!
 //! [`HANDLER_SECONDS_BUCKETS`] are the buckets to give a Prometheus recorder for the latency
 //! histogram.

@@ -206,7 +206,13 @@ where
     F: Fn(Delivery, InboxTx, Context) -> Fut,
     Fut: Future<Output = Result<(), HandlerError>>,
 {
-    let mut member = groups.join(inbox).await?;
+    let joined = groups.join(inbox).await;
+    // Health: the database answering (or not) for a new transaction.
+    cx.note_store(!matches!(
+        joined,
+        Err(InboxError::Unreachable(_) | InboxError::Database(_) | InboxError::Timeout { .. })
+    ));
+    let mut member = joined?;
     let group = member.group.clone();
     let turn = group.turn.lock().await;
     let result = match member.poisoned() {

@@ -95,7 +95,10 @@ where
             )
             .await;
         }
-        let tx = self.inbox.begin().await?;
+        let tx = self.inbox.begin().await;
+        // Health: whether the database answered.
+        cx.note_store(tx.is_ok());
+        let tx = tx?;
         match &key {
             Some(key) => match self.inbox.record(&tx, key).await {
                 Ok(true) => {}

@@ -18,8 +18,10 @@ use crate::Fatal;
 
 /// The longest request head read, in bytes.
 const MAX_HEAD: usize = 8 * 1024;
-/// How long a client may take to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request may take, from accepting it to the last byte of the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests answered at once, at most; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 32;
 /// How often the recorder's histograms are compacted.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -67,14 +69,25 @@ async fn accept(
     metrics: PrometheusHandle,
     status: watch::Receiver<Option<Status>>,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let metrics = metrics.clone();
                 let status = status.clone();
                 tokio::spawn(async move {
-                    if let Err(err) = answer(stream, &metrics, &status).await {
-                        tracing::debug!(%peer, error = %err, "metrics request failed");
+                    let _slot = slot;
+                    let answered =
+                        tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics, &status));
+                    match answered.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "metrics request failed");
+                        }
+                        Err(_) => tracing::debug!(%peer, "metrics request timed out"),
                     }
                 });
             }
@@ -92,10 +105,7 @@ async fn answer(
     metrics: &PrometheusHandle,
     status: &watch::Receiver<Option<Status>>,
 ) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
+    let head = read_head(&mut stream).await?;
     let (code, content_type, body) = route(&head, metrics, status);
     let reason = match code {
         200 => "OK",
@@ -117,7 +127,11 @@ async fn answer(
 async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+    // A blank line ends the head (clients that end lines with a bare LF too).
+    while !head.windows(4).any(|w| w == b"\r\n\r\n")
+        && !head.windows(2).any(|w| w == b"\n\n")
+        && head.len() < MAX_HEAD
+    {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             break;
@@ -133,7 +147,10 @@ fn route(
     metrics: &PrometheusHandle,
     status: &watch::Receiver<Option<Status>>,
 ) -> (u16, &'static str, String) {
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = head
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
         return (400, "text/plain", "bad request\n".into());
@@ -158,6 +175,10 @@ fn health(status: &watch::Receiver<Option<Status>>) -> (u16, &'static str, Strin
     let code = if health.is_unhealthy() { 503 } else { 200 };
     match serde_json::to_string(&health) {
         Ok(body) => (code, "application/json", body),
-        Err(_) => (503, "application/json", r#"{"status":"unknown"}"#.into()),
+        Err(_) => (
+            503,
+            "application/json",
+            r#"{"status":"unknown","reasons":[]}"#.into(),
+        ),
     }
 }

@@ -31,16 +31,24 @@ pub trait Fixture {
     fn drain_work(&self, expected: usize) -> impl Future<Output = Vec<(Bytes, Headers)>>;
     /// How many dead letters there are (visible to a new reader).
     fn dead_letters(&self) -> impl Future<Output = usize>;
-    /// The id `list` shows for the `index`-th message published (0-based), when the broker
-    /// keeps message ids; `None` where ids are positions.
-    fn id_of(&self, letters: &[serde_json::Value], payload: &[u8]) -> String {
-        letters
-            .iter()
-            .find(|l| l["metadata"]["message_id"].as_str() == Some(&id_for(payload)))
-            .and_then(|l| l["id"].as_str())
-            .map(str::to_string)
-            .unwrap_or_else(|| id_for(payload))
-    }
+}
+
+/// The error message the scenarios' handler fails `payload` with.
+pub fn charge_error(payload: &[u8]) -> String {
+    format!("cannot charge {}", String::from_utf8_lossy(payload))
+}
+
+/// The id `list` shows for the letter of `payload` (brokers name letters differently: AMQP
+/// message id, SQS `MessageId`, Kafka partition and offset).
+pub fn find_id(fx: &impl Fixture, payload: &[u8]) -> String {
+    let run = ackstack(fx, &["dlq", "list", "--json"]);
+    let want = charge_error(payload);
+    run.json_lines()
+        .iter()
+        .find(|l| l["metadata"]["error_message"].as_str() == Some(want.as_str()))
+        .and_then(|l| l["id"].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no letter for {want:?}: {run:?}"))
 }
 
 /// The message id the scenarios give a payload.
@@ -208,7 +216,7 @@ pub async fn list_show_and_filters(fx: &impl Fixture) {
     assert_eq!(table.text().lines().count(), 4, "{table:?}");
 
     // show: the page, the JSON, and --raw byte for byte.
-    let odd_id = fx.id_of(&letters, &odd);
+    let odd_id = find_id(fx, &odd);
     let raw = ackstack(fx, &["dlq", "show", &odd_id, "--raw"]);
     assert_eq!(raw.code, Some(0), "{raw:?}");
     assert_eq!(
@@ -231,15 +239,13 @@ pub async fn list_show_and_filters(fx: &impl Fixture) {
     assert_eq!(missing.code, Some(2), "{missing:?}");
 
     // Filters select exactly what they say.
-    let ids = |run: &Run| -> Vec<String> {
+    let errors = |run: &Run| -> Vec<String> {
         let mut v: Vec<String> = run
             .json_lines()
             .iter()
             .map(|l| {
-                l["metadata"]["message_id"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string()
+                let m = &l["metadata"]["error_message"];
+                m.as_str().unwrap_or("").to_string()
             })
             .collect();
         v.sort();
@@ -247,8 +253,8 @@ pub async fn list_show_and_filters(fx: &impl Fixture) {
     };
     let transient = ackstack(fx, &["dlq", "list", "--json", "--error-kind", "transient"]);
     assert_eq!(
-        ids(&transient),
-        [id_for(b"transient order B")],
+        errors(&transient),
+        [charge_error(b"transient order B")],
         "{transient:?}"
     );
     let permanent = ackstack(fx, &["dlq", "list", "--json", "--error-kind", "permanent"]);
@@ -257,12 +263,10 @@ pub async fn list_show_and_filters(fx: &impl Fixture) {
         fx,
         &["dlq", "list", "--json", "--grep", "cannot charge order A"],
     );
-    assert_eq!(ids(&grep), [id_for(b"order A")], "{grep:?}");
-    let by_id = ackstack(
-        fx,
-        &["dlq", "list", "--json", "--message-id", &id_for(b"order A")],
-    );
-    assert_eq!(ids(&by_id), [id_for(b"order A")], "{by_id:?}");
+    assert_eq!(errors(&grep), [charge_error(b"order A")], "{grep:?}");
+    let a = find_id(fx, b"order A");
+    let by_id = ackstack(fx, &["dlq", "list", "--json", "--message-id", &a]);
+    assert_eq!(errors(&by_id), [charge_error(b"order A")], "{by_id:?}");
     let limit = ackstack(fx, &["dlq", "list", "--json", "--limit", "2"]);
     assert_eq!(limit.json_lines().len(), 2, "{limit:?}");
     let future = ackstack(fx, &["dlq", "list", "--json", "--since", "2999-01-01"]);
@@ -300,7 +304,7 @@ pub async fn replay_loop_guard_and_purge(fx: &impl Fixture) {
     );
     assert!(fx.drain_work(1).await.is_empty());
 
-    let sent = ackstack(fx, &["dlq", "replay", "--message-id", &id_for(&odd)]);
+    let sent = ackstack(fx, &["dlq", "replay", "--message-id", &find_id(fx, &odd)]);
     assert_eq!(sent.code, Some(0), "{sent:?}");
     assert!(sent.text().contains("replayed 1"), "{sent:?}");
     let back = fx.drain_work(1).await;
@@ -318,7 +322,8 @@ pub async fn replay_loop_guard_and_purge(fx: &impl Fixture) {
     // A message already replayed three times: the loop guard holds.
     fx.dead_letter(vec![message("order D").header("x-ackstack-replays", "3")])
         .await;
-    let guarded = ackstack(fx, &["dlq", "replay", "--message-id", &id_for(b"order D")]);
+    let d = find_id(fx, b"order D");
+    let guarded = ackstack(fx, &["dlq", "replay", "--message-id", &d]);
     assert_eq!(
         guarded.code,
         Some(3),
@@ -326,16 +331,7 @@ pub async fn replay_loop_guard_and_purge(fx: &impl Fixture) {
     );
     assert!(guarded.stderr.contains("replayed 3 times"), "{guarded:?}");
     assert!(fx.drain_work(1).await.is_empty());
-    let forced = ackstack(
-        fx,
-        &[
-            "dlq",
-            "replay",
-            "--message-id",
-            &id_for(b"order D"),
-            "--force",
-        ],
-    );
+    let forced = ackstack(fx, &["dlq", "replay", "--message-id", &d, "--force"]);
     assert_eq!(forced.code, Some(0), "{forced:?}");
     let back = fx.drain_work(1).await;
     assert_eq!(back.len(), 1);
@@ -355,12 +351,20 @@ pub async fn replay_loop_guard_and_purge(fx: &impl Fixture) {
 /// `n` dead letters, a replay killed with SIGKILL part-way, a second replay: every message is
 /// back on the work queue once, or twice where the kill fell between the broker's confirm
 /// and the letter's removal (at most the one in flight); none is lost.
-pub async fn replay_survives_sigkill(fx: &impl Fixture, n: usize, rate: u32) {
+///
+/// `held` is how long letters the killed run had received stay held (SQS: its scan
+/// visibility, given to it as `--visibility-secs`); the resumed run starts after that.
+pub async fn replay_survives_sigkill(fx: &impl Fixture, n: usize, rate: u32, held: Option<u64>) {
     let messages: Vec<Message> = (0..n).map(|i| message(format!("bulk {i:05}"))).collect();
     fx.dead_letter(messages).await;
     assert_eq!(fx.dead_letters().await, n);
     let rate = rate.to_string();
-    let mut child = spawn(fx, &["dlq", "replay", "--rate", &rate]);
+    let held_secs = held.map(|s| s.to_string());
+    let mut args = vec!["dlq", "replay", "--rate", &rate];
+    if let Some(secs) = &held_secs {
+        args.extend(["--visibility-secs", secs.as_str()]);
+    }
+    let mut child = spawn(fx, &args);
     // Kill it part-way: after a third of the letters at the given rate.
     let part = Duration::from_secs_f64(n as f64 / 3.0 / rate.parse::<f64>().unwrap());
     std::thread::sleep(part.max(Duration::from_millis(500)));
@@ -371,6 +375,9 @@ pub async fn replay_survives_sigkill(fx: &impl Fixture, n: usize, rate: u32) {
         still_running,
         "the first replay was still running when killed"
     );
+    if let Some(secs) = held {
+        std::thread::sleep(Duration::from_secs(secs + 1));
+    }
     let resumed = ackstack(fx, &["dlq", "replay"]);
     assert_eq!(resumed.code, Some(0), "{resumed:?}");
     assert_eq!(fx.dead_letters().await, 0, "{resumed:?}");

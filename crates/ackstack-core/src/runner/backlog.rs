@@ -25,6 +25,10 @@ pub(super) fn spawn<S: Settle>(
         loop {
             if let Some(backlog) = settler.backlog().await {
                 metrics.backlog.set(backlog.total as f64);
+                // A partition no longer in the answer (revoked) shows no lag, not its last.
+                for gauge in partitions.values() {
+                    metrics::Gauge::set(gauge, 0.0);
+                }
                 for (partition, lag) in backlog.partitions {
                     partitions
                         .entry(partition)

@@ -92,6 +92,13 @@ pub(super) struct StatusInner {
     control: Control,
 }
 
+impl Default for Status {
+    /// The status of a consumer not yet running, with a control of its own.
+    fn default() -> Self {
+        Status::new(Control::default())
+    }
+}
+
 impl Status {
     /// The status of a consumer driven by `control`.
     pub(super) fn new(control: Control) -> Self {
@@ -172,7 +179,9 @@ impl Status {
     /// makes progress or waits safely (the dedup store or inbox database unavailable, the kill
     /// switch open, dead-letter writes or lease extensions failing, the broker unreachable
     /// for a short while); unhealthy once the broker has been unreachable for longer than
-    /// [`HealthConfig::unhealthy_after`]. Cheap: a handful of atomic loads.
+    /// [`HealthConfig::unhealthy_after`]. A reason whose failure has not recurred for a
+    /// minute is dropped even without a success (nothing may have tried again). Cheap:
+    /// atomic loads and one short lock (the kill switch's).
     pub fn health(&self) -> Health {
         let inner = &self.inner;
         let stats = &inner.stats;
@@ -340,40 +349,50 @@ pub enum Problem {
     LeaseExtensionsFailing,
 }
 
-/// Whether something is failing now, and since when: set by the last answer, cheap to
-/// update on every call (a load when nothing changes).
+/// A failure not seen again for this long no longer counts (nothing may have asked since:
+/// the delivery whose lease extension failed finished, or another replica took the message
+/// whose dead letter failed).
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// Whether something is failing now, and since when: set by the last answer (a success
+/// clears it), and forgotten once no failure was seen for [`STALE_AFTER`]. Cheap to update on
+/// every call: a load when nothing changes.
 #[derive(Debug, Default)]
 pub(crate) struct Condition {
     /// Milliseconds since [`epoch`] plus one when it began failing; 0 while it is fine.
     since: AtomicU64,
+    /// Milliseconds since [`epoch`] of the last failure.
+    last: AtomicU64,
 }
 
 impl Condition {
     /// Records the last answer: failing or not.
     pub(crate) fn set(&self, failing: bool) {
         let current = self.since.load(AtomicOrdering::Relaxed);
-        if failing && current == 0 {
-            let now = millis(epoch().elapsed()) + 1;
-            let _ = self.since.compare_exchange(
-                0,
-                now,
-                AtomicOrdering::Relaxed,
-                AtomicOrdering::Relaxed,
-            );
-        } else if !failing && current != 0 {
+        if failing {
+            let now = millis(epoch().elapsed());
+            let stale = current != 0 && self.stale(now);
+            self.last.store(now, AtomicOrdering::Relaxed);
+            if current == 0 || stale {
+                self.since.store(now + 1, AtomicOrdering::Relaxed);
+            }
+        } else if current != 0 {
             self.since.store(0, AtomicOrdering::Relaxed);
         }
     }
 
+    fn stale(&self, now: u64) -> bool {
+        let last = self.last.load(AtomicOrdering::Relaxed);
+        Duration::from_millis(now.saturating_sub(last)) >= STALE_AFTER
+    }
+
     /// How long it has been failing, if it is.
     pub(crate) fn failing_for(&self) -> Option<Duration> {
+        let now = millis(epoch().elapsed());
         match self.since.load(AtomicOrdering::Relaxed) {
             0 => None,
-            since => Some(
-                epoch()
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(since - 1)),
-            ),
+            _ if self.stale(now) => None,
+            since => Some(Duration::from_millis(now.saturating_sub(since - 1))),
         }
     }
 }

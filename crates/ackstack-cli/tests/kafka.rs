@@ -1,0 +1,160 @@
+//! `ackstack dlq` on Kafka: librdkafka's mock cluster, hosted by this test process and handed
+//! to the command as its bootstrap servers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use ackstack_core::{Consumer, HandlerError, Headers, Message, Publish, handler_fn};
+use ackstack_kafka::{KafkaConfig, KafkaPublisher, KafkaSource, from_record};
+use ackstack_testkit::unique_name;
+use bytes::Bytes;
+use common::Fixture;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Message as _;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+struct Kafka {
+    brokers: String,
+    topic: String,
+    /// Reads the work topic across calls (its own group).
+    drain: Mutex<BaseConsumer>,
+    _cluster: mpsc::Sender<()>,
+}
+
+impl Kafka {
+    fn new() -> Kafka {
+        let topic = unique_name("cli");
+        let (tx, rx) = mpsc::channel();
+        let (stop, stopped) = mpsc::channel::<()>();
+        let t = topic.clone();
+        std::thread::spawn(move || {
+            let cluster: MockCluster<'static, DefaultProducerContext> =
+                MockCluster::new(1).unwrap();
+            cluster.create_topic(&t, 2, 1).unwrap();
+            cluster.create_topic(&format!("{t}-dlq"), 2, 1).unwrap();
+            tx.send(cluster.bootstrap_servers()).unwrap();
+            let _ = stopped.recv();
+        });
+        let brokers = rx.recv().unwrap();
+        let drain: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("{topic}-drain"))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        drain.subscribe(&[&topic]).unwrap();
+        Kafka {
+            brokers,
+            topic,
+            drain: Mutex::new(drain),
+            _cluster: stop,
+        }
+    }
+}
+
+async fn fail(d: ackstack_core::Delivery) -> Result<(), HandlerError> {
+    let text = String::from_utf8_lossy(&d.payload).into_owned();
+    if text.starts_with("transient") {
+        Err(HandlerError::transient(format!("cannot charge {text}")))
+    } else {
+        Err(HandlerError::permanent(format!("cannot charge {text}")))
+    }
+}
+
+impl Fixture for Kafka {
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--broker".into(),
+            "kafka".into(),
+            "--queue".into(),
+            self.topic.clone(),
+            "--kafka-brokers".into(),
+            self.brokers.clone(),
+        ]
+    }
+
+    async fn dead_letter(&self, messages: Vec<Message>) {
+        let want = self.dead_letters().await + messages.len();
+        let publisher = KafkaPublisher::new(&self.brokers, &self.topic).unwrap();
+        let published = messages.len();
+        // The topic keeps replays that were drained: the service takes those as fixed.
+        let batch: std::sync::Arc<std::collections::HashSet<Bytes>> =
+            std::sync::Arc::new(messages.iter().map(|m| m.payload.clone()).collect());
+        for m in messages {
+            publisher.publish(m).await.unwrap();
+        }
+        // The work topic keeps its records: read past them, so that only replays are drained
+        // later.
+        let mut skipped = 0;
+        while skipped < published {
+            let got = self.drain_work(published - skipped).await.len();
+            assert!(got > 0, "the published records can be read back");
+            skipped += got;
+        }
+        let mut config =
+            KafkaConfig::new(&self.brokers, format!("{}-group", self.topic), &self.topic);
+        config.session_timeout = Duration::from_secs(6);
+        let source = KafkaSource::new(&config).unwrap();
+        Consumer::new(source)
+            .max_attempts(1)
+            .run_until(
+                handler_fn(move |d, _cx| {
+                    let ours = batch.contains(&d.payload);
+                    async move { if ours { fail(d).await } else { Ok(()) } }
+                }),
+                async move {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                    while self.dead_letters().await < want && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(self.dead_letters().await, want);
+    }
+
+    async fn drain_work(&self, expected: usize) -> Vec<(Bytes, Headers)> {
+        let consumer = self.drain.lock().unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.len() < expected && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                let headers = from_record(m.headers()).headers;
+                out.push((
+                    Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                    headers,
+                ));
+            }
+        }
+        out
+    }
+
+    /// What the command itself counts: the letters not yet behind its replay group.
+    async fn dead_letters(&self) -> usize {
+        let run = common::ackstack(self, &["dlq", "list", "--json"]);
+        assert_eq!(run.code, Some(0), "{run:?}");
+        run.json_lines().len()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_list_show_and_filters() {
+    common::list_show_and_filters(&Kafka::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_replay_loop_guard_and_purge() {
+    common::replay_loop_guard_and_purge(&Kafka::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_replay_of_1000_survives_sigkill() {
+    common::replay_survives_sigkill(&Kafka::new(), 1000, 500, None).await;
+}
