@@ -7,7 +7,7 @@ mod common;
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use ackstack_core::{Consumer, HandlerError, Headers, Message, Publish, handler_fn};
+use ackstack_core::{Consumer, Headers, Message, Publish, handler_fn};
 use ackstack_kafka::{KafkaConfig, KafkaPublisher, KafkaSource, from_record};
 use ackstack_testkit::unique_name;
 use bytes::Bytes;
@@ -57,15 +57,6 @@ impl Kafka {
     }
 }
 
-async fn fail(d: ackstack_core::Delivery) -> Result<(), HandlerError> {
-    let text = String::from_utf8_lossy(&d.payload).into_owned();
-    if text.starts_with("transient") {
-        Err(HandlerError::transient(format!("cannot charge {text}")))
-    } else {
-        Err(HandlerError::permanent(format!("cannot charge {text}")))
-    }
-}
-
 impl Fixture for Kafka {
     fn args(&self) -> Vec<String> {
         vec![
@@ -105,7 +96,7 @@ impl Fixture for Kafka {
             .run_until(
                 handler_fn(move |d, _cx| {
                     let ours = batch.contains(&d.payload);
-                    async move { if ours { fail(d).await } else { Ok(()) } }
+                    async move { if ours { common::fail(d).await } else { Ok(()) } }
                 }),
                 async move {
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use ackstack_core::{Consumer, HandlerError, Headers, Message, handler_fn};
+use ackstack_core::{Consumer, Headers, Message, handler_fn};
 use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
 use ackstack_testkit::unique_name;
 use bytes::Bytes;
@@ -26,16 +26,6 @@ impl Rabbit {
         config.queue_expires = Some(Duration::from_secs(300));
         let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
         Rabbit { config, publisher }
-    }
-}
-
-/// The scenarios' handler: every message fails, transiently if it says so.
-pub async fn fail(d: ackstack_core::Delivery) -> Result<(), HandlerError> {
-    let text = String::from_utf8_lossy(&d.payload).into_owned();
-    if text.starts_with("transient") {
-        Err(HandlerError::transient(format!("cannot charge {text}")))
-    } else {
-        Err(HandlerError::permanent(format!("cannot charge {text}")))
     }
 }
 
@@ -64,7 +54,7 @@ impl Fixture for Rabbit {
         let dlq = self.config.dlq_name();
         Consumer::new(source)
             .max_attempts(1)
-            .run_until(handler_fn(|d, _cx| fail(d)), async move {
+            .run_until(handler_fn(|d, _cx| common::fail(d)), async move {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
                 while (publisher.queue_len(&dlq).await.unwrap() as usize) < want
                     && tokio::time::Instant::now() < deadline

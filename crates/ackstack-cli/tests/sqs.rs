@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use ackstack_core::{Consumer, HandlerError, Headers, Message, Publish, handler_fn};
+use ackstack_core::{Consumer, Headers, Message, Publish, handler_fn};
 use ackstack_sqs::attrs::attribute_bytes;
 use ackstack_sqs::testing::{self, TestQueue};
 use ackstack_sqs::{SqsPublisher, SqsSource};
@@ -23,15 +23,6 @@ impl Sqs {
         let client = testing::client().await;
         let queue = TestQueue::create(&client, "cli", false).await.unwrap();
         Sqs { client, queue }
-    }
-}
-
-async fn fail(d: ackstack_core::Delivery) -> Result<(), HandlerError> {
-    let text = String::from_utf8_lossy(&d.payload).into_owned();
-    if text.starts_with("transient") {
-        Err(HandlerError::transient(format!("cannot charge {text}")))
-    } else {
-        Err(HandlerError::permanent(format!("cannot charge {text}")))
     }
 }
 
@@ -74,7 +65,7 @@ impl Fixture for Sqs {
         Consumer::new(source)
             .max_attempts(1)
             .concurrency(32)
-            .run_until(handler_fn(|d, _cx| fail(d)), async move {
+            .run_until(handler_fn(|d, _cx| common::fail(d)), async move {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
                 while self.dead_letters().await < want && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -33,6 +33,17 @@ pub trait Fixture {
     fn dead_letters(&self) -> impl Future<Output = usize>;
 }
 
+/// The scenarios' handler: every message fails, transiently if its payload says so, with
+/// [`charge_error`].
+pub async fn fail(d: ackstack_core::Delivery) -> Result<(), ackstack_core::HandlerError> {
+    let error = charge_error(&d.payload);
+    if d.payload.starts_with(b"transient") {
+        Err(ackstack_core::HandlerError::transient(error))
+    } else {
+        Err(ackstack_core::HandlerError::permanent(error))
+    }
+}
+
 /// The error message the scenarios' handler fails `payload` with.
 pub fn charge_error(payload: &[u8]) -> String {
     format!("cannot charge {}", String::from_utf8_lossy(payload))
