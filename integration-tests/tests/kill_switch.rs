@@ -26,12 +26,13 @@ const MESSAGES: usize = 20;
 
 /// Publishes [`MESSAGES`], runs a consumer whose handler fails until told otherwise, and checks
 /// that the kill switch trips, that nothing is received while it is open, and that it closes
-/// and everything is processed once the failures stop. `once_closed` runs right after it
-/// closed, while the consumer still runs.
+/// and everything is processed once the failures stop. `once_open` runs right after it
+/// tripped, `once_closed` right after it closed, while the consumer still runs.
 async fn trips_and_recovers<S: Source>(
     source: S,
     publisher: impl Publish,
     cooldown: Duration,
+    once_open: impl FnOnce(),
     once_closed: impl FnOnce(),
 ) {
     for i in 0..MESSAGES {
@@ -92,6 +93,7 @@ async fn trips_and_recovers<S: Source>(
         .await,
         "the kill switch trips"
     );
+    once_open();
     // In-flight work settles as usual; after that nothing more is received while it is open.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = status.received_total();
@@ -102,9 +104,13 @@ async fn trips_and_recovers<S: Source>(
         before,
         "nothing is received while the circuit is open"
     );
+    let health = status.health();
     assert!(
-        !status.health().is_healthy(),
-        "health says the circuit is open"
+        health
+            .reasons
+            .iter()
+            .any(|r| r.problem == ackstack_core::Problem::CircuitOpen),
+        "health says the circuit is open: {health:?}"
     );
 
     failing.store(false, Ordering::SeqCst);
@@ -133,7 +139,7 @@ async fn rabbitmq_stops_pulling_while_the_kill_switch_is_open() {
     config.queue_expires = Some(Duration::from_secs(180));
     let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
     let source = RabbitSource::connect(config).await.unwrap();
-    trips_and_recovers(source, publisher, Duration::from_secs(3), || {}).await;
+    trips_and_recovers(source, publisher, Duration::from_secs(3), || {}, || {}).await;
 }
 
 #[tokio::test]
@@ -146,7 +152,7 @@ async fn sqs_stops_polling_while_the_kill_switch_is_open() {
     let source = SqsSource::from_client(client.clone(), queue.config(Duration::from_secs(30)))
         .await
         .unwrap();
-    trips_and_recovers(source, publisher, Duration::from_secs(3), || {}).await;
+    trips_and_recovers(source, publisher, Duration::from_secs(3), || {}, || {}).await;
 }
 
 #[tokio::test]
@@ -164,13 +170,21 @@ async fn kafka_keeps_its_partitions_while_the_kill_switch_is_open() {
     let publisher = KafkaPublisher::new(&brokers, &topic).unwrap();
     let source = KafkaSource::new(&config).unwrap();
     let stats = source.stats();
-    trips_and_recovers(source, publisher, Duration::from_secs(9), || {
-        // (Closing the consumer at the end revokes its partitions; not yet.)
-        assert_eq!(
-            stats.revocations(),
-            0,
-            "no partition was revoked while paused"
-        );
-    })
+    let at_open = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (seen, check) = (at_open.clone(), stats.clone());
+    trips_and_recovers(
+        source,
+        publisher,
+        Duration::from_secs(9),
+        move || seen.store(check.revocations(), Ordering::SeqCst),
+        move || {
+            // (Closing the consumer at the end revokes its partitions; not yet.)
+            assert_eq!(
+                stats.revocations(),
+                at_open.load(Ordering::SeqCst),
+                "no partition was revoked while the circuit was open"
+            );
+        },
+    )
     .await;
 }

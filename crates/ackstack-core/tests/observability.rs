@@ -22,7 +22,10 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 
 /// A counter total, a gauge value or a histogram's sample count.
 #[derive(Default)]
-struct Cell(AtomicU64);
+struct Cell(
+    AtomicU64,
+    /* the highest value a gauge reached */ AtomicU64,
+);
 
 impl CounterFn for Cell {
     fn increment(&self, value: u64) {
@@ -34,7 +37,8 @@ impl CounterFn for Cell {
 }
 impl GaugeFn for Cell {
     fn increment(&self, value: f64) {
-        self.0.fetch_add(value as u64, Ordering::SeqCst);
+        let now = self.0.fetch_add(value as u64, Ordering::SeqCst) + value as u64;
+        self.1.fetch_max(now, Ordering::SeqCst);
     }
     fn decrement(&self, value: f64) {
         self.0.fetch_sub(value as u64, Ordering::SeqCst);
@@ -225,6 +229,20 @@ impl ByKey {
             .map_or(0, |c| c.0.load(Ordering::SeqCst))
     }
 
+    /// The highest value the gauge `name` with exactly these labels reached.
+    fn peak(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let mut labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        labels.sort();
+        self.0
+            .lock()
+            .unwrap()
+            .get(&(name.to_string(), labels))
+            .map_or(0, |c| c.1.load(Ordering::SeqCst))
+    }
+
     /// The sum under `name` over all its label sets.
     fn total(&self, name: &str) -> u64 {
         self.0
@@ -348,6 +366,10 @@ fn two_consumers_in_one_process_are_told_apart_by_their_labels() {
         "one latency sample per delivery, by outcome"
     );
     assert_eq!(recorder.get(names::IN_FLIGHT, &alpha), 0);
+    assert!(
+        recorder.peak(names::IN_FLIGHT, &alpha) >= 1,
+        "in flight while its deliveries ran"
+    );
     assert_eq!(
         recorder.get(names::CONSUMER_STATE, &with(&beta, "state", "running")),
         1

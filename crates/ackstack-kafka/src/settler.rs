@@ -293,15 +293,29 @@ impl ackstack_core::Settle for KafkaSettler {
     }
 }
 
+/// The longest one backlog question may take.
+const LAG_BUDGET: Duration = Duration::from_secs(10);
+
 impl Inner {
     /// Asks the cluster for the committed offsets and watermarks of the assignment (blocking).
     fn lag(&self) -> rdkafka::error::KafkaResult<Backlog> {
-        let committed = self.consumer.committed(self.commit_timeout)?;
+        // Bounded as a whole, so that a slow cluster cannot keep this thread (and the
+        // consumer it holds) long after the run: at most LAG_BUDGET, however many partitions.
+        let started = std::time::Instant::now();
+        let left = || LAG_BUDGET.saturating_sub(started.elapsed());
+        let committed = self.consumer.committed(left().min(self.commit_timeout))?;
         let mut backlog = Backlog::default();
         for tp in committed.elements() {
-            let (low, high) =
-                self.consumer
-                    .fetch_watermarks(tp.topic(), tp.partition(), self.commit_timeout)?;
+            if left().is_zero() {
+                return Err(rdkafka::error::KafkaError::MetadataFetch(
+                    rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                ));
+            }
+            let (low, high) = self.consumer.fetch_watermarks(
+                tp.topic(),
+                tp.partition(),
+                left().min(self.commit_timeout),
+            )?;
             let ours = self
                 .shared
                 .assignments()
