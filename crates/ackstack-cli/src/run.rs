@@ -63,21 +63,36 @@ pub trait DeadLetters {
     fn finish(self) -> impl Future<Output = Result<(), CliError>>;
 }
 
+/// Runs `body` over the scan, then ends it (also when `body` failed, so that what was held
+/// is given back); `body`'s error wins over `finish`'s.
+async fn scanned<D: DeadLetters, T>(
+    mut dlq: D,
+    body: impl AsyncFnOnce(&mut D) -> Result<T, CliError>,
+) -> Result<T, CliError> {
+    let result = body(&mut dlq).await;
+    let finished = dlq.finish().await;
+    let value = result?;
+    finished?;
+    Ok(value)
+}
+
 /// The letters `filter` selects, up to its limit; nothing is removed.
-pub async fn list<D: DeadLetters>(mut dlq: D, filter: &Filter) -> Result<Vec<Letter>, CliError> {
-    let mut out = Vec::new();
-    while filter.limit.is_none_or(|l| out.len() < l) {
-        let Some(found) = dlq.next().await? else {
-            break;
-        };
-        let selected = filter.matches(&found.letter);
-        dlq.keep(found.handle).await?;
-        if selected {
-            out.push(found.letter);
+pub async fn list<D: DeadLetters>(dlq: D, filter: &Filter) -> Result<Vec<Letter>, CliError> {
+    scanned(dlq, async |dlq: &mut D| {
+        let mut out = Vec::new();
+        while filter.limit.is_none_or(|l| out.len() < l) {
+            let Some(found) = dlq.next().await? else {
+                break;
+            };
+            let selected = filter.matches(&found.letter);
+            dlq.keep(found.handle).await?;
+            if selected {
+                out.push(found.letter);
+            }
         }
-    }
-    dlq.finish().await?;
-    Ok(out)
+        Ok(out)
+    })
+    .await
 }
 
 /// How `replay` goes about it.
@@ -117,19 +132,19 @@ impl Report {
 
 /// Sends each selected letter back, removing it only after the broker confirmed the copy.
 pub async fn replay<D: DeadLetters>(
-    mut dlq: D,
+    dlq: D,
     filter: &Filter,
     options: &ReplayOptions,
     progress: &Progress,
 ) -> Result<Report, CliError> {
-    let mut report = Report::default();
-    let mut selected = 0usize;
     let pace = options
         .rate
         .filter(|r| *r > 0.0)
         .map(|r| Duration::from_secs_f64(1.0 / r));
-    let mut next_send = Instant::now();
-    let result = async {
+    scanned(dlq, async |dlq: &mut D| {
+        let mut report = Report::default();
+        let mut selected = 0usize;
+        let mut next_send = Instant::now();
         while filter.limit.is_none_or(|l| selected < l) {
             let Some(found) = dlq.next().await? else {
                 break;
@@ -185,23 +200,19 @@ pub async fn replay<D: DeadLetters>(
             report.done += 1;
             progress.done(&format!("replayed {id} to {queue}"));
         }
-        Ok::<_, CliError>(())
-    }
-    .await;
-    let finished = dlq.finish().await;
-    result?;
-    finished?;
-    Ok(report)
+        Ok(report)
+    })
+    .await
 }
 
 /// Removes each selected letter.
 pub async fn purge<D: DeadLetters>(
-    mut dlq: D,
+    dlq: D,
     filter: &Filter,
     progress: &Progress,
 ) -> Result<Report, CliError> {
-    let mut report = Report::default();
-    let result = async {
+    scanned(dlq, async |dlq: &mut D| {
+        let mut report = Report::default();
         while filter.limit.is_none_or(|l| report.done < l as u64) {
             let Some(found) = dlq.next().await? else {
                 break;
@@ -215,13 +226,9 @@ pub async fn purge<D: DeadLetters>(
             report.done += 1;
             progress.done(&format!("purged {id}"));
         }
-        Ok::<_, CliError>(())
-    }
-    .await;
-    let finished = dlq.finish().await;
-    result?;
-    finished?;
-    Ok(report)
+        Ok(report)
+    })
+    .await
 }
 
 /// Progress on stderr: a bar with count, rate and ETA on a terminal, plain lines otherwise.

@@ -217,20 +217,16 @@ impl ByKey {
 
     /// The value under `name` with exactly these labels (0 if never registered).
     fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let mut labels: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        labels.sort();
-        self.0
-            .lock()
-            .unwrap()
-            .get(&(name.to_string(), labels))
-            .map_or(0, |c| c.0.load(Ordering::SeqCst))
+        self.read(name, labels, |c| c.0.load(Ordering::SeqCst))
     }
 
     /// The highest value the gauge `name` with exactly these labels reached.
     fn peak(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.read(name, labels, |c| c.1.load(Ordering::SeqCst))
+    }
+
+    /// `value` of the cell under `name` with exactly these labels (0 if never registered).
+    fn read(&self, name: &str, labels: &[(&str, &str)], value: impl Fn(&Cell) -> u64) -> u64 {
         let mut labels: Vec<(String, String)> = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -240,7 +236,7 @@ impl ByKey {
             .lock()
             .unwrap()
             .get(&(name.to_string(), labels))
-            .map_or(0, |c| c.1.load(Ordering::SeqCst))
+            .map_or(0, |c| value(c))
     }
 
     /// The sum under `name` over all its label sets.
