@@ -62,7 +62,8 @@ impl Fixture for Sqs {
         let source = SqsSource::from_client(self.client.clone(), config)
             .await
             .unwrap();
-        Consumer::new(source)
+        let started = std::time::Instant::now();
+        let summary = Consumer::new(source)
             .max_attempts(1)
             .concurrency(32)
             .run_until(handler_fn(|d, _cx| common::fail(d)), async move {
@@ -73,7 +74,17 @@ impl Fixture for Sqs {
             })
             .await
             .unwrap();
-        assert_eq!(self.dead_letters().await, want);
+        let got = self.dead_letters().await;
+        assert!(got >= want, "{got} of {want} dead-lettered: {summary:?}");
+        if got > want {
+            // At least once: SendMessage to the dead-letter queue landed but its answer did
+            // not (the SDK or the runner sent it again), or a lease ran out before the delete.
+            eprintln!(
+                "{} dead letters more than messages after {:?}: {summary:?}",
+                got - want,
+                started.elapsed()
+            );
+        }
     }
 
     /// Receives and deletes until `expected` arrived or two receives in a row came back empty.
