@@ -162,6 +162,9 @@ proptest! {
         any_url in any::<String>(),
     ) {
         let _ = ackstack_redis::redact_url(&any_url);
+        // The probe is `:PASSWORD@`; a tail that spells it itself (`?:r@` with password `r`)
+        // would be found after the host, where it is no password.
+        prop_assume!(!rest.contains(&format!(":{password}@")));
         let url = format!("redis://{user}:{password}@host{rest}");
         let shown = ackstack_redis::redact_url(&url);
         prop_assert!(!shown.contains(&format!(":{password}@")), "{shown}");

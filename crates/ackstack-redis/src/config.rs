@@ -229,6 +229,8 @@ mod tests {
         // A password containing '@' is still hidden (the last '@' ends the user info).
         let r = redact_url("redis://u:p@ss@host/1");
         assert!(!r.contains("p@ss"), "{r}");
+        // The user info ends with the authority: an '@' in the query is the query's.
+        assert_eq!(redact_url("redis://a:r@host?:r@"), "redis://a:***@host?:r@");
     }
 
     #[test]
