@@ -18,8 +18,8 @@ pub const RESET_HEADERS: &[&str] = &[ATTEMPT_HEADER, FIRST_FAILURE_HEADER];
 /// One dead letter.
 #[derive(Clone, Debug)]
 pub struct Letter {
-    /// What `show` and `--message-id` take: the message id, or the broker's own position
-    /// (`partition:offset` on Kafka) when it has none.
+    /// What `show` and `--message-id` take: the message id, or when it has none the broker's
+    /// own position on Kafka (`partition:offset`) and a [`content_id`] on RabbitMQ.
     pub id: String,
     /// The body, byte for byte.
     pub payload: Bytes,
@@ -48,6 +48,28 @@ impl Letter {
             },
         }
     }
+}
+
+/// An id for a letter the broker names no other way (an AMQP message without a message id):
+/// `h-` and 12 hex digits of a hash over the payload and every header as the dead letter
+/// carries them, ackstack's metadata with its failure times included. The same letter gets
+/// the same id in every scan, whatever was removed before it; two letters get the same one
+/// only when they are the same bytes, failure times and all.
+pub fn content_id(payload: &[u8], headers: &Headers) -> String {
+    // FNV-1a, 64 bits: fixed by its definition, so ids hold across builds and versions.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    feed(payload);
+    for (name, value) in headers.iter() {
+        feed(name.as_bytes());
+        feed(value);
+    }
+    format!("h-{:012x}", hash >> 16)
 }
 
 /// The replay count in `headers` (0 when absent or unreadable).
@@ -370,6 +392,28 @@ pub fn page(letter: &Letter) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_ids_depend_on_every_byte_and_nothing_else() {
+        let headers = Headers::new().with("x-tenant", "acme");
+        let id = content_id(b"order", &headers);
+        assert_eq!(id, content_id(b"order", &headers.clone()));
+        assert_eq!(id.len(), 14);
+        assert!(id.starts_with("h-"));
+        assert_ne!(id, content_id(b"orders", &headers));
+        assert_ne!(
+            id,
+            content_id(b"order", &Headers::new().with("x-tenant", "acne"))
+        );
+        assert_ne!(id, content_id(b"order", &Headers::new()));
+        // Lengths are hashed too: moving a byte between name and value changes the id.
+        assert_ne!(
+            content_id(b"", &Headers::new().with("ab", "c")),
+            content_id(b"", &Headers::new().with("a", "bc"))
+        );
+        // FNV-1a is fixed by its definition: the id of a letter never changes between builds.
+        assert_eq!(content_id(b"", &Headers::new()), "h-a8c7f832281a");
+    }
 
     #[test]
     fn times_round_trip() {

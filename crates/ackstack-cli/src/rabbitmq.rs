@@ -18,7 +18,7 @@ use ackstack_rabbitmq::lapin::{
 use ackstack_rabbitmq::{DELIVERY_COUNT_HEADER, ORIGINAL_EXPIRATION_HEADER, headers_from_table};
 use bytes::Bytes;
 
-use crate::letter::{Letter, REPLAYS_HEADER, RESET_HEADERS, replays_of};
+use crate::letter::{Letter, REPLAYS_HEADER, RESET_HEADERS, content_id, replays_of};
 use crate::run::{CliError, DeadLetters, Found};
 
 /// A scan of one RabbitMQ dead-letter queue.
@@ -82,18 +82,19 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
-/// The letter's id: its AMQP message id, else the delivery position in this scan.
-fn letter_of(payload: &Bytes, properties: &BasicProperties, position: u64) -> Letter {
+/// The letter's id: its AMQP message id, else the one in its metadata, else a
+/// [`content_id`], which stays the same from scan to scan.
+fn letter_of(payload: &Bytes, properties: &BasicProperties) -> Letter {
     let mut headers = headers_from_table(properties.headers().as_ref());
     let metadata = DeadLetterMetadata::from_headers(&headers);
-    ackstack_core::deadletter::strip_metadata(&mut headers);
-    let replays = replays_of(&headers);
     let id = properties
         .message_id()
         .as_ref()
         .map(|s| s.to_string())
         .or_else(|| metadata.as_ref().and_then(|m| m.message_id.clone()))
-        .unwrap_or_else(|| format!("#{position}"));
+        .unwrap_or_else(|| content_id(payload, &headers));
+    ackstack_core::deadletter::strip_metadata(&mut headers);
+    let replays = replays_of(&headers);
     Letter {
         id,
         payload: payload.clone(),
@@ -145,7 +146,7 @@ impl DeadLetters for RabbitDlq {
         self.seen += 1;
         let delivery = got.delivery;
         let payload = Bytes::from(delivery.data);
-        let letter = letter_of(&payload, &delivery.properties, self.seen);
+        let letter = letter_of(&payload, &delivery.properties);
         Ok(Some(Found {
             letter,
             handle: Handle {

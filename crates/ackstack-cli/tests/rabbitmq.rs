@@ -101,3 +101,44 @@ async fn rabbitmq_replay_loop_guard_and_purge() {
 async fn rabbitmq_replay_of_1000_survives_sigkill() {
     common::replay_survives_sigkill(&Rabbit::new().await, 1000, 500, None).await;
 }
+
+/// Letters without a message id are named by their content: the same id in every scan,
+/// whatever was removed before them, and `show` finds them by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_letters_without_message_ids_keep_their_ids() {
+    let fx = Rabbit::new().await;
+    fx.dead_letter(vec![Message::new("first"), Message::new("second")])
+        .await;
+    let ids = || -> Vec<(String, String)> {
+        let run = common::ackstack(&fx, &["dlq", "list", "--json"]);
+        assert_eq!(run.code, Some(0), "{run:?}");
+        run.json_lines()
+            .iter()
+            .map(|l| {
+                (
+                    l["metadata"]["error_message"].as_str().unwrap().to_string(),
+                    l["id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let before = ids();
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(
+        before.iter().all(|(_, id)| id.starts_with("h-")),
+        "{before:?}"
+    );
+    assert_ne!(before[0].1, before[1].1);
+    assert_eq!(ids(), before, "a second scan names them the same");
+    let purged = common::ackstack(&fx, &["dlq", "purge", "--grep", "charge first", "--yes"]);
+    assert_eq!(purged.code, Some(0), "{purged:?}");
+    let second = before
+        .iter()
+        .find(|(error, _)| error.ends_with("second"))
+        .unwrap()
+        .clone();
+    assert_eq!(ids(), vec![second.clone()], "the other keeps its id");
+    let shown = common::ackstack(&fx, &["dlq", "show", &second.1, "--raw"]);
+    assert_eq!(shown.code, Some(0), "{shown:?}");
+    assert_eq!(shown.stdout, b"second");
+}
