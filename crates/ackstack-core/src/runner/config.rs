@@ -9,7 +9,7 @@ use crate::backoff::Backoff;
 use crate::dedup::DedupConfig;
 use crate::retry::RetryConfig;
 
-use super::control::KillSwitchConfig;
+use super::kill_switch::KillSwitchConfig;
 use super::lease::LeaseConfig;
 use super::status::HealthConfig;
 

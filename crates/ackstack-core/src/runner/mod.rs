@@ -19,6 +19,9 @@
 //!    back by itself, the write is tried again in place). A failed settlement releases the
 //!    delivery after a pause, unless its lease is lost.
 //!
+//! Pausing and the kill switch act at the receive loop's gate (`control.rs`, with the circuit
+//! breaker in `kill_switch.rs`); the backlog the broker reports is polled by `backlog.rs`.
+//!
 //! The settings are in `config.rs` ([`ConsumerConfig`], checked by
 //! [`ConsumerConfig::validate`]), the builder in `builder.rs` ([`Consumer`], its setters and
 //! [`Consumer::effective_config`]), and what a run reports in `status.rs` ([`Status`] while it
@@ -30,6 +33,7 @@ mod builder;
 mod config;
 mod control;
 mod deliver;
+mod kill_switch;
 mod lease;
 mod ordering;
 mod receive;
@@ -38,7 +42,8 @@ mod status;
 
 pub use builder::{Consumer, Inspector};
 pub use config::{ConfigError, ConsumerConfig, DeliveryMode, KeyOrdering, OnRefused};
-pub use control::{ConsumerState, Control, KillSwitchConfig};
+pub use control::{ConsumerState, Control};
+pub use kill_switch::KillSwitchConfig;
 pub use lease::LeaseConfig;
 pub(crate) use status::Condition;
 pub use status::{
