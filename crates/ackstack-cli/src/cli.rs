@@ -159,8 +159,9 @@ pub struct FilterArgs {
     /// Only transient or permanent failures
     #[arg(long, value_enum, value_name = "KIND")]
     pub error_kind: Option<Kind>,
-    /// Only letters that last failed at or after TIME (UTC like 2026-12-02T18:00:00Z, or an
-    /// age like 2h)
+    /// Only letters that last failed at or after TIME (RFC 3339 like 2026-12-02T18:00:00Z or
+    /// 2026-12-02T19:00:00+01:00, UTC when it has no offset; a date like 2026-12-02; or an age
+    /// like 2h)
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub since: Option<u64>,
     /// Only letters that last failed before TIME

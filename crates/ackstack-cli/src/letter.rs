@@ -7,6 +7,8 @@ use ackstack_core::deadletter::{ATTEMPT_HEADER, DeadLetterMetadata, FIRST_FAILUR
 use ackstack_core::{ErrorKind, Headers};
 use bytes::Bytes;
 use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// The header counting how often a message was sent back from its dead-letter queue.
 pub const REPLAYS_HEADER: &str = "x-ackstack-replays";
@@ -123,8 +125,10 @@ impl Filter {
     }
 }
 
-/// A time given on the command line: RFC 3339 in UTC (`2026-12-02T18:00:00Z`, or a date
-/// `2026-12-02`), or an age (`90s`, `15m`, `2h`, `3d`) counted back from now.
+/// A time given on the command line: RFC 3339 (`2026-12-02T18:00:00Z`,
+/// `2026-12-02T19:00:00+01:00`; UTC when it has no offset), a date (`2026-12-02`, midnight
+/// UTC), or an age (`90s`, `15m`, `2h`, `3d`) counted back from now. A day the month does not
+/// have is an error.
 pub fn parse_time(text: &str) -> Result<u64, String> {
     let text = text.trim();
     if let Some(ago) = parse_age(text) {
@@ -132,7 +136,7 @@ pub fn parse_time(text: &str) -> Result<u64, String> {
         return Ok(now.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)));
     }
     parse_rfc3339(text).ok_or_else(|| {
-        format!("{text:?} is neither a UTC time like 2026-12-02T18:00:00Z nor an age like 2h")
+        format!("{text:?} is neither a time like 2026-12-02T18:00:00Z nor an age like 2h")
     })
 }
 
@@ -150,69 +154,32 @@ fn parse_age(text: &str) -> Option<Duration> {
     Some(Duration::from_secs(n.checked_mul(secs)?))
 }
 
+/// RFC 3339 by the `time` crate's parser, with the forms a person types besides: a date alone
+/// (midnight), no offset (UTC), a space for the `T`.
 fn parse_rfc3339(text: &str) -> Option<u64> {
-    let (date, time) = match text.split_once(['T', ' ']) {
-        Some((d, t)) => (d, Some(t)),
-        None => (text, None),
-    };
-    let mut d = date.split('-');
-    let (y, mo, da): (i64, u32, u32) = (
-        d.next()?.parse().ok()?,
-        d.next()?.parse().ok()?,
-        d.next()?.parse().ok()?,
-    );
-    if d.next().is_some() || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
-        return None;
+    let mut full = text.replacen(' ', "T", 1);
+    if !full.contains('T') {
+        full.push_str("T00:00:00");
     }
-    let mut secs = 0u64;
-    if let Some(t) = time {
-        let t = t.strip_suffix('Z').unwrap_or(t);
-        let t = t.split('.').next()?;
-        let mut p = t.split(':');
-        let (h, mi): (u64, u64) = (p.next()?.parse().ok()?, p.next()?.parse().ok()?);
-        let s: u64 = p.next().map_or(Some(0), |s| s.parse().ok())?;
-        if p.next().is_some() || h > 23 || mi > 59 || s > 60 {
-            return None;
-        }
-        secs = h * 3600 + mi * 60 + s;
+    let has_offset = full.ends_with(['Z', 'z'])
+        || full
+            .rsplit_once('T')
+            .is_some_and(|(_, time)| time.contains(['+', '-']));
+    if !has_offset {
+        full.push('Z');
     }
-    let days = days_from_civil(y, mo, da);
-    let total = days
-        .checked_mul(86_400)?
-        .checked_add(i64::try_from(secs).ok()?)?;
-    u64::try_from(total).ok()?.checked_mul(1000)
+    let at = OffsetDateTime::parse(&full, &Rfc3339).ok()?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// A time (ms since the epoch) as `2026-12-02T18:00:00Z`.
+/// A time (ms since the epoch) as `2026-12-02T18:00:00Z` (whole seconds), or the number of
+/// milliseconds where that cannot be written (past the year 9999).
 pub fn format_time(ms: u64) -> String {
-    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    i64::try_from(ms / 1000)
+        .ok()
+        .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs).ok())
+        .and_then(|at| at.format(&Rfc3339).ok())
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -424,6 +391,15 @@ mod tests {
         assert_eq!(parse_time("2000-02-29T00:00:00Z").unwrap(), 951_782_400_000);
         assert!(parse_time("2026-13-01").is_err());
         assert!(parse_time("yesterday").is_err());
+        // Days a month does not have are refused, not carried into the next month.
+        assert!(parse_time("2026-02-31").is_err());
+        assert!(parse_time("2026-04-31T10:00:00Z").is_err());
+        assert!(parse_time("2026-02-29").is_err(), "2026 is no leap year");
+        // An offset is honoured; without one the time is UTC.
+        assert_eq!(parse_time("2026-12-02T19:51:06+01:00").unwrap(), ms);
+        assert_eq!(parse_time("2026-12-02T18:51:06").unwrap(), ms);
+        assert_eq!(parse_time("2026-12-02 18:51:06Z").unwrap(), ms);
+        assert_eq!(parse_time("2026-12-02T18:51:06.250Z").unwrap(), ms + 250);
         let two_hours_ago = parse_time("2h").unwrap();
         let now = millis(SystemTime::now());
         assert!(now - two_hours_ago >= 7_200_000 && now - two_hours_ago < 7_210_000);
