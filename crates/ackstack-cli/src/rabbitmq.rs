@@ -92,7 +92,13 @@ fn letter_of(payload: &Bytes, properties: &BasicProperties) -> Letter {
         .as_ref()
         .map(|s| s.to_string())
         .or_else(|| metadata.as_ref().and_then(|m| m.message_id.clone()))
-        .unwrap_or_else(|| content_id(payload, &headers));
+        .unwrap_or_else(|| {
+            // Without the broker's per-delivery count: a quorum queue adds or raises it each
+            // time a scan gives the letter back, and the id must not change with it.
+            let mut stable = headers.clone();
+            stable.remove(DELIVERY_COUNT_HEADER);
+            content_id(payload, &stable)
+        });
     ackstack_core::deadletter::strip_metadata(&mut headers);
     let replays = replays_of(&headers);
     Letter {
@@ -123,6 +129,28 @@ fn replay_table(table: Option<&FieldTable>, replays: u32) -> FieldTable {
     FieldTable::from(map)
 }
 
+/// The properties a replay is published with: the dead letter's, with [`replay_table`]'s
+/// headers and the message's own `expiration` back in place (dead-letter copies carry it in
+/// [`ORIGINAL_EXPIRATION_HEADER`] instead, so that the broker does not expire the letter).
+fn replay_properties(properties: &BasicProperties, replays: u32) -> BasicProperties {
+    let headers = properties.headers().as_ref();
+    let expiration = headers
+        .and_then(|t| t.inner().get(ORIGINAL_EXPIRATION_HEADER))
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .and_then(|text| ShortString::try_new(text).ok());
+    let out = properties
+        .clone()
+        .with_headers(replay_table(headers, replays));
+    match expiration {
+        Some(expiration) => out.with_expiration(expiration),
+        None => out,
+    }
+}
+
 impl DeadLetters for RabbitDlq {
     type Handle = Handle;
 
@@ -130,7 +158,12 @@ impl DeadLetters for RabbitDlq {
         if self.total.is_some_and(|t| self.seen >= t) {
             return Ok(None);
         }
-        let queue = ShortString::from(self.queue.as_str());
+        let queue = ShortString::try_new(self.queue.as_str()).map_err(|_| {
+            CliError::Usage(format!(
+                "{:?} is no AMQP queue name: at most 255 bytes",
+                self.queue
+            ))
+        })?;
         let got = bounded(
             "basic.get",
             self.timeout,
@@ -163,21 +196,19 @@ impl DeadLetters for RabbitDlq {
         queue: &str,
         replays: u32,
     ) -> Result<(), CliError> {
-        let table = replay_table(handle.properties.headers().as_ref(), replays);
-        let properties = handle.properties.clone().with_headers(table);
+        let properties = replay_properties(&handle.properties, replays);
+        let queue_name = ShortString::try_new(queue).map_err(|_| {
+            CliError::Broker(format!(
+                "cannot replay to {queue:?}: an AMQP queue name is at most 255 bytes"
+            ))
+        })?;
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
         let publish = async {
             self.publish
-                .basic_publish(
-                    "".into(),
-                    ShortString::from(queue),
-                    options,
-                    &handle.payload,
-                    properties,
-                )
+                .basic_publish("".into(), queue_name, options, &handle.payload, properties)
                 .await?
                 .await
         };
@@ -227,5 +258,59 @@ impl DeadLetters for RabbitDlq {
         }
         let _ = tokio::time::timeout(self.timeout, self.connection.close(200, "bye".into())).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn properties(headers: &[(&str, &str)]) -> BasicProperties {
+        let map: BTreeMap<ShortString, AMQPValue> = headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    ShortString::from(*k),
+                    AMQPValue::LongString(LongString::from(v.as_bytes())),
+                )
+            })
+            .collect();
+        BasicProperties::default().with_headers(FieldTable::from(map))
+    }
+
+    #[test]
+    fn a_content_id_ignores_the_quorum_queues_delivery_count() {
+        let payload = Bytes::from_static(b"order");
+        let first = letter_of(&payload, &properties(&[("x-tenant", "acme")]));
+        let given_back = letter_of(
+            &payload,
+            &properties(&[("x-tenant", "acme"), (DELIVERY_COUNT_HEADER, "3")]),
+        );
+        assert!(first.id.starts_with("h-"), "{}", first.id);
+        assert_eq!(first.id, given_back.id);
+        let other = letter_of(&payload, &properties(&[("x-tenant", "acne")]));
+        assert_ne!(first.id, other.id);
+    }
+
+    #[test]
+    fn a_replay_gets_the_messages_own_expiration_back() {
+        let dead = properties(&[
+            (ORIGINAL_EXPIRATION_HEADER, "60000"),
+            ("x-ackstack-dl-error-message", "down"),
+            ("x-tenant", "acme"),
+        ]);
+        let replay = replay_properties(&dead, 1);
+        assert_eq!(
+            replay.expiration().as_ref().map(ShortString::as_str),
+            Some("60000")
+        );
+        let headers = replay.headers().as_ref().unwrap().inner();
+        assert!(!headers.contains_key(ORIGINAL_EXPIRATION_HEADER));
+        assert!(!headers.contains_key("x-ackstack-dl-error-message"));
+        assert!(headers.contains_key("x-tenant"));
+        let without = replay_properties(&properties(&[("x-tenant", "acme")]), 1);
+        assert_eq!(without.expiration(), &None);
     }
 }
