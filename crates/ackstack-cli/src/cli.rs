@@ -145,7 +145,7 @@ pub struct Target {
     /// Kafka bootstrap servers [env KAFKA_BROKERS]
     #[arg(long, value_name = "LIST")]
     pub kafka_brokers: Option<String>,
-    /// How long one broker call may take
+    /// How long one broker call may take (at most a day)
     #[arg(long, value_name = "SECS", default_value = "10")]
     pub timeout_secs: u64,
     /// SQS: how long letters stay invisible to other readers during a scan at most
@@ -215,11 +215,19 @@ pub enum Kind {
     Permanent,
 }
 
+/// The longest `--timeout-secs` taken: a day.
+const MAX_TIMEOUT_SECS: u64 = 86_400;
+
+/// The slowest rate taken: one letter a day.
+const MIN_RATE: f64 = 1.0 / 86_400.0;
+
 fn rate(text: &str) -> Result<f64, String> {
     let n = text.trim().trim_end_matches("/s");
     match n.parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
-        _ => Err(format!("{text:?} is not a positive rate like 50 or 50/s")),
+        Ok(r) if r >= MIN_RATE && r.is_finite() => Ok(r),
+        _ => Err(format!(
+            "{text:?} is not a rate like 50 or 50/s (at least one letter a day)"
+        )),
     }
 }
 
@@ -243,8 +251,23 @@ impl FileConfig {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| CliError::Usage(format!("--config {}: {e}", path.display())))?;
-        toml::from_str(&text)
+        FileConfig::parse(&text)
             .map_err(|e| CliError::Usage(format!("--config {}: {e}", path.display())))
+    }
+
+    /// Parses a config file's text. The error names the line and what is wrong, never the
+    /// line's text: it may hold a password.
+    fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .and_then(|span| text.get(..span.start))
+                .map(|before| before.matches('\n').count() + 1);
+            match line {
+                Some(line) => format!("line {line}: {}", e.message()),
+                None => e.message().to_string(),
+            }
+        })
     }
 }
 
@@ -340,7 +363,7 @@ impl Target {
                 .clone()
                 .or_else(|| env("KAFKA_BROKERS"))
                 .or_else(|| file.kafka.as_ref().map(|c| c.brokers.clone())),
-            timeout: Duration::from_secs(self.timeout_secs.max(1)),
+            timeout: Duration::from_secs(self.timeout_secs.clamp(1, MAX_TIMEOUT_SECS)),
             visibility: Duration::from_secs(self.visibility_secs.clamp(1, 43_200)),
         })
     }
@@ -351,5 +374,27 @@ fn default_dlq(broker: Broker, queue: &str) -> String {
     match (broker, queue.strip_suffix(".fifo")) {
         (Broker::Sqs, Some(base)) => format!("{base}-dlq.fifo"),
         _ => format!("{queue}-dlq"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_config_file_is_reported_without_its_text() {
+        let text = "[rabbitmq]\nuri = amqp://guest:s3cret@127.0.0.1:5672\n";
+        let error = FileConfig::parse(text).unwrap_err();
+        assert!(error.starts_with("line 2: "), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
+    }
+
+    #[test]
+    fn rates_are_positive_and_not_absurdly_slow() {
+        assert_eq!(rate("50/s"), Ok(50.0));
+        assert_eq!(rate("0.5"), Ok(0.5));
+        for bad in ["0", "-1", "1e-30", "NaN", "inf", "fast"] {
+            assert!(rate(bad).is_err(), "{bad}");
+        }
     }
 }
