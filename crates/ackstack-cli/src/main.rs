@@ -161,9 +161,11 @@ async fn dead_letters(dlq: Dlq, file: &FileConfig) -> Result<ExitCode, CliError>
         Job::Purge { filter, yes: false } => {
             // Count first, ask, then purge what the same filter selects.
             let n = with_scan(&resolved, Scan::List(filter.clone())).await?;
-            let Outcome::Letters(letters) = n else {
+            let Outcome::Letters(listing) = n else {
                 return Err(CliError::Usage("internal: purge count".into()));
             };
+            warn_unreached(listing.unreached, &resolved);
+            let letters = listing.letters;
             if letters.is_empty() {
                 println!("nothing to purge in {}", resolved.dlq);
                 return Ok(ExitCode::SUCCESS);
@@ -190,11 +192,15 @@ async fn dead_letters(dlq: Dlq, file: &FileConfig) -> Result<ExitCode, CliError>
             finish(with_scan(&resolved, Scan::Purge(filter)).await?, &resolved)
         }
         Job::List { filter, json } => {
-            let Outcome::Letters(letters) = with_scan(&resolved, Scan::List(filter)).await? else {
+            let Outcome::Letters(listing) = with_scan(&resolved, Scan::List(filter)).await? else {
                 return Err(CliError::Usage("internal: list".into()));
             };
-            print_list(&letters, json)?;
-            Ok(ExitCode::SUCCESS)
+            print_list(&listing.letters, json)?;
+            Ok(if warn_unreached(listing.unreached, &resolved) {
+                ExitCode::from(SKIPPED)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Job::Show { id, raw, json } => {
             let filter = Filter {
@@ -202,10 +208,11 @@ async fn dead_letters(dlq: Dlq, file: &FileConfig) -> Result<ExitCode, CliError>
                 limit: Some(1),
                 ..Filter::default()
             };
-            let Outcome::Letters(letters) = with_scan(&resolved, Scan::List(filter)).await? else {
+            let Outcome::Letters(listing) = with_scan(&resolved, Scan::List(filter)).await? else {
                 return Err(CliError::Usage("internal: show".into()));
             };
-            let Some(letter) = letters.first() else {
+            let Some(letter) = listing.letters.first() else {
+                warn_unreached(listing.unreached, &resolved);
                 return Err(CliError::Usage(format!(
                     "no dead letter {id} in {}",
                     resolved.dlq
@@ -230,7 +237,7 @@ enum Scan {
 
 /// What a scan gave.
 enum Outcome {
-    Letters(Vec<Letter>),
+    Letters(run::Listing),
     Report(Report, &'static str),
 }
 
@@ -300,11 +307,25 @@ fn finish(outcome: Outcome, resolved: &Resolved) -> Result<ExitCode, CliError> {
         "{verb} {n} dead letter(s) from {}; skipped {} (loop guard) and {} (no original queue)",
         resolved.dlq, report.skipped_loop, report.skipped_unknown
     );
+    warn_unreached(report.unreached, resolved);
     Ok(if report.skipped() {
         ExitCode::from(SKIPPED)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Says on stderr that `unreached` letters were out of the scan's reach; whether any were.
+fn warn_unreached(unreached: u64, resolved: &Resolved) -> bool {
+    if unreached > 0 {
+        eprintln!(
+            "note: {unreached} letter(s) in {} were out of reach: a FIFO queue hands out nothing \
+             more of a message group while one of its letters is held. Replay or purge the \
+             letters shown, then run again.",
+            resolved.dlq
+        );
+    }
+    unreached > 0
 }
 
 fn print_list(letters: &[Letter], json: bool) -> Result<(), CliError> {

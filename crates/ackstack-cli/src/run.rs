@@ -61,6 +61,14 @@ pub trait DeadLetters {
 
     /// Ends the scan, giving back what was kept.
     fn finish(self) -> impl Future<Output = Result<(), CliError>>;
+
+    /// Once [`next`](DeadLetters::next) said the end: how many letters the queue held at the
+    /// start that the scan could not reach. An SQS FIFO queue hands out nothing more of a
+    /// message group while one of its letters is held, so the letters behind a kept one are
+    /// out of reach until it is removed.
+    fn unreached(&self) -> u64 {
+        0
+    }
 }
 
 /// Runs `body` over the scan, then ends it (also when `body` failed, so that what was held
@@ -76,18 +84,28 @@ async fn scanned<D: DeadLetters, T>(
     Ok(value)
 }
 
+/// What `list` found.
+#[derive(Clone, Debug, Default)]
+pub struct Listing {
+    /// The selected letters.
+    pub letters: Vec<Letter>,
+    /// Letters the scan could not reach ([`DeadLetters::unreached`]).
+    pub unreached: u64,
+}
+
 /// The letters `filter` selects, up to its limit; nothing is removed.
-pub async fn list<D: DeadLetters>(dlq: D, filter: &Filter) -> Result<Vec<Letter>, CliError> {
+pub async fn list<D: DeadLetters>(dlq: D, filter: &Filter) -> Result<Listing, CliError> {
     scanned(dlq, async |dlq: &mut D| {
-        let mut out = Vec::new();
-        while filter.limit.is_none_or(|l| out.len() < l) {
+        let mut out = Listing::default();
+        while filter.limit.is_none_or(|l| out.letters.len() < l) {
             let Some(found) = dlq.next().await? else {
+                out.unreached = dlq.unreached();
                 break;
             };
             let selected = filter.matches(&found.letter);
             dlq.keep(found.handle).await?;
             if selected {
-                out.push(found.letter);
+                out.letters.push(found.letter);
             }
         }
         Ok(out)
@@ -121,12 +139,15 @@ pub struct Report {
     pub skipped_loop: u64,
     /// Letters skipped because no destination is known (no metadata and no `--to`).
     pub skipped_unknown: u64,
+    /// Letters the scan could not reach ([`DeadLetters::unreached`]).
+    pub unreached: u64,
 }
 
 impl Report {
-    /// Whether some selected letters were skipped (exit code 3).
+    /// Whether some selected letters were skipped, or some letters out of reach (exit
+    /// code 3).
     pub fn skipped(&self) -> bool {
-        self.skipped_loop + self.skipped_unknown > 0
+        self.skipped_loop + self.skipped_unknown + self.unreached > 0
     }
 }
 
@@ -147,6 +168,7 @@ pub async fn replay<D: DeadLetters>(
         let mut next_send = Instant::now();
         while filter.limit.is_none_or(|l| selected < l) {
             let Some(found) = dlq.next().await? else {
+                report.unreached = dlq.unreached();
                 break;
             };
             if !filter.matches(&found.letter) {
@@ -215,6 +237,7 @@ pub async fn purge<D: DeadLetters>(
         let mut report = Report::default();
         while filter.limit.is_none_or(|l| report.done < l as u64) {
             let Some(found) = dlq.next().await? else {
+                report.unreached = dlq.unreached();
                 break;
             };
             if !filter.matches(&found.letter) {

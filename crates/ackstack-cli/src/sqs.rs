@@ -3,6 +3,10 @@
 //! (`ChangeMessageVisibility` 0) unless removed; if the command dies, the timeout releases
 //! them. A replay is a `SendMessage` of the original body and attributes to the original
 //! queue; the dead letter is deleted only after SQS answered it.
+//!
+//! A FIFO queue hands out nothing more of a message group while one of its messages is in
+//! flight, so a scan cannot see past a letter it keeps: the scan counts the queue at the start
+//! and reports what it could not reach ([`DeadLetters::unreached`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -14,7 +18,7 @@ use ackstack_sqs::attrs::{
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, Message, MessageAttributeValue,
-    MessageSystemAttributeName,
+    MessageSystemAttributeName, QueueAttributeName,
 };
 
 use crate::letter::{Letter, REPLAYS_HEADER, RESET_HEADERS, replays_of};
@@ -35,6 +39,8 @@ pub struct SqsDlq {
     kept: Vec<String>,
     empty: u32,
     urls: HashMap<String, String>,
+    /// FIFO queues: how many letters it held when the scan started.
+    held_at_start: Option<u64>,
 }
 
 /// A received letter: its receipt handle and what a replay sends.
@@ -65,9 +71,35 @@ impl SqsDlq {
             kept: Vec::new(),
             empty: 0,
             urls: HashMap::new(),
+            held_at_start: None,
         };
         dlq.url = dlq.url_of(queue).await?;
+        if dlq.url.ends_with(".fifo") {
+            dlq.held_at_start = Some(dlq.count().await?);
+        }
         Ok(dlq)
+    }
+
+    /// The queue's messages: visible, in flight and delayed, as SQS counts them.
+    async fn count(&self) -> Result<u64, CliError> {
+        let call = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send();
+        let out = bounded("GetQueueAttributes", self.timeout, call).await?;
+        Ok(out
+            .attributes()
+            .map(|attributes| {
+                attributes
+                    .values()
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0))
     }
 
     async fn url_of(&mut self, queue: &str) -> Result<String, CliError> {
@@ -274,6 +306,11 @@ impl DeadLetters for SqsDlq {
     async fn keep(&mut self, handle: Handle) -> Result<(), CliError> {
         self.kept.push(handle.receipt);
         Ok(())
+    }
+
+    fn unreached(&self) -> u64 {
+        self.held_at_start
+            .map_or(0, |held| held.saturating_sub(self.seen.len() as u64))
     }
 
     async fn finish(mut self) -> Result<(), CliError> {

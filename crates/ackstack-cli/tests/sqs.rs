@@ -20,8 +20,12 @@ struct Sqs {
 
 impl Sqs {
     async fn new() -> Sqs {
+        Sqs::create(false).await
+    }
+
+    async fn create(fifo: bool) -> Sqs {
         let client = testing::client().await;
-        let queue = TestQueue::create(&client, "cli", false).await.unwrap();
+        let queue = TestQueue::create(&client, "cli", fifo).await.unwrap();
         Sqs { client, queue }
     }
 }
@@ -140,4 +144,31 @@ async fn sqs_replay_loop_guard_and_purge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_replay_of_1000_survives_sigkill() {
     common::replay_survives_sigkill(&Sqs::new().await, 1000, 100, Some(5)).await;
+}
+
+/// A FIFO dead-letter queue hands out nothing more of a message group while one of its
+/// letters is held: a listing of twelve letters in one group reaches ten, and says so (exit
+/// code 3); a purge, removing each, reaches them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_fifo_letters_out_of_reach_are_reported() {
+    let fx = Sqs::create(true).await;
+    let messages = (0..12)
+        .map(|i| common::message(format!("fifo {i:02}")).key("one-group"))
+        .collect();
+    fx.dead_letter(messages).await;
+    assert_eq!(fx.dead_letters().await, 12);
+    let listed = common::ackstack(&fx, &["dlq", "list", "--json"]);
+    assert_eq!(listed.code, Some(3), "{listed:?}");
+    let shown = listed.json_lines().len();
+    assert!(shown < 12, "the group's head blocks the rest: {listed:?}");
+    assert!(
+        listed
+            .stderr
+            .contains(&format!("{} letter(s) in", 12 - shown)),
+        "{listed:?}"
+    );
+    let purged = common::ackstack(&fx, &["dlq", "purge", "--yes"]);
+    assert_eq!(purged.code, Some(0), "{purged:?}");
+    assert!(purged.text().contains("purged 12"), "{purged:?}");
+    assert_eq!(fx.dead_letters().await, 0);
 }
