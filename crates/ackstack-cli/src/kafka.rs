@@ -6,6 +6,11 @@
 //! offset past the letters removed in a row, and the removed letters beyond a kept one in the
 //! commit's metadata, so that a filtered replay that stops half-way continues where it
 //! stopped, and nothing it sent is sent again.
+//!
+//! That position lives as long as the broker keeps the group's offsets: a group without
+//! commits for `offsets.retention.minutes` (7 days by default) loses them, and the next scan
+//! starts from the topic's start again, purged and replayed letters included. A position past
+//! the topic's end (a topic deleted and created again) is dropped with a note.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -97,13 +102,18 @@ impl KafkaDlq {
             let (low, high) = consumer
                 .fetch_watermarks(topic, elem.partition(), timeout)
                 .map_err(broker_err("watermarks"))?;
-            let start = elem
-                .offset()
-                .to_raw()
-                .filter(|o| *o >= 0)
-                .unwrap_or(low)
-                .max(low);
-            let done = parse_done(elem.metadata(), start);
+            let (start, stale) = start_of(elem.offset().to_raw(), low, high);
+            let done = if stale {
+                eprintln!(
+                    "note: the replay group's position in {topic}[{}] ({}) is past the end \
+                     ({high}): the topic was recreated since; reading it from its start",
+                    elem.partition(),
+                    elem.offset().to_raw().unwrap_or(-1)
+                );
+                BTreeSet::new()
+            } else {
+                parse_done(elem.metadata(), start)
+            };
             assignment
                 .add_partition_offset(topic, elem.partition(), Offset::Offset(start))
                 .map_err(broker_err("assign"))?;
@@ -165,6 +175,19 @@ impl KafkaDlq {
 }
 
 /// The removed offsets written in a commit's metadata (those at or above `start`).
+/// Where a partition's scan starts: the replay group's committed offset, or the low watermark
+/// when there is none or it is below it (retention removed records). A committed offset past
+/// the high watermark belongs to an earlier topic of the same name (offsets never go back
+/// otherwise): the scan starts from the low watermark and says so (`true`), rather than skip
+/// every letter the new topic will hold below the old offset.
+fn start_of(committed: Option<i64>, low: i64, high: i64) -> (i64, bool) {
+    match committed.filter(|o| *o >= 0) {
+        Some(o) if o > high => (low, true),
+        Some(o) => (o.max(low), false),
+        None => (low, false),
+    }
+}
+
 fn parse_done(metadata: &str, start: i64) -> BTreeSet<i64> {
     metadata
         .split(',')
@@ -274,6 +297,20 @@ impl DeadLetters for KafkaDlq {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_past_the_end_starts_the_scan_over() {
+        assert_eq!(start_of(None, 0, 10), (0, false));
+        assert_eq!(
+            start_of(Some(-1001), 3, 10),
+            (3, false),
+            "no offset committed"
+        );
+        assert_eq!(start_of(Some(7), 0, 10), (7, false));
+        assert_eq!(start_of(Some(10), 0, 10), (10, false), "everything removed");
+        assert_eq!(start_of(Some(2), 5, 10), (5, false), "retention passed it");
+        assert_eq!(start_of(Some(500), 0, 10), (0, true), "a recreated topic");
+    }
 
     #[test]
     fn done_offsets_round_trip_through_the_metadata() {
