@@ -32,8 +32,15 @@ pub struct RabbitDlq {
     seen: u64,
     /// The highest delivery tag kept (all kept tags are nacked with `multiple` at the end).
     kept: Option<u64>,
+    /// Letters the queue has handed out [`OFTEN_RETURNED`] times or more, and the most times.
+    often_returned: (u64, u64),
     timeout: Duration,
 }
+
+/// A quorum queue's `x-delivery-count` from which a scan warns: RabbitMQ 4 drops a
+/// quorum-queue message handed out more often than the queue's delivery limit (20 unless set),
+/// and every scan hands each letter out once more.
+const OFTEN_RETURNED: u64 = 10;
 
 /// A letter got from the queue, unacked.
 pub struct Handle {
@@ -63,6 +70,7 @@ impl RabbitDlq {
             total: None,
             seen: 0,
             kept: None,
+            often_returned: (0, 0),
             timeout,
         })
     }
@@ -180,6 +188,15 @@ impl DeadLetters for RabbitDlq {
         let delivery = got.delivery;
         let payload = Bytes::from(delivery.data);
         let letter = letter_of(&payload, &delivery.properties);
+        let returned = letter
+            .headers
+            .get_str(DELIVERY_COUNT_HEADER)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        if returned >= OFTEN_RETURNED {
+            self.often_returned.0 += 1;
+            self.often_returned.1 = self.often_returned.1.max(returned);
+        }
         Ok(Some(Found {
             letter,
             handle: Handle {
@@ -241,6 +258,17 @@ impl DeadLetters for RabbitDlq {
     }
 
     async fn finish(self) -> Result<(), CliError> {
+        let (letters, most) = self.often_returned;
+        if letters > 0 {
+            eprintln!(
+                "note: {letters} letter(s) in {} were handed out up to {most} times (each scan \
+                 hands a letter out once more): RabbitMQ 4 drops a quorum-queue message past the \
+                 queue's delivery limit (20 unless set). Give the dead-letter queue none, e.g. \
+                 rabbitmqctl set_policy dlq-keep '-dlq$' '{{\"delivery-limit\":-1}}' \
+                 --apply-to quorum_queues",
+                self.queue
+            );
+        }
         if let Some(tag) = self.kept {
             // Every kept letter at once: `multiple` nacks all unacked tags up to this one.
             bounded(

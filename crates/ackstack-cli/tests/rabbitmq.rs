@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use ackstack_core::{Consumer, Headers, Message, handler_fn};
-use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
+use ackstack_rabbitmq::{QueueType, RabbitConfig, RabbitPublisher, RabbitSource};
 use ackstack_testkit::unique_name;
 use bytes::Bytes;
 use common::Fixture;
@@ -22,7 +22,12 @@ fn url() -> String {
 
 impl Rabbit {
     async fn new() -> Rabbit {
+        Rabbit::of(QueueType::Classic).await
+    }
+
+    async fn of(queue_type: QueueType) -> Rabbit {
         let mut config = RabbitConfig::new(url(), unique_name("cli"));
+        config.queue_type = queue_type;
         config.queue_expires = Some(Duration::from_secs(300));
         let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
         Rabbit { config, publisher }
@@ -141,4 +146,32 @@ async fn rabbitmq_letters_without_message_ids_keep_their_ids() {
     let shown = common::ackstack(&fx, &["dlq", "show", &second.1, "--raw"]);
     assert_eq!(shown.code, Some(0), "{shown:?}");
     assert_eq!(shown.stdout, b"second");
+}
+
+/// Each scan hands a letter out once more, and RabbitMQ 4 drops a quorum-queue message past
+/// its delivery limit: once a letter has been handed out ten times, a scan says so (and how to
+/// lift the limit). The letter itself is still there, its id unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_warns_about_letters_a_quorum_queue_handed_out_often() {
+    let fx = Rabbit::of(QueueType::Quorum).await;
+    fx.dead_letter(vec![Message::new("looked at")]).await;
+    let mut ids = Vec::new();
+    let mut warned_at = None;
+    for scan in 1..=12 {
+        let run = common::ackstack(&fx, &["dlq", "list", "--json"]);
+        assert_eq!(run.code, Some(0), "{run:?}");
+        ids.extend(run.json_lines().iter().map(|l| l["id"].to_string()));
+        if warned_at.is_none() && run.stderr.contains("delivery-limit") {
+            warned_at = Some(scan);
+        }
+        // The requeue lands as the command's channel closes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while fx.dead_letters().await != 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let warned_at = warned_at.expect("a scan warned about the delivery limit");
+    assert!((10..=12).contains(&warned_at), "warned at scan {warned_at}");
+    assert_eq!(ids.len(), 12, "every scan found the letter: {ids:?}");
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
 }
