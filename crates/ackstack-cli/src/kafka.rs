@@ -174,7 +174,6 @@ impl KafkaDlq {
     }
 }
 
-/// The removed offsets written in a commit's metadata (those at or above `start`).
 /// Where a partition's scan starts: the replay group's committed offset, or the low watermark
 /// when there is none or it is below it (retention removed records). A committed offset past
 /// the high watermark belongs to an earlier topic of the same name (offsets never go back
@@ -188,6 +187,7 @@ fn start_of(committed: Option<i64>, low: i64, high: i64) -> (i64, bool) {
     }
 }
 
+/// The removed offsets written in a commit's metadata (those at or above `start`).
 fn parse_done(metadata: &str, start: i64) -> BTreeSet<i64> {
     metadata
         .split(',')

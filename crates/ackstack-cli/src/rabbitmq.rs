@@ -26,14 +26,16 @@ pub struct RabbitDlq {
     connection: Connection,
     get: Channel,
     publish: Channel,
-    queue: String,
+    queue: ShortString,
     /// Letters in the queue when the scan began (known after the first get).
     total: Option<u64>,
     seen: u64,
     /// The highest delivery tag kept (all kept tags are nacked with `multiple` at the end).
     kept: Option<u64>,
-    /// Letters the queue has handed out [`OFTEN_RETURNED`] times or more, and the most times.
-    often_returned: (u64, u64),
+    /// Letters the queue has handed out [`OFTEN_RETURNED`] times or more.
+    often_returned: u64,
+    /// The most times a letter was handed out.
+    most_returned: u64,
     timeout: Duration,
 }
 
@@ -52,6 +54,11 @@ pub struct Handle {
 impl RabbitDlq {
     /// Connects to `uri` and prepares to scan `queue`.
     pub async fn open(uri: &str, queue: &str, timeout: Duration) -> Result<Self, CliError> {
+        let queue = ShortString::try_new(queue).map_err(|_| {
+            CliError::Usage(format!(
+                "{queue:?} is no AMQP queue name: at most 255 bytes"
+            ))
+        })?;
         let props = ConnectionProperties::default().with_connection_name("ackstack-cli".into());
         let connection = bounded("connect", timeout, Connection::connect(uri, props)).await?;
         let get = bounded("channel open", timeout, connection.create_channel()).await?;
@@ -66,11 +73,12 @@ impl RabbitDlq {
             connection,
             get,
             publish,
-            queue: queue.to_string(),
+            queue,
             total: None,
             seen: 0,
             kept: None,
-            often_returned: (0, 0),
+            often_returned: 0,
+            most_returned: 0,
             timeout,
         })
     }
@@ -166,16 +174,11 @@ impl DeadLetters for RabbitDlq {
         if self.total.is_some_and(|t| self.seen >= t) {
             return Ok(None);
         }
-        let queue = ShortString::try_new(self.queue.as_str()).map_err(|_| {
-            CliError::Usage(format!(
-                "{:?} is no AMQP queue name: at most 255 bytes",
-                self.queue
-            ))
-        })?;
         let got = bounded(
             "basic.get",
             self.timeout,
-            self.get.basic_get(queue, BasicGetOptions { no_ack: false }),
+            self.get
+                .basic_get(self.queue.clone(), BasicGetOptions { no_ack: false }),
         )
         .await?;
         let Some(got) = got else {
@@ -194,9 +197,9 @@ impl DeadLetters for RabbitDlq {
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0);
         if returned >= OFTEN_RETURNED {
-            self.often_returned.0 += 1;
-            self.often_returned.1 = self.often_returned.1.max(returned);
+            self.often_returned += 1;
         }
+        self.most_returned = self.most_returned.max(returned);
         Ok(Some(Found {
             letter,
             handle: Handle {
@@ -258,15 +261,14 @@ impl DeadLetters for RabbitDlq {
     }
 
     async fn finish(self) -> Result<(), CliError> {
-        let (letters, most) = self.often_returned;
-        if letters > 0 {
+        if self.often_returned > 0 {
             eprintln!(
-                "note: {letters} letter(s) in {} were handed out up to {most} times (each scan \
+                "note: {} letter(s) in {} were handed out up to {} times (each scan \
                  hands a letter out once more): RabbitMQ 4 drops a quorum-queue message past the \
                  queue's delivery limit (20 unless set). Give the dead-letter queue none, e.g. \
                  rabbitmqctl set_policy dlq-keep '-dlq$' '{{\"delivery-limit\":-1}}' \
                  --apply-to quorum_queues",
-                self.queue
+                self.often_returned, self.queue, self.most_returned
             );
         }
         if let Some(tag) = self.kept {
