@@ -24,7 +24,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::letter::{Letter, REPLAYS_HEADER, RESET_HEADERS, replays_of};
-use crate::run::{CliError, DeadLetters, Found};
+use crate::run::{CliError, DeadLetters, Found, Sent};
 
 /// The most bytes of done offsets kept in a commit's metadata (Kafka's default limit is 4096).
 const MAX_METADATA: usize = 3500;
@@ -255,10 +255,20 @@ impl DeadLetters for KafkaDlq {
         handle: &Handle,
         queue: &str,
         replays: u32,
-    ) -> Result<(), CliError> {
+    ) -> Result<Sent, CliError> {
         if !self.publishers.contains_key(queue) {
-            let publisher = KafkaPublisher::new(&self.brokers, queue)
-                .map_err(|e| CliError::broker("Kafka producer", e))?;
+            // Idempotent: librdkafka's own retries of a produce never write the record twice,
+            // so a replay is on the topic twice only where a run died between the delivery
+            // report and the commit.
+            let properties =
+                BTreeMap::from([("enable.idempotence".to_string(), "true".to_string())]);
+            let publisher = KafkaPublisher::with_properties(
+                &self.brokers,
+                queue,
+                &properties,
+                Duration::from_secs(30),
+            )
+            .map_err(|e| CliError::broker("Kafka producer", e))?;
             self.publishers.insert(queue.to_string(), publisher);
         }
         let Some(publisher) = self.publishers.get(queue) else {
@@ -275,7 +285,8 @@ impl DeadLetters for KafkaDlq {
         publisher
             .publish(message)
             .await
-            .map_err(|e| CliError::broker(&format!("Kafka produce to {queue}"), e))
+            .map_err(|e| CliError::broker(&format!("Kafka produce to {queue}"), e))?;
+        Ok(Sent::Once)
     }
 
     async fn remove(&mut self, handle: Handle) -> Result<(), CliError> {

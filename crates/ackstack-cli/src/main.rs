@@ -307,6 +307,13 @@ fn finish(outcome: Outcome, resolved: &Resolved) -> Result<ExitCode, CliError> {
         "{verb} {n} dead letter(s) from {}; skipped {} (loop guard) and {} (no original queue)",
         resolved.dlq, report.skipped_loop, report.skipped_unknown
     );
+    if report.retried > 0 {
+        eprintln!(
+            "note: {} of them may be on their queue twice: a send was retried after an \
+             attempt went unanswered",
+            report.retried
+        );
+    }
     warn_unreached(report.unreached, resolved);
     Ok(if report.skipped() {
         ExitCode::from(SKIPPED)

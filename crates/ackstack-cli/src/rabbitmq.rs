@@ -19,7 +19,7 @@ use ackstack_rabbitmq::{DELIVERY_COUNT_HEADER, ORIGINAL_EXPIRATION_HEADER, heade
 use bytes::Bytes;
 
 use crate::letter::{Letter, REPLAYS_HEADER, RESET_HEADERS, content_id, replays_of};
-use crate::run::{CliError, DeadLetters, Found};
+use crate::run::{CliError, DeadLetters, Found, Sent};
 
 /// A scan of one RabbitMQ dead-letter queue.
 pub struct RabbitDlq {
@@ -215,7 +215,7 @@ impl DeadLetters for RabbitDlq {
         handle: &Handle,
         queue: &str,
         replays: u32,
-    ) -> Result<(), CliError> {
+    ) -> Result<Sent, CliError> {
         let properties = replay_properties(&handle.properties, replays);
         let queue_name = ShortString::try_new(queue).map_err(|_| {
             CliError::Broker(format!(
@@ -233,7 +233,7 @@ impl DeadLetters for RabbitDlq {
                 .await
         };
         match bounded("publish", self.timeout, publish).await? {
-            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(None) => Ok(Sent::Once),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
                 Err(CliError::Broker(format!(
                     "RabbitMQ could not route the replay to queue {queue}: {}",

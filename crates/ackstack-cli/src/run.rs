@@ -34,6 +34,17 @@ pub struct Found<H> {
     pub handle: H,
 }
 
+/// How a confirmed republish went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Sent in one attempt.
+    Once,
+    /// Confirmed after the client sent it again because an earlier attempt went unanswered
+    /// (SQS: the SDK retried `SendMessage`): the earlier attempt may have landed too, so the
+    /// message may be on the queue twice.
+    Retried,
+}
+
 /// One broker's dead-letter queue, read as a scan: every letter there was when the scan
 /// began, each once, without taking it away from other readers beyond what the broker forces
 /// (held back for the scan's length at most).
@@ -51,7 +62,7 @@ pub trait DeadLetters {
         handle: &Self::Handle,
         queue: &str,
         replays: u32,
-    ) -> impl Future<Output = Result<(), CliError>>;
+    ) -> impl Future<Output = Result<Sent, CliError>>;
 
     /// Removes the letter from the dead-letter queue.
     fn remove(&mut self, handle: Self::Handle) -> impl Future<Output = Result<(), CliError>>;
@@ -141,6 +152,9 @@ pub struct Report {
     pub skipped_unknown: u64,
     /// Letters the scan could not reach ([`DeadLetters::unreached`]).
     pub unreached: u64,
+    /// Of `done`, letters whose send was retried after an unanswered attempt
+    /// ([`Sent::Retried`]): each may be on its queue twice.
+    pub retried: u64,
 }
 
 impl Report {
@@ -213,8 +227,18 @@ pub async fn replay<D: DeadLetters>(
                 tokio::time::sleep_until(next_send.into()).await;
                 next_send = Instant::now() + pace;
             }
-            dlq.republish(&found.handle, &queue, letter.replays + 1)
+            let sent = dlq
+                .republish(&found.handle, &queue, letter.replays + 1)
                 .await?;
+            if sent == Sent::Retried {
+                // Said at once, so that a run killed later has told it too.
+                progress.line(&format!(
+                    "note: the send of {} to {queue} was retried after an unanswered attempt; \
+                     it may be there twice",
+                    letter.id
+                ));
+                report.retried += 1;
+            }
             // Confirmed: only now is the dead letter removed. A crash in between leaves it
             // in place, to be sent again: a duplicate, never a loss.
             let id = found.letter.id.clone();

@@ -9,6 +9,8 @@
 //! and reports what it could not reach ([`DeadLetters::unreached`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use ackstack_core::Headers;
@@ -16,13 +18,15 @@ use ackstack_sqs::attrs::{
     DEAD_LETTER_ATTRIBUTE, DeadLetterRecord, MAX_ATTRIBUTES, attribute_bytes,
 };
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_sqs::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, Message, MessageAttributeValue,
     MessageSystemAttributeName, QueueAttributeName,
 };
 
 use crate::letter::{Letter, REPLAYS_HEADER, RESET_HEADERS, replays_of};
-use crate::run::{CliError, DeadLetters, Found};
+use crate::run::{CliError, DeadLetters, Found, Sent};
 
 /// Empty receives in a row that end a scan (SQS may answer a short poll empty while a few
 /// messages remain, on other servers).
@@ -169,6 +173,35 @@ where
     }
 }
 
+/// Counts the attempts the SDK makes at one call. The SDK retries a call whose attempt went
+/// unanswered (a timeout, a dropped connection, a 5xx), and a `SendMessage` attempt can have
+/// landed without its answer arriving: a send that took two attempts may be on the queue
+/// twice.
+#[derive(Clone, Debug, Default)]
+struct Attempts(Arc<AtomicU32>);
+
+impl Attempts {
+    fn count(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Intercept for Attempts {
+    fn name(&self) -> &'static str {
+        "ackstack-attempts"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// The letter and its handle; `None` for a message without a receipt handle.
 fn found_of(m: Message) -> Option<Found<Handle>> {
     let receipt = m.receipt_handle?;
@@ -251,7 +284,7 @@ impl DeadLetters for SqsDlq {
         handle: &Handle,
         queue: &str,
         replays: u32,
-    ) -> Result<(), CliError> {
+    ) -> Result<Sent, CliError> {
         let url = self.url_of(queue).await?;
         let mut attributes = handle.attributes.clone();
         attributes.retain(|name, _| !RESET_HEADERS.contains(&name.as_str()));
@@ -283,13 +316,18 @@ impl DeadLetters for SqsDlq {
                 .message_group_id(group)
                 .message_deduplication_id(format!("{}-replay-{replays}", handle.message_id));
         }
+        let attempts = Attempts::default();
         bounded(
             &format!("SendMessage to {queue}"),
             self.timeout,
-            send.send(),
+            send.customize().interceptor(attempts.clone()).send(),
         )
         .await?;
-        Ok(())
+        Ok(if attempts.count() > 1 {
+            Sent::Retried
+        } else {
+            Sent::Once
+        })
     }
 
     async fn remove(&mut self, handle: Handle) -> Result<(), CliError> {

@@ -3,6 +3,10 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ackstack_core::{Consumer, Headers, Message, Publish, handler_fn};
@@ -16,6 +20,8 @@ use common::Fixture;
 struct Sqs {
     client: Client,
     queue: TestQueue,
+    /// Where the command reaches SQS (the fixture itself always talks to it directly).
+    endpoint: String,
 }
 
 impl Sqs {
@@ -26,7 +32,11 @@ impl Sqs {
     async fn create(fifo: bool) -> Sqs {
         let client = testing::client().await;
         let queue = TestQueue::create(&client, "cli", fifo).await.unwrap();
-        Sqs { client, queue }
+        Sqs {
+            client,
+            queue,
+            endpoint: testing::endpoint(),
+        }
     }
 }
 
@@ -38,7 +48,7 @@ impl Fixture for Sqs {
             "--queue".into(),
             self.queue.name.clone(),
             "--sqs-endpoint".into(),
-            testing::endpoint(),
+            self.endpoint.clone(),
             "--region".into(),
             "us-east-1".into(),
         ]
@@ -91,17 +101,34 @@ impl Fixture for Sqs {
         }
     }
 
-    /// Receives and deletes until `expected` arrived or two receives in a row came back empty.
+    /// Receives and deletes until `expected` arrived, or two receives in a row came back empty
+    /// and the queue holds nothing in flight either (a receive whose answer was lost leaves
+    /// its messages invisible until their timeout). A message SQS handed out twice (one
+    /// message id) is one message on the queue and is counted once.
     async fn drain_work(&self, expected: usize) -> Vec<(Bytes, Headers)> {
         let mut got = Vec::new();
+        let mut ids = std::collections::HashSet::new();
         let mut empty = 0;
-        while got.len() < expected && empty < 2 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while got.len() < expected && std::time::Instant::now() < deadline {
             let want = (expected - got.len()).min(10);
             let batch = testing::drain(&self.client, &self.queue.url, want, Duration::from_secs(1))
                 .await
                 .unwrap();
             empty = if batch.is_empty() { empty + 1 } else { 0 };
-            got.extend(batch);
+            for m in batch {
+                if m.message_id
+                    .as_ref()
+                    .is_none_or(|id| ids.insert(id.clone()))
+                {
+                    got.push(m);
+                } else {
+                    eprintln!("SQS handed out {:?} a second time", m.message_id);
+                }
+            }
+            if empty >= 2 && self.queue.approximate_count(&self.client).await.unwrap() == 0 {
+                break;
+            }
         }
         got.into_iter()
             .map(|m| {
@@ -171,4 +198,95 @@ async fn sqs_fifo_letters_out_of_reach_are_reported() {
     assert_eq!(purged.code, Some(0), "{purged:?}");
     assert!(purged.text().contains("purged 12"), "{purged:?}");
     assert_eq!(fx.dead_letters().await, 0);
+}
+
+/// A proxy on 127.0.0.1 in front of `upstream` that passes every request on and every answer
+/// back, but for the first `SendMessage`: that request reaches SQS, and the proxy closes the
+/// connection instead of answering, as when an answer is lost on the way.
+fn losing_first_send_answer(upstream: &str) -> String {
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let lost = Arc::new(AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let (upstream, lost) = (upstream.clone(), lost.clone());
+            std::thread::spawn(move || relay(client, &upstream, &lost));
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Relays one client connection's requests, one at a time, over one upstream connection.
+fn relay(client: TcpStream, upstream: &str, lost: &AtomicBool) -> std::io::Result<()> {
+    let mut from_client = BufReader::new(client.try_clone()?);
+    let mut to_client = client;
+    let server = TcpStream::connect(upstream)?;
+    let mut from_server = BufReader::new(server.try_clone()?);
+    let mut to_server = server;
+    while let Some(request) = read_http(&mut from_client)? {
+        to_server.write_all(&request)?;
+        let Some(answer) = read_http(&mut from_server)? else {
+            return Ok(());
+        };
+        let send = String::from_utf8_lossy(&request)
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("x-amz-target: AmazonSQS.SendMessage"));
+        if send && !lost.swap(true, Ordering::SeqCst) {
+            return Ok(()); // the answer is dropped with both connections
+        }
+        to_client.write_all(&answer)?;
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 message (head and a `content-length` body), or `None` at the end of the
+/// stream.
+fn read_http(from: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
+    let mut message = Vec::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if from.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        message.extend_from_slice(line.as_bytes());
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let start = message.len();
+    message.resize(start + length, 0);
+    from.read_exact(&mut message[start..])?;
+    Ok(Some(message))
+}
+
+/// A replay whose `SendMessage` answer is lost: the SDK sends it again, SQS holds the message
+/// twice, and the command says so (the letter is removed once, after the confirmed send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_a_send_retried_after_a_lost_answer_is_reported() {
+    let mut fx = Sqs::new().await;
+    fx.dead_letter(vec![common::message("order L")]).await;
+    fx.endpoint = losing_first_send_answer(&testing::endpoint());
+    let replayed = common::ackstack(&fx, &["dlq", "replay"]);
+    assert_eq!(replayed.code, Some(0), "{replayed:?}");
+    assert!(
+        replayed.stderr.contains("it may be there twice")
+            && replayed
+                .stderr
+                .contains("1 of them may be on their queue twice"),
+        "{replayed:?}"
+    );
+    assert_eq!(fx.dead_letters().await, 0);
+    let back = fx.drain_work(3).await;
+    assert_eq!(back.len(), 2, "the lost answer's copy and the retry's");
+    assert!(back.iter().all(|(payload, _)| payload == "order L"));
 }
