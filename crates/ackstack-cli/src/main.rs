@@ -326,9 +326,10 @@ fn finish(outcome: Outcome, resolved: &Resolved) -> Result<ExitCode, CliError> {
 fn warn_unreached(unreached: u64, resolved: &Resolved) -> bool {
     if unreached > 0 {
         eprintln!(
-            "note: {unreached} letter(s) in {} were out of reach: a FIFO queue hands out nothing \
-             more of a message group while one of its letters is held. Replay or purge the \
-             letters shown, then run again.",
+            "note: {unreached} letter(s) in {} were out of reach: held by another reader (or \
+             by a receive whose answer was lost) until their visibility timeout ends, or, in a \
+             FIFO queue, behind a letter of their message group that this scan held. Replay or \
+             purge the letters shown, then run again.",
             resolved.dlq
         );
     }

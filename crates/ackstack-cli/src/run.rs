@@ -74,9 +74,10 @@ pub trait DeadLetters {
     fn finish(self) -> impl Future<Output = Result<(), CliError>>;
 
     /// Once [`next`](DeadLetters::next) said the end: how many letters the queue held at the
-    /// start that the scan could not reach. An SQS FIFO queue hands out nothing more of a
-    /// message group while one of its letters is held, so the letters behind a kept one are
-    /// out of reach until it is removed.
+    /// start that the scan could not reach. SQS hands out no letter another reader holds
+    /// (or a receive whose answer was lost took) until its visibility timeout ends, and a FIFO
+    /// queue nothing more of a message group while one of its letters is held, so the
+    /// letters behind a kept one are out of reach until it is removed.
     fn unreached(&self) -> u64 {
         0
     }

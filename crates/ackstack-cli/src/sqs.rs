@@ -4,9 +4,11 @@
 //! them. A replay is a `SendMessage` of the original body and attributes to the original
 //! queue; the dead letter is deleted only after SQS answered it.
 //!
-//! A FIFO queue hands out nothing more of a message group while one of its messages is in
-//! flight, so a scan cannot see past a letter it keeps: the scan counts the queue at the start
-//! and reports what it could not reach ([`DeadLetters::unreached`]).
+//! Some letters a scan cannot receive: those another reader holds, those a receive whose
+//! answer was lost took (the SDK asked again; they stay invisible until their timeout), and
+//! in a FIFO queue every letter behind one of its message group that the scan keeps. So the
+//! scan counts the queue at the start and reports what it could not reach
+//! ([`DeadLetters::unreached`]) rather than present a partial scan as the whole.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -43,8 +45,8 @@ pub struct SqsDlq {
     kept: Vec<String>,
     empty: u32,
     urls: HashMap<String, String>,
-    /// FIFO queues: how many letters it held when the scan started.
-    held_at_start: Option<u64>,
+    /// How many letters the queue held when the scan started.
+    held_at_start: u64,
 }
 
 /// A received letter: its receipt handle and what a replay sends.
@@ -75,12 +77,10 @@ impl SqsDlq {
             kept: Vec::new(),
             empty: 0,
             urls: HashMap::new(),
-            held_at_start: None,
+            held_at_start: 0,
         };
         dlq.url = dlq.url_of(queue).await?;
-        if dlq.url.ends_with(".fifo") {
-            dlq.held_at_start = Some(dlq.count().await?);
-        }
+        dlq.held_at_start = dlq.count().await?;
         Ok(dlq)
     }
 
@@ -347,8 +347,7 @@ impl DeadLetters for SqsDlq {
     }
 
     fn unreached(&self) -> u64 {
-        self.held_at_start
-            .map_or(0, |held| held.saturating_sub(self.seen.len() as u64))
+        self.held_at_start.saturating_sub(self.seen.len() as u64)
     }
 
     async fn finish(mut self) -> Result<(), CliError> {

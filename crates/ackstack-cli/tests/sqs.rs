@@ -290,3 +290,42 @@ async fn sqs_a_send_retried_after_a_lost_answer_is_reported() {
     assert_eq!(back.len(), 2, "the lost answer's copy and the retry's");
     assert!(back.iter().all(|(payload, _)| payload == "order L"));
 }
+
+/// A letter another reader holds (as a receive whose answer was lost holds it) is out of a
+/// standard queue's scan too: the listing shows the rest and says one was out of reach (exit
+/// code 3); once the letter is free again, a listing shows all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_a_letter_held_elsewhere_is_reported_out_of_reach() {
+    let fx = Sqs::new().await;
+    let messages = (0..3)
+        .map(|i| common::message(format!("held {i}")))
+        .collect();
+    fx.dead_letter(messages).await;
+    let held = fx
+        .client
+        .receive_message()
+        .queue_url(&fx.queue.dlq_url)
+        .max_number_of_messages(1)
+        .visibility_timeout(300)
+        .send()
+        .await
+        .unwrap()
+        .messages
+        .unwrap_or_default();
+    assert_eq!(held.len(), 1);
+    let listed = common::ackstack(&fx, &["dlq", "list", "--json"]);
+    assert_eq!(listed.code, Some(3), "{listed:?}");
+    assert_eq!(listed.json_lines().len(), 2, "{listed:?}");
+    assert!(listed.stderr.contains("1 letter(s) in"), "{listed:?}");
+    fx.client
+        .change_message_visibility()
+        .queue_url(&fx.queue.dlq_url)
+        .receipt_handle(held[0].receipt_handle().unwrap())
+        .visibility_timeout(0)
+        .send()
+        .await
+        .unwrap();
+    let listed = common::ackstack(&fx, &["dlq", "list", "--json"]);
+    assert_eq!(listed.code, Some(0), "{listed:?}");
+    assert_eq!(listed.json_lines().len(), 3, "{listed:?}");
+}
