@@ -28,8 +28,9 @@ CONFIGURATION:
 
 EXIT CODES:
     0 done, 1 broker error, 2 bad arguments, 3 some selected messages were skipped (the loop
-    guard, or no original queue known) or some letters were out of reach (an SQS FIFO queue
-    hands out nothing more of a message group behind a letter the scan keeps).";
+    guard, or no original queue known) or some letters were out of reach (SQS hands out no
+    letter another reader holds, and a FIFO queue nothing more of a message group behind a
+    letter the scan keeps).";
 
 /// ackstack: dead-letter tooling for RabbitMQ, Amazon SQS and Kafka.
 #[derive(Parser, Debug)]

@@ -257,9 +257,9 @@ impl DeadLetters for KafkaDlq {
         replays: u32,
     ) -> Result<Sent, CliError> {
         if !self.publishers.contains_key(queue) {
-            // Idempotent: librdkafka's own retries of a produce never write the record twice,
-            // so a replay is on the topic twice only where a run died between the delivery
-            // report and the commit.
+            // Idempotent: librdkafka's own retries of a produce never write the record twice.
+            // A replay can still be there twice where a run died between the delivery report
+            // and the commit, or where the produce timed out here but was delivered later.
             let properties =
                 BTreeMap::from([("enable.idempotence".to_string(), "true".to_string())]);
             let publisher = KafkaPublisher::with_properties(

@@ -20,7 +20,7 @@ use ackstack_sqs::attrs::{
     DEAD_LETTER_ATTRIBUTE, DeadLetterRecord, MAX_ATTRIBUTES, attribute_bytes,
 };
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_sqs::config::interceptors::FinalizerInterceptorContextRef;
 use aws_sdk_sqs::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, Message, MessageAttributeValue,
@@ -45,8 +45,11 @@ pub struct SqsDlq {
     kept: Vec<String>,
     empty: u32,
     urls: HashMap<String, String>,
-    /// How many letters the queue held when the scan started.
-    held_at_start: u64,
+    /// How many letters the queue held when the scan started (`None`: it could not be
+    /// asked, e.g. no `sqs:GetQueueAttributes`).
+    held_at_start: Option<u64>,
+    /// How many letters the queue held at the end beyond those the scan holds itself.
+    left_at_end: Option<u64>,
 }
 
 /// A received letter: its receipt handle and what a replay sends.
@@ -77,10 +80,11 @@ impl SqsDlq {
             kept: Vec::new(),
             empty: 0,
             urls: HashMap::new(),
-            held_at_start: 0,
+            held_at_start: None,
+            left_at_end: None,
         };
         dlq.url = dlq.url_of(queue).await?;
-        dlq.held_at_start = dlq.count().await?;
+        dlq.held_at_start = dlq.count_or_warn().await;
         Ok(dlq)
     }
 
@@ -104,6 +108,20 @@ impl SqsDlq {
                     .sum()
             })
             .unwrap_or(0))
+    }
+
+    /// [`count`](Self::count), or `None` with a note on stderr: the scan goes on, unable to
+    /// say what it could not reach.
+    async fn count_or_warn(&self) -> Option<u64> {
+        match self.count().await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                eprintln!(
+                    "note: cannot count the queue, so letters out of reach go unreported: {e}"
+                );
+                None
+            }
+        }
     }
 
     async fn url_of(&mut self, queue: &str) -> Result<String, CliError> {
@@ -173,31 +191,37 @@ where
     }
 }
 
-/// Counts the attempts the SDK makes at one call. The SDK retries a call whose attempt went
-/// unanswered (a timeout, a dropped connection, a 5xx), and a `SendMessage` attempt can have
-/// landed without its answer arriving: a send that took two attempts may be on the queue
-/// twice.
+/// Counts the attempts of one call that went unanswered: no answer at all (a timeout, a
+/// dropped connection) or a 5xx. The SDK retries those, and a `SendMessage` attempt can have
+/// landed without its answer arriving: a send that succeeded after one of them may be on the
+/// queue twice. (Refused connections count too: they cannot be told apart from a connection
+/// dropped after the request went out, and over-reporting a duplicate is the safe side.)
 #[derive(Clone, Debug, Default)]
-struct Attempts(Arc<AtomicU32>);
+struct Unanswered(Arc<AtomicU32>);
 
-impl Attempts {
+impl Unanswered {
     fn count(&self) -> u32 {
         self.0.load(Ordering::Relaxed)
     }
 }
 
-impl Intercept for Attempts {
+impl Intercept for Unanswered {
     fn name(&self) -> &'static str {
-        "ackstack-attempts"
+        "ackstack-unanswered-attempts"
     }
 
-    fn read_before_transmit(
+    fn read_after_attempt(
         &self,
-        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        context: &FinalizerInterceptorContextRef<'_>,
         _components: &RuntimeComponents,
         _cfg: &mut ConfigBag,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        let answered = context
+            .response()
+            .is_some_and(|r| !r.status().is_server_error());
+        if !answered {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -273,6 +297,13 @@ impl DeadLetters for SqsDlq {
                 }
             }
             if self.empty >= EMPTY_RECEIVES {
+                // What is still there beyond what this scan holds: letters that others took
+                // away during the scan are not out of reach, and new ones are not missed.
+                let held_here = self.kept.len() as u64;
+                self.left_at_end = self
+                    .count_or_warn()
+                    .await
+                    .map(|n| n.saturating_sub(held_here));
                 return Ok(None);
             }
             self.receive().await?;
@@ -316,14 +347,16 @@ impl DeadLetters for SqsDlq {
                 .message_group_id(group)
                 .message_deduplication_id(format!("{}-replay-{replays}", handle.message_id));
         }
-        let attempts = Attempts::default();
+        let unanswered = Unanswered::default();
         bounded(
             &format!("SendMessage to {queue}"),
             self.timeout,
-            send.customize().interceptor(attempts.clone()).send(),
+            send.customize().interceptor(unanswered.clone()).send(),
         )
         .await?;
-        Ok(if attempts.count() > 1 {
+        // A FIFO queue drops a second copy with the same deduplication id (within five
+        // minutes), so a retried send is there once.
+        Ok(if unanswered.count() > 0 && !url.ends_with(".fifo") {
             Sent::Retried
         } else {
             Sent::Once
@@ -347,7 +380,10 @@ impl DeadLetters for SqsDlq {
     }
 
     fn unreached(&self) -> u64 {
-        self.held_at_start.saturating_sub(self.seen.len() as u64)
+        match (self.held_at_start, self.left_at_end) {
+            (Some(start), Some(end)) => start.saturating_sub(self.seen.len() as u64).min(end),
+            _ => 0,
+        }
     }
 
     async fn finish(mut self) -> Result<(), CliError> {

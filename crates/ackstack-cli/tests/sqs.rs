@@ -90,6 +90,13 @@ impl Fixture for Sqs {
             .unwrap();
         let got = self.dead_letters().await;
         assert!(got >= want, "{got} of {want} dead-lettered: {summary:?}");
+        // A message published twice (a publish whose answer was lost, sent again by the SDK)
+        // can still be on the work queue when the consumer stops at `want` dead letters.
+        // Taken away, so that the scenarios find on the work queue only what they sent.
+        let left = self.drain_work(usize::MAX).await;
+        if !left.is_empty() {
+            eprintln!("the setup left {} message(s) on the work queue", left.len());
+        }
         if got > want {
             // At least once: SendMessage to the dead-letter queue landed but its answer did
             // not (the SDK or the runner sent it again), or a lease ran out before the delete.
@@ -254,10 +261,15 @@ fn read_http(from: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
             return Ok(None);
         }
         message.extend_from_slice(line.as_bytes());
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+            assert!(
+                !name.eq_ignore_ascii_case("transfer-encoding")
+                    && !name.eq_ignore_ascii_case("expect"),
+                "the proxy relays content-length bodies only: {line:?}"
+            );
         }
         if line == "\r\n" {
             break;
@@ -306,6 +318,7 @@ async fn sqs_a_letter_held_elsewhere_is_reported_out_of_reach() {
         .receive_message()
         .queue_url(&fx.queue.dlq_url)
         .max_number_of_messages(1)
+        .wait_time_seconds(1)
         .visibility_timeout(300)
         .send()
         .await

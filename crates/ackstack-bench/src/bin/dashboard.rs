@@ -99,6 +99,12 @@ async fn charge(delivery: Delivery, outage: (Instant, Instant)) -> Result<(), Ha
     Ok(())
 }
 
+/// One scrape: when, and what the recorder rendered.
+struct Scrape {
+    at: Instant,
+    samples: Vec<Sample>,
+}
+
 /// One sample of a scrape: a metric's name, its labels and its value.
 struct Sample {
     name: String,
@@ -154,15 +160,17 @@ fn sum(scrape: &[Sample], name: &str, filter: Option<(&str, &str)>) -> f64 {
         .sum()
 }
 
-/// `rate(...[5s])` at each scrape (zero until a window has passed).
-fn rate(scrapes: &[Vec<Sample>], f: impl Fn(&[Sample]) -> f64) -> Vec<f64> {
+/// `rate(...[5s])` at each scrape: the increase over the last five scrapes (fewer at the
+/// start) divided by the seconds between them.
+fn rate(scrapes: &[Scrape], f: impl Fn(&[Sample]) -> f64) -> Vec<f64> {
     (0..scrapes.len())
         .map(|i| {
             let j = i.saturating_sub(WINDOW);
-            if i == j {
+            let secs = (scrapes[i].at - scrapes[j].at).as_secs_f64();
+            if secs <= 0.0 {
                 0.0
             } else {
-                (f(&scrapes[i]) - f(&scrapes[j])).max(0.0) / (i - j) as f64
+                (f(&scrapes[i].samples) - f(&scrapes[j].samples)).max(0.0) / secs
             }
         })
         .collect()
@@ -170,13 +178,16 @@ fn rate(scrapes: &[Vec<Sample>], f: impl Fn(&[Sample]) -> f64) -> Vec<f64> {
 
 /// `histogram_quantile(q, sum by (le) (rate(name_bucket[5s])))` at each scrape, in ms
 /// (zero where nothing finished in the window).
-fn quantile(scrapes: &[Vec<Sample>], name: &str, q: f64) -> Vec<f64> {
+fn quantile(scrapes: &[Scrape], name: &str, q: f64) -> Vec<f64> {
     let buckets = |scrape: &[Sample]| {
         let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
         for s in scrape.iter().filter(|s| s.name == format!("{name}_bucket")) {
             let le = match label(s, "le") {
                 Some("+Inf") => f64::INFINITY,
-                Some(v) => v.parse().unwrap_or(f64::INFINITY),
+                Some(v) => match v.parse() {
+                    Ok(le) => le,
+                    Err(_) => continue,
+                },
                 None => continue,
             };
             by_le.entry(le.to_bits()).or_insert((le, 0.0)).1 += s.value;
@@ -187,8 +198,8 @@ fn quantile(scrapes: &[Vec<Sample>], name: &str, q: f64) -> Vec<f64> {
     };
     (0..scrapes.len())
         .map(|i| {
-            let now = buckets(&scrapes[i]);
-            let then = buckets(&scrapes[i.saturating_sub(WINDOW)]);
+            let now = buckets(&scrapes[i].samples);
+            let then = buckets(&scrapes[i.saturating_sub(WINDOW)].samples);
             let inc: Vec<(f64, f64)> = now
                 .iter()
                 .map(|&(le, n)| {
@@ -228,11 +239,11 @@ struct Panel {
     lines: Vec<(&'static str, Vec<f64>)>,
 }
 
-fn panels(scrapes: &[Vec<Sample>]) -> Vec<Panel> {
+fn panels(scrapes: &[Scrape]) -> Vec<Panel> {
     let series = |name: &'static str, filter: Option<(&'static str, &'static str)>| {
         scrapes
             .iter()
-            .map(|s| sum(s, name, filter))
+            .map(|s| sum(&s.samples, name, filter))
             .collect::<Vec<_>>()
     };
     let per_sec = |name: &'static str, filter: Option<(&'static str, &'static str)>| {
@@ -241,7 +252,7 @@ fn panels(scrapes: &[Vec<Sample>]) -> Vec<Panel> {
     let increase = |name: &'static str, kind: &'static str| {
         let first = scrapes
             .first()
-            .map_or(0.0, |s| sum(s, name, Some(("error_kind", kind))));
+            .map_or(0.0, |s| sum(&s.samples, name, Some(("error_kind", kind))));
         series(name, Some(("error_kind", kind)))
             .into_iter()
             .map(|v| v - first)
@@ -514,9 +525,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut scrapes = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for _ in 0..=args.secs {
         tick.tick().await;
-        scrapes.push(parse(&handle.render()));
+        scrapes.push(Scrape {
+            at: Instant::now(),
+            samples: parse(&handle.render()),
+        });
     }
     let _ = publishing.await;
     let _ = stop.send(());
@@ -566,5 +581,55 @@ async fn delete_queues(config: &RabbitConfig) {
             )
             .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(at: Instant, text: &str) -> Scrape {
+        Scrape {
+            at,
+            samples: parse(text),
+        }
+    }
+
+    #[test]
+    fn rates_and_quantiles_are_prometheus_s() {
+        let t0 = Instant::now();
+        let scrapes = [
+            scrape(
+                t0,
+                "# TYPE x counter\nx_total{queue=\"q\"} 0\n\
+                 h_bucket{le=\"0.01\"} 0\nh_bucket{le=\"0.1\"} 0\nh_bucket{le=\"+Inf\"} 0\n",
+            ),
+            scrape(
+                t0 + Duration::from_secs(2),
+                "x_total{queue=\"q\"} 10\nh_bucket{le=\"0.01\"} 50\n\
+                 h_bucket{le=\"0.1\"} 90\nh_bucket{le=\"+Inf\"} 100\nh_bucket{le=\"junk\"} 7\n",
+            ),
+        ];
+        let r = rate(&scrapes, |s| sum(s, "x_total", Some(("queue", "q"))));
+        assert_eq!(r, vec![0.0, 5.0]);
+        let q = |q| quantile(&scrapes, "h", q)[1];
+        assert!((q(0.5) - 10.0).abs() < 1e-9, "{}", q(0.5));
+        assert!((q(0.9) - 100.0).abs() < 1e-9, "{}", q(0.9));
+        assert!(
+            (q(0.99) - 100.0).abs() < 1e-9,
+            "the +Inf bucket gives its lower bound"
+        );
+        assert_eq!(quantile(&scrapes, "h", 0.5)[0], 0.0, "nothing finished");
+    }
+
+    #[test]
+    fn axis_labels_are_short() {
+        assert_eq!(short(3750.0), "3.75k");
+        assert_eq!(short(1000.0), "1k");
+        assert_eq!(short(62.5), "62.5");
+        assert_eq!(short(0.0), "0");
+        assert_eq!(nice(0.0), 1.0);
+        assert_eq!(nice(880.0), 1000.0);
+        assert_eq!(nice(3300.0), 5000.0);
     }
 }

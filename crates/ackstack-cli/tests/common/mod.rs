@@ -485,7 +485,14 @@ pub async fn replay_survives_sigkill(fx: &impl Fixture, n: usize, rate: u32, hel
          twice={twice} retried sends={retried}",
         back.len()
     );
+    let excess: usize = (0..n)
+        .map(|i| back_count(i).saturating_sub(letter_count(i)))
+        .sum();
     assert_eq!(lost, 0, "nothing lost");
+    assert!(
+        excess <= 1 + retried,
+        "extra copies: at most the letter in flight and one per retried send, not {excess}"
+    );
     assert!(
         more <= retried,
         "no letter sent back three times but where a send was retried: {more}"
