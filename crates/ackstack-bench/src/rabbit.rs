@@ -129,11 +129,7 @@ impl Admin {
     }
 
     async fn delete(&self, config: &RabbitConfig) {
-        let mut names = vec![config.queue.clone(), config.dlq_name()];
-        for b in &config.delay_buckets {
-            names.push(config.delay_queue_name(*b));
-        }
-        for name in names {
+        for name in config.declared_queues() {
             if let Ok(name) = short(&name) {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(5),

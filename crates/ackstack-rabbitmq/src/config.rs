@@ -153,6 +153,14 @@ impl RabbitConfig {
         format!("{}.delay.{}", self.queue, bucket.as_millis())
     }
 
+    /// Every queue the adapter declares for this configuration: the work queue, the
+    /// dead-letter queue and one delay queue per bucket (for tools that clean up after a run).
+    pub fn declared_queues(&self) -> Vec<String> {
+        let mut names = vec![self.queue.clone(), self.dlq_name()];
+        names.extend(self.delay_buckets.iter().map(|b| self.delay_queue_name(*b)));
+        names
+    }
+
     /// The bucket a retry delayed by `after` goes to: the smallest bucket `>= after`, or the
     /// largest bucket when every bucket is shorter. `None` only when there are no buckets.
     pub fn bucket_for(&self, after: Duration) -> Option<Duration> {
@@ -352,6 +360,15 @@ mod tests {
             Some(Duration::from_secs(3600))
         );
         assert_eq!(c.delay_queue_name(Duration::from_secs(2)), "q.delay.2000");
+        let declared = c.declared_queues();
+        assert_eq!(declared[..2], ["q".to_string(), "q-dlq".to_string()]);
+        let delays: Vec<String> = c
+            .delay_buckets
+            .iter()
+            .map(|b| c.delay_queue_name(*b))
+            .collect();
+        assert!(!delays.is_empty());
+        assert_eq!(declared[2..], delays[..]);
     }
 
     #[test]

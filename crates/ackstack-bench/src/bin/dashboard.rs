@@ -566,14 +566,7 @@ async fn delete_queues(config: &RabbitConfig) {
     let Ok(channel) = connection.create_channel().await else {
         return;
     };
-    let mut names = vec![config.queue.clone(), config.dlq_name()];
-    names.extend(
-        config
-            .delay_buckets
-            .iter()
-            .map(|b| config.delay_queue_name(*b)),
-    );
-    for name in names {
+    for name in config.declared_queues() {
         if let Ok(name) = lapin::types::ShortString::try_new(name) {
             let _ = tokio::time::timeout(
                 Duration::from_secs(5),
