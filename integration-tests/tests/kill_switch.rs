@@ -28,10 +28,15 @@ const MESSAGES: usize = 20;
 /// that the kill switch trips, that nothing is received while it is open, and that it closes
 /// and everything is processed once the failures stop. `once_open` runs right after it
 /// tripped, `once_closed` right after it closed, while the consumer still runs.
+///
+/// With `heal_at_open`, the failures stop as soon as it trips: deliveries that retry in place
+/// (Kafka), and so hold their concurrency permits, then finish while it is open, and only the
+/// gate keeps the freed permits from receiving more.
 async fn trips_and_recovers<S: Source>(
     source: S,
     publisher: impl Publish,
     cooldown: Duration,
+    heal_at_open: bool,
     once_open: impl FnOnce(),
     once_closed: impl FnOnce(),
 ) {
@@ -94,6 +99,9 @@ async fn trips_and_recovers<S: Source>(
         "the kill switch trips"
     );
     once_open();
+    if heal_at_open {
+        failing.store(false, Ordering::SeqCst);
+    }
     // In-flight work settles as usual; after that nothing more is received while it is open.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = status.received_total();
@@ -139,7 +147,15 @@ async fn rabbitmq_stops_pulling_while_the_kill_switch_is_open() {
     config.queue_expires = Some(Duration::from_secs(180));
     let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
     let source = RabbitSource::connect(config).await.unwrap();
-    trips_and_recovers(source, publisher, Duration::from_secs(3), || {}, || {}).await;
+    trips_and_recovers(
+        source,
+        publisher,
+        Duration::from_secs(3),
+        false,
+        || {},
+        || {},
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -152,7 +168,15 @@ async fn sqs_stops_polling_while_the_kill_switch_is_open() {
     let source = SqsSource::from_client(client.clone(), queue.config(Duration::from_secs(30)))
         .await
         .unwrap();
-    trips_and_recovers(source, publisher, Duration::from_secs(3), || {}, || {}).await;
+    trips_and_recovers(
+        source,
+        publisher,
+        Duration::from_secs(3),
+        false,
+        || {},
+        || {},
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -176,6 +200,7 @@ async fn kafka_keeps_its_partitions_while_the_kill_switch_is_open() {
         source,
         publisher,
         Duration::from_secs(9),
+        true,
         move || *seen.lock().unwrap() = (check.lost(), check.revocations()),
         move || {
             // (Closing the consumer at the end revokes its partitions; not yet.)

@@ -1,20 +1,19 @@
 //! Handlers, the per-delivery context, and the [`Process`]/[`Layer`] pair that middleware is built from.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::dedup::done::DoneMark;
 use crate::delivery::Delivery;
 use crate::error::{Failure, HandlerError};
 use crate::metrics::{Metrics, unregistered};
 use crate::outcome::Outcome;
 
 /// Per-delivery context handed to the handler.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Context {
     cancel: CancellationToken,
     stopping: CancellationToken,
@@ -22,11 +21,10 @@ pub struct Context {
     /// Where the retry layer records the attempt it is on when it retries in place (set by
     /// the runner only where retries happen in place).
     attempt: Option<Arc<std::sync::atomic::AtomicU32>>,
-    /// Where the dedup layer leaves the done mark of an acked delivery for the acker (set by
-    /// the runner where a dedup layer runs); without it the layer writes the mark itself.
-    done: Option<std::sync::Mutex<Option<DoneMark>>>,
     /// The delivery's metric handles (its consumer and queue); none outside a consumer.
     metrics: Option<Arc<Metrics>>,
+    /// The kill switch's half-open period this delivery probes, if it is a probe.
+    probe: Option<u64>,
 }
 
 /// Counts that layers report to the runner's [`Summary`](crate::Summary).
@@ -67,21 +65,6 @@ impl Drop for HeldGuard {
     }
 }
 
-impl Clone for Context {
-    /// The same delivery's context, without its done-mark slot: only the runner's own
-    /// context hands a done mark to the acker.
-    fn clone(&self) -> Self {
-        Context {
-            cancel: self.cancel.clone(),
-            stopping: self.stopping.clone(),
-            stats: self.stats.clone(),
-            attempt: self.attempt.clone(),
-            done: None,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
 impl Context {
     /// A context with a fresh cancellation token.
     pub fn new() -> Self {
@@ -95,8 +78,8 @@ impl Context {
             stopping: CancellationToken::new(),
             stats: Arc::default(),
             attempt: None,
-            done: None,
             metrics: None,
+            probe: None,
         }
     }
 
@@ -107,8 +90,8 @@ impl Context {
             stopping: CancellationToken::new(),
             stats,
             attempt: None,
-            done: None,
             metrics: None,
+            probe: None,
         }
     }
 
@@ -125,9 +108,8 @@ impl Context {
             stopping: self.stopping.clone(),
             stats: self.stats.clone(),
             attempt: self.attempt.clone(),
-            // Nested work acks nothing itself.
-            done: None,
             metrics: self.metrics.clone(),
+            probe: self.probe,
         }
     }
 
@@ -174,6 +156,17 @@ impl Context {
         self
     }
 
+    /// As a probe of the kill switch's half-open period `probe`, if it is one.
+    pub(crate) fn with_probe(mut self, probe: Option<u64>) -> Self {
+        self.probe = probe;
+        self
+    }
+
+    /// The kill switch's half-open period this delivery probes, if it is a probe.
+    pub(crate) fn probe(&self) -> Option<u64> {
+        self.probe
+    }
+
     /// The delivery's metric handles (handles that record nothing outside a consumer).
     pub(crate) fn metrics(&self) -> &Metrics {
         match &self.metrics {
@@ -207,31 +200,6 @@ impl Context {
             .filter(|&n| n > 0)
     }
 
-    /// Lets the dedup layer leave its done mark here (see [`Context::take_done`]).
-    pub(crate) fn with_done_slot(mut self) -> Self {
-        self.done = Some(std::sync::Mutex::new(None));
-        self
-    }
-
-    /// Leaves `mark` for the runner to write right before the delivery's ack; gives it back
-    /// when this context has no slot for it.
-    pub(crate) fn defer_done(&self, mark: DoneMark) -> Result<(), DoneMark> {
-        match &self.done {
-            Some(slot) => {
-                *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(mark);
-                Ok(())
-            }
-            None => Err(mark),
-        }
-    }
-
-    /// The done mark the dedup layer left, if any.
-    pub(crate) fn take_done(&self) -> Option<DoneMark> {
-        self.done
-            .as_ref()
-            .and_then(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).take())
-    }
-
     pub(crate) fn note_retried_in_place(&self, kind: crate::error::ErrorKind) {
         self.metrics().retried(kind);
         self.stats
@@ -261,6 +229,12 @@ impl Context {
 /// Return `Ok(())` once the message's effects are durable; the delivery is acked only then.
 /// Return a [`HandlerError`] to retry ([`HandlerError::transient`]) or dead-letter
 /// ([`HandlerError::permanent`]). A panic counts as a transient failure.
+///
+/// Cancellation is cooperative: when the delivery's lease is lost (or the shutdown deadline
+/// passes), [`Context::cancelled`] completes and whatever the handler returns afterwards is
+/// not acked, but the handler runs on until it returns. A long handler should watch
+/// [`Context::cancelled`]; one that is safe to stop at any `.await` can have its future
+/// dropped at once instead with [`LeaseConfig::abort_on_loss`](crate::LeaseConfig).
 pub trait Handler: Send + Sync + 'static {
     /// Handles one delivery.
     fn handle(

@@ -126,7 +126,7 @@ impl RetryConfig {
 
 /// Called with each retry the layer performs in place, before it waits: for the runner's
 /// counts and the outcome inspector.
-pub(crate) type OnInPlaceRetry = Arc<dyn Fn(&Delivery, &Outcome) + Send + Sync>;
+pub(crate) type OnInPlaceRetry = Arc<dyn Fn(&Delivery, &Outcome, &Context) + Send + Sync>;
 
 /// Applies a [`RetryConfig`]; see the module docs.
 #[derive(Clone, Default)]
@@ -306,7 +306,7 @@ impl<P: Process> Process for Retry<P> {
             tracing::info!(after = ?after, attempt, "retrying in place");
             cx.note_retried_in_place(failure_kind(&outcome));
             if let Some(observe) = &self.layer.on_in_place {
-                observe(current, &outcome);
+                observe(current, &outcome, cx);
             }
             if !Self::pause(after, cx).await {
                 return outcome;

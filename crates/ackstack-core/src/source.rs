@@ -152,6 +152,16 @@ pub trait Settle: Clone + Send + Sync + 'static {
         async {}
     }
 
+    /// Gives back a delivery that was never started because the consumer is shutting down
+    /// (it only waited, for its dedup store or a busy key). The default is
+    /// [`Settle::release`]; an adapter where releasing moves a shared position (Kafka's seek
+    /// back, which would also discard the work of the partition's records finishing in the
+    /// drain) leaves the delivery unsettled instead, for the broker to redeliver after the
+    /// restart.
+    fn release_at_shutdown(&self, token: Self::Token) -> impl Future<Output = ()> + Send {
+        self.release(token)
+    }
+
     /// Sends whatever the adapter holds back (coalesced acks, commits). Called after the last
     /// ack of a run.
     fn flush(&self) -> impl Future<Output = ()> + Send {

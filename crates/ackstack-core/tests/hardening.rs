@@ -290,6 +290,135 @@ async fn a_delivery_whose_lease_is_lost_while_it_waits_for_its_key_is_never_hand
 }
 
 #[tokio::test]
+async fn deliveries_that_lose_their_lease_while_waiting_never_let_the_next_run_beside_the_long_one()
+{
+    // "long" runs 600 ms; the two deliveries of its key behind it lose their leases (no
+    // extension past 150 ms) and come back; none of the key's handlers may overlap another.
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("long").key("k"));
+    broker.publish("q", Message::new("w1").key("k"));
+    broker.publish("q", Message::new("w2").key("k"));
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let r = runs.clone();
+    let mut config = ConsumerConfig::default();
+    config.lease.max_total = Duration::from_millis(150);
+    config.shutdown_deadline = Duration::from_millis(700);
+    Consumer::new(
+        broker
+            .source("q")
+            .visibility_timeout(Duration::from_millis(100)),
+    )
+    .config(config)
+    .ordering(KeyOrdering::PerKey)
+    .run_until(
+        handler_fn(move |d, _cx| {
+            let runs = r.clone();
+            async move {
+                let start = tokio::time::Instant::now();
+                let long = &d.payload[..] == b"long" && d.attempt == 1;
+                tokio::time::sleep(Duration::from_millis(if long { 600 } else { 5 })).await;
+                runs.lock().unwrap().push((
+                    String::from_utf8_lossy(&d.payload).into_owned(),
+                    start,
+                    tokio::time::Instant::now(),
+                ));
+                Ok(())
+            }
+        }),
+        tokio::time::sleep(Duration::from_millis(900)),
+    )
+    .await
+    .unwrap();
+    let mut runs = runs.lock().unwrap().clone();
+    runs.sort_by_key(|(_, start, _)| *start);
+    assert!(
+        runs.len() >= 2,
+        "something ran after the long one: {runs:?}"
+    );
+    for pair in runs.windows(2) {
+        assert!(
+            pair[1].1 >= pair[0].2,
+            "{} started while {} was still running",
+            pair[1].0,
+            pair[0].0
+        );
+    }
+}
+
+/// Runs one handler that ignores its cancellation token for 5 s, with leases lost after
+/// 150 ms; returns whether its future was dropped while the consumer still ran, and whether
+/// it ran to its end.
+async fn handler_that_ignores_a_lost_lease(abort_on_loss: bool) -> (bool, bool) {
+    struct Dropped(Arc<AtomicBool>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("slow"));
+    let dropped = Arc::new(AtomicBool::new(false));
+    let finished = Arc::new(AtomicBool::new(false));
+    let (d, f) = (dropped.clone(), finished.clone());
+    let mut config = ConsumerConfig::default();
+    config.lease.max_total = Duration::from_millis(150);
+    config.lease.abort_on_loss = abort_on_loss;
+    let consumer = Consumer::new(
+        broker
+            .source("q")
+            .visibility_timeout(Duration::from_millis(100)),
+    )
+    .config(config);
+    let seen = dropped.clone();
+    let dropped_while_running = Arc::new(AtomicBool::new(false));
+    let answer = dropped_while_running.clone();
+    consumer
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                let guard = Dropped(d.clone());
+                let finished = f.clone();
+                async move {
+                    let _guard = guard;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    finished.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+            }),
+            async move {
+                // The lease lapses at 100 ms (no extension past 150 ms); give the handler
+                // until 1.5 s to be stopped.
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+                while !seen.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                answer.store(seen.load(Ordering::SeqCst), Ordering::SeqCst);
+            },
+        )
+        .await
+        .unwrap();
+    (
+        dropped_while_running.load(Ordering::SeqCst),
+        finished.load(Ordering::SeqCst),
+    )
+}
+
+#[tokio::test]
+async fn a_lost_lease_stops_the_handler_when_abort_on_loss_is_set() {
+    let (dropped, finished) = handler_that_ignores_a_lost_lease(true).await;
+    assert!(dropped, "the handler still ran after its lease was lost");
+    assert!(!finished);
+}
+
+#[tokio::test]
+async fn a_lost_lease_only_cancels_the_handler_cooperatively_by_default() {
+    let (dropped, _) = handler_that_ignores_a_lost_lease(false).await;
+    assert!(
+        !dropped,
+        "without abort_on_loss, the handler is told (Context::cancelled), not stopped"
+    );
+}
+
+#[tokio::test]
 async fn a_lease_lost_while_the_ack_waits_is_not_acked() {
     // The handler is done at once, but its ack waits 400 ms in the batch; the lease lapses at
     // 100 ms (no extension allowed past 120 ms).

@@ -10,8 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ackstack_core::memory::MemoryToken;
 use ackstack_core::metrics as names;
-use ackstack_core::{Backoff, Consumer, HandlerError, MemoryBroker, Message, handler_fn};
+use ackstack_core::{
+    AckReport, Backlog, Backoff, Capabilities, Consumer, DeadLetter, Delivery, Failure,
+    HandlerError, MemoryBroker, Message, Origin, Received, Settle, SettleError, SettleFailure,
+    Settled, Source, SourceError, handler_fn,
+};
 use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,
@@ -44,7 +49,13 @@ impl GaugeFn for Cell {
         self.0.fetch_sub(value as u64, Ordering::SeqCst);
     }
     fn set(&self, value: f64) {
-        self.0.store(value as u64, Ordering::SeqCst);
+        // NaN (unknown) is kept as u64::MAX, which no count reaches.
+        let value = if value.is_nan() {
+            u64::MAX
+        } else {
+            value as u64
+        };
+        self.0.store(value, Ordering::SeqCst);
     }
 }
 impl HistogramFn for Cell {
@@ -441,5 +452,135 @@ fn the_backlog_gauge_shows_what_waits_at_the_broker() {
         recorder.get(names::BACKLOG, &labels),
         0,
         "and once consumed"
+    );
+}
+
+/// A memory source whose broker stops answering the backlog question once `silent` is set.
+struct Silenced {
+    inner: ackstack_core::memory::MemorySource,
+    settler: SilencedSettler,
+}
+
+#[derive(Clone)]
+struct SilencedSettler {
+    inner: ackstack_core::memory::MemorySettler,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Source for Silenced {
+    type Token = MemoryToken;
+    type Settler = SilencedSettler;
+    async fn receive(&mut self, max: usize) -> Result<Vec<Received<MemoryToken>>, SourceError> {
+        self.inner.receive(max).await
+    }
+    fn settler(&self) -> SilencedSettler {
+        self.settler.clone()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn origin(&self) -> Origin {
+        self.inner.origin()
+    }
+}
+
+impl Settle for SilencedSettler {
+    type Token = MemoryToken;
+    async fn ack(&self, tokens: Vec<MemoryToken>) -> AckReport<MemoryToken> {
+        self.inner.ack(tokens).await
+    }
+    async fn retry(
+        &self,
+        token: MemoryToken,
+        d: &Delivery,
+        after: Duration,
+        f: &Failure,
+    ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
+        self.inner.retry(token, d, after, f).await
+    }
+    async fn dead_letter(
+        &self,
+        token: MemoryToken,
+        d: &Delivery,
+        l: &DeadLetter,
+    ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
+        self.inner.dead_letter(token, d, l).await
+    }
+    async fn extend(&self, token: &MemoryToken, by: Duration) -> Result<(), SettleError> {
+        self.inner.extend(token, by).await
+    }
+    async fn release(&self, token: MemoryToken) {
+        self.inner.release(token).await
+    }
+    async fn backlog(&self) -> Option<Backlog> {
+        if self.silent.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.inner.backlog().await
+    }
+}
+
+#[test]
+fn the_backlog_gauge_says_unknown_once_the_broker_stops_answering() {
+    let recorder = ByKey::default();
+    let broker = MemoryBroker::new();
+    for i in 0..3 {
+        broker.publish("q", Message::new(format!("m{i}")));
+    }
+    let labels = [
+        ("consumer", "silenced"),
+        ("broker", "memory"),
+        ("queue", "q"),
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inner = broker.source("q").poll_wait(Duration::from_millis(20));
+    let source = Silenced {
+        settler: SilencedSettler {
+            inner: inner.settler(),
+            silent: silent.clone(),
+        },
+        inner,
+    };
+    let (known, unknown) = metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let mut config = ackstack_core::ConsumerConfig::default();
+            config.backlog_interval = Duration::from_millis(20);
+            let consumer = Consumer::new(source).config(config).name("silenced");
+            consumer.control().pause();
+            let watch = recorder.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            consumer
+                .run_until(handler_fn(|_d, _cx| async { Ok(()) }), async move {
+                    let until = |value: u64| {
+                        let watch = watch.clone();
+                        async move {
+                            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                            while watch.get(names::BACKLOG, &labels) != value
+                                && tokio::time::Instant::now() < deadline
+                            {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            watch.get(names::BACKLOG, &labels)
+                        }
+                    };
+                    let known = until(3).await;
+                    silent.store(true, Ordering::SeqCst);
+                    let unknown = until(u64::MAX).await;
+                    let _ = tx.send((known, unknown));
+                })
+                .await
+                .unwrap();
+            rx.await.unwrap()
+        })
+    });
+    assert_eq!(known, 3, "the backlog while the broker answers");
+    assert_eq!(
+        unknown,
+        u64::MAX,
+        "unknown (NaN) once it stops answering, not its last value"
     );
 }

@@ -75,6 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         lease: LeaseConfig {
             extend_at: 0.7,
             max_total: Duration::from_secs(4),
+            ..LeaseConfig::default()
         },
         ..ConsumerConfig::default()
     };

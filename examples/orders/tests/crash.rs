@@ -11,7 +11,9 @@
 //!   killed process's claim lapses. Right after each kill the suite records the orders it
 //!   caught that way (charged, dedup key still claimed: `window_hits_per_kill`); each of them
 //!   must be charged once more, and no order more than once per kill (or Redis restart). One kill can catch several handlers at once (up to `--concurrency`), so the
-//!   number of double-charged orders is bounded per order, not by the number of kills;
+//!   number of double-charged orders is bounded per order; and since each done mark is
+//!   written as soon as its charge succeeded, their total is at most one per kill (or Redis
+//!   restart) on average (`double_charged_per_kill`);
 //! - every malformed body is in the DLQ byte for byte, with its original header and the
 //!   `x-ackstack-dl-*` metadata (SQS: the `ackstack-dead-letter` attribute). A kill (or the
 //!   connection drop) between the DLQ publish and the ack of the original makes a second copy:
@@ -1354,13 +1356,14 @@ fn crash_suite(broker_name: &str, store: Store) {
         "crash-suite broker={broker_name} store={store_name} orders={} good={} malformed={} \
          duplicates_injected={} \
          kills={kills} connection_drops={connection_drops} redis_restarts={redis_restarts} \
-         lost={} double_charged={} dead_lettered={} seed={}",
+         lost={} double_charged={} double_charged_per_kill={:.2} dead_lettered={} seed={}",
         settings.orders,
         plan.good.len(),
         plan.malformed.len(),
         plan.duplicates,
         lost.len(),
         double.len(),
+        double.len() as f64 / kills.max(1) as f64,
         copies.len(),
         settings.seed
     );
@@ -1398,6 +1401,16 @@ fn crash_suite(broker_name: &str, store: Store) {
         most <= 1 + events,
         "an order charged {most} times for {kills} kills and {redis_restarts} Redis restarts \
          ({double:?}); {}",
+        diagnostics()
+    );
+    // Done marks are written as soon as a charge succeeded, so a kill catches at most the
+    // charges of one store round trip: on average no more than one double-charged order per
+    // kill (or Redis restart).
+    assert!(
+        double.len() as u64 <= events,
+        "{} orders double-charged for {kills} kills and {redis_restarts} Redis restarts: more \
+         than one per kill on average ({double:?}); {}",
+        double.len(),
         diagnostics()
     );
     // Every extra charge a kill explains was seen at that kill: charged, done marker missing.

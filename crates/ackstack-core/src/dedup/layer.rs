@@ -12,7 +12,6 @@ use crate::error::{ErrorKind, Failure};
 use crate::handler::{Context, Layer, Process};
 use crate::outcome::Outcome;
 
-use super::done::DoneMark;
 use super::{Claim, DedupConfig, DedupKey, DedupStore, OnStoreError, ShowKey};
 
 /// The deduplication layer: see the module docs for the protocol.
@@ -228,15 +227,17 @@ impl<P: Process> Process for Dedup<P> {
         let outcome = self.run_claimed(key, &token, delivery, cx).await;
         match &outcome {
             Outcome::Ack => {
-                let mark = DoneMark {
-                    store: self.store.clone(),
-                    key: key.to_vec(),
-                    token,
-                    ttl: self.config.done_ttl,
-                };
-                // Under the runner the mark goes with the ack, written right before its batch.
-                if let Err(mark) = cx.defer_done(mark) {
-                    mark.write().await;
+                // Done before ack, and as soon as the handler succeeded: a crash from here on
+                // leaves at most this one round trip's marks unwritten. A failure is logged,
+                // not returned: the effect happened, so acking is still right.
+                match self.store.complete(key, &token, self.config.done_ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(key = %ShowKey(key), "dedup claim had lapsed before completion")
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, key = %ShowKey(key), "could not mark the dedup key done")
+                    }
                 }
             }
             _ => {

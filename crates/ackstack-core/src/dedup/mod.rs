@@ -16,9 +16,9 @@
 //! 2. run the handler, **extending** the claim while it runs;
 //! 3. on ack, **complete**: replace the claim by a done marker with a TTL (only if the token
 //!    still matches), before the broker hears the ack; on retry or dead-letter, **release**
-//!    the claim (compare-and-delete). Under the runner the done marks of one ack batch are
-//!    written together right before that batch is sent (`done.rs`), so a pipelining store
-//!    pays one round trip per batch for them.
+//!    the claim (compare-and-delete). The mark is written as soon as the handler succeeded,
+//!    so a crash leaves at most the marks of that one store round trip unwritten; marks of
+//!    deliveries finishing together share a pipeline in a pipelining store (Redis).
 //!
 //! Keys are bytes, never a lossy string conversion: two binary ids that differ are two keys. A
 //! missing or empty key means "not deduplicated" (counted in `ackstack_dedup_keyless_total`).
@@ -27,10 +27,9 @@
 //! this protocol never does that.
 //!
 //! The files: this one has the store protocol ([`DedupStore`], [`Claim`]) and the settings
-//! ([`DedupKey`], [`DedupConfig`]); `layer.rs` the layer that runs it; `done.rs` the done
-//! marks left for the acker; `memory_store.rs` the in-memory store.
+//! ([`DedupKey`], [`DedupConfig`]); `layer.rs` the layer that runs it; `memory_store.rs` the
+//! in-memory store.
 
-pub(crate) mod done;
 mod layer;
 mod memory_store;
 

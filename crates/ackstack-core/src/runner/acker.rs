@@ -16,7 +16,6 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::lease::LeaseGuard;
-use crate::dedup::done::{self, DoneMark};
 use crate::metrics::Metrics;
 use crate::source::Settle;
 
@@ -34,12 +33,10 @@ pub struct AckStats {
     pub lost: AtomicU64,
 }
 
-/// A token waiting to be acked, with the lease kept until the broker confirmed the ack, and
-/// the delivery's dedup done mark, written right before its batch goes out.
+/// A token waiting to be acked, with the lease kept until the broker confirmed the ack.
 struct Pending<T> {
     token: T,
     lease: Option<LeaseGuard<T>>,
-    done: Option<DoneMark>,
 }
 
 /// A handle that queues tokens for acking.
@@ -69,35 +66,12 @@ impl<T: Send + 'static> AckQueue<T> {
     /// slow acks). Returns `false` if the acker has stopped (the token is then simply not
     /// acked, and the broker redelivers the message).
     pub async fn push(&self, token: T) -> bool {
-        self.push_held(token, None, None).await
+        self.push_held(token, None).await
     }
 
-    /// Like [`AckQueue::push`], keeping the delivery's lease until the ack is confirmed, and
-    /// writing its dedup `done` mark right before its ack batch is sent (at once, should the
-    /// acker have stopped: the effect happened).
-    pub(crate) async fn push_held(
-        &self,
-        token: T,
-        lease: Option<LeaseGuard<T>>,
-        done: Option<DoneMark>,
-    ) -> bool {
-        let pending = Pending { token, lease, done };
-        let mut pending = match self.tx.try_send(pending) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Full(pending)) => pending,
-            Err(mpsc::error::TrySendError::Closed(pending)) => {
-                if let Some(mark) = pending.done {
-                    mark.write().await;
-                }
-                return false;
-            }
-        };
-        // The acks are backed up: write the done mark now rather than after the wait, which
-        // could outlast the dedup claim (the mark would then be refused).
-        if let Some(mark) = pending.done.take() {
-            mark.write().await;
-        }
-        self.tx.send(pending).await.is_ok()
+    /// Like [`AckQueue::push`], keeping the delivery's lease until the ack is confirmed.
+    pub(crate) async fn push_held(&self, token: T, lease: Option<LeaseGuard<T>>) -> bool {
+        self.tx.send(Pending { token, lease }).await.is_ok()
     }
 }
 
@@ -193,11 +167,6 @@ async fn run<S: Settle>(
                 Err(_) => break,
             }
         }
-        if calls.len() >= parallel {
-            // Every ack call is busy: write this batch's done marks now rather than after the
-            // wait, which could outlast their dedup claims.
-            write_marks(&mut batch).await;
-        }
         while calls.len() >= parallel {
             calls.join_next().await;
         }
@@ -209,16 +178,7 @@ async fn run<S: Settle>(
     while calls.join_next().await.is_some() {}
 }
 
-/// Writes (and takes) the dedup done marks of `batch`, in one store call.
-async fn write_marks<T>(batch: &mut [Pending<T>]) {
-    let marks: Vec<DoneMark> = batch.iter_mut().filter_map(|p| p.done.take()).collect();
-    done::write_all(&marks).await;
-}
-
-async fn send<S: Settle>(settler: S, mut batch: Vec<Pending<S::Token>>, stats: Arc<AckStats>) {
-    // Done before ack: the batch's dedup marks, all together (one round trip to a pipelining
-    // store). Also for deliveries whose lease was lost below: their effect happened.
-    write_marks(&mut batch).await;
+async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<AckStats>) {
     // A delivery whose lease was lost while its ack waited is not ours any more: the broker
     // redelivers it, so it must not be acked (invariant 6 in docs/CONTRACT.md).
     let before = batch.len();
@@ -346,45 +306,6 @@ mod tests {
         let batches = settler.batches.lock().unwrap();
         assert_eq!(batches.last().unwrap().0, 1, "flushed on shutdown");
         assert!(batches.iter().all(|b| b.0 <= 10));
-    }
-
-    /// While every ack call hangs, the done marks of the batches waiting behind it are written
-    /// at once, not after the wait (which could outlast their dedup claims).
-    #[tokio::test(start_paused = true)]
-    async fn done_marks_are_written_without_waiting_for_a_stuck_ack_call() {
-        use crate::dedup::{Claim, DedupStore, MemoryDedupStore};
-        let stuck = Recording {
-            stuck: true,
-            ..Recording::default()
-        };
-        let store = Arc::new(MemoryDedupStore::new());
-        let lease = Duration::from_secs(30);
-        let acker = BatchAcker::spawn(stuck, 2, Duration::from_millis(10), 1, 64, noop());
-        let queue = acker.queue();
-        for i in 0..6u32 {
-            let key = format!("k{i}").into_bytes();
-            assert_eq!(
-                store.claim(&key, "t", lease).await.unwrap(),
-                Claim::Acquired
-            );
-            let mark = DoneMark {
-                store: store.clone(),
-                key,
-                token: "t".to_string(),
-                ttl: Duration::from_secs(60),
-            };
-            assert!(queue.push_held(i, None, Some(mark)).await);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // The first batch's call hangs; the next batch waits for a free call slot. Its marks
-        // (k2, k3) are written already.
-        for key in ["k0", "k1", "k2", "k3"] {
-            assert_eq!(
-                store.claim(key.as_bytes(), "other", lease).await.unwrap(),
-                Claim::Done,
-                "{key} not marked done"
-            );
-        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
 //! The backlog watcher: asks the broker every `backlog_interval` how many messages wait
 //! ([`Settle::backlog`]) and shows the answer in the `ackstack_backlog` gauge, and per
-//! partition in `ackstack_partition_lag`.
+//! partition in `ackstack_partition_lag`. When the broker stops answering after it did, the
+//! gauges say unknown (NaN) rather than keep their last value.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,8 +23,17 @@ pub(super) fn spawn<S: Settle>(
     }
     Some(AbortOnDropHandle::new(tokio::spawn(async move {
         let mut partitions = HashMap::new();
+        let mut shown = false;
         loop {
-            if let Some(backlog) = settler.backlog().await {
+            let answer = settler.backlog().await;
+            if answer.is_none() && shown {
+                metrics.backlog.set(f64::NAN);
+                for gauge in partitions.values() {
+                    metrics::Gauge::set(gauge, f64::NAN);
+                }
+            }
+            if let Some(backlog) = answer {
+                shown = true;
                 metrics.backlog.set(backlog.total as f64);
                 // A partition no longer in the answer (revoked) shows no lag, not its last.
                 for gauge in partitions.values() {

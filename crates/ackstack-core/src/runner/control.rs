@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::kill_switch::{Breaker, Change, KillSwitchConfig};
+use super::kill_switch::{Breaker, Change, KillSwitchConfig, Probe};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 
@@ -159,21 +159,23 @@ impl Control {
         admit
     }
 
-    /// Counts `n` received deliveries against the half-open probes.
-    pub(super) fn admitted(&self, n: usize) {
-        if let Some(breaker) = self.lock().as_mut() {
-            breaker.admitted(n);
+    /// Counts `n` received deliveries against the half-open probes; returns the half-open
+    /// period they probe, if they are probes.
+    pub(super) fn admitted(&self, n: usize) -> Option<Probe> {
+        if !self.inner.armed.load(Ordering::SeqCst) {
+            return None;
         }
+        self.lock().as_mut().and_then(|b| b.admitted(n))
     }
 
     /// Records a finished delivery's outcome, or `None` for one that finished without one
-    /// (its lease lost, or abandoned at the shutdown deadline). Called only while a kill
-    /// switch is installed.
-    pub(super) fn record(&self, outcome: Option<&Outcome>) {
+    /// (its lease lost, or abandoned at the shutdown deadline); `probe` is what
+    /// [`Control::admitted`] said of it. Called only while a kill switch is installed.
+    pub(super) fn record(&self, outcome: Option<&Outcome>, probe: Option<Probe>) {
         let change = self
             .lock()
             .as_mut()
-            .map_or(Change::None, |b| b.record(outcome, Instant::now()));
+            .map_or(Change::None, |b| b.record(outcome, probe, Instant::now()));
         if change == Change::Opened {
             self.inner.trips.fetch_add(1, Ordering::Relaxed);
             if let Some(m) = &*self

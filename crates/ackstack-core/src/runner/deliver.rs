@@ -18,6 +18,7 @@ use super::acker::AckQueue;
 use super::builder::Inspector;
 use super::config::{DeliveryMode, OnRefused};
 use super::control::Control;
+use super::kill_switch::Probe;
 use super::lease::LeaseGuard;
 use super::ordering::Turn;
 use super::status::{Counters, Status};
@@ -53,12 +54,12 @@ pub(super) struct Shared<P, S: Settle> {
     pub(super) stopping: CancellationToken,
     pub(super) on_refused: OnRefused,
     pub(super) refusals: Refusals,
-    /// Whether a dedup layer runs (its done marks then go with the acks).
-    pub(super) dedup: bool,
     /// The consumer's control, when a kill switch is armed (it then counts outcomes).
     pub(super) kill_switch: Option<Control>,
     /// The run's metric handles, one set per queue.
     pub(super) metrics: Arc<MetricSets>,
+    /// Whether a lost lease drops the handler's future (`LeaseConfig::abort_on_loss`).
+    pub(super) abort_on_loss: bool,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -76,6 +77,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
         mut lease: Option<LeaseGuard<S::Token>>,
         mut turn: Option<Turn>,
         metrics: Arc<Metrics>,
+        probe: Option<Probe>,
     ) {
         let Received {
             mut delivery,
@@ -113,10 +115,13 @@ impl<P: Process, S: Settle> Shared<P, S> {
             if cancel.is_cancelled() {
                 // Checked right before the handler: a delivery whose lease was lost (or a
                 // partition revoked) while it waited is never processed.
-                self.not_processed(lease.as_ref());
+                self.not_processed(lease.as_ref(), probe);
                 return;
             }
-            let cx = self.context(&cancel).with_metrics(metrics);
+            let cx = self
+                .context(&cancel)
+                .with_metrics(metrics)
+                .with_probe(probe);
             let started = Instant::now();
             if self.mode == DeliveryMode::AtMostOnce {
                 // Acked on receipt: the lease no longer matters.
@@ -126,7 +131,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 cx.metrics()
                     .outcome(&outcome, Some(started.elapsed().as_secs_f64()));
                 tracing::Span::current().record("outcome", outcome.as_str());
-                self.judge(Some(&outcome));
+                self.judge(Some(&outcome), probe);
                 if outcome == Outcome::Ack {
                     self.counters
                         .succeeded
@@ -139,24 +144,36 @@ impl<P: Process, S: Settle> Shared<P, S> {
             } else {
                 cx
             };
-            let outcome = self.stack.process(&delivery, &cx).await;
+            let outcome = if self.abort_on_loss && lease.is_some() {
+                tokio::select! {
+                    biased;
+                    outcome = self.stack.process(&delivery, &cx) => Some(outcome),
+                    // The lease is lost (or the shutdown deadline passed): stop the handler at
+                    // its current `.await` instead of waiting for it to notice.
+                    _ = cancel.cancelled() => None,
+                }
+            } else {
+                Some(self.stack.process(&delivery, &cx).await)
+            };
+            let Some(outcome) = outcome else {
+                tracing::debug!("handler stopped: its lease was lost");
+                self.not_processed(lease.as_ref(), probe);
+                return;
+            };
             if let Some(attempt) = cx.attempt_reached() {
                 // Retried in place: report and dead-letter with the attempt it reached.
                 delivery.attempt = attempt;
             }
             let seconds = started.elapsed().as_secs_f64();
             if cx.is_cancelled() {
-                // Not acked; but if the handler succeeded its effect happened: mark it done so
-                // that the redelivery is recognised.
-                if let Some(mark) = cx.take_done() {
-                    mark.write().await;
-                }
-                self.not_processed(lease.as_ref());
+                // Not acked (a successful handler's done mark is already written, so the
+                // redelivery is recognised).
+                self.not_processed(lease.as_ref(), probe);
                 return;
             }
             cx.metrics().outcome(&outcome, Some(seconds));
             tracing::Span::current().record("outcome", outcome.as_str());
-            self.judge(Some(&outcome));
+            self.judge(Some(&outcome), probe);
             self.inspect(&delivery, &outcome);
             self.settle(token, &delivery, outcome, lease, &cx).await;
         }
@@ -165,16 +182,16 @@ impl<P: Process, S: Settle> Shared<P, S> {
     }
 
     /// Tells the kill switch, if one is armed, how a delivery ended (`None`: without an
-    /// outcome).
-    fn judge(&self, outcome: Option<&Outcome>) {
+    /// outcome); `probe`: the half-open period it probes, if it is a probe.
+    fn judge(&self, outcome: Option<&Outcome>, probe: Option<Probe>) {
         if let Some(control) = &self.kill_switch {
-            control.record(outcome);
+            control.record(outcome, probe);
         }
     }
 
     /// Records why a cancelled delivery is left unsettled.
-    fn not_processed(&self, lease: Option<&LeaseGuard<S::Token>>) {
-        self.judge(None);
+    fn not_processed(&self, lease: Option<&LeaseGuard<S::Token>>, probe: Option<Probe>) {
+        self.judge(None, probe);
         if lease.is_some_and(|l| l.state().is_lost()) {
             // Not ours any more: the broker redelivers it. Never ack, never release.
             tracing::Span::current().record("outcome", "lease_lost");
@@ -188,9 +205,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
     }
 
     fn context(&self, cancel: &CancellationToken) -> Context {
-        let cx = Context::with_stats(cancel.clone(), self.stats.clone())
-            .with_stopping(self.stopping.clone());
-        if self.dedup { cx.with_done_slot() } else { cx }
+        Context::with_stats(cancel.clone(), self.stats.clone()).with_stopping(self.stopping.clone())
     }
 }
 

@@ -6,7 +6,9 @@
 //! is received for `cooldown`. It also opens once `activation` deliveries finished since the
 //! start without a single success, however sparse they were. Then it is half-open: `probes`
 //! deliveries are let through; if all of them succeed it closes (and counts afresh), and the
-//! first failure opens it again.
+//! first failure opens it again. Only the deliveries received while it is half-open are its
+//! probes: one received before it opened that finishes now says nothing about the cooldown,
+//! and is neither a probe's success nor its failure.
 //!
 //! A failure is an attempt that failed transiently (an error or a panic, retried or
 //! dead-lettered after the last attempt). A dead letter of a permanent error (a payload that
@@ -98,6 +100,10 @@ enum Circuit {
     HalfOpen { left: u32, pending: u32 },
 }
 
+/// Which half-open period a delivery was admitted in as a probe (a number that grows with each
+/// period), so that only that period's probes decide it.
+pub(super) type Probe = u64;
+
 /// The window is kept as this many buckets, each a tenth of it.
 const BUCKETS: u32 = 10;
 
@@ -114,6 +120,8 @@ pub(super) struct Breaker {
     succeeded: bool,
     /// When it opened (kept through half-open and re-opening; cleared when it closes).
     opened_at: Option<Instant>,
+    /// The current (or last) half-open period.
+    period: Probe,
 }
 
 impl Breaker {
@@ -125,6 +133,7 @@ impl Breaker {
             seen: 0,
             succeeded: false,
             opened_at: None,
+            period: 0,
         }
     }
 
@@ -155,6 +164,7 @@ impl Breaker {
                 left: self.config.probes,
                 pending: 0,
             };
+            self.period += 1;
             half_opened = true;
         }
         let admit = match self.circuit {
@@ -167,17 +177,30 @@ impl Breaker {
         (admit, half_opened)
     }
 
-    /// Counts `n` received deliveries against the half-open probes.
-    pub(super) fn admitted(&mut self, n: usize) {
+    /// Counts `n` received deliveries against the half-open probes; while half-open they are
+    /// its probes, and the period they probe is returned.
+    pub(super) fn admitted(&mut self, n: usize) -> Option<Probe> {
         if let Circuit::HalfOpen { left, pending } = &mut self.circuit {
             let n = u32::try_from(n).unwrap_or(u32::MAX).min(*left);
             *left -= n;
             *pending += n;
+            return Some(self.period);
         }
+        None
     }
 
-    /// Records a finished delivery's outcome at `now` (`None`: it finished without one).
-    pub(super) fn record(&mut self, outcome: Option<&Outcome>, now: Instant) -> Change {
+    /// Records a finished delivery's outcome at `now` (`None`: it finished without one);
+    /// `probe` is the half-open period it was admitted in as a probe, if it was one.
+    pub(super) fn record(
+        &mut self,
+        outcome: Option<&Outcome>,
+        probe: Option<Probe>,
+        now: Instant,
+    ) -> Change {
+        if matches!(self.circuit, Circuit::HalfOpen { .. }) && probe != Some(self.period) {
+            // Received before this half-open period: not one of its probes.
+            return Change::None;
+        }
         let verdict = outcome.and_then(|o| self.classify(o));
         self.judge(verdict, now)
     }
@@ -284,337 +307,4 @@ impl Breaker {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    use std::time::Duration;
-
-    use crate::{
-        Backoff, ConfigError, Consumer, ConsumerConfig, HandlerError, MemoryBroker, Message,
-        handler_fn,
-    };
-
-    use super::super::control::{Admit, ConsumerState, Control};
-    use super::KillSwitchConfig;
-
-    fn switch(activation: u32, window: Duration, cooldown: Duration) -> KillSwitchConfig {
-        KillSwitchConfig {
-            window,
-            activation,
-            trip: 0.5,
-            cooldown,
-            probes: 2,
-            count_permanent: false,
-        }
-    }
-
-    /// A consumer of `n` messages, one handler at a time, retrying after 1 ms for ever.
-    fn consumer(
-        broker: &MemoryBroker,
-        n: usize,
-        kill_switch: KillSwitchConfig,
-    ) -> Consumer<crate::memory::MemorySource> {
-        for i in 0..n {
-            broker.publish("q", Message::new(format!("m{i}")));
-        }
-        let config = ConsumerConfig {
-            concurrency: 1,
-            kill_switch: Some(kill_switch),
-            ..ConsumerConfig::default()
-        };
-        Consumer::new(broker.source("q"))
-            .config(config)
-            .retry(Backoff::exponential(
-                Duration::from_millis(1),
-                Duration::from_millis(1),
-            ))
-            .max_attempts(1_000)
-    }
-
-    async fn until(control: &Control, what: impl Fn(&Control) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !what(control) {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn it_trips_at_the_failure_rate_and_stops_receiving() {
-        let broker = MemoryBroker::new();
-        let consumer = consumer(
-            &broker,
-            50,
-            switch(5, Duration::from_secs(60), Duration::from_secs(3600)),
-        );
-        let control = consumer.control();
-        let calls = Arc::new(AtomicU32::new(0));
-        let counted = calls.clone();
-        let watch = control.clone();
-        let seen = calls.clone();
-        consumer
-            .run_until(
-                handler_fn(move |_d, _cx| {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    async { Err(HandlerError::transient("down")) }
-                }),
-                async move {
-                    until(&watch, |c| c.state() == ConsumerState::CircuitOpen).await;
-                    let at_open = seen.load(Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    assert_eq!(
-                        seen.load(Ordering::SeqCst),
-                        at_open,
-                        "nothing runs while open"
-                    );
-                },
-            )
-            .await
-            .unwrap();
-        let calls = calls.load(Ordering::SeqCst);
-        assert!(
-            (5..=6).contains(&calls),
-            "tripped after the 5th failure: {calls} calls"
-        );
-        assert_eq!(control.trips(), 1);
-        assert_eq!(control.state(), ConsumerState::CircuitOpen);
-    }
-
-    #[tokio::test]
-    async fn failed_attempts_retried_in_place_count_towards_tripping() {
-        // Per-key ordering retries in place: the one delivery in flight never finishes while
-        // its handler fails, so only its attempts can trip the switch.
-        let broker = MemoryBroker::new();
-        let consumer = consumer(
-            &broker,
-            3,
-            switch(5, Duration::from_secs(60), Duration::from_secs(3600)),
-        )
-        .ordering(crate::KeyOrdering::PerKey);
-        let control = consumer.control();
-        let watch = control.clone();
-        consumer
-            .run_until(
-                handler_fn(|_d, _cx| async { Err(HandlerError::transient("down")) }),
-                async move {
-                    until(&watch, |c| c.state() == ConsumerState::CircuitOpen).await;
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(control.trips(), 1);
-    }
-
-    #[tokio::test]
-    async fn it_never_trips_below_activation() {
-        let broker = MemoryBroker::new();
-        let consumer = consumer(
-            &broker,
-            20,
-            switch(100, Duration::from_secs(60), Duration::from_secs(3600)),
-        )
-        .max_attempts(1);
-        let control = consumer.control();
-        let idle = consumer.status();
-        let summary = consumer
-            .run_until(
-                handler_fn(|_d, _cx| async { Err(HandlerError::transient("down")) }),
-                async move { idle.idle(Duration::from_millis(300)).await },
-            )
-            .await
-            .unwrap();
-        assert_eq!(summary.dead_lettered, 20, "every failure was handled");
-        assert_eq!(control.trips(), 0);
-        assert_eq!(control.state(), ConsumerState::Running);
-    }
-
-    /// Failures too sparse for the window ever to hold `activation` of them: the window alone
-    /// never trips, but a consumer that has never succeeded does.
-    async fn sparse_failures(first_succeeds: bool) -> Control {
-        let broker = MemoryBroker::new();
-        if first_succeeds {
-            broker.publish("q", Message::new("ok"));
-        }
-        let consumer = consumer(
-            &broker,
-            30,
-            switch(5, Duration::from_millis(100), Duration::from_secs(3600)),
-        );
-        let control = consumer.control();
-        let watch = control.clone();
-        consumer
-            .run_until(
-                handler_fn(|d, _cx| async move {
-                    tokio::time::sleep(Duration::from_millis(60)).await;
-                    if &d.payload[..] == b"ok" {
-                        Ok(())
-                    } else {
-                        Err(HandlerError::transient("down"))
-                    }
-                }),
-                async move {
-                    let give_up = tokio::time::sleep(Duration::from_millis(1200));
-                    tokio::select! {
-                        () = until(&watch, |c| c.trips() > 0) => {}
-                        () = give_up => {}
-                    }
-                },
-            )
-            .await
-            .unwrap();
-        control
-    }
-
-    #[tokio::test]
-    async fn it_trips_on_a_consumer_that_never_succeeded() {
-        assert_eq!(sparse_failures(false).await.trips(), 1);
-        assert_eq!(
-            sparse_failures(true).await.trips(),
-            0,
-            "the same sparse failures after one success: the window decides, and it never fills"
-        );
-    }
-
-    #[tokio::test]
-    async fn it_recovers_through_half_open_once_the_failures_stop() {
-        let broker = MemoryBroker::new();
-        let consumer = consumer(
-            &broker,
-            20,
-            switch(4, Duration::from_secs(60), Duration::from_millis(200)),
-        );
-        let control = consumer.control();
-        let failing = Arc::new(AtomicBool::new(true));
-        let flag = failing.clone();
-        let watch = control.clone();
-        let idle = consumer.status();
-        let summary = consumer
-            .run_until(
-                handler_fn(move |_d, _cx| {
-                    let failing = flag.load(Ordering::SeqCst);
-                    async move {
-                        if failing {
-                            Err(HandlerError::transient("down"))
-                        } else {
-                            Ok(())
-                        }
-                    }
-                }),
-                async move {
-                    until(&watch, |c| c.state() == ConsumerState::CircuitOpen).await;
-                    failing.store(false, Ordering::SeqCst);
-                    until(&watch, |c| c.state() == ConsumerState::Running).await;
-                    idle.idle(Duration::from_millis(300)).await;
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(summary.acked, 20, "everything went through once it closed");
-        assert_eq!(control.trips(), 1);
-        assert_eq!(control.state(), ConsumerState::Running);
-    }
-
-    #[tokio::test]
-    async fn a_failing_probe_opens_it_again() {
-        let broker = MemoryBroker::new();
-        let consumer = consumer(
-            &broker,
-            20,
-            switch(3, Duration::from_secs(60), Duration::from_millis(50)),
-        );
-        let control = consumer.control();
-        let watch = control.clone();
-        consumer
-            .run_until(
-                handler_fn(|_d, _cx| async { Err(HandlerError::transient("down")) }),
-                async move { until(&watch, |c| c.trips() >= 3).await },
-            )
-            .await
-            .unwrap();
-        assert!(control.trips() >= 3);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_probe_that_ends_without_a_verdict_gives_its_place_back() {
-        use crate::error::{ErrorKind, Failure};
-        use crate::outcome::Outcome;
-
-        let control = Control::default();
-        control.install(
-            Some(switch(2, Duration::from_secs(60), Duration::from_secs(1))),
-            Arc::new(crate::metrics::Metrics::detached()),
-        );
-        let failed = Outcome::Retry {
-            after: Duration::ZERO,
-            failure: Failure::new(ErrorKind::Transient, "down"),
-        };
-        control.record(Some(&failed));
-        control.record(Some(&failed));
-        assert_eq!(control.state(), ConsumerState::CircuitOpen);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(matches!(control.admit(10), Admit::Take(2)), "two probes");
-        control.admitted(2);
-        // One probe is a permanent dead letter (not counted), the other's lease is lost (no
-        // outcome at all): neither says whether the failures are over, so both are tried again.
-        let bad_input = Outcome::DeadLetter(Failure::new(ErrorKind::Permanent, "not json"));
-        control.record(Some(&bad_input));
-        control.record(None);
-        assert!(
-            matches!(control.admit(10), Admit::Take(2)),
-            "the probes' places are given back, not lost"
-        );
-        control.admitted(2);
-        control.record(Some(&Outcome::Ack));
-        control.record(Some(&Outcome::Ack));
-        assert_eq!(control.state(), ConsumerState::Running);
-    }
-
-    #[test]
-    fn settings_that_cannot_work_are_refused() {
-        for bad in [
-            KillSwitchConfig {
-                trip: 0.0,
-                ..KillSwitchConfig::default()
-            },
-            KillSwitchConfig {
-                trip: f64::NAN,
-                ..KillSwitchConfig::default()
-            },
-            KillSwitchConfig {
-                activation: 0,
-                ..KillSwitchConfig::default()
-            },
-            KillSwitchConfig {
-                probes: 0,
-                ..KillSwitchConfig::default()
-            },
-            KillSwitchConfig {
-                cooldown: Duration::ZERO,
-                ..KillSwitchConfig::default()
-            },
-            KillSwitchConfig {
-                window: Duration::ZERO,
-                ..KillSwitchConfig::default()
-            },
-        ] {
-            let config = ConsumerConfig {
-                kill_switch: Some(bad),
-                ..ConsumerConfig::default()
-            };
-            assert!(
-                matches!(config.validate(), Err(ConfigError::KillSwitch(_))),
-                "{bad:?}"
-            );
-        }
-        let config: ConsumerConfig = serde_json::from_str(
-            r#"{"kill_switch":{"activation":10,"trip":0.8,"cooldown":"10s"}}"#,
-        )
-        .unwrap();
-        let switch = config.kill_switch.unwrap();
-        assert_eq!(
-            (switch.activation, switch.cooldown),
-            (10, Duration::from_secs(10))
-        );
-        assert!(config.validate().is_ok());
-    }
-}
+mod tests;

@@ -33,14 +33,23 @@ pub struct LeaseConfig {
     /// The longest a delivery is held in all, counted from receipt.
     #[serde(with = "crate::config::duration")]
     pub max_total: Duration,
+    /// Whether a handler whose lease is lost is stopped at once (its future dropped at its
+    /// next `.await`) instead of being told through [`Context::cancelled`] and left to stop by
+    /// itself. Off by default: cancellation is cooperative, and a handler that ignores it runs
+    /// to its end (its delivery is still never acked). Turn it on for handlers that are safe
+    /// to drop at any `.await` (no half-done effect the redelivery cannot repair).
+    ///
+    /// [`Context::cancelled`]: crate::Context::cancelled
+    pub abort_on_loss: bool,
 }
 
 impl Default for LeaseConfig {
-    /// Extend at 70%, hold for at most 1 hour.
+    /// Extend at 70%, hold for at most 1 hour, cancel cooperatively.
     fn default() -> Self {
         LeaseConfig {
             extend_at: 0.7,
             max_total: Duration::from_secs(3600),
+            abort_on_loss: false,
         }
     }
 }

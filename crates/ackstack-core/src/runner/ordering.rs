@@ -77,17 +77,49 @@ impl Turn {
     }
 }
 
-impl Drop for Turn {
-    fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
-            let _ = done.send(());
+impl Turn {
+    /// Lets the key's next delivery go, and forgets the key if this was its last turn.
+    fn finish(gate: &KeyGate, key: &Bytes, seq: u64, done: oneshot::Sender<()>) {
+        let _ = done.send(());
+        let mut tails = gate.tails.lock().unwrap_or_else(|p| p.into_inner());
+        if tails.get(key).is_some_and(|(last, _)| *last == seq) {
+            tails.remove(key);
         }
-        let mut tails = self.gate.tails.lock().unwrap_or_else(|p| p.into_inner());
-        if tails
-            .get(&self.key)
-            .is_some_and(|(seq, _)| *seq == self.seq)
-        {
-            tails.remove(&self.key);
+    }
+}
+
+impl Drop for Turn {
+    /// A turn that ran (or whose predecessors had all finished) lets the next one go at once.
+    /// A turn left before it came (its lease lost, its partition revoked, the deadline
+    /// reached) hands its place on only once the delivery ahead of it has finished, so the
+    /// key's next delivery never runs beside one that is still running; the key stays in the
+    /// gate until then, so a delivery entering meanwhile waits too.
+    fn drop(&mut self) {
+        let Some(done) = self.done.take() else {
+            return;
+        };
+        let Some(mut previous) = self.previous.take() else {
+            Turn::finish(&self.gate, &self.key, self.seq, done);
+            return;
+        };
+        if !matches!(
+            previous.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ) {
+            // The one ahead has finished (or left): nothing to wait for.
+            Turn::finish(&self.gate, &self.key, self.seq, done);
+            return;
+        }
+        let (gate, key, seq) = (self.gate.clone(), self.key.clone(), self.seq);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = previous.await;
+                    Turn::finish(&gate, &key, seq, done);
+                });
+            }
+            // No runtime left to wait on: nothing of this gate runs any more.
+            Err(_) => Turn::finish(&gate, &key, seq, done),
         }
     }
 }
@@ -119,5 +151,39 @@ mod tests {
         assert_eq!(gate.len(), 1, "only key a's last turn is left");
         drop(second);
         assert!(gate.is_empty());
+    }
+
+    #[tokio::test]
+    async fn turns_left_before_they_came_keep_the_next_one_behind_the_running_one() {
+        let key = Bytes::from_static(b"k");
+        let gate = KeyGate::new();
+        let running = gate.enter(key.clone());
+        let mut first_waiting = gate.enter(key.clone());
+        let second_waiting = gate.enter(key.clone());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), first_waiting.wait())
+                .await
+                .is_err()
+        );
+        // Both waiting deliveries lose their leases and leave without running.
+        drop(first_waiting);
+        drop(second_waiting);
+        let mut next = gate.enter(key.clone());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), next.wait())
+                .await
+                .is_err(),
+            "the key's next delivery started while an earlier one was still running"
+        );
+        drop(running);
+        tokio::time::timeout(Duration::from_secs(1), next.wait())
+            .await
+            .unwrap();
+        drop(next);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            gate.is_empty(),
+            "the key is forgotten once its line is empty"
+        );
     }
 }

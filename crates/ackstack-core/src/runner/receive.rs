@@ -68,17 +68,18 @@ impl<S: Source, L> Consumer<S, L> {
         let judge = cfg.kill_switch.is_some().then(|| self.control.clone());
         let on_in_place: Option<crate::retry::OnInPlaceRetry> =
             (inspector.is_some() || judge.is_some()).then(|| {
-                Arc::new(move |d: &Delivery, o: &Outcome| {
-                    if let Some(inspect) = &inspector {
-                        call_inspector(inspect, d, o);
-                    }
-                    if let Some(control) = &judge {
-                        control.record(Some(o));
-                    }
-                }) as crate::retry::OnInPlaceRetry
+                Arc::new(
+                    move |d: &Delivery, o: &Outcome, cx: &crate::handler::Context| {
+                        if let Some(inspect) = &inspector {
+                            call_inspector(inspect, d, o);
+                        }
+                        if let Some(control) = &judge {
+                            control.record(Some(o), cx.probe());
+                        }
+                    },
+                ) as crate::retry::OnInPlaceRetry
             });
         let terminal = Terminal::new(handler).classify(self.classifier.clone());
-        let has_dedup = self.dedup.is_some();
         let dedup = self
             .dedup
             .take()
@@ -125,9 +126,9 @@ impl<S: Source, L> Consumer<S, L> {
             stopping: CancellationToken::new(),
             on_refused: cfg.on_dead_letter_refused,
             refusals: Refusals::default(),
-            dedup: has_dedup,
             kill_switch: cfg.kill_switch.is_some().then(|| self.control.clone()),
             metrics,
+            abort_on_loss: cfg.lease.abort_on_loss,
         });
         self.control.install(cfg.kill_switch, own.clone());
         let control = self.control.clone();
@@ -147,7 +148,17 @@ impl<S: Source, L> Consumer<S, L> {
             while let Some(done) = tasks.try_join_next() {
                 log_join_error(done);
             }
-            // Paused, or the kill switch open: take nothing until that changes.
+            let first = tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break Ok(()),
+                },
+            };
+            // Paused, or the kill switch open: take nothing until that changes. Asked with a
+            // permit in hand, right before the receive, so that nothing is received after a
+            // pause or a trip that happened while the loop waited for a permit.
             let admitted = loop {
                 let changed = control.changed();
                 tokio::pin!(changed);
@@ -164,14 +175,6 @@ impl<S: Source, L> Consumer<S, L> {
                         }
                     }
                 }
-            };
-            let first = tokio::select! {
-                biased;
-                _ = &mut shutdown => break Ok(()),
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break Ok(()),
-                },
             };
             let max = (1 + permits.available_permits())
                 .min(receive_batch)
@@ -206,7 +209,7 @@ impl<S: Source, L> Consumer<S, L> {
                 }
             };
             let received_at = Instant::now();
-            control.admitted(batch.len());
+            let probe = control.admitted(batch.len());
             shared.status.received(batch.len() as u64);
             let mut first = Some(first);
             for received in batch {
@@ -240,7 +243,9 @@ impl<S: Source, L> Consumer<S, L> {
                 tasks.spawn(Box::pin(async move {
                     let _permit = permit;
                     let _in_flight = in_flight;
-                    shared.run_one(received, cancel, lease, turn, metrics).await;
+                    shared
+                        .run_one(received, cancel, lease, turn, metrics, probe)
+                        .await;
                 }));
             }
         };

@@ -86,14 +86,23 @@ impl<P: Process, S: Settle> Shared<P, S> {
     /// Releases the delivery for redelivery: its lease first (waiting out an extension in
     /// flight, so none lands after the release), then the message. A lease already lost is
     /// not ours to release.
-    async fn give_back(&self, token: S::Token, lease: Option<LeaseGuard<S::Token>>) {
+    async fn give_back(
+        &self,
+        token: S::Token,
+        lease: Option<LeaseGuard<S::Token>>,
+        at_shutdown: bool,
+    ) {
         if let Some(lease) = lease {
             if lease.state().is_lost() {
                 return;
             }
             lease.release().await;
         }
-        self.settler.release(token).await;
+        if at_shutdown {
+            self.settler.release_at_shutdown(token).await;
+        } else {
+            self.settler.release(token).await;
+        }
     }
 
     /// Settles from the outcome. The lease is kept until the ack is confirmed; for a retry it
@@ -109,14 +118,17 @@ impl<P: Process, S: Settle> Shared<P, S> {
     ) {
         let settled = match outcome {
             Outcome::Release => {
-                self.give_back(token, lease).await;
+                // Never started; when the run is ending, given back in the broker's terms for
+                // a delivery left at shutdown.
+                let at_shutdown = self.stopping.is_cancelled();
+                self.give_back(token, lease, at_shutdown).await;
                 return;
             }
             Outcome::Ack => {
                 self.counters
                     .succeeded
                     .fetch_add(1, AtomicOrdering::Relaxed);
-                self.acks.push_held(token, lease, cx.take_done()).await;
+                self.acks.push_held(token, lease).await;
                 return;
             }
             Outcome::Retry { after, failure } => {
@@ -141,7 +153,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
         match settled {
             Ok(Settled::Done) => {}
             Ok(Settled::AckOriginal(token)) => {
-                self.acks.push_held(token, lease, None).await;
+                self.acks.push_held(token, lease).await;
             }
             Err(SettleFailure { token, error }) => {
                 self.counters
@@ -164,7 +176,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                     _ = cx.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
                 }
-                self.give_back(token, lease).await;
+                self.give_back(token, lease, false).await;
             }
         }
     }
