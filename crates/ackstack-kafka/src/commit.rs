@@ -2,6 +2,7 @@
 //! settler, and the commits of the partitions' watermarks, in the order their positions were
 //! taken.
 
+use crate::reach::Reachability;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
@@ -41,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) lost: Arc<Counter>,
     /// Wakes the poll thread when records arrive or the runner makes room.
     pub(crate) flow: Flow,
+    /// Whether the cluster can be reached (librdkafka's all-brokers-down errors).
+    pub(crate) reach: Reachability,
 }
 
 /// Acks since the last commit, and when that was.
@@ -70,6 +73,7 @@ impl Shared {
             revocations: Arc::default(),
             lost: Arc::default(),
             flow: Flow::default(),
+            reach: Reachability::default(),
         }
     }
 

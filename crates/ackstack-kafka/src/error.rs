@@ -16,3 +16,19 @@ pub enum KafkaError {
     #[error("offset commit got no answer within {0:?}")]
     CommitTimeout(std::time::Duration),
 }
+
+impl KafkaError {
+    /// Whether repeating cannot help: an invalid configuration, or librdkafka refusing to
+    /// create the client or subscribe (an unknown or invalid property, a security protocol
+    /// this build lacks). A consumer waiting for its cluster at start-up stops on these.
+    pub fn is_permanent(&self) -> bool {
+        use rdkafka::error::KafkaError as E;
+        match self {
+            KafkaError::Config(_) => true,
+            KafkaError::Client(E::ClientCreation(_) | E::ClientConfig(..) | E::Subscription(_)) => {
+                true
+            }
+            KafkaError::Client(_) | KafkaError::CommitTimeout(_) => false,
+        }
+    }
+}

@@ -128,6 +128,7 @@ mod headers;
 mod poller;
 pub mod publisher;
 mod queues;
+mod reach;
 #[cfg(feature = "test-util")]
 mod reader;
 mod settler;

@@ -74,6 +74,12 @@ impl ClientContext for KafkaContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error
+            .rdkafka_error_code()
+            .is_some_and(crate::reach::means_unreachable)
+        {
+            self.shared.reach.lost(reason);
+        }
         tracing::warn!(target: "librdkafka", %error, reason, "client error");
     }
 }
@@ -177,6 +183,9 @@ impl Poller {
             }
             // Wake-ups from here on are kept for the wait below.
             self.shared.flow.reset();
+            if self.shared.reach.probe_due() {
+                self.probe();
+            }
             let mut busy = self.serve_consumer_queue();
             self.queues
                 .extend(self.consumer.context().queues.take_new());
@@ -278,6 +287,7 @@ impl Poller {
     /// came through the consumer queue (`split` false) pauses its partition if it had to be
     /// kept; a split partition is not paused: its queue is simply not read until there is room.
     fn on_message(&mut self, m: &BorrowedMessage<'_>, split: bool) {
+        self.shared.reach.regained();
         let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
         if self.shared.closing.load(Ordering::SeqCst) {
             // Not tracked and never handed out: read again by the next owner.
@@ -328,8 +338,25 @@ impl Poller {
                 self.shared.closing.store(true, Ordering::SeqCst);
             }
             other => {
+                if other
+                    .rdkafka_error_code()
+                    .is_some_and(crate::reach::means_unreachable)
+                {
+                    self.shared.reach.lost(&other.to_string());
+                }
                 tracing::warn!(error = %other, "consumer error (librdkafka retries by itself)")
             }
+        }
+    }
+
+    /// Asks the cluster for the topic's metadata: an answer means it is reachable again.
+    fn probe(&self) {
+        match self
+            .consumer
+            .fetch_metadata(Some(&*self.topic), crate::reach::PROBE_EVERY)
+        {
+            Ok(_) => self.shared.reach.regained(),
+            Err(error) => tracing::debug!(%error, "Kafka cluster still unreachable"),
         }
     }
 

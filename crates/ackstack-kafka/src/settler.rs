@@ -271,6 +271,17 @@ impl ackstack_core::Settle for KafkaSettler {
         self.inner.shared.rewinds().push(token);
     }
 
+    /// Leaves the record unfinished: the partition's final commit stops right before it, and
+    /// the next owner reads it (and what follows it) again. A rewind here would start a new
+    /// generation and throw away the completions of the partition's records still finishing
+    /// in the drain, so the final commit would fall short of them.
+    async fn release_at_shutdown(&self, token: KafkaToken) {
+        tracing::debug!(
+            topic = %token.topic, partition = token.partition, offset = token.offset,
+            "record left unfinished at shutdown; its partition's commit stops before it"
+        );
+    }
+
     async fn flush(&self) {
         match self.commit_now().await {
             Ok(n) => tracing::debug!(partitions = n, "offsets flushed"),

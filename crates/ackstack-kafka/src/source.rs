@@ -148,14 +148,22 @@ impl ackstack_core::Source for KafkaSource {
         if self.inner.shared.closing.load(Ordering::SeqCst) {
             return Ok(out);
         }
-        let first = match tokio::time::timeout(IDLE_WAIT, self.rx.recv()).await {
-            Err(_) => return Ok(out),
-            Ok(None) => {
-                return Err(SourceError::Fatal(
-                    "the Kafka poll thread has stopped".into(),
-                ));
+        let stopped = || SourceError::Fatal("the Kafka poll thread has stopped".into());
+        let first = match self.rx.try_recv() {
+            Ok(item) => item,
+            Err(mpsc::error::TryRecvError::Disconnected) => return Err(stopped()),
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Nothing buffered: while the cluster cannot be reached, say so (the runner
+                // counts it and shows the broker unreachable) instead of waiting in silence.
+                if let Some(why) = self.inner.shared.reach.error() {
+                    return Err(SourceError::Disconnected(why.into()));
+                }
+                match tokio::time::timeout(IDLE_WAIT, self.rx.recv()).await {
+                    Err(_) => return Ok(out),
+                    Ok(None) => return Err(stopped()),
+                    Ok(Some(item)) => item,
+                }
             }
-            Ok(Some(item)) => item,
         };
         let mut next = Some(first);
         while let Some(item) = next.take() {

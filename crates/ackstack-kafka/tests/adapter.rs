@@ -672,3 +672,58 @@ async fn a_full_buffer_stops_reading_without_pausing_and_keeps_each_partitions_o
     let committed: i64 = k.committed(&group, &topic, 3).await.iter().sum();
     assert_eq!(committed, N as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_committed_offsets_continues_from_them() {
+    // The team's current consumer (a plain client) committed offset 6 of 10; ackstack joins the
+    // same group with auto.offset.reset=earliest and must continue at 6, not start over.
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let k = kafka();
+    let topic = unique_name("history");
+    let group = unique_name("g");
+    k.create_topic(&topic, 1).await;
+    k.produce(&topic, 10, 1).await;
+    let old: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &k.brokers)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut position = rdkafka::TopicPartitionList::new();
+    position
+        .add_partition_offset(&topic, 0, rdkafka::Offset::Offset(6))
+        .unwrap();
+    old.commit(&position, CommitMode::Sync).unwrap();
+    drop(old);
+    assert_eq!(k.committed(&group, &topic, 1).await, vec![6]);
+
+    let config = k.config(&group, &topic);
+    assert_eq!(config.auto_offset_reset, "earliest");
+    let mut source = KafkaSource::new(&config).unwrap();
+    let got = receive_n(&mut source, 4, WAIT).await;
+    assert_eq!(
+        ids(&got),
+        vec![6, 7, 8, 9],
+        "continued from the committed offset"
+    );
+    assert!(
+        receive_for(&mut source, Duration::from_secs(1))
+            .await
+            .is_empty(),
+        "nothing before the committed offset is read again"
+    );
+}
+
+#[test]
+fn an_invalid_configuration_is_a_permanent_error_at_once() {
+    // A property librdkafka does not know: no retry can fix it, so a consumer waiting for its
+    // cluster at start-up must stop on it instead of waiting.
+    let k = kafka();
+    let config = k
+        .config(&unique_name("g"), &unique_name("t"))
+        .property("no.such.property", "1");
+    let err = KafkaSource::new(&config).expect_err("an unknown property is refused");
+    assert!(err.is_permanent(), "{err}");
+    assert!(err.to_string().contains("no.such.property"), "{err}");
+    let unreachable = KafkaError::CommitTimeout(Duration::from_secs(1));
+    assert!(!unreachable.is_permanent());
+}
