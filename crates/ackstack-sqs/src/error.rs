@@ -22,6 +22,10 @@ pub enum SqsError {
     /// A queue does not exist and `create_queues` is off.
     #[error("SQS queue {0:?} does not exist (set create_queues to create it)")]
     QueueNotFound(String),
+    /// SQS refused a request for good (access denied, an invalid parameter): repeating it
+    /// cannot help.
+    #[error("SQS refused the request: {0}")]
+    Refused(String),
     /// An SQS request failed.
     #[error("SQS request failed: {0}")]
     Sdk(#[source] BoxError),
@@ -33,6 +37,18 @@ pub enum SqsError {
         /// The timeout that passed.
         after: Duration,
     },
+}
+
+impl SqsError {
+    /// Whether repeating the call cannot help: the configuration, a queue that does not exist
+    /// (and is not to be created), or a refusal such as access denied. A consumer that waits
+    /// for its broker at start-up stops waiting on these and reports them.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            SqsError::Config(_) | SqsError::QueueNotFound(_) | SqsError::Refused(_)
+        )
+    }
 }
 
 /// How an SQS error is handled.
@@ -122,9 +138,12 @@ where
         }
     }
 
-    /// As a setup error.
+    /// As a setup error: [`SqsError::Refused`] for what no retry can fix.
     pub(crate) fn into_sqs_error(self) -> SqsError {
         match self {
+            CallError::Sdk(e) if classify_sdk(&e) == ErrorClass::Rejected => {
+                SqsError::Refused(describe(&e))
+            }
             CallError::Sdk(e) => SqsError::Sdk(describe(&e).into()),
             CallError::Timeout { operation, after } => SqsError::Timeout { operation, after },
         }

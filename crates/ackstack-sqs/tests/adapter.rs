@@ -131,9 +131,34 @@ async fn missing_queue_is_a_typed_error() {
         let client = testing::client().await;
         let config = SqsConfig::queue(testing::unique_name("missing")).with_wait_time_seconds(1);
         match SqsSource::from_client(client, config).await {
-            Err(SqsError::QueueNotFound(_)) => {}
+            Err(e @ SqsError::QueueNotFound(_)) => {
+                assert!(e.is_permanent(), "no retry creates the queue: {e}")
+            }
             other => panic!("expected QueueNotFound, got {other:?}"),
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_queue_sqs_refuses_to_create_is_a_permanent_error() {
+    bounded(async {
+        let client = testing::client().await;
+        let config = SqsConfig::queue("orders.v2")
+            .with_create_queues(true)
+            .with_wait_time_seconds(1);
+        match SqsSource::from_client(client, config).await {
+            Err(e) => assert!(e.is_permanent(), "{e:?}"),
+            Ok(_) => panic!("SQS created a queue with an invalid name"),
+        }
+        let timeout = SqsError::Timeout {
+            operation: "GetQueueUrl",
+            after: Duration::from_secs(1),
+        };
+        assert!(
+            !timeout.is_permanent(),
+            "an endpoint that does not answer is waited for"
+        );
     })
     .await;
 }

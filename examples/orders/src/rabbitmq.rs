@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ackstack::Backoff;
 use ackstack::rabbitmq::config::redact_uri;
-use ackstack::rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
+use ackstack::rabbitmq::{RabbitConfig, RabbitError, RabbitPublisher, RabbitSource};
 
 use crate::{CONSUMER_NAME, Options, StartError};
 
@@ -21,15 +21,20 @@ pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), 
         .validate()
         .map_err(|e| StartError::Config(Box::new(e)))?;
     let at = redact_uri(&opts.amqp_url);
-    let unreachable = |e: &dyn std::fmt::Display| {
-        StartError::Unreachable(format!("RabbitMQ at {at}: {e}").into())
+    // A refusal no retry can fix (a queue declared with other arguments, access refused)
+    // ends the start at once; only an unreachable broker is waited for.
+    let failed = |e: RabbitError| {
+        let text = format!("RabbitMQ at {at}: {e}");
+        if e.is_fatal() {
+            StartError::Config(text.into())
+        } else {
+            StartError::Unreachable(text.into())
+        }
     };
     let publisher = RabbitPublisher::connect(config.clone())
         .await
-        .map_err(|e| unreachable(&e))?;
-    let source = RabbitSource::connect(config)
-        .await
-        .map_err(|e| unreachable(&e))?;
+        .map_err(failed)?;
+    let source = RabbitSource::connect(config).await.map_err(failed)?;
     Ok((source, publisher))
 }
 

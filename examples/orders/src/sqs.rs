@@ -29,9 +29,16 @@ pub async fn connect(opts: &Options) -> Result<(SqsSource, SqsPublisher), StartE
         .with_wait_time_seconds(2)
         .with_consumer_name(CONSUMER_NAME);
     let at = &opts.sqs_endpoint;
-    let source = SqsSource::from_client(client, config)
-        .await
-        .map_err(|e| StartError::Unreachable(format!("SQS at {at}: {e}").into()))?;
+    // A refusal no retry can fix (access denied, an invalid queue name) ends the start at
+    // once; only an unreachable endpoint is waited for.
+    let source = SqsSource::from_client(client, config).await.map_err(|e| {
+        let text = format!("SQS at {at}: {e}");
+        if e.is_permanent() {
+            StartError::Config(text.into())
+        } else {
+            StartError::Unreachable(text.into())
+        }
+    })?;
     let publisher = SqsPublisher::for_source(&source);
     Ok((source, publisher))
 }

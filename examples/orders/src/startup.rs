@@ -9,7 +9,8 @@ use crate::{CONNECT_TIMEOUT, Fatal};
 
 /// Why a start-up step did not succeed.
 pub enum StartError {
-    /// The configuration is wrong: give up at once (exit 1).
+    /// The configuration is wrong, or the broker refused something no retry can fix (a queue
+    /// declared with other arguments, access denied): give up at once (exit 1).
     Config(Fatal),
     /// The broker, Redis or PostgreSQL did not answer: wait and try again.
     Unreachable(Fatal),

@@ -273,6 +273,69 @@ fn unreachable_broker_waits_then_exits_1_at_the_connect_timeout_without_leaking_
 }
 
 #[test]
+fn a_queue_rabbitmq_refuses_to_declare_ends_the_start_at_once_with_exit_1() {
+    // The queue exists with arguments of its own: the broker refuses ackstack's declare with
+    // PRECONDITION_FAILED, which no retry can fix. No --connect-timeout: waiting would be for
+    // ever, so the test's own time limit catches it.
+    use ackstack::rabbitmq::lapin;
+    let queue = unique_name("orders-refused");
+    let uri = env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let mut args = lapin::types::FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            lapin::types::AMQPValue::LongInt(60_000),
+        );
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        conn.close(200, "done".into()).await.unwrap();
+    });
+    let run = orders(
+        &["--broker", "rabbitmq", "--queue", &queue, "--consume-only"],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("PRECONDITION_FAILED"), "{run:?}");
+    assert!(
+        !run.stderr.contains("waiting for RabbitMQ"),
+        "a refusal was waited out as an outage: {run:?}"
+    );
+    assert!(!run.stderr.contains("panicked"));
+}
+
+#[test]
+fn an_sqs_queue_that_cannot_exist_ends_the_start_at_once_with_exit_1() {
+    // A dot is only allowed in the ".fifo" suffix: SQS refuses to create this queue
+    // (InvalidParameterValue), which no retry can fix.
+    let run = orders(
+        &["--broker", "sqs", "--queue", "orders.v2", "--consume-only"],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        !run.stderr.contains("waiting for SQS"),
+        "a refusal was waited out as an outage: {run:?}"
+    );
+    assert!(!run.stderr.contains("panicked"));
+}
+
+#[test]
 fn rabbitmq_publish_run_then_consume_only_run() {
     let queue = unique_name("orders-cli");
     let run = orders(&["--broker", "rabbitmq", "--queue", &queue], &[], LIMIT);
