@@ -30,7 +30,8 @@ EXIT CODES:
     0 done, 1 broker error, 2 bad arguments, 3 some selected messages were skipped (the loop
     guard, or no original queue known) or some letters were out of reach (SQS hands out no
     letter another reader holds, and a FIFO queue nothing more of a message group behind a
-    letter the scan keeps).";
+    letter the scan keeps), or the run stopped at a letter whose removal cannot be recorded
+    (Kafka: too many letters removed past a kept one for the commit's metadata).";
 
 /// ackstack: dead-letter tooling for RabbitMQ, Amazon SQS and Kafka.
 #[derive(Parser, Debug)]

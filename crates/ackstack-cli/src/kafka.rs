@@ -151,12 +151,7 @@ impl KafkaDlq {
         while p.done.remove(&p.committed) {
             p.committed += 1;
         }
-        let metadata = p
-            .done
-            .iter()
-            .map(i64::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+        let metadata = done_metadata(&p.done);
         if metadata.len() > MAX_METADATA {
             return Err(CliError::Broker(format!(
                 "too many letters removed past a kept one in partition {id}; replay or purge \
@@ -185,6 +180,26 @@ fn start_of(committed: Option<i64>, low: i64, high: i64) -> (i64, bool) {
         Some(o) => (o.max(low), false),
         None => (low, false),
     }
+}
+
+/// The metadata that records `done` (removed offsets past the committed one).
+fn done_metadata(done: &BTreeSet<i64>) -> String {
+    done.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether removing `offset` can still be recorded: the commit position moves past the
+/// removed letters in a row, and the rest must fit the metadata.
+fn removal_fits(committed: i64, done: &BTreeSet<i64>, offset: i64) -> bool {
+    let mut done = done.clone();
+    done.insert(offset);
+    let mut committed = committed;
+    while done.remove(&committed) {
+        committed += 1;
+    }
+    done_metadata(&done).len() <= MAX_METADATA
 }
 
 /// The removed offsets written in a commit's metadata (those at or above `start`).
@@ -300,6 +315,12 @@ impl DeadLetters for KafkaDlq {
         Ok(())
     }
 
+    fn can_remove(&self, handle: &Handle) -> bool {
+        self.partitions
+            .get(&handle.partition)
+            .is_none_or(|p| removal_fits(p.committed, &p.done, handle.offset))
+    }
+
     async fn finish(self) -> Result<(), CliError> {
         Ok(())
     }
@@ -321,6 +342,26 @@ mod tests {
         assert_eq!(start_of(Some(10), 0, 10), (10, false), "everything removed");
         assert_eq!(start_of(Some(2), 5, 10), (5, false), "retention passed it");
         assert_eq!(start_of(Some(500), 0, 10), (0, true), "a recreated topic");
+    }
+
+    #[test]
+    fn a_removal_fits_while_its_metadata_does() {
+        let empty = BTreeSet::new();
+        assert!(
+            removal_fits(0, &empty, 0),
+            "the next in a row needs no metadata"
+        );
+        assert!(removal_fits(0, &empty, 5));
+        // A kept letter at 0 and removed ones from 1 on: each needs its place in the metadata.
+        let full: BTreeSet<i64> = (1..)
+            .take_while(|n| done_metadata(&(1..=*n).collect()).len() <= MAX_METADATA)
+            .collect();
+        let next = full.last().unwrap() + 1;
+        assert!(!removal_fits(0, &full, next), "the metadata is full");
+        assert!(
+            removal_fits(0, &full, 0),
+            "removing the kept letter moves the position past all of them"
+        );
     }
 
     #[test]

@@ -67,6 +67,15 @@ pub trait DeadLetters {
     /// Removes the letter from the dead-letter queue.
     fn remove(&mut self, handle: Self::Handle) -> impl Future<Output = Result<(), CliError>>;
 
+    /// Whether removing the letter can be recorded now. Asked before a replay sends its copy,
+    /// so that a letter whose removal could not be recorded is never sent (it would be sent
+    /// again on every run). Kafka records removals past a kept letter in its commit metadata,
+    /// which has a size limit; every other broker can always remove.
+    fn can_remove(&self, handle: &Self::Handle) -> bool {
+        let _ = handle;
+        true
+    }
+
     /// Leaves the letter where it is.
     fn keep(&mut self, handle: Self::Handle) -> impl Future<Output = Result<(), CliError>>;
 
@@ -153,6 +162,9 @@ pub struct Report {
     pub skipped_unknown: u64,
     /// Letters the scan could not reach ([`DeadLetters::unreached`]).
     pub unreached: u64,
+    /// Letters left because their removal could not be recorded ([`DeadLetters::can_remove`]):
+    /// the run stopped at the first.
+    pub stopped_unrecordable: u64,
     /// Of `done`, letters whose send was retried after an unanswered attempt
     /// ([`Sent::Retried`]): each may be on its queue twice.
     pub retried: u64,
@@ -162,7 +174,7 @@ impl Report {
     /// Whether some selected letters were skipped, or some letters out of reach (exit
     /// code 3).
     pub fn skipped(&self) -> bool {
-        self.skipped_loop + self.skipped_unknown + self.unreached > 0
+        self.skipped_loop + self.skipped_unknown + self.unreached + self.stopped_unrecordable > 0
     }
 }
 
@@ -224,6 +236,12 @@ pub async fn replay<D: DeadLetters>(
                 dlq.keep(found.handle).await?;
                 continue;
             }
+            if !dlq.can_remove(&found.handle) {
+                progress.line(&stopped_unrecordable(&letter.id));
+                report.stopped_unrecordable += 1;
+                dlq.keep(found.handle).await?;
+                break;
+            }
             if let Some(pace) = pace {
                 tokio::time::sleep_until(next_send.into()).await;
                 next_send = Instant::now() + pace;
@@ -270,6 +288,12 @@ pub async fn purge<D: DeadLetters>(
                 continue;
             }
             let id = found.letter.id.clone();
+            if !dlq.can_remove(&found.handle) {
+                progress.line(&stopped_unrecordable(&id));
+                report.stopped_unrecordable += 1;
+                dlq.keep(found.handle).await?;
+                break;
+            }
             dlq.remove(found.handle).await?;
             report.done += 1;
             progress.done(&format!("purged {id}"));
@@ -277,6 +301,14 @@ pub async fn purge<D: DeadLetters>(
         Ok(report)
     })
     .await
+}
+
+/// What a run says when it stops at a letter whose removal cannot be recorded.
+fn stopped_unrecordable(id: &str) -> String {
+    format!(
+        "stopped at {id}: its removal cannot be recorded (too many letters removed past a kept \
+         one); replay or purge the kept letters first, or run without a filter"
+    )
 }
 
 /// Progress on stderr: a bar with count, rate and ETA on a terminal, plain lines otherwise.

@@ -149,3 +149,61 @@ async fn kafka_replay_loop_guard_and_purge() {
 async fn kafka_replay_of_1000_survives_sigkill() {
     common::replay_survives_sigkill(&Kafka::new(), 1000, 500, None).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_replay_stops_before_a_letter_whose_removal_cannot_be_recorded() {
+    // One letter the filter keeps, then 1,000 it selects, all in one partition: the removed
+    // ones past the kept one go into the replay group's commit metadata until it is full. The
+    // run must stop before sending a letter it could not record (exit 3), and a second run
+    // must send none of the letters again.
+    use ackstack_core::{DeadLetter, Delivery, ErrorKind, Failure, Origin};
+    let fx = Kafka::new();
+    let dlq = format!("{}-dlq", fx.topic);
+    let letter = |body: String, error: &str| {
+        let delivery = Delivery::new(body.clone(), Origin::new("kafka", fx.topic.as_str(), "t"));
+        let metadata = DeadLetter::new(&delivery, Failure::new(ErrorKind::Transient, error))
+            .metadata(&delivery);
+        let mut message = Message::new(body).key("one partition");
+        metadata.apply_to(&mut message.headers);
+        message
+    };
+    let publisher = KafkaPublisher::new(&fx.brokers, &dlq).unwrap();
+    publisher
+        .publish(letter("kept".into(), "left alone"))
+        .await
+        .unwrap();
+    const SELECTED: usize = 1000;
+    for i in 0..SELECTED {
+        publisher
+            .publish(letter(format!("r{i}"), "replay me"))
+            .await
+            .unwrap();
+    }
+
+    let first = common::ackstack(&fx, &["dlq", "replay", "--grep", "replay me"]);
+    assert_eq!(first.code, Some(3), "{first:?}");
+    assert!(first.stderr.contains("stopped at"), "{first:?}");
+    let sent = fx.drain_work(SELECTED).await.len();
+    assert!(
+        (500..SELECTED).contains(&sent),
+        "{sent} replayed before the metadata filled"
+    );
+    assert!(
+        first
+            .text()
+            .contains(&format!("replayed {sent} dead letter(s)")),
+        "every letter sent was recorded as removed: {first:?}"
+    );
+
+    let second = common::ackstack(&fx, &["dlq", "replay", "--grep", "replay me"]);
+    assert_eq!(second.code, Some(3), "{second:?}");
+    assert!(
+        second.text().contains("replayed 0 dead letter(s)"),
+        "{second:?}"
+    );
+    assert_eq!(
+        fx.drain_work(1).await.len(),
+        0,
+        "a letter was sent again by the second run"
+    );
+}
