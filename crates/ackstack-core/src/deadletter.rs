@@ -36,6 +36,10 @@ pub enum DeadLetterReason {
     Permanent,
     /// The message failed transiently on every allowed attempt.
     MaxAttempts,
+    /// The consumer process died while handling the message, as many times as attempts are
+    /// allowed (an out-of-memory kill, an abort, a segfault), or the message arrived past its
+    /// attempt limit without a settlement (the broker counted deliveries that ended so).
+    Crashed,
 }
 
 /// A decision to dead-letter: the last failure, how many attempts were made, and why.
@@ -60,6 +64,22 @@ impl DeadLetter {
             attempts: failure.attempt.max(delivery.attempt),
             failure,
             reason,
+        }
+    }
+
+    /// Dead-letters `delivery` whose handling took the consumer process down `crashes` times
+    /// (or that arrived past its attempt limit: `crashes` is then the broker's count).
+    pub fn crashed(delivery: &Delivery, crashes: u32) -> Self {
+        DeadLetter {
+            failure: Failure::new(
+                ErrorKind::Transient,
+                format!(
+                    "the consumer stopped without settling this message {crashes} times (the \
+                     process died while handling it, or the message was never settled)"
+                ),
+            ),
+            attempts: crashes.max(delivery.attempt),
+            reason: DeadLetterReason::Crashed,
         }
     }
 
@@ -189,6 +209,7 @@ impl DeadLetterMetadata {
             reason: match get("reason")? {
                 "permanent" => DeadLetterReason::Permanent,
                 "max_attempts" => DeadLetterReason::MaxAttempts,
+                "crashed" => DeadLetterReason::Crashed,
                 _ => return None,
             },
             error_kind: match get("error-kind")? {
@@ -214,6 +235,7 @@ fn reason_str(r: DeadLetterReason) -> &'static str {
     match r {
         DeadLetterReason::Permanent => "permanent",
         DeadLetterReason::MaxAttempts => "max_attempts",
+        DeadLetterReason::Crashed => "crashed",
     }
 }
 

@@ -338,6 +338,9 @@ impl Source for MemorySource {
                                 id,
                                 receive: receives,
                             },
+                            // The broker lives in the consumer's process: no redelivery
+                            // outlives a crash.
+                            suspect: false,
                         }
                     })
                     .collect());

@@ -18,6 +18,50 @@ pub struct Received<T> {
     pub delivery: Delivery,
     /// The broker's handle: delivery tag, receipt handle, partition offset.
     pub token: T,
+    /// Whether this delivery may have been in flight when an earlier consumer process died
+    /// (the broker delivered it before and it was never settled: RabbitMQ's `redelivered`,
+    /// an SQS receive count above 1). The runner runs a suspect alone, with nothing else in
+    /// flight, after [`Settle::arm`], so that a crash during its run is pinned on it.
+    pub suspect: bool,
+}
+
+impl<T> Received<T> {
+    /// A delivery that is not a suspect.
+    pub fn new(delivery: Delivery, token: T) -> Self {
+        Received {
+            delivery,
+            token,
+            suspect: false,
+        }
+    }
+
+    /// Marks the delivery as a suspect (see [`Received::suspect`]).
+    pub fn suspect(mut self, suspect: bool) -> Self {
+        self.suspect = suspect;
+        self
+    }
+}
+
+/// What [`Settle::arm`] made of a suspect.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Armed<T> {
+    /// Run it now, alone. `crashes`: its earlier runs alone that ended with the process dead.
+    Run {
+        /// The delivery's handle.
+        token: T,
+        /// Earlier runs alone that ended with the process dead.
+        crashes: u32,
+    },
+    /// Moved where its crash count travels with it (a copy confirmed by the broker): it will
+    /// be received again, and run then. Nothing to run now; settle the original as said.
+    Moved(Settled<T>),
+    /// It took the process down `crashes` times: dead-letter it without running it.
+    GiveUp {
+        /// The delivery's handle.
+        token: T,
+        /// Runs that ended with the process dead, counting the one that made it a suspect.
+        crashes: u32,
+    },
 }
 
 /// A broker adapter's receiving half.
@@ -127,6 +171,21 @@ pub trait Settle: Clone + Send + Sync + 'static {
         failure: &Failure,
     ) -> impl Future<Output = Result<Settled<Self::Token>, SettleFailure<Self::Token>>> + Send;
 
+    /// Prepares a suspect ([`Received::suspect`]) for a run alone, given that the process
+    /// holds nothing else: records durably that this run may be its own crash, or moves it
+    /// where that count travels with it, or gives up on it after `give_up_at` crashes. The
+    /// default runs it as it is, for brokers whose own delivery count already says it (SQS's
+    /// receive count is the attempt number).
+    fn arm(
+        &self,
+        token: Self::Token,
+        delivery: &Delivery,
+        give_up_at: u32,
+    ) -> impl Future<Output = Result<Armed<Self::Token>, SettleFailure<Self::Token>>> + Send {
+        let _ = (delivery, give_up_at);
+        async { Ok(Armed::Run { token, crashes: 0 }) }
+    }
+
     /// Forwards the message to the dead-letter destination with `letter`'s metadata; returns
     /// [`Settled::AckOriginal`] only once the broker confirmed the copy.
     fn dead_letter(
@@ -206,6 +265,12 @@ pub struct Capabilities {
     /// How many ack calls may be in flight at once. 1 keeps acks in order, which cumulative
     /// acks (Kafka commits) need; independent acks (SQS deletes) can go in parallel.
     pub parallel_acks: usize,
+    /// For how long after the start, and after each suspect ([`Received::suspect`]), the
+    /// runner receives one delivery at a time, where the broker counts every receive (SQS):
+    /// a suspect received beside others would wait for its run alone, and a crash meanwhile
+    /// would count against it too. `None`: the source marks no suspects, or its count does not
+    /// grow with receives.
+    pub careful_for: Option<Duration>,
 }
 
 impl Capabilities {
@@ -218,7 +283,15 @@ impl Capabilities {
             max_retry_delay: Duration::from_secs(12 * 3600),
             broker_delay: true,
             parallel_acks: 1,
+            careful_for: None,
         }
+    }
+
+    /// With suspects received one at a time for `period` after the start and after each
+    /// suspect (see [`Capabilities::careful_for`]).
+    pub fn with_careful_receives(mut self, period: Duration) -> Self {
+        self.careful_for = Some(period);
+        self
     }
 
     /// With up to `n` ack calls in flight at once.

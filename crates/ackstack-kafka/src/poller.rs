@@ -315,7 +315,7 @@ impl Poller {
             offset,
             generation,
         };
-        self.pending.push_back(Received { delivery, token });
+        self.pending.push_back(Received::new(delivery, token));
         self.hand_over();
         if split {
             return;

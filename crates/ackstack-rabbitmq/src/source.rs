@@ -190,7 +190,7 @@ impl RabbitSource {
             properties: Arc::new(d.properties),
             payload,
         };
-        Received { delivery, token }
+        Received::new(delivery, token)
     }
 }
 

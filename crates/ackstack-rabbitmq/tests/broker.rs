@@ -172,7 +172,9 @@ async fn retry_goes_through_the_delay_bucket_with_attempts_2_and_3() {
         let settler = source.settler();
 
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        let Received { delivery, token } = got.into_iter().next().unwrap();
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().unwrap();
         assert_eq!(delivery.attempt, 1);
         let failure = Failure::new(ErrorKind::Transient, "try later");
         // 1s rounds up to the 1500ms bucket.
@@ -187,7 +189,9 @@ async fn retry_goes_through_the_delay_bucket_with_attempts_2_and_3() {
         assert!(settler.ack(vec![token]).await.failed.is_empty());
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         let waited = start.elapsed();
-        let Received { delivery, token } = got.into_iter().next().unwrap();
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().unwrap();
         assert!(
             waited >= Duration::from_millis(1500),
             "came back after {waited:?}"
@@ -215,7 +219,9 @@ async fn retry_goes_through_the_delay_bucket_with_attempts_2_and_3() {
         assert!(settler.ack(vec![token]).await.failed.is_empty());
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         assert!(start.elapsed() >= Duration::from_millis(500));
-        let Received { delivery, token } = got.into_iter().next().unwrap();
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().unwrap();
         assert_eq!(delivery.attempt, 3);
         assert_eq!(
             delivery.headers.get_str(FIRST_FAILURE_HEADER),
@@ -263,7 +269,9 @@ async fn dead_letter_copy_keeps_payload_and_typed_headers_and_adds_metadata() {
         let mut source = RabbitSource::connect(config.clone()).await.unwrap();
         let settler = source.settler();
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        let Received { delivery, token } = got.into_iter().next().unwrap();
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().unwrap();
         let (copy, letter) =
             dead_letter_confirmed(&settler, &publisher, token, &delivery, "bad input").await;
         assert_eq!(copy.payload, payload);
@@ -534,7 +542,9 @@ async fn quorum_queue_counts_redeliveries_as_attempts() {
         source.disconnect().await;
         let second = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         assert_eq!(second[0].delivery.attempt, 2, "x-delivery-count + 1");
-        let Received { delivery, token } = second.into_iter().next().unwrap();
+        let Received {
+            delivery, token, ..
+        } = second.into_iter().next().unwrap();
         let failure = Failure::new(ErrorKind::Transient, "later");
         let Settled::AckOriginal(token) = settler
             .retry(token, &delivery, Duration::ZERO, &failure)
@@ -686,7 +696,9 @@ async fn dead_letter_of_an_expiring_message_outlives_the_ttl_and_records_the_exp
         let settler = source.settler();
         publish_with_expiration(&config.queue, "short-lived", "1000").await;
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        let Received { delivery, token } = got.into_iter().next().unwrap();
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().unwrap();
         assert_eq!(
             token.properties().expiration().as_ref().map(|e| e.as_str()),
             Some("1000")
@@ -729,7 +741,9 @@ async fn retry_copy_of_an_expiring_message_waits_its_full_delay_and_keeps_the_ex
         // A TTL far shorter than the 1500 ms bucket the retry goes to.
         publish_with_expiration(&config.queue, "retry-me", "200").await;
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        let Received { delivery, token } = got.into_iter().next().unwrap();
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().unwrap();
         let failure = Failure::new(ErrorKind::Transient, "later");
         let start = Instant::now();
         let Settled::AckOriginal(token) = settler
@@ -742,7 +756,9 @@ async fn retry_copy_of_an_expiring_message_waits_its_full_delay_and_keeps_the_ex
         assert!(settler.ack(vec![token]).await.failed.is_empty());
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         let waited = start.elapsed();
-        let Received { delivery, token } = got.into_iter().next().expect("the retry came back");
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().expect("the retry came back");
         assert!(
             waited >= Duration::from_millis(1500),
             "the copy's own TTL cut the 1500 ms delay short: back after {waited:?}"

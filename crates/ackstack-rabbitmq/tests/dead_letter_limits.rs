@@ -64,7 +64,9 @@ async fn dead_letter_copy_over_frame_max_is_shortened_and_keeps_payload_and_head
         let mut source = RabbitSource::connect(config.clone()).await.unwrap();
         let settler = source.settler();
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        let Received { delivery, token } = got.into_iter().next().expect("one delivery");
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().expect("one delivery");
         let message = "e".repeat(1000);
         let letter = DeadLetter::new(
             &delivery,
@@ -124,7 +126,9 @@ async fn dead_letter_of_headers_that_fill_the_frame_is_rejected_and_not_acked() 
         let mut source = RabbitSource::connect(config.clone()).await.unwrap();
         let settler = source.settler();
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        let Received { delivery, token } = got.into_iter().next().expect("one delivery");
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().expect("one delivery");
         let generation = token.generation();
         let letter = DeadLetter::new(&delivery, Failure::new(ErrorKind::Permanent, "bad"));
         let failure = match settler.dead_letter(token, &delivery, &letter).await {
@@ -246,7 +250,9 @@ async fn dead_letter_refused_with_precondition_failed_is_rejected() {
         let mut source = RabbitSource::connect(config.clone()).await.unwrap();
         let settler = source.settler();
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        let Received { delivery, token } = got.into_iter().next().expect("one delivery");
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().expect("one delivery");
         let letter = DeadLetter::new(&delivery, Failure::new(ErrorKind::Permanent, "bad"));
         let failure = match settler.dead_letter(token, &delivery, &letter).await {
             Ok(_) => panic!("the broker accepted a copy with another user's user_id"),

@@ -103,6 +103,7 @@ mod headers;
 mod metadata;
 mod publisher;
 mod queue;
+mod retried;
 mod settler;
 mod source;
 mod stats;

@@ -1,6 +1,7 @@
 //! [`SqsSettler`]: deletes in batches, delays retries with `ChangeMessageVisibility`, extends
 //! leases, and copies dead letters with `SendMessage`.
 
+use crate::retried::Retried;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct SqsSettler {
     queue: Arc<QueueInfo>,
     stats: Arc<Counters>,
     backoff: Backoff,
+    /// Messages this process delayed for a retry (shared with the source).
+    pub(crate) retried: Arc<Retried>,
 }
 
 impl SqsSettler {
@@ -63,6 +66,7 @@ impl SqsSettler {
             queue,
             stats,
             backoff,
+            retried: Arc::default(),
         }
     }
 
@@ -266,13 +270,18 @@ impl Settle for SqsSettler {
     async fn retry(
         &self,
         token: SqsToken,
-        _delivery: &Delivery,
+        delivery: &Delivery,
         after: Duration,
         _failure: &Failure,
     ) -> Result<Settled<SqsToken>, SettleFailure<SqsToken>> {
         let delay = after.min(token.visibility_budget());
         match self.change_visibility(&token, delay).await {
-            Ok(()) => Ok(Settled::Done),
+            Ok(()) => {
+                if let Some(id) = &delivery.message_id {
+                    self.retried.delayed(id, delivery.attempt);
+                }
+                Ok(Settled::Done)
+            }
             Err(e) => Err(SettleFailure::new(token, e)),
         }
     }

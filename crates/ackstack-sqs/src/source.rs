@@ -191,7 +191,14 @@ impl SqsSource {
             attributes,
             received_at: Instant::now(),
         }));
-        Some(Received { delivery, token })
+        // Received before and never settled (deleted, or delayed here for a retry): it may
+        // have been in flight when a consumer died, so it runs alone.
+        let suspect = delivery.attempt > 1
+            && !delivery
+                .message_id
+                .as_deref()
+                .is_some_and(|id| self.settler.retried.came_back(id, delivery.attempt));
+        Some(Received::new(delivery, token).suspect(suspect))
     }
 }
 
@@ -255,11 +262,17 @@ impl Source for SqsSource {
         self.settler.clone()
     }
 
+    /// Deletes in batches of 10; the visibility timeout as the lease; retries delayed up to
+    /// 12 hours. SQS counts every receive, so for one and a half visibility timeouts after the
+    /// start and after each suspect the runner receives one message at a time: the messages
+    /// a crashed consumer held come back within one visibility timeout of the crash, and each
+    /// then runs alone without others waiting beside it (see `Capabilities::careful_for`).
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(10)
             .with_lease(self.queue.visibility)
             .with_max_retry_delay(MAX_VISIBILITY)
             .with_parallel_acks(self.queue.parallel_acks)
+            .with_careful_receives(self.queue.visibility + self.queue.visibility / 2)
     }
 
     fn origin(&self) -> Origin {

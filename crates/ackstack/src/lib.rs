@@ -156,7 +156,7 @@ pub mod adapter {
     pub use ackstack_core::deadletter;
     pub use ackstack_core::error::{MAX_FAILURE_MESSAGE, truncate};
     pub use ackstack_core::{
-        AckReport, BoxError, Capabilities, DeadLetter, Received, Settle, SettleError,
+        AckReport, Armed, BoxError, Capabilities, DeadLetter, Received, Settle, SettleError,
         SettleFailure, Settled, Source, SourceError, Watermark,
     };
 }

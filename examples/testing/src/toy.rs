@@ -46,10 +46,7 @@ impl Source for ToySource {
             .map(|received| {
                 let mut delivery = received.delivery;
                 delivery.origin.broker = "toy";
-                Received {
-                    delivery,
-                    token: ToyToken(received.token),
-                }
+                Received::new(delivery, ToyToken(received.token)).suspect(received.suspect)
             })
             .collect())
     }

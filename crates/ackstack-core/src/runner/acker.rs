@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -39,10 +39,17 @@ struct Pending<T> {
     lease: Option<LeaseGuard<T>>,
 }
 
+/// What the queue carries: a token to ack, or a request to send everything queued before it
+/// now and answer once the broker has it.
+enum Item<T> {
+    Ack(Pending<T>),
+    Flush(oneshot::Sender<()>),
+}
+
 /// A handle that queues tokens for acking.
 #[derive(Debug)]
 pub struct BatchAcker<T> {
-    tx: mpsc::Sender<Pending<T>>,
+    tx: mpsc::Sender<Item<T>>,
     task: tokio::task::JoinHandle<()>,
     stats: Arc<AckStats>,
 }
@@ -50,7 +57,7 @@ pub struct BatchAcker<T> {
 /// Queues tokens for the acker; cheap to clone.
 #[derive(Debug)]
 pub struct AckQueue<T> {
-    tx: mpsc::Sender<Pending<T>>,
+    tx: mpsc::Sender<Item<T>>,
 }
 
 impl<T> Clone for AckQueue<T> {
@@ -71,7 +78,21 @@ impl<T: Send + 'static> AckQueue<T> {
 
     /// Like [`AckQueue::push`], keeping the delivery's lease until the ack is confirmed.
     pub(crate) async fn push_held(&self, token: T, lease: Option<LeaseGuard<T>>) -> bool {
-        self.tx.send(Pending { token, lease }).await.is_ok()
+        self.tx
+            .send(Item::Ack(Pending { token, lease }))
+            .await
+            .is_ok()
+    }
+
+    /// Sends every ack queued so far without waiting for its batch to fill or its delay to
+    /// pass, and returns once those ack calls have finished. Returns `false` if the acker
+    /// has stopped.
+    pub(crate) async fn flush(&self) -> bool {
+        let (done, flushed) = oneshot::channel();
+        if self.tx.send(Item::Flush(done)).await.is_err() {
+            return false;
+        }
+        flushed.await.is_ok()
     }
 }
 
@@ -133,7 +154,7 @@ impl<T: Clone + Send + Sync + 'static> BatchAcker<T> {
 
 async fn run<S: Settle>(
     settler: S,
-    mut rx: mpsc::Receiver<Pending<S::Token>>,
+    mut rx: mpsc::Receiver<Item<S::Token>>,
     max_batch: usize,
     max_delay: Duration,
     parallel: usize,
@@ -142,35 +163,48 @@ async fn run<S: Settle>(
     let mut calls = JoinSet::new();
     while let Some(first) = rx.recv().await {
         let mut batch = Vec::with_capacity(max_batch);
-        batch.push(first);
+        let mut flush = None;
+        match first {
+            Item::Ack(p) => batch.push(p),
+            Item::Flush(done) => flush = Some(done),
+        }
         let deadline = later(Instant::now(), max_delay);
         let mut open = true;
-        while batch.len() < max_batch {
+        while flush.is_none() && batch.len() < max_batch {
             // Take what is already queued without waiting; then wait until the deadline.
-            match rx.try_recv() {
-                Ok(t) => {
-                    batch.push(t);
-                    continue;
-                }
+            let next = match rx.try_recv() {
+                Ok(item) => Some(item),
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     open = false;
                     break;
                 }
-                Err(mpsc::error::TryRecvError::Empty) => {}
-            }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(t)) => batch.push(t),
-                Ok(None) => {
-                    open = false;
-                    break;
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(item)) => Some(item),
+                        Ok(None) => {
+                            open = false;
+                            break;
+                        }
+                        Err(_) => None,
+                    }
                 }
-                Err(_) => break,
+            };
+            match next {
+                Some(Item::Ack(p)) => batch.push(p),
+                Some(Item::Flush(done)) => flush = Some(done),
+                None => break,
             }
         }
-        while calls.len() >= parallel {
-            calls.join_next().await;
+        if !batch.is_empty() {
+            while calls.len() >= parallel {
+                calls.join_next().await;
+            }
+            calls.spawn(send(settler.clone(), batch, stats.clone()));
         }
-        calls.spawn(send(settler.clone(), batch, stats.clone()));
+        if let Some(done) = flush {
+            while calls.join_next().await.is_some() {}
+            let _ = done.send(());
+        }
         if !open {
             break;
         }
@@ -306,6 +340,45 @@ mod tests {
         let batches = settler.batches.lock().unwrap();
         assert_eq!(batches.last().unwrap().0, 1, "flushed on shutdown");
         assert!(batches.iter().all(|b| b.0 <= 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_sends_what_is_queued_at_once_and_answers_once_it_is_acked() {
+        let settler = Recording::default();
+        let acker = BatchAcker::spawn(
+            settler.clone(),
+            10,
+            Duration::from_secs(3600),
+            2,
+            64,
+            noop(),
+        );
+        let queue = acker.queue();
+        let started = Instant::now();
+        for i in 0..3 {
+            assert!(queue.push(i).await);
+        }
+        assert!(queue.flush().await);
+        {
+            let batches = settler.batches.lock().unwrap();
+            assert_eq!(
+                batches.iter().map(|b| b.0).sum::<usize>(),
+                3,
+                "acked before the flush answered"
+            );
+            assert!(
+                batches
+                    .iter()
+                    .all(|b| b.1 - started < Duration::from_secs(1)),
+                "without waiting for the batch delay"
+            );
+        }
+        assert!(
+            queue.flush().await,
+            "a flush with nothing queued answers too"
+        );
+        drop(queue);
+        acker.shutdown().await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,10 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::deadletter::DeadLetter;
 use crate::delivery::Delivery;
 use crate::handler::{Context, Process, RunStats};
 use crate::outcome::Outcome;
-use crate::source::{Received, Settle};
+use crate::source::{Armed, Received, Settle};
 
 use super::acker::AckQueue;
 use super::builder::Inspector;
@@ -60,6 +61,8 @@ pub(super) struct Shared<P, S: Settle> {
     pub(super) metrics: Arc<MetricSets>,
     /// Whether a lost lease drops the handler's future (`LeaseConfig::abort_on_loss`).
     pub(super) abort_on_loss: bool,
+    /// `RetryConfig::max_attempts`: a delivery that arrives past it is not run again.
+    pub(super) max_attempts: u32,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -82,6 +85,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
         let Received {
             mut delivery,
             token,
+            suspect,
         } = received;
         if let Some(name) = &self.name {
             delivery.origin.consumer = name.clone();
@@ -122,6 +126,12 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 .context(&cancel)
                 .with_metrics(metrics)
                 .with_probe(probe);
+            let Some(token) = self
+                .admit_unsettled(token, &delivery, suspect, &mut lease, &cx)
+                .await
+            else {
+                return;
+            };
             let started = Instant::now();
             if self.mode == DeliveryMode::AtMostOnce {
                 // Acked on receipt: the lease no longer matters.
@@ -179,6 +189,89 @@ impl<P: Process, S: Settle> Shared<P, S> {
         }
         .instrument(span)
         .await
+    }
+
+    /// The checks before the handler of a delivery the broker handed out before without a
+    /// settlement: a suspect is armed (its crash count recorded, or moved, or given up on),
+    /// and a delivery that arrived past its attempt limit is dead-lettered without running.
+    /// Returns the token to run with, or `None` when the delivery was settled here.
+    async fn admit_unsettled(
+        &self,
+        token: S::Token,
+        delivery: &Delivery,
+        suspect: bool,
+        lease: &mut Option<LeaseGuard<S::Token>>,
+        cx: &Context,
+    ) -> Option<S::Token> {
+        if self.mode == DeliveryMode::AtMostOnce {
+            return Some(token);
+        }
+        let mut token = token;
+        if suspect {
+            // Runs that crashed alone before, counting the one that made it a suspect.
+            let give_up_at = self.max_attempts.saturating_sub(1).max(1);
+            match self.settler.arm(token, delivery, give_up_at).await {
+                Ok(Armed::Run { token: t, crashes }) => {
+                    if crashes > 0 {
+                        tracing::warn!(
+                            crashes,
+                            "running alone a message whose handling took the process down before"
+                        );
+                    }
+                    token = t;
+                }
+                Ok(Armed::Moved(settled)) => {
+                    tracing::info!("suspect moved to run alone later");
+                    self.finish(Ok(settled), delivery, lease.take(), cx).await;
+                    return None;
+                }
+                Ok(Armed::GiveUp { token, crashes }) => {
+                    self.crashed(token, delivery, crashes + 1, lease.take(), cx)
+                        .await;
+                    return None;
+                }
+                Err(failure) => {
+                    self.finish(Err(failure), delivery, lease.take(), cx).await;
+                    return None;
+                }
+            }
+        }
+        if delivery.attempt > self.max_attempts {
+            // Handed out more often than attempts are allowed, with no settlement in between
+            // (the broker counts deliveries that ended with the process dead): not run again.
+            self.crashed(
+                token,
+                delivery,
+                delivery.attempt.saturating_sub(1),
+                lease.take(),
+                cx,
+            )
+            .await;
+            return None;
+        }
+        Some(token)
+    }
+
+    /// Dead-letters a delivery that stopped the consumer `crashes` times.
+    async fn crashed(
+        &self,
+        token: S::Token,
+        delivery: &Delivery,
+        crashes: u32,
+        lease: Option<LeaseGuard<S::Token>>,
+        cx: &Context,
+    ) {
+        let letter = DeadLetter::crashed(delivery, crashes);
+        let outcome = Outcome::DeadLetter(letter.failure.clone());
+        cx.metrics().outcome(&outcome, None);
+        tracing::Span::current().record("outcome", outcome.as_str());
+        self.inspect(delivery, &outcome);
+        tracing::error!(
+            crashes,
+            message_id = delivery.message_id.as_deref().unwrap_or(""),
+            "dead-lettering a message that took the consumer down {crashes} times"
+        );
+        self.settle_letter(token, delivery, letter, lease, cx).await;
     }
 
     /// Tells the kill switch, if one is armed, how a delivery ended (`None`: without an

@@ -129,6 +129,7 @@ impl<S: Source, L> Consumer<S, L> {
             kill_switch: cfg.kill_switch.is_some().then(|| self.control.clone()),
             metrics,
             abort_on_loss: cfg.lease.abort_on_loss,
+            max_attempts: cfg.retry.max_attempts,
         });
         self.control.install(cfg.kill_switch, own.clone());
         let control = self.control.clone();
@@ -142,6 +143,8 @@ impl<S: Source, L> Consumer<S, L> {
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut receive_errors = 0u64;
         let mut consecutive_errors = 0u32;
+        // Receives one at a time until then (see `Capabilities::careful_for`).
+        let mut careful_until = caps.careful_for.map(|p| Instant::now() + p);
         tokio::pin!(shutdown);
 
         let result = 'receive: loop {
@@ -176,9 +179,17 @@ impl<S: Source, L> Consumer<S, L> {
                     }
                 }
             };
-            let max = (1 + permits.available_permits())
-                .min(receive_batch)
-                .min(admitted);
+            // After a suspect, one at a time where the broker counts receives (SQS): a suspect
+            // received beside others would wait for its run alone while they run, and a crash
+            // among them would be counted for it too.
+            let careful = careful_until.is_some_and(|until| Instant::now() < until);
+            let max = if careful {
+                1
+            } else {
+                (1 + permits.available_permits())
+                    .min(receive_batch)
+                    .min(admitted)
+            };
             let batch = tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ok(()),
@@ -209,10 +220,16 @@ impl<S: Source, L> Consumer<S, L> {
                 }
             };
             let received_at = Instant::now();
+            if batch.iter().any(|r| r.suspect) {
+                careful_until = caps.careful_for.map(|p| received_at + p);
+            }
             let probe = control.admitted(batch.len());
             shared.status.received(batch.len() as u64);
             let mut first = Some(first);
             for received in batch {
+                // A suspect runs alone: nothing else in flight, so that a crash during its
+                // run is its own (see `Settle::arm`).
+                let alone = received.suspect && shared.mode != DeliveryMode::AtMostOnce;
                 let permit = match first.take() {
                     Some(p) => p,
                     None => match permits.clone().acquire_owned().await {
@@ -234,6 +251,20 @@ impl<S: Source, L> Consumer<S, L> {
                     (Some(gate), Some(key)) => Some(gate.enter(key.clone())),
                     _ => None,
                 };
+                if alone {
+                    // Everything before it finished and acked: a crash during its run must
+                    // not leave an ack unsent (the broker would count a redelivery of a
+                    // message that was handled).
+                    let drained = async {
+                        join_all(&mut tasks).await;
+                        shared.acks.flush().await;
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break 'receive Ok(()),
+                        () = drained => {}
+                    }
+                }
                 let shared = shared.clone();
                 let in_flight = InFlight::start(shared.status.clone(), metrics.clone());
                 // Boxed: the task's future (the delivery, its guards and the whole stack's
@@ -247,6 +278,13 @@ impl<S: Source, L> Consumer<S, L> {
                         .run_one(received, cancel, lease, turn, metrics, probe)
                         .await;
                 }));
+                if alone {
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break 'receive Ok(()),
+                        () = join_all(&mut tasks) => {}
+                    }
+                }
             }
         };
 
@@ -308,6 +346,13 @@ impl<S: Source, L> Consumer<S, L> {
             abandoned,
             receive_errors,
         })
+    }
+}
+
+/// Waits until every task in `tasks` has finished.
+async fn join_all(tasks: &mut JoinSet<()>) {
+    while let Some(done) = tasks.join_next().await {
+        log_join_error(done);
     }
 }
 

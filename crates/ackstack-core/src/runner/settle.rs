@@ -141,15 +141,41 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.settler.retry(token, delivery, after, &failure).await
             }
             Outcome::DeadLetter(failure) => {
-                self.counters
-                    .dead_lettered
-                    .fetch_add(1, AtomicOrdering::Relaxed);
-                cx.metrics().dead_lettered(failure.kind);
-                tracing::warn!(error = %failure, "dead-letter");
                 let letter = DeadLetter::new(delivery, failure);
-                self.dead_letter(token, delivery, &letter, cx).await
+                self.settle_letter(token, delivery, letter, lease, cx).await;
+                return;
             }
         };
+        self.finish(settled, delivery, lease, cx).await;
+    }
+
+    /// Dead-letters with `letter` (its copy confirmed before the original is acked).
+    pub(super) async fn settle_letter(
+        &self,
+        token: S::Token,
+        delivery: &Delivery,
+        letter: DeadLetter,
+        lease: Option<LeaseGuard<S::Token>>,
+        cx: &Context,
+    ) {
+        self.counters
+            .dead_lettered
+            .fetch_add(1, AtomicOrdering::Relaxed);
+        cx.metrics().dead_lettered(letter.failure.kind);
+        tracing::warn!(error = %letter.failure, reason = ?letter.reason, "dead-letter");
+        let settled = self.dead_letter(token, delivery, &letter, cx).await;
+        self.finish(settled, delivery, lease, cx).await;
+    }
+
+    /// Acks the original of a confirmed copy, or gives a delivery whose settlement failed back
+    /// after a pause (unless it is no longer ours).
+    pub(super) async fn finish(
+        &self,
+        settled: Result<Settled<S::Token>, SettleFailure<S::Token>>,
+        delivery: &Delivery,
+        lease: Option<LeaseGuard<S::Token>>,
+        cx: &Context,
+    ) {
         match settled {
             Ok(Settled::Done) => {}
             Ok(Settled::AckOriginal(token)) => {

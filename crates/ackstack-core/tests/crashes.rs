@@ -1,0 +1,233 @@
+//! Invariant 2 for attempts that end with the process dead: a delivery the broker handed out
+//! before without a settlement (a suspect) runs alone, after `Settle::arm`; a suspect given
+//! up on, and a delivery that arrives past its attempt limit, are dead-lettered without
+//! running. The brokers' own crash suites (a child process that aborts) are in
+//! `integration-tests/tests/poison.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ackstack_core::memory::{MemorySettler, MemorySource, MemoryToken};
+use ackstack_core::{
+    AckReport, Armed, Capabilities, Consumer, DeadLetter, DeadLetterMetadata, DeadLetterReason,
+    Delivery, Failure, MemoryBroker, Message, Origin, Received, Settle, SettleError, SettleFailure,
+    Settled, Source, SourceError, handler_fn,
+};
+
+mod common;
+use common::until;
+
+/// A memory source on which deliveries whose payload starts with `s` are suspects, and
+/// whose payload starts with `past` arrive at attempt 9; its settler gives up on suspects
+/// whose payload starts with `s-poison` (as if they had crashed twice alone).
+struct Suspects {
+    inner: MemorySource,
+    settler: ArmingSettler,
+}
+
+#[derive(Clone)]
+struct ArmingSettler {
+    inner: MemorySettler,
+    armed: Arc<Mutex<Vec<String>>>,
+}
+
+fn text(d: &Delivery) -> String {
+    String::from_utf8_lossy(&d.payload).into_owned()
+}
+
+impl Source for Suspects {
+    type Token = MemoryToken;
+    type Settler = ArmingSettler;
+    async fn receive(&mut self, max: usize) -> Result<Vec<Received<MemoryToken>>, SourceError> {
+        let batch = self.inner.receive(max).await?;
+        Ok(batch
+            .into_iter()
+            .map(|mut r| {
+                let body = text(&r.delivery);
+                if body.starts_with("past") {
+                    r.delivery.attempt = 9;
+                }
+                r.suspect = body.starts_with('s');
+                r
+            })
+            .collect())
+    }
+    fn settler(&self) -> ArmingSettler {
+        self.settler.clone()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn origin(&self) -> Origin {
+        self.inner.origin()
+    }
+}
+
+impl Settle for ArmingSettler {
+    type Token = MemoryToken;
+    async fn ack(&self, tokens: Vec<MemoryToken>) -> AckReport<MemoryToken> {
+        self.inner.ack(tokens).await
+    }
+    async fn retry(
+        &self,
+        token: MemoryToken,
+        d: &Delivery,
+        after: Duration,
+        f: &Failure,
+    ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
+        self.inner.retry(token, d, after, f).await
+    }
+    async fn dead_letter(
+        &self,
+        token: MemoryToken,
+        d: &Delivery,
+        l: &DeadLetter,
+    ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
+        self.inner.dead_letter(token, d, l).await
+    }
+    async fn extend(&self, token: &MemoryToken, by: Duration) -> Result<(), SettleError> {
+        self.inner.extend(token, by).await
+    }
+    async fn release(&self, token: MemoryToken) {
+        self.inner.release(token).await
+    }
+    async fn arm(
+        &self,
+        token: MemoryToken,
+        delivery: &Delivery,
+        give_up_at: u32,
+    ) -> Result<Armed<MemoryToken>, SettleFailure<MemoryToken>> {
+        let body = text(delivery);
+        self.armed.lock().unwrap().push(body.clone());
+        if body.starts_with("s-poison") {
+            return Ok(Armed::GiveUp {
+                token,
+                crashes: give_up_at,
+            });
+        }
+        Ok(Armed::Run { token, crashes: 0 })
+    }
+}
+
+fn suspects(broker: &MemoryBroker) -> (Suspects, Arc<Mutex<Vec<String>>>) {
+    let inner = broker.source("q");
+    let armed = Arc::new(Mutex::new(Vec::new()));
+    let settler = ArmingSettler {
+        inner: inner.settler(),
+        armed: armed.clone(),
+    };
+    (Suspects { inner, settler }, armed)
+}
+
+#[tokio::test]
+async fn a_suspect_runs_alone_after_it_was_armed() {
+    let broker = MemoryBroker::new();
+    for i in 0..30 {
+        broker.publish("q", Message::new(format!("m{i}")));
+        if i % 10 == 5 {
+            broker.publish("q", Message::new(format!("s{i}")));
+        }
+    }
+    let (source, armed) = suspects(&broker);
+    let running = Arc::new(AtomicUsize::new(0));
+    let overlaps = Arc::new(Mutex::new(Vec::new()));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (r, o, h) = (running.clone(), overlaps.clone(), handled.clone());
+    let b = broker.clone();
+    let summary = Consumer::new(source)
+        .concurrency(8)
+        .run_until(
+            handler_fn(move |d, _cx| {
+                let (r, o, h) = (r.clone(), o.clone(), h.clone());
+                async move {
+                    let body = text(&d);
+                    let others = r.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if body.starts_with('s') && (others > 0 || r.load(Ordering::SeqCst) > 1) {
+                        o.lock().unwrap().push(body);
+                    }
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    h.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 33, "{summary:?}");
+    assert!(
+        overlaps.lock().unwrap().is_empty(),
+        "suspects ran beside other deliveries: {:?}",
+        overlaps.lock().unwrap()
+    );
+    let mut armed = armed.lock().unwrap().clone();
+    armed.sort();
+    assert_eq!(armed, vec!["s15", "s25", "s5"], "each suspect armed once");
+}
+
+#[tokio::test]
+async fn a_suspect_given_up_on_is_dead_lettered_as_crashed_without_running() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m1"));
+    broker.publish("q", Message::new("s-poison").message_id("poison"));
+    broker.publish("q", Message::new("m2"));
+    let (source, _) = suspects(&broker);
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let c = calls.clone();
+    let b = broker.clone();
+    let summary = Consumer::new(source)
+        .max_attempts(3)
+        .run_until(
+            handler_fn(move |d, _cx| {
+                c.lock().unwrap().push(text(&d));
+                async { Ok(()) }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    let mut calls = calls.lock().unwrap().clone();
+    calls.sort();
+    assert_eq!(calls, vec!["m1", "m2"], "the poison is never run again");
+    assert_eq!(summary.dead_lettered, 1);
+    let letters = broker.dead_letters("q");
+    assert_eq!(letters.len(), 1);
+    let meta = DeadLetterMetadata::from_headers(&letters[0].headers).unwrap();
+    assert_eq!(meta.reason, DeadLetterReason::Crashed);
+    assert_eq!(
+        meta.attempts, 3,
+        "two crashes alone and the one that made it a suspect"
+    );
+    assert_eq!(meta.message_id.as_deref(), Some("poison"));
+}
+
+#[tokio::test]
+async fn a_delivery_past_its_attempt_limit_is_dead_lettered_without_running() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("past-limit"));
+    broker.publish("q", Message::new("ok"));
+    let (source, _) = suspects(&broker);
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let c = calls.clone();
+    let b = broker.clone();
+    Consumer::new(source)
+        .max_attempts(5)
+        .run_until(
+            handler_fn(move |d, _cx| {
+                c.lock().unwrap().push(text(&d));
+                async { Ok(()) }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(calls.lock().unwrap().clone(), vec!["ok"]);
+    let letters = broker.dead_letters("q");
+    assert_eq!(letters.len(), 1);
+    let meta = DeadLetterMetadata::from_headers(&letters[0].headers).unwrap();
+    assert_eq!(meta.reason, DeadLetterReason::Crashed);
+    assert_eq!(meta.attempts, 9);
+}

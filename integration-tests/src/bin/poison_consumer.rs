@@ -1,0 +1,68 @@
+//! A consumer written as a user would, for the poison-message suites
+//! (`tests/poison.rs`): concurrency 4, at most 3 attempts, default prefetch; its handler
+//! aborts the whole process on the payload `poison` (as an out-of-memory kill or a segfault
+//! in a native library would) and appends every other payload it handled to a file. It exits
+//! once idle for 6 s.
+//!
+//! Usage: `poison_consumer sqs QUEUE_URL DLQ_URL HANDLED_FILE` (endpoint from `SQS_ENDPOINT`,
+//! visibility timeout 2 s).
+
+use std::io::Write;
+use std::time::Duration;
+
+use ackstack::adapter::Source;
+use ackstack::sqs::{SqsConfig, SqsSource};
+use ackstack::{Backoff, Consumer, HandlerError, handler_fn};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [broker, queue, dlq, handled] if broker == "sqs" => {
+            let endpoint = std::env::var("SQS_ENDPOINT")
+                .unwrap_or_else(|_| "http://127.0.0.1:4566".to_string());
+            let mut config = SqsConfig::queue_url(queue.clone())
+                .with_dead_letter_queue(dlq.clone())
+                .with_endpoint(endpoint)
+                .with_wait_time_seconds(1)
+                .with_visibility_timeout(Duration::from_secs(2));
+            config.region = Some("us-east-1".to_string());
+            run(SqsSource::connect(config).await?, handled).await
+        }
+        _ => Err("usage: poison_consumer sqs QUEUE_URL DLQ_URL HANDLED_FILE".into()),
+    }
+}
+
+async fn run<S: Source>(source: S, handled: &str) -> Result<(), Error> {
+    let handled = handled.to_string();
+    let consumer = Consumer::new(source).concurrency(4).max_attempts(3).retry(
+        Backoff::exponential(Duration::from_millis(50), Duration::from_millis(200)).no_jitter(),
+    );
+    let status = consumer.status();
+    let summary = consumer
+        .run_until(
+            handler_fn(move |d, _cx| {
+                let handled = handled.clone();
+                async move {
+                    if &d.payload[..] == b"poison" {
+                        std::process::abort();
+                    }
+                    let mut file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&handled)
+                        .map_err(HandlerError::transient)?;
+                    file.write_all(&d.payload)
+                        .and_then(|()| file.write_all(b"\n"))
+                        .map_err(HandlerError::transient)?;
+                    Ok(())
+                }
+            }),
+            async move { status.idle(Duration::from_secs(6)).await },
+        )
+        .await?;
+    println!("summary {summary:?}");
+    Ok(())
+}

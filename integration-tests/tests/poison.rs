@@ -1,0 +1,141 @@
+//! A message that takes the whole process down (invariant 2): a consumer written as a user
+//! would (`src/bin/poison_consumer.rs`, concurrency 4, at most 3 attempts) runs as a child
+//! process whose handler aborts on one payload, and is restarted after each crash, as an
+//! orchestrator would. The poison must be dead-lettered (reason `crashed`) after at most 3
+//! crashes, every other message handled and none dead-lettered, nothing lost.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ackstack_core::{DeadLetterReason, Message, Publish};
+use ackstack_sqs::testing::{self, TestQueue};
+use ackstack_sqs::{DeadLetterRecord, SqsPublisher};
+
+const GOOD: usize = 30;
+const MAX_ATTEMPTS: usize = 3;
+
+/// How the runs of the child went.
+struct Runs {
+    crashes: usize,
+    last: String,
+}
+
+/// Runs the child with `args` until one run ends without a crash and `done` holds, at most
+/// 10 runs; each run is bounded.
+fn restart_until(args: &[&str], done: impl Fn() -> bool) -> Runs {
+    let mut crashes = 0;
+    let mut last = String::new();
+    for _ in 0..10 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_poison_consumer"))
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the consumer did not finish within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut out = String::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            use std::io::Read;
+            let _ = stdout.read_to_string(&mut out);
+        }
+        if status.success() {
+            last = out;
+            if done() {
+                break;
+            }
+        } else {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                status.signal(),
+                Some(6),
+                "the child ended other than by its abort: {status:?}"
+            );
+            crashes += 1;
+        }
+    }
+    Runs { crashes, last }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_is() {
+    let client = testing::client().await;
+    let queue = TestQueue::create(&client, "poison", false).await.unwrap();
+    let publisher = SqsPublisher::new(client.clone(), queue.url.clone());
+    for i in 0..GOOD {
+        if i == GOOD / 3 {
+            publisher.publish(Message::new("poison")).await.unwrap();
+        }
+        publisher
+            .publish(Message::new(format!("g{i}")))
+            .await
+            .unwrap();
+    }
+    let handled = std::env::temp_dir().join(testing::unique_name("poison-handled"));
+    let handled_path = handled.to_string_lossy().into_owned();
+    let (c, q) = (client.clone(), queue.clone());
+    let rt = tokio::runtime::Handle::current();
+    let (url, dlq_url) = (queue.url.clone(), queue.dlq_url.clone());
+    let runs = tokio::task::spawn_blocking(move || {
+        restart_until(&["sqs", &url, &dlq_url, &handled_path], move || {
+            let (c, q) = (c.clone(), q.clone());
+            rt.block_on(async move { q.approximate_count(&c).await.unwrap() == 0 })
+        })
+    })
+    .await
+    .unwrap();
+
+    let lines = std::fs::read_to_string(&handled).unwrap_or_default();
+    let _ = std::fs::remove_file(&handled);
+    let handled: BTreeSet<&str> = lines.lines().collect();
+    let missing: Vec<String> = (0..GOOD)
+        .map(|i| format!("g{i}"))
+        .filter(|g| !handled.contains(g.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "good messages never handled: {missing:?}"
+    );
+    assert!(
+        (1..=MAX_ATTEMPTS).contains(&runs.crashes),
+        "{} crashes for max_attempts {MAX_ATTEMPTS}; last run: {}",
+        runs.crashes,
+        runs.last
+    );
+    let dead = queue
+        .read_dead_letters(&client, GOOD + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let bodies: Vec<&str> = dead.iter().filter_map(|m| m.body()).collect();
+    assert_eq!(
+        bodies,
+        vec!["poison"],
+        "only the poison is dead-lettered, once"
+    );
+    let record = DeadLetterRecord::from_attributes(dead[0].message_attributes().unwrap()).unwrap();
+    assert_eq!(record.metadata.reason, DeadLetterReason::Crashed);
+    assert_eq!(
+        queue.approximate_count(&client).await.unwrap(),
+        0,
+        "nothing left behind"
+    );
+    println!(
+        "poison-suite broker=sqs good={GOOD} crashes={} max_attempts={MAX_ATTEMPTS}",
+        runs.crashes
+    );
+    queue.delete(&client).await;
+}
