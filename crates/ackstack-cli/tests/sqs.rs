@@ -66,7 +66,8 @@ impl Fixture for Sqs {
     }
 
     async fn dead_letter(&self, messages: Vec<Message>) {
-        let want = self.dead_letters().await + messages.len();
+        let published = messages.len();
+        let want = self.dead_letters().await + published;
         let publisher = SqsPublisher::new(self.client.clone(), self.queue.url.clone());
         for m in messages {
             publisher.publish(m).await.unwrap();
@@ -77,14 +78,29 @@ impl Fixture for Sqs {
             .await
             .unwrap();
         let started = std::time::Instant::now();
-        let summary = Consumer::new(source)
+        // Counted from the consumer's own decisions rather than by listing the dead-letter
+        // queue over and over (a scan of a thousand letters competes with the consumer for
+        // the endpoint); once all are decided, idle means their copies are confirmed.
+        let decided = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = decided.clone();
+        let consumer = Consumer::new(source)
             .max_attempts(1)
             .concurrency(32)
+            .inspect(move |_d, outcome| {
+                if matches!(outcome, ackstack_core::Outcome::DeadLetter(_)) {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        let status = consumer.status();
+        let summary = consumer
             .run_until(handler_fn(|d, _cx| common::fail(d)), async move {
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-                while self.dead_letters().await < want && tokio::time::Instant::now() < deadline {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+                while decided.load(Ordering::SeqCst) < published
+                    && tokio::time::Instant::now() < deadline
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                status.idle(Duration::from_secs(1)).await;
             })
             .await
             .unwrap();
