@@ -1,8 +1,9 @@
 //! A message that takes the whole process down (invariant 2): a consumer written as a user
 //! would (`src/bin/poison_consumer.rs`, concurrency 4, at most 3 attempts) runs as a child
 //! process whose handler aborts on one payload, and is restarted after each crash, as an
-//! orchestrator would. The poison must be dead-lettered (reason `crashed`) after at most 3
-//! crashes, every other message handled and none dead-lettered, nothing lost.
+//! orchestrator would. The poison must be dead-lettered after at most 3 crashes (with the
+//! crash count in its metadata), every other message handled and none dead-lettered, nothing
+//! lost.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -127,7 +128,18 @@ async fn sqs_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_
         "only the poison is dead-lettered, once"
     );
     let record = DeadLetterRecord::from_attributes(dead[0].message_attributes().unwrap()).unwrap();
-    assert_eq!(record.metadata.reason, DeadLetterReason::Crashed);
+    // SQS's receive count passed max_attempts: dead-lettered on arrival, unrun, with the
+    // crash count in the metadata.
+    assert_eq!(record.metadata.reason, DeadLetterReason::MaxAttempts);
+    assert!(
+        record
+            .metadata
+            .error_message
+            .contains("without a settlement"),
+        "{:?}",
+        record.metadata
+    );
+    assert_eq!(record.metadata.attempts as usize, MAX_ATTEMPTS + 1);
     assert_eq!(
         queue.approximate_count(&client).await.unwrap(),
         0,

@@ -309,6 +309,7 @@ pub trait Layer<P> {
 pub struct Terminal<H> {
     handler: H,
     classifier: Option<Classifier>,
+    arrival_limit: Option<u32>,
 }
 
 impl<H> std::fmt::Debug for Terminal<H> {
@@ -323,7 +324,18 @@ impl<H: Handler> Terminal<H> {
         Terminal {
             handler,
             classifier: None,
+            arrival_limit: None,
         }
+    }
+
+    /// Dead-letters, without calling the handler, a delivery whose attempt number is above
+    /// `limit` on arrival: where the broker's count grows with every receive (SQS), only
+    /// deliveries that ended unsettled get past the limit (ackstack's own retries stop at it),
+    /// most often because the process died while handling them. Checked innermost, so that a
+    /// duplicate is still acked by the dedup layer first.
+    pub fn arrival_limit(mut self, limit: Option<u32>) -> Self {
+        self.arrival_limit = limit;
+        self
     }
 
     /// Classifies errors with `classifier` instead of trusting the kind the handler gave, e.g.
@@ -337,6 +349,20 @@ impl<H: Handler> Terminal<H> {
 impl<H: Handler> Process for Terminal<H> {
     async fn process(&self, delivery: &Delivery, cx: &Context) -> Outcome {
         use futures::FutureExt;
+        if let Some(limit) = self.arrival_limit
+            && delivery.attempt > limit
+        {
+            let mut failure = Failure::new(
+                crate::ErrorKind::Transient,
+                format!(
+                    "handed out {} times without a settlement (the consumer stopped while \
+                     handling it); max_attempts is {limit}",
+                    delivery.attempt - 1
+                ),
+            );
+            failure.attempt = delivery.attempt;
+            return Outcome::DeadLetter(failure);
+        }
         let run = std::panic::AssertUnwindSafe(self.handler.handle(delivery, cx)).catch_unwind();
         let failure = match run.await {
             Ok(Ok(())) => return Outcome::Ack,

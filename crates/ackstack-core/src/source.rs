@@ -265,11 +265,12 @@ pub struct Capabilities {
     /// How many ack calls may be in flight at once. 1 keeps acks in order, which cumulative
     /// acks (Kafka commits) need; independent acks (SQS deletes) can go in parallel.
     pub parallel_acks: usize,
-    /// For how long after the start, and after each suspect ([`Received::suspect`]), the
-    /// runner receives one delivery at a time, where the broker counts every receive (SQS):
-    /// a suspect received beside others would wait for its run alone, and a crash meanwhile
-    /// would count against it too. `None`: the source marks no suspects, or its count does not
-    /// grow with receives.
+    /// Set where the broker's attempt number counts every receive (SQS): for this long after
+    /// the start, and after each suspect ([`Received::suspect`]), the runner receives one
+    /// delivery at a time (a suspect received beside others would wait for its run alone,
+    /// and a crash meanwhile would count against it too), and a delivery that arrives past
+    /// `max_attempts` is dead-lettered without running (only deliveries that ended unsettled
+    /// get there; see `Terminal::arrival_limit`). `None` elsewhere.
     pub careful_for: Option<Duration>,
 }
 

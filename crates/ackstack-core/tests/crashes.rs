@@ -58,7 +58,10 @@ impl Source for Suspects {
         self.settler.clone()
     }
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        // Its attempt number counts receives, as SQS's does.
+        self.inner
+            .capabilities()
+            .with_careful_receives(Duration::from_millis(1))
     }
     fn origin(&self) -> Origin {
         self.inner.origin()
@@ -228,6 +231,10 @@ async fn a_delivery_past_its_attempt_limit_is_dead_lettered_without_running() {
     let letters = broker.dead_letters("q");
     assert_eq!(letters.len(), 1);
     let meta = DeadLetterMetadata::from_headers(&letters[0].headers).unwrap();
-    assert_eq!(meta.reason, DeadLetterReason::Crashed);
+    assert_eq!(meta.reason, DeadLetterReason::MaxAttempts);
+    assert!(
+        meta.error_message.contains("without a settlement"),
+        "{meta:?}"
+    );
     assert_eq!(meta.attempts, 9);
 }

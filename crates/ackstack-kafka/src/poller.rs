@@ -287,7 +287,6 @@ impl Poller {
     /// came through the consumer queue (`split` false) pauses its partition if it had to be
     /// kept; a split partition is not paused: its queue is simply not read until there is room.
     fn on_message(&mut self, m: &BorrowedMessage<'_>, split: bool) {
-        self.shared.reach.regained();
         let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
         if self.shared.closing.load(Ordering::SeqCst) {
             // Not tracked and never handed out: read again by the next owner.

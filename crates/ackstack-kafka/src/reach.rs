@@ -1,8 +1,9 @@
 //! Whether the cluster answers. librdkafka retries its connections by itself and says so only
 //! through error events: `ALL_BROKERS_DOWN` when no broker of the cluster can be reached. The
-//! source then fails its receives (so the runner counts receive errors and reports the broker
-//! unreachable in its status and health) until the cluster answers again: a record arrives, or
-//! a metadata request, asked at most once a second by the poll thread, succeeds.
+//! source then fails its receives once nothing it fetched earlier is left to hand out (so the
+//! runner counts receive errors and reports the broker unreachable in its status and health)
+//! until the cluster answers again: a metadata request, asked at most once a second by the
+//! poll thread, succeeds. (A record is no sign: it may have been prefetched before the outage.)
 //!
 //! A transport failure of one broker is not the cluster being unreachable: librdkafka moves to
 //! another broker, and the error is only logged.

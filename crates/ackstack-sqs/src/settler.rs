@@ -275,13 +275,13 @@ impl Settle for SqsSettler {
         _failure: &Failure,
     ) -> Result<Settled<SqsToken>, SettleFailure<SqsToken>> {
         let delay = after.min(token.visibility_budget());
+        // Remembered before the call: with a short delay, a long poll can receive the message
+        // again before the call returns.
+        if let Some(id) = &delivery.message_id {
+            self.retried.delayed(id, delivery.attempt);
+        }
         match self.change_visibility(&token, delay).await {
-            Ok(()) => {
-                if let Some(id) = &delivery.message_id {
-                    self.retried.delayed(id, delivery.attempt);
-                }
-                Ok(Settled::Done)
-            }
+            Ok(()) => Ok(Settled::Done),
             Err(e) => Err(SettleFailure::new(token, e)),
         }
     }

@@ -198,6 +198,8 @@ impl SqsSource {
                 .message_id
                 .as_deref()
                 .is_some_and(|id| self.settler.retried.came_back(id, delivery.attempt));
+        // (A retry whose ChangeMessageVisibility failed is released and comes back one
+        // receive later too: taken for this process's own retry, it runs as usual.)
         Some(Received::new(delivery, token).suspect(suspect))
     }
 }

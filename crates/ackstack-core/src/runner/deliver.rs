@@ -61,7 +61,7 @@ pub(super) struct Shared<P, S: Settle> {
     pub(super) metrics: Arc<MetricSets>,
     /// Whether a lost lease drops the handler's future (`LeaseConfig::abort_on_loss`).
     pub(super) abort_on_loss: bool,
-    /// `RetryConfig::max_attempts`: a delivery that arrives past it is not run again.
+    /// `RetryConfig::max_attempts`, from which a suspect's crash limit follows.
     pub(super) max_attempts: u32,
 }
 
@@ -127,7 +127,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 .with_metrics(metrics)
                 .with_probe(probe);
             let Some(token) = self
-                .admit_unsettled(token, &delivery, suspect, &mut lease, &cx)
+                .admit_unsettled(token, &delivery, suspect, &mut lease, &cx, probe)
                 .await
             else {
                 return;
@@ -191,10 +191,9 @@ impl<P: Process, S: Settle> Shared<P, S> {
         .await
     }
 
-    /// The checks before the handler of a delivery the broker handed out before without a
-    /// settlement: a suspect is armed (its crash count recorded, or moved, or given up on),
-    /// and a delivery that arrived past its attempt limit is dead-lettered without running.
-    /// Returns the token to run with, or `None` when the delivery was settled here.
+    /// Arms a suspect before its run alone: its crash count recorded, or moved, or given up
+    /// on (see `Settle::arm`). Returns the token to run with, or `None` when the delivery was
+    /// settled here (the kill switch is told how it ended, so a probe never stays pending).
     async fn admit_unsettled(
         &self,
         token: S::Token,
@@ -202,54 +201,40 @@ impl<P: Process, S: Settle> Shared<P, S> {
         suspect: bool,
         lease: &mut Option<LeaseGuard<S::Token>>,
         cx: &Context,
+        probe: Option<Probe>,
     ) -> Option<S::Token> {
-        if self.mode == DeliveryMode::AtMostOnce {
+        if !suspect || self.mode == DeliveryMode::AtMostOnce {
             return Some(token);
         }
-        let mut token = token;
-        if suspect {
-            // Runs that crashed alone before, counting the one that made it a suspect.
-            let give_up_at = self.max_attempts.saturating_sub(1).max(1);
-            match self.settler.arm(token, delivery, give_up_at).await {
-                Ok(Armed::Run { token: t, crashes }) => {
-                    if crashes > 0 {
-                        tracing::warn!(
-                            crashes,
-                            "running alone a message whose handling took the process down before"
-                        );
-                    }
-                    token = t;
+        // Runs that crashed alone before, counting the one that made it a suspect.
+        let give_up_at = self.max_attempts.saturating_sub(1).max(1);
+        match self.settler.arm(token, delivery, give_up_at).await {
+            Ok(Armed::Run { token, crashes }) => {
+                if crashes > 0 {
+                    tracing::warn!(
+                        crashes,
+                        "running alone a message whose handling took the process down before"
+                    );
                 }
-                Ok(Armed::Moved(settled)) => {
-                    tracing::info!("suspect moved to run alone later");
-                    self.finish(Ok(settled), delivery, lease.take(), cx).await;
-                    return None;
-                }
-                Ok(Armed::GiveUp { token, crashes }) => {
-                    self.crashed(token, delivery, crashes + 1, lease.take(), cx)
-                        .await;
-                    return None;
-                }
-                Err(failure) => {
-                    self.finish(Err(failure), delivery, lease.take(), cx).await;
-                    return None;
-                }
+                Some(token)
+            }
+            Ok(Armed::Moved(settled)) => {
+                tracing::info!("suspect moved to run alone later");
+                self.judge(None, probe);
+                self.finish(Ok(settled), delivery, lease.take(), cx).await;
+                None
+            }
+            Ok(Armed::GiveUp { token, crashes }) => {
+                self.crashed(token, delivery, crashes + 1, lease.take(), cx, probe)
+                    .await;
+                None
+            }
+            Err(failure) => {
+                self.judge(None, probe);
+                self.finish(Err(failure), delivery, lease.take(), cx).await;
+                None
             }
         }
-        if delivery.attempt > self.max_attempts {
-            // Handed out more often than attempts are allowed, with no settlement in between
-            // (the broker counts deliveries that ended with the process dead): not run again.
-            self.crashed(
-                token,
-                delivery,
-                delivery.attempt.saturating_sub(1),
-                lease.take(),
-                cx,
-            )
-            .await;
-            return None;
-        }
-        Some(token)
     }
 
     /// Dead-letters a delivery that stopped the consumer `crashes` times.
@@ -260,11 +245,13 @@ impl<P: Process, S: Settle> Shared<P, S> {
         crashes: u32,
         lease: Option<LeaseGuard<S::Token>>,
         cx: &Context,
+        probe: Option<Probe>,
     ) {
         let letter = DeadLetter::crashed(delivery, crashes);
         let outcome = Outcome::DeadLetter(letter.failure.clone());
         cx.metrics().outcome(&outcome, None);
         tracing::Span::current().record("outcome", outcome.as_str());
+        self.judge(Some(&outcome), probe);
         self.inspect(delivery, &outcome);
         tracing::error!(
             crashes,

@@ -37,7 +37,9 @@ pub struct LeaseConfig {
     /// next `.await`) instead of being told through [`Context::cancelled`] and left to stop by
     /// itself. Off by default: cancellation is cooperative, and a handler that ignores it runs
     /// to its end (its delivery is still never acked). Turn it on for handlers that are safe
-    /// to drop at any `.await` (no half-done effect the redelivery cannot repair).
+    /// to drop at any `.await` (no half-done effect the redelivery cannot repair). A dedup done
+    /// mark being written when the lease is lost is dropped too: the redelivery then runs the
+    /// handler again once the claim lapses.
     ///
     /// [`Context::cancelled`]: crate::Context::cancelled
     pub abort_on_loss: bool,

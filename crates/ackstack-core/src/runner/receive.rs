@@ -79,7 +79,12 @@ impl<S: Source, L> Consumer<S, L> {
                     },
                 ) as crate::retry::OnInPlaceRetry
             });
-        let terminal = Terminal::new(handler).classify(self.classifier.clone());
+        let terminal = Terminal::new(handler)
+            .classify(self.classifier.clone())
+            .arrival_limit(
+                (caps.careful_for.is_some() && cfg.mode != DeliveryMode::AtMostOnce)
+                    .then_some(cfg.retry.max_attempts),
+            );
         let dedup = self
             .dedup
             .take()
@@ -144,7 +149,10 @@ impl<S: Source, L> Consumer<S, L> {
         let mut receive_errors = 0u64;
         let mut consecutive_errors = 0u32;
         // Receives one at a time until then (see `Capabilities::careful_for`).
-        let mut careful_until = caps.careful_for.map(|p| Instant::now() + p);
+        let careful_for = caps
+            .careful_for
+            .filter(|_| cfg.mode != DeliveryMode::AtMostOnce);
+        let mut careful_until = careful_for.map(|p| Instant::now() + p);
         tokio::pin!(shutdown);
 
         let result = 'receive: loop {
@@ -221,7 +229,7 @@ impl<S: Source, L> Consumer<S, L> {
             };
             let received_at = Instant::now();
             if batch.iter().any(|r| r.suspect) {
-                careful_until = caps.careful_for.map(|p| received_at + p);
+                careful_until = careful_for.map(|p| received_at + p);
             }
             let probe = control.admitted(batch.len());
             shared.status.received(batch.len() as u64);
@@ -265,6 +273,7 @@ impl<S: Source, L> Consumer<S, L> {
                         () = drained => {}
                     }
                 }
+                let acks = alone.then(|| shared.acks.clone());
                 let shared = shared.clone();
                 let in_flight = InFlight::start(shared.status.clone(), metrics.clone());
                 // Boxed: the task's future (the delivery, its guards and the whole stack's
@@ -278,11 +287,16 @@ impl<S: Source, L> Consumer<S, L> {
                         .run_one(received, cancel, lease, turn, metrics, probe)
                         .await;
                 }));
-                if alone {
+                if let Some(acks) = acks {
+                    // Its own ack too: a crash right after must not make it come back.
+                    let settled = async {
+                        join_all(&mut tasks).await;
+                        acks.flush().await;
+                    };
                     tokio::select! {
                         biased;
                         _ = &mut shutdown => break 'receive Ok(()),
-                        () = join_all(&mut tasks) => {}
+                        () = settled => {}
                     }
                 }
             }
