@@ -19,7 +19,7 @@ use crate::outcome::Outcome;
 use crate::retry::RetryLayer;
 use crate::source::{Settle, Source};
 
-use super::acker::BatchAcker;
+use super::acker::{AckQueue, BatchAcker};
 use super::builder::Consumer;
 use super::config::{DeliveryMode, KeyOrdering};
 use super::control::Admit;
@@ -263,18 +263,13 @@ impl<S: Source, L> Consumer<S, L> {
                     // Everything before it finished and acked: a crash during its run must
                     // not leave an ack unsent (the broker would count a redelivery of a
                     // message that was handled).
-                    let drained = async {
-                        join_all(&mut tasks).await;
-                        shared.acks.flush().await;
-                    };
                     tokio::select! {
                         biased;
                         _ = &mut shutdown => break 'receive Ok(()),
-                        () = drained => {}
+                        () = settle_in_flight(&mut tasks, &shared.acks) => {}
                     }
                 }
-                let acks = alone.then(|| shared.acks.clone());
-                let shared = shared.clone();
+                let task_shared = shared.clone();
                 let in_flight = InFlight::start(shared.status.clone(), metrics.clone());
                 // Boxed: the task's future (the delivery, its guards and the whole stack's
                 // state) is several KiB, and tokio moves an unboxed future into its task cell
@@ -283,20 +278,16 @@ impl<S: Source, L> Consumer<S, L> {
                 tasks.spawn(Box::pin(async move {
                     let _permit = permit;
                     let _in_flight = in_flight;
-                    shared
+                    task_shared
                         .run_one(received, cancel, lease, turn, metrics, probe)
                         .await;
                 }));
-                if let Some(acks) = acks {
+                if alone {
                     // Its own ack too: a crash right after must not make it come back.
-                    let settled = async {
-                        join_all(&mut tasks).await;
-                        acks.flush().await;
-                    };
                     tokio::select! {
                         biased;
                         _ = &mut shutdown => break 'receive Ok(()),
-                        () = settled => {}
+                        () = settle_in_flight(&mut tasks, &shared.acks) => {}
                     }
                 }
             }
@@ -363,11 +354,12 @@ impl<S: Source, L> Consumer<S, L> {
     }
 }
 
-/// Waits until every task in `tasks` has finished.
-async fn join_all(tasks: &mut JoinSet<()>) {
+/// Waits until every task in `tasks` has finished and the acker has sent their acks.
+async fn settle_in_flight<T: Send + 'static>(tasks: &mut JoinSet<()>, acks: &AckQueue<T>) {
     while let Some(done) = tasks.join_next().await {
         log_join_error(done);
     }
+    acks.flush().await;
 }
 
 fn log_join_error(done: Result<(), tokio::task::JoinError>) {
