@@ -6,3 +6,18 @@
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
+
+use std::time::Duration;
+
+use ackstack::rabbitmq::{QueueType, RabbitConfig};
+
+/// The RabbitMQ config of the poison suite's consumer (`src/bin/poison_consumer.rs`) and of
+/// the test that publishes to it: both declare the same queues, so they must agree. Default
+/// prefetch and delay buckets; every queue deleted 300 s after its last use.
+pub fn rabbitmq_config(url: &str, queue: &str, queue_type: QueueType) -> RabbitConfig {
+    let mut config = RabbitConfig::new(url.to_string(), queue.to_string());
+    config.queue_type = queue_type;
+    config.queue_expires = Some(Duration::from_secs(300));
+    config.poll_interval = Duration::from_millis(200);
+    config
+}

@@ -26,6 +26,7 @@ const KEYS: &[&str] = &[
     "dead_letter_queue",
     "declare_topology",
     "delay_buckets",
+    "delivery_limit",
     "dlq",
     "dlq_topic",
     "endpoint",
@@ -101,6 +102,7 @@ fn use_all(text: &str) {
         let _ = c.validate();
         let _ = format!("{c:?}");
         let _ = (c.dlq_name(), c.connection_name(), c.max_delay());
+        let _ = (c.alone_queue_name(), c.declared_queues());
         let _ = c.bucket_for(std::time::Duration::from_secs(1));
     }
     if let Ok(c) = serde_json::from_str::<SqsConfig>(text) {

@@ -1,18 +1,20 @@
 //! A message that takes the whole process down (invariant 2): a consumer written as a user
-//! would (`src/bin/poison_consumer.rs`, concurrency 4, at most 3 attempts) runs as a child
-//! process whose handler aborts on one payload, and is restarted after each crash, as an
-//! orchestrator would. The poison must be dead-lettered after at most 3 crashes (with the
-//! crash count in its metadata), every other message handled and none dead-lettered, nothing
-//! lost.
+//! would (`src/bin/poison_consumer.rs`, concurrency 4, at most 3 attempts, default prefetch)
+//! runs as a child process whose handler aborts on one payload, and is restarted after each
+//! crash, as an orchestrator would. The poison must be dead-lettered after at most 3 crashes
+//! (with the crash count in its metadata), every other message handled and none
+//! dead-lettered, nothing lost: on SQS, RabbitMQ classic and quorum queues.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ackstack_core::{DeadLetterReason, Message, Publish};
+use ackstack_core::{DeadLetterMetadata, DeadLetterReason, Message, Publish};
+use ackstack_rabbitmq::{QueueType, RabbitPublisher};
 use ackstack_sqs::testing::{self, TestQueue};
 use ackstack_sqs::{DeadLetterRecord, SqsPublisher};
+use integration_tests::rabbitmq_config;
 
 const GOOD: usize = 30;
 const MAX_ATTEMPTS: usize = 3;
@@ -72,19 +74,115 @@ fn restart_until(args: &[&str], done: impl Fn() -> bool) -> Runs {
     Runs { crashes, last }
 }
 
+/// The payloads of the suite: 30 good ones with the poison among them.
+fn payloads() -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..GOOD {
+        if i == GOOD / 3 {
+            out.push("poison".to_string());
+        }
+        out.push(format!("g{i}"));
+    }
+    out
+}
+
+impl Runs {
+    /// Asserts that every good message is in the `handled` file (removed then), and that the
+    /// child crashed at least once and at most `max_attempts` times.
+    fn assert_poison_stopped_and_all_good_handled(&self, handled: &std::path::Path) {
+        let lines = std::fs::read_to_string(handled).unwrap_or_default();
+        let _ = std::fs::remove_file(handled);
+        let handled: BTreeSet<&str> = lines.lines().collect();
+        let missing: Vec<String> = (0..GOOD)
+            .map(|i| format!("g{i}"))
+            .filter(|g| !handled.contains(g.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "good messages never handled: {missing:?}"
+        );
+        assert!(
+            (1..=MAX_ATTEMPTS).contains(&self.crashes),
+            "{} crashes for max_attempts {MAX_ATTEMPTS}; last run: {}",
+            self.crashes,
+            self.last
+        );
+    }
+}
+
+async fn rabbitmq_poison(queue_type: QueueType, name: &'static str) {
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+    let queue = testing::unique_name(&format!("ackstack-test-poison-{name}"));
+    let config = rabbitmq_config(&url, &queue, queue_type);
+    let publisher = std::sync::Arc::new(RabbitPublisher::connect(config.clone()).await.unwrap());
+    for payload in payloads() {
+        publisher.publish(Message::new(payload)).await.unwrap();
+    }
+    let handled = std::env::temp_dir().join(testing::unique_name("poison-handled"));
+    let handled_path = handled.to_string_lossy().into_owned();
+    let rt = tokio::runtime::Handle::current();
+    let (p, c) = (publisher.clone(), config.clone());
+    let runs = tokio::task::spawn_blocking(move || {
+        restart_until(
+            &["rabbitmq", &url, &queue, name, &handled_path],
+            move || {
+                let (p, c) = (p.clone(), c.clone());
+                rt.block_on(async move {
+                    p.queue_len(&c.queue).await.unwrap() == 0
+                        && p.queue_len(&c.alone_queue_name()).await.unwrap_or(0) == 0
+                })
+            },
+        )
+    })
+    .await
+    .unwrap();
+
+    runs.assert_poison_stopped_and_all_good_handled(&handled);
+    let mut dead = Vec::new();
+    while let Some(letter) = publisher.get_dead_letter().await.unwrap() {
+        dead.push(letter);
+    }
+    let bodies: Vec<&[u8]> = dead.iter().map(|m| &m.payload[..]).collect();
+    assert_eq!(
+        bodies,
+        vec![&b"poison"[..]],
+        "only the poison is dead-lettered, once"
+    );
+    let metadata = DeadLetterMetadata::from_headers(&dead[0].headers).unwrap();
+    assert_eq!(metadata.reason, DeadLetterReason::Crashed);
+    assert_eq!(metadata.attempts as usize, MAX_ATTEMPTS);
+    assert_eq!(runs.crashes, MAX_ATTEMPTS, "dead-lettered at the limit");
+    assert_eq!(publisher.queue_len(&config.queue).await.unwrap(), 0);
+    let alone = config.alone_queue_name();
+    assert_eq!(
+        publisher.queue_len(&alone).await.unwrap(),
+        0,
+        "left in {alone}"
+    );
+    println!(
+        "poison-suite broker=rabbitmq-{name} good={GOOD} crashes={} max_attempts={MAX_ATTEMPTS}",
+        runs.crashes
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_classic_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_is() {
+    rabbitmq_poison(QueueType::Classic, "classic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_quorum_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_is() {
+    rabbitmq_poison(QueueType::Quorum, "quorum").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_is() {
     let client = testing::client().await;
     let queue = TestQueue::create(&client, "poison", false).await.unwrap();
     let publisher = SqsPublisher::new(client.clone(), queue.url.clone());
-    for i in 0..GOOD {
-        if i == GOOD / 3 {
-            publisher.publish(Message::new("poison")).await.unwrap();
-        }
-        publisher
-            .publish(Message::new(format!("g{i}")))
-            .await
-            .unwrap();
+    for payload in payloads() {
+        publisher.publish(Message::new(payload)).await.unwrap();
     }
     let handled = std::env::temp_dir().join(testing::unique_name("poison-handled"));
     let handled_path = handled.to_string_lossy().into_owned();
@@ -100,23 +198,7 @@ async fn sqs_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_
     .await
     .unwrap();
 
-    let lines = std::fs::read_to_string(&handled).unwrap_or_default();
-    let _ = std::fs::remove_file(&handled);
-    let handled: BTreeSet<&str> = lines.lines().collect();
-    let missing: Vec<String> = (0..GOOD)
-        .map(|i| format!("g{i}"))
-        .filter(|g| !handled.contains(g.as_str()))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "good messages never handled: {missing:?}"
-    );
-    assert!(
-        (1..=MAX_ATTEMPTS).contains(&runs.crashes),
-        "{} crashes for max_attempts {MAX_ATTEMPTS}; last run: {}",
-        runs.crashes,
-        runs.last
-    );
+    runs.assert_poison_stopped_and_all_good_handled(&handled);
     let dead = queue
         .read_dead_letters(&client, GOOD + 1, Duration::from_secs(5))
         .await

@@ -19,6 +19,9 @@ pub const METADATA_PREFIX: &str = "x-ackstack-dl-";
 pub const ATTEMPT_HEADER: &str = "x-ackstack-attempt";
 /// The header that records when a republished message first failed (milliseconds since epoch).
 pub const FIRST_FAILURE_HEADER: &str = "x-ackstack-first-failure";
+/// The header in which a suspect moved to run alone (docs/DESIGN.md, "Crashes count as
+/// attempts") carries its runs alone that ended with the process dead.
+pub const CRASHES_HEADER: &str = "x-ackstack-crashes";
 /// The dead-letter metadata header that lists, comma-separated, what was left out of a
 /// dead-letter copy so that it fits the broker's limit (Kafka's message size, RabbitMQ's
 /// `frame_max`); absent when nothing was. Like every `x-ackstack-dl-*` header it is replaced

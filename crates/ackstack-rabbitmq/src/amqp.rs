@@ -63,7 +63,9 @@ pub(crate) fn short(name: &str) -> Result<ShortString, RabbitError> {
     ShortString::try_new(name).map_err(|_| RabbitError::InvalidName(name.to_string()))
 }
 
-/// Declares the work queue, one delay queue per bucket and the dead-letter queue.
+/// Declares the work queue, one delay queue per bucket and the dead-letter queue. The queue of
+/// suspects waiting to run alone is declared by the consuming source ([`declare_alone`]),
+/// not by publishers.
 pub(crate) async fn declare_topology(
     channel: &Channel,
     config: &RabbitConfig,
@@ -71,12 +73,12 @@ pub(crate) async fn declare_topology(
     let dlq = config.dlq_name();
     let mut work_args = queue_type_args(config.queue_type);
     if config.queue_type == QueueType::Quorum {
-        // Safety net: a message the consumer never settles (it crashes on it) is dead-lettered
-        // by the broker after `max_attempts` deliveries. Quorum queues always dead-letter to
-        // the DLQ rather than drop (RabbitMQ 4 sets a default delivery limit of 20).
+        // A message the broker gives up on (past `delivery_limit`, or RabbitMQ 4's default
+        // limit of 20 when none is set) goes to the DLQ rather than being dropped. No limit
+        // is set from max attempts: crashes raise the count of every prefetched message.
         insert_str(&mut work_args, "x-dead-letter-exchange", "");
         insert_str(&mut work_args, "x-dead-letter-routing-key", &dlq);
-        if let Some(max) = config.max_attempts {
+        if let Some(max) = config.delivery_limit {
             work_args.insert(
                 "x-delivery-limit".into(),
                 AMQPValue::LongInt(i32::try_from(max).unwrap_or(i32::MAX)),
@@ -99,6 +101,36 @@ pub(crate) async fn declare_topology(
     expire(&mut dlq_args, config.queue_expires);
     declare(channel, &dlq, dlq_args, timeout).await?;
     Ok(())
+}
+
+/// Declares the queue of suspects waiting to run alone
+/// ([`RabbitConfig::alone_queue_name`]), of the work queue's type; returns how many wait there.
+pub(crate) async fn declare_alone(
+    channel: &Channel,
+    config: &RabbitConfig,
+) -> Result<u32, RabbitError> {
+    let mut args = queue_type_args(config.queue_type);
+    expire(&mut args, config.queue_expires);
+    let name = short(&config.alone_queue_name())?;
+    let declare = channel.queue_declare(name, QueueDeclareOptions::durable(), args);
+    let queue = bounded("queue.declare", config.operation_timeout, declare).await?;
+    Ok(queue.message_count())
+}
+
+/// How many suspects wait to run alone, from a passive declare: NOT_FOUND (which closes the
+/// channel) when the queue does not exist.
+pub(crate) async fn declare_alone_passive(
+    channel: &Channel,
+    config: &RabbitConfig,
+) -> Result<u32, RabbitError> {
+    let name = short(&config.alone_queue_name())?;
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declare = channel.queue_declare(name, options, FieldTable::default());
+    let queue = bounded("queue.declare", config.operation_timeout, declare).await?;
+    Ok(queue.message_count())
 }
 
 /// Adds `x-expires` (milliseconds, at least 1) when the config asks for it.

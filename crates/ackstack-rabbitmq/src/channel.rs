@@ -31,12 +31,47 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// The generation the source currently consumes on.
     pub(crate) current: Mutex<Option<Arc<Generation>>>,
+    /// Suspects may be waiting in the queue of runs alone: set at the start, by each move
+    /// there and by the periodic look; cleared by a get that finds it empty.
+    pub(crate) alone_pending: AtomicBool,
+    /// The queue of runs alone does not exist (declare_topology off, and not declared by
+    /// hand): suspects run alone in place, their crashes not counted.
+    pub(crate) alone_missing: AtomicBool,
 }
 
 impl Shared {
     pub(crate) fn current(&self) -> MutexGuard<'_, Option<Arc<Generation>>> {
         // A panic elsewhere while holding this lock cannot leave the Option inconsistent.
         self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether suspects may be waiting to run alone.
+    pub(crate) fn alone_pending(&self) -> bool {
+        self.alone_pending.load(Ordering::Acquire)
+    }
+
+    /// Records whether suspects may be waiting to run alone.
+    pub(crate) fn set_alone_pending(&self, pending: bool) {
+        let pending = pending && !self.alone_missing();
+        self.alone_pending.store(pending, Ordering::Release);
+    }
+
+    /// Whether the queue of runs alone was found missing.
+    pub(crate) fn alone_missing(&self) -> bool {
+        self.alone_missing.load(Ordering::Acquire)
+    }
+
+    /// The queue of runs alone is missing: suspects run in place from now on.
+    pub(crate) fn set_alone_missing(&self) {
+        if !self.alone_missing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                queue = %self.config.alone_queue_name(),
+                "the queue of suspects waiting to run alone does not exist: a message that \
+                 takes the process down is not counted (declare it, or let ackstack declare \
+                 the topology)"
+            );
+        }
+        self.alone_pending.store(false, Ordering::Release);
     }
 
     pub(crate) fn stats(&self) -> RabbitStats {

@@ -29,7 +29,7 @@ pub enum QueueType {
 /// ```
 /// let config: ackstack_rabbitmq::RabbitConfig = serde_json::from_str(
 ///     r#"{ "uri": "amqp://guest:guest@127.0.0.1:5672/%2f", "queue": "orders",
-///          "queue_type": "quorum", "delay_buckets": ["1s", "30s", "5m"], "max_attempts": 8 }"#,
+///          "queue_type": "quorum", "delay_buckets": ["1s", "30s", "5m"] }"#,
 /// ).unwrap();
 /// assert_eq!(config.dlq_name(), "orders-dlq");
 /// assert!(!format!("{config:?}").contains("guest@"));
@@ -67,11 +67,15 @@ pub struct RabbitConfig {
     /// Default `ackstack-<queue>`.
     #[serde(default)]
     pub connection_name: Option<String>,
-    /// For quorum queues: declared as `x-delivery-limit`, a broker-side safety net that
-    /// dead-letters a message redelivered this many times without being settled (a consumer
-    /// crashing on it). Should match the retry layer's max attempts.
+    /// For quorum queues: declared as `x-delivery-limit`, the broker's own limit on deliveries
+    /// of a message that was never settled, after which it dead-letters it to the DLQ. Off by
+    /// default, and not a retry limit: every crash of a consumer raises the delivery count of
+    /// every message it had prefetched, so a limit near the retry layer's `max_attempts`
+    /// dead-letters innocent messages with a poison one. ackstack counts crashes itself
+    /// (docs/DESIGN.md, "Crashes count as attempts"); set this, well above `max_attempts`,
+    /// only as a last net. (RabbitMQ 4 applies a default of 20 when it is not set.)
     #[serde(default)]
-    pub max_attempts: Option<u32>,
+    pub delivery_limit: Option<u32>,
     /// How long to wait for a publisher confirm before failing the settlement. Default 30s.
     #[serde(
         default = "default_confirm_timeout",
@@ -123,7 +127,7 @@ impl RabbitConfig {
             dlq: None,
             consumer_tag: None,
             connection_name: None,
-            max_attempts: None,
+            delivery_limit: None,
             confirm_timeout: default_confirm_timeout(),
             poll_interval: default_poll_interval(),
             queue_expires: None,
@@ -153,10 +157,19 @@ impl RabbitConfig {
         format!("{}.delay.{}", self.queue, bucket.as_millis())
     }
 
+    /// The queue where a suspect (a redelivered message, possibly the one that took a consumer
+    /// down) waits for its run alone: `<queue>.ackstack-alone`. It is read one message at a
+    /// time, only while nothing else is in flight (docs/DESIGN.md, "Crashes count as attempts").
+    pub fn alone_queue_name(&self) -> String {
+        format!("{}.ackstack-alone", self.queue)
+    }
+
     /// Every queue the adapter declares for this configuration: the work queue, the
-    /// dead-letter queue and one delay queue per bucket (for tools that clean up after a run).
+    /// dead-letter queue, the queue of suspects waiting to run alone (declared by the consuming
+    /// source, not by publishers) and one delay queue per bucket (for tools that clean up
+    /// after a run).
     pub fn declared_queues(&self) -> Vec<String> {
-        let mut names = vec![self.queue.clone(), self.dlq_name()];
+        let mut names = vec![self.queue.clone(), self.dlq_name(), self.alone_queue_name()];
         names.extend(self.delay_buckets.iter().map(|b| self.delay_queue_name(*b)));
         names
     }
@@ -208,8 +221,8 @@ impl RabbitConfig {
         if self.operation_timeout.is_zero() {
             return Err(ConfigError::new("operation_timeout must be longer than 0"));
         }
-        if self.max_attempts == Some(0) {
-            return Err(ConfigError::new("max_attempts must be at least 1"));
+        if self.delivery_limit == Some(0) {
+            return Err(ConfigError::new("delivery_limit must be at least 1"));
         }
         Ok(())
     }
@@ -246,7 +259,7 @@ impl fmt::Debug for RabbitConfig {
             .field("dlq", &self.dlq)
             .field("consumer_tag", &self.consumer_tag)
             .field("connection_name", &self.connection_name)
-            .field("max_attempts", &self.max_attempts)
+            .field("delivery_limit", &self.delivery_limit)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("poll_interval", &self.poll_interval)
             .field("queue_expires", &self.queue_expires)
@@ -361,14 +374,21 @@ mod tests {
         );
         assert_eq!(c.delay_queue_name(Duration::from_secs(2)), "q.delay.2000");
         let declared = c.declared_queues();
-        assert_eq!(declared[..2], ["q".to_string(), "q-dlq".to_string()]);
+        assert_eq!(
+            declared[..3],
+            [
+                "q".to_string(),
+                "q-dlq".to_string(),
+                "q.ackstack-alone".to_string()
+            ]
+        );
         let delays: Vec<String> = c
             .delay_buckets
             .iter()
             .map(|b| c.delay_queue_name(*b))
             .collect();
         assert!(!delays.is_empty());
-        assert_eq!(declared[2..], delays[..]);
+        assert_eq!(declared[3..], delays[..]);
     }
 
     #[test]

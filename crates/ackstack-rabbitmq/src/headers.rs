@@ -7,8 +7,6 @@ use ackstack_core::deadletter::ATTEMPT_HEADER;
 use bytes::Bytes;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::config::QueueType;
-
 /// The header the publisher writes a message's ordering key to, and the source reads
 /// [`ackstack_core::Delivery::key`] from.
 pub const KEY_HEADER: &str = "x-ackstack-key";
@@ -97,20 +95,13 @@ pub(crate) fn header_u64(table: Option<&FieldTable>, name: &str) -> Option<u64> 
     }
 }
 
-/// The attempt number of a delivery (invariant 2 in docs/CONTRACT.md): our [`ATTEMPT_HEADER`] (written when we
-/// republish for a retry; 1 when absent or malformed) plus, on quorum queues, the broker's
-/// `x-delivery-count` of earlier unsettled deliveries of this copy (absent on the first
-/// delivery). A crash loop on one copy therefore still counts up; classic queues have no
-/// such count, so there a crash-redelivery repeats the attempt number.
-pub fn attempt_of(table: Option<&FieldTable>, queue_type: QueueType) -> u32 {
-    let ours = attempt_from_count(header_u64(table, ATTEMPT_HEADER));
-    let redeliveries = match queue_type {
-        QueueType::Quorum => header_u64(table, DELIVERY_COUNT_HEADER)
-            .map(|c| u32::try_from(c).unwrap_or(u32::MAX))
-            .unwrap_or(0),
-        QueueType::Classic => 0,
-    };
-    ours.saturating_add(redeliveries)
+/// The attempt number of a delivery (invariant 2 in docs/CONTRACT.md): our [`ATTEMPT_HEADER`],
+/// written when we republish for a retry (1 when absent or malformed). The quorum queue's
+/// `x-delivery-count` is not added: every crash raises it on every message the consumer had
+/// prefetched, so it counts deliveries, not handler attempts. Crashes are counted by running
+/// suspects alone ([`CRASHES_HEADER`](ackstack_core::deadletter::CRASHES_HEADER)).
+pub fn attempt_of(table: Option<&FieldTable>) -> u32 {
+    attempt_from_count(header_u64(table, ATTEMPT_HEADER))
 }
 
 /// An AMQP long-string value.

@@ -8,12 +8,14 @@
 //! With [`RabbitConfig::declare_topology`] (the default) the adapter declares, all durable:
 //!
 //! * the work queue `<queue>` (classic or quorum; a quorum queue gets
-//!   `x-dead-letter-routing-key = <dlq>` and, from [`RabbitConfig::max_attempts`],
-//!   `x-delivery-limit` as a broker-side safety net against crash loops);
+//!   `x-dead-letter-routing-key = <dlq>`, and `x-delivery-limit` only when
+//!   [`RabbitConfig::delivery_limit`] asks for one);
 //! * one delay queue per bucket, `<queue>.delay.<millis>`, with `x-message-ttl = millis`,
 //!   `x-dead-letter-exchange = ""` and `x-dead-letter-routing-key = <queue>`: a message
 //!   published there comes back to the work queue after the bucket's delay;
-//! * the dead-letter queue, `<queue>-dlq` by default.
+//! * the dead-letter queue, `<queue>-dlq` by default;
+//! * by the consuming source (not by publishers), `<queue>.ackstack-alone`, where
+//!   redelivered messages wait to run alone ([`RabbitConfig::alone_queue_name`]).
 //!
 //! # Retries and attempts
 //!
@@ -30,9 +32,11 @@
 //! The original value travels in the [`ORIGINAL_EXPIRATION_HEADER`] header instead.
 //!
 //! The attempt number is read from the message (invariant 2 in docs/CONTRACT.md): the
-//! [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) we write on each retry copy,
-//! plus the quorum queue's `x-delivery-count` of unsettled earlier deliveries. See
-//! [`attempt_of`].
+//! [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) we write on each retry copy
+//! (see [`attempt_of`]). A handler that takes the process down is counted apart: a redelivered
+//! message is a suspect, moved to `<queue>.ackstack-alone` and run there alone, with its
+//! crashes in [`CRASHES_HEADER`](ackstack_core::deadletter::CRASHES_HEADER)
+//! (docs/DESIGN.md, "Crashes count as attempts").
 //!
 //! # Dead letters
 //!
@@ -65,8 +69,9 @@
 //!
 //! [`release`](ackstack_core::Settle::release) gives a delivery back with
 //! `basic.reject requeue=true` (not `basic.nack`: RabbitMQ 4.3 and later count only a reject
-//! in a quorum queue's `x-delivery-count`, so only a reject makes a release an attempt that
-//! `x-delivery-limit` sees), then sends the acks the released tag was holding back.
+//! in a quorum queue's `x-delivery-count`, so only a reject is seen by a configured
+//! `x-delivery-limit`), then sends the acks the released tag was holding back. The released
+//! message comes back redelivered: a suspect, run alone once.
 //!
 //! # Reconnects
 //!
@@ -118,7 +123,7 @@ mod tracker;
 
 /// What a dead-letter copy's [`DROPPED_HEADER`] lists when its content header had to be
 /// shrunk to fit the connection's negotiated `frame_max` (core's dead-letter format).
-pub use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
+pub use ackstack_core::deadletter::{CRASHES_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 pub use config::{QueueType, RabbitConfig};
 pub use error::{ConfigError, RabbitError};
 pub use headers::{

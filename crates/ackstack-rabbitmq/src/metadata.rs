@@ -6,13 +6,32 @@ use std::collections::BTreeMap;
 
 use ackstack_core::DeadLetterMetadata;
 use ackstack_core::deadletter::{
-    ATTEMPT_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, FIRST_FAILURE_HEADER, METADATA_PREFIX,
+    ATTEMPT_HEADER, CRASHES_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, FIRST_FAILURE_HEADER,
+    METADATA_PREFIX,
 };
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::amqp::PERSISTENT;
-use crate::headers::{DELIVERY_COUNT_HEADER, ORIGINAL_EXPIRATION_HEADER, long_string};
+use crate::headers::{DELIVERY_COUNT_HEADER, ORIGINAL_EXPIRATION_HEADER, header_u64, long_string};
+
+/// The runs alone of a message that ended with the process dead, from its [`CRASHES_HEADER`]
+/// (0 when absent or malformed).
+pub(crate) fn crashes_of(properties: &BasicProperties) -> u32 {
+    header_u64(properties.headers().as_ref(), CRASHES_HEADER)
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// The headers of a suspect's copy moved to run alone: `original`'s with [`CRASHES_HEADER`]
+/// set to `crashes` and the broker's [`DELIVERY_COUNT_HEADER`] removed; every other value
+/// unchanged, the expiration recorded (see [`copy_properties`]).
+pub(crate) fn alone_table(original: &BasicProperties, crashes: u32) -> FieldTable {
+    edit_table(original.headers().as_ref(), |map| {
+        map.remove(DELIVERY_COUNT_HEADER);
+        map.insert(CRASHES_HEADER.into(), long_string(&crashes.to_string()));
+        record_expiration(map, original);
+    })
+}
 
 /// The headers of a retry copy: `table` with [`ATTEMPT_HEADER`] set to `next_attempt`,
 /// [`FIRST_FAILURE_HEADER`] kept (or set to `first_failure_ms`) and the broker's

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ackstack_core::deadletter::{DeadLetter, millis};
 use ackstack_core::{
-    AckReport, Backlog, Delivery, Failure, Settle, SettleError, SettleFailure, Settled,
+    AckReport, Armed, Backlog, Delivery, Failure, Settle, SettleError, SettleFailure, Settled,
 };
 use lapin::BasicProperties;
 use lapin::options::{BasicRejectOptions, QueueDeclareOptions};
@@ -161,6 +161,25 @@ impl RabbitSettler {
     }
 }
 
+/// Refuses a copy whose content header would not fit the connection's `frame_max`: the broker
+/// would close the whole connection, and with it every other unacked delivery of this
+/// generation.
+fn fits_frame(
+    token: &RabbitToken,
+    properties: &BasicProperties,
+    copy: &str,
+) -> Result<(), SettleError> {
+    let frame_max = token.generation.frame_max();
+    match metadata::content_header_frame_size(properties) {
+        Ok(size) if frame_max == 0 || size <= frame_max as usize => Ok(()),
+        Ok(size) => Err(SettleError::Rejected(format!(
+            "the {copy} copy's content header is {size} bytes; the connection's frame_max is \
+             {frame_max}"
+        ))),
+        Err(why) => Err(SettleError::Rejected(why)),
+    }
+}
+
 impl Settle for RabbitSettler {
     type Token = RabbitToken;
 
@@ -212,22 +231,88 @@ impl Settle for RabbitSettler {
         let first_failure = millis(failure.at);
         let headers = metadata::retry_table(&token.properties, next_attempt, first_failure);
         let properties = copy_properties(&token.properties, headers);
-        // A content header over `frame_max` would make the broker close the whole connection
-        // (and with it every other unacked delivery of this generation).
-        let frame_max = token.generation.frame_max();
-        match metadata::content_header_frame_size(&properties) {
-            Ok(size) if frame_max == 0 || size <= frame_max as usize => {}
-            Ok(size) => {
-                let err = SettleError::Rejected(format!(
-                    "the retry copy's content header is {size} bytes; the connection's \
-                     frame_max is {frame_max}"
-                ));
-                return Err(SettleFailure::new(token, err));
-            }
-            Err(why) => return Err(SettleFailure::new(token, SettleError::Rejected(why))),
+        if let Err(err) = fits_frame(&token, &properties, "retry") {
+            return Err(SettleFailure::new(token, err));
         }
         match self.publish_copy(&token, &queue, properties).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
+            Err(err) => Err(SettleFailure::new(token, err)),
+        }
+    }
+
+    /// A suspect of the work queue (redelivered) is moved to the queue of runs alone
+    /// ([`RabbitConfig::alone_queue_name`]): a copy with its [`CRASHES_HEADER`] kept,
+    /// confirmed before the original is acked ([`Armed::Moved`]). The source gets it from
+    /// there one at a time, with nothing else in flight. Got from there for the first time
+    /// since its move, it runs ([`Armed::Run`]); got again redelivered, its run alone ended
+    /// with the process dead: counted, and moved again, or given up on at `give_up_at`.
+    ///
+    /// A run alone that ended by a lost connection or a shutdown that released it counts the
+    /// same: the broker's `redelivered` bit cannot tell them apart from a crash. When the
+    /// queue of runs alone does not exist, a suspect runs in place, its crashes not counted.
+    ///
+    /// [`RabbitConfig::alone_queue_name`]: crate::RabbitConfig::alone_queue_name
+    /// [`CRASHES_HEADER`]: ackstack_core::deadletter::CRASHES_HEADER
+    async fn arm(
+        &self,
+        token: RabbitToken,
+        _delivery: &Delivery,
+        give_up_at: u32,
+    ) -> Result<Armed<RabbitToken>, SettleFailure<RabbitToken>> {
+        let earlier = metadata::crashes_of(&token.properties);
+        if token.alone && !token.redelivered {
+            return Ok(Armed::Run {
+                token,
+                crashes: earlier,
+            });
+        }
+        let crashes = if token.alone {
+            earlier.saturating_add(1)
+        } else {
+            earlier
+        };
+        if token.alone && crashes >= give_up_at {
+            return Ok(Armed::GiveUp { token, crashes });
+        }
+        if self.shared.alone_missing() {
+            return Ok(Armed::Run { token, crashes });
+        }
+        if !token.generation.alive() {
+            let err = self.lease_lost(&token);
+            return Err(SettleFailure::new(token, err));
+        }
+        let headers = metadata::alone_table(&token.properties, crashes);
+        let properties = copy_properties(&token.properties, headers);
+        if let Err(err) = fits_frame(&token, &properties, "run-alone") {
+            return Err(SettleFailure::new(token, err));
+        }
+        let config = &self.shared.config;
+        if config.declare_topology {
+            let declared = match token.generation.publish_channel().await {
+                Ok(channel) => amqp::declare_alone(&channel, config).await.map(drop),
+                Err(e) => Err(e),
+            };
+            match declared {
+                Ok(()) => {}
+                Err(e) if e.is_fatal() => {
+                    tracing::debug!(error = %e, "declaring the queue of runs alone was refused");
+                    self.shared.set_alone_missing();
+                    return Ok(Armed::Run { token, crashes });
+                }
+                Err(e) => return Err(SettleFailure::new(token, e.into_settle_error())),
+            }
+        }
+        let queue = config.alone_queue_name();
+        match self.publish_copy(&token, &queue, properties).await {
+            Ok(()) => {
+                self.shared.set_alone_pending(true);
+                Ok(Armed::Moved(Settled::AckOriginal(token)))
+            }
+            Err(SettleError::Rejected(why)) if !token.alone => {
+                tracing::debug!(error = %why, "moving a suspect to run alone was refused");
+                self.shared.set_alone_missing();
+                Ok(Armed::Run { token, crashes })
+            }
             Err(err) => Err(SettleFailure::new(token, err)),
         }
     }
@@ -291,8 +376,8 @@ impl Settle for RabbitSettler {
     ///
     /// `basic.reject`, not `basic.nack`: RabbitMQ 4.3 and later increment a quorum queue's
     /// `delivery-count` only for `basic.reject` (a nack "did not process" the message and is
-    /// not counted), and earlier releases count both. A released delivery must count as an
-    /// attempt, so that the attempt number grows and `x-delivery-limit` can stop a crash loop.
+    /// not counted), and earlier releases count both; a configured
+    /// [`delivery_limit`](crate::RabbitConfig::delivery_limit) counts releases either way.
     ///
     /// A released tag no longer holds the cumulative ack back, so completed tags above it are
     /// acked here (`basic.ack multiple=true` as far as the watermark now reaches) rather than

@@ -1,13 +1,18 @@
 //! [`RabbitSource`]: consuming in manual-ack mode, reconnecting by itself.
 
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ackstack_core::adapter;
 use ackstack_core::{Capabilities, Delivery, Origin, Received, Source, SourceError};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use lapin::options::BasicCancelOptions;
+use lapin::options::{BasicCancelOptions, BasicGetOptions};
+use tokio::time::Instant;
 
+use crate::amqp;
 use crate::channel::{self, CLOSE_TIMEOUT, Generation, Shared};
 use crate::config::RabbitConfig;
 use crate::error::RabbitError;
@@ -16,10 +21,31 @@ use crate::settler::RabbitSettler;
 use crate::stats::{Counters, RabbitStats};
 use crate::token::RabbitToken;
 
+/// How long the source stops reading the work queue, so that what is in flight finishes and
+/// a suspect can run alone, before it reads it again meanwhile.
+const ALONE_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// How often a consumer looks whether suspects wait to run alone that no move of its own
+/// announced (another replica moved them, or stopped before running them).
+const ALONE_LOOK_EVERY: Duration = Duration::from_secs(10);
+
 struct Active {
     generation: Arc<Generation>,
     consumer: lapin::Consumer,
     origin: Origin,
+    /// Deliveries taken off the consumer stream (and tracked) while getting a suspect: their
+    /// tags are below the got one. Handed out before anything else.
+    held: VecDeque<lapin::message::Delivery>,
+}
+
+/// What a look at the queue of suspects found.
+enum Alone {
+    /// One suspect, to run alone now.
+    Got(Box<Received<RabbitToken>>),
+    /// Others are in flight: a suspect waits until they are done.
+    Busy,
+    /// Nothing waits there.
+    Empty,
 }
 
 /// Consumes one RabbitMQ queue in manual-ack mode.
@@ -43,6 +69,10 @@ pub struct RabbitSource {
     last_generation: adapter::Generation,
     failures: u32,
     closed: bool,
+    /// When the queue of suspects is next looked at without a reason.
+    next_alone_look: Instant,
+    /// Since when suspects wait for what is in flight to finish.
+    busy_since: Option<Instant>,
 }
 
 impl RabbitSource {
@@ -54,11 +84,15 @@ impl RabbitSource {
                 config,
                 counters: Counters::default(),
                 current: Mutex::new(None),
+                alone_pending: AtomicBool::new(false),
+                alone_missing: AtomicBool::new(false),
             }),
             active: None,
             last_generation: adapter::Generation::default(),
             failures: 0,
             closed: false,
+            next_alone_look: Instant::now(),
+            busy_since: None,
         };
         source.open().await?;
         Ok(source)
@@ -108,13 +142,17 @@ impl RabbitSource {
             generation,
             consumer,
             origin,
+            held: VecDeque::new(),
         });
+        // Whatever a stopped consumer left waiting to run alone goes first.
+        self.next_alone_look = Instant::now();
         Ok(())
     }
 
     /// Forgets the current generation and closes its connection (so its unacked deliveries
     /// are requeued even if the connection itself was still up).
     async fn drop_active(&mut self, why: &str) {
+        self.busy_since = None;
         let Some(active) = self.active.take() else {
             return;
         };
@@ -160,18 +198,25 @@ impl RabbitSource {
         }
     }
 
-    fn convert(&self, active: &Active, d: lapin::message::Delivery) -> Received<RabbitToken> {
+    /// `alone`: got from the queue of suspects; it is a suspect either way.
+    fn convert(
+        &self,
+        active: &Active,
+        d: lapin::message::Delivery,
+        alone: bool,
+    ) -> Received<RabbitToken> {
         let config = &self.shared.config;
         let table = d.properties.headers().as_ref();
         let headers = headers_from_table(table);
-        let attempt = attempt_of(table, config.queue_type);
+        let attempt = attempt_of(table);
         let routing_key = d.routing_key.as_str();
         let key = match headers.get(KEY_HEADER) {
             Some(k) => Some(k.clone()),
             None => {
                 let is_ours = routing_key == config.queue
                     || routing_key.is_empty()
-                    || routing_key.starts_with(&format!("{}.delay.", config.queue));
+                    || routing_key.starts_with(&format!("{}.delay.", config.queue))
+                    || (alone && routing_key == config.alone_queue_name());
                 (!is_ours).then(|| Bytes::copy_from_slice(routing_key.as_bytes()))
             }
         };
@@ -184,13 +229,142 @@ impl RabbitSource {
             attempt,
             origin: active.origin.clone(),
         };
+        let redelivered = d.redelivered;
         let token = RabbitToken {
             tag: d.delivery_tag,
             generation: active.generation.clone(),
             properties: Arc::new(d.properties),
             payload,
+            redelivered,
+            alone,
         };
-        Received::new(delivery, token)
+        Received::new(delivery, token).suspect(redelivered || alone)
+    }
+
+    /// Converts deliveries of the work queue. A redelivered one is a suspect; so is every
+    /// later one of the same key in the batch, so that they wait to run alone behind it, in
+    /// their order, instead of running before it.
+    fn convert_batch(
+        &self,
+        active: &Active,
+        raw: Vec<lapin::message::Delivery>,
+    ) -> Vec<Received<RabbitToken>> {
+        let mut suspect_keys: HashSet<Bytes> = HashSet::new();
+        raw.into_iter()
+            .map(|d| {
+                let mut received = self.convert(active, d, false);
+                if let Some(key) = &received.delivery.key {
+                    if received.suspect {
+                        suspect_keys.insert(key.clone());
+                    } else if suspect_keys.contains(key) {
+                        received.suspect = true;
+                    }
+                }
+                received
+            })
+            .collect()
+    }
+
+    /// Gets one suspect from the queue of runs alone, when nothing else is in flight. Every
+    /// delivery the consumer stream holds with a lower tag is taken off it and kept in
+    /// `held` (tracked, so no cumulative ack passes it).
+    async fn take_alone(&mut self) -> Result<Alone, SourceError> {
+        let config = &self.shared.config;
+        let Some(active) = self.active.as_mut() else {
+            return Err(SourceError::Disconnected("not connected".into()));
+        };
+        let mut tracker = active.generation.tracker.lock().await;
+        if tracker.in_flight() > 0 || !active.held.is_empty() {
+            return Ok(Alone::Busy);
+        }
+        let queue =
+            amqp::short(&config.alone_queue_name()).map_err(RabbitError::into_source_error)?;
+        let get = active
+            .generation
+            .consume
+            .basic_get(queue, BasicGetOptions { no_ack: false });
+        let got = match amqp::bounded("basic.get", config.operation_timeout, get).await {
+            Ok(Some(got)) => got,
+            Ok(None) => return Ok(Alone::Empty),
+            Err(e) if e.is_permanent_channel_error() => {
+                // The queue went away (it expired) since it was seen: nothing waits there.
+                // The broker closed the channel: start over.
+                drop(tracker);
+                tracing::debug!(error = %e, "basic.get on the queue of suspects refused");
+                self.shared.set_alone_pending(false);
+                self.drop_active("basic.get refused").await;
+                return Err(SourceError::Disconnected(Box::new(e)));
+            }
+            Err(e) => {
+                drop(tracker);
+                self.drop_active("basic.get failed").await;
+                return Err(e.into_source_error());
+            }
+        };
+        while let Some(Some(Ok(d))) = active.consumer.next().now_or_never() {
+            tracker.delivered(d.delivery_tag);
+            active.held.push_back(d);
+        }
+        if !tracker.got(got.delivery.delivery_tag) {
+            drop(tracker);
+            self.drop_active("basic.get returned an impossible delivery tag")
+                .await;
+            return Err(SourceError::Disconnected(
+                "delivery tags out of sequence".into(),
+            ));
+        }
+        drop(tracker);
+        if got.message_count == 0 {
+            // The last one: the next receive reads the work queue again.
+            self.shared.set_alone_pending(false);
+        }
+        let Some(active) = self.active.as_ref() else {
+            return Err(SourceError::Disconnected("not connected".into()));
+        };
+        Ok(Alone::Got(Box::new(self.convert(
+            active,
+            got.delivery,
+            true,
+        ))))
+    }
+
+    /// Whether suspects wait to run alone that no move of this consumer announced (another
+    /// replica's moves, or a consumer that stopped before running them): on connecting and
+    /// every [`ALONE_LOOK_EVERY`], a declare of the queue on a throwaway channel (passive
+    /// when the topology is not ours to declare: a missing queue then means suspects run in
+    /// place, and a `basic.get` on it would close the consuming channel).
+    async fn look_for_alone(&mut self) {
+        if Instant::now() < self.next_alone_look || self.shared.alone_missing() {
+            return;
+        }
+        self.next_alone_look = Instant::now() + ALONE_LOOK_EVERY;
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        let config = &self.shared.config;
+        let count = async {
+            let open = active.generation.connection.create_channel();
+            let channel = amqp::bounded("channel open", config.operation_timeout, open).await?;
+            let count = if config.declare_topology {
+                amqp::declare_alone(&channel, config).await
+            } else {
+                amqp::declare_alone_passive(&channel, config).await
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "ok".into())).await;
+            count
+        };
+        match count.await {
+            Ok(n) => {
+                if n > 0 {
+                    self.shared.set_alone_pending(true);
+                }
+            }
+            Err(err) if err.is_permanent_channel_error() => {
+                tracing::debug!(error = %err, "no queue of suspects to look at");
+                self.shared.set_alone_missing();
+            }
+            Err(err) => tracing::debug!(error = %err, "cannot look at the queue of suspects"),
+        }
     }
 }
 
@@ -206,6 +380,54 @@ impl Source for RabbitSource {
             self.reconnect().await?;
         }
         let poll = self.shared.config.poll_interval;
+        if let Some(active) = self.active.as_mut()
+            && !active.held.is_empty()
+        {
+            let n = max.max(1).min(active.held.len());
+            let raw: Vec<_> = active.held.drain(..n).collect();
+            let Some(active) = self.active.as_ref() else {
+                return Err(SourceError::Disconnected("not connected".into()));
+            };
+            return Ok(self.convert_batch(active, raw));
+        }
+        if self.active.as_ref().is_some_and(|a| !a.generation.alive()) {
+            self.drop_active("channel closed").await;
+            return Err(SourceError::Disconnected("channel closed".into()));
+        }
+        self.look_for_alone().await;
+        if self.shared.alone_pending() {
+            match self.take_alone().await? {
+                Alone::Got(received) => {
+                    self.busy_since = None;
+                    return Ok(vec![*received]);
+                }
+                Alone::Empty => {
+                    self.busy_since = None;
+                    self.shared.set_alone_pending(false);
+                }
+                Alone::Busy => {
+                    let since = *self.busy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < ALONE_WAIT_MAX {
+                        // Take nothing more from the work queue until what is in flight is
+                        // done, so that the suspect's turn comes.
+                        if let Some(active) = self.active.as_ref() {
+                            let progress = active.generation.progress.notified();
+                            let wait = poll.min(Duration::from_millis(200));
+                            let _ = tokio::time::timeout(wait, progress).await;
+                        }
+                        return Ok(Vec::new());
+                    }
+                    // Something stays in flight for long (a slow handler): the work queue is
+                    // read meanwhile, and the suspect runs once nothing is in flight.
+                    if since.elapsed() < ALONE_WAIT_MAX + poll {
+                        tracing::info!(
+                            waited = ?since.elapsed(),
+                            "suspects wait to run alone behind work in flight; reading the work queue meanwhile"
+                        );
+                    }
+                }
+            }
+        }
         let Some(active) = self.active.as_mut() else {
             return Err(SourceError::Disconnected("not connected".into()));
         };
@@ -259,8 +481,7 @@ impl Source for RabbitSource {
                 tracker.delivered(d.delivery_tag);
             }
         }
-        let out = raw.into_iter().map(|d| self.convert(active, d)).collect();
-        Ok(out)
+        Ok(self.convert_batch(active, raw))
     }
 
     fn settler(&self) -> RabbitSettler {

@@ -17,6 +17,10 @@ pub struct RabbitToken {
     pub(crate) generation: Arc<Generation>,
     pub(crate) properties: Arc<BasicProperties>,
     pub(crate) payload: Bytes,
+    /// The broker delivered it before without a settlement (`redelivered`).
+    pub(crate) redelivered: bool,
+    /// Got from the queue of suspects waiting to run alone, not from the work queue.
+    pub(crate) alone: bool,
 }
 
 impl RabbitToken {
@@ -34,6 +38,18 @@ impl RabbitToken {
     /// The original AMQP properties, including the header table.
     pub fn properties(&self) -> &BasicProperties {
         &self.properties
+    }
+
+    /// Whether the broker had delivered this message before without a settlement (AMQP's
+    /// `redelivered`): a consumer holding it stopped, or it was released.
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// Whether it was got from the queue of suspects waiting to run alone
+    /// ([`RabbitConfig::alone_queue_name`](crate::RabbitConfig::alone_queue_name)).
+    pub fn is_alone(&self) -> bool {
+        self.alone
     }
 
     /// Whether the channel the delivery came from is still open (its delivery can be acked).

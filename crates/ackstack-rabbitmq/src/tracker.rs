@@ -64,6 +64,8 @@ pub(crate) struct AckTracker {
     settled: BTreeSet<u64>,
     /// Held completed tags that trigger individual acks.
     starve_threshold: usize,
+    /// The highest tag delivered or got so far.
+    highest: u64,
 }
 
 /// What `complete` found.
@@ -89,16 +91,40 @@ impl AckTracker {
             completed: BTreeSet::new(),
             settled: BTreeSet::new(),
             starve_threshold: threshold,
+            highest: 0,
         }
     }
 
     /// A tag was received.
     pub(crate) fn delivered(&mut self, tag: u64) {
+        self.highest = self.highest.max(tag);
         if tag > self.acked_upto
             && let Some(position) = position(tag)
         {
             self.tags.track(position);
         }
+    }
+
+    /// A tag got by `basic.get`. The broker numbers consumer deliveries and gets in one
+    /// sequence, so every tag below it not seen yet (a delivery still on its way to the
+    /// consumer stream) is tracked as in flight too: a cumulative ack for this one never
+    /// covers them. Returns false, tracking nothing, when more than [`MAX_UNSEEN`] tags would
+    /// be missing (no broker has that many deliveries in transit: the channel is not sane).
+    pub(crate) fn got(&mut self, tag: u64) -> bool {
+        let unseen = self.highest.max(self.acked_upto).saturating_add(1)..tag;
+        if unseen.end.saturating_sub(unseen.start) > MAX_UNSEEN {
+            return false;
+        }
+        for missing in unseen {
+            self.delivered(missing);
+        }
+        self.delivered(tag);
+        true
+    }
+
+    /// Tags delivered or got and not yet completed or settled.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.tags.in_flight()
     }
 
     /// A tag is done and should be acked.
@@ -189,6 +215,10 @@ impl AckTracker {
     }
 }
 
+/// The most tags [`AckTracker::got`] tracks below a got tag without having seen them: far
+/// above any prefetch window (65,535 at most).
+const MAX_UNSEEN: u64 = 1 << 17;
+
 /// A delivery tag as a watermark position; `None` above `i64::MAX` (2^63 deliveries on one
 /// channel: never in practice, but a tag comes from the broker).
 fn position(tag: u64) -> Option<i64> {
@@ -198,6 +228,27 @@ fn position(tag: u64) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_got_tag_never_acks_deliveries_not_seen_yet() {
+        let mut t = AckTracker::new(200);
+        t.delivered(1);
+        t.complete(1);
+        assert_eq!(t.plan(false).multiple, Some(1));
+        // Tags 2 and 3 are on their way to the consumer stream when the get returns tag 4.
+        assert!(t.got(4));
+        assert_eq!(t.in_flight(), 3);
+        t.complete(4);
+        assert_eq!(t.plan(false).multiple, None, "2 and 3 were never handled");
+        t.delivered(2);
+        t.delivered(3);
+        t.complete(2);
+        t.complete(3);
+        assert_eq!(t.plan(false).multiple, Some(4));
+        assert_eq!(t.in_flight(), 0);
+        assert!(!t.got(u64::MAX), "an absurd gap is refused");
+        assert_eq!(t.in_flight(), 0);
+    }
 
     #[test]
     fn cumulative_ack_stops_below_in_flight() {

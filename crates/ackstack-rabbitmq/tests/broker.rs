@@ -6,10 +6,10 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ackstack_core::deadletter::{ATTEMPT_HEADER, FIRST_FAILURE_HEADER};
+use ackstack_core::deadletter::{ATTEMPT_HEADER, CRASHES_HEADER, FIRST_FAILURE_HEADER};
 use ackstack_core::{
-    DeadLetter, DeadLetterMetadata, Delivery, ErrorKind, Failure, Message, Publish, Received,
-    Settle, Settled, Source, SourceError,
+    Armed, DeadLetter, DeadLetterMetadata, Delivery, ErrorKind, Failure, Message, Publish,
+    Received, Settle, Settled, Source, SourceError,
 };
 use ackstack_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
 use ackstack_rabbitmq::{
@@ -528,20 +528,30 @@ async fn settling_a_token_of_a_dead_channel_is_lease_lost() {
 }
 
 #[tokio::test]
-async fn quorum_queue_counts_redeliveries_as_attempts() {
+async fn quorum_redeliveries_are_suspects_not_attempts() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut config = config("quorum");
         config.queue_type = ackstack_rabbitmq::QueueType::Quorum;
-        config.max_attempts = Some(5);
         let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
         publisher.publish(Message::new("q1")).await.unwrap();
         let mut source = RabbitSource::connect(config.clone()).await.unwrap();
         let settler = source.settler();
         let first = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         assert_eq!(first[0].delivery.attempt, 1);
+        assert!(!first[0].suspect);
         source.disconnect().await;
         let second = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        assert_eq!(second[0].delivery.attempt, 2, "x-delivery-count + 1");
+        // The broker's x-delivery-count rose, but the handler never ran: no attempt used,
+        // and the delivery runs alone as a suspect.
+        assert_eq!(
+            second[0].delivery.headers.get_str("x-delivery-count"),
+            Some("1")
+        );
+        assert_eq!(
+            second[0].delivery.attempt, 1,
+            "x-delivery-count is no attempt"
+        );
+        assert!(second[0].suspect && second[0].token.redelivered());
         let Received {
             delivery, token, ..
         } = second.into_iter().next().unwrap();
@@ -555,8 +565,11 @@ async fn quorum_queue_counts_redeliveries_as_attempts() {
         };
         assert!(settler.ack(vec![token]).await.failed.is_empty());
         let third = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        // The copy starts its broker count afresh; our header carries the attempt.
-        assert_eq!(third[0].delivery.attempt, 3);
+        assert_eq!(
+            third[0].delivery.attempt, 2,
+            "our header carries the attempt"
+        );
+        assert!(!third[0].suspect, "a retry copy is a new message");
         let token = third.into_iter().next().unwrap().token;
         assert!(settler.ack(vec![token]).await.failed.is_empty());
     })
@@ -565,36 +578,199 @@ async fn quorum_queue_counts_redeliveries_as_attempts() {
 }
 
 #[tokio::test]
-async fn release_on_a_quorum_queue_counts_as_an_attempt() {
+async fn a_released_delivery_comes_back_a_suspect_with_its_attempt_unchanged() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut config = config("quorum-release");
         config.queue_type = ackstack_rabbitmq::QueueType::Quorum;
-        config.max_attempts = Some(10);
+        config.delivery_limit = Some(10);
         let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
         publisher.publish(Message::new("r1")).await.unwrap();
         let mut source = RabbitSource::connect(config.clone()).await.unwrap();
         let settler = source.settler();
         let first = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         assert_eq!(first.len(), 1);
-        assert_eq!(first[0].delivery.attempt, 1);
         let Received { token, .. } = first.into_iter().next().unwrap();
         settler.release(token).await;
         assert_eq!(settler.stats().nack_frames, 1);
-        // `basic.reject requeue=true` is a counted return on every RabbitMQ release (4.3 and
-        // later count no `basic.nack`): the broker's x-delivery-count grows, so does the attempt.
+        // `basic.reject requeue=true`: the broker counts it (x-delivery-count), the attempt
+        // number does not, and the delivery comes back a suspect.
         let second = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         assert_eq!(second.len(), 1, "the released delivery came back");
         assert_eq!(second[0].delivery.payload, "r1");
+        assert_eq!(second[0].delivery.attempt, 1);
         assert_eq!(
-            second[0].delivery.attempt, 2,
-            "a release counts as an attempt"
+            second[0].delivery.headers.get_str("x-delivery-count"),
+            Some("1")
         );
-        let Received { token, .. } = second.into_iter().next().unwrap();
-        settler.release(token).await;
-        let third = receive_n(&mut source, 1, Duration::from_secs(10)).await;
-        assert_eq!(third[0].delivery.attempt, 3);
-        let token = third.into_iter().next().unwrap().token;
+        assert!(second[0].suspect);
+        let token = second.into_iter().next().unwrap().token;
         assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+/// Arms `received` as the runner does before a run alone, with `give_up_at` 2 (max attempts 3).
+async fn arm(settler: &RabbitSettler, received: Received<RabbitToken>) -> Armed<RabbitToken> {
+    assert!(received.suspect, "only suspects are armed");
+    settler
+        .arm(received.token, &received.delivery, 2)
+        .await
+        .unwrap()
+}
+
+/// Receives one delivery within 10 s.
+async fn receive_one(source: &mut RabbitSource) -> Received<RabbitToken> {
+    let mut got = receive_n(source, 1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "nothing received");
+    got.remove(0)
+}
+
+#[tokio::test]
+async fn a_suspect_runs_alone_from_its_own_queue_and_its_crashes_are_counted_there() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("alone");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        for body in ["p", "g1", "g2"] {
+            publisher.publish(Message::new(body)).await.unwrap();
+        }
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        let first = receive_n(&mut source, 3, Duration::from_secs(10)).await;
+        assert_eq!(first.len(), 3);
+        assert!(first.iter().all(|r| !r.suspect));
+        // The consumer dies with all three in flight: all come back suspects.
+        source.disconnect().await;
+        let back = receive_n(&mut source, 3, Duration::from_secs(10)).await;
+        assert_eq!(back.len(), 3);
+        for received in back {
+            assert!(received.suspect && !received.token.is_alone());
+            let Armed::Moved(Settled::AckOriginal(token)) = arm(&settler, received).await else {
+                panic!("a suspect of the work queue is moved to run alone");
+            };
+            assert!(settler.ack(vec![token]).await.failed.is_empty());
+        }
+        assert_eq!(publisher.queue_len(&config.queue).await.unwrap(), 0);
+        assert_eq!(
+            publisher
+                .queue_len(&config.alone_queue_name())
+                .await
+                .unwrap(),
+            3
+        );
+        // One at a time, and only while nothing else is in flight.
+        let p = receive_one(&mut source).await;
+        assert_eq!(p.delivery.payload, "p");
+        assert!(p.suspect && p.token.is_alone() && !p.token.redelivered());
+        let busy = receive_n(&mut source, 1, Duration::from_millis(600)).await;
+        assert!(
+            busy.is_empty(),
+            "a second suspect was handed out beside the first"
+        );
+        let Armed::Run { crashes: 0, .. } = arm(&settler, p).await else {
+            panic!("a suspect got for the first time runs");
+        };
+        // Its run alone takes the process down.
+        source.disconnect().await;
+        let p = receive_one(&mut source).await;
+        assert_eq!(p.delivery.payload, "p");
+        assert!(p.token.is_alone() && p.token.redelivered());
+        let Armed::Moved(Settled::AckOriginal(token)) = arm(&settler, p).await else {
+            panic!("one crash alone: moved again with its count");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        // The innocent ones run alone once each.
+        for good in ["g1", "g2"] {
+            let g = receive_one(&mut source).await;
+            assert_eq!(g.delivery.payload, good);
+            let Armed::Run { token, crashes: 0 } = arm(&settler, g).await else {
+                panic!("an innocent suspect runs");
+            };
+            assert!(settler.ack(vec![token]).await.failed.is_empty());
+        }
+        let p = receive_one(&mut source).await;
+        assert_eq!(p.delivery.payload, "p");
+        assert_eq!(
+            p.delivery.headers.get_str(CRASHES_HEADER),
+            Some("1"),
+            "the count travels with the copy"
+        );
+        let Armed::Run { crashes: 1, .. } = arm(&settler, p).await else {
+            panic!("runs again, one crash counted");
+        };
+        source.disconnect().await;
+        let p = receive_one(&mut source).await;
+        let Armed::GiveUp { token, crashes: 2 } = arm(&settler, p).await else {
+            panic!("two crashes alone: given up on");
+        };
+        drop(token);
+        source.disconnect().await;
+        // Nothing else is left anywhere but the given-up one, back in the queue of runs alone.
+        assert_eq!(publisher.queue_len(&config.queue).await.unwrap(), 0);
+        assert_eq!(
+            publisher
+                .queue_len(&config.alone_queue_name())
+                .await
+                .unwrap(),
+            1
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn later_deliveries_of_a_suspects_key_wait_behind_it_to_run_alone() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("alone-key");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        publisher
+            .publish(Message::new("k1").key("k"))
+            .await
+            .unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        assert_eq!(
+            receive_n(&mut source, 1, Duration::from_secs(10))
+                .await
+                .len(),
+            1
+        );
+        source.disconnect().await;
+        // k1 comes back redelivered; k2 is new, of the same key; o is new, of another.
+        publisher
+            .publish(Message::new("k2").key("k"))
+            .await
+            .unwrap();
+        publisher
+            .publish(Message::new("o").key("other"))
+            .await
+            .unwrap();
+        let back = receive_n(&mut source, 3, Duration::from_secs(10)).await;
+        let seen: Vec<(&str, bool)> = back
+            .iter()
+            .map(|r| (std::str::from_utf8(&r.delivery.payload).unwrap(), r.suspect))
+            .collect();
+        assert_eq!(seen, [("k1", true), ("k2", true), ("o", false)]);
+        for received in back {
+            if received.suspect {
+                let Armed::Moved(Settled::AckOriginal(token)) = arm(&settler, received).await
+                else {
+                    panic!("moved");
+                };
+                assert!(settler.ack(vec![token]).await.failed.is_empty());
+            } else {
+                assert!(settler.ack(vec![received.token]).await.failed.is_empty());
+            }
+        }
+        for body in ["k1", "k2"] {
+            let got = receive_one(&mut source).await;
+            assert_eq!(got.delivery.payload, body, "in their order");
+            let Armed::Run { token, .. } = arm(&settler, got).await else {
+                panic!("runs");
+            };
+            assert!(settler.ack(vec![token]).await.failed.is_empty());
+        }
     })
     .await
     .unwrap();

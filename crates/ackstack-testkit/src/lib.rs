@@ -245,7 +245,8 @@ pub trait Harness: Send + Sync + 'static {
     }
 
     /// Whether a delivery that was received and never settled comes back with a higher
-    /// attempt number (SQS and quorum queues: yes; classic queues and Kafka: no).
+    /// attempt number (SQS: yes; RabbitMQ and Kafka: no, a redelivery runs alone as a
+    /// suspect instead).
     fn counts_redeliveries(&self) -> bool {
         true
     }

@@ -14,7 +14,6 @@ use crate::{CONSUMER_NAME, Options, StartError};
 pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), StartError> {
     let mut config = RabbitConfig::new(opts.amqp_url.clone(), opts.queue.clone());
     config.delay_buckets = delay_buckets(&opts.backoff(), opts.max_attempts);
-    config.max_attempts = Some(opts.max_attempts);
     config.connection_name = Some(format!("{CONSUMER_NAME}-{}", opts.queue));
     config.dlq = Some(opts.dlq());
     config

@@ -946,7 +946,7 @@ impl Broker {
         copies
     }
 
-    /// Messages still on the work queue (RabbitMQ: and its delay queues; SQS: visible, in
+    /// Messages still on the work queue (RabbitMQ: and its delay and run-alone queues; SQS: visible, in
     /// flight or delayed; Kafka: the group's lag).
     async fn leftover(&self, queue: &str) -> u64 {
         match self {
@@ -993,8 +993,9 @@ impl Broker {
     }
 }
 
-/// `(name, messages)` of the work queue, its delay queues (`<queue>.delay.<ms>`) and its DLQ,
-/// from `rabbitmqctl list_queues`.
+/// `(name, messages)` of the work queue, its delay queues (`<queue>.delay.<ms>`), the queue of
+/// suspects waiting to run alone (`<queue>.ackstack-alone`) and its DLQ, from `rabbitmqctl
+/// list_queues`.
 fn rabbit_queues(queue: &str) -> Vec<(String, u64)> {
     let listing = rabbitmqctl(&[
         "list_queues",
@@ -1005,10 +1006,13 @@ fn rabbit_queues(queue: &str) -> Vec<(String, u64)> {
     ]);
     let dlq = format!("{queue}-dlq");
     let delay = format!("{queue}.delay.");
+    let alone = format!("{queue}.ackstack-alone");
     listing
         .lines()
         .filter_map(|l| l.split_once('\t'))
-        .filter(|(name, _)| *name == queue || *name == dlq || name.starts_with(&delay))
+        .filter(|(name, _)| {
+            *name == queue || *name == dlq || *name == alone || name.starts_with(&delay)
+        })
         .map(|(name, n)| (name.to_string(), n.trim().parse().unwrap_or(u64::MAX)))
         .collect()
 }

@@ -4,15 +4,21 @@
 //! in a native library would) and appends every other payload it handled to a file. It exits
 //! once idle for 6 s.
 //!
-//! Usage: `poison_consumer sqs QUEUE_URL DLQ_URL HANDLED_FILE` (endpoint from `SQS_ENDPOINT`,
-//! visibility timeout 2 s).
+//! Usage:
+//! - `poison_consumer sqs QUEUE_URL DLQ_URL HANDLED_FILE` (endpoint from `SQS_ENDPOINT`,
+//!   visibility timeout 2 s);
+//! - `poison_consumer rabbitmq AMQP_URL QUEUE classic|quorum HANDLED_FILE` (the queues
+//!   declared with [`rabbitmq_config`]: default prefetch and delay buckets, deleted 300 s
+//!   after their last use).
 
 use std::io::Write;
 use std::time::Duration;
 
 use ackstack::adapter::Source;
+use ackstack::rabbitmq::{QueueType, RabbitSource};
 use ackstack::sqs::{SqsConfig, SqsSource};
 use ackstack::{Backoff, Consumer, HandlerError, handler_fn};
+use integration_tests::rabbitmq_config;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -31,7 +37,19 @@ async fn main() -> Result<(), Error> {
             config.region = Some("us-east-1".to_string());
             run(SqsSource::connect(config).await?, handled).await
         }
-        _ => Err("usage: poison_consumer sqs QUEUE_URL DLQ_URL HANDLED_FILE".into()),
+        [broker, url, queue, queue_type, handled] if broker == "rabbitmq" => {
+            let queue_type = match queue_type.as_str() {
+                "quorum" => QueueType::Quorum,
+                _ => QueueType::Classic,
+            };
+            let config = rabbitmq_config(url, queue, queue_type);
+            run(RabbitSource::connect(config).await?, handled).await
+        }
+        _ => Err(
+            "usage: poison_consumer sqs QUEUE_URL DLQ_URL HANDLED_FILE | \
+                  poison_consumer rabbitmq AMQP_URL QUEUE classic|quorum HANDLED_FILE"
+                .into(),
+        ),
     }
 }
 

@@ -2,7 +2,6 @@ use ackstack_core::Headers;
 use lapin::types::LongString;
 
 use super::*;
-use crate::config::QueueType;
 use crate::headers::*;
 
 fn table(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
@@ -15,11 +14,11 @@ fn table(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
 
 #[test]
 fn attempt_from_headers_never_panics() {
-    assert_eq!(attempt_of(None, QueueType::Classic), 1);
+    assert_eq!(attempt_of(None), 1);
     let t = table(vec![(ATTEMPT_HEADER, long_string("3"))]);
-    assert_eq!(attempt_of(Some(&t), QueueType::Classic), 3);
+    assert_eq!(attempt_of(Some(&t)), 3);
     let t = table(vec![(ATTEMPT_HEADER, AMQPValue::LongLongInt(4))]);
-    assert_eq!(attempt_of(Some(&t), QueueType::Classic), 4);
+    assert_eq!(attempt_of(Some(&t)), 4);
     for junk in [
         long_string("three"),
         long_string("-2"),
@@ -31,24 +30,22 @@ fn attempt_from_headers_never_panics() {
         long_string("99999999999999999999999"),
     ] {
         let t = table(vec![(ATTEMPT_HEADER, junk)]);
-        assert_eq!(attempt_of(Some(&t), QueueType::Classic), 1);
+        assert_eq!(attempt_of(Some(&t)), 1);
     }
     let t = table(vec![(ATTEMPT_HEADER, AMQPValue::LongLongInt(i64::MAX))]);
-    assert_eq!(attempt_of(Some(&t), QueueType::Classic), u32::MAX);
+    assert_eq!(attempt_of(Some(&t)), u32::MAX);
 }
 
 #[test]
-fn quorum_adds_delivery_count() {
+fn the_broker_delivery_count_is_not_an_attempt() {
+    // Every crash raises x-delivery-count on every prefetched message: not handler attempts.
     let t = table(vec![(DELIVERY_COUNT_HEADER, AMQPValue::LongLongInt(2))]);
-    assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 3);
-    assert_eq!(attempt_of(Some(&t), QueueType::Classic), 1);
+    assert_eq!(attempt_of(Some(&t)), 1);
     let t = table(vec![
         (ATTEMPT_HEADER, long_string("4")),
         (DELIVERY_COUNT_HEADER, AMQPValue::LongLongInt(1)),
     ]);
-    assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 5);
-    let t = table(vec![(DELIVERY_COUNT_HEADER, long_string("x"))]);
-    assert_eq!(attempt_of(Some(&t), QueueType::Quorum), 1);
+    assert_eq!(attempt_of(Some(&t)), 4);
 }
 
 mod properties {
@@ -120,10 +117,6 @@ mod properties {
         prop::collection::btree_map(name(), value(), 0..12).prop_map(FieldTable::from)
     }
 
-    fn queue_type() -> impl Strategy<Value = QueueType> {
-        prop_oneof![Just(QueueType::Classic), Just(QueueType::Quorum)]
-    }
-
     fn metadata() -> impl Strategy<Value = DeadLetterMetadata> {
         (
             (any::<bool>(), any::<bool>(), any::<String>(), any::<u32>()),
@@ -166,8 +159,8 @@ mod properties {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
         #[test]
-        fn attempt_of_any_table_never_panics(t in table(), q in queue_type()) {
-            let attempt = attempt_of(Some(&t), q);
+        fn attempt_of_any_table_never_panics(t in table()) {
+            let attempt = attempt_of(Some(&t));
             prop_assert!(attempt >= 1);
             let ours = header_u64(Some(&t), ATTEMPT_HEADER).filter(|&a| a >= 1);
             prop_assert!(u64::from(attempt) >= ours.unwrap_or(1).min(u64::from(u32::MAX)));
@@ -212,11 +205,11 @@ mod properties {
         }
 
         #[test]
-        fn retry_copy_counts_one_more(t in table(), q in queue_type(), first in any::<u64>()) {
-            let attempt = attempt_of(Some(&t), q);
+        fn retry_copy_counts_one_more(t in table(), first in any::<u64>()) {
+            let attempt = attempt_of(Some(&t));
             let next = attempt.saturating_add(1);
             let copy = retry_table(&BasicProperties::default().with_headers(t.clone()), next, first);
-            prop_assert_eq!(attempt_of(Some(&copy), q), next);
+            prop_assert_eq!(attempt_of(Some(&copy)), next);
             // Everything else is kept, typed.
             for (name, value) in t.inner() {
                 if ![ATTEMPT_HEADER, DELIVERY_COUNT_HEADER, FIRST_FAILURE_HEADER].contains(&name.as_str()) {
@@ -290,11 +283,11 @@ mod properties {
         }
 
         #[test]
-        fn tables_from_wire_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256), q in queue_type()) {
+        fn tables_from_wire_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
             // What lapin decodes from a frame, then what we read from it.
             if let Ok((_, t)) = lapin::types::parsing::parse_field_table(bytes.as_slice()) {
                 let _ = headers_from_table(Some(&t));
-                let _ = attempt_of(Some(&t), q);
+                let _ = attempt_of(Some(&t));
             }
         }
     }
