@@ -3,7 +3,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ackstack_core::deadletter::{ATTEMPT_HEADER, DeadLetterMetadata, FIRST_FAILURE_HEADER};
+use ackstack_core::deadletter::{
+    ATTEMPT_HEADER, CRASHES_HEADER, DeadLetterMetadata, FIRST_FAILURE_HEADER,
+};
 use ackstack_core::{ErrorKind, Headers};
 use bytes::Bytes;
 use serde::Serialize;
@@ -14,8 +16,9 @@ use time::format_description::well_known::Rfc3339;
 pub const REPLAYS_HEADER: &str = "x-ackstack-replays";
 
 /// Headers of ours that a replayed message loses besides the dead-letter metadata: the
-/// attempt count and first failure of the retry layer, so that the replay starts afresh.
-pub const RESET_HEADERS: &[&str] = &[ATTEMPT_HEADER, FIRST_FAILURE_HEADER];
+/// attempt count and first failure of the retry layer, and the crashes counted while it ran
+/// alone, so that the replay starts afresh.
+pub const RESET_HEADERS: &[&str] = &[ATTEMPT_HEADER, FIRST_FAILURE_HEADER, CRASHES_HEADER];
 
 /// One dead letter.
 #[derive(Clone, Debug)]

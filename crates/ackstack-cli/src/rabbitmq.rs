@@ -329,6 +329,7 @@ mod tests {
         let dead = properties(&[
             (ORIGINAL_EXPIRATION_HEADER, "60000"),
             ("x-ackstack-dl-error-message", "down"),
+            ("x-ackstack-crashes", "2"),
             ("x-tenant", "acme"),
         ]);
         let replay = replay_properties(&dead, 1);
@@ -339,6 +340,10 @@ mod tests {
         let headers = replay.headers().as_ref().unwrap().inner();
         assert!(!headers.contains_key(ORIGINAL_EXPIRATION_HEADER));
         assert!(!headers.contains_key("x-ackstack-dl-error-message"));
+        assert!(
+            !headers.contains_key("x-ackstack-crashes"),
+            "a replay starts its crash count afresh"
+        );
         assert!(headers.contains_key("x-tenant"));
         let without = replay_properties(&properties(&[("x-tenant", "acme")]), 1);
         assert_eq!(without.expiration(), &None);

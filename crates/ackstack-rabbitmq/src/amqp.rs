@@ -109,12 +109,23 @@ pub(crate) async fn declare_alone(
     channel: &Channel,
     config: &RabbitConfig,
 ) -> Result<u32, RabbitError> {
-    let mut args = queue_type_args(config.queue_type);
-    expire(&mut args, config.queue_expires);
     let name = short(&config.alone_queue_name())?;
-    let declare = channel.queue_declare(name, QueueDeclareOptions::durable(), args);
+    let declare = channel.queue_declare(name, QueueDeclareOptions::durable(), alone_args(config));
     let queue = bounded("queue.declare", config.operation_timeout, declare).await?;
     Ok(queue.message_count())
+}
+
+/// The arguments of the queue of runs alone: the work queue's type and expiry, and on quorum
+/// queues the DLQ for whatever the broker gives up on (RabbitMQ 4's default delivery limit),
+/// so that nothing is dropped.
+fn alone_args(config: &RabbitConfig) -> FieldTable {
+    let mut args = queue_type_args(config.queue_type);
+    if config.queue_type == QueueType::Quorum {
+        insert_str(&mut args, "x-dead-letter-exchange", "");
+        insert_str(&mut args, "x-dead-letter-routing-key", &config.dlq_name());
+    }
+    expire(&mut args, config.queue_expires);
+    args
 }
 
 /// How many suspects wait to run alone, from a passive declare: NOT_FOUND (which closes the
@@ -206,5 +217,30 @@ pub(crate) async fn publish_confirmed(
         // The channel is always in confirm mode; treat a missing confirm as a failure rather
         // than assume durability.
         Confirmation::NotRequested => Err(RabbitError::Nacked(queue.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quorum_queue_of_runs_alone_dead_letters_what_the_broker_gives_up_on() {
+        let mut config = RabbitConfig::new("amqp://127.0.0.1", "orders");
+        config.queue_type = QueueType::Quorum;
+        let args = alone_args(&config);
+        let get = |name: &str| args.inner().get(name).cloned();
+        assert_eq!(get("x-queue-type"), Some(long_str("quorum")));
+        assert_eq!(get("x-dead-letter-exchange"), Some(long_str("")));
+        assert_eq!(
+            get("x-dead-letter-routing-key"),
+            Some(long_str("orders-dlq"))
+        );
+        config.queue_type = QueueType::Classic;
+        assert!(alone_args(&config).inner().is_empty());
+    }
+
+    fn long_str(text: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(text.as_bytes()))
     }
 }

@@ -120,19 +120,16 @@ impl RabbitSettler {
     /// When the broker closes the channel with a permanent error
     /// ([`RabbitError::is_permanent_channel_error`]), the cause may be another copy in flight
     /// on the same shared channel: this copy is published once more, alone on a channel of
-    /// its own, and only a refusal there is [`SettleError::Rejected`].
+    /// its own, and only a refusal there is final (see [`RabbitError::into_settle_error`]).
     async fn publish_copy(
         &self,
         token: &RabbitToken,
         queue: &str,
         properties: BasicProperties,
-    ) -> Result<(), SettleError> {
+    ) -> Result<(), RabbitError> {
         let generation = &token.generation;
         let confirm_timeout = self.shared.config.confirm_timeout;
-        let channel = generation
-            .publish_channel()
-            .await
-            .map_err(RabbitError::into_settle_error)?;
+        let channel = generation.publish_channel().await?;
         let shared = amqp::publish_confirmed(
             &channel,
             queue,
@@ -146,18 +143,69 @@ impl RabbitSettler {
             Err(e) if e.is_permanent_channel_error() => {
                 tracing::debug!(error = %e, "publish channel closed by the broker; publishing the copy again alone");
             }
-            Err(e) => return Err(e.into_settle_error()),
+            Err(e) => return Err(e),
         }
-        let alone = amqp::confirm_channel(&generation.connection, generation.timeout)
-            .await
-            .map_err(RabbitError::into_settle_error)?;
+        let alone = amqp::confirm_channel(&generation.connection, generation.timeout).await?;
         let result =
             amqp::publish_confirmed(&alone, queue, &token.payload, properties, confirm_timeout)
                 .await;
         if alone.status().connected() {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, alone.close(200, "done".into())).await;
         }
-        result.map_err(RabbitError::into_settle_error)
+        result
+    }
+}
+
+/// Why a suspect could not be moved to the queue of runs alone.
+enum Moving {
+    /// The queue does not exist (and is not ours to declare, or its declare was refused).
+    Missing,
+    /// The broker refuses this copy for good.
+    Refused(String),
+    /// Try again later (the broker or the connection failed).
+    Failed(SettleError),
+}
+
+impl RabbitSettler {
+    /// Publishes a copy of the token's message to the queue of runs alone with `crashes` in
+    /// its [`CRASHES_HEADER`](ackstack_core::deadletter::CRASHES_HEADER), declared first when
+    /// the topology is ours, and waits for the broker's confirm. The original is not touched.
+    async fn move_alone(&self, token: &RabbitToken, crashes: u32) -> Result<(), Moving> {
+        if !token.generation.alive() {
+            return Err(Moving::Failed(self.lease_lost(token)));
+        }
+        let headers = metadata::alone_table(&token.properties, crashes);
+        let properties = copy_properties(&token.properties, headers);
+        if let Err(err) = fits_frame(token, &properties, "run-alone") {
+            return Err(Moving::Refused(err.to_string()));
+        }
+        let config = &self.shared.config;
+        if config.declare_topology {
+            let declared = match token.generation.publish_channel().await {
+                Ok(channel) => amqp::declare_alone(&channel, config).await.map(drop),
+                Err(e) => Err(e),
+            };
+            match declared {
+                Ok(()) => {}
+                Err(e) if e.is_fatal() => {
+                    tracing::debug!(error = %e, "declaring the queue of runs alone was refused");
+                    return Err(Moving::Missing);
+                }
+                Err(e) => return Err(Moving::Failed(e.into_settle_error())),
+            }
+        }
+        match self
+            .publish_copy(token, &config.alone_queue_name(), properties)
+            .await
+        {
+            Ok(()) => {
+                self.shared.set_alone_pending(true);
+                Ok(())
+            }
+            Err(RabbitError::Unroutable(..)) => Err(Moving::Missing),
+            Err(e) if e.is_fatal() => Err(Moving::Refused(e.to_string())),
+            Err(e) => Err(Moving::Failed(e.into_settle_error())),
+        }
     }
 }
 
@@ -236,7 +284,7 @@ impl Settle for RabbitSettler {
         }
         match self.publish_copy(&token, &queue, properties).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
-            Err(err) => Err(SettleFailure::new(token, err)),
+            Err(err) => Err(SettleFailure::new(token, err.into_settle_error())),
         }
     }
 
@@ -277,43 +325,19 @@ impl Settle for RabbitSettler {
         if self.shared.alone_missing() {
             return Ok(Armed::Run { token, crashes });
         }
-        if !token.generation.alive() {
-            let err = self.lease_lost(&token);
-            return Err(SettleFailure::new(token, err));
-        }
-        let headers = metadata::alone_table(&token.properties, crashes);
-        let properties = copy_properties(&token.properties, headers);
-        if let Err(err) = fits_frame(&token, &properties, "run-alone") {
-            return Err(SettleFailure::new(token, err));
-        }
-        let config = &self.shared.config;
-        if config.declare_topology {
-            let declared = match token.generation.publish_channel().await {
-                Ok(channel) => amqp::declare_alone(&channel, config).await.map(drop),
-                Err(e) => Err(e),
-            };
-            match declared {
-                Ok(()) => {}
-                Err(e) if e.is_fatal() => {
-                    tracing::debug!(error = %e, "declaring the queue of runs alone was refused");
-                    self.shared.set_alone_missing();
-                    return Ok(Armed::Run { token, crashes });
-                }
-                Err(e) => return Err(SettleFailure::new(token, e.into_settle_error())),
-            }
-        }
-        let queue = config.alone_queue_name();
-        match self.publish_copy(&token, &queue, properties).await {
-            Ok(()) => {
-                self.shared.set_alone_pending(true);
-                Ok(Armed::Moved(Settled::AckOriginal(token)))
-            }
-            Err(SettleError::Rejected(why)) if !token.alone => {
-                tracing::debug!(error = %why, "moving a suspect to run alone was refused");
+        match self.move_alone(&token, crashes).await {
+            Ok(()) => Ok(Armed::Moved(Settled::AckOriginal(token))),
+            Err(Moving::Missing) => {
                 self.shared.set_alone_missing();
                 Ok(Armed::Run { token, crashes })
             }
-            Err(err) => Err(SettleFailure::new(token, err)),
+            Err(Moving::Refused(why)) => {
+                // This copy cannot be made (its content header does not fit, a property the
+                // broker refuses): it runs where it is, alone, its crashes not counted.
+                tracing::warn!(error = %why, "a suspect cannot be moved to run alone; it runs in place, its crashes not counted");
+                Ok(Armed::Run { token, crashes })
+            }
+            Err(Moving::Failed(err)) => Err(SettleFailure::new(token, err)),
         }
     }
 
@@ -359,7 +383,7 @@ impl Settle for RabbitSettler {
         let dlq = self.shared.config.dlq_name();
         match self.publish_copy(&token, &dlq, fitted.properties).await {
             Ok(()) => Ok(Settled::AckOriginal(token)),
-            Err(err) => Err(SettleFailure::new(token, err)),
+            Err(err) => Err(SettleFailure::new(token, err.into_settle_error())),
         }
     }
 
@@ -379,6 +403,9 @@ impl Settle for RabbitSettler {
     /// not counted), and earlier releases count both; a configured
     /// [`delivery_limit`](crate::RabbitConfig::delivery_limit) counts releases either way.
     ///
+    /// A delivery got from the queue of runs alone is moved back there instead (a copy
+    /// confirmed, then the original acked), so that a release is not counted as a crash.
+    ///
     /// A released tag no longer holds the cumulative ack back, so completed tags above it are
     /// acked here (`basic.ack multiple=true` as far as the watermark now reaches) rather than
     /// waiting for the next ack call, which on an idle queue may never come.
@@ -386,6 +413,22 @@ impl Settle for RabbitSettler {
         let generation = token.generation.clone();
         if !generation.alive() {
             return;
+        }
+        if token.alone && !self.shared.alone_missing() {
+            // Given back to the queue of runs alone, it would come back `redelivered` and be
+            // counted as a crash: moved there again instead, its count unchanged (but for the
+            // crash that made it redelivered, if it was not armed yet).
+            let crashes = metadata::crashes_of(&token.properties)
+                .saturating_add(u32::from(token.redelivered));
+            if self.move_alone(&token, crashes).await.is_ok() {
+                let report = self.ack(vec![token]).await;
+                if let Some((_, err)) = report.failed.first() {
+                    tracing::warn!(error = %err, "acking a released suspect after its move failed; it comes back twice");
+                }
+                return;
+            }
+            // Given back where it was: the source is to look there again.
+            self.shared.set_alone_pending(true);
         }
         let mut tracker = generation.tracker.lock().await;
         if !tracker.settle_individually(token.tag) {

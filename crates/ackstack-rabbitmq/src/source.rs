@@ -36,6 +36,9 @@ struct Active {
     /// Deliveries taken off the consumer stream (and tracked) while getting a suspect: their
     /// tags are below the got one. Handed out before anything else.
     held: VecDeque<lapin::message::Delivery>,
+    /// The consumer stream ended (or failed) while `held` was filled: reconnect once they are
+    /// handed out.
+    ended: bool,
 }
 
 /// What a look at the queue of suspects found.
@@ -143,6 +146,7 @@ impl RabbitSource {
             consumer,
             origin,
             held: VecDeque::new(),
+            ended: false,
         });
         // Whatever a stopped consumer left waiting to run alone goes first.
         self.next_alone_look = Instant::now();
@@ -301,9 +305,20 @@ impl RabbitSource {
                 return Err(e.into_source_error());
             }
         };
-        while let Some(Some(Ok(d))) = active.consumer.next().now_or_never() {
-            tracker.delivered(d.delivery_tag);
-            active.held.push_back(d);
+        loop {
+            match active.consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => {
+                    tracker.delivered(d.delivery_tag);
+                    active.held.push_back(d);
+                }
+                // Cancelled by the broker, or failed: the held ones and the suspect are handed
+                // out, then the source reconnects (see `receive`).
+                Some(Some(Err(_)) | None) => {
+                    active.ended = true;
+                    break;
+                }
+                None => break,
+            }
         }
         if !tracker.got(got.delivery.delivery_tag) {
             drop(tracker);
@@ -380,6 +395,11 @@ impl Source for RabbitSource {
             self.reconnect().await?;
         }
         let poll = self.shared.config.poll_interval;
+        if self.active.as_ref().is_some_and(|a| !a.generation.alive()) {
+            // Its deliveries, held ones included, cannot be acked: the broker redelivers them.
+            self.drop_active("channel closed").await;
+            return Err(SourceError::Disconnected("channel closed".into()));
+        }
         if let Some(active) = self.active.as_mut()
             && !active.held.is_empty()
         {
@@ -390,9 +410,9 @@ impl Source for RabbitSource {
             };
             return Ok(self.convert_batch(active, raw));
         }
-        if self.active.as_ref().is_some_and(|a| !a.generation.alive()) {
-            self.drop_active("channel closed").await;
-            return Err(SourceError::Disconnected("channel closed".into()));
+        if self.active.as_ref().is_some_and(|a| a.ended) {
+            self.drop_active("consumer stream ended").await;
+            return Err(SourceError::Disconnected("consumer cancelled".into()));
         }
         self.look_for_alone().await;
         if self.shared.alone_pending() {
@@ -406,7 +426,13 @@ impl Source for RabbitSource {
                     self.shared.set_alone_pending(false);
                 }
                 Alone::Busy => {
-                    let since = *self.busy_since.get_or_insert_with(Instant::now);
+                    let mut since = *self.busy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= ALONE_WAIT_MAX * 2 {
+                        // Waited, then read meanwhile: wait again, so that under steady load
+                        // the suspects' turn still comes.
+                        since = Instant::now();
+                        self.busy_since = Some(since);
+                    }
                     if since.elapsed() < ALONE_WAIT_MAX {
                         // Take nothing more from the work queue until what is in flight is
                         // done, so that the suspect's turn comes.
@@ -418,7 +444,7 @@ impl Source for RabbitSource {
                         return Ok(Vec::new());
                     }
                     // Something stays in flight for long (a slow handler): the work queue is
-                    // read meanwhile, and the suspect runs once nothing is in flight.
+                    // read meanwhile, for as long again, then the wait starts over.
                     if since.elapsed() < ALONE_WAIT_MAX + poll {
                         tracing::info!(
                             waited = ?since.elapsed(),

@@ -619,6 +619,27 @@ async fn arm(settler: &RabbitSettler, received: Received<RabbitToken>) -> Armed<
         .unwrap()
 }
 
+/// Publishes `messages` to a fresh queue and receives them, then the consumer's connection
+/// goes as a crash would take it: they come back redelivered.
+async fn received_when_the_consumer_died(
+    prefix: &str,
+    messages: Vec<Message>,
+) -> (RabbitConfig, RabbitPublisher, RabbitSource, RabbitSettler) {
+    let config = config(prefix);
+    let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+    let n = messages.len();
+    for message in messages {
+        publisher.publish(message).await.unwrap();
+    }
+    let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+    let settler = source.settler();
+    let first = receive_n(&mut source, n, Duration::from_secs(10)).await;
+    assert_eq!(first.len(), n);
+    assert!(first.iter().all(|r| !r.suspect));
+    source.disconnect().await;
+    (config, publisher, source, settler)
+}
+
 /// Receives one delivery within 10 s.
 async fn receive_one(source: &mut RabbitSource) -> Received<RabbitToken> {
     let mut got = receive_n(source, 1, Duration::from_secs(10)).await;
@@ -629,18 +650,10 @@ async fn receive_one(source: &mut RabbitSource) -> Received<RabbitToken> {
 #[tokio::test]
 async fn a_suspect_runs_alone_from_its_own_queue_and_its_crashes_are_counted_there() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let config = config("alone");
-        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
-        for body in ["p", "g1", "g2"] {
-            publisher.publish(Message::new(body)).await.unwrap();
-        }
-        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
-        let settler = source.settler();
-        let first = receive_n(&mut source, 3, Duration::from_secs(10)).await;
-        assert_eq!(first.len(), 3);
-        assert!(first.iter().all(|r| !r.suspect));
         // The consumer dies with all three in flight: all come back suspects.
-        source.disconnect().await;
+        let messages = ["p", "g1", "g2"].map(Message::new).to_vec();
+        let (config, publisher, mut source, settler) =
+            received_when_the_consumer_died("alone", messages).await;
         let back = receive_n(&mut source, 3, Duration::from_secs(10)).await;
         assert_eq!(back.len(), 3);
         for received in back {
@@ -720,23 +733,37 @@ async fn a_suspect_runs_alone_from_its_own_queue_and_its_crashes_are_counted_the
 }
 
 #[tokio::test]
+async fn a_released_suspect_goes_back_to_run_alone_without_a_crash_counted() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (_, _, mut source, settler) =
+            received_when_the_consumer_died("alone-release", vec![Message::new("s")]).await;
+        let Armed::Moved(Settled::AckOriginal(token)) =
+            arm(&settler, receive_one(&mut source).await).await
+        else {
+            panic!("moved");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        // Got, then given back unrun (a shutdown while it waited for its dedup store): not
+        // a crash.
+        let got = receive_one(&mut source).await;
+        assert!(got.token.is_alone());
+        settler.release(got.token).await;
+        let again = receive_one(&mut source).await;
+        assert!(again.token.is_alone() && !again.token.redelivered());
+        let Armed::Run { token, crashes: 0 } = arm(&settler, again).await else {
+            panic!("runs, no crash counted");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn later_deliveries_of_a_suspects_key_wait_behind_it_to_run_alone() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let config = config("alone-key");
-        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
-        publisher
-            .publish(Message::new("k1").key("k"))
-            .await
-            .unwrap();
-        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
-        let settler = source.settler();
-        assert_eq!(
-            receive_n(&mut source, 1, Duration::from_secs(10))
-                .await
-                .len(),
-            1
-        );
-        source.disconnect().await;
+        let (_, publisher, mut source, settler) =
+            received_when_the_consumer_died("alone-key", vec![Message::new("k1").key("k")]).await;
         // k1 comes back redelivered; k2 is new, of the same key; o is new, of another.
         publisher
             .publish(Message::new("k2").key("k"))
