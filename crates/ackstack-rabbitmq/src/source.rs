@@ -2,7 +2,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use ackstack_core::adapter;
@@ -76,6 +76,9 @@ pub struct RabbitSource {
     next_alone_look: Instant,
     /// Since when suspects wait for what is in flight to finish.
     busy_since: Option<Instant>,
+    /// Generations that were lost while their deliveries may still run in this process (their
+    /// tokens hold them): a suspect does not run alone beside them.
+    lost: Vec<Weak<Generation>>,
 }
 
 impl RabbitSource {
@@ -96,6 +99,7 @@ impl RabbitSource {
             closed: false,
             next_alone_look: Instant::now(),
             busy_since: None,
+            lost: Vec::new(),
         };
         source.open().await?;
         Ok(source)
@@ -160,6 +164,7 @@ impl RabbitSource {
         let Some(active) = self.active.take() else {
             return;
         };
+        self.lost.push(Arc::downgrade(&active.generation));
         tracing::warn!(
             generation = active.generation.id.get(),
             reason = why,
@@ -274,11 +279,14 @@ impl RabbitSource {
     /// `held` (tracked, so no cumulative ack passes it).
     async fn take_alone(&mut self) -> Result<Alone, SourceError> {
         let config = &self.shared.config;
+        // Deliveries of a lost channel may still be running here: they are in flight too.
+        self.lost.retain(|g| g.strong_count() > 0);
+        let lost_in_flight = !self.lost.is_empty();
         let Some(active) = self.active.as_mut() else {
             return Err(SourceError::Disconnected("not connected".into()));
         };
         let mut tracker = active.generation.tracker.lock().await;
-        if tracker.in_flight() > 0 || !active.held.is_empty() {
+        if tracker.in_flight() > 0 || !active.held.is_empty() || lost_in_flight {
             return Ok(Alone::Busy);
         }
         let queue =

@@ -760,6 +760,41 @@ async fn a_released_suspect_goes_back_to_run_alone_without_a_crash_counted() {
 }
 
 #[tokio::test]
+async fn a_suspect_waits_for_deliveries_of_a_lost_channel_still_running() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("alone-lost");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        publisher.publish(Message::new("s")).await.unwrap();
+        let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+        let settler = source.settler();
+        // A delivery of the first channel still runs here when the channel is lost.
+        let running = receive_one(&mut source).await;
+        source.disconnect().await;
+        let Armed::Moved(Settled::AckOriginal(token)) =
+            arm(&settler, receive_one(&mut source).await).await
+        else {
+            panic!("moved");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        let beside = receive_n(&mut source, 1, Duration::from_millis(600)).await;
+        assert!(
+            beside.is_empty(),
+            "a suspect was handed out beside a delivery still running"
+        );
+        // Its run ends (its ack is refused: its channel is gone).
+        assert_eq!(settler.ack(vec![running.token]).await.acked, 0);
+        let alone = receive_one(&mut source).await;
+        assert!(alone.token.is_alone());
+        let Armed::Run { token, crashes: 0 } = arm(&settler, alone).await else {
+            panic!("runs");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn later_deliveries_of_a_suspects_key_wait_behind_it_to_run_alone() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let (_, publisher, mut source, settler) =
