@@ -13,7 +13,7 @@ use ackstack_core::memory::{MemorySettler, MemorySource, MemoryToken};
 use ackstack_core::{
     AckReport, Armed, Capabilities, Consumer, DeadLetter, DeadLetterMetadata, DeadLetterReason,
     Delivery, Failure, MemoryBroker, Message, Origin, Received, Settle, SettleError, SettleFailure,
-    Settled, Source, SourceError, handler_fn,
+    Settled, Source, SourceError, Summary, handler_fn,
 };
 
 mod common;
@@ -171,18 +171,16 @@ async fn a_suspect_runs_alone_after_it_was_armed() {
     assert_eq!(armed, vec!["s15", "s25", "s5"], "each suspect armed once");
 }
 
-#[tokio::test]
-async fn a_suspect_given_up_on_is_dead_lettered_as_crashed_without_running() {
-    let broker = MemoryBroker::new();
-    broker.publish("q", Message::new("m1"));
-    broker.publish("q", Message::new("s-poison").message_id("poison"));
-    broker.publish("q", Message::new("m2"));
-    let (source, _) = suspects(&broker);
+/// Runs a consumer of [`suspects`] with at most `max_attempts` attempts and a handler that
+/// succeeds, until the queue is empty; returns its summary and the payloads the handler was
+/// called with, in call order.
+async fn run_recording(broker: &MemoryBroker, max_attempts: u32) -> (Summary, Vec<String>) {
+    let (source, _) = suspects(broker);
     let calls = Arc::new(Mutex::new(Vec::new()));
     let c = calls.clone();
     let b = broker.clone();
     let summary = Consumer::new(source)
-        .max_attempts(3)
+        .max_attempts(max_attempts)
         .run_until(
             handler_fn(move |d, _cx| {
                 c.lock().unwrap().push(text(&d));
@@ -192,7 +190,17 @@ async fn a_suspect_given_up_on_is_dead_lettered_as_crashed_without_running() {
         )
         .await
         .unwrap();
-    let mut calls = calls.lock().unwrap().clone();
+    let calls = calls.lock().unwrap().clone();
+    (summary, calls)
+}
+
+#[tokio::test]
+async fn a_suspect_given_up_on_is_dead_lettered_as_crashed_without_running() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m1"));
+    broker.publish("q", Message::new("s-poison").message_id("poison"));
+    broker.publish("q", Message::new("m2"));
+    let (summary, mut calls) = run_recording(&broker, 3).await;
     calls.sort();
     assert_eq!(calls, vec!["m1", "m2"], "the poison is never run again");
     assert_eq!(summary.dead_lettered, 1);
@@ -212,22 +220,8 @@ async fn a_delivery_past_its_attempt_limit_is_dead_lettered_without_running() {
     let broker = MemoryBroker::new();
     broker.publish("q", Message::new("past-limit"));
     broker.publish("q", Message::new("ok"));
-    let (source, _) = suspects(&broker);
-    let calls = Arc::new(Mutex::new(Vec::new()));
-    let c = calls.clone();
-    let b = broker.clone();
-    Consumer::new(source)
-        .max_attempts(5)
-        .run_until(
-            handler_fn(move |d, _cx| {
-                c.lock().unwrap().push(text(&d));
-                async { Ok(()) }
-            }),
-            until(move || b.is_empty("q")),
-        )
-        .await
-        .unwrap();
-    assert_eq!(calls.lock().unwrap().clone(), vec!["ok"]);
+    let (_, calls) = run_recording(&broker, 5).await;
+    assert_eq!(calls, vec!["ok"]);
     let letters = broker.dead_letters("q");
     assert_eq!(letters.len(), 1);
     let meta = DeadLetterMetadata::from_headers(&letters[0].headers).unwrap();

@@ -619,6 +619,29 @@ async fn arm(settler: &RabbitSettler, received: Received<RabbitToken>) -> Armed<
         .unwrap()
 }
 
+/// Arms a suspect that must be moved to the queue of runs alone, and acks its original once
+/// the copy is confirmed.
+async fn moved(settler: &RabbitSettler, received: Received<RabbitToken>) {
+    let Armed::Moved(Settled::AckOriginal(token)) = arm(settler, received).await else {
+        panic!("a suspect to be moved to run alone was not");
+    };
+    assert!(settler.ack(vec![token]).await.failed.is_empty());
+}
+
+/// Arms a suspect that must run now with `crashes` counted, and acks it as a run that
+/// succeeded.
+async fn runs_and_succeeds(settler: &RabbitSettler, received: Received<RabbitToken>, crashes: u32) {
+    let Armed::Run {
+        token,
+        crashes: counted,
+    } = arm(settler, received).await
+    else {
+        panic!("a suspect to run did not");
+    };
+    assert_eq!(counted, crashes, "crashes counted");
+    assert!(settler.ack(vec![token]).await.failed.is_empty());
+}
+
 /// Publishes `messages` to a fresh queue and receives them, then the consumer's connection
 /// goes as a crash would take it: they come back redelivered.
 async fn received_when_the_consumer_died(
@@ -658,10 +681,7 @@ async fn a_suspect_runs_alone_from_its_own_queue_and_its_crashes_are_counted_the
         assert_eq!(back.len(), 3);
         for received in back {
             assert!(received.suspect && !received.token.is_alone());
-            let Armed::Moved(Settled::AckOriginal(token)) = arm(&settler, received).await else {
-                panic!("a suspect of the work queue is moved to run alone");
-            };
-            assert!(settler.ack(vec![token]).await.failed.is_empty());
+            moved(&settler, received).await;
         }
         assert_eq!(publisher.queue_len(&config.queue).await.unwrap(), 0);
         assert_eq!(
@@ -688,18 +708,13 @@ async fn a_suspect_runs_alone_from_its_own_queue_and_its_crashes_are_counted_the
         let p = receive_one(&mut source).await;
         assert_eq!(p.delivery.payload, "p");
         assert!(p.token.is_alone() && p.token.redelivered());
-        let Armed::Moved(Settled::AckOriginal(token)) = arm(&settler, p).await else {
-            panic!("one crash alone: moved again with its count");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        // One crash alone: moved again with its count.
+        moved(&settler, p).await;
         // The innocent ones run alone once each.
         for good in ["g1", "g2"] {
             let g = receive_one(&mut source).await;
             assert_eq!(g.delivery.payload, good);
-            let Armed::Run { token, crashes: 0 } = arm(&settler, g).await else {
-                panic!("an innocent suspect runs");
-            };
-            assert!(settler.ack(vec![token]).await.failed.is_empty());
+            runs_and_succeeds(&settler, g, 0).await;
         }
         let p = receive_one(&mut source).await;
         assert_eq!(p.delivery.payload, "p");
@@ -737,12 +752,7 @@ async fn a_released_suspect_goes_back_to_run_alone_without_a_crash_counted() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let (_, _, mut source, settler) =
             received_when_the_consumer_died("alone-release", vec![Message::new("s")]).await;
-        let Armed::Moved(Settled::AckOriginal(token)) =
-            arm(&settler, receive_one(&mut source).await).await
-        else {
-            panic!("moved");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        moved(&settler, receive_one(&mut source).await).await;
         // Got, then given back unrun (a shutdown while it waited for its dedup store): not
         // a crash.
         let got = receive_one(&mut source).await;
@@ -750,10 +760,7 @@ async fn a_released_suspect_goes_back_to_run_alone_without_a_crash_counted() {
         settler.release(got.token).await;
         let again = receive_one(&mut source).await;
         assert!(again.token.is_alone() && !again.token.redelivered());
-        let Armed::Run { token, crashes: 0 } = arm(&settler, again).await else {
-            panic!("runs, no crash counted");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        runs_and_succeeds(&settler, again, 0).await;
     })
     .await
     .unwrap();
@@ -770,12 +777,7 @@ async fn a_suspect_waits_for_deliveries_of_a_lost_channel_still_running() {
         // A delivery of the first channel still runs here when the channel is lost.
         let running = receive_one(&mut source).await;
         source.disconnect().await;
-        let Armed::Moved(Settled::AckOriginal(token)) =
-            arm(&settler, receive_one(&mut source).await).await
-        else {
-            panic!("moved");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        moved(&settler, receive_one(&mut source).await).await;
         let beside = receive_n(&mut source, 1, Duration::from_millis(600)).await;
         assert!(
             beside.is_empty(),
@@ -785,10 +787,7 @@ async fn a_suspect_waits_for_deliveries_of_a_lost_channel_still_running() {
         assert_eq!(settler.ack(vec![running.token]).await.acked, 0);
         let alone = receive_one(&mut source).await;
         assert!(alone.token.is_alone());
-        let Armed::Run { token, crashes: 0 } = arm(&settler, alone).await else {
-            panic!("runs");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        runs_and_succeeds(&settler, alone, 0).await;
     })
     .await
     .unwrap();
@@ -816,11 +815,7 @@ async fn later_deliveries_of_a_suspects_key_wait_behind_it_to_run_alone() {
         assert_eq!(seen, [("k1", true), ("k2", true), ("o", false)]);
         for received in back {
             if received.suspect {
-                let Armed::Moved(Settled::AckOriginal(token)) = arm(&settler, received).await
-                else {
-                    panic!("moved");
-                };
-                assert!(settler.ack(vec![token]).await.failed.is_empty());
+                moved(&settler, received).await;
             } else {
                 assert!(settler.ack(vec![received.token]).await.failed.is_empty());
             }
@@ -828,10 +823,7 @@ async fn later_deliveries_of_a_suspects_key_wait_behind_it_to_run_alone() {
         for body in ["k1", "k2"] {
             let got = receive_one(&mut source).await;
             assert_eq!(got.delivery.payload, body, "in their order");
-            let Armed::Run { token, .. } = arm(&settler, got).await else {
-                panic!("runs");
-            };
-            assert!(settler.ack(vec![token]).await.failed.is_empty());
+            runs_and_succeeds(&settler, got, 0).await;
         }
     })
     .await
