@@ -25,6 +25,10 @@ pub struct Context {
     metrics: Option<Arc<Metrics>>,
     /// The kill switch's half-open period this delivery probes, if it is a probe.
     probe: Option<u64>,
+    /// The run's attempt gate, where suspects run alone among attempts.
+    gate: Option<crate::runner::AttemptGate>,
+    /// A suspect's hold on that gate.
+    seat: Option<Arc<crate::runner::Seat>>,
 }
 
 /// Counts that layers report to the runner's [`Summary`](crate::Summary).
@@ -80,6 +84,8 @@ impl Context {
             attempt: None,
             metrics: None,
             probe: None,
+            gate: None,
+            seat: None,
         }
     }
 
@@ -92,6 +98,8 @@ impl Context {
             attempt: None,
             metrics: None,
             probe: None,
+            gate: None,
+            seat: None,
         }
     }
 
@@ -110,6 +118,8 @@ impl Context {
             attempt: self.attempt.clone(),
             metrics: self.metrics.clone(),
             probe: self.probe,
+            gate: self.gate.clone(),
+            seat: self.seat.clone(),
         }
     }
 
@@ -177,6 +187,44 @@ impl Context {
 
     pub(crate) fn stats(&self) -> &Arc<RunStats> {
         &self.stats
+    }
+
+    /// Passing `gate` for each attempt; with `seat` for a suspect that holds it exclusive.
+    pub(crate) fn with_gate(
+        mut self,
+        gate: crate::runner::AttemptGate,
+        seat: Option<Arc<crate::runner::Seat>>,
+    ) -> Self {
+        self.gate = Some(gate);
+        self.seat = seat;
+        self
+    }
+
+    /// Waits for the attempt gate (see `runner/gate.rs`) and returns its shared guard, held for
+    /// one attempt (`None` without a gate, or when this delivery holds it exclusive);
+    /// `Err(())` when the work is cancelled first.
+    pub(crate) async fn enter_attempt(
+        &self,
+    ) -> Result<Option<tokio::sync::OwnedRwLockReadGuard<()>>, ()> {
+        let Some(gate) = &self.gate else {
+            return Ok(None);
+        };
+        if self.seat.as_ref().is_some_and(|s| s.holds_alone()) {
+            return Ok(None);
+        }
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err(()),
+            guard = gate.shared() => Ok(Some(guard)),
+        }
+    }
+
+    /// Before an in-place retry's wait: a suspect that holds the attempt gate exclusive gives
+    /// it back, once the adapter recorded that a crash from now on is not its own.
+    pub(crate) async fn step_aside(&self) {
+        if let Some(seat) = &self.seat {
+            seat.step_aside(false).await;
+        }
     }
 
     /// Tracks in-place attempts (see [`Context::attempt_reached`]).

@@ -228,8 +228,19 @@ impl<P> std::fmt::Debug for Retry<P> {
 }
 
 impl<P: Process> Retry<P> {
-    /// One run of the inner stack; a panic anywhere in it is a transient failure.
+    /// One run of the inner stack, through the attempt gate (where a suspect runs alone); a
+    /// panic anywhere in it is a transient failure.
     async fn attempt(&self, delivery: &Delivery, cx: &Context) -> Outcome {
+        let Ok(_entered) = cx.enter_attempt().await else {
+            // Not settled by the runner (the lease is lost or the deadline passed).
+            return Outcome::Retry {
+                after: Duration::ZERO,
+                failure: Failure::new(
+                    ErrorKind::Transient,
+                    "cancelled while a suspect ran alone",
+                ),
+            };
+        };
         match std::panic::AssertUnwindSafe(self.inner.process(delivery, cx))
             .catch_unwind()
             .await
@@ -308,6 +319,8 @@ impl<P: Process> Process for Retry<P> {
             if let Some(observe) = &self.layer.on_in_place {
                 observe(current, &outcome, cx);
             }
+            // A suspect's run alone ends with its first attempt: others may run while it waits.
+            cx.step_aside().await;
             if !Self::pause(after, cx).await {
                 return outcome;
             }

@@ -20,8 +20,9 @@ pub struct Received<T> {
     pub token: T,
     /// Whether this delivery may have been in flight when an earlier consumer process died
     /// (the broker delivered it before and it was never settled: RabbitMQ's `redelivered`,
-    /// an SQS receive count above 1). The runner runs a suspect alone, with nothing else in
-    /// flight, after [`Settle::arm`], so that a crash during its run is pinned on it.
+    /// an SQS receive count above 1, a Kafka record handed out before an unclean stop). The
+    /// runner runs a suspect alone ([`Capabilities::alone`] says among what) after
+    /// [`Settle::arm`], so that a crash during its run is pinned on it.
     pub suspect: bool,
 }
 
@@ -186,6 +187,16 @@ pub trait Settle: Clone + Send + Sync + 'static {
         async { Ok(Armed::Run { token, crashes: 0 }) }
     }
 
+    /// Ends a suspect's run alone where suspects run alone among attempts
+    /// ([`Alone::Attempts`]): records durably that a crash from now on is not `token`'s own
+    /// (the mark [`Settle::arm`] wrote is cleared). Called before other attempts may run
+    /// again: after the suspect's first attempt is settled, or before the wait of its retry in
+    /// place. An error keeps the suspect alone through its retry. The default does nothing.
+    fn step_aside(&self, token: &Self::Token) -> impl Future<Output = Result<(), SettleError>> + Send {
+        let _ = token;
+        async { Ok(()) }
+    }
+
     /// Forwards the message to the dead-letter destination with `letter`'s metadata; returns
     /// [`Settled::AckOriginal`] only once the broker confirmed the copy.
     fn dead_letter(
@@ -272,6 +283,25 @@ pub struct Capabilities {
     /// `max_attempts` is dead-lettered without running (only deliveries that ended unsettled
     /// get there; see `Terminal::arrival_limit`). `None` elsewhere.
     pub careful_for: Option<Duration>,
+    /// What a suspect runs alone among (see [`Alone`]).
+    pub alone: Alone,
+}
+
+/// What a suspect ([`Received::suspect`]) runs alone among.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Alone {
+    /// Nothing else in flight: the runner lets every delivery in flight finish and be acked,
+    /// runs the suspect, and receives again once it is settled. For brokers whose count of a
+    /// delivery rises for everything handed out at a crash (SQS's receive count).
+    #[default]
+    InFlight,
+    /// No other handler attempt: deliveries may be received, wait for their key or sleep
+    /// between retries in place while a suspect runs, but none starts an attempt until the
+    /// suspect's first attempt is settled and [`Settle::step_aside`] recorded it. For brokers
+    /// where the crash count is kept for the one delivery [`Settle::arm`] marked (Kafka's
+    /// commit metadata), so that a suspect does not wait for in-place retries' backoff.
+    Attempts,
 }
 
 impl Capabilities {
@@ -285,7 +315,14 @@ impl Capabilities {
             broker_delay: true,
             parallel_acks: 1,
             careful_for: None,
+            alone: Alone::InFlight,
         }
+    }
+
+    /// With suspects run alone among `alone` (see [`Alone`]).
+    pub fn with_alone(mut self, alone: Alone) -> Self {
+        self.alone = alone;
+        self
     }
 
     /// With suspects received one at a time for `period` after the start and after each

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ackstack_core::memory::{MemorySettler, MemorySource, MemoryToken};
 use ackstack_core::{
-    AckReport, Armed, Capabilities, Consumer, DeadLetter, DeadLetterMetadata, DeadLetterReason,
+    AckReport, Alone, Armed, Backoff, Capabilities, Consumer, DeadLetter, DeadLetterMetadata, DeadLetterReason,
     Delivery, Failure, MemoryBroker, Message, Origin, Received, Settle, SettleError, SettleFailure,
     Settled, Source, SourceError, Summary, handler_fn,
 };
@@ -25,12 +25,29 @@ use common::until;
 struct Suspects {
     inner: MemorySource,
     settler: ArmingSettler,
+    /// Retries in place and runs suspects alone among attempts (as Kafka does), instead of
+    /// counting receives (as SQS does).
+    among_attempts: bool,
 }
 
 #[derive(Clone)]
 struct ArmingSettler {
     inner: MemorySettler,
     armed: Arc<Mutex<Vec<String>>>,
+    /// What happened, in order: handler attempts, and the acks and steps aside of armed
+    /// suspects.
+    log: Arc<Mutex<Vec<String>>>,
+    /// The armed suspects' tokens and payloads.
+    names: Arc<Mutex<Vec<(MemoryToken, String)>>>,
+}
+
+impl ArmingSettler {
+    fn note(&self, what: &str, token: &MemoryToken) {
+        let names = self.names.lock().unwrap();
+        if let Some((_, body)) = names.iter().find(|(t, _)| t == token) {
+            self.log.lock().unwrap().push(format!("{what} {body}"));
+        }
+    }
 }
 
 fn text(d: &Delivery) -> String {
@@ -58,6 +75,13 @@ impl Source for Suspects {
         self.settler.clone()
     }
     fn capabilities(&self) -> Capabilities {
+        if self.among_attempts {
+            return self
+                .inner
+                .capabilities()
+                .with_in_place_retry()
+                .with_alone(Alone::Attempts);
+        }
         // Its attempt number counts receives, as SQS's does.
         self.inner
             .capabilities()
@@ -71,7 +95,14 @@ impl Source for Suspects {
 impl Settle for ArmingSettler {
     type Token = MemoryToken;
     async fn ack(&self, tokens: Vec<MemoryToken>) -> AckReport<MemoryToken> {
+        for t in &tokens {
+            self.note("ack", t);
+        }
         self.inner.ack(tokens).await
+    }
+    async fn step_aside(&self, token: &MemoryToken) -> Result<(), SettleError> {
+        self.note("step-aside", token);
+        Ok(())
     }
     async fn retry(
         &self,
@@ -104,6 +135,7 @@ impl Settle for ArmingSettler {
     ) -> Result<Armed<MemoryToken>, SettleFailure<MemoryToken>> {
         let body = text(delivery);
         self.armed.lock().unwrap().push(body.clone());
+        self.names.lock().unwrap().push((token, body.clone()));
         if body.starts_with("s-poison") {
             return Ok(Armed::GiveUp {
                 token,
@@ -120,8 +152,15 @@ fn suspects(broker: &MemoryBroker) -> (Suspects, Arc<Mutex<Vec<String>>>) {
     let settler = ArmingSettler {
         inner: inner.settler(),
         armed: armed.clone(),
+        log: Arc::default(),
+        names: Arc::default(),
     };
-    (Suspects { inner, settler }, armed)
+    let source = Suspects {
+        inner,
+        settler,
+        among_attempts: false,
+    };
+    (source, armed)
 }
 
 #[tokio::test]
@@ -231,4 +270,84 @@ async fn a_delivery_past_its_attempt_limit_is_dead_lettered_without_running() {
         "{meta:?}"
     );
     assert_eq!(meta.attempts, 9);
+}
+
+/// Where suspects run alone among attempts (Kafka): a suspect waits for the attempts running
+/// now, not for a delivery sleeping between retries in place; no attempt starts beside its
+/// first one; its ack is sent before it steps aside; and when its first attempt fails, it
+/// steps aside before its retry's wait, so that others run meanwhile.
+#[tokio::test]
+async fn a_suspect_runs_alone_among_attempts_without_waiting_for_retries_in_place() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("f-slow"));
+    for i in 0..6 {
+        broker.publish("q", Message::new(format!("m{i}")));
+    }
+    broker.publish("q", Message::new("s-fails-once"));
+    broker.publish("q", Message::new("s-ok"));
+    let (mut source, _) = suspects(&broker);
+    source.among_attempts = true;
+    let log = source.settler.log.clone();
+    let running = Arc::new(AtomicUsize::new(0));
+    let overlaps = Arc::new(Mutex::new(Vec::new()));
+    let (r, o, l) = (running.clone(), overlaps.clone(), log.clone());
+    let b = broker.clone();
+    let summary = Consumer::new(source)
+        .concurrency(4)
+        .max_attempts(3)
+        .retry(Backoff::exponential(Duration::from_millis(300), Duration::from_millis(300)).no_jitter())
+        .run_until(
+            handler_fn(move |d, _cx| {
+                let (r, o, l) = (r.clone(), o.clone(), l.clone());
+                async move {
+                    let body = text(&d);
+                    let name = format!("{body}#{}", d.attempt);
+                    let others = r.fetch_add(1, Ordering::SeqCst);
+                    l.lock().unwrap().push(format!("start {name}"));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let alone = body.starts_with('s') && d.attempt == 1;
+                    if alone && (others > 0 || r.load(Ordering::SeqCst) > 1) {
+                        o.lock().unwrap().push(name.clone());
+                    }
+                    l.lock().unwrap().push(format!("end {name}"));
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    let fails = (body == "f-slow" && d.attempt < 3)
+                        || (body == "s-fails-once" && d.attempt == 1);
+                    if fails {
+                        return Err(ackstack_core::HandlerError::transient("not yet"));
+                    }
+                    Ok(())
+                }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.succeeded, 9, "{summary:?}");
+    assert!(
+        overlaps.lock().unwrap().is_empty(),
+        "attempts ran beside a suspect's first: {:?}",
+        overlaps.lock().unwrap()
+    );
+    let log = log.lock().unwrap().clone();
+    let at = |what: &str| {
+        log.iter()
+            .position(|e| e == what)
+            .unwrap_or_else(|| panic!("no {what:?} in {log:?}"))
+    };
+    assert!(
+        at("start s-ok#1") < at("start f-slow#2"),
+        "a suspect waited for a retry's backoff: {log:?}"
+    );
+    assert!(at("end s-ok#1") < at("ack s-ok"), "{log:?}");
+    assert!(at("ack s-ok") < at("step-aside s-ok"), "{log:?}");
+    let aside = at("step-aside s-fails-once");
+    assert!(at("end s-fails-once#1") < aside, "{log:?}");
+    assert!(aside < at("start s-fails-once#2"), "{log:?}");
+    assert!(
+        log[aside..at("start s-fails-once#2")]
+            .iter()
+            .any(|e| e.starts_with("start ")),
+        "nothing ran while the suspect waited for its retry: {log:?}"
+    );
 }

@@ -156,7 +156,7 @@ pub mod adapter {
     pub use ackstack_core::deadletter;
     pub use ackstack_core::error::{MAX_FAILURE_MESSAGE, truncate};
     pub use ackstack_core::{
-        AckReport, Armed, BoxError, Capabilities, DeadLetter, Received, Settle, SettleError,
+        AckReport, Alone, Armed, BoxError, Capabilities, DeadLetter, Received, Settle, SettleError,
         SettleFailure, Settled, Source, SourceError, Watermark,
     };
 }

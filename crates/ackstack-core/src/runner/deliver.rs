@@ -19,6 +19,7 @@ use super::acker::AckQueue;
 use super::builder::Inspector;
 use super::config::{DeliveryMode, OnRefused};
 use super::control::Control;
+use super::gate::{AttemptGate, Seat, StepAside};
 use super::kill_switch::Probe;
 use super::lease::LeaseGuard;
 use super::ordering::Turn;
@@ -63,6 +64,9 @@ pub(super) struct Shared<P, S: Settle> {
     pub(super) abort_on_loss: bool,
     /// `RetryConfig::max_attempts`, from which a suspect's crash limit follows.
     pub(super) max_attempts: u32,
+    /// Where suspects run alone among attempts ([`Alone::Attempts`](crate::Alone::Attempts)):
+    /// the gate every attempt passes.
+    pub(super) gate: Option<AttemptGate>,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -77,10 +81,37 @@ impl<P: Process, S: Settle> Shared<P, S> {
         &self,
         received: Received<S::Token>,
         cancel: CancellationToken,
+        lease: Option<LeaseGuard<S::Token>>,
+        turn: Option<Turn>,
+        metrics: Arc<Metrics>,
+        probe: Option<Probe>,
+    ) {
+        let seat = (received.suspect && self.mode != DeliveryMode::AtMostOnce)
+            .then(|| self.gate.as_ref().map(|_| Arc::new(Seat::default())))
+            .flatten();
+        self.run_seated(received, cancel, lease, turn, metrics, probe, seat.clone())
+            .await;
+        if let Some(seat) = seat
+            && seat.holds_alone()
+        {
+            // Settled (or given up on): its ack sent before anything else runs, then the
+            // mark of its run alone cleared.
+            self.acks.flush().await;
+            seat.step_aside(true).await;
+        }
+    }
+
+    /// [`Shared::run_one`], with `seat` for a suspect that runs alone among attempts.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_seated(
+        &self,
+        received: Received<S::Token>,
+        cancel: CancellationToken,
         mut lease: Option<LeaseGuard<S::Token>>,
         mut turn: Option<Turn>,
         metrics: Arc<Metrics>,
         probe: Option<Probe>,
+        seat: Option<Arc<Seat>>,
     ) {
         let Received {
             mut delivery,
@@ -122,10 +153,29 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.not_processed(lease.as_ref(), probe);
                 return;
             }
-            let cx = self
+            let mut cx = self
                 .context(&cancel)
                 .with_metrics(metrics)
                 .with_probe(probe);
+            if let Some(gate) = &self.gate {
+                if let Some(seat) = &seat {
+                    // Alone among attempts: those running now finish first, none starts.
+                    let guard = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => {
+                            self.not_processed(lease.as_ref(), probe);
+                            return;
+                        }
+                        guard = gate.exclusive() => guard,
+                    };
+                    seat.hold(guard);
+                    seat.on_step_aside(self.step_aside_hook(&token));
+                    // What was handled is acked first, so that a crash now does not bring
+                    // it back as a suspect.
+                    self.acks.flush().await;
+                }
+                cx = cx.with_gate(gate.clone(), seat);
+            }
             let Some(token) = self
                 .admit_unsettled(token, &delivery, suspect, &mut lease, &cx, probe)
                 .await
@@ -235,6 +285,23 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 None
             }
         }
+    }
+
+    /// What a suspect's step aside records first: [`Settle::step_aside`] for `token`.
+    fn step_aside_hook(&self, token: &S::Token) -> StepAside {
+        let (settler, token) = (self.settler.clone(), token.clone());
+        Arc::new(move || {
+            let (settler, token) = (settler.clone(), token.clone());
+            Box::pin(async move {
+                match settler.step_aside(&token).await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::warn!(%error, "could not record the end of a run alone");
+                        false
+                    }
+                }
+            })
+        })
     }
 
     /// Dead-letters a delivery that stopped the consumer `crashes` times.

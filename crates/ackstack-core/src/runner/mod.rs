@@ -33,6 +33,7 @@ mod builder;
 mod config;
 mod control;
 mod deliver;
+mod gate;
 mod kill_switch;
 mod lease;
 mod ordering;
@@ -45,6 +46,7 @@ pub use config::{ConfigError, ConsumerConfig, DeliveryMode, KeyOrdering, OnRefus
 pub use control::{ConsumerState, Control};
 pub use kill_switch::KillSwitchConfig;
 pub use lease::LeaseConfig;
+pub(crate) use gate::{AttemptGate, Seat};
 pub(crate) use status::Condition;
 pub use status::{
     ConsumerError, Health, HealthConfig, HealthLevel, HealthReason, Problem, Status, Summary,

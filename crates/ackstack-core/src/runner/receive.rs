@@ -17,7 +17,7 @@ use crate::delivery::Delivery;
 use crate::handler::{Handler, Layer, Terminal};
 use crate::outcome::Outcome;
 use crate::retry::RetryLayer;
-use crate::source::{Settle, Source};
+use crate::source::{Alone, Settle, Source};
 
 use super::acker::{AckQueue, BatchAcker};
 use super::builder::Consumer;
@@ -25,6 +25,7 @@ use super::config::{DeliveryMode, KeyOrdering};
 use super::control::Admit;
 use super::deliver::Refusals;
 use super::deliver::{Shared, call_inspector};
+use super::gate::AttemptGate;
 use super::lease::{LeaseKeeper, Watch};
 use super::ordering::KeyGate;
 use super::status::{ConsumerError, Counters, InFlight, Summary};
@@ -135,6 +136,8 @@ impl<S: Source, L> Consumer<S, L> {
             metrics,
             abort_on_loss: cfg.lease.abort_on_loss,
             max_attempts: cfg.retry.max_attempts,
+            gate: (caps.alone == Alone::Attempts && cfg.mode != DeliveryMode::AtMostOnce)
+                .then(AttemptGate::default),
         });
         self.control.install(cfg.kill_switch, own.clone());
         let control = self.control.clone();
@@ -236,8 +239,11 @@ impl<S: Source, L> Consumer<S, L> {
             let mut first = Some(first);
             for received in batch {
                 // A suspect runs alone: nothing else in flight, so that a crash during its
-                // run is its own (see `Settle::arm`).
-                let alone = received.suspect && shared.mode != DeliveryMode::AtMostOnce;
+                // run is its own (see `Settle::arm`). Where it runs alone among attempts
+                // instead, its task waits at the attempt gate (`gate.rs`).
+                let alone = received.suspect
+                    && shared.mode != DeliveryMode::AtMostOnce
+                    && shared.gate.is_none();
                 let permit = match first.take() {
                     Some(p) => p,
                     None => match permits.clone().acquire_owned().await {
