@@ -227,6 +227,15 @@ impl Context {
         }
     }
 
+    /// After an in-place retry's wait: a suspect takes the attempt gate exclusive again, armed
+    /// again. `false` when the work was cancelled first.
+    pub(crate) async fn rejoin(&self) -> bool {
+        match &self.seat {
+            Some(seat) => seat.rejoin(&self.cancel).await,
+            None => true,
+        }
+    }
+
     /// Tracks in-place attempts (see [`Context::attempt_reached`]).
     pub(crate) fn with_attempt_slot(mut self) -> Self {
         self.attempt = Some(Arc::default());

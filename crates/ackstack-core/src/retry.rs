@@ -135,6 +135,8 @@ pub struct RetryLayer {
     in_place: bool,
     max_delay: Option<Duration>,
     on_in_place: Option<OnInPlaceRetry>,
+    /// Whether each attempt passes the runner's attempt gate (the runner's own layer only).
+    gated: bool,
 }
 
 impl std::fmt::Debug for RetryLayer {
@@ -163,6 +165,7 @@ impl RetryLayer {
             in_place: false,
             max_delay: None,
             on_in_place: None,
+            gated: false,
         }
     }
 
@@ -194,6 +197,12 @@ impl RetryLayer {
 
     pub(crate) fn on_in_place_retry(mut self, f: Option<OnInPlaceRetry>) -> Self {
         self.on_in_place = f;
+        self
+    }
+
+    /// Each attempt passes the runner's attempt gate (see `runner/gate.rs`).
+    pub(crate) fn gated(mut self) -> Self {
+        self.gated = true;
         self
     }
 
@@ -231,14 +240,16 @@ impl<P: Process> Retry<P> {
     /// One run of the inner stack, through the attempt gate (where a suspect runs alone); a
     /// panic anywhere in it is a transient failure.
     async fn attempt(&self, delivery: &Delivery, cx: &Context) -> Outcome {
-        let Ok(_entered) = cx.enter_attempt().await else {
+        let entered = if self.layer.gated {
+            cx.enter_attempt().await
+        } else {
+            Ok(None)
+        };
+        let Ok(_entered) = entered else {
             // Not settled by the runner (the lease is lost or the deadline passed).
             return Outcome::Retry {
                 after: Duration::ZERO,
-                failure: Failure::new(
-                    ErrorKind::Transient,
-                    "cancelled while a suspect ran alone",
-                ),
+                failure: Failure::new(ErrorKind::Transient, "cancelled while a suspect ran alone"),
             };
         };
         match std::panic::AssertUnwindSafe(self.inner.process(delivery, cx))
@@ -319,9 +330,9 @@ impl<P: Process> Process for Retry<P> {
             if let Some(observe) = &self.layer.on_in_place {
                 observe(current, &outcome, cx);
             }
-            // A suspect's run alone ends with its first attempt: others may run while it waits.
+            // A suspect runs alone attempt by attempt: others may run while it waits.
             cx.step_aside().await;
-            if !Self::pause(after, cx).await {
+            if !Self::pause(after, cx).await || !cx.rejoin().await {
                 return outcome;
             }
             let mut next = current.clone();

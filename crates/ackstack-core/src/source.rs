@@ -190,9 +190,14 @@ pub trait Settle: Clone + Send + Sync + 'static {
     /// Ends a suspect's run alone where suspects run alone among attempts
     /// ([`Alone::Attempts`]): records durably that a crash from now on is not `token`'s own
     /// (the mark [`Settle::arm`] wrote is cleared). Called before other attempts may run
-    /// again: after the suspect's first attempt is settled, or before the wait of its retry in
-    /// place. An error keeps the suspect alone through its retry. The default does nothing.
-    fn step_aside(&self, token: &Self::Token) -> impl Future<Output = Result<(), SettleError>> + Send {
+    /// again: once the suspect is settled (its ack sent), or before the wait of each of its
+    /// retries in place (it is armed again, with `give_up_at` `u32::MAX`, before the next
+    /// attempt). An error keeps the suspect alone through its retry's wait. The default does
+    /// nothing.
+    fn step_aside(
+        &self,
+        token: &Self::Token,
+    ) -> impl Future<Output = Result<(), SettleError>> + Send {
         let _ = token;
         async { Ok(()) }
     }
@@ -297,8 +302,9 @@ pub enum Alone {
     #[default]
     InFlight,
     /// No other handler attempt: deliveries may be received, wait for their key or sleep
-    /// between retries in place while a suspect runs, but none starts an attempt until the
-    /// suspect's first attempt is settled and [`Settle::step_aside`] recorded it. For brokers
+    /// between retries in place while a suspect runs, but none starts an attempt while a
+    /// suspect's attempt runs, until it is settled or waits for its retry and
+    /// [`Settle::step_aside`] recorded that. For brokers
     /// where the crash count is kept for the one delivery [`Settle::arm`] marked (Kafka's
     /// commit metadata), so that a suspect does not wait for in-place retries' backoff.
     Attempts,

@@ -19,7 +19,7 @@ use super::acker::AckQueue;
 use super::builder::Inspector;
 use super::config::{DeliveryMode, OnRefused};
 use super::control::Control;
-use super::gate::{AttemptGate, Seat, StepAside};
+use super::gate::{AttemptGate, Marking, Seat};
 use super::kill_switch::Probe;
 use super::lease::LeaseGuard;
 use super::ordering::Turn;
@@ -87,7 +87,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
         probe: Option<Probe>,
     ) {
         let seat = (received.suspect && self.mode != DeliveryMode::AtMostOnce)
-            .then(|| self.gate.as_ref().map(|_| Arc::new(Seat::default())))
+            .then(|| self.gate.as_ref().map(|g| Arc::new(Seat::new(g.clone()))))
             .flatten();
         self.run_seated(received, cancel, lease, turn, metrics, probe, seat.clone())
             .await;
@@ -169,7 +169,10 @@ impl<P: Process, S: Settle> Shared<P, S> {
                         guard = gate.exclusive() => guard,
                     };
                     seat.hold(guard);
-                    seat.on_step_aside(self.step_aside_hook(&token));
+                    seat.on_marks(
+                        self.step_aside_hook(&token),
+                        self.rejoin_hook(&token, &delivery),
+                    );
                     // What was handled is acked first, so that a crash now does not bring
                     // it back as a suspect.
                     self.acks.flush().await;
@@ -288,7 +291,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
     }
 
     /// What a suspect's step aside records first: [`Settle::step_aside`] for `token`.
-    fn step_aside_hook(&self, token: &S::Token) -> StepAside {
+    fn step_aside_hook(&self, token: &S::Token) -> Marking {
         let (settler, token) = (self.settler.clone(), token.clone());
         Arc::new(move || {
             let (settler, token) = (settler.clone(), token.clone());
@@ -297,6 +300,26 @@ impl<P: Process, S: Settle> Shared<P, S> {
                     Ok(()) => true,
                     Err(error) => {
                         tracing::warn!(%error, "could not record the end of a run alone");
+                        false
+                    }
+                }
+            })
+        })
+    }
+
+    /// What a suspect's later attempt records first: [`Settle::arm`] again, for `token`.
+    fn rejoin_hook(&self, token: &S::Token, delivery: &Delivery) -> Marking {
+        let (settler, token) = (self.settler.clone(), token.clone());
+        let delivery = Arc::new(delivery.clone());
+        Arc::new(move || {
+            let (settler, token, delivery) = (settler.clone(), token.clone(), delivery.clone());
+            Box::pin(async move {
+                // Its count does not change while it runs: it is not given up on here.
+                match settler.arm(token, &delivery, u32::MAX).await {
+                    Ok(Armed::Run { .. }) => true,
+                    Ok(_) => false,
+                    Err(failure) => {
+                        tracing::warn!(error = %failure.error, "could not arm a suspect again");
                         false
                     }
                 }

@@ -44,9 +44,9 @@ mod status;
 pub use builder::{Consumer, Inspector};
 pub use config::{ConfigError, ConsumerConfig, DeliveryMode, KeyOrdering, OnRefused};
 pub use control::{ConsumerState, Control};
+pub(crate) use gate::{AttemptGate, Seat};
 pub use kill_switch::KillSwitchConfig;
 pub use lease::LeaseConfig;
-pub(crate) use gate::{AttemptGate, Seat};
 pub(crate) use status::Condition;
 pub use status::{
     ConsumerError, Health, HealthConfig, HealthLevel, HealthReason, Problem, Status, Summary,

@@ -93,7 +93,8 @@ impl<S: Source, L> Consumer<S, L> {
         let retry = RetryLayer::from_config(cfg.retry)
             .in_place(in_place)
             .max_delay(caps.max_retry_delay)
-            .on_in_place_retry(on_in_place);
+            .on_in_place_retry(on_in_place)
+            .gated();
         let stack = retry.layer(dedup.layer(self.layers.layer(terminal)));
         let ack_batch = cfg
             .ack_batch
