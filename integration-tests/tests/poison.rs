@@ -3,8 +3,10 @@
 //! runs as a child process whose handler aborts on one payload, and is restarted after each
 //! crash, as an orchestrator would. The poison must be dead-lettered after at most 3 crashes
 //! (with the crash count in its metadata), every other message handled and none
-//! dead-lettered, nothing lost: on SQS, RabbitMQ classic and quorum queues.
+//! dead-lettered, nothing lost: on SQS, RabbitMQ classic and quorum queues, and Kafka.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
@@ -87,6 +89,21 @@ fn payloads() -> Vec<String> {
 }
 
 impl Runs {
+    /// Asserts that `dead` holds the poison alone, dead-lettered as `crashed` after
+    /// `MAX_ATTEMPTS` crashes, which is how many there were.
+    fn assert_only_the_poison_crashed_out(&self, dead: &[(&[u8], &ackstack_core::Headers)]) {
+        let bodies: Vec<&[u8]> = dead.iter().map(|(payload, _)| *payload).collect();
+        assert_eq!(
+            bodies,
+            vec![&b"poison"[..]],
+            "only the poison is dead-lettered, once"
+        );
+        let metadata = DeadLetterMetadata::from_headers(dead[0].1).unwrap();
+        assert_eq!(metadata.reason, DeadLetterReason::Crashed);
+        assert_eq!(metadata.attempts as usize, MAX_ATTEMPTS);
+        assert_eq!(self.crashes, MAX_ATTEMPTS, "dead-lettered at the limit");
+    }
+
     /// Asserts that every good message is in the `handled` file (removed then), and that the
     /// child crashed at least once and at most `max_attempts` times.
     fn assert_poison_stopped_and_all_good_handled(&self, handled: &std::path::Path) {
@@ -143,16 +160,8 @@ async fn rabbitmq_poison(queue_type: QueueType, name: &'static str) {
     while let Some(letter) = publisher.get_dead_letter().await.unwrap() {
         dead.push(letter);
     }
-    let bodies: Vec<&[u8]> = dead.iter().map(|m| &m.payload[..]).collect();
-    assert_eq!(
-        bodies,
-        vec![&b"poison"[..]],
-        "only the poison is dead-lettered, once"
-    );
-    let metadata = DeadLetterMetadata::from_headers(&dead[0].headers).unwrap();
-    assert_eq!(metadata.reason, DeadLetterReason::Crashed);
-    assert_eq!(metadata.attempts as usize, MAX_ATTEMPTS);
-    assert_eq!(runs.crashes, MAX_ATTEMPTS, "dead-lettered at the limit");
+    let letters: Vec<_> = dead.iter().map(|m| (&m.payload[..], &m.headers)).collect();
+    runs.assert_only_the_poison_crashed_out(&letters);
     assert_eq!(publisher.queue_len(&config.queue).await.unwrap(), 0);
     let alone = config.alone_queue_name();
     assert_eq!(
@@ -232,4 +241,47 @@ async fn sqs_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_
         runs.crashes
     );
     queue.delete(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_is() {
+    use ackstack_kafka::{KafkaPublisher, read_topic};
+    let topic = testing::unique_name("poison");
+    let (brokers, _cluster) = common::mock_cluster(&topic, 2);
+    let publisher = KafkaPublisher::new(&brokers, &topic).unwrap();
+    // Keyed so that both partitions get some.
+    for (i, payload) in payloads().into_iter().enumerate() {
+        let message = Message::new(payload).key(format!("k{}", i % 5));
+        publisher.publish(message).await.unwrap();
+    }
+    let dlq = format!("{topic}-dlq");
+    let handled = std::env::temp_dir().join(testing::unique_name("poison-handled"));
+    let handled_path = handled.to_string_lossy().into_owned();
+    let rt = tokio::runtime::Handle::current();
+    let reader = brokers.clone();
+    let (b, d, h) = (brokers.clone(), dlq.clone(), handled.clone());
+    let runs = tokio::task::spawn_blocking(move || {
+        restart_until(&["kafka", &brokers, &topic, &handled_path], move || {
+            let all_good = std::fs::read_to_string(&h)
+                .map(|lines| lines.lines().count() >= GOOD)
+                .unwrap_or(false);
+            all_good
+                && rt
+                    .block_on(read_topic(&b, &d, 1, Duration::from_secs(5)))
+                    .is_ok_and(|dead| !dead.is_empty())
+        })
+    })
+    .await
+    .unwrap();
+
+    runs.assert_poison_stopped_and_all_good_handled(&handled);
+    let dead = read_topic(&reader, &dlq, 2, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let letters: Vec<_> = dead.iter().map(|m| (&m.payload[..], &m.headers)).collect();
+    runs.assert_only_the_poison_crashed_out(&letters);
+    println!(
+        "poison-suite broker=kafka good={GOOD} crashes={} max_attempts={MAX_ATTEMPTS}",
+        runs.crashes
+    );
 }

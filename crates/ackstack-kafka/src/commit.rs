@@ -14,7 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::queues::Flow;
 use crate::token::KafkaToken;
-use crate::watermark::Assignments;
+use crate::watermark::{Assignments, Commit};
 
 /// State shared by the poll thread, the rebalance callbacks and the settler.
 pub(crate) struct Shared {
@@ -127,14 +127,18 @@ impl Shared {
         if positions.is_empty() {
             return Ok(0);
         }
-        let tpl = position_list(&positions)?;
-        self.commits.add(1);
         let mode = if sync {
             CommitMode::Sync
         } else {
             CommitMode::Async
         };
-        consumer.send_commit(&tpl, mode)?;
+        self.commits.add(1);
+        let sent = position_list(&positions).and_then(|tpl| consumer.send_commit(&tpl, mode));
+        if let Err(error) = sent {
+            // Their crash marks go with the next commit.
+            self.assignments().unsent(&positions);
+            return Err(error);
+        }
         Ok(positions.len())
     }
 
@@ -159,8 +163,8 @@ impl Shared {
         {
             let mut a = self.assignments();
             for (topic, partition) in partitions {
-                if let Some(pos) = a.revoke(topic, *partition) {
-                    positions.push((topic.clone(), *partition, pos));
+                if let Some(commit) = a.revoke(topic, *partition) {
+                    positions.push(commit);
                 }
             }
         }
@@ -193,12 +197,14 @@ impl<C: ConsumerContext> CommitSink for BaseConsumer<C> {
     }
 }
 
-fn position_list(positions: &[(String, i32, i64)]) -> KafkaResult<TopicPartitionList> {
+fn position_list(commits: &[Commit]) -> KafkaResult<TopicPartitionList> {
     let mut tpl = TopicPartitionList::new();
-    for (topic, partition, pos) in positions {
+    for c in commits {
         // A committed position is the next offset to read: the watermark already is one, so
         // nothing is added here (storing a message's offset would add 1; we never do that).
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*pos))?;
+        let mut element = tpl.add_partition(&c.topic, c.partition);
+        element.set_offset(Offset::Offset(c.position))?;
+        element.set_metadata(c.metadata.as_str());
     }
     Ok(tpl)
 }

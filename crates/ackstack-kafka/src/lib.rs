@@ -85,6 +85,20 @@
 //! [`SettleError::Rejected`](ackstack_core::SettleError::Rejected) and the offset does not
 //! pass.
 //!
+//! # A record that takes the process down
+//!
+//! A handler that kills the process (an `abort`, an out-of-memory kill) is counted as an
+//! attempt through the partition's commit metadata (`marks.rs`): every commit records how far
+//! records may have been handed to handlers (raised ahead, synchronously, before they are),
+//! and which record runs alone now. A partition assigned after an unclean stop reads that
+//! metadata with its committed offset; its records handed out then are suspects
+//! ([`Received::suspect`](ackstack_core::Received::suspect)), and each runs alone among
+//! handler attempts ([`Alone::Attempts`](ackstack_core::Alone::Attempts)): marked in the
+//! metadata before its first attempt, unmarked after it. A record that took the process down
+//! while marked is dead-lettered with reason `crashed` after `max_attempts` such crashes,
+//! without running again; the others run alone once and go on. docs/DESIGN.md ("Crashes
+//! count as attempts") has the design and its limits.
+//!
 //! # Header and payload mapping
 //!
 //! Kafka headers become [`ackstack_core::Headers`] in order, repeated names kept. A header
@@ -125,6 +139,7 @@ mod commit;
 pub mod config;
 mod error;
 mod headers;
+mod marks;
 mod poller;
 pub mod publisher;
 mod queues;

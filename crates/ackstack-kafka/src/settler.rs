@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 use ackstack_core::{
-    AckReport, Backlog, DeadLetter, Delivery, Failure, Headers, SettleError, SettleFailure, Settled,
+    AckReport, Armed, Backlog, DeadLetter, Delivery, Failure, Headers, SettleError, SettleFailure,
+    Settled,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
@@ -19,6 +20,7 @@ use crate::poller::KafkaContext;
 use crate::publisher::{produce, record_size};
 use crate::stats::KafkaStats;
 use crate::token::{KafkaToken, lease_lost};
+use crate::watermark::Arming;
 
 /// What the source and every settler share; when the last one goes, the poll thread stops and
 /// closes the consumer (which revokes and commits its partitions).
@@ -167,6 +169,54 @@ impl ackstack_core::Settle for KafkaSettler {
         report
     }
 
+    /// Marks the suspect as running alone in its partition's commit metadata, committed
+    /// synchronously before it runs (see `marks.rs`), or gives up on it after `give_up_at`
+    /// crashes alone. If that commit fails, it runs anyway (a crash during it is then not
+    /// counted; logged).
+    async fn arm(
+        &self,
+        token: KafkaToken,
+        _delivery: &Delivery,
+        give_up_at: u32,
+    ) -> Result<Armed<KafkaToken>, SettleFailure<KafkaToken>> {
+        let arming = self.inner.shared.assignments().arm(
+            &token.topic,
+            token.partition,
+            token.offset,
+            token.generation,
+            give_up_at,
+        );
+        match arming {
+            Err(_) => {
+                let e = lease_lost(&token);
+                Err(SettleFailure::new(token, e))
+            }
+            Ok(Arming::GiveUp { crashes }) => Ok(Armed::GiveUp { token, crashes }),
+            Ok(Arming::Run { crashes }) => {
+                if let Err(error) = self.commit_now().await {
+                    tracing::warn!(
+                        %error,
+                        "could not record a suspect's run alone; a crash during it is not counted"
+                    );
+                }
+                Ok(Armed::Run { token, crashes })
+            }
+        }
+    }
+
+    /// Clears the suspect's run-alone mark and commits synchronously (its own ack, if it was
+    /// acked, goes with it).
+    async fn step_aside(&self, token: &KafkaToken) -> Result<(), SettleError> {
+        self.inner
+            .shared
+            .assignments()
+            .step_aside(&token.topic, token.partition, token.offset);
+        match self.commit_now().await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(SettleError::Broker(Box::new(error))),
+        }
+    }
+
     async fn retry(
         &self,
         token: KafkaToken,
@@ -282,7 +332,10 @@ impl ackstack_core::Settle for KafkaSettler {
         );
     }
 
+    /// Commits every position synchronously; the records handed out took nothing down, so
+    /// the marks say no suspect beyond the position but those an earlier owner left.
     async fn flush(&self) {
+        self.inner.shared.assignments().stop_handing_out();
         match self.commit_now().await {
             Ok(n) => tracing::debug!(partitions = n, "offsets flushed"),
             Err(error) => tracing::warn!(%error, "final offset commit failed"),

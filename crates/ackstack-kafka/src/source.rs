@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ackstack_core::{Capabilities, Origin, Received, SourceError};
+use ackstack_core::{Alone, Capabilities, Origin, Received, SourceError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
@@ -129,6 +129,31 @@ impl KafkaSource {
     pub fn assigned_partitions(&self) -> usize {
         self.inner.shared.assignments().len()
     }
+
+    /// Before `records` go to handlers: where one is beyond its partition's `started_below`
+    /// mark, raises the mark and commits it synchronously (see `marks.rs`), so that a crash
+    /// in a handler of theirs leaves them suspects for the next owner.
+    async fn mark_started(&self, records: &[Received<KafkaToken>]) {
+        let raised = {
+            let mut a = self.inner.shared.assignments();
+            let mut raised = false;
+            for r in records {
+                let t = &r.token;
+                raised |= a.raise_started(&t.topic, t.partition, t.offset);
+            }
+            raised
+        };
+        let settler = KafkaSettler {
+            inner: self.inner.clone(),
+        };
+        if raised && let Err(error) = settler.commit_now().await {
+            tracing::warn!(
+                %error,
+                "could not record which records go to handlers; a crash in one of these is \
+                 not counted"
+            );
+        }
+    }
 }
 
 impl Drop for KafkaSource {
@@ -183,6 +208,7 @@ impl ackstack_core::Source for KafkaSource {
             next = self.rx.try_recv().ok();
         }
         self.inner.shared.flow.room_made();
+        self.mark_started(&out).await;
         Ok(out)
     }
 
@@ -198,6 +224,7 @@ impl ackstack_core::Source for KafkaSource {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(1000)
             .with_in_place_retry()
+            .with_alone(Alone::Attempts)
             .with_lease(self.inner.ownership_check)
     }
 

@@ -13,11 +13,53 @@
 //! together with the assignment's generation. A partition that is revoked and assigned again
 //! gets a new generation and a fresh watermark, so completions that arrive late from the
 //! previous generation are refused ([`Stale`]) instead of moving the new position.
+//!
+//! Each partition also keeps its crash [`Marks`], which every commit of it carries (see
+//! `marks.rs`), and the suspects recovered from them at assignment.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use ackstack_core::Watermark;
 use ackstack_core::adapter::Generation;
+
+use crate::marks::Marks;
+
+/// The smallest and largest step `s` is raised by (see [`Assignments::raise_started`]).
+const MIN_CHUNK: i64 = 32;
+const MAX_CHUNK: i64 = 4096;
+/// Raises closer together than this double the step; further apart than `SLOW_RAISES`,
+/// halve it: a few synchronous commits a second at most, and few suspects after a crash.
+const FAST_RAISES: Duration = Duration::from_millis(250);
+const SLOW_RAISES: Duration = Duration::from_secs(2);
+
+/// One commit to send: a partition's position and the metadata it carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Commit {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The next offset to read.
+    pub position: i64,
+    /// The partition's crash marks ([`Marks::encode`]).
+    pub metadata: String,
+}
+
+/// What [`Assignments::arm`] made of a suspect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arming {
+    /// Marked as running alone (to be committed before it runs), after `crashes` crashes.
+    Run {
+        /// Its earlier runs alone that ended with the process dead.
+        crashes: u32,
+    },
+    /// It took the process down `crashes` times running alone: give up on it.
+    GiveUp {
+        /// Its runs alone that ended with the process dead.
+        crashes: u32,
+    },
+}
 
 /// A completion for a partition that is no longer assigned to us in the generation the
 /// delivery was received in.
@@ -30,6 +72,56 @@ struct Entry {
     generation: Generation,
     watermark: Watermark,
     committed: Option<i64>,
+    /// What the partition's commits record (see `marks.rs`).
+    marks: Marks,
+    /// Records below it were handed out by an earlier owner, maybe unsettled: suspects.
+    suspect_below: Option<i64>,
+    /// The marks changed since the last commit.
+    dirty: bool,
+    /// How far the next raise of `started_below` goes beyond the record that needs it.
+    chunk: i64,
+    last_raise: Option<Instant>,
+}
+
+impl Entry {
+    fn new(generation: Generation) -> Self {
+        Entry {
+            generation,
+            watermark: Watermark::new(),
+            committed: None,
+            marks: Marks::default(),
+            suspect_below: None,
+            dirty: false,
+            chunk: MIN_CHUNK,
+            last_raise: None,
+        }
+    }
+
+    /// Nothing more is handed out from this generation, and nothing it handed out took the
+    /// process down: `started_below` comes back to the position, or to the suspects an
+    /// earlier owner left beyond it, so that the next owner runs alone only those; a run alone
+    /// cut short (at the shutdown deadline) is no crash either.
+    fn stop_handing_out(&mut self) {
+        if self.marks.alone.take().is_some() {
+            self.dirty = true;
+        }
+        let Some(position) = self.position() else {
+            return;
+        };
+        let below = self.suspect_below.map_or(position, |s| s.max(position));
+        if self.marks.started_below != Some(below) {
+            self.marks.started_below = Some(below);
+            self.dirty = true;
+        }
+    }
+
+    /// The position a commit now carries: never below one taken before.
+    fn position(&self) -> Option<i64> {
+        match (self.watermark.resume_position(), self.committed) {
+            (Some(p), Some(c)) => Some(p.max(c)),
+            (p, c) => p.or(c),
+        }
+    }
 }
 
 /// Watermarks of every assigned partition, each tied to its assignment generation.
@@ -51,33 +143,131 @@ impl Assignments {
     pub fn assign(&mut self, topic: &str, partition: i32) -> Generation {
         self.last_generation = self.last_generation.next();
         let generation = self.last_generation;
-        self.topics.entry(topic.to_string()).or_default().insert(
-            partition,
-            Entry {
-                generation,
-                watermark: Watermark::new(),
-                committed: None,
-            },
-        );
+        self.topics
+            .entry(topic.to_string())
+            .or_default()
+            .insert(partition, Entry::new(generation));
         generation
     }
 
-    /// Ends the partition's current generation. Returns its commit position, to be
-    /// committed (again, even if an earlier asynchronous commit carried it: that one may have
-    /// failed) before the partition goes.
-    pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<i64> {
+    /// Takes over the crash marks an earlier owner of the partition committed (read with its
+    /// committed offset at assignment): its records below their `s` are suspects.
+    pub(crate) fn recover(&mut self, topic: &str, partition: i32, marks: Marks) {
+        if let Some(entry) = self.assigned_mut(topic, partition) {
+            entry.suspect_below = marks.started_below;
+            entry.marks = marks;
+            entry.dirty = true;
+        }
+    }
+
+    /// Whether the record at `offset` is a suspect (see [`Assignments::recover`]).
+    pub(crate) fn is_suspect(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.topics
+            .get(topic)
+            .and_then(|p| p.get(&partition))
+            .is_some_and(|e| {
+                e.suspect_below.is_some_and(|s| offset < s) || e.marks.crashes.contains_key(&offset)
+            })
+    }
+
+    /// Before the record at `offset` is handed to a handler: raises the partition's
+    /// `started_below` a chunk beyond it if it does not cover it yet. Returns whether it did,
+    /// in which case a synchronous commit must carry it before the record is handed out.
+    pub(crate) fn raise_started(&mut self, topic: &str, partition: i32, offset: i64) -> bool {
+        let Some(entry) = self.assigned_mut(topic, partition) else {
+            return false;
+        };
+        if entry.marks.started_below.is_some_and(|s| offset < s) {
+            return false;
+        }
+        let now = Instant::now();
+        if let Some(last) = entry.last_raise {
+            let since = now.duration_since(last);
+            if since < FAST_RAISES {
+                entry.chunk = (entry.chunk * 2).min(MAX_CHUNK);
+            } else if since > SLOW_RAISES {
+                entry.chunk = (entry.chunk / 2).max(MIN_CHUNK);
+            }
+        }
+        entry.last_raise = Some(now);
+        entry.marks.started_below = Some(offset.saturating_add(entry.chunk));
+        entry.dirty = true;
+        true
+    }
+
+    /// The marks of `commits` did not reach the broker: the next commit carries them again.
+    pub(crate) fn unsent(&mut self, commits: &[Commit]) {
+        for c in commits {
+            if let Some(entry) = self.assigned_mut(&c.topic, c.partition) {
+                entry.dirty = true;
+            }
+        }
+    }
+
+    /// At a clean stop, after the last ack: see `Entry::stop_handing_out`.
+    pub(crate) fn stop_handing_out(&mut self) {
+        for entry in self.topics.values_mut().flat_map(HashMap::values_mut) {
+            entry.stop_handing_out();
+        }
+    }
+
+    /// Prepares the suspect at `offset` for its run alone: gives up on it after `give_up_at`
+    /// crashes, or marks it as running alone (to be committed before it runs).
+    pub(crate) fn arm(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: Generation,
+        give_up_at: u32,
+    ) -> Result<Arming, Stale> {
+        let entry = self.entry_mut(topic, partition, generation)?;
+        let crashes = entry.marks.crashes(offset);
+        if crashes >= give_up_at {
+            return Ok(Arming::GiveUp { crashes });
+        }
+        entry.marks.alone = Some(offset);
+        entry.dirty = true;
+        Ok(Arming::Run { crashes })
+    }
+
+    /// Ends the run alone of the record at `offset`, if it is the one marked; returns whether
+    /// the marks changed.
+    pub(crate) fn step_aside(&mut self, topic: &str, partition: i32, offset: i64) -> bool {
+        let Some(entry) = self.assigned_mut(topic, partition) else {
+            return false;
+        };
+        if entry.marks.alone != Some(offset) {
+            return false;
+        }
+        entry.marks.alone = None;
+        entry.dirty = true;
+        true
+    }
+
+    /// Ends the partition's current generation. Returns its commit, to be sent (again, even
+    /// if an earlier asynchronous commit carried it: that one may have failed) before the
+    /// partition goes. A run alone it marked ends with it: a revoke is no crash.
+    pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<Commit> {
         let parts = self.topics.get_mut(topic)?;
-        let entry = parts.remove(&partition)?;
+        let mut entry = parts.remove(&partition)?;
         if parts.is_empty() {
             self.topics.remove(topic);
         }
-        entry.watermark.resume_position()
+        let position = entry.watermark.resume_position()?;
+        entry.stop_handing_out();
+        Some(Commit {
+            topic: topic.to_string(),
+            partition,
+            position,
+            metadata: entry.marks.encode(position),
+        })
     }
 
     /// Tracks a received offset; returns the partition's current generation, or `None` when the
     /// partition is not assigned.
     pub fn track(&mut self, topic: &str, partition: i32, offset: i64) -> Option<Generation> {
-        let entry = self.topics.get_mut(topic)?.get_mut(&partition)?;
+        let entry = self.assigned_mut(topic, partition)?;
         entry.watermark.track(offset);
         Some(entry.generation)
     }
@@ -116,25 +306,32 @@ impl Assignments {
             .resume_position()
     }
 
-    /// Positions that moved past the last commit, marked as committed. With `all`, every
-    /// committable position is returned even if it was committed before (for a synchronous
-    /// flush that must not rely on an earlier asynchronous commit having succeeded). A
-    /// position below the last one taken (the high-water mark of the partition, kept across
-    /// rewinds) is never returned: commits never go backwards.
-    pub fn take_commits(&mut self, all: bool) -> Vec<(String, i32, i64)> {
+    /// Commits of the positions that moved past the last commit, or whose marks changed,
+    /// marked as committed. With `all`, every committable position is returned even if it was
+    /// committed before (for a synchronous flush that must not rely on an earlier
+    /// asynchronous commit having succeeded). A position below the last one taken (the
+    /// high-water mark of the partition, kept across rewinds) is never returned: commits
+    /// never go backwards.
+    pub fn take_commits(&mut self, all: bool) -> Vec<Commit> {
         let mut out = Vec::new();
         for (topic, parts) in &mut self.topics {
             for (&partition, entry) in parts.iter_mut() {
-                let Some(pos) = entry.watermark.resume_position() else {
+                let Some(position) = entry.position() else {
                     continue;
                 };
                 let due = match entry.committed {
                     None => true,
-                    Some(c) => pos > c || (all && pos == c),
+                    Some(c) => all || position > c || entry.dirty,
                 };
                 if due {
-                    entry.committed = Some(pos);
-                    out.push((topic.clone(), partition, pos));
+                    entry.committed = Some(position);
+                    entry.dirty = false;
+                    out.push(Commit {
+                        topic: topic.clone(),
+                        partition,
+                        position,
+                        metadata: entry.marks.encode(position),
+                    });
                 }
             }
         }
@@ -172,7 +369,7 @@ impl Assignments {
         generation: Generation,
         position: i64,
     ) -> Result<Generation, Stale> {
-        let committed = self.entry_mut(topic, partition, generation)?.committed;
+        let old = self.entry_mut(topic, partition, generation)?.clone();
         self.last_generation = self.last_generation.next();
         let generation = self.last_generation;
         let mut watermark = Watermark::new();
@@ -182,7 +379,7 @@ impl Assignments {
             Entry {
                 generation,
                 watermark,
-                committed,
+                ..old
             },
         );
         Ok(generation)
@@ -196,6 +393,11 @@ impl Assignments {
     /// Whether no partition is assigned.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The partition's entry, in whatever generation.
+    fn assigned_mut(&mut self, topic: &str, partition: i32) -> Option<&mut Entry> {
+        self.topics.get_mut(topic)?.get_mut(&partition)
     }
 
     fn entry_mut(
@@ -218,6 +420,14 @@ impl Assignments {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `take_commits` returns, without the metadata.
+    fn commits(a: &mut Assignments, all: bool) -> Vec<(String, i32, i64)> {
+        a.take_commits(all)
+            .into_iter()
+            .map(|c| (c.topic, c.partition, c.position))
+            .collect()
+    }
 
     /// One assigned partition `t`/0 and its generation.
     fn assigned() -> (Assignments, Generation) {
@@ -311,7 +521,7 @@ mod tests {
         a.track("t", 0, 1);
         assert_eq!(a.complete("t", 0, 0, g1), Ok(()));
         // Revoked with offset 1 still in flight: only 1 may be committed.
-        assert_eq!(a.revoke("t", 0), Some(1));
+        assert_eq!(a.revoke("t", 0).map(|c| c.position), Some(1));
         assert_eq!(a.complete("t", 0, 1, g1), Err(Stale));
         // Assigned again: the new generation starts where the broker resumes (offset 1).
         let g2 = a.assign("t", 0);
@@ -336,13 +546,13 @@ mod tests {
         let mut a = Assignments::new();
         let g = a.assign("t", 0);
         a.assign("t", 1);
-        assert!(a.take_commits(false).is_empty());
+        assert!(commits(&mut a, false).is_empty());
         a.track("t", 0, 5);
         a.complete("t", 0, 5, g).unwrap();
-        assert_eq!(a.take_commits(false), vec![("t".to_string(), 0, 6)]);
-        assert!(a.take_commits(false).is_empty());
-        assert_eq!(a.take_commits(true), vec![("t".to_string(), 0, 6)]);
-        assert_eq!(a.revoke("t", 0), Some(6));
+        assert_eq!(commits(&mut a, false), vec![("t".to_string(), 0, 6)]);
+        assert!(commits(&mut a, false).is_empty());
+        assert_eq!(commits(&mut a, true), vec![("t".to_string(), 0, 6)]);
+        assert_eq!(a.revoke("t", 0).map(|c| c.position), Some(6));
         assert_eq!(a.track("t", 0, 7), None, "no longer assigned");
         assert_eq!(a.len(), 1);
     }
@@ -354,15 +564,19 @@ mod tests {
             a.track("t", 0, o);
             a.complete("t", 0, o, g).unwrap();
         }
-        assert_eq!(a.take_commits(false), vec![("t".to_string(), 0, 5)]);
+        assert_eq!(commits(&mut a, false), vec![("t".to_string(), 0, 5)]);
         // A lower offset turns up in flight (a record fetched again): its position is older
         // than what was committed, so it is not committed, not even by a full flush.
         a.track("t", 0, 3);
         assert_eq!(a.committable("t", 0), Some(3));
-        assert!(a.take_commits(true).is_empty());
-        assert!(a.take_commits(false).is_empty());
+        assert_eq!(
+            commits(&mut a, true),
+            vec![("t".to_string(), 0, 5)],
+            "a full flush commits the last position again, never 3"
+        );
+        assert!(commits(&mut a, false).is_empty());
         a.complete("t", 0, 3, g).unwrap();
-        assert_eq!(a.take_commits(true), vec![("t".to_string(), 0, 5)]);
+        assert_eq!(commits(&mut a, true), vec![("t".to_string(), 0, 5)]);
     }
 
     #[test]
@@ -393,5 +607,86 @@ mod tests {
             a.complete("t", 0, o, g2).unwrap();
         }
         assert_eq!(a.committable("t", 0), Some(5));
+    }
+    #[test]
+    fn recovered_marks_make_suspects_and_count_the_run_alone_that_died() {
+        let (mut a, g) = assigned();
+        a.recover("t", 0, Marks::recover("ackstack1;s=8;a=5;c=5:1").unwrap());
+        assert!(a.is_suspect("t", 0, 4));
+        assert!(a.is_suspect("t", 0, 7));
+        assert!(!a.is_suspect("t", 0, 8));
+        a.track("t", 0, 5);
+        assert_eq!(a.arm("t", 0, 5, g, 3), Ok(Arming::Run { crashes: 2 }));
+        let commit = a.take_commits(false).pop().unwrap();
+        assert_eq!(commit.metadata, "ackstack1;s=8;a=5;c=5:2");
+        assert_eq!(a.arm("t", 0, 5, g, 2), Ok(Arming::GiveUp { crashes: 2 }));
+        assert!(a.step_aside("t", 0, 5));
+        assert!(!a.step_aside("t", 0, 5), "already stepped aside");
+        assert_eq!(
+            a.take_commits(false).pop().unwrap().metadata,
+            "ackstack1;s=8;c=5:2"
+        );
+        assert!(a.take_commits(false).is_empty(), "nothing changed since");
+        a.complete("t", 0, 5, g).unwrap();
+        assert_eq!(
+            a.take_commits(false).pop().unwrap().metadata,
+            "ackstack1;s=8",
+            "a count passed by the position is dropped"
+        );
+        assert_eq!(a.arm("t", 0, 5, Generation::default(), 3), Err(Stale));
+    }
+
+    #[test]
+    fn started_below_is_raised_ahead_and_only_when_needed() {
+        let (mut a, _) = assigned();
+        a.track("t", 0, 0);
+        assert!(a.raise_started("t", 0, 0));
+        assert!(!a.raise_started("t", 0, MIN_CHUNK - 1));
+        assert!(a.raise_started("t", 0, MIN_CHUNK), "beyond the chunk");
+        // Raised again at once: the step doubles.
+        let commit = a.take_commits(false).pop().unwrap();
+        assert_eq!(commit.metadata, format!("ackstack1;s={}", 3 * MIN_CHUNK));
+        assert!(!a.raise_started("t", 1, 0), "not assigned");
+    }
+
+    #[test]
+    fn a_revoke_ends_the_run_alone_and_a_rewind_keeps_the_marks() {
+        let (mut a, g) = assigned();
+        a.recover("t", 0, Marks::recover("ackstack1;s=4").unwrap());
+        for o in 0..3 {
+            a.track("t", 0, o);
+        }
+        a.arm("t", 0, 1, g, 3).unwrap();
+        let g2 = a.rewind("t", 0, g, 1).unwrap();
+        assert!(a.is_suspect("t", 0, 2), "still a suspect after the rewind");
+        assert_eq!(a.rewind_position("t", 0, g2), Ok(Some(1)));
+        let commit = a.revoke("t", 0).unwrap();
+        assert_eq!(commit.position, 1);
+        assert_eq!(commit.metadata, "ackstack1;s=4", "a revoke is no crash");
+    }
+
+    #[test]
+    fn a_clean_stop_leaves_only_the_suspects_it_was_given() {
+        let (mut a, g) = assigned();
+        for o in 0..4 {
+            a.track("t", 0, o);
+            a.raise_started("t", 0, o);
+        }
+        a.complete("t", 0, 0, g).unwrap();
+        a.stop_handing_out();
+        let commit = a.take_commits(true).pop().unwrap();
+        assert_eq!(
+            (commit.position, commit.metadata.as_str()),
+            (1, "ackstack1;s=1")
+        );
+        // Given suspects up to 6 by an earlier owner: they stay suspects; one of them cut
+        // short in its run alone is no crash.
+        a.recover("t", 0, Marks::recover("ackstack1;s=6").unwrap());
+        a.arm("t", 0, 1, g, 3).unwrap();
+        a.stop_handing_out();
+        let commit = a.take_commits(true).pop().unwrap();
+        assert_eq!(commit.metadata, "ackstack1;s=6");
+        let commit = a.revoke("t", 0).unwrap();
+        assert_eq!(commit.metadata, "ackstack1;s=6");
     }
 }

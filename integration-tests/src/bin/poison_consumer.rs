@@ -2,19 +2,23 @@
 //! (`tests/poison.rs`): concurrency 4, at most 3 attempts, default prefetch; its handler
 //! aborts the whole process on the payload `poison` (as an out-of-memory kill or a segfault
 //! in a native library would) and appends every other payload it handled to a file. It exits
-//! once idle for 6 s.
+//! once idle for 6 s (on Kafka 15 s: a restarted member gets its partitions only once the
+//! crashed one's session of 6 s timed out).
 //!
 //! Usage:
 //! - `poison_consumer sqs QUEUE_URL DLQ_URL HANDLED_FILE` (endpoint from `SQS_ENDPOINT`,
 //!   visibility timeout 2 s);
 //! - `poison_consumer rabbitmq AMQP_URL QUEUE classic|quorum HANDLED_FILE` (the queues
 //!   declared with [`rabbitmq_config`]: default prefetch and delay buckets, deleted 300 s
-//!   after their last use).
+//!   after their last use);
+//! - `poison_consumer kafka BROKERS TOPIC HANDLED_FILE` (group `TOPIC-poison`, dead letters
+//!   to `TOPIC-dlq`).
 
 use std::io::Write;
 use std::time::Duration;
 
 use ackstack::adapter::Source;
+use ackstack::kafka::{KafkaConfig, KafkaSource};
 use ackstack::rabbitmq::{QueueType, RabbitSource};
 use ackstack::sqs::{SqsConfig, SqsSource};
 use ackstack::{Backoff, Consumer, HandlerError, handler_fn};
@@ -35,7 +39,7 @@ async fn main() -> Result<(), Error> {
                 .with_wait_time_seconds(1)
                 .with_visibility_timeout(Duration::from_secs(2));
             config.region = Some("us-east-1".to_string());
-            run(SqsSource::connect(config).await?, handled).await
+            run(SqsSource::connect(config).await?, handled, IDLE).await
         }
         [broker, url, queue, queue_type, handled] if broker == "rabbitmq" => {
             let queue_type = match queue_type.as_str() {
@@ -43,17 +47,28 @@ async fn main() -> Result<(), Error> {
                 _ => QueueType::Classic,
             };
             let config = rabbitmq_config(url, queue, queue_type);
-            run(RabbitSource::connect(config).await?, handled).await
+            run(RabbitSource::connect(config).await?, handled, IDLE).await
+        }
+        [broker, brokers, topic, handled] if broker == "kafka" => {
+            let mut config = KafkaConfig::new(brokers.clone(), format!("{topic}-poison"), topic)
+                .property("fetch.wait.max.ms", "100")
+                .property("heartbeat.interval.ms", "500");
+            config.session_timeout = Duration::from_secs(6);
+            run(KafkaSource::new(&config)?, handled, Duration::from_secs(15)).await
         }
         _ => Err(
             "usage: poison_consumer sqs QUEUE_URL DLQ_URL HANDLED_FILE | \
-                  poison_consumer rabbitmq AMQP_URL QUEUE classic|quorum HANDLED_FILE"
+                  poison_consumer rabbitmq AMQP_URL QUEUE classic|quorum HANDLED_FILE | \
+                  poison_consumer kafka BROKERS TOPIC HANDLED_FILE"
                 .into(),
         ),
     }
 }
 
-async fn run<S: Source>(source: S, handled: &str) -> Result<(), Error> {
+/// How long the consumer runs idle before it exits.
+const IDLE: Duration = Duration::from_secs(6);
+
+async fn run<S: Source>(source: S, handled: &str, idle: Duration) -> Result<(), Error> {
     let handled = handled.to_string();
     let consumer = Consumer::new(source).concurrency(4).max_attempts(3).retry(
         Backoff::exponential(Duration::from_millis(50), Duration::from_millis(200)).no_jitter(),
@@ -78,7 +93,7 @@ async fn run<S: Source>(source: S, handled: &str) -> Result<(), Error> {
                     Ok(())
                 }
             }),
-            async move { status.idle(Duration::from_secs(6)).await },
+            async move { status.idle(idle).await },
         )
         .await?;
     println!("summary {summary:?}");
