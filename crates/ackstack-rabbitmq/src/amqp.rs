@@ -8,7 +8,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOpti
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
-use crate::config::{QueueType, RabbitConfig};
+use crate::config::{QueueType, RabbitConfig, Topology};
 use crate::error::RabbitError;
 
 /// AMQP delivery mode 2: persistent.
@@ -63,13 +63,40 @@ pub(crate) fn short(name: &str) -> Result<ShortString, RabbitError> {
     ShortString::try_new(name).map_err(|_| RabbitError::InvalidName(name.to_string()))
 }
 
-/// Declares the work queue, one delay queue per bucket and the dead-letter queue. The queue of
-/// suspects waiting to run alone is declared by the consuming source ([`declare_alone`]),
-/// not by publishers.
+/// Declares the topology on a channel of its own on `connection` (see [`Topology`]): the
+/// work queue, the delay queues and the dead-letter queue. Under [`Topology::Auto`] a work or
+/// dead-letter queue that exists with other arguments is adopted as it is (a passive declare
+/// on a fresh channel, the broker having closed the first), and a stream queue is refused;
+/// under [`Topology::Never`] nothing is declared and a missing work queue is refused, naming
+/// it.
 pub(crate) async fn declare_topology(
-    channel: &Channel,
+    connection: &Connection,
     config: &RabbitConfig,
 ) -> Result<(), RabbitError> {
+    let timeout = config.operation_timeout;
+    let mut channel = bounded("channel open", timeout, connection.create_channel()).await?;
+    let result = declare_all(connection, &mut channel, config).await;
+    let _ = tokio::time::timeout(timeout, channel.close(200, "declared".into())).await;
+    result
+}
+
+async fn declare_all(
+    connection: &Connection,
+    channel: &mut Channel,
+    config: &RabbitConfig,
+) -> Result<(), RabbitError> {
+    let timeout = config.operation_timeout;
+    if config.declare_topology == Topology::Never {
+        return match declare_passive(channel, &config.queue, timeout).await {
+            Err(e) if e.is_not_found() => Err(RabbitError::Topology {
+                queue: config.queue.clone(),
+                reason: "does not exist, and declare_topology is never: declare it, or set \
+                         declare_topology to auto"
+                    .into(),
+            }),
+            other => other.map(drop),
+        };
+    }
     let dlq = config.dlq_name();
     let mut work_args = queue_type_args(config.queue_type);
     if config.queue_type == QueueType::Quorum {
@@ -86,8 +113,7 @@ pub(crate) async fn declare_topology(
         }
     }
     expire(&mut work_args, config.queue_expires);
-    let timeout = config.operation_timeout;
-    declare(channel, &config.queue, work_args, timeout).await?;
+    declare_or_adopt(connection, channel, config, &config.queue, work_args).await?;
     for bucket in &config.delay_buckets {
         let mut args = queue_type_args(config.queue_type);
         expire(&mut args, config.queue_expires);
@@ -99,8 +125,75 @@ pub(crate) async fn declare_topology(
     }
     let mut dlq_args = queue_type_args(config.queue_type);
     expire(&mut dlq_args, config.queue_expires);
-    declare(channel, &dlq, dlq_args, timeout).await?;
+    declare_or_adopt(connection, channel, config, &dlq, dlq_args).await
+}
+
+/// Declares `queue` with `args`; under [`Topology::Auto`], adopts it as it is when it exists
+/// with other arguments (`channel` is replaced by a fresh one: the broker closed it), unless
+/// it is a stream queue.
+async fn declare_or_adopt(
+    connection: &Connection,
+    channel: &mut Channel,
+    config: &RabbitConfig,
+    queue: &str,
+    args: FieldTable,
+) -> Result<(), RabbitError> {
+    let timeout = config.operation_timeout;
+    let refused = match declare(channel, queue, args, timeout).await {
+        Ok(()) => return Ok(()),
+        Err(e) => match e.precondition_failed() {
+            Some(why) if config.declare_topology == Topology::Auto => why,
+            _ => return Err(e),
+        },
+    };
+    if refused.contains("'x-queue-type'") && refused.contains("'stream'") {
+        return Err(RabbitError::Topology {
+            queue: queue.to_string(),
+            reason: "is a stream queue, which ackstack does not consume (it needs \
+                     per-message acks and redelivery): use a classic or quorum queue"
+                .into(),
+        });
+    }
+    *channel = bounded("channel open", timeout, connection.create_channel()).await?;
+    declare_passive(channel, queue, timeout).await?;
+    adopted(queue, &refused);
     Ok(())
+}
+
+/// Logs, once per queue and process, that `queue` was adopted as it is.
+fn adopted(queue: &str, refused: &str) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.iter().any(|q| q == queue) {
+        return;
+    }
+    seen.push(queue.to_string());
+    tracing::info!(
+        queue,
+        broker_says = refused,
+        "adopted an existing queue as it is (its arguments differ from ackstack's): its own \
+         dead-letter exchange, TTL, length limit and type stay in force; ackstack's retries \
+         still go through its delay queues and its dead letters to its dead-letter queue, \
+         and a quorum queue adopted this way has no delivery limit from ackstack"
+    );
+}
+
+/// A passive declare: whether `queue` exists (`NOT_FOUND` when not); its message count.
+async fn declare_passive(
+    channel: &Channel,
+    queue: &str,
+    timeout: Duration,
+) -> Result<u32, RabbitError> {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declare = channel.queue_declare(short(queue)?, options, FieldTable::default());
+    Ok(bounded("queue.declare", timeout, declare)
+        .await?
+        .message_count())
 }
 
 /// Declares the queue of suspects waiting to run alone
@@ -134,14 +227,12 @@ pub(crate) async fn declare_alone_passive(
     channel: &Channel,
     config: &RabbitConfig,
 ) -> Result<u32, RabbitError> {
-    let name = short(&config.alone_queue_name())?;
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let declare = channel.queue_declare(name, options, FieldTable::default());
-    let queue = bounded("queue.declare", config.operation_timeout, declare).await?;
-    Ok(queue.message_count())
+    declare_passive(
+        channel,
+        &config.alone_queue_name(),
+        config.operation_timeout,
+    )
+    .await
 }
 
 /// Adds `x-expires` (milliseconds, at least 1) when the config asks for it.

@@ -108,10 +108,8 @@ impl Generation {
     ) -> Result<(Generation, lapin::Consumer), RabbitError> {
         let timeout = config.operation_timeout;
         let connection = amqp::connect(config, "consumer").await?;
+        amqp::declare_topology(&connection, config).await?;
         let consume = bounded("channel open", timeout, connection.create_channel()).await?;
-        if config.declare_topology {
-            amqp::declare_topology(&consume, config).await?;
-        }
         bounded(
             "basic.qos",
             timeout,

@@ -21,6 +21,57 @@ pub enum QueueType {
     Quorum,
 }
 
+/// What the adapter declares on connect ([`RabbitConfig::declare_topology`]).
+///
+/// Written `auto`, `always` or `never` in config files; `true` and `false` are read as
+/// `always` and `never` (the meaning they had when this setting was a flag).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Topology {
+    /// Declares what is missing and adopts a work queue or dead-letter queue that exists with
+    /// other arguments (the team's own dead-letter exchange, TTL, length limit, another
+    /// queue type) as it is, logging once what was adopted. The delay queues are ackstack's
+    /// own and must match. A stream queue is refused with a clear error.
+    #[default]
+    Auto,
+    /// Declares everything with ackstack's arguments; a queue that exists with other
+    /// arguments is refused (`PRECONDITION_FAILED`, a permanent error).
+    Always,
+    /// Declares nothing: every queue must exist (a missing work queue is a permanent error
+    /// naming it).
+    Never,
+}
+
+impl Topology {
+    /// Whether the adapter declares queues at all.
+    pub fn declares(self) -> bool {
+        self != Topology::Never
+    }
+}
+
+impl<'de> Deserialize<'de> for Topology {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Topology;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("auto, always or never (or true / false)")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Topology, E> {
+                Ok(if v { Topology::Always } else { Topology::Never })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Topology, E> {
+                match v {
+                    "auto" => Ok(Topology::Auto),
+                    "always" | "true" => Ok(Topology::Always),
+                    "never" | "false" => Ok(Topology::Never),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 /// How to reach RabbitMQ and which queues to use.
 ///
 /// Deserializable from config files; durations are strings like `"30s"` (see
@@ -48,10 +99,11 @@ pub struct RabbitConfig {
     /// Classic or quorum queues. Default classic.
     #[serde(default)]
     pub queue_type: QueueType,
-    /// Declare the work queue, the delay queues and the dead-letter queue on connect.
-    /// Default true. When false they must already exist with matching arguments.
-    #[serde(default = "default_true")]
-    pub declare_topology: bool,
+    /// What to declare on connect: the work queue, the delay queues, the dead-letter queue
+    /// (and, by the consuming source, the queue of runs alone). Default [`Topology::Auto`]:
+    /// declare what is missing, adopt existing queues as they are.
+    #[serde(default)]
+    pub declare_topology: Topology,
     /// The retry delays that have a delay queue. A retry is delayed by the smallest bucket
     /// at least as long as the requested delay, or by the largest bucket when none is.
     /// Default 1s, 5s, 30s, 2m, 10m, 1h.
@@ -122,7 +174,7 @@ impl RabbitConfig {
             queue: queue.into(),
             prefetch: default_prefetch(),
             queue_type: QueueType::Classic,
-            declare_topology: true,
+            declare_topology: Topology::Auto,
             delay_buckets: default_buckets(),
             dlq: None,
             consumer_tag: None,
@@ -292,10 +344,6 @@ fn default_prefetch() -> u16 {
     200
 }
 
-fn default_true() -> bool {
-    true
-}
-
 fn default_buckets() -> Vec<Duration> {
     [1, 5, 30, 120, 600, 3600]
         .into_iter()
@@ -416,7 +464,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.prefetch, 200);
         assert_eq!(c.queue_type, QueueType::Classic);
-        assert!(c.declare_topology);
+        assert_eq!(c.declare_topology, Topology::Auto);
         assert_eq!(
             c.delay_buckets,
             vec![Duration::from_millis(250), Duration::from_secs(2)]

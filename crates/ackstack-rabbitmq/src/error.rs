@@ -35,6 +35,15 @@ pub enum RabbitError {
     /// A name is not a valid AMQP short string.
     #[error("invalid AMQP name: {0}")]
     InvalidName(String),
+    /// A queue exists in a form ackstack cannot consume (a stream queue), or is missing where
+    /// nothing may be declared ([`Topology::Never`](crate::Topology::Never)).
+    #[error("queue {queue}: {reason}")]
+    Topology {
+        /// The queue.
+        queue: String,
+        /// Why it cannot be used, and what to do.
+        reason: String,
+    },
 }
 
 impl RabbitError {
@@ -43,6 +52,7 @@ impl RabbitError {
     pub fn is_fatal(&self) -> bool {
         match self {
             RabbitError::Config(_) | RabbitError::InvalidName(_) => true,
+            RabbitError::Topology { .. } => true,
             RabbitError::Amqp(e) => is_fatal_amqp(e),
             RabbitError::Unroutable(..) => true,
             RabbitError::Timeout(_) | RabbitError::Nacked(_) => false,
@@ -55,6 +65,34 @@ impl RabbitError {
         } else {
             SourceError::Disconnected(Box::new(self))
         }
+    }
+
+    /// The broker's text when it refused this operation with `PRECONDITION_FAILED` (for a
+    /// declare: the argument that differs, and its current value).
+    pub(crate) fn precondition_failed(&self) -> Option<String> {
+        match self {
+            RabbitError::Amqp(e) => match e.kind() {
+                lapin::ErrorKind::ProtocolError(amqp)
+                    if matches!(
+                        amqp.kind(),
+                        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+                    ) =>
+                {
+                    Some(amqp.get_message().to_string())
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Whether the broker refused this operation with `NOT_FOUND`.
+    pub(crate) fn is_not_found(&self) -> bool {
+        matches!(self, RabbitError::Amqp(e) if matches!(
+            e.kind(),
+            lapin::ErrorKind::ProtocolError(amqp)
+                if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+        ))
     }
 
     /// Whether the broker closed the channel over this operation with an error that repeats

@@ -5,7 +5,8 @@
 //!
 //! # Topology
 //!
-//! With [`RabbitConfig::declare_topology`] (the default) the adapter declares, all durable:
+//! With [`RabbitConfig::declare_topology`] at [`Topology::Auto`] (the default) or
+//! [`Topology::Always`] the adapter declares, all durable:
 //!
 //! * the work queue `<queue>` (classic or quorum; a quorum queue gets
 //!   `x-dead-letter-routing-key = <dlq>`, and `x-delivery-limit` only when
@@ -16,6 +17,17 @@
 //! * the dead-letter queue, `<queue>-dlq` by default;
 //! * by the consuming source (not by publishers), `<queue>.ackstack-alone`, where
 //!   redelivered messages wait to run alone ([`RabbitConfig::alone_queue_name`]).
+//!
+//! Under `Auto`, a work queue or dead-letter queue that already exists with other arguments
+//! (a team's own dead-letter exchange, TTL, length limit, or another queue type) is adopted
+//! as it is: the broker refuses the declare with `PRECONDITION_FAILED` (lapin logs that
+//! refusal at error level as it closes the channel, target `lapin::channel`), and a passive
+//! declare on a fresh channel confirms the queue is there; ackstack logs once, at info, what
+//! it adopted. Its own arguments stay in force; ackstack's retries still go through its
+//! delay queues, and its dead letters to its dead-letter queue. A stream queue is refused
+//! ([`RabbitError::Topology`], permanent). Under `Always` such a queue is refused with the
+//! broker's error; under [`Topology::Never`] nothing is declared, and a missing work queue is
+//! refused naming it.
 //!
 //! # Retries and attempts
 //!
@@ -124,7 +136,7 @@ mod tracker;
 /// What a dead-letter copy's [`DROPPED_HEADER`] lists when its content header had to be
 /// shrunk to fit the connection's negotiated `frame_max` (core's dead-letter format).
 pub use ackstack_core::deadletter::{CRASHES_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
-pub use config::{QueueType, RabbitConfig};
+pub use config::{QueueType, RabbitConfig, Topology};
 pub use error::{ConfigError, RabbitError};
 pub use headers::{
     DELIVERY_COUNT_HEADER, KEY_HEADER, ORIGINAL_EXPIRATION_HEADER, attempt_of, headers_from_table,

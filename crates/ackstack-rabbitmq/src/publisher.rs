@@ -60,9 +60,12 @@ impl RabbitPublisher {
             config,
             link: tokio::sync::Mutex::new(None),
         };
-        let channel = publisher.channel().await?;
-        if publisher.config.declare_topology {
-            amqp::declare_topology(&channel, &publisher.config).await?;
+        publisher.channel().await?;
+        if publisher.config.declare_topology.declares() {
+            let link = publisher.link.lock().await;
+            if let Some(link) = link.as_ref() {
+                amqp::declare_topology(&link.connection, &publisher.config).await?;
+            }
         }
         Ok(publisher)
     }

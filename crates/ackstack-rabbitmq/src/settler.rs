@@ -180,7 +180,7 @@ impl RabbitSettler {
             return Err(Moving::Refused(err.to_string()));
         }
         let config = &self.shared.config;
-        if config.declare_topology {
+        if config.declare_topology.declares() {
             let declared = match token.generation.publish_channel().await {
                 Ok(channel) => amqp::declare_alone(&channel, config).await.map(drop),
                 Err(e) => Err(e),

@@ -63,6 +63,15 @@ pub struct RabbitSource {
     lost: Vec<Weak<Generation>>,
 }
 
+impl std::fmt::Debug for RabbitSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitSource")
+            .field("queue", &self.shared.config.queue)
+            .field("connected", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl RabbitSource {
     /// Connects, declares the topology (unless disabled) and starts consuming.
     pub async fn connect(config: RabbitConfig) -> Result<Self, RabbitError> {

@@ -272,13 +272,23 @@ fn unreachable_broker_waits_then_exits_1_at_the_connect_timeout_without_leaking_
     assert!(!run.stderr.contains("panicked"));
 }
 
-#[test]
-fn a_queue_rabbitmq_refuses_to_declare_ends_the_start_at_once_with_exit_1() {
-    // The queue exists with arguments of its own: the broker refuses ackstack's declare with
-    // PRECONDITION_FAILED, which no retry can fix. No --connect-timeout: waiting would be for
-    // ever, so the test's own time limit catches it.
+/// Declares `queue` durable with `args` through a plain client, as a team's existing service
+/// would have.
+fn declare_as_a_team_would(
+    queue: &str,
+    args: &[(&str, ackstack::rabbitmq::lapin::types::AMQPValue)],
+) {
+    let mut table = ackstack::rabbitmq::lapin::types::FieldTable::default();
+    for (name, value) in args {
+        table.insert((*name).into(), value.clone());
+    }
+    plain_client(queue, Some(table));
+}
+
+/// Through a plain client: declares `queue` durable with `declare`'s arguments, or deletes it
+/// (`None`).
+fn plain_client(queue: &str, declare: Option<ackstack::rabbitmq::lapin::types::FieldTable>) {
     use ackstack::rabbitmq::lapin;
-    let queue = unique_name("orders-refused");
     let uri = env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -286,36 +296,88 @@ fn a_queue_rabbitmq_refuses_to_declare_ends_the_start_at_once_with_exit_1() {
             .await
             .unwrap();
         let channel = conn.create_channel().await.unwrap();
-        let mut args = lapin::types::FieldTable::default();
-        args.insert(
-            "x-message-ttl".into(),
-            lapin::types::AMQPValue::LongInt(60_000),
-        );
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
+        match declare {
+            Some(args) => {
+                let options = lapin::options::QueueDeclareOptions {
                     durable: true,
                     ..Default::default()
-                },
-                args,
-            )
-            .await
-            .unwrap();
+                };
+                channel
+                    .queue_declare(queue.into(), options, args)
+                    .await
+                    .map(drop)
+                    .unwrap();
+            }
+            None => {
+                let options = lapin::options::QueueDeleteOptions::default();
+                channel
+                    .queue_delete(queue.into(), options)
+                    .await
+                    .map(drop)
+                    .unwrap();
+            }
+        }
         conn.close(200, "done".into()).await.unwrap();
     });
+}
+
+#[test]
+fn a_queue_rabbitmq_cannot_consume_ends_the_start_at_once_with_exit_1() {
+    // A stream queue: ackstack cannot consume it as a work queue, which no retry can fix. No
+    // --connect-timeout: waiting would be for ever, so the test's own time limit catches it.
+    use ackstack::rabbitmq::lapin::types::AMQPValue;
+    let queue = unique_name("orders-refused");
+    declare_as_a_team_would(
+        &queue,
+        &[("x-queue-type", AMQPValue::LongString("stream".into()))],
+    );
     let run = orders(
         &["--broker", "rabbitmq", "--queue", &queue, "--consume-only"],
         &[],
         Duration::from_secs(60),
     );
+    plain_client(&queue, None);
     assert_eq!(run.code, Some(1), "{run:?}");
-    assert!(run.stderr.contains("PRECONDITION_FAILED"), "{run:?}");
+    assert!(run.stderr.contains("stream queue"), "{run:?}");
     assert!(
         !run.stderr.contains("waiting for RabbitMQ"),
         "a refusal was waited out as an outage: {run:?}"
     );
     assert!(!run.stderr.contains("panicked"));
+}
+
+#[test]
+fn a_queue_the_team_declared_with_its_own_arguments_is_adopted() {
+    // The team's queue has a TTL and a dead-letter exchange of its own: ackstack's declare is
+    // refused, and the queue is consumed as it is.
+    use ackstack::rabbitmq::lapin::types::AMQPValue;
+    let queue = unique_name("orders-adopted");
+    declare_as_a_team_would(
+        &queue,
+        &[
+            ("x-message-ttl", AMQPValue::LongInt(600_000)),
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            ("x-expires", AMQPValue::LongInt(300_000)),
+        ],
+    );
+    let run = orders(
+        &[
+            "--broker",
+            "rabbitmq",
+            "--queue",
+            &queue,
+            "--connect-timeout",
+            "20",
+        ],
+        &[],
+        Duration::from_secs(120),
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("acked order_id=A-1001"), "{run:?}");
+    assert!(
+        run.stdout.contains("ledger order_id=A-1004 count=1"),
+        "{run:?}"
+    );
 }
 
 #[test]
@@ -345,7 +407,7 @@ fn rabbitmq_publish_run_then_consume_only_run() {
     // orders, and a consume-only run picks them up.
     let uri = env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
     let mut config = RabbitConfig::new(uri, queue.clone());
-    config.declare_topology = false;
+    config.declare_topology = ackstack::rabbitmq::Topology::Never;
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let publisher = RabbitPublisher::connect(config).await.unwrap();

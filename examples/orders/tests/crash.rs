@@ -675,7 +675,7 @@ impl Broker {
         // The example declares the topology (its delay buckets follow its flags); the test's
         // publisher only publishes and reads, once the example has declared the queues.
         let mut config = RabbitConfig::new(url.clone(), queue.to_string());
-        config.declare_topology = false;
+        config.declare_topology = ackstack::rabbitmq::Topology::Never;
         let publisher = bounded("RabbitMQ connect", RabbitPublisher::connect(config))
             .await
             .expect("RabbitMQ: is it running on 127.0.0.1:5672 (or AMQP_URL)?");

@@ -179,7 +179,7 @@ impl RabbitSource {
         let count = async {
             let open = active.generation.connection.create_channel();
             let channel = amqp::bounded("channel open", config.operation_timeout, open).await?;
-            let count = if config.declare_topology {
+            let count = if config.declare_topology.declares() {
                 amqp::declare_alone(&channel, config).await
             } else {
                 amqp::declare_alone_passive(&channel, config).await
