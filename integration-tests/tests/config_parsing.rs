@@ -50,6 +50,7 @@ const KEYS: &[&str] = &[
     "queue_name",
     "queue_type",
     "queue_url",
+    "redrive",
     "region",
     "session_timeout",
     "system_attribute_headers",

@@ -130,7 +130,7 @@ pub use runner::{
 };
 pub use signal::shutdown_signal;
 pub use source::{
-    AckReport, Alone, Armed, Backlog, Capabilities, Received, Settle, SettleFailure, Settled,
-    Source,
+    AckReport, Alone, Armed, Backlog, BrokerLimit, Capabilities, Received, Settle, SettleFailure,
+    Settled, Source,
 };
 pub use watermark::Watermark;

@@ -290,6 +290,34 @@ pub struct Capabilities {
     pub careful_for: Option<Duration>,
     /// What a suspect runs alone among (see [`Alone`]).
     pub alone: Alone,
+    /// A limit of the broker's own on how often a message is handed out, after which the
+    /// broker moves it away itself (see [`BrokerLimit`]). `None` where there is none.
+    pub broker_limit: Option<BrokerLimit>,
+}
+
+/// A broker's own limit on deliveries of a message ([`Capabilities::broker_limit`]): SQS's
+/// redrive policy (`maxReceiveCount`), after which SQS moves the message to its dead-letter
+/// queue unprocessed and without ackstack's metadata. Where it is not above
+/// `RetryConfig::max_attempts` it would pre-empt ackstack's retries, so the run refuses to
+/// start ([`ConfigError::BrokerLimit`](crate::ConfigError::BrokerLimit)), unless the adapter
+/// was told to trust it, in which case `max_attempts` is lowered to one below it (logged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerLimit {
+    /// Deliveries after which the broker moves the message away.
+    pub deliveries: u32,
+    /// Lower `max_attempts` below it instead of refusing to start.
+    pub lower_max_attempts: bool,
+}
+
+impl BrokerLimit {
+    /// A limit of `deliveries`; with `lower_max_attempts`, trusted rather than refused.
+    pub fn new(deliveries: u32, lower_max_attempts: bool) -> Self {
+        BrokerLimit {
+            deliveries,
+            lower_max_attempts,
+        }
+    }
 }
 
 /// What a suspect ([`Received::suspect`]) runs alone among.
@@ -322,7 +350,14 @@ impl Capabilities {
             parallel_acks: 1,
             careful_for: None,
             alone: Alone::InFlight,
+            broker_limit: None,
         }
+    }
+
+    /// With the broker's own delivery limit (see [`BrokerLimit`]).
+    pub fn with_broker_limit(mut self, limit: BrokerLimit) -> Self {
+        self.broker_limit = Some(limit);
+        self
     }
 
     /// With suspects run alone among `alone` (see [`Alone`]).

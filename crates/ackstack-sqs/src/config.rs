@@ -55,7 +55,8 @@ pub struct SqsConfig {
     /// (default 30 s). Sub-second parts are rounded up.
     #[serde(with = "ackstack_core::config::duration")]
     pub visibility_timeout: Duration,
-    /// The dead-letter queue: a name or an `http(s)://` URL. Default `<queue>-dlq`
+    /// The dead-letter queue: a name or an `http(s)://` URL. Default: the queue's own
+    /// redrive target when it has a redrive policy (see [`Redrive`]), else `<queue>-dlq`
     /// (`<base>-dlq.fifo` for a FIFO queue `<base>.fifo`).
     pub dead_letter_queue: Option<String>,
     /// The consumer name recorded in origins and dead-letter metadata (default `"ackstack"`).
@@ -74,6 +75,26 @@ pub struct SqsConfig {
     /// `ReceiveMessage` may take its long-poll wait plus this long.
     #[serde(with = "ackstack_core::config::duration")]
     pub operation_timeout: Duration,
+    /// What to do with the queue's own redrive policy (see [`Redrive`]). Default `check`.
+    pub redrive: Redrive,
+}
+
+/// How ackstack treats a queue's native redrive policy (`RedrivePolicy`: SQS moves a message
+/// to its dead-letter queue after `maxReceiveCount` receives, unprocessed and without
+/// ackstack's metadata). Either way, ackstack's own dead letters go to the policy's queue
+/// unless [`SqsConfig::dead_letter_queue`] names another.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Redrive {
+    /// A `maxReceiveCount` not above `max_attempts` stops the start with an error naming
+    /// both numbers and both fixes.
+    #[default]
+    Check,
+    /// ackstack lowers its own `max_attempts` to `maxReceiveCount - 1` instead (logged).
+    Trust,
+    /// The policy is not read (no `sqs:GetQueueAttributes` call at start): no check, and
+    /// dead letters go to [`SqsConfig::dead_letter_queue`] or `<queue>-dlq`.
+    Ignore,
 }
 
 impl Default for SqsConfig {
@@ -92,6 +113,7 @@ impl Default for SqsConfig {
             parallel_acks: 4,
             system_attribute_headers: true,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            redrive: Redrive::Check,
         }
     }
 }

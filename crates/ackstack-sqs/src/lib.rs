@@ -116,7 +116,7 @@ pub use attrs::{
     DROPPED_ERROR_TRUNCATED, DROPPED_KEY, DeadLetterRecord, FittedDeadLetter, MAX_ATTRIBUTES,
     SYSTEM_ATTRIBUTE_PREFIX, dead_letter_attributes, fit_dead_letter, message_size,
 };
-pub use config::SqsConfig;
+pub use config::{Redrive, SqsConfig};
 pub use error::SqsError;
 pub use publisher::{DEFAULT_GROUP, SqsPublisher};
 pub use queue::{build_client, resolve_queue_url};

@@ -31,6 +31,8 @@ pub(crate) struct QueueInfo {
     pub(crate) timeout: Duration,
     /// The dead-letter queue's `MaximumMessageSize`, in bytes.
     pub(crate) dlq_max_size: usize,
+    /// The queue's redrive limit (`maxReceiveCount`), and whether to trust it.
+    pub(crate) broker_limit: Option<ackstack_core::BrokerLimit>,
 }
 
 /// The `MaximumMessageSize` of the queue at `url`, or [`DEFAULT_MAX_MESSAGE_SIZE`] (logged)
@@ -58,6 +60,113 @@ pub(crate) async fn max_message_size(client: &Client, url: &str, timeout: Durati
             );
             DEFAULT_MAX_MESSAGE_SIZE
         }
+    }
+}
+
+/// A queue's native redrive policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RedrivePolicy {
+    /// Receives after which SQS moves a message away.
+    pub(crate) max_receive_count: u32,
+    /// The dead-letter queue's name and owning account, from its ARN.
+    pub(crate) dlq_name: String,
+    pub(crate) dlq_account: Option<String>,
+}
+
+impl RedrivePolicy {
+    /// Reads the `RedrivePolicy` attribute's JSON
+    /// (`{"deadLetterTargetArn":"arn:aws:sqs:REGION:ACCOUNT:NAME","maxReceiveCount":5}`, the
+    /// count as a number or a string).
+    pub(crate) fn parse(json: &str) -> Result<Self, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+        let count = match value.get("maxReceiveCount") {
+            Some(serde_json::Value::Number(n)) => n.as_u64(),
+            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+            _ => None,
+        };
+        let max_receive_count = count
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or("no maxReceiveCount")?;
+        let arn = value
+            .get("deadLetterTargetArn")
+            .and_then(serde_json::Value::as_str)
+            .ok_or("no deadLetterTargetArn")?;
+        let parts: Vec<&str> = arn.split(':').collect();
+        let [_, _, _, _, account, name] = parts[..] else {
+            return Err(format!(
+                "deadLetterTargetArn {arn:?} is not an SQS queue ARN"
+            ));
+        };
+        if name.is_empty() {
+            return Err(format!("deadLetterTargetArn {arn:?} names no queue"));
+        }
+        Ok(RedrivePolicy {
+            max_receive_count,
+            dlq_name: name.to_string(),
+            dlq_account: (!account.is_empty()).then(|| account.to_string()),
+        })
+    }
+}
+
+/// The queue's redrive policy, if it has one. A refusal to read it (no
+/// `sqs:GetQueueAttributes` permission) is logged and read as none; other errors are returned.
+pub(crate) async fn redrive_policy(
+    client: &Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<Option<RedrivePolicy>, SqsError> {
+    let request = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::RedrivePolicy);
+    let answer = match bounded("GetQueueAttributes", timeout, request.send()).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            let e = e.into_sqs_error();
+            if e.is_permanent() {
+                tracing::warn!(
+                    error = %e, queue = url,
+                    "cannot read the queue's redrive policy; if it has one, SQS may move \
+                     messages away before ackstack's retries are done"
+                );
+                return Ok(None);
+            }
+            return Err(e);
+        }
+    };
+    let Some(json) = answer
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
+        .filter(|json| !json.trim().is_empty())
+    else {
+        return Ok(None);
+    };
+    RedrivePolicy::parse(json)
+        .map(Some)
+        .map_err(|why| SqsError::Config(format!("the queue's RedrivePolicy {json:?}: {why}")))
+}
+
+/// The URL of the queue named `name` owned by `account` (another account's queue, by its
+/// ARN), never created.
+pub(crate) async fn owned_queue_url(
+    client: &Client,
+    name: &str,
+    account: Option<&str>,
+    timeout: Duration,
+) -> Result<String, SqsError> {
+    let mut request = client.get_queue_url().queue_name(name);
+    if let Some(account) = account {
+        request = request.queue_owner_aws_account_id(account);
+    }
+    match bounded("GetQueueUrl", timeout, request.send()).await {
+        Ok(out) => out.queue_url().map(str::to_string).ok_or_else(|| {
+            SqsError::Sdk(format!("GetQueueUrl for {name:?} returned no URL").into())
+        }),
+        Err(CallError::Sdk(e)) if is_missing_queue(&e) => {
+            Err(SqsError::QueueNotFound(name.to_string()))
+        }
+        Err(e) => Err(e.into_sqs_error()),
     }
 }
 
@@ -117,5 +226,35 @@ pub(crate) async fn resolve_queue_url_within(
             })
         }
         Err(e) => Err(e.into_sqs_error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redrive_policy_reads_as_sqs_writes_it() {
+        let policy = RedrivePolicy::parse(
+            r#"{"deadLetterTargetArn":"arn:aws:sqs:us-east-1:123456789012:team-dlq","maxReceiveCount":"5"}"#,
+        )
+        .unwrap();
+        assert_eq!(policy.max_receive_count, 5);
+        assert_eq!(policy.dlq_name, "team-dlq");
+        assert_eq!(policy.dlq_account.as_deref(), Some("123456789012"));
+        let numeric = RedrivePolicy::parse(
+            r#"{"deadLetterTargetArn":"arn:aws:sqs:eu-west-1:1:d.fifo","maxReceiveCount":3}"#,
+        )
+        .unwrap();
+        assert_eq!(numeric.max_receive_count, 3);
+        for bad in [
+            "",
+            "{}",
+            r#"{"maxReceiveCount":3}"#,
+            r#"{"deadLetterTargetArn":"team-dlq","maxReceiveCount":3}"#,
+            r#"{"deadLetterTargetArn":"arn:aws:sqs:r:1:d","maxReceiveCount":-1}"#,
+        ] {
+            assert!(RedrivePolicy::parse(bad).is_err(), "{bad}");
+        }
     }
 }

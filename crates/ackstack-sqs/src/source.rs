@@ -6,16 +6,19 @@ use std::time::{Duration, Instant};
 
 use ackstack_core::adapter::parse_attempt;
 use ackstack_core::{
-    Backoff, Capabilities, Delivery, Headers, Origin, Received, Source, SourceError,
+    Backoff, BrokerLimit, Capabilities, Delivery, Headers, Origin, Received, Source, SourceError,
 };
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use bytes::Bytes;
 
-use crate::config::{MAX_VISIBILITY, SqsConfig, is_url, name_from_url};
+use crate::config::{MAX_VISIBILITY, Redrive, SqsConfig, is_url, name_from_url};
 use crate::error::{ErrorClass, SqsError, classify_sdk, describe, is_missing_queue};
 use crate::headers::{SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
-use crate::queue::{QueueInfo, build_client, max_message_size, resolve_queue_url_within};
+use crate::queue::{
+    QueueInfo, build_client, max_message_size, owned_queue_url, redrive_policy,
+    resolve_queue_url_within,
+};
 use crate::settler::SqsSettler;
 use crate::stats::{Counters, SqsStats};
 use crate::token::{SqsToken, TokenInner};
@@ -70,9 +73,26 @@ impl SqsSource {
                 .await?
             }
         };
-        let dlq_name = config.dead_letter_queue_name()?;
-        let dlq_url = match &config.dead_letter_queue {
-            Some(dlq) if is_url(dlq) => dlq.clone(),
+        let redrive = match config.redrive {
+            Redrive::Ignore => None,
+            Redrive::Check | Redrive::Trust => {
+                redrive_policy(&client, &url, config.operation_timeout).await?
+            }
+        };
+        let mut dlq_name = config.dead_letter_queue_name()?;
+        let dlq_url = match (&config.dead_letter_queue, &redrive) {
+            (Some(dlq), _) if is_url(dlq) => dlq.clone(),
+            // The queue's own dead-letter queue, unless the config names another.
+            (None, Some(policy)) => {
+                dlq_name = policy.dlq_name.clone();
+                owned_queue_url(
+                    &client,
+                    &policy.dlq_name,
+                    policy.dlq_account.as_deref(),
+                    config.operation_timeout,
+                )
+                .await?
+            }
             _ => {
                 resolve_queue_url_within(
                     &client,
@@ -101,6 +121,9 @@ impl SqsSource {
             system_headers: config.system_attribute_headers,
             timeout: config.operation_timeout,
             dlq_max_size,
+            broker_limit: redrive.map(|policy| {
+                BrokerLimit::new(policy.max_receive_count, config.redrive == Redrive::Trust)
+            }),
         });
         let stats = Arc::new(Counters::default());
         let settler = SqsSettler::new(
@@ -270,11 +293,15 @@ impl Source for SqsSource {
     /// a crashed consumer held come back within one visibility timeout of the crash, and each
     /// then runs alone without others waiting beside it (see `Capabilities::careful_for`).
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(10)
+        let caps = Capabilities::new(10)
             .with_lease(self.queue.visibility)
             .with_max_retry_delay(MAX_VISIBILITY)
             .with_parallel_acks(self.queue.parallel_acks)
-            .with_careful_receives(self.queue.visibility + self.queue.visibility / 2)
+            .with_careful_receives(self.queue.visibility + self.queue.visibility / 2);
+        match self.queue.broker_limit {
+            Some(limit) => caps.with_broker_limit(limit),
+            None => caps,
+        }
     }
 
     fn origin(&self) -> Origin {

@@ -156,8 +156,8 @@ pub mod adapter {
     pub use ackstack_core::deadletter;
     pub use ackstack_core::error::{MAX_FAILURE_MESSAGE, truncate};
     pub use ackstack_core::{
-        AckReport, Alone, Armed, BoxError, Capabilities, DeadLetter, Received, Settle, SettleError,
-        SettleFailure, Settled, Source, SourceError, Watermark,
+        AckReport, Alone, Armed, BoxError, BrokerLimit, Capabilities, DeadLetter, Received, Settle,
+        SettleError, SettleFailure, Settled, Source, SourceError, Watermark,
     };
 }
 

@@ -216,6 +216,21 @@ pub enum ConfigError {
     /// probes, or a trip level outside (0, 1]).
     #[error("{0}")]
     KillSwitch(&'static str),
+    /// The broker moves a message away itself after `deliveries` deliveries (SQS's redrive
+    /// policy), which is not above `max_attempts`: it would pre-empt ackstack's retries.
+    #[error(
+        "the broker moves a message to its own dead-letter queue after {deliveries} deliveries \
+         (SQS: the queue's redrive policy, maxReceiveCount), which is not above max_attempts \
+         {max_attempts}, so it would take messages away before their retries are done: raise \
+         maxReceiveCount above {max_attempts}, or lower max_attempts below {deliveries} (or \
+         let ackstack lower it: SQS redrive: trust)"
+    )]
+    BrokerLimit {
+        /// The broker's limit.
+        deliveries: u32,
+        /// `RetryConfig::max_attempts`.
+        max_attempts: u32,
+    },
     /// Effectively-once was asked for without a dedup store.
     #[error("effectively-once needs a dedup store: call .dedup(store, key)")]
     EffectivelyOnceWithoutStore,

@@ -21,7 +21,7 @@ use crate::source::{Alone, Settle, Source};
 
 use super::acker::{AckQueue, BatchAcker};
 use super::builder::Consumer;
-use super::config::{DeliveryMode, KeyOrdering};
+use super::config::{ConfigError, DeliveryMode, KeyOrdering};
 use super::control::Admit;
 use super::deliver::Refusals;
 use super::deliver::{Shared, call_inspector};
@@ -48,8 +48,27 @@ impl<S: Source, L> Consumer<S, L> {
         F: Future<Output = ()> + Send,
     {
         self.validate()?;
-        let cfg = self.effective_config();
+        let mut cfg = self.effective_config();
         let caps = self.source.capabilities();
+        if let Some(limit) = caps.broker_limit
+            && cfg.mode != DeliveryMode::AtMostOnce
+            && cfg.retry.max_attempts >= limit.deliveries
+        {
+            let max_attempts = cfg.retry.max_attempts;
+            if !limit.lower_max_attempts || limit.deliveries < 2 {
+                return Err(ConsumerError::Config(ConfigError::BrokerLimit {
+                    deliveries: limit.deliveries,
+                    max_attempts,
+                }));
+            }
+            cfg.retry.max_attempts = limit.deliveries - 1;
+            tracing::info!(
+                broker_limit = limit.deliveries,
+                max_attempts = cfg.retry.max_attempts,
+                configured = max_attempts,
+                "max_attempts lowered below the broker's own delivery limit"
+            );
+        }
         let settler = self.source.settler();
         let per_key = match cfg.ordering {
             KeyOrdering::PerKey => true,

@@ -1,0 +1,141 @@
+//! Queues with a native redrive policy, created by a plain client as a team's would be
+//! (invariant 14): ackstack's dead letters go to the policy's queue, with ackstack's metadata;
+//! a `maxReceiveCount` not above `max_attempts` stops the start naming both numbers; with
+//! `redrive: trust` ackstack lowers its own `max_attempts` below it. Needs moto (or SQS) at
+//! `SQS_ENDPOINT`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ackstack_core::{
+    ConfigError, Consumer, ConsumerError, HandlerError, Message, Publish, handler_fn,
+};
+use ackstack_sqs::testing::{self, drain, unique_name};
+use ackstack_sqs::{DeadLetterRecord, Redrive, SqsConfig, SqsPublisher, SqsSource};
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::QueueAttributeName;
+
+/// A work queue whose RedrivePolicy sends to a dead-letter queue of the team's own naming
+/// after `max_receive_count` receives; the URLs of both.
+async fn team_queues(client: &Client, max_receive_count: u32) -> (String, String) {
+    let dlq_url = client
+        .create_queue()
+        .queue_name(unique_name("team-dead"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let arn = client
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()
+        .remove(&QueueAttributeName::QueueArn)
+        .unwrap();
+    let policy =
+        format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{max_receive_count}"}}"#);
+    let url = client
+        .create_queue()
+        .queue_name(unique_name("team-work"))
+        .attributes(QueueAttributeName::RedrivePolicy, policy)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    (url, dlq_url)
+}
+
+fn config(url: &str, redrive: Redrive) -> SqsConfig {
+    let mut config = SqsConfig::queue_url(url)
+        .with_endpoint(testing::endpoint())
+        .with_wait_time_seconds(1)
+        .with_visibility_timeout(Duration::from_secs(2));
+    config.region = Some("us-east-1".to_string());
+    config.redrive = redrive;
+    config
+}
+
+/// Runs a consumer with `max_attempts` over the queue at `url`, whose handler fails
+/// transiently for every message, until `idle` after the last delivery.
+async fn run_failing(
+    client: &Client,
+    url: &str,
+    redrive: Redrive,
+    max_attempts: u32,
+) -> Result<ackstack_core::Summary, ConsumerError> {
+    let source = SqsSource::from_client(client.clone(), config(url, redrive))
+        .await
+        .unwrap();
+    let consumer = Consumer::new(source).max_attempts(max_attempts).retry(
+        ackstack_core::Backoff::exponential(Duration::from_millis(100), Duration::from_millis(100)),
+    );
+    let status = consumer.status();
+    consumer
+        .run_until(
+            handler_fn(|_d, _cx| async { Err(HandlerError::transient("not yet")) }),
+            async move { status.idle(Duration::from_secs(4)).await },
+        )
+        .await
+}
+
+#[tokio::test]
+async fn dead_letters_go_to_the_queue_the_redrive_policy_names_with_metadata() {
+    let client = testing::client().await;
+    let (url, dlq_url) = team_queues(&client, 5).await;
+    SqsPublisher::new(client.clone(), url.clone())
+        .publish(Message::new("fails"))
+        .await
+        .unwrap();
+    let summary = run_failing(&client, &url, Redrive::Check, 2).await.unwrap();
+    assert_eq!(summary.dead_lettered, 1, "{summary:?}");
+    let letters = drain(&client, &dlq_url, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "in the team's dead-letter queue");
+    let record =
+        DeadLetterRecord::from_attributes(letters[0].message_attributes().unwrap()).unwrap();
+    assert_eq!(record.metadata.attempts, 2, "dead-lettered by ackstack");
+    let default_dlq = format!("{}-dlq", url.rsplit('/').next().unwrap());
+    let missing = client.get_queue_url().queue_name(default_dlq).send().await;
+    assert!(
+        missing.is_err(),
+        "no queue of ackstack's own naming was made"
+    );
+}
+
+#[tokio::test]
+async fn a_redrive_limit_not_above_max_attempts_stops_the_start_naming_both() {
+    let client = testing::client().await;
+    let (url, _) = team_queues(&client, 2).await;
+    match run_failing(&client, &url, Redrive::Check, 5).await {
+        Err(ConsumerError::Config(ConfigError::BrokerLimit {
+            deliveries: 2,
+            max_attempts: 5,
+        })) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_trusted_redrive_limit_lowers_max_attempts_below_it() {
+    let client = testing::client().await;
+    let (url, dlq_url) = team_queues(&client, 3).await;
+    SqsPublisher::new(client.clone(), url.clone())
+        .publish(Message::new("fails"))
+        .await
+        .unwrap();
+    let summary = run_failing(&client, &url, Redrive::Trust, 5).await.unwrap();
+    assert_eq!(summary.dead_lettered, 1, "{summary:?}");
+    let letters = drain(&client, &dlq_url, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let record =
+        DeadLetterRecord::from_attributes(letters[0].message_attributes().unwrap()).unwrap();
+    assert_eq!(record.metadata.attempts, 2, "max_attempts lowered to 3 - 1");
+}
