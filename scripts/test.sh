@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace against real brokers, setting up what is missing first:
-# Redis, PostgreSQL and RabbitMQ are started if they do not answer; moto (the SQS emulator) is installed
+# the system libraries of scripts/deps.sh are installed if missing; Redis, PostgreSQL and
+# RabbitMQ are started if they do not answer; moto (the SQS emulator) is installed
 # into a virtualenv and started, and stopped again at the end; promtool is unpacked into the
 # cache. Kafka tests use librdkafka's in-process mock cluster unless KAFKA_BROKERS is set.
 #
@@ -114,6 +115,7 @@ stop_moto() {
 }
 trap stop_moto EXIT
 
+bash scripts/deps.sh
 ensure_redis
 ensure_postgres
 ensure_rabbitmq

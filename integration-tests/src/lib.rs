@@ -21,3 +21,14 @@ pub fn rabbitmq_config(url: &str, queue: &str, queue_type: QueueType) -> RabbitC
     config.poll_interval = Duration::from_millis(200);
     config
 }
+
+/// The body of each fenced block tagged `lang` in `markdown` (for the tests that compile or
+/// parse what the documentation shows).
+pub fn blocks<'a>(markdown: &'a str, lang: &str) -> Vec<&'a str> {
+    let fence = format!("```{lang}\n");
+    markdown
+        .split(fence.as_str())
+        .skip(1)
+        .filter_map(|rest| rest.split("\n```").next())
+        .collect()
+}

@@ -4,16 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ackstack_core::ConsumerConfig;
-
-/// The body of each fenced block tagged `lang` in `markdown`.
-fn blocks<'a>(markdown: &'a str, lang: &str) -> Vec<&'a str> {
-    let fence = format!("```{lang}\n");
-    markdown
-        .split(fence.as_str())
-        .skip(1)
-        .filter_map(|rest| rest.split("\n```").next())
-        .collect()
-}
+use integration_tests::blocks;
 
 #[test]
 fn the_readme_configuration_blocks_are_valid_consumer_configs() {

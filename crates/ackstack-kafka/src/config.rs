@@ -123,12 +123,12 @@ fn default_commit_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-/// Property names whose values are never printed.
+/// Property names whose values are never printed (nor any `sasl.*` property's).
 const SECRET_MARKERS: [&str; 6] = ["password", "secret", "token", "pem", "jaas", "credential"];
 
 fn is_secret(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    SECRET_MARKERS.iter().any(|m| lower.contains(m))
+    lower.starts_with("sasl.") || SECRET_MARKERS.iter().any(|m| lower.contains(m))
 }
 
 impl KafkaConfig {
