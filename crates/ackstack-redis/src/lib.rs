@@ -44,9 +44,11 @@
 //!
 //! # TLS
 //!
-//! With the default `tls` feature, `rediss://` URLs connect through rustls (aws-lc-rs provider,
+//! With the `tls` feature (this crate's default; the facade's `redis-tls`), `rediss://` URLs
+//! connect through rustls (aws-lc-rs provider,
 //! installed as the process default unless the application installed one) with the system's
 //! root certificates, or only the CA in [`RedisDedupConfig::tls_ca_file`] for a private CA.
+//! Without it, a `rediss://` URL is refused as a configuration error that says so.
 //!
 //! # Example
 //!

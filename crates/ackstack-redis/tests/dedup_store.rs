@@ -498,6 +498,13 @@ async fn bad_urls_are_config_errors_without_the_password() {
         let store = RedisDedupStore::new_lazy(config).unwrap();
         let err = store.claim(b"k", "a", LEASE).await.unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
+        // Against a plaintext server the handshake fails: an error, never a plaintext
+        // fallback.
+        let plain = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let config = RedisDedupConfig::new(plain.replacen("redis://", "rediss://", 1))
+            .timeout(Duration::from_secs(2));
+        let store = RedisDedupStore::new_lazy(config).unwrap();
+        assert!(store.claim(b"k", "a", LEASE).await.is_err());
     }
 }
 

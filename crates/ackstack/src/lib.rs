@@ -76,6 +76,10 @@
 //! | `redis` | `redis` | the Redis deduplication store |
 //! | `postgres` | `postgres` | the PostgreSQL transactional inbox (exactly-once effects) |
 //!
+//! Security, off by default: `kafka-ssl` (TLS and SASL PLAIN/SCRAM/OAUTHBEARER in librdkafka,
+//! through the system's OpenSSL), `kafka-gssapi` (Kerberos too), `redis-tls` (`rediss://`
+//! URLs, rustls). `full` has all of the above but `kafka-gssapi`.
+//!
 //! The feature `test-util` adds the broker crates' helpers for tests (`sqs::testing`: queues
 //! on an SQS endpoint such as moto; `kafka::read_topic`: reading a topic such as the
 //! dead-letter topic) to whichever of `sqs` and `kafka` is on.
