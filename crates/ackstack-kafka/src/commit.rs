@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) closing: AtomicBool,
     /// Set when the source and every settler are gone: the poll thread ends.
     pub(crate) stop: AtomicBool,
+    /// Set while a synchronous commit of raised crash marks runs in the background.
+    pub(crate) raising: AtomicBool,
     commit_interval: Duration,
     commit_max_count: usize,
     /// Released records whose partitions the poll thread is to read again from them.
@@ -65,6 +67,7 @@ impl Shared {
             }),
             closing: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            raising: AtomicBool::new(false),
             commit_interval,
             commit_max_count,
             rewinds: Mutex::new(Vec::new()),
@@ -138,6 +141,9 @@ impl Shared {
             // Their crash marks go with the next commit.
             self.assignments().unsent(&positions);
             return Err(error);
+        }
+        if sync {
+            self.assignments().confirmed(&positions);
         }
         Ok(positions.len())
     }

@@ -15,6 +15,7 @@ use crate::poller::KafkaContext;
 pub use crate::settler::KafkaSettler;
 pub use crate::stats::KafkaStats;
 pub use crate::token::KafkaToken;
+use crate::watermark::Raise;
 
 use crate::commit::Shared;
 use crate::config::KafkaConfig;
@@ -130,28 +131,42 @@ impl KafkaSource {
         self.inner.shared.assignments().len()
     }
 
-    /// Before `records` go to handlers: where one is beyond its partition's `started_below`
-    /// mark, raises the mark and commits it synchronously (see `marks.rs`), so that a crash
-    /// in a handler of theirs leaves them suspects for the next owner.
+    /// Before `records` go to handlers: where one is not below its partition's confirmed
+    /// `started_below` mark, raises the mark and commits it synchronously first; where one
+    /// comes within half a chunk of it, raises it with a synchronous commit in the background
+    /// (see `marks.rs`). So a crash in a handler of theirs leaves them suspects for the next
+    /// owner, and `receive` rarely waits for a commit.
     async fn mark_started(&self, records: &[Received<KafkaToken>]) {
-        let raised = {
+        let (now, ahead) = {
             let mut a = self.inner.shared.assignments();
-            let mut raised = false;
+            let mut now = false;
             for r in records {
                 let t = &r.token;
-                raised |= a.raise_started(&t.topic, t.partition, t.offset);
+                now |= a.raise_started(&t.topic, t.partition, t.offset) == Raise::Now;
             }
-            raised
+            (now, a.raise_pending())
         };
         let settler = KafkaSettler {
             inner: self.inner.clone(),
         };
-        if raised && let Err(error) = settler.commit_now().await {
-            tracing::warn!(
-                %error,
-                "could not record which records go to handlers; a crash in one of these is \
-                 not counted"
-            );
+        if now {
+            if let Err(error) = settler.commit_now().await {
+                tracing::warn!(
+                    %error,
+                    "could not record which records go to handlers; a crash in one of these \
+                     is not counted"
+                );
+            }
+            return;
+        }
+        let shared = &self.inner.shared;
+        if ahead && !shared.raising.swap(true, Ordering::SeqCst) {
+            tokio::spawn(async move {
+                if let Err(error) = settler.commit_now().await {
+                    tracing::debug!(%error, "raising the crash marks ahead failed; raised later");
+                }
+                settler.inner.shared.raising.store(false, Ordering::SeqCst);
+            });
         }
     }
 }

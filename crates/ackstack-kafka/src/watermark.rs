@@ -44,6 +44,19 @@ pub struct Commit {
     pub position: i64,
     /// The partition's crash marks ([`Marks::encode`]).
     pub metadata: String,
+    /// The `started_below` those marks carry.
+    pub started_below: Option<i64>,
+}
+
+/// What [`Assignments::raise_started`] asks of the commits before a record is handed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Raise {
+    /// Nothing: the confirmed mark covers it with room to spare, or a raise is asked for.
+    Covered,
+    /// The confirmed mark covers it; a raise was asked for, to be committed meanwhile.
+    Ahead,
+    /// The confirmed mark does not cover it: a synchronous commit must carry the raise first.
+    Now,
 }
 
 /// What [`Assignments::arm`] made of a suspect.
@@ -81,6 +94,8 @@ struct Entry {
     /// How far the next raise of `started_below` goes beyond the record that needs it.
     chunk: i64,
     last_raise: Option<Instant>,
+    /// The `started_below` a synchronous commit confirmed (or the one recovered).
+    durable_started: Option<i64>,
 }
 
 impl Entry {
@@ -94,6 +109,7 @@ impl Entry {
             dirty: false,
             chunk: MIN_CHUNK,
             last_raise: None,
+            durable_started: None,
         }
     }
 
@@ -113,6 +129,24 @@ impl Entry {
             self.marks.started_below = Some(below);
             self.dirty = true;
         }
+    }
+
+    /// Asks for `started_below` a chunk beyond `offset`; the chunk doubles when asks come
+    /// quickly and halves when they come slowly.
+    fn ask_raise(&mut self, offset: i64) {
+        let now = Instant::now();
+        if let Some(last) = self.last_raise {
+            let since = now.duration_since(last);
+            if since < FAST_RAISES {
+                self.chunk = (self.chunk * 2).min(MAX_CHUNK);
+            } else if since > SLOW_RAISES {
+                self.chunk = (self.chunk / 2).max(MIN_CHUNK);
+            }
+        }
+        self.last_raise = Some(now);
+        let asked = offset.saturating_add(self.chunk);
+        self.marks.started_below = Some(self.marks.started_below.map_or(asked, |s| s.max(asked)));
+        self.dirty = true;
     }
 
     /// The position a commit now carries: never below one taken before.
@@ -155,6 +189,7 @@ impl Assignments {
     pub(crate) fn recover(&mut self, topic: &str, partition: i32, marks: Marks) {
         if let Some(entry) = self.assigned_mut(topic, partition) {
             entry.suspect_below = marks.started_below;
+            entry.durable_started = marks.started_below;
             entry.marks = marks;
             entry.dirty = true;
         }
@@ -170,29 +205,44 @@ impl Assignments {
             })
     }
 
-    /// Before the record at `offset` is handed to a handler: raises the partition's
-    /// `started_below` a chunk beyond it if it does not cover it yet. Returns whether it did,
-    /// in which case a synchronous commit must carry it before the record is handed out.
-    pub(crate) fn raise_started(&mut self, topic: &str, partition: i32, offset: i64) -> bool {
+    /// Before the record at `offset` is handed to a handler: asks for the partition's
+    /// `started_below` a chunk beyond it once the record comes within half a chunk of what
+    /// was asked for, and says whether a synchronous commit must carry that before the record
+    /// is handed out ([`Raise::Now`]: the record is not below the confirmed mark), or may
+    /// carry it meanwhile ([`Raise::Ahead`]).
+    pub(crate) fn raise_started(&mut self, topic: &str, partition: i32, offset: i64) -> Raise {
         let Some(entry) = self.assigned_mut(topic, partition) else {
-            return false;
+            return Raise::Covered;
         };
-        if entry.marks.started_below.is_some_and(|s| offset < s) {
-            return false;
+        let asked = entry
+            .marks
+            .started_below
+            .is_some_and(|s| offset.saturating_add(entry.chunk / 2) < s);
+        if !asked {
+            entry.ask_raise(offset);
         }
-        let now = Instant::now();
-        if let Some(last) = entry.last_raise {
-            let since = now.duration_since(last);
-            if since < FAST_RAISES {
-                entry.chunk = (entry.chunk * 2).min(MAX_CHUNK);
-            } else if since > SLOW_RAISES {
-                entry.chunk = (entry.chunk / 2).max(MIN_CHUNK);
+        if entry.durable_started.is_some_and(|s| offset < s) {
+            if asked { Raise::Covered } else { Raise::Ahead }
+        } else {
+            Raise::Now
+        }
+    }
+
+    /// Whether a partition asked for a `started_below` no synchronous commit confirmed yet.
+    pub(crate) fn raise_pending(&self) -> bool {
+        self.topics
+            .values()
+            .flat_map(HashMap::values)
+            .any(|e| e.marks.started_below > e.durable_started)
+    }
+
+    /// A synchronous commit of `commits` was answered: their marks are durable.
+    pub(crate) fn confirmed(&mut self, commits: &[Commit]) {
+        for c in commits {
+            if let Some(entry) = self.assigned_mut(&c.topic, c.partition) {
+                entry.durable_started = c.started_below;
             }
         }
-        entry.last_raise = Some(now);
-        entry.marks.started_below = Some(offset.saturating_add(entry.chunk));
-        entry.dirty = true;
-        true
     }
 
     /// The marks of `commits` did not reach the broker: the next commit carries them again.
@@ -261,6 +311,7 @@ impl Assignments {
             partition,
             position,
             metadata: entry.marks.encode(position),
+            started_below: entry.marks.started_below,
         })
     }
 
@@ -331,6 +382,7 @@ impl Assignments {
                         partition,
                         position,
                         metadata: entry.marks.encode(position),
+                        started_below: entry.marks.started_below,
                     });
                 }
             }
@@ -640,13 +692,30 @@ mod tests {
     fn started_below_is_raised_ahead_and_only_when_needed() {
         let (mut a, _) = assigned();
         a.track("t", 0, 0);
-        assert!(a.raise_started("t", 0, 0));
-        assert!(!a.raise_started("t", 0, MIN_CHUNK - 1));
-        assert!(a.raise_started("t", 0, MIN_CHUNK), "beyond the chunk");
-        // Raised again at once: the step doubles.
-        let commit = a.take_commits(false).pop().unwrap();
-        assert_eq!(commit.metadata, format!("ackstack1;s={}", 3 * MIN_CHUNK));
-        assert!(!a.raise_started("t", 1, 0), "not assigned");
+        // Nothing confirmed: the first record waits for a synchronous commit.
+        assert_eq!(a.raise_started("t", 0, 0), Raise::Now);
+        assert!(a.raise_pending());
+        let commits = a.take_commits(true);
+        assert_eq!(commits[0].metadata, format!("ackstack1;s={MIN_CHUNK}"));
+        a.confirmed(&commits);
+        assert!(!a.raise_pending());
+        assert_eq!(a.raise_started("t", 0, 1), Raise::Covered);
+        // Within half a chunk of the mark: a raise is asked for, committed meanwhile.
+        let half = MIN_CHUNK / 2;
+        assert_eq!(a.raise_started("t", 0, half), Raise::Ahead);
+        assert!(a.raise_pending());
+        assert_eq!(a.raise_started("t", 0, half + 1), Raise::Covered);
+        // Beyond what was confirmed, before the commit was answered: it must wait.
+        assert_eq!(a.raise_started("t", 0, MIN_CHUNK), Raise::Now);
+        // Asked again at once: the step doubled.
+        let commits = a.take_commits(true);
+        assert_eq!(
+            commits[0].metadata,
+            format!("ackstack1;s={}", half + 2 * MIN_CHUNK)
+        );
+        a.confirmed(&commits);
+        assert_eq!(a.raise_started("t", 0, MIN_CHUNK), Raise::Covered);
+        assert_eq!(a.raise_started("t", 1, 0), Raise::Covered, "not assigned");
     }
 
     #[test]
