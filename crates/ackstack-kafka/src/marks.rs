@@ -15,6 +15,13 @@
 //! below `s` are suspects, and the record at `a` died alone once more.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::Offset;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::poller::KafkaContext;
 
 /// The prefix (and version) of ackstack's commit metadata.
 const PREFIX: &str = "ackstack1";
@@ -90,6 +97,65 @@ impl Marks {
     pub(crate) fn crashes(&self, offset: i64) -> u32 {
         self.crashes.get(&offset).copied().unwrap_or(0)
     }
+}
+
+/// How long reading the committed offsets' crash marks at assignment may take, and how many
+/// times it is tried (on the poll thread, in the rebalance callback: well within
+/// `max.poll.interval.ms`).
+const RECOVER_TIMEOUT: Duration = Duration::from_secs(5);
+const RECOVER_TRIES: u32 = 3;
+
+/// The crash marks of the assigned partitions `tpl`, read with their committed offsets (see
+/// `marks.rs`). A partition whose marks say records may have been handed to handlers beyond
+/// the committed offset was left by a process that did not stop cleanly: its records there
+/// are suspects. Without an answer, none is (logged).
+pub(crate) fn recover_marks(
+    consumer: &BaseConsumer<KafkaContext>,
+    tpl: &TopicPartitionList,
+) -> Vec<(String, i32, Marks)> {
+    let mut tries = 0;
+    let committed = loop {
+        tries += 1;
+        match consumer.committed_offsets(tpl.clone(), RECOVER_TIMEOUT) {
+            Ok(committed) => break committed,
+            Err(error) if tries < RECOVER_TRIES => {
+                tracing::debug!(%error, "reading the committed offsets failed; trying again");
+            }
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "cannot read the committed offsets' crash marks; records in flight at an \
+                     earlier crash are not run alone, and their crash counts start over"
+                );
+                return Vec::new();
+            }
+        }
+    };
+    let mut out = Vec::new();
+    for e in committed.elements() {
+        let Offset::Offset(position) = e.offset() else {
+            continue;
+        };
+        // rdkafka panics on metadata that is not UTF-8 (written by another tool): not ours.
+        let metadata =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.metadata().to_string()))
+                .unwrap_or_default();
+        let Some(marks) = Marks::recover(&metadata) else {
+            continue;
+        };
+        if marks.started_below.is_some_and(|s| s > position) || !marks.crashes.is_empty() {
+            tracing::warn!(
+                topic = e.topic(),
+                partition = e.partition(),
+                position,
+                suspects_below = marks.started_below,
+                "partition left by a consumer that did not stop cleanly: its records in \
+                 flight then run alone"
+            );
+        }
+        out.push((e.topic().to_string(), e.partition(), marks));
+    }
+    out
 }
 
 #[cfg(test)]

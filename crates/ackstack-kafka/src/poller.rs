@@ -24,7 +24,6 @@ use tokio::sync::mpsc;
 use crate::commit::Shared;
 use crate::headers as record_headers;
 use crate::headers::MESSAGE_ID_HEADER;
-use crate::marks::Marks;
 use crate::queues::PartitionQueues;
 use crate::token::KafkaToken;
 
@@ -37,11 +36,6 @@ const MAIN_BATCH: usize = 64;
 const PARTITION_BATCH: usize = 256;
 /// How long moving a partition's read position back (for a released record) may take.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long reading the committed offsets' crash marks at assignment may take, and how many
-/// times it is tried (on the poll thread, in the rebalance callback: well within
-/// `max.poll.interval.ms`).
-const RECOVER_TIMEOUT: Duration = Duration::from_secs(5);
-const RECOVER_TRIES: u32 = 3;
 
 /// The consumer's context: rebalance callbacks commit revoked partitions' watermarks and start
 /// new generations; librdkafka's log lines go to `tracing`.
@@ -113,7 +107,7 @@ impl ConsumerContext for KafkaContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let recovered = recover_marks(consumer, tpl);
+            let recovered = crate::marks::recover_marks(consumer, tpl);
             let mut a = self.shared.assignments();
             for e in tpl.elements() {
                 a.assign(e.topic(), e.partition());
@@ -133,59 +127,6 @@ impl ConsumerContext for KafkaContext {
             }
         }
     }
-}
-
-/// The crash marks of the assigned partitions `tpl`, read with their committed offsets (see
-/// `marks.rs`). A partition whose marks say records may have been handed to handlers beyond
-/// the committed offset was left by a process that did not stop cleanly: its records there
-/// are suspects. Without an answer, none is (logged).
-fn recover_marks(
-    consumer: &BaseConsumer<KafkaContext>,
-    tpl: &TopicPartitionList,
-) -> Vec<(String, i32, Marks)> {
-    let mut tries = 0;
-    let committed = loop {
-        tries += 1;
-        match consumer.committed_offsets(tpl.clone(), RECOVER_TIMEOUT) {
-            Ok(committed) => break committed,
-            Err(error) if tries < RECOVER_TRIES => {
-                tracing::debug!(%error, "reading the committed offsets failed; trying again");
-            }
-            Err(error) => {
-                tracing::warn!(
-                    %error,
-                    "cannot read the committed offsets' crash marks; records in flight at an \
-                     earlier crash are not run alone, and their crash counts start over"
-                );
-                return Vec::new();
-            }
-        }
-    };
-    let mut out = Vec::new();
-    for e in committed.elements() {
-        let Offset::Offset(position) = e.offset() else {
-            continue;
-        };
-        // rdkafka panics on metadata that is not UTF-8 (written by another tool): not ours.
-        let metadata =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.metadata().to_string()))
-                .unwrap_or_default();
-        let Some(marks) = Marks::recover(&metadata) else {
-            continue;
-        };
-        if marks.started_below.is_some_and(|s| s > position) || !marks.crashes.is_empty() {
-            tracing::warn!(
-                topic = e.topic(),
-                partition = e.partition(),
-                position,
-                suspects_below = marks.started_below,
-                "partition left by a consumer that did not stop cleanly: its records in \
-                 flight then run alone"
-            );
-        }
-        out.push((e.topic().to_string(), e.partition(), marks));
-    }
-    out
 }
 
 /// Starts the poll thread of `consumer`; it hands records of `topic` to `tx` and ends once

@@ -146,6 +146,9 @@ impl KafkaSource {
             }
             (now, a.raise_pending())
         };
+        if !now && !ahead {
+            return;
+        }
         let settler = KafkaSettler {
             inner: self.inner.clone(),
         };

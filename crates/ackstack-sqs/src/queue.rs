@@ -155,17 +155,30 @@ pub(crate) async fn owned_queue_url(
     account: Option<&str>,
     timeout: Duration,
 ) -> Result<String, SqsError> {
+    lookup_queue_url(client, name, account, timeout)
+        .await?
+        .ok_or_else(|| SqsError::QueueNotFound(name.to_string()))
+}
+
+/// `GetQueueUrl` for `name` (owned by `account`, if given): `None` when it does not exist.
+async fn lookup_queue_url(
+    client: &Client,
+    name: &str,
+    account: Option<&str>,
+    timeout: Duration,
+) -> Result<Option<String>, SqsError> {
     let mut request = client.get_queue_url().queue_name(name);
     if let Some(account) = account {
         request = request.queue_owner_aws_account_id(account);
     }
     match bounded("GetQueueUrl", timeout, request.send()).await {
-        Ok(out) => out.queue_url().map(str::to_string).ok_or_else(|| {
-            SqsError::Sdk(format!("GetQueueUrl for {name:?} returned no URL").into())
-        }),
-        Err(CallError::Sdk(e)) if is_missing_queue(&e) => {
-            Err(SqsError::QueueNotFound(name.to_string()))
-        }
+        Ok(out) => out
+            .queue_url()
+            .map(|url| Some(url.to_string()))
+            .ok_or_else(|| {
+                SqsError::Sdk(format!("GetQueueUrl for {name:?} returned no URL").into())
+            }),
+        Err(CallError::Sdk(e)) if is_missing_queue(&e) => Ok(None),
         Err(e) => Err(e.into_sqs_error()),
     }
 }
@@ -200,33 +213,22 @@ pub(crate) async fn resolve_queue_url_within(
     create: bool,
     timeout: Duration,
 ) -> Result<String, SqsError> {
-    let found = bounded(
-        "GetQueueUrl",
-        timeout,
-        client.get_queue_url().queue_name(name).send(),
-    )
-    .await;
-    match found {
-        Ok(out) => out.queue_url().map(str::to_string).ok_or_else(|| {
-            SqsError::Sdk(format!("GetQueueUrl for {name:?} returned no URL").into())
-        }),
-        Err(CallError::Sdk(e)) if is_missing_queue(&e) => {
-            if !create {
-                return Err(SqsError::QueueNotFound(name.to_string()));
-            }
-            let mut req = client.create_queue().queue_name(name);
-            if name.ends_with(".fifo") {
-                req = req.attributes(QueueAttributeName::FifoQueue, "true");
-            }
-            let out = bounded("CreateQueue", timeout, req.send())
-                .await
-                .map_err(CallError::into_sqs_error)?;
-            out.queue_url().map(str::to_string).ok_or_else(|| {
-                SqsError::Sdk(format!("CreateQueue for {name:?} returned no URL").into())
-            })
-        }
-        Err(e) => Err(e.into_sqs_error()),
+    if let Some(url) = lookup_queue_url(client, name, None, timeout).await? {
+        return Ok(url);
     }
+    if !create {
+        return Err(SqsError::QueueNotFound(name.to_string()));
+    }
+    let mut req = client.create_queue().queue_name(name);
+    if name.ends_with(".fifo") {
+        req = req.attributes(QueueAttributeName::FifoQueue, "true");
+    }
+    let out = bounded("CreateQueue", timeout, req.send())
+        .await
+        .map_err(CallError::into_sqs_error)?;
+    out.queue_url()
+        .map(str::to_string)
+        .ok_or_else(|| SqsError::Sdk(format!("CreateQueue for {name:?} returned no URL").into()))
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ fn config(url: &str, redrive: Redrive) -> SqsConfig {
 }
 
 /// Runs a consumer with `max_attempts` over the queue at `url`, whose handler fails
-/// transiently for every message, until `idle` after the last delivery.
+/// transiently for every message, until it has been idle for 4 s.
 async fn run_failing(
     client: &Client,
     url: &str,
@@ -84,22 +84,34 @@ async fn run_failing(
         .await
 }
 
+/// Publishes one message to `url`, runs [`run_failing`] over it, and returns the metadata of
+/// the one dead letter found in `dlq_url`.
+async fn dead_letter_one(
+    client: &Client,
+    (url, dlq_url): (&str, &str),
+    redrive: Redrive,
+    max_attempts: u32,
+) -> DeadLetterRecord {
+    SqsPublisher::new(client.clone(), url.to_string())
+        .publish(Message::new("fails"))
+        .await
+        .unwrap();
+    let summary = run_failing(client, url, redrive, max_attempts)
+        .await
+        .unwrap();
+    assert_eq!(summary.dead_lettered, 1, "{summary:?}");
+    let letters = drain(client, dlq_url, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "in the team's dead-letter queue");
+    DeadLetterRecord::from_attributes(letters[0].message_attributes().unwrap()).unwrap()
+}
+
 #[tokio::test]
 async fn dead_letters_go_to_the_queue_the_redrive_policy_names_with_metadata() {
     let client = testing::client().await;
     let (url, dlq_url) = team_queues(&client, 5).await;
-    SqsPublisher::new(client.clone(), url.clone())
-        .publish(Message::new("fails"))
-        .await
-        .unwrap();
-    let summary = run_failing(&client, &url, Redrive::Check, 2).await.unwrap();
-    assert_eq!(summary.dead_lettered, 1, "{summary:?}");
-    let letters = drain(&client, &dlq_url, 1, Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert_eq!(letters.len(), 1, "in the team's dead-letter queue");
-    let record =
-        DeadLetterRecord::from_attributes(letters[0].message_attributes().unwrap()).unwrap();
+    let record = dead_letter_one(&client, (&url, &dlq_url), Redrive::Check, 2).await;
     assert_eq!(record.metadata.attempts, 2, "dead-lettered by ackstack");
     let default_dlq = format!("{}-dlq", url.rsplit('/').next().unwrap());
     let missing = client.get_queue_url().queue_name(default_dlq).send().await;
@@ -126,16 +138,6 @@ async fn a_redrive_limit_not_above_max_attempts_stops_the_start_naming_both() {
 async fn a_trusted_redrive_limit_lowers_max_attempts_below_it() {
     let client = testing::client().await;
     let (url, dlq_url) = team_queues(&client, 3).await;
-    SqsPublisher::new(client.clone(), url.clone())
-        .publish(Message::new("fails"))
-        .await
-        .unwrap();
-    let summary = run_failing(&client, &url, Redrive::Trust, 5).await.unwrap();
-    assert_eq!(summary.dead_lettered, 1, "{summary:?}");
-    let letters = drain(&client, &dlq_url, 1, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let record =
-        DeadLetterRecord::from_attributes(letters[0].message_attributes().unwrap()).unwrap();
+    let record = dead_letter_one(&client, (&url, &dlq_url), Redrive::Trust, 5).await;
     assert_eq!(record.metadata.attempts, 2, "max_attempts lowered to 3 - 1");
 }
