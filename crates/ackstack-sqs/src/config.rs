@@ -15,6 +15,9 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
 pub const MAX_WAIT_TIME_SECONDS: u32 = 20;
 /// The most messages one `ReceiveMessage` (or batch) call handles.
 pub const MAX_BATCH: u32 = 10;
+/// The lease when neither [`SqsConfig::visibility_timeout`] nor the queue's own
+/// `VisibilityTimeout` is known (the queue's attributes could not be read).
+pub const DEFAULT_VISIBILITY: Duration = Duration::from_secs(30);
 /// The default [`SqsConfig::operation_timeout`].
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,10 +54,11 @@ pub struct SqsConfig {
     pub wait_time_seconds: u32,
     /// Most messages per `ReceiveMessage` call, 1 to 10 (default 10).
     pub max_messages: u32,
-    /// The lease: visibility timeout requested on every receive, whole seconds from 1 s to 12 h
-    /// (default 30 s). Sub-second parts are rounded up.
-    #[serde(with = "ackstack_core::config::duration")]
-    pub visibility_timeout: Duration,
+    /// The lease: visibility timeout requested on every receive, whole seconds from 1 s to 12 h.
+    /// Sub-second parts are rounded up. Default: the queue's own `VisibilityTimeout`, read at
+    /// start (30 s when it cannot be read, or is 0).
+    #[serde(with = "ackstack_core::config::duration::option")]
+    pub visibility_timeout: Option<Duration>,
     /// The dead-letter queue: a name or an `http(s)://` URL. Default: the queue's own
     /// redrive target when it has a redrive policy (see [`Redrive`]), else `<queue>-dlq`
     /// (`<base>-dlq.fifo` for a FIFO queue `<base>.fifo`).
@@ -107,7 +111,7 @@ impl Default for SqsConfig {
             region: None,
             wait_time_seconds: MAX_WAIT_TIME_SECONDS,
             max_messages: MAX_BATCH,
-            visibility_timeout: Duration::from_secs(30),
+            visibility_timeout: None,
             dead_letter_queue: None,
             consumer_name: "ackstack".to_string(),
             parallel_acks: 4,
@@ -161,7 +165,7 @@ impl SqsConfig {
 
     /// With this visibility timeout (lease).
     pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
-        self.visibility_timeout = timeout;
+        self.visibility_timeout = Some(timeout);
         self
     }
 
@@ -225,10 +229,11 @@ impl SqsConfig {
                 "operation_timeout must be longer than 0".into(),
             ));
         }
-        if self.visibility_timeout.is_zero() || self.visibility_timeout > MAX_VISIBILITY {
+        if let Some(timeout) = self.visibility_timeout
+            && (timeout.is_zero() || timeout > MAX_VISIBILITY)
+        {
             return Err(SqsError::Config(format!(
-                "visibility_timeout {:?} must be between 1s and 12h",
-                self.visibility_timeout
+                "visibility_timeout {timeout:?} must be between 1s and 12h"
             )));
         }
         Ok(())
@@ -278,11 +283,6 @@ impl SqsConfig {
                 .ok()
                 .filter(|e| !e.trim().is_empty())
         })
-    }
-
-    /// The visibility timeout in whole seconds, rounded up.
-    pub(crate) fn visibility_secs(&self) -> i32 {
-        duration_secs_ceil(self.visibility_timeout)
     }
 }
 
@@ -410,7 +410,7 @@ mod tests {
             r#"{"queue_url":"https://user:secret@h/1/q","visibility_timeout":"1m","wait_time_seconds":1}"#,
         )
         .unwrap();
-        assert_eq!(c.visibility_timeout, Duration::from_secs(60));
+        assert_eq!(c.visibility_timeout, Some(Duration::from_secs(60)));
         assert_eq!(c.wait_time_seconds, 1);
         assert_eq!(c.operation_timeout, DEFAULT_OPERATION_TIMEOUT);
         let c: SqsConfig =

@@ -44,7 +44,7 @@
 //! | `Delivery::key` | `MessageGroupId` (FIFO) |
 //! | `Delivery::message_id` | `MessageId` |
 //! | `Delivery::headers` | message attributes (String/Number as text, Binary as bytes), then system attributes as `x-sqs-<Name>` (optional) |
-//! | lease | the visibility timeout requested on every receive |
+//! | lease | the visibility timeout requested on every receive: the configured one, else the queue's own `VisibilityTimeout` |
 //! | ack | `DeleteMessageBatch` (10 per call, 4 calls in parallel by default) |
 //! | retry | `ChangeMessageVisibility(delay)`, at most 12 h |
 //! | dead letter | `SendMessage` to the DLQ, then delete of the original |

@@ -109,17 +109,36 @@ impl RedrivePolicy {
     }
 }
 
-/// The queue's redrive policy, if it has one. A refusal to read it (no
-/// `sqs:GetQueueAttributes` permission) is logged and read as none; other errors are returned.
-pub(crate) async fn redrive_policy(
+/// What ackstack reads from the work queue's own attributes at start.
+#[derive(Debug, Default)]
+pub(crate) struct QueueAttributes {
+    /// Its `RedrivePolicy`, when asked for and set.
+    pub(crate) redrive: Option<RedrivePolicy>,
+    /// Its `VisibilityTimeout`, when asked for and readable.
+    pub(crate) visibility: Option<Duration>,
+}
+
+/// Reads the queue's redrive policy (when `redrive`) and its visibility timeout (when
+/// `visibility`) in one `GetQueueAttributes` call. A refusal to read them (no
+/// `sqs:GetQueueAttributes` permission) is logged and read as neither; other errors are
+/// returned.
+pub(crate) async fn queue_attributes(
     client: &Client,
     url: &str,
+    redrive: bool,
+    visibility: bool,
     timeout: Duration,
-) -> Result<Option<RedrivePolicy>, SqsError> {
-    let request = client
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::RedrivePolicy);
+) -> Result<QueueAttributes, SqsError> {
+    let mut request = client.get_queue_attributes().queue_url(url);
+    if redrive {
+        request = request.attribute_names(QueueAttributeName::RedrivePolicy);
+    }
+    if visibility {
+        request = request.attribute_names(QueueAttributeName::VisibilityTimeout);
+    }
+    if !redrive && !visibility {
+        return Ok(QueueAttributes::default());
+    }
     let answer = match bounded("GetQueueAttributes", timeout, request.send()).await {
         Ok(answer) => answer,
         Err(e) => {
@@ -127,24 +146,35 @@ pub(crate) async fn redrive_policy(
             if e.is_permanent() {
                 tracing::warn!(
                     error = %e, queue = url,
-                    "cannot read the queue's redrive policy; if it has one, SQS may move \
-                     messages away before ackstack's retries are done"
+                    "cannot read the queue's attributes; if it has a redrive policy, SQS may \
+                     move messages away before ackstack's retries are done"
                 );
-                return Ok(None);
+                return Ok(QueueAttributes::default());
             }
             return Err(e);
         }
     };
-    let Some(json) = answer
-        .attributes()
-        .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
-        .filter(|json| !json.trim().is_empty())
-    else {
-        return Ok(None);
+    let attributes = answer.attributes();
+    let read = |name: &QueueAttributeName| {
+        attributes
+            .and_then(|a| a.get(name))
+            .map(|value| value.trim())
+            .filter(|value| !value.is_empty())
     };
-    RedrivePolicy::parse(json)
-        .map(Some)
-        .map_err(|why| SqsError::Config(format!("the queue's RedrivePolicy {json:?}: {why}")))
+    let redrive = match read(&QueueAttributeName::RedrivePolicy) {
+        Some(json) => Some(RedrivePolicy::parse(json).map_err(|why| {
+            SqsError::Config(format!("the queue's RedrivePolicy {json:?}: {why}"))
+        })?),
+        None => None,
+    };
+    let visibility = read(&QueueAttributeName::VisibilityTimeout)
+        .and_then(|secs| secs.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .filter(|d| !d.is_zero());
+    Ok(QueueAttributes {
+        redrive,
+        visibility,
+    })
 }
 
 /// The URL of the queue named `name` owned by `account` (another account's queue, by its

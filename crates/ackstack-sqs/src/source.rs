@@ -12,11 +12,14 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use bytes::Bytes;
 
-use crate::config::{MAX_VISIBILITY, Redrive, SqsConfig, is_url, name_from_url};
+use crate::config::{
+    DEFAULT_VISIBILITY, MAX_VISIBILITY, Redrive, SqsConfig, duration_secs_ceil, is_url,
+    name_from_url,
+};
 use crate::error::{ErrorClass, SqsError, classify_sdk, describe, is_missing_queue};
 use crate::headers::{SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
 use crate::queue::{
-    QueueInfo, build_client, max_message_size, owned_queue_url, redrive_policy,
+    QueueInfo, build_client, max_message_size, owned_queue_url, queue_attributes,
     resolve_queue_url_within,
 };
 use crate::settler::SqsSettler;
@@ -73,12 +76,16 @@ impl SqsSource {
                 .await?
             }
         };
-        let redrive = match config.redrive {
-            Redrive::Ignore => None,
-            Redrive::Check | Redrive::Trust => {
-                redrive_policy(&client, &url, config.operation_timeout).await?
-            }
-        };
+        let attributes = queue_attributes(
+            &client,
+            &url,
+            config.redrive != Redrive::Ignore,
+            config.visibility_timeout.is_none(),
+            config.operation_timeout,
+        )
+        .await?;
+        let redrive = attributes.redrive;
+        let visibility = lease(&config, attributes.visibility, &name);
         let mut dlq_name = config.dead_letter_queue_name()?;
         let dlq_url = match (&config.dead_letter_queue, &redrive) {
             (Some(dlq), _) if is_url(dlq) => dlq.clone(),
@@ -113,8 +120,8 @@ impl SqsSource {
             dlq_url,
             dlq_fifo,
             consumer: config.consumer_name.clone().into(),
-            visibility: config.visibility_timeout,
-            visibility_secs: config.visibility_secs(),
+            visibility,
+            visibility_secs: duration_secs_ceil(visibility),
             wait_secs: i32::try_from(config.wait_time_seconds).unwrap_or(20),
             max_messages: usize::try_from(config.max_messages).unwrap_or(10),
             parallel_acks: config.parallel_acks.max(1),
@@ -310,6 +317,27 @@ impl Source for SqsSource {
 
     async fn close(&mut self) {
         self.closed = true;
+    }
+}
+
+/// The lease: the configured visibility timeout, else the queue's own (`read`), else
+/// [`DEFAULT_VISIBILITY`] when the queue's could not be read. Logged at info when it comes
+/// from the queue.
+fn lease(config: &SqsConfig, read: Option<Duration>, queue: &str) -> Duration {
+    if let Some(configured) = config.visibility_timeout {
+        return configured;
+    }
+    match read {
+        Some(own) => {
+            let lease = own.min(MAX_VISIBILITY);
+            tracing::info!(
+                queue,
+                lease_secs = lease.as_secs(),
+                "no visibility_timeout configured; the queue's own VisibilityTimeout is the lease"
+            );
+            lease
+        }
+        None => DEFAULT_VISIBILITY,
     }
 }
 

@@ -1,14 +1,14 @@
 //! Queues with a native redrive policy, created by a plain client as a team's would be
 //! (invariant 14): ackstack's dead letters go to the policy's queue, with ackstack's metadata;
 //! a `maxReceiveCount` not above `max_attempts` stops the start naming both numbers; with
-//! `redrive: trust` ackstack lowers its own `max_attempts` below it. Needs moto (or SQS) at
-//! `SQS_ENDPOINT`.
+//! `redrive: trust` ackstack lowers its own `max_attempts` below it. Without a configured
+//! visibility timeout, the queue's own is the lease. Needs moto (or SQS) at `SQS_ENDPOINT`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use ackstack_core::{
-    ConfigError, Consumer, ConsumerError, HandlerError, Message, Publish, handler_fn,
+    ConfigError, Consumer, ConsumerError, HandlerError, Message, Publish, Source, handler_fn,
 };
 use ackstack_sqs::testing::{self, drain, unique_name};
 use ackstack_sqs::{DeadLetterRecord, Redrive, SqsConfig, SqsPublisher, SqsSource};
@@ -140,4 +140,48 @@ async fn a_trusted_redrive_limit_lowers_max_attempts_below_it() {
     let (url, dlq_url) = team_queues(&client, 3).await;
     let record = dead_letter_one(&client, (&url, &dlq_url), Redrive::Trust, 5).await;
     assert_eq!(record.metadata.attempts, 2, "max_attempts lowered to 3 - 1");
+}
+
+#[tokio::test]
+async fn without_a_configured_visibility_timeout_the_queues_own_is_the_lease() {
+    let client = testing::client().await;
+    let url = client
+        .create_queue()
+        .queue_name(unique_name("team-visibility"))
+        .attributes(QueueAttributeName::VisibilityTimeout, "3")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let mut own = config(&url, Redrive::Check).with_create_queues(true);
+    own.visibility_timeout = None;
+    let mut source = SqsSource::from_client(client.clone(), own).await.unwrap();
+    assert_eq!(source.capabilities().lease, Some(Duration::from_secs(3)));
+
+    // The message comes back once the queue's 3 s lapse, not after ackstack's old 30 s.
+    SqsPublisher::new(client.clone(), url.clone())
+        .publish(Message::new("held"))
+        .await
+        .unwrap();
+    let first = source.receive(1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let mut again = Vec::new();
+    for _ in 0..10 {
+        again = source.receive(1).await.unwrap();
+        if !again.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(again.len(), 1, "redelivered after the queue's own lease");
+    assert_eq!(again[0].delivery.attempt, 2);
+
+    // A configured timeout wins over the queue's.
+    let configured = SqsSource::from_client(client.clone(), config(&url, Redrive::Check))
+        .await
+        .unwrap();
+    assert_eq!(
+        configured.capabilities().lease,
+        Some(Duration::from_secs(2))
+    );
 }
