@@ -123,4 +123,12 @@ ensure_promtool
 start_moto
 
 log "running the tests"
-cargo test --workspace --no-fail-fast "$@"
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+# The workspace build turns on ackstack-postgres's `tls` feature (the TLS tests need it);
+# its own tests once more without it cover the plaintext-only build.
+if [[ $# -eq 0 ]]; then
+  log "running ackstack-postgres's own tests without the tls feature"
+  cargo test -p ackstack-postgres --lib || status=$?
+fi
+exit "$status"

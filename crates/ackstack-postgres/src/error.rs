@@ -71,3 +71,20 @@ impl From<InboxError> for HandlerError {
         HandlerError::transient(err)
     }
 }
+
+/// `err` and its sources, each not already in the text, joined by ": " (tokio-postgres's
+/// errors show only their kind, such as "error performing TLS handshake", and keep the
+/// reason in their source).
+pub(crate) fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -8,7 +8,8 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use crate::config::{DEFAULT_TABLE, PgInboxConfig};
-use crate::error::InboxError;
+use crate::error::{InboxError, describe};
+use crate::tls::{SslMode, TlsParams};
 use crate::tx::InboxTx;
 use ackstack_core::Context;
 
@@ -55,6 +56,35 @@ impl std::fmt::Debug for PgInbox {
     }
 }
 
+/// The pool's connection manager: plaintext, or TLS as `tls` says.
+fn manager(pg: tokio_postgres::Config, tls: &TlsParams) -> Result<Manager, InboxError> {
+    let config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    if tls.mode == SslMode::Disable {
+        return Ok(Manager::from_config(pg, tokio_postgres::NoTls, config));
+    }
+    #[cfg(feature = "tls")]
+    {
+        Ok(Manager::from_config(
+            pg,
+            crate::tls::connector(tls)?,
+            config,
+        ))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        if tls.mode.requires_tls() {
+            return Err(InboxError::Config(format!(
+                "sslmode={} needs TLS, which this build lacks: enable the `tls` feature of \
+                 ackstack-postgres (`postgres-tls` of ackstack)",
+                tls.mode
+            )));
+        }
+        Ok(Manager::from_config(pg, tokio_postgres::NoTls, config))
+    }
+}
+
 impl PgInbox {
     /// An inbox on the database at `url` (`postgres://user:password@host:port/db`, or the
     /// `key=value` form), through a pool of its own. Connects lazily: a database that is
@@ -62,13 +92,20 @@ impl PgInbox {
     /// messages are retried) until it answers.
     ///
     /// Each connection has `statement_timeout`, `connect_timeout` and a TCP user timeout
-    /// from `config`, and `application_name` `ackstack` unless the URL names one. TLS is not
-    /// supported yet (`sslmode=require` fails to connect).
+    /// from `config`, and `application_name` `ackstack` unless the URL names one.
+    ///
+    /// TLS follows the URL's `sslmode` and `sslrootcert` as libpq reads them (`verify-full`
+    /// for RDS or Cloud SQL with their CA bundle as `sslrootcert`); it needs this crate's
+    /// `tls` feature (`postgres-tls` in `ackstack`). Without it, a mode that requires TLS
+    /// is refused here with [`InboxError::Config`], and `prefer` (the default) connects in
+    /// plaintext.
     pub fn new(url: &str, config: PgInboxConfig) -> Result<PgInbox, InboxError> {
         config.validate()?;
+        let (url, tls) = TlsParams::take(url)?;
         // The parse error may quote the URL: keep it out of the message.
-        let mut pg = tokio_postgres::Config::from_str(url)
+        let mut pg = tokio_postgres::Config::from_str(&url)
             .map_err(|_| InboxError::Config("the database URL does not parse".into()))?;
+        pg.ssl_mode(tls.mode.for_client());
         let timeout = format!(
             "-c statement_timeout={}",
             config.statement_timeout.as_millis().max(1)
@@ -84,13 +121,7 @@ impl PgInbox {
         pg.connect_timeout(config.connect_timeout);
         pg.tcp_user_timeout(config.call_timeout());
         pg.keepalives_idle(Duration::from_secs(30));
-        let manager = Manager::from_config(
-            pg,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager = manager(pg, &tls)?;
         let pool = Pool::builder(manager)
             .max_size(config.max_connections)
             .create_timeout(Some(config.connect_timeout))
@@ -191,7 +222,7 @@ impl PgInbox {
         let wait = config.connect_timeout + config.statement_timeout;
         let client = match tokio::time::timeout(wait, self.inner.pool.get()).await {
             Ok(Ok(client)) => client,
-            Ok(Err(err)) => return Err(InboxError::Unreachable(err.to_string())),
+            Ok(Err(err)) => return Err(InboxError::Unreachable(describe(&err))),
             Err(_) => {
                 return Err(InboxError::Unreachable(format!(
                     "no connection within {wait:?}"
@@ -304,6 +335,29 @@ fn migration_sql(table: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn a_mode_that_requires_tls_is_refused_without_the_feature() {
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let url = format!("postgres://postgres@127.0.0.1/test?sslmode={mode}");
+            match PgInbox::new(&url, PgInboxConfig::new("t")) {
+                Err(InboxError::Config(why)) => {
+                    assert!(why.contains("`tls` feature"), "{why}");
+                    assert!(why.contains(mode), "{why}");
+                }
+                other => panic!("{mode}: {other:?}"),
+            }
+        }
+        // `prefer` (the default) and `disable` connect in plaintext.
+        assert!(
+            PgInbox::new(
+                "postgres://postgres@127.0.0.1/test",
+                PgInboxConfig::new("t")
+            )
+            .is_ok()
+        );
+    }
 
     #[test]
     fn the_default_migration_is_the_file() {

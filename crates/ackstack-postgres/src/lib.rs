@@ -108,6 +108,18 @@
 //! handlers whose effects are statements; a panic or a failed commit fails the whole group
 //! (each member is retried, none is acknowledged, nothing is applied twice).
 //!
+//! # TLS
+//!
+//! With the `tls` feature (`postgres-tls` in `ackstack`), [`PgInbox::new`] honours the URL's
+//! `sslmode` and `sslrootcert` as libpq does, through rustls: `prefer` (the default) and
+//! `require` encrypt without checking the certificate (`require` with `sslrootcert` checks
+//! the chain), `verify-ca` checks the chain, `verify-full` the host name too; the roots are
+//! `sslrootcert`'s, else the system's. For RDS, for example:
+//! `postgres://app@db.xxxx.rds.amazonaws.com/app?sslmode=verify-full&sslrootcert=/etc/rds/global-bundle.pem`.
+//! Without the feature, `require` and the `verify-*` modes are refused with
+//! [`InboxError::Config`] rather than connecting in plaintext. A pool of your own
+//! ([`PgInbox::from_pool`]) keeps whatever TLS it was built with.
+//!
 //! # The table
 //!
 //! [`PgInbox::migrate`] runs [`MIGRATION_0001`] (`migrations/0001_inbox.sql`, the same file)
@@ -121,6 +133,7 @@ mod error;
 mod group;
 mod handler;
 mod inbox;
+mod tls;
 mod tx;
 
 pub use config::{DEFAULT_TABLE, PgInboxConfig};

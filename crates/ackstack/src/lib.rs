@@ -78,7 +78,8 @@
 //!
 //! Security, off by default: `kafka-ssl` (TLS and SASL PLAIN/SCRAM/OAUTHBEARER in librdkafka,
 //! through the system's OpenSSL), `kafka-gssapi` (Kerberos too), `redis-tls` (`rediss://`
-//! URLs, rustls). `full` has all of the above but `kafka-gssapi`.
+//! URLs, rustls), `postgres-tls` (`sslmode` and `sslrootcert` in the database URL, as libpq
+//! reads them; rustls). `full` has all of the above but `kafka-gssapi`.
 //!
 //! The feature `test-util` adds the broker crates' helpers for tests (`sqs::testing`: queues
 //! on an SQS endpoint such as moto; `kafka::read_topic`: reading a topic such as the
