@@ -7,6 +7,10 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/MIGRATING.md")]
+pub struct MigratingDoctests;
+
 use std::time::Duration;
 
 use ackstack::rabbitmq::{QueueType, RabbitConfig};

@@ -51,3 +51,12 @@ fn every_rust_block_of_the_readme_is_compiled() {
     assert!(!open, "an unclosed block");
     assert!(!blocks(readme, "rust,no_run").is_empty());
 }
+
+#[test]
+fn every_rust_block_of_the_migration_guide_is_compiled() {
+    // integration-tests/src/lib.rs includes docs/MIGRATING.md as doc tests: a before and an
+    // after block per broker.
+    let guide = include_str!("../../docs/MIGRATING.md");
+    assert!(!guide.contains("```rust,ignore") && !guide.contains("```rust\n"));
+    assert_eq!(blocks(guide, "rust,no_run").len(), 6);
+}
