@@ -15,13 +15,13 @@ fn inbox(url: &str) -> PgInbox {
     PgInbox::new(url, PgInboxConfig::new("tls")).unwrap()
 }
 
-/// Whether the connection the inbox gets is encrypted, or why none could be had (as
-/// [`InboxError::Unreachable`] tells it).
+/// Whether the connection the inbox gets is encrypted, or why TLS failed (as
+/// [`InboxError::Tls`] tells it).
 async fn encrypted(url: &str) -> Result<bool, String> {
     let inbox = inbox(url);
     match inbox.migrate().await {
         Ok(()) => {}
-        Err(InboxError::Unreachable(why)) => return Err(why),
+        Err(InboxError::Tls(why)) => return Err(why),
         Err(other) => panic!("{other:?}"),
     }
     let client = inbox.pool().get().await.unwrap();
@@ -132,7 +132,7 @@ async fn a_server_without_tls_is_refused_when_the_url_requires_it() {
         "postgres://postgres@127.0.0.1:{port}/test?sslmode=require"
     ));
     match inbox.migrate().await {
-        Err(InboxError::Unreachable(why)) => {
+        Err(InboxError::Tls(why)) => {
             assert!(why.contains("server does not support TLS"), "{why}")
         }
         other => panic!("{other:?}"),

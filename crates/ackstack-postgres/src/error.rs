@@ -20,6 +20,11 @@ pub enum InboxError {
     /// every connection stayed busy for too long.
     #[error("database unreachable: {0}")]
     Unreachable(String),
+    /// TLS to the database failed: the server does not offer it where `sslmode` requires
+    /// it, or its certificate did not pass the check `sslmode` asks for. A setting to fix,
+    /// not an outage to wait out (handlers still get it as a transient error).
+    #[error("TLS to the database failed: {0}")]
+    Tls(String),
     /// A statement failed (an SQL error, or the connection broke while it ran).
     #[error("database error: {0}")]
     Database(#[from] tokio_postgres::Error),

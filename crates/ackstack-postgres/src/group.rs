@@ -210,7 +210,10 @@ where
     // Health: the database answering (or not) for a new transaction.
     cx.note_store(!matches!(
         joined,
-        Err(InboxError::Unreachable(_) | InboxError::Database(_) | InboxError::Timeout { .. })
+        Err(InboxError::Unreachable(_)
+            | InboxError::Tls(_)
+            | InboxError::Database(_)
+            | InboxError::Timeout { .. })
     ));
     let mut member = joined?;
     let group = member.group.clone();

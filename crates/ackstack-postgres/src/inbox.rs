@@ -222,7 +222,15 @@ impl PgInbox {
         let wait = config.connect_timeout + config.statement_timeout;
         let client = match tokio::time::timeout(wait, self.inner.pool.get()).await {
             Ok(Ok(client)) => client,
-            Ok(Err(err)) => return Err(InboxError::Unreachable(describe(&err))),
+            Ok(Err(err)) => {
+                let why = describe(&err);
+                // tokio-postgres gives no kind accessor; this is its text for `Kind::Tls`.
+                return Err(if why.contains("error performing TLS handshake") {
+                    InboxError::Tls(why)
+                } else {
+                    InboxError::Unreachable(why)
+                });
+            }
             Err(_) => {
                 return Err(InboxError::Unreachable(format!(
                     "no connection within {wait:?}"

@@ -207,11 +207,13 @@ impl PgLedger {
     }
 }
 
-/// An inbox error at start-up: a bad configuration or an SQL error gives up, anything else
+/// An inbox error at start-up: a bad configuration, failed TLS or an SQL error gives up, anything else
 /// (no connection, a timeout, a broken connection) is waited out.
 fn start_error(e: InboxError) -> StartError {
     match e {
-        InboxError::Config(_) => StartError::Config(format!("PostgreSQL inbox: {e}").into()),
+        InboxError::Config(_) | InboxError::Tls(_) => {
+            StartError::Config(format!("PostgreSQL inbox: {e}").into())
+        }
         InboxError::Database(db) => db_start_error(db),
         other => StartError::Unreachable(format!("PostgreSQL inbox: {other}").into()),
     }

@@ -551,6 +551,25 @@ fn postgres_inbox_charges_each_order_once_across_runs() {
     assert_eq!(pg_ledger(&queue), good_ledger());
 }
 
+/// A database URL whose TLS check cannot pass (`verify-full` for 127.0.0.1, which no
+/// certificate of the local server names) is a setting to fix: exit 1 at once, not a wait.
+#[test]
+fn a_database_url_whose_tls_check_fails_ends_the_start_with_exit_1() {
+    let url = "postgres://postgres@127.0.0.1:5432/test?sslmode=verify-full";
+    let queue = unique_name("orders-cli-pg");
+    let run = orders(
+        &["--queue", &queue, "--consume-only"],
+        &[("DATABASE_URL", url)],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("TLS to the database failed"), "{run:?}");
+    assert!(
+        !run.stderr.contains("waiting for PostgreSQL"),
+        "a refusal was waited out as an outage: {run:?}"
+    );
+}
+
 /// The same on RabbitMQ, with `--database-url`: two publishing runs on one queue, the ledger
 /// stays at 1 and the second run reports every good order deduplicated.
 #[test]
