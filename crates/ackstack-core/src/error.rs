@@ -2,7 +2,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// A boxed error that can cross threads.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -27,23 +27,75 @@ impl ErrorKind {
     }
 }
 
-/// The error a [`Handler`](crate::Handler) returns: a kind and the underlying error.
+/// The error a [`Handler`](crate::Handler) returns: a kind, the underlying error and,
+/// optionally, the delay the handler asks for before the next attempt.
+///
+/// `?` converts any error (`std::error::Error + Send + Sync + 'static`) into a **transient**
+/// one: retried with backoff, then dead-lettered once `max_attempts` are used up. Mark what
+/// can never succeed as permanent (dead-lettered at once) with [`HandlerError::permanent`] or
+/// [`ResultExt::permanent`]:
+///
+/// ```
+/// use std::time::Duration;
+/// use ackstack_core::{Delivery, HandlerError, ResultExt};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("the payment service said 429")]
+/// struct TooManyRequests { retry_after: Duration }
+///
+/// async fn pay(_cents: i64) -> Result<(), TooManyRequests> { Ok(()) }
+///
+/// async fn handle(delivery: &Delivery) -> Result<(), HandlerError> {
+///     let text = std::str::from_utf8(&delivery.payload).permanent()?; // never retried
+///     let cents: i64 = text.trim().parse().permanent()?;
+///     match pay(cents).await {
+///         Err(e) => {
+///             let after = e.retry_after;
+///             Err(HandlerError::transient(e).retry_after(after)) // the service's Retry-After
+///         }
+///         Ok(()) => Ok(()),
+///     }
+/// }
+/// ```
+///
+/// It is not itself a `std::error::Error` (as `anyhow::Error` is not), which is what lets `?`
+/// convert every error that is. A `Box<dyn Error + Send + Sync>` is not one either (a rule
+/// of the standard library), so `?` on it needs the kind said:
+/// `.map_err(HandlerError::transient)?`. [`HandlerError::inner`] gives the underlying error, and
+/// `BoxError::from(err)` a boxed one that keeps the kind: the tower integration reads it back
+/// from a service's error, so one rule holds for handlers and services alike.
 #[derive(Debug)]
 pub struct HandlerError {
     kind: ErrorKind,
     source: BoxError,
+    retry_after: Option<Duration>,
 }
 
 impl HandlerError {
     /// An error of the given kind.
     pub fn new(kind: ErrorKind, source: impl Into<BoxError>) -> Self {
-        HandlerError {
-            kind,
-            source: source.into(),
+        let source = source.into();
+        // A HandlerError boxed and back: unwrap it, keeping its delay.
+        match source.downcast::<Kinded>() {
+            Ok(kinded) => HandlerError { kind, ..kinded.0 },
+            Err(source) => HandlerError {
+                kind,
+                source,
+                retry_after: None,
+            },
         }
     }
 
-    /// A failure that may succeed on a later attempt.
+    /// A boxed error as a handler error: a boxed [`HandlerError`] keeps its kind, anything
+    /// else is transient.
+    pub fn from_boxed(err: BoxError) -> Self {
+        match err.downcast::<Kinded>() {
+            Ok(kinded) => kinded.0,
+            Err(other) => HandlerError::transient(other),
+        }
+    }
+
+    /// A failure that may succeed on a later attempt (what `?` makes of any error).
     pub fn transient(source: impl Into<BoxError>) -> Self {
         HandlerError::new(ErrorKind::Transient, source)
     }
@@ -53,9 +105,23 @@ impl HandlerError {
         HandlerError::new(ErrorKind::Permanent, source)
     }
 
+    /// Asks for the next attempt `delay` from now instead of the backoff's delay (for
+    /// example a downstream's `Retry-After`). Capped by the backoff's cap and by the longest
+    /// delay the broker can honour; a zero delay asks for nothing. Only a transient error is
+    /// retried: a permanent one is dead-lettered whatever it asks.
+    pub fn retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay).filter(|d| !d.is_zero());
+        self
+    }
+
     /// The kind.
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// The delay asked for with [`HandlerError::retry_after`].
+    pub fn requested_delay(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// The underlying error.
@@ -69,15 +135,53 @@ impl HandlerError {
     }
 }
 
+impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
+    /// Any error, as a transient failure.
+    fn from(err: E) -> Self {
+        HandlerError::transient(err)
+    }
+}
+
+impl From<HandlerError> for BoxError {
+    /// A boxed error whose kind and requested delay survive: [`HandlerError::new`] (and so
+    /// `transient`, `permanent` and the tower integration) finds them again.
+    fn from(err: HandlerError) -> Self {
+        Box::new(Kinded(err))
+    }
+}
+
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} failure: {}", self.kind.as_str(), self.source)
     }
 }
 
-impl StdError for HandlerError {
+/// A [`HandlerError`] as a `std::error::Error`, inside a [`BoxError`].
+#[derive(Debug)]
+struct Kinded(HandlerError);
+
+impl fmt::Display for Kinded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl StdError for Kinded {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(self.source.as_ref())
+        Some(self.0.source.as_ref())
+    }
+}
+
+/// `.permanent()` on a `Result`: its error, if any, as a [`HandlerError`] that is
+/// dead-lettered at once (`?` alone makes it transient).
+pub trait ResultExt<T> {
+    /// The error as a permanent failure.
+    fn permanent(self) -> Result<T, HandlerError>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
+    fn permanent(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::permanent)
     }
 }
 
@@ -225,5 +329,35 @@ mod tests {
         assert!(f.message.contains("disk on fire"));
         let long = HandlerError::permanent("x".repeat(10_000));
         assert!(Failure::from_error(&long).message.len() <= MAX_FAILURE_MESSAGE);
+    }
+
+    #[test]
+    fn question_mark_makes_any_error_transient_and_permanent_marks_it() {
+        fn parse(text: &str) -> Result<u32, HandlerError> {
+            Ok(text.parse::<u32>()?)
+        }
+        assert_eq!(parse("x").unwrap_err().kind(), ErrorKind::Transient);
+        let marked: Result<u32, HandlerError> = "x".parse::<u32>().permanent();
+        assert_eq!(marked.unwrap_err().kind(), ErrorKind::Permanent);
+    }
+
+    #[test]
+    fn a_boxed_handler_error_keeps_its_kind_and_delay() {
+        let asked = HandlerError::permanent("no").retry_after(Duration::from_secs(3));
+        let boxed = BoxError::from(asked);
+        assert_eq!(HandlerError::from_boxed(boxed).kind(), ErrorKind::Permanent);
+        let back = HandlerError::transient(BoxError::from(
+            HandlerError::permanent("no").retry_after(Duration::from_secs(3)),
+        ));
+        // The constructor's kind wins; the delay and the underlying error are kept.
+        assert_eq!(back.kind(), ErrorKind::Transient);
+        assert_eq!(back.requested_delay(), Some(Duration::from_secs(3)));
+        assert_eq!(back.inner().to_string(), "no");
+        assert_eq!(
+            HandlerError::transient("x")
+                .retry_after(Duration::ZERO)
+                .requested_delay(),
+            None
+        );
     }
 }

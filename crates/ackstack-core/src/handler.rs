@@ -359,14 +359,15 @@ pub trait Layer<P> {
 
 /// The innermost step: runs the handler, catching panics, and maps its result to an outcome.
 ///
-/// `Ok` is [`Outcome::Ack`]; a transient error or a panic is [`Outcome::Retry`] (with no
-/// delay of its own: the retry layer decides the delay and the attempt limit); a permanent
-/// error is [`Outcome::DeadLetter`].
+/// `Ok` is [`Outcome::Ack`]; a transient error or a panic is [`Outcome::Retry`] (with the
+/// delay the error asked for, [`HandlerError::retry_after`], else zero: the retry layer
+/// decides the delay and the attempt limit); a permanent error is [`Outcome::DeadLetter`].
 #[derive(Clone)]
 pub struct Terminal<H> {
     handler: H,
     classifier: Option<Classifier>,
     arrival_limit: Option<u32>,
+    timeout: Option<Duration>,
 }
 
 impl<H> std::fmt::Debug for Terminal<H> {
@@ -382,7 +383,14 @@ impl<H: Handler> Terminal<H> {
             handler,
             classifier: None,
             arrival_limit: None,
+            timeout: None,
         }
+    }
+
+    /// Fails an attempt that runs longer than `limit` (transiently), dropping its future.
+    pub fn timeout(mut self, limit: Option<Duration>) -> Self {
+        self.timeout = limit;
+        self
     }
 
     /// Dead-letters, without calling the handler, a delivery whose attempt number is above
@@ -421,13 +429,32 @@ impl<H: Handler> Process for Terminal<H> {
             return Outcome::DeadLetter(failure);
         }
         let run = std::panic::AssertUnwindSafe(self.handler.handle(delivery, cx)).catch_unwind();
-        let failure = match run.await {
+        let ran = match self.timeout {
+            None => run.await,
+            Some(limit) => match tokio::time::timeout(limit, run).await {
+                Ok(ran) => ran,
+                Err(_) => {
+                    cx.metrics().handler_timeouts.increment(1);
+                    let failure = Failure::new(
+                        crate::ErrorKind::Transient,
+                        format!("the handler ran longer than handler_timeout ({limit:?})"),
+                    );
+                    return Outcome::Retry {
+                        after: Duration::ZERO,
+                        failure,
+                    };
+                }
+            },
+        };
+        let mut asked = Duration::ZERO;
+        let failure = match ran {
             Ok(Ok(())) => return Outcome::Ack,
             Ok(Err(err)) => {
                 let mut failure = Failure::from_error(&err);
                 if let Some(classify) = &self.classifier {
                     failure.kind = classify(&err);
                 }
+                asked = err.requested_delay().unwrap_or_default();
                 failure
             }
             Err(panic) => {
@@ -442,8 +469,9 @@ impl<H: Handler> Process for Terminal<H> {
             }
         };
         match failure.kind {
+            // The retry layer decides the delay: the backoff's, or the one asked for.
             crate::ErrorKind::Transient => Outcome::Retry {
-                after: Duration::ZERO,
+                after: asked,
                 failure,
             },
             crate::ErrorKind::Permanent => Outcome::DeadLetter(failure),

@@ -113,7 +113,7 @@ pub use dedup::{
     DedupConfig, DedupKey, DedupLayer, DedupStore, KeyFn, MemoryDedupStore, OnStoreError,
 };
 pub use delivery::{Delivery, Headers, Origin};
-pub use error::{BoxError, ErrorKind, Failure, HandlerError, SettleError, SourceError};
+pub use error::{BoxError, ErrorKind, Failure, HandlerError, ResultExt, SettleError, SourceError};
 pub use handler::{
     Classifier, Context, Either, Handler, HandlerFn, Identity, Layer, Process, Stack, Terminal,
     handler_fn,

@@ -27,6 +27,7 @@
 //! | `ackstack_lease_extension_failures_total` | counter | | lease extensions the broker refused or did not answer |
 //! | `ackstack_leases_lost_total` | counter | | leases lost while a handler ran (work cancelled, not acked) |
 //! | `ackstack_handler_panics_total` | counter | | handler panics caught (counted as transient failures) |
+//! | `ackstack_handler_timeouts_total` | counter | | handler attempts cut off at `handler_timeout` (counted as transient failures) |
 //! | `ackstack_abandoned_total` | counter | | deliveries left unacked at the shutdown deadline |
 //! | `ackstack_dedup_held_total` | counter | | deliveries held in process because the dedup store was unreachable or their key busy (not counted as attempts) |
 //! | `ackstack_dedup_keyless_total` | counter | | deliveries without a (non-empty) dedup key, processed without deduplication |
@@ -76,6 +77,8 @@ pub const LEASE_EXTENSION_FAILURES: &str = "ackstack_lease_extension_failures_to
 pub const LEASES_LOST: &str = "ackstack_leases_lost_total";
 /// Handler panics caught.
 pub const HANDLER_PANICS: &str = "ackstack_handler_panics_total";
+/// Handler attempts cut off at `handler_timeout`.
+pub const HANDLER_TIMEOUTS: &str = "ackstack_handler_timeouts_total";
 /// Deliveries left unacked at the shutdown deadline.
 pub const ABANDONED: &str = "ackstack_abandoned_total";
 /// Deliveries being processed now.
@@ -184,6 +187,7 @@ pub(crate) struct Metrics {
     pub(crate) lease_extension_failures: Counter,
     pub(crate) leases_lost: Counter,
     pub(crate) handler_panics: Counter,
+    pub(crate) handler_timeouts: Counter,
     pub(crate) abandoned: Counter,
     pub(crate) dedup_held: Counter,
     pub(crate) dedup_keyless: Counter,
@@ -230,6 +234,7 @@ impl Metrics {
             lease_extension_failures: counter(LEASE_EXTENSION_FAILURES),
             leases_lost: counter(LEASES_LOST),
             handler_panics: counter(HANDLER_PANICS),
+            handler_timeouts: counter(HANDLER_TIMEOUTS),
             abandoned: counter(ABANDONED),
             dedup_held: counter(DEDUP_HELD),
             dedup_keyless: counter(DEDUP_KEYLESS),

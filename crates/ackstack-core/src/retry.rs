@@ -18,8 +18,12 @@
 //! retry, without counting attempts: a message then gets at most
 //! `max_attempts * (1 + immediate)` handler calls.
 //!
-//! The attempt number comes from the broker, so the limit holds across restarts. Nothing
-//! below this layer decides a delay: the `after` of an inner `Retry` is ignored.
+//! The attempt number comes from the broker, so the limit holds across restarts. The delay
+//! is the backoff's, unless the handler asked for one ([`HandlerError::retry_after`], which
+//! arrives as a non-zero `after` of the inner `Retry`): that delay, capped by the backoff's
+//! cap. No other step below decides a delay.
+//!
+//! [`HandlerError::retry_after`]: crate::HandlerError::retry_after
 //!
 //! [`DedupKey::Func`]: crate::DedupKey::Func
 
@@ -293,15 +297,16 @@ impl<P: Process> Process for Retry<P> {
                 // Lease lost or shutdown deadline: the runner settles nothing, so decide nothing.
                 return outcome;
             }
-            let failure = match outcome {
-                Outcome::Retry { failure, .. } => failure,
+            let (failure, asked) = match outcome {
+                Outcome::Retry { failure, after } => (failure, after),
                 Outcome::DeadLetter(mut failure) => {
                     failure.attempt = current.attempt;
                     return Outcome::DeadLetter(failure);
                 }
                 other => return other,
             };
-            if immediate < config.immediate {
+            // A delay the handler asked for is not cut short by the immediate tier.
+            if asked.is_zero() && immediate < config.immediate {
                 immediate += 1;
                 if !Self::pause(config.immediate_delay, cx).await {
                     return Outcome::Retry {
@@ -317,7 +322,11 @@ impl<P: Process> Process for Retry<P> {
             if !config.allows_retry_after(attempt) {
                 return Outcome::DeadLetter(failure);
             }
-            let mut after = config.backoff.delay(attempt);
+            let mut after = if asked.is_zero() {
+                config.backoff.delay(attempt)
+            } else {
+                asked.min(config.backoff.cap)
+            };
             if let Some(max) = self.layer.max_delay {
                 after = after.min(max);
             }
@@ -358,10 +367,11 @@ mod tests {
     use crate::delivery::Origin;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// Fails transiently (or panics) on every call, counting calls.
+    /// Fails transiently (or panics) on every call, counting calls; asks for `asked`.
     struct Failing {
         calls: Arc<AtomicU32>,
         panic: bool,
+        asked: Duration,
     }
 
     impl Process for Failing {
@@ -371,7 +381,7 @@ mod tests {
                 panic!("boom");
             }
             Outcome::Retry {
-                after: Duration::from_secs(3600),
+                after: self.asked,
                 failure: Failure::new(ErrorKind::Transient, "nope"),
             }
         }
@@ -390,23 +400,37 @@ mod tests {
         .max_attempts(3)
     }
 
-    #[tokio::test]
-    async fn the_delay_comes_from_the_backoff_not_from_inside() {
-        let calls = Arc::new(AtomicU32::new(0));
+    /// The delay the layer decides when the inner step asks for `asked`.
+    async fn decided(asked: Duration) -> Duration {
         let retry = layer().layer(Failing {
-            calls: calls.clone(),
+            calls: Arc::new(AtomicU32::new(0)),
             panic: false,
+            asked,
         });
         let outcome = retry.process(&delivery(2), &Context::new()).await;
         let Outcome::Retry { after, failure } = outcome else {
             panic!("expected a retry, got {outcome:?}");
         };
-        assert_eq!(
-            after,
-            Duration::from_millis(2),
-            "backoff.delay(2), not the inner 1 h"
-        );
         assert_eq!(failure.attempt, 2);
+        after
+    }
+
+    #[tokio::test]
+    async fn the_delay_is_the_backoffs_unless_one_was_asked_for_and_never_above_its_cap() {
+        assert_eq!(
+            decided(Duration::ZERO).await,
+            Duration::from_millis(2),
+            "backoff.delay(2)"
+        );
+        assert_eq!(
+            decided(Duration::from_millis(3)).await,
+            Duration::from_millis(3)
+        );
+        assert_eq!(
+            decided(Duration::from_secs(3600)).await,
+            Duration::from_millis(4),
+            "the cap"
+        );
     }
 
     #[tokio::test]
@@ -415,6 +439,7 @@ mod tests {
         let retry = layer().layer(Failing {
             calls: calls.clone(),
             panic: true,
+            asked: Duration::ZERO,
         });
         assert!(matches!(
             retry.process(&delivery(1), &Context::new()).await,
@@ -427,8 +452,9 @@ mod tests {
         assert!(failure.message.contains("boom"), "{}", failure.message);
     }
 
-    #[tokio::test]
-    async fn in_place_retries_count_attempts_up_to_the_limit() {
+    /// Runs a delivery's first attempt in place, with one immediate retry per attempt,
+    /// through an inner step that always fails asking for `asked`: the outcome and the calls.
+    async fn in_place_with_immediate(asked: Duration) -> (Outcome, u32) {
         let calls = Arc::new(AtomicU32::new(0));
         let retry = layer()
             .in_place(true)
@@ -436,17 +462,27 @@ mod tests {
             .layer(Failing {
                 calls: calls.clone(),
                 panic: false,
+                asked,
             });
         let outcome = retry.process(&delivery(1), &Context::new()).await;
+        (outcome, calls.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn in_place_retries_count_attempts_up_to_the_limit() {
+        let (outcome, calls) = in_place_with_immediate(Duration::ZERO).await;
         let Outcome::DeadLetter(failure) = outcome else {
             panic!("expected a dead letter, got {outcome:?}");
         };
         assert_eq!(failure.attempt, 3);
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            6,
-            "3 attempts x (1 + 1 immediate)"
-        );
+        assert_eq!(calls, 6, "3 attempts x (1 + 1 immediate)");
+    }
+
+    #[tokio::test]
+    async fn a_requested_delay_is_not_cut_short_by_the_immediate_tier() {
+        let (outcome, calls) = in_place_with_immediate(Duration::from_millis(3)).await;
+        assert!(matches!(outcome, Outcome::DeadLetter(_)), "{outcome:?}");
+        assert_eq!(calls, 3, "one call per attempt");
     }
 
     #[tokio::test]
@@ -455,6 +491,7 @@ mod tests {
         let retry = layer().in_place(true).layer(Failing {
             calls: calls.clone(),
             panic: false,
+            asked: Duration::ZERO,
         });
         let cx = Context::new();
         cx.token().cancel();

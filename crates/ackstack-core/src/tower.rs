@@ -67,9 +67,10 @@ pub struct ServiceHandler<S> {
 /// delivery and awaits the response without holding the service, so calls run concurrently up
 /// to the consumer's `concurrency`.
 ///
-/// An error of the service that is a [`HandlerError`] keeps its kind (permanent errors are
-/// dead-lettered); any other error (a `tower` timeout, an overloaded load shedder, your own
-/// error type) is transient: the delivery is retried with backoff.
+/// The rule is a handler's: an error of the service that is a [`HandlerError`] (boxed, as
+/// `tower`'s middleware boxes errors) keeps its kind and requested delay; any other error (a
+/// `tower` timeout, an overloaded load shedder, your own error type) is transient: the
+/// delivery is retried with backoff.
 ///
 /// tower treats an error from `poll_ready` as "this service is gone"; here every delivery
 /// polls it again, so a service that stays broken (a `Buffer` whose worker died) fails each
@@ -87,10 +88,7 @@ where
 }
 
 fn handler_error(err: impl Into<BoxError>) -> HandlerError {
-    match err.into().downcast::<HandlerError>() {
-        Ok(err) => *err,
-        Err(other) => HandlerError::transient(other),
-    }
+    HandlerError::from_boxed(err.into())
 }
 
 impl<S> Handler for ServiceHandler<S>

@@ -2,14 +2,13 @@
 
 use std::time::Duration;
 
-use ackstack_core::HandlerError;
-
 /// What went wrong talking to PostgreSQL.
 ///
-/// Every variant becomes a [`HandlerError::transient`] through `?` in a handler (the message
-/// is retried with backoff, then dead-lettered after the attempt limit); to dead-letter at
-/// once on a particular SQL error, check [`InboxError::code`] and return
-/// [`HandlerError::permanent`] yourself, or use `Consumer::classify`.
+/// Like any error, every variant becomes a transient
+/// [`HandlerError`](ackstack_core::HandlerError) through `?` in a handler (the message is
+/// retried with backoff, then dead-lettered after the attempt limit); to dead-letter at once
+/// on a particular SQL error, check [`InboxError::code`] and return `HandlerError::permanent`
+/// yourself, or use `Consumer::classify`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum InboxError {
@@ -68,12 +67,6 @@ impl InboxError {
             InboxError::Database(e) | InboxError::Aborted(e) => e.code().map(|c| c.code()),
             _ => None,
         }
-    }
-}
-
-impl From<InboxError> for HandlerError {
-    fn from(err: InboxError) -> Self {
-        HandlerError::transient(err)
     }
 }
 

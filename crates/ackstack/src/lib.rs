@@ -109,7 +109,7 @@ pub use ackstack_core::{
     DeliveryMode, ErrorKind, Failure, Handler, HandlerError, HandlerFn, Headers, Health,
     HealthConfig, HealthLevel, HealthReason, Inspector, Jitter, KeyOrdering, KillSwitchConfig,
     Layer, LeaseConfig, MemoryBroker, MemoryDedupStore, Message, OnRefused, OnStoreError, Origin,
-    Outcome, Problem, Publish, PublishError, RetryConfig, Status, Summary, handler_fn,
+    Outcome, Problem, Publish, PublishError, ResultExt, RetryConfig, Status, Summary, handler_fn,
     shutdown_signal,
 };
 

@@ -77,6 +77,7 @@ fn sample_orders() -> Vec<&'static str> {
 /// The handler: decode, maybe fail on purpose, charge. Returning `Ok` acks the delivery.
 async fn handle(delivery: Delivery, ledger: Ledger) -> Result<(), HandlerError> {
     let order = order_to_charge(&delivery).await?;
+    // A boxed error is not a `std::error::Error` itself, so `?` needs the explicit kind.
     ledger
         .charge(&order.order_id)
         .await

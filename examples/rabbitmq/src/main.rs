@@ -63,7 +63,7 @@ async fn handle(delivery: Delivery) -> Result<(), HandlerError> {
     if order.amount_cents <= 0 {
         return Err(HandlerError::permanent("the amount must be positive"));
     }
-    // A payment call would go here; `.map_err(HandlerError::transient)?` retries its failures.
+    // A payment call would go here; `?` on its error retries it with backoff.
     tracing::info!(order_id = %order.order_id, amount_cents = order.amount_cents, "order processed");
     Ok(())
 }

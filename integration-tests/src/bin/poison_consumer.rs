@@ -21,7 +21,7 @@ use ackstack::adapter::Source;
 use ackstack::kafka::{KafkaConfig, KafkaSource};
 use ackstack::rabbitmq::{QueueType, RabbitSource};
 use ackstack::sqs::{SqsConfig, SqsSource};
-use ackstack::{Backoff, Consumer, HandlerError, handler_fn};
+use ackstack::{Backoff, Consumer, handler_fn};
 use integration_tests::rabbitmq_config;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -85,11 +85,9 @@ async fn run<S: Source>(source: S, handled: &str, idle: Duration) -> Result<(), 
                     let mut file = std::fs::OpenOptions::new()
                         .create(true)
                         .append(true)
-                        .open(&handled)
-                        .map_err(HandlerError::transient)?;
+                        .open(&handled)?;
                     file.write_all(&d.payload)
-                        .and_then(|()| file.write_all(b"\n"))
-                        .map_err(HandlerError::transient)?;
+                        .and_then(|()| file.write_all(b"\n"))?;
                     Ok(())
                 }
             }),

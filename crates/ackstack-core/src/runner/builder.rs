@@ -135,6 +135,13 @@ impl<S: Source, L> Consumer<S, L> {
         self
     }
 
+    /// Fails a handler attempt that runs longer than `limit` (transiently: retried, then
+    /// dead-lettered); see [`ConsumerConfig::handler_timeout`].
+    pub fn handler_timeout(mut self, limit: Duration) -> Self {
+        self.overrides.handler_timeout = Some(limit);
+        self
+    }
+
     /// Names this consumer in deliveries' origin, spans and dead-letter metadata (instead of
     /// the name the source gave).
     pub fn name(mut self, name: &str) -> Self {

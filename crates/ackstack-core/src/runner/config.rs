@@ -66,6 +66,12 @@ pub struct ConsumerConfig {
     pub ordering: KeyOrdering,
     /// Retry policy.
     pub retry: RetryConfig,
+    /// The longest one handler attempt may run; past it the attempt is dropped (its future
+    /// is not polled again) and counts as a transient failure: retried with backoff, then
+    /// dead-lettered. Off (`None`) by default. Applies to the handler alone, inside the
+    /// layers.
+    #[serde(with = "crate::config::duration::option")]
+    pub handler_timeout: Option<Duration>,
     /// Lease keeping (brokers with visibility timeouts).
     pub lease: LeaseConfig,
     /// Deduplication (used when a store is given).
@@ -114,6 +120,7 @@ impl Default for ConsumerConfig {
             mode: DeliveryMode::AtLeastOnce,
             ordering: KeyOrdering::Auto,
             retry: RetryConfig::default(),
+            handler_timeout: None,
             lease: LeaseConfig::default(),
             dedup: DedupConfig::default(),
             correlation_header: None,
@@ -147,6 +154,9 @@ impl ConsumerConfig {
         }
         if self.retry.max_attempts == 0 {
             return Err(ConfigError::ZeroMaxAttempts);
+        }
+        if self.handler_timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::ZeroHandlerTimeout);
         }
         let factor = self.retry.backoff.factor;
         if !(factor.is_finite() && factor >= 1.0) {
@@ -194,6 +204,9 @@ pub enum ConfigError {
     /// `retry.max_attempts` is 0.
     #[error("retry.max_attempts must be at least 1")]
     ZeroMaxAttempts,
+    /// `handler_timeout` is zero (leave it unset for no limit).
+    #[error("handler_timeout must not be zero (leave it unset for no limit)")]
+    ZeroHandlerTimeout,
     /// `retry.factor` is below 1 or not a number.
     #[error("retry.factor must be a finite number of at least 1, got {0}")]
     BackoffFactor(f64),
@@ -245,6 +258,7 @@ pub(super) struct Overrides {
     pub(super) mode: Option<DeliveryMode>,
     pub(super) ordering: Option<KeyOrdering>,
     pub(super) shutdown_deadline: Option<Duration>,
+    pub(super) handler_timeout: Option<Duration>,
 }
 
 impl Overrides {
@@ -266,6 +280,9 @@ impl Overrides {
         }
         if let Some(deadline) = self.shutdown_deadline {
             config.shutdown_deadline = deadline;
+        }
+        if let Some(limit) = self.handler_timeout {
+            config.handler_timeout = Some(limit);
         }
         config
     }

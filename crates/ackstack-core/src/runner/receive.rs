@@ -101,6 +101,7 @@ impl<S: Source, L> Consumer<S, L> {
             });
         let terminal = Terminal::new(handler)
             .classify(self.classifier.clone())
+            .timeout(cfg.handler_timeout)
             .arrival_limit(
                 (caps.careful_for.is_some() && cfg.mode != DeliveryMode::AtMostOnce)
                     .then_some(cfg.retry.max_attempts),

@@ -11,7 +11,7 @@
 //!   [`acks_only_after_success`], [`acks_are_batched`],
 //!   [`out_of_order_completion_loses_nothing`].
 //! - `retry.rs`: invariants 2 (attempts survive restarts) and 3 (backoff):
-//!   [`attempts_survive_restart`], [`retries_back_off`].
+//!   [`attempts_survive_restart`], [`retries_back_off`], [`handler_chosen_delays_are_honoured`].
 //! - `dead_letters.rs`: invariant 4 (dead-lettering), with 10 for undecodable payloads:
 //!   [`dead_letters_after_max_attempts`], [`permanent_failures_dead_letter_at_once`].
 //! - `dedup.rs`: invariant 5 (deduplication): [`dedup_marks_after_success`].
@@ -52,7 +52,7 @@ pub use dead_letters::{dead_letters_after_max_attempts, permanent_failures_dead_
 pub use dedup::dedup_marks_after_success;
 pub use leases::{long_handlers_keep_their_lease, lost_lease_is_never_acked};
 pub use ordering::{concurrency_is_bounded, per_key_ordering};
-pub use retry::{attempts_survive_restart, retries_back_off};
+pub use retry::{attempts_survive_restart, handler_chosen_delays_are_honoured, retries_back_off};
 pub use shutdown::{shutdown_drains_in_flight_work, unacked_work_is_redelivered};
 
 /// A check's verdict when it did not fail.
@@ -83,6 +83,9 @@ pub fn all<H: Harness>() -> Vec<(&'static str, Check<H>)> {
             Box::pin(attempts_survive_restart(h))
         }),
         ("retries_back_off", |h| Box::pin(retries_back_off(h))),
+        ("handler_chosen_delays_are_honoured", |h| {
+            Box::pin(handler_chosen_delays_are_honoured(h))
+        }),
         ("dead_letters_after_max_attempts", |h| {
             Box::pin(dead_letters_after_max_attempts(h))
         }),

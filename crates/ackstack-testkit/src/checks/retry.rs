@@ -1,5 +1,5 @@
 //! Invariants 2 (attempts survive restarts) and 3 (retry with backoff): the attempt number a retry
-//! carries, and when it comes back.
+//! carries, and when it comes back, after the backoff's delay or the one the handler asked for.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,6 +100,52 @@ pub async fn retries_back_off<H: Harness>(h: Arc<H>) -> CheckResult {
         })?;
     }
     ensure(summary.succeeded == 1 && summary.retried == 2, || {
+        format!("{summary:?}")
+    })?;
+    Ok(Verdict::Passed)
+}
+
+/// Invariant 3: a delay the handler asks for (`HandlerError::retry_after`, a downstream's
+/// `Retry-After`) replaces the backoff's, on every broker.
+pub async fn handler_chosen_delays_are_honoured<H: Harness>(h: Arc<H>) -> CheckResult {
+    let q = h.create(LEASE).await;
+    publish_all(&h.publisher(&q).await, vec![Message::new("later")]).await?;
+    let asked = Duration::from_millis(1500);
+    let mut config = test_config();
+    // The backoff alone would retry after 50 ms.
+    config.retry.backoff =
+        Backoff::exponential(Duration::from_millis(50), Duration::from_secs(5)).no_jitter();
+    let seen = Seen::default();
+    let (s, s2) = (seen.clone(), seen.clone());
+    let summary = run(
+        &*h,
+        &q,
+        config,
+        None,
+        move |d, _cx| {
+            s.record(&d);
+            let attempt = d.attempt;
+            async move {
+                if attempt == 1 {
+                    Err(HandlerError::transient("429 Too Many Requests").retry_after(asked))
+                } else {
+                    Ok(())
+                }
+            }
+        },
+        move || s2.len() >= 2,
+    )
+    .await?;
+    let runs = seen.of("later");
+    let attempts: Vec<u32> = runs.iter().map(|r| r.0).collect();
+    ensure(attempts == vec![1, 2], || {
+        format!("attempt numbers {attempts:?}")
+    })?;
+    let gap = runs[1].1 - runs[0].1;
+    ensure(gap + Duration::from_millis(50) >= asked, || {
+        format!("the retry came {gap:?} after the first attempt; the handler asked for {asked:?}")
+    })?;
+    ensure(summary.succeeded == 1 && summary.retried == 1, || {
         format!("{summary:?}")
     })?;
     Ok(Verdict::Passed)
