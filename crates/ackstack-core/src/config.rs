@@ -1,11 +1,18 @@
 //! Serde helpers for configuration.
 
-/// Durations in config as human strings: `"250ms"`, `"30s"`, `"5m"`, `"1h"`, or a number of
-/// milliseconds.
+/// Durations in config as human strings with a unit: `"250ms"`, `"30s"`, `"5m"`, `"1h"`.
+///
+/// One rule for config files, environment overrides and the `duration` helpers: the unit is
+/// required. A bare number (`30`, or `"30"`) is refused with an error that shows the fix, since
+/// it would mean milliseconds to one reader and seconds to another; figment adds the key to
+/// the message (`for key "default.consumer.shutdown_deadline"`), serde_json the line and
+/// column.
 pub mod duration {
+    use std::fmt;
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
 
     /// Writes a duration as `"<n>ms"`. Parts below a millisecond are dropped; every other
     /// duration, up to [`Duration::MAX`], reads back unchanged.
@@ -13,22 +20,51 @@ pub mod duration {
         s.serialize_str(&format!("{}ms", d.as_millis()))
     }
 
-    /// Reads `"250ms"`, `"30s"`, `"5m"`, `"1h"` or a number of milliseconds.
+    /// Reads `"250ms"`, `"30s"`, `"5m"` or `"1h"`; refuses a number without a unit.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Millis(u64),
-            Text(String),
+        d.deserialize_any(DurationVisitor)
+    }
+
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration with a unit, such as \"250ms\", \"30s\" or \"5m\"")
         }
-        match Raw::deserialize(d)? {
-            Raw::Millis(ms) => Ok(Duration::from_millis(ms)),
-            Raw::Text(t) => parse(&t).map_err(D::Error::custom),
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
+            parse(text).map_err(E::custom)
+        }
+
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<Duration, E> {
+            Err(E::custom(no_unit(&n.to_string())))
+        }
+
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<Duration, E> {
+            Err(E::custom(no_unit(&n.to_string())))
+        }
+
+        fn visit_f64<E: de::Error>(self, n: f64) -> Result<Duration, E> {
+            let ms = (n * 1000.0).round();
+            Err(E::custom(format!(
+                "the duration {n} has no unit, and fractions are not read: write \"{ms}ms\""
+            )))
         }
     }
 
-    /// Parses `"250ms"`, `"30s"`, `"5m"` or `"1h"` (a bare number is seconds). Anything up to
-    /// [`Duration::MAX`] is accepted, so whatever [`serialize`] writes reads back.
+    /// The refusal of a number without a unit, with the fix.
+    fn no_unit(number: &str) -> String {
+        format!(
+            "the duration {number} has no unit: write \"{number}s\" for seconds or \"{number}ms\" \
+             for milliseconds (units: ms, s, m, h)"
+        )
+    }
+
+    /// Parses `"250ms"`, `"30s"`, `"5m"` or `"1h"`. Anything up to [`Duration::MAX`] is
+    /// accepted, so whatever [`serialize`] writes reads back; a number without a unit is
+    /// refused.
     pub fn parse(text: &str) -> Result<Duration, String> {
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -40,9 +76,10 @@ pub mod duration {
         }
         let unit_ms: u128 = match unit.trim() {
             "ms" => 1,
-            "s" | "" => 1000,
+            "s" => 1000,
             "m" => 60_000,
             "h" => 3_600_000,
+            "" => return Err(no_unit(num)),
             other => return Err(format!("invalid duration unit {other:?} in {text:?}")),
         };
         let too_large = || format!("duration {text:?} is too large");
@@ -103,6 +140,31 @@ pub mod duration {
                 "Duration::MAX in whole milliseconds"
             );
             assert!(parse("18446744073709551616000ms").is_err());
+        }
+
+        #[test]
+        fn a_number_without_a_unit_is_refused_with_the_fix() {
+            let why = parse("30").unwrap_err();
+            assert!(why.contains("\"30s\"") && why.contains("\"30ms\""), "{why}");
+            #[derive(Debug, serde::Deserialize)]
+            struct Config {
+                #[serde(with = "super")]
+                #[allow(dead_code)]
+                shutdown_deadline: Duration,
+            }
+            for json in [
+                r#"{"shutdown_deadline": 30}"#,
+                r#"{"shutdown_deadline": "30"}"#,
+            ] {
+                let why = serde_json::from_str::<Config>(json)
+                    .unwrap_err()
+                    .to_string();
+                assert!(why.contains("has no unit"), "{why}");
+            }
+            let why = serde_json::from_str::<Config>(r#"{"shutdown_deadline": 1.5}"#)
+                .unwrap_err()
+                .to_string();
+            assert!(why.contains("\"1500ms\""), "{why}");
         }
     }
 }

@@ -459,7 +459,7 @@ mod tests {
     #[test]
     fn deserializes_with_defaults() {
         let c: RabbitConfig = serde_json::from_str(
-            r#"{"uri":"amqp://h","queue":"q","delay_buckets":["250ms",2000]}"#,
+            r#"{"uri":"amqp://h","queue":"q","delay_buckets":["250ms","2s"]}"#,
         )
         .unwrap();
         assert_eq!(c.prefetch, 200);
@@ -472,5 +472,9 @@ mod tests {
         assert_eq!(c.dlq_name(), "q-dlq");
         assert_eq!(c.held_ack_delay, Duration::from_millis(50));
         assert_eq!(c.operation_timeout, Duration::from_secs(10));
+        // A delay bucket without a unit is refused, as every duration is.
+        let bare = r#"{"uri":"amqp://h","queue":"q","delay_buckets":["250ms",2000]}"#;
+        let why = serde_json::from_str::<RabbitConfig>(bare).unwrap_err();
+        assert!(why.to_string().contains("has no unit"), "{why}");
     }
 }

@@ -11,7 +11,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "ackstack:dedup:";
 
 /// Where and how the store talks to Redis.
 ///
-/// Deserializable with serde; durations accept `"250ms"`, `"2s"` or a number of milliseconds.
+/// Deserializable with serde; durations take a unit: `"250ms"`, `"2s"`.
 /// `Debug` never prints the password of the URL.
 ///
 /// ```

@@ -27,7 +27,7 @@ pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// must be set. A name is resolved with `GetQueueUrl` (and the queue created when
 /// [`create_queues`](SqsConfig::create_queues) is set). A name ending in `.fifo` is a FIFO queue.
 ///
-/// Durations deserialize from `"30s"`, `"250ms"`, `"5m"` or a number of milliseconds.
+/// Durations take a unit: `"30s"`, `"250ms"`, `"5m"` (a bare number is refused).
 ///
 /// ```
 /// let config: ackstack_sqs::SqsConfig = serde_json::from_str(

@@ -156,7 +156,8 @@ pub mod adapter {
     pub use ackstack_core::adapter::{
         Counter, Generation, attempt_from_count, parse_attempt, parse_count,
     };
-    /// Serde helpers for durations in configuration (`"30s"`, `"250ms"` or seconds).
+    /// Serde helpers for durations in configuration: `"30s"`, `"250ms"`, `"5m"`; a number
+    /// without a unit is refused.
     pub use ackstack_core::config::duration;
     pub use ackstack_core::deadletter;
     pub use ackstack_core::error::{MAX_FAILURE_MESSAGE, truncate};
