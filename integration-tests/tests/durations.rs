@@ -1,7 +1,8 @@
 //! One rule for durations in every config source (JSON, TOML, environment overrides through
 //! figment, as the examples load them): a unit is required, and a bare number is refused with
 //! an error that names the key and shows the fix.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+// figment's own API (Jail's closures, extract) returns its large error by value.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
 
 use std::time::Duration;
 

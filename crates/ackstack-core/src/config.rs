@@ -146,20 +146,12 @@ pub mod duration {
         fn a_number_without_a_unit_is_refused_with_the_fix() {
             let why = parse("30").unwrap_err();
             assert!(why.contains("\"30s\"") && why.contains("\"30ms\""), "{why}");
+            // Fractions are not read; the fix is in milliseconds.
             #[derive(Debug, serde::Deserialize)]
             struct Config {
                 #[serde(with = "super")]
                 #[allow(dead_code)]
                 shutdown_deadline: Duration,
-            }
-            for json in [
-                r#"{"shutdown_deadline": 30}"#,
-                r#"{"shutdown_deadline": "30"}"#,
-            ] {
-                let why = serde_json::from_str::<Config>(json)
-                    .unwrap_err()
-                    .to_string();
-                assert!(why.contains("has no unit"), "{why}");
             }
             let why = serde_json::from_str::<Config>(r#"{"shutdown_deadline": 1.5}"#)
                 .unwrap_err()
