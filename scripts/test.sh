@@ -5,7 +5,7 @@
 # into a virtualenv and started, and stopped again at the end; promtool is unpacked into the
 # cache. Kafka tests use librdkafka's in-process mock cluster unless KAFKA_BROKERS is set.
 #
-# Usage: bash scripts/test.sh [extra cargo test arguments]
+# Usage: bash scripts/test.sh [a test filter, passed to cargo-nextest (cargo test without it)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -124,7 +124,15 @@ start_moto
 
 log "running the tests"
 status=0
-cargo test --workspace --no-fail-fast "$@" || status=$?
+if cargo nextest --version >/dev/null 2>&1; then
+  # Test binaries run side by side (.config/nextest.toml); nextest does not run doc tests.
+  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+  if [[ $# -eq 0 ]]; then
+    cargo test --workspace --doc --no-fail-fast || status=$?
+  fi
+else
+  cargo test --workspace --no-fail-fast "$@" || status=$?
+fi
 # The workspace build turns on ackstack-postgres's `tls` feature (the TLS tests need it);
 # its own tests once more without it cover the plaintext-only build.
 if [[ $# -eq 0 ]]; then
