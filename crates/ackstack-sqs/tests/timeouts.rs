@@ -42,13 +42,15 @@ async fn stalled_client() -> (Client, String) {
     (Client::new(&config), endpoint)
 }
 
-/// A source on the stalled endpoint; queue URLs are given and the redrive policy is not
-/// read, so connecting makes no call that must answer.
+/// A source on the stalled endpoint; queue URLs are given, the redrive policy is not read and
+/// the visibility timeout is configured (not read from the queue), so connecting makes no call
+/// that must answer.
 async fn stalled_source() -> SqsSource {
     let (client, endpoint) = stalled_client().await;
     let mut config = SqsConfig::queue_url(format!("{endpoint}/123456789012/stalled"))
         .with_dead_letter_queue(format!("{endpoint}/123456789012/stalled-dlq"))
         .with_wait_time_seconds(1)
+        .with_visibility_timeout(Duration::from_secs(30))
         .with_operation_timeout(TIMEOUT);
     config.redrive = ackstack_sqs::Redrive::Ignore;
     SqsSource::from_client(client, config).await.unwrap()
