@@ -1,16 +1,43 @@
-//! The README's JSON configuration blocks parse as the `ConsumerConfig`s they claim to be, and
-//! none of its blocks escapes compilation. (The README's Rust blocks are compiled as doc tests:
-//! `src/lib.rs`; the examples' TOML files are read by the examples in their own tests.)
+//! The docs' JSON configuration blocks parse as the `ConsumerConfig`s they claim to be, and no
+//! block of the README or docs/ escapes its test. (The Rust blocks of the README and
+//! docs/MIGRATING.md are compiled as doc tests: `src/lib.rs`; the examples' TOML files are read
+//! by the examples in their own tests.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ackstack_core::ConsumerConfig;
 use integration_tests::blocks;
 
+/// The pages of docs/ whose blocks the tests below read.
+const PAGES: [(&str, &str); 9] = [
+    ("docs/GUIDE.md", include_str!("../../docs/GUIDE.md")),
+    (
+        "docs/OPERATIONS.md",
+        include_str!("../../docs/OPERATIONS.md"),
+    ),
+    ("docs/DLQ.md", include_str!("../../docs/DLQ.md")),
+    ("docs/TESTING.md", include_str!("../../docs/TESTING.md")),
+    (
+        "docs/PERFORMANCE.md",
+        include_str!("../../docs/PERFORMANCE.md"),
+    ),
+    ("docs/MIGRATING.md", include_str!("../../docs/MIGRATING.md")),
+    ("docs/DESIGN.md", include_str!("../../docs/DESIGN.md")),
+    ("docs/CONTRACT.md", include_str!("../../docs/CONTRACT.md")),
+    (
+        "docs/KAFKA_SECURITY.md",
+        include_str!("../../docs/KAFKA_SECURITY.md"),
+    ),
+];
+
 #[test]
-fn the_readme_configuration_blocks_are_valid_consumer_configs() {
-    let readme = include_str!("../../README.md");
-    let json = blocks(readme, "json");
-    assert!(json.len() >= 2, "the Configuration and kill-switch blocks");
+fn the_configuration_blocks_of_the_docs_are_valid_consumer_configs() {
+    let guide = include_str!("../../docs/GUIDE.md");
+    let operations = include_str!("../../docs/OPERATIONS.md");
+    let json: Vec<&str> = blocks(guide, "json")
+        .into_iter()
+        .chain(blocks(operations, "json"))
+        .collect();
+    assert_eq!(json.len(), 2, "the Configuration and kill-switch blocks");
     for block in &json {
         let config: ConsumerConfig = serde_json::from_str(block).expect("a ConsumerConfig");
         config.validate().expect("settings that work");
@@ -19,10 +46,28 @@ fn the_readme_configuration_blocks_are_valid_consumer_configs() {
         value["not_a_setting"] = serde_json::Value::Bool(true);
         assert!(serde_json::from_value::<ConsumerConfig>(value).is_err());
     }
-    let full: ConsumerConfig = serde_json::from_str(json.last().unwrap()).unwrap();
+    let full: ConsumerConfig = serde_json::from_str(json[0]).unwrap();
     assert_eq!((full.concurrency, full.retry.max_attempts), (64, 8));
-    let switch: ConsumerConfig = serde_json::from_str(json[0]).unwrap();
+    let switch: ConsumerConfig = serde_json::from_str(json[1]).unwrap();
     assert_eq!(switch.kill_switch.map(|k| k.activation), Some(20));
+}
+
+#[test]
+fn no_page_of_the_docs_holds_a_block_that_escapes_its_test() {
+    // Rust blocks are compiled only where integration-tests/src/lib.rs includes the page
+    // (README.md, docs/MIGRATING.md); a Rust block anywhere else would be checked by nothing.
+    for (name, page) in PAGES {
+        if name != "docs/MIGRATING.md" {
+            assert!(
+                !page.contains("```rust"),
+                "{name}: a Rust block no test compiles"
+            );
+        }
+        assert!(
+            !page.contains("```rust,ignore"),
+            "{name}: a block is not compiled"
+        );
+    }
 }
 
 #[test]
@@ -50,6 +95,8 @@ fn every_rust_block_of_the_readme_is_compiled() {
     }
     assert!(!open, "an unclosed block");
     assert!(!blocks(readme, "rust,no_run").is_empty());
+    // The in-memory consumer runs as a doc test (not only compiles).
+    assert_eq!(blocks(readme, "rust").len(), 1);
 }
 
 #[test]

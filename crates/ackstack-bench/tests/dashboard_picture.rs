@@ -1,5 +1,5 @@
-//! The README's picture of the dashboard (`docs/dashboard.svg`, drawn by the `dashboard`
-//! binary from a real run) renders: the README links it, it is well-formed SVG, every panel
+//! The picture of the dashboard in docs/OPERATIONS.md (`docs/dashboard.svg`, drawn by the
+//! `dashboard` binary from a real run) renders: the page links it, it is well-formed SVG, every panel
 //! it draws is a panel of `deploy/grafana/ackstack-dashboard.json`, and every line has a point
 //! per scrape.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -62,11 +62,11 @@ fn texts(svg: &str, size: &str) -> Vec<String> {
 }
 
 #[test]
-fn the_dashboard_picture_in_the_readme_renders() {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+fn the_dashboard_picture_in_the_operations_guide_renders() {
+    let page = std::fs::read_to_string(root().join("docs/OPERATIONS.md")).unwrap();
     assert!(
-        readme.contains("](docs/dashboard.svg)"),
-        "the README shows docs/dashboard.svg"
+        page.contains("](dashboard.svg)"),
+        "docs/OPERATIONS.md shows docs/dashboard.svg"
     );
     let svg = std::fs::read_to_string(root().join("docs/dashboard.svg")).unwrap();
     assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));

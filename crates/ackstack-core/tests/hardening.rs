@@ -817,11 +817,15 @@ async fn a_dead_letter_refused_for_good_can_be_held_in_process() {
 }
 
 #[test]
-fn the_configuration_in_the_readme_parses_and_validates() {
-    let readme = include_str!("../../../README.md");
-    let start = readme.find("```json\n").expect("a json block in README.md") + "```json\n".len();
-    let end = start + readme[start..].find("```").unwrap();
-    let config: ConsumerConfig = serde_json::from_str(&readme[start..end]).unwrap();
+fn the_configuration_in_the_guide_parses_and_validates() {
+    let guide = include_str!("../../../docs/GUIDE.md");
+    let block = "```json\n{\n";
+    let start = guide
+        .find(block)
+        .expect("the full json block in docs/GUIDE.md")
+        + "```json\n".len();
+    let end = start + guide[start..].find("```").unwrap();
+    let config: ConsumerConfig = serde_json::from_str(&guide[start..end]).unwrap();
     config.validate().unwrap();
     assert_eq!(config.retry.max_attempts, 8);
     assert_eq!(config.on_dead_letter_refused, OnRefused::Release);

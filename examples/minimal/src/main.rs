@@ -2,7 +2,7 @@
 //! Run it with `cargo run -p example-minimal`; it exits once the queue has been idle for 0.5 s.
 use std::time::Duration;
 
-use ackstack::{Backoff, Consumer, HandlerError, MemoryBroker, Message, handler_fn};
+use ackstack::{Backoff, Consumer, HandlerError, MemoryBroker, Message, ResultExt, handler_fn};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -19,7 +19,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .max_attempts(3); // then the message goes to the dead-letter queue
     let status = consumer.status();
     let handler = handler_fn(|delivery, _cx| async move {
-        let job = std::str::from_utf8(&delivery.payload).map_err(HandlerError::permanent)?;
+        let job = std::str::from_utf8(&delivery.payload).permanent()?; // never retried
         if job == "explode" {
             return Err(HandlerError::transient(format!(
                 "attempt {} failed",
