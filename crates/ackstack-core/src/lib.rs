@@ -84,6 +84,7 @@
 //! # }
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 pub mod adapter;
 pub mod backoff;
 pub mod config;

@@ -135,6 +135,7 @@
 //! over partitions, or produce while consuming; and set `auto.offset.reset=earliest` (this
 //! adapter's default).
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 mod commit;
 pub mod config;
 mod error;

@@ -128,6 +128,7 @@
 //! deletes a consumer's rows older than a given age in short batches;
 //! [`PgInbox::spawn_sweeper`] runs it periodically with the configured retention.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 mod config;
 mod error;
 mod group;

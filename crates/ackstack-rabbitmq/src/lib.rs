@@ -120,6 +120,7 @@
 //! In a service, hand the source to `ackstack_core`'s consumer runner instead of calling
 //! `receive` yourself.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 mod amqp;
 mod channel;
 pub mod config;

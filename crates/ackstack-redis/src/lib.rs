@@ -79,6 +79,7 @@
 //! # }
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 mod config;
 mod error;
 mod key;

@@ -96,6 +96,7 @@
 //! - moto counts the 12-hour visibility limit from the *send*, SQS from the receive.
 //! - moto answers success for deleting an already deleted message, as SQS does.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 pub mod attrs;
 pub mod config;
 pub mod error;

@@ -125,6 +125,7 @@
 //! | [`checks::per_key_ordering`] | 11 ordering |
 //! | [`checks::concurrency_is_bounded`] | runner contract |
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};

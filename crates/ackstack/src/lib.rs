@@ -100,6 +100,7 @@
 //! who extend it: [`adapter`] (a new broker; check it with the conformance suite in
 //! `ackstack-testkit`), [`layer`] (a layer of your own) and [`dedup`] (a store of your own).
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // What a consumer is written with. The list is short on purpose: items for adapter and layer
 // authors are in `adapter`, `layer` and `dedup`; the runner's machinery stays inside
 // ackstack-core.
