@@ -35,6 +35,7 @@ impl Harness for Rabbit {
         match self.queue_type {
             QueueType::Classic => "rabbitmq (classic queue)",
             QueueType::Quorum => "rabbitmq (quorum queue)",
+            _ => "rabbitmq",
         }
     }
 

@@ -48,25 +48,18 @@ async fn trips_and_recovers<S: Source>(
     }
     let failing = Arc::new(AtomicBool::new(true));
     let handled = Arc::new(Mutex::new(HashSet::new()));
-    let retry = ackstack_core::RetryConfig {
-        max_attempts: 100_000,
-        backoff: Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100))
-            .no_jitter(),
-        ..ackstack_core::RetryConfig::default()
-    };
-    let config = ConsumerConfig {
-        concurrency: 2,
-        retry,
-        kill_switch: Some(KillSwitchConfig {
-            window: Duration::from_secs(60),
-            activation: 4,
-            trip: 0.5,
-            cooldown,
-            probes: 1,
-            ..KillSwitchConfig::default()
-        }),
-        ..ConsumerConfig::default()
-    };
+    let mut kill_switch = KillSwitchConfig::default();
+    kill_switch.window = Duration::from_secs(60);
+    kill_switch.activation = 4;
+    kill_switch.trip = 0.5;
+    kill_switch.cooldown = cooldown;
+    kill_switch.probes = 1;
+    let mut config = ConsumerConfig::default();
+    config.concurrency = 2;
+    config.retry.max_attempts = 100_000;
+    config.retry.backoff =
+        Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100)).no_jitter();
+    config.kill_switch = Some(kill_switch);
     let consumer = Consumer::new(source).config(config);
     let control = consumer.control();
     let status = consumer.status();

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ackstack_core::{
-    Backoff, Consumer, ConsumerConfig, HandlerError, Message, Publish, RetryConfig, handler_fn,
+    Backoff, Consumer, ConsumerConfig, HandlerError, Message, Publish, handler_fn,
 };
 use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource};
 use ackstack_testkit::unique_name;
@@ -39,15 +39,10 @@ async fn retried_three_times_arrives_with_attempt_four_after_bucketed_delays() {
 
     let seen: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
     let s = seen.clone();
-    let consumer = Consumer::new(RabbitSource::connect(config.clone()).await.unwrap()).config(
-        ConsumerConfig {
-            retry: RetryConfig {
-                backoff,
-                ..RetryConfig::default()
-            },
-            ..ConsumerConfig::default()
-        },
-    );
+    let mut consumer_config = ConsumerConfig::default();
+    consumer_config.retry.backoff = backoff;
+    let consumer =
+        Consumer::new(RabbitSource::connect(config.clone()).await.unwrap()).config(consumer_config);
     let done = seen.clone();
     let summary = consumer
         .run_until(

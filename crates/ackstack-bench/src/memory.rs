@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use ackstack_core::memory::MemorySource;
 use ackstack_core::{
-    Backoff, Consumer, ConsumerConfig, DedupConfig, DedupKey, DedupStore, MemoryBroker,
-    MemoryDedupStore, Message, Settle, Source,
+    Backoff, Consumer, ConsumerConfig, DedupKey, DedupStore, MemoryBroker, MemoryDedupStore,
+    Message, Settle, Source,
 };
 
 use crate::common::{
@@ -36,16 +36,9 @@ fn fill(n: u64) -> MemoryBroker {
 /// The settings of the "all layers" runs: retry with backoff and a dead-letter limit, batch
 /// acks up to the broker's limit, the lease keeper (the memory source has leases), and dedup.
 pub fn full_config(concurrency: usize, receive_batch: usize) -> ConsumerConfig {
-    let mut config = ConsumerConfig {
-        concurrency,
-        receive_batch,
-        ack_batch: None,
-        dedup: DedupConfig {
-            done_ttl: Duration::from_secs(600),
-            ..DedupConfig::default()
-        },
-        ..ConsumerConfig::default()
-    };
+    let mut config = bare_config(concurrency, receive_batch);
+    config.ack_batch = None;
+    config.dedup.done_ttl = Duration::from_secs(600);
     config.retry.backoff =
         Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30)).full_jitter();
     config.retry.max_attempts = 5;
@@ -54,11 +47,10 @@ pub fn full_config(concurrency: usize, receive_batch: usize) -> ConsumerConfig {
 
 /// The settings of the bare runner: defaults, no dedup.
 pub fn bare_config(concurrency: usize, receive_batch: usize) -> ConsumerConfig {
-    ConsumerConfig {
-        concurrency,
-        receive_batch,
-        ..ConsumerConfig::default()
-    }
+    let mut config = ConsumerConfig::default();
+    config.concurrency = concurrency;
+    config.receive_batch = receive_batch;
+    config
 }
 
 async fn raw(

@@ -34,6 +34,7 @@ pub const DROPPED_ERROR_TRUNCATED: &str = "error_message_truncated";
 /// Why a message is dead-lettered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum DeadLetterReason {
     /// The handler reported a permanent failure (or the payload did not decode).
     Permanent,

@@ -254,6 +254,7 @@ pub fn truncate(mut s: String, max: usize) -> String {
 
 /// A broker failed to deliver messages.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SourceError {
     /// The connection or channel is down; the source is reconnecting. Receiving again is right.
     #[error("broker connection lost: {0}")]
@@ -275,6 +276,7 @@ impl SourceError {
 
 /// Settling (ack, retry, dead-letter, lease extension) failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SettleError {
     /// The delivery is no longer ours: its lease expired, its receipt handle is invalid, its
     /// channel closed or its partition was revoked. The broker will redeliver it; we must not

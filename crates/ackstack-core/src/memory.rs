@@ -74,6 +74,7 @@ struct Stored {
 
 /// Counts for one queue, for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueStats {
     /// Messages published.
     pub published: u64,

@@ -6,6 +6,7 @@ use crate::error::Failure;
 
 /// The decision the handler stack made for a delivery; the runner settles the delivery from it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Processed: acknowledge (remove from the broker).
     Ack,

@@ -274,11 +274,10 @@ async fn an_open_kill_switch_degrades_the_consumer() {
         broker.publish("q", Message::new(format!("m{i}")));
     }
     let mut config = ConsumerConfig::default();
-    config.kill_switch = Some(KillSwitchConfig {
-        activation: 5,
-        cooldown: Duration::from_secs(60),
-        ..KillSwitchConfig::default()
-    });
+    let mut kill_switch = KillSwitchConfig::default();
+    kill_switch.activation = 5;
+    kill_switch.cooldown = Duration::from_secs(60);
+    config.kill_switch = Some(kill_switch);
     config.retry.max_attempts = 1;
     let consumer = Consumer::new(broker.source("q").poll_wait(Duration::from_millis(20)))
         .config(config)

@@ -308,15 +308,13 @@ proptest! {
         (factor, extend_at, max_attempts, immediate) in (decimal(), decimal(), any::<u32>(), any::<u32>()),
         correlation_header in any::<Option<String>>(),
     ) {
-        let mut c = ConsumerConfig {
-            concurrency,
-            receive_batch,
-            ack_batch,
-            ack_delay,
-            shutdown_deadline,
-            correlation_header,
-            ..ConsumerConfig::default()
-        };
+        let mut c = ConsumerConfig::default();
+        c.concurrency = concurrency;
+        c.receive_batch = receive_batch;
+        c.ack_batch = ack_batch;
+        c.ack_delay = ack_delay;
+        c.shutdown_deadline = shutdown_deadline;
+        c.correlation_header = correlation_header;
         c.retry.backoff.factor = factor;
         c.retry.backoff.base = base;
         c.retry.backoff.cap = cap;

@@ -16,6 +16,7 @@ use crate::error::KafkaError;
 /// The adapter always sets `enable.auto.commit=false` and `enable.auto.offset.store=false`
 /// (progress is committed only from the watermark), whatever `properties` say.
 #[derive(Clone, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct KafkaConfig {
     /// `bootstrap.servers`: comma-separated `host:port` list.
     pub brokers: String,

@@ -2,6 +2,7 @@
 
 /// Errors creating the adapter's clients.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KafkaError {
     /// The configuration is invalid.
     #[error("invalid Kafka configuration: {0}")]

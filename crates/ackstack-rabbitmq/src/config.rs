@@ -13,6 +13,7 @@ const MAX_NAME: usize = 255;
 /// The kind of queue the adapter declares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum QueueType {
     /// A classic queue.
     #[default]
@@ -26,6 +27,7 @@ pub enum QueueType {
 /// Written `auto`, `always` or `never` in config files; `true` and `false` are read as
 /// `always` and `never` (the meaning they had when this setting was a flag).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Topology {
     /// Declares what is missing and adopts a work queue or dead-letter queue that exists with
     /// other arguments (the team's own dead-letter exchange, TTL, length limit, another
@@ -87,6 +89,7 @@ impl<'de> Deserialize<'de> for Topology {
 /// ```
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RabbitConfig {
     /// `amqp://user:password@host:port/vhost` or `amqps://…`; the vhost is URL-encoded
     /// (`%2f` for `/`).

@@ -16,6 +16,7 @@ impl ConfigError {
 
 /// An operation of the adapter's own API (connecting, publishing, queue helpers) failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RabbitError {
     /// The configuration is invalid.
     #[error(transparent)]

@@ -23,6 +23,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "ackstack:dedup:";
 /// ```
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RedisDedupConfig {
     /// `redis://[user[:password]@]host[:port][/db]`, `rediss://…` for TLS (with the default
     /// `tls` feature), or `redis+unix:///path/to/socket`.

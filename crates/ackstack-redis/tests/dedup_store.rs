@@ -181,7 +181,7 @@ async fn a_killed_workers_claim_expires_and_another_takes_over() {
                 assert!(Instant::now() < deadline, "lease never lapsed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Claim::Done => panic!("nobody completed the key"),
+            other => panic!("nobody completed the key: {other:?}"),
         }
     }
     // A comes back (a zombie): it can no longer touch B's claim.

@@ -37,6 +37,7 @@ pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// ```
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SqsConfig {
     /// The queue's URL. Its last path segment is taken as the queue name.
     pub queue_url: Option<String>,
@@ -89,6 +90,7 @@ pub struct SqsConfig {
 /// unless [`SqsConfig::dead_letter_queue`] names another.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Redrive {
     /// A `maxReceiveCount` not above `max_attempts` stops the start with an error naming
     /// both numbers and both fixes.

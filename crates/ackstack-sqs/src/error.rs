@@ -15,6 +15,7 @@ use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 /// The SQS adapter could not be set up.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SqsError {
     /// The configuration is invalid.
     #[error("invalid SQS configuration: {0}")]

@@ -27,8 +27,7 @@
 use std::time::Duration;
 
 use ackstack::{
-    Consumer, ConsumerConfig, Context, Delivery, HandlerError, LeaseConfig, MemoryBroker, Message,
-    handler_fn,
+    Consumer, ConsumerConfig, Context, Delivery, HandlerError, MemoryBroker, Message, handler_fn,
 };
 
 /// How long a job takes: `report-2` is slow the first time, and resumes from a checkpoint.
@@ -71,14 +70,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     broker.publish("reports", Message::new("report-1").message_id("report-1"));
     broker.publish("reports", Message::new("report-2").message_id("report-2"));
 
-    let config = ConsumerConfig {
-        lease: LeaseConfig {
-            extend_at: 0.7,
-            max_total: Duration::from_secs(4),
-            ..LeaseConfig::default()
-        },
-        ..ConsumerConfig::default()
-    };
+    let mut config = ConsumerConfig::default();
+    config.lease.extend_at = 0.7;
+    config.lease.max_total = Duration::from_secs(4);
     let source = broker
         .source("reports")
         .visibility_timeout(Duration::from_secs(1));

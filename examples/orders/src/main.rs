@@ -160,6 +160,7 @@ fn print_outcome(delivery: &Delivery, outcome: &Outcome) {
             failure.to_string()
         ),
         Outcome::Release => println!("released order_id={id} attempt={attempt}"),
+        other => println!("{} order_id={id} attempt={attempt}", other.as_str()),
     }
 }
 

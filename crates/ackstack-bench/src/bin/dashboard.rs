@@ -472,18 +472,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let publisher = RabbitPublisher::connect(config.clone()).await?;
     let source = RabbitSource::connect(config.clone()).await?;
 
-    let consumer_config = ConsumerConfig {
-        backlog_interval: Duration::from_secs(1),
-        kill_switch: Some(KillSwitchConfig {
-            window: Duration::from_secs(10),
-            activation: 20,
-            trip: 0.5,
-            cooldown: Duration::from_secs(5),
-            probes: 3,
-            count_permanent: false,
-        }),
-        ..ConsumerConfig::default()
-    };
+    let mut kill_switch = KillSwitchConfig::default();
+    kill_switch.window = Duration::from_secs(10);
+    kill_switch.activation = 20;
+    kill_switch.trip = 0.5;
+    kill_switch.cooldown = Duration::from_secs(5);
+    kill_switch.probes = 3;
+    kill_switch.count_permanent = false;
+    let mut consumer_config = ConsumerConfig::default();
+    consumer_config.backlog_interval = Duration::from_secs(1);
+    consumer_config.kill_switch = Some(kill_switch);
     let consumer = Consumer::new(source)
         .config(consumer_config)
         .concurrency(16)

@@ -51,6 +51,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The answer to a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Claim {
     /// The key is ours until the lease runs out or we complete or release it. Also the answer
     /// to a repeated claim with the token that already holds the key.
@@ -188,6 +189,7 @@ impl std::fmt::Display for ShowKey<'_> {
 /// What happens when the store cannot be reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum OnStoreError {
     /// Retry the delivery later without calling the handler (the default): no duplicate
     /// effects, at the price of waiting for the store.
@@ -200,6 +202,7 @@ pub enum OnStoreError {
 /// Deduplication settings.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct DedupConfig {
     /// How long a claim lasts before it must be extended (a crashed worker's claim lapses
     /// after this).

@@ -11,11 +11,11 @@ use crate::retry::RetryConfig;
 
 use super::kill_switch::KillSwitchConfig;
 use super::lease::LeaseConfig;
-use super::status::HealthConfig;
 
 /// When a delivery is acknowledged, as users know the modes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum DeliveryMode {
     /// Ack on receipt, before the handler: a crash or failure loses the message. No retries,
     /// no dead letters. Only for disposable messages (metrics samples, cache invalidations).
@@ -32,6 +32,7 @@ pub enum DeliveryMode {
 /// Whether deliveries sharing a key are processed in order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum KeyOrdering {
     /// Per key where the broker retries in place (Kafka: a retrying record holds back the
     /// later records of its key, as Kafka users expect), none elsewhere. The default.
@@ -47,6 +48,7 @@ pub enum KeyOrdering {
 /// The runner's settings. Deserializable, so it can come from a config file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ConsumerConfig {
     /// Handlers running at once, at most.
     pub concurrency: usize,
@@ -92,12 +94,33 @@ pub struct ConsumerConfig {
     pub backlog_interval: Duration,
 }
 
+/// Health settings, [`ConsumerConfig::health`](crate::ConsumerConfig::health).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct HealthConfig {
+    /// How long the broker may stay unreachable (every receive failing) before
+    /// [`Status::health`](crate::Status::health) says unhealthy rather than degraded
+    /// (default 60 s).
+    #[serde(with = "crate::config::duration")]
+    pub unhealthy_after: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            unhealthy_after: Duration::from_secs(60),
+        }
+    }
+}
+
 /// What happens to a delivery whose dead-letter copy the broker refuses for good
 /// ([`SettleError::Rejected`](crate::SettleError::Rejected)). Never an ack: the message stays
 /// at the broker until an operator deals with it (`ackstack_dead_letters_refused_total`,
 /// [`Status::dead_letters_refused`](crate::Status::dead_letters_refused), an error log line per message).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum OnRefused {
     /// Release it for redelivery after a pause that grows with its attempts (up to 30 s): it
     /// is handled and dead-lettered again later. The default.

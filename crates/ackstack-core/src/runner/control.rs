@@ -20,21 +20,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::kill_switch::{Breaker, Change, KillSwitchConfig, Probe};
+use super::state::{Admit, ConsumerState};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
-
-/// Whether a consumer is receiving, and if not, why.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConsumerState {
-    /// Receiving.
-    Running,
-    /// Paused by [`Control::pause`].
-    Paused,
-    /// The kill switch tripped: not receiving until its cooldown is over.
-    CircuitOpen,
-    /// The kill switch lets a few deliveries through to see whether the failures are over.
-    HalfOpen,
-}
 
 /// Pauses and resumes a consumer, and shows whether it receives; from
 /// [`Consumer::control`](super::Consumer::control). Cheap to clone; usable before, during and
@@ -54,14 +42,6 @@ struct Inner {
     changed: Notify,
     /// The run's metric handles, for the state gauge and the trip counter.
     metrics: Mutex<Option<Arc<Metrics>>>,
-}
-
-/// How many deliveries the receive loop may take now.
-pub(super) enum Admit {
-    /// Up to this many.
-    Take(usize),
-    /// None; ask again once [`Control::changed`] fires or at this instant.
-    Wait(Option<Instant>),
 }
 
 impl Control {

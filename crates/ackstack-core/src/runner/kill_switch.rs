@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::control::{Admit, ConsumerState};
+use super::state::{Admit, ConsumerState};
 use crate::error::ErrorKind;
 use crate::outcome::Outcome;
 
@@ -31,6 +31,7 @@ use crate::outcome::Outcome;
 /// is set.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct KillSwitchConfig {
     /// The sliding window over which the failure rate is computed. Default 60 s.
     #[serde(with = "crate::config::duration")]

@@ -27,6 +27,7 @@ use crate::source::Settle;
 /// How leases are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct LeaseConfig {
     /// The fraction of the lease after which it is extended.
     pub extend_at: f64,

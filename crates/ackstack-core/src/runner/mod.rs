@@ -39,15 +39,15 @@ mod lease;
 mod ordering;
 mod receive;
 mod settle;
+mod state;
 mod status;
 
 pub use builder::{Consumer, Inspector};
-pub use config::{ConfigError, ConsumerConfig, DeliveryMode, KeyOrdering, OnRefused};
-pub use control::{ConsumerState, Control};
+pub use config::{ConfigError, ConsumerConfig, DeliveryMode, HealthConfig, KeyOrdering, OnRefused};
+pub use control::Control;
 pub(crate) use gate::{AttemptGate, Seat};
 pub use kill_switch::KillSwitchConfig;
 pub use lease::LeaseConfig;
+pub use state::ConsumerState;
 pub(crate) use status::Condition;
-pub use status::{
-    ConsumerError, Health, HealthConfig, HealthLevel, HealthReason, Problem, Status, Summary,
-};
+pub use status::{ConsumerError, Health, HealthLevel, HealthReason, Problem, Status, Summary};

@@ -22,12 +22,12 @@ use crate::source::{Alone, Settle, Source};
 use super::acker::{AckQueue, BatchAcker};
 use super::builder::Consumer;
 use super::config::{ConfigError, DeliveryMode, KeyOrdering};
-use super::control::Admit;
 use super::deliver::Refusals;
 use super::deliver::{Shared, call_inspector};
 use super::gate::AttemptGate;
 use super::lease::{LeaseKeeper, Watch};
 use super::ordering::KeyGate;
+use super::state::Admit;
 use super::status::{ConsumerError, Counters, InFlight, Summary};
 use crate::metrics::MetricSets;
 

@@ -10,12 +10,14 @@ use tokio::time::Instant;
 use crate::error::SourceError;
 use crate::handler::RunStats;
 
-use super::config::ConfigError;
-use super::control::{ConsumerState, Control};
+use super::config::{ConfigError, HealthConfig};
+use super::control::Control;
+use super::state::ConsumerState;
 use crate::metrics::Metrics;
 
 /// The consumer could not run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConsumerError {
     /// The source failed in a way receiving again cannot fix.
     #[error(transparent)]
@@ -30,6 +32,7 @@ pub enum ConsumerError {
 
 /// What a run did, returned when it stops.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Summary {
     /// Deliveries received.
     pub received: u64,
@@ -250,24 +253,6 @@ impl Status {
     }
 }
 
-/// Health settings, [`ConsumerConfig::health`](crate::ConsumerConfig::health).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HealthConfig {
-    /// How long the broker may stay unreachable (every receive failing) before
-    /// [`Status::health`] says unhealthy rather than degraded (default 60 s).
-    #[serde(with = "crate::config::duration")]
-    pub unhealthy_after: Duration,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        HealthConfig {
-            unhealthy_after: Duration::from_secs(60),
-        }
-    }
-}
-
 /// How a consumer is doing, from [`Status::health`].
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Health {
@@ -308,6 +293,7 @@ impl Health {
 /// The three levels of [`Health`], in order of seriousness.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum HealthLevel {
     /// Nothing is wrong.
     Healthy,

@@ -129,23 +129,16 @@ fn ensure(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
 
 /// The suite's default consumer settings: fast retries without jitter, quick acks.
 pub fn test_config() -> ConsumerConfig {
-    ConsumerConfig {
-        concurrency: 8,
-        ack_delay: Duration::from_millis(20),
-        shutdown_deadline: Duration::from_secs(10),
-        retry: ackstack_core::RetryConfig {
-            backoff: Backoff::exponential(Duration::from_millis(200), Duration::from_secs(2))
-                .no_jitter(),
-            max_attempts: 5,
-            ..Default::default()
-        },
-        dedup: ackstack_core::DedupConfig {
-            busy_retry_after: Duration::from_millis(100),
-            store_retry_after: Duration::from_millis(200),
-            ..Default::default()
-        },
-        ..ConsumerConfig::default()
-    }
+    let mut config = ConsumerConfig::default();
+    config.concurrency = 8;
+    config.ack_delay = Duration::from_millis(20);
+    config.shutdown_deadline = Duration::from_secs(10);
+    config.retry.backoff =
+        Backoff::exponential(Duration::from_millis(200), Duration::from_secs(2)).no_jitter();
+    config.retry.max_attempts = 5;
+    config.dedup.busy_retry_after = Duration::from_millis(100);
+    config.dedup.store_retry_after = Duration::from_millis(200);
+    config
 }
 
 /// What a handler saw: payload text, attempt, when.

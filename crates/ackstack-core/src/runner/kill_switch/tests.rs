@@ -9,7 +9,8 @@ use crate::{
     Backoff, ConfigError, Consumer, ConsumerConfig, HandlerError, MemoryBroker, Message, handler_fn,
 };
 
-use super::super::control::{Admit, ConsumerState, Control};
+use super::super::control::Control;
+use super::super::state::{Admit, ConsumerState};
 use super::KillSwitchConfig;
 use crate::error::{ErrorKind, Failure};
 use crate::outcome::Outcome;
