@@ -74,6 +74,7 @@
 //!     }
 //!     Claim::Done => { /* already processed: ack without calling the handler */ }
 //!     Claim::Busy { expires_in } => { /* another worker has it: claim again after `expires_in` */ }
+//!     _ => { /* an answer added in a later version: claim again later */ }
 //! }
 //! # Ok(())
 //! # }
