@@ -135,31 +135,6 @@ impl Context {
         self.stopping.is_cancelled()
     }
 
-    /// Records that the delivery was acked as a duplicate, without calling the handler.
-    pub fn note_deduplicated(&self) {
-        self.metrics().deduplicated.increment(1);
-        self.stats
-            .deduplicated
-            .fetch_add(1, AtomicOrdering::Relaxed);
-    }
-
-    /// Records that the delivery had no (non-empty) dedup key and runs without deduplication.
-    pub fn note_keyless(&self) {
-        self.metrics().dedup_keyless.increment(1);
-        self.stats
-            .dedup_keyless
-            .fetch_add(1, AtomicOrdering::Relaxed);
-    }
-
-    /// Records whether a call to the dedup store (or inbox database) just failed: while the
-    /// last one failed, [`Status::health`](crate::Status::health) reports the store unavailable.
-    pub fn note_store(&self, ok: bool) {
-        if !ok {
-            self.metrics().store_errors.increment(1);
-        }
-        self.stats.store.set(!ok);
-    }
-
     /// With the metric handles of the delivery's consumer and queue.
     pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
@@ -278,6 +253,45 @@ impl Context {
     /// The underlying token, to pass to code that takes a [`CancellationToken`].
     pub fn token(&self) -> &CancellationToken {
         &self.cancel
+    }
+}
+
+/// What a dedup store or a transactional inbox reports about a delivery to the runner: the
+/// counts of [`Summary`](crate::Summary), the metrics, and the store's part in
+/// [`Status::health`](crate::Status::health). Meant for store and layer authors (it lives in
+/// [`dedup`](crate::dedup), out of a handler's way).
+pub trait StoreHooks {
+    /// Records that the delivery was acked as a duplicate, without calling the handler.
+    fn note_deduplicated(&self);
+    /// Records that the delivery had no (non-empty) dedup key and runs without
+    /// deduplication.
+    fn note_keyless(&self);
+    /// Records whether a call to the dedup store (or inbox database) just failed: while the
+    /// last one failed, [`Status::health`](crate::Status::health) reports the store
+    /// unavailable.
+    fn note_store(&self, ok: bool);
+}
+
+impl StoreHooks for Context {
+    fn note_deduplicated(&self) {
+        self.metrics().deduplicated.increment(1);
+        self.stats
+            .deduplicated
+            .fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
+    fn note_keyless(&self) {
+        self.metrics().dedup_keyless.increment(1);
+        self.stats
+            .dedup_keyless
+            .fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
+    fn note_store(&self, ok: bool) {
+        if !ok {
+            self.metrics().store_errors.increment(1);
+        }
+        self.stats.store.set(!ok);
     }
 }
 

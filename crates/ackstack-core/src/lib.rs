@@ -60,7 +60,7 @@
 //! let calls = Arc::new(AtomicU32::new(0));
 //! let c = calls.clone();
 //! let consumer = Consumer::new(broker.source("q"))
-//!     .retry(Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)).no_jitter())
+//!     .backoff(Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)).no_jitter())
 //!     .max_attempts(3);
 //! let status = consumer.status();
 //! let summary = consumer

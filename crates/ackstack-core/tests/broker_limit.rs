@@ -46,7 +46,7 @@ async fn run(max_attempts: u32, trusted: bool) -> (Result<(), ConsumerError>, Me
     let b = broker.clone();
     let result = Consumer::new(source)
         .max_attempts(max_attempts)
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .run_until(
             handler_fn(|_d, _cx| async { Err(HandlerError::transient("down")) }),
             until(move || b.is_empty("q")),

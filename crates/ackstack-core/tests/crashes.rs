@@ -297,7 +297,7 @@ async fn a_suspect_runs_alone_among_attempts_without_waiting_for_retries_in_plac
     let summary = Consumer::new(source)
         .concurrency(4)
         .max_attempts(3)
-        .retry(
+        .backoff(
             Backoff::exponential(Duration::from_millis(300), Duration::from_millis(300))
                 .no_jitter(),
         )

@@ -61,7 +61,7 @@ async fn question_mark_retries_and_permanent_dead_letters_at_once() {
     broker.publish("q", Message::new("7"));
     let seen = Seen::default();
     let summary = Consumer::new(broker.source("q"))
-        .retry(backoff())
+        .backoff(backoff())
         .max_attempts(3)
         .inspect(inspector(&seen))
         .run_until(
@@ -89,7 +89,7 @@ async fn a_requested_delay_replaces_the_backoff_and_is_capped_by_its_cap() {
     broker.publish("q", Message::new("much-later"));
     let seen = Seen::default();
     let summary = Consumer::new(broker.source("q"))
-        .retry(backoff())
+        .backoff(backoff())
         .inspect(inspector(&seen))
         .run_until(
             handler_fn(|d, _cx| async move {
@@ -127,7 +127,7 @@ async fn a_hung_handler_fails_transiently_at_the_handler_timeout() {
     broker.publish("q", Message::new("quick"));
     let seen = Seen::default();
     let summary = Consumer::new(broker.source("q"))
-        .retry(backoff())
+        .backoff(backoff())
         .max_attempts(2)
         .handler_timeout(Duration::from_millis(200))
         .inspect(inspector(&seen))

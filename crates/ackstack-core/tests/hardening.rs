@@ -47,7 +47,7 @@ async fn a_panicking_layer_uses_up_attempts_and_is_dead_lettered() {
     broker.publish("q", Message::new("m"));
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(3)
         .layer(Panics)
         .run_until(
@@ -80,7 +80,7 @@ async fn a_panicking_dedup_key_function_uses_up_attempts_and_is_dead_lettered() 
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     Consumer::new(broker.source("q"))
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(2)
         .dedup(
             MemoryDedupStore::new(),
@@ -114,7 +114,7 @@ async fn in_place_retries_share_the_attempt_limit_with_the_immediate_tier() {
     let summary = Consumer::new(broker.source("q"))
         .config(config)
         .ordering(KeyOrdering::PerKey)
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(3)
         .inspect(move |d, o| s.lock().unwrap().push((d.attempt, o.as_str())))
         .run_until(
@@ -166,7 +166,7 @@ async fn a_store_outage_uses_up_no_attempts() {
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
         .config(config)
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(2)
         .dedup_shared(store.clone(), DedupKey::MessageId)
         .run_until(
@@ -562,7 +562,7 @@ async fn an_extension_in_flight_never_lands_after_the_retry() {
     let log = source.settler.log.clone();
     let l = log.clone();
     Consumer::new(source)
-        .retry(Backoff::exponential(Duration::from_secs(5), Duration::from_secs(5)).no_jitter())
+        .backoff(Backoff::exponential(Duration::from_secs(5), Duration::from_secs(5)).no_jitter())
         .run_until(
             handler_fn(|_d, _cx| async {
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -670,7 +670,7 @@ async fn setters_and_config_edit_one_config_in_any_order() {
     base.ack_delay = Duration::from_millis(7);
     let consumer = Consumer::new(broker.source("q"))
         .concurrency(3)
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(4)
         .mode(DeliveryMode::AtMostOnce)
         .config(base);
@@ -767,7 +767,9 @@ async fn run_with_refused_dead_letters(
     config.on_dead_letter_refused = policy;
     let consumer = Consumer::new(source)
         .config(config)
-        .retry(Backoff::exponential(Duration::from_millis(300), Duration::from_secs(5)).no_jitter())
+        .backoff(
+            Backoff::exponential(Duration::from_millis(300), Duration::from_secs(5)).no_jitter(),
+        )
         .shutdown_deadline(Duration::from_millis(100));
     let status = consumer.status();
     let summary = consumer
@@ -848,7 +850,7 @@ async fn at_most_once_never_retries_in_place() {
     Consumer::new(broker.source("q"))
         .mode(DeliveryMode::AtMostOnce)
         .ordering(KeyOrdering::PerKey)
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(5)
         .run_until(
             handler_fn(move |_d, _cx| {

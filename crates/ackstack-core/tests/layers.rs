@@ -38,7 +38,7 @@ async fn dedup_a_message_that_fails_once_then_succeeds_is_processed_exactly_once
     });
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(5)
         .dedup(MemoryDedupStore::new(), DedupKey::MessageId)
         .run_until(handler, until(move || b.is_empty("q")))
@@ -157,7 +157,7 @@ async fn past_max_attempts_lands_in_the_dlq_with_metadata() {
     let c = calls.clone();
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(3)
         .name("billing")
         .run_until(
@@ -328,7 +328,7 @@ async fn per_key_ordering_holds_back_later_messages_of_a_retrying_key() {
     Consumer::new(broker.source("q"))
         .concurrency(8)
         .ordering(KeyOrdering::PerKey)
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(5)
         .run_until(
             handler_fn(move |d, _cx| {
@@ -430,7 +430,7 @@ async fn a_panicking_layer_is_a_transient_failure() {
     broker.publish("q", Message::new("m"));
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(3)
         .layer(PanicsOnceLayer(Arc::default()))
         .run_until(

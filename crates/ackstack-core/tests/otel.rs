@@ -37,7 +37,7 @@ fn the_producers_trace_context_is_the_parent_of_every_attempt() {
     tracing::subscriber::with_default(subscriber, || {
         runtime.block_on(async {
             let consumer =
-                Consumer::new(broker.source("q").poll_wait(Duration::from_millis(20))).retry(
+                Consumer::new(broker.source("q").poll_wait(Duration::from_millis(20))).backoff(
                     Backoff::exponential(Duration::from_millis(10), Duration::from_millis(10)),
                 );
             let status = consumer.status();

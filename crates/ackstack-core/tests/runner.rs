@@ -73,7 +73,7 @@ async fn transient_retries_and_permanent_dead_letters() {
     });
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(3)
         .run_until(handler, stop_when(move || b.is_empty("q")))
         .await
@@ -113,7 +113,7 @@ async fn a_panicking_handler_does_not_stop_the_consumer() {
     });
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(3)
         .run_until(handler, stop_when(move || b.is_empty("q")))
         .await
@@ -240,7 +240,7 @@ async fn classifier_overrides_the_handlers_kind() {
     broker.publish("q", Message::new("x"));
     let b = broker.clone();
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(3)
         .classify(|err| {
             if err.inner().to_string().contains("validation") {
@@ -362,7 +362,7 @@ async fn a_failing_dead_letter_is_released_after_a_pause_not_in_a_hot_loop() {
     let summary = Consumer::new(NoDeadLetters(
         broker.source("q").poll_wait(Duration::from_millis(20)),
     ))
-    .retry(Backoff::exponential(Duration::from_millis(300), Duration::from_secs(5)).no_jitter())
+    .backoff(Backoff::exponential(Duration::from_millis(300), Duration::from_secs(5)).no_jitter())
     .run_until(
         handler_fn(move |_d, _cx| {
             c.fetch_add(1, Ordering::SeqCst);

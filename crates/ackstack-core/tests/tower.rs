@@ -21,7 +21,7 @@ async fn run<H: ackstack_core::Handler>(broker: &MemoryBroker, handler: H) -> Su
     let source = broker.source("q").poll_wait(Duration::from_millis(20));
     let consumer = Consumer::new(source)
         .concurrency(8)
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(3);
     let idle = consumer.status();
     consumer

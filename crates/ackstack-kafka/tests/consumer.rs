@@ -59,7 +59,7 @@ async fn consumer_retries_in_place_dead_letters_and_commits_everything() {
     let source = KafkaSource::new(&config).unwrap();
     let consumer = Consumer::new(source)
         .concurrency(8)
-        .retry(
+        .backoff(
             Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100)).no_jitter(),
         )
         .max_attempts(5);
@@ -241,7 +241,7 @@ async fn an_unreachable_cluster_shows_in_status_and_health_and_consuming_resumes
     config.health.unhealthy_after = Duration::from_secs(2);
     let consumer = Consumer::new(KafkaSource::new(&k.config(&group, &topic)).unwrap())
         .config(config)
-        .retry(
+        .backoff(
             Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100)).no_jitter(),
         );
     let status = consumer.status();

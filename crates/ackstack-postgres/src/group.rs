@@ -20,6 +20,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
+use ackstack_core::dedup::StoreHooks;
 use ackstack_core::{Context, Delivery, HandlerError};
 use tokio::sync::watch;
 

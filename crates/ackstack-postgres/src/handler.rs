@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use ackstack_core::dedup::StoreHooks;
 use ackstack_core::{Context, DedupKey, Delivery, Handler, HandlerError};
 
 use crate::group::Groups;
@@ -37,7 +38,7 @@ impl<F> std::fmt::Debug for TxHandler<F> {
 /// 1. the key is [`DedupKey::extract`]ed (bytes); a transaction begins;
 /// 2. `INSERT INTO inbox (consumer, key) VALUES (..) ON CONFLICT DO NOTHING`:
 ///    - no row inserted: the key was committed before, a **duplicate**: roll back, count it
-///      (`Context::note_deduplicated`, `ackstack_deduplicated_total`) and return `Ok`, so it is
+///      (`StoreHooks::note_deduplicated`, `ackstack_deduplicated_total`) and return `Ok`, so it is
 ///      acked without calling `f`;
 ///    - another transaction holds the same key right now: the insert waits for it to end (no
 ///      polling, no lease), then is a duplicate (it committed) or proceeds (it rolled back);

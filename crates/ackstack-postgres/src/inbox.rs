@@ -12,6 +12,7 @@ use crate::error::{InboxError, describe};
 use crate::tls::{SslMode, TlsParams};
 use crate::tx::InboxTx;
 use ackstack_core::Context;
+use ackstack_core::dedup::StoreHooks;
 
 /// The inbox table's DDL, version 1, exactly as [`PgInbox::migrate`] runs it for the default
 /// table `ackstack_inbox` (it is the file `migrations/0001_inbox.sql` of this crate). For your

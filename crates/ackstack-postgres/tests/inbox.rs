@@ -111,7 +111,7 @@ async fn run_until_idle<H: Handler>(
     let source = broker.source(queue).poll_wait(Duration::from_millis(50));
     let consumer = Consumer::new(source)
         .concurrency(concurrency)
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(5);
     let status = consumer.status();
     consumer
@@ -419,7 +419,7 @@ async fn an_unreachable_database_is_a_transient_failure() {
     let broker = MemoryBroker::new();
     broker.publish("q", Message::new("{}").message_id("u-2"));
     let summary = Consumer::new(broker.source("q"))
-        .retry(fast_retry())
+        .backoff(fast_retry())
         .max_attempts(1000)
         .run_until(handler, tokio::time::sleep(Duration::from_millis(500)))
         .await

@@ -78,7 +78,7 @@ async fn consumer_acks_retries_and_dead_letters_through_rabbitmq() {
         Duration::from_secs(60),
         Consumer::new(source)
             .concurrency(8)
-            .retry(
+            .backoff(
                 Backoff::exponential(Duration::from_millis(100), Duration::from_secs(1))
                     .no_jitter(),
             )

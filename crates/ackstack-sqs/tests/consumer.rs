@@ -84,7 +84,9 @@ async fn consumer_acks_retries_extends_and_dead_letters() {
         };
         let consumer = Consumer::new(source)
             .concurrency(8)
-            .retry(Backoff::exponential(Duration::from_secs(1), Duration::from_secs(1)).no_jitter())
+            .backoff(
+                Backoff::exponential(Duration::from_secs(1), Duration::from_secs(1)).no_jitter(),
+            )
             .max_attempts(3)
             .shutdown_deadline(Duration::from_secs(10));
         let summary = consumer.run_until(handler, shutdown).await.unwrap();

@@ -72,7 +72,7 @@ async fn run_failing(
     let source = SqsSource::from_client(client.clone(), config(url, redrive))
         .await
         .unwrap();
-    let consumer = Consumer::new(source).max_attempts(max_attempts).retry(
+    let consumer = Consumer::new(source).max_attempts(max_attempts).backoff(
         ackstack_core::Backoff::exponential(Duration::from_millis(100), Duration::from_millis(100)),
     );
     let status = consumer.status();

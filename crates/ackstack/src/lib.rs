@@ -38,7 +38,7 @@
 //!
 //! let consumer = Consumer::new(broker.source("orders"))
 //!     .concurrency(8)
-//!     .retry(Backoff::exponential(Duration::from_millis(100), Duration::from_secs(60)))
+//!     .backoff(Backoff::exponential(Duration::from_millis(100), Duration::from_secs(60)))
 //!     .max_attempts(5);
 //! let idle = consumer.status();
 //! let summary = consumer
@@ -126,7 +126,7 @@ pub use ackstack_core::memory;
 
 /// Writing your own [`DedupStore`]: the claim protocol's types.
 pub mod dedup {
-    pub use ackstack_core::dedup::{BoxFuture, Claim, DedupError, KeyFn};
+    pub use ackstack_core::dedup::{BoxFuture, Claim, DedupError, KeyFn, StoreHooks};
 }
 
 /// Writing your own layer: the types a [`Layer`] wraps, and the built-in

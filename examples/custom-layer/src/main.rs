@@ -104,7 +104,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     broker.publish("reports", Message::new("always slow").message_id("r-3"));
 
     let consumer = Consumer::new(broker.source("reports"))
-        .retry(Backoff::exponential(
+        .backoff(Backoff::exponential(
             Duration::from_millis(20),
             Duration::from_millis(200),
         ))

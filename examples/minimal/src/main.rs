@@ -12,7 +12,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let consumer = Consumer::new(broker.source("jobs"))
-        .retry(Backoff::exponential(
+        .backoff(Backoff::exponential(
             Duration::from_millis(20),
             Duration::from_secs(1),
         ))

@@ -196,7 +196,7 @@ async fn publish_and_consume<S: Source, P: Publish>(
     let consumer = Consumer::new(source)
         .name(CONSUMER_NAME)
         .concurrency(opts.concurrency)
-        .retry(opts.backoff())
+        .backoff(opts.backoff())
         .max_attempts(opts.max_attempts)
         .shutdown_deadline(Duration::from_secs(10))
         .inspect(print_outcome);

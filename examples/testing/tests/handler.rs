@@ -16,7 +16,7 @@ use example_testing::{Ledger, charge};
 /// a test takes milliseconds, not the production backoff's minutes.
 async fn run(broker: &MemoryBroker, queue: &str, ledger: &Ledger) -> Summary {
     let consumer = Consumer::new(broker.source(queue))
-        .retry(Backoff::exponential(
+        .backoff(Backoff::exponential(
             Duration::from_millis(1),
             Duration::from_millis(10),
         ))

@@ -70,9 +70,12 @@ const IDLE: Duration = Duration::from_secs(6);
 
 async fn run<S: Source>(source: S, handled: &str, idle: Duration) -> Result<(), Error> {
     let handled = handled.to_string();
-    let consumer = Consumer::new(source).concurrency(4).max_attempts(3).retry(
-        Backoff::exponential(Duration::from_millis(50), Duration::from_millis(200)).no_jitter(),
-    );
+    let consumer = Consumer::new(source)
+        .concurrency(4)
+        .max_attempts(3)
+        .backoff(
+            Backoff::exponential(Duration::from_millis(50), Duration::from_millis(200)).no_jitter(),
+        );
     let status = consumer.status();
     let summary = consumer
         .run_until(

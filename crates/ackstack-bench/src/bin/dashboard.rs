@@ -487,7 +487,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .concurrency(16)
         .name("payments")
         .max_attempts(4)
-        .retry(Backoff::exponential(
+        .backoff(Backoff::exponential(
             Duration::from_millis(100),
             Duration::from_secs(2),
         ));

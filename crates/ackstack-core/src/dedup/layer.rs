@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::delivery::Delivery;
 use crate::error::{ErrorKind, Failure};
-use crate::handler::{Context, Layer, Process};
+use crate::handler::{Context, Layer, Process, StoreHooks};
 use crate::outcome::Outcome;
 
 use super::{Claim, DedupConfig, DedupKey, DedupStore, OnStoreError, ShowKey};

@@ -93,9 +93,18 @@ impl<S: Source, L> Consumer<S, L> {
     }
 
     /// Delays retries of transient failures by `backoff`'s schedule.
-    pub fn retry(mut self, backoff: Backoff) -> Self {
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.overrides.backoff = Some(backoff);
         self
+    }
+
+    /// The former name of [`Consumer::backoff`].
+    #[deprecated(
+        since = "0.1.0",
+        note = "renamed to `backoff`: it sets the retry delays"
+    )]
+    pub fn retry(self, backoff: Backoff) -> Self {
+        self.backoff(backoff)
     }
 
     /// Dead-letters a message after `n` failed handler attempts.

@@ -68,7 +68,7 @@ fn consumer(
     };
     Consumer::new(broker.source("q"))
         .config(config)
-        .retry(Backoff::exponential(
+        .backoff(Backoff::exponential(
             Duration::from_millis(1),
             Duration::from_millis(1),
         ))
