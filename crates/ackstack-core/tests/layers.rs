@@ -445,6 +445,47 @@ async fn a_panicking_layer_is_a_transient_failure() {
 }
 
 #[tokio::test]
+async fn layers_run_in_the_order_they_are_added_outermost_first() {
+    /// Records its name, then runs the inner step.
+    struct Named<P>(P, &'static str, Arc<Mutex<Vec<&'static str>>>);
+    impl<P: ackstack_core::Process> ackstack_core::Process for Named<P> {
+        async fn process(
+            &self,
+            d: &ackstack_core::Delivery,
+            cx: &ackstack_core::Context,
+        ) -> ackstack_core::Outcome {
+            self.2.lock().unwrap().push(self.1);
+            self.0.process(d, cx).await
+        }
+    }
+    struct NamedLayer(&'static str, Arc<Mutex<Vec<&'static str>>>);
+    impl<P: ackstack_core::Process> ackstack_core::Layer<P> for NamedLayer {
+        type Process = Named<P>;
+        fn layer(&self, inner: P) -> Named<P> {
+            Named(inner, self.0, self.1.clone())
+        }
+    }
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("m"));
+    let (b, seen) = (broker.clone(), order.clone());
+    Consumer::new(broker.source("q"))
+        .layer(NamedLayer("audit", order.clone()))
+        .layer(NamedLayer("timeout", order.clone()))
+        .run_until(
+            handler_fn(move |_d, _cx| {
+                seen.lock().unwrap().push("handler");
+                async { Ok(()) }
+            }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    // As with tower::ServiceBuilder: the first layer added is the outermost.
+    assert_eq!(*order.lock().unwrap(), ["audit", "timeout", "handler"]);
+}
+
+#[tokio::test]
 async fn a_lost_dedup_claim_is_not_acked_and_the_duplicate_is_absorbed() {
     /// A store whose extensions always report the claim as lost.
     struct LosesClaims(MemoryDedupStore);

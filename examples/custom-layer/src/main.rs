@@ -15,8 +15,8 @@
 //! Retry is outermost: the `Outcome::Retry` that `Timeout` returns is an attempt like any
 //! handler failure, delayed by the backoff and dead-lettered after the last attempt, and a
 //! panic in a layer of yours is caught and counted the same way. Dedup sits outside your
-//! layers, so a duplicate never reaches them. Each `.layer(..)` call wraps the ones before it:
-//! the last one added runs first.
+//! layers, so a duplicate never reaches them. The `.layer(..)` calls read from the outside in,
+//! as with `tower::ServiceBuilder`: the first one added runs first.
 
 use std::time::{Duration, Instant};
 
@@ -109,10 +109,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Duration::from_millis(200),
         ))
         .max_attempts(3)
+        .layer(AuditLayer) // added first: outside the timeout, so it sees the timeout's outcome
         .layer(TimeoutLayer {
             limit: Duration::from_millis(100),
-        })
-        .layer(AuditLayer); // added last: outside the timeout, so it sees the timeout's outcome
+        });
     let status = consumer.status();
     let handler = handler_fn(|delivery, _cx| async move {
         let slow = match &delivery.payload[..] {

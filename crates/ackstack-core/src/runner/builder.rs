@@ -186,11 +186,14 @@ impl<S: Source, L> Consumer<S, L> {
         self.control.clone()
     }
 
-    /// Adds a layer around the handler (outside the layers added before it).
-    pub fn layer<N>(self, layer: N) -> Consumer<S, Stack<L, N>> {
+    /// Adds a layer around the handler, inside the layers added before it: calls read from
+    /// the outside in, as with `tower::ServiceBuilder`. `.layer(audit).layer(timeout)` runs
+    /// `audit`, then `timeout`, then the handler. Retry and dedup stay outside every layer
+    /// of yours.
+    pub fn layer<N>(self, layer: N) -> Consumer<S, Stack<N, L>> {
         Consumer {
             source: self.source,
-            layers: Stack::new(self.layers, layer),
+            layers: Stack::new(layer, self.layers),
             config: self.config,
             overrides: self.overrides,
             dedup: self.dedup,
