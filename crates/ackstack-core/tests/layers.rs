@@ -94,6 +94,9 @@ async fn dedup_duplicates_run_the_handler_once_even_concurrently() {
     assert_eq!(effects.load(Ordering::SeqCst), 2, "one effect per key");
     assert!(broker.is_empty("q"), "{summary:?}");
     assert_eq!(summary.deduplicated, 9, "{summary:?}");
+    // Successes of the handler only: the duplicates are counted apart.
+    assert_eq!(summary.succeeded, 2, "{summary:?}");
+    assert_eq!(summary.acked, 11, "{summary:?}");
     assert!(
         broker.dead_letters("q").is_empty(),
         "busy duplicates retry, never drop"

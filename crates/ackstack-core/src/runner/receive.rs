@@ -361,15 +361,17 @@ impl<S: Source, L> Consumer<S, L> {
         }
         drop(backlog);
         result?;
+        let deduplicated = stats.deduplicated.load(AtomicOrdering::Relaxed);
         Ok(Summary {
             received: counters.received.into_inner(),
-            succeeded: counters.succeeded.into_inner(),
+            // Decided `Ack`: the handler's successes and the duplicates acked without it.
+            succeeded: counters.succeeded.into_inner().saturating_sub(deduplicated),
             acked: ack_stats.acked.load(AtomicOrdering::Relaxed),
             ack_calls: ack_stats.calls.load(AtomicOrdering::Relaxed),
             retried: counters.retried.into_inner()
                 + stats.retried_in_place.load(AtomicOrdering::Relaxed),
             dead_lettered: counters.dead_lettered.into_inner(),
-            deduplicated: stats.deduplicated.load(AtomicOrdering::Relaxed),
+            deduplicated,
             dedup_keyless: stats.dedup_keyless.load(AtomicOrdering::Relaxed),
             ack_failures: ack_stats.failed.load(AtomicOrdering::Relaxed),
             settle_failures: counters.settle_failures.into_inner(),

@@ -36,9 +36,11 @@ pub enum ConsumerError {
 pub struct Summary {
     /// Deliveries received.
     pub received: u64,
-    /// Deliveries the handler stack decided to ack (including deduplicated ones).
+    /// Deliveries whose handler succeeded (duplicates, acked without calling it, are in
+    /// [`deduplicated`](Summary::deduplicated), not here).
     pub succeeded: u64,
-    /// Acks the broker confirmed.
+    /// Acks the broker confirmed: of the successes, of the duplicates, and of the originals
+    /// of dead letters (acked once their copy was confirmed). Not a count of successes.
     pub acked: u64,
     /// Ack calls made (each a batch).
     pub ack_calls: u64,
