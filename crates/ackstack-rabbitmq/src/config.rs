@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::error::ConfigError;
+use crate::error::RabbitError;
 
 /// The longest AMQP short string (queue names, consumer tags), in bytes.
 const MAX_NAME: usize = 255;
@@ -240,27 +240,31 @@ impl RabbitConfig {
     }
 
     /// Checks names, buckets and the URI scheme.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), RabbitError> {
         let scheme_ok = self.uri.starts_with("amqp://") || self.uri.starts_with("amqps://");
         if !scheme_ok {
-            return Err(ConfigError::new(format!(
+            return Err(RabbitError::Config(format!(
                 "uri must start with amqp:// or amqps://, got {}",
                 redact_uri(&self.uri)
             )));
         }
         if self.queue.is_empty() {
-            return Err(ConfigError::new("queue must not be empty"));
+            return Err(RabbitError::Config("queue must not be empty".into()));
         }
         if self.delay_buckets.is_empty() {
-            return Err(ConfigError::new("delay_buckets must not be empty"));
+            return Err(RabbitError::Config(
+                "delay_buckets must not be empty".into(),
+            ));
         }
         for bucket in &self.delay_buckets {
             if bucket.is_zero() {
-                return Err(ConfigError::new("delay buckets must be longer than 0"));
+                return Err(RabbitError::Config(
+                    "delay buckets must be longer than 0".into(),
+                ));
             }
             // x-message-ttl is a 32-bit signed value on the broker.
             if bucket.as_millis() > i32::MAX as u128 {
-                return Err(ConfigError::new(format!(
+                return Err(RabbitError::Config(format!(
                     "delay bucket of {}ms is too long (max {}ms)",
                     bucket.as_millis(),
                     i32::MAX
@@ -274,10 +278,14 @@ impl RabbitConfig {
             check_name("consumer_tag", tag)?;
         }
         if self.operation_timeout.is_zero() {
-            return Err(ConfigError::new("operation_timeout must be longer than 0"));
+            return Err(RabbitError::Config(
+                "operation_timeout must be longer than 0".into(),
+            ));
         }
         if self.delivery_limit == Some(0) {
-            return Err(ConfigError::new("delivery_limit must be at least 1"));
+            return Err(RabbitError::Config(
+                "delivery_limit must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -292,9 +300,9 @@ impl RabbitConfig {
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), ConfigError> {
+fn check_name(what: &str, name: &str) -> Result<(), RabbitError> {
     if name.len() > MAX_NAME {
-        return Err(ConfigError::new(format!(
+        return Err(RabbitError::Config(format!(
             "{what} name is {} bytes; AMQP allows {MAX_NAME}",
             name.len()
         )));

@@ -3,24 +3,13 @@
 use ackstack_core::{SettleError, SourceError};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 
-/// The configuration is invalid.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid RabbitMQ config: {0}")]
-pub struct ConfigError(String);
-
-impl ConfigError {
-    pub(crate) fn new(message: impl Into<String>) -> Self {
-        ConfigError(message.into())
-    }
-}
-
 /// An operation of the adapter's own API (connecting, publishing, queue helpers) failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RabbitError {
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+    /// The configuration is invalid ([`RabbitConfig::validate`](crate::RabbitConfig::validate)).
+    #[error("invalid RabbitMQ config: {0}")]
+    Config(String),
     /// The broker or the connection failed.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),

@@ -138,7 +138,7 @@ mod tracker;
 /// shrunk to fit the connection's negotiated `frame_max` (core's dead-letter format).
 pub use ackstack_core::deadletter::{CRASHES_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 pub use config::{QueueType, RabbitConfig, Topology};
-pub use error::{ConfigError, RabbitError};
+pub use error::RabbitError;
 pub use headers::{
     DELIVERY_COUNT_HEADER, KEY_HEADER, ORIGINAL_EXPIRATION_HEADER, attempt_of, headers_from_table,
 };
