@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::queues::Flow;
+use crate::flow::Flow;
 use crate::token::KafkaToken;
 use crate::watermark::{Assignments, Commit};
 

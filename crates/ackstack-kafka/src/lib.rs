@@ -139,6 +139,7 @@
 mod commit;
 pub mod config;
 mod error;
+mod flow;
 mod headers;
 mod marks;
 mod poller;

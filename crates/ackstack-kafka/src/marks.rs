@@ -19,9 +19,7 @@ use std::time::Duration;
 
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-
-use crate::poller::KafkaContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 
 /// The prefix (and version) of ackstack's commit metadata.
 const PREFIX: &str = "ackstack1";
@@ -109,8 +107,8 @@ const RECOVER_TRIES: u32 = 3;
 /// `marks.rs`). A partition whose marks say records may have been handed to handlers beyond
 /// the committed offset was left by a process that did not stop cleanly: its records there
 /// are suspects. Without an answer, none is (logged).
-pub(crate) fn recover_marks(
-    consumer: &BaseConsumer<KafkaContext>,
+pub(crate) fn recover_marks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     tpl: &TopicPartitionList,
 ) -> Vec<(String, i32, Marks)> {
     let mut tries = 0;

@@ -42,7 +42,7 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct KafkaContext {
     shared: Arc<Shared>,
     /// The partitions' own queues, split here before each assignment takes effect.
-    pub(crate) queues: PartitionQueues,
+    pub(crate) queues: PartitionQueues<KafkaContext>,
 }
 
 impl KafkaContext {
@@ -100,7 +100,10 @@ impl ConsumerContext for KafkaContext {
                 }
                 self.shared.revoke(consumer, &partitions, lost);
             }
-            Rebalance::Assign(tpl) => self.queues.split(tpl, &self.shared),
+            Rebalance::Assign(tpl) => {
+                let shared = self.shared.clone();
+                self.queues.split(tpl, move || shared.flow.wake());
+            }
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
         }
     }

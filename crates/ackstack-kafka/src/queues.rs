@@ -16,100 +16,61 @@
 //! split keeps delivering through the consumer queue, where the poll thread falls back to
 //! pausing it when the runner has no room.
 //!
-//! [`Flow`] is how the poll thread sleeps without polling every queue in turn: a queue that
-//! becomes non-empty, or a receive that makes room in a full channel, wakes it.
+//! [`Flow`](crate::flow::Flow) is how the poll thread sleeps without polling every queue in
+//! turn: a queue that becomes non-empty, or a receive that makes room in a full channel, wakes
+//! it.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
 use rdkafka::TopicPartitionList;
-use rdkafka::consumer::BaseConsumer;
 use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 
-use crate::commit::Shared;
-use crate::poller::KafkaContext;
-
-/// Wakes the poll thread: records arrived, or the runner made room.
-#[derive(Debug, Default)]
-pub(crate) struct Flow {
-    woken: Mutex<bool>,
-    cv: Condvar,
-    /// Set by the poll thread before it sleeps on a full channel; a receive that finds it set
-    /// wakes the thread.
-    wants_room: AtomicBool,
-}
-
-impl Flow {
-    /// Wakes the poll thread (or makes its next wait return at once).
-    pub(crate) fn wake(&self) {
-        *self.lock() = true;
-        self.cv.notify_one();
-    }
-
-    /// Forgets earlier wake-ups: called before the thread looks at its queues, so a wake-up
-    /// after that look is never lost.
-    pub(crate) fn reset(&self) {
-        *self.lock() = false;
-    }
-
-    /// Sleeps until woken or `timeout` passes.
-    pub(crate) fn wait(&self, timeout: Duration) {
-        let woken = self.lock();
-        let (mut woken, _) = self
-            .cv
-            .wait_timeout_while(woken, timeout, |w| !*w)
-            .unwrap_or_else(PoisonError::into_inner);
-        *woken = false;
-    }
-
-    /// Asks the next receive to wake the thread once it has taken records.
-    pub(crate) fn want_room(&self) {
-        self.wants_room.store(true, Ordering::SeqCst);
-    }
-
-    /// Called by a receive after it took records: wakes the thread if it waits for room.
-    pub(crate) fn room_made(&self) {
-        if self.wants_room.load(Ordering::SeqCst) && self.wants_room.swap(false, Ordering::SeqCst) {
-            self.wake();
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, bool> {
-        self.woken.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// The partitions split so far, and the queues the poll thread has not taken over yet.
-#[derive(Default)]
-pub(crate) struct PartitionQueues {
+/// The partitions split so far, and the queues the poll thread has not taken over yet. `C` is
+/// the consumer's context (the one whose rebalance callback owns this).
+pub(crate) struct PartitionQueues<C: ConsumerContext + 'static> {
     /// The consumer, set once it is shared; weak, so that the context (which the consumer
     /// owns) does not keep it alive.
-    consumer: OnceLock<Weak<BaseConsumer<KafkaContext>>>,
-    state: Mutex<SplitState>,
+    consumer: OnceLock<Weak<BaseConsumer<C>>>,
+    state: Mutex<SplitState<C>>,
 }
 
-#[derive(Default)]
-struct SplitState {
+struct SplitState<C: ConsumerContext + 'static> {
     /// Every partition ever split (a split queue is kept for good: dropping one would leave
     /// its partition's records in a queue nobody reads).
     split: HashSet<(String, i32)>,
     /// New queues, for the poll thread to take.
-    new: Vec<PartitionQueue<KafkaContext>>,
+    new: Vec<PartitionQueue<C>>,
     /// Set when the poll thread stops: nothing more is split.
     closed: bool,
 }
 
-impl PartitionQueues {
+impl<C: ConsumerContext + 'static> Default for PartitionQueues<C> {
+    fn default() -> Self {
+        PartitionQueues {
+            consumer: OnceLock::new(),
+            state: Mutex::new(SplitState {
+                split: HashSet::new(),
+                new: Vec::new(),
+                closed: false,
+            }),
+        }
+    }
+}
+
+impl<C: ConsumerContext + 'static> PartitionQueues<C> {
     /// Gives the rebalance callback the shared consumer to split queues from.
-    pub(crate) fn set_consumer(&self, consumer: &Arc<BaseConsumer<KafkaContext>>) {
+    pub(crate) fn set_consumer(&self, consumer: &Arc<BaseConsumer<C>>) {
         let _ = self.consumer.set(Arc::downgrade(consumer));
     }
 
-    /// Splits the queues of `tpl`'s partitions that are not split yet; each wakes the poll
-    /// thread when it becomes non-empty. Called before the assignment takes effect.
-    pub(crate) fn split(&self, tpl: &TopicPartitionList, shared: &Arc<Shared>) {
+    /// Splits the queues of `tpl`'s partitions that are not split yet; each calls `wake` when
+    /// it becomes non-empty. Called before the assignment takes effect.
+    pub(crate) fn split<W>(&self, tpl: &TopicPartitionList, wake: W)
+    where
+        W: Fn() + Clone + Send + Sync + 'static,
+    {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return;
         };
@@ -130,15 +91,14 @@ impl PartitionQueues {
                 );
                 continue;
             };
-            let shared = shared.clone();
-            queue.set_nonempty_callback(move || shared.flow.wake());
+            queue.set_nonempty_callback(wake.clone());
             state.new.push(queue);
             state.split.insert(key);
         }
     }
 
     /// The queues split since the last call.
-    pub(crate) fn take_new(&self) -> Vec<PartitionQueue<KafkaContext>> {
+    pub(crate) fn take_new(&self) -> Vec<PartitionQueue<C>> {
         std::mem::take(&mut self.lock().new)
     }
 
@@ -149,52 +109,7 @@ impl PartitionQueues {
         state.new.clear();
     }
 
-    fn lock(&self) -> MutexGuard<'_, SplitState> {
+    fn lock(&self) -> MutexGuard<'_, SplitState<C>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use std::time::Instant;
-
-    use super::*;
-
-    #[test]
-    fn a_wake_before_the_wait_is_not_lost_and_a_reset_forgets_it() {
-        let flow = Flow::default();
-        flow.wake();
-        let t = Instant::now();
-        flow.wait(Duration::from_secs(5));
-        assert!(t.elapsed() < Duration::from_secs(1));
-        flow.wake();
-        flow.reset();
-        let t = Instant::now();
-        flow.wait(Duration::from_millis(50));
-        assert!(t.elapsed() >= Duration::from_millis(50));
-    }
-
-    #[test]
-    fn room_made_wakes_only_a_thread_that_asked_for_room() {
-        let flow = Arc::new(Flow::default());
-        flow.room_made();
-        let t = Instant::now();
-        flow.wait(Duration::from_millis(50));
-        assert!(
-            t.elapsed() >= Duration::from_millis(50),
-            "woken without asking"
-        );
-        flow.want_room();
-        let f = flow.clone();
-        let waker = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            f.room_made();
-        });
-        let t = Instant::now();
-        flow.wait(Duration::from_secs(5));
-        assert!(t.elapsed() < Duration::from_secs(1));
-        waker.join().unwrap();
     }
 }
