@@ -76,12 +76,15 @@ fn restart_until(args: &[&str], done: impl Fn() -> bool) -> Runs {
     Runs { crashes, last }
 }
 
-/// Whether every good message is in the `handled` file. Distinct ones are counted: a message
-/// handled twice (redelivered after a crash) must not stand in for one not handled yet.
-fn all_good_handled(handled: &std::path::Path) -> bool {
+/// The good messages not in the `handled` file yet. Each is looked up by name: a message
+/// handled twice (redelivered after a crash) does not stand in for one not handled yet.
+fn good_not_handled(handled: &std::path::Path) -> Vec<String> {
     let lines = std::fs::read_to_string(handled).unwrap_or_default();
     let seen: BTreeSet<&str> = lines.lines().collect();
-    (0..GOOD).all(|i| seen.contains(format!("g{i}").as_str()))
+    (0..GOOD)
+        .map(|i| format!("g{i}"))
+        .filter(|g| !seen.contains(g.as_str()))
+        .collect()
 }
 
 /// The payloads of the suite: 30 good ones with the poison among them.
@@ -115,13 +118,8 @@ impl Runs {
     /// Asserts that every good message is in the `handled` file (removed then), and that the
     /// child crashed at least once and at most `max_attempts` times.
     fn assert_poison_stopped_and_all_good_handled(&self, handled: &std::path::Path) {
-        let lines = std::fs::read_to_string(handled).unwrap_or_default();
+        let missing = good_not_handled(handled);
         let _ = std::fs::remove_file(handled);
-        let handled: BTreeSet<&str> = lines.lines().collect();
-        let missing: Vec<String> = (0..GOOD)
-            .map(|i| format!("g{i}"))
-            .filter(|g| !handled.contains(g.as_str()))
-            .collect();
         assert!(
             missing.is_empty(),
             "good messages never handled: {missing:?}"
@@ -270,7 +268,7 @@ async fn kafka_a_message_that_kills_the_process_is_dead_lettered_and_nothing_els
     let (b, d, h) = (brokers.clone(), dlq.clone(), handled.clone());
     let runs = tokio::task::spawn_blocking(move || {
         restart_until(&["kafka", &brokers, &topic, &handled_path], move || {
-            all_good_handled(&h)
+            good_not_handled(&h).is_empty()
                 && rt
                     .block_on(read_topic(&b, &d, 1, Duration::from_secs(5)))
                     .is_ok_and(|dead| !dead.is_empty())
