@@ -129,15 +129,15 @@ pub(crate) async fn queue_attributes(
     visibility: bool,
     timeout: Duration,
 ) -> Result<QueueAttributes, SqsError> {
+    if !redrive && !visibility {
+        return Ok(QueueAttributes::default());
+    }
     let mut request = client.get_queue_attributes().queue_url(url);
     if redrive {
         request = request.attribute_names(QueueAttributeName::RedrivePolicy);
     }
     if visibility {
         request = request.attribute_names(QueueAttributeName::VisibilityTimeout);
-    }
-    if !redrive && !visibility {
-        return Ok(QueueAttributes::default());
     }
     let answer = match bounded("GetQueueAttributes", timeout, request.send()).await {
         Ok(answer) => answer,
