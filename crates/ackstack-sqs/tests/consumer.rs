@@ -17,9 +17,10 @@ async fn consumer_acks_retries_extends_and_dead_letters() {
     tokio::time::timeout(Duration::from_secs(120), async {
         let client = testing::client().await;
         let queue = TestQueue::create(&client, "e2e", false).await.unwrap();
-        // A 2 s lease: the slow handler (3.5 s) only finishes once because the lease keeper
-        // extends it.
-        let source = SqsSource::from_client(client.clone(), queue.config(Duration::from_secs(2)))
+        // A 4 s lease: the slow handler (6 s) only finishes once because the lease keeper
+        // extends it. (With 2 s, an extension sent at 70% had 0.6 s to reach a loaded moto,
+        // and under parallel tests it sometimes did not.)
+        let source = SqsSource::from_client(client.clone(), queue.config(Duration::from_secs(4)))
             .await
             .unwrap();
         let publisher = SqsPublisher::for_source(&source);
@@ -63,7 +64,7 @@ async fn consumer_acks_retries_extends_and_dead_letters() {
                             finished.fetch_add(1, Ordering::SeqCst);
                             return Err(HandlerError::permanent("cannot decode"));
                         }
-                        "slow" => tokio::time::sleep(Duration::from_millis(3500)).await,
+                        "slow" => tokio::time::sleep(Duration::from_millis(6000)).await,
                         _ => {}
                     }
                     finished.fetch_add(1, Ordering::SeqCst);
