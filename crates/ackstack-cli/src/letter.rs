@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ackstack_core::deadletter::{
-    ATTEMPT_HEADER, CRASHES_HEADER, DeadLetterMetadata, FIRST_FAILURE_HEADER,
+    ATTEMPT_HEADER, CRASHES_HEADER, DEFERRED_SINCE_HEADER, DeadLetterMetadata, FIRST_FAILURE_HEADER,
 };
 use ackstack_core::{ErrorKind, Headers};
 use bytes::Bytes;
@@ -16,9 +16,14 @@ use time::format_description::well_known::Rfc3339;
 pub const REPLAYS_HEADER: &str = "x-ackstack-replays";
 
 /// Headers of ours that a replayed message loses besides the dead-letter metadata: the
-/// attempt count and first failure of the retry layer, and the crashes counted while it ran
-/// alone, so that the replay starts afresh.
-pub const RESET_HEADERS: &[&str] = &[ATTEMPT_HEADER, FIRST_FAILURE_HEADER, CRASHES_HEADER];
+/// attempt count and first failure of the retry layer, the crashes counted while it ran
+/// alone, and the time of its first deferral, so that the replay starts afresh.
+pub const RESET_HEADERS: &[&str] = &[
+    ATTEMPT_HEADER,
+    FIRST_FAILURE_HEADER,
+    CRASHES_HEADER,
+    DEFERRED_SINCE_HEADER,
+];
 
 /// One dead letter.
 #[derive(Clone, Debug)]

@@ -19,6 +19,13 @@ pub const METADATA_PREFIX: &str = "x-ackstack-dl-";
 pub const ATTEMPT_HEADER: &str = "x-ackstack-attempt";
 /// The header that records when a republished message first failed (milliseconds since epoch).
 pub const FIRST_FAILURE_HEADER: &str = "x-ackstack-first-failure";
+/// The header that records when a deferred message ([`HandlerError::defer`]) was first
+/// deferred (milliseconds since epoch), carried by the copies of brokers that defer by
+/// republishing. [`RetryConfig::defer_limit`] counts from it.
+///
+/// [`HandlerError::defer`]: crate::HandlerError::defer
+/// [`RetryConfig::defer_limit`]: crate::RetryConfig::defer_limit
+pub const DEFERRED_SINCE_HEADER: &str = "x-ackstack-deferred-since";
 /// The header in which a suspect moved to run alone (docs/DESIGN.md, "Crashes count as
 /// attempts") carries its runs alone that ended with the process dead.
 pub const CRASHES_HEADER: &str = "x-ackstack-crashes";
@@ -44,6 +51,9 @@ pub enum DeadLetterReason {
     /// allowed (an out-of-memory kill, an abort, a segfault), or the message arrived past its
     /// attempt limit without a settlement (the broker counted deliveries that ended so).
     Crashed,
+    /// The handler deferred the message ([`HandlerError::defer`](crate::HandlerError::defer))
+    /// for longer than [`RetryConfig::defer_limit`](crate::RetryConfig::defer_limit) in all.
+    Deferred,
 }
 
 /// A decision to dead-letter: the last failure, how many attempts were made, and why.
@@ -60,9 +70,10 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// Dead-letters `delivery` for `failure`.
     pub fn new(delivery: &Delivery, failure: Failure) -> Self {
-        let reason = match failure.kind {
-            ErrorKind::Permanent => DeadLetterReason::Permanent,
-            ErrorKind::Transient => DeadLetterReason::MaxAttempts,
+        let reason = match (failure.kind, failure.deferred_since) {
+            (ErrorKind::Permanent, _) => DeadLetterReason::Permanent,
+            (ErrorKind::Transient, Some(_)) => DeadLetterReason::Deferred,
+            (ErrorKind::Transient, None) => DeadLetterReason::MaxAttempts,
         };
         DeadLetter {
             attempts: failure.attempt.max(delivery.attempt),
@@ -111,6 +122,18 @@ impl DeadLetter {
             consumer: delivery.origin.consumer.to_string(),
         }
     }
+}
+
+/// When `delivery` was first deferred, from its [`DEFERRED_SINCE_HEADER`] (`None` when it
+/// has none, or one that is not a number of milliseconds).
+pub fn deferred_since(delivery: &Delivery) -> Option<SystemTime> {
+    let ms = delivery
+        .headers
+        .get_str(DEFERRED_SINCE_HEADER)?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
 }
 
 /// The fields attached to a dead-lettered message. Bounded: the message is truncated to
@@ -214,6 +237,7 @@ impl DeadLetterMetadata {
                 "permanent" => DeadLetterReason::Permanent,
                 "max_attempts" => DeadLetterReason::MaxAttempts,
                 "crashed" => DeadLetterReason::Crashed,
+                "deferred" => DeadLetterReason::Deferred,
                 _ => return None,
             },
             error_kind: match get("error-kind")? {
@@ -240,6 +264,7 @@ fn reason_str(r: DeadLetterReason) -> &'static str {
         DeadLetterReason::Permanent => "permanent",
         DeadLetterReason::MaxAttempts => "max_attempts",
         DeadLetterReason::Crashed => "crashed",
+        DeadLetterReason::Deferred => "deferred",
     }
 }
 

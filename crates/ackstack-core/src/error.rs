@@ -69,6 +69,8 @@ pub struct HandlerError {
     kind: ErrorKind,
     source: BoxError,
     retry_after: Option<Duration>,
+    /// Set by [`HandlerError::defer`]: not a failed attempt.
+    defer: bool,
 }
 
 impl HandlerError {
@@ -82,6 +84,7 @@ impl HandlerError {
                 kind,
                 source,
                 retry_after: None,
+                defer: false,
             },
         }
     }
@@ -112,6 +115,39 @@ impl HandlerError {
     pub fn retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay).filter(|d| !d.is_zero());
         self
+    }
+
+    /// Defers the message: it is not ready to be handled yet (an event that arrived before
+    /// the one it depends on, a resource not yet created), so it comes back `after` from now
+    /// **without using an attempt**. Deferring is bounded in total time, not in count: a
+    /// message deferred again and again is dead-lettered once
+    /// [`RetryConfig::defer_limit`](crate::RetryConfig::defer_limit) has passed since its first
+    /// deferral (reason `deferred`). `after` is capped by the longest delay the broker can
+    /// honour and by the time left before that limit.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use ackstack_core::HandlerError;
+    ///
+    /// let err = HandlerError::defer(Duration::from_secs(30));
+    /// assert_eq!(err.deferred_for(), Some(Duration::from_secs(30)));
+    /// ```
+    pub fn defer(after: Duration) -> Self {
+        HandlerError {
+            kind: ErrorKind::Transient,
+            source: Box::new(Deferred(after)),
+            retry_after: Some(after),
+            defer: true,
+        }
+    }
+
+    /// How long the message asked to be deferred for, if this is a deferral
+    /// ([`HandlerError::defer`]).
+    pub fn deferred_for(&self) -> Option<Duration> {
+        match (self.defer, self.kind) {
+            (true, ErrorKind::Transient) => Some(self.retry_after.unwrap_or_default()),
+            _ => None,
+        }
     }
 
     /// The kind.
@@ -156,6 +192,18 @@ impl fmt::Display for HandlerError {
     }
 }
 
+/// What a deferral ([`HandlerError::defer`]) reports as its error.
+#[derive(Debug)]
+struct Deferred(Duration);
+
+impl fmt::Display for Deferred {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "deferred by the handler for {:?}", self.0)
+    }
+}
+
+impl StdError for Deferred {}
+
 /// A [`HandlerError`] as a `std::error::Error`, inside a [`BoxError`].
 #[derive(Debug)]
 struct Kinded(HandlerError);
@@ -190,6 +238,7 @@ pub const MAX_FAILURE_MESSAGE: usize = 1024;
 
 /// What is recorded about a failed attempt: small, cloneable, bounded.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Failure {
     /// Transient or permanent.
     pub kind: ErrorKind,
@@ -199,6 +248,10 @@ pub struct Failure {
     pub at: SystemTime,
     /// The attempt that failed (1-based), once the retry layer has seen it; 0 before.
     pub attempt: u32,
+    /// Set when this is a deferral ([`HandlerError::defer`]) rather than a failed attempt:
+    /// when the message was first deferred. A dead letter of a deferral past
+    /// [`RetryConfig::defer_limit`](crate::RetryConfig::defer_limit) has reason `deferred`.
+    pub deferred_since: Option<SystemTime>,
 }
 
 impl Failure {
@@ -209,6 +262,7 @@ impl Failure {
             message: truncate(message.into(), MAX_FAILURE_MESSAGE),
             at: SystemTime::now(),
             attempt: 0,
+            deferred_since: None,
         }
     }
 

@@ -38,6 +38,8 @@ pub(crate) struct RunStats {
     pub(crate) deduplicated: AtomicU64,
     /// Retries performed in place by the retry layer.
     pub(crate) retried_in_place: AtomicU64,
+    /// Deferrals the retry layer passed on or performed in place.
+    pub(crate) deferred: AtomicU64,
     /// Deliveries whose dedup key was missing or empty (processed without deduplication).
     pub(crate) dedup_keyless: AtomicU64,
     /// Deliveries held in process right now, waiting for the dedup store or a busy key.
@@ -232,6 +234,11 @@ impl Context {
             .filter(|&n| n > 0)
     }
 
+    pub(crate) fn note_deferred(&self) {
+        self.metrics().deferred.increment(1);
+        self.stats.deferred.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
     pub(crate) fn note_retried_in_place(&self, kind: crate::error::ErrorKind) {
         self.metrics().retried(kind);
         self.stats
@@ -376,6 +383,7 @@ pub trait Layer<P> {
 /// `Ok` is [`Outcome::Ack`]; a transient error or a panic is [`Outcome::Retry`] (with the
 /// delay the error asked for, [`HandlerError::retry_after`], else zero: the retry layer
 /// decides the delay and the attempt limit); a permanent error is [`Outcome::DeadLetter`].
+/// A deferral ([`HandlerError::defer`]) is [`Outcome::Defer`].
 #[derive(Clone)]
 pub struct Terminal<H> {
     handler: H,
@@ -465,6 +473,12 @@ impl<H: Handler> Process for Terminal<H> {
             Ok(Ok(())) => return Outcome::Ack,
             Ok(Err(err)) => {
                 let mut failure = Failure::from_error(&err);
+                if let Some(after) = err.deferred_for() {
+                    // Not a failed attempt, whatever a classifier would say.
+                    let since = crate::deadletter::deferred_since(delivery).unwrap_or(failure.at);
+                    failure.deferred_since = Some(since);
+                    return Outcome::Defer { after, failure };
+                }
                 if let Some(classify) = &self.classifier {
                     failure.kind = classify(&err);
                 }

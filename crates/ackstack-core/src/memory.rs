@@ -70,6 +70,18 @@ struct Stored {
     in_flight: bool,
     generation: u64,
     first_failure: Option<SystemTime>,
+    /// Receives that followed a deferral (not attempts).
+    deferrals: u32,
+}
+
+/// One message as [`MemoryBroker::receive_now`] hands it out.
+struct Handed {
+    id: u64,
+    message: Message,
+    /// Receives so far, counting this one (the token's identity).
+    receives: u32,
+    /// The attempt number: receives that were not deferrals.
+    attempt: u32,
 }
 
 /// Counts for one queue, for tests and benchmarks.
@@ -88,6 +100,8 @@ pub struct QueueStats {
     pub extends: u64,
     /// Retries settled.
     pub retries: u64,
+    /// Deferrals settled (hidden with the attempt kept).
+    pub deferrals: u64,
     /// Messages dead-lettered from this queue.
     pub dead_lettered: u64,
 }
@@ -168,6 +182,7 @@ impl MemoryBroker {
                 in_flight: false,
                 generation: 0,
                 first_failure: None,
+                deferrals: 0,
             },
         );
         q.ready.push_back(id);
@@ -243,7 +258,7 @@ impl MemoryBroker {
         queue: &str,
         max: usize,
         visibility: Duration,
-    ) -> (Vec<(u64, Message, u32)>, Option<Instant>) {
+    ) -> (Vec<Handed>, Option<Instant>) {
         let now = Instant::now();
         let mut state = self.lock();
         let q = state.queues.entry(queue.to_string()).or_default();
@@ -256,7 +271,12 @@ impl MemoryBroker {
             };
             m.receives = m.receives.saturating_add(1);
             m.in_flight = true;
-            out.push((id, m.message.clone(), m.receives));
+            out.push(Handed {
+                id,
+                message: m.message.clone(),
+                receives: m.receives,
+                attempt: m.receives.saturating_sub(m.deferrals).max(1),
+            });
             q.hide(id, later(now, visibility));
         }
         q.stats.received += out.len() as u64;
@@ -322,28 +342,35 @@ impl Source for MemorySource {
             if !batch.is_empty() {
                 return Ok(batch
                     .into_iter()
-                    .map(|(id, message, receives)| {
-                        let mut origin =
-                            Origin::new("memory", self.queue.clone(), self.consumer.clone());
-                        origin.offset = i64::try_from(id).ok();
-                        Received {
-                            delivery: Delivery {
-                                payload: message.payload,
-                                headers: message.headers,
-                                key: message.key,
-                                message_id: message.message_id,
-                                attempt: receives,
-                                origin,
-                            },
-                            token: MemoryToken {
-                                id,
-                                receive: receives,
-                            },
-                            // The broker lives in the consumer's process: no redelivery
-                            // outlives a crash.
-                            suspect: false,
-                        }
-                    })
+                    .map(
+                        |Handed {
+                             id,
+                             message,
+                             receives,
+                             attempt,
+                         }| {
+                            let mut origin =
+                                Origin::new("memory", self.queue.clone(), self.consumer.clone());
+                            origin.offset = i64::try_from(id).ok();
+                            Received {
+                                delivery: Delivery {
+                                    payload: message.payload,
+                                    headers: message.headers,
+                                    key: message.key,
+                                    message_id: message.message_id,
+                                    attempt,
+                                    origin,
+                                },
+                                token: MemoryToken {
+                                    id,
+                                    receive: receives,
+                                },
+                                // The broker lives in the consumer's process: no redelivery
+                                // outlives a crash.
+                                suspect: false,
+                            }
+                        },
+                    )
                     .collect());
             }
             let now = Instant::now();
@@ -381,6 +408,33 @@ pub struct MemorySettler {
     queue: Arc<str>,
 }
 
+impl MemorySettler {
+    /// Hides the owned message for `after`, once `record` has noted why on it and in the
+    /// queue's counts.
+    fn hold_back(
+        &self,
+        token: MemoryToken,
+        after: Duration,
+        record: impl FnOnce(&mut Stored, &mut QueueStats),
+    ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
+        let result = self.broker.with_queue(&self.queue, |q| {
+            let mut stats = q.stats;
+            record(q.owned(token)?, &mut stats);
+            q.stats = stats;
+            q.hide(token.id, later(Instant::now(), after));
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                // A receive already waiting must learn of the new due time.
+                self.broker.shared.notify.notify_waiters();
+                Ok(Settled::Done)
+            }
+            Err(e) => Err(SettleFailure::new(token, e)),
+        }
+    }
+}
+
 impl Settle for MemorySettler {
     type Token = MemoryToken;
 
@@ -409,21 +463,31 @@ impl Settle for MemorySettler {
         after: Duration,
         failure: &Failure,
     ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
-        let result = self.broker.with_queue(&self.queue, |q| {
-            let m = q.owned(token)?;
+        self.hold_back(token, after, |m, stats| {
             m.first_failure.get_or_insert(failure.at);
-            q.hide(token.id, later(Instant::now(), after));
-            q.stats.retries += 1;
-            Ok(())
-        });
-        match result {
-            Ok(()) => {
-                // A receive already waiting must learn of the new due time.
-                self.broker.shared.notify.notify_waiters();
-                Ok(Settled::Done)
-            }
-            Err(e) => Err(SettleFailure::new(token, e)),
-        }
+            stats.retries += 1;
+        })
+    }
+
+    /// Hides the message for `after` and counts the receive that follows as a deferral, not
+    /// an attempt; the first deferral's time travels in its
+    /// [`DEFERRED_SINCE_HEADER`](crate::deadletter::DEFERRED_SINCE_HEADER).
+    async fn defer(
+        &self,
+        token: MemoryToken,
+        _delivery: &Delivery,
+        after: Duration,
+        failure: &Failure,
+    ) -> Result<Settled<MemoryToken>, SettleFailure<MemoryToken>> {
+        let since = failure.deferred_since.unwrap_or(failure.at);
+        self.hold_back(token, after, |m, stats| {
+            m.deferrals = m.deferrals.saturating_add(1);
+            m.message.headers.insert(
+                crate::deadletter::DEFERRED_SINCE_HEADER,
+                millis(since).to_string(),
+            );
+            stats.deferrals += 1;
+        })
     }
 
     async fn dead_letter(

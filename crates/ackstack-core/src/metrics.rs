@@ -5,7 +5,7 @@
 //! the labels `consumer` (the name given to [`Consumer::name`](crate::Consumer::name), or the
 //! source's), `broker` (`memory`, `rabbitmq`, `sqs`, `kafka`) and `queue` (queue or topic), so
 //! two consumers in one process are told apart. Some carry one more: `outcome` (`ack`, `retry`,
-//! `dead_letter`, `release`) or `error_kind` (`transient`, `permanent`).
+//! `dead_letter`, `release`, `defer`) or `error_kind` (`transient`, `permanent`).
 //!
 //! The label sets are built once per consumer and queue when a run starts (or when a queue is
 //! first seen), and the handles kept: recording a delivery's metrics allocates nothing.
@@ -28,6 +28,7 @@
 //! | `ackstack_leases_lost_total` | counter | | leases lost while a handler ran (work cancelled, not acked) |
 //! | `ackstack_handler_panics_total` | counter | | handler panics caught (counted as transient failures) |
 //! | `ackstack_handler_timeouts_total` | counter | | handler attempts cut off at `handler_timeout` (counted as transient failures) |
+//! | `ackstack_deferred_total` | counter | | deferrals the handler asked for (`HandlerError::defer`; in place or at the broker; not attempts) |
 //! | `ackstack_abandoned_total` | counter | | deliveries left unacked at the shutdown deadline |
 //! | `ackstack_dedup_held_total` | counter | | deliveries held in process because the dedup store was unreachable or their key busy (not counted as attempts) |
 //! | `ackstack_dedup_keyless_total` | counter | | deliveries without a (non-empty) dedup key, processed without deduplication |
@@ -79,6 +80,8 @@ pub const LEASES_LOST: &str = "ackstack_leases_lost_total";
 pub const HANDLER_PANICS: &str = "ackstack_handler_panics_total";
 /// Handler attempts cut off at `handler_timeout`.
 pub const HANDLER_TIMEOUTS: &str = "ackstack_handler_timeouts_total";
+/// Deferrals the handler asked for (not counted as attempts).
+pub const DEFERRED: &str = "ackstack_deferred_total";
 /// Deliveries left unacked at the shutdown deadline.
 pub const ABANDONED: &str = "ackstack_abandoned_total";
 /// Deliveries being processed now.
@@ -119,6 +122,7 @@ pub const ALL: &[&str] = &[
     LEASES_LOST,
     HANDLER_PANICS,
     HANDLER_TIMEOUTS,
+    DEFERRED,
     ABANDONED,
     IN_FLIGHT,
     HANDLER_SECONDS,
@@ -139,7 +143,7 @@ pub const HANDLER_SECONDS_BUCKETS: &[f64] = &[
 ];
 
 /// The outcomes in label order; [`outcome_index`] maps an [`Outcome`] into it.
-const OUTCOME_LABELS: [&str; 4] = ["ack", "retry", "dead_letter", "release"];
+const OUTCOME_LABELS: [&str; 5] = ["ack", "retry", "dead_letter", "release", "defer"];
 const ERROR_KIND_LABELS: [&str; 2] = ["transient", "permanent"];
 const STATE_LABELS: [&str; 4] = ["running", "paused", "circuit_open", "half_open"];
 
@@ -149,6 +153,7 @@ fn outcome_index(outcome: &Outcome) -> usize {
         Outcome::Retry { .. } => 1,
         Outcome::DeadLetter(_) => 2,
         Outcome::Release => 3,
+        Outcome::Defer { .. } => 4,
     }
 }
 
@@ -177,7 +182,7 @@ pub(crate) struct Metrics {
     /// The labels every handle carries, for the per-partition gauges made later.
     base: Vec<Label>,
     pub(crate) received: Counter,
-    outcomes: [Counter; 4],
+    outcomes: [Counter; 5],
     pub(crate) acked: Counter,
     retried: [Counter; 2],
     dead_lettered: [Counter; 2],
@@ -189,6 +194,7 @@ pub(crate) struct Metrics {
     pub(crate) leases_lost: Counter,
     pub(crate) handler_panics: Counter,
     pub(crate) handler_timeouts: Counter,
+    pub(crate) deferred: Counter,
     pub(crate) abandoned: Counter,
     pub(crate) dedup_held: Counter,
     pub(crate) dedup_keyless: Counter,
@@ -198,7 +204,7 @@ pub(crate) struct Metrics {
     pub(crate) in_flight: Gauge,
     state: [Gauge; 4],
     pub(crate) circuit_trips: Counter,
-    handler_seconds: [Histogram; 4],
+    handler_seconds: [Histogram; 5],
     pub(crate) backlog: Gauge,
 }
 
@@ -236,6 +242,7 @@ impl Metrics {
             leases_lost: counter(LEASES_LOST),
             handler_panics: counter(HANDLER_PANICS),
             handler_timeouts: counter(HANDLER_TIMEOUTS),
+            deferred: counter(DEFERRED),
             abandoned: counter(ABANDONED),
             dedup_held: counter(DEDUP_HELD),
             dedup_keyless: counter(DEDUP_KEYLESS),

@@ -42,7 +42,8 @@ use crate::outcome::Outcome;
 /// The retry policy: the delay schedule, the attempt limit and the optional immediate tier.
 ///
 /// In a config file its fields sit side by side (`base`, `factor`, `cap`, `jitter`,
-/// `max_attempts`, `immediate`, `immediate_delay`); an unknown field is an error.
+/// `max_attempts`, `immediate`, `immediate_delay`, `defer_limit`); an unknown field is an
+/// error.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(from = "RetryFields", into = "RetryFields")]
 #[non_exhaustive]
@@ -55,6 +56,12 @@ pub struct RetryConfig {
     pub immediate: u32,
     /// The pause between immediate retries.
     pub immediate_delay: Duration,
+    /// How long a message may be deferred in all ([`HandlerError::defer`]), counted from its
+    /// first deferral: a deferral asked for later than that dead-letters it (reason
+    /// `deferred`). Deferrals use no attempts, so this is what bounds them. Default 1 hour.
+    ///
+    /// [`HandlerError::defer`]: crate::HandlerError::defer
+    pub defer_limit: Duration,
 }
 
 /// [`RetryConfig`] as it is written in config files: flat, with unknown fields refused (serde's
@@ -72,6 +79,8 @@ struct RetryFields {
     immediate: u32,
     #[serde(with = "crate::config::duration")]
     immediate_delay: Duration,
+    #[serde(with = "crate::config::duration")]
+    defer_limit: Duration,
 }
 
 impl Default for RetryFields {
@@ -90,6 +99,7 @@ impl From<RetryConfig> for RetryFields {
             max_attempts: c.max_attempts,
             immediate: c.immediate,
             immediate_delay: c.immediate_delay,
+            defer_limit: c.defer_limit,
         }
     }
 }
@@ -106,21 +116,26 @@ impl From<RetryFields> for RetryConfig {
             max_attempts: f.max_attempts,
             immediate: f.immediate,
             immediate_delay: f.immediate_delay,
+            defer_limit: f.defer_limit,
         }
     }
 }
 
 impl Default for RetryConfig {
-    /// The default [`Backoff`], 8 attempts, no immediate tier.
+    /// The default [`Backoff`], 8 attempts, no immediate tier, deferrals for up to an hour.
     fn default() -> Self {
         RetryConfig {
             backoff: Backoff::default(),
             max_attempts: 8,
             immediate: 0,
             immediate_delay: Duration::ZERO,
+            defer_limit: DEFAULT_DEFER_LIMIT,
         }
     }
 }
+
+/// [`RetryConfig::defer_limit`]'s default.
+pub const DEFAULT_DEFER_LIMIT: Duration = Duration::from_secs(3600);
 
 impl RetryConfig {
     /// Whether a message whose attempt `attempt` failed transiently may be tried again.
@@ -177,6 +192,12 @@ impl RetryLayer {
     /// With this attempt limit (at least 1).
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.config.max_attempts = n.max(1);
+        self
+    }
+
+    /// With deferrals allowed for `limit` in all (see [`RetryConfig::defer_limit`]).
+    pub fn defer_limit(mut self, limit: Duration) -> Self {
+        self.config.defer_limit = limit;
         self
     }
 
@@ -275,6 +296,38 @@ impl<P: Process> Retry<P> {
         }
     }
 
+    /// Decides a deferral: a dead letter past the defer limit, else the delay (capped by the
+    /// time left and by the broker), settled by the broker or waited out here.
+    fn defer(&self, after: Duration, mut failure: Failure, cx: &Context) -> Deferral {
+        let limit = self.layer.config.defer_limit;
+        let spent = failure
+            .deferred_since
+            .and_then(|since| since.elapsed().ok())
+            .unwrap_or_default();
+        if spent >= limit {
+            failure.message = crate::error::truncate(
+                format!(
+                    "deferred by the handler for {spent:?} in all, longer than defer_limit \
+                     ({limit:?}); last: {}",
+                    failure.message
+                ),
+                crate::error::MAX_FAILURE_MESSAGE,
+            );
+            return Deferral::Settle(Outcome::DeadLetter(failure));
+        }
+        let mut after = after.min(limit - spent);
+        if let Some(max) = self.layer.max_delay {
+            after = after.min(max);
+        }
+        cx.note_deferred();
+        if self.layer.in_place {
+            tracing::info!(after = ?after, attempt = failure.attempt, "deferred in place");
+            Deferral::InPlace(after, Outcome::Defer { after, failure })
+        } else {
+            Deferral::Settle(Outcome::Defer { after, failure })
+        }
+    }
+
     /// Waits `d` unless the delivery's work is cancelled first; returns whether it waited.
     async fn pause(d: Duration, cx: &Context) -> bool {
         tokio::select! {
@@ -291,6 +344,8 @@ impl<P: Process> Process for Retry<P> {
         // A copy with the attempt counted up, made only once a retry happens in place.
         let mut later_attempt: Option<Delivery> = None;
         let mut immediate = 0;
+        // When the message was first deferred, where deferrals happen in place.
+        let mut deferred: Option<std::time::SystemTime> = None;
         loop {
             let current = later_attempt.as_ref().unwrap_or(delivery);
             let outcome = self.attempt(current, cx).await;
@@ -300,6 +355,28 @@ impl<P: Process> Process for Retry<P> {
             }
             let (failure, asked) = match outcome {
                 Outcome::Retry { failure, after } => (failure, after),
+                Outcome::Defer { after, mut failure } => {
+                    // In place, the first deferral of this run counts too.
+                    let since = match (deferred, failure.deferred_since) {
+                        (Some(a), Some(b)) => a.min(b),
+                        (a, b) => a.or(b).unwrap_or(failure.at),
+                    };
+                    failure.deferred_since = Some(since);
+                    failure.attempt = current.attempt;
+                    match self.defer(after, failure, cx) {
+                        Deferral::Settle(outcome) => return outcome,
+                        Deferral::InPlace(after, outcome) => {
+                            deferred = Some(since);
+                            // As for a retry in place: others may run while it waits.
+                            cx.step_aside().await;
+                            if !Self::pause(after, cx).await || !cx.rejoin().await {
+                                return outcome;
+                            }
+                            immediate = 0;
+                            continue;
+                        }
+                    }
+                }
                 Outcome::DeadLetter(mut failure) => {
                     failure.attempt = current.attempt;
                     return Outcome::DeadLetter(failure);
@@ -354,10 +431,21 @@ impl<P: Process> Process for Retry<P> {
     }
 }
 
+/// What [`Retry::defer`] decided.
+enum Deferral {
+    /// Return this outcome for the runner to settle.
+    Settle(Outcome),
+    /// Wait this long here, then run the same attempt again (the outcome, if the wait is
+    /// cancelled).
+    InPlace(Duration, Outcome),
+}
+
 /// The kind of a retry's failure (transient, unless a classifier said otherwise).
 fn failure_kind(outcome: &Outcome) -> crate::ErrorKind {
     match outcome {
-        Outcome::Retry { failure, .. } | Outcome::DeadLetter(failure) => failure.kind,
+        Outcome::Retry { failure, .. }
+        | Outcome::Defer { failure, .. }
+        | Outcome::DeadLetter(failure) => failure.kind,
         Outcome::Ack | Outcome::Release => crate::ErrorKind::Transient,
     }
 }

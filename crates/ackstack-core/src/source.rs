@@ -172,6 +172,28 @@ pub trait Settle: Clone + Send + Sync + 'static {
         failure: &Failure,
     ) -> impl Future<Output = Result<Settled<Self::Token>, SettleFailure<Self::Token>>> + Send;
 
+    /// Has the broker deliver the message again no sooner than `after` **with the same
+    /// attempt number** (a deferral, [`HandlerError::defer`](crate::HandlerError::defer)),
+    /// carrying when it was first deferred (`failure.deferred_since`, as
+    /// [`DEFERRED_SINCE_HEADER`](crate::deadletter::DEFERRED_SINCE_HEADER) or the broker's
+    /// equivalent) so that the next deferral finds it. Same rules as [`Settle::retry`] for
+    /// copies. Only called where retries are delayed at the broker
+    /// ([`Capabilities::broker_delay`]); elsewhere the retry layer waits in place.
+    ///
+    /// The default is [`Settle::retry`]: the delay is kept but the redelivery counts as an
+    /// attempt, and the first deferral's time is lost (each deferral then has the whole
+    /// `defer_limit`, and `max_attempts` is what bounds them). The adapters ackstack ships
+    /// override it; the conformance suite's `deferrals_use_no_attempt` check tells.
+    fn defer(
+        &self,
+        token: Self::Token,
+        delivery: &Delivery,
+        after: Duration,
+        failure: &Failure,
+    ) -> impl Future<Output = Result<Settled<Self::Token>, SettleFailure<Self::Token>>> + Send {
+        self.retry(token, delivery, after, failure)
+    }
+
     /// Prepares a suspect ([`Received::suspect`]) for a run alone, given that the process
     /// holds nothing else: records durably that this run may be its own crash, or moves it
     /// where that count travels with it, or gives up on it after `give_up_at` crashes. The

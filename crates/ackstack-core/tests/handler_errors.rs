@@ -1,15 +1,15 @@
 //! What a handler's error asks for, on the in-memory broker: `?` on any error is a transient
 //! failure, `.permanent()` dead-letters at once, `retry_after` replaces the backoff's delay
-//! (capped by the backoff's cap), and `handler_timeout` turns a hung attempt into a transient
-//! failure.
+//! (capped by the backoff's cap), `defer` brings a message back without using an attempt
+//! until `defer_limit`, and `handler_timeout` turns a hung attempt into a transient failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ackstack_core::{
-    Backoff, Consumer, Delivery, ErrorKind, HandlerError, MemoryBroker, Message, Outcome,
-    ResultExt, handler_fn,
+    Backoff, Consumer, ConsumerConfig, DeadLetterMetadata, DeadLetterReason, Delivery, ErrorKind,
+    HandlerError, KeyOrdering, MemoryBroker, Message, Outcome, ResultExt, Summary, handler_fn,
 };
 
 fn backoff() -> Backoff {
@@ -157,4 +157,110 @@ async fn a_hung_handler_fails_transiently_at_the_handler_timeout() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// The attempt numbers the handler saw for `body`, in order.
+type Attempts = Arc<Mutex<Vec<(String, u32)>>>;
+
+fn attempts_of(seen: &Attempts, body: &str) -> Vec<u32> {
+    let seen = seen.lock().unwrap();
+    seen.iter()
+        .filter(|(b, _)| b == body)
+        .map(|(_, a)| *a)
+        .collect()
+}
+
+/// "later" is deferred twice, then taken; "never" is deferred every time.
+async fn defer_some(d: Delivery, seen: Attempts) -> Result<(), HandlerError> {
+    let body = String::from_utf8_lossy(&d.payload).into_owned();
+    let runs = {
+        let mut seen = seen.lock().unwrap();
+        seen.push((body.clone(), d.attempt));
+        seen.iter().filter(|(b, _)| *b == body).count()
+    };
+    if body == "never" || runs <= 2 {
+        return Err(HandlerError::defer(Duration::from_millis(60)));
+    }
+    Ok(())
+}
+
+async fn run_deferrals(broker: &MemoryBroker, ordering: KeyOrdering) -> (Summary, Attempts) {
+    let mut config = ConsumerConfig::default();
+    config.retry.defer_limit = Duration::from_millis(400);
+    config.ordering = ordering;
+    let seen = Attempts::default();
+    let s = seen.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .config(config)
+        .backoff(backoff())
+        .max_attempts(2)
+        .run_until(
+            handler_fn(move |d, _cx| defer_some(d, s.clone())),
+            until_empty(broker.clone(), "q"),
+        )
+        .await
+        .unwrap();
+    (summary, seen)
+}
+
+#[tokio::test]
+async fn a_deferral_uses_no_attempt_and_ends_in_a_dead_letter_at_the_defer_limit() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("later"));
+    broker.publish("q", Message::new("never").message_id("n-1"));
+    let (summary, seen) = run_deferrals(&broker, KeyOrdering::None).await;
+    // Three runs of "later" with max_attempts 2: the deferrals used none.
+    assert_eq!(attempts_of(&seen, "later"), vec![1, 1, 1]);
+    let never = attempts_of(&seen, "never");
+    assert!(never.iter().all(|&a| a == 1), "{never:?}");
+    // Deferred every 60 ms within a 400 ms limit: about seven runs, not max_attempts.
+    assert!((4..=9).contains(&never.len()), "{never:?}");
+    assert_eq!(summary.succeeded, 1, "{summary:?}");
+    assert_eq!(summary.retried, 0, "{summary:?}");
+    assert_eq!(
+        summary.deferred as usize,
+        2 + never.len() - 1,
+        "{summary:?}"
+    );
+    assert_eq!(broker.stats("q").deferrals, summary.deferred);
+    let letters = broker.dead_letters("q");
+    assert_eq!(letters.len(), 1);
+    let meta = DeadLetterMetadata::from_headers(&letters[0].headers).unwrap();
+    assert_eq!(meta.reason, DeadLetterReason::Deferred);
+    assert_eq!(meta.attempts, 1);
+    assert!(meta.error_message.contains("defer_limit"), "{meta:?}");
+}
+
+#[tokio::test]
+async fn a_deferral_in_place_keeps_its_attempt_and_its_limit() {
+    // Keyed and ordered: retries and deferrals happen in place, holding the key.
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("later").key("k"));
+    broker.publish("q", Message::new("never").key("k2"));
+    let (summary, seen) = run_deferrals(&broker, KeyOrdering::PerKey).await;
+    assert_eq!(attempts_of(&seen, "later"), vec![1, 1, 1]);
+    let never = attempts_of(&seen, "never");
+    assert!(never.iter().all(|&a| a == 1), "{never:?}");
+    assert!((4..=9).contains(&never.len()), "{never:?}");
+    // Nothing went back to the broker for a deferral.
+    assert_eq!(broker.stats("q").deferrals, 0);
+    assert_eq!(
+        summary.deferred as usize,
+        2 + never.len() - 1,
+        "{summary:?}"
+    );
+    let letters = broker.dead_letters("q");
+    assert_eq!(letters.len(), 1);
+    let meta = DeadLetterMetadata::from_headers(&letters[0].headers).unwrap();
+    assert_eq!(meta.reason, DeadLetterReason::Deferred);
+}
+
+#[test]
+fn a_deferral_made_permanent_is_no_longer_a_deferral() {
+    let deferral = HandlerError::defer(Duration::from_secs(5));
+    assert_eq!(deferral.deferred_for(), Some(Duration::from_secs(5)));
+    assert_eq!(deferral.kind(), ErrorKind::Transient);
+    let permanent = HandlerError::permanent(deferral);
+    assert_eq!(permanent.deferred_for(), None);
+    assert_eq!(HandlerError::transient("x").deferred_for(), None);
 }

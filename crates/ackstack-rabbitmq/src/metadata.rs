@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use ackstack_core::DeadLetterMetadata;
 use ackstack_core::deadletter::{
-    ATTEMPT_HEADER, CRASHES_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER, FIRST_FAILURE_HEADER,
-    METADATA_PREFIX,
+    ATTEMPT_HEADER, CRASHES_HEADER, DEFERRED_SINCE_HEADER, DROPPED_ERROR_TRUNCATED, DROPPED_HEADER,
+    FIRST_FAILURE_HEADER, METADATA_PREFIX,
 };
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -50,6 +50,21 @@ pub(crate) fn retry_table(
         );
         map.entry(FIRST_FAILURE_HEADER.into())
             .or_insert_with(|| long_string(&first_failure_ms.to_string()));
+        record_expiration(map, original);
+    })
+}
+
+/// The headers of a deferred copy: `table` with [`ATTEMPT_HEADER`] kept at `attempt` (a
+/// deferral uses none), [`DEFERRED_SINCE_HEADER`] set to `since_ms` and the broker's
+/// [`DELIVERY_COUNT_HEADER`] removed. Every other value is unchanged.
+pub(crate) fn defer_table(original: &BasicProperties, attempt: u32, since_ms: u64) -> FieldTable {
+    edit_table(original.headers().as_ref(), |map| {
+        map.remove(DELIVERY_COUNT_HEADER);
+        map.insert(ATTEMPT_HEADER.into(), long_string(&attempt.to_string()));
+        map.insert(
+            DEFERRED_SINCE_HEADER.into(),
+            long_string(&since_ms.to_string()),
+        );
         record_expiration(map, original);
     })
 }

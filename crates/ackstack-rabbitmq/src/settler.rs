@@ -114,6 +114,37 @@ impl RabbitSettler {
         }
     }
 
+    /// Publishes a copy of the token's message with `headers` to the delay queue of the
+    /// bucket for `after` (nothing when its channel is gone: the lease is lost);
+    /// [`Settled::AckOriginal`] once the broker confirmed it. `what`
+    /// names the copy in errors.
+    async fn delay_copy(
+        &self,
+        token: RabbitToken,
+        after: Duration,
+        headers: FieldTable,
+        what: &str,
+    ) -> Result<Settled<RabbitToken>, SettleFailure<RabbitToken>> {
+        if !token.generation.alive() {
+            let err = self.lease_lost(&token);
+            return Err(SettleFailure::new(token, err));
+        }
+        let config = &self.shared.config;
+        let Some(bucket) = config.bucket_for(after) else {
+            let err = SettleError::Rejected("no delay buckets configured".into());
+            return Err(SettleFailure::new(token, err));
+        };
+        let queue = config.delay_queue_name(bucket);
+        let properties = copy_properties(&token.properties, headers);
+        if let Err(err) = fits_frame(&token, &properties, what) {
+            return Err(SettleFailure::new(token, err));
+        }
+        match self.publish_copy(&token, &queue, properties).await {
+            Ok(()) => Ok(Settled::AckOriginal(token)),
+            Err(err) => Err(SettleFailure::new(token, err.into_settle_error())),
+        }
+    }
+
     /// Publishes a copy of the token's message (its payload with `properties`) to `queue` on
     /// the generation's publish channel and waits for its confirm.
     ///
@@ -265,27 +296,26 @@ impl Settle for RabbitSettler {
         after: Duration,
         failure: &Failure,
     ) -> Result<Settled<RabbitToken>, SettleFailure<RabbitToken>> {
-        if !token.generation.alive() {
-            let err = self.lease_lost(&token);
-            return Err(SettleFailure::new(token, err));
-        }
-        let config = &self.shared.config;
-        let Some(bucket) = config.bucket_for(after) else {
-            let err = SettleError::Rejected("no delay buckets configured".into());
-            return Err(SettleFailure::new(token, err));
-        };
-        let queue = config.delay_queue_name(bucket);
         let next_attempt = delivery.attempt.max(1).saturating_add(1);
         let first_failure = millis(failure.at);
         let headers = metadata::retry_table(&token.properties, next_attempt, first_failure);
-        let properties = copy_properties(&token.properties, headers);
-        if let Err(err) = fits_frame(&token, &properties, "retry") {
-            return Err(SettleFailure::new(token, err));
-        }
-        match self.publish_copy(&token, &queue, properties).await {
-            Ok(()) => Ok(Settled::AckOriginal(token)),
-            Err(err) => Err(SettleFailure::new(token, err.into_settle_error())),
-        }
+        self.delay_copy(token, after, headers, "retry").await
+    }
+
+    /// Republishes like [`retry`](Settle::retry), with
+    /// [`ATTEMPT_HEADER`](ackstack_core::deadletter::ATTEMPT_HEADER) kept at this attempt and
+    /// [`DEFERRED_SINCE_HEADER`](ackstack_core::deadletter::DEFERRED_SINCE_HEADER) set to the
+    /// first deferral's time.
+    async fn defer(
+        &self,
+        token: RabbitToken,
+        delivery: &Delivery,
+        after: Duration,
+        failure: &Failure,
+    ) -> Result<Settled<RabbitToken>, SettleFailure<RabbitToken>> {
+        let since = millis(failure.deferred_since.unwrap_or(failure.at));
+        let headers = metadata::defer_table(&token.properties, delivery.attempt.max(1), since);
+        self.delay_copy(token, after, headers, "deferral").await
     }
 
     /// A suspect of the work queue (redelivered) is moved to the queue of runs alone

@@ -2,18 +2,20 @@
 //! leases, and copies dead letters with `SendMessage`.
 
 use crate::retried::Retried;
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ackstack_core::deadletter::{ATTEMPT_HEADER, DEFERRED_SINCE_HEADER, millis};
 use ackstack_core::{
     AckReport, Backlog, Backoff, DeadLetter, Delivery, Failure, Settle, SettleError, SettleFailure,
     Settled,
 };
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use aws_sdk_sqs::types::QueueAttributeName;
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageAttributeValue};
 
 use crate::config::{MAX_BATCH, duration_secs_ceil};
 use crate::error::{ErrorClass, bounded, classify_code, settle_error};
@@ -21,6 +23,46 @@ use crate::metadata::fit_dead_letter;
 use crate::queue::QueueInfo;
 use crate::stats::{Counters, SqsStats};
 use crate::token::SqsToken;
+
+/// The longest `DelaySeconds` SQS takes on `SendMessage`.
+const MAX_SEND_DELAY: Duration = Duration::from_secs(900);
+
+/// The most message attributes SQS takes on one message.
+const MAX_ATTRIBUTES: usize = 10;
+
+/// The body and attributes of a deferred copy of `token`'s message (see [`SqsSettler`]'s
+/// `defer`), or why there is none.
+fn deferred_copy(
+    queue: &QueueInfo,
+    token: &SqsToken,
+    delivery: &Delivery,
+    since: std::time::SystemTime,
+) -> Result<(String, HashMap<String, MessageAttributeValue>), &'static str> {
+    if queue.name.ends_with(".fifo") {
+        return Err("a FIFO queue has no per-message delay");
+    }
+    let body = std::str::from_utf8(&delivery.payload).map_err(|_| "the body is not text")?;
+    let mut attributes = token.attributes().clone();
+    let text = |value: String| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(value)
+            .build()
+            .map_err(|_| "an attribute could not be built")
+    };
+    attributes.insert(
+        ATTEMPT_HEADER.to_string(),
+        text(delivery.attempt.max(1).to_string())?,
+    );
+    attributes.insert(
+        DEFERRED_SINCE_HEADER.to_string(),
+        text(millis(since).to_string())?,
+    );
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err("the copy would carry more than 10 attributes");
+    }
+    Ok((body.to_string(), attributes))
+}
 
 /// Tries of a transient `DeleteMessageBatch` failure before it is reported as failed.
 const DELETE_ATTEMPTS: u32 = 5;
@@ -34,6 +76,13 @@ const DELETE_ATTEMPTS: u32 = 5;
 ///   message already deleted counts as acked: SQS (and moto) answer success for it.
 /// - **retry**: `ChangeMessageVisibility` to the delay, rounded up to whole seconds and clamped
 ///   to what is left of SQS's 12-hour visibility budget since the receive → [`Settled::Done`].
+/// - **defer**: on a standard queue, `SendMessage` of a copy to the queue itself, delayed
+///   by the deferral (at most SQS's 15 minutes), with the original attributes plus
+///   `x-ackstack-attempt` (this attempt) and `x-ackstack-deferred-since`, then
+///   [`Settled::AckOriginal`]: the copy's receive count starts afresh and the source adds it
+///   to that attempt, so a deferral uses none. On a FIFO queue (which has no per-message
+///   delay), or when the copy would carry more than SQS's 10 attributes or the body is not
+///   text, a retry instead: the delay is kept, but the next receive counts as an attempt.
 /// - **extend**: `ChangeMessageVisibility(by)`; a lost handle is [`SettleError::LeaseLost`].
 /// - **dead_letter**: `SendMessage` to the dead-letter queue with the original body and
 ///   attributes plus one `ackstack-dead-letter` attribute (see
@@ -283,6 +332,43 @@ impl Settle for SqsSettler {
         match self.change_visibility(&token, delay).await {
             Ok(()) => Ok(Settled::Done),
             Err(e) => Err(SettleFailure::new(token, e)),
+        }
+    }
+
+    async fn defer(
+        &self,
+        token: SqsToken,
+        delivery: &Delivery,
+        after: Duration,
+        failure: &Failure,
+    ) -> Result<Settled<SqsToken>, SettleFailure<SqsToken>> {
+        let since = failure.deferred_since.unwrap_or(failure.at);
+        let copy = match deferred_copy(&self.queue, &token, delivery, since) {
+            Ok(copy) => copy,
+            Err(why) => {
+                tracing::debug!(message_id = ?token.message_id(), why, "deferred as a retry");
+                return self.retry(token, delivery, after, failure).await;
+            }
+        };
+        let (body, attributes) = copy;
+        let request = self
+            .client
+            .send_message()
+            .queue_url(&self.queue.url)
+            .message_body(body)
+            .set_message_attributes(Some(attributes))
+            .delay_seconds(duration_secs_ceil(after.min(MAX_SEND_DELAY)));
+        self.stats.send_calls.add(1);
+        match bounded("SendMessage", self.queue.timeout, request.send()).await {
+            Ok(_) => Ok(Settled::AckOriginal(token)),
+            Err(e) => {
+                let class = match e.class() {
+                    ErrorClass::LeaseLost => ErrorClass::Rejected,
+                    c => c,
+                };
+                let message = format!("SendMessage of a deferred copy failed: {}", e.describe());
+                Err(SettleFailure::new(token, settle_error(class, message)))
+            }
         }
     }
 

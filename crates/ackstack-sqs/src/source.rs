@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ackstack_core::adapter::parse_attempt;
+use ackstack_core::deadletter::ATTEMPT_HEADER;
 use ackstack_core::{
     Backoff, BrokerLimit, Capabilities, Delivery, Headers, Origin, Received, Source, SourceError,
 };
@@ -31,7 +32,8 @@ use crate::token::{SqsToken, TokenInner};
 /// Each [`receive`](Source::receive) is one `ReceiveMessage` call with long polling (up to
 /// [`SqsConfig::wait_time_seconds`]), at most 10 messages, all message and system attributes,
 /// and the configured visibility timeout as the lease. A delivery's `attempt` is SQS's
-/// `ApproximateReceiveCount` (1 when missing or malformed), its `key` the FIFO
+/// `ApproximateReceiveCount` (1 when missing or malformed), counted from the
+/// `x-ackstack-attempt` attribute of a deferred copy (see [`SqsSettler`]), its `key` the FIFO
 /// `MessageGroupId`, its `message_id` the SQS `MessageId`.
 pub struct SqsSource {
     client: Client,
@@ -185,11 +187,19 @@ impl SqsSource {
         let system = m.attributes.unwrap_or_default();
         let attributes = m.message_attributes.unwrap_or_default();
         // `ApproximateReceiveCount`: 1 when missing, malformed or zero.
-        let attempt = parse_attempt(
+        let receives = parse_attempt(
             system
                 .get(&MessageSystemAttributeName::ApproximateReceiveCount)
                 .map(String::as_bytes),
         );
+        // A deferred copy starts its count at the attempt its original was on.
+        let base = parse_attempt(
+            attributes
+                .get(ATTEMPT_HEADER)
+                .and_then(|v| v.string_value())
+                .map(str::as_bytes),
+        );
+        let attempt = base.saturating_add(receives - 1);
         let group_id = system
             .get(&MessageSystemAttributeName::MessageGroupId)
             .cloned();
@@ -223,7 +233,7 @@ impl SqsSource {
         }));
         // Received before and never settled (deleted, or delayed here for a retry): it may
         // have been in flight when a consumer died, so it runs alone.
-        let suspect = delivery.attempt > 1
+        let suspect = receives > 1
             && !delivery
                 .message_id
                 .as_deref()

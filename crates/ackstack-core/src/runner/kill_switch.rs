@@ -215,7 +215,8 @@ impl Breaker {
                 ErrorKind::Transient => Some(true),
                 ErrorKind::Permanent => self.config.count_permanent.then_some(true),
             },
-            Outcome::Release => None,
+            // Neither: a deferral is not a failed attempt.
+            Outcome::Release | Outcome::Defer { .. } => None,
         }
     }
 

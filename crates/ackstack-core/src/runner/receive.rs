@@ -371,6 +371,7 @@ impl<S: Source, L> Consumer<S, L> {
             retried: counters.retried.into_inner()
                 + stats.retried_in_place.load(AtomicOrdering::Relaxed),
             dead_lettered: counters.dead_lettered.into_inner(),
+            deferred: stats.deferred.load(AtomicOrdering::Relaxed),
             deduplicated,
             dedup_keyless: stats.dedup_keyless.load(AtomicOrdering::Relaxed),
             ack_failures: ack_stats.failed.load(AtomicOrdering::Relaxed),

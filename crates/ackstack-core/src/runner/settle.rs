@@ -140,6 +140,14 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 }
                 self.settler.retry(token, delivery, after, &failure).await
             }
+            Outcome::Defer { after, failure } => {
+                // Counted by the retry layer, which decided it.
+                tracing::info!(after = ?after, attempt = delivery.attempt, "deferred");
+                if let Some(lease) = lease.take() {
+                    lease.release().await;
+                }
+                self.settler.defer(token, delivery, after, &failure).await
+            }
             Outcome::DeadLetter(failure) => {
                 let letter = DeadLetter::new(delivery, failure);
                 self.settle_letter(token, delivery, letter, lease, cx).await;

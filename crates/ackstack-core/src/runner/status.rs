@@ -48,6 +48,9 @@ pub struct Summary {
     pub retried: u64,
     /// Deliveries forwarded to the dead-letter destination.
     pub dead_lettered: u64,
+    /// Deferrals the handler asked for ([`HandlerError::defer`](crate::HandlerError::defer)),
+    /// in place or at the broker: not attempts, and not in [`retried`](Summary::retried).
+    pub deferred: u64,
     /// Deliveries acked as duplicates without calling the handler.
     pub deduplicated: u64,
     /// Deliveries processed without deduplication because their key was missing or empty.

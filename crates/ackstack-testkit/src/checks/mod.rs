@@ -12,6 +12,8 @@
 //!   [`out_of_order_completion_loses_nothing`].
 //! - `retry.rs`: invariants 2 (attempts survive restarts) and 3 (backoff):
 //!   [`attempts_survive_restart`], [`retries_back_off`], [`handler_chosen_delays_are_honoured`].
+//! - `defer.rs`: deferrals keep their attempt (2) and end in a dead letter at the limit (4):
+//!   [`deferrals_use_no_attempt`], [`deferrals_end_at_the_defer_limit`].
 //! - `dead_letters.rs`: invariant 4 (dead-lettering), with 10 for undecodable payloads:
 //!   [`dead_letters_after_max_attempts`], [`permanent_failures_dead_letter_at_once`].
 //! - `dedup.rs`: invariant 5 (deduplication): [`dedup_marks_after_success`].
@@ -41,6 +43,7 @@ mod acks;
 mod bad_input;
 mod dead_letters;
 mod dedup;
+mod defer;
 mod leases;
 mod ordering;
 mod retry;
@@ -50,6 +53,7 @@ pub use acks::{acks_are_batched, acks_only_after_success, out_of_order_completio
 pub use bad_input::panics_and_bad_input_do_not_stop_the_consumer;
 pub use dead_letters::{dead_letters_after_max_attempts, permanent_failures_dead_letter_at_once};
 pub use dedup::dedup_marks_after_success;
+pub use defer::{deferrals_end_at_the_defer_limit, deferrals_use_no_attempt};
 pub use leases::{long_handlers_keep_their_lease, lost_lease_is_never_acked};
 pub use ordering::{concurrency_is_bounded, per_key_ordering};
 pub use retry::{attempts_survive_restart, handler_chosen_delays_are_honoured, retries_back_off};
@@ -85,6 +89,12 @@ pub fn all<H: Harness>() -> Vec<(&'static str, Check<H>)> {
         ("retries_back_off", |h| Box::pin(retries_back_off(h))),
         ("handler_chosen_delays_are_honoured", |h| {
             Box::pin(handler_chosen_delays_are_honoured(h))
+        }),
+        ("deferrals_use_no_attempt", |h| {
+            Box::pin(deferrals_use_no_attempt(h))
+        }),
+        ("deferrals_end_at_the_defer_limit", |h| {
+            Box::pin(deferrals_end_at_the_defer_limit(h))
         }),
         ("dead_letters_after_max_attempts", |h| {
             Box::pin(dead_letters_after_max_attempts(h))
@@ -165,6 +175,12 @@ impl Seen {
     }
     fn count(&self, payload: &str) -> usize {
         self.of(payload).len()
+    }
+    /// How long since the last run (zero before the first).
+    fn quiet_for(&self) -> Duration {
+        self.lock()
+            .last()
+            .map_or(Duration::ZERO, |(_, _, at)| at.elapsed())
     }
     fn payloads(&self) -> Vec<String> {
         self.lock().iter().map(|(p, _, _)| p.clone()).collect()
