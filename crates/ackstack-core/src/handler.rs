@@ -475,7 +475,8 @@ impl<H: Handler> Process for Terminal<H> {
                 let mut failure = Failure::from_error(&err);
                 if let Some(after) = err.deferred_for() {
                     // Not a failed attempt, whatever a classifier would say.
-                    let since = crate::deadletter::deferred_since(delivery).unwrap_or(failure.at);
+                    let since = crate::deadletter::deferred_since(delivery)
+                        .unwrap_or_else(crate::clock::now);
                     failure.deferred_since = Some(since);
                     return Outcome::Defer { after, failure };
                 }

@@ -16,6 +16,7 @@
 //!   Outcome (outcome.rs) ──► runner/settle.rs, through the adapter's Settle (source.rs):
 //!        Ack ───────────► batch acker (runner/acker.rs) ─► Settle::ack (batched, lease kept until sent)
 //!        Retry{after} ──► Settle::retry (the broker delays it; lease released first)
+//!        Defer{after} ──► Settle::defer (delayed like a retry, its attempt number kept)
 //!        DeadLetter ────► Settle::dead_letter (confirmed copy) ─► ack of the original
 //!        Release ───────► Settle::release (not an attempt: given back at once)
 //! ```
@@ -36,7 +37,7 @@
 //! # The adapter contract
 //!
 //! An adapter implements [`Source`] (receive, report [`Capabilities`]) and [`Settle`] (ack,
-//! retry, dead-letter, extend, release). The thirteen invariants every adapter keeps, and the
+//! retry, dead-letter, extend, release). The fourteen invariants every adapter keeps, and the
 //! tests that prove each, are listed in the repository's `docs/CONTRACT.md`; the
 //! `ackstack-testkit` crate runs the same conformance checks on any adapter. What every
 //! adapter needs besides the contract is in [`adapter`] (reading attempt numbers, fencing
@@ -87,6 +88,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 pub mod adapter;
 pub mod backoff;
+mod clock;
 pub mod config;
 pub mod deadletter;
 pub mod decode;
@@ -104,6 +106,9 @@ pub mod retry;
 pub mod runner;
 pub mod signal;
 pub mod source;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod testing;
 #[cfg(feature = "tower")]
 pub mod tower;
 pub mod watermark;

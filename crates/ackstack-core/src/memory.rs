@@ -393,7 +393,9 @@ impl Source for MemorySource {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(self.max_ack_batch).with_lease(self.visibility)
+        Capabilities::new(self.max_ack_batch)
+            .with_lease(self.visibility)
+            .with_deferrals()
     }
 
     fn origin(&self) -> Origin {

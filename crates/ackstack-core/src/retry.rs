@@ -153,6 +153,8 @@ pub(crate) type OnInPlaceRetry = Arc<dyn Fn(&Delivery, &Outcome, &Context) + Sen
 pub struct RetryLayer {
     config: RetryConfig,
     in_place: bool,
+    /// Whether the broker keeps a deferred message's attempt (`Capabilities::defers`).
+    defers: bool,
     max_delay: Option<Duration>,
     on_in_place: Option<OnInPlaceRetry>,
     /// Whether each attempt passes the runner's attempt gate (the runner's own layer only).
@@ -183,6 +185,7 @@ impl RetryLayer {
         RetryLayer {
             config,
             in_place: false,
+            defers: false,
             max_delay: None,
             on_in_place: None,
             gated: false,
@@ -212,6 +215,14 @@ impl RetryLayer {
     /// [`Outcome::Retry`] for the broker to delay.
     pub fn in_place(mut self, in_place: bool) -> Self {
         self.in_place = in_place;
+        self
+    }
+
+    /// Passes deferrals on to the broker as deferrals (`Outcome::Defer`), for an adapter
+    /// that keeps their attempt number ([`Capabilities::defers`](crate::Capabilities::defers)).
+    /// Without it, and not in place, a deferral is a retry after the delay it asked for.
+    pub fn defers(mut self, defers: bool) -> Self {
+        self.defers = defers;
         self
     }
 
@@ -300,9 +311,20 @@ impl<P: Process> Retry<P> {
     /// time left and by the broker), settled by the broker or waited out here.
     fn defer(&self, after: Duration, mut failure: Failure, cx: &Context) -> Deferral {
         let limit = self.layer.config.defer_limit;
+        if failure.attempt > self.layer.config.max_attempts {
+            // Only where an adapter made an earlier deferral a retry (see `Settle::defer`).
+            failure.message = crate::error::truncate(
+                format!(
+                    "deferred on attempt {}, past max_attempts ({}); last: {}",
+                    failure.attempt, self.layer.config.max_attempts, failure.message
+                ),
+                crate::error::MAX_FAILURE_MESSAGE,
+            );
+            return Deferral::Settle(Outcome::DeadLetter(failure));
+        }
         let spent = failure
             .deferred_since
-            .and_then(|since| since.elapsed().ok())
+            .and_then(|since| crate::clock::now().duration_since(since).ok())
             .unwrap_or_default();
         if spent >= limit {
             failure.message = crate::error::truncate(
@@ -355,11 +377,18 @@ impl<P: Process> Process for Retry<P> {
             }
             let (failure, asked) = match outcome {
                 Outcome::Retry { failure, after } => (failure, after),
+                Outcome::Defer { mut failure, after }
+                    if !self.layer.in_place && !self.layer.defers =>
+                {
+                    // The broker cannot keep the attempt: a retry after the delay asked for.
+                    failure.deferred_since = None;
+                    (failure, after)
+                }
                 Outcome::Defer { after, mut failure } => {
                     // In place, the first deferral of this run counts too.
                     let since = match (deferred, failure.deferred_since) {
                         (Some(a), Some(b)) => a.min(b),
-                        (a, b) => a.or(b).unwrap_or(failure.at),
+                        (a, b) => a.or(b).unwrap_or_else(crate::clock::now),
                     };
                     failure.deferred_since = Some(since);
                     failure.attempt = current.attempt;
@@ -367,6 +396,9 @@ impl<P: Process> Process for Retry<P> {
                         Deferral::Settle(outcome) => return outcome,
                         Deferral::InPlace(after, outcome) => {
                             deferred = Some(since);
+                            if let Some(observe) = &self.layer.on_in_place {
+                                observe(current, &outcome, cx);
+                            }
                             // As for a retry in place: others may run while it waits.
                             cx.step_aside().await;
                             if !Self::pause(after, cx).await || !cx.rejoin().await {

@@ -178,12 +178,14 @@ pub trait Settle: Clone + Send + Sync + 'static {
     /// [`DEFERRED_SINCE_HEADER`](crate::deadletter::DEFERRED_SINCE_HEADER) or the broker's
     /// equivalent) so that the next deferral finds it. Same rules as [`Settle::retry`] for
     /// copies. Only called where retries are delayed at the broker
-    /// ([`Capabilities::broker_delay`]); elsewhere the retry layer waits in place.
+    /// ([`Capabilities::broker_delay`]) and the adapter says it defers
+    /// ([`Capabilities::defers`]); elsewhere the retry layer waits in place, or makes the
+    /// deferral a retry. The default is [`Settle::retry`].
     ///
-    /// The default is [`Settle::retry`]: the delay is kept but the redelivery counts as an
-    /// attempt, and the first deferral's time is lost (each deferral then has the whole
-    /// `defer_limit`, and `max_attempts` is what bounds them). The adapters ackstack ships
-    /// override it; the conformance suite's `deferrals_use_no_attempt` check tells.
+    /// Where the adapter cannot keep the attempt for one message (an SQS copy with no room
+    /// for its attributes), it may retry instead: that redelivery counts as an attempt, and
+    /// the retry layer dead-letters a deferral on an attempt past `max_attempts`, so
+    /// deferrals stay bounded.
     fn defer(
         &self,
         token: Self::Token,
@@ -300,6 +302,12 @@ pub struct Capabilities {
     /// Whether retries are delayed at the broker (`false`: the runner retries in place while
     /// the adapter holds the delivery).
     pub broker_delay: bool,
+    /// Whether [`Settle::defer`] brings a message back with its attempt number kept. Where
+    /// retries are delayed at the broker and it is not set, a deferral
+    /// ([`HandlerError::defer`](crate::HandlerError::defer)) is a retry after the delay asked
+    /// for, counted as an attempt (and bounded by `max_attempts`). In place, deferrals keep
+    /// their attempt whatever this says.
+    pub defers: bool,
     /// How many ack calls may be in flight at once. 1 keeps acks in order, which cumulative
     /// acks (Kafka commits) need; independent acks (SQS deletes) can go in parallel.
     pub parallel_acks: usize,
@@ -369,6 +377,7 @@ impl Capabilities {
             lease: None,
             max_retry_delay: Duration::from_secs(12 * 3600),
             broker_delay: true,
+            defers: false,
             parallel_acks: 1,
             careful_for: None,
             alone: Alone::InFlight,
@@ -410,6 +419,12 @@ impl Capabilities {
     /// With this longest retry delay.
     pub fn with_max_retry_delay(mut self, max: Duration) -> Self {
         self.max_retry_delay = max;
+        self
+    }
+
+    /// [`Settle::defer`] keeps the attempt number (see [`Capabilities::defers`]).
+    pub fn with_deferrals(mut self) -> Self {
+        self.defers = true;
         self
     }
 

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ackstack_core::{
-    Backoff, Consumer, ConsumerConfig, DeadLetterMetadata, DeadLetterReason, Delivery, ErrorKind,
-    HandlerError, KeyOrdering, MemoryBroker, Message, Outcome, ResultExt, Summary, handler_fn,
+    Backoff, Consumer, ConsumerConfig, Context, DeadLetterMetadata, DeadLetterReason, Delivery,
+    ErrorKind, HandlerError, KeyOrdering, Layer, MemoryBroker, Message, Origin, Outcome, Process,
+    ResultExt, RetryConfig, RetryLayer, Summary, Terminal, handler_fn,
 };
 
 fn backoff() -> Backoff {
@@ -263,4 +264,37 @@ fn a_deferral_made_permanent_is_no_longer_a_deferral() {
     let permanent = HandlerError::permanent(deferral);
     assert_eq!(permanent.deferred_for(), None);
     assert_eq!(HandlerError::transient("x").deferred_for(), None);
+}
+
+#[tokio::test]
+async fn where_the_broker_cannot_defer_a_deferral_is_a_retry_bounded_by_max_attempts() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("never"));
+    let seen = Seen::default();
+    let retry = RetryLayer::from_config(RetryConfig::default())
+        .max_attempts(3)
+        .defers(false);
+    let stack = retry.layer(Terminal::new(handler_fn(|_d, _cx| async {
+        Err(HandlerError::defer(Duration::from_millis(20)))
+    })));
+    let cx = Context::new();
+    let mut delivery = Delivery::new("never", Origin::new("memory", "q", "c"));
+    for attempt in 1..=3 {
+        delivery.attempt = attempt;
+        let outcome = stack.process(&delivery, &cx).await;
+        seen.lock().unwrap().push(("never".into(), outcome));
+    }
+    let outcomes = outcomes_of(&seen, "never");
+    assert!(
+        matches!(&outcomes[0], Outcome::Retry { after, .. } if *after == Duration::from_millis(20)),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(&outcomes[1], Outcome::Retry { .. }),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(&outcomes[2], Outcome::DeadLetter(f) if f.deferred_since.is_none()),
+        "the last attempt's deferral is dead-lettered as max_attempts: {outcomes:?}"
+    );
 }

@@ -374,6 +374,7 @@ impl Source for RabbitSource {
         Capabilities::new(batch)
             .with_max_retry_delay(self.shared.config.max_delay())
             .with_parallel_acks(4)
+            .with_deferrals()
     }
 
     /// The consumer is named by its configured consumer tag, or else by its queue: the

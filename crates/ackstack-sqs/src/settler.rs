@@ -80,9 +80,10 @@ const DELETE_ATTEMPTS: u32 = 5;
 ///   by the deferral (at most SQS's 15 minutes), with the original attributes plus
 ///   `x-ackstack-attempt` (this attempt) and `x-ackstack-deferred-since`, then
 ///   [`Settled::AckOriginal`]: the copy's receive count starts afresh and the source adds it
-///   to that attempt, so a deferral uses none. On a FIFO queue (which has no per-message
-///   delay), or when the copy would carry more than SQS's 10 attributes or the body is not
-///   text, a retry instead: the delay is kept, but the next receive counts as an attempt.
+///   to that attempt, so a deferral uses none. A FIFO queue has no per-message delay: its
+///   source does not offer deferrals (`Capabilities::defers`), so the retry layer makes them
+///   retries. When the copy would carry more than SQS's 10 attributes, a retry here too:
+///   the delay is kept, but the next receive counts as an attempt.
 /// - **extend**: `ChangeMessageVisibility(by)`; a lost handle is [`SettleError::LeaseLost`].
 /// - **dead_letter**: `SendMessage` to the dead-letter queue with the original body and
 ///   attributes plus one `ackstack-dead-letter` attribute (see

@@ -310,11 +310,15 @@ impl Source for SqsSource {
     /// a crashed consumer held come back within one visibility timeout of the crash, and each
     /// then runs alone without others waiting beside it (see `Capabilities::careful_for`).
     fn capabilities(&self) -> Capabilities {
-        let caps = Capabilities::new(10)
+        let mut caps = Capabilities::new(10)
             .with_lease(self.queue.visibility)
             .with_max_retry_delay(MAX_VISIBILITY)
             .with_parallel_acks(self.queue.parallel_acks)
             .with_careful_receives(self.queue.visibility + self.queue.visibility / 2);
+        // A FIFO queue has no per-message delay: a deferral there is a retry.
+        if !self.queue.name.ends_with(".fifo") {
+            caps = caps.with_deferrals();
+        }
         match self.queue.broker_limit {
             Some(limit) => caps.with_broker_limit(limit),
             None => caps,

@@ -124,6 +124,12 @@ pub use ackstack_core::metrics;
 /// The in-memory broker: its source, settler and publisher, for tests and examples.
 pub use ackstack_core::memory;
 
+/// Testing a handler without a broker or waits: `testing::HandlerTest` runs messages through
+/// the processing stack under tokio's paused clock and reports each one's attempts and fate.
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub use ackstack_core::testing;
+
 /// Writing your own [`DedupStore`]: the claim protocol's types.
 pub mod dedup {
     pub use ackstack_core::dedup::{BoxFuture, Claim, DedupError, KeyFn, StoreHooks};

@@ -7,9 +7,12 @@
 //! Two kinds of test, each in its own file under `tests/`:
 //!
 //! - `tests/handler.rs` unit-tests a handler ([`charge`], below) the way it runs in
-//!   production: through a real `Consumer` over the in-memory broker. Publish, run until the
-//!   queue is idle, then assert on the summary, on the effects and on the dead letters (with
-//!   their metadata). Retries and dead-lettering are the real ones, not mocks.
+//!   production, with `ackstack::testing::HandlerTest` (feature `test-util`): each message
+//!   goes through the real processing stack and runner over the in-memory broker, under
+//!   tokio's paused clock, so the production retry schedule passes in virtual time. Assert on
+//!   each message's attempts (ack, retry after a delay, dead letter), its fate (with the
+//!   dead letter's metadata) and on the handler's effects. Retries and dead-lettering are the
+//!   real ones, not mocks.
 //! - `tests/conformance.rs` runs ackstack's conformance suite (`ackstack-testkit`) on an
 //!   adapter of your own: [`toy`] here, a toy adapter over the in-memory broker. An adapter for
 //!   a real broker implements the same two traits, and its test looks the same.

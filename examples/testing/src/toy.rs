@@ -109,6 +109,19 @@ impl Settle for ToySettler {
         wrap(self.inner.retry(token.0, delivery, after, failure).await)
     }
 
+    // Its capabilities are the in-memory broker's, which defers (`Capabilities::defers`):
+    // without this, a deferral would fall back to a retry and use an attempt, and the
+    // conformance suite's deferral checks would say so.
+    async fn defer(
+        &self,
+        token: ToyToken,
+        delivery: &Delivery,
+        after: Duration,
+        failure: &Failure,
+    ) -> Result<Settled<ToyToken>, SettleFailure<ToyToken>> {
+        wrap(self.inner.defer(token.0, delivery, after, failure).await)
+    }
+
     async fn dead_letter(
         &self,
         token: ToyToken,

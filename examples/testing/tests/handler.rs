@@ -1,122 +1,129 @@
-//! Unit tests of a handler, run the way it runs in production: through a `Consumer` over the
-//! in-memory broker. Each test publishes, runs the consumer until the queue is idle, then
-//! asserts on the summary, on the handler's effects and on the dead letters.
+//! Unit tests of a handler with `ackstack::testing::HandlerTest`: each message runs through
+//! the real processing stack and runner over the in-memory broker, under tokio's paused clock
+//! (`start_paused = true`), so the production backoff (seconds to minutes) passes in virtual
+//! time and each test takes milliseconds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
+use ackstack::testing::{Fate, HandlerTest, Report};
 use ackstack::{
-    Backoff, Consumer, DeadLetterMetadata, DeadLetterReason, ErrorKind, MemoryBroker, Message,
-    Summary, handler_fn,
+    Backoff, ConsumerConfig, DeadLetterReason, ErrorKind, Message, Outcome, handler_fn,
 };
 use example_testing::{Ledger, charge};
 
-/// Runs `charge` over `queue` until nothing has happened for 200 ms, with fast retries so that
-/// a test takes milliseconds, not the production backoff's minutes.
-async fn run(broker: &MemoryBroker, queue: &str, ledger: &Ledger) -> Summary {
-    let consumer = Consumer::new(broker.source(queue))
-        .backoff(Backoff::exponential(
-            Duration::from_millis(1),
-            Duration::from_millis(10),
-        ))
-        .max_attempts(3);
-    let idle = consumer.status();
+/// The configuration the service runs with: retries from 1 s doubling to 5 min, 3 attempts.
+fn production() -> ConsumerConfig {
+    let mut config = ConsumerConfig::default();
+    config.retry.backoff =
+        Backoff::exponential(Duration::from_secs(1), Duration::from_secs(300)).no_jitter();
+    config.retry.max_attempts = 3;
+    config
+}
+
+async fn run(ledger: &Ledger, messages: Vec<Message>) -> Report {
     let ledger = ledger.clone();
-    consumer
-        .run_until(
-            handler_fn(move |delivery, _cx| charge(delivery, ledger.clone())),
-            async move { idle.idle(Duration::from_millis(200)).await },
-        )
-        .await
-        .expect("the consumer runs")
+    HandlerTest::new(handler_fn(move |delivery, _cx| {
+        charge(delivery, ledger.clone())
+    }))
+    .config(production())
+    .run(messages)
+    .await
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_valid_order_is_charged_once_and_acked() {
-    let broker = MemoryBroker::new();
-    broker.publish(
-        "orders",
-        Message::new(r#"{"order_id":"A-1","amount_cents":1250}"#),
-    );
     let ledger = Ledger::default();
 
-    let summary = run(&broker, "orders", &ledger).await;
+    let report = run(
+        &ledger,
+        vec![Message::new(r#"{"order_id":"A-1","amount_cents":1250}"#)],
+    )
+    .await;
 
-    assert_eq!(
-        (summary.acked, summary.retried, summary.dead_lettered),
-        (1, 0, 0)
-    );
+    let order = &report.messages[0];
+    assert_eq!(order.fate, Fate::Acked);
+    assert_eq!(order.attempt_numbers(), [1]);
     assert_eq!(ledger.charges().get("A-1"), Some(&1250));
-    assert!(broker.is_empty("orders"), "nothing is left to redeliver");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_malformed_order_is_dead_lettered_at_once_with_the_reason() {
-    let broker = MemoryBroker::new();
-    broker.publish("orders", Message::new("not json").header("tenant", "acme"));
     let ledger = Ledger::default();
 
-    let summary = run(&broker, "orders", &ledger).await;
+    let report = run(
+        &ledger,
+        vec![Message::new("not json").header("tenant", "acme")],
+    )
+    .await;
 
-    assert_eq!((summary.retried, summary.dead_lettered), (0, 1));
-    let letters = broker.dead_letters("orders");
-    assert_eq!(letters.len(), 1);
-    let letter = &letters[0];
-    assert_eq!(
-        &letter.payload[..],
-        b"not json",
-        "the payload is kept byte for byte"
-    );
-    assert_eq!(
-        letter.headers.get_str("tenant"),
-        Some("acme"),
-        "so are the headers"
-    );
-    let meta = DeadLetterMetadata::from_headers(&letter.headers).expect("metadata is attached");
-    assert_eq!(meta.error_kind, ErrorKind::Permanent);
-    assert_eq!(meta.reason, DeadLetterReason::Permanent);
-    assert_eq!(meta.attempts, 1);
+    let order = &report.messages[0];
+    assert_eq!(order.attempt_numbers(), [1], "never retried");
+    let Fate::DeadLettered(letter) = &order.fate else {
+        panic!("{:?}", order.fate)
+    };
+    assert_eq!(letter.error_kind, ErrorKind::Permanent);
+    assert_eq!(letter.reason, DeadLetterReason::Permanent);
+    assert_eq!(letter.attempts, 1);
+    assert_eq!(order.message.headers.get_str("tenant"), Some("acme"));
     assert!(ledger.charges().is_empty());
 }
 
-#[tokio::test]
-async fn a_transient_failure_is_retried_then_succeeds() {
-    let broker = MemoryBroker::new();
-    broker.publish(
-        "orders",
-        Message::new(r#"{"order_id":"A-2","amount_cents":500}"#).header("x-fail-attempts", "2"),
-    );
+#[tokio::test(start_paused = true)]
+async fn a_transient_failure_is_retried_on_the_production_schedule_then_succeeds() {
     let ledger = Ledger::default();
 
-    let summary = run(&broker, "orders", &ledger).await;
+    let report = run(
+        &ledger,
+        vec![
+            Message::new(r#"{"order_id":"A-2","amount_cents":500}"#).header("x-fail-attempts", "2"),
+        ],
+    )
+    .await;
 
-    assert_eq!(
-        (summary.retried, summary.acked, summary.dead_lettered),
-        (2, 1, 0)
-    );
-    assert_eq!(
-        ledger.charges().get("A-2"),
-        Some(&500),
-        "charged once, on attempt 3"
-    );
+    let order = &report.messages[0];
+    assert_eq!(order.fate, Fate::Acked);
+    assert_eq!(order.attempt_numbers(), [1, 2, 3]);
+    // The retries' delays, as the backoff gives them: 1 s, then 2 s.
+    let delays: Vec<Duration> = order
+        .attempts
+        .iter()
+        .filter_map(|a| match &a.outcome {
+            Outcome::Retry { after, .. } => Some(*after),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays, [Duration::from_secs(1), Duration::from_secs(2)]);
+    // ... and they passed, in virtual time.
+    assert!(order.attempts[2].at >= Duration::from_secs(3));
+    assert_eq!(ledger.charges().get("A-2"), Some(&500), "charged once");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_failure_that_outlasts_the_attempts_is_dead_lettered() {
-    let broker = MemoryBroker::new();
-    broker.publish(
-        "orders",
-        Message::new(r#"{"order_id":"A-3","amount_cents":500}"#).header("x-fail-attempts", "9"),
-    );
     let ledger = Ledger::default();
 
-    let summary = run(&broker, "orders", &ledger).await;
+    let report = run(
+        &ledger,
+        vec![
+            Message::new(r#"{"order_id":"A-3","amount_cents":500}"#).header("x-fail-attempts", "9"),
+        ],
+    )
+    .await;
 
-    assert_eq!((summary.retried, summary.dead_lettered), (2, 1));
-    let letters = broker.dead_letters("orders");
-    let meta = DeadLetterMetadata::from_headers(&letters[0].headers).expect("metadata");
-    assert_eq!(meta.reason, DeadLetterReason::MaxAttempts);
-    assert_eq!(meta.attempts, 3);
+    let order = &report.messages[0];
+    assert_eq!(order.attempt_numbers(), [1, 2, 3]);
+    let Fate::DeadLettered(letter) = &order.fate else {
+        panic!("{:?}", order.fate)
+    };
+    assert_eq!(letter.reason, DeadLetterReason::MaxAttempts);
+    assert_eq!(letter.attempts, 3);
+    assert!(
+        letter
+            .error_message
+            .contains("payment provider unavailable")
+    );
+    assert_eq!(report.summary.dead_lettered, 1);
     assert!(ledger.charges().is_empty());
 }

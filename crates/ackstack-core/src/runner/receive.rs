@@ -112,6 +112,7 @@ impl<S: Source, L> Consumer<S, L> {
             .map(|(store, key)| DedupLayer::shared(store, key).config(cfg.dedup));
         let retry = RetryLayer::from_config(cfg.retry)
             .in_place(in_place)
+            .defers(caps.defers)
             .max_delay(caps.max_retry_delay)
             .on_in_place_retry(on_in_place)
             .gated();
