@@ -90,6 +90,7 @@ pub mod adapter;
 pub mod backoff;
 mod clock;
 pub mod config;
+mod context;
 pub mod deadletter;
 pub mod decode;
 pub mod dedup;

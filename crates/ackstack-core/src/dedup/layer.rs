@@ -7,9 +7,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
+use crate::context::{Context, StoreHooks};
 use crate::delivery::Delivery;
 use crate::error::{ErrorKind, Failure};
-use crate::handler::{Context, Layer, Process, StoreHooks};
+use crate::handler::{Layer, Process};
 use crate::outcome::Outcome;
 
 use super::{Claim, DedupConfig, DedupKey, DedupStore, OnStoreError, ShowKey};

@@ -33,7 +33,7 @@
 mod layer;
 mod memory_store;
 
-pub use crate::handler::StoreHooks;
+pub use crate::context::StoreHooks;
 pub use layer::{Dedup, DedupLayer};
 pub use memory_store::MemoryDedupStore;
 

@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::context::{Context, RunStats};
 use crate::deadletter::DeadLetter;
 use crate::delivery::Delivery;
-use crate::handler::{Context, Process, RunStats};
+use crate::handler::Process;
 use crate::outcome::Outcome;
 use crate::source::{Armed, Received, Settle};
 

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::RunStats;
+use crate::context::RunStats;
 use crate::metrics::Metrics;
 use crate::source::Settle;
 

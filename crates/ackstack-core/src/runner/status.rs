@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::context::RunStats;
 use crate::error::SourceError;
-use crate::handler::RunStats;
 
 use super::config::{ConfigError, HealthConfig};
 use super::control::Control;
