@@ -124,6 +124,7 @@
 mod amqp;
 mod channel;
 pub mod config;
+mod copies;
 pub mod error;
 mod headers;
 mod metadata;
