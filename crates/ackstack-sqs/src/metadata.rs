@@ -1,9 +1,12 @@
 //! Dead-letter metadata packed into one message attribute: building a dead-letter copy's
-//! attributes, fitting them into the queue's size limit, and reading them back.
+//! attributes, fitting them into the queue's size limit, and reading them back; and the
+//! attributes of a deferred copy.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use ackstack_core::DeadLetterMetadata;
+use ackstack_core::deadletter::{ATTEMPT_HEADER, DEFERRED_SINCE_HEADER, millis};
+use ackstack_core::{DeadLetterMetadata, Delivery};
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::MessageAttributeValue;
 use serde_json::{Map, Value};
@@ -300,6 +303,43 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .chunks(2)
         .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
         .collect()
+}
+
+/// The longest `DelaySeconds` SQS takes on `SendMessage`.
+pub(crate) const MAX_SEND_DELAY: Duration = Duration::from_secs(900);
+
+/// The body and attributes of a deferred copy of `delivery`, received with `attributes`
+/// (see [`SqsSettler`](crate::SqsSettler)'s `defer`), or why there is none.
+pub(crate) fn deferred_copy(
+    fifo: bool,
+    attributes: &HashMap<String, MessageAttributeValue>,
+    delivery: &Delivery,
+    since: std::time::SystemTime,
+) -> Result<(String, HashMap<String, MessageAttributeValue>), &'static str> {
+    if fifo {
+        return Err("a FIFO queue has no per-message delay");
+    }
+    let body = std::str::from_utf8(&delivery.payload).map_err(|_| "the body is not text")?;
+    let mut attributes = attributes.clone();
+    let text = |value: String| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(value)
+            .build()
+            .map_err(|_| "an attribute could not be built")
+    };
+    attributes.insert(
+        ATTEMPT_HEADER.to_string(),
+        text(delivery.attempt.max(1).to_string())?,
+    );
+    attributes.insert(
+        DEFERRED_SINCE_HEADER.to_string(),
+        text(millis(since).to_string())?,
+    );
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err("the copy would carry more than 10 attributes");
+    }
+    Ok((body.to_string(), attributes))
 }
 
 #[cfg(test)]

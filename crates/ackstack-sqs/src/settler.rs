@@ -2,67 +2,25 @@
 //! leases, and copies dead letters with `SendMessage`.
 
 use crate::retried::Retried;
-use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ackstack_core::deadletter::{ATTEMPT_HEADER, DEFERRED_SINCE_HEADER, millis};
 use ackstack_core::{
     AckReport, Backlog, Backoff, DeadLetter, Delivery, Failure, Settle, SettleError, SettleFailure,
     Settled,
 };
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use aws_sdk_sqs::types::QueueAttributeName;
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageAttributeValue};
 
 use crate::config::{MAX_BATCH, duration_secs_ceil};
 use crate::error::{ErrorClass, bounded, classify_code, settle_error};
-use crate::metadata::fit_dead_letter;
+use crate::metadata::{MAX_SEND_DELAY, deferred_copy, fit_dead_letter};
 use crate::queue::QueueInfo;
 use crate::stats::{Counters, SqsStats};
 use crate::token::SqsToken;
-
-/// The longest `DelaySeconds` SQS takes on `SendMessage`.
-const MAX_SEND_DELAY: Duration = Duration::from_secs(900);
-
-/// The most message attributes SQS takes on one message.
-const MAX_ATTRIBUTES: usize = 10;
-
-/// The body and attributes of a deferred copy of `token`'s message (see [`SqsSettler`]'s
-/// `defer`), or why there is none.
-fn deferred_copy(
-    queue: &QueueInfo,
-    token: &SqsToken,
-    delivery: &Delivery,
-    since: std::time::SystemTime,
-) -> Result<(String, HashMap<String, MessageAttributeValue>), &'static str> {
-    if queue.name.ends_with(".fifo") {
-        return Err("a FIFO queue has no per-message delay");
-    }
-    let body = std::str::from_utf8(&delivery.payload).map_err(|_| "the body is not text")?;
-    let mut attributes = token.attributes().clone();
-    let text = |value: String| {
-        MessageAttributeValue::builder()
-            .data_type("String")
-            .string_value(value)
-            .build()
-            .map_err(|_| "an attribute could not be built")
-    };
-    attributes.insert(
-        ATTEMPT_HEADER.to_string(),
-        text(delivery.attempt.max(1).to_string())?,
-    );
-    attributes.insert(
-        DEFERRED_SINCE_HEADER.to_string(),
-        text(millis(since).to_string())?,
-    );
-    if attributes.len() > MAX_ATTRIBUTES {
-        return Err("the copy would carry more than 10 attributes");
-    }
-    Ok((body.to_string(), attributes))
-}
 
 /// Tries of a transient `DeleteMessageBatch` failure before it is reported as failed.
 const DELETE_ATTEMPTS: u32 = 5;
@@ -344,7 +302,8 @@ impl Settle for SqsSettler {
         failure: &Failure,
     ) -> Result<Settled<SqsToken>, SettleFailure<SqsToken>> {
         let since = failure.deferred_since.unwrap_or(failure.at);
-        let copy = match deferred_copy(&self.queue, &token, delivery, since) {
+        let fifo = self.queue.name.ends_with(".fifo");
+        let copy = match deferred_copy(fifo, token.attributes(), delivery, since) {
             Ok(copy) => copy,
             Err(why) => {
                 tracing::debug!(message_id = ?token.message_id(), why, "deferred as a retry");
@@ -503,24 +462,4 @@ impl Settle for SqsSettler {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dedup_ids_are_bounded() {
-        let t = SqsToken::from_receipt_handle("h".repeat(1000));
-        let id = dead_letter_dedup_id(&t);
-        assert!(id.len() <= 128);
-        assert_eq!(id, dead_letter_dedup_id(&t));
-    }
-
-    #[test]
-    fn ids_map_back_to_slots() {
-        let mut slots = vec![Some(SqsToken::from_receipt_handle("a")), None];
-        assert!(take(&mut slots, "0").is_some());
-        assert!(take(&mut slots, "0").is_none());
-        assert!(take(&mut slots, "1").is_none());
-        assert!(take(&mut slots, "7").is_none());
-        assert!(take(&mut slots, "x").is_none());
-    }
-}
+mod tests;

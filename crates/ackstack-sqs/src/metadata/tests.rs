@@ -352,3 +352,41 @@ fn headers_become_string_or_binary() {
     let many: Headers = (0..11).map(|i| (format!("h{i}"), "v")).collect();
     assert!(headers_to_attributes(&many).is_err());
 }
+
+mod deferred {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn delivery(attempt: u32) -> Delivery {
+        let mut d = Delivery::new("body", Origin::new("sqs", "q", "c"));
+        d.attempt = attempt;
+        d
+    }
+
+    #[test]
+    fn a_copy_carries_the_attempt_and_the_first_deferral() {
+        let mut attributes = HashMap::new();
+        attributes.insert("tenant".to_string(), string("acme"));
+        let since = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
+        let (body, copy) = deferred_copy(false, &attributes, &delivery(3), since).unwrap();
+        assert_eq!(body, "body");
+        assert_eq!(copy["tenant"].string_value(), Some("acme"));
+        assert_eq!(copy[ATTEMPT_HEADER].string_value(), Some("3"));
+        assert_eq!(
+            copy[DEFERRED_SINCE_HEADER].string_value(),
+            Some("1700000000000")
+        );
+    }
+
+    #[test]
+    fn no_copy_on_a_fifo_queue_or_past_ten_attributes() {
+        let since = UNIX_EPOCH;
+        assert!(deferred_copy(true, &HashMap::new(), &delivery(1), since).is_err());
+        let nine: HashMap<String, MessageAttributeValue> =
+            (0..9).map(|i| (format!("a{i}"), string("v"))).collect();
+        assert!(deferred_copy(false, &nine, &delivery(1), since).is_err());
+        let eight: HashMap<String, MessageAttributeValue> =
+            (0..8).map(|i| (format!("a{i}"), string("v"))).collect();
+        assert!(deferred_copy(false, &eight, &delivery(1), since).is_ok());
+    }
+}
