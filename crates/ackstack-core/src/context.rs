@@ -25,6 +25,8 @@ pub struct Context {
     gate: Option<crate::runner::AttemptGate>,
     /// A suspect's hold on that gate.
     seat: Option<Arc<crate::runner::Seat>>,
+    /// The last moment the delivery's lease is sure to be kept (`lease.max_total`).
+    lease_deadline: Option<tokio::time::Instant>,
 }
 
 /// Counts that layers report to the runner's [`Summary`](crate::Summary).
@@ -84,6 +86,7 @@ impl Context {
             probe: None,
             gate: None,
             seat: None,
+            lease_deadline: None,
         }
     }
 
@@ -98,6 +101,7 @@ impl Context {
             probe: None,
             gate: None,
             seat: None,
+            lease_deadline: None,
         }
     }
 
@@ -105,6 +109,17 @@ impl Context {
     pub fn with_stopping(mut self, stopping: CancellationToken) -> Self {
         self.stopping = stopping;
         self
+    }
+
+    /// With the last moment the delivery's lease is sure to be kept.
+    pub(crate) fn with_lease_deadline(mut self, deadline: Option<tokio::time::Instant>) -> Self {
+        self.lease_deadline = deadline;
+        self
+    }
+
+    /// The last moment the delivery's lease is sure to be kept, where it has one.
+    pub(crate) fn lease_deadline(&self) -> Option<tokio::time::Instant> {
+        self.lease_deadline
     }
 
     /// A context for nested work: cancelled with this one, and cancellable on its own.
@@ -118,6 +133,7 @@ impl Context {
             probe: self.probe,
             gate: self.gate.clone(),
             seat: self.seat.clone(),
+            lease_deadline: self.lease_deadline,
         }
     }
 

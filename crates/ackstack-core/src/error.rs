@@ -122,8 +122,10 @@ impl HandlerError {
     /// **without using an attempt**. Deferring is bounded in total time, not in count: a
     /// message deferred again and again is dead-lettered once
     /// [`RetryConfig::defer_limit`](crate::RetryConfig::defer_limit) has passed since its first
-    /// deferral (reason `deferred`). `after` is capped by the longest delay the broker can
-    /// honour and by the time left before that limit.
+    /// deferral (reason `deferred`). `after` is at least the backoff's base, and capped by
+    /// the longest delay the broker can honour and by the time left before that limit. Where
+    /// deferrals wait in place (Kafka, keys held in order), the delivery's lease also bounds
+    /// them: a deferral that would outlive `lease.max_total` dead-letters it.
     ///
     /// ```
     /// use std::time::Duration;

@@ -183,8 +183,10 @@ impl<H: Handler> Process for Terminal<H> {
                 let mut failure = Failure::from_error(&err);
                 if let Some(after) = err.deferred_for() {
                     // Not a failed attempt, whatever a classifier would say.
+                    // A time ahead of this clock (skew, a bad header) would never run out.
+                    let now = crate::clock::now();
                     let since = crate::deadletter::deferred_since(delivery)
-                        .unwrap_or_else(crate::clock::now);
+                        .map_or(now, |since| since.min(now));
                     failure.deferred_since = Some(since);
                     return Outcome::Defer { after, failure };
                 }

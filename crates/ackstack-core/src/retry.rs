@@ -312,7 +312,9 @@ impl<P: Process> Retry<P> {
     fn defer(&self, after: Duration, mut failure: Failure, cx: &Context) -> Deferral {
         let limit = self.layer.config.defer_limit;
         if failure.attempt > self.layer.config.max_attempts {
-            // Only where an adapter made an earlier deferral a retry (see `Settle::defer`).
+            // Only where an adapter made an earlier deferral a retry (see `Settle::defer`): the
+            // attempts ran out, which is what the letter says.
+            failure.deferred_since = None;
             failure.message = crate::error::truncate(
                 format!(
                     "deferred on attempt {}, past max_attempts ({}); last: {}",
@@ -337,9 +339,25 @@ impl<P: Process> Retry<P> {
             );
             return Deferral::Settle(Outcome::DeadLetter(failure));
         }
-        let mut after = after.min(limit - spent);
+        // Not sooner than the backoff's base: `defer(0)` must not be a hot loop.
+        let mut after = after.max(self.layer.config.backoff.base).min(limit - spent);
         if let Some(max) = self.layer.max_delay {
             after = after.min(max);
+        }
+        if self.layer.in_place
+            && let Some(deadline) = cx.lease_deadline()
+            && tokio::time::Instant::now() + after >= deadline
+        {
+            // Held in place, the delivery would outlive its lease's max_total and come back
+            // with its first deferral forgotten: the limit in place is the lease's.
+            failure.message = crate::error::truncate(
+                format!(
+                    "deferred in place for longer than lease.max_total allows; last: {}",
+                    failure.message
+                ),
+                crate::error::MAX_FAILURE_MESSAGE,
+            );
+            return Deferral::Settle(Outcome::DeadLetter(failure));
         }
         cx.note_deferred();
         if self.layer.in_place {

@@ -77,7 +77,7 @@ impl<H: Handler> HandlerTest<H> {
                 concurrency: 1,
                 ..ConsumerConfig::default()
             },
-            horizon: Duration::from_secs(7 * 24 * 3600),
+            horizon: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -100,8 +100,8 @@ impl<H: Handler> HandlerTest<H> {
     }
 
     /// Stops the run once this much (virtual) time has passed, leaving what is not settled
-    /// [`Fate::Pending`]. Default 7 days: longer than any retry schedule or defer limit of
-    /// the defaults.
+    /// [`Fate::Pending`]. Default one day: longer than the default retry schedule and defer
+    /// limit. Without a paused clock it is real time: set a short one.
     pub fn horizon(mut self, horizon: Duration) -> Self {
         self.horizon = horizon;
         self
@@ -115,10 +115,10 @@ impl<H: Handler> HandlerTest<H> {
     /// When the consumer refuses to start (the configuration is invalid), with the reason.
     pub async fn run(self, messages: impl IntoIterator<Item = Message>) -> Report {
         let broker = MemoryBroker::new();
-        let mut messages: Vec<Message> = messages.into_iter().collect();
-        for (i, message) in messages.iter_mut().enumerate() {
-            // Numbered by publish order, for matching outcomes and letters to messages.
-            message.headers.insert(INDEX_HEADER, i.to_string());
+        let messages: Vec<Message> = messages.into_iter().collect();
+        // A fresh broker numbers its messages 1, 2, ... in publish order (the delivery's
+        // offset, and the letter's): that is how outcomes and letters find their message.
+        for message in &messages {
             broker.publish(QUEUE, message.clone());
         }
         let started = Instant::now();
@@ -128,7 +128,7 @@ impl<H: Handler> HandlerTest<H> {
             .config(self.config)
             .name("handler-test")
             .inspect(move |delivery, outcome| {
-                let Some(index) = index_of(&delivery.headers) else {
+                let Some(index) = index_of(delivery.origin.offset) else {
                     return;
                 };
                 let attempt = Attempt {
@@ -142,8 +142,11 @@ impl<H: Handler> HandlerTest<H> {
             let broker = broker.clone();
             let deadline = started + self.horizon;
             async move {
+                // Under a paused clock a tick costs no time; in real time it is short
+                // enough not to slow a test down.
+                let tick = Duration::from_millis(50);
                 while !broker.is_empty(QUEUE) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    tokio::time::sleep(tick).await;
                 }
             }
         };
@@ -156,26 +159,28 @@ impl<H: Handler> HandlerTest<H> {
         let messages = messages
             .into_iter()
             .enumerate()
-            .map(|(index, mut message)| {
-                message.headers.remove(INDEX_HEADER);
+            .map(|(index, message)| {
                 let attempts: Vec<Attempt> = seen
                     .iter()
                     .filter(|(i, _)| *i == index)
                     .map(|(_, a)| a.clone())
                     .collect();
-                let letter = letters
-                    .iter()
-                    .find(|l| index_of(&l.headers) == Some(index))
-                    .and_then(|l| DeadLetterMetadata::from_headers(&l.headers));
-                let fate = match (letter, attempts.last().map(|a| &a.outcome)) {
-                    (Some(letter), _) => Fate::DeadLettered(Box::new(letter)),
-                    (None, Some(Outcome::Ack)) => Fate::Acked,
-                    _ => Fate::Pending,
+                let letter = letters.iter().find_map(|l| {
+                    let metadata = DeadLetterMetadata::from_headers(&l.headers)?;
+                    (index_of(metadata.offset) == Some(index)).then(|| (metadata, l.clone()))
+                });
+                let (fate, dead_letter) = match (letter, attempts.last().map(|a| &a.outcome)) {
+                    (Some((metadata, copy)), _) => {
+                        (Fate::DeadLettered(Box::new(metadata)), Some(copy))
+                    }
+                    (None, Some(Outcome::Ack)) => (Fate::Acked, None),
+                    _ => (Fate::Pending, None),
                 };
                 Handled {
                     message,
                     attempts,
                     fate,
+                    dead_letter,
                 }
             })
             .collect();
@@ -183,11 +188,9 @@ impl<H: Handler> HandlerTest<H> {
     }
 }
 
-/// The header a [`HandlerTest`] numbers its messages with (removed from the report's copies).
-const INDEX_HEADER: &str = "x-ackstack-test-index";
-
-fn index_of(headers: &crate::Headers) -> Option<usize> {
-    headers.get_str(INDEX_HEADER)?.parse().ok()
+/// The message a delivery or letter with this in-memory offset is (see [`HandlerTest::run`]).
+fn index_of(offset: Option<i64>) -> Option<usize> {
+    usize::try_from(offset?).ok()?.checked_sub(1)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -216,6 +219,9 @@ pub struct Handled {
     pub attempts: Vec<Attempt>,
     /// How it ended.
     pub fate: Fate,
+    /// The copy that reached the dead-letter queue, when it was dead-lettered: its payload
+    /// and headers as forwarded, with the metadata headers.
+    pub dead_letter: Option<Message>,
 }
 
 impl Handled {

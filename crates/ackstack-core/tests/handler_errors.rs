@@ -298,3 +298,104 @@ async fn where_the_broker_cannot_defer_a_deferral_is_a_retry_bounded_by_max_atte
         "the last attempt's deferral is dead-lettered as max_attempts: {outcomes:?}"
     );
 }
+
+#[tokio::test]
+async fn a_deferral_of_zero_waits_at_least_the_backoffs_base() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("now?"));
+    let seen = Seen::default();
+    let summary = Consumer::new(broker.source("q"))
+        .backoff(
+            Backoff::exponential(Duration::from_millis(80), Duration::from_secs(1)).no_jitter(),
+        )
+        .inspect(inspector(&seen))
+        .run_until(
+            handler_fn(|d, _cx| async move {
+                if d.headers
+                    .get_str(ackstack_core::deadletter::DEFERRED_SINCE_HEADER)
+                    .is_none()
+                {
+                    return Err(HandlerError::defer(Duration::ZERO));
+                }
+                Ok(())
+            }),
+            until_empty(broker.clone(), "q"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((summary.deferred, summary.succeeded), (1, 1), "{summary:?}");
+    match &outcomes_of(&seen, "now?")[0] {
+        Outcome::Defer { after, .. } => assert_eq!(*after, Duration::from_millis(80)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_deferral_in_place_ends_before_the_lease_runs_out() {
+    // Held in place, a delivery cannot outlive its lease's max_total: the deferral that would
+    // dead-letters it, long before defer_limit (an hour).
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("held").key("k"));
+    let mut config = ConsumerConfig::default();
+    config.ordering = KeyOrdering::PerKey;
+    config.lease.max_total = Duration::from_secs(2);
+    let seen = Attempts::default();
+    let s = seen.clone();
+    let summary = Consumer::new(
+        broker
+            .source("q")
+            .visibility_timeout(Duration::from_millis(500)),
+    )
+    .config(config)
+    .backoff(backoff())
+    .run_until(
+        handler_fn(move |d, _cx| {
+            s.lock().unwrap().push(("held".into(), d.attempt));
+            async { Err(HandlerError::defer(Duration::from_millis(300))) }
+        }),
+        until_empty(broker.clone(), "q"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.dead_lettered, 1, "{summary:?}");
+    assert_eq!(summary.leases_lost, 0, "{summary:?}");
+    let runs = attempts_of(&seen, "held");
+    assert!(runs.iter().all(|&a| a == 1), "{runs:?}");
+    // 1.5 s of lease (max_total less one lease) in 300 ms deferrals.
+    assert!((4..=6).contains(&runs.len()), "{runs:?}");
+    let letters = broker.dead_letters("q");
+    let meta = DeadLetterMetadata::from_headers(&letters[0].headers).unwrap();
+    assert_eq!(meta.reason, DeadLetterReason::Deferred);
+    assert!(meta.error_message.contains("max_total"), "{meta:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_defer_limit_runs_on_a_paused_clock() {
+    // An hour of deferrals ten minutes apart passes in virtual time.
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("never"));
+    let seen = Attempts::default();
+    let s = seen.clone();
+    let summary = Consumer::new(broker.source("q"))
+        .run_until(
+            handler_fn(move |d, _cx| {
+                s.lock().unwrap().push(("never".into(), d.attempt));
+                async { Err(HandlerError::defer(Duration::from_secs(600))) }
+            }),
+            {
+                let broker = broker.clone();
+                async move {
+                    while !broker.is_empty("q") {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.dead_lettered, 1, "{summary:?}");
+    // At 0, 10, ..., 60 minutes, and one more where the seventh run falls a sliver short of
+    // the hour (the last deferral then waits the backoff's base).
+    let runs = attempts_of(&seen, "never").len();
+    assert!((7..=8).contains(&runs), "{runs} runs");
+}

@@ -66,7 +66,20 @@ async fn a_malformed_order_is_dead_lettered_at_once_with_the_reason() {
     assert_eq!(letter.error_kind, ErrorKind::Permanent);
     assert_eq!(letter.reason, DeadLetterReason::Permanent);
     assert_eq!(letter.attempts, 1);
-    assert_eq!(order.message.headers.get_str("tenant"), Some("acme"));
+    let copy = order
+        .dead_letter
+        .as_ref()
+        .expect("the copy in the dead-letter queue");
+    assert_eq!(
+        &copy.payload[..],
+        b"not json",
+        "the payload is kept byte for byte"
+    );
+    assert_eq!(
+        copy.headers.get_str("tenant"),
+        Some("acme"),
+        "so are the headers"
+    );
     assert!(ledger.charges().is_empty());
 }
 

@@ -157,7 +157,8 @@ impl<P: Process, S: Settle> Shared<P, S> {
             let mut cx = self
                 .context(&cancel)
                 .with_metrics(metrics)
-                .with_probe(probe);
+                .with_probe(probe)
+                .with_lease_deadline(lease.as_ref().map(LeaseGuard::deadline));
             if let Some(gate) = &self.gate {
                 if let Some(seat) = &seat {
                     // Alone among attempts: those running now finish first, none starts.

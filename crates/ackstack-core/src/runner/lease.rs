@@ -96,9 +96,17 @@ pub struct LeaseGuard<T> {
     /// How long [`LeaseGuard::release`] waits for an extension in flight, at most.
     settle_wait: Duration,
     released: bool,
+    /// The last moment the lease is sure to be kept: `max_total` after receipt, less one
+    /// lease (the keeper stops extending once an extension would pass `max_total`).
+    deadline: Instant,
 }
 
 impl<T> LeaseGuard<T> {
+    /// The last moment the lease is sure to be kept (see `LeaseConfig::max_total`).
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// The delivery's lease state.
     pub fn state(&self) -> &LeaseState {
         &self.state
@@ -137,6 +145,7 @@ pub struct LeaseKeeper<T> {
     next_id: std::sync::atomic::AtomicU64,
     task: tokio::task::JoinHandle<()>,
     lease: Duration,
+    max_total: Duration,
 }
 
 impl<T> std::fmt::Debug for Command<T> {
@@ -158,12 +167,14 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
         watch: Watch,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let max_total = config.max_total;
         let task = tokio::spawn(run(settler, lease, config, rx, watch));
         LeaseKeeper {
             tx,
             next_id: std::sync::atomic::AtomicU64::new(0),
             task,
             lease,
+            max_total,
         }
     }
 
@@ -185,6 +196,7 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
             tx: self.tx.clone(),
             settle_wait: self.lease,
             released: false,
+            deadline: later(received, self.max_total.saturating_sub(self.lease)),
         }
     }
 

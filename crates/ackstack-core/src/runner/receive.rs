@@ -93,7 +93,11 @@ impl<S: Source, L> Consumer<S, L> {
                         if let Some(inspect) = &inspector {
                             call_inspector(inspect, d, o);
                         }
-                        if let Some(control) = &judge {
+                        // A deferral in place is no verdict, and the probe it may be is
+                        // still in flight.
+                        if let Some(control) = &judge
+                            && !matches!(o, Outcome::Defer { .. })
+                        {
                             control.record(Some(o), cx.probe());
                         }
                     },

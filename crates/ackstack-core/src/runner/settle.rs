@@ -141,12 +141,17 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 self.settler.retry(token, delivery, after, &failure).await
             }
             Outcome::Defer { after, failure } => {
-                // Counted by the retry layer, which decided it.
+                // Counted by the retry layer, which decided it. The lease is kept until the
+                // original is acked, as for a dead letter: a deferral is most often a copy
+                // (RabbitMQ, SQS), and an original whose lease lapsed before its ack would come
+                // back and be deferred twice.
                 tracing::info!(after = ?after, attempt = delivery.attempt, "deferred");
-                if let Some(lease) = lease.take() {
+                let settled = self.settler.defer(token, delivery, after, &failure).await;
+                if let (Ok(Settled::Done), Some(lease)) = (&settled, lease.take()) {
+                    // Held back at the broker: no extension may follow.
                     lease.release().await;
                 }
-                self.settler.defer(token, delivery, after, &failure).await
+                settled
             }
             Outcome::DeadLetter(failure) => {
                 let letter = DeadLetter::new(delivery, failure);
