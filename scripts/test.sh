@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace against real brokers, setting up what is missing first:
-# the system libraries of scripts/deps.sh are installed if missing; Redis, PostgreSQL and
-# RabbitMQ are started if they do not answer; moto (the SQS emulator) is installed
+# the system libraries of scripts/deps.sh are installed if missing; Redis, PostgreSQL,
+# RabbitMQ and NATS (with JetStream) are started if they do not answer; moto (the SQS emulator) is installed
 # into a virtualenv and started, and stopped again at the end; promtool is unpacked into the
 # cache. Kafka tests use librdkafka's in-process mock cluster unless KAFKA_BROKERS is set.
 #
@@ -16,6 +16,7 @@ MOTO_PORT=4566
 export SQS_ENDPOINT="${SQS_ENDPOINT:-http://127.0.0.1:$MOTO_PORT}"
 export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+export NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
 mkdir -p "$CACHE"
 
 log() { printf '[test.sh] %s\n' "$*" >&2; }
@@ -55,6 +56,15 @@ ensure_rabbitmq() {
   wait_port 5672 120 RabbitMQ
   # The port opens before the broker accepts logins; give it a moment to finish booting.
   rabbitmqctl await_startup >/dev/null 2>&1 || sleep 5
+}
+
+ensure_nats() {
+  if port_open 4222; then return; fi
+  log "starting NATS with JetStream"
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  wait_port 4222 30 NATS
 }
 
 # A virtualenv counts as installed only once the marker is written after a complete install,
@@ -119,6 +129,7 @@ bash scripts/deps.sh
 ensure_redis
 ensure_postgres
 ensure_rabbitmq
+ensure_nats
 ensure_promtool
 start_moto
 

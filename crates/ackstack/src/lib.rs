@@ -73,6 +73,7 @@
 //! | `rabbitmq` | `rabbitmq` | RabbitMQ through lapin |
 //! | `sqs` | `sqs` | Amazon SQS through aws-sdk-sqs |
 //! | `kafka` | `kafka` | Apache Kafka through rdkafka |
+//! | `nats` | `nats` | NATS JetStream through async-nats |
 //! | `redis` | `redis` | the Redis deduplication store |
 //! | `postgres` | `postgres` | the PostgreSQL transactional inbox (exactly-once effects) |
 //!
@@ -182,6 +183,9 @@ pub use ackstack_sqs as sqs;
 
 #[cfg(feature = "kafka")]
 pub use ackstack_kafka as kafka;
+
+#[cfg(feature = "nats")]
+pub use ackstack_nats as nats;
 
 #[cfg(feature = "redis")]
 pub use ackstack_redis as redis;
