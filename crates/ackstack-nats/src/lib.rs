@@ -41,7 +41,7 @@
 //!
 //! | ackstack | JetStream |
 //! |---|---|
-//! | attempt | the delivery count (`num_delivered`), which counts every delivery, crashes too |
+//! | attempt | the delivery count (`num_delivered`), which counts every delivery, crashes too; a delivery this process nak'ed comes back at least one attempt later (nats-server 2.9 was seen to redeliver a delayed nak with the count unchanged) |
 //! | lease | the consumer's `ack_wait`, renewed with `+WPI` |
 //! | retry after `d` | `-NAK {"delay": d}` |
 //! | dead letter | a copy on `<stream>.dlq` (stream `<stream>-dlq`), `x-ackstack-dl-*` headers, then `+TERM` |

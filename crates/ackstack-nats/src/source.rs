@@ -132,7 +132,11 @@ impl NatsSource {
             .get_str(MESSAGE_ID_HEADER)
             .map(str::to_string)
             .or_else(|| Some(format!("{}:{stream_seq}", config.stream)));
-        let attempt = attempt_from_count(u64::try_from(delivered).ok());
+        let counted = attempt_from_count(u64::try_from(delivered).ok());
+        // A delivery this process nak'ed comes back at least one attempt later. (nats-server
+        // 2.9 was seen to redeliver a message nak'ed with a delay with its count still 1.)
+        let delayed = self.shared.retried.take(stream_seq);
+        let attempt = delayed.map_or(counted, |then| counted.max(then.saturating_add(1)));
         let mut origin = Origin::new("nats", config.stream.as_str(), config.consumer.as_str());
         origin.offset = i64::try_from(stream_seq).ok();
         let delivery = Delivery {
@@ -151,7 +155,7 @@ impl NatsSource {
         }));
         // Delivered before and never settled by this process: it may have been in flight when
         // a consumer died, so it runs alone.
-        let suspect = attempt > 1 && !self.shared.retried.came_back(stream_seq, attempt);
+        let suspect = attempt > 1 && delayed.is_none_or(|then| then.saturating_add(1) != attempt);
         Some(Received::new(delivery, token).suspect(suspect))
     }
 }

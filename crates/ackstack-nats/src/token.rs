@@ -56,9 +56,10 @@ impl NatsToken {
 /// How many delayed messages are remembered at most.
 const CAPACITY: usize = 65_536;
 
-/// Stream sequences this process nak'ed for a retry, with the delivery count they had:
-/// when one comes back exactly one delivery later, it is this process's own retry, not a
-/// delivery a crashed consumer held (JetStream counts both the same way). Bounded.
+/// Stream sequences this process nak'ed for a retry, with the attempt they were on: when one
+/// comes back exactly one attempt later, it is this process's own retry, not a delivery a
+/// crashed consumer held (JetStream counts both the same way); and it never comes back with a
+/// lower attempt than that. Bounded.
 #[derive(Debug, Default)]
 pub(crate) struct Retried {
     inner: Mutex<(HashMap<u64, u32>, VecDeque<u64>)>,
@@ -78,15 +79,30 @@ impl Retried {
         }
     }
 
-    pub(crate) fn came_back(&self, seq: u64, delivered: u32) -> bool {
+    /// The attempt `seq` was on when this process delayed it, if it did (and forgets it).
+    pub(crate) fn take(&self, seq: u64) -> Option<u32> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let (count, order) = &mut *inner;
-        match count.remove(&seq) {
-            Some(then) => {
-                order.retain(|s| *s != seq);
-                then.saturating_add(1) == delivered
-            }
-            None => false,
+        let then = count.remove(&seq)?;
+        order.retain(|s| *s != seq);
+        Some(then)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delayed_sequence_is_remembered_once_and_bounded() {
+        let r = Retried::default();
+        r.delayed(7, 1);
+        assert_eq!(r.take(7), Some(1));
+        assert_eq!(r.take(7), None, "forgotten once taken");
+        for seq in 0..(CAPACITY as u64 + 10) {
+            r.delayed(seq, 2);
         }
+        assert_eq!(r.take(0), None, "the oldest are forgotten first");
+        assert_eq!(r.take(CAPACITY as u64 + 9), Some(2));
     }
 }

@@ -103,13 +103,7 @@ impl Harness for Nats {
     }
 }
 
-// Passes on its own (every run here), but one run in about twenty under load failed
-// `handler_chosen_delays_are_honoured` with attempt numbers [1, 1]: a delivery nak'ed with a
-// delay came back with JetStream's delivery count still 1 (nats-server 2.9.10). Until that is
-// explained, this suite is run by hand (`cargo test -p ackstack-nats -- --ignored`) and not in
-// CI, where a flake would block every change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky under load: a nak'ed delivery once came back with delivery count 1"]
 async fn nats_jetstream_conforms() {
     let client = ackstack_nats::async_nats::connect(url()).await.unwrap();
     run_all(Nats { client }).await.assert_passed();
