@@ -1,6 +1,7 @@
 //! Mechanisms the broker adapters share: reading an attempt number from broker data,
-//! fencing tokens by the [`Generation`] they were received in, and the [`Counter`]s behind
-//! their stats.
+//! fencing tokens by the [`Generation`] they were received in, the [`Counter`]s behind
+//! their stats, and telling a retry this process delayed from a crash suspect
+//! ([`Retried`]).
 //!
 //! Each adapter reads its broker's own fields; what those fields mean to ackstack is decided
 //! here once, so every adapter gives the same answer for the same input.
@@ -9,6 +10,9 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::SettleError;
+
+mod retried;
+pub use retried::Retried;
 
 /// A count written as decimal text (surrounding whitespace allowed), as a broker or one of
 /// our copies writes it: `None` when the text is not UTF-8, not a number, or above

@@ -77,17 +77,7 @@ impl Context {
 
     /// A context observing `cancel`.
     pub fn with_token(cancel: CancellationToken) -> Self {
-        Context {
-            cancel,
-            stopping: CancellationToken::new(),
-            stats: Arc::default(),
-            attempt: None,
-            metrics: None,
-            probe: None,
-            gate: None,
-            seat: None,
-            lease_deadline: None,
-        }
+        Context::with_stats(cancel, Arc::default())
     }
 
     /// A context observing `cancel` that reports to `stats`.

@@ -315,29 +315,21 @@ impl<P: Process> Retry<P> {
             // Only where an adapter made an earlier deferral a retry (see `Settle::defer`): the
             // attempts ran out, which is what the letter says.
             failure.deferred_since = None;
-            failure.message = crate::error::truncate(
-                format!(
-                    "deferred on attempt {}, past max_attempts ({}); last: {}",
-                    failure.attempt, self.layer.config.max_attempts, failure.message
-                ),
-                crate::error::MAX_FAILURE_MESSAGE,
+            let why = format!(
+                "deferred on attempt {}, past max_attempts ({})",
+                failure.attempt, self.layer.config.max_attempts
             );
-            return Deferral::Settle(Outcome::DeadLetter(failure));
+            return Deferral::ended(failure, &why);
         }
         let spent = failure
             .deferred_since
             .and_then(|since| crate::clock::now().duration_since(since).ok())
             .unwrap_or_default();
         if spent >= limit {
-            failure.message = crate::error::truncate(
-                format!(
-                    "deferred by the handler for {spent:?} in all, longer than defer_limit \
-                     ({limit:?}); last: {}",
-                    failure.message
-                ),
-                crate::error::MAX_FAILURE_MESSAGE,
+            let why = format!(
+                "deferred by the handler for {spent:?} in all, longer than defer_limit ({limit:?})"
             );
-            return Deferral::Settle(Outcome::DeadLetter(failure));
+            return Deferral::ended(failure, &why);
         }
         // Not sooner than the backoff's base: `defer(0)` must not be a hot loop.
         let mut after = after.max(self.layer.config.backoff.base).min(limit - spent);
@@ -350,14 +342,10 @@ impl<P: Process> Retry<P> {
         {
             // Held in place, the delivery would outlive its lease's max_total and come back
             // with its first deferral forgotten: the limit in place is the lease's.
-            failure.message = crate::error::truncate(
-                format!(
-                    "deferred in place for longer than lease.max_total allows; last: {}",
-                    failure.message
-                ),
-                crate::error::MAX_FAILURE_MESSAGE,
+            return Deferral::ended(
+                failure,
+                "deferred in place for longer than lease.max_total allows",
             );
-            return Deferral::Settle(Outcome::DeadLetter(failure));
         }
         cx.note_deferred();
         if self.layer.in_place {
@@ -488,6 +476,17 @@ enum Deferral {
     /// Wait this long here, then run the same attempt again (the outcome, if the wait is
     /// cancelled).
     InPlace(Duration, Outcome),
+}
+
+impl Deferral {
+    /// Deferring ends here: `failure` is dead-lettered, its message saying `why` first.
+    fn ended(mut failure: Failure, why: &str) -> Deferral {
+        failure.message = crate::error::truncate(
+            format!("{why}; last: {}", failure.message),
+            crate::error::MAX_FAILURE_MESSAGE,
+        );
+        Deferral::Settle(Outcome::DeadLetter(failure))
+    }
 }
 
 /// The kind of a retry's failure (transient, unless a classifier said otherwise).

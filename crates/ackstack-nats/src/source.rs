@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ackstack_core::adapter::attempt_from_count;
+use ackstack_core::adapter::{Retried, attempt_from_count};
 use ackstack_core::{
     Alone, BrokerLimit, Capabilities, Delivery, Origin, Received, Source, SourceError,
 };
@@ -18,7 +18,7 @@ use crate::config::{KeySource, NatsConfig};
 use crate::error::{NatsError, bounded};
 use crate::headers::{self, MESSAGE_ID_HEADER};
 use crate::settler::NatsSettler;
-use crate::token::{NatsToken, Retried, TokenInner};
+use crate::token::{NatsToken, TokenInner};
 
 /// What the source and its settler share about the resolved consumer.
 #[derive(Debug)]
@@ -32,7 +32,8 @@ pub(crate) struct Resolved {
     /// The consumer's own `max_deliver`, when it has one.
     pub(crate) max_deliver: Option<u32>,
     pub(crate) dlq_subject: String,
-    pub(crate) retried: Retried,
+    /// Stream sequences this process nak'ed, with the attempt they were on.
+    pub(crate) retried: Retried<u64>,
 }
 
 /// A JetStream durable pull consumer as an ackstack [`Source`].
@@ -135,7 +136,7 @@ impl NatsSource {
         let counted = attempt_from_count(u64::try_from(delivered).ok());
         // A delivery this process nak'ed comes back at least one attempt later. (nats-server
         // 2.9 was seen to redeliver a message nak'ed with a delay with its count still 1.)
-        let delayed = self.shared.retried.take(stream_seq);
+        let delayed = self.shared.retried.take(&stream_seq);
         let attempt = delayed.map_or(counted, |then| counted.max(then.saturating_add(1)));
         let mut origin = Origin::new("nats", config.stream.as_str(), config.consumer.as_str());
         origin.offset = i64::try_from(stream_seq).ok();

@@ -104,7 +104,6 @@ mod headers;
 mod metadata;
 mod publisher;
 mod queue;
-mod retried;
 mod settler;
 mod source;
 mod stats;

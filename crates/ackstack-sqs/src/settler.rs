@@ -1,12 +1,12 @@
 //! [`SqsSettler`]: deletes in batches, delays retries with `ChangeMessageVisibility`, extends
 //! leases, and copies dead letters with `SendMessage`.
 
-use crate::retried::Retried;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ackstack_core::adapter::Retried;
 use ackstack_core::{
     AckReport, Backlog, Backoff, DeadLetter, Delivery, Failure, Settle, SettleError, SettleFailure,
     Settled,
@@ -59,7 +59,7 @@ pub struct SqsSettler {
     stats: Arc<Counters>,
     backoff: Backoff,
     /// Messages this process delayed for a retry (shared with the source).
-    pub(crate) retried: Arc<Retried>,
+    pub(crate) retried: Arc<Retried<String>>,
 }
 
 impl SqsSettler {
@@ -286,7 +286,7 @@ impl Settle for SqsSettler {
         // Remembered before the call: with a short delay, a long poll can receive the message
         // again before the call returns.
         if let Some(id) = &delivery.message_id {
-            self.retried.delayed(id, delivery.attempt);
+            self.retried.delayed(id.clone(), delivery.attempt);
         }
         match self.change_visibility(&token, delay).await {
             Ok(()) => Ok(Settled::Done),
