@@ -132,13 +132,21 @@ impl Fixture for Sqs {
         let mut got = Vec::new();
         let mut ids = std::collections::HashSet::new();
         let mut empty = 0;
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        // A deadline that moves with progress: a slow endpoint (moto on a busy machine) takes
+        // minutes over a thousand messages, and that is no reason to stop reading.
+        let patience = Duration::from_secs(60);
+        let mut deadline = std::time::Instant::now() + patience;
         while got.len() < expected && std::time::Instant::now() < deadline {
             let want = (expected - got.len()).min(10);
             let batch = testing::drain(&self.client, &self.queue.url, want, Duration::from_secs(1))
                 .await
                 .unwrap();
-            empty = if batch.is_empty() { empty + 1 } else { 0 };
+            empty = if batch.is_empty() {
+                empty + 1
+            } else {
+                deadline = std::time::Instant::now() + patience;
+                0
+            };
             for m in batch {
                 if m.message_id
                     .as_ref()
@@ -152,6 +160,12 @@ impl Fixture for Sqs {
             if empty >= 2 && self.queue.approximate_count(&self.client).await.unwrap() == 0 {
                 break;
             }
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "the drain read nothing for {patience:?} and stopped at {} message(s)",
+                got.len()
+            );
         }
         got.into_iter()
             .map(|m| {

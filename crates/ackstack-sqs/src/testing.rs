@@ -13,7 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::Region;
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+};
 
 use crate::config::{ENDPOINT_ENV, SqsConfig, default_dead_letter_name};
 use crate::error::{SqsError, describe};
@@ -150,18 +152,36 @@ pub async fn drain(
             .send()
             .await
             .map_err(|e| SqsError::Sdk(describe(&e).into()))?;
-        for m in got.messages.unwrap_or_default() {
-            if let Some(handle) = m.receipt_handle() {
-                client
-                    .delete_message()
-                    .queue_url(queue_url)
+        let got = got.messages.unwrap_or_default();
+        // One DeleteMessageBatch per receive: a drain of a thousand messages is two hundred
+        // requests rather than eleven hundred, which matters on a busy emulator.
+        let entries = got
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                let handle = m.receipt_handle()?;
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
                     .receipt_handle(handle)
-                    .send()
-                    .await
-                    .map_err(|e| SqsError::Sdk(describe(&e).into()))?;
+                    .build()
+                    .ok()
+            })
+            .collect::<Vec<_>>();
+        if !entries.is_empty() {
+            let deleted = client
+                .delete_message_batch()
+                .queue_url(queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| SqsError::Sdk(describe(&e).into()))?;
+            if let Some(failed) = deleted.failed.first() {
+                return Err(SqsError::Sdk(
+                    format!("drain: delete of a message failed: {failed:?}").into(),
+                ));
             }
-            out.push(m);
         }
+        out.extend(got);
     }
     Ok(out)
 }
