@@ -26,7 +26,7 @@ if [[ "$("$TOOLS/bin/cargo-deny" --version 2>/dev/null)" != "cargo-deny $DENY_VE
 fi
 
 PUBLISHED=(ackstack-core ackstack ackstack-rabbitmq ackstack-sqs ackstack-kafka ackstack-redis
-  ackstack-postgres ackstack-nats ackstack-testkit ackstack-cli)
+  ackstack-postgres ackstack-nats ackstack-redis-streams ackstack-testkit ackstack-cli)
 args=()
 for crate in "${PUBLISHED[@]}"; do args+=(-p "$crate"); done
 # --no-verify: building each packaged crate again from its archive would rebuild every

@@ -82,6 +82,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 mod config;
+pub mod connection;
 mod error;
 mod key;
 mod pipeline;

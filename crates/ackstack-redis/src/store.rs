@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ackstack_core::dedup::{BoxFuture, Claim, DedupError, DedupStore};
-use redis::Client;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::config::RedisDedupConfig;
+use crate::connection::{ConnectionSettings, connection_manager};
 use crate::error::RedisDedupError;
 use crate::key::redis_key;
 use crate::pipeline::{Batcher, Counters, DONE_MARKER, Op, Reply, Request, Scripts};
@@ -103,23 +103,13 @@ impl RedisDedupStore {
             return Err(RedisDedupError::Config("timeout must not be zero".into()));
         }
         let redacted_url = config.redacted_url();
-        #[cfg(feature = "tls")]
-        if config.url.starts_with("rediss://") {
-            // redis-rs builds its rustls config with the process-wide crypto provider; install
-            // aws-lc-rs unless the application installed one already (then this is a no-op).
-            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        }
-        let client = open_client(&config, &redacted_url)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.timeout))
-            // Few, quick reconnect attempts per wave: a call waiting on a reconnect fails within
-            // the timeout, and the next call starts a new wave.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| RedisDedupError::Config(format!("cannot create connection: {e}")))?;
+        let conn = connection_manager(&ConnectionSettings {
+            url: &config.url,
+            tls_ca_file: config.tls_ca_file.as_deref(),
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.timeout,
+        })
+        .map_err(RedisDedupError::Config)?;
 
         let (tx, rx) = mpsc::channel(pipeline.queue_capacity);
         let counters = Arc::new(Counters::default());
@@ -356,34 +346,6 @@ impl DedupStore for RedisDedupStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, DedupError>> {
         Box::pin(async move { Ok(self.try_extend(key, token, lease).await?) })
-    }
-}
-
-/// The redis-rs client for the URL, with the configured CA for `rediss://`.
-fn open_client(config: &RedisDedupConfig, redacted_url: &str) -> Result<Client, RedisDedupError> {
-    let bad_url = |e: redis::RedisError| {
-        RedisDedupError::Config(format!("cannot use redis url {redacted_url}: {e}"))
-    };
-    let Some(ca_file) = &config.tls_ca_file else {
-        return Client::open(config.url.as_str()).map_err(bad_url);
-    };
-    #[cfg(feature = "tls")]
-    {
-        let pem = std::fs::read(ca_file).map_err(|e| {
-            RedisDedupError::Config(format!("cannot read tls_ca_file {ca_file:?}: {e}"))
-        })?;
-        let certs = redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem),
-        };
-        Client::build_with_tls(config.url.as_str(), certs).map_err(bad_url)
-    }
-    #[cfg(not(feature = "tls"))]
-    {
-        let _ = bad_url;
-        Err(RedisDedupError::Config(format!(
-            "tls_ca_file {ca_file:?} is set but ackstack-redis was built without the `tls` feature"
-        )))
     }
 }
 

@@ -74,6 +74,7 @@
 //! | `sqs` | `sqs` | Amazon SQS through aws-sdk-sqs |
 //! | `kafka` | `kafka` | Apache Kafka through rdkafka |
 //! | `nats` | `nats` | NATS JetStream through async-nats |
+//! | `redis-streams` | `redis_streams` | Redis Streams through redis-rs (a consumer group) |
 //! | `redis` | `redis` | the Redis deduplication store |
 //! | `postgres` | `postgres` | the PostgreSQL transactional inbox (exactly-once effects) |
 //!
@@ -186,6 +187,9 @@ pub use ackstack_kafka as kafka;
 
 #[cfg(feature = "nats")]
 pub use ackstack_nats as nats;
+
+#[cfg(feature = "redis-streams")]
+pub use ackstack_redis_streams as redis_streams;
 
 #[cfg(feature = "redis")]
 pub use ackstack_redis as redis;
