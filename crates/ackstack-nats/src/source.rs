@@ -113,6 +113,11 @@ impl NatsSource {
         })
     }
 
+    /// The client this source reads through (for a publisher on the same connection).
+    pub fn client(&self) -> async_nats::Client {
+        self.shared.client.clone()
+    }
+
     fn convert(&self, message: jetstream::Message) -> Option<Received<NatsToken>> {
         let (stream_seq, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered),

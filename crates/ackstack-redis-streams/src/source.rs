@@ -110,6 +110,12 @@ impl RedisStreamsSource {
         &self.shared.consumer
     }
 
+    /// The (non-blocking) connection this source settles through, for a publisher or other
+    /// commands on the same Redis.
+    pub fn connection(&self) -> ConnectionManager {
+        self.shared.conn.clone()
+    }
+
     fn convert(&self, entry: Entry) -> Received<RedisStreamsToken> {
         let config = &self.shared.config;
         let parts = entry.parts(&config.payload_field, &config.key);

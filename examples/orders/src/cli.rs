@@ -63,6 +63,10 @@ pub enum BrokerKind {
     Sqs,
     // Apache Kafka (or an in-process mock cluster).
     Kafka,
+    // NATS JetStream.
+    Nats,
+    // Redis Streams.
+    RedisStreams,
 }
 
 /// The flags as clap parses them; [`Options`] adds the environment's fallbacks.
@@ -77,7 +81,7 @@ pub enum BrokerKind {
     max_term_width = 100
 )]
 struct Args {
-    /// memory | rabbitmq | sqs | kafka
+    /// memory | rabbitmq | sqs | kafka | nats | redis-streams
     #[arg(long, value_enum, value_name = "NAME", default_value = "memory")]
     broker: BrokerKind,
     /// Queue (Kafka: topic) to use; dead letters go to NAME-dlq
@@ -112,8 +116,12 @@ struct Args {
     /// started]
     #[arg(long, value_name = "LIST", value_parser = non_blank)]
     kafka_brokers: Option<String>,
-    /// Redis for deduplication and the charge ledger [env REDIS_URL; unset: both are kept in
-    /// memory]
+    /// NATS with JetStream [env NATS_URL; default nats://127.0.0.1:4222]
+    #[arg(long, value_name = "URL", value_parser = non_blank)]
+    nats_url: Option<String>,
+    /// Redis for deduplication and the charge ledger, and the stream of --broker
+    /// redis-streams [env REDIS_URL; unset: dedup and ledger are kept in memory, the stream
+    /// is at redis://127.0.0.1:6379]
     #[arg(long, value_name = "URL", value_parser = non_blank)]
     redis_url: Option<String>,
     /// PostgreSQL for a transactional inbox and the charge ledger, each charge committed with
@@ -152,6 +160,8 @@ pub struct Options {
     pub sqs_endpoint: String,
     /// Kafka bootstrap servers; `None`: start a mock cluster.
     pub kafka_brokers: Option<String>,
+    /// NATS URL.
+    pub nats_url: String,
     /// Redis URL; `None`: in-memory dedup store and ledger.
     pub redis_url: Option<String>,
     /// PostgreSQL URL: the inbox and the ledger there instead (wins over `redis_url`).
@@ -171,6 +181,13 @@ impl Options {
     /// The dead-letter queue (or topic).
     pub fn dlq(&self) -> String {
         format!("{}-dlq", self.queue)
+    }
+
+    /// The Redis that holds the stream of `--broker redis-streams`.
+    pub fn stream_redis_url(&self) -> String {
+        self.redis_url
+            .clone()
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string())
     }
 }
 
@@ -206,6 +223,10 @@ where
             .or_else(|| env("SQS_ENDPOINT"))
             .unwrap_or_else(|| "http://127.0.0.1:4566".to_string()),
         kafka_brokers: args.kafka_brokers.or_else(|| env("KAFKA_BROKERS")),
+        nats_url: args
+            .nats_url
+            .or_else(|| env("NATS_URL"))
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".to_string()),
         redis_url: args.redis_url.or_else(|| env("REDIS_URL")),
         database_url: args.database_url.or_else(|| env("DATABASE_URL")),
         connect_timeout: args.connect_timeout,
@@ -326,7 +347,7 @@ mod tests {
     fn bad_arguments_are_errors() {
         for bad in [
             &["--bogus"][..],
-            &["--broker", "nats"],
+            &["--broker", "pulsar"],
             &["--broker"],
             &["--queue", "has space"],
             &["--queue", ""],

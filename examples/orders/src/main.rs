@@ -9,14 +9,17 @@
 //! cargo run -p example-orders -- --help               # every flag
 //! ```
 //!
-//! This file is the command line and the handler; `memory.rs`, `rabbitmq.rs`, `sqs.rs` and
-//! `kafka.rs` each build one broker's source and publisher; `ledger.rs` records the charges.
+//! This file is the command line and the handler; `memory.rs`, `rabbitmq.rs`, `sqs.rs`,
+//! `kafka.rs`, `nats.rs` and `redis_streams.rs` each build one broker's source and publisher;
+//! `ledger.rs` records the charges.
 
 mod cli;
 mod kafka;
 mod ledger;
 mod memory;
+mod nats;
 mod rabbitmq;
+mod redis_streams;
 mod serve;
 mod sqs;
 mod startup;
@@ -358,6 +361,8 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
         BrokerKind::Rabbitmq => "rabbitmq",
         BrokerKind::Sqs => "sqs",
         BrokerKind::Kafka => "kafka",
+        BrokerKind::Nats => "nats",
+        BrokerKind::RedisStreams => "redis-streams",
     };
     println!(
         "start broker={name} queue={} dlq={} dedup={store} ledger={store}",
@@ -384,6 +389,21 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
         BrokerKind::Sqs => {
             let (source, publisher) =
                 until_up("SQS", started, opts.connect_timeout, || sqs::connect(&opts)).await?;
+            publish_and_consume(&opts, source, publisher, effects, health).await
+        }
+        BrokerKind::Nats => {
+            let (source, publisher) = until_up("NATS", started, opts.connect_timeout, || {
+                nats::connect(&opts)
+            })
+            .await?;
+            publish_and_consume(&opts, source, publisher, effects, health).await
+        }
+        BrokerKind::RedisStreams => {
+            let (source, publisher) =
+                until_up("Redis Streams", started, opts.connect_timeout, || {
+                    redis_streams::connect(&opts)
+                })
+                .await?;
             publish_and_consume(&opts, source, publisher, effects, health).await
         }
         BrokerKind::Kafka => {

@@ -22,14 +22,8 @@ pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), 
     let at = redact_uri(&opts.amqp_url);
     // A refusal no retry can fix (a queue declared with other arguments, access refused)
     // ends the start at once; only an unreachable broker is waited for.
-    let failed = |e: RabbitError| {
-        let text = format!("RabbitMQ at {at}: {e}");
-        if e.is_fatal() {
-            StartError::Config(text.into())
-        } else {
-            StartError::Unreachable(text.into())
-        }
-    };
+    let failed =
+        |e: RabbitError| StartError::from_text(e.is_fatal(), format!("RabbitMQ at {at}: {e}"));
     let publisher = RabbitPublisher::connect(config.clone())
         .await
         .map_err(failed)?;

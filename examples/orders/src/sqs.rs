@@ -31,14 +31,9 @@ pub async fn connect(opts: &Options) -> Result<(SqsSource, SqsPublisher), StartE
     let at = &opts.sqs_endpoint;
     // A refusal no retry can fix (access denied, an invalid queue name) ends the start at
     // once; only an unreachable endpoint is waited for.
-    let source = SqsSource::from_client(client, config).await.map_err(|e| {
-        let text = format!("SQS at {at}: {e}");
-        if e.is_permanent() {
-            StartError::Config(text.into())
-        } else {
-            StartError::Unreachable(text.into())
-        }
-    })?;
+    let source = SqsSource::from_client(client, config)
+        .await
+        .map_err(|e| StartError::from_text(e.is_permanent(), format!("SQS at {at}: {e}")))?;
     let publisher = SqsPublisher::for_source(&source);
     Ok((source, publisher))
 }

@@ -16,6 +16,18 @@ pub enum StartError {
     Unreachable(Fatal),
 }
 
+impl StartError {
+    /// `text` as a refusal no retry can fix when `permanent`, else as an unreachable service
+    /// to wait for.
+    pub fn from_text(permanent: bool, text: String) -> StartError {
+        if permanent {
+            StartError::Config(text.into())
+        } else {
+            StartError::Unreachable(text.into())
+        }
+    }
+}
+
 /// Runs `step` until it succeeds. While what it connects to is unreachable, waits with
 /// backoff (logging each failure) for ever, or until `limit` (`--connect-timeout`) has passed
 /// since `started`; a configuration error ends it at once. Each try is bounded too.

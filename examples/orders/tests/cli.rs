@@ -229,7 +229,7 @@ fn consume_only_on_memory_exits_when_idle() {
 fn bad_arguments_exit_2_and_help_exits_0() {
     for args in [
         &["--bogus"][..],
-        &["--broker", "nats"],
+        &["--broker", "pulsar"],
         &["--broker"],
         &["--concurrency", "0"],
         &["--max-attempts", "many"],

@@ -56,8 +56,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ackstack::kafka::{KafkaPublisher, read_topic};
+use ackstack::nats::{NatsConfig, NatsPublisher, NatsSource};
 use ackstack::rabbitmq::lapin::{self, options::QueueDeleteOptions};
 use ackstack::rabbitmq::{RabbitConfig, RabbitPublisher};
+use ackstack::redis_streams::RedisStreamsPublisher;
 use ackstack::sqs::testing::TestQueue;
 use ackstack::sqs::{Client, DeadLetterRecord, SqsPublisher, resolve_queue_url};
 use ackstack::{Message, Publish};
@@ -667,6 +669,16 @@ enum Broker {
             rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
         >,
     },
+    Nats {
+        url: String,
+        client: ackstack::nats::async_nats::Client,
+        /// Boxed: it is much larger than the other variants.
+        publisher: Box<NatsPublisher>,
+    },
+    RedisStreams {
+        url: String,
+        publisher: RedisStreamsPublisher,
+    },
 }
 
 impl Broker {
@@ -759,11 +771,45 @@ impl Broker {
         }
     }
 
+    /// The stream `queue`, its dead-letter stream and the durable consumer, created as the
+    /// example creates them (it adopts them), so that nothing published is missed.
+    async fn nats(queue: &str) -> Broker {
+        let url = env_or("NATS_URL", "nats://127.0.0.1:4222");
+        let client = bounded("NATS connect", ackstack::nats::async_nats::connect(&url))
+            .await
+            .expect("NATS: is it running on 127.0.0.1:4222 (or NATS_URL)?");
+        let mut config = NatsConfig::new(url.clone(), queue);
+        config.consumer = "example-orders".into();
+        config.dlq_stream = Some(format!("{queue}-dlq"));
+        bounded(
+            "NATS streams",
+            NatsSource::from_client(client.clone(), config),
+        )
+        .await
+        .unwrap();
+        Broker::Nats {
+            url,
+            publisher: Box::new(NatsPublisher::new(client.clone(), queue)),
+            client,
+        }
+    }
+
+    /// The stream lives in `url`: the test's own Redis when the store is Redis too (it is
+    /// restarted in the last run, the stream with it), else the shared one.
+    fn redis_streams(url: String, queue: &str) -> Broker {
+        Broker::RedisStreams {
+            publisher: RedisStreamsPublisher::connect(&url, queue).unwrap(),
+            url,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Broker::Rabbit { .. } => "rabbitmq",
             Broker::Sqs { .. } => "sqs",
             Broker::Kafka { .. } => "kafka",
+            Broker::Nats { .. } => "nats",
+            Broker::RedisStreams { .. } => "redis-streams",
         }
     }
 
@@ -773,6 +819,8 @@ impl Broker {
             Broker::Rabbit { url, .. } => ("--amqp-url", url),
             Broker::Sqs { endpoint, .. } => ("--sqs-endpoint", endpoint),
             Broker::Kafka { brokers, .. } => ("--kafka-brokers", brokers),
+            Broker::Nats { url, .. } => ("--nats-url", url),
+            Broker::RedisStreams { url, .. } => ("--redis-url", url),
         };
         vec![
             "--broker".into(),
@@ -791,6 +839,8 @@ impl Broker {
             Broker::Rabbit { .. } => "12",
             Broker::Sqs { .. } => "35",
             Broker::Kafka { .. } => "15",
+            // Entries a killed run held come back once idle for the lease (30 s).
+            Broker::Nats { .. } | Broker::RedisStreams { .. } => "35",
         }
     }
 
@@ -827,6 +877,14 @@ impl Broker {
                     bounded("Kafka publish", publisher.publish(message))
                         .await
                         .unwrap()
+                }
+                Broker::Nats { publisher, .. } => {
+                    bounded("NATS publish", publisher.publish(message))
+                        .await
+                        .unwrap()
+                }
+                Broker::RedisStreams { publisher, .. } => {
+                    bounded("XADD", publisher.publish(message)).await.unwrap()
                 }
             }
         }
@@ -925,6 +983,34 @@ impl Broker {
                     });
                 }
             }
+            Broker::Nats { client, .. } => {
+                copies = bounded("NATS read DLQ", nats_dead_letters(client, queue)).await;
+            }
+            Broker::RedisStreams { url, .. } => {
+                let entries: Vec<(String, Vec<Field>)> = redis::cmd("XRANGE")
+                    .arg(format!("{queue}-dlq"))
+                    .arg("-")
+                    .arg("+")
+                    .query(&mut redis_connection(url))
+                    .unwrap();
+                for (_, fields) in entries {
+                    let mut copy = DeadCopy {
+                        payload: Vec::new(),
+                        headers: BTreeMap::new(),
+                    };
+                    for (name, value) in fields {
+                        if name == b"payload" {
+                            copy.payload = value;
+                        } else {
+                            copy.headers.insert(
+                                String::from_utf8_lossy(&name).into_owned(),
+                                String::from_utf8_lossy(&value).into_owned(),
+                            );
+                        }
+                    }
+                    copies.push(copy);
+                }
+            }
             Broker::Kafka { brokers, .. } => {
                 let dlq = format!("{queue}-dlq");
                 let want = expected * 2 + 10;
@@ -961,6 +1047,42 @@ impl Broker {
                     .unwrap()
             }
             Broker::Kafka { brokers, .. } => kafka_lag(brokers, queue),
+            Broker::Nats { client, .. } => {
+                let js = ackstack::nats::async_nats::jetstream::new(client.clone());
+                let info = async {
+                    let stream = js.get_stream(queue).await.unwrap();
+                    let mut consumer = stream
+                        .get_consumer::<ackstack::nats::async_nats::jetstream::consumer::pull::Config>(
+                            "example-orders",
+                        )
+                        .await
+                        .unwrap();
+                    consumer.info().await.unwrap().clone()
+                };
+                let info = bounded("NATS consumer info", info).await;
+                info.num_pending + info.num_ack_pending as u64
+            }
+            Broker::RedisStreams { url, .. } => {
+                let mut conn = redis_connection(url);
+                let groups: Vec<BTreeMap<String, redis::Value>> = redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(queue)
+                    .query(&mut conn)
+                    .unwrap();
+                let field = |g: &BTreeMap<String, redis::Value>, name: &str| match g.get(name) {
+                    Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+                    _ => 0,
+                };
+                let delayed: u64 = redis::cmd("ZCARD")
+                    .arg(format!("{queue}:delayed"))
+                    .query(&mut conn)
+                    .unwrap();
+                groups
+                    .iter()
+                    .map(|g| field(g, "pending") + field(g, "lag"))
+                    .sum::<u64>()
+                    + delayed
+            }
         }
     }
 
@@ -989,6 +1111,72 @@ impl Broker {
             }
             Broker::Sqs { client, queue, .. } => queue.delete(client).await,
             Broker::Kafka { .. } => {}
+            Broker::Nats { client, .. } => {
+                let js = ackstack::nats::async_nats::jetstream::new(client.clone());
+                let _ = js.delete_stream(queue).await;
+                let _ = js.delete_stream(format!("{queue}-dlq")).await;
+            }
+            Broker::RedisStreams { url, .. } => {
+                let _: Result<(), _> = redis::cmd("DEL")
+                    .arg(queue)
+                    .arg(format!("{queue}-dlq"))
+                    .arg(format!("{queue}:delayed"))
+                    .query(&mut redis_connection(url));
+            }
+        }
+    }
+}
+
+/// A stream entry's field: name and value.
+type Field = (Vec<u8>, Vec<u8>);
+
+/// A blocking connection to the Redis at `url`.
+fn redis_connection(url: &str) -> redis::Connection {
+    redis::Client::open(url)
+        .and_then(|c| c.get_connection_with_timeout(CALL_LIMIT))
+        .unwrap()
+}
+
+/// Every dead letter of `queue` on NATS: the stream `<queue>-dlq` read from its start by an
+/// ephemeral consumer.
+async fn nats_dead_letters(
+    client: &ackstack::nats::async_nats::Client,
+    queue: &str,
+) -> Vec<DeadCopy> {
+    use ackstack::nats::async_nats::jetstream::{self, consumer::pull};
+    use futures::StreamExt;
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(format!("{queue}-dlq")).await.unwrap();
+    let reader = stream
+        .create_consumer(pull::Config::default())
+        .await
+        .unwrap();
+    let mut copies = Vec::new();
+    loop {
+        let mut batch = reader
+            .fetch()
+            .max_messages(500)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .unwrap();
+        let before = copies.len();
+        while let Some(Ok(message)) = batch.next().await {
+            let mut headers = BTreeMap::new();
+            if let Some(map) = &message.headers {
+                for (name, values) in map.iter() {
+                    if let Some(value) = values.first() {
+                        headers.insert(name.to_string(), value.as_str().to_string());
+                    }
+                }
+            }
+            copies.push(DeadCopy {
+                payload: message.payload.to_vec(),
+                headers,
+            });
+        }
+        if copies.len() == before {
+            return copies;
         }
     }
 }
@@ -1153,6 +1341,14 @@ fn crash_suite(broker_name: &str, store: Store) {
             "rabbitmq" => Broker::rabbitmq(&queue).await,
             "sqs" => Broker::sqs(&queue).await,
             "kafka" => Broker::kafka(&env_or("KAFKA_BROKERS", ""), &queue).await,
+            "nats" => Broker::nats(&queue).await,
+            "redis-streams" => {
+                let url = match &redis {
+                    Some(redis) => redis.url(),
+                    None => env_or("REDIS_URL", "redis://127.0.0.1:6379"),
+                };
+                Broker::redis_streams(url, &queue)
+            }
             other => panic!("unknown broker {other}"),
         }
     });
@@ -1171,11 +1367,12 @@ fn crash_suite(broker_name: &str, store: Store) {
     );
 
     let mut args = broker.flags();
-    let store_flag = match &redis {
-        Some(redis) => ["--redis-url".to_string(), redis.url()],
-        None => ["--database-url".to_string(), database_url()],
-    };
-    args.extend(store_flag);
+    match &redis {
+        // Redis Streams in the store's Redis: `--redis-url` says both.
+        Some(_) if matches!(broker, Broker::RedisStreams { .. }) => {}
+        Some(redis) => args.extend(["--redis-url".to_string(), redis.url()]),
+        None => args.extend(["--database-url".to_string(), database_url()]),
+    }
     args.extend(
         [
             "--queue",
@@ -1471,6 +1668,16 @@ fn kafka_crash_suite() {
 
 /// The suite with the PostgreSQL inbox (`--database-url`) instead of Redis: the same kills
 /// and connection drop (no Redis to restart); no order may be charged twice.
+#[test]
+fn nats_crash_suite() {
+    crash_suite("nats", Store::Redis);
+}
+
+#[test]
+fn redis_streams_crash_suite() {
+    crash_suite("redis-streams", Store::Redis);
+}
+
 #[test]
 fn rabbitmq_crash_suite_with_inbox() {
     crash_suite("rabbitmq", Store::Postgres);
