@@ -3,7 +3,8 @@
 //! runs as a child process whose handler aborts on one payload, and is restarted after each
 //! crash, as an orchestrator would. The poison must be dead-lettered after at most 3 crashes
 //! (with the crash count in its metadata), every other message handled and none
-//! dead-lettered, nothing lost: on SQS, RabbitMQ classic and quorum queues, and Kafka.
+//! dead-lettered, nothing lost: on SQS, RabbitMQ classic and quorum queues, Kafka, NATS
+//! JetStream and Redis Streams.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -99,17 +100,22 @@ fn payloads() -> Vec<String> {
     out
 }
 
+/// Asserts that `dead` holds the poison alone, once; returns its metadata.
+fn only_the_poison(dead: &[(&[u8], &ackstack_core::Headers)]) -> DeadLetterMetadata {
+    let bodies: Vec<&[u8]> = dead.iter().map(|(payload, _)| *payload).collect();
+    assert_eq!(
+        bodies,
+        vec![&b"poison"[..]],
+        "only the poison is dead-lettered, once"
+    );
+    DeadLetterMetadata::from_headers(dead[0].1).unwrap()
+}
+
 impl Runs {
     /// Asserts that `dead` holds the poison alone, dead-lettered as `crashed` after
     /// `MAX_ATTEMPTS` crashes, which is how many there were.
     fn assert_only_the_poison_crashed_out(&self, dead: &[(&[u8], &ackstack_core::Headers)]) {
-        let bodies: Vec<&[u8]> = dead.iter().map(|(payload, _)| *payload).collect();
-        assert_eq!(
-            bodies,
-            vec![&b"poison"[..]],
-            "only the poison is dead-lettered, once"
-        );
-        let metadata = DeadLetterMetadata::from_headers(dead[0].1).unwrap();
+        let metadata = only_the_poison(dead);
         assert_eq!(metadata.reason, DeadLetterReason::Crashed);
         assert_eq!(metadata.attempts as usize, MAX_ATTEMPTS);
         assert_eq!(self.crashes, MAX_ATTEMPTS, "dead-lettered at the limit");
@@ -287,4 +293,208 @@ async fn kafka_a_message_that_kills_the_process_is_dead_lettered_and_nothing_els
         "poison-suite broker=kafka good={GOOD} crashes={} max_attempts={MAX_ATTEMPTS}",
         runs.crashes
     );
+}
+
+/// A stream entry's field: name and value.
+type Field = (Vec<u8>, Vec<u8>);
+
+/// Publishes [`payloads`] with `publisher`, then runs the child with `args` and a file of
+/// its own for what it handled, restarting it until `drained` holds; returns the runs and
+/// that file.
+async fn publish_and_restart<F, Fut>(
+    publisher: &impl Publish,
+    args: [&str; 3],
+    drained: F,
+) -> (Runs, std::path::PathBuf)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool>,
+{
+    for payload in payloads() {
+        publisher.publish(Message::new(payload)).await.unwrap();
+    }
+    let handled = std::env::temp_dir().join(testing::unique_name("poison-handled"));
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.push(handled.to_string_lossy().into_owned());
+    let rt = tokio::runtime::Handle::current();
+    let runs = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        restart_until(&args, move || rt.block_on(drained()))
+    })
+    .await
+    .unwrap();
+    (runs, handled)
+}
+
+/// NATS and Redis Streams count every hand-out, crashes too, as SQS does: the poison comes
+/// back past `max_attempts` and is dead-lettered on arrival, unrun, with its count of
+/// deliveries that ended without a settlement.
+fn assert_dead_lettered_on_arrival(runs: &Runs, dead: &[(&[u8], &ackstack_core::Headers)]) {
+    let metadata = only_the_poison(dead);
+    assert_eq!(
+        metadata.reason,
+        DeadLetterReason::MaxAttempts,
+        "{metadata:?}"
+    );
+    assert!(
+        metadata.error_message.contains("without a settlement"),
+        "{metadata:?}"
+    );
+    assert_eq!(metadata.attempts as usize, MAX_ATTEMPTS + 1);
+    assert_eq!(runs.crashes, MAX_ATTEMPTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_is() {
+    use ackstack::nats::async_nats::jetstream::{self, consumer::pull};
+    use ackstack::nats::{NatsPublisher, async_nats};
+    use futures::StreamExt;
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let stream = testing::unique_name("poison").replace('.', "_");
+    let client = async_nats::connect(&url).await.unwrap();
+    let js = jetstream::new(client.clone());
+    // The stream and its dead-letter stream, as the consumer would create them.
+    for (name, subject) in [
+        (stream.clone(), stream.clone()),
+        (format!("{stream}-dlq"), format!("{stream}.dlq")),
+    ] {
+        js.create_stream(jetstream::stream::Config {
+            name,
+            subjects: vec![subject],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let publisher = NatsPublisher::new(client.clone(), stream.clone());
+    let (s, j) = (stream.clone(), js.clone());
+    let (runs, handled) = publish_and_restart(&publisher, ["nats", &url, &stream], move || {
+        let (s, j) = (s.clone(), j.clone());
+        async move {
+            let Ok(mut consumer) = j
+                .get_stream(&s)
+                .await
+                .unwrap()
+                .get_consumer::<pull::Config>("ackstack")
+                .await
+            else {
+                return false;
+            };
+            let info = consumer.info().await.unwrap();
+            info.num_pending == 0 && info.num_ack_pending == 0
+        }
+    })
+    .await;
+
+    runs.assert_poison_stopped_and_all_good_handled(&handled);
+    let reader = js
+        .get_stream(format!("{stream}-dlq"))
+        .await
+        .unwrap()
+        .create_consumer(pull::Config::default())
+        .await
+        .unwrap();
+    let mut batch = reader
+        .fetch()
+        .max_messages(GOOD + 1)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .unwrap();
+    let mut dead = Vec::new();
+    while let Some(Ok(m)) = batch.next().await {
+        let mut headers = ackstack_core::Headers::new();
+        for (name, values) in m.headers.iter().flat_map(|h| h.iter()) {
+            for value in values {
+                headers.append(name.to_string(), value.as_str().to_string());
+            }
+        }
+        dead.push((m.payload.to_vec(), headers));
+    }
+    let letters: Vec<_> = dead.iter().map(|(p, h)| (&p[..], h)).collect();
+    assert_dead_lettered_on_arrival(&runs, &letters);
+    println!(
+        "poison-suite broker=nats good={GOOD} crashes={} max_attempts={MAX_ATTEMPTS}",
+        runs.crashes
+    );
+    let _ = js.delete_stream(&stream).await;
+    let _ = js.delete_stream(format!("{stream}-dlq")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_a_message_that_kills_the_process_is_dead_lettered_and_nothing_else_is() {
+    use ackstack::redis_streams::RedisStreamsPublisher;
+    use ackstack::redis_streams::redis;
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let stream = testing::unique_name("poison");
+    let publisher = RedisStreamsPublisher::connect(&url, stream.clone()).unwrap();
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // The group first (from the start of the stream), then the messages.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("ackstack")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (s, c) = (stream.clone(), conn.clone());
+    let args = ["redis-streams", &url, &stream];
+    let (runs, handled) = publish_and_restart(&publisher, args, move || {
+        let (s, mut c) = (s.clone(), c.clone());
+        async move {
+            let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&s)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            groups.iter().all(|g| {
+                ["pending", "lag"]
+                    .iter()
+                    .all(|k| matches!(g.get(*k), Some(redis::Value::Int(0))))
+            })
+        }
+    })
+    .await;
+
+    runs.assert_poison_stopped_and_all_good_handled(&handled);
+    let entries: Vec<(String, Vec<Field>)> = redis::cmd("XRANGE")
+        .arg(format!("{stream}-dlq"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let dead: Vec<(Vec<u8>, ackstack_core::Headers)> = entries
+        .into_iter()
+        .map(|(_, fields)| {
+            let mut payload = Vec::new();
+            let mut headers = ackstack_core::Headers::new();
+            for (name, value) in fields {
+                if name == b"payload" {
+                    payload = value;
+                } else {
+                    headers.append(String::from_utf8_lossy(&name).into_owned(), value);
+                }
+            }
+            (payload, headers)
+        })
+        .collect();
+    let letters: Vec<_> = dead.iter().map(|(p, h)| (&p[..], h)).collect();
+    assert_dead_lettered_on_arrival(&runs, &letters);
+    println!(
+        "poison-suite broker=redis-streams good={GOOD} crashes={} max_attempts={MAX_ATTEMPTS}",
+        runs.crashes
+    );
+    let _: Result<(), _> = redis::cmd("DEL")
+        .arg(&stream)
+        .arg(format!("{stream}-dlq"))
+        .query_async(&mut conn)
+        .await;
 }

@@ -12,14 +12,19 @@
 //!   declared with [`rabbitmq_config`]: default prefetch and delay buckets, deleted 300 s
 //!   after their last use);
 //! - `poison_consumer kafka BROKERS TOPIC HANDLED_FILE` (group `TOPIC-poison`, dead letters
-//!   to `TOPIC-dlq`).
+//!   to `TOPIC-dlq`);
+//! - `poison_consumer nats URL STREAM HANDLED_FILE` (the stream, its dead-letter stream and
+//!   the consumer created when missing, `ack_wait` 2 s);
+//! - `poison_consumer redis-streams URL STREAM HANDLED_FILE` (group `ackstack`, lease 2 s).
 
 use std::io::Write;
 use std::time::Duration;
 
 use ackstack::adapter::Source;
 use ackstack::kafka::{KafkaConfig, KafkaSource};
+use ackstack::nats::{NatsConfig, NatsSource};
 use ackstack::rabbitmq::{QueueType, RabbitSource};
+use ackstack::redis_streams::{RedisStreamsConfig, RedisStreamsSource};
 use ackstack::sqs::{SqsConfig, SqsSource};
 use ackstack::{Backoff, Consumer, handler_fn};
 use integration_tests::rabbitmq_config;
@@ -56,10 +61,23 @@ async fn main() -> Result<(), Error> {
             config.session_timeout = Duration::from_secs(6);
             run(KafkaSource::new(&config)?, handled, Duration::from_secs(15)).await
         }
+        [broker, url, stream, handled] if broker == "nats" => {
+            let mut config = NatsConfig::new(url.clone(), stream.clone());
+            config.ack_wait = Duration::from_secs(2);
+            config.fetch_wait = Duration::from_millis(500);
+            run(NatsSource::connect(config).await?, handled, IDLE).await
+        }
+        [broker, url, stream, handled] if broker == "redis-streams" => {
+            let mut config = RedisStreamsConfig::new(url.clone(), stream.clone());
+            config.lease = Duration::from_secs(2);
+            config.block = Duration::from_millis(500);
+            run(RedisStreamsSource::connect(config).await?, handled, IDLE).await
+        }
         _ => Err(
             "usage: poison_consumer sqs QUEUE_URL DLQ_URL HANDLED_FILE | \
                   poison_consumer rabbitmq AMQP_URL QUEUE classic|quorum HANDLED_FILE | \
-                  poison_consumer kafka BROKERS TOPIC HANDLED_FILE"
+                  poison_consumer kafka BROKERS TOPIC HANDLED_FILE | \
+                  poison_consumer nats|redis-streams URL STREAM HANDLED_FILE"
                 .into(),
         ),
     }
