@@ -24,7 +24,8 @@ use crate::token::NatsToken;
 /// - **extend**: `+WPI` (in progress), which restarts `ack_wait`; a lease that lapsed before
 ///   is [`SettleError::LeaseLost`].
 /// - **dead_letter**: a copy published to the dead-letter subject with the original headers
-///   and ackstack's `x-ackstack-dl-*` metadata, `Nats-Msg-Id` `<stream>:<sequence>:dead-letter`
+///   and ackstack's `x-ackstack-dl-*` metadata (line breaks in the error message written as
+///   `\r` and `\n`, which NATS headers cannot carry), `Nats-Msg-Id` `<stream>:<sequence>:dead-letter`
 ///   (so that the stream drops a second copy within its duplicate window), awaited until the
 ///   stream confirmed it; then `+TERM` on the original.
 /// - **release**: `-NAK` without a delay.
@@ -122,7 +123,13 @@ impl Settle for NatsSettler {
     ) -> Result<Settled<NatsToken>, SettleFailure<NatsToken>> {
         let shared = &self.shared;
         let mut copy_headers = delivery.headers.clone();
-        letter.metadata(delivery).apply_to(&mut copy_headers);
+        let mut metadata = letter.metadata(delivery);
+        // A NATS header value cannot hold a line break; an error message often does.
+        metadata.error_message = metadata
+            .error_message
+            .replace('\r', "\\r")
+            .replace('\n', "\\n");
+        metadata.apply_to(&mut copy_headers);
         copy_headers.insert(
             MESSAGE_ID_HEADER,
             format!(
