@@ -17,14 +17,17 @@ EXAMPLES:
     ackstack dlq show --broker rabbitmq --queue orders A-1001
     ackstack dlq replay --broker rabbitmq --queue orders --grep 'payment provider' --dry-run
     ackstack dlq replay --broker sqs --queue orders --rate 50
+    ackstack dlq list --broker nats --queue orders
+    ackstack dlq replay --broker redis-streams --queue orders --redis-url redis://127.0.0.1:6379
     ackstack dlq purge --broker rabbitmq --queue orders --until 2026-11-01 --yes
     ackstack completions bash > /etc/bash_completion.d/ackstack
 
 CONFIGURATION:
     Flags win over environment variables (AMQP_URL, SQS_ENDPOINT and the AWS chain:
-    AWS_REGION, AWS_PROFILE, credentials; KAFKA_BROKERS), which win over --config FILE, a TOML
-    file with [rabbitmq], [sqs] and [kafka] tables holding the adapters' own config fields
-    (RabbitConfig, SqsConfig, KafkaConfig). Credentials are never printed.
+    AWS_REGION, AWS_PROFILE, credentials; KAFKA_BROKERS; NATS_URL; REDIS_URL), which win over
+    --config FILE, a TOML file with [rabbitmq], [sqs], [kafka], [nats] and [redis_streams]
+    tables holding the adapters' own config fields (RabbitConfig, SqsConfig, KafkaConfig,
+    NatsConfig, RedisStreamsConfig). Credentials are never printed.
 
 EXIT CODES:
     0 done, 1 broker error, 2 bad arguments, 3 some selected messages were skipped (the loop
@@ -33,7 +36,8 @@ EXIT CODES:
     letter the scan keeps), or the run stopped at a letter whose removal cannot be recorded
     (Kafka: too many letters removed past a kept one for the commit's metadata).";
 
-/// ackstack: dead-letter tooling for RabbitMQ, Amazon SQS and Kafka.
+/// ackstack: dead-letter tooling for RabbitMQ, Amazon SQS, Kafka, NATS JetStream and Redis
+/// Streams.
 #[derive(Parser, Debug)]
 #[command(
     name = "ackstack",
@@ -43,7 +47,8 @@ EXIT CODES:
     max_term_width = 100
 )]
 pub struct Cli {
-    /// A TOML file with [rabbitmq], [sqs] and [kafka] tables (the adapters' config fields)
+    /// A TOML file with [rabbitmq], [sqs], [kafka], [nats] and [redis_streams] tables (the
+    /// adapters' config fields)
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// What to do
@@ -127,10 +132,11 @@ pub enum Dlq {
 /// Which broker and queue.
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// rabbitmq | sqs | kafka
+    /// rabbitmq | sqs | kafka | nats | redis-streams
     #[arg(long, value_enum, value_name = "NAME")]
     pub broker: Option<Broker>,
-    /// The work queue (Kafka: topic) whose dead letters to read: NAME-dlq unless --dlq says
+    /// The work queue (Kafka: topic; NATS, Redis: stream) whose dead letters to read: NAME-dlq
+    /// unless --dlq says
     #[arg(long, value_name = "NAME")]
     pub queue: Option<String>,
     /// The dead-letter queue (Kafka: topic), when not the queue's default
@@ -148,6 +154,12 @@ pub struct Target {
     /// Kafka bootstrap servers [env KAFKA_BROKERS]
     #[arg(long, value_name = "LIST")]
     pub kafka_brokers: Option<String>,
+    /// NATS [env NATS_URL; default nats://127.0.0.1:4222]
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// Redis holding the streams [env REDIS_URL; default redis://127.0.0.1:6379]
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
     /// How long one broker call may take (at most a day)
     #[arg(long, value_name = "SECS", default_value = "10")]
     pub timeout_secs: u64,
@@ -207,6 +219,10 @@ pub enum Broker {
     Sqs,
     /// Apache Kafka
     Kafka,
+    /// NATS JetStream
+    Nats,
+    /// Redis Streams
+    RedisStreams,
 }
 
 /// An error kind.
@@ -244,6 +260,10 @@ pub struct FileConfig {
     pub sqs: Option<ackstack_sqs::SqsConfig>,
     /// Kafka's config (`brokers`, `group_id`, `topic`, `dlq_topic`, ...).
     pub kafka: Option<ackstack_kafka::KafkaConfig>,
+    /// NATS's config (`url`, `stream`, `dlq_stream`, ...).
+    pub nats: Option<ackstack_nats::NatsConfig>,
+    /// Redis Streams' config (`url`, `stream`, `dlq_stream`, ...).
+    pub redis_streams: Option<ackstack_redis_streams::RedisStreamsConfig>,
 }
 
 impl FileConfig {
@@ -287,6 +307,10 @@ pub struct Resolved {
     pub sqs: ackstack_sqs::SqsConfig,
     /// Kafka bootstrap servers.
     pub kafka_brokers: Option<String>,
+    /// NATS URL.
+    pub nats_url: String,
+    /// Redis URL of the streams.
+    pub redis_url: String,
     /// Per-call timeout.
     pub timeout: Duration,
     /// SQS scan visibility.
@@ -307,6 +331,8 @@ impl Target {
                     (file.rabbitmq.is_some(), Broker::Rabbitmq),
                     (file.sqs.is_some(), Broker::Sqs),
                     (file.kafka.is_some(), Broker::Kafka),
+                    (file.nats.is_some(), Broker::Nats),
+                    (file.redis_streams.is_some(), Broker::RedisStreams),
                 ]
                 .into_iter()
                 .filter_map(|(on, b)| on.then_some(b))
@@ -315,7 +341,7 @@ impl Target {
                     [one] => one,
                     _ => {
                         return Err(CliError::Usage(
-                            "--broker rabbitmq|sqs|kafka is required".into(),
+                            "--broker rabbitmq|sqs|kafka|nats|redis-streams is required".into(),
                         ));
                     }
                 }
@@ -330,6 +356,14 @@ impl Target {
             Broker::Sqs => (sqs.queue_name.clone(), sqs.dead_letter_queue.clone()),
             Broker::Kafka => match &file.kafka {
                 Some(c) => (Some(c.topic.clone()), Some(c.dlq_topic())),
+                None => (None, None),
+            },
+            Broker::Nats => match &file.nats {
+                Some(c) => (Some(c.stream.clone()), Some(c.dlq_stream())),
+                None => (None, None),
+            },
+            Broker::RedisStreams => match &file.redis_streams {
+                Some(c) => (Some(c.stream.clone()), Some(c.dlq_stream())),
                 None => (None, None),
             },
         };
@@ -366,6 +400,18 @@ impl Target {
                 .clone()
                 .or_else(|| env("KAFKA_BROKERS"))
                 .or_else(|| file.kafka.as_ref().map(|c| c.brokers.clone())),
+            nats_url: self
+                .nats_url
+                .clone()
+                .or_else(|| env("NATS_URL"))
+                .or_else(|| file.nats.as_ref().map(|c| c.url.clone()))
+                .unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+            redis_url: self
+                .redis_url
+                .clone()
+                .or_else(|| env("REDIS_URL"))
+                .or_else(|| file.redis_streams.as_ref().map(|c| c.url.clone()))
+                .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
             timeout: Duration::from_secs(self.timeout_secs.clamp(1, MAX_TIMEOUT_SECS)),
             visibility: Duration::from_secs(self.visibility_secs.clamp(1, 43_200)),
         })

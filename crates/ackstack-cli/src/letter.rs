@@ -48,6 +48,29 @@ impl Letter {
         to.or_else(|| self.metadata.as_ref().map(|m| m.queue.as_str()))
     }
 
+    /// The letter of `payload` and `headers` as a dead-letter copy carries them: ackstack's
+    /// metadata read and taken out of the headers, the replay count read. It is named by the
+    /// metadata's message id, else by `fallback`.
+    pub fn from_copy(
+        payload: Bytes,
+        mut headers: Headers,
+        fallback: impl FnOnce() -> String,
+    ) -> Self {
+        let metadata = DeadLetterMetadata::from_headers(&headers);
+        let id = metadata
+            .as_ref()
+            .and_then(|m| m.message_id.clone())
+            .unwrap_or_else(fallback);
+        ackstack_core::deadletter::strip_metadata(&mut headers);
+        Letter {
+            id,
+            replays: replays_of(&headers),
+            payload,
+            headers,
+            metadata,
+        }
+    }
+
     /// Where it came from: `queue`, or `topic[partition]@offset`.
     pub fn origin(&self) -> String {
         match &self.metadata {

@@ -10,12 +10,15 @@
 //!
 //! `letter.rs` is a dead letter on any broker, its filters and how it is printed; `run.rs` the
 //! four subcommands, written once over the [`run::DeadLetters`] scan that `rabbitmq.rs`,
-//! `sqs.rs` and `kafka.rs` implement; `cli.rs` the flags and the config file.
+//! `sqs.rs`, `kafka.rs`, `nats.rs` and `redis_streams.rs` implement; `cli.rs` the flags and
+//! the config file.
 
 mod cli;
 mod kafka;
 mod letter;
+mod nats;
 mod rabbitmq;
+mod redis_streams;
 mod run;
 mod sqs;
 
@@ -263,6 +266,20 @@ async fn with_scan(resolved: &Resolved, scan: Scan) -> Result<Outcome, CliError>
                 ));
             };
             let dlq = kafka::KafkaDlq::open(brokers, &resolved.dlq, resolved.timeout)?;
+            perform(dlq, scan).await
+        }
+        Broker::Nats => {
+            let dlq =
+                nats::NatsDlq::open(&resolved.nats_url, &resolved.dlq, resolved.timeout).await?;
+            perform(dlq, scan).await
+        }
+        Broker::RedisStreams => {
+            let dlq = redis_streams::StreamsDlq::open(
+                &resolved.redis_url,
+                &resolved.dlq,
+                resolved.timeout,
+            )
+            .await?;
             perform(dlq, scan).await
         }
     }

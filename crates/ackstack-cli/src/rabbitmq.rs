@@ -19,7 +19,10 @@ use ackstack_rabbitmq::{DELIVERY_COUNT_HEADER, ORIGINAL_EXPIRATION_HEADER, heade
 use bytes::Bytes;
 
 use crate::letter::{Letter, REPLAYS_HEADER, RESET_HEADERS, content_id, replays_of};
-use crate::run::{CliError, DeadLetters, Found, Sent};
+use crate::run::{self, CliError, DeadLetters, Found, Sent};
+
+/// The broker, as errors name it.
+const BROKER: &str = "RabbitMQ";
 
 /// A scan of one RabbitMQ dead-letter queue.
 pub struct RabbitDlq {
@@ -60,10 +63,14 @@ impl RabbitDlq {
             ))
         })?;
         let props = ConnectionProperties::default().with_connection_name("ackstack-cli".into());
-        let connection = bounded("connect", timeout, Connection::connect(uri, props)).await?;
-        let get = bounded("channel open", timeout, connection.create_channel()).await?;
-        let publish = bounded("channel open", timeout, connection.create_channel()).await?;
-        bounded(
+        let connection =
+            run::bounded(BROKER, "connect", timeout, Connection::connect(uri, props)).await?;
+        let get =
+            run::bounded(BROKER, "channel open", timeout, connection.create_channel()).await?;
+        let publish =
+            run::bounded(BROKER, "channel open", timeout, connection.create_channel()).await?;
+        run::bounded(
+            BROKER,
             "confirm.select",
             timeout,
             publish.confirm_select(ConfirmSelectOptions::default()),
@@ -81,20 +88,6 @@ impl RabbitDlq {
             most_returned: 0,
             timeout,
         })
-    }
-}
-
-async fn bounded<T, E: std::fmt::Display>(
-    what: &str,
-    timeout: Duration,
-    call: impl Future<Output = Result<T, E>>,
-) -> Result<T, CliError> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(CliError::broker(&format!("RabbitMQ {what}"), e)),
-        Err(_) => Err(CliError::Broker(format!(
-            "RabbitMQ {what}: timed out after {timeout:?}"
-        ))),
     }
 }
 
@@ -174,7 +167,8 @@ impl DeadLetters for RabbitDlq {
         if self.total.is_some_and(|t| self.seen >= t) {
             return Ok(None);
         }
-        let got = bounded(
+        let got = run::bounded(
+            BROKER,
             "basic.get",
             self.timeout,
             self.get
@@ -232,7 +226,7 @@ impl DeadLetters for RabbitDlq {
                 .await?
                 .await
         };
-        match bounded("publish", self.timeout, publish).await? {
+        match run::bounded(BROKER, "publish", self.timeout, publish).await? {
             Confirmation::Ack(None) => Ok(Sent::Once),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
                 Err(CliError::Broker(format!(
@@ -247,7 +241,8 @@ impl DeadLetters for RabbitDlq {
     }
 
     async fn remove(&mut self, handle: Handle) -> Result<(), CliError> {
-        bounded(
+        run::bounded(
+            BROKER,
             "basic.ack",
             self.timeout,
             self.get.basic_ack(handle.tag, BasicAckOptions::default()),
@@ -273,7 +268,8 @@ impl DeadLetters for RabbitDlq {
         }
         if let Some(tag) = self.kept {
             // Every kept letter at once: `multiple` nacks all unacked tags up to this one.
-            bounded(
+            run::bounded(
+                BROKER,
                 "basic.nack",
                 self.timeout,
                 self.get.basic_nack(

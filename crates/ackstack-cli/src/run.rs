@@ -26,6 +26,23 @@ impl CliError {
     }
 }
 
+/// `call`, bounded by `timeout`; its error or the timeout is a [`CliError::Broker`] that
+/// names the broker and `what` (the call).
+pub async fn bounded<T, E: std::fmt::Display>(
+    broker: &str,
+    what: &str,
+    timeout: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, CliError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(CliError::broker(&format!("{broker} {what}"), e)),
+        Err(_) => Err(CliError::Broker(format!(
+            "{broker} {what}: timed out after {timeout:?}"
+        ))),
+    }
+}
+
 /// A dead letter found by a scan, with the broker's handle for it.
 pub struct Found<H> {
     /// The letter.

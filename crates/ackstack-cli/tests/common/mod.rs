@@ -23,6 +23,11 @@ pub trait Fixture {
     fn binary_payloads(&self) -> bool {
         true
     }
+    /// An error message as the broker's dead letters carry it (NATS headers write line breaks
+    /// as `\r` and `\n`).
+    fn shown_error(&self, error: String) -> String {
+        error
+    }
     /// Publishes `messages` to the work queue and runs a consumer until every one of them is
     /// dead-lettered: a payload starting with `transient` fails transiently (one attempt
     /// allowed), any other permanently, with the error `cannot charge <payload>`.
@@ -47,6 +52,40 @@ pub async fn fail(d: ackstack_core::Delivery) -> Result<(), ackstack_core::Handl
     }
 }
 
+/// Runs a consumer over `source` whose handler fails the payloads of `batch` (see [`fail`])
+/// and acks any other (replays drained earlier are on the stream too: the service takes those
+/// as fixed), until `fx` counts `want` dead letters; then checks that it does.
+pub async fn fail_batch<S: ackstack_core::Source>(
+    fx: &impl Fixture,
+    source: S,
+    batch: std::collections::HashSet<Bytes>,
+    want: usize,
+) {
+    let batch = std::sync::Arc::new(batch);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        ackstack_core::Consumer::new(source)
+            .max_attempts(1)
+            .concurrency(32)
+            .run_until(
+                ackstack_core::handler_fn(move |d, _cx| {
+                    let ours = batch.contains(&d.payload);
+                    async move { if ours { fail(d).await } else { Ok(()) } }
+                }),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while fx.dead_letters().await < want && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    run.await.unwrap().unwrap();
+    assert_eq!(fx.dead_letters().await, want);
+}
+
 /// The error message the scenarios' handler fails `payload` with.
 pub fn charge_error(payload: &[u8]) -> String {
     format!("cannot charge {}", String::from_utf8_lossy(payload))
@@ -56,7 +95,7 @@ pub fn charge_error(payload: &[u8]) -> String {
 /// message id, SQS `MessageId`, Kafka partition and offset).
 pub fn find_id(fx: &impl Fixture, payload: &[u8]) -> String {
     let run = ackstack(fx, &["dlq", "list", "--json"]);
-    let want = charge_error(payload);
+    let want = fx.shown_error(charge_error(payload));
     run.json_lines()
         .iter()
         .find(|l| l["metadata"]["error_message"].as_str() == Some(want.as_str()))
