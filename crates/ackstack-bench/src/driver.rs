@@ -10,7 +10,7 @@ use ackstack_core::MemoryDedupStore;
 use ackstack_postgres::{PgInbox, PgInboxConfig};
 use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 
-use crate::common::{Dedup, Sample, unique};
+use crate::common::{Dedup, LoopEnd, Progress, Sample, budget, measure, unique};
 use crate::report::{Role, Series};
 
 /// The loops every broker runs (the in-memory broker adds its concurrency-1 rows).
@@ -191,6 +191,29 @@ pub fn store_rows(
         ));
     }
     rows
+}
+
+/// One measured run of loop `kind` over `n` messages already on the queue: opens the loop's
+/// store, runs `body` with the progress and the store's dedup (bounded by the loop budget),
+/// and records the store's calls.
+pub async fn run_loop<F, Fut>(
+    kind: Loop,
+    n: u64,
+    opts: &crate::Options,
+    stores: &crate::Stores,
+    concurrency: usize,
+    body: F,
+) -> Result<Sample, String>
+where
+    F: FnOnce(Arc<Progress>, Dedup) -> Fut,
+    Fut: Future<Output = Result<LoopEnd, String>>,
+{
+    let store = LoopStore::open(kind, stores, concurrency).await?;
+    let progress = Progress::new(n);
+    let loop_body = body(progress.clone(), store.dedup());
+    let mut measured = measure(&progress, budget(n, opts.timeout_secs), loop_body).await;
+    store.finish(&mut measured).await;
+    measured
 }
 
 /// Runs every loop once per round, rounds interleaved, and returns their series.

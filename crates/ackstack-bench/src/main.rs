@@ -7,7 +7,7 @@
 //! every ratio is median over median from the same run.
 //!
 //! ```text
-//! cargo run --release -p ackstack-bench -- [--brokers memory,rabbitmq,sqs,kafka]
+//! cargo run --release -p ackstack-bench -- [--brokers memory,rabbitmq,sqs,kafka,nats,redis-streams]
 //!     [--messages N] [--rounds R] [--json PATH] [--check] [--timeout-secs S] [--concurrency N (in-memory rows)]
 //! cargo run --release -p ackstack-bench -- --rss-scaling
 //! valgrind --tool=callgrind target/release/ackstack-bench --callgrind bare|full|tower|publish --messages N
@@ -27,7 +27,9 @@ mod common;
 mod driver;
 mod kafka;
 mod memory;
+mod nats;
 mod rabbit;
+mod redis_streams;
 mod report;
 mod sqs;
 
@@ -63,7 +65,7 @@ pub struct Options {
     pub concurrency: Option<usize>,
 }
 
-const USAGE: &str = "usage: ackstack-bench [--brokers memory,rabbitmq,sqs,kafka] [--messages N] [--rounds R] [--json PATH] [--check] [--timeout-secs S]
+const USAGE: &str = "usage: ackstack-bench [--brokers memory,rabbitmq,sqs,kafka,nats,redis-streams] [--messages N] [--rounds R] [--json PATH] [--check] [--timeout-secs S]
        ackstack-bench --rss-scaling
        ackstack-bench --callgrind publish|bare|full|tower [--messages N] [--recorder prometheus]";
 
@@ -74,6 +76,8 @@ fn parse_args() -> Result<Options, String> {
             "rabbitmq".into(),
             "sqs".into(),
             "kafka".into(),
+            "nats".into(),
+            "redis-streams".into(),
         ],
         messages: None,
         rounds: 5,
@@ -97,7 +101,16 @@ fn parse_args() -> Result<Options, String> {
                     .filter(|s| !s.is_empty())
                     .collect();
                 for b in &opts.brokers {
-                    if !["memory", "rabbitmq", "sqs", "kafka"].contains(&b.as_str()) {
+                    if ![
+                        "memory",
+                        "rabbitmq",
+                        "sqs",
+                        "kafka",
+                        "nats",
+                        "redis-streams",
+                    ]
+                    .contains(&b.as_str())
+                    {
                         return Err(format!("unknown broker {b:?}"));
                     }
                 }
@@ -286,6 +299,8 @@ fn real_main() -> Result<(), String> {
             "rabbitmq" => rt.block_on(rabbit::run(&opts, &stores)),
             "sqs" => rt.block_on(sqs::run(&opts, &stores)),
             "kafka" => rt.block_on(kafka::run(&opts, &stores)),
+            "nats" => rt.block_on(nats::run(&opts, &stores)),
+            "redis-streams" => rt.block_on(redis_streams::run(&opts, &stores)),
             _ => Err(format!("unknown broker {broker}")),
         };
         match series {

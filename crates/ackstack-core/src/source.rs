@@ -318,6 +318,12 @@ pub struct Capabilities {
     /// `max_attempts` is dead-lettered without running (only deliveries that ended unsettled
     /// get there; see `Terminal::arrival_limit`). `None` elsewhere.
     pub careful_for: Option<Duration>,
+    /// Whether the careful period of [`Capabilities::careful_for`] also runs from the start
+    /// (the default), or only after a suspect: an adapter that knows at connect that nothing
+    /// can come back unsettled (JetStream: no acks pending for the consumer) turns it off,
+    /// and so does one whose source returns each suspect alone in its own receive (Redis
+    /// Streams' takeovers), with a period of zero.
+    pub careful_from_start: bool,
     /// What a suspect runs alone among (see [`Alone`]).
     pub alone: Alone,
     /// A limit of the broker's own on how often a message is handed out, after which the
@@ -380,6 +386,7 @@ impl Capabilities {
             defers: false,
             parallel_acks: 1,
             careful_for: None,
+            careful_from_start: true,
             alone: Alone::InFlight,
             broker_limit: None,
         }
@@ -401,6 +408,14 @@ impl Capabilities {
     /// suspect (see [`Capabilities::careful_for`]).
     pub fn with_careful_receives(mut self, period: Duration) -> Self {
         self.careful_for = Some(period);
+        self.careful_from_start = true;
+        self
+    }
+
+    /// With the careful period only after suspects, not from the start (see
+    /// [`Capabilities::careful_from_start`]).
+    pub fn without_careful_start(mut self) -> Self {
+        self.careful_from_start = false;
         self
     }
 

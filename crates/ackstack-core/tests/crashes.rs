@@ -357,3 +357,89 @@ async fn a_suspect_runs_alone_among_attempts_without_waiting_for_retries_in_plac
     let rearmed = log.iter().rposition(|e| e == "arm s-fails-once").unwrap();
     assert!(aside < rearmed && rearmed < second, "{log:?}");
 }
+
+/// A memory source whose broker counts receives, with a careful period of a minute, that
+/// records how many deliveries each receive asked for.
+struct Careful {
+    inner: MemorySource,
+    from_start: bool,
+    asked: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Source for Careful {
+    type Token = MemoryToken;
+    type Settler = MemorySettler;
+    async fn receive(&mut self, max: usize) -> Result<Vec<Received<MemoryToken>>, SourceError> {
+        self.asked.lock().unwrap().push(max);
+        let batch = self.inner.receive(max).await?;
+        Ok(batch
+            .into_iter()
+            .map(|r| {
+                let suspect = text(&r.delivery).starts_with('s');
+                r.suspect(suspect)
+            })
+            .collect())
+    }
+    fn settler(&self) -> MemorySettler {
+        self.inner.settler()
+    }
+    fn capabilities(&self) -> Capabilities {
+        let caps = self
+            .inner
+            .capabilities()
+            .with_careful_receives(Duration::from_secs(60));
+        if self.from_start {
+            caps
+        } else {
+            caps.without_careful_start()
+        }
+    }
+}
+
+/// What each receive asked for in a run over 20 deliveries, the 11th a suspect.
+async fn receives(from_start: bool) -> Vec<usize> {
+    let broker = MemoryBroker::new();
+    for i in 0..20 {
+        let body = if i == 10 {
+            "s10".to_string()
+        } else {
+            format!("m{i}")
+        };
+        broker.publish("q", Message::new(body));
+    }
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let source = Careful {
+        inner: broker.source("q"),
+        from_start,
+        asked: asked.clone(),
+    };
+    let b = broker.clone();
+    Consumer::new(source)
+        .concurrency(8)
+        .run_until(
+            handler_fn(|_d, _cx| async { Ok(()) }),
+            until(move || b.is_empty("q")),
+        )
+        .await
+        .unwrap();
+    asked.lock().unwrap().clone()
+}
+
+/// Careful receives (one at a time) run from the start unless the adapter says it knows no
+/// suspect can be waiting; after a suspect they run either way.
+#[tokio::test]
+async fn careful_receives_from_the_start_only_where_asked() {
+    let careful = receives(true).await;
+    assert!(careful.iter().all(|&n| n == 1), "{careful:?}");
+    let after_suspect = receives(false).await;
+    assert!(
+        after_suspect[0] > 1,
+        "batches from the start: {after_suspect:?}"
+    );
+    let last = after_suspect.last().copied();
+    assert_eq!(
+        last,
+        Some(1),
+        "one at a time after the suspect: {after_suspect:?}"
+    );
+}

@@ -58,6 +58,7 @@ mod headers;
 mod publisher;
 mod settler;
 mod source;
+mod stats;
 mod token;
 
 pub use config::{KeySource, NatsConfig};
@@ -66,6 +67,7 @@ pub use headers::MESSAGE_ID_HEADER;
 pub use publisher::NatsPublisher;
 pub use settler::NatsSettler;
 pub use source::NatsSource;
+pub use stats::NatsStats;
 pub use token::NatsToken;
 
 /// The async-nats client this crate is built on, for connecting with options of your own

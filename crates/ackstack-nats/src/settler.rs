@@ -39,12 +39,18 @@ impl NatsSettler {
         NatsSettler { shared }
     }
 
+    /// What the source and this settler sent so far.
+    pub fn stats(&self) -> crate::NatsStats {
+        self.shared.counters.snapshot()
+    }
+
     /// Sends `body` to `token`'s ack subject.
     async fn reply(&self, token: &NatsToken, body: &'static [u8]) -> Result<(), SettleError> {
         self.reply_owned(token, Bytes::from_static(body)).await
     }
 
     async fn reply_owned(&self, token: &NatsToken, body: Bytes) -> Result<(), SettleError> {
+        self.shared.counters.ack_frames.add(1);
         self.shared
             .client
             .publish(token.0.reply.clone(), body)
@@ -55,6 +61,7 @@ impl NatsSettler {
     /// Waits until what was published reached the server, bounded.
     async fn flush(&self) -> Result<(), SettleError> {
         let limit = self.shared.config.operation_timeout;
+        self.shared.counters.flushes.add(1);
         bounded("flush", limit, self.shared.client.flush())
             .await
             .map_err(|e| SettleError::Broker(Box::new(e)))
@@ -156,6 +163,7 @@ impl Settle for NatsSettler {
                 SettleError::Broker(e.to_string().into()),
             ));
         }
+        shared.counters.dead_letters.add(1);
         // The copy is stored: the original is done with. A +TERM the server never sees brings
         // it back after ack_wait, and its second copy has the same Nats-Msg-Id.
         let termed = match self.reply(&token, b"+TERM").await {

@@ -18,6 +18,7 @@ use crate::config::{KeySource, NatsConfig};
 use crate::error::{NatsError, bounded};
 use crate::headers::{self, MESSAGE_ID_HEADER};
 use crate::settler::NatsSettler;
+use crate::stats::{Counters, NatsStats};
 use crate::token::{NatsToken, TokenInner};
 
 /// What the source and its settler share about the resolved consumer.
@@ -31,9 +32,13 @@ pub(crate) struct Resolved {
     pub(crate) ack_wait: Duration,
     /// The consumer's own `max_deliver`, when it has one.
     pub(crate) max_deliver: Option<u32>,
+    /// Whether the consumer had acks pending at connect: deliveries of an earlier process,
+    /// maybe crashed, may come back, so receives are careful from the start.
+    pub(crate) pending_at_start: bool,
     pub(crate) dlq_subject: String,
     /// Stream sequences this process nak'ed, with the attempt they were on.
     pub(crate) retried: Retried<u64>,
+    pub(crate) counters: Counters,
 }
 
 /// A JetStream durable pull consumer as an ackstack [`Source`].
@@ -96,6 +101,7 @@ impl NatsSource {
         let max_deliver = u32::try_from(info.config.max_deliver)
             .ok()
             .filter(|&n| n > 0);
+        let pending_at_start = info.num_ack_pending > 0;
         let shared = Arc::new(Resolved {
             config,
             client,
@@ -103,14 +109,21 @@ impl NatsSource {
             consumer,
             ack_wait,
             max_deliver,
+            pending_at_start,
             dlq_subject,
             retried: Retried::default(),
+            counters: Counters::default(),
         });
         Ok(NatsSource {
             settler: NatsSettler::new(shared.clone()),
             shared,
             closed: false,
         })
+    }
+
+    /// What this source and its settler sent so far.
+    pub fn stats(&self) -> NatsStats {
+        self.shared.counters.snapshot()
     }
 
     /// The client this source reads through (for a publisher on the same connection).
@@ -177,6 +190,7 @@ impl Source for NatsSource {
         let config = &self.shared.config;
         let n = max.clamp(1, config.max_batch);
         let wait = config.fetch_wait;
+        self.shared.counters.fetches.add(1);
         let fetch = async {
             let mut batch = self
                 .shared
@@ -199,6 +213,7 @@ impl Source for NatsSource {
                     }
                 }
             }
+            self.shared.counters.received.add(out.len() as u64);
             Ok(out)
         };
         // A fetch whose request the server lost (a reconnect) would wait for ever.
@@ -221,8 +236,9 @@ impl Source for NatsSource {
     /// Acks in batches (4 calls at once), a lease of the consumer's `ack_wait`, retries
     /// delayed by the server (`-NAK` with a delay). JetStream's delivery count rises with every
     /// delivery, so, as on SQS, suspects run with nothing else in flight and receives are
-    /// careful for one and a half leases after the start. A consumer's own `max_deliver` is
-    /// the broker's limit.
+    /// careful (one at a time) for one and a half leases after each suspect, and after the
+    /// start when the consumer had acks pending then (an earlier process's deliveries may
+    /// come back). A consumer's own `max_deliver` is the broker's limit.
     fn capabilities(&self) -> Capabilities {
         let lease = self.shared.ack_wait;
         let caps = Capabilities::new(self.shared.config.max_batch)
@@ -231,6 +247,11 @@ impl Source for NatsSource {
             .with_parallel_acks(4)
             .with_alone(Alone::InFlight)
             .with_careful_receives(lease + lease / 2);
+        let caps = if self.shared.pending_at_start {
+            caps
+        } else {
+            caps.without_careful_start()
+        };
         match self.shared.max_deliver {
             Some(n) => caps.with_broker_limit(BrokerLimit::new(n, false)),
             None => caps,

@@ -66,6 +66,7 @@ mod publisher;
 mod scripts;
 mod settler;
 mod source;
+mod stats;
 mod token;
 
 pub use config::{KeySource, MESSAGE_ID_FIELD, PAYLOAD_FIELD, RedisStreamsConfig, StartFrom};
@@ -73,6 +74,7 @@ pub use error::RedisStreamsError;
 pub use publisher::RedisStreamsPublisher;
 pub use settler::RedisStreamsSettler;
 pub use source::RedisStreamsSource;
+pub use stats::RedisStreamsStats;
 pub use token::RedisStreamsToken;
 
 /// The redis-rs client this crate is built on.

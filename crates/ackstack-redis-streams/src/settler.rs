@@ -51,6 +51,11 @@ impl RedisStreamsSettler {
         RedisStreamsSettler { shared }
     }
 
+    /// The commands the source and this settler sent so far.
+    pub fn stats(&self) -> crate::RedisStreamsStats {
+        self.shared.counters.snapshot()
+    }
+
     fn conn(&self) -> ConnectionManager {
         self.shared.conn.clone()
     }
@@ -63,6 +68,7 @@ impl RedisStreamsSettler {
         call: redis::ScriptInvocation<'_>,
         token: &RedisStreamsToken,
     ) -> Result<(), SettleError> {
+        self.shared.counters.settle_scripts.add(1);
         let mut conn = self.conn();
         let answer: i64 = bounded(
             what,
@@ -177,6 +183,7 @@ impl Settle for RedisStreamsSettler {
         for token in &tokens {
             cmd.arg(&*token.id);
         }
+        self.shared.counters.ack_calls.add(1);
         let mut conn = self.conn();
         match bounded(
             "XACK",

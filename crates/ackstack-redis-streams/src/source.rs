@@ -14,6 +14,7 @@ use crate::entry::{self, Entry};
 use crate::error::{RedisStreamsError, bounded};
 use crate::scripts::Scripts;
 use crate::settler::RedisStreamsSettler;
+use crate::stats::{Counters, RedisStreamsStats};
 use crate::token::RedisStreamsToken;
 
 /// The broker name in origins and metrics.
@@ -30,6 +31,7 @@ pub(crate) struct Shared {
     pub(crate) consumer: String,
     pub(crate) dlq: String,
     pub(crate) delayed: String,
+    pub(crate) counters: Counters,
 }
 
 /// A Redis stream read through a consumer group, as an ackstack [`Source`].
@@ -92,6 +94,7 @@ impl RedisStreamsSource {
             conn,
             scripts: Scripts::new(),
             consumer,
+            counters: Counters::default(),
         });
         let now = Instant::now();
         Ok(RedisStreamsSource {
@@ -103,6 +106,11 @@ impl RedisStreamsSource {
             next_move: now,
             closed: false,
         })
+    }
+
+    /// The commands this source and its settler sent so far.
+    pub fn stats(&self) -> RedisStreamsStats {
+        self.shared.counters.snapshot()
     }
 
     /// This consumer's name in the group.
@@ -153,6 +161,7 @@ impl RedisStreamsSource {
     async fn move_due(&self, max: usize) -> Result<Option<Duration>, SourceError> {
         let shared = &self.shared;
         let mut conn = shared.conn.clone();
+        shared.counters.moves.add(1);
         let mut call = shared.scripts.move_due.prepare_invoke();
         call.key(&shared.config.stream)
             .key(&shared.delayed)
@@ -175,6 +184,7 @@ impl RedisStreamsSource {
         let shared = &self.shared;
         let config = &shared.config;
         let mut conn = shared.conn.clone();
+        shared.counters.reclaims.add(1);
         let mut call = shared.scripts.reclaim.prepare_invoke();
         call.key(&config.stream)
             .arg(&config.group)
@@ -242,6 +252,7 @@ impl RedisStreamsSource {
             .arg(&config.stream)
             .arg(">");
         let limit = block + config.operation_timeout;
+        self.shared.counters.reads.add(1);
         let reply: Value =
             match tokio::time::timeout(limit, cmd.query_async(&mut self.reader)).await {
                 Ok(Ok(v)) => v,
@@ -284,7 +295,9 @@ impl Source for RedisStreamsSource {
         }
         let mut entries = Vec::new();
         if Instant::now() >= self.next_reclaim {
-            entries = self.reclaim(n).await?;
+            // One at a time, and alone: an entry taken over is a suspect, and one handed out
+            // beside others would have their delivery counts rise with its crash too.
+            entries = self.reclaim(1).await?;
         }
         if entries.is_empty() {
             let now = Instant::now();
@@ -293,6 +306,7 @@ impl Source for RedisStreamsSource {
                 .min(self.next_reclaim.saturating_duration_since(now));
             entries = self.read_new(n, wait).await?;
         }
+        self.shared.counters.received.add(entries.len() as u64);
         Ok(entries.into_iter().map(|e| self.convert(e)).collect())
     }
 
@@ -303,8 +317,10 @@ impl Source for RedisStreamsSource {
     /// Acks in batches (4 calls at once), a lease of [`RedisStreamsConfig::lease`], retries
     /// and deferrals as delayed copies kept in Redis (the attempt travels with a copy, so
     /// deferrals keep it). The group's delivery count rises for every entry taken over after
-    /// a crash, so, as on SQS, suspects run with nothing else in flight and receives are
-    /// careful for one and a half leases after the start.
+    /// a crash, so, as on SQS, suspects run with nothing else in flight and a delivery past
+    /// `max_attempts` is dead-lettered on arrival. No careful period is needed: suspects come
+    /// only from takeovers, which a receive returns one at a time and never beside new
+    /// entries.
     fn capabilities(&self) -> Capabilities {
         let lease = self.shared.config.lease;
         Capabilities::new(self.shared.config.max_batch)
@@ -313,7 +329,8 @@ impl Source for RedisStreamsSource {
             .with_deferrals()
             .with_parallel_acks(4)
             .with_alone(Alone::InFlight)
-            .with_careful_receives(lease + lease / 2)
+            .with_careful_receives(Duration::ZERO)
+            .without_careful_start()
     }
 
     fn origin(&self) -> Origin {

@@ -107,8 +107,11 @@ async fn run<S: Source>(source: S, handled: &str, idle: Duration) -> Result<(), 
                         .create(true)
                         .append(true)
                         .open(&handled)?;
-                    file.write_all(&d.payload)
-                        .and_then(|()| file.write_all(b"\n"))?;
+                    // One write per line: handlers run at once, and an appending write is
+                    // atomic, so lines never interleave.
+                    let mut line = d.payload.to_vec();
+                    line.push(b'\n');
+                    file.write_all(&line)?;
                     Ok(())
                 }
             }),

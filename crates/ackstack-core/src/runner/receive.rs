@@ -181,7 +181,9 @@ impl<S: Source, L> Consumer<S, L> {
         let careful_for = caps
             .careful_for
             .filter(|_| cfg.mode != DeliveryMode::AtMostOnce);
-        let mut careful_until = careful_for.map(|p| Instant::now() + p);
+        let mut careful_until = careful_for
+            .filter(|_| caps.careful_from_start)
+            .map(|p| Instant::now() + p);
         tokio::pin!(shutdown);
 
         let result = 'receive: loop {
