@@ -24,9 +24,12 @@ const PAGE: usize = 100;
 
 /// `KEYS[1]` the work stream, `KEYS[2]` the dead-letter stream; `ARGV[1]` the letter's id,
 /// the rest the replay's fields. Answers 1, or 0 when the letter was gone already (another
-/// run replayed or purged it) and nothing was added.
-const MOVE: &str = "if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+/// run replayed or purged it) and nothing was added. The letter is deleted after the add:
+/// a script's writes before a failing command stay, so an add that fails (a key of another
+/// type) leaves the letter where it was.
+const MOVE: &str = "if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[2], ARGV[1])
 return 1";
 
 /// A scan of one dead-letter stream.

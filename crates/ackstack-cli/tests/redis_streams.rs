@@ -151,3 +151,16 @@ async fn redis_streams_replay_loop_guard_and_purge() {
 async fn redis_streams_replay_of_1000_survives_sigkill() {
     common::replay_survives_sigkill(&Streams::new().await, 1000, 500, None).await;
 }
+
+/// A replay whose destination cannot take it (a key of another type) fails and leaves the
+/// letter where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_a_replay_that_fails_keeps_the_letter() {
+    let fx = Streams::new().await;
+    fx.dead_letter(vec![common::message("order E")]).await;
+    let wrong = format!("{}-not-a-stream", fx.stream);
+    let _: () = fx.query(redis::cmd("SET").arg(&wrong).arg("text")).await;
+    let run = common::ackstack(&fx, &["dlq", "replay", "--to", &wrong]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(fx.dead_letters().await, 1, "the letter stays: {run:?}");
+}

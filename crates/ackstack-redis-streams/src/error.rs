@@ -33,6 +33,13 @@ pub(crate) async fn bounded<T>(
 ) -> Result<T, RedisStreamsError> {
     match tokio::time::timeout(limit, fut).await {
         Ok(Ok(v)) => Ok(v),
+        // Credentials or permissions no retry can fix.
+        Ok(Err(e))
+            if e.kind() == redis::ErrorKind::AuthenticationFailed
+                || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM")) =>
+        {
+            Err(RedisStreamsError::Config(format!("{what}: {e}")))
+        }
         Ok(Err(e)) => Err(RedisStreamsError::Call(format!("{what}: {e}"))),
         Err(_) => Err(RedisStreamsError::Call(format!(
             "{what}: no answer in {limit:?}"

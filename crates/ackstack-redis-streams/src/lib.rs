@@ -58,6 +58,13 @@
 //!   `everysec`, up to a second.
 //! - **Redis Cluster.** The stream, its delayed set and its dead-letter stream are used in
 //!   one script, so they must live on one node: not supported on a cluster yet.
+//! - **One group per stream.** Retry copies go back into the stream, where every group
+//!   would read them, so a stream that other groups read is refused at connect
+//!   ([`RedisStreamsError::Topology`]). Give ackstack a stream of its own.
+//! - **Stopping mid-read.** A receive dropped while its `XREADGROUP` blocks (the consumer
+//!   stopping, a timeout) may leave entries Redis handed out in that moment pending: they
+//!   come back after a lease, as suspects, one attempt higher. Keep
+//!   [`RedisStreamsConfig::block`] short (2 s by default).
 
 mod config;
 mod entry;

@@ -35,9 +35,12 @@ const RELEASED_IDLE: Duration = Duration::from_secs(30 * 24 * 3600);
 ///   copy with ackstack's `x-ackstack-dl-*` metadata to the dead-letter stream and `XACK`s
 ///   the original.
 /// - **extend**: `XCLAIM` of the entry to this consumer with `JUSTID` (idle time reset,
-///   delivery count unchanged), if it still holds it; [`SettleError::LeaseLost`] once
-///   another consumer took it over (or it was settled).
-/// - **release**: the entry made idle for 30 days, so the next `XAUTOCLAIM` takes it.
+///   delivery count unchanged), if it still holds it with the count it was handed out with;
+///   [`SettleError::LeaseLost`] once it was taken over (by any consumer, one of the same name
+///   included) or settled.
+/// - **release**: the entry made idle for 30 days, so the next `XAUTOCLAIM` takes it; at
+///   shutdown, for a delivery that never ran, with its delivery count lowered by one, so
+///   that it comes back with the same attempt.
 ///
 /// Each script is one atomic step: a crash leaves either the original pending (it comes back)
 /// or the copy stored and the original acked, never both or neither.
@@ -108,9 +111,11 @@ impl RedisStreamsSettler {
             .key(to)
             .arg(&config.group)
             .arg(&shared.consumer)
-            .arg(&*token.id);
+            .arg(&*token.id)
+            .arg(token.delivered);
         if let Some(delay) = delay {
-            call.arg(millis(delay));
+            // Rounded up: a retry is never due before its delay.
+            call.arg(millis(delay + Duration::from_nanos(999_999)));
         }
         for field in fields(&config.payload_field, &delivery.payload, &headers) {
             call.arg(field.as_ref());
@@ -139,16 +144,32 @@ impl RedisStreamsSettler {
         .await
     }
 
-    /// `XCLAIM` to itself with `idle`, if still held.
-    async fn claim(&self, token: &RedisStreamsToken, idle: Duration) -> Result<(), SettleError> {
+    /// `XCLAIM` to itself with `idle`, if still held, leaving its delivery count at
+    /// `retry_count`.
+    async fn claim(
+        &self,
+        token: &RedisStreamsToken,
+        idle: Duration,
+        retry_count: u64,
+    ) -> Result<(), SettleError> {
         let shared = &self.shared;
         let mut call = shared.scripts.claim.prepare_invoke();
         call.key(&shared.config.stream)
             .arg(&shared.config.group)
             .arg(&shared.consumer)
             .arg(&*token.id)
-            .arg(millis(idle));
+            .arg(token.delivered)
+            .arg(millis(idle))
+            .arg(retry_count);
         self.settle_script("XCLAIM", call, token).await
+    }
+
+    /// Hands the entry to the next `XAUTOCLAIM`, its delivery count lowered by `uncount`.
+    async fn give_back(&self, token: RedisStreamsToken, uncount: u64) {
+        let count = token.delivered.saturating_sub(uncount);
+        if let Err(e) = self.claim(&token, RELEASED_IDLE, count).await {
+            tracing::debug!(error = %e, entry = %token.id, "release not recorded; the entry comes back after the lease");
+        }
     }
 }
 
@@ -247,13 +268,19 @@ impl Settle for RedisStreamsSettler {
     }
 
     async fn extend(&self, token: &RedisStreamsToken, _by: Duration) -> Result<(), SettleError> {
-        self.claim(token, Duration::ZERO).await
+        self.claim(token, Duration::ZERO, token.delivered).await
     }
 
+    /// After a handler ran (a settlement that failed): its takeover counts as an attempt.
     async fn release(&self, token: RedisStreamsToken) {
-        if let Err(e) = self.claim(&token, RELEASED_IDLE).await {
-            tracing::debug!(error = %e, entry = %token.id, "release not recorded; the entry comes back after the lease");
-        }
+        self.give_back(token, 0).await;
+    }
+
+    /// A delivery that never ran (the consumer stopped while it waited for its dedup store
+    /// or its key): given back with its count lowered by one, so that the takeover's
+    /// increment leaves its attempt as it was.
+    async fn release_at_shutdown(&self, token: RedisStreamsToken) {
+        self.give_back(token, 1).await;
     }
 
     /// The group's `lag` (entries not yet handed out, Redis 7) plus the delayed copies.

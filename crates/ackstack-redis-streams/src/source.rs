@@ -162,17 +162,17 @@ impl RedisStreamsSource {
         let shared = &self.shared;
         let mut conn = shared.conn.clone();
         shared.counters.moves.add(1);
-        let mut call = shared.scripts.move_due.prepare_invoke();
-        call.key(&shared.config.stream)
+        let mut script = shared.scripts.move_due.prepare_invoke();
+        script
+            .key(&shared.config.stream)
             .key(&shared.delayed)
             .arg(max.max(16));
-        let reply: (i64, i64) = bounded(
+        let reply: (i64, i64) = call(
             "moving due copies",
             shared.config.operation_timeout,
-            call.invoke_async(&mut conn),
+            call_script(&script, &mut conn),
         )
-        .await
-        .map_err(broker)?;
+        .await?;
         if reply.0 > 0 {
             tracing::debug!(moved = reply.0, "delayed copies moved back to the stream");
         }
@@ -185,20 +185,29 @@ impl RedisStreamsSource {
         let config = &shared.config;
         let mut conn = shared.conn.clone();
         shared.counters.reclaims.add(1);
-        let mut call = shared.scripts.reclaim.prepare_invoke();
-        call.key(&config.stream)
+        let mut script = shared.scripts.reclaim.prepare_invoke();
+        script
+            .key(&config.stream)
             .arg(&config.group)
             .arg(&shared.consumer)
             .arg(millis(config.lease))
             .arg(&self.cursor)
             .arg(max);
-        let reply: Value = bounded(
+        let reply: Value = match call(
             "reclaiming idle entries",
             config.operation_timeout,
-            call.invoke_async(&mut conn),
+            call_script(&script, &mut conn),
         )
         .await
-        .map_err(broker)?;
+        {
+            Ok(reply) => reply,
+            Err(e) => {
+                // The scan starts over later; reading new entries need not wait for it.
+                self.cursor = "0-0".into();
+                self.next_reclaim = Instant::now() + config.lease / 2;
+                return Err(e);
+            }
+        };
         let parts = entry::items(&reply).unwrap_or_default();
         let cursor = parts.first().and_then(|v| entry::text(v));
         let entries: Vec<Entry> = parts
@@ -253,24 +262,7 @@ impl RedisStreamsSource {
             .arg(">");
         let limit = block + config.operation_timeout;
         self.shared.counters.reads.add(1);
-        let reply: Value =
-            match tokio::time::timeout(limit, cmd.query_async(&mut self.reader)).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) if e.code() == Some("NOGROUP") => {
-                    return Err(SourceError::Fatal(
-                        format!("XREADGROUP: {e} (the stream or its group was deleted)").into(),
-                    ));
-                }
-                Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
-                    return Err(SourceError::Disconnected(Box::new(e)));
-                }
-                Ok(Err(e)) => return Err(SourceError::Broker(Box::new(e))),
-                Err(_) => {
-                    return Err(SourceError::Disconnected(
-                        format!("no answer to XREADGROUP in {limit:?}").into(),
-                    ));
-                }
-            };
+        let reply: Value = call("XREADGROUP", limit, cmd.query_async(&mut self.reader)).await?;
         Ok(entry::parse_read(&reply))
     }
 }
@@ -290,7 +282,14 @@ impl Source for RedisStreamsSource {
         let n = max.clamp(1, config.max_batch);
         let block = config.block;
         if Instant::now() >= self.next_move {
-            let due_in = self.move_due(n).await?;
+            // A failure here is logged, not returned: new entries are read all the same.
+            let due_in = match self.move_due(n).await {
+                Ok(due_in) => due_in,
+                Err(e) => {
+                    tracing::warn!(error = %e, "moving due copies back failed; trying again later");
+                    None
+                }
+            };
             self.next_move = Instant::now() + due_in.map_or(block, |d| d.min(block));
         }
         let mut entries = Vec::new();
@@ -347,9 +346,35 @@ impl Source for RedisStreamsSource {
     }
 }
 
-/// A Redis error while receiving: a dropped connection is [`SourceError::Disconnected`].
-fn broker(e: RedisStreamsError) -> SourceError {
-    SourceError::Broker(Box::new(e))
+/// `fut`, bounded by `limit`, its error as a [`SourceError`]: a stream or group that is gone
+/// (`NOGROUP`) is [`SourceError::Fatal`], a dropped connection or no answer
+/// [`SourceError::Disconnected`], anything else [`SourceError::Broker`].
+async fn call<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, SourceError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if e.code() == Some("NOGROUP") => Err(SourceError::Fatal(
+            format!("{what}: {e} (the stream or its group was deleted)").into(),
+        )),
+        Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+            Err(SourceError::Disconnected(format!("{what}: {e}").into()))
+        }
+        Ok(Err(e)) => Err(SourceError::Broker(format!("{what}: {e}").into())),
+        Err(_) => Err(SourceError::Disconnected(
+            format!("{what}: no answer in {limit:?}").into(),
+        )),
+    }
+}
+
+/// A prepared script's run, as a future [`call`] can bound.
+async fn call_script<T: redis::FromRedisValue>(
+    script: &redis::ScriptInvocation<'_>,
+    conn: &mut ConnectionManager,
+) -> redis::RedisResult<T> {
+    script.invoke_async(conn).await
 }
 
 /// A duration in whole milliseconds.
@@ -371,7 +396,7 @@ fn generated_name() -> String {
 }
 
 /// The group: created (with the stream, `MKSTREAM`) when missing and allowed; `BUSYGROUP`
-/// means it exists, and it is used as it is.
+/// means it exists, and it is used as it is. A stream with other groups is refused.
 async fn find_group(
     conn: &ConnectionManager,
     config: &RedisStreamsConfig,
@@ -392,36 +417,44 @@ async fn find_group(
             config.stream
         )));
     }
-    if !config.create {
-        let groups: Value = match key_type.as_str() {
-            "none" => Value::Nil,
-            _ => {
-                bounded(
-                    "XINFO GROUPS",
-                    limit,
-                    redis::cmd("XINFO")
-                        .arg("GROUPS")
-                        .arg(&config.stream)
-                        .query_async(&mut conn),
-                )
-                .await?
-            }
-        };
-        let exists = entry::items(&groups).unwrap_or_default().iter().any(|g| {
-            entry::items(g).is_some_and(|fields| {
-                fields.chunks(2).any(|pair| {
-                    matches!(pair, [k, v] if entry::text(k).as_deref() == Some("name")
-                        && entry::text(v).as_deref() == Some(config.group.as_str()))
-                })
-            })
-        });
-        if !exists {
-            return Err(RedisStreamsError::Topology(format!(
-                "stream {} has no consumer group {} and create is off",
-                config.stream, config.group
-            )));
+    let groups: Vec<String> = match key_type.as_str() {
+        "none" => Vec::new(),
+        _ => {
+            let reply: Value = bounded(
+                "XINFO GROUPS",
+                limit,
+                redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(&config.stream)
+                    .query_async(&mut conn),
+            )
+            .await?;
+            group_names(&reply)
         }
+    };
+    let others: Vec<&String> = groups.iter().filter(|g| **g != config.group).collect();
+    if !others.is_empty() {
+        // Retry copies go back into the stream, where every group would read them.
+        return Err(RedisStreamsError::Topology(format!(
+            "stream {} has other consumer groups ({}): retry copies moved back to it would \
+             reach them too; ackstack needs a stream whose only group is {}",
+            config.stream,
+            others
+                .iter()
+                .map(|g| g.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            config.group
+        )));
+    }
+    if groups.contains(&config.group) {
         return Ok(());
+    }
+    if !config.create {
+        return Err(RedisStreamsError::Topology(format!(
+            "stream {} has no consumer group {} and create is off",
+            config.stream, config.group
+        )));
     }
     let start = match config.start_from {
         StartFrom::Beginning => "0",
@@ -453,4 +486,19 @@ async fn find_group(
             "XGROUP CREATE: no answer in {limit:?}"
         ))),
     }
+}
+
+/// The names in an `XINFO GROUPS` reply.
+fn group_names(reply: &Value) -> Vec<String> {
+    entry::items(reply)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|g| {
+            let fields = entry::items(g)?;
+            fields.chunks(2).find_map(|pair| match pair {
+                [k, v] if entry::text(k).as_deref() == Some("name") => entry::text(v),
+                _ => None,
+            })
+        })
+        .collect()
 }

@@ -265,3 +265,110 @@ async fn retries_are_atomic_and_fenced_by_the_holder() {
     let copies: i64 = query(redis::cmd("ZCARD").arg(&delayed)).await;
     assert_eq!(copies, 0, "moved back");
 }
+
+/// A lease is lost to a takeover even by a consumer of the same name (two replicas sharing a
+/// configured name): the takeover raised the delivery count, so renewing, retrying and
+/// dead-lettering the old delivery are refused and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_by_a_consumer_of_the_same_name_is_a_lost_lease() {
+    let stream = unique_name("same-name");
+    let mut c = config(&stream);
+    c.consumer = Some("replica".into());
+    let mut source = RedisStreamsSource::connect(c).await.unwrap();
+    add(&stream, &[("payload", "m".into())]).await;
+    let got = receive_n(&mut source, 1).await.pop().unwrap();
+    let settler = source.settler();
+    settler
+        .extend(&got.token, Duration::from_secs(1))
+        .await
+        .unwrap();
+    // The other replica, same name, takes it over (XCLAIM counts a delivery).
+    let _: Value = query(
+        redis::cmd("XCLAIM")
+            .arg(&stream)
+            .arg("ackstack")
+            .arg("replica")
+            .arg(0)
+            .arg(got.token.entry_id()),
+    )
+    .await;
+    let lost = settler.extend(&got.token, Duration::from_secs(1)).await;
+    assert!(matches!(lost, Err(SettleError::LeaseLost(_))), "{lost:?}");
+    let failure = Failure::new(ErrorKind::Transient, "busy");
+    let refused = settler
+        .retry(got.token, &got.delivery, Duration::ZERO, &failure)
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert!(matches!(refused.error, SettleError::LeaseLost(_)));
+    let copies: i64 = query(redis::cmd("ZCARD").arg(format!("{stream}:delayed"))).await;
+    assert_eq!(copies, 0);
+    assert_eq!(pending(&stream, "ackstack").await, 1, "still the other's");
+}
+
+/// An entry trimmed from the stream while its handler ran is not lost: its retry copy is
+/// written all the same, and renewing its lease is not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_trimmed_while_it_runs_is_still_retried() {
+    let stream = unique_name("trimmed");
+    let mut source = RedisStreamsSource::connect(config(&stream)).await.unwrap();
+    add(&stream, &[("payload", "m".into())]).await;
+    let got = receive_n(&mut source, 1).await.pop().unwrap();
+    let _: i64 = query(redis::cmd("XTRIM").arg(&stream).arg("MAXLEN").arg(0)).await;
+    let settler = source.settler();
+    settler
+        .extend(&got.token, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let failure = Failure::new(ErrorKind::Transient, "busy");
+    settler
+        .retry(got.token, &got.delivery, Duration::ZERO, &failure)
+        .await
+        .map(drop)
+        .unwrap();
+    let back = receive_n(&mut source, 1).await;
+    assert_eq!(back.len(), 1, "the copy came back");
+    assert_eq!(back[0].delivery.payload.as_ref(), b"m");
+    assert_eq!(back[0].delivery.attempt, 2);
+}
+
+/// A delivery given back at shutdown without having run comes back with the same attempt
+/// (and is no suspect); one given back after its handler ran counts the attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_given_back_unrun_keeps_its_attempt() {
+    let stream = unique_name("given-back");
+    let mut source = RedisStreamsSource::connect(config(&stream)).await.unwrap();
+    add(&stream, &[("payload", "m".into())]).await;
+    let got = receive_n(&mut source, 1).await.pop().unwrap();
+    assert_eq!(got.delivery.attempt, 1);
+    source.settler().release_at_shutdown(got.token).await;
+    let mut next = RedisStreamsSource::connect(config(&stream)).await.unwrap();
+    let again = receive_n(&mut next, 1).await.pop().unwrap();
+    assert_eq!(again.delivery.attempt, 1, "never ran: the same attempt");
+    assert!(!again.suspect);
+    next.settler().release(again.token).await;
+    let mut third = RedisStreamsSource::connect(config(&stream)).await.unwrap();
+    let counted = receive_n(&mut third, 1).await.pop().unwrap();
+    assert_eq!(counted.delivery.attempt, 2, "ran: counted");
+}
+
+/// A stream another consumer group reads is refused: retry copies moved back to it would
+/// reach that group too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_another_group_is_refused() {
+    let stream = unique_name("shared");
+    let _: Value = query(
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&stream)
+            .arg("analytics")
+            .arg("0")
+            .arg("MKSTREAM"),
+    )
+    .await;
+    let err = RedisStreamsSource::connect(config(&stream))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RedisStreamsError::Topology(_)), "{err}");
+    assert!(err.to_string().contains("analytics"), "{err}");
+}
