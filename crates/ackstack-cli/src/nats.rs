@@ -2,17 +2,19 @@
 //! gets, no consumer), from its first to the last sequence it held when the scan began, so a
 //! scan takes nothing away from other readers. A replay publishes the original payload and
 //! headers to the original subject (`--to` for another) and waits for the stream's ack; the
-//! letter is deleted from the dead-letter stream only then. The replay's `Nats-Msg-Id` is
-//! `<dead-letter stream>:<sequence>:replay`, so a replay sent again after a kill within the
-//! work stream's duplicate window (2 minutes by default) is dropped by JetStream.
+//! letter is deleted from the dead-letter stream only then. A replay to the letter's own
+//! stream goes to the subject it was first published to (recorded on the copy). The
+//! replay's `Nats-Msg-Id` is `<dead-letter stream>:<sequence>:<stored at>:replay`, so a
+//! replay sent again after a kill within the work stream's duplicate window (2 minutes by
+//! default) is dropped by JetStream.
 
 use std::time::Duration;
 
 use ackstack_core::Headers;
 use ackstack_core::deadletter::METADATA_PREFIX;
-use ackstack_nats::MESSAGE_ID_HEADER;
 use ackstack_nats::async_nats::jetstream::{self, stream};
 use ackstack_nats::async_nats::{self, HeaderMap};
+use ackstack_nats::{MESSAGE_ID_HEADER, SUBJECT_HEADER};
 use bytes::Bytes;
 
 use crate::letter::{Letter, REPLAYS_HEADER, RESET_HEADERS};
@@ -34,6 +36,11 @@ pub struct NatsDlq {
 /// A letter found at a stream sequence.
 pub struct Handle {
     seq: u64,
+    /// When the dead-letter stream stored it (part of the replay's id, so that a sequence
+    /// reused after the stream was purged is a different replay).
+    stored_nanos: i128,
+    /// The stream the letter came from and the subject it had there, when recorded.
+    origin: Option<(String, String)>,
     payload: Bytes,
     headers: Headers,
 }
@@ -80,6 +87,7 @@ fn replay_headers(headers: &Headers, msg_id: &str, replays: u32) -> Result<Heade
             || RESET_HEADERS.contains(&name)
             || name == REPLAYS_HEADER
             || name == MESSAGE_ID_HEADER
+            || name == SUBJECT_HEADER
         {
             continue;
         }
@@ -123,10 +131,17 @@ impl DeadLetters for NatsDlq {
             }
             let fallback = || format!("{}:{seq}", self.name);
             let letter = Letter::from_copy(message.payload.clone(), headers.clone(), fallback);
+            let origin = letter
+                .metadata
+                .as_ref()
+                .zip(headers.get_str(SUBJECT_HEADER));
+            let origin = origin.map(|(m, subject)| (m.queue.clone(), subject.to_string()));
             return Ok(Some(Found {
                 letter,
                 handle: Handle {
                     seq,
+                    stored_nanos: message.time.unix_timestamp_nanos(),
+                    origin,
                     payload: message.payload,
                     headers,
                 },
@@ -141,8 +156,16 @@ impl DeadLetters for NatsDlq {
         queue: &str,
         replays: u32,
     ) -> Result<Sent, CliError> {
-        let msg_id = format!("{}:{}:replay", self.name, handle.seq);
+        let msg_id = format!(
+            "{}:{}:{}:replay",
+            self.name, handle.seq, handle.stored_nanos
+        );
         let headers = replay_headers(&handle.headers, &msg_id, replays)?;
+        // Back to the subject it was published to, when the destination is its own stream.
+        let queue = match &handle.origin {
+            Some((stream, subject)) if stream == queue => subject.as_str(),
+            _ => queue,
+        };
         let confirmed = async {
             let ack = self
                 .js
@@ -161,14 +184,21 @@ impl DeadLetters for NatsDlq {
     }
 
     async fn remove(&mut self, handle: Handle) -> Result<(), CliError> {
-        run::bounded(
+        let deleted = run::bounded(
             BROKER,
             "message delete",
             self.timeout,
             self.stream.delete_message(handle.seq),
         )
-        .await
-        .map(drop)
+        .await?;
+        if deleted {
+            Ok(())
+        } else {
+            Err(CliError::Broker(format!(
+                "NATS did not delete letter {} of {}",
+                handle.seq, self.name
+            )))
+        }
     }
 
     async fn keep(&mut self, _handle: Handle) -> Result<(), CliError> {

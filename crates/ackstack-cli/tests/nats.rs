@@ -23,11 +23,18 @@ struct Nats {
 
 impl Nats {
     async fn new() -> Nats {
+        Nats::with_subjects(|_| Vec::new()).await
+    }
+
+    /// With the work stream's subjects (`subjects` of its name; none: the name itself).
+    async fn with_subjects(subjects: impl Fn(&str) -> Vec<String>) -> Nats {
         let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
         let client = async_nats::connect(&url).await.unwrap();
         let stream = unique_name("cli").replace('.', "_");
+        let mut config = Nats::config(&url, &stream);
+        config.subjects = subjects(&stream);
         // The work stream, its dead-letter stream and the consumer, as a service creates them.
-        NatsSource::from_client(client.clone(), Nats::config(&url, &stream))
+        NatsSource::from_client(client.clone(), config)
             .await
             .unwrap();
         let drain = jetstream::new(client.clone())
@@ -147,4 +154,27 @@ async fn nats_replay_loop_guard_and_purge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_replay_of_1000_survives_sigkill() {
     common::replay_survives_sigkill(&Nats::new().await, 1000, 500, None).await;
+}
+
+/// A stream of other subjects than its name: a replay goes back to the subject the message
+/// was published to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_a_replay_goes_back_to_its_subject() {
+    let fx = Nats::with_subjects(|stream| vec![format!("{stream}.in.>")]).await;
+    let subject = format!("{}.in.eu", fx.stream);
+    let publisher = NatsPublisher::new(fx.client.clone(), subject.clone());
+    publisher.publish(common::message("order F")).await.unwrap();
+    let source = NatsSource::from_client(fx.client.clone(), Nats::config(&fx.url, &fx.stream))
+        .await
+        .unwrap();
+    common::fail_batch(&fx, source, [bytes::Bytes::from("order F")].into(), 1).await;
+    fx.drain_work(1).await;
+    let run = common::ackstack(&fx, &["dlq", "replay"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let js = jetstream::new(fx.client.clone());
+    let mut stream = js.get_stream(&fx.stream).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let replayed = stream.get_raw_message(last).await.unwrap();
+    assert_eq!(replayed.subject.as_str(), subject);
+    assert_eq!(replayed.payload.as_ref(), b"order F");
 }

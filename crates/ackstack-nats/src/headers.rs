@@ -10,6 +10,32 @@ use bytes::Bytes;
 /// The JetStream header that deduplicates publishes within the stream's duplicate window.
 pub const MESSAGE_ID_HEADER: &str = "Nats-Msg-Id";
 
+/// On a dead-letter copy: the subject the original was published to.
+pub const SUBJECT_HEADER: &str = "x-ackstack-nats-subject";
+
+/// What a server-control header of the original (`Nats-Rollup`, `Nats-Expected-*`,
+/// `Nats-TTL`, `Nats-Msg-Id`, any `Nats-*`) is kept as on a copy: under this prefix, so that
+/// it neither acts on the dead-letter stream nor on a replay.
+pub const ORIGINAL_PREFIX: &str = "x-ackstack-orig-";
+
+/// `headers` with every `Nats-*` header renamed under [`ORIGINAL_PREFIX`]: a rollup on a
+/// dead-letter copy would purge the other letters of its subject, an expected-sequence
+/// check would refuse it, a TTL would expire it.
+pub(crate) fn without_server_controls(headers: &Headers) -> Headers {
+    let mut out = Headers::new();
+    for (name, value) in headers.iter() {
+        if name
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+        {
+            out.append(format!("{ORIGINAL_PREFIX}{name}"), value.clone());
+        } else {
+            out.append(name.to_string(), value.clone());
+        }
+    }
+    out
+}
+
 /// A NATS header map as ackstack headers (every value of a repeated name, in order; names
 /// sorted, since the map keeps no order).
 pub(crate) fn from_nats(map: Option<&HeaderMap>) -> Headers {
@@ -70,5 +96,20 @@ mod tests {
         assert!(to_nats(&Headers::new().with("bin", vec![0xff, 0xfe])).is_err());
         assert!(to_nats(&Headers::new().with("crlf", "a\r\nb")).is_err());
         assert!(from_nats(None).is_empty());
+    }
+
+    #[test]
+    fn server_controls_are_kept_under_another_name() {
+        let headers = Headers::new()
+            .with("Nats-Rollup", "sub")
+            .with("nats-ttl", "1s")
+            .with("tenant", "acme")
+            .with("é-nats", "x");
+        let out = without_server_controls(&headers);
+        assert_eq!(out.get_str("x-ackstack-orig-Nats-Rollup"), Some("sub"));
+        assert_eq!(out.get_str("x-ackstack-orig-nats-ttl"), Some("1s"));
+        assert_eq!(out.get_str("Nats-Rollup"), None);
+        assert_eq!(out.get_str("tenant"), Some("acme"));
+        assert_eq!(out.get_str("é-nats"), Some("x"));
     }
 }

@@ -44,7 +44,7 @@
 //! | attempt | the delivery count (`num_delivered`), which counts every delivery, crashes too; a delivery this process nak'ed comes back at least one attempt later (nats-server 2.9 was seen to redeliver a delayed nak with the count unchanged) |
 //! | lease | the consumer's `ack_wait`, renewed with `+WPI` |
 //! | retry after `d` | `-NAK {"delay": d}` |
-//! | dead letter | a copy on `<stream>.dlq` (stream `<stream>-dlq`), `x-ackstack-dl-*` headers, then `+TERM` |
+//! | dead letter | a copy on `<stream>.dlq` (stream `<stream>-dlq`), `x-ackstack-dl-*` headers and the original subject, the original's `Nats-*` headers kept as `x-ackstack-orig-Nats-*`, then `+TERM` |
 //! | message id | `Nats-Msg-Id`, else `<stream>:<stream sequence>` |
 //! | key | the subject (or a header, [`NatsConfig::key`]) |
 //! | broker limit | the consumer's `max_deliver`, which must exceed `max_attempts` |
@@ -63,7 +63,7 @@ mod token;
 
 pub use config::{KeySource, NatsConfig};
 pub use error::NatsError;
-pub use headers::MESSAGE_ID_HEADER;
+pub use headers::{MESSAGE_ID_HEADER, ORIGINAL_PREFIX, SUBJECT_HEADER};
 pub use publisher::NatsPublisher;
 pub use settler::NatsSettler;
 pub use source::NatsSource;

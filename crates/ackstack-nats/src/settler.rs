@@ -129,7 +129,7 @@ impl Settle for NatsSettler {
         letter: &DeadLetter,
     ) -> Result<Settled<NatsToken>, SettleFailure<NatsToken>> {
         let shared = &self.shared;
-        let mut copy_headers = delivery.headers.clone();
+        let mut copy_headers = headers::without_server_controls(&delivery.headers);
         let mut metadata = letter.metadata(delivery);
         // A NATS header value cannot hold a line break; an error message often does.
         metadata.error_message = metadata
@@ -137,11 +137,16 @@ impl Settle for NatsSettler {
             .replace('\r', "\\r")
             .replace('\n', "\\n");
         metadata.apply_to(&mut copy_headers);
+        // Where it was published, so that a replay goes back to the same subject.
+        copy_headers.insert(headers::SUBJECT_HEADER, token.0.subject.to_string());
+        // The consumer is part of the id: two consumers of one stream may share a
+        // dead-letter stream, and one's copy must not be taken for the other's repeat.
         copy_headers.insert(
             MESSAGE_ID_HEADER,
             format!(
-                "{}:{}:dead-letter",
+                "{}:{}:{}:dead-letter",
                 shared.config.stream,
+                shared.config.consumer,
                 token.stream_sequence()
             ),
         );
@@ -185,6 +190,8 @@ impl Settle for NatsSettler {
         }
         let at = Instant::now();
         self.reply(token, b"+WPI").await?;
+        // Renewed only once the frame reached the server (it is queued while reconnecting).
+        NatsSettler::flush(self).await?;
         token.renew(at);
         Ok(())
     }

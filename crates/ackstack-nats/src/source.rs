@@ -168,6 +168,7 @@ impl NatsSource {
         };
         let token = NatsToken(Arc::new(TokenInner {
             reply,
+            subject: message.subject.clone(),
             stream_seq,
             delivered: attempt,
             renewed: Mutex::new(Instant::now()),
@@ -191,6 +192,8 @@ impl Source for NatsSource {
         let n = max.clamp(1, config.max_batch);
         let wait = config.fetch_wait;
         self.shared.counters.fetches.add(1);
+        let limit = wait + config.operation_timeout;
+        let mut out = Vec::new();
         let fetch = async {
             let mut batch = self
                 .shared
@@ -201,7 +204,6 @@ impl Source for NatsSource {
                 .messages()
                 .await
                 .map_err(|e| SourceError::Broker(Box::new(e)))?;
-            let mut out = Vec::new();
             while let Some(item) = batch.next().await {
                 match item {
                     Ok(message) => out.extend(self.convert(message)),
@@ -213,18 +215,19 @@ impl Source for NatsSource {
                     }
                 }
             }
-            self.shared.counters.received.add(out.len() as u64);
-            Ok(out)
+            Ok(())
         };
-        // A fetch whose request the server lost (a reconnect) would wait for ever.
-        match tokio::time::timeout(wait + config.operation_timeout, fetch).await {
-            Ok(result) => result,
+        // A fetch whose request the server lost (a reconnect) would wait for ever. What it
+        // handed out before the bound is kept: dropped, it would come back after ack_wait,
+        // one delivery higher.
+        let ended = tokio::time::timeout(limit, fetch).await;
+        self.shared.counters.received.add(out.len() as u64);
+        match ended {
+            Ok(Ok(())) => Ok(out),
+            Ok(Err(e)) => Err(e),
+            Err(_) if !out.is_empty() => Ok(out),
             Err(_) => Err(SourceError::Disconnected(
-                format!(
-                    "no answer to a fetch in {:?}",
-                    wait + config.operation_timeout
-                )
-                .into(),
+                format!("no answer to a fetch in {limit:?}").into(),
             )),
         }
     }

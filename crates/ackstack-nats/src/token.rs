@@ -14,6 +14,8 @@ pub struct NatsToken(pub(crate) Arc<TokenInner>);
 pub(crate) struct TokenInner {
     /// The `$JS.ACK...` subject acks, naks and progress go to.
     pub(crate) reply: Subject,
+    /// The subject the message was published to.
+    pub(crate) subject: Subject,
     /// The message's sequence in its stream.
     pub(crate) stream_seq: u64,
     /// JetStream's count of deliveries of the message, this one included.

@@ -49,8 +49,25 @@ async fn an_error_message_with_line_breaks_is_kept() {
     );
 
     let js = jetstream::new(client);
+    let copies = read_all(&js, &format!("{stream}-dlq")).await;
+    let headers = &copies[0].1;
+    let metadata = DeadLetterMetadata::from_headers(headers).unwrap();
+    assert_eq!(metadata.reason, DeadLetterReason::Permanent, "{metadata:?}");
+    assert_eq!(
+        metadata.error_message,
+        "card declined\\r\\ncaused by: no funds"
+    );
+    let _ = js.delete_stream(&stream).await;
+    let _ = js.delete_stream(format!("{stream}-dlq")).await;
+}
+
+/// Reads every message of the stream `name` from its start.
+async fn read_all(
+    js: &jetstream::Context,
+    name: &str,
+) -> Vec<(bytes::Bytes, ackstack_core::Headers)> {
     let reader = js
-        .get_stream(format!("{stream}-dlq"))
+        .get_stream(name)
         .await
         .unwrap()
         .create_consumer(pull::Config::default())
@@ -58,24 +75,80 @@ async fn an_error_message_with_line_breaks_is_kept() {
         .unwrap();
     let mut batch = reader
         .fetch()
-        .max_messages(10)
+        .max_messages(100)
         .expires(Duration::from_secs(1))
         .messages()
         .await
         .unwrap();
-    let letter = batch.next().await.unwrap().unwrap();
-    let mut headers = ackstack_core::Headers::new();
-    for (name, values) in letter.headers.iter().flat_map(|h| h.iter()) {
-        for value in values {
-            headers.append(name.to_string(), value.as_str().to_string());
+    let mut out = Vec::new();
+    while let Some(Ok(m)) = batch.next().await {
+        let mut headers = ackstack_core::Headers::new();
+        for (name, values) in m.headers.iter().flat_map(|h| h.iter()) {
+            for value in values {
+                headers.append(name.to_string(), value.as_str().to_string());
+            }
         }
+        out.push((m.payload.clone(), headers));
     }
-    let metadata = DeadLetterMetadata::from_headers(&headers).unwrap();
-    assert_eq!(metadata.reason, DeadLetterReason::Permanent, "{metadata:?}");
-    assert_eq!(
-        metadata.error_message,
-        "card declined\\r\\ncaused by: no funds"
-    );
+    out
+}
+
+/// Dead-letters everything on `stream` through the durable consumer `consumer`.
+async fn dead_letter_all(client: &ackstack_nats::async_nats::Client, stream: &str, consumer: &str) {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let mut config = NatsConfig::new(url, stream);
+    config.consumer = consumer.into();
+    config.ack_wait = Duration::from_secs(2);
+    config.fetch_wait = Duration::from_millis(300);
+    let source = NatsSource::from_client(client.clone(), config)
+        .await
+        .unwrap();
+    Consumer::new(source)
+        .run_until(
+            handler_fn(|_d, _cx| async { Err::<(), _>(HandlerError::permanent("no")) }),
+            async { tokio::time::sleep(Duration::from_secs(2)).await },
+        )
+        .await
+        .unwrap();
+}
+
+/// A message's own server-control headers (here `Nats-Expected-Stream`, which the
+/// dead-letter stream would refuse) do not act on its dead-letter copy: they are kept under
+/// another name, with the subject it was published to; and two consumers of one stream
+/// that share a dead-letter stream each get their copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_carry_no_server_controls_and_one_per_consumer() {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let client = ackstack_nats::async_nats::connect(&url).await.unwrap();
+    let stream = unique_name("controls").replace('.', "_");
+    let mut headers = ackstack_nats::async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Stream", stream.as_str());
+    let js = jetstream::new(client.clone());
+    // The streams first, then the message.
+    NatsSource::from_client(client.clone(), NatsConfig::new(url, stream.clone()))
+        .await
+        .unwrap();
+    js.publish_with_headers(stream.clone(), headers, "order".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    dead_letter_all(&client, &stream, "billing").await;
+    dead_letter_all(&client, &stream, "audit").await;
+    let copies = read_all(&js, &format!("{stream}-dlq")).await;
+    assert_eq!(copies.len(), 2, "one copy per consumer: {copies:?}");
+    for (payload, headers) in &copies {
+        assert_eq!(payload.as_ref(), b"order");
+        assert_eq!(headers.get_str("Nats-Expected-Stream"), None);
+        assert_eq!(
+            headers.get_str("x-ackstack-orig-Nats-Expected-Stream"),
+            Some(stream.as_str())
+        );
+        assert_eq!(
+            headers.get_str("x-ackstack-nats-subject"),
+            Some(stream.as_str())
+        );
+    }
     let _ = js.delete_stream(&stream).await;
     let _ = js.delete_stream(format!("{stream}-dlq")).await;
 }
