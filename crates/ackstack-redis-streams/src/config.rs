@@ -142,8 +142,11 @@ impl RedisStreamsConfig {
         if self.consumer.as_deref() == Some("") {
             return bad("consumer must not be empty (leave it unset for a generated name)");
         }
-        if self.dlq_stream() == self.stream || self.delayed_key() == self.stream {
-            return bad("dlq_stream and delayed_key must differ from the stream");
+        if self.dlq_stream() == self.stream
+            || self.delayed_key() == self.stream
+            || self.delayed_key() == self.dlq_stream()
+        {
+            return bad("the stream, dlq_stream and delayed_key must be three different keys");
         }
         if self.lease < Duration::from_secs(1) {
             return bad("lease must be at least 1s");
@@ -169,6 +172,12 @@ mod tests {
         let mut c = RedisStreamsConfig::new("redis://x", "s");
         c.dlq_stream = Some("s".into());
         assert!(c.validate().is_err());
+        let mut c = RedisStreamsConfig::new("redis://x", "s");
+        c.delayed_key = Some("s-dlq".into());
+        assert!(
+            c.validate().is_err(),
+            "delayed copies in the dead-letter stream"
+        );
         let mut c = RedisStreamsConfig::new("redis://x", "s");
         c.lease = Duration::from_millis(200);
         assert!(matches!(c.validate(), Err(RedisStreamsError::Config(_))));

@@ -56,6 +56,9 @@
 //! - **Durability.** A retry copy or dead letter is as durable as Redis's persistence: with
 //!   AOF and `appendfsync always` a Redis crash loses nothing acknowledged; with the default
 //!   `everysec`, up to a second.
+//! - **Eviction.** A Redis that evicts keys under memory pressure (`maxmemory-policy` other
+//!   than `noeviction`) may drop a stream, a delayed copy or the dead letters; the source
+//!   warns at connect.
 //! - **Redis Cluster.** The stream, its delayed set and its dead-letter stream are used in
 //!   one script, so they must live on one node: not supported on a cluster yet.
 //! - **One group per stream.** Retry copies go back into the stream, where every group

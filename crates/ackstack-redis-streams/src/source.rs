@@ -87,6 +87,7 @@ impl RedisStreamsSource {
         .map_err(RedisStreamsError::Config)?;
         let consumer = config.consumer.clone().unwrap_or_else(generated_name);
         find_group(&conn, &config).await?;
+        warn_if_evicting(&conn, config.operation_timeout).await;
         let shared = Arc::new(Shared {
             dlq: config.dlq_stream(),
             delayed: config.delayed_key(),
@@ -501,4 +502,30 @@ fn group_names(reply: &Value) -> Vec<String> {
             })
         })
         .collect()
+}
+
+/// Logs a warning when Redis may evict keys (`maxmemory-policy` other than `noeviction`):
+/// an evicted stream, delayed copy or dead-letter stream is lost. Managed services that
+/// refuse `CONFIG GET` are not asked again.
+async fn warn_if_evicting(conn: &ConnectionManager, limit: Duration) {
+    let mut conn = conn.clone();
+    let asked = bounded(
+        "CONFIG GET maxmemory-policy",
+        limit,
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async::<Vec<String>>(&mut conn),
+    )
+    .await;
+    if let Ok(reply) = asked
+        && let Some(policy) = reply.get(1)
+        && policy != "noeviction"
+    {
+        tracing::warn!(
+            policy = %policy,
+            "Redis may evict keys under memory pressure: a stream, a delayed copy or a dead \
+             letter evicted is lost; set maxmemory-policy noeviction for a broker"
+        );
+    }
 }
