@@ -311,6 +311,8 @@ pub struct Resolved {
     pub nats_url: String,
     /// Redis URL of the streams.
     pub redis_url: String,
+    /// The field that carries a stream entry's payload (`[redis_streams] payload_field`).
+    pub payload_field: String,
     /// Per-call timeout.
     pub timeout: Duration,
     /// SQS scan visibility.
@@ -412,6 +414,10 @@ impl Target {
                 .or_else(|| env("REDIS_URL"))
                 .or_else(|| file.redis_streams.as_ref().map(|c| c.url.clone()))
                 .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+            payload_field: file.redis_streams.as_ref().map_or_else(
+                || ackstack_redis_streams::PAYLOAD_FIELD.to_string(),
+                |c| c.payload_field.clone(),
+            ),
             timeout: Duration::from_secs(self.timeout_secs.clamp(1, MAX_TIMEOUT_SECS)),
             visibility: Duration::from_secs(self.visibility_secs.clamp(1, 43_200)),
         })

@@ -277,6 +277,7 @@ async fn with_scan(resolved: &Resolved, scan: Scan) -> Result<Outcome, CliError>
             let dlq = redis_streams::StreamsDlq::open(
                 &resolved.redis_url,
                 &resolved.dlq,
+                &resolved.payload_field,
                 resolved.timeout,
             )
             .await?;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use ackstack_core::Headers;
 use ackstack_core::deadletter::METADATA_PREFIX;
 use ackstack_redis::connection::{ConnectionSettings, connection_manager};
-use ackstack_redis_streams::PAYLOAD_FIELD;
 use ackstack_redis_streams::redis::{self, Script, Value, aio::ConnectionManager};
 use bytes::Bytes;
 
@@ -41,6 +40,8 @@ pub struct StreamsDlq {
     /// The last id when the scan began (`None`: the stream was empty or missing).
     end: Option<String>,
     page: VecDeque<(String, Vec<(Bytes, Bytes)>)>,
+    /// The field that carries the payload.
+    payload_field: String,
     moved: Script,
     timeout: Duration,
 }
@@ -87,7 +88,12 @@ fn entries(value: Value) -> Vec<(String, Vec<(Bytes, Bytes)>)> {
 
 impl StreamsDlq {
     /// Connects to `url` and prepares to scan the stream `dlq`.
-    pub async fn open(url: &str, dlq: &str, timeout: Duration) -> Result<Self, CliError> {
+    pub async fn open(
+        url: &str,
+        dlq: &str,
+        payload_field: &str,
+        timeout: Duration,
+    ) -> Result<Self, CliError> {
         let mut conn = connection_manager(&ConnectionSettings {
             url,
             tls_ca_file: None,
@@ -115,6 +121,7 @@ impl StreamsDlq {
             after: "-".into(),
             end,
             page: VecDeque::new(),
+            payload_field: payload_field.to_string(),
             moved: Script::new(MOVE),
             timeout,
         })
@@ -155,7 +162,7 @@ impl DeadLetters for StreamsDlq {
         let mut payload = Bytes::new();
         let mut headers = Headers::new();
         for (name, value) in fields {
-            if name.as_ref() == PAYLOAD_FIELD.as_bytes() && payload.is_empty() {
+            if name.as_ref() == self.payload_field.as_bytes() && payload.is_empty() {
                 payload = value;
             } else {
                 headers.append(String::from_utf8_lossy(&name).into_owned(), value);
@@ -185,7 +192,7 @@ impl DeadLetters for StreamsDlq {
     ) -> Result<Sent, CliError> {
         let mut call = self.moved.prepare_invoke();
         call.key(queue).key(&self.dlq).arg(&handle.id);
-        call.arg(PAYLOAD_FIELD).arg(handle.payload.as_ref());
+        call.arg(&self.payload_field).arg(handle.payload.as_ref());
         for (name, value) in handle.headers.iter() {
             if name.starts_with(METADATA_PREFIX)
                 || RESET_HEADERS.contains(&name)

@@ -164,3 +164,43 @@ async fn redis_streams_a_replay_that_fails_keeps_the_letter() {
     assert_eq!(run.code, Some(1), "{run:?}");
     assert_eq!(fx.dead_letters().await, 1, "the letter stays: {run:?}");
 }
+
+/// A consumer configured with another payload field: the command reads it from the
+/// `[redis_streams]` table of its config file, and shows the payload byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_the_payload_field_comes_from_the_config_file() {
+    let fx = Streams::new().await;
+    let mut config = RedisStreamsConfig::new(fx.url.clone(), fx.stream.clone());
+    config.payload_field = "body".into();
+    config.block = Duration::from_millis(200);
+    let source = RedisStreamsSource::connect(config).await.unwrap();
+    let _: String = fx
+        .query(
+            redis::cmd("XADD")
+                .arg(&fx.stream)
+                .arg("*")
+                .arg("body")
+                .arg("order G")
+                .arg("message-id")
+                .arg("g-1"),
+        )
+        .await;
+    common::fail_batch(&fx, source, [Bytes::from("order G")].into(), 1).await;
+    let file = std::env::temp_dir().join(format!("{}.toml", fx.stream));
+    std::fs::write(
+        &file,
+        format!(
+            "[redis_streams]\nstream = \"{}\"\npayload_field = \"body\"\n",
+            fx.stream
+        ),
+    )
+    .unwrap();
+    let config_path = file.to_string_lossy().into_owned();
+    let shown = common::ackstack(
+        &fx,
+        &["dlq", "show", "g-1", "--raw", "--config", &config_path],
+    );
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(shown.code, Some(0), "{shown:?}");
+    assert_eq!(shown.stdout, b"order G".to_vec());
+}
