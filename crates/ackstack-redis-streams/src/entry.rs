@@ -117,6 +117,15 @@ pub(crate) fn items(value: &Value) -> Option<Vec<&Value>> {
     }
 }
 
+/// The value of `name` in a flat `[name, value, ...]` reply (an `XINFO` record).
+pub(crate) fn info_field<'a>(record: &'a Value, name: &str) -> Option<&'a Value> {
+    let fields = items(record)?;
+    fields.chunks(2).find_map(|pair| match pair {
+        [k, v] if text(k).as_deref() == Some(name) => Some(*v),
+        _ => None,
+    })
+}
+
 /// One `[id, [field, value, ...]]` entry with `delivered` deliveries; `None` for an entry
 /// the stream no longer holds (its fields are nil) or a malformed reply.
 pub(crate) fn parse_entry(value: &Value, delivered: u64) -> Option<Entry> {

@@ -301,15 +301,9 @@ impl Settle for RedisStreamsSettler {
         .await
         .ok()?;
         let lag = entry::items(&groups)?.into_iter().find_map(|g| {
-            let fields = entry::items(g)?;
-            let field = |name: &str| {
-                fields.chunks(2).find_map(|pair| match pair {
-                    [k, v] if entry::text(k).as_deref() == Some(name) => Some(*v),
-                    _ => None,
-                })
-            };
-            (field("name").and_then(entry::text).as_deref() == Some(config.group.as_str()))
-                .then(|| field("lag").and_then(entry::int))
+            let name = entry::info_field(g, "name").and_then(entry::text);
+            (name.as_deref() == Some(config.group.as_str()))
+                .then(|| entry::info_field(g, "lag").and_then(entry::int))
                 .flatten()
         })?;
         Some(Backlog {

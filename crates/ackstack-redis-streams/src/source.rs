@@ -494,13 +494,7 @@ fn group_names(reply: &Value) -> Vec<String> {
     entry::items(reply)
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|g| {
-            let fields = entry::items(g)?;
-            fields.chunks(2).find_map(|pair| match pair {
-                [k, v] if entry::text(k).as_deref() == Some("name") => entry::text(v),
-                _ => None,
-            })
-        })
+        .filter_map(|g| entry::info_field(g, "name").and_then(entry::text))
         .collect()
 }
 

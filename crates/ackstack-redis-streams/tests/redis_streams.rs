@@ -205,6 +205,8 @@ async fn retries_are_atomic_and_fenced_by_the_holder() {
         ];
         add(&stream, &fields).await;
     }
+    let backlog = source.settler().backlog().await.map(|b| b.total);
+    assert_eq!(backlog, Some(2), "the group's lag before anything was read");
     let mut got = receive_n(&mut source, 2).await;
     assert_eq!(got.len(), 2);
     let settler = source.settler();
