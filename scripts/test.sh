@@ -52,7 +52,9 @@ ensure_postgres() {
 ensure_rabbitmq() {
   if port_open 5672; then return; fi
   log "starting RabbitMQ"
-  rabbitmq-server -detached
+  # Each queue costs RabbitMQ file handles, and the suites declare hundreds: more than the
+  # usual 1,024 open files allow it (it then stops accepting connections).
+  (ulimit -n 65536 2>/dev/null || true; rabbitmq-server -detached)
   wait_port 5672 120 RabbitMQ
   # The port opens before the broker accepts logins; give it a moment to finish booting.
   rabbitmqctl await_startup >/dev/null 2>&1 || sleep 5

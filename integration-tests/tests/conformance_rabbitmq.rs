@@ -22,7 +22,11 @@ impl Rabbit {
             .collect();
         c.poll_interval = Duration::from_millis(200);
         // The suite makes dozens of queues per run: they delete themselves once unused.
-        c.queue_expires = Some(Duration::from_secs(180));
+        // A run declares about three hundred queues (delay and dead-letter queues included).
+        // RabbitMQ counts file handles for each, and once its budget (about 900 under the
+        // usual limit of 1,024 open files) is spent it stops accepting connections: let the
+        // queues go a minute after their check stopped using them.
+        c.queue_expires = Some(Duration::from_secs(60));
         c
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
@@ -23,6 +24,13 @@ pub struct Delivery {
     pub attempt: u32,
     /// Where the message came from.
     pub origin: Origin,
+    /// When the broker says the message was produced, where it says: the Kafka record
+    /// timestamp, SQS `SentTimestamp`, the AMQP `timestamp` property when the publisher set it,
+    /// the time JetStream stored it, a Redis stream entry id's time, the in-memory broker's
+    /// publish time. A retry that travels as a copy (Kafka retry topics, Redis Streams) carries
+    /// the copy's time. The queue-time histogram
+    /// ([`QUEUE_SECONDS`](crate::metrics::QUEUE_SECONDS)) is measured from it.
+    pub produced_at: Option<SystemTime>,
 }
 
 impl Delivery {
@@ -35,6 +43,7 @@ impl Delivery {
             message_id: None,
             attempt: 1,
             origin,
+            produced_at: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// A boxed error that can cross threads.
@@ -170,6 +171,38 @@ impl HandlerError {
     /// Takes the underlying error.
     pub fn into_inner(self) -> BoxError {
         self.source
+    }
+
+    /// `n` copies of this error, one for each delivery of a batch that failed as a whole:
+    /// the same kind, requested delay and deferral, and the same message and causes (the
+    /// underlying error is shared, so it no longer downcasts to its own type).
+    pub(crate) fn copies(self, n: usize) -> Vec<HandlerError> {
+        let shared = Arc::new(self.source);
+        (0..n)
+            .map(|_| HandlerError {
+                kind: self.kind,
+                source: Box::new(SharedError(shared.clone())),
+                retry_after: self.retry_after,
+                defer: self.defer,
+            })
+            .collect()
+    }
+}
+
+/// An error shared by several [`HandlerError`]s: displays as, and has the causes of, the
+/// error it shares.
+#[derive(Debug)]
+struct SharedError(Arc<BoxError>);
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl StdError for SharedError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.0.source()
     }
 }
 

@@ -88,6 +88,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 pub mod adapter;
 pub mod backoff;
+pub mod batch;
 mod clock;
 pub mod config;
 mod context;
@@ -115,6 +116,7 @@ pub mod tower;
 pub mod watermark;
 
 pub use backoff::{Backoff, Jitter};
+pub use batch::{Batch, BatchConfig, BatchHandler, BatchResults, batch_handler_fn};
 pub use deadletter::{DeadLetter, DeadLetterMetadata, DeadLetterReason};
 pub use dedup::{
     DedupConfig, DedupKey, DedupLayer, DedupStore, KeyFn, MemoryDedupStore, OnStoreError,

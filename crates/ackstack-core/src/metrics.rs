@@ -39,11 +39,27 @@
 //! | `ackstack_consumer_state` | gauge | `state` | 1 for the state the consumer is in (`running`, `paused`, `circuit_open`, `half_open`), 0 for the others |
 //! | `ackstack_circuit_trips_total` | counter | | times the kill switch opened |
 //! | `ackstack_handler_seconds` | histogram | `outcome` | time the processing stack took to decide: the handler, its retries in place, waits for the dedup store |
+//! | `ackstack_queue_seconds` | histogram | | how long each delivery waited, from when the broker says it was produced ([`Delivery::produced_at`](crate::Delivery::produced_at)) to the start of its handling; RabbitMQ only when publishers set the `timestamp` property |
+//! | `ackstack_batch_size` | histogram | | deliveries per call of a batch handler ([`Consumer::run_batches_until`](crate::Consumer::run_batches_until)) |
 //! | `ackstack_backlog` | gauge | | messages waiting at the broker (RabbitMQ ready messages, SQS `ApproximateNumberOfMessages`, Kafka total lag), asked every `backlog_interval` |
 //! | `ackstack_partition_lag` | gauge | `partition` | a Kafka partition's lag: high watermark minus the position this member can commit (before it has one, the committed offset) |
 //!
-//! [`HANDLER_SECONDS_BUCKETS`] are the buckets to give a Prometheus recorder for the latency
-//! histogram.
+//! [`HANDLER_SECONDS_BUCKETS`] and [`QUEUE_SECONDS_BUCKETS`] are the buckets to give a
+//! Prometheus recorder for the two time histograms.
+//!
+//! # OpenTelemetry names
+//!
+//! With [`ConsumerConfig::otel_metric_names`](crate::ConsumerConfig::otel_metric_names) set,
+//! two metrics of the OpenTelemetry messaging semantic conventions are recorded beside the
+//! `ackstack_*` ones, with the attributes `messaging.system` (`rabbitmq`, `aws_sqs`, `kafka`,
+//! `nats`, `redis`, `memory`), `messaging.destination.name` (the queue, topic or stream),
+//! `messaging.consumer.group.name` (the consumer's name) and `messaging.operation.name`
+//! (`process`, `receive`):
+//!
+//! | name | kind | extra attribute | meaning |
+//! |---|---|---|---|
+//! | `messaging.client.consumed.messages` | counter | | deliveries received |
+//! | `messaging.process.duration` | histogram | `error.type` (`transient`, `permanent`) when the attempt failed | seconds the processing stack took, as `ackstack_handler_seconds` |
 
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -102,6 +118,10 @@ pub const RECEIVE_ERRORS: &str = "ackstack_receive_errors_total";
 pub const CONSUMER_STATE: &str = "ackstack_consumer_state";
 /// Times the kill switch opened.
 pub const CIRCUIT_TRIPS: &str = "ackstack_circuit_trips_total";
+/// Seconds from a delivery's production to the start of its handling.
+pub const QUEUE_SECONDS: &str = "ackstack_queue_seconds";
+/// Deliveries per call of a batch handler.
+pub const BATCH_SIZE: &str = "ackstack_batch_size";
 /// Messages waiting at the broker.
 pub const BACKLOG: &str = "ackstack_backlog";
 /// A partition's lag (label `partition`).
@@ -126,6 +146,8 @@ pub const ALL: &[&str] = &[
     ABANDONED,
     IN_FLIGHT,
     HANDLER_SECONDS,
+    QUEUE_SECONDS,
+    BATCH_SIZE,
     DEDUP_HELD,
     DEDUP_KEYLESS,
     STORE_ERRORS,
@@ -141,6 +163,17 @@ pub const ALL: &[&str] = &[
 pub const HANDLER_SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+
+/// Bucket bounds (seconds) for [`QUEUE_SECONDS`]: 10 ms to 6 hours (a backlog's wait).
+pub const QUEUE_SECONDS_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+    3600.0, 7200.0, 21600.0,
+];
+
+/// The OpenTelemetry messaging convention's counter of received messages.
+pub const OTEL_CONSUMED_MESSAGES: &str = "messaging.client.consumed.messages";
+/// The OpenTelemetry messaging convention's histogram of processing time.
+pub const OTEL_PROCESS_DURATION: &str = "messaging.process.duration";
 
 /// The outcomes in label order; [`outcome_index`] maps an [`Outcome`] into it.
 const OUTCOME_LABELS: [&str; 5] = ["ack", "retry", "dead_letter", "release", "defer"];
@@ -181,7 +214,7 @@ pub(crate) struct Metrics {
     queue: Arc<str>,
     /// The labels every handle carries, for the per-partition gauges made later.
     base: Vec<Label>,
-    pub(crate) received: Counter,
+    received: Counter,
     outcomes: [Counter; 5],
     pub(crate) acked: Counter,
     retried: [Counter; 2],
@@ -205,12 +238,22 @@ pub(crate) struct Metrics {
     state: [Gauge; 4],
     pub(crate) circuit_trips: Counter,
     handler_seconds: [Histogram; 5],
+    pub(crate) batch_size: Histogram,
+    queue_seconds: Histogram,
+    /// The OpenTelemetry-named handles, when asked for.
+    otel: Option<OtelNames>,
     pub(crate) backlog: Gauge,
 }
 
 impl Metrics {
     /// Registers every handle for `consumer` reading `queue` on `broker`.
-    pub(crate) fn new(consumer: Arc<str>, broker: &'static str, queue: Arc<str>) -> Self {
+    pub(crate) fn new(
+        consumer: Arc<str>,
+        broker: &'static str,
+        queue: Arc<str>,
+        otel: bool,
+    ) -> Self {
+        let otel = otel.then(|| OtelNames::new(&consumer, broker, &queue));
         let base = vec![
             Label::new("consumer", consumer.to_string()),
             Label::new("broker", broker),
@@ -254,6 +297,9 @@ impl Metrics {
             circuit_trips: counter(CIRCUIT_TRIPS),
             handler_seconds: OUTCOME_LABELS
                 .map(|o| metrics::histogram!(HANDLER_SECONDS, with("outcome", o))),
+            batch_size: metrics::histogram!(BATCH_SIZE, base.clone()),
+            queue_seconds: metrics::histogram!(QUEUE_SECONDS, base.clone()),
+            otel,
             backlog: metrics::gauge!(BACKLOG, base.clone()),
             broker,
             queue,
@@ -271,7 +317,7 @@ impl Metrics {
     /// Handles registered with no recorder: they record nothing.
     pub(crate) fn detached() -> Self {
         metrics::with_local_recorder(&metrics::NoopRecorder, || {
-            Metrics::new("".into(), "", "".into())
+            Metrics::new("".into(), "", "".into(), false)
         })
     }
 
@@ -285,7 +331,33 @@ impl Metrics {
         self.outcomes[i].increment(1);
         if let Some(seconds) = seconds {
             self.handler_seconds[i].record(seconds);
+            if let Some(otel) = &self.otel {
+                let error = match outcome {
+                    Outcome::Retry { failure, .. } | Outcome::DeadLetter(failure) => {
+                        1 + kind_index(failure.kind)
+                    }
+                    _ => 0,
+                };
+                otel.process_duration[error].record(seconds);
+            }
         }
+    }
+
+    /// Counts a received delivery.
+    pub(crate) fn received(&self) {
+        self.received.increment(1);
+        if let Some(otel) = &self.otel {
+            otel.consumed.increment(1);
+        }
+    }
+
+    /// Records how long a delivery produced at `produced_at` waited before its handling
+    /// starts now (zero where the producer's clock is ahead).
+    pub(crate) fn queue_time(&self, produced_at: std::time::SystemTime) {
+        let waited = std::time::SystemTime::now()
+            .duration_since(produced_at)
+            .unwrap_or_default();
+        self.queue_seconds.record(waited.as_secs_f64());
     }
 
     /// Counts a retry of a failure of this kind.
@@ -307,6 +379,50 @@ impl Metrics {
     }
 }
 
+/// The handles named by the OpenTelemetry messaging semantic conventions.
+#[derive(Debug)]
+struct OtelNames {
+    consumed: Counter,
+    /// Without `error.type`, then with `transient` and `permanent`.
+    process_duration: [Histogram; 3],
+}
+
+impl OtelNames {
+    fn new(consumer: &str, broker: &'static str, queue: &str) -> Self {
+        let system = match broker {
+            "sqs" => "aws_sqs",
+            "redis-streams" => "redis",
+            other => other,
+        };
+        let base = vec![
+            Label::new("messaging.system", system),
+            Label::new("messaging.destination.name", queue.to_string()),
+            Label::new("messaging.consumer.group.name", consumer.to_string()),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut labels = base.clone();
+            labels.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
+            labels
+        };
+        let process = |error: Option<&'static str>| {
+            let mut extra = vec![("messaging.operation.name", "process")];
+            extra.extend(error.map(|e| ("error.type", e)));
+            metrics::histogram!(OTEL_PROCESS_DURATION, with(&extra))
+        };
+        OtelNames {
+            consumed: metrics::counter!(
+                OTEL_CONSUMED_MESSAGES,
+                with(&[("messaging.operation.name", "receive")])
+            ),
+            process_duration: [
+                process(None),
+                process(Some(ERROR_KIND_LABELS[0])),
+                process(Some(ERROR_KIND_LABELS[1])),
+            ],
+        }
+    }
+}
+
 /// Handles that record nothing, for a context outside any consumer.
 pub(crate) fn unregistered() -> &'static Metrics {
     static NOOP: std::sync::OnceLock<Metrics> = std::sync::OnceLock::new();
@@ -322,21 +438,26 @@ pub(crate) struct MetricSets {
     consumer: Arc<str>,
     own: Arc<Metrics>,
     queues: RwLock<Vec<Arc<Metrics>>>,
+    /// Whether the OpenTelemetry names are recorded too.
+    otel: bool,
 }
 
 impl MetricSets {
     /// The sets of a run over `source` (its origin: broker, queue, consumer), named `name`.
-    pub(crate) fn new(source: &Origin, name: Option<Arc<str>>) -> Self {
+    /// With `otel`, the OpenTelemetry names are recorded too.
+    pub(crate) fn new(source: &Origin, name: Option<Arc<str>>, otel: bool) -> Self {
         let consumer = name.unwrap_or_else(|| source.consumer.clone());
         let own = Arc::new(Metrics::new(
             consumer.clone(),
             source.broker,
             source.queue.clone(),
+            otel,
         ));
         MetricSets {
             consumer,
             queues: RwLock::new(vec![own.clone()]),
             own,
+            otel,
         }
     }
 
@@ -363,6 +484,7 @@ impl MetricSets {
             self.consumer.clone(),
             origin.broker,
             origin.queue.clone(),
+            self.otel,
         ));
         sets.push(m.clone());
         m

@@ -30,6 +30,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 struct Cell(
     AtomicU64,
     /* the highest value a gauge reached */ AtomicU64,
+    /* the highest value a histogram recorded, in milliseconds */ AtomicU64,
 );
 
 impl CounterFn for Cell {
@@ -59,8 +60,9 @@ impl GaugeFn for Cell {
     }
 }
 impl HistogramFn for Cell {
-    fn record(&self, _value: f64) {
+    fn record(&self, value: f64) {
         self.0.fetch_add(1, Ordering::SeqCst);
+        self.2.fetch_max((value * 1000.0) as u64, Ordering::SeqCst);
     }
 }
 
@@ -248,6 +250,18 @@ impl ByKey {
             .unwrap()
             .get(&(name.to_string(), labels))
             .map_or(0, |c| value(c))
+    }
+
+    /// The highest value (in thousandths) any histogram `name` recorded.
+    fn highest(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|(_, c)| c.2.load(Ordering::SeqCst))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The sum under `name` over all its label sets.
@@ -582,5 +596,114 @@ fn the_backlog_gauge_says_unknown_once_the_broker_stops_answering() {
         unknown,
         u64::MAX,
         "unknown (NaN) once it stops answering, not its last value"
+    );
+}
+
+#[test]
+fn queue_time_is_measured_from_the_brokers_timestamp_and_otel_names_are_opt_in() {
+    let totals = ByKey::default();
+    let broker = MemoryBroker::new();
+    broker.publish("orders", Message::new("ok"));
+    broker.publish("orders", Message::new("fails once"));
+    broker.publish("orders", Message::new("bad"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&totals, || {
+        runtime.block_on(async {
+            // Produced, then waiting 300 ms before any consumer runs.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut config = ackstack_core::ConsumerConfig::default();
+            config.otel_metric_names = true;
+            config.retry.backoff =
+                Backoff::exponential(Duration::from_millis(10), Duration::from_millis(50))
+                    .no_jitter();
+            let consumer =
+                Consumer::new(broker.source("orders").poll_wait(Duration::from_millis(20)))
+                    .config(config)
+                    .name("billing");
+            let status = consumer.status();
+            consumer
+                .run_until(
+                    handler_fn(|d, _cx| async move {
+                        match (&d.payload[..], d.attempt) {
+                            (b"bad", _) => Err(HandlerError::permanent("bad")),
+                            (b"fails once", 1) => Err(HandlerError::transient("later")),
+                            _ => Ok(()),
+                        }
+                    }),
+                    async move { status.idle(Duration::from_millis(300)).await },
+                )
+                .await
+                .unwrap()
+        })
+    });
+    assert_eq!(
+        totals.total(names::QUEUE_SECONDS),
+        4,
+        "one sample per handling"
+    );
+    let highest = totals.highest(names::QUEUE_SECONDS);
+    assert!(
+        (300..60_000).contains(&highest),
+        "the longest wait was {highest} ms, not the 300 ms the messages waited"
+    );
+    let otel = [
+        ("messaging.consumer.group.name", "billing"),
+        ("messaging.destination.name", "orders"),
+        ("messaging.system", "memory"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut labels = otel.to_vec();
+        labels.extend_from_slice(extra);
+        labels
+    };
+    assert_eq!(
+        totals.get(
+            names::OTEL_CONSUMED_MESSAGES,
+            &with(&[("messaging.operation.name", "receive")])
+        ),
+        4
+    );
+    let process = |error: Option<&'static str>| {
+        let mut extra = vec![("messaging.operation.name", "process")];
+        extra.extend(error.map(|e| ("error.type", e)));
+        totals.get(names::OTEL_PROCESS_DURATION, &with(&extra))
+    };
+    assert_eq!(process(None), 2, "the two successes");
+    assert_eq!(process(Some("transient")), 1);
+    assert_eq!(process(Some("permanent")), 1);
+}
+
+#[test]
+fn otel_names_are_off_by_default() {
+    let totals = ByKey::default();
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("ok"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&totals, || {
+        runtime.block_on(async {
+            let consumer = Consumer::new(broker.source("q").poll_wait(Duration::from_millis(20)));
+            let status = consumer.status();
+            consumer
+                .run_until(handler_fn(|_d, _cx| async { Ok(()) }), async move {
+                    status.idle(Duration::from_millis(200)).await
+                })
+                .await
+                .unwrap()
+        })
+    });
+    assert_eq!(totals.total(names::RECEIVED), 1);
+    assert!(
+        totals
+            .keys()
+            .iter()
+            .all(|(name, _)| !name.starts_with("messaging.")),
+        "{:?}",
+        totals.keys()
     );
 }

@@ -504,5 +504,10 @@ fn to_delivery(m: &BorrowedMessage<'_>, topic: Arc<str>, consumer: Arc<str>) -> 
         message_id,
         attempt,
         origin,
+        produced_at: m
+            .timestamp()
+            .to_millis()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
     }
 }

@@ -132,8 +132,12 @@ impl NatsSource {
     }
 
     fn convert(&self, message: jetstream::Message) -> Option<Received<NatsToken>> {
-        let (stream_seq, delivered) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered),
+        let (stream_seq, delivered, published) = match message.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                info.delivered,
+                u64::try_from(info.published.unix_timestamp_nanos()).ok(),
+            ),
             Err(e) => {
                 tracing::warn!(subject = %message.subject, error = %e, "JetStream message without ack metadata skipped");
                 return None;
@@ -165,6 +169,8 @@ impl NatsSource {
             message_id,
             attempt,
             origin,
+            produced_at: published
+                .map(|ns| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)),
         };
         let token = NatsToken(Arc::new(TokenInner {
             reply,

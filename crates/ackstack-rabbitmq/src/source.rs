@@ -228,6 +228,11 @@ impl RabbitSource {
             message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
             attempt,
             origin: active.origin.clone(),
+            // AMQP timestamps are in seconds.
+            produced_at: d
+                .properties
+                .timestamp()
+                .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)),
         };
         let redelivered = d.redelivered;
         let token = RabbitToken {

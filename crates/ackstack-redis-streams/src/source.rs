@@ -141,6 +141,10 @@ impl RedisStreamsSource {
         let message_id = parts
             .message_id
             .unwrap_or_else(|| format!("{}:{}", config.stream, entry.id));
+        let produced_at = origin
+            .offset
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
         let delivery = Delivery {
             payload: parts.payload,
             headers: parts.headers,
@@ -148,6 +152,7 @@ impl RedisStreamsSource {
             message_id: Some(message_id),
             attempt,
             origin,
+            produced_at,
         };
         let token = RedisStreamsToken {
             id: entry.id.into(),

@@ -223,6 +223,10 @@ impl SqsSource {
             message_id: m.message_id.clone(),
             attempt,
             origin: Origin::new("sqs", self.queue.name.clone(), self.queue.consumer.clone()),
+            produced_at: system
+                .get(&MessageSystemAttributeName::SentTimestamp)
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
         };
         let token = SqsToken(Arc::new(TokenInner {
             receipt_handle,

@@ -124,6 +124,10 @@
 //! | [`checks::panics_and_bad_input_do_not_stop_the_consumer`] | 10 bad input |
 //! | [`checks::per_key_ordering`] | 11 ordering |
 //! | [`checks::concurrency_is_bounded`] | runner contract |
+//! | [`checks::batch_outcomes_are_per_delivery`] | 1, 2, 4, 5 per delivery of a batch |
+//! | [`checks::batch_errors_fail_every_delivery`] | 1, 2 for a batch failing as a whole |
+//! | [`checks::batch_leases_cover_the_whole_batch`] | 6 for a batch |
+//! | [`checks::batches_keep_key_order`] | 11 for batches |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 use std::collections::HashMap;

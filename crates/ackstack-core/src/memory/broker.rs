@@ -51,6 +51,8 @@ pub(super) struct Stored {
     pub(super) first_failure: Option<SystemTime>,
     /// Receives that followed a deferral (not attempts).
     pub(super) deferrals: u32,
+    /// When it was published.
+    published_at: SystemTime,
 }
 
 /// One message as [`MemoryBroker::receive_now`] hands it out.
@@ -61,6 +63,8 @@ pub(super) struct Handed {
     pub(super) receives: u32,
     /// The attempt number: receives that were not deferrals.
     pub(super) attempt: u32,
+    /// When it was published.
+    pub(super) published_at: SystemTime,
 }
 
 /// Counts for one queue, for tests and benchmarks.
@@ -162,6 +166,7 @@ impl MemoryBroker {
                 generation: 0,
                 first_failure: None,
                 deferrals: 0,
+                published_at: SystemTime::now(),
             },
         );
         q.ready.push_back(id);
@@ -243,6 +248,7 @@ impl MemoryBroker {
                 message: m.message.clone(),
                 receives: m.receives,
                 attempt: m.receives.saturating_sub(m.deferrals).max(1),
+                published_at: m.published_at,
             });
             q.hide(id, later(now, visibility));
         }

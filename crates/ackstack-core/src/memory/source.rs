@@ -86,6 +86,7 @@ impl Source for MemorySource {
                              message,
                              receives,
                              attempt,
+                             published_at,
                          }| {
                             let mut origin =
                                 Origin::new("memory", self.queue.clone(), self.consumer.clone());
@@ -98,6 +99,7 @@ impl Source for MemorySource {
                                     message_id: message.message_id,
                                     attempt,
                                     origin,
+                                    produced_at: Some(published_at),
                                 },
                                 token: MemoryToken {
                                     id,

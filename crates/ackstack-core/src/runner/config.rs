@@ -92,6 +92,10 @@ pub struct ConsumerConfig {
     /// the `ackstack_backlog` gauge); zero: never. Default 15 s.
     #[serde(with = "crate::config::duration")]
     pub backlog_interval: Duration,
+    /// Also records the OpenTelemetry messaging convention's metrics
+    /// (`messaging.process.duration`, `messaging.client.consumed.messages`) beside the
+    /// `ackstack_*` ones; see [`metrics`](crate::metrics#opentelemetry-names). Off by default.
+    pub otel_metric_names: bool,
 }
 
 /// Health settings, [`ConsumerConfig::health`](crate::ConsumerConfig::health).
@@ -151,6 +155,7 @@ impl Default for ConsumerConfig {
             kill_switch: None,
             health: HealthConfig::default(),
             backlog_interval: Duration::from_secs(15),
+            otel_metric_names: false,
         }
     }
 }
@@ -270,6 +275,19 @@ pub enum ConfigError {
     /// Effectively-once was asked for without a dedup store.
     #[error("effectively-once needs a dedup store: call .dedup(store, key)")]
     EffectivelyOnceWithoutStore,
+    /// A batch size of zero, or larger than the consumer's concurrency (a batch holds
+    /// deliveries in flight, so it could never fill).
+    #[error(
+        "batch max_size {max_size} must be between 1 and concurrency {concurrency} (a batch \
+         holds deliveries in flight, so it could never fill): raise concurrency, best to a \
+         multiple of max_size so that the next batch fills while one runs"
+    )]
+    BatchSize {
+        /// `BatchConfig::max_size`.
+        max_size: usize,
+        /// `ConsumerConfig::concurrency`.
+        concurrency: usize,
+    },
 }
 
 /// What the setters of [`Consumer`](crate::Consumer) changed, applied over its base config.

@@ -188,6 +188,9 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 return;
             };
             let started = Instant::now();
+            if let Some(produced_at) = delivery.produced_at {
+                cx.metrics().queue_time(produced_at);
+            }
             if self.mode == DeliveryMode::AtMostOnce {
                 // Acked on receipt: the lease no longer matters.
                 drop(lease.take());

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::batch::{BatchConfig, BatchHandler, Batcher};
 use crate::dedup::DedupLayer;
 use crate::delivery::Delivery;
 use crate::handler::{Handler, Layer, Terminal};
@@ -37,9 +38,47 @@ const PAUSE_RECHECK: Duration = Duration::from_secs(1);
 
 impl<S: Source, L> Consumer<S, L> {
     /// Runs until `shutdown` completes, then drains, flushes and returns what happened.
-    pub async fn run_until<H, F>(
+    pub async fn run_until<H, F>(self, handler: H, shutdown: F) -> Result<Summary, ConsumerError>
+    where
+        H: Handler,
+        L: Layer<Terminal<H>>,
+        F: Future<Output = ()> + Send,
+    {
+        self.run(handler, true, shutdown).await
+    }
+
+    /// Runs a batch handler until `shutdown` completes: deliveries are gathered into batches
+    /// by `batches` and each delivery is settled by its own result; see the
+    /// [`batch`](crate::batch) module. `handler_timeout` limits each batch call.
+    pub async fn run_batches_until<B, F>(
+        self,
+        handler: B,
+        batches: BatchConfig,
+        shutdown: F,
+    ) -> Result<Summary, ConsumerError>
+    where
+        B: BatchHandler,
+        L: Layer<Terminal<Batcher<B>>>,
+        F: Future<Output = ()> + Send,
+    {
+        self.validate()?;
+        let cfg = self.effective_config();
+        if batches.max_size == 0 || batches.max_size > cfg.concurrency {
+            return Err(ConsumerError::Config(ConfigError::BatchSize {
+                max_size: batches.max_size,
+                concurrency: cfg.concurrency,
+            }));
+        }
+        let batcher = Batcher::spawn(handler, batches, cfg.handler_timeout);
+        // The batch call is timed, not each delivery's wait for its batch.
+        self.run(batcher, false, shutdown).await
+    }
+
+    /// The run: `timed` limits each handler call to `handler_timeout`.
+    async fn run<H, F>(
         mut self,
         handler: H,
+        timed: bool,
         shutdown: F,
     ) -> Result<Summary, ConsumerError>
     where
@@ -78,7 +117,11 @@ impl<S: Source, L> Consumer<S, L> {
         // At-most-once acks on receipt: there is nothing left to retry in place.
         let in_place = (!caps.broker_delay || per_key) && cfg.mode != DeliveryMode::AtMostOnce;
         let stats = self.status.inner.stats.clone();
-        let metrics = Arc::new(MetricSets::new(&self.source.origin(), self.name.clone()));
+        let metrics = Arc::new(MetricSets::new(
+            &self.source.origin(),
+            self.name.clone(),
+            cfg.otel_metric_names,
+        ));
         let own = metrics.own().clone();
         self.status.configure_health(cfg.health);
         // Each attempt retried in place is shown to the inspector and, with a kill switch
@@ -105,7 +148,7 @@ impl<S: Source, L> Consumer<S, L> {
             });
         let terminal = Terminal::new(handler)
             .classify(self.classifier.clone())
-            .timeout(cfg.handler_timeout)
+            .timeout(cfg.handler_timeout.filter(|_| timed))
             .arrival_limit(
                 (caps.careful_for.is_some() && cfg.mode != DeliveryMode::AtMostOnce)
                     .then_some(cfg.retry.max_attempts),
@@ -284,7 +327,7 @@ impl<S: Source, L> Consumer<S, L> {
                     .received
                     .fetch_add(1, AtomicOrdering::Relaxed);
                 let metrics = shared.metrics.of(&received.delivery.origin);
-                metrics.received.increment(1);
+                metrics.received();
                 let cancel = hard_stop.child_token();
                 let lease = leases
                     .as_ref()

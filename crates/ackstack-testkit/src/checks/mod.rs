@@ -25,6 +25,9 @@
 //!   [`panics_and_bad_input_do_not_stop_the_consumer`].
 //! - `ordering.rs`: invariant 11 (ordering when asked) and the runner's concurrency bound:
 //!   [`per_key_ordering`], [`concurrency_is_bounded`].
+//! - `batches.rs`: batch handlers keep invariants 1, 2, 4, 5, 6 and 11 per delivery:
+//!   [`batch_outcomes_are_per_delivery`], [`batch_errors_fail_every_delivery`],
+//!   [`batch_leases_cover_the_whole_batch`], [`batches_keep_key_order`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,6 +44,7 @@ use crate::{Harness, TestQueue};
 
 mod acks;
 mod bad_input;
+mod batches;
 mod dead_letters;
 mod dedup;
 mod defer;
@@ -51,6 +55,10 @@ mod shutdown;
 
 pub use acks::{acks_are_batched, acks_only_after_success, out_of_order_completion_loses_nothing};
 pub use bad_input::panics_and_bad_input_do_not_stop_the_consumer;
+pub use batches::{
+    batch_errors_fail_every_delivery, batch_leases_cover_the_whole_batch,
+    batch_outcomes_are_per_delivery, batches_keep_key_order,
+};
 pub use dead_letters::{dead_letters_after_max_attempts, permanent_failures_dead_letter_at_once};
 pub use dedup::dedup_marks_after_success;
 pub use defer::{deferrals_end_at_the_defer_limit, deferrals_use_no_attempt};
@@ -124,6 +132,18 @@ pub fn all<H: Harness>() -> Vec<(&'static str, Check<H>)> {
         ("per_key_ordering", |h| Box::pin(per_key_ordering(h))),
         ("concurrency_is_bounded", |h| {
             Box::pin(concurrency_is_bounded(h))
+        }),
+        ("batch_outcomes_are_per_delivery", |h| {
+            Box::pin(batch_outcomes_are_per_delivery(h))
+        }),
+        ("batch_errors_fail_every_delivery", |h| {
+            Box::pin(batch_errors_fail_every_delivery(h))
+        }),
+        ("batch_leases_cover_the_whole_batch", |h| {
+            Box::pin(batch_leases_cover_the_whole_batch(h))
+        }),
+        ("batches_keep_key_order", |h| {
+            Box::pin(batches_keep_key_order(h))
         }),
     ]
 }
