@@ -82,6 +82,17 @@ pub enum Dlq {
         #[arg(long)]
         json: bool,
     },
+    /// Dead letters grouped by cause (error kind and normalised message): count, first and
+    /// last seen, a sample; replay or purge a group with --group FP
+    Groups {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One JSON object per line instead of the table
+        #[arg(long)]
+        json: bool,
+    },
     /// One dead letter: payload (text, or hex when binary), original headers, metadata
     Show {
         #[command(flatten)]
@@ -188,6 +199,9 @@ pub struct FilterArgs {
     /// Only letters whose error message contains TEXT
     #[arg(long, value_name = "TEXT")]
     pub grep: Option<String>,
+    /// Only letters of the failure group FP (as `groups` shows it)
+    #[arg(long, value_name = "FP")]
+    pub group: Option<String>,
     /// At most N letters
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
@@ -205,6 +219,7 @@ impl FilterArgs {
             until_ms: self.until,
             message_id: self.message_id.clone(),
             grep: self.grep.clone(),
+            group: self.group.clone(),
             limit: self.limit,
         }
     }

@@ -126,6 +126,8 @@ pub struct Filter {
     pub message_id: Option<String>,
     /// Only letters whose error message contains this text.
     pub grep: Option<String>,
+    /// Only letters of this failure group (fingerprint, as `groups` shows it).
+    pub group: Option<String>,
     /// At most this many letters.
     pub limit: Option<usize>,
 }
@@ -142,7 +144,8 @@ impl Filter {
         let needs_metadata = self.error_kind.is_some()
             || self.since_ms.is_some()
             || self.until_ms.is_some()
-            || self.grep.is_some();
+            || self.grep.is_some()
+            || self.group.is_some();
         let Some(m) = &letter.metadata else {
             return !needs_metadata;
         };
@@ -153,6 +156,7 @@ impl Filter {
                 .grep
                 .as_deref()
                 .is_none_or(|g| m.error_message.contains(g))
+            && self.group.as_deref().is_none_or(|g| m.fingerprint == g)
     }
 }
 
@@ -260,8 +264,13 @@ pub fn table(letters: &[Letter]) -> String {
         "LAST FAILURE",
         "ERROR",
     ];
+    columns(&head, &rows)
+}
+
+/// A table: `head`, then `rows`, each column as wide as its widest cell (the last one free).
+pub fn columns<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
     let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -278,7 +287,7 @@ pub fn table(letters: &[Letter]) -> String {
         out.trim_end().to_string() + "\n"
     };
     let mut out = line(head.to_vec());
-    for row in &rows {
+    for row in rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out

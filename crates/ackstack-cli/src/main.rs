@@ -14,6 +14,7 @@
 //! the config file.
 
 mod cli;
+mod groups;
 mod kafka;
 mod letter;
 mod nats;
@@ -92,6 +93,10 @@ enum Job {
         filter: Filter,
         json: bool,
     },
+    Groups {
+        filter: Filter,
+        json: bool,
+    },
     Show {
         id: String,
         raw: bool,
@@ -116,6 +121,17 @@ async fn dead_letters(dlq: Dlq, file: &FileConfig) -> Result<ExitCode, CliError>
         } => (
             target,
             Job::List {
+                filter: filter.filter(),
+                json,
+            },
+        ),
+        Dlq::Groups {
+            target,
+            filter,
+            json,
+        } => (
+            target,
+            Job::Groups {
                 filter: filter.filter(),
                 json,
             },
@@ -193,6 +209,17 @@ async fn dead_letters(dlq: Dlq, file: &FileConfig) -> Result<ExitCode, CliError>
         }
         Job::Purge { filter, yes: true } => {
             finish(with_scan(&resolved, Scan::Purge(filter)).await?, &resolved)
+        }
+        Job::Groups { filter, json } => {
+            let Outcome::Letters(listing) = with_scan(&resolved, Scan::List(filter)).await? else {
+                return Err(CliError::Usage("internal: groups".into()));
+            };
+            print_groups(&groups::groups(&listing.letters), json)?;
+            Ok(if warn_unreached(listing.unreached, &resolved) {
+                ExitCode::from(SKIPPED)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Job::List { filter, json } => {
             let Outcome::Letters(listing) = with_scan(&resolved, Scan::List(filter)).await? else {
@@ -370,6 +397,24 @@ fn print_list(letters: &[Letter], json: bool) -> Result<(), CliError> {
         write(&mut out, &letter::table(letters))?;
     }
     Ok(())
+}
+
+fn print_groups(groups: &[groups::Group], json: bool) -> Result<(), CliError> {
+    let text = if json {
+        let mut text = String::new();
+        for group in groups {
+            text += &serde_json::to_string(group)
+                .map_err(|e| CliError::Broker(format!("json: {e}")))?;
+            text.push('\n');
+        }
+        text
+    } else {
+        groups::table(groups)
+    };
+    std::io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .map_err(|e| CliError::Broker(format!("stdout: {e}")))
 }
 
 fn print_one(letter: &Letter, raw: bool, json: bool) -> Result<(), CliError> {

@@ -141,6 +141,11 @@ async fn kafka_list_show_and_filters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_groups_replay_and_purge() {
+    common::groups_replay_and_purge(&Kafka::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_replay_loop_guard_and_purge() {
     common::replay_loop_guard_and_purge(&Kafka::new()).await;
 }

@@ -147,6 +147,11 @@ async fn nats_list_show_and_filters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_groups_replay_and_purge() {
+    common::groups_replay_and_purge(&Nats::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_replay_loop_guard_and_purge() {
     common::replay_loop_guard_and_purge(&Nats::new().await).await;
 }

@@ -98,6 +98,11 @@ async fn rabbitmq_list_show_and_filters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_groups_replay_and_purge() {
+    common::groups_replay_and_purge(&Rabbit::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_replay_loop_guard_and_purge() {
     common::replay_loop_guard_and_purge(&Rabbit::new().await).await;
 }

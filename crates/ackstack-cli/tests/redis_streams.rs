@@ -143,6 +143,11 @@ async fn redis_streams_list_show_and_filters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_groups_replay_and_purge() {
+    common::groups_replay_and_purge(&Streams::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_streams_replay_loop_guard_and_purge() {
     common::replay_loop_guard_and_purge(&Streams::new().await).await;
 }

@@ -201,6 +201,11 @@ async fn sqs_list_show_and_filters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_groups_replay_and_purge() {
+    common::groups_replay_and_purge(&Sqs::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_replay_loop_guard_and_purge() {
     common::replay_loop_guard_and_purge(&Sqs::new().await).await;
 }

@@ -120,6 +120,7 @@ impl DeadLetter {
             first_failure_ms: first,
             last_failure_ms: last,
             consumer: delivery.origin.consumer.to_string(),
+            fingerprint: crate::fingerprint::fingerprint(self.failure.kind, &self.failure.message),
         }
     }
 }
@@ -168,6 +169,11 @@ pub struct DeadLetterMetadata {
     pub last_failure_ms: u64,
     /// The consumer that dead-lettered it.
     pub consumer: String,
+    /// The failure's group: its kind and normalised message hashed
+    /// ([`fingerprint`](crate::fingerprint::fingerprint)); computed from those two where an
+    /// older dead letter does not carry it.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 impl DeadLetterMetadata {
@@ -182,6 +188,7 @@ impl DeadLetterMetadata {
             ("queue", self.queue.clone()),
             ("last-failure-ms", self.last_failure_ms.to_string()),
             ("consumer", self.consumer.clone()),
+            ("fingerprint", self.fingerprint.clone()),
         ];
         if let Some(p) = self.partition {
             pairs.push(("partition", p.to_string()));
@@ -232,7 +239,7 @@ impl DeadLetterMetadata {
     /// Reads the fields back from headers written by [`DeadLetterMetadata::apply_to`].
     pub fn from_headers(headers: &Headers) -> Option<Self> {
         let get = |k: &str| headers.get_str(&format!("{METADATA_PREFIX}{k}"));
-        Some(DeadLetterMetadata {
+        let mut metadata = DeadLetterMetadata {
             reason: match get("reason")? {
                 "permanent" => DeadLetterReason::Permanent,
                 "max_attempts" => DeadLetterReason::MaxAttempts,
@@ -255,7 +262,25 @@ impl DeadLetterMetadata {
             first_failure_ms: get("first-failure-ms").and_then(|v| v.parse().ok()),
             last_failure_ms: get("last-failure-ms")?.parse().ok()?,
             consumer: get("consumer")?.to_string(),
-        })
+            fingerprint: get("fingerprint").unwrap_or_default().to_string(),
+        };
+        metadata.fill_fingerprint();
+        Some(metadata)
+    }
+
+    /// With the fingerprint computed where it is missing ([`DeadLetterMetadata::fill_fingerprint`]).
+    pub fn with_fingerprint(mut self) -> Self {
+        self.fill_fingerprint();
+        self
+    }
+
+    /// Computes the fingerprint where it is missing (a dead letter written before
+    /// fingerprints, or one whose metadata was packed without it).
+    pub fn fill_fingerprint(&mut self) {
+        if self.fingerprint.is_empty() {
+            self.fingerprint =
+                crate::fingerprint::fingerprint(self.error_kind, &self.error_message);
+        }
     }
 }
 

@@ -162,19 +162,23 @@ fn metadata() -> impl Strategy<Value = DeadLetterMetadata> {
                 (broker, queue, consumer),
                 (partition, offset, message_id),
                 (first_failure_ms, last_failure_ms),
-            )| DeadLetterMetadata {
-                reason,
-                error_kind,
-                error_message,
-                attempts,
-                broker,
-                queue,
-                partition,
-                offset,
-                message_id,
-                first_failure_ms,
-                last_failure_ms,
-                consumer,
+            )| {
+                DeadLetterMetadata {
+                    reason,
+                    error_kind,
+                    error_message,
+                    attempts,
+                    broker,
+                    queue,
+                    partition,
+                    offset,
+                    message_id,
+                    first_failure_ms,
+                    last_failure_ms,
+                    consumer,
+                    fingerprint: String::new(),
+                }
+                .with_fingerprint()
             },
         )
 }

@@ -228,7 +228,8 @@ impl DeadLetterRecord {
     /// malformed.
     pub fn from_attributes(attrs: &HashMap<String, MessageAttributeValue>) -> Option<Self> {
         let text = attrs.get(DEAD_LETTER_ATTRIBUTE)?.string_value()?;
-        let metadata: DeadLetterMetadata = serde_json::from_str(text).ok()?;
+        let mut metadata: DeadLetterMetadata = serde_json::from_str(text).ok()?;
+        metadata.fill_fingerprint();
         let mut displaced = Vec::new();
         let mut dropped = Vec::new();
         if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text) {

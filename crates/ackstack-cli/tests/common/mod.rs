@@ -546,3 +546,50 @@ pub async fn replay_survives_sigkill(fx: &impl Fixture, n: usize, rate: u32, hel
         "nothing else on the work queue"
     );
 }
+
+/// `groups` shows the letters of one cause as one group, and `replay` and `purge` act on a
+/// group with `--group`.
+pub async fn groups_replay_and_purge(fx: &impl Fixture) {
+    fx.dead_letter(vec![
+        message("order 17"),
+        message("order 18"),
+        message("order 19"),
+        message("transient order 20"),
+    ])
+    .await;
+    let shown = ackstack(fx, &["dlq", "groups", "--json"]);
+    assert_eq!(shown.code, Some(0), "{shown:?}");
+    let groups = shown.json_lines();
+    assert_eq!(groups.len(), 2, "{shown:?}");
+    assert_eq!(groups[0]["count"], 3, "{shown:?}");
+    assert_eq!(groups[0]["error_kind"], "permanent", "{shown:?}");
+    assert!(
+        groups[0]["pattern"]
+            .as_str()
+            .is_some_and(|p| p.contains("order <n>") && !p.contains("17")),
+        "{shown:?}"
+    );
+    assert_eq!(groups[1]["count"], 1, "{shown:?}");
+    assert_eq!(groups[1]["error_kind"], "transient", "{shown:?}");
+    let orders = groups[0]["fingerprint"].as_str().unwrap().to_string();
+    let transient = groups[1]["fingerprint"].as_str().unwrap().to_string();
+    assert_ne!(orders, transient);
+    let table = ackstack(fx, &["dlq", "groups"]);
+    assert!(table.text().starts_with("GROUP"), "{table:?}");
+    assert!(table.text().contains(&orders), "{table:?}");
+
+    let listed = ackstack(fx, &["dlq", "list", "--json", "--group", &orders]);
+    assert_eq!(listed.json_lines().len(), 3, "{listed:?}");
+    let replayed = ackstack(fx, &["dlq", "replay", "--group", &orders]);
+    assert_eq!(replayed.code, Some(0), "{replayed:?}");
+    assert!(replayed.text().contains("replayed 3"), "{replayed:?}");
+    let mut back: Vec<Bytes> = fx.drain_work(3).await.into_iter().map(|(p, _)| p).collect();
+    back.sort();
+    assert_eq!(back, ["order 17", "order 18", "order 19"], "{replayed:?}");
+    assert_eq!(fx.dead_letters().await, 1);
+
+    let purged = ackstack(fx, &["dlq", "purge", "--yes", "--group", &transient]);
+    assert_eq!(purged.code, Some(0), "{purged:?}");
+    assert!(purged.text().contains("purged 1"), "{purged:?}");
+    assert_eq!(fx.dead_letters().await, 0);
+}

@@ -150,7 +150,9 @@ mod properties {
                         first_failure_ms,
                         last_failure_ms,
                         consumer: "c".into(),
+                        fingerprint: String::new(),
                     }
+                    .with_fingerprint()
                 },
             )
     }

@@ -93,27 +93,31 @@ mod properties {
                     (permanent, kind, error_message, attempts),
                     (queue, message_id),
                     (first_failure_ms, last_failure_ms, consumer),
-                )| DeadLetterMetadata {
-                    reason: if permanent {
-                        DeadLetterReason::Permanent
-                    } else {
-                        DeadLetterReason::MaxAttempts
-                    },
-                    error_kind: if kind {
-                        ErrorKind::Permanent
-                    } else {
-                        ErrorKind::Transient
-                    },
-                    error_message,
-                    attempts,
-                    broker: "sqs".into(),
-                    queue,
-                    partition: None,
-                    offset: None,
-                    message_id,
-                    first_failure_ms,
-                    last_failure_ms,
-                    consumer,
+                )| {
+                    DeadLetterMetadata {
+                        reason: if permanent {
+                            DeadLetterReason::Permanent
+                        } else {
+                            DeadLetterReason::MaxAttempts
+                        },
+                        error_kind: if kind {
+                            ErrorKind::Permanent
+                        } else {
+                            ErrorKind::Transient
+                        },
+                        error_message,
+                        attempts,
+                        broker: "sqs".into(),
+                        queue,
+                        partition: None,
+                        offset: None,
+                        message_id,
+                        first_failure_ms,
+                        last_failure_ms,
+                        consumer,
+                        fingerprint: String::new(),
+                    }
+                    .with_fingerprint()
                 },
             )
     }
