@@ -251,15 +251,16 @@ fn real_main() -> Result<(), String> {
     match opts.recorder.as_deref() {
         None => {}
         Some("prometheus") => {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full(
-                        ackstack_core::metrics::HANDLER_SECONDS.to_string(),
-                    ),
-                    ackstack_core::metrics::HANDLER_SECONDS_BUCKETS,
-                )
-                .map_err(|e| e.to_string())?
-                .build_recorder();
+            let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+            for (name, buckets) in ackstack_core::metrics::HISTOGRAM_BUCKETS {
+                builder = builder
+                    .set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(name.to_string()),
+                        buckets,
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            let recorder = builder.build_recorder();
             metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
         }
         Some(other) => return Err(format!("unknown --recorder {other} (prometheus)")),

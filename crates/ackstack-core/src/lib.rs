@@ -97,6 +97,7 @@ pub mod decode;
 pub mod dedup;
 pub mod delivery;
 pub mod error;
+pub mod fingerprint;
 pub mod handler;
 pub mod memory;
 pub mod metrics;
@@ -133,9 +134,9 @@ pub use publish::{Message, Publish, PublishError};
 pub use retry::{RetryConfig, RetryLayer};
 pub use runner::LeaseConfig;
 pub use runner::{
-    ConfigError, Consumer, ConsumerConfig, ConsumerError, ConsumerState, Control, DeliveryMode,
-    Health, HealthConfig, HealthLevel, HealthReason, Inspector, KeyOrdering, KillSwitchConfig,
-    OnRefused, Problem, Status, Summary,
+    AdaptiveConcurrency, ConfigError, Consumer, ConsumerConfig, ConsumerError, ConsumerState,
+    Control, DeliveryMode, Health, HealthConfig, HealthLevel, HealthReason, Inspector, KeyOrdering,
+    KillSwitchConfig, OnRefused, Problem, Status, Summary,
 };
 pub use signal::shutdown_signal;
 pub use source::{

@@ -36,6 +36,7 @@
 //! | `ackstack_dead_letters_refused_total` | counter | | dead-letter copies the broker refused for good (too large, invalid); the message is kept unacked |
 //! | `ackstack_receive_errors_total` | counter | | receive calls that failed (the broker is unreachable or refusing) |
 //! | `ackstack_in_flight` | gauge | | deliveries being processed now |
+//! | `ackstack_concurrency_limit` | gauge | | the limit adaptive concurrency decided ([`ConsumerConfig::adaptive_concurrency`](crate::ConsumerConfig::adaptive_concurrency)); not set when concurrency is fixed |
 //! | `ackstack_consumer_state` | gauge | `state` | 1 for the state the consumer is in (`running`, `paused`, `circuit_open`, `half_open`), 0 for the others |
 //! | `ackstack_circuit_trips_total` | counter | | times the kill switch opened |
 //! | `ackstack_handler_seconds` | histogram | `outcome` | time the processing stack took to decide: the handler, its retries in place, waits for the dedup store |
@@ -44,8 +45,7 @@
 //! | `ackstack_backlog` | gauge | | messages waiting at the broker (RabbitMQ ready messages, SQS `ApproximateNumberOfMessages`, Kafka total lag), asked every `backlog_interval` |
 //! | `ackstack_partition_lag` | gauge | `partition` | a Kafka partition's lag: high watermark minus the position this member can commit (before it has one, the committed offset) |
 //!
-//! [`HANDLER_SECONDS_BUCKETS`] and [`QUEUE_SECONDS_BUCKETS`] are the buckets to give a
-//! Prometheus recorder for the two time histograms.
+//! [`HISTOGRAM_BUCKETS`] lists the buckets to give a Prometheus recorder for each histogram.
 //!
 //! # OpenTelemetry names
 //!
@@ -102,6 +102,8 @@ pub const DEFERRED: &str = "ackstack_deferred_total";
 pub const ABANDONED: &str = "ackstack_abandoned_total";
 /// Deliveries being processed now.
 pub const IN_FLIGHT: &str = "ackstack_in_flight";
+/// The adaptive concurrency limit.
+pub const CONCURRENCY_LIMIT: &str = "ackstack_concurrency_limit";
 /// Handler latency in seconds (label `outcome`).
 pub const HANDLER_SECONDS: &str = "ackstack_handler_seconds";
 /// Deliveries held in process while the dedup store was unreachable or their key busy.
@@ -145,6 +147,7 @@ pub const ALL: &[&str] = &[
     DEFERRED,
     ABANDONED,
     IN_FLIGHT,
+    CONCURRENCY_LIMIT,
     HANDLER_SECONDS,
     QUEUE_SECONDS,
     BATCH_SIZE,
@@ -168,6 +171,23 @@ pub const HANDLER_SECONDS_BUCKETS: &[f64] = &[
 pub const QUEUE_SECONDS_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
     3600.0, 7200.0, 21600.0,
+];
+
+/// Bucket bounds for [`BATCH_SIZE`]: 1 to 1,000 deliveries.
+pub const BATCH_SIZE_BUCKETS: &[f64] =
+    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+
+/// Each histogram with its bucket bounds, for a recorder that needs them (a Prometheus
+/// exporter without them shows a histogram as a summary, which has no buckets to alert on):
+///
+/// ```
+/// let names: Vec<&str> = ackstack_core::metrics::HISTOGRAM_BUCKETS.iter().map(|(n, _)| *n).collect();
+/// assert_eq!(names, ["ackstack_handler_seconds", "ackstack_queue_seconds", "ackstack_batch_size"]);
+/// ```
+pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
+    (HANDLER_SECONDS, HANDLER_SECONDS_BUCKETS),
+    (QUEUE_SECONDS, QUEUE_SECONDS_BUCKETS),
+    (BATCH_SIZE, BATCH_SIZE_BUCKETS),
 ];
 
 /// The OpenTelemetry messaging convention's counter of received messages.
@@ -235,6 +255,7 @@ pub(crate) struct Metrics {
     pub(crate) dead_letters_refused: Counter,
     pub(crate) receive_errors: Counter,
     pub(crate) in_flight: Gauge,
+    pub(crate) concurrency_limit: Gauge,
     state: [Gauge; 4],
     pub(crate) circuit_trips: Counter,
     handler_seconds: [Histogram; 5],
@@ -293,6 +314,7 @@ impl Metrics {
             dead_letters_refused: counter(DEAD_LETTERS_REFUSED),
             receive_errors: counter(RECEIVE_ERRORS),
             in_flight: metrics::gauge!(IN_FLIGHT, base.clone()),
+            concurrency_limit: metrics::gauge!(CONCURRENCY_LIMIT, base.clone()),
             state: STATE_LABELS.map(|s| metrics::gauge!(CONSUMER_STATE, with("state", s))),
             circuit_trips: counter(CIRCUIT_TRIPS),
             handler_seconds: OUTCOME_LABELS

@@ -107,14 +107,23 @@
 // authors are in `adapter`, `layer` and `dedup`; the runner's machinery stays inside
 // ackstack-core.
 pub use ackstack_core::{
-    Backoff, ConfigError, Consumer, ConsumerConfig, ConsumerError, ConsumerState, Context, Control,
-    DeadLetterMetadata, DeadLetterReason, DedupConfig, DedupKey, DedupStore, Delivery,
-    DeliveryMode, ErrorKind, Failure, Handler, HandlerError, HandlerFn, Headers, Health,
-    HealthConfig, HealthLevel, HealthReason, Inspector, Jitter, KeyOrdering, KillSwitchConfig,
-    Layer, LeaseConfig, MemoryBroker, MemoryDedupStore, Message, OnRefused, OnStoreError, Origin,
-    Outcome, Problem, Publish, PublishError, ResultExt, RetryConfig, Status, Summary, handler_fn,
+    AdaptiveConcurrency, Backoff, Batch, BatchConfig, BatchHandler, BatchResults, ConfigError,
+    Consumer, ConsumerConfig, ConsumerError, ConsumerState, Context, Control, DeadLetterMetadata,
+    DeadLetterReason, DedupConfig, DedupKey, DedupStore, Delivery, DeliveryMode, ErrorKind,
+    Failure, Handler, HandlerError, HandlerFn, Headers, Health, HealthConfig, HealthLevel,
+    HealthReason, Inspector, Jitter, KeyOrdering, KillSwitchConfig, Layer, LeaseConfig,
+    MemoryBroker, MemoryDedupStore, Message, OnRefused, OnStoreError, Origin, Outcome, Problem,
+    Publish, PublishError, ResultExt, RetryConfig, Status, Summary, batch_handler_fn, handler_fn,
     shutdown_signal,
 };
+
+/// Batch handlers (`Consumer::run_batches_until`): one call for many deliveries, with an
+/// outcome for each delivery.
+pub use ackstack_core::batch;
+
+/// Failure fingerprints: the cause a dead letter's metadata names
+/// (`DeadLetterMetadata::fingerprint`), by which `ackstack dlq groups` groups them.
+pub use ackstack_core::fingerprint;
 
 /// Decoding helpers for handlers (`decode::json`: a payload that does not parse is a
 /// permanent failure, dead-lettered at once).

@@ -41,12 +41,11 @@ impl Health {
 /// Installs the Prometheus recorder (before any consumer starts, so that its metrics are
 /// registered with it) and serves `/metrics` and `/health` on `addr`.
 pub async fn start(addr: &str) -> Result<Health, Fatal> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full(ackstack::metrics::HANDLER_SECONDS.to_string()),
-            ackstack::metrics::HANDLER_SECONDS_BUCKETS,
-        )?
-        .install_recorder()?;
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in ackstack::metrics::HISTOGRAM_BUCKETS {
+        builder = builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)?;
+    }
+    let handle = builder.install_recorder()?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;

@@ -9,6 +9,7 @@ use crate::backoff::Backoff;
 use crate::dedup::DedupConfig;
 use crate::retry::RetryConfig;
 
+use super::adaptive::AdaptiveConcurrency;
 use super::kill_switch::KillSwitchConfig;
 use super::lease::LeaseConfig;
 
@@ -92,6 +93,10 @@ pub struct ConsumerConfig {
     /// the `ackstack_backlog` gauge); zero: never. Default 15 s.
     #[serde(with = "crate::config::duration")]
     pub backlog_interval: Duration,
+    /// Adaptive concurrency: the limit moves between `min` and `max` with the handler's
+    /// latency and transient-error rate, in place of the fixed `concurrency` (see
+    /// [`AdaptiveConcurrency`]). Off (`None`) by default.
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
     /// Also records the OpenTelemetry messaging convention's metrics
     /// (`messaging.process.duration`, `messaging.client.consumed.messages`) beside the
     /// `ackstack_*` ones; see [`metrics`](crate::metrics#opentelemetry-names). Off by default.
@@ -155,12 +160,19 @@ impl Default for ConsumerConfig {
             kill_switch: None,
             health: HealthConfig::default(),
             backlog_interval: Duration::from_secs(15),
+            adaptive_concurrency: None,
             otel_metric_names: false,
         }
     }
 }
 
 impl ConsumerConfig {
+    /// The most handlers that may run at once: `concurrency`, or adaptive concurrency's `max`.
+    pub fn max_concurrency(&self) -> usize {
+        self.adaptive_concurrency
+            .map_or(self.concurrency, |adaptive| adaptive.max)
+    }
+
     /// Checks the settings on their own (see also [`Consumer::validate`](crate::Consumer::validate), which knows whether
     /// a dedup store was given).
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -169,6 +181,9 @@ impl ConsumerConfig {
         }
         if self.receive_batch == 0 {
             return Err(ConfigError::ZeroReceiveBatch);
+        }
+        if let Some(problem) = self.adaptive_concurrency.and_then(|a| a.problem()) {
+            return Err(ConfigError::AdaptiveConcurrency(problem));
         }
         if self.ack_batch == Some(0) {
             return Err(ConfigError::ZeroAckBatch);
@@ -275,6 +290,9 @@ pub enum ConfigError {
     /// Effectively-once was asked for without a dedup store.
     #[error("effectively-once needs a dedup store: call .dedup(store, key)")]
     EffectivelyOnceWithoutStore,
+    /// Adaptive concurrency settings that cannot work.
+    #[error("{0}")]
+    AdaptiveConcurrency(&'static str),
     /// A batch size of zero, or larger than the consumer's concurrency (a batch holds
     /// deliveries in flight, so it could never fill).
     #[error(

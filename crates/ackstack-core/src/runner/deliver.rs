@@ -68,6 +68,8 @@ pub(super) struct Shared<P, S: Settle> {
     /// Where suspects run alone among attempts ([`Alone::Attempts`](crate::Alone::Attempts)):
     /// the gate every attempt passes.
     pub(super) gate: Option<AttemptGate>,
+    /// The adaptive concurrency controller, told of each finished delivery.
+    pub(super) adaptive: Option<Arc<super::adaptive::Controller>>,
 }
 
 impl<P: Process, S: Settle> Shared<P, S> {
@@ -240,6 +242,9 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 return;
             }
             cx.metrics().outcome(&outcome, Some(seconds));
+            if let Some(adaptive) = &self.adaptive {
+                adaptive.record(&outcome, seconds);
+            }
             tracing::Span::current().record("outcome", outcome.as_str());
             self.judge(Some(&outcome), probe);
             self.inspect(&delivery, &outcome);

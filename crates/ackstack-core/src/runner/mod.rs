@@ -28,6 +28,7 @@
 //! runs, [`Summary`] when it stops).
 
 mod acker;
+mod adaptive;
 mod backlog;
 mod builder;
 mod config;
@@ -42,6 +43,7 @@ mod settle;
 mod state;
 mod status;
 
+pub use adaptive::AdaptiveConcurrency;
 pub use builder::{Consumer, Inspector};
 pub use config::{ConfigError, ConsumerConfig, DeliveryMode, HealthConfig, KeyOrdering, OnRefused};
 pub use control::Control;

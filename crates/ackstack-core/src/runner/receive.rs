@@ -63,10 +63,10 @@ impl<S: Source, L> Consumer<S, L> {
     {
         self.validate()?;
         let cfg = self.effective_config();
-        if batches.max_size == 0 || batches.max_size > cfg.concurrency {
+        if batches.max_size == 0 || batches.max_size > cfg.max_concurrency() {
             return Err(ConsumerError::Config(ConfigError::BatchSize {
                 max_size: batches.max_size,
-                concurrency: cfg.concurrency,
+                concurrency: cfg.max_concurrency(),
             }));
         }
         let batcher = Batcher::spawn(handler, batches, cfg.handler_timeout);
@@ -173,7 +173,7 @@ impl<S: Source, L> Consumer<S, L> {
             ack_batch,
             cfg.ack_delay,
             caps.parallel_acks,
-            (ack_batch * (caps.parallel_acks + 1)).max(cfg.concurrency * 2),
+            (ack_batch * (caps.parallel_acks + 1)).max(cfg.max_concurrency() * 2),
             own.clone(),
         );
         let leases = caps.lease.map(|lease| {
@@ -184,7 +184,17 @@ impl<S: Source, L> Consumer<S, L> {
             LeaseKeeper::spawn(settler.clone(), lease, cfg.lease, watch)
         });
         let backlog = super::backlog::spawn(settler.clone(), cfg.backlog_interval, own.clone());
+        let permits = Arc::new(Semaphore::new(cfg.max_concurrency()));
+        let adaptive = cfg.adaptive_concurrency.map(|config| {
+            super::adaptive::Controller::start(
+                config,
+                permits.clone(),
+                own.clone(),
+                self.status.clone(),
+            )
+        });
         let shared = Arc::new(Shared {
+            adaptive,
             stack,
             settler,
             acks: acker.queue(),
@@ -213,7 +223,7 @@ impl<S: Source, L> Consumer<S, L> {
         let gate = per_key.then(KeyGate::new);
         let hard_stop = CancellationToken::new();
         let stopping = shared.stopping.clone();
-        let permits = Arc::new(Semaphore::new(cfg.concurrency));
+        let adaptive = shared.adaptive.clone();
         let receive_batch = cfg.receive_batch;
         let reconnect = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10))
             .equal_jitter();
@@ -232,6 +242,11 @@ impl<S: Source, L> Consumer<S, L> {
         let result = 'receive: loop {
             while let Some(done) = tasks.try_join_next() {
                 log_join_error(done);
+            }
+            if let Some(adaptive) = &adaptive
+                && permits.available_permits() == 0
+            {
+                adaptive.saturated();
             }
             let first = tokio::select! {
                 biased;

@@ -98,6 +98,8 @@ pub(super) struct StatusInner {
     /// How long the broker may be unreachable before the consumer counts as unhealthy (ms).
     unhealthy_after_ms: AtomicU64,
     control: Control,
+    /// The adaptive concurrency limit now; 0 when concurrency is fixed.
+    concurrency_limit: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for Status {
@@ -121,6 +123,7 @@ impl Status {
                 broker: Condition::default(),
                 unhealthy_after_ms: AtomicU64::new(millis(HealthConfig::default().unhealthy_after)),
                 control,
+                concurrency_limit: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -142,6 +145,22 @@ impl Status {
     fn finished(&self) {
         self.inner.finished.fetch_add(1, AtomicOrdering::Relaxed);
         self.touch();
+    }
+
+    /// The limit adaptive concurrency decided now
+    /// ([`ConsumerConfig::adaptive_concurrency`](crate::ConsumerConfig::adaptive_concurrency));
+    /// `None` when concurrency is fixed, or before the run starts.
+    pub fn concurrency_limit(&self) -> Option<usize> {
+        match self.inner.concurrency_limit.load(AtomicOrdering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    pub(super) fn set_concurrency_limit(&self, n: usize) {
+        self.inner
+            .concurrency_limit
+            .store(n, AtomicOrdering::Relaxed);
     }
 
     /// Deliveries received so far.
