@@ -27,13 +27,15 @@ pub enum Loop {
     /// One handler at a time: the bare runner (`None`) or all layers deduplicating in this
     /// store (in-memory broker).
     Serial(Option<Store>),
+    /// The bare runner with a no-op batch handler (in-memory broker; elsewhere as `Bare`).
+    Batches,
 }
 
 impl Loop {
     /// Where the loop deduplicates, if it does.
     pub fn store(self) -> Option<Store> {
         match self {
-            Loop::RawNaive | Loop::RawTuned | Loop::Bare => None,
+            Loop::RawNaive | Loop::RawTuned | Loop::Bare | Loop::Batches => None,
             Loop::Full(store) | Loop::Serial(Some(store)) => Some(store),
             Loop::Serial(None) => None,
         }

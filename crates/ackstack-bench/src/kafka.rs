@@ -255,7 +255,9 @@ async fn one(
         match kind {
             Loop::RawNaive => raw(cluster, &g, p, false).await,
             Loop::RawTuned => raw(cluster, &g, p, true).await,
-            Loop::Bare | Loop::Serial(_) => adapter(cluster, &g, p, false, dedup).await,
+            Loop::Bare | Loop::Batches | Loop::Serial(_) => {
+                adapter(cluster, &g, p, false, dedup).await
+            }
             Loop::Full(_) => adapter(cluster, &g, p, true, dedup).await,
         }
     })

@@ -110,6 +110,48 @@ pub async fn run_consumer(
     })
 }
 
+/// Runs ackstack's consumer with a no-op batch handler (batches of half the concurrency) on
+/// the memory broker until `progress` is done.
+async fn run_batches(
+    broker: &MemoryBroker,
+    progress: Arc<Progress>,
+    config: ConsumerConfig,
+) -> Result<LoopEnd, String> {
+    let source = broker.source(QUEUE).poll_wait(Duration::from_millis(50));
+    let batches = ackstack_core::batch::BatchConfig {
+        max_size: (config.concurrency / 2).max(1),
+        max_wait: Duration::from_millis(5),
+    };
+    let consumer = ackstack_core::Consumer::new(source).config(config);
+    let p = progress.clone();
+    let handler = ackstack_core::batch::batch_handler_fn(move |batch: ackstack_core::Batch| {
+        let results: ackstack_core::BatchResults = batch
+            .deliveries()
+            .map(|d| {
+                p.process(&d.payload, true)
+                    .map_err(ackstack_core::HandlerError::permanent)
+            })
+            .collect();
+        std::future::ready(Ok(results))
+    });
+    let done = progress.clone();
+    let summary = consumer
+        .run_batches_until(handler, batches, async move { done.wait_done().await })
+        .await
+        .map_err(|e| e.to_string())?;
+    if summary.acked < progress.handled() {
+        return Err(format!(
+            "acked {} of {}: {summary:?}",
+            summary.acked,
+            progress.handled()
+        ));
+    }
+    Ok(LoopEnd {
+        end: Instant::now(),
+        counts: Counts::default(),
+    })
+}
+
 async fn one(
     kind: Loop,
     n: u64,
@@ -134,6 +176,7 @@ async fn one(
             Loop::Bare | Loop::Serial(None) => {
                 run_consumer(&b, p, bare_config(concurrency, 64), dedup).await
             }
+            Loop::Batches => run_batches(&b, p, bare_config(concurrency, 64)).await,
             Loop::Full(_) | Loop::Serial(Some(_)) => {
                 run_consumer(&b, p, full_config(concurrency, 64), dedup).await
             }
@@ -204,6 +247,20 @@ pub async fn run(opts: &Options, stores: &Stores) -> Vec<Series> {
         ),
     ];
     loops.extend(store_rows("memory", what, n, stores, true));
+    loops.push((
+        Loop::Batches,
+        Series::new(
+            "memory",
+            "ackstack batches",
+            Role::Ackstack,
+            what,
+            n,
+            format!(
+                "as ackstack bare with a no-op batch handler: batches of {} (max_wait 5 ms), each delivery still through the whole stack",
+                opts.concurrency.unwrap_or(CONCURRENCY) / 2
+            ),
+        ),
+    ));
     loops.push((
         Loop::Serial(None),
         Series::new(

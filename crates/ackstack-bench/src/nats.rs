@@ -168,7 +168,7 @@ async fn one(
         match kind {
             Loop::RawNaive => raw(client, s, p, false).await,
             Loop::RawTuned => raw(client, s, p, true).await,
-            Loop::Bare => adapter(client, s, p, false, dedup).await,
+            Loop::Bare | Loop::Batches => adapter(client, s, p, false, dedup).await,
             Loop::Full(_) | Loop::Serial(_) => adapter(client, s, p, true, dedup).await,
         }
     })

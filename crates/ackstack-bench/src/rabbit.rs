@@ -277,7 +277,7 @@ async fn one_inner(
         match kind {
             Loop::RawNaive => raw(&uri, &queue, p, false).await,
             Loop::RawTuned => raw(&uri, &queue, p, true).await,
-            Loop::Bare => adapter(config, p, false, dedup).await,
+            Loop::Bare | Loop::Batches => adapter(config, p, false, dedup).await,
             Loop::Full(_) | Loop::Serial(_) => adapter(config, p, true, dedup).await,
         }
     })

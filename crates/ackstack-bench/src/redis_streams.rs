@@ -189,7 +189,7 @@ async fn one(
         match kind {
             Loop::RawNaive => raw(conn, s, p, false).await,
             Loop::RawTuned => raw(conn, s, p, true).await,
-            Loop::Bare => adapter(url, s, p, false, dedup).await,
+            Loop::Bare | Loop::Batches => adapter(url, s, p, false, dedup).await,
             Loop::Full(_) | Loop::Serial(_) => adapter(url, s, p, true, dedup).await,
         }
     })

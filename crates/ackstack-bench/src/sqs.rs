@@ -232,7 +232,7 @@ async fn one_inner(
         let end = match kind {
             Loop::RawNaive => raw(client, &queue.url, p, false).await,
             Loop::RawTuned => raw(client, &queue.url, p, true).await,
-            Loop::Bare => adapter(client, queue, p, false, dedup).await,
+            Loop::Bare | Loop::Batches => adapter(client, queue, p, false, dedup).await,
             Loop::Full(_) | Loop::Serial(_) => adapter(client, queue, p, true, dedup).await,
         }?;
         match feeder.await {

@@ -2,14 +2,15 @@
 //!
 //! ```text
 //! ackstack dlq list   --broker rabbitmq --queue orders            # a table of orders-dlq
+//! ackstack dlq groups --broker rabbitmq --queue orders            # the causes, with counts
 //! ackstack dlq show   --broker rabbitmq --queue orders A-1001     # one letter in full
 //! ackstack dlq replay --broker rabbitmq --queue orders --dry-run  # what would be sent back
 //! ackstack dlq replay --broker rabbitmq --queue orders            # send them back
 //! ackstack dlq purge  --broker sqs --queue orders --until 30d     # remove old ones
 //! ```
 //!
-//! `letter.rs` is a dead letter on any broker, its filters and how it is printed; `run.rs` the
-//! four subcommands, written once over the [`run::DeadLetters`] scan that `rabbitmq.rs`,
+//! `letter.rs` is a dead letter on any broker, its filters and how it is printed; `groups.rs`
+//! the letters grouped by cause; `run.rs` the subcommands, written once over the [`run::DeadLetters`] scan that `rabbitmq.rs`,
 //! `sqs.rs`, `kafka.rs`, `nats.rs` and `redis_streams.rs` implement; `cli.rs` the flags and
 //! the config file.
 

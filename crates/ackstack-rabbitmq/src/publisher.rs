@@ -115,9 +115,14 @@ impl RabbitPublisher {
         headers: FieldTable,
         message_id: Option<String>,
     ) -> Result<(), RabbitError> {
+        // The produce time consumers measure queue time from (AMQP timestamps are seconds).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let mut properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
-            .with_headers(headers);
+            .with_headers(headers)
+            .with_timestamp(now);
         if let Some(id) = message_id {
             let id = ShortString::try_new(id.clone()).map_err(|_| RabbitError::InvalidName(id))?;
             properties = properties.with_message_id(id);

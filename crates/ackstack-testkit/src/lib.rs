@@ -128,6 +128,7 @@
 //! | [`checks::batch_errors_fail_every_delivery`] | 1, 2 for a batch failing as a whole |
 //! | [`checks::batch_leases_cover_the_whole_batch`] | 6 for a batch |
 //! | [`checks::batches_keep_key_order`] | 11 for batches |
+//! | [`checks::deliveries_carry_their_produce_time`] | 12 observability (queue time) |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 use std::collections::HashMap;

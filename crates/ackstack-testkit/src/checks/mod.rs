@@ -25,6 +25,7 @@
 //!   [`panics_and_bad_input_do_not_stop_the_consumer`].
 //! - `ordering.rs`: invariant 11 (ordering when asked) and the runner's concurrency bound:
 //!   [`per_key_ordering`], [`concurrency_is_bounded`].
+//! - `produced.rs`: invariant 12 (observability): [`deliveries_carry_their_produce_time`].
 //! - `batches.rs`: batch handlers keep invariants 1, 2, 4, 5, 6 and 11 per delivery:
 //!   [`batch_outcomes_are_per_delivery`], [`batch_errors_fail_every_delivery`],
 //!   [`batch_leases_cover_the_whole_batch`], [`batches_keep_key_order`].
@@ -50,6 +51,7 @@ mod dedup;
 mod defer;
 mod leases;
 mod ordering;
+mod produced;
 mod retry;
 mod shutdown;
 
@@ -64,6 +66,7 @@ pub use dedup::dedup_marks_after_success;
 pub use defer::{deferrals_end_at_the_defer_limit, deferrals_use_no_attempt};
 pub use leases::{long_handlers_keep_their_lease, lost_lease_is_never_acked};
 pub use ordering::{concurrency_is_bounded, per_key_ordering};
+pub use produced::deliveries_carry_their_produce_time;
 pub use retry::{attempts_survive_restart, handler_chosen_delays_are_honoured, retries_back_off};
 pub use shutdown::{shutdown_drains_in_flight_work, unacked_work_is_redelivered};
 
@@ -144,6 +147,9 @@ pub fn all<H: Harness>() -> Vec<(&'static str, Check<H>)> {
         }),
         ("batches_keep_key_order", |h| {
             Box::pin(batches_keep_key_order(h))
+        }),
+        ("deliveries_carry_their_produce_time", |h| {
+            Box::pin(deliveries_carry_their_produce_time(h))
         }),
     ]
 }
