@@ -133,6 +133,14 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Whether a filter other than `--group` needs the letter's metadata.
+    fn needs_metadata_besides_group(&self) -> bool {
+        self.error_kind.is_some()
+            || self.since_ms.is_some()
+            || self.until_ms.is_some()
+            || self.grep.is_some()
+    }
+
     /// Whether `letter` is selected (the limit is the caller's to count).
     pub fn matches(&self, letter: &Letter) -> bool {
         if let Some(id) = &self.message_id {
@@ -141,13 +149,11 @@ impl Filter {
                 return false;
             }
         }
-        let needs_metadata = self.error_kind.is_some()
-            || self.since_ms.is_some()
-            || self.until_ms.is_some()
-            || self.grep.is_some()
-            || self.group.is_some();
+        let needs_metadata = self.needs_metadata_besides_group() || self.group.is_some();
         let Some(m) = &letter.metadata else {
-            return !needs_metadata;
+            // `groups` shows the letters without metadata as the group `-`.
+            return !needs_metadata
+                || (self.group.as_deref() == Some("-") && !self.needs_metadata_besides_group());
         };
         self.error_kind.is_none_or(|k| m.error_kind == k)
             && self.since_ms.is_none_or(|t| m.last_failure_ms >= t)

@@ -57,6 +57,12 @@
 //! (at most `concurrency / max_size` full ones at a time), so set
 //! [`ConsumerConfig::concurrency`](crate::ConsumerConfig::concurrency) to a multiple of
 //! `max_size`: two batches' worth lets the next batch fill while one runs.
+//!
+//! A lost lease cancels one delivery of a batch cooperatively: its
+//! [`Context::cancelled`](crate::Context::cancelled) fires (each delivery's context is in
+//! [`Batch::iter`]) and its result is not acked, but the call runs on for the others. With
+//! [`LeaseConfig::abort_on_loss`](crate::LeaseConfig::abort_on_loss) the call is dropped once
+//! none of its deliveries waits for it any more.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -321,7 +327,9 @@ impl<B: BatchHandler> Handler for Batcher<B> {
     }
 }
 
-/// The collector: gathers waiting deliveries into batches and starts each batch's call.
+/// The collector: gathers waiting deliveries into batches and starts each batch's call. The
+/// calls are its own: when the run ends (the [`Batcher`] dropped), one still running (its
+/// deliveries abandoned at the shutdown deadline) is stopped.
 async fn collect<B: BatchHandler>(
     handler: Arc<B>,
     config: BatchConfig,
@@ -329,7 +337,9 @@ async fn collect<B: BatchHandler>(
     mut waiting: mpsc::UnboundedReceiver<Waiting>,
 ) {
     let max_size = config.max_size.max(1);
+    let mut calls = tokio::task::JoinSet::new();
     while let Some(first) = waiting.recv().await {
+        while calls.try_join_next().is_some() {}
         let deadline = Instant::now() + config.max_wait;
         let stopping = first.cx.clone();
         let mut items = Vec::with_capacity(max_size);
@@ -346,8 +356,9 @@ async fn collect<B: BatchHandler>(
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        tokio::spawn(call(handler.clone(), items, timeout));
+        calls.spawn(call(handler.clone(), items, timeout));
     }
+    calls.abort_all();
 }
 
 /// Calls the handler with one batch and sends each delivery its result.
@@ -375,9 +386,22 @@ async fn call<B: BatchHandler>(handler: Arc<B>, items: Vec<Waiting>, timeout: Op
     let n = batch.len();
     metrics.batch_size.record(n as f64);
     let run = std::panic::AssertUnwindSafe(handler.handle(&batch)).catch_unwind();
-    let ran = match timeout {
-        None => Some(run.await),
-        Some(limit) => tokio::time::timeout(limit, run).await.ok(),
+    let timed = async {
+        match timeout {
+            None => Some(run.await),
+            Some(limit) => tokio::time::timeout(limit, run).await.ok(),
+        }
+    };
+    let mut replies = replies;
+    // Nobody waits for any of its results any more (every delivery's future was dropped: lost
+    // leases with `abort_on_loss`, or the shutdown deadline): the call is dropped too.
+    let abandoned = futures::future::join_all(replies.iter_mut().map(|r| r.closed()));
+    let ran = tokio::select! {
+        ran = timed => ran,
+        _ = abandoned => {
+            tracing::debug!("batch call dropped: none of its deliveries waits for it");
+            return;
+        }
     };
     let results: Vec<Result<(), HandlerError>> = match ran {
         Some(Ok(Ok(results))) if results.results.len() == n && results.out_of_range.is_none() => {

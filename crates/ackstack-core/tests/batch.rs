@@ -175,3 +175,67 @@ async fn one_error_for_the_batch_keeps_its_kind_for_each_delivery() {
         assert_eq!(meta.attempts, 1);
     }
 }
+
+/// Sets its flag when dropped.
+struct DropFlag(Arc<AtomicUsize>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_batch_call_nobody_waits_for_is_dropped_with_abort_on_loss() {
+    let broker = broker_with(&["a", "b"]);
+    let (dropped, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (d, f, watch) = (dropped.clone(), finished.clone(), dropped.clone());
+    let before_stop = Arc::new(AtomicUsize::new(0));
+    let seen = before_stop.clone();
+    let mut config = ackstack_core::ConsumerConfig::default();
+    config.concurrency = 4;
+    // Leases of 1 s, kept for at most 1 s: lost while the batch runs.
+    config.lease.max_total = Duration::from_secs(1);
+    config.lease.abort_on_loss = true;
+    let source = broker
+        .source("q")
+        .visibility_timeout(Duration::from_secs(1))
+        .poll_wait(Duration::from_millis(20));
+    let consumer = Consumer::new(source).config(config);
+    let status = consumer.status();
+    let summary = consumer
+        .run_batches_until(
+            batch_handler_fn(move |batch: Batch| {
+                let (guard, f) = (DropFlag(d.clone()), f.clone());
+                async move {
+                    let _guard = guard;
+                    tokio::time::sleep(Duration::from_secs(6)).await;
+                    f.fetch_add(1, Ordering::SeqCst);
+                    Ok(BatchResults::succeeded(batch.len()))
+                }
+            }),
+            BatchConfig {
+                max_size: 2,
+                max_wait: Duration::from_millis(100),
+            },
+            async move {
+                // Past the first call's loss, before any call could finish.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                seen.store(watch.load(Ordering::SeqCst), Ordering::SeqCst);
+                drop(status);
+            },
+        )
+        .await
+        .unwrap();
+    assert!(summary.leases_lost >= 2, "{summary:?}");
+    assert_eq!(summary.acked, 0, "{summary:?}");
+    assert!(
+        before_stop.load(Ordering::SeqCst) >= 1,
+        "the abandoned call was dropped once its deliveries' leases were lost, not at the end"
+    );
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        0,
+        "no abandoned call ran on"
+    );
+}

@@ -508,6 +508,6 @@ fn to_delivery(m: &BorrowedMessage<'_>, topic: Arc<str>, consumer: Arc<str>) -> 
             .timestamp()
             .to_millis()
             .and_then(|ms| u64::try_from(ms).ok())
-            .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+            .and_then(|ms| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms))),
     }
 }

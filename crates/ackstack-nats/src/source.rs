@@ -169,8 +169,9 @@ impl NatsSource {
             message_id,
             attempt,
             origin,
-            produced_at: published
-                .map(|ns| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)),
+            produced_at: published.and_then(|ns| {
+                std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_nanos(ns))
+            }),
         };
         let token = NatsToken(Arc::new(TokenInner {
             reply,

@@ -228,11 +228,7 @@ impl RabbitSource {
             message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
             attempt,
             origin: active.origin.clone(),
-            // AMQP timestamps are in seconds.
-            produced_at: d
-                .properties
-                .timestamp()
-                .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)),
+            produced_at: produced_at(*d.properties.timestamp()),
         };
         let redelivered = d.redelivered;
         let token = RabbitToken {
@@ -406,5 +402,29 @@ impl Source for RabbitSource {
                 tracing::debug!("basic.cancel failed; the channel is probably gone");
             }
         }
+    }
+}
+
+/// The produce time an AMQP `timestamp` property says (seconds since the epoch); `None` for
+/// one past what the clock can hold (a publisher that wrote -1 as unsigned).
+fn produced_at(timestamp: Option<u64>) -> Option<std::time::SystemTime> {
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(timestamp?))
+}
+
+#[cfg(test)]
+mod produced_at_tests {
+    use super::produced_at;
+
+    #[test]
+    fn any_timestamp_is_read_without_a_panic() {
+        assert_eq!(produced_at(None), None);
+        let at = produced_at(Some(1_765_000_000)).unwrap();
+        assert_eq!(
+            at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+            1_765_000_000
+        );
+        // `UNIX_EPOCH + Duration::from_secs(u64::MAX)` panics (overflow).
+        assert_eq!(produced_at(Some(u64::MAX)), None);
+        assert_eq!(produced_at(Some(1 << 63)), None);
     }
 }

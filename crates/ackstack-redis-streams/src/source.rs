@@ -144,7 +144,7 @@ impl RedisStreamsSource {
         let produced_at = origin
             .offset
             .and_then(|ms| u64::try_from(ms).ok())
-            .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
+            .and_then(|ms| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms)));
         let delivery = Delivery {
             payload: parts.payload,
             headers: parts.headers,

@@ -226,7 +226,9 @@ impl SqsSource {
             produced_at: system
                 .get(&MessageSystemAttributeName::SentTimestamp)
                 .and_then(|ms| ms.parse::<u64>().ok())
-                .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+                .and_then(|ms| {
+                    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms))
+                }),
         };
         let token = SqsToken(Arc::new(TokenInner {
             receipt_handle,

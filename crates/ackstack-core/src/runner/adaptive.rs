@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -155,7 +155,14 @@ impl Controller {
         });
         controller.metrics.concurrency_limit.set(config.min as f64);
         controller.status.set_concurrency_limit(config.min);
-        tokio::spawn(hold_back(Arc::downgrade(&controller)));
+        // Held before the first receive, so that it takes no more than `min`.
+        let above = u32::try_from(config.max - config.min).unwrap_or(u32::MAX);
+        let held = controller
+            .permits
+            .clone()
+            .try_acquire_many_owned(above)
+            .ok();
+        tokio::spawn(hold_back(Arc::downgrade(&controller), held));
         controller
     }
 
@@ -177,12 +184,26 @@ impl Controller {
     pub(crate) fn record(&self, outcome: &Outcome, seconds: f64) {
         let failed = match outcome {
             Outcome::Retry { failure, .. } | Outcome::DeadLetter(failure) => {
-                failure.kind == crate::ErrorKind::Transient
+                // A permanent failure (a payload that does not decode) says nothing about
+                // the downstream, and its latency would drag the baseline down.
+                if failure.kind == crate::ErrorKind::Permanent {
+                    return;
+                }
+                true
             }
             Outcome::Ack => false,
             // Not an attempt's verdict on the downstream.
             Outcome::Defer { .. } | Outcome::Release => return,
         };
+        self.count(failed, seconds);
+    }
+
+    /// Counts a delivery whose handler outlived its lease as a transient failure.
+    pub(crate) fn lost(&self, seconds: f64) {
+        self.count(true, seconds);
+    }
+
+    fn count(&self, failed: bool, seconds: f64) {
         let mut guard = self.round.lock().unwrap_or_else(PoisonError::into_inner);
         let (round, baseline) = &mut *guard;
         round.finished += 1;
@@ -228,25 +249,37 @@ impl Controller {
     }
 }
 
-/// Holds back the permits above the limit: takes them as handlers give them back when the
-/// limit falls, returns them when it rises. Ends with the run (its controller dropped).
-async fn hold_back(controller: std::sync::Weak<Controller>) {
-    let mut taken = Vec::new();
+/// Holds back the permits above the limit in one merged permit: takes them as handlers give
+/// them back when the limit falls, returns them at once when it rises. Ends with the run (its
+/// controller dropped).
+async fn hold_back(
+    controller: std::sync::Weak<Controller>,
+    mut held: Option<OwnedSemaphorePermit>,
+) {
+    let count = |held: &Option<OwnedSemaphorePermit>| held.as_ref().map_or(0, |p| p.num_permits());
     loop {
         let Some(c) = controller.upgrade() else {
             return;
         };
         let want = c.config.max - c.limit();
-        taken.truncate(want);
+        let have = count(&held);
+        if have > want
+            && let Some(all) = held.as_mut()
+        {
+            drop(all.split(have - want));
+        }
         let permits = c.permits.clone();
         let notify = c.changed.clone();
         // Not kept alive while waiting: its drop at the end of the run wakes this task.
         drop(c);
         let changed = notify.notified();
-        if taken.len() < want {
+        if count(&held) < want {
             tokio::select! {
                 permit = permits.acquire_owned() => match permit {
-                    Ok(p) => taken.push(p),
+                    Ok(p) => match held.as_mut() {
+                        Some(all) => all.merge(p),
+                        None => held = Some(p),
+                    },
                     Err(_) => return,
                 },
                 () = changed => {}

@@ -198,8 +198,11 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 drop(lease.take());
                 self.acks.push(token).await;
                 let outcome = self.stack.process(&delivery, &cx).await;
-                cx.metrics()
-                    .outcome(&outcome, Some(started.elapsed().as_secs_f64()));
+                let seconds = started.elapsed().as_secs_f64();
+                cx.metrics().outcome(&outcome, Some(seconds));
+                if let Some(adaptive) = &self.adaptive {
+                    adaptive.record(&outcome, seconds);
+                }
                 tracing::Span::current().record("outcome", outcome.as_str());
                 self.judge(Some(&outcome), probe);
                 if outcome == Outcome::Ack {
@@ -227,6 +230,9 @@ impl<P: Process, S: Settle> Shared<P, S> {
             };
             let Some(outcome) = outcome else {
                 tracing::debug!("handler stopped: its lease was lost");
+                if let Some(adaptive) = &self.adaptive {
+                    adaptive.lost(started.elapsed().as_secs_f64());
+                }
                 self.not_processed(lease.as_ref(), probe);
                 return;
             };
@@ -238,6 +244,10 @@ impl<P: Process, S: Settle> Shared<P, S> {
             if cx.is_cancelled() {
                 // Not acked (a successful handler's done mark is already written, so the
                 // redelivery is recognised).
+                if let Some(adaptive) = &self.adaptive {
+                    // A handler that outlived its lease: the downstream's struggle too.
+                    adaptive.lost(seconds);
+                }
                 self.not_processed(lease.as_ref(), probe);
                 return;
             }

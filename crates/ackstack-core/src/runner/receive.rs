@@ -280,13 +280,24 @@ impl<S: Source, L> Consumer<S, L> {
             // received beside others would wait for its run alone while they run, and a crash
             // among them would be counted for it too.
             let careful = careful_until.is_some_and(|until| Instant::now() < until);
-            let max = if careful {
+            let mut max = if careful {
                 1
             } else {
                 (1 + permits.available_permits())
                     .min(receive_batch)
                     .min(admitted)
             };
+            // The permits of what this receive may return, taken now: received deliveries
+            // never wait for a permit without a lease kept (adaptive concurrency's holder
+            // takes free permits back whenever the limit falls).
+            let mut reserved = None;
+            if max > 1 {
+                let extra = u32::try_from(max - 1).unwrap_or(u32::MAX);
+                reserved = permits.clone().try_acquire_many_owned(extra).ok();
+                if reserved.is_none() {
+                    max = 1;
+                }
+            }
             let batch = tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ok(()),
@@ -330,7 +341,10 @@ impl<S: Source, L> Consumer<S, L> {
                 let alone = received.suspect
                     && shared.mode != DeliveryMode::AtMostOnce
                     && shared.gate.is_none();
-                let permit = match first.take() {
+                let permit = match first
+                    .take()
+                    .or_else(|| reserved.as_mut().and_then(|r| r.split(1)))
+                {
                     Some(p) => p,
                     None => match permits.clone().acquire_owned().await {
                         Ok(p) => p,
