@@ -243,6 +243,11 @@ async fn run_to_end<S: Source, H: Handler>(
         .run_until(handler, async move { done.wait_done().await })
         .await
         .map_err(|e| e.to_string())?;
+    acked_all(&summary, progress)
+}
+
+/// The end of a run whose `summary` says it acked everything `progress` handled.
+pub fn acked_all(summary: &ackstack_core::Summary, progress: &Progress) -> Result<Instant, String> {
     let end = Instant::now();
     if summary.acked < progress.handled() {
         return Err(format!(

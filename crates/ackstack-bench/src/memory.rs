@@ -11,7 +11,8 @@ use ackstack_core::{
 };
 
 use crate::common::{
-    BenchHandler, Counts, Dedup, LoopEnd, Progress, budget, measure, payload, run_ackstack, unique,
+    BenchHandler, Counts, Dedup, LoopEnd, Progress, acked_all, budget, measure, payload,
+    run_ackstack, unique,
 };
 use crate::driver::{Loop, LoopStore, Store, interleave, store_rows};
 use crate::report::{Role, Series};
@@ -139,15 +140,8 @@ async fn run_batches(
         .run_batches_until(handler, batches, async move { done.wait_done().await })
         .await
         .map_err(|e| e.to_string())?;
-    if summary.acked < progress.handled() {
-        return Err(format!(
-            "acked {} of {}: {summary:?}",
-            summary.acked,
-            progress.handled()
-        ));
-    }
     Ok(LoopEnd {
-        end: Instant::now(),
+        end: acked_all(&summary, &progress)?,
         counts: Counts::default(),
     })
 }

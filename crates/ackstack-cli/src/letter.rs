@@ -134,7 +134,7 @@ pub struct Filter {
 
 impl Filter {
     /// Whether a filter other than `--group` needs the letter's metadata.
-    fn needs_metadata_besides_group(&self) -> bool {
+    fn needs_metadata(&self) -> bool {
         self.error_kind.is_some()
             || self.since_ms.is_some()
             || self.until_ms.is_some()
@@ -149,11 +149,9 @@ impl Filter {
                 return false;
             }
         }
-        let needs_metadata = self.needs_metadata_besides_group() || self.group.is_some();
         let Some(m) = &letter.metadata else {
             // `groups` shows the letters without metadata as the group `-`.
-            return !needs_metadata
-                || (self.group.as_deref() == Some("-") && !self.needs_metadata_besides_group());
+            return !self.needs_metadata() && self.group.as_deref().is_none_or(|g| g == "-");
         };
         self.error_kind.is_none_or(|k| m.error_kind == k)
             && self.since_ms.is_none_or(|t| m.last_failure_ms >= t)

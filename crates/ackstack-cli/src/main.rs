@@ -90,13 +90,11 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 
 /// The broker-independent half of each subcommand, handed the broker's scan.
 enum Job {
+    /// `list`, or with `grouped` `groups`: the same scan, printed per letter or per cause.
     List {
         filter: Filter,
         json: bool,
-    },
-    Groups {
-        filter: Filter,
-        json: bool,
+        grouped: bool,
     },
     Show {
         id: String,
@@ -124,6 +122,7 @@ async fn dead_letters(dlq: Dlq, file: &FileConfig) -> Result<ExitCode, CliError>
             Job::List {
                 filter: filter.filter(),
                 json,
+                grouped: false,
             },
         ),
         Dlq::Groups {
@@ -132,9 +131,10 @@ async fn dead_letters(dlq: Dlq, file: &FileConfig) -> Result<ExitCode, CliError>
             json,
         } => (
             target,
-            Job::Groups {
+            Job::List {
                 filter: filter.filter(),
                 json,
+                grouped: true,
             },
         ),
         Dlq::Show {
@@ -211,22 +211,19 @@ async fn dead_letters(dlq: Dlq, file: &FileConfig) -> Result<ExitCode, CliError>
         Job::Purge { filter, yes: true } => {
             finish(with_scan(&resolved, Scan::Purge(filter)).await?, &resolved)
         }
-        Job::Groups { filter, json } => {
-            let Outcome::Letters(listing) = with_scan(&resolved, Scan::List(filter)).await? else {
-                return Err(CliError::Usage("internal: groups".into()));
-            };
-            print_groups(&groups::groups(&listing.letters), json)?;
-            Ok(if warn_unreached(listing.unreached, &resolved) {
-                ExitCode::from(SKIPPED)
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
-        Job::List { filter, json } => {
+        Job::List {
+            filter,
+            json,
+            grouped,
+        } => {
             let Outcome::Letters(listing) = with_scan(&resolved, Scan::List(filter)).await? else {
                 return Err(CliError::Usage("internal: list".into()));
             };
-            print_list(&listing.letters, json)?;
+            if grouped {
+                print_groups(&groups::groups(&listing.letters), json)?;
+            } else {
+                print_list(&listing.letters, json)?;
+            }
             Ok(if warn_unreached(listing.unreached, &resolved) {
                 ExitCode::from(SKIPPED)
             } else {
@@ -383,55 +380,52 @@ fn warn_unreached(unreached: u64, resolved: &Resolved) -> bool {
 }
 
 fn print_list(letters: &[Letter], json: bool) -> Result<(), CliError> {
-    let mut out = std::io::stdout().lock();
-    let write = |out: &mut std::io::StdoutLock<'_>, text: &str| {
-        out.write_all(text.as_bytes())
-            .map_err(|e| CliError::Broker(format!("stdout: {e}")))
-    };
-    if json {
-        for letter in letters {
-            let line = serde_json::to_string(&LetterJson::new(letter, false))
-                .map_err(|e| CliError::Broker(format!("json: {e}")))?;
-            write(&mut out, &(line + "\n"))?;
-        }
+    let text = if json {
+        json_lines(letters.iter().map(|l| LetterJson::new(l, false)))?
     } else {
-        write(&mut out, &letter::table(letters))?;
-    }
-    Ok(())
+        letter::table(letters)
+    };
+    write_stdout(text.as_bytes())
 }
 
 fn print_groups(groups: &[groups::Group], json: bool) -> Result<(), CliError> {
     let text = if json {
-        let mut text = String::new();
-        for group in groups {
-            text += &serde_json::to_string(group)
-                .map_err(|e| CliError::Broker(format!("json: {e}")))?;
-            text.push('\n');
-        }
-        text
+        json_lines(groups)?
     } else {
         groups::table(groups)
     };
-    std::io::stdout()
-        .lock()
-        .write_all(text.as_bytes())
-        .map_err(|e| CliError::Broker(format!("stdout: {e}")))
+    write_stdout(text.as_bytes())
 }
 
 fn print_one(letter: &Letter, raw: bool, json: bool) -> Result<(), CliError> {
-    let mut out = std::io::stdout().lock();
-    let text = if raw {
-        return out
-            .write_all(&letter.payload)
-            .map_err(|e| CliError::Broker(format!("stdout: {e}")));
-    } else if json {
+    if raw {
+        return write_stdout(&letter.payload);
+    }
+    let text = if json {
         serde_json::to_string_pretty(&LetterJson::new(letter, true))
             .map_err(|e| CliError::Broker(format!("json: {e}")))?
             + "\n"
     } else {
         letter::page(letter)
     };
-    out.write_all(text.as_bytes())
+    write_stdout(text.as_bytes())
+}
+
+/// One JSON object per line, for `--json`.
+fn json_lines<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Result<String, CliError> {
+    let mut text = String::new();
+    for item in items {
+        text +=
+            &serde_json::to_string(&item).map_err(|e| CliError::Broker(format!("json: {e}")))?;
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
+    std::io::stdout()
+        .lock()
+        .write_all(bytes)
         .map_err(|e| CliError::Broker(format!("stdout: {e}")))
 }
 

@@ -422,7 +422,7 @@ async fn call<B: BatchHandler>(handler: Arc<B>, items: Vec<Waiting>, timeout: Op
             tracing::error!("{why}");
             all_fail(HandlerError::transient(why), n)
         }
-        Some(Ok(Err(error))) => error.copies(n).into_iter().map(Err).collect(),
+        Some(Ok(Err(error))) => all_fail(error, n),
         Some(Err(panic)) => {
             metrics.handler_panics.increment(1);
             let message = crate::error::panic_message(panic.as_ref());
@@ -447,6 +447,7 @@ async fn call<B: BatchHandler>(handler: Arc<B>, items: Vec<Waiting>, timeout: Op
     }
 }
 
+/// `error` for each of `n` deliveries.
 fn all_fail(error: HandlerError, n: usize) -> Vec<Result<(), HandlerError>> {
     error.copies(n).into_iter().map(Err).collect()
 }

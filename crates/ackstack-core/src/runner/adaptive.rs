@@ -18,7 +18,6 @@
 //! one. It shows as the `ackstack_concurrency_limit` gauge and in
 //! [`Status::concurrency_limit`](crate::Status::concurrency_limit).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -119,8 +118,6 @@ impl Round {
 pub(crate) struct Controller {
     config: AdaptiveConcurrency,
     permits: Arc<Semaphore>,
-    /// The limit decided.
-    limit: AtomicUsize,
     round: Mutex<(Round, Option<f64>)>,
     changed: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -147,7 +144,6 @@ impl Controller {
         let controller = Arc::new(Controller {
             config,
             permits,
-            limit: AtomicUsize::new(config.min),
             round: Mutex::new((Round::new(), None)),
             changed: Arc::new(Notify::new()),
             metrics,
@@ -166,9 +162,10 @@ impl Controller {
         controller
     }
 
-    /// The limit decided now.
+    /// The limit decided now (kept where [`Status::concurrency_limit`](super::Status::concurrency_limit)
+    /// shows it).
     pub(crate) fn limit(&self) -> usize {
-        self.limit.load(Ordering::Relaxed)
+        self.status.concurrency_limit().unwrap_or(self.config.min)
     }
 
     /// Notes that a delivery had to wait for a permit.
@@ -241,7 +238,6 @@ impl Controller {
                 mean,
                 "concurrency limit"
             );
-            self.limit.store(next, Ordering::Relaxed);
             self.metrics.concurrency_limit.set(next as f64);
             self.status.set_concurrency_limit(next);
             self.changed.notify_one();

@@ -80,6 +80,23 @@ impl<P: Process, S: Settle> Shared<P, S> {
         }
     }
 
+    /// Counts the outcome decided for a delivery and how long it took: its metrics, and the
+    /// round of adaptive concurrency.
+    fn count_outcome(&self, cx: &Context, outcome: &Outcome, seconds: f64) {
+        cx.metrics().outcome(outcome, Some(seconds));
+        if let Some(adaptive) = &self.adaptive {
+            adaptive.record(outcome, seconds);
+        }
+    }
+
+    /// Tells adaptive concurrency of a handler that outlived its lease: the downstream's
+    /// struggle too.
+    fn count_lost(&self, seconds: f64) {
+        if let Some(adaptive) = &self.adaptive {
+            adaptive.lost(seconds);
+        }
+    }
+
     pub(super) async fn run_one(
         &self,
         received: Received<S::Token>,
@@ -198,11 +215,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 drop(lease.take());
                 self.acks.push(token).await;
                 let outcome = self.stack.process(&delivery, &cx).await;
-                let seconds = started.elapsed().as_secs_f64();
-                cx.metrics().outcome(&outcome, Some(seconds));
-                if let Some(adaptive) = &self.adaptive {
-                    adaptive.record(&outcome, seconds);
-                }
+                self.count_outcome(&cx, &outcome, started.elapsed().as_secs_f64());
                 tracing::Span::current().record("outcome", outcome.as_str());
                 self.judge(Some(&outcome), probe);
                 if outcome == Outcome::Ack {
@@ -230,9 +243,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
             };
             let Some(outcome) = outcome else {
                 tracing::debug!("handler stopped: its lease was lost");
-                if let Some(adaptive) = &self.adaptive {
-                    adaptive.lost(started.elapsed().as_secs_f64());
-                }
+                self.count_lost(started.elapsed().as_secs_f64());
                 self.not_processed(lease.as_ref(), probe);
                 return;
             };
@@ -244,17 +255,11 @@ impl<P: Process, S: Settle> Shared<P, S> {
             if cx.is_cancelled() {
                 // Not acked (a successful handler's done mark is already written, so the
                 // redelivery is recognised).
-                if let Some(adaptive) = &self.adaptive {
-                    // A handler that outlived its lease: the downstream's struggle too.
-                    adaptive.lost(seconds);
-                }
+                self.count_lost(seconds);
                 self.not_processed(lease.as_ref(), probe);
                 return;
             }
-            cx.metrics().outcome(&outcome, Some(seconds));
-            if let Some(adaptive) = &self.adaptive {
-                adaptive.record(&outcome, seconds);
-            }
+            self.count_outcome(&cx, &outcome, seconds);
             tracing::Span::current().record("outcome", outcome.as_str());
             self.judge(Some(&outcome), probe);
             self.inspect(&delivery, &outcome);

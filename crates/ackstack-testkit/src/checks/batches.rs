@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use ackstack_core::batch::{Batch, BatchConfig, BatchResults, batch_handler_fn};
 use ackstack_core::{
-    Consumer, ConsumerConfig, DeadLetterReason, DedupKey, ErrorKind, HandlerError, KeyOrdering,
-    Message, Source, Summary,
+    ConsumerConfig, DeadLetterReason, DedupKey, ErrorKind, HandlerError, KeyOrdering, Message,
+    Source, Summary,
 };
 
-use super::{CheckResult, LEASE, Verdict, drain, ensure, publish_all, stop_when, test_config};
+use super::{
+    CheckResult, LEASE, Verdict, consumer, drain, ensure, publish_all, stop_when, test_config,
+};
 use crate::{Harness, TestQueue};
 
 /// A batch as the handler saw it: each delivery's payload and attempt.
@@ -95,11 +97,7 @@ where
     F: Fn(Batch) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<BatchResults, HandlerError>> + Send,
 {
-    let source = h.source(queue).await;
-    let mut consumer = Consumer::new(source).config(config).name("conformance");
-    if let Some(key) = dedup {
-        consumer = consumer.dedup_shared(h.dedup_store(), key);
-    }
+    let consumer = consumer(h, queue, config, dedup).await;
     let status = consumer.status();
     consumer
         .run_batches_until(

@@ -290,16 +290,28 @@ where
     F: Fn(Delivery, ackstack_core::Context) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send,
 {
-    let source = h.source(queue).await;
-    let mut consumer = Consumer::new(source).config(config).name("conformance");
-    if let Some(key) = dedup {
-        consumer = consumer.dedup_shared(h.dedup_store(), key);
-    }
+    let consumer = consumer(h, queue, config, dedup).await;
     let status = consumer.status();
     consumer
         .run_until(handler_fn(handler), stop_when(status, idle, done))
         .await
         .map_err(|e| format!("consumer failed: {e}"))
+}
+
+/// A fresh consumer of `queue` named `conformance`, deduplicating by `dedup` in the harness's
+/// store when given.
+async fn consumer<H: Harness>(
+    h: &H,
+    queue: &TestQueue,
+    config: ConsumerConfig,
+    dedup: Option<DedupKey>,
+) -> Consumer<H::Source> {
+    let source = h.source(queue).await;
+    let consumer = Consumer::new(source).config(config).name("conformance");
+    match dedup {
+        Some(key) => consumer.dedup_shared(h.dedup_store(), key),
+        None => consumer,
+    }
 }
 
 /// Runs a fresh consumer for `wait` and returns the payloads it received (acking them).
