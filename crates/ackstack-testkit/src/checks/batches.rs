@@ -225,7 +225,10 @@ pub async fn batch_errors_fail_every_delivery<H: Harness>(h: Arc<H>) -> CheckRes
     let q = h.create(LEASE).await;
     let bodies = publish_numbered(&*h, &q, "row", 6).await?;
     let record = Record::default();
-    let (r, r2) = (record.clone(), record.clone());
+    // The batches of the three failing calls (calls run concurrently, so the order in which
+    // `record` sees batches need not be the calls' order).
+    let failing = Record::default();
+    let (r, r2, f) = (record.clone(), record.clone(), failing.clone());
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
     let summary = run_batches(
@@ -238,9 +241,12 @@ pub async fn batch_errors_fail_every_delivery<H: Harness>(h: Arc<H>) -> CheckRes
             max_wait: Duration::from_millis(300),
         },
         move |batch: Batch| {
-            let (r, call) = (r.clone(), c.fetch_add(1, Ordering::SeqCst));
+            let (r, f, call) = (r.clone(), f.clone(), c.fetch_add(1, Ordering::SeqCst));
             async move {
                 r.batch(&batch);
+                if call < 3 {
+                    f.batch(&batch);
+                }
                 match call {
                     0 => Err(HandlerError::transient("bulk insert failed")),
                     1 => Ok(BatchResults::succeeded(batch.len().saturating_sub(1))),
@@ -258,16 +264,16 @@ pub async fn batch_errors_fail_every_delivery<H: Harness>(h: Arc<H>) -> CheckRes
     .await?;
     record.each_once(bodies.iter().map(String::as_str))?;
     let batches = record.batches();
-    let failed: usize = batches.iter().take(3).map(Vec::len).sum();
+    let failed_batches = failing.batches();
+    let failed: usize = failed_batches.iter().map(Vec::len).sum();
     ensure(
         batches.len() > 3 && summary.retried >= failed as u64,
         || format!("{failed} deliveries in failed batches, {summary:?}; batches {batches:?}"),
     )?;
     // Every delivery of a failed batch came back with a higher attempt before it succeeded.
-    for (body, attempt) in batches.iter().take(3).flatten() {
+    for (body, attempt) in failed_batches.iter().flatten() {
         let later = batches
             .iter()
-            .skip(3)
             .flatten()
             .any(|(b, a)| b == body && a > attempt);
         ensure(later, || {
