@@ -20,6 +20,9 @@ EXAMPLES:
     ackstack dlq list --broker nats --queue orders
     ackstack dlq replay --broker redis-streams --queue orders --redis-url redis://127.0.0.1:6379
     ackstack dlq purge --broker rabbitmq --queue orders --until 2026-11-01 --yes
+    ackstack outbox status --database-url postgres://app@db/app
+    ackstack outbox parked --json
+    ackstack outbox retry --id 812,813
     ackstack completions bash > /etc/bash_completion.d/ackstack
 
 CONFIGURATION:
@@ -62,10 +65,64 @@ pub enum Command {
     /// Dead letters: list, show, replay, purge
     #[command(subcommand)]
     Dlq(Box<Dlq>),
+    /// The PostgreSQL transactional outbox: status, parked rows, retry
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Prints a shell completion script
     Completions {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
+    },
+}
+
+/// Where the outbox is.
+#[derive(Args, Debug, Clone)]
+pub struct OutboxTarget {
+    /// The database (`postgres://...`; `sslmode` and `sslrootcert` are honoured)
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: String,
+    /// The outbox table, optionally schema-qualified
+    #[arg(long, default_value = "ackstack_outbox", value_name = "TABLE")]
+    pub table: String,
+}
+
+/// `ackstack outbox ...`
+#[derive(Subcommand, Debug)]
+pub enum OutboxCommand {
+    /// Rows pending, the oldest pending row's age, rows parked
+    Status {
+        #[command(flatten)]
+        target: OutboxTarget,
+        /// One JSON object instead of the line
+        #[arg(long)]
+        json: bool,
+    },
+    /// The parked rows (refused for good by the broker, or past the relay's attempt limit)
+    Parked {
+        #[command(flatten)]
+        target: OutboxTarget,
+        /// At most this many rows, oldest first
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line instead of the table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Puts parked rows back in line for the relays (attempts reset)
+    Retry {
+        #[command(flatten)]
+        target: OutboxTarget,
+        /// The row ids to retry (as `parked` lists them); repeat or separate with commas
+        #[arg(
+            long = "id",
+            value_delimiter = ',',
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<i64>,
+        /// Every parked row
+        #[arg(long)]
+        all: bool,
     },
 }
 

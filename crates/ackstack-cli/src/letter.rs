@@ -221,13 +221,13 @@ pub fn format_time(ms: u64) -> String {
         .unwrap_or_else(|| format!("{ms} ms"))
 }
 
-fn millis(t: SystemTime) -> u64 {
+pub fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// `s` cut to `max` characters, marked with `…`.
-fn cut(s: &str, max: usize) -> String {
+pub fn cut(s: &str, max: usize) -> String {
     let one_line: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })

@@ -19,6 +19,7 @@ mod groups;
 mod kafka;
 mod letter;
 mod nats;
+mod outbox;
 mod rabbitmq;
 mod redis_streams;
 mod run;
@@ -85,6 +86,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq(dlq) => dead_letters(*dlq, &file).await,
+        Command::Outbox(command) => outbox::run(command).await,
     }
 }
 
@@ -412,7 +414,9 @@ fn print_one(letter: &Letter, raw: bool, json: bool) -> Result<(), CliError> {
 }
 
 /// One JSON object per line, for `--json`.
-fn json_lines<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Result<String, CliError> {
+pub(crate) fn json_lines<T: serde::Serialize>(
+    items: impl IntoIterator<Item = T>,
+) -> Result<String, CliError> {
     let mut text = String::new();
     for item in items {
         text +=
@@ -422,7 +426,7 @@ fn json_lines<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Result
     Ok(text)
 }
 
-fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
+pub(crate) fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
     std::io::stdout()
         .lock()
         .write_all(bytes)

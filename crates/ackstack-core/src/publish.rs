@@ -49,9 +49,48 @@ impl Message {
 }
 
 /// Publishing failed or was not confirmed.
+///
+/// Most failures are worth repeating (the broker is unreachable, did not confirm in time);
+/// [`PublishError::refused`] marks the ones that are not: the broker (or the adapter, before
+/// sending) refused *this message* for good, because it is too large, its body or headers
+/// cannot be carried, or the broker says it is invalid. The outbox relay parks a refused
+/// message instead of trying it again.
 #[derive(Debug, thiserror::Error)]
-#[error("publish failed: {0}")]
-pub struct PublishError(#[source] pub BoxError);
+#[error("publish failed: {source}")]
+pub struct PublishError {
+    #[source]
+    source: BoxError,
+    refused: bool,
+}
+
+impl PublishError {
+    /// A failure that may pass when the publish is repeated (an outage, a timeout, a missing
+    /// confirmation).
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        PublishError {
+            source: source.into(),
+            refused: false,
+        }
+    }
+
+    /// The message was refused for good: publishing it again cannot succeed.
+    pub fn refused(source: impl Into<BoxError>) -> Self {
+        PublishError {
+            source: source.into(),
+            refused: true,
+        }
+    }
+
+    /// Whether the message was refused for good (see [`PublishError::refused`]).
+    pub fn is_refused(&self) -> bool {
+        self.refused
+    }
+
+    /// The underlying error.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
+}
 
 /// Publishes messages to one queue or topic, returning once the broker confirmed each.
 pub trait Publish: Send + Sync + 'static {

@@ -159,7 +159,13 @@ impl Publish for KafkaPublisher {
             self.timeout,
         )
         .await
-        .map_err(|e| PublishError(Box::new(e)))
+        .map_err(|e| {
+            if e.is_too_large() {
+                PublishError::refused(e)
+            } else {
+                PublishError::new(e)
+            }
+        })
     }
 }
 

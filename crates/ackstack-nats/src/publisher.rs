@@ -36,10 +36,10 @@ impl NatsPublisher {
 
 impl Publish for NatsPublisher {
     async fn publish(&self, message: Message) -> Result<(), PublishError> {
-        let mut map = headers::to_nats(&message.headers).map_err(|e| PublishError(e.into()))?;
+        let mut map = headers::to_nats(&message.headers).map_err(PublishError::refused)?;
         if let Some(id) = &message.message_id {
             headers::append(&mut map, MESSAGE_ID_HEADER, id.as_bytes())
-                .map_err(|e| PublishError(e.into()))?;
+                .map_err(PublishError::refused)?;
         }
         let confirmed = async {
             let ack = self
@@ -51,6 +51,6 @@ impl Publish for NatsPublisher {
         bounded("publish", self.timeout, confirmed)
             .await
             .map(|_| ())
-            .map_err(|e| PublishError(e.to_string().into()))
+            .map_err(|e| PublishError::new(e.to_string()))
     }
 }

@@ -59,6 +59,15 @@ pub struct PgInboxConfig {
     /// retried; none is acknowledged). Pick it for short handlers whose effects are
     /// statements, when commits per second are the limit.
     pub commit_group: usize,
+    /// The outbox table ([`InboxTx::outbox`](crate::InboxTx::outbox)), optionally
+    /// schema-qualified, under the same rules as `table`. Default `ackstack_outbox`.
+    pub outbox_table: String,
+    /// Whether each transaction that sends through the outbox notifies the relays
+    /// (`pg_notify` on the channel named as the outbox table), so that they publish at once
+    /// rather than at their next poll. Default on. PostgreSQL serializes the commits of
+    /// notifying transactions on one lock; with many small transactions per second and
+    /// relays that poll often enough, turning it off can raise the commit rate.
+    pub outbox_notify: bool,
 }
 
 /// The largest commit group: PostgreSQL keeps up to 64 subtransactions per backend in its
@@ -77,6 +86,8 @@ impl PgInboxConfig {
             max_connections: 16,
             sweep_batch: 1000,
             commit_group: 1,
+            outbox_table: crate::outbox::DEFAULT_OUTBOX_TABLE.to_string(),
+            outbox_notify: true,
         }
     }
 
@@ -123,9 +134,27 @@ impl PgInboxConfig {
         self
     }
 
+    /// With this outbox table.
+    pub fn outbox_table(mut self, table: impl Into<String>) -> Self {
+        self.outbox_table = table.into();
+        self
+    }
+
+    /// With outbox notifications on or off (see [`PgInboxConfig::outbox_notify`]).
+    pub fn outbox_notify(mut self, on: bool) -> Self {
+        self.outbox_notify = on;
+        self
+    }
+
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), InboxError> {
         validate_table(&self.table)?;
+        validate_table(&self.outbox_table)?;
+        if self.outbox_table == self.table {
+            return Err(InboxError::Config(
+                "the outbox table must not be the inbox table".into(),
+            ));
+        }
         if self.statement_timeout.is_zero() {
             return Err(InboxError::Config(
                 "statement_timeout must not be zero".into(),
@@ -158,6 +187,14 @@ impl PgInboxConfig {
     /// The table part of [`PgInboxConfig::table`] (without its schema).
     pub(crate) fn table_name(&self) -> &str {
         self.table.rsplit('.').next().unwrap_or(&self.table)
+    }
+
+    /// The table part of [`PgInboxConfig::outbox_table`].
+    pub(crate) fn outbox_table_name(&self) -> &str {
+        self.outbox_table
+            .rsplit('.')
+            .next()
+            .unwrap_or(&self.outbox_table)
     }
 
     /// The bound of one statement in the client.

@@ -9,6 +9,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use crate::config::{DEFAULT_TABLE, PgInboxConfig};
 use crate::error::{InboxError, describe};
+use crate::outbox::{OutboxSql, OutboxStatus, ParkedRow};
 use crate::tls::{SslMode, TlsParams};
 use crate::tx::InboxTx;
 use ackstack_core::Context;
@@ -35,8 +36,20 @@ struct Inner {
     insert_sql: String,
     sweep_sql: String,
     migration_sql: String,
+    outbox: Arc<OutboxSql>,
+    /// How to open a connection of our own (for `LISTEN`): known when the inbox made its
+    /// pool from a URL.
+    listen: Option<Listen>,
     transactions: AtomicU64,
     duplicates: AtomicU64,
+}
+
+/// The settings of a connection outside the pool.
+#[derive(Clone)]
+pub(crate) struct Listen {
+    pub(crate) pg: tokio_postgres::Config,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) tls: TlsParams,
 }
 
 /// What an inbox has done since it was made (see [`PgInbox::stats`]).
@@ -122,6 +135,10 @@ impl PgInbox {
         pg.connect_timeout(config.connect_timeout);
         pg.tcp_user_timeout(config.call_timeout());
         pg.keepalives_idle(Duration::from_secs(30));
+        let listen = Listen {
+            pg: pg.clone(),
+            tls: tls.clone(),
+        };
         let manager = manager(pg, &tls)?;
         let pool = Pool::builder(manager)
             .max_size(config.max_connections)
@@ -130,7 +147,7 @@ impl PgInbox {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| InboxError::Config(format!("could not build the pool: {e}")))?;
-        Ok(PgInbox::build(pool, config))
+        Ok(PgInbox::build(pool, config, Some(listen)))
     }
 
     /// An inbox using your pool (e.g. the one your service already has). Every inbox
@@ -138,10 +155,10 @@ impl PgInbox {
     /// are not changed.
     pub fn from_pool(pool: Pool, config: PgInboxConfig) -> Result<PgInbox, InboxError> {
         config.validate()?;
-        Ok(PgInbox::build(pool, config))
+        Ok(PgInbox::build(pool, config, None))
     }
 
-    fn build(pool: Pool, config: PgInboxConfig) -> PgInbox {
+    fn build(pool: Pool, config: PgInboxConfig, listen: Option<Listen>) -> PgInbox {
         let table = &config.table;
         let insert_sql =
             format!("INSERT INTO {table} (consumer, key) VALUES ($1, $2) ON CONFLICT DO NOTHING");
@@ -152,6 +169,11 @@ impl PgInbox {
                 LIMIT $3))"
         );
         let migration_sql = migration_sql(table, config.table_name());
+        let outbox = Arc::new(OutboxSql::new(
+            &config.outbox_table,
+            config.outbox_table_name(),
+            config.outbox_notify,
+        ));
         PgInbox {
             inner: Arc::new(Inner {
                 pool,
@@ -159,6 +181,8 @@ impl PgInbox {
                 insert_sql,
                 sweep_sql,
                 migration_sql,
+                outbox,
+                listen,
                 transactions: AtomicU64::new(0),
                 duplicates: AtomicU64::new(0),
             }),
@@ -203,8 +227,15 @@ impl PgInbox {
         &self.inner.migration_sql
     }
 
-    /// Creates the inbox table and its index if they do not exist. Idempotent, and safe to
-    /// run from several processes at once (an advisory lock orders them).
+    /// The DDL of the outbox table: [`MIGRATION_0002`](crate::MIGRATION_0002) for this
+    /// inbox's [`outbox_table`](PgInboxConfig::outbox_table).
+    pub fn outbox_migration_sql(&self) -> &str {
+        &self.inner.outbox.migration
+    }
+
+    /// Creates the inbox and outbox tables and their indexes if they do not exist.
+    /// Idempotent, and safe to run from several processes at once (an advisory lock orders
+    /// them).
     pub async fn migrate(&self) -> Result<(), InboxError> {
         let tx = self.begin().await?;
         tx.execute(
@@ -213,7 +244,55 @@ impl PgInbox {
         )
         .await?;
         tx.batch_execute(&self.inner.migration_sql).await?;
+        tx.batch_execute(&self.inner.outbox.migration).await?;
         tx.commit().await
+    }
+
+    pub(crate) fn outbox_sql(&self) -> &Arc<OutboxSql> {
+        &self.inner.outbox
+    }
+
+    pub(crate) fn listen_params(&self) -> Option<&Listen> {
+        self.inner.listen.as_ref()
+    }
+
+    /// How far behind the outbox is: rows pending, the oldest one's age, rows parked. One
+    /// query (a scan of the unsent rows).
+    pub async fn outbox_status(&self) -> Result<OutboxStatus, InboxError> {
+        let tx = self.begin().await?;
+        let row = tx.query_one(self.inner.outbox.status.as_str(), &[]).await?;
+        tx.commit().await?;
+        OutboxStatus::from_row(&row)
+    }
+
+    /// The parked outbox rows, oldest first, at most `limit`.
+    pub async fn outbox_parked(&self, limit: usize) -> Result<Vec<ParkedRow>, InboxError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let tx = self.begin().await?;
+        let rows = tx
+            .query(self.inner.outbox.parked.as_str(), &[&limit])
+            .await?;
+        tx.commit().await?;
+        rows.iter().map(ParkedRow::from_row).collect()
+    }
+
+    /// Puts parked rows back in line (attempts reset, due now): those of `ids`, or every
+    /// parked row when `ids` is `None`. Returns how many. A retried row is published after the
+    /// rows of its key that were sent while it was parked.
+    pub async fn outbox_retry(&self, ids: Option<&[i64]>) -> Result<u64, InboxError> {
+        let tx = self.begin().await?;
+        let n = match ids {
+            Some(ids) => {
+                tx.execute(self.inner.outbox.retry.as_str(), &[&ids])
+                    .await?
+            }
+            None => {
+                tx.execute(self.inner.outbox.retry_all.as_str(), &[])
+                    .await?
+            }
+        };
+        tx.commit().await?;
+        Ok(n)
     }
 
     /// Takes a connection and opens a transaction on it.
@@ -238,7 +317,13 @@ impl PgInbox {
                 )));
             }
         };
-        InboxTx::begin(client, config.statement_timeout, config.call_timeout()).await
+        InboxTx::begin(
+            client,
+            config.statement_timeout,
+            config.call_timeout(),
+            self.inner.outbox.clone(),
+        )
+        .await
     }
 
     /// Inserts the inbox row of `key` in `tx`. `false`: the key was committed before (a

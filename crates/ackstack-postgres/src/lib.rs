@@ -134,6 +134,9 @@ mod error;
 mod group;
 mod handler;
 mod inbox;
+mod listen;
+mod outbox;
+mod relay;
 mod tls;
 mod tx;
 
@@ -141,6 +144,12 @@ pub use config::{DEFAULT_TABLE, PgInboxConfig};
 pub use error::InboxError;
 pub use handler::{TxHandler, tx_handler_fn};
 pub use inbox::{InboxStats, MIGRATION_0001, PgInbox, SweeperHandle};
+pub use outbox::{DEFAULT_OUTBOX_TABLE, MIGRATION_0002, Outbox, OutboxStatus, ParkedRow};
+pub use relay::{
+    OUTBOX_METRICS, OUTBOX_OLDEST_PENDING_SECONDS, OUTBOX_PARKED, OUTBOX_PARKED_TOTAL,
+    OUTBOX_PENDING, OUTBOX_SEND_FAILURES, OUTBOX_SENT, OutboxRelay, RelayConfig, RelayStats,
+    RoundReport,
+};
 pub use tx::InboxTx;
 
 /// The PostgreSQL client and pool crates this one is built on, for your own pool

@@ -10,6 +10,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::error::InboxError;
+use crate::outbox::{Outbox, OutboxSql};
 
 /// The transaction is open for statements.
 const OPEN: u8 = 0;
@@ -60,6 +61,7 @@ struct TxInner {
     client: Option<Object>,
     state: AtomicU8,
     timeout: Duration,
+    outbox: Arc<OutboxSql>,
 }
 
 impl Drop for TxInner {
@@ -82,6 +84,7 @@ impl InboxTx {
         client: Object,
         statement_timeout: Duration,
         timeout: Duration,
+        outbox: Arc<OutboxSql>,
     ) -> Result<InboxTx, InboxError> {
         let tx = InboxTx {
             turn: None,
@@ -89,6 +92,7 @@ impl InboxTx {
                 client: Some(client),
                 state: AtomicU8::new(OPEN),
                 timeout,
+                outbox,
             }),
         };
         let begin = format!(
@@ -228,6 +232,28 @@ impl InboxTx {
     /// (`COMMIT`/`ROLLBACK`): the inbox does that.
     pub fn client(&self) -> Result<&tokio_postgres::Client, InboxError> {
         Ok(self.open()?)
+    }
+
+    /// The outbox of this transaction: messages sent through it are rows committed with the
+    /// transaction, published by an [`OutboxRelay`](crate::OutboxRelay) afterwards.
+    ///
+    /// ```no_run
+    /// # async fn f(tx: ackstack_postgres::InboxTx) -> Result<(), ackstack_postgres::InboxError> {
+    /// use ackstack_core::Message;
+    ///
+    /// tx.execute("UPDATE orders SET state = 'paid' WHERE id = $1", &[&"A-1"]).await?;
+    /// tx.outbox()
+    ///     .send("payments", Message::new(r#"{"order_id":"A-1"}"#).key("A-1"))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn outbox(&self) -> Outbox<'_> {
+        Outbox { tx: self }
+    }
+
+    pub(crate) fn outbox_sql(&self) -> &OutboxSql {
+        &self.inner.outbox
     }
 
     /// Whether the transaction is still open for statements.

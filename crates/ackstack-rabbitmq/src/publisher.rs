@@ -202,7 +202,7 @@ impl Publish for RabbitPublisher {
     async fn publish(&self, message: Message) -> Result<(), PublishError> {
         self.publish_to(&self.config.queue, message)
             .await
-            .map_err(|e| PublishError(Box::new(e)))
+            .map_err(PublishError::new)
     }
 }
 

@@ -52,7 +52,7 @@ impl RedisStreamsPublisher {
                 response_timeout: Duration::from_secs(10),
             },
         )
-        .map_err(|e| PublishError(e.into()))?;
+        .map_err(PublishError::new)?;
         Ok(RedisStreamsPublisher::new(conn, stream))
     }
 
@@ -81,6 +81,6 @@ impl Publish for RedisStreamsPublisher {
         bounded("XADD", self.timeout, cmd.query_async::<String>(&mut conn))
             .await
             .map(drop)
-            .map_err(|e| PublishError(e.into()))
+            .map_err(PublishError::new)
     }
 }

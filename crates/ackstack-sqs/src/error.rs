@@ -139,6 +139,28 @@ where
         }
     }
 
+    /// Whether SQS refused the message itself (its contents or size), as opposed to the
+    /// request or the queue: sending the same message again cannot succeed.
+    pub(crate) fn refuses_message(&self) -> bool {
+        let CallError::Sdk(e) = self else {
+            return false;
+        };
+        let SdkError::ServiceError(service) = e.as_ref() else {
+            return false;
+        };
+        if service.raw().status().as_u16() >= 500 {
+            return false;
+        }
+        matches!(
+            service.err().code(),
+            Some(
+                "InvalidMessageContents"
+                    | "InvalidParameterValue"
+                    | "AWS.SimpleQueueService.InvalidParameterValue"
+            )
+        )
+    }
+
     /// As a setup error: [`SqsError::Refused`] for what no retry can fix.
     pub(crate) fn into_sqs_error(self) -> SqsError {
         match self {

@@ -98,10 +98,9 @@ fn unique_id() -> String {
 impl Publish for SqsPublisher {
     async fn publish(&self, message: Message) -> Result<(), PublishError> {
         let body = String::from_utf8(message.payload.to_vec()).map_err(|_| {
-            PublishError("SQS message bodies are text; the payload is not UTF-8".into())
+            PublishError::refused("SQS message bodies are text; the payload is not UTF-8")
         })?;
-        let attributes =
-            headers_to_attributes(&message.headers).map_err(|e| PublishError(e.into()))?;
+        let attributes = headers_to_attributes(&message.headers).map_err(PublishError::refused)?;
         let mut request = self
             .client
             .send_message()
@@ -113,7 +112,7 @@ impl Publish for SqsPublisher {
         if self.fifo {
             let group = match &message.key {
                 Some(key) => std::str::from_utf8(key)
-                    .map_err(|_| PublishError("a FIFO MessageGroupId must be UTF-8".into()))?
+                    .map_err(|_| PublishError::refused("a FIFO MessageGroupId must be UTF-8"))?
                     .to_string(),
                 None => DEFAULT_GROUP.to_string(),
             };
@@ -126,6 +125,12 @@ impl Publish for SqsPublisher {
         bounded("SendMessage", self.timeout, request.send())
             .await
             .map(|_| ())
-            .map_err(|e| PublishError(e.describe().into()))
+            .map_err(|e| {
+                if e.refuses_message() {
+                    PublishError::refused(e.describe())
+                } else {
+                    PublishError::new(e.describe())
+                }
+            })
     }
 }

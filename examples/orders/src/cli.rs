@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use ackstack::Backoff;
 use clap::builder::RangedU64ValueParser;
-use clap::{Parser, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, ValueEnum};
 
 use crate::MAX_RETRY_DELAY;
 
@@ -67,6 +68,18 @@ pub enum BrokerKind {
     Nats,
     // Redis Streams.
     RedisStreams,
+}
+
+/// Where the outbox relay runs (with `--emit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[allow(missing_docs)]
+pub enum RelayMode {
+    // In this process, beside the consumer.
+    On,
+    // Not here: another process relays.
+    Off,
+    // Only the relay: no consumer, nothing published.
+    Only,
 }
 
 /// The flags as clap parses them; [`Options`] adds the environment's fallbacks.
@@ -136,9 +149,21 @@ struct Args {
     /// while unhealthy or starting) on HOST:PORT
     #[arg(long, value_name = "HOST:PORT", value_parser = non_blank)]
     metrics_addr: Option<String>,
+    /// With --database-url: each charge also emits an event to NAME through the transactional
+    /// outbox, committed with the charge; a relay publishes it
+    #[arg(long, value_name = "NAME", value_parser = queue_name)]
+    emit: Option<String>,
+    /// The broker the events go to [default: --broker]
+    #[arg(long, value_enum, value_name = "NAME")]
+    emit_broker: Option<BrokerKind>,
+    /// on | off | only: run the outbox relay in this process, elsewhere, or alone (no
+    /// consumer) [default: on]
+    #[arg(long, value_enum, value_name = "MODE", default_value = "on")]
+    relay: RelayMode,
 }
 
 /// What the command line and the environment asked for. Not `Debug`: URLs may hold passwords.
+#[derive(Clone)]
 pub struct Options {
     /// The broker.
     pub broker: BrokerKind,
@@ -170,6 +195,12 @@ pub struct Options {
     pub connect_timeout: Option<Duration>,
     /// Where to serve `/metrics` and `/health`; `None`: not served.
     pub metrics_addr: Option<String>,
+    /// Where each charge emits an event (through the outbox); `None`: no events.
+    pub emit: Option<String>,
+    /// The broker of `emit`.
+    pub emit_broker: BrokerKind,
+    /// Where the outbox relay runs.
+    pub relay: RelayMode,
 }
 
 impl Options {
@@ -206,7 +237,20 @@ where
 {
     let program = std::iter::once(OsString::from("orders"));
     let args = Args::try_parse_from(program.chain(args.into_iter().map(Into::into)))?;
+    let database_url = args.database_url.or_else(|| env("DATABASE_URL"));
+    let refuse = |message: &str| Err(Args::command().error(ErrorKind::ArgumentConflict, message));
+    if args.emit.is_some() && database_url.is_none() {
+        return refuse(
+            "--emit needs --database-url (or DATABASE_URL): the outbox is in PostgreSQL",
+        );
+    }
+    if args.emit.is_none() && (args.relay == RelayMode::Only || args.emit_broker.is_some()) {
+        return refuse("--relay only and --emit-broker need --emit NAME");
+    }
     Ok(Options {
+        emit_broker: args.emit_broker.unwrap_or(args.broker),
+        emit: args.emit,
+        relay: args.relay,
         broker: args.broker,
         queue: args.queue,
         consume_only: args.consume_only,
@@ -228,7 +272,7 @@ where
             .or_else(|| env("NATS_URL"))
             .unwrap_or_else(|| "nats://127.0.0.1:4222".to_string()),
         redis_url: args.redis_url.or_else(|| env("REDIS_URL")),
-        database_url: args.database_url.or_else(|| env("DATABASE_URL")),
+        database_url,
         connect_timeout: args.connect_timeout,
         metrics_addr: args.metrics_addr,
     })
@@ -344,6 +388,36 @@ mod tests {
     }
 
     #[test]
+    fn emitting_needs_a_database_and_defaults_to_the_same_broker() {
+        let Ok(o) = parse(&[
+            "--broker",
+            "rabbitmq",
+            "--emit",
+            "events",
+            "--database-url",
+            "postgres://db/x",
+        ]) else {
+            panic!("should parse")
+        };
+        assert_eq!(o.emit.as_deref(), Some("events"));
+        assert_eq!(
+            (o.emit_broker, o.relay),
+            (BrokerKind::Rabbitmq, RelayMode::On)
+        );
+        let env = |name: &str| (name == "DATABASE_URL").then(|| "postgres://env/x".to_string());
+        let Ok(o) = parse_args(
+            ["--emit", "e", "--emit-broker", "kafka", "--relay", "only"],
+            env,
+        ) else {
+            panic!("DATABASE_URL counts")
+        };
+        assert_eq!(
+            (o.emit_broker, o.relay),
+            (BrokerKind::Kafka, RelayMode::Only)
+        );
+    }
+
+    #[test]
     fn bad_arguments_are_errors() {
         for bad in [
             &["--bogus"][..],
@@ -362,6 +436,18 @@ mod tests {
             &["--database-url", " "],
             &["--consume-only=yes"],
             &["stray"],
+            &["--emit", "events"],
+            &["--relay", "only"],
+            &["--emit-broker", "kafka"],
+            &[
+                "--relay",
+                "sometimes",
+                "--emit",
+                "e",
+                "--database-url",
+                "postgres://db/x",
+            ],
+            &["--emit", "bad name", "--database-url", "postgres://db/x"],
         ] {
             match parse(bad) {
                 Err(e) => assert!(e.use_stderr(), "{bad:?} should be an error, not help"),

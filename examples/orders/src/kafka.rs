@@ -85,7 +85,7 @@ pub async fn connect(opts: &Options) -> Result<Connected, Fatal> {
 }
 
 /// Creates the work and dead-letter topics on a real cluster; existing topics are fine.
-async fn create_topics(brokers: &str, topic: &str, dlq: &str) -> Result<(), Fatal> {
+pub async fn create_topics(brokers: &str, topic: &str, dlq: &str) -> Result<(), Fatal> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;

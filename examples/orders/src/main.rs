@@ -20,6 +20,7 @@ mod memory;
 mod nats;
 mod rabbitmq;
 mod redis_streams;
+mod relay;
 mod serve;
 mod sqs;
 mod startup;
@@ -37,7 +38,7 @@ use ackstack::{
 };
 use serde::Deserialize;
 
-pub use crate::cli::{BrokerKind, Options};
+pub use crate::cli::{BrokerKind, Options, RelayMode};
 use crate::cli::{DEFAULT_IDLE, parse_args};
 use crate::ledger::{Ledger, PgLedger};
 pub use crate::startup::{StartError, until_up};
@@ -89,14 +90,26 @@ async fn handle(delivery: Delivery, ledger: Ledger) -> Result<(), HandlerError> 
 }
 
 /// The handler with the PostgreSQL inbox: the same, but the charge is a statement in the
-/// delivery's inbox transaction, committed with its inbox row after this returns `Ok`.
+/// delivery's inbox transaction, committed with its inbox row after this returns `Ok`. With
+/// `--emit`, the event "order charged" is written to the outbox in the same transaction.
 async fn handle_in_inbox(
     delivery: Delivery,
     tx: InboxTx,
     ledger: PgLedger,
+    emit: Option<Arc<str>>,
 ) -> Result<(), HandlerError> {
     let order = order_to_charge(&delivery).await?;
     ledger.charge(&tx, &order.order_id).await?;
+    if let Some(destination) = emit {
+        // An order-shaped body, so that this example can consume the events too.
+        let event = serde_json::json!({
+            "event": "order-charged",
+            "order_id": order.order_id,
+            "amount_cents": order.amount_cents,
+        });
+        let message = Message::new(event.to_string()).key(order.order_id.clone());
+        tx.outbox().send(&destination, message).await?;
+    }
     Ok(())
 }
 
@@ -133,6 +146,8 @@ pub enum Effects {
         inbox: PgInbox,
         /// The ledger, in the same database.
         ledger: PgLedger,
+        /// Where each charge emits an event (`--emit`).
+        emit: Option<Arc<str>>,
     },
 }
 
@@ -187,7 +202,9 @@ async fn publish_and_consume<S: Source, P: Publish>(
     publisher: P,
     effects: Effects,
     health: Option<serve::Health>,
+    relay: Option<relay::Relay>,
 ) -> Result<(), Fatal> {
+    let relay = relay.map(relay::Relay::spawn);
     if !opts.consume_only {
         for body in sample_orders() {
             publisher.publish(Message::new(body)).await?;
@@ -220,18 +237,25 @@ async fn publish_and_consume<S: Source, P: Publish>(
             let summary = consumer.run_until(handler, stop).await?;
             (summary, ledger.entries().await?)
         }
-        Effects::Inbox { inbox, ledger } => {
+        Effects::Inbox {
+            inbox,
+            ledger,
+            emit,
+        } => {
             // The inbox is the dedup: keyed by the order id, like the dedup store.
             let handler_ledger = ledger.clone();
-            let handler = inbox
-                .handler(DedupKey::from_fn(order_id_of), move |delivery, tx, _cx| {
-                    handle_in_inbox(delivery, tx, handler_ledger.clone())
+            let handler =
+                inbox.handler(DedupKey::from_fn(order_id_of), move |delivery, tx, _cx| {
+                    handle_in_inbox(delivery, tx, handler_ledger.clone(), emit.clone())
                 });
             let summary = consumer.run_until(handler, stop).await?;
             (summary, ledger.entries().await?)
         }
     };
     print_summary(&summary);
+    if let Some(relay) = relay {
+        relay.finish().await;
+    }
     for (order_id, count) in entries {
         println!("ledger order_id={} count={count}", shown(&order_id));
     }
@@ -326,7 +350,15 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
             })
             .await?;
             _sweeper = Some(inbox.spawn_sweeper(Duration::from_secs(3600)));
-            (Effects::Inbox { inbox, ledger }, "postgres")
+            let emit = opts.emit.as_deref().map(Arc::from);
+            (
+                Effects::Inbox {
+                    inbox,
+                    ledger,
+                    emit,
+                },
+                "postgres",
+            )
         }
         (None, Some(url)) => {
             let config = RedisDedupConfig::new(url.clone())
@@ -356,16 +388,36 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
             (Effects::Dedup { store, ledger }, "memory")
         }
     };
-    let name = match opts.broker {
-        BrokerKind::Memory => "memory",
-        BrokerKind::Rabbitmq => "rabbitmq",
-        BrokerKind::Sqs => "sqs",
-        BrokerKind::Kafka => "kafka",
-        BrokerKind::Nats => "nats",
-        BrokerKind::RedisStreams => "redis-streams",
+    let name = broker_name(opts.broker);
+    let relay = match (&effects, &opts.emit) {
+        (Effects::Inbox { inbox, .. }, Some(_)) => {
+            Some(relay::connect(&opts, inbox, started).await?)
+        }
+        _ => None,
+    };
+    let emitting = match &opts.emit {
+        Some(emit) => format!(
+            " emit={} emit_broker={} relay={}",
+            shown(emit),
+            broker_name(opts.emit_broker),
+            relay_name(opts.relay)
+        ),
+        None => String::new(),
+    };
+    let relay = match (relay, opts.relay) {
+        (Some(relay), RelayMode::Only) => {
+            println!("start{emitting}");
+            relay.run_alone(opts.exit_when_idle).await;
+            return Ok(());
+        }
+        (relay, RelayMode::On) => relay,
+        (None, RelayMode::Only) => {
+            return Err("--relay only needs --emit and --database-url".into());
+        }
+        (_, RelayMode::Off) => None,
     };
     println!(
-        "start broker={name} queue={} dlq={} dedup={store} ledger={store}",
+        "start broker={name} queue={} dlq={} dedup={store} ledger={store}{emitting}",
         shown(&opts.queue),
         shown(&opts.dlq())
     );
@@ -377,26 +429,26 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
                 );
             }
             let (source, publisher) = memory::connect(&opts);
-            publish_and_consume(&opts, source, publisher, effects, health).await
+            publish_and_consume(&opts, source, publisher, effects, health, relay).await
         }
         BrokerKind::Rabbitmq => {
             let (source, publisher) = until_up("RabbitMQ", started, opts.connect_timeout, || {
                 rabbitmq::connect(&opts)
             })
             .await?;
-            publish_and_consume(&opts, source, publisher, effects, health).await
+            publish_and_consume(&opts, source, publisher, effects, health, relay).await
         }
         BrokerKind::Sqs => {
             let (source, publisher) =
                 until_up("SQS", started, opts.connect_timeout, || sqs::connect(&opts)).await?;
-            publish_and_consume(&opts, source, publisher, effects, health).await
+            publish_and_consume(&opts, source, publisher, effects, health, relay).await
         }
         BrokerKind::Nats => {
             let (source, publisher) = until_up("NATS", started, opts.connect_timeout, || {
                 nats::connect(&opts)
             })
             .await?;
-            publish_and_consume(&opts, source, publisher, effects, health).await
+            publish_and_consume(&opts, source, publisher, effects, health, relay).await
         }
         BrokerKind::RedisStreams => {
             let (source, publisher) =
@@ -404,7 +456,7 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
                     redis_streams::connect(&opts)
                 })
                 .await?;
-            publish_and_consume(&opts, source, publisher, effects, health).await
+            publish_and_consume(&opts, source, publisher, effects, health, relay).await
         }
         BrokerKind::Kafka => {
             let kafka::Connected {
@@ -412,7 +464,8 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
                 publisher,
                 mock,
             } = kafka::connect(&opts).await?;
-            let result = publish_and_consume(&opts, source, publisher, effects, health).await;
+            let result =
+                publish_and_consume(&opts, source, publisher, effects, health, relay).await;
             // The consumer closes (leaves its group) on its own thread once the run is over;
             // give it a moment before a mock cluster goes away under it.
             if mock.is_some() {
@@ -421,6 +474,27 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
             drop(mock);
             result
         }
+    }
+}
+
+/// The broker's name as `--broker` takes it.
+fn broker_name(broker: BrokerKind) -> &'static str {
+    match broker {
+        BrokerKind::Memory => "memory",
+        BrokerKind::Rabbitmq => "rabbitmq",
+        BrokerKind::Sqs => "sqs",
+        BrokerKind::Kafka => "kafka",
+        BrokerKind::Nats => "nats",
+        BrokerKind::RedisStreams => "redis-streams",
+    }
+}
+
+/// The relay mode as `--relay` takes it.
+fn relay_name(mode: RelayMode) -> &'static str {
+    match mode {
+        RelayMode::On => "on",
+        RelayMode::Off => "off",
+        RelayMode::Only => "only",
     }
 }
 

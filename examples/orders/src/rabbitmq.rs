@@ -12,6 +12,25 @@ use crate::{CONSUMER_NAME, Options, StartError};
 
 /// Connects a source and a publisher to `--queue` at `--amqp-url`.
 pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), StartError> {
+    let (config, failed) = config(opts)?;
+    let publisher = RabbitPublisher::connect(config.clone())
+        .await
+        .map_err(&failed)?;
+    let source = RabbitSource::connect(config).await.map_err(failed)?;
+    Ok((source, publisher))
+}
+
+/// A publisher to `--queue` alone (the queue and its dead-letter queue declared as for a
+/// consumer).
+pub async fn publisher(opts: &Options) -> Result<RabbitPublisher, StartError> {
+    let (config, failed) = config(opts)?;
+    RabbitPublisher::connect(config).await.map_err(failed)
+}
+
+/// The adapter's settings for `opts`, and how its errors end the start.
+fn config(
+    opts: &Options,
+) -> Result<(RabbitConfig, impl Fn(RabbitError) -> StartError + use<>), StartError> {
     let mut config = RabbitConfig::new(opts.amqp_url.clone(), opts.queue.clone());
     config.delay_buckets = delay_buckets(&opts.backoff(), opts.max_attempts);
     config.connection_name = Some(format!("{CONSUMER_NAME}-{}", opts.queue));
@@ -23,12 +42,8 @@ pub async fn connect(opts: &Options) -> Result<(RabbitSource, RabbitPublisher), 
     // A refusal no retry can fix (a queue declared with other arguments, access refused)
     // ends the start at once; only an unreachable broker is waited for.
     let failed =
-        |e: RabbitError| StartError::from_text(e.is_fatal(), format!("RabbitMQ at {at}: {e}"));
-    let publisher = RabbitPublisher::connect(config.clone())
-        .await
-        .map_err(failed)?;
-    let source = RabbitSource::connect(config).await.map_err(failed)?;
-    Ok((source, publisher))
+        move |e: RabbitError| StartError::from_text(e.is_fatal(), format!("RabbitMQ at {at}: {e}"));
+    Ok((config, failed))
 }
 
 /// RabbitMQ delays retries in fixed buckets (one delay queue each), rounding a delay up to the

@@ -1,0 +1,67 @@
+//! The relay's `LISTEN` connection: a connection of its own (a pooled one drops
+//! notifications), turning each notification into a wake-up.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, Connection};
+
+use crate::error::describe;
+use crate::inbox::Listen;
+#[cfg(feature = "tls")]
+use crate::tls::SslMode;
+
+/// Connects, listens on `channel` and wakes `wake` on every notification, until the
+/// connection fails. `listening` is true while the `LISTEN` is in place.
+pub(crate) async fn listen(
+    params: &Listen,
+    channel: &str,
+    wake: &Notify,
+    listening: &AtomicBool,
+) -> Result<(), String> {
+    #[cfg(feature = "tls")]
+    if params.tls.mode != SslMode::Disable {
+        let connector = crate::tls::connector(&params.tls).map_err(|e| e.to_string())?;
+        let connected = params.pg.connect(connector).await;
+        return drive(connected, channel, wake, listening).await;
+    }
+    let connected = params.pg.connect(tokio_postgres::NoTls).await;
+    drive(connected, channel, wake, listening).await
+}
+
+async fn drive<S, T>(
+    connected: Result<(Client, Connection<S, T>), tokio_postgres::Error>,
+    channel: &str,
+    wake: &Notify,
+    listening: &AtomicBool,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let (client, mut connection) = connected.map_err(|e| describe(&e))?;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    // The channel is the outbox table's name, checked to be letters, digits, `_` and `.`.
+    let sql = format!("LISTEN \"{channel}\"");
+    let mut subscribe = std::pin::pin!(client.batch_execute(&sql));
+    let mut subscribed = false;
+    loop {
+        tokio::select! {
+            done = &mut subscribe, if !subscribed => {
+                done.map_err(|e| describe(&e))?;
+                subscribed = true;
+                listening.store(true, Ordering::Relaxed);
+                // Rows may have committed before the LISTEN took effect.
+                wake.notify_one();
+            }
+            message = messages.next() => match message {
+                Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(describe(&err)),
+                None => return Err("the connection closed".into()),
+            },
+        }
+    }
+}
