@@ -93,20 +93,24 @@ pub async fn create_topics(brokers: &str, topic: &str, dlq: &str) -> Result<(), 
         NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1)),
         NewTopic::new(dlq, 1, TopicReplication::Fixed(1)),
     ];
-    let options = AdminOptions::new().operation_timeout(Some(CONNECT_TIMEOUT));
-    let results =
-        match tokio::time::timeout(CONNECT_TIMEOUT, admin.create_topics(&topics, &options)).await {
-            Ok(results) => results.map_err(|e| format!("Kafka at {brokers}: {e}"))?,
-            Err(_) => {
-                // Some clusters (librdkafka's mock among them) never answer CreateTopics; topics
-                // may still be there, or be created on first use.
-                tracing::warn!(
-                    "Kafka at {brokers}: no answer to CreateTopics within {CREATE_TOPICS_WAIT:?}; \
+    let options = AdminOptions::new().operation_timeout(Some(CREATE_TOPICS_WAIT));
+    let results = match tokio::time::timeout(
+        CREATE_TOPICS_WAIT,
+        admin.create_topics(&topics, &options),
+    )
+    .await
+    {
+        Ok(results) => results.map_err(|e| format!("Kafka at {brokers}: {e}"))?,
+        Err(_) => {
+            // Some clusters (librdkafka's mock among them) never answer CreateTopics; topics
+            // may still be there, or be created on first use.
+            tracing::warn!(
+                "Kafka at {brokers}: no answer to CreateTopics within {CREATE_TOPICS_WAIT:?}; \
                  using the topics as they are"
-                );
-                return Ok(());
-            }
-        };
+            );
+            return Ok(());
+        }
+    };
     for result in results {
         if let Err((name, code)) = result
             && code != RDKafkaErrorCode::TopicAlreadyExists

@@ -390,7 +390,7 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
     };
     let name = broker_name(opts.broker);
     let relay = match (&effects, &opts.emit) {
-        (Effects::Inbox { inbox, .. }, Some(_)) => {
+        (Effects::Inbox { inbox, .. }, Some(_)) if opts.relay != RelayMode::Off => {
             Some(relay::connect(&opts, inbox, started).await?)
         }
         _ => None,
