@@ -204,6 +204,9 @@ async fn publish_and_consume<S: Source, P: Publish>(
     health: Option<serve::Health>,
     relay: Option<relay::Relay>,
 ) -> Result<(), Fatal> {
+    if let (Some(health), Some(relay)) = (&health, &relay) {
+        health.serve_relay(relay.relay.clone());
+    }
     let relay = relay.map(relay::Relay::spawn);
     if !opts.consume_only {
         for body in sample_orders() {
@@ -406,6 +409,9 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
     };
     let relay = match (relay, opts.relay) {
         (Some(relay), RelayMode::Only) => {
+            if let Some(health) = &health {
+                health.serve_relay(relay.relay.clone());
+            }
             println!("start{emitting}");
             relay.run_alone(opts.exit_when_idle).await;
             return Ok(());

@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use ackstack::Status;
+use ackstack::postgres::OutboxRelay;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -28,13 +30,26 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// Where the endpoint finds the consumer's status once it exists.
 #[derive(Clone)]
 pub struct Health {
-    status: watch::Sender<Option<Status>>,
+    watched: watch::Sender<Watched>,
+}
+
+/// What `/health` reports on: the consumer, the outbox relay, or both.
+#[derive(Clone, Default)]
+struct Watched {
+    consumer: Option<Status>,
+    relay: Option<OutboxRelay>,
 }
 
 impl Health {
     /// Reports `status` at `/health` from now on.
     pub fn serve(&self, status: Status) {
-        self.status.send_replace(Some(status));
+        self.watched.send_modify(|w| w.consumer = Some(status));
+    }
+
+    /// Adds the outbox relay's counts (`outbox` in the body); with no consumer (`--relay
+    /// only`), the relay's last round decides the status.
+    pub fn serve_relay(&self, relay: OutboxRelay) {
+        self.watched.send_modify(|w| w.relay = Some(relay));
     }
 }
 
@@ -51,7 +66,7 @@ pub async fn start(addr: &str) -> Result<Health, Fatal> {
         .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
     let local = listener.local_addr()?;
     println!("serving metrics=http://{local}/metrics health=http://{local}/health");
-    let (status, watching) = watch::channel(None);
+    let (watched, watching) = watch::channel(Watched::default());
     let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {
@@ -60,13 +75,13 @@ pub async fn start(addr: &str) -> Result<Health, Fatal> {
         }
     });
     tokio::spawn(accept(listener, handle, watching));
-    Ok(Health { status })
+    Ok(Health { watched })
 }
 
 async fn accept(
     listener: TcpListener,
     metrics: PrometheusHandle,
-    status: watch::Receiver<Option<Status>>,
+    status: watch::Receiver<Watched>,
 ) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -102,7 +117,7 @@ async fn accept(
 async fn answer(
     mut stream: TcpStream,
     metrics: &PrometheusHandle,
-    status: &watch::Receiver<Option<Status>>,
+    status: &watch::Receiver<Watched>,
 ) -> std::io::Result<()> {
     let head = read_head(&mut stream).await?;
     let (code, content_type, body) = route(&head, metrics, status);
@@ -144,7 +159,7 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 fn route(
     head: &[u8],
     metrics: &PrometheusHandle,
-    status: &watch::Receiver<Option<Status>>,
+    status: &watch::Receiver<Watched>,
 ) -> (u16, &'static str, String) {
     let line = head
         .split(|&b| b == b'\r' || b == b'\n')
@@ -165,19 +180,40 @@ fn route(
     }
 }
 
-fn health(status: &watch::Receiver<Option<Status>>) -> (u16, &'static str, String) {
-    let Some(status) = status.borrow().clone() else {
-        let body = r#"{"status":"starting","reasons":[]}"#.to_string();
-        return (503, "application/json", body);
+fn health(watched: &watch::Receiver<Watched>) -> (u16, &'static str, String) {
+    let watched = watched.borrow().clone();
+    let (code, mut body) = match (&watched.consumer, &watched.relay) {
+        (Some(status), _) => {
+            let health = status.health();
+            let code = if health.is_unhealthy() { 503 } else { 200 };
+            match serde_json::to_value(&health) {
+                Ok(body) => (code, body),
+                Err(_) => (503, json!({"status": "unknown", "reasons": []})),
+            }
+        }
+        (None, Some(relay)) => match relay.stats().last_error {
+            None => (200, json!({"status": "healthy", "reasons": []})),
+            Some(error) => (
+                503,
+                json!({"status": "unhealthy", "reasons": [format!("outbox relay: {error}")]}),
+            ),
+        },
+        (None, None) => (503, json!({"status": "starting", "reasons": []})),
     };
-    let health = status.health();
-    let code = if health.is_unhealthy() { 503 } else { 200 };
-    match serde_json::to_string(&health) {
-        Ok(body) => (code, "application/json", body),
-        Err(_) => (
-            503,
-            "application/json",
-            r#"{"status":"unknown","reasons":[]}"#.into(),
-        ),
+    if let (Some(relay), Some(fields)) = (&watched.relay, body.as_object_mut()) {
+        let stats = relay.stats();
+        let status = stats.status.unwrap_or_default();
+        fields.insert(
+            "outbox".into(),
+            json!({
+                "pending": stats.status.map(|_| status.pending),
+                "oldest_pending_seconds": status.oldest_pending.map(|d| d.as_secs_f64()),
+                "parked": stats.status.map(|_| status.parked),
+                "sent": stats.sent,
+                "failures": stats.failures,
+                "listening": stats.listening,
+            }),
+        );
     }
+    (code, "application/json", body.to_string())
 }

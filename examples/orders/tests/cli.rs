@@ -616,3 +616,72 @@ fn unreachable_postgres_exits_1_at_the_connect_timeout_without_leaking_the_passw
     );
     assert!(!run.stderr.contains("hunter2") && !run.stdout.contains("hunter2"));
 }
+
+/// `--emit NAME`: each charge writes an event in the same transaction; the relay beside the
+/// consumer sends it to `--emit-broker`, and a second run consuming those events charges each
+/// order once in its own ledger.
+fn events_reach_the_emit_broker_through_the_outbox(emit_broker: &str) {
+    let url = database_url();
+    let queue = unique_name("orders-emit");
+    let events = format!("{queue}-ev");
+    let env = [("DATABASE_URL", url.as_str())];
+    let first = orders(
+        &[
+            "--queue",
+            &queue,
+            "--emit",
+            &events,
+            "--emit-broker",
+            emit_broker,
+        ],
+        &env,
+        LIMIT,
+    );
+    assert_sample_run(&first, true);
+    assert!(
+        first
+            .stdout
+            .contains(&format!("emit={events} emit_broker={emit_broker} relay=on")),
+        "{first:?}"
+    );
+    assert!(
+        first.has_line("relay sent=4 failures=0 parked=0"),
+        "{first:?}"
+    );
+    let second = orders(
+        &[
+            "--broker",
+            emit_broker,
+            "--queue",
+            &events,
+            "--consume-only",
+            "--exit-when-idle",
+            "3",
+        ],
+        &env,
+        LIMIT,
+    );
+    assert_eq!(second.code, Some(0), "{second:?}");
+    assert_eq!(second.ledger(), good_ledger(), "{second:?}");
+    assert_eq!(pg_ledger(&events), good_ledger());
+}
+
+#[test]
+fn events_reach_rabbitmq_through_the_outbox() {
+    events_reach_the_emit_broker_through_the_outbox("rabbitmq");
+}
+
+#[test]
+fn events_reach_sqs_through_the_outbox() {
+    events_reach_the_emit_broker_through_the_outbox("sqs");
+}
+
+#[test]
+fn emitting_without_a_database_is_a_bad_argument() {
+    let run = orders(&["--emit", "events"], &[], LIMIT);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("--emit needs --database-url"),
+        "{run:?}"
+    );
+}
