@@ -12,6 +12,7 @@ use crate::error::{InboxError, describe};
 use crate::outbox::{OutboxSql, OutboxStatus, ParkedRow};
 use crate::tls::{SslMode, TlsParams};
 use crate::tx::InboxTx;
+use crate::tx::TxShared;
 use ackstack_core::Context;
 use ackstack_core::dedup::StoreHooks;
 
@@ -36,7 +37,7 @@ struct Inner {
     insert_sql: String,
     sweep_sql: String,
     migration_sql: String,
-    outbox: Arc<OutboxSql>,
+    shared: Arc<TxShared>,
     /// How to open a connection of our own (for `LISTEN`): known when the inbox made its
     /// pool from a URL.
     listen: Option<Listen>,
@@ -58,6 +59,9 @@ pub(crate) struct Listen {
 pub struct InboxStats {
     /// Transactions begun (one per delivery handled, plus `contains`, sweeps and migrations).
     pub transactions: u64,
+    /// Statements and commits sent to the server (each a round trip; a statement prepared on
+    /// a connection's first use of it adds one more, not counted).
+    pub round_trips: u64,
     /// Deliveries found already applied and acked without calling the handler.
     pub duplicates: u64,
 }
@@ -169,11 +173,14 @@ impl PgInbox {
                 LIMIT $3))"
         );
         let migration_sql = migration_sql(table, config.table_name());
-        let outbox = Arc::new(OutboxSql::new(
-            &config.outbox_table,
-            config.outbox_table_name(),
-            config.outbox_notify,
-        ));
+        let shared = Arc::new(TxShared {
+            outbox: OutboxSql::new(
+                &config.outbox_table,
+                config.outbox_table_name(),
+                config.outbox_notify,
+            ),
+            round_trips: AtomicU64::new(0),
+        });
         PgInbox {
             inner: Arc::new(Inner {
                 pool,
@@ -181,7 +188,7 @@ impl PgInbox {
                 insert_sql,
                 sweep_sql,
                 migration_sql,
-                outbox,
+                shared,
                 listen,
                 transactions: AtomicU64::new(0),
                 duplicates: AtomicU64::new(0),
@@ -193,6 +200,7 @@ impl PgInbox {
     pub fn stats(&self) -> InboxStats {
         InboxStats {
             transactions: self.inner.transactions.load(Ordering::Relaxed),
+            round_trips: self.inner.shared.round_trips.load(Ordering::Relaxed),
             duplicates: self.inner.duplicates.load(Ordering::Relaxed),
         }
     }
@@ -230,7 +238,7 @@ impl PgInbox {
     /// The DDL of the outbox table: [`MIGRATION_0002`](crate::MIGRATION_0002) for this
     /// inbox's [`outbox_table`](PgInboxConfig::outbox_table).
     pub fn outbox_migration_sql(&self) -> &str {
-        &self.inner.outbox.migration
+        &self.inner.shared.outbox.migration
     }
 
     /// Creates the inbox and outbox tables and their indexes if they do not exist.
@@ -244,12 +252,13 @@ impl PgInbox {
         )
         .await?;
         tx.batch_execute(&self.inner.migration_sql).await?;
-        tx.batch_execute(&self.inner.outbox.migration).await?;
+        tx.batch_execute(&self.inner.shared.outbox.migration)
+            .await?;
         tx.commit().await
     }
 
-    pub(crate) fn outbox_sql(&self) -> &Arc<OutboxSql> {
-        &self.inner.outbox
+    pub(crate) fn outbox_sql(&self) -> &OutboxSql {
+        &self.inner.shared.outbox
     }
 
     pub(crate) fn listen_params(&self) -> Option<&Listen> {
@@ -260,7 +269,9 @@ impl PgInbox {
     /// query (a scan of the unsent rows).
     pub async fn outbox_status(&self) -> Result<OutboxStatus, InboxError> {
         let tx = self.begin().await?;
-        let row = tx.query_one(self.inner.outbox.status.as_str(), &[]).await?;
+        let row = tx
+            .query_one(self.inner.shared.outbox.status.as_str(), &[])
+            .await?;
         tx.commit().await?;
         OutboxStatus::from_row(&row)
     }
@@ -270,7 +281,7 @@ impl PgInbox {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let tx = self.begin().await?;
         let rows = tx
-            .query(self.inner.outbox.parked.as_str(), &[&limit])
+            .query(self.inner.shared.outbox.parked.as_str(), &[&limit])
             .await?;
         tx.commit().await?;
         rows.iter().map(ParkedRow::from_row).collect()
@@ -283,11 +294,11 @@ impl PgInbox {
         let tx = self.begin().await?;
         let n = match ids {
             Some(ids) => {
-                tx.execute(self.inner.outbox.retry.as_str(), &[&ids])
+                tx.execute(self.inner.shared.outbox.retry.as_str(), &[&ids])
                     .await?
             }
             None => {
-                tx.execute(self.inner.outbox.retry_all.as_str(), &[])
+                tx.execute(self.inner.shared.outbox.retry_all.as_str(), &[])
                     .await?
             }
         };
@@ -321,7 +332,7 @@ impl PgInbox {
             client,
             config.statement_timeout,
             config.call_timeout(),
-            self.inner.outbox.clone(),
+            self.inner.shared.clone(),
         )
         .await
     }

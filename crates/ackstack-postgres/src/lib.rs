@@ -108,6 +108,59 @@
 //! handlers whose effects are statements; a panic or a failed commit fails the whole group
 //! (each member is retried, none is acknowledged, nothing is applied twice).
 //!
+//! # The outbox: messages sent with the effects
+//!
+//! A handler that also sends messages writes them into the same transaction with
+//! [`InboxTx::outbox`]: each is a row of the outbox table, committed with the handler's
+//! statements and its inbox row, or rolled back with them. An [`OutboxRelay`] publishes the
+//! committed rows through ackstack publishers (any [`Publish`](ackstack_core::Publish):
+//! RabbitMQ with confirms, SQS, Kafka with delivery reports, NATS, the in-memory broker) and
+//! marks them sent after the broker confirmed:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use ackstack_core::{Consumer, DedupKey, MemoryBroker, Message};
+//! use ackstack_postgres::{OutboxRelay, PgInbox, PgInboxConfig, RelayConfig};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let inbox = PgInbox::new("postgres://postgres@127.0.0.1/test", PgInboxConfig::new("orders"))?;
+//! inbox.migrate().await?; // the inbox and the outbox tables
+//! let broker = MemoryBroker::new();
+//!
+//! // Publishes committed rows for "payments"; several relays may run at once.
+//! let relay = OutboxRelay::new(&inbox, RelayConfig::default())?
+//!     .route("payments", broker.publisher("payments"));
+//! let stop = tokio::time::sleep(Duration::from_secs(1));
+//! let relaying = tokio::spawn({
+//!     let relay = relay.clone();
+//!     async move { relay.run_until(tokio::time::sleep(Duration::from_secs(2))).await }
+//! });
+//!
+//! let handler = inbox.handler(DedupKey::MessageId, |delivery, tx, _cx| async move {
+//!     tx.execute("UPDATE orders SET paid = true WHERE id = $1", &[&delivery.message_id])
+//!         .await?;
+//!     // Committed with the UPDATE, or not at all; published after the commit.
+//!     tx.outbox()
+//!         .send("payments", Message::new(delivery.payload.clone()).key("order-1"))
+//!         .await?;
+//!     Ok(())
+//! });
+//! Consumer::new(broker.source("orders")).run_until(handler, stop).await?;
+//! relaying.await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every message carries a stable message id (its own, else a UUID stored in the row), so the
+//! relay's rare second send (a crash between the broker's confirmation and the relay's
+//! commit) is a duplicate that a deduplicating consumer downstream applies once. Rows of one
+//! destination and key are published in the order they were written. A message the broker
+//! refuses for good is parked: counted ([`OUTBOX_METRICS`]), listed by
+//! [`PgInbox::outbox_parked`] and `ackstack outbox parked`, and put back in line by
+//! [`PgInbox::outbox_retry`]. The relay wakes on the `NOTIFY` each sending transaction makes
+//! and polls besides. [`MIGRATION_0002`] is the table's DDL (PostgreSQL 13 or later).
+//!
 //! # TLS
 //!
 //! With the `tls` feature (`postgres-tls` in `ackstack`), [`PgInbox::new`] honours the URL's

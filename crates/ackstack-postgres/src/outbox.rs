@@ -56,15 +56,20 @@ impl OutboxSql {
         } else {
             insert_row
         };
-        // The pending rows that are due, oldest first, locked (rows other relays hold are
-        // skipped); of those, the ones with no older pending row of the same destination and
-        // key outside this claim (a row waiting for its retry, or held by another relay, holds
-        // back the rows behind it).
+        // The pending rows that are due and not behind an older row of their key waiting for
+        // its retry, oldest first, locked (rows other relays hold are skipped); of those, the
+        // ones with no older pending row of the same destination and key outside this claim
+        // (held by another relay). Rows held back by a retry are left out before the LIMIT,
+        // so a key stuck on a failing row does not take every round's places.
         let claim = format!(
             "WITH claim AS MATERIALIZED (\
-                SELECT id FROM {table} \
+                SELECT id FROM {table} c \
                 WHERE sent_at IS NULL AND parked_at IS NULL AND next_attempt_at <= now() \
                   AND destination = ANY($2) \
+                  AND (c.key IS NULL OR NOT EXISTS (\
+                    SELECT 1 FROM {table} w \
+                    WHERE w.destination = c.destination AND w.key = c.key AND w.id < c.id \
+                      AND w.sent_at IS NULL AND w.parked_at IS NULL AND w.next_attempt_at > now())) \
                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
              SELECT o.id, o.destination, o.message_id, o.key, o.payload, o.header_names, \
                     o.header_values, o.attempts \

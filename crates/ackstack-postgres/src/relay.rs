@@ -328,7 +328,7 @@ impl OutboxRelay {
     /// One round: claims up to [`RelayConfig::batch_size`] due rows, publishes them and
     /// records the outcomes, in one transaction.
     pub async fn relay_once(&self) -> Result<RoundReport, InboxError> {
-        let sql = self.inbox.outbox_sql().clone();
+        let sql = self.inbox.outbox_sql();
         let destinations: Vec<&str> = self.routes.keys().map(String::as_str).collect();
         let limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
         let tx = self.inbox.begin().await?;
@@ -590,7 +590,7 @@ impl OutboxRelay {
     }
 
     async fn sweep(&self) {
-        let sql = self.inbox.outbox_sql().clone();
+        let sql = self.inbox.outbox_sql();
         let secs = self.config.keep_sent.as_secs_f64();
         let batch = i64::from(self.inbox.config().sweep_batch);
         loop {

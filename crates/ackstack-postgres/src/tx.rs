@@ -12,6 +12,14 @@ use tokio_postgres::{Row, Statement, ToStatement};
 use crate::error::InboxError;
 use crate::outbox::{Outbox, OutboxSql};
 
+/// What the transactions of one inbox share: the outbox's statements, and a count of the
+/// round trips they made.
+#[derive(Debug)]
+pub(crate) struct TxShared {
+    pub(crate) outbox: OutboxSql,
+    pub(crate) round_trips: std::sync::atomic::AtomicU64,
+}
+
 /// The transaction is open for statements.
 const OPEN: u8 = 0;
 /// Commit or rollback was sent; no more statements.
@@ -61,7 +69,7 @@ struct TxInner {
     client: Option<Object>,
     state: AtomicU8,
     timeout: Duration,
-    outbox: Arc<OutboxSql>,
+    shared: Arc<TxShared>,
 }
 
 impl Drop for TxInner {
@@ -84,7 +92,7 @@ impl InboxTx {
         client: Object,
         statement_timeout: Duration,
         timeout: Duration,
-        outbox: Arc<OutboxSql>,
+        shared: Arc<TxShared>,
     ) -> Result<InboxTx, InboxError> {
         let tx = InboxTx {
             turn: None,
@@ -92,7 +100,7 @@ impl InboxTx {
                 client: Some(client),
                 state: AtomicU8::new(OPEN),
                 timeout,
-                outbox,
+                shared,
             }),
         };
         let begin = format!(
@@ -139,6 +147,13 @@ impl InboxTx {
         what: &'static str,
         call: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, InboxError> {
+        if what != "prepare" {
+            // A prepare is answered from the connection's cache after its first use.
+            self.inner
+                .shared
+                .round_trips
+                .fetch_add(1, Ordering::Relaxed);
+        }
         match tokio::time::timeout(self.inner.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
@@ -253,7 +268,7 @@ impl InboxTx {
     }
 
     pub(crate) fn outbox_sql(&self) -> &OutboxSql {
-        &self.inner.outbox
+        &self.inner.shared.outbox
     }
 
     /// Whether the transaction is still open for statements.

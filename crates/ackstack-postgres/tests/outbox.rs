@@ -694,3 +694,56 @@ async fn bad_relay_settings_and_destinations_are_refused() {
     assert_eq!(count(&inbox, "true").await, 0);
     drop_tables(&inbox).await;
 }
+
+#[tokio::test]
+async fn round_trips_are_counted_per_statement() {
+    let inbox = inbox("round_trips").await;
+    let broker = MemoryBroker::new();
+    broker.publish("in", Message::new("plain").message_id("r-1"));
+    let before = inbox.stats().round_trips;
+    let handler = inbox.handler(DedupKey::MessageId, |_d, _tx, _cx| async move { Ok(()) });
+    consume(&broker, "in", handler, 4).await;
+    // BEGIN (with SET LOCAL), the inbox INSERT, COMMIT.
+    assert_eq!(inbox.stats().round_trips - before, 3);
+
+    broker.publish("in", Message::new("emits").message_id("r-2"));
+    let before = inbox.stats().round_trips;
+    let handler = inbox.handler(DedupKey::MessageId, |_d, tx, _cx| async move {
+        tx.outbox().send("events", Message::new("e")).await?;
+        Ok(())
+    });
+    consume(&broker, "in", handler, 4).await;
+    // One more: the outbox row (and its notification) in one statement.
+    assert_eq!(inbox.stats().round_trips - before, 4);
+    drop_tables(&inbox).await;
+}
+
+#[tokio::test]
+async fn a_key_stuck_on_a_failing_row_does_not_hold_back_other_keys() {
+    let inbox = inbox("stuck").await;
+    // The stuck key first, with more rows behind its head than a round claims.
+    let mut messages: Vec<Message> = (0..12).map(|i| keyed("stuck", i)).collect();
+    messages.extend((0..3).map(|i| keyed("free", i)));
+    write(&inbox, "events", messages).await;
+    let flaky = Flaky::default();
+    // The first call (the stuck key's head) fails; its retry is far away.
+    *flaky.fail_calls.lock().unwrap() = vec![1];
+    let relay = OutboxRelay::new(
+        &inbox,
+        RelayConfig::default()
+            .batch_size(8)
+            .retry(Backoff::exponential(
+                Duration::from_secs(600),
+                Duration::from_secs(600),
+            )),
+    )
+    .unwrap()
+    .route("events", flaky.clone());
+    for _ in 0..5 {
+        relay.relay_once().await.unwrap();
+    }
+    let sequences = flaky.sequences();
+    assert_eq!(sequences.get("free"), Some(&vec![0, 1, 2]), "{sequences:?}");
+    assert_eq!(sequences.get("stuck"), None, "held back behind its head");
+    drop_tables(&inbox).await;
+}
