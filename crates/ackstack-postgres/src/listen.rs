@@ -2,6 +2,7 @@
 //! notifications), turning each notification into a wake-up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -25,13 +26,14 @@ pub(crate) async fn listen(
     if params.tls.mode != SslMode::Disable {
         let connector = crate::tls::connector(&params.tls).map_err(|e| e.to_string())?;
         let connected = params.pg.connect(connector).await;
-        return drive(connected, channel, wake, listening).await;
+        return drive(params, connected, channel, wake, listening).await;
     }
     let connected = params.pg.connect(tokio_postgres::NoTls).await;
-    drive(connected, channel, wake, listening).await
+    drive(params, connected, channel, wake, listening).await
 }
 
 async fn drive<S, T>(
+    params: &Listen,
     connected: Result<(Client, Connection<S, T>), tokio_postgres::Error>,
     channel: &str,
     wake: &Notify,
@@ -47,8 +49,17 @@ where
     let sql = format!("LISTEN \"{channel}\"");
     let mut subscribe = std::pin::pin!(client.batch_execute(&sql));
     let mut subscribed = false;
+    let answer_within = params
+        .pg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10));
+    let mut unanswered = std::pin::pin!(tokio::time::sleep(answer_within));
     loop {
         tokio::select! {
+            () = &mut unanswered, if !subscribed => {
+                return Err(format!("LISTEN not answered within {answer_within:?}"));
+            }
             done = &mut subscribe, if !subscribed => {
                 done.map_err(|e| describe(&e))?;
                 subscribed = true;

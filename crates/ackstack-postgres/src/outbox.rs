@@ -34,6 +34,7 @@ pub(crate) struct OutboxSql {
     pub(crate) park: String,
     pub(crate) sweep: String,
     pub(crate) status: String,
+    pub(crate) pending_for: String,
     pub(crate) parked: String,
     pub(crate) retry: String,
     pub(crate) retry_all: String,
@@ -42,10 +43,11 @@ pub(crate) struct OutboxSql {
 
 impl OutboxSql {
     pub(crate) fn new(table: &str, name: &str, notify: bool) -> OutboxSql {
-        let channel = table.to_string();
+        // PostgreSQL takes channel names of at most 63 bytes (table names are ASCII).
+        let channel = table[..table.len().min(63)].to_string();
         let insert_row = format!(
             "INSERT INTO {table} (destination, message_id, key, payload, header_names, header_values) \
-             VALUES ($1, COALESCE($2, gen_random_uuid()::text), $3, $4, $5, $6) RETURNING message_id"
+             VALUES ($1, COALESCE(NULLIF($2, ''), gen_random_uuid()::text), $3, $4, $5, $6) RETURNING message_id"
         );
         // One round trip: the row, and a notification the relays get when the transaction
         // commits (PostgreSQL folds a transaction's identical notifications into one).
@@ -110,6 +112,10 @@ impl OutboxSql {
                     EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL))::float8 \
              FROM {table} WHERE sent_at IS NULL"
         );
+        let pending_for = format!(
+            "SELECT count(*) FROM {table} \
+             WHERE sent_at IS NULL AND parked_at IS NULL AND destination = ANY($1)"
+        );
         let parked = format!(
             "SELECT id, destination, message_id, key, attempts, last_error, created_at, parked_at \
              FROM {table} WHERE parked_at IS NOT NULL AND sent_at IS NULL ORDER BY id LIMIT $1"
@@ -131,6 +137,7 @@ impl OutboxSql {
             park,
             sweep,
             status,
+            pending_for,
             parked,
             retry,
             retry_all,
@@ -336,6 +343,17 @@ mod tests {
         assert!(sql.contains("events_out_key_idx ON billing.events_out (destination, key, id)"));
         assert!(sql.contains("events_out_sent_at_idx ON billing.events_out (sent_at)"));
         assert!(!sql.contains("ackstack_outbox"));
+    }
+
+    #[test]
+    fn the_channel_fits_postgresql_limit() {
+        let table = format!("{}.{}", "s".repeat(63), "t".repeat(47));
+        let sql = OutboxSql::new(&table, &"t".repeat(47), true);
+        assert_eq!(sql.channel.len(), 63);
+        assert!(
+            sql.insert
+                .contains(&format!("pg_notify('{}', '')", sql.channel))
+        );
     }
 
     #[test]

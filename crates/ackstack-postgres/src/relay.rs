@@ -37,6 +37,10 @@ pub const OUTBOX_METRICS: &[&str] = &[
     OUTBOX_PARKED,
 ];
 
+/// The shortest wait after a failed round or a lost `LISTEN` connection, whatever the
+/// backoff says (a zero base must not make a busy loop).
+const MIN_WAIT: Duration = Duration::from_millis(100);
+
 /// Settings of an [`OutboxRelay`].
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -56,7 +60,10 @@ pub struct RelayConfig {
     /// Park a row after this many failed publishes (0, the default: never; an outage only
     /// delays rows, and the `oldest pending` alert tells). Refusals park at once.
     pub park_after: u32,
-    /// The longest one publish may take before it counts as failed. Default 30 s.
+    /// The longest one publish may take before it counts as failed, and the longest a round
+    /// keeps starting publishes: rows not started by then wait for the next round (the
+    /// round's transaction, its locks and its connection are held while it publishes).
+    /// Default 30 s.
     pub send_timeout: Duration,
     /// How long sent rows are kept (for audits); zero, the default, deletes each row as soon
     /// as its publish is confirmed.
@@ -325,6 +332,21 @@ impl OutboxRelay {
         }
     }
 
+    /// Rows of this relay's destinations that wait to be sent (parked rows not included).
+    pub async fn pending(&self) -> Result<u64, InboxError> {
+        let destinations: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+        let tx = self.inbox.begin().await?;
+        let row = tx
+            .query_one(
+                self.inbox.outbox_sql().pending_for.as_str(),
+                &[&destinations],
+            )
+            .await?;
+        tx.commit().await?;
+        let n: i64 = row.try_get(0)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// One round: claims up to [`RelayConfig::batch_size`] due rows, publishes them and
     /// records the outcomes, in one transaction.
     pub async fn relay_once(&self) -> Result<RoundReport, InboxError> {
@@ -366,10 +388,14 @@ impl OutboxRelay {
                 None => groups.push(vec![row]),
             }
         }
-        let outcomes = futures::future::join_all(groups.into_iter().map(|g| self.send_group(g)))
-            .await
-            .into_iter()
-            .flatten();
+        // Publishes start until this deadline; what is not started by then waits for the
+        // next round.
+        let deadline = Instant::now() + self.config.send_timeout;
+        let outcomes =
+            futures::future::join_all(groups.into_iter().map(|g| self.send_group(g, deadline)))
+                .await
+                .into_iter()
+                .flatten();
 
         let mut sent: Vec<i64> = Vec::new();
         let mut sent_to: Vec<String> = Vec::new();
@@ -447,12 +473,13 @@ impl OutboxRelay {
         Ok(report)
     }
 
-    /// Publishes one key's rows in order; after a failure, the rest of the key waits.
-    async fn send_group(&self, rows: Vec<Claimed>) -> Vec<(Claimed, Sent)> {
+    /// Publishes one key's rows in order; after a failure, or once `deadline` has passed,
+    /// the rest of the key waits.
+    async fn send_group(&self, rows: Vec<Claimed>, deadline: Instant) -> Vec<(Claimed, Sent)> {
         let mut out = Vec::with_capacity(rows.len());
         let mut blocked = false;
         for mut row in rows {
-            if blocked {
+            if blocked || Instant::now() >= deadline {
                 out.push((row, Sent::HeldBack));
                 continue;
             }
@@ -521,6 +548,7 @@ impl OutboxRelay {
                         .retry
                         .ceiling(errors)
                         .min(self.config.poll_interval.max(Duration::from_secs(5)))
+                        .max(MIN_WAIT)
                 }
             };
             tokio::select! {
@@ -551,14 +579,17 @@ impl OutboxRelay {
             let mut failures = 0u32;
             loop {
                 let result = listen::listen(&params, &channel, &wake, &shared.listening).await;
-                shared.listening.store(false, Ordering::Relaxed);
+                // A connection that was listening starts the count of failures afresh.
+                if shared.listening.swap(false, Ordering::Relaxed) {
+                    failures = 0;
+                }
                 // Rows may have committed while we were not listening.
                 wake.notify_one();
                 failures = failures.saturating_add(1);
                 if let Err(err) = result {
                     tracing::debug!(error = %err, "outbox LISTEN connection lost; reconnecting");
                 }
-                tokio::time::sleep(retry.ceiling(failures)).await;
+                tokio::time::sleep(retry.ceiling(failures).max(MIN_WAIT)).await;
             }
         })))
     }

@@ -202,7 +202,24 @@ impl Publish for RabbitPublisher {
     async fn publish(&self, message: Message) -> Result<(), PublishError> {
         self.publish_to(&self.config.queue, message)
             .await
-            .map_err(PublishError::new)
+            .map_err(|e| {
+                if refuses_message(&e) {
+                    PublishError::refused(e)
+                } else {
+                    PublishError::new(e)
+                }
+            })
+    }
+}
+
+/// Whether the broker (or the client, before sending) refused this message itself: a
+/// message id or header name that is not an AMQP short string, or a body over the broker's
+/// `max_message_size` (the channel is closed with "larger than configured max size").
+fn refuses_message(error: &RabbitError) -> bool {
+    match error {
+        RabbitError::InvalidName(_) => true,
+        RabbitError::Amqp(e) => e.to_string().contains("larger than configured max size"),
+        _ => false,
     }
 }
 

@@ -1114,3 +1114,22 @@ async fn held_acks_ride_the_cumulative_ack_when_the_straggler_completes_and_coun
     .await
     .unwrap();
 }
+
+/// What the broker can never take is refused for good (the outbox relay parks it).
+#[tokio::test]
+async fn a_message_rabbitmq_cannot_carry_is_refused_for_good() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = config("refused");
+        let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+        // A message id is an AMQP short string: at most 255 bytes.
+        let err = publisher
+            .publish(Message::new("x").message_id("i".repeat(300)))
+            .await
+            .unwrap_err();
+        assert!(err.is_refused(), "{err}");
+        // The publisher still works for the next message.
+        publisher.publish(Message::new("fine")).await.unwrap();
+    })
+    .await
+    .unwrap();
+}

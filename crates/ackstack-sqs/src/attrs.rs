@@ -2,7 +2,8 @@
 //! dead-letter metadata into one attribute.
 
 pub use crate::headers::{
-    MAX_ATTRIBUTES, SYSTEM_ATTRIBUTE_PREFIX, attribute_bytes, headers_to_attributes,
+    MAX_ATTRIBUTES, MESSAGE_ID_ATTRIBUTE, SYSTEM_ATTRIBUTE_PREFIX, attribute_bytes,
+    headers_to_attributes,
 };
 pub use crate::metadata::{
     DEAD_LETTER_ATTRIBUTE, DEFAULT_MAX_MESSAGE_SIZE, DISPLACED_KEY, DROPPED_DISPLACED,

@@ -9,6 +9,12 @@ use bytes::Bytes;
 
 /// The most message attributes SQS accepts on one message.
 pub const MAX_ATTRIBUTES: usize = 10;
+/// The message attribute that carries the id a publisher gave a message
+/// ([`Message::message_id`](ackstack_core::Message::message_id)), which SQS's own `MessageId`
+/// (new for every send) cannot: a consumer's [`Delivery::message_id`](ackstack_core::Delivery)
+/// is this attribute when present, so that two sends of one message (an outbox relay's
+/// resend) carry one id.
+pub const MESSAGE_ID_ATTRIBUTE: &str = "x-ackstack-message-id";
 /// The prefix of headers that carry SQS system attributes (`x-sqs-ApproximateReceiveCount`…).
 pub const SYSTEM_ATTRIBUTE_PREFIX: &str = "x-sqs-";
 

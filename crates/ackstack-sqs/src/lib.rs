@@ -114,7 +114,8 @@ mod token;
 pub use attrs::{
     DEAD_LETTER_ATTRIBUTE, DEFAULT_MAX_MESSAGE_SIZE, DISPLACED_KEY, DROPPED_DISPLACED,
     DROPPED_ERROR_TRUNCATED, DROPPED_KEY, DeadLetterRecord, FittedDeadLetter, MAX_ATTRIBUTES,
-    SYSTEM_ATTRIBUTE_PREFIX, dead_letter_attributes, fit_dead_letter, message_size,
+    MESSAGE_ID_ATTRIBUTE, SYSTEM_ATTRIBUTE_PREFIX, dead_letter_attributes, fit_dead_letter,
+    message_size,
 };
 pub use config::{Redrive, SqsConfig};
 pub use error::SqsError;

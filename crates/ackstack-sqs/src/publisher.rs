@@ -9,7 +9,7 @@ use aws_sdk_sqs::Client;
 
 use crate::config::{DEFAULT_OPERATION_TIMEOUT, name_from_url};
 use crate::error::bounded;
-use crate::headers::headers_to_attributes;
+use crate::headers::{MESSAGE_ID_ATTRIBUTE, headers_to_attributes};
 use crate::source::SqsSource;
 use crate::stats::{Counters, SqsStats};
 
@@ -100,7 +100,13 @@ impl Publish for SqsPublisher {
         let body = String::from_utf8(message.payload.to_vec()).map_err(|_| {
             PublishError::refused("SQS message bodies are text; the payload is not UTF-8")
         })?;
-        let attributes = headers_to_attributes(&message.headers).map_err(PublishError::refused)?;
+        let mut headers = message.headers;
+        if let Some(id) = &message.message_id
+            && headers.get(MESSAGE_ID_ATTRIBUTE).is_none()
+        {
+            headers.insert(MESSAGE_ID_ATTRIBUTE, id.clone());
+        }
+        let attributes = headers_to_attributes(&headers).map_err(PublishError::refused)?;
         let mut request = self
             .client
             .send_message()

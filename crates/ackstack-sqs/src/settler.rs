@@ -285,8 +285,9 @@ impl Settle for SqsSettler {
         let delay = after.min(token.visibility_budget());
         // Remembered before the call: with a short delay, a long poll can receive the message
         // again before the call returns.
-        if let Some(id) = &delivery.message_id {
-            self.retried.delayed(id.clone(), delivery.attempt);
+        // By SQS's own id: the delivery's may be its publisher's, shared by two sends.
+        if let Some(id) = token.message_id() {
+            self.retried.delayed(id.to_string(), delivery.attempt);
         }
         match self.change_visibility(&token, delay).await {
             Ok(()) => Ok(Settled::Done),

@@ -18,7 +18,7 @@ use crate::config::{
     name_from_url,
 };
 use crate::error::{ErrorClass, SqsError, classify_sdk, describe, is_missing_queue};
-use crate::headers::{SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
+use crate::headers::{MESSAGE_ID_ATTRIBUTE, SYSTEM_ATTRIBUTE_PREFIX, append_attributes};
 use crate::queue::{
     QueueInfo, build_client, max_message_size, owned_queue_url, queue_attributes,
     resolve_queue_url_within,
@@ -34,7 +34,8 @@ use crate::token::{SqsToken, TokenInner};
 /// and the configured visibility timeout as the lease. A delivery's `attempt` is SQS's
 /// `ApproximateReceiveCount` (1 when missing or malformed), counted from the
 /// `x-ackstack-attempt` attribute of a deferred copy (see [`SqsSettler`]), its `key` the FIFO
-/// `MessageGroupId`, its `message_id` the SQS `MessageId`.
+/// `MessageGroupId`, its `message_id` the [`MESSAGE_ID_ATTRIBUTE`](crate::MESSAGE_ID_ATTRIBUTE)
+/// its publisher set (as [`SqsPublisher`](crate::SqsPublisher) does), else the SQS `MessageId`.
 pub struct SqsSource {
     client: Client,
     queue: Arc<QueueInfo>,
@@ -216,11 +217,16 @@ impl SqsSource {
                 );
             }
         }
+        // The publisher's id when it gave one, else SQS's.
+        let message_id = headers
+            .get_str(MESSAGE_ID_ATTRIBUTE)
+            .map(str::to_string)
+            .or_else(|| m.message_id.clone());
         let delivery = Delivery {
             payload: Bytes::from(m.body.unwrap_or_default()),
             headers,
             key: group_id.clone().map(Bytes::from),
-            message_id: m.message_id.clone(),
+            message_id,
             attempt,
             origin: Origin::new("sqs", self.queue.name.clone(), self.queue.consumer.clone()),
             produced_at: system
@@ -240,9 +246,8 @@ impl SqsSource {
         // Received before and never settled (deleted, or delayed here for a retry): it may
         // have been in flight when a consumer died, so it runs alone.
         let suspect = receives > 1
-            && !delivery
-                .message_id
-                .as_deref()
+            && !token
+                .message_id()
                 .is_some_and(|id| self.settler.retried.came_back(id, delivery.attempt));
         // (A retry whose ChangeMessageVisibility failed is released and comes back one
         // receive later too: taken for this process's own retry, it runs as usual.)

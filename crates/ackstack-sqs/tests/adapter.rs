@@ -755,3 +755,40 @@ async fn dead_letter_that_cannot_fit_even_shrunk_is_rejected_and_the_original_st
     })
     .await;
 }
+
+/// Two sends of one message (an outbox relay's resend) carry the publisher's id, not SQS's
+/// `MessageId` (new for each send), so a consumer deduplicating by message id sees one id.
+#[tokio::test]
+async fn the_publishers_message_id_survives_each_send() {
+    bounded(async {
+        let (client, queue, mut source) = setup("msgid", false, Duration::from_secs(30)).await;
+        let publisher = SqsPublisher::for_source(&source);
+        for _ in 0..2 {
+            publisher
+                .publish(Message::new("twice").message_id("outbox-7"))
+                .await
+                .unwrap();
+        }
+        publisher.publish(Message::new("no id")).await.unwrap();
+        let got = receive_n(&mut source, 3, Duration::from_secs(20)).await;
+        let mut ids: Vec<(String, String)> = got
+            .iter()
+            .map(|r| {
+                let d = &r.delivery;
+                (
+                    String::from_utf8(d.payload.to_vec()).unwrap(),
+                    d.message_id.clone().unwrap(),
+                )
+            })
+            .collect();
+        ids.sort();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[1], ("twice".into(), "outbox-7".into()));
+        assert_eq!(ids[2], ("twice".into(), "outbox-7".into()));
+        // Without one, SQS's own MessageId (a UUID).
+        assert_eq!(ids[0].0, "no id");
+        assert_eq!(ids[0].1.len(), 36);
+        queue.delete(&client).await;
+    })
+    .await;
+}

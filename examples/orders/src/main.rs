@@ -344,8 +344,10 @@ async fn start_and_run(opts: Options) -> Result<(), Fatal> {
     let mut _sweeper = None;
     let (effects, store) = match (&opts.database_url, &opts.redis_url) {
         (Some(url), _) => {
+            // One more connection for the outbox relay of `--emit`.
+            let relay = usize::from(opts.emit.is_some() && opts.relay != RelayMode::Off);
             let config = PgInboxConfig::new(format!("{CONSUMER_NAME}:{}", opts.queue))
-                .max_connections(opts.concurrency.clamp(1, 32));
+                .max_connections(opts.concurrency.clamp(1, 32) + relay);
             let inbox = PgInbox::new(url, config).map_err(|e| format!("PostgreSQL inbox: {e}"))?;
             let ledger = PgLedger::new(&inbox, &opts.queue);
             until_up("PostgreSQL", started, opts.connect_timeout, || {

@@ -107,7 +107,8 @@ impl Relay {
         }
     }
 
-    /// `--relay only`: runs until interrupted, or until nothing was sent for `idle`.
+    /// `--relay only`: runs until interrupted, or until nothing was sent for `idle` and
+    /// nothing of `--emit` is pending.
     pub async fn run_alone(self, idle: Option<Duration>) {
         let relay = self.relay.clone();
         let watch = async {
@@ -121,7 +122,7 @@ impl Relay {
                 let now = relay.stats().sent;
                 if now != sent {
                     (sent, since) = (now, Instant::now());
-                } else if since.elapsed() >= idle {
+                } else if since.elapsed() >= idle && relay.pending().await.is_ok_and(|n| n == 0) {
                     return;
                 }
             }
@@ -145,15 +146,32 @@ impl Background {
         let _ = self.task.await;
         let relay = &self.relay.relay;
         let deadline = Instant::now() + FLUSH_WAIT;
-        while Instant::now() < deadline {
-            match relay.relay_once().await {
-                Ok(round) if round.claimed == 0 => break,
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, "outbox relay round failed while flushing");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+        let flushed = tokio::time::timeout_at(deadline.into(), async {
+            loop {
+                match relay.relay_once().await {
+                    Ok(round) if round.claimed > 0 => continue,
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(error = %err, "outbox relay round failed while flushing")
+                    }
                 }
+                // Nothing to claim now: done, or rows wait for a retry or another relay.
+                if relay.pending().await.is_ok_and(|n| n == 0) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        })
+        .await;
+        if flushed.is_err() {
+            let left = relay
+                .pending()
+                .await
+                .map_or_else(|e| format!("? ({e})"), |n| n.to_string());
+            eprintln!(
+                "orders: {left} event(s) still in the outbox after {FLUSH_WAIT:?}; they are committed \
+                 and the next relay sends them"
+            );
         }
         print_stats(relay);
     }
