@@ -160,6 +160,20 @@ struct Args {
     /// consumer) [default: on]
     #[arg(long, value_enum, value_name = "MODE", default_value = "on")]
     relay: RelayMode,
+    /// order-id | message-id: what makes two deliveries the same order for deduplication
+    /// and the inbox [default: order-id]
+    #[arg(long, value_enum, value_name = "KEY", default_value = "order-id")]
+    dedup_key: DedupBy,
+}
+
+/// What makes two deliveries duplicates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[allow(missing_docs)]
+pub enum DedupBy {
+    // The body's `order_id`.
+    OrderId,
+    // The message id the publisher gave (the outbox relay gives every event one).
+    MessageId,
 }
 
 /// What the command line and the environment asked for. Not `Debug`: URLs may hold passwords.
@@ -201,6 +215,8 @@ pub struct Options {
     pub emit_broker: BrokerKind,
     /// Where the outbox relay runs.
     pub relay: RelayMode,
+    /// What makes two deliveries duplicates.
+    pub dedup_key: DedupBy,
 }
 
 impl Options {
@@ -251,6 +267,7 @@ where
         emit_broker: args.emit_broker.unwrap_or(args.broker),
         emit: args.emit,
         relay: args.relay,
+        dedup_key: args.dedup_key,
         broker: args.broker,
         queue: args.queue,
         consume_only: args.consume_only,

@@ -38,7 +38,7 @@ use ackstack::{
 };
 use serde::Deserialize;
 
-pub use crate::cli::{BrokerKind, Options, RelayMode};
+pub use crate::cli::{BrokerKind, DedupBy, Options, RelayMode};
 use crate::cli::{DEFAULT_IDLE, parse_args};
 use crate::ledger::{Ledger, PgLedger};
 pub use crate::startup::{StartError, until_up};
@@ -162,6 +162,14 @@ fn order_id_of(delivery: &Delivery) -> Option<String> {
         .map(|k| k.order_id)
 }
 
+/// The dedup key `--dedup-key` asks for.
+fn dedup_key(by: DedupBy) -> DedupKey {
+    match by {
+        DedupBy::OrderId => DedupKey::from_fn(order_id_of),
+        DedupBy::MessageId => DedupKey::MessageId,
+    }
+}
+
 /// Prints one outcome, as the retry and dedup layers decided it, before it is settled.
 fn print_outcome(delivery: &Delivery, outcome: &Outcome) {
     let id = order_id_of(delivery).map_or_else(|| "-".to_string(), |id| shown(&id));
@@ -234,7 +242,7 @@ async fn publish_and_consume<S: Source, P: Publish>(
     let stop = stop_signal(consumer.status(), idle);
     let (summary, entries) = match effects {
         Effects::Dedup { store, ledger } => {
-            let consumer = consumer.dedup_shared(store, DedupKey::from_fn(order_id_of));
+            let consumer = consumer.dedup_shared(store, dedup_key(opts.dedup_key));
             let handler_ledger = ledger.clone();
             let handler = handler_fn(move |delivery, _cx| handle(delivery, handler_ledger.clone()));
             let summary = consumer.run_until(handler, stop).await?;
@@ -247,10 +255,9 @@ async fn publish_and_consume<S: Source, P: Publish>(
         } => {
             // The inbox is the dedup: keyed by the order id, like the dedup store.
             let handler_ledger = ledger.clone();
-            let handler =
-                inbox.handler(DedupKey::from_fn(order_id_of), move |delivery, tx, _cx| {
-                    handle_in_inbox(delivery, tx, handler_ledger.clone(), emit.clone())
-                });
+            let handler = inbox.handler(dedup_key(opts.dedup_key), move |delivery, tx, _cx| {
+                handle_in_inbox(delivery, tx, handler_ledger.clone(), emit.clone())
+            });
             let summary = consumer.run_until(handler, stop).await?;
             (summary, ledger.entries().await?)
         }

@@ -16,9 +16,14 @@
 //! bootstrap servers.
 //!
 //! The audit, at both hops: every good order charged exactly once in that hop's ledger
-//! (`lost=0`, `double=0`), and the outbox empty. The relay's rare second send after a kill
-//! between Kafka's delivery report and its commit reaches hop 2 with the same order id and is
-//! acknowledged as a duplicate by hop 2's inbox. One line per kill shows where things stood, and
+//! (`lost=0`, `double=0`), and the outbox empty. Hop 2 deduplicates by message id
+//! (`--dedup-key message-id`): a relay killed after a record reached Kafka and before its
+//! commit sends it again with the row's stable id, which hop 2's inbox acknowledges as a
+//! duplicate. The mock cluster answers after 25 ms, widening that window; since kills land in it
+//! only by chance, the suite also publishes ten events again at the end, byte for byte as such
+//! a relay would (`replayed=10`), waits until hop 2's group has committed them, and audits
+//! again. The events topic is read back too: one message id per order (`relay_resends` counts
+//! the copies killed relays sent). One line per kill shows where things stood, and
 //! one figures line ends the run, e.g.
 //! `two-hop-crash orders=120 kills=6 (hop1=2 relay=2 hop2=2) connection_drops=1 pg_restarts=1
 //! hop1_lost=0 hop1_double=0 hop2_lost=0 hop2_double=0 seed=...`.
@@ -213,6 +218,150 @@ async fn ledger(url: &str, queue: &str) -> Option<BTreeMap<String, u64>> {
         return Some(BTreeMap::new());
     }
     Some(pg_charges(&client, queue).await)
+}
+
+/// A hop's ledger, waiting (up to a minute) while the server does not answer.
+async fn ledger_when_up(url: &str, queue: &str) -> BTreeMap<String, u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(ledger) = ledger(url, queue).await {
+            return ledger;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL did not answer for a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A record as read back: key, payload and headers.
+type Record = (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);
+
+/// Every record of `topic` (3 partitions) by message id: how many times each was published,
+/// and the records themselves.
+fn published(brokers: &str, topic: &str) -> (BTreeMap<String, usize>, Vec<Record>) {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique_name("two-hop-audit"))
+        .set("enable.partition.eof", "true")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in 0..3 {
+        assignment
+            .add_partition_offset(topic, partition, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut ids = BTreeMap::new();
+    let mut records = Vec::new();
+    let mut ended = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ended < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} took over a minute"
+        );
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(record)) => {
+                use rdkafka::message::Headers as _;
+                let headers: Vec<(String, Vec<u8>)> = record
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let id = headers
+                    .iter()
+                    .find(|(k, _)| k == ackstack::kafka::MESSAGE_ID_HEADER)
+                    .map_or_else(
+                        || "-".to_string(),
+                        |(_, v)| String::from_utf8_lossy(v).into_owned(),
+                    );
+                *ids.entry(id).or_insert(0) += 1;
+                records.push((
+                    record.key().map(<[u8]>::to_vec),
+                    record.payload().unwrap_or_default().to_vec(),
+                    headers,
+                ));
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => ended += 1,
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    (ids, records)
+}
+
+/// Publishes `records` to `topic` again, byte for byte: what a relay killed between Kafka's
+/// delivery report and its commit does.
+fn publish_again(brokers: &str, topic: &str, records: &[Record]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for (key, payload, headers) in records {
+        let mut kafka_headers = rdkafka::message::OwnedHeaders::new();
+        for (name, value) in headers {
+            kafka_headers = kafka_headers.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+            .payload(payload.as_slice())
+            .headers(kafka_headers);
+        if let Some(key) = key {
+            record = record.key(key.as_slice());
+        }
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Waits (up to two minutes) until `group` has committed every record of `topic`.
+fn wait_until_consumed(brokers: &str, group: &str, topic: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        let mut high = 0;
+        for partition in 0..3 {
+            partitions.add_partition(topic, partition);
+            high += consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .unwrap()
+                .1;
+        }
+        let committed: i64 = consumer
+            .committed_offsets(partitions, Duration::from_secs(10))
+            .unwrap()
+            .elements()
+            .iter()
+            .filter_map(|e| e.offset().to_raw())
+            .filter(|o| *o >= 0)
+            .sum();
+        if committed >= high {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{group} committed {committed} of {high}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Outbox rows not yet sent, or `None` while the server is not there.
@@ -447,6 +596,10 @@ async fn two_hop_pipeline_survives_kills_at_every_hop() {
     let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
     mock.create_topic(&events, 3, 1).unwrap();
     mock.create_topic(&format!("{events}-dlq"), 1, 1).unwrap();
+    // Slower answers widen the time between a record reaching Kafka and the relay's commit,
+    // so that relay kills land there (a resend hop 2 must recognise).
+    mock.broker_round_trip_time(1, Duration::from_millis(25))
+        .unwrap();
     let brokers = mock.bootstrap_servers();
     let logs = std::env::temp_dir().join(unique_name("ackstack-two-hop-logs"));
     std::fs::create_dir_all(&logs).unwrap();
@@ -505,7 +658,16 @@ async fn two_hop_pipeline_survives_kills_at_every_hop() {
     );
     let mut hop2 = Role::new(
         "hop2",
-        common(&["--broker", "kafka", "--queue", &events, "--consume-only"]),
+        // Deduplicated by message id: the relay's resends carry the row's stable id.
+        common(&[
+            "--broker",
+            "kafka",
+            "--queue",
+            &events,
+            "--consume-only",
+            "--dedup-key",
+            "message-id",
+        ]),
         &logs,
     );
     hop1.start();
@@ -569,11 +731,12 @@ async fn two_hop_pipeline_survives_kills_at_every_hop() {
                 .await
                 .unwrap();
         }
-        // Wait until the hop the fault hits has moved on since the last fault (the relay's
-        // progress shows at hop 2), then a random moment more.
+        // Wait until the hop the fault hits has moved on since the last fault, then a random
+        // moment more.
         let started = Instant::now();
+        // The relay is killed while hop 1 writes rows, when its rounds are busy.
         let hop_of = |fault: &Fault| match fault {
-            Fault::Kill(0) | Fault::DropConnection => 0,
+            Fault::Kill(0) | Fault::Kill(1) | Fault::DropConnection => 0,
             _ => 1,
         };
         let watched = [&queue, &events][hop_of(fault)];
@@ -593,10 +756,15 @@ async fn two_hop_pipeline_survives_kills_at_every_hop() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+        let extra = if matches!(fault, Fault::Kill(1)) {
+            60
+        } else {
+            300
+        };
+        tokio::time::sleep(Duration::from_millis(rng.below(extra))).await;
         let wait = started.elapsed();
-        let l1 = ledger(&url, &queue).await.unwrap_or_default();
-        let l2 = ledger(&url, &events).await.unwrap_or_default();
+        let l1 = ledger_when_up(&url, &queue).await;
+        let l2 = ledger_when_up(&url, &events).await;
         let doubles = [&l1, &l2].map(|l| l.values().filter(|n| **n > 1).count());
         let (at1, at2) = (l1.len(), l2.len());
         progress = [at1, at2];
@@ -665,18 +833,37 @@ async fn two_hop_pipeline_survives_kills_at_every_hop() {
     // A moment for late duplicates (a redelivery after a kill) to land, then the audit.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let l1 = ledger(&url, &queue).await.unwrap();
-    let l2 = ledger(&url, &events).await.unwrap();
     let (lost1, double1) = audit(&good, &l1);
+    // What the relay published: one id per charged order, some sent twice by a killed relay.
+    let (published, records) = published(&brokers, &events);
+    let resent: usize = published.values().map(|n| n - 1).sum();
+    assert_eq!(
+        published.len(),
+        good.len(),
+        "one message id per order: {published:?}"
+    );
+    assert!(
+        !published.contains_key("-"),
+        "every event carries a message id"
+    );
+    // A killed relay's resends are rare and land by chance: send some events again as such a
+    // relay would, and let hop 2 take them. Its inbox must recognise them by message id.
+    const REPLAYED: usize = 10;
+    publish_again(&brokers, &events, &records[..REPLAYED.min(records.len())]);
+    wait_until_consumed(&brokers, &format!("{events}-example-orders"), &events);
+    let l2 = ledger(&url, &events).await.unwrap();
     let (lost2, double2) = audit(&good, &l2);
     println!(
         "two-hop-crash orders={} publishes={} kills={} (hop1={} relay={} hop2={}) connection_drops={drops} \
-         pg_restarts={restarts} hop1_lost={} hop1_double={} hop2_lost={} hop2_double={} seed={seed}",
+         pg_restarts={restarts} events={} relay_resends={resent} replayed={REPLAYED} hop1_lost={} hop1_double={} hop2_lost={} \
+         hop2_double={} seed={seed}",
         good.len(),
         bodies.len(),
         kills.iter().sum::<usize>(),
         kills[0],
         kills[1],
         kills[2],
+        published.values().sum::<usize>(),
         lost1.len(),
         double1.len(),
         lost2.len(),
