@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ackstack_core::memory::MemoryPublisher;
 use ackstack_core::{
     Consumer, ConsumerConfig, Context, DedupKey, DedupStore, Delivery, Handler, HandlerError,
-    Source,
+    Message, Publish, Source,
 };
-use ackstack_postgres::PgInbox;
+use ackstack_postgres::{OutboxRelay, PgInbox};
 use serde::Deserialize;
 use stats_alloc::Region;
 use tokio::sync::Notify;
@@ -195,8 +196,22 @@ pub enum Dedup {
     /// The dedup layer, by message id, in this store.
     Store(Arc<dyn DedupStore>),
     /// The transactional inbox, by message id (the handler runs in its transaction and runs
-    /// no statements of its own).
-    Inbox(PgInbox),
+    /// no statements of its own, but what `InboxEffect` says).
+    Inbox(PgInbox, InboxEffect),
+}
+
+/// Where the outbox rows and the direct publishes of the inbox loops go.
+pub const EVENTS: &str = "bench-events";
+
+/// What the handler of an inbox loop does besides the inbox row.
+#[derive(Clone)]
+pub enum InboxEffect {
+    /// Nothing.
+    None,
+    /// Writes an outbox row per delivery; the loop ends when this relay has sent them all.
+    Outbox(OutboxRelay),
+    /// Publishes a message per delivery itself, inside the transaction.
+    Publish(MemoryPublisher),
 }
 
 impl From<Option<Arc<dyn DedupStore>>> for Dedup {
@@ -223,12 +238,32 @@ pub async fn run_ackstack<S: Source>(
             let consumer = consumer.dedup_shared(store, DedupKey::MessageId);
             run_to_end(consumer, bench, progress).await
         }
-        Dedup::Inbox(inbox) => {
-            let handler = inbox.handler(DedupKey::MessageId, move |delivery, _tx, cx| {
+        Dedup::Inbox(inbox, effect) => {
+            let emit = effect.clone();
+            let handler = inbox.handler(DedupKey::MessageId, move |delivery, tx, cx| {
                 let bench = bench.clone();
-                async move { bench.handle(&delivery, &cx).await }
+                let emit = emit.clone();
+                async move {
+                    let event = || Message::new(delivery.payload.clone());
+                    match &emit {
+                        InboxEffect::None => {}
+                        InboxEffect::Outbox(_) => {
+                            tx.outbox().send(EVENTS, event()).await?;
+                        }
+                        InboxEffect::Publish(publisher) => publisher.publish(event()).await?,
+                    }
+                    bench.handle(&delivery, &cx).await
+                }
             });
-            run_to_end(consumer, handler, progress).await
+            let end = run_to_end(consumer, handler, progress).await?;
+            let InboxEffect::Outbox(relay) = effect else {
+                return Ok(end);
+            };
+            // The outbox rows count once the relay has published them all.
+            while relay.stats().sent < progress.handled() {
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+            Ok(Instant::now())
         }
     }
 }
@@ -268,6 +303,8 @@ pub struct Counts {
     pub redis_round_trips: Option<u64>,
     /// PostgreSQL transactions (inbox rows only).
     pub pg_transactions: Option<u64>,
+    /// PostgreSQL round trips (inbox rows only).
+    pub pg_round_trips: Option<u64>,
 }
 
 /// One measured run of one loop.

@@ -6,11 +6,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ackstack_core::MemoryDedupStore;
-use ackstack_postgres::{PgInbox, PgInboxConfig};
+use ackstack_core::{MemoryBroker, MemoryDedupStore};
+use ackstack_postgres::{OutboxRelay, PgInbox, PgInboxConfig, RelayConfig};
 use ackstack_redis::{RedisDedupConfig, RedisDedupStore};
 
-use crate::common::{Dedup, LoopEnd, Progress, Sample, budget, measure, unique};
+use crate::common::{
+    Dedup, EVENTS, InboxEffect, LoopEnd, Progress, Sample, budget, measure, unique,
+};
 use crate::report::{Role, Series};
 
 /// The loops every broker runs (the in-memory broker adds its concurrency-1 rows).
@@ -53,6 +55,14 @@ pub enum Store {
     Inbox,
     /// The PostgreSQL inbox with commit groups of [`COMMIT_GROUP`].
     InboxGrouped,
+    /// The PostgreSQL inbox, the handler writing one outbox row per delivery, and a relay in
+    /// the process publishing them (to the in-memory broker).
+    InboxOutbox,
+    /// As `InboxOutbox`, without notifications: the relay polls every 5 ms.
+    InboxOutboxPolled,
+    /// The PostgreSQL inbox, the handler publishing one message per delivery itself (to the
+    /// in-memory broker) inside the transaction: the at-least-once way the outbox replaces.
+    InboxPublish,
 }
 
 /// Deliveries per transaction in the "commit groups" inbox rows.
@@ -60,12 +70,16 @@ pub const COMMIT_GROUP: usize = 16;
 
 /// The inbox table of the benchmark.
 const INBOX_TABLE: &str = "ackstack_bench_inbox";
+/// The outbox table of the benchmark.
+const OUTBOX_TABLE: &str = "ackstack_bench_outbox";
 
 /// The store of one loop: made before it, read and cleaned up after it.
 pub struct LoopStore {
     dedup: Dedup,
     redis: Option<Arc<RedisDedupStore>>,
     inbox: Option<PgInbox>,
+    /// The relay of the outbox row, running until the loop's store is finished.
+    relay: Option<(Arc<tokio::sync::Notify>, tokio::task::JoinHandle<()>)>,
 }
 
 impl LoopStore {
@@ -80,6 +94,7 @@ impl LoopStore {
             dedup: Dedup::None,
             redis: None,
             inbox: None,
+            relay: None,
         };
         match kind.store() {
             None => {}
@@ -96,15 +111,18 @@ impl LoopStore {
                 store.dedup = Dedup::Store(redis.clone());
                 store.redis = Some(redis);
             }
-            Some(inbox @ (Store::Inbox | Store::InboxGrouped)) => {
-                let group = if inbox == Store::Inbox {
-                    1
-                } else {
+            Some(kind) => {
+                let group = if kind == Store::InboxGrouped {
                     COMMIT_GROUP
+                } else {
+                    1
                 };
+                // The relay takes a connection of the pool besides the handlers'.
                 let config = PgInboxConfig::new(unique("ackstack-bench"))
                     .table(INBOX_TABLE)
-                    .max_connections(concurrency.max(1))
+                    .outbox_table(OUTBOX_TABLE)
+                    .outbox_notify(kind != Store::InboxOutboxPolled)
+                    .max_connections(concurrency.max(1) + 1)
                     .commit_group(group);
                 let inbox =
                     PgInbox::new(&stores.postgres.usable()?, config).map_err(|e| e.to_string())?;
@@ -112,7 +130,33 @@ impl LoopStore {
                     .migrate()
                     .await
                     .map_err(|e| format!("postgres: {e}"))?;
-                store.dedup = Dedup::Inbox(inbox.clone());
+                let events = MemoryBroker::new();
+                let effect = match kind {
+                    Store::InboxOutbox | Store::InboxOutboxPolled => {
+                        let relay_config = if kind == Store::InboxOutbox {
+                            RelayConfig::default()
+                        } else {
+                            RelayConfig::default()
+                                .listen(false)
+                                .poll_interval(Duration::from_millis(5))
+                        };
+                        let relay = OutboxRelay::new(&inbox, relay_config)
+                            .map_err(|e| e.to_string())?
+                            .route(EVENTS, events.publisher(EVENTS));
+                        let stop = Arc::new(tokio::sync::Notify::new());
+                        let (running, stopped) = (relay.clone(), stop.clone());
+                        let task = tokio::spawn(async move {
+                            running
+                                .run_until(async move { stopped.notified().await })
+                                .await;
+                        });
+                        store.relay = Some((stop, task));
+                        InboxEffect::Outbox(relay)
+                    }
+                    Store::InboxPublish => InboxEffect::Publish(events.publisher(EVENTS)),
+                    _ => InboxEffect::None,
+                };
+                store.dedup = Dedup::Inbox(inbox.clone(), effect);
                 store.inbox = Some(inbox);
             }
         }
@@ -130,11 +174,28 @@ impl LoopStore {
         if let Ok(sample) = sample.as_mut() {
             sample.counts.redis_round_trips = self.redis.as_ref().map(|r| r.stats().round_trips);
             sample.counts.pg_transactions = self.inbox.as_ref().map(|i| i.stats().transactions);
+            sample.counts.pg_round_trips = self.inbox.as_ref().map(|i| i.stats().round_trips);
         }
-        if let Some(inbox) = &self.inbox
-            && let Err(e) = inbox.sweep_once(Duration::ZERO).await
-        {
-            eprintln!("  could not delete the benchmark's inbox rows: {e}");
+        if let Some((stop, task)) = &self.relay {
+            stop.notify_one();
+            task.abort();
+        }
+        if let Some(inbox) = &self.inbox {
+            if let Err(e) = inbox.sweep_once(Duration::ZERO).await {
+                eprintln!("  could not delete the benchmark's inbox rows: {e}");
+            }
+            // Rows a loop that failed left unsent would count for the next loop's relay.
+            let left = match inbox.pool().get().await {
+                Ok(client) => client
+                    .execute(&format!("DELETE FROM {OUTBOX_TABLE}"), &[])
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = left {
+                eprintln!("  could not delete the benchmark's outbox rows: {e}");
+            }
         }
     }
 }
@@ -169,7 +230,7 @@ pub fn store_rows(
             Loop::Full(Store::Inbox),
             Series::new(
                 broker,
-                "ackstack full + PostgreSQL inbox",
+                INBOX_MODE,
                 Role::Ackstack,
                 what,
                 n,
@@ -191,9 +252,48 @@ pub fn store_rows(
             )
             .compared_to(redis_mode),
         ));
+        rows.push((
+            Loop::Full(Store::InboxPublish),
+            Series::new(
+                broker,
+                "ackstack full + PostgreSQL inbox, direct publish",
+                Role::Ackstack,
+                what,
+                n,
+                "as the inbox row, the handler publishing one message per delivery itself (in-memory broker) before its commit: at least once, what the outbox replaces",
+            )
+            .compared_to(INBOX_MODE),
+        ));
+        rows.push((
+            Loop::Full(Store::InboxOutbox),
+            Series::new(
+                broker,
+                "ackstack full + PostgreSQL inbox + outbox",
+                Role::Ackstack,
+                what,
+                n,
+                "as the inbox row, the handler writing one outbox row per delivery in its transaction; an OutboxRelay in the process publishes them (in-memory broker); the loop ends when all are sent",
+            )
+            .compared_to(INBOX_MODE),
+        ));
+        rows.push((
+            Loop::Full(Store::InboxOutboxPolled),
+            Series::new(
+                broker,
+                "ackstack full + PostgreSQL inbox + outbox, polled",
+                Role::Ackstack,
+                what,
+                n,
+                "as the outbox row with PgInboxConfig::outbox_notify(false): no NOTIFY in the handlers' transactions, the relay polls every 5 ms",
+            )
+            .compared_to(INBOX_MODE),
+        ));
     }
     rows
 }
+
+/// The row of the inbox alone, which the outbox rows are compared with.
+const INBOX_MODE: &str = "ackstack full + PostgreSQL inbox";
 
 /// One measured run of loop `kind` over `n` messages already on the queue: opens the loop's
 /// store, runs `body` with the progress and the store's dedup (bounded by the loop budget),

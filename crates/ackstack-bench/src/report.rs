@@ -159,6 +159,8 @@ pub struct Row {
     pub redis_round_trips_per_message: Option<f64>,
     /// PostgreSQL transactions per message (inbox rows).
     pub pg_transactions_per_message: Option<f64>,
+    /// PostgreSQL round trips per message (inbox rows).
+    pub pg_round_trips_per_message: Option<f64>,
     /// The row this one is also compared with, and the ratio.
     pub compared: Option<(String, Ratio)>,
     /// Heap allocations per message (median over rounds), whole process during the loop.
@@ -208,6 +210,7 @@ pub fn rows(series: &[Series]) -> Vec<Row> {
                 calls_counted: s.calls_what.to_string(),
                 redis_round_trips_per_message: s.per_message(|x| x.counts.redis_round_trips),
                 pg_transactions_per_message: s.per_message(|x| x.counts.pg_transactions),
+                pg_round_trips_per_message: s.per_message(|x| x.counts.pg_round_trips),
                 compared: s.compare_to.and_then(|mode| {
                     let base = series.iter().find(|b| b.mode == mode);
                     Some((mode.to_string(), ratio(s, base)?))
@@ -250,7 +253,10 @@ fn store_calls(r: &Row) -> String {
         r.pg_transactions_per_message,
     ) {
         (Some(rt), _) => format!("{rt:.3} RT"),
-        (None, Some(tx)) => format!("{tx:.3} tx"),
+        (None, Some(tx)) => match r.pg_round_trips_per_message {
+            Some(rt) => format!("{tx:.3} tx, {rt:.2} RT"),
+            None => format!("{tx:.3} tx"),
+        },
         (None, None) => "–".to_string(),
     }
 }

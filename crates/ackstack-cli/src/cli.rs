@@ -509,6 +509,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_outbox_commands_of_the_docs_parse() {
+        let page = include_str!("../../../docs/OPERATIONS.md");
+        let commands: Vec<&str> = page
+            .lines()
+            .filter(|l| l.starts_with("ackstack outbox "))
+            .map(|l| l.split(" #").next().unwrap_or(l).trim())
+            .collect();
+        assert_eq!(commands.len(), 3, "{commands:?}");
+        for command in commands {
+            let parsed = Cli::try_parse_from(command.split_whitespace());
+            assert!(
+                matches!(
+                    &parsed,
+                    Ok(Cli {
+                        command: Command::Outbox(_),
+                        ..
+                    })
+                ),
+                "{command}: {parsed:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_bad_config_file_is_reported_without_its_text() {
         let text = "[rabbitmq]\nuri = amqp://guest:s3cret@127.0.0.1:5672\n";
         let error = FileConfig::parse(text).unwrap_err();

@@ -60,7 +60,9 @@ pub struct InboxStats {
     /// Transactions begun (one per delivery handled, plus `contains`, sweeps and migrations).
     pub transactions: u64,
     /// Statements and commits sent to the server (each a round trip; a statement prepared on
-    /// a connection's first use of it adds one more, not counted).
+    /// a connection's first use of it adds one more, not counted). Like `transactions`, it
+    /// includes what an [`OutboxRelay`](crate::OutboxRelay) of this inbox does: its rounds
+    /// (one a poll interval when idle), status queries and sweeps.
     pub round_trips: u64,
     /// Deliveries found already applied and acked without calling the handler.
     pub duplicates: u64,
