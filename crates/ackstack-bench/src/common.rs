@@ -259,8 +259,17 @@ pub async fn run_ackstack<S: Source>(
             let InboxEffect::Outbox(relay) = effect else {
                 return Ok(end);
             };
-            // The outbox rows count once the relay has published them all.
-            while relay.stats().sent < progress.handled() {
+            // The outbox rows count once the relay has published them all (a handler run
+            // whose commit failed counts in `handled` but left no row: ask the table too).
+            let mut checks = 0u32;
+            loop {
+                if relay.stats().sent >= progress.handled() {
+                    break;
+                }
+                checks += 1;
+                if checks.is_multiple_of(100) && relay.pending().await.is_ok_and(|n| n == 0) {
+                    break;
+                }
                 tokio::time::sleep(std::time::Duration::from_micros(200)).await;
             }
             Ok(Instant::now())

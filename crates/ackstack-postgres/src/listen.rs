@@ -22,14 +22,31 @@ pub(crate) async fn listen(
     wake: &Notify,
     listening: &AtomicBool,
 ) -> Result<(), String> {
+    // Connecting (TCP, TLS, authentication) is bounded as a whole.
+    let within = answer_within(params);
+    let late = || format!("no connection within {within:?}");
     #[cfg(feature = "tls")]
     if params.tls.mode != SslMode::Disable {
         let connector = crate::tls::connector(&params.tls).map_err(|e| e.to_string())?;
-        let connected = params.pg.connect(connector).await;
+        let connected = tokio::time::timeout(within, params.pg.connect(connector))
+            .await
+            .map_err(|_| late())?;
         return drive(params, connected, channel, wake, listening).await;
     }
-    let connected = params.pg.connect(tokio_postgres::NoTls).await;
+    let connected = tokio::time::timeout(within, params.pg.connect(tokio_postgres::NoTls))
+        .await
+        .map_err(|_| late())?;
     drive(params, connected, channel, wake, listening).await
+}
+
+/// How long connecting, and then the `LISTEN`, may take.
+fn answer_within(params: &Listen) -> Duration {
+    params
+        .pg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10))
+        + Duration::from_secs(5)
 }
 
 async fn drive<S, T>(
@@ -49,16 +66,12 @@ where
     let sql = format!("LISTEN \"{channel}\"");
     let mut subscribe = std::pin::pin!(client.batch_execute(&sql));
     let mut subscribed = false;
-    let answer_within = params
-        .pg
-        .get_connect_timeout()
-        .copied()
-        .unwrap_or(Duration::from_secs(10));
-    let mut unanswered = std::pin::pin!(tokio::time::sleep(answer_within));
+    let within = answer_within(params);
+    let mut unanswered = std::pin::pin!(tokio::time::sleep(within));
     loop {
         tokio::select! {
             () = &mut unanswered, if !subscribed => {
-                return Err(format!("LISTEN not answered within {answer_within:?}"));
+                return Err(format!("LISTEN not answered within {within:?}"));
             }
             done = &mut subscribe, if !subscribed => {
                 done.map_err(|e| describe(&e))?;

@@ -42,7 +42,7 @@
 //! |---|---|
 //! | `Delivery::attempt` | `ApproximateReceiveCount` (1 when missing or malformed) |
 //! | `Delivery::key` | `MessageGroupId` (FIFO) |
-//! | `Delivery::message_id` | `MessageId` |
+//! | `Delivery::message_id` | the `x-ackstack-message-id` attribute [`SqsPublisher`] sets from `Message::message_id` (one of the ten attributes; left out when there is no room), else `MessageId` |
 //! | `Delivery::headers` | message attributes (String/Number as text, Binary as bytes), then system attributes as `x-sqs-<Name>` (optional) |
 //! | lease | the visibility timeout requested on every receive: the configured one, else the queue's own `VisibilityTimeout` |
 //! | ack | `DeleteMessageBatch` (10 per call, 4 calls in parallel by default) |

@@ -9,7 +9,7 @@ use aws_sdk_sqs::Client;
 
 use crate::config::{DEFAULT_OPERATION_TIMEOUT, name_from_url};
 use crate::error::bounded;
-use crate::headers::{MESSAGE_ID_ATTRIBUTE, headers_to_attributes};
+use crate::headers::{MAX_ATTRIBUTES, MESSAGE_ID_ATTRIBUTE, headers_to_attributes};
 use crate::source::SqsSource;
 use crate::stats::{Counters, SqsStats};
 
@@ -101,10 +101,17 @@ impl Publish for SqsPublisher {
             PublishError::refused("SQS message bodies are text; the payload is not UTF-8")
         })?;
         let mut headers = message.headers;
-        if let Some(id) = &message.message_id
-            && headers.get(MESSAGE_ID_ATTRIBUTE).is_none()
-        {
-            headers.insert(MESSAGE_ID_ATTRIBUTE, id.clone());
+        // The message's own id, over any copied from another message; it takes one of SQS's
+        // ten attributes, so a message that has no room keeps SQS's MessageId instead.
+        if let Some(id) = message.message_id.as_deref().filter(|id| !id.is_empty()) {
+            if headers.get(MESSAGE_ID_ATTRIBUTE).is_some() || headers.len() < MAX_ATTRIBUTES {
+                headers.insert(MESSAGE_ID_ATTRIBUTE, id.to_string());
+            } else {
+                tracing::debug!(
+                    "{MAX_ATTRIBUTES} message attributes already: the message id is not sent, \
+                     consumers see SQS's MessageId"
+                );
+            }
         }
         let attributes = headers_to_attributes(&headers).map_err(PublishError::refused)?;
         let mut request = self

@@ -770,7 +770,22 @@ async fn the_publishers_message_id_survives_each_send() {
                 .unwrap();
         }
         publisher.publish(Message::new("no id")).await.unwrap();
-        let got = receive_n(&mut source, 3, Duration::from_secs(20)).await;
+        // A copied header does not beat the message's own id.
+        publisher
+            .publish(
+                Message::new("copied")
+                    .header(ackstack_sqs::MESSAGE_ID_ATTRIBUTE, "stale")
+                    .message_id("fresh"),
+            )
+            .await
+            .unwrap();
+        // Ten headers leave no room: sent all the same, with SQS's id.
+        let mut full = Message::new("full").message_id("no-room");
+        for i in 0..10 {
+            full = full.header(format!("h{i}"), "v");
+        }
+        publisher.publish(full).await.unwrap();
+        let got = receive_n(&mut source, 5, Duration::from_secs(20)).await;
         let mut ids: Vec<(String, String)> = got
             .iter()
             .map(|r| {
@@ -782,12 +797,15 @@ async fn the_publishers_message_id_survives_each_send() {
             })
             .collect();
         ids.sort();
-        assert_eq!(ids.len(), 3);
-        assert_eq!(ids[1], ("twice".into(), "outbox-7".into()));
-        assert_eq!(ids[2], ("twice".into(), "outbox-7".into()));
+        assert_eq!(ids.len(), 5);
+        assert_eq!(ids[0], ("copied".into(), "fresh".into()));
+        assert_eq!(ids[1].0, "full");
+        assert_eq!(ids[1].1.len(), 36, "SQS's MessageId: {ids:?}");
         // Without one, SQS's own MessageId (a UUID).
-        assert_eq!(ids[0].0, "no id");
-        assert_eq!(ids[0].1.len(), 36);
+        assert_eq!(ids[2].0, "no id");
+        assert_eq!(ids[2].1.len(), 36);
+        assert_eq!(ids[3], ("twice".into(), "outbox-7".into()));
+        assert_eq!(ids[4], ("twice".into(), "outbox-7".into()));
         queue.delete(&client).await;
     })
     .await;

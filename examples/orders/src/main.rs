@@ -217,8 +217,17 @@ async fn publish_and_consume<S: Source, P: Publish>(
     }
     let relay = relay.map(relay::Relay::spawn);
     if !opts.consume_only {
-        for body in sample_orders() {
-            publisher.publish(Message::new(body)).await?;
+        for (i, body) in sample_orders().into_iter().enumerate() {
+            let mut message = Message::new(body);
+            if opts.dedup_key == DedupBy::MessageId {
+                // Deduplicated by message id: the twice-published order gets one id twice.
+                let id = serde_json::from_str::<Order>(body).map_or_else(
+                    |_| format!("sample-{i}"),
+                    |o| format!("sample-{}", o.order_id),
+                );
+                message = message.message_id(id);
+            }
+            publisher.publish(message).await?;
             let id = serde_json::from_str::<Order>(body)
                 .map_or_else(|_| "-".to_string(), |o| o.order_id);
             println!("published order_id={id}");

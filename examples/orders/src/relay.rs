@@ -145,25 +145,26 @@ impl Background {
         self.stop.notify_one();
         let _ = self.task.await;
         let relay = &self.relay.relay;
+        // The deadline is checked between rounds only: a round in progress finishes, so that
+        // what it published is marked sent rather than sent again later.
         let deadline = Instant::now() + FLUSH_WAIT;
-        let flushed = tokio::time::timeout_at(deadline.into(), async {
-            loop {
-                match relay.relay_once().await {
-                    Ok(round) if round.claimed > 0 => continue,
-                    Ok(_) => {}
-                    Err(err) => {
-                        tracing::warn!(error = %err, "outbox relay round failed while flushing")
-                    }
+        let mut flushed = false;
+        while Instant::now() < deadline {
+            match relay.relay_once().await {
+                Ok(round) if round.claimed > 0 => continue,
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "outbox relay round failed while flushing")
                 }
-                // Nothing to claim now: done, or rows wait for a retry or another relay.
-                if relay.pending().await.is_ok_and(|n| n == 0) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        })
-        .await;
-        if flushed.is_err() {
+            // Nothing to claim now: done, or rows wait for a retry or another relay.
+            if relay.pending().await.is_ok_and(|n| n == 0) {
+                flushed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if !flushed {
             let left = relay
                 .pending()
                 .await

@@ -676,6 +676,14 @@ fn events_reach_sqs_through_the_outbox() {
     events_reach_the_emit_broker_through_the_outbox("sqs");
 }
 
+/// `--dedup-key message-id`: the samples get ids (the twice-published order one id twice),
+/// and the duplicate is recognised by it.
+#[test]
+fn memory_run_deduplicates_by_message_id() {
+    let run = orders(&["--dedup-key", "message-id"], &[], LIMIT);
+    assert_sample_run(&run, true);
+}
+
 #[test]
 fn emitting_without_a_database_is_a_bad_argument() {
     let run = orders(&["--emit", "events"], &[], LIMIT);
