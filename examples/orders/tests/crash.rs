@@ -64,7 +64,7 @@ use ackstack::sqs::testing::TestQueue;
 use ackstack::sqs::{Client, DeadLetterRecord, SqsPublisher, resolve_queue_url};
 use ackstack::{Message, Publish};
 use ackstack_testkit::unique_name;
-use common::{database_url, env_or, pg_charges};
+use common::{Rng, close_rabbit_connections, database_url, env_or, pg_charges, rabbitmqctl};
 
 mod common;
 
@@ -122,39 +122,6 @@ fn settings() -> Settings {
     }
 }
 
-/// SplitMix64: small, seedable, good enough to pick kill points and shuffle a plan.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (0 when `n` is 0).
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            return 0;
-        }
-        (self.next() % n as u64) as usize
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn between(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi.saturating_sub(lo) + 1)
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i + 1);
-            items.swap(i, j);
-        }
-    }
-}
-
 /// How long one broker call may take before the test fails (instead of hanging).
 const CALL_LIMIT: Duration = Duration::from_secs(30);
 
@@ -164,49 +131,6 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T 
         Ok(value) => value,
         Err(_) => panic!("{what}: no answer within {CALL_LIMIT:?}"),
     }
-}
-
-/// Runs `rabbitmqctl args` and returns its standard output; fails the test when it fails or
-/// takes longer than [`CALL_LIMIT`] (the child is killed then).
-fn rabbitmqctl(args: &[&str]) -> String {
-    let mut child = Command::new("rabbitmqctl")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the crash suite needs rabbitmqctl on the PATH");
-    // Read both pipes on threads: a long listing would fill a pipe and stall the child.
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut text);
-        text
-    });
-    let err = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut text);
-        text
-    });
-    let deadline = Instant::now() + CALL_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("rabbitmqctl {args:?}: no answer within {CALL_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (out, err) = (out.join().unwrap(), err.join().unwrap());
-    assert!(
-        status.success(),
-        "rabbitmqctl {args:?} failed ({status}): {err}"
-    );
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -899,37 +823,7 @@ impl Broker {
     /// publisher, named `example-orders-<queue>-*`) with `rabbitmqctl close_connection`.
     /// Returns how many were closed.
     fn drop_connection(&self, queue: &str) -> usize {
-        // The `name` column is the peer address; the name the client gave is the
-        // `connection_name` of its client properties.
-        let prefix = format!("example-orders-{queue}-");
-        let needle = format!("{{\"connection_name\",\"{prefix}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let listing = rabbitmqctl(&[
-                "list_connections",
-                "pid",
-                "client_properties",
-                "--no-table-headers",
-                "-q",
-            ]);
-            let pids: Vec<String> = listing
-                .lines()
-                .filter_map(|l| l.split_once('\t'))
-                .filter(|(_, properties)| properties.contains(&needle))
-                .map(|(pid, _)| pid.trim().to_string())
-                .collect();
-            if !pids.is_empty() {
-                for pid in &pids {
-                    rabbitmqctl(&["close_connection", pid, "crash suite: dropping it"]);
-                }
-                return pids.len();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no RabbitMQ connection named {prefix}*: {listing}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        close_rabbit_connections(queue)
     }
 
     /// Takes every message from the dead-letter queue.

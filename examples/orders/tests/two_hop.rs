@@ -47,7 +47,7 @@ use ackstack::postgres::tokio_postgres::{self, Client, NoTls};
 use ackstack::rabbitmq::{RabbitConfig, RabbitPublisher, Topology};
 use ackstack_testkit::unique_name;
 
-use common::env_or;
+use common::{Rng, close_rabbit_connections, env_or, rabbitmqctl};
 
 /// Orders published when `ACKSTACK_CRASH_ORDERS` is not set.
 const DEFAULT_ORDERS: usize = 120;
@@ -480,66 +480,9 @@ impl Drop for Role {
     }
 }
 
-/// Closes hop 1's RabbitMQ connections (named `example-orders-<queue>-*`); how many.
-fn drop_rabbit_connections(queue: &str) -> usize {
-    let needle = format!("{{\"connection_name\",\"example-orders-{queue}-");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = Command::new("rabbitmqctl")
-            .args([
-                "list_connections",
-                "pid",
-                "client_properties",
-                "--no-table-headers",
-                "-q",
-            ])
-            .output()
-            .expect("rabbitmqctl");
-        let listing = String::from_utf8_lossy(&out.stdout).into_owned();
-        let pids: Vec<&str> = listing
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .filter(|(_, properties)| properties.contains(&needle))
-            .map(|(pid, _)| pid.trim())
-            .collect();
-        if !pids.is_empty() {
-            for pid in &pids {
-                run(Command::new("rabbitmqctl").args([
-                    "close_connection",
-                    pid,
-                    "two-hop suite: dropping it",
-                ]));
-            }
-            return pids.len();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no RabbitMQ connection of hop 1: {listing}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The suite
 // ---------------------------------------------------------------------------------------------
-
-/// SplitMix64, seeded: the plan and the waits can be replayed with `ACKSTACK_CRASH_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-}
 
 fn number(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -693,14 +636,9 @@ async fn two_hop_pipeline_survives_kills_at_every_hop() {
     config.declare_topology = Topology::Never;
     let publisher = RabbitPublisher::connect(config).await.expect("RabbitMQ");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !Command::new("rabbitmqctl")
-        .args(["list_queues", "name", "--no-table-headers", "-q"])
-        .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.trim() == queue)
-        })
+    while !rabbitmqctl(&["list_queues", "name", "--no-table-headers", "-q"])
+        .lines()
+        .any(|l| l.trim() == queue)
     {
         assert!(
             Instant::now() < deadline,
@@ -723,7 +661,7 @@ async fn two_hop_pipeline_survives_kills_at_every_hop() {
     for round in 0..ROUNDS {
         faults.extend([Fault::Kill(0), Fault::Kill(1), Fault::Kill(2)]);
         faults.insert(
-            faults.len() - 1 - (rng.below(3) as usize),
+            faults.len() - 1 - rng.below(3),
             if round == 0 {
                 Fault::DropConnection
             } else {
@@ -775,7 +713,7 @@ async fn two_hop_pipeline_survives_kills_at_every_hop() {
         } else {
             300
         };
-        tokio::time::sleep(Duration::from_millis(rng.below(extra))).await;
+        tokio::time::sleep(Duration::from_millis(rng.below(extra) as u64)).await;
         let wait = started.elapsed();
         let l1 = ledger_when_up(&url, &queue).await;
         let l2 = ledger_when_up(&url, &events).await;
@@ -794,7 +732,7 @@ async fn two_hop_pipeline_survives_kills_at_every_hop() {
                 format!("SIGKILL {}", role.name)
             }
             Fault::DropConnection => {
-                drops += drop_rabbit_connections(&queue).min(1);
+                drops += close_rabbit_connections(&queue).min(1);
                 "RabbitMQ connections of hop 1 closed".to_string()
             }
             Fault::RestartPostgres => {
