@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use ackstack_core::{Backoff, Publish, PublishError};
+use ackstack_core::{Publish, PublishError};
 use futures::FutureExt;
 
 use crate::error::InboxError;
@@ -15,161 +15,19 @@ use crate::inbox::PgInbox;
 use crate::listen;
 use crate::outbox::{Claimed, OutboxStatus};
 
-/// Outbox rows published, by `destination`.
-pub const OUTBOX_SENT: &str = "ackstack_outbox_sent_total";
-/// Publishes that failed and will be tried again, by `destination`.
-pub const OUTBOX_SEND_FAILURES: &str = "ackstack_outbox_send_failures_total";
-/// Rows parked (refused for good, or past the attempt limit), by `destination`.
-pub const OUTBOX_PARKED_TOTAL: &str = "ackstack_outbox_parked_total";
-/// Rows waiting to be sent (parked rows not included), as of the last status query.
-pub const OUTBOX_PENDING: &str = "ackstack_outbox_pending";
-/// Seconds the oldest pending row has waited (0 when none), as of the last status query.
-pub const OUTBOX_OLDEST_PENDING_SECONDS: &str = "ackstack_outbox_oldest_pending_seconds";
-/// Rows parked now, as of the last status query.
-pub const OUTBOX_PARKED: &str = "ackstack_outbox_parked";
-/// Every outbox metric name, each labelled `outbox` (the table).
-pub const OUTBOX_METRICS: &[&str] = &[
-    OUTBOX_SENT,
-    OUTBOX_SEND_FAILURES,
-    OUTBOX_PARKED_TOTAL,
-    OUTBOX_PENDING,
-    OUTBOX_OLDEST_PENDING_SECONDS,
-    OUTBOX_PARKED,
-];
+mod config;
+mod signals;
+
+pub use config::RelayConfig;
+use signals::count;
+pub use signals::{
+    OUTBOX_METRICS, OUTBOX_OLDEST_PENDING_SECONDS, OUTBOX_PARKED, OUTBOX_PARKED_TOTAL,
+    OUTBOX_PENDING, OUTBOX_SEND_FAILURES, OUTBOX_SENT,
+};
 
 /// The shortest wait after a failed round or a lost `LISTEN` connection, whatever the
 /// backoff says (a zero base must not make a busy loop).
 const MIN_WAIT: Duration = Duration::from_millis(100);
-
-/// Settings of an [`OutboxRelay`].
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct RelayConfig {
-    /// The most rows claimed (and published concurrently, one key after another) per round.
-    /// Default 100.
-    pub batch_size: usize,
-    /// How often the relay looks for rows without being notified: the fallback for lost
-    /// notifications and for rows whose retry became due. Default 1 s.
-    pub poll_interval: Duration,
-    /// Whether to `LISTEN` for the notifications of committing transactions (needs an inbox
-    /// made by [`PgInbox::new`]; one made from your pool is polled). Default on.
-    pub listen: bool,
-    /// The wait before a row whose publish failed is tried again, by its attempt number
-    /// (equal jitter). Default 1 s doubling to 60 s.
-    pub retry: Backoff,
-    /// Park a row after this many failed publishes (0, the default: never; an outage only
-    /// delays rows, and the `oldest pending` alert tells). Refusals park at once.
-    pub park_after: u32,
-    /// The longest one publish may take before it counts as failed, and the longest a round
-    /// keeps starting publishes: rows not started by then wait for the next round (the
-    /// round's transaction, its locks and its connection are held while it publishes).
-    /// Default 30 s.
-    pub send_timeout: Duration,
-    /// How long sent rows are kept (for audits); zero, the default, deletes each row as soon
-    /// as its publish is confirmed.
-    pub keep_sent: Duration,
-    /// How often the pending/parked counts are queried for metrics and [`RelayStats`].
-    /// Default 10 s.
-    pub status_interval: Duration,
-    /// How long the relay waits after a notification before it claims, so that the rows of
-    /// transactions committing right after the one that notified go in the same round. Fewer,
-    /// fuller rounds cost fewer transactions; each event waits this much longer. Default 5 ms;
-    /// zero claims at once.
-    pub gather: Duration,
-}
-
-impl Default for RelayConfig {
-    fn default() -> Self {
-        RelayConfig {
-            batch_size: 100,
-            poll_interval: Duration::from_secs(1),
-            listen: true,
-            retry: Backoff::exponential(Duration::from_secs(1), Duration::from_secs(60)),
-            park_after: 0,
-            send_timeout: Duration::from_secs(30),
-            keep_sent: Duration::ZERO,
-            status_interval: Duration::from_secs(10),
-            gather: Duration::from_millis(5),
-        }
-    }
-}
-
-impl RelayConfig {
-    /// With up to `n` rows per round.
-    pub fn batch_size(mut self, n: usize) -> Self {
-        self.batch_size = n;
-        self
-    }
-
-    /// With this poll interval.
-    pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
-        self
-    }
-
-    /// With `LISTEN` on or off.
-    pub fn listen(mut self, on: bool) -> Self {
-        self.listen = on;
-        self
-    }
-
-    /// With this retry backoff.
-    pub fn retry(mut self, backoff: Backoff) -> Self {
-        self.retry = backoff;
-        self
-    }
-
-    /// Parking rows after `n` failed publishes (0: never).
-    pub fn park_after(mut self, n: u32) -> Self {
-        self.park_after = n;
-        self
-    }
-
-    /// With this bound on one publish.
-    pub fn send_timeout(mut self, timeout: Duration) -> Self {
-        self.send_timeout = timeout;
-        self
-    }
-
-    /// Keeping sent rows this long.
-    pub fn keep_sent(mut self, retention: Duration) -> Self {
-        self.keep_sent = retention;
-        self
-    }
-
-    /// Querying the status this often.
-    pub fn status_interval(mut self, interval: Duration) -> Self {
-        self.status_interval = interval;
-        self
-    }
-
-    /// Waiting this long after a notification.
-    pub fn gather(mut self, wait: Duration) -> Self {
-        self.gather = wait;
-        self
-    }
-
-    fn validate(&self) -> Result<(), InboxError> {
-        if self.batch_size == 0 || self.batch_size > 10_000 {
-            return Err(InboxError::Config(
-                "relay batch_size must be between 1 and 10000".into(),
-            ));
-        }
-        for (name, value) in [
-            ("poll_interval", self.poll_interval),
-            ("send_timeout", self.send_timeout),
-            ("status_interval", self.status_interval),
-        ] {
-            if value.is_zero() {
-                return Err(InboxError::Config(format!("relay {name} must not be zero")));
-            }
-        }
-        if i32::try_from(self.park_after).is_err() {
-            return Err(InboxError::Config("relay park_after is too large".into()));
-        }
-        Ok(())
-    }
-}
 
 /// What a relay has done since it was made (see [`OutboxRelay::stats`]).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -617,12 +475,7 @@ impl OutboxRelay {
     async fn refresh_status(&self) {
         match self.inbox.outbox_status().await {
             Ok(status) => {
-                let table = self.inbox.config().outbox_table.clone();
-                metrics::gauge!(OUTBOX_PENDING, "outbox" => table.clone())
-                    .set(status.pending as f64);
-                metrics::gauge!(OUTBOX_PARKED, "outbox" => table.clone()).set(status.parked as f64);
-                metrics::gauge!(OUTBOX_OLDEST_PENDING_SECONDS, "outbox" => table)
-                    .set(status.oldest_pending.map_or(0.0, |d| d.as_secs_f64()));
+                signals::record_status(&self.inbox.config().outbox_table, &status);
                 *self
                     .shared
                     .status
@@ -661,22 +514,6 @@ impl OutboxRelay {
                 }
             }
         }
-    }
-}
-
-/// Adds `destinations.len()` to `total` and one per row to the metric of its destination.
-fn count(total: &AtomicU64, name: &'static str, table: &str, destinations: &[String]) {
-    if destinations.is_empty() {
-        return;
-    }
-    total.fetch_add(destinations.len() as u64, Ordering::Relaxed);
-    let mut per: HashMap<&str, u64> = HashMap::new();
-    for d in destinations {
-        *per.entry(d.as_str()).or_default() += 1;
-    }
-    for (destination, n) in per {
-        metrics::counter!(name, "outbox" => table.to_string(), "destination" => destination.to_string())
-            .increment(n);
     }
 }
 
