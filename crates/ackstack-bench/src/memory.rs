@@ -376,6 +376,8 @@ async fn run_consumer_with_visibility(
 pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
     let broker = fill(n);
     let progress = Progress::new(n);
+    // Allocations of the consuming run only (the broker is filled before).
+    let region = stats_alloc::Region::new(crate::GLOBAL);
     match mode {
         "publish" => {}
         "bare" => {
@@ -422,9 +424,11 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
             ));
         }
     }
+    let allocations = region.change().allocations as f64;
     Ok(format!(
-        "callgrind mode={mode} messages={n} handled={} acked={}",
+        "callgrind mode={mode} messages={n} handled={} acked={} allocs_per_msg={:.2}",
         progress.handled(),
-        broker.stats(QUEUE).acked
+        broker.stats(QUEUE).acked,
+        allocations / n.max(1) as f64
     ))
 }
