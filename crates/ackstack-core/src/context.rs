@@ -15,8 +15,9 @@ pub struct Context {
     stopping: CancellationToken,
     stats: Arc<RunStats>,
     /// Where the retry layer records the attempt it is on when it retries in place (set by
-    /// the runner only where retries happen in place).
-    attempt: Option<Arc<std::sync::atomic::AtomicU32>>,
+    /// the runner only where retries happen in place). Held inline, not shared: the runner's
+    /// retry layer is the outermost and writes it on the runner's own context.
+    attempt: Option<AttemptSlot>,
     /// The delivery's metric handles (its consumer and queue); none outside a consumer.
     metrics: Option<Arc<Metrics>>,
     /// The kill switch's half-open period this delivery probes, if it is a probe.
@@ -27,6 +28,18 @@ pub struct Context {
     seat: Option<Arc<crate::runner::Seat>>,
     /// The last moment the delivery's lease is sure to be kept (`lease.max_total`).
     lease_deadline: Option<tokio::time::Instant>,
+}
+
+/// The attempt in-place retrying reached; a clone starts from the value copied.
+#[derive(Debug, Default)]
+struct AttemptSlot(std::sync::atomic::AtomicU32);
+
+impl Clone for AttemptSlot {
+    fn clone(&self) -> Self {
+        AttemptSlot(std::sync::atomic::AtomicU32::new(
+            self.0.load(AtomicOrdering::Relaxed),
+        ))
+    }
 }
 
 /// Counts that layers report to the runner's [`Summary`](crate::Summary).
@@ -82,9 +95,18 @@ impl Context {
 
     /// A context observing `cancel` that reports to `stats`.
     pub(crate) fn with_stats(cancel: CancellationToken, stats: Arc<RunStats>) -> Self {
+        Context::for_run(cancel, CancellationToken::new(), stats)
+    }
+
+    /// A delivery's context in a run: `cancel` is the delivery's, `stopping` the run's.
+    pub(crate) fn for_run(
+        cancel: CancellationToken,
+        stopping: CancellationToken,
+        stats: Arc<RunStats>,
+    ) -> Self {
         Context {
             cancel,
-            stopping: CancellationToken::new(),
+            stopping,
             stats,
             attempt: None,
             metrics: None,
@@ -217,14 +239,14 @@ impl Context {
 
     /// Tracks in-place attempts (see [`Context::attempt_reached`]).
     pub(crate) fn with_attempt_slot(mut self) -> Self {
-        self.attempt = Some(Arc::default());
+        self.attempt = Some(AttemptSlot::default());
         self
     }
 
     /// Records that in-place retrying reached attempt `n`.
     pub(crate) fn note_attempt(&self, n: u32) {
         if let Some(slot) = &self.attempt {
-            slot.store(n, AtomicOrdering::Relaxed);
+            slot.0.store(n, AtomicOrdering::Relaxed);
         }
     }
 
@@ -232,7 +254,7 @@ impl Context {
     pub(crate) fn attempt_reached(&self) -> Option<u32> {
         self.attempt
             .as_ref()
-            .map(|slot| slot.load(AtomicOrdering::Relaxed))
+            .map(|slot| slot.0.load(AtomicOrdering::Relaxed))
             .filter(|&n| n > 0)
     }
 

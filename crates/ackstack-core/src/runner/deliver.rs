@@ -400,7 +400,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
     }
 
     fn context(&self, cancel: &CancellationToken) -> Context {
-        Context::with_stats(cancel.clone(), self.stats.clone()).with_stopping(self.stopping.clone())
+        Context::for_run(cancel.clone(), self.stopping.clone(), self.stats.clone())
     }
 }
 
