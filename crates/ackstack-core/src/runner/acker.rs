@@ -218,7 +218,7 @@ async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<A
     let before = batch.len();
     let batch: Vec<_> = batch
         .into_iter()
-        .filter(|p| !p.lease.as_ref().is_some_and(|l| l.state().is_lost()))
+        .filter(|p| !p.lease.as_ref().is_some_and(LeaseGuard::is_lost))
         .collect();
     if batch.len() < before {
         let lost = (before - batch.len()) as u64;

@@ -387,7 +387,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
     /// Records why a cancelled delivery is left unsettled.
     fn not_processed(&self, lease: Option<&LeaseGuard<S::Token>>, probe: Option<Probe>) {
         self.judge(None, probe);
-        if lease.is_some_and(|l| l.state().is_lost()) {
+        if lease.is_some_and(LeaseGuard::is_lost) {
             // Not ours any more: the broker redelivers it. Never ack, never release.
             tracing::Span::current().record("outcome", "lease_lost");
             self.counters

@@ -6,12 +6,19 @@
 //! [`LeaseConfig::max_total`] since receipt. When an extension fails because the lease is lost,
 //! or the lease runs out without one (the total was reached, or the broker kept failing), the
 //! delivery's cancellation token fires and it is marked lost: the runner never acks it.
+//!
+//! Leases are handed over a batch at a time ([`LeaseKeeper::hold_batch`]): one message to the
+//! keeper per receive, and a slot per delivery that its guard marks done when dropped. The
+//! keeper looks at a batch only when its first extension is due; most deliveries are done by
+//! then and cost the keeper nothing. Those still in flight are then kept one by one, and from
+//! then on their guards tell the keeper when they are done.
 
 use crate::config::later;
 use std::cmp::Reverse;
+use std::collections::VecDeque;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -57,31 +64,40 @@ impl Default for LeaseConfig {
     }
 }
 
-/// Whether a delivery's lease was lost; shared between the keeper and the runner.
-#[derive(Clone, Debug, Default)]
-pub struct LeaseState {
-    lost: Arc<AtomicBool>,
+/// A slot not looked at by the keeper yet.
+const HELD: u8 = 0;
+/// Its guard was dropped or released before the keeper looked: nothing to keep.
+const DONE: u8 = 1;
+/// Kept by the keeper one by one (its id: the batch's first id plus its index).
+const KEPT: u8 = 2;
+/// Lost: the delivery must not be acked.
+const LOST: u8 = 3;
+
+/// One delivery of a batch: its token, what fires when its lease is lost, and its state.
+#[derive(Debug)]
+struct Slot<T> {
+    token: T,
+    cancel: CancellationToken,
+    state: AtomicU8,
 }
 
-impl LeaseState {
-    /// Whether the lease was lost (the delivery must not be acked).
-    pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
-    }
+/// The leases of one receive, shared by the keeper and the deliveries' guards.
+#[derive(Debug)]
+struct Batch<T> {
+    first_id: u64,
+    received: Instant,
+    slots: Vec<Slot<T>>,
+}
 
-    fn mark_lost(&self) {
-        self.lost.store(true, Ordering::Release);
+impl<T> Batch<T> {
+    fn slot(&self, index: usize) -> Option<&Slot<T>> {
+        self.slots.get(index)
     }
 }
 
 enum Command<T> {
-    Hold {
-        id: u64,
-        token: T,
-        received: Instant,
-        cancel: CancellationToken,
-        state: LeaseState,
-    },
+    /// A batch to look at once its first extension is due.
+    Hold(Arc<Batch<T>>),
     Drop(u64),
     /// Stop keeping the lease; answer once no extension of it is in flight any more.
     Release(u64, oneshot::Sender<()>),
@@ -90,8 +106,8 @@ enum Command<T> {
 /// Stops keeping a delivery's lease when dropped, or when [released](LeaseGuard::release).
 #[derive(Debug)]
 pub struct LeaseGuard<T> {
-    id: u64,
-    state: LeaseState,
+    batch: Arc<Batch<T>>,
+    index: usize,
     tx: mpsc::UnboundedSender<Command<T>>,
     /// How long [`LeaseGuard::release`] waits for an extension in flight, at most.
     settle_wait: Duration,
@@ -107,9 +123,34 @@ impl<T> LeaseGuard<T> {
         self.deadline
     }
 
-    /// The delivery's lease state.
-    pub fn state(&self) -> &LeaseState {
-        &self.state
+    /// Whether the lease was lost (the delivery must not be acked).
+    pub fn is_lost(&self) -> bool {
+        self.state() == LOST
+    }
+
+    /// What fires when the lease is lost.
+    pub fn cancel_token(&self) -> Option<&CancellationToken> {
+        self.batch.slot(self.index).map(|s| &s.cancel)
+    }
+
+    fn state(&self) -> u8 {
+        self.batch
+            .slot(self.index)
+            .map_or(DONE, |s| s.state.load(Ordering::Acquire))
+    }
+
+    fn id(&self) -> u64 {
+        self.batch.first_id + self.index as u64
+    }
+
+    /// Marks the slot done if the keeper has not looked at it yet; `false` when the keeper
+    /// keeps it (or lost it) and must be told.
+    fn finish_unkept(&self) -> bool {
+        self.batch.slot(self.index).is_none_or(|s| {
+            s.state
+                .compare_exchange(HELD, DONE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
     }
 
     /// Stops keeping the lease and waits until no extension of it is in flight, so that the
@@ -118,8 +159,12 @@ impl<T> LeaseGuard<T> {
     /// finish within the lease's length is given up on (adapters bound their calls).
     pub async fn release(mut self) {
         self.released = true;
+        if self.finish_unkept() {
+            // Never extended: no extension can be in flight.
+            return;
+        }
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Command::Release(self.id, done)).is_err() {
+        if self.tx.send(Command::Release(self.id(), done)).is_err() {
             return;
         }
         if tokio::time::timeout(self.settle_wait, wait).await.is_err() {
@@ -132,8 +177,49 @@ impl<T> LeaseGuard<T> {
 
 impl<T> Drop for LeaseGuard<T> {
     fn drop(&mut self) {
-        if !self.released {
-            let _ = self.tx.send(Command::Drop(self.id));
+        if !self.released && !self.finish_unkept() {
+            let _ = self.tx.send(Command::Drop(self.id()));
+        }
+    }
+}
+
+/// The guards of one batch, in the order of its deliveries ([`LeaseKeeper::hold_batch`]).
+/// Those not taken when it is dropped are done: their leases are not kept.
+#[derive(Debug)]
+pub struct Guards<T> {
+    batch: Arc<Batch<T>>,
+    next: usize,
+    tx: mpsc::UnboundedSender<Command<T>>,
+    settle_wait: Duration,
+    deadline: Instant,
+}
+
+impl<T> Iterator for Guards<T> {
+    type Item = LeaseGuard<T>;
+
+    fn next(&mut self) -> Option<LeaseGuard<T>> {
+        if self.next >= self.batch.slots.len() {
+            return None;
+        }
+        let index = self.next;
+        self.next += 1;
+        Some(LeaseGuard {
+            batch: self.batch.clone(),
+            index,
+            tx: self.tx.clone(),
+            settle_wait: self.settle_wait,
+            released: false,
+            deadline: self.deadline,
+        })
+    }
+}
+
+impl<T> Drop for Guards<T> {
+    fn drop(&mut self) {
+        for slot in self.batch.slots.iter().skip(self.next) {
+            let _ = slot
+                .state
+                .compare_exchange(HELD, DONE, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 }
@@ -148,10 +234,21 @@ pub struct LeaseKeeper<T> {
     max_total: Duration,
 }
 
+impl<T> Held<T> {
+    fn slot(&self) -> Option<&Slot<T>> {
+        self.batch.slot(self.index)
+    }
+
+    fn is_lost(&self) -> bool {
+        self.slot()
+            .is_none_or(|s| s.state.load(Ordering::Acquire) == LOST)
+    }
+}
+
 impl<T> std::fmt::Debug for Command<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Command::Hold { id, .. } => write!(f, "Hold({id})"),
+            Command::Hold(batch) => write!(f, "Hold({}..)", batch.first_id),
             Command::Drop(id) => write!(f, "Drop({id})"),
             Command::Release(id, _) => write!(f, "Release({id})"),
         }
@@ -178,24 +275,37 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
         }
     }
 
-    /// Keeps the lease of the delivery behind `token`, received at `received`, until the guard
-    /// is dropped. `cancel` fires if the lease is lost.
-    pub fn hold(&self, token: T, received: Instant, cancel: CancellationToken) -> LeaseGuard<T> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let state = LeaseState::default();
-        let _ = self.tx.send(Command::Hold {
-            id,
-            token,
+    /// Keeps the leases of the deliveries behind `held` (each token with what fires if its
+    /// lease is lost), received at `received`: one guard per delivery, in order, each keeping
+    /// its lease until dropped.
+    pub fn hold_batch(
+        &self,
+        received: Instant,
+        held: impl IntoIterator<Item = (T, CancellationToken)>,
+    ) -> Guards<T> {
+        let slots: Vec<Slot<T>> = held
+            .into_iter()
+            .map(|(token, cancel)| Slot {
+                token,
+                cancel,
+                state: AtomicU8::new(HELD),
+            })
+            .collect();
+        let n = slots.len();
+        let first_id = self.next_id.fetch_add(n as u64, Ordering::Relaxed);
+        let batch = Arc::new(Batch {
+            first_id,
             received,
-            cancel,
-            state: state.clone(),
+            slots,
         });
-        LeaseGuard {
-            id,
-            state,
+        if n > 0 {
+            let _ = self.tx.send(Command::Hold(batch.clone()));
+        }
+        Guards {
+            batch,
+            next: 0,
             tx: self.tx.clone(),
             settle_wait: self.lease,
-            released: false,
             deadline: later(received, self.max_total.saturating_sub(self.lease)),
         }
     }
@@ -207,13 +317,11 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
 }
 
 struct Held<T> {
-    token: T,
-    received: Instant,
+    batch: Arc<Batch<T>>,
+    index: usize,
     expires: Instant,
     /// When the next extension is due (entries in the heap for other times are stale).
     extend_at: Instant,
-    cancel: CancellationToken,
-    state: LeaseState,
     extending: bool,
     /// Released while an extension was in flight: answer once it finishes.
     released: Option<oneshot::Sender<()>>,
@@ -250,6 +358,8 @@ async fn run<S: Settle>(
     let extend_after = lease.mul_f64(fraction);
     let mut held: HashMap<u64, Held<S::Token>, IdHash> = HashMap::default();
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+    // Batches in the order received, so in the order their first extension is due.
+    let mut batches: VecDeque<Arc<Batch<S::Token>>> = VecDeque::new();
     let mut calls: JoinSet<(u64, Instant, Extended)> = JoinSet::new();
     // One timer, moved when the earliest due time changes: a new sleep per turn of the loop
     // would register and cancel a timer for every command (two per delivery).
@@ -257,7 +367,11 @@ async fn run<S: Settle>(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     loop {
-        let next = due.peek().map(|Reverse((at, _))| *at);
+        let first_batch = batches.front().map(|b| later(b.received, extend_after));
+        let next = match (due.peek().map(|Reverse((at, _))| *at), first_batch) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if next != armed {
             if let Some(at) = next {
                 timer.as_mut().reset(at);
@@ -267,7 +381,7 @@ async fn run<S: Settle>(
         tokio::select! {
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
-                let mut schedule = Schedule { held: &mut held, due: &mut due, lease, extend_after };
+                let mut schedule = Schedule { held: &mut held, batches: &mut batches };
                 schedule.apply(cmd);
                 // What is already queued, without a turn of the loop each; bounded, so that
                 // extensions and lapses are looked at between bursts.
@@ -308,13 +422,45 @@ async fn run<S: Settle>(
             _ = &mut timer, if armed.is_some() => {
                 armed = None;
                 let now = Instant::now();
+                // Batches whose first extension is due: what is still in flight is kept one by
+                // one from now on; the rest is done and dropped here.
+                while let Some(batch) = batches.front() {
+                    let extend_at = later(batch.received, extend_after);
+                    if extend_at > now {
+                        break;
+                    }
+                    let expires = later(batch.received, lease);
+                    for (index, slot) in batch.slots.iter().enumerate() {
+                        if slot
+                            .state
+                            .compare_exchange(HELD, KEPT, Ordering::AcqRel, Ordering::Acquire)
+                            .is_err()
+                        {
+                            continue;
+                        }
+                        let id = batch.first_id + index as u64;
+                        held.insert(
+                            id,
+                            Held {
+                                batch: batch.clone(),
+                                index,
+                                expires,
+                                extend_at,
+                                extending: false,
+                                released: None,
+                            },
+                        );
+                        due.push(Reverse((extend_at, id)));
+                    }
+                    batches.pop_front();
+                }
                 while let Some(Reverse((at, id))) = due.peek().copied() {
                     if at > now {
                         break;
                     }
                     due.pop();
                     let Some(h) = held.get_mut(&id) else { continue };
-                    if h.state.is_lost() {
+                    if h.is_lost() {
                         continue;
                     }
                     if now >= h.expires {
@@ -326,7 +472,7 @@ async fn run<S: Settle>(
                     if h.extending || now < h.extend_at {
                         continue;
                     }
-                    if now.duration_since(h.received).saturating_add(lease) > config.max_total {
+                    if now.duration_since(h.batch.received).saturating_add(lease) > config.max_total {
                         // No more extensions: the lease lapses at `expires`.
                         tracing::info!(
                             max_total = ?config.max_total,
@@ -339,7 +485,7 @@ async fn run<S: Settle>(
                     h.extending = true;
                     // Check for a lapse at expiry while the call is in flight.
                     due.push(Reverse((h.expires, id)));
-                    let token = h.token.clone();
+                    let Some(token) = h.slot().map(|s| s.token.clone()) else { continue };
                     let settler = settler.clone();
                     calls.spawn(async move {
                         let started = Instant::now();
@@ -360,9 +506,9 @@ async fn run<S: Settle>(
 }
 
 fn lose<T>(h: &mut Held<T>, watch: &Watch) {
-    if !h.state.is_lost() {
-        h.state.mark_lost();
-        h.cancel.cancel();
+    let Some(slot) = h.slot() else { return };
+    if slot.state.swap(LOST, Ordering::AcqRel) != LOST {
+        slot.cancel.cancel();
         watch.metrics.leases_lost.increment(1);
         tracing::warn!("lease lost; the delivery's work is cancelled and it will not be acked");
     }
@@ -403,38 +549,13 @@ impl std::hash::Hasher for IdHasher {
 /// The keeper's schedule, as a command changes it.
 struct Schedule<'a, T> {
     held: &'a mut HashMap<u64, Held<T>, IdHash>,
-    due: &'a mut BinaryHeap<Reverse<(Instant, u64)>>,
-    lease: Duration,
-    extend_after: Duration,
+    batches: &'a mut VecDeque<Arc<Batch<T>>>,
 }
 
 impl<T> Schedule<'_, T> {
     fn apply(&mut self, cmd: Command<T>) {
         match cmd {
-            Command::Hold {
-                id,
-                token,
-                received,
-                cancel,
-                state,
-            } => {
-                let expires = later(received, self.lease);
-                let extend_at = later(received, self.extend_after);
-                self.held.insert(
-                    id,
-                    Held {
-                        token,
-                        received,
-                        expires,
-                        extend_at,
-                        cancel,
-                        state,
-                        extending: false,
-                        released: None,
-                    },
-                );
-                self.due.push(Reverse((extend_at, id)));
-            }
+            Command::Hold(batch) => self.batches.push_back(batch),
             Command::Drop(id) => {
                 self.held.remove(&id);
             }
@@ -446,5 +567,143 @@ impl<T> Schedule<'_, T> {
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{AckReport, DeadLetter, Delivery, Failure, SettleError, SettleFailure, Settled};
+
+    /// A settler that records which tokens were extended, each extension taking `takes`.
+    #[derive(Clone, Default)]
+    struct Extensions {
+        extended: Arc<Mutex<Vec<u32>>>,
+        takes: Duration,
+    }
+
+    impl Extensions {
+        fn of(&self, token: u32) -> usize {
+            let extended = self.extended.lock().unwrap();
+            extended.iter().filter(|&&t| t == token).count()
+        }
+    }
+
+    impl Settle for Extensions {
+        type Token = u32;
+        async fn ack(&self, tokens: Vec<u32>) -> AckReport<u32> {
+            AckReport::all(tokens.len())
+        }
+        async fn retry(
+            &self,
+            t: u32,
+            _: &Delivery,
+            _: Duration,
+            _: &Failure,
+        ) -> Result<Settled<u32>, SettleFailure<u32>> {
+            Ok(Settled::AckOriginal(t))
+        }
+        async fn dead_letter(
+            &self,
+            t: u32,
+            _: &Delivery,
+            _: &DeadLetter,
+        ) -> Result<Settled<u32>, SettleFailure<u32>> {
+            Ok(Settled::AckOriginal(t))
+        }
+        async fn extend(&self, token: &u32, _: Duration) -> Result<(), SettleError> {
+            tokio::time::sleep(self.takes).await;
+            self.extended.lock().unwrap().push(*token);
+            Ok(())
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(10);
+
+    fn keeper(settler: &Extensions) -> LeaseKeeper<u32> {
+        let watch = Watch {
+            metrics: Arc::new(Metrics::detached()),
+            stats: Arc::default(),
+        };
+        LeaseKeeper::spawn(settler.clone(), LEASE, LeaseConfig::default(), watch)
+    }
+
+    fn batch(tokens: &[u32]) -> Vec<(u32, CancellationToken)> {
+        tokens
+            .iter()
+            .map(|&t| (t, CancellationToken::new()))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_deliveries_still_in_flight_when_the_first_extension_is_due_are_extended() {
+        let settler = Extensions::default();
+        let keeper = keeper(&settler);
+        let mut guards = keeper.hold_batch(Instant::now(), batch(&[1, 2, 3, 4]));
+        let done_early = guards.next().unwrap();
+        let kept = guards.next().unwrap();
+        let released_early = guards.next().unwrap();
+        // The fourth guard is never taken: the batch's guards dropped mark it done.
+        drop(guards);
+        drop(done_early);
+        released_early.release().await;
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(
+            settler.of(2),
+            1,
+            "the delivery in flight is extended at 70%"
+        );
+        for done in [1, 3, 4] {
+            assert_eq!(settler.of(done), 0, "token {done} was done before");
+        }
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert_eq!(settler.of(2), 2, "and again at 70% of the extended lease");
+        assert!(!kept.is_lost());
+        drop(kept);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(settler.of(2), 2, "dropped: no more extensions");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn releasing_a_kept_lease_waits_for_its_extension_in_flight() {
+        let settler = Extensions {
+            takes: Duration::from_secs(2),
+            ..Extensions::default()
+        };
+        let keeper = keeper(&settler);
+        let mut guards = keeper.hold_batch(Instant::now(), batch(&[7]));
+        let guard = guards.next().unwrap();
+        // The extension starts at 7 s and ends at 9 s.
+        tokio::time::sleep(Duration::from_millis(7500)).await;
+        assert_eq!(settler.of(7), 0, "still on its way");
+        guard.release().await;
+        assert_eq!(
+            settler.of(7),
+            1,
+            "the release answered after the extension landed"
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(settler.of(7), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_lease_that_lapses_fires_its_token_and_is_lost() {
+        let settler = Extensions {
+            // Longer than what is left of the lease at 70%.
+            takes: Duration::from_secs(5),
+            ..Extensions::default()
+        };
+        let keeper = keeper(&settler);
+        let cancel = CancellationToken::new();
+        let mut guards = keeper.hold_batch(Instant::now(), [(9, cancel.clone())]);
+        let guard = guards.next().unwrap();
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(guard.is_lost());
+        assert!(cancel.is_cancelled());
+        assert_eq!(guard.cancel_token().map(|c| c.is_cancelled()), Some(true));
     }
 }

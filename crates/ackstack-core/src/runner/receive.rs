@@ -26,7 +26,7 @@ use super::config::{ConfigError, DeliveryMode, KeyOrdering};
 use super::deliver::Refusals;
 use super::deliver::{Shared, call_inspector};
 use super::gate::AttemptGate;
-use super::lease::{LeaseKeeper, Watch};
+use super::lease::{LeaseGuard, LeaseKeeper, Watch};
 use super::ordering::KeyGate;
 use super::state::Admit;
 use super::status::{ConsumerError, Counters, InFlight, Summary};
@@ -333,6 +333,16 @@ impl<S: Source, L> Consumer<S, L> {
             }
             let probe = control.admitted(batch.len());
             shared.status.received(batch.len() as u64);
+            // The batch's leases, handed to the keeper at once; each delivery takes its guard
+            // and the token that fires if its lease is lost.
+            let mut guards = leases.as_ref().map(|k| {
+                k.hold_batch(
+                    received_at,
+                    batch
+                        .iter()
+                        .map(|r| (r.token.clone(), hard_stop.child_token())),
+                )
+            });
             let mut first = Some(first);
             for received in batch {
                 // A suspect runs alone: nothing else in flight, so that a crash during its
@@ -357,10 +367,11 @@ impl<S: Source, L> Consumer<S, L> {
                     .fetch_add(1, AtomicOrdering::Relaxed);
                 let metrics = shared.metrics.of(&received.delivery.origin);
                 metrics.received();
-                let cancel = hard_stop.child_token();
-                let lease = leases
-                    .as_ref()
-                    .map(|k| k.hold(received.token.clone(), received_at, cancel.clone()));
+                let lease = guards.as_mut().and_then(Iterator::next);
+                let cancel = match lease.as_ref().and_then(LeaseGuard::cancel_token) {
+                    Some(cancel) => cancel.clone(),
+                    None => hard_stop.child_token(),
+                };
                 let turn = match (&gate, &received.delivery.key) {
                     (Some(gate), Some(key)) => Some(gate.enter(key.clone())),
                     _ => None,

@@ -93,7 +93,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
         at_shutdown: bool,
     ) {
         if let Some(lease) = lease {
-            if lease.state().is_lost() {
+            if lease.is_lost() {
                 return;
             }
             lease.release().await;
