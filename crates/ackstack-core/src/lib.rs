@@ -99,6 +99,7 @@ pub mod delivery;
 pub mod error;
 pub mod fingerprint;
 pub mod handler;
+mod id_hash;
 pub mod memory;
 pub mod metrics;
 #[cfg(feature = "otel")]

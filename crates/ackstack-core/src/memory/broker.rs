@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::SettleError;
+use crate::id_hash::IdHash;
 use crate::publish::{Message, Publish, PublishError};
 
 /// The suffix of a queue's dead-letter queue.
@@ -30,13 +31,37 @@ pub(super) struct Shared {
 
 #[derive(Debug, Default)]
 struct State {
-    queues: HashMap<String, Queue>,
+    /// Where each queue is in `queues`: a name is looked up without being copied, and copied
+    /// only when its queue is created.
+    index: HashMap<String, usize>,
+    queues: Vec<Queue>,
     next_id: u64,
+}
+
+impl State {
+    /// `queue`, created on first use (its name copied only then).
+    fn queue(&mut self, queue: &str) -> &mut Queue {
+        let at = match self.index.get(queue) {
+            Some(&at) => at,
+            None => {
+                self.queues.push(Queue::default());
+                let at = self.queues.len() - 1;
+                self.index.insert(queue.to_string(), at);
+                at
+            }
+        };
+        &mut self.queues[at]
+    }
+
+    /// `queue`, if it was ever used.
+    fn existing(&self, queue: &str) -> Option<&Queue> {
+        self.index.get(queue).and_then(|&at| self.queues.get(at))
+    }
 }
 
 #[derive(Debug, Default)]
 pub(super) struct Queue {
-    pub(super) messages: HashMap<u64, Stored>,
+    pub(super) messages: HashMap<u64, Stored, IdHash>,
     ready: VecDeque<u64>,
     hidden: BinaryHeap<Reverse<(Instant, u64, u64)>>,
     pub(super) stats: QueueStats,
@@ -156,7 +181,7 @@ impl MemoryBroker {
         let mut state = self.lock();
         state.next_id += 1;
         let id = state.next_id;
-        let q = state.queues.entry(queue.to_string()).or_default();
+        let q = state.queue(queue);
         q.messages.insert(
             id,
             Stored {
@@ -177,10 +202,7 @@ impl MemoryBroker {
 
     /// Messages in `queue`, visible or not.
     pub fn len(&self, queue: &str) -> usize {
-        self.lock()
-            .queues
-            .get(queue)
-            .map_or(0, |q| q.messages.len())
+        self.lock().existing(queue).map_or(0, |q| q.messages.len())
     }
 
     /// Whether `queue` holds no message.
@@ -192,7 +214,7 @@ impl MemoryBroker {
     /// `<queue>-dlq`).
     pub fn peek_all(&self, queue: &str) -> Vec<Message> {
         let state = self.lock();
-        let Some(q) = state.queues.get(queue) else {
+        let Some(q) = state.existing(queue) else {
             return Vec::new();
         };
         let mut ids: Vec<_> = q.messages.keys().copied().collect();
@@ -211,8 +233,7 @@ impl MemoryBroker {
     /// The counts for `queue`.
     pub fn stats(&self, queue: &str) -> QueueStats {
         self.lock()
-            .queues
-            .get(queue)
+            .existing(queue)
             .map(|q| q.stats)
             .unwrap_or_default()
     }
@@ -233,7 +254,7 @@ impl MemoryBroker {
     ) -> (Vec<Handed>, Option<Instant>) {
         let now = Instant::now();
         let mut state = self.lock();
-        let q = state.queues.entry(queue.to_string()).or_default();
+        let q = state.queue(queue);
         q.promote_due(now);
         let mut out = Vec::new();
         while out.len() < max {
@@ -258,7 +279,7 @@ impl MemoryBroker {
 
     pub(super) fn with_queue<R>(&self, queue: &str, f: impl FnOnce(&mut Queue) -> R) -> R {
         let mut state = self.lock();
-        f(state.queues.entry(queue.to_string()).or_default())
+        f(state.queue(queue))
     }
 }
 

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::RunStats;
+use crate::id_hash::IdHash;
 use crate::metrics::Metrics;
 use crate::source::Settle;
 
@@ -520,31 +521,6 @@ fn far_future(now: Instant) -> Instant {
 
 /// Commands applied in one turn of the keeper's loop at most.
 const DRAIN_MAX: usize = 1024;
-
-/// Hashes the keeper's ids (unique, sequential `u64`s made here, never from outside) with one
-/// multiplication instead of SipHash: two map operations per delivery.
-type IdHash = std::hash::BuildHasherDefault<IdHasher>;
-
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        // Fibonacci hashing: spreads sequential ids over the high bits the map's control
-        // bytes use.
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
 
 /// The keeper's schedule, as a command changes it.
 struct Schedule<'a, T> {
