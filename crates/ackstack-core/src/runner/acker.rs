@@ -168,7 +168,11 @@ async fn run<S: Settle>(
             Item::Ack(p) => batch.push(p),
             Item::Flush(done) => flush = Some(done),
         }
+        // One timer per batch, armed the first time the queue runs dry: a timeout per wait
+        // would register and cancel a timer for nearly every ack.
         let deadline = later(Instant::now(), max_delay);
+        let timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(timer);
         let mut open = true;
         while flush.is_none() && batch.len() < max_batch {
             // Take what is already queued without waiting; then wait until the deadline.
@@ -179,13 +183,16 @@ async fn run<S: Settle>(
                     break;
                 }
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(item)) => Some(item),
-                        Ok(None) => {
-                            open = false;
-                            break;
-                        }
-                        Err(_) => None,
+                    tokio::select! {
+                        biased;
+                        item = rx.recv() => match item {
+                            Some(item) => Some(item),
+                            None => {
+                                open = false;
+                                break;
+                            }
+                        },
+                        () = &mut timer => None,
                     }
                 }
             };
