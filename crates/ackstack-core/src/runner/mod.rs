@@ -42,6 +42,7 @@ mod receive;
 mod settle;
 mod state;
 mod status;
+mod tasks;
 
 pub use adaptive::AdaptiveConcurrency;
 pub use builder::{Consumer, Inspector};

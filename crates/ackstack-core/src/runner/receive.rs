@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -227,7 +226,7 @@ impl<S: Source, L> Consumer<S, L> {
         let receive_batch = cfg.receive_batch;
         let reconnect = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10))
             .equal_jitter();
-        let mut tasks: JoinSet<()> = JoinSet::new();
+        let tasks = super::tasks::Tasks::new(hard_stop.clone());
         let mut receive_errors = 0u64;
         let mut consecutive_errors = 0u32;
         // Receives one at a time until then (see `Capabilities::careful_for`).
@@ -240,9 +239,6 @@ impl<S: Source, L> Consumer<S, L> {
         tokio::pin!(shutdown);
 
         let result = 'receive: loop {
-            while let Some(done) = tasks.try_join_next() {
-                log_join_error(done);
-            }
             if let Some(adaptive) = &adaptive
                 && permits.available_permits() == 0
             {
@@ -383,28 +379,27 @@ impl<S: Source, L> Consumer<S, L> {
                     tokio::select! {
                         biased;
                         _ = &mut shutdown => break 'receive Ok(()),
-                        () = settle_in_flight(&mut tasks, &shared.acks) => {}
+                        () = settle_in_flight(&tasks, &shared.acks) => {}
                     }
                 }
                 let task_shared = shared.clone();
                 let in_flight = InFlight::start(shared.status.clone(), metrics.clone());
-                // Boxed: the task's future (the delivery, its guards and the whole stack's
-                // state) is several KiB, and tokio moves an unboxed future into its task cell
-                // and between task stages by copying it (callgrind: about 3,300 instructions
-                // of memcpy per delivery); a box moves as a pointer.
-                tasks.spawn(Box::pin(async move {
-                    let _permit = permit;
-                    let _in_flight = in_flight;
-                    task_shared
-                        .run_one(received, cancel, lease, turn, metrics, probe)
-                        .await;
-                }));
+                tasks.spawn(
+                    cancel.clone(),
+                    Box::pin(async move {
+                        let _permit = permit;
+                        let _in_flight = in_flight;
+                        task_shared
+                            .run_one(received, cancel, lease, turn, metrics, probe)
+                            .await;
+                    }),
+                );
                 if alone {
                     // Its own ack too: a crash right after must not make it come back.
                     tokio::select! {
                         biased;
                         _ = &mut shutdown => break 'receive Ok(()),
-                        () = settle_in_flight(&mut tasks, &shared.acks) => {}
+                        () = settle_in_flight(&tasks, &shared.acks) => {}
                     }
                 }
             }
@@ -413,13 +408,8 @@ impl<S: Source, L> Consumer<S, L> {
         // Shutdown: stop receiving, drain up to the deadline, abandon the rest, flush.
         stopping.cancel();
         self.source.close().await;
-        let drain = async {
-            while let Some(done) = tasks.join_next().await {
-                log_join_error(done);
-            }
-        };
         let mut abandoned = 0;
-        if tokio::time::timeout(cfg.shutdown_deadline, drain)
+        if tokio::time::timeout(cfg.shutdown_deadline, tasks.idle())
             .await
             .is_err()
         {
@@ -429,9 +419,8 @@ impl<S: Source, L> Consumer<S, L> {
                 "shutdown deadline reached; abandoning in-flight work unacked"
             );
             own.abandoned.increment(abandoned);
-            hard_stop.cancel();
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
+            tasks.stop();
+            tasks.idle().await;
         }
         let Ok(shared) = Arc::try_unwrap(shared) else {
             return Err(ConsumerError::Internal("tasks outlived shutdown"));
@@ -475,17 +464,7 @@ impl<S: Source, L> Consumer<S, L> {
 }
 
 /// Waits until every task in `tasks` has finished and the acker has sent their acks.
-async fn settle_in_flight<T: Send + 'static>(tasks: &mut JoinSet<()>, acks: &AckQueue<T>) {
-    while let Some(done) = tasks.join_next().await {
-        log_join_error(done);
-    }
+async fn settle_in_flight<T: Send + 'static>(tasks: &super::tasks::Tasks, acks: &AckQueue<T>) {
+    tasks.idle().await;
     acks.flush().await;
-}
-
-fn log_join_error(done: Result<(), tokio::task::JoinError>) {
-    if let Err(err) = done
-        && err.is_panic()
-    {
-        tracing::error!(error = %err, "delivery task panicked outside the handler");
-    }
 }
