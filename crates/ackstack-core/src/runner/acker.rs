@@ -5,13 +5,18 @@
 //! [`Settle::ack`] in batches. A failed ack is counted and logged, never retried into a loss:
 //! the broker redelivers the message, and deduplication absorbs the repeat. Everything queued
 //! is flushed when the acker is shut down.
+//!
+//! The acker task is woken once per batch: by the batch's first ack, then only when the batch
+//! is full, a flush is asked for, or its delay is up. Acks queued in between do not wake it
+//! (a wake per ack moved a thread from core to core for every delivery when deliveries finish
+//! one at a time).
 
 use crate::config::later;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -46,10 +51,22 @@ enum Item<T> {
     Flush(oneshot::Sender<()>),
 }
 
+/// What wakes the acker while it gathers a batch.
+#[derive(Debug)]
+struct Signal {
+    /// Acks queued and not taken by the acker yet.
+    queued: AtomicUsize,
+    /// When `queued` reaches this, the acker is woken.
+    max_batch: usize,
+    /// Wakes the acker: a batch is full, a flush is asked for, or the queue closed.
+    wake: Notify,
+}
+
 /// A handle that queues tokens for acking.
 #[derive(Debug)]
 pub struct BatchAcker<T> {
     tx: mpsc::Sender<Item<T>>,
+    signal: Arc<Signal>,
     task: tokio::task::JoinHandle<()>,
     stats: Arc<AckStats>,
 }
@@ -58,12 +75,14 @@ pub struct BatchAcker<T> {
 #[derive(Debug)]
 pub struct AckQueue<T> {
     tx: mpsc::Sender<Item<T>>,
+    signal: Arc<Signal>,
 }
 
 impl<T> Clone for AckQueue<T> {
     fn clone(&self) -> Self {
         AckQueue {
             tx: self.tx.clone(),
+            signal: self.signal.clone(),
         }
     }
 }
@@ -78,10 +97,22 @@ impl<T: Send + 'static> AckQueue<T> {
 
     /// Like [`AckQueue::push`], keeping the delivery's lease until the ack is confirmed.
     pub(crate) async fn push_held(&self, token: T, lease: Option<LeaseGuard<T>>) -> bool {
-        self.tx
+        // Counted before it is queued, so that the acker, which uncounts what it takes,
+        // never takes it uncounted.
+        let queued = self.signal.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        if self
+            .tx
             .send(Item::Ack(Pending { token, lease }))
             .await
-            .is_ok()
+            .is_err()
+        {
+            self.signal.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        if queued >= self.signal.max_batch {
+            self.signal.wake.notify_one();
+        }
+        true
     }
 
     /// Sends every ack queued so far without waiting for its batch to fill or its delay to
@@ -92,6 +123,7 @@ impl<T: Send + 'static> AckQueue<T> {
         if self.tx.send(Item::Flush(done)).await.is_err() {
             return false;
         }
+        self.signal.wake.notify_one();
         flushed.await.is_ok()
     }
 }
@@ -112,6 +144,11 @@ impl<T: Clone + Send + Sync + 'static> BatchAcker<T> {
         S: Settle<Token = T>,
     {
         let (tx, rx) = mpsc::channel(capacity.max(max_batch).max(1));
+        let signal = Arc::new(Signal {
+            queued: AtomicUsize::new(0),
+            max_batch: max_batch.max(1),
+            wake: Notify::new(),
+        });
         let stats = Arc::new(AckStats {
             metrics,
             acked: AtomicU64::new(0),
@@ -122,18 +159,24 @@ impl<T: Clone + Send + Sync + 'static> BatchAcker<T> {
         let task = tokio::spawn(run(
             settler,
             rx,
-            max_batch.max(1),
+            signal.clone(),
             max_delay,
             parallel.max(1),
             stats.clone(),
         ));
-        BatchAcker { tx, task, stats }
+        BatchAcker {
+            tx,
+            signal,
+            task,
+            stats,
+        }
     }
 
     /// A queue handle for completed deliveries.
     pub fn queue(&self) -> AckQueue<T> {
         AckQueue {
             tx: self.tx.clone(),
+            signal: self.signal.clone(),
         }
     }
 
@@ -146,6 +189,8 @@ impl<T: Clone + Send + Sync + 'static> BatchAcker<T> {
     /// ack call to finish.
     pub async fn shutdown(self) {
         drop(self.tx);
+        // The queue is closed: the acker sends what it holds without waiting for the delay.
+        self.signal.wake.notify_one();
         if let Err(err) = self.task.await {
             tracing::error!(error = %err, "ack task failed");
         }
@@ -155,53 +200,38 @@ impl<T: Clone + Send + Sync + 'static> BatchAcker<T> {
 async fn run<S: Settle>(
     settler: S,
     mut rx: mpsc::Receiver<Item<S::Token>>,
-    max_batch: usize,
+    signal: Arc<Signal>,
     max_delay: Duration,
     parallel: usize,
     stats: Arc<AckStats>,
 ) {
+    let max_batch = signal.max_batch;
     let mut calls = JoinSet::new();
     while let Some(first) = rx.recv().await {
-        let mut batch = Vec::with_capacity(max_batch);
-        let mut flush = None;
-        match first {
-            Item::Ack(p) => batch.push(p),
-            Item::Flush(done) => flush = Some(done),
-        }
-        // One timer per batch, armed the first time the queue runs dry: a timeout per wait
-        // would register and cancel a timer for nearly every ack.
+        let mut gathering = Gathering {
+            batch: Vec::with_capacity(max_batch),
+            flush: None,
+            open: true,
+        };
+        gathering.take(first, &signal);
         let deadline = later(Instant::now(), max_delay);
         let timer = tokio::time::sleep_until(deadline);
         tokio::pin!(timer);
-        let mut open = true;
-        while flush.is_none() && batch.len() < max_batch {
-            // Take what is already queued without waiting; then wait until the deadline.
-            let next = match rx.try_recv() {
-                Ok(item) => Some(item),
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    open = false;
+        loop {
+            gathering.drain(&mut rx, &signal);
+            if gathering.done(max_batch) {
+                break;
+            }
+            tokio::select! {
+                biased;
+                () = signal.wake.notified() => {}
+                () = &mut timer => {
+                    gathering.drain(&mut rx, &signal);
                     break;
                 }
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    tokio::select! {
-                        biased;
-                        item = rx.recv() => match item {
-                            Some(item) => Some(item),
-                            None => {
-                                open = false;
-                                break;
-                            }
-                        },
-                        () = &mut timer => None,
-                    }
-                }
-            };
-            match next {
-                Some(Item::Ack(p)) => batch.push(p),
-                Some(Item::Flush(done)) => flush = Some(done),
-                None => break,
             }
         }
+        let Gathering { batch, flush, open } = gathering;
         if !batch.is_empty() {
             while calls.len() >= parallel {
                 calls.join_next().await;
@@ -217,6 +247,45 @@ async fn run<S: Settle>(
         }
     }
     while calls.join_next().await.is_some() {}
+}
+
+/// One batch being gathered.
+struct Gathering<T> {
+    batch: Vec<Pending<T>>,
+    flush: Option<oneshot::Sender<()>>,
+    /// Whether the queue is still open.
+    open: bool,
+}
+
+impl<T> Gathering<T> {
+    fn take(&mut self, item: Item<T>, signal: &Signal) {
+        match item {
+            Item::Ack(p) => {
+                signal.queued.fetch_sub(1, Ordering::AcqRel);
+                self.batch.push(p);
+            }
+            Item::Flush(done) => self.flush = Some(done),
+        }
+    }
+
+    /// Takes what is queued, up to a full batch or a flush, without waiting.
+    fn drain(&mut self, rx: &mut mpsc::Receiver<Item<T>>, signal: &Signal) {
+        while self.flush.is_none() && self.batch.len() < signal.max_batch {
+            match rx.try_recv() {
+                Ok(item) => self.take(item, signal),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.open = false;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Whether the batch goes now: full, flushed, or the queue closed.
+    fn done(&self, max_batch: usize) -> bool {
+        self.flush.is_some() || self.batch.len() >= max_batch || !self.open
+    }
 }
 
 async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<AckStats>) {
@@ -326,6 +395,7 @@ mod tests {
             noop(),
         );
         let queue = acker.queue();
+        let started = Instant::now();
         for i in 0..25 {
             queue.push(i).await;
         }
@@ -340,6 +410,12 @@ mod tests {
                 "full batches at once, the rest within the delay"
             );
             assert!(batches[2].1 - pushed_at <= Duration::from_millis(100));
+            assert!(
+                batches[..2]
+                    .iter()
+                    .all(|b| b.1 - started < Duration::from_millis(100)),
+                "a full batch does not wait for the delay"
+            );
         }
         queue.push(99).await;
         drop(queue);
