@@ -67,7 +67,7 @@ pub struct Options {
 
 const USAGE: &str = "usage: ackstack-bench [--brokers memory,rabbitmq,sqs,kafka,nats,redis-streams] [--messages N] [--rounds R] [--json PATH] [--check] [--timeout-secs S]
        ackstack-bench --rss-scaling
-       ackstack-bench --callgrind publish|bare|full|tower [--messages N] [--recorder prometheus]";
+       ackstack-bench --callgrind publish|bare|serial|full|tower [--messages N] [--recorder prometheus]";
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {

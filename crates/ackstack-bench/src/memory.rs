@@ -371,8 +371,9 @@ async fn run_consumer_with_visibility(
     Ok(())
 }
 
-/// `--callgrind MODE`: `publish` only fills the broker; `bare` and `full` also consume
-/// everything with the bare runner or all layers. Returns a one-line summary.
+/// `--callgrind MODE`: `publish` only fills the broker; `bare`, `serial` (the bare runner
+/// with one handler at a time) and `full` also consume everything with the bare runner or
+/// all layers. Returns a one-line summary.
 pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
     let broker = fill(n);
     let progress = Progress::new(n);
@@ -388,6 +389,10 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
                 Dedup::None,
             )
             .await?;
+        }
+        "serial" => {
+            // The bare runner with one handler at a time.
+            run_consumer(&broker, progress.clone(), bare_config(1, 64), Dedup::None).await?;
         }
         "full" => {
             let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
@@ -420,7 +425,7 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
         }
         other => {
             return Err(format!(
-                "unknown --callgrind mode {other:?} (publish|bare|full|tower)"
+                "unknown --callgrind mode {other:?} (publish|bare|serial|full|tower)"
             ));
         }
     }
