@@ -340,7 +340,8 @@ impl<S: Source, L> Consumer<S, L> {
                 )
             });
             let mut first = Some(first);
-            for received in batch {
+            let last = batch.len().saturating_sub(1);
+            for (index, received) in batch.into_iter().enumerate() {
                 // A suspect runs alone: nothing else in flight, so that a crash during its
                 // run is its own (see `Settle::arm`). Where it runs alone among attempts
                 // instead, its task waits at the attempt gate (`gate.rs`).
@@ -383,17 +384,21 @@ impl<S: Source, L> Consumer<S, L> {
                     }
                 }
                 let task_shared = shared.clone();
+                let token = cancel.clone();
                 let in_flight = InFlight::start(shared.status.clone(), metrics.clone());
-                tasks.spawn(
-                    cancel.clone(),
-                    Box::pin(async move {
-                        let _permit = permit;
-                        let _in_flight = in_flight;
-                        task_shared
-                            .run_one(received, cancel, lease, turn, metrics, probe)
-                            .await;
-                    }),
-                );
+                let task = Box::pin(async move {
+                    let _permit = permit;
+                    let _in_flight = in_flight;
+                    task_shared
+                        .run_one(received, cancel, lease, turn, metrics, probe)
+                        .await;
+                });
+                if index == last && permits.available_permits() == 0 {
+                    // The loop would only wait for a permit now: run it here until it waits.
+                    tasks.start(token, task).await;
+                } else {
+                    tasks.spawn(token, task);
+                }
                 if alone {
                     // Its own ack too: a crash right after must not make it come back.
                     tokio::select! {
