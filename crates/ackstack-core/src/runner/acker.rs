@@ -54,12 +54,46 @@ enum Item<T> {
 /// What wakes the acker while it gathers a batch.
 #[derive(Debug)]
 struct Signal {
-    /// Acks queued and not taken by the acker yet.
+    /// Acks queued and not sent yet: those waiting in the channel and those in the batch
+    /// being gathered (so that the push that completes a batch wakes the acker).
     queued: AtomicUsize,
     /// When `queued` reaches this, the acker is woken.
     max_batch: usize,
     /// Wakes the acker: a batch is full, a flush is asked for, or the queue closed.
     wake: Notify,
+}
+
+/// One ack counted in [`Signal::queued`] until [`Counted::keep`]; uncounted when dropped
+/// before that (the push failed or was cancelled).
+struct Counted<'a> {
+    queued: &'a AtomicUsize,
+    count: usize,
+    kept: bool,
+}
+
+impl<'a> Counted<'a> {
+    fn new(queued: &'a AtomicUsize) -> Self {
+        let count = queued.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        Counted {
+            queued,
+            count,
+            kept: false,
+        }
+    }
+
+    /// Keeps it counted (the acker uncounts it once sent); returns the count it made.
+    fn keep(mut self) -> usize {
+        self.kept = true;
+        self.count
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// A handle that queues tokens for acking.
@@ -97,19 +131,18 @@ impl<T: Send + 'static> AckQueue<T> {
 
     /// Like [`AckQueue::push`], keeping the delivery's lease until the ack is confirmed.
     pub(crate) async fn push_held(&self, token: T, lease: Option<LeaseGuard<T>>) -> bool {
-        // Counted before it is queued, so that the acker, which uncounts what it takes,
-        // never takes it uncounted.
-        let queued = self.signal.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        // Counted before it is queued, so that the acker, which uncounts what it sends,
+        // never sends it uncounted; uncounted again if the push fails or is dropped.
+        let counted = Counted::new(&self.signal.queued);
         if self
             .tx
             .send(Item::Ack(Pending { token, lease }))
             .await
             .is_err()
         {
-            self.signal.queued.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        if queued >= self.signal.max_batch {
+        if counted.keep() >= self.signal.max_batch {
             self.signal.wake.notify_one();
         }
         true
@@ -213,7 +246,7 @@ async fn run<S: Settle>(
             flush: None,
             open: true,
         };
-        gathering.take(first, &signal);
+        gathering.take(first);
         let deadline = later(Instant::now(), max_delay);
         let timer = tokio::time::sleep_until(deadline);
         tokio::pin!(timer);
@@ -232,6 +265,7 @@ async fn run<S: Settle>(
             }
         }
         let Gathering { batch, flush, open } = gathering;
+        signal.queued.fetch_sub(batch.len(), Ordering::AcqRel);
         if !batch.is_empty() {
             while calls.len() >= parallel {
                 calls.join_next().await;
@@ -258,12 +292,9 @@ struct Gathering<T> {
 }
 
 impl<T> Gathering<T> {
-    fn take(&mut self, item: Item<T>, signal: &Signal) {
+    fn take(&mut self, item: Item<T>) {
         match item {
-            Item::Ack(p) => {
-                signal.queued.fetch_sub(1, Ordering::AcqRel);
-                self.batch.push(p);
-            }
+            Item::Ack(p) => self.batch.push(p),
             Item::Flush(done) => self.flush = Some(done),
         }
     }
@@ -272,7 +303,7 @@ impl<T> Gathering<T> {
     fn drain(&mut self, rx: &mut mpsc::Receiver<Item<T>>, signal: &Signal) {
         while self.flush.is_none() && self.batch.len() < signal.max_batch {
             match rx.try_recv() {
-                Ok(item) => self.take(item, signal),
+                Ok(item) => self.take(item),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     self.open = false;
@@ -423,6 +454,38 @@ mod tests {
         let batches = settler.batches.lock().unwrap();
         assert_eq!(batches.last().unwrap().0, 1, "flushed on shutdown");
         assert!(batches.iter().all(|b| b.0 <= 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_queued_one_by_one_go_as_soon_as_they_fill_a_batch() {
+        let settler = Recording::default();
+        let acker = BatchAcker::spawn(
+            settler.clone(),
+            10,
+            Duration::from_secs(3600),
+            1,
+            64,
+            noop(),
+        );
+        let queue = acker.queue();
+        let started = Instant::now();
+        for i in 0..10 {
+            assert!(queue.push(i).await);
+            // The acker takes each ack before the next one comes.
+            for _ in 0..5 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        let batches = settler.batches.lock().unwrap().clone();
+        assert_eq!(
+            batches.iter().map(|b| b.0).collect::<Vec<_>>(),
+            vec![10],
+            "the tenth ack completed the batch"
+        );
+        assert!(batches[0].1 - started < Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,10 +15,9 @@
 
 use crate::config::later;
 use std::cmp::Reverse;
-use std::collections::VecDeque;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -88,17 +87,29 @@ struct Batch<T> {
     first_id: u64,
     received: Instant,
     slots: Vec<Slot<T>>,
+    /// Deliveries whose guard is not done yet; the last one tells the keeper to forget the
+    /// batch, so that a finished batch does not wait for its first extension in memory.
+    unfinished: AtomicUsize,
 }
 
 impl<T> Batch<T> {
     fn slot(&self, index: usize) -> Option<&Slot<T>> {
         self.slots.get(index)
     }
+
+    /// Counts `n` deliveries done; the last tells the keeper through `tx`.
+    fn finished(&self, n: usize, tx: &mpsc::UnboundedSender<Command<T>>) {
+        if n > 0 && self.unfinished.fetch_sub(n, Ordering::AcqRel) == n {
+            let _ = tx.send(Command::Forget(self.first_id));
+        }
+    }
 }
 
 enum Command<T> {
     /// A batch to look at once its first extension is due.
     Hold(Arc<Batch<T>>),
+    /// Every delivery of the batch is done: nothing of it is left to look at.
+    Forget(u64),
     Drop(u64),
     /// Stop keeping the lease; answer once no extension of it is in flight any more.
     Release(u64, oneshot::Sender<()>),
@@ -162,10 +173,13 @@ impl<T> LeaseGuard<T> {
         self.released = true;
         if self.finish_unkept() {
             // Never extended: no extension can be in flight.
+            self.batch.finished(1, &self.tx);
             return;
         }
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Command::Release(self.id(), done)).is_err() {
+        let sent = self.tx.send(Command::Release(self.id(), done)).is_ok();
+        self.batch.finished(1, &self.tx);
+        if !sent {
             return;
         }
         if tokio::time::timeout(self.settle_wait, wait).await.is_err() {
@@ -178,8 +192,11 @@ impl<T> LeaseGuard<T> {
 
 impl<T> Drop for LeaseGuard<T> {
     fn drop(&mut self) {
-        if !self.released && !self.finish_unkept() {
-            let _ = self.tx.send(Command::Drop(self.id()));
+        if !self.released {
+            if !self.finish_unkept() {
+                let _ = self.tx.send(Command::Drop(self.id()));
+            }
+            self.batch.finished(1, &self.tx);
         }
     }
 }
@@ -222,6 +239,8 @@ impl<T> Drop for Guards<T> {
                 .state
                 .compare_exchange(HELD, DONE, Ordering::AcqRel, Ordering::Acquire);
         }
+        let untaken = self.batch.slots.len().saturating_sub(self.next);
+        self.batch.finished(untaken, &self.tx);
     }
 }
 
@@ -250,6 +269,7 @@ impl<T> std::fmt::Debug for Command<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Hold(batch) => write!(f, "Hold({}..)", batch.first_id),
+            Command::Forget(id) => write!(f, "Forget({id}..)"),
             Command::Drop(id) => write!(f, "Drop({id})"),
             Command::Release(id, _) => write!(f, "Release({id})"),
         }
@@ -298,6 +318,7 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
             first_id,
             received,
             slots,
+            unfinished: AtomicUsize::new(n),
         });
         if n > 0 {
             let _ = self.tx.send(Command::Hold(batch.clone()));
@@ -359,8 +380,9 @@ async fn run<S: Settle>(
     let extend_after = lease.mul_f64(fraction);
     let mut held: HashMap<u64, Held<S::Token>, IdHash> = HashMap::default();
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
-    // Batches in the order received, so in the order their first extension is due.
-    let mut batches: VecDeque<Arc<Batch<S::Token>>> = VecDeque::new();
+    // Batches by first id: in the order received, so in the order their first extension is
+    // due; a batch whose deliveries are all done is taken out wherever it is.
+    let mut batches: BTreeMap<u64, Arc<Batch<S::Token>>> = BTreeMap::new();
     let mut calls: JoinSet<(u64, Instant, Extended)> = JoinSet::new();
     // One timer, moved when the earliest due time changes: a new sleep per turn of the loop
     // would register and cancel a timer for every command (two per delivery).
@@ -368,7 +390,9 @@ async fn run<S: Settle>(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     loop {
-        let first_batch = batches.front().map(|b| later(b.received, extend_after));
+        let first_batch = batches
+            .first_key_value()
+            .map(|(_, b)| later(b.received, extend_after));
         let next = match (due.peek().map(|Reverse((at, _))| *at), first_batch) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -425,7 +449,7 @@ async fn run<S: Settle>(
                 let now = Instant::now();
                 // Batches whose first extension is due: what is still in flight is kept one by
                 // one from now on; the rest is done and dropped here.
-                while let Some(batch) = batches.front() {
+                while let Some((_, batch)) = batches.first_key_value() {
                     let extend_at = later(batch.received, extend_after);
                     if extend_at > now {
                         break;
@@ -453,7 +477,7 @@ async fn run<S: Settle>(
                         );
                         due.push(Reverse((extend_at, id)));
                     }
-                    batches.pop_front();
+                    batches.pop_first();
                 }
                 while let Some(Reverse((at, id))) = due.peek().copied() {
                     if at > now {
@@ -525,13 +549,18 @@ const DRAIN_MAX: usize = 1024;
 /// The keeper's schedule, as a command changes it.
 struct Schedule<'a, T> {
     held: &'a mut HashMap<u64, Held<T>, IdHash>,
-    batches: &'a mut VecDeque<Arc<Batch<T>>>,
+    batches: &'a mut BTreeMap<u64, Arc<Batch<T>>>,
 }
 
 impl<T> Schedule<'_, T> {
     fn apply(&mut self, cmd: Command<T>) {
         match cmd {
-            Command::Hold(batch) => self.batches.push_back(batch),
+            Command::Hold(batch) => {
+                self.batches.insert(batch.first_id, batch);
+            }
+            Command::Forget(id) => {
+                self.batches.remove(&id);
+            }
             Command::Drop(id) => {
                 self.held.remove(&id);
             }
@@ -642,6 +671,28 @@ mod tests {
         drop(kept);
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(settler.of(2), 2, "dropped: no more extensions");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_whose_deliveries_are_all_done_is_forgotten_at_once() {
+        let settler = Extensions::default();
+        let keeper = keeper(&settler);
+        let mut guards = keeper.hold_batch(Instant::now(), batch(&[1, 2, 3]));
+        let first = guards.next().unwrap();
+        let second = guards.next().unwrap();
+        let batch = Arc::downgrade(&first.batch);
+        drop(guards);
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(batch.upgrade().is_some(), "one delivery still in flight");
+        second.release().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            batch.upgrade().is_none(),
+            "the keeper let go of the batch long before its first extension was due"
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(settler.extended.lock().unwrap().len(), 0);
     }
 
     #[tokio::test(start_paused = true)]

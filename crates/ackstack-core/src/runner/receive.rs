@@ -393,6 +393,10 @@ impl<S: Source, L> Consumer<S, L> {
                         .run_one(received, cancel, lease, turn, metrics, probe)
                         .await;
                 });
+                if index == last {
+                    // Permits kept for deliveries the broker did not return go back first.
+                    drop(reserved.take());
+                }
                 if index == last && permits.available_permits() == 0 {
                     // The loop would only wait for a permit now: run it here until it waits.
                     tasks.start(token, task).await;

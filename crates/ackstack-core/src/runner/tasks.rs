@@ -34,6 +34,15 @@ struct Inner {
     hard_stop: CancellationToken,
 }
 
+impl Drop for Tasks {
+    /// A run dropped before its end (a timeout around it, an aborted task) stops its
+    /// deliveries, as dropping a `JoinSet` aborts its tasks; after a run's end, nothing is
+    /// left to stop.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Counts one running task while alive.
 struct Running(Arc<Inner>);
 
@@ -261,6 +270,59 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("the spawned rest never finished"));
         assert_eq!(done.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_started_here_is_stopped_like_any_other_and_its_panic_is_caught() {
+        let hard_stop = CancellationToken::new();
+        let tasks = Tasks::new(hard_stop.clone());
+        tasks
+            .start(
+                hard_stop.child_token(),
+                Box::pin(async {
+                    panic!("in its first poll");
+                }),
+            )
+            .await;
+        assert_eq!(tasks.len(), 0, "the panic ended it, the caller went on");
+        let reached_end = Arc::new(AtomicUsize::new(0));
+        let counted = reached_end.clone();
+        tasks
+            .start(
+                hard_stop.child_token(),
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }),
+            )
+            .await;
+        assert_eq!(tasks.len(), 1);
+        tasks.stop();
+        tokio::time::timeout(Duration::from_secs(1), tasks.idle())
+            .await
+            .unwrap_or_else(|_| panic!("still running after stop"));
+        assert_eq!(reached_end.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_tasks_stops_what_still_runs() {
+        let hard_stop = CancellationToken::new();
+        let tasks = Tasks::new(hard_stop.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.spawn(
+            hard_stop.child_token(),
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                let _ = tx.send(());
+            }),
+        );
+        drop(tasks);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), rx)
+                .await
+                .is_ok_and(|r| r.is_err()),
+            "the task's future was dropped"
+        );
     }
 
     #[tokio::test]
