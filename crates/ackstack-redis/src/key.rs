@@ -14,12 +14,15 @@ pub const MAX_RAW_KEY_LEN: usize = 100;
 /// `k:`/`h:` namespaces keep a raw key from ever colliding with a hashed one.
 pub fn redis_key(prefix: &str, key: &[u8]) -> String {
     let printable = key.iter().all(|b| (0x20..=0x7e).contains(b));
-    if printable && key.len() <= MAX_RAW_KEY_LEN {
+    if printable
+        && key.len() <= MAX_RAW_KEY_LEN
+        && let Ok(text) = std::str::from_utf8(key)
+    {
+        // Printable ASCII is UTF-8 as it is: copied whole, not char by char.
         let mut out = String::with_capacity(prefix.len() + 2 + key.len());
         out.push_str(prefix);
         out.push_str("k:");
-        // Printable ASCII, so every byte is its own char.
-        out.extend(key.iter().map(|&b| char::from(b)));
+        out.push_str(text);
         return out;
     }
     let digest = Sha256::digest(key);

@@ -241,26 +241,34 @@ impl Sender {
             let Some(request) = batch.get(index) else {
                 continue;
             };
-            let mut invocation = match request.op {
-                Op::Claim { .. } => scripts.claim.prepare_invoke(),
-                Op::Complete { .. } => scripts.complete.prepare_invoke(),
-                Op::Release => scripts.release.prepare_invoke(),
-                Op::Extend { .. } => scripts.extend.prepare_invoke(),
+            // EVALSHA built as one command, sized up front: a `ScriptInvocation` allocated a
+            // buffer per key and argument and then copied them into the command.
+            let script = match request.op {
+                Op::Claim { .. } => &scripts.claim,
+                Op::Complete { .. } => &scripts.complete,
+                Op::Release => &scripts.release,
+                Op::Extend { .. } => &scripts.extend,
             };
-            invocation.key(&request.key).arg(&request.token);
+            let data = script.get_hash().len() + request.key.len() + request.token.len() + 64;
+            let mut cmd = redis::Cmd::with_capacity(7, data);
+            cmd.arg("EVALSHA")
+                .arg(script.get_hash())
+                .arg(1)
+                .arg(&request.key)
+                .arg(&request.token);
             match request.op {
                 Op::Claim { lease_ms } => {
-                    invocation.arg(lease_ms).arg(DONE_MARKER);
+                    cmd.arg(lease_ms).arg(DONE_MARKER);
                 }
                 Op::Complete { ttl_ms } => {
-                    invocation.arg(ttl_ms).arg(DONE_MARKER);
+                    cmd.arg(ttl_ms).arg(DONE_MARKER);
                 }
                 Op::Release => {}
                 Op::Extend { lease_ms } => {
-                    invocation.arg(lease_ms);
+                    cmd.arg(lease_ms);
                 }
             }
-            pipe.invoke_script(&invocation);
+            pipe.add_command(cmd);
         }
         self.counters.round_trips.fetch_add(1, Ordering::Relaxed);
         self.counters
