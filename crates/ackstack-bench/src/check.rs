@@ -27,6 +27,8 @@ enum Figure {
     RedisRoundTrips,
     /// Heap allocations per message.
     Allocations,
+    /// Heap allocations per message over those of the row it is compared with.
+    AllocationsCompared,
 }
 
 /// At least or at most.
@@ -58,19 +60,19 @@ const TARGETS: &[Target] = &[
         "memory",
         "ackstack bare, concurrency 1",
         Figure::VsNaive,
-        Bound::AtLeast(0.25),
+        Bound::AtLeast(0.10),
     ),
     t(
         "memory",
         "ackstack bare",
         Figure::Allocations,
-        Bound::AtMost(2.0),
+        Bound::AtMost(3.0),
     ),
     t(
         "memory",
         "ackstack full",
         Figure::Allocations,
-        Bound::AtMost(4.0),
+        Bound::AtMost(8.0),
     ),
     t(
         "memory",
@@ -91,6 +93,18 @@ const TARGETS: &[Target] = &[
         Bound::AtLeast(0.5),
     ),
     t(
+        "memory",
+        "ackstack full + Redis dedup",
+        Figure::AllocationsCompared,
+        Bound::AtMost(2.0),
+    ),
+    t(
+        "memory",
+        "ackstack full + PostgreSQL inbox, commit groups",
+        Figure::Compared,
+        Bound::AtLeast(0.5),
+    ),
+    t(
         "rabbitmq",
         "ackstack adapter",
         Figure::VsTuned,
@@ -100,7 +114,7 @@ const TARGETS: &[Target] = &[
         "rabbitmq",
         "ackstack full",
         Figure::VsTuned,
-        Bound::AtLeast(0.85),
+        Bound::AtLeast(0.9),
     ),
     t(
         "sqs",
@@ -128,6 +142,12 @@ const TARGETS: &[Target] = &[
         Figure::Compared,
         Bound::AtLeast(0.5),
     ),
+    t(
+        "kafka",
+        "ackstack full + Redis dedup",
+        Figure::AllocationsCompared,
+        Bound::AtMost(2.0),
+    ),
 ];
 
 /// One target's result.
@@ -141,7 +161,7 @@ pub struct Checked {
     pub met: bool,
 }
 
-fn figure(row: &Row, figure: Figure) -> Option<f64> {
+fn figure(row: &Row, rows: &[Row], figure: Figure) -> Option<f64> {
     match figure {
         Figure::VsNaive => row.vs_raw_naive.as_ref().map(|r| r.ratio),
         Figure::VsTuned => row.vs_raw_tuned.as_ref().map(|r| r.ratio),
@@ -156,6 +176,13 @@ fn figure(row: &Row, figure: Figure) -> Option<f64> {
         Figure::Calls => row.calls_per_message,
         Figure::RedisRoundTrips => row.redis_round_trips_per_message,
         Figure::Allocations => row.allocations_per_message,
+        Figure::AllocationsCompared => {
+            let (base, _) = row.compared.as_ref()?;
+            let base = rows
+                .iter()
+                .find(|r| r.broker == row.broker && &r.mode == base)?;
+            Some(row.allocations_per_message? / base.allocations_per_message?)
+        }
     }
 }
 
@@ -168,7 +195,7 @@ pub fn check(rows: &[Row], brokers: &[String]) -> Vec<Checked> {
             let measured = rows
                 .iter()
                 .find(|r| r.broker == t.broker && r.mode == t.mode)
-                .and_then(|r| figure(r, t.figure));
+                .and_then(|r| figure(r, rows, t.figure));
             let (op, bound, met) = match (t.bound, measured) {
                 (Bound::AtLeast(b), m) => (">=", b, m.is_some_and(|m| m >= b)),
                 (Bound::AtMost(b), m) => ("<=", b, m.is_some_and(|m| m <= b)),

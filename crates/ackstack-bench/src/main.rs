@@ -10,7 +10,7 @@
 //! cargo run --release -p ackstack-bench -- [--brokers memory,rabbitmq,sqs,kafka,nats,redis-streams]
 //!     [--messages N] [--rounds R] [--json PATH] [--check] [--timeout-secs S] [--concurrency N (in-memory rows)]
 //! cargo run --release -p ackstack-bench -- --rss-scaling
-//! valgrind --tool=callgrind target/release/ackstack-bench --callgrind bare|full|tower|publish --messages N
+//! valgrind --tool=callgrind target/release/ackstack-bench --callgrind publish|bare|serial|full|redis|tower --messages N
 //! ```
 //!
 //! Brokers: RabbitMQ at `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), SQS at
@@ -67,7 +67,7 @@ pub struct Options {
 
 const USAGE: &str = "usage: ackstack-bench [--brokers memory,rabbitmq,sqs,kafka,nats,redis-streams] [--messages N] [--rounds R] [--json PATH] [--check] [--timeout-secs S]
        ackstack-bench --rss-scaling
-       ackstack-bench --callgrind publish|bare|serial|full|tower [--messages N] [--recorder prometheus]";
+       ackstack-bench --callgrind publish|bare|serial|full|redis|tower [--messages N] [--recorder prometheus]";
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {

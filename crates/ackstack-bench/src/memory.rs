@@ -372,8 +372,8 @@ async fn run_consumer_with_visibility(
 }
 
 /// `--callgrind MODE`: `publish` only fills the broker; `bare`, `serial` (the bare runner
-/// with one handler at a time) and `full` also consume everything with the bare runner or
-/// all layers. Returns a one-line summary.
+/// with one handler at a time), `full` and `redis` (all layers, dedup in Redis) also consume
+/// everything with the bare runner or all layers. Returns a one-line summary.
 pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
     let broker = fill(n);
     let progress = Progress::new(n);
@@ -393,6 +393,25 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
         "serial" => {
             // The bare runner with one handler at a time.
             run_consumer(&broker, progress.clone(), bare_config(1, 64), Dedup::None).await?;
+        }
+        "redis" => {
+            // All layers with dedup in Redis (REDIS_URL, else the local server): where the
+            // client-side cost of the Redis path goes.
+            let url =
+                std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+            let config = ackstack_redis::RedisDedupConfig::new(url)
+                .key_prefix(format!("{}:", unique("ackstack-callgrind")));
+            let store = ackstack_redis::RedisDedupStore::connect(config)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            let store: Arc<dyn DedupStore> = Arc::new(store);
+            run_consumer(
+                &broker,
+                progress.clone(),
+                full_config(CONCURRENCY, 64),
+                Dedup::Store(store),
+            )
+            .await?;
         }
         "full" => {
             let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
@@ -425,7 +444,7 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
         }
         other => {
             return Err(format!(
-                "unknown --callgrind mode {other:?} (publish|bare|serial|full|tower)"
+                "unknown --callgrind mode {other:?} (publish|bare|serial|full|redis|tower)"
             ));
         }
     }
