@@ -5,9 +5,11 @@
 //! 1. **Receive** (`receive.rs`). [`Consumer::run_until`] builds the processing stack, starts
 //!    the batch acker (`acker.rs`) and the lease keeper (`lease.rs`), then loops: it takes a
 //!    concurrency permit, asks the source for at most as many deliveries as there are free
-//!    permits, holds a lease for each, enters its key in the per-key gate (`ordering.rs`) and
-//!    spawns a task for it. At shutdown it stops receiving, drains up to the deadline, abandons
-//!    the rest unacked and flushes the acker.
+//!    permits, hands their leases to the keeper as one batch, enters each key in the per-key
+//!    gate (`ordering.rs`) and spawns a task for each delivery (`tasks.rs`); when no permit is
+//!    left, it runs the batch's last delivery itself until that delivery first waits, and
+//!    spawns it only then. At shutdown it stops receiving, drains up to the deadline, stops
+//!    what is left (unacked) and flushes the acker.
 //! 2. **Decide** (`deliver.rs`, with the stack from `retry.rs`, `dedup/layer.rs` and `handler.rs`
 //!    beside this folder). The delivery's task waits for its key's turn, leaves the delivery
 //!    unsettled if its lease was lost or the deadline passed meanwhile, and runs the stack,

@@ -1,5 +1,6 @@
 //! The receive loop: [`Consumer::run_until`] builds the stack, the acker and the lease keeper,
-//! receives while there are free permits, spawns a task per delivery, and shuts down cleanly.
+//! receives while there are free permits, spawns a task per delivery (or, with no permit
+//! left, runs the last one itself until it first waits), and shuts down cleanly.
 
 use std::future::Future;
 use std::sync::Arc;
