@@ -363,55 +363,11 @@ async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<A
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::Mutex;
-
+    use super::super::test_settler::Recording;
     use super::*;
-    use crate::{AckReport, DeadLetter, Delivery, Failure, SettleError, SettleFailure, Settled};
 
     fn noop() -> Arc<Metrics> {
         Arc::new(Metrics::detached())
-    }
-
-    /// A settler that records ack batch sizes and when each arrived, or whose acks never
-    /// complete (`stuck`).
-    #[derive(Clone, Default)]
-    struct Recording {
-        batches: Arc<Mutex<Vec<(usize, Instant)>>>,
-        stuck: bool,
-    }
-
-    impl Settle for Recording {
-        type Token = u32;
-        async fn ack(&self, tokens: Vec<u32>) -> AckReport<u32> {
-            if self.stuck {
-                std::future::pending::<()>().await;
-            }
-            self.batches
-                .lock()
-                .unwrap()
-                .push((tokens.len(), Instant::now()));
-            AckReport::all(tokens.len())
-        }
-        async fn retry(
-            &self,
-            t: u32,
-            _: &Delivery,
-            _: Duration,
-            _: &Failure,
-        ) -> Result<Settled<u32>, SettleFailure<u32>> {
-            Ok(Settled::AckOriginal(t))
-        }
-        async fn dead_letter(
-            &self,
-            t: u32,
-            _: &Delivery,
-            _: &DeadLetter,
-        ) -> Result<Settled<u32>, SettleFailure<u32>> {
-            Ok(Settled::AckOriginal(t))
-        }
-        async fn extend(&self, _: &u32, _: Duration) -> Result<(), SettleError> {
-            Ok(())
-        }
     }
 
     #[tokio::test(start_paused = true)]

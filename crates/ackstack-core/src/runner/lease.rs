@@ -90,6 +90,11 @@ struct Batch<T> {
     /// Deliveries whose guard is not done yet; the last one tells the keeper to forget the
     /// batch, so that a finished batch does not wait for its first extension in memory.
     unfinished: AtomicUsize,
+    /// How long [`LeaseGuard::release`] waits for an extension in flight, at most: one lease.
+    settle_wait: Duration,
+    /// The last moment the leases are sure to be kept: `max_total` after receipt, less one
+    /// lease (the keeper stops extending once an extension would pass `max_total`).
+    deadline: Instant,
 }
 
 impl<T> Batch<T> {
@@ -121,18 +126,13 @@ pub struct LeaseGuard<T> {
     batch: Arc<Batch<T>>,
     index: usize,
     tx: mpsc::UnboundedSender<Command<T>>,
-    /// How long [`LeaseGuard::release`] waits for an extension in flight, at most.
-    settle_wait: Duration,
     released: bool,
-    /// The last moment the lease is sure to be kept: `max_total` after receipt, less one
-    /// lease (the keeper stops extending once an extension would pass `max_total`).
-    deadline: Instant,
 }
 
 impl<T> LeaseGuard<T> {
     /// The last moment the lease is sure to be kept (see `LeaseConfig::max_total`).
     pub fn deadline(&self) -> Instant {
-        self.deadline
+        self.batch.deadline
     }
 
     /// Whether the lease was lost (the delivery must not be acked).
@@ -182,7 +182,10 @@ impl<T> LeaseGuard<T> {
         if !sent {
             return;
         }
-        if tokio::time::timeout(self.settle_wait, wait).await.is_err() {
+        if tokio::time::timeout(self.batch.settle_wait, wait)
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 "a lease extension is still in flight after a full lease; settling anyway"
             );
@@ -208,8 +211,6 @@ pub struct Guards<T> {
     batch: Arc<Batch<T>>,
     next: usize,
     tx: mpsc::UnboundedSender<Command<T>>,
-    settle_wait: Duration,
-    deadline: Instant,
 }
 
 impl<T> Iterator for Guards<T> {
@@ -225,9 +226,7 @@ impl<T> Iterator for Guards<T> {
             batch: self.batch.clone(),
             index,
             tx: self.tx.clone(),
-            settle_wait: self.settle_wait,
             released: false,
-            deadline: self.deadline,
         })
     }
 }
@@ -319,6 +318,8 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
             received,
             slots,
             unfinished: AtomicUsize::new(n),
+            settle_wait: self.lease,
+            deadline: later(received, self.max_total.saturating_sub(self.lease)),
         });
         if n > 0 {
             let _ = self.tx.send(Command::Hold(batch.clone()));
@@ -327,8 +328,6 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
             batch,
             next: 0,
             tx: self.tx.clone(),
-            settle_wait: self.lease,
-            deadline: later(received, self.max_total.saturating_sub(self.lease)),
         }
     }
 
@@ -576,161 +575,4 @@ impl<T> Schedule<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use std::sync::Mutex;
-
-    use super::*;
-    use crate::{AckReport, DeadLetter, Delivery, Failure, SettleError, SettleFailure, Settled};
-
-    /// A settler that records which tokens were extended, each extension taking `takes`.
-    #[derive(Clone, Default)]
-    struct Extensions {
-        extended: Arc<Mutex<Vec<u32>>>,
-        takes: Duration,
-    }
-
-    impl Extensions {
-        fn of(&self, token: u32) -> usize {
-            let extended = self.extended.lock().unwrap();
-            extended.iter().filter(|&&t| t == token).count()
-        }
-    }
-
-    impl Settle for Extensions {
-        type Token = u32;
-        async fn ack(&self, tokens: Vec<u32>) -> AckReport<u32> {
-            AckReport::all(tokens.len())
-        }
-        async fn retry(
-            &self,
-            t: u32,
-            _: &Delivery,
-            _: Duration,
-            _: &Failure,
-        ) -> Result<Settled<u32>, SettleFailure<u32>> {
-            Ok(Settled::AckOriginal(t))
-        }
-        async fn dead_letter(
-            &self,
-            t: u32,
-            _: &Delivery,
-            _: &DeadLetter,
-        ) -> Result<Settled<u32>, SettleFailure<u32>> {
-            Ok(Settled::AckOriginal(t))
-        }
-        async fn extend(&self, token: &u32, _: Duration) -> Result<(), SettleError> {
-            tokio::time::sleep(self.takes).await;
-            self.extended.lock().unwrap().push(*token);
-            Ok(())
-        }
-    }
-
-    const LEASE: Duration = Duration::from_secs(10);
-
-    fn keeper(settler: &Extensions) -> LeaseKeeper<u32> {
-        let watch = Watch {
-            metrics: Arc::new(Metrics::detached()),
-            stats: Arc::default(),
-        };
-        LeaseKeeper::spawn(settler.clone(), LEASE, LeaseConfig::default(), watch)
-    }
-
-    fn batch(tokens: &[u32]) -> Vec<(u32, CancellationToken)> {
-        tokens
-            .iter()
-            .map(|&t| (t, CancellationToken::new()))
-            .collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn only_deliveries_still_in_flight_when_the_first_extension_is_due_are_extended() {
-        let settler = Extensions::default();
-        let keeper = keeper(&settler);
-        let mut guards = keeper.hold_batch(Instant::now(), batch(&[1, 2, 3, 4]));
-        let done_early = guards.next().unwrap();
-        let kept = guards.next().unwrap();
-        let released_early = guards.next().unwrap();
-        // The fourth guard is never taken: the batch's guards dropped mark it done.
-        drop(guards);
-        drop(done_early);
-        released_early.release().await;
-        tokio::time::sleep(Duration::from_secs(8)).await;
-        assert_eq!(
-            settler.of(2),
-            1,
-            "the delivery in flight is extended at 70%"
-        );
-        for done in [1, 3, 4] {
-            assert_eq!(settler.of(done), 0, "token {done} was done before");
-        }
-        tokio::time::sleep(Duration::from_secs(7)).await;
-        assert_eq!(settler.of(2), 2, "and again at 70% of the extended lease");
-        assert!(!kept.is_lost());
-        drop(kept);
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(settler.of(2), 2, "dropped: no more extensions");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_batch_whose_deliveries_are_all_done_is_forgotten_at_once() {
-        let settler = Extensions::default();
-        let keeper = keeper(&settler);
-        let mut guards = keeper.hold_batch(Instant::now(), batch(&[1, 2, 3]));
-        let first = guards.next().unwrap();
-        let second = guards.next().unwrap();
-        let batch = Arc::downgrade(&first.batch);
-        drop(guards);
-        drop(first);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(batch.upgrade().is_some(), "one delivery still in flight");
-        second.release().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(
-            batch.upgrade().is_none(),
-            "the keeper let go of the batch long before its first extension was due"
-        );
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(settler.extended.lock().unwrap().len(), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn releasing_a_kept_lease_waits_for_its_extension_in_flight() {
-        let settler = Extensions {
-            takes: Duration::from_secs(2),
-            ..Extensions::default()
-        };
-        let keeper = keeper(&settler);
-        let mut guards = keeper.hold_batch(Instant::now(), batch(&[7]));
-        let guard = guards.next().unwrap();
-        // The extension starts at 7 s and ends at 9 s.
-        tokio::time::sleep(Duration::from_millis(7500)).await;
-        assert_eq!(settler.of(7), 0, "still on its way");
-        guard.release().await;
-        assert_eq!(
-            settler.of(7),
-            1,
-            "the release answered after the extension landed"
-        );
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(settler.of(7), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_kept_lease_that_lapses_fires_its_token_and_is_lost() {
-        let settler = Extensions {
-            // Longer than what is left of the lease at 70%.
-            takes: Duration::from_secs(5),
-            ..Extensions::default()
-        };
-        let keeper = keeper(&settler);
-        let cancel = CancellationToken::new();
-        let mut guards = keeper.hold_batch(Instant::now(), [(9, cancel.clone())]);
-        let guard = guards.next().unwrap();
-        tokio::time::sleep(Duration::from_secs(11)).await;
-        assert!(guard.is_lost());
-        assert!(cancel.is_cancelled());
-        assert_eq!(guard.cancel_token().map(|c| c.is_cancelled()), Some(true));
-    }
-}
+mod tests;

@@ -45,6 +45,8 @@ mod settle;
 mod state;
 mod status;
 mod tasks;
+#[cfg(test)]
+mod test_settler;
 
 pub use adaptive::AdaptiveConcurrency;
 pub use builder::{Consumer, Inspector};
