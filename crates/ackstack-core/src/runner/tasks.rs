@@ -12,7 +12,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -99,19 +99,9 @@ impl Tasks {
         F: Future<Output = ()> + Send + 'static,
     {
         if !self.inner.stop.load(Ordering::Acquire) {
-            let first = std::future::poll_fn(|cx| {
-                Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    task.as_mut().poll(cx)
-                })))
-            })
-            .await;
-            match first {
-                Ok(Poll::Ready(())) => return,
-                Ok(Poll::Pending) => {}
-                Err(panic) => {
-                    log_panic(panic.as_ref());
-                    return;
-                }
+            let first = std::future::poll_fn(|cx| Poll::Ready(poll_caught(task.as_mut(), cx)));
+            if first.await.is_ready() {
+                return;
             }
         }
         self.spawn(cancel, task);
@@ -159,13 +149,8 @@ async fn until_stopped<F: Future<Output = ()>>(
         if inner.stop.load(Ordering::Acquire) {
             return Poll::Ready(());
         }
-        match std::panic::catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(cx))) {
-            Ok(Poll::Ready(())) => return Poll::Ready(()),
-            Ok(Poll::Pending) => {}
-            Err(panic) => {
-                log_panic(panic.as_ref());
-                return Poll::Ready(());
-            }
+        if poll_caught(task.as_mut(), cx).is_ready() {
+            return Poll::Ready(());
         }
         if !lease_lost {
             if cancelled.as_mut().poll(cx).is_pending() {
@@ -184,11 +169,19 @@ async fn until_stopped<F: Future<Output = ()>>(
     .await;
 }
 
-fn log_panic(panic: &(dyn std::any::Any + Send)) {
-    tracing::error!(
-        panic = %crate::error::panic_message(panic),
-        "delivery task panicked outside the handler"
-    );
+/// Polls `task` once; a panic outside the handler (which catches its own) is logged and ends
+/// it, as if it were done.
+fn poll_caught<F: Future<Output = ()>>(task: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<()> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| task.poll(cx))) {
+        Ok(poll) => poll,
+        Err(panic) => {
+            tracing::error!(
+                panic = %crate::error::panic_message(panic.as_ref()),
+                "delivery task panicked outside the handler"
+            );
+            Poll::Ready(())
+        }
+    }
 }
 
 #[cfg(test)]
