@@ -371,6 +371,27 @@ async fn run_consumer_with_visibility(
     Ok(())
 }
 
+/// The bare runner with the benchmark's handler behind `tower::Service` (`service_handler`).
+async fn run_tower(broker: &MemoryBroker, progress: &Arc<Progress>) -> Result<(), String> {
+    let source = broker.source(QUEUE).poll_wait(Duration::from_millis(50));
+    let counter = progress.clone();
+    let service = tower::service_fn(move |delivery: ackstack_core::Delivery| {
+        let result = counter
+            .process(&delivery.payload, true)
+            .map_err(ackstack_core::HandlerError::permanent);
+        std::future::ready(result)
+    });
+    let done = progress.clone();
+    Consumer::new(source)
+        .config(bare_config(CONCURRENCY, 64))
+        .run_until(ackstack_core::tower::service_handler(service), async move {
+            done.wait_done().await
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// `--callgrind MODE`: `publish` only fills the broker; `bare`, `serial` (the bare runner
 /// with one handler at a time), `full` and `redis` (all layers, dedup in Redis) also consume
 /// everything with the bare runner or all layers. Returns a one-line summary.
@@ -379,20 +400,18 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
     let progress = Progress::new(n);
     // Allocations of the consuming run only (the broker is filled before).
     let region = stats_alloc::Region::new(crate::GLOBAL);
-    match mode {
-        "publish" => {}
-        "bare" => {
-            run_consumer(
-                &broker,
-                progress.clone(),
-                bare_config(CONCURRENCY, 64),
-                Dedup::None,
-            )
-            .await?;
+    let consume = match mode {
+        "publish" => None,
+        "tower" => {
+            run_tower(&broker, &progress).await?;
+            None
         }
-        "serial" => {
-            // The bare runner with one handler at a time.
-            run_consumer(&broker, progress.clone(), bare_config(1, 64), Dedup::None).await?;
+        "bare" => Some((bare_config(CONCURRENCY, 64), Dedup::None)),
+        // The bare runner with one handler at a time.
+        "serial" => Some((bare_config(1, 64), Dedup::None)),
+        "full" => {
+            let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
+            Some((full_config(CONCURRENCY, 64), Dedup::Store(store)))
         }
         "redis" => {
             // All layers with dedup in Redis (REDIS_URL, else the local server): where the
@@ -405,48 +424,16 @@ pub async fn callgrind(mode: &str, n: u64) -> Result<String, String> {
                 .await
                 .map_err(|e| format!("redis: {e}"))?;
             let store: Arc<dyn DedupStore> = Arc::new(store);
-            run_consumer(
-                &broker,
-                progress.clone(),
-                full_config(CONCURRENCY, 64),
-                Dedup::Store(store),
-            )
-            .await?;
-        }
-        "full" => {
-            let store: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::with_capacity(100_000));
-            run_consumer(
-                &broker,
-                progress.clone(),
-                full_config(CONCURRENCY, 64),
-                Dedup::Store(store),
-            )
-            .await?;
-        }
-        "tower" => {
-            // The bare runner with the same handler behind `tower::Service` (service_handler).
-            let source = broker.source(QUEUE).poll_wait(Duration::from_millis(50));
-            let counter = progress.clone();
-            let service = tower::service_fn(move |delivery: ackstack_core::Delivery| {
-                let result = counter
-                    .process(&delivery.payload, true)
-                    .map_err(ackstack_core::HandlerError::permanent);
-                std::future::ready(result)
-            });
-            let done = progress.clone();
-            Consumer::new(source)
-                .config(bare_config(CONCURRENCY, 64))
-                .run_until(ackstack_core::tower::service_handler(service), async move {
-                    done.wait_done().await
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+            Some((full_config(CONCURRENCY, 64), Dedup::Store(store)))
         }
         other => {
             return Err(format!(
                 "unknown --callgrind mode {other:?} (publish|bare|serial|full|redis|tower)"
             ));
         }
+    };
+    if let Some((config, dedup)) = consume {
+        run_consumer(&broker, progress.clone(), config, dedup).await?;
     }
     let allocations = region.change().allocations as f64;
     Ok(format!(
