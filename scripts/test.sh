@@ -146,10 +146,12 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
-# The workspace build turns on ackstack-postgres's `tls` feature (the TLS tests need it);
-# its own tests once more without it cover the plaintext-only build.
+# The workspace build turns on the `tls` features of ackstack-postgres and ackstack-redis
+# (the TLS tests need them); their own tests once more without them cover the plaintext-only
+# builds (the facade's defaults).
 if [[ $# -eq 0 ]]; then
-  log "running ackstack-postgres's own tests without the tls feature"
+  log "running ackstack-postgres's and ackstack-redis's own tests without the tls feature"
   cargo test -p ackstack-postgres --lib || status=$?
+  cargo test -p ackstack-redis --no-default-features --lib || status=$?
 fi
 exit "$status"

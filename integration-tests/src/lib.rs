@@ -11,6 +11,10 @@ pub struct ReadmeDoctests;
 #[doc = include_str!("../../docs/MIGRATING.md")]
 pub struct MigratingDoctests;
 
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/KAFKA_SECURITY.md")]
+pub struct KafkaSecurityDoctests;
+
 use std::time::Duration;
 
 use ackstack::rabbitmq::{QueueType, RabbitConfig};

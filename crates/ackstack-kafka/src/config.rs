@@ -8,10 +8,12 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::error::KafkaError;
+use crate::oauth::{TokenProvider, Tokens};
 
 /// Configuration of a [`KafkaSource`](crate::KafkaSource) (and its dead-letter producer).
 ///
-/// Deserializable with serde; durations accept `"250ms"`, `"30s"`, `"5m"` or milliseconds.
+/// Deserializable with serde; durations need a unit: `"250ms"`, `"30s"`, `"5m"`. The
+/// [token provider](Self::token_provider) is set in code only.
 ///
 /// The adapter always sets `enable.auto.commit=false` and `enable.auto.offset.store=false`
 /// (progress is committed only from the watermark), whatever `properties` say.
@@ -90,6 +92,9 @@ pub struct KafkaConfig {
         with = "ackstack_core::config::duration"
     )]
     pub commit_timeout: Duration,
+    /// SASL/OAUTHBEARER tokens (see [`KafkaConfig::token_provider`]); never read from files.
+    #[serde(skip)]
+    pub(crate) tokens: Tokens,
 }
 
 /// librdkafka's default `message.max.bytes`.
@@ -154,7 +159,17 @@ impl KafkaConfig {
             consumer_name: None,
             ownership_check: default_ownership_check(),
             commit_timeout: default_commit_timeout(),
+            tokens: Tokens::default(),
         }
+    }
+
+    /// With this provider of SASL/OAUTHBEARER tokens, for `sasl.mechanism=OAUTHBEARER`
+    /// (Amazon MSK with IAM, a token service of your own): the consumer, its dead-letter
+    /// producer and [`KafkaPublisher::from_config`](crate::KafkaPublisher::from_config) ask it
+    /// for a token at start and before each one expires (see [`crate::oauth`]).
+    pub fn token_provider(mut self, provider: impl TokenProvider) -> Self {
+        self.tokens = Tokens::new(provider);
+        self
     }
 
     /// With this librdkafka property.
@@ -322,6 +337,7 @@ impl fmt::Debug for KafkaConfig {
             .field("consumer_name", &self.consumer_name())
             .field("ownership_check", &self.ownership_check)
             .field("commit_timeout", &self.commit_timeout)
+            .field("token_provider", &self.tokens)
             .finish()
     }
 }

@@ -142,6 +142,7 @@ mod error;
 mod flow;
 mod headers;
 mod marks;
+pub mod oauth;
 mod poller;
 pub mod publisher;
 mod queues;
@@ -160,7 +161,11 @@ pub use ackstack_core::deadletter::{DROPPED_ERROR_TRUNCATED, DROPPED_HEADER};
 pub use config::KafkaConfig;
 pub use error::KafkaError;
 pub use headers::{Converted, MESSAGE_ID_HEADER, from_record};
+pub use oauth::{BearerToken, TokenProvider};
 pub use publisher::KafkaPublisher;
+/// The rdkafka this crate builds with ([`KafkaConfig::consumer_config`] returns its
+/// `ClientConfig`); see the versioning policy in docs/GUIDE.md.
+pub use rdkafka;
 #[cfg(feature = "test-util")]
 pub use reader::read_topic;
 pub use source::{KafkaSettler, KafkaSource, KafkaStats, KafkaToken};

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use crate::commit::Shared;
 use crate::headers as record_headers;
 use crate::headers::MESSAGE_ID_HEADER;
+use crate::oauth::Tokens;
 use crate::queues::PartitionQueues;
 use crate::token::KafkaToken;
 
@@ -41,36 +42,53 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// new generations; librdkafka's log lines go to `tracing`.
 pub(crate) struct KafkaContext {
     shared: Arc<Shared>,
+    /// SASL/OAUTHBEARER tokens, when the configuration has a provider.
+    tokens: Tokens,
     /// The partitions' own queues, split here before each assignment takes effect.
     pub(crate) queues: PartitionQueues<KafkaContext>,
 }
 
 impl KafkaContext {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, tokens: Tokens) -> Self {
         KafkaContext {
             shared,
+            tokens,
             queues: PartitionQueues::default(),
         }
     }
 }
 
-impl ClientContext for KafkaContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", "{fac}: {log_message}")
-            }
-            RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", "{fac}: {log_message}")
-            }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", "{fac}: {log_message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {log_message}"),
+/// A librdkafka log line, through `tracing` at its level.
+pub(crate) fn log(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "{fac}: {log_message}")
         }
+        RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", "{fac}: {log_message}")
+        }
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", "{fac}: {log_message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {log_message}"),
+    }
+}
+
+impl ClientContext for KafkaContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log(level, fac, log_message);
+    }
+
+    fn generate_oauth_token(
+        &self,
+        config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        self.tokens.generate(config)
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {

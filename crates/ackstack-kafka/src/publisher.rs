@@ -7,13 +7,14 @@ use std::time::Duration;
 use ackstack_core::{Headers, Message, Publish, PublishError};
 use bytes::Bytes;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 
-use crate::config::producer_config;
+use crate::config::{KafkaConfig, producer_config};
 use crate::error::KafkaError;
 use crate::headers as record_headers;
 use crate::headers::MESSAGE_ID_HEADER;
+use crate::oauth::{Producer, ProducerContext, Tokens};
 
 /// Why a produce failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +72,7 @@ fn varint_len(n: usize) -> usize {
 
 /// Produces one record and waits for its delivery report (at most `timeout`).
 pub(crate) async fn produce(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     key: Option<&Bytes>,
     payload: &Bytes,
@@ -98,7 +99,7 @@ pub(crate) async fn produce(
 /// its key is the record key (partitioning and ordering).
 #[derive(Clone)]
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    producer: Producer,
     topic: Arc<str>,
     timeout: Duration,
 }
@@ -125,11 +126,35 @@ impl KafkaPublisher {
         properties: &BTreeMap<String, String>,
         timeout: Duration,
     ) -> Result<Self, KafkaError> {
+        Self::create(brokers, topic, properties, timeout, Tokens::default())
+    }
+
+    /// A publisher to `topic` on the cluster of a consumer's `config`: its brokers, the
+    /// properties that apply to producers (TLS, SASL), its
+    /// [token provider](KafkaConfig::token_provider), and `produce_timeout` as the delivery
+    /// timeout.
+    pub fn from_config(config: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
+        Self::create(
+            &config.brokers,
+            topic,
+            &config.properties,
+            config.produce_timeout,
+            config.tokens.clone(),
+        )
+    }
+
+    fn create(
+        brokers: &str,
+        topic: &str,
+        properties: &BTreeMap<String, String>,
+        timeout: Duration,
+        tokens: Tokens,
+    ) -> Result<Self, KafkaError> {
         if topic.trim().is_empty() {
             return Err(KafkaError::Config("topic must not be empty".to_string()));
         }
-        let producer: FutureProducer = producer_config(brokers, properties, timeout)
-            .create()
+        let producer: Producer = producer_config(brokers, properties, timeout)
+            .create_with_context(ProducerContext { tokens })
             .map_err(KafkaError::Client)?;
         Ok(KafkaPublisher {
             producer,

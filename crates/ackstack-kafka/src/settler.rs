@@ -11,7 +11,6 @@ use ackstack_core::{
     Settled,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureProducer;
 
 use crate::commit::Shared;
 use crate::error::KafkaError;
@@ -27,7 +26,7 @@ use crate::watermark::Arming;
 pub(crate) struct Inner {
     pub(crate) consumer: Arc<BaseConsumer<KafkaContext>>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) producer: FutureProducer,
+    pub(crate) producer: crate::oauth::Producer,
     pub(crate) dlq_topic: String,
     pub(crate) produce_timeout: Duration,
     /// The producer's `message.max.bytes`.

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use ackstack_core::{Alone, Capabilities, Origin, Received, SourceError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 
+use crate::oauth::{Producer, ProducerContext};
 use crate::poller::KafkaContext;
 pub use crate::settler::KafkaSettler;
 pub use crate::stats::KafkaStats;
@@ -77,7 +77,7 @@ impl KafkaSource {
         let shared = Arc::new(Shared::new(config.commit_interval, config.commit_max_count));
         let mut consumer: BaseConsumer<KafkaContext> = config
             .consumer_config()
-            .create_with_context(KafkaContext::new(shared.clone()))
+            .create_with_context(KafkaContext::new(shared.clone(), config.tokens.clone()))
             .map_err(KafkaError::Client)?;
         let waker = shared.clone();
         consumer.set_nonempty_callback(move || waker.flow.wake());
@@ -86,9 +86,11 @@ impl KafkaSource {
             .map_err(KafkaError::Client)?;
         let consumer = Arc::new(consumer);
         consumer.context().queues.set_consumer(&consumer);
-        let producer: FutureProducer = config
+        let producer: Producer = config
             .producer_config()
-            .create()
+            .create_with_context(ProducerContext {
+                tokens: config.tokens.clone(),
+            })
             .map_err(KafkaError::Client)?;
         let (tx, rx) = mpsc::channel(config.buffer.max(1));
         let origin = Origin::new("kafka", config.topic.as_str(), config.consumer_name());

@@ -149,8 +149,9 @@ async fn declare_or_adopt(
     if refused.contains("'x-queue-type'") && refused.contains("'stream'") {
         return Err(RabbitError::Topology {
             queue: queue.to_string(),
-            reason: "is a stream queue, which ackstack does not consume (it needs \
-                     per-message acks and redelivery): use a classic or quorum queue"
+            reason: "has x-queue-type 'stream': a stream queue, which ackstack does not \
+                     consume (it needs per-message acks and redelivery): use a classic or \
+                     quorum queue"
                 .into(),
         });
     }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use ackstack_core::{Message, Publish, Settle, Source};
+use ackstack_core::{ErrorKind, Failure, Message, Publish, Received, Settle, Settled, Source};
 use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource, Topology};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -91,6 +91,58 @@ async fn auto_adopts_a_quorum_queue_declared_without_ackstacks_arguments() {
     consumes_through_ackstack(&config).await;
 }
 
+/// The attempt number on an adopted quorum queue: each retry copy carries the next attempt
+/// (ackstack's `x-ackstack-attempt` header, through its own delay queues), and a redelivery
+/// the broker counts in `x-delivery-count` uses no attempt: it comes back a suspect.
+#[tokio::test]
+async fn attempts_count_on_an_adopted_quorum_queue() {
+    let config = config(url(), "adopt-quorum-attempts", &[100]);
+    declare_as_a_team_would(&config.queue, vec![("x-queue-type", text("quorum"))]).await;
+    let publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
+    publisher.publish(Message::new("q1")).await.unwrap();
+    let mut source = RabbitSource::connect(config.clone()).await.unwrap();
+    let settler = source.settler();
+    let failure = Failure::new(ErrorKind::Transient, "not yet");
+    for attempt in 1..=3 {
+        let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 1, "attempt {attempt} came");
+        assert_eq!(got[0].delivery.payload, "q1");
+        assert_eq!(got[0].delivery.attempt, attempt);
+        let Received {
+            delivery, token, ..
+        } = got.into_iter().next().unwrap();
+        if attempt == 3 {
+            // A redelivery by the broker: counted by it, not as an attempt.
+            drop((delivery, token));
+            source.disconnect().await;
+            let again = receive_n(&mut source, 1, Duration::from_secs(10)).await;
+            assert_eq!(again.len(), 1, "redelivered");
+            assert_eq!(
+                again[0].delivery.attempt, 3,
+                "x-delivery-count is no attempt"
+            );
+            assert!(again[0].suspect);
+            assert!(
+                settler
+                    .ack(vec![again.into_iter().next().unwrap().token])
+                    .await
+                    .failed
+                    .is_empty()
+            );
+            break;
+        }
+        let Settled::AckOriginal(token) = settler
+            .retry(token, &delivery, Duration::ZERO, &failure)
+            .await
+            .unwrap()
+        else {
+            panic!("expected AckOriginal");
+        };
+        assert!(settler.ack(vec![token]).await.failed.is_empty());
+    }
+    settler.flush().await;
+}
+
 #[tokio::test]
 async fn a_stream_queue_is_refused_with_a_clear_error() {
     let config = config(url(), "adopt-stream", &[1000]);
@@ -109,7 +161,9 @@ async fn a_stream_queue_is_refused_with_a_clear_error() {
     assert!(err.is_fatal(), "{err}");
     let message = err.to_string();
     assert!(
-        message.contains(&config.queue) && message.contains("stream queue"),
+        message.contains(&config.queue)
+            && message.contains("x-queue-type 'stream'")
+            && message.contains("stream queue"),
         "{message}"
     );
 }

@@ -71,3 +71,32 @@ fn open_client(settings: &ConnectionSettings<'_>) -> Result<Client, String> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str) -> ConnectionSettings<'_> {
+        ConnectionSettings {
+            url,
+            tls_ca_file: None,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn plaintext_urls_need_no_tls_feature() {
+        assert!(open_client(&settings("redis://127.0.0.1:6379")).is_ok());
+    }
+
+    /// Built without the `tls` feature (the facade's default `redis`), `rediss://` is refused
+    /// when the client is made, with a sentence that names TLS, never tried in plaintext.
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn without_the_tls_feature_rediss_is_refused_at_once() {
+        let error = open_client(&settings("rediss://u:secret@127.0.0.1:6380")).unwrap_err();
+        assert!(error.to_lowercase().contains("tls"), "{error}");
+        assert!(!error.contains("secret"), "{error}");
+    }
+}

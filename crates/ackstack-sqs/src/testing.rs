@@ -82,6 +82,45 @@ impl TestQueue {
         })
     }
 
+    /// Creates the queue `name` as a team's own service would, with a native redrive policy
+    /// that moves a message after `max_receive_count` receives to a dead-letter queue of the
+    /// team's naming (`<name>-team-dead`): no ackstack settings on either.
+    pub async fn with_redrive_policy(
+        client: &Client,
+        name: &str,
+        max_receive_count: u32,
+    ) -> Result<Self, SqsError> {
+        let dlq_name = format!("{name}-team-dead");
+        let dlq_url = resolve_queue_url(client, &dlq_name, true).await?;
+        let arn = client
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| SqsError::Sdk(describe(&e).into()))?
+            .attributes
+            .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
+            .ok_or_else(|| SqsError::Sdk("no QueueArn for the dead-letter queue".into()))?;
+        let policy =
+            format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{max_receive_count}"}}"#);
+        let url = client
+            .create_queue()
+            .queue_name(name)
+            .attributes(QueueAttributeName::RedrivePolicy, policy)
+            .send()
+            .await
+            .map_err(|e| SqsError::Sdk(describe(&e).into()))?
+            .queue_url
+            .ok_or_else(|| SqsError::Sdk("CreateQueue returned no URL".into()))?;
+        Ok(TestQueue {
+            name: name.to_string(),
+            url,
+            dlq_name,
+            dlq_url,
+        })
+    }
+
     /// A source config for this queue: 1 s long polls, the given visibility timeout.
     pub fn config(&self, visibility: Duration) -> SqsConfig {
         SqsConfig::queue_url(self.url.clone())

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ackstack_core::{
     ConfigError, Consumer, ConsumerError, HandlerError, Message, Publish, Source, handler_fn,
 };
-use ackstack_sqs::testing::{self, drain, unique_name};
+use ackstack_sqs::testing::{self, TestQueue, drain, unique_name};
 use ackstack_sqs::{DeadLetterRecord, Redrive, SqsConfig, SqsPublisher, SqsSource};
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::QueueAttributeName;
@@ -18,37 +18,11 @@ use aws_sdk_sqs::types::QueueAttributeName;
 /// A work queue whose RedrivePolicy sends to a dead-letter queue of the team's own naming
 /// after `max_receive_count` receives; the URLs of both.
 async fn team_queues(client: &Client, max_receive_count: u32) -> (String, String) {
-    let dlq_url = client
-        .create_queue()
-        .queue_name(unique_name("team-dead"))
-        .send()
+    let name = unique_name("team-work");
+    let queue = TestQueue::with_redrive_policy(client, &name, max_receive_count)
         .await
-        .unwrap()
-        .queue_url
         .unwrap();
-    let arn = client
-        .get_queue_attributes()
-        .queue_url(&dlq_url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes
-        .unwrap()
-        .remove(&QueueAttributeName::QueueArn)
-        .unwrap();
-    let policy =
-        format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{max_receive_count}"}}"#);
-    let url = client
-        .create_queue()
-        .queue_name(unique_name("team-work"))
-        .attributes(QueueAttributeName::RedrivePolicy, policy)
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
-    (url, dlq_url)
+    (queue.url, queue.dlq_url)
 }
 
 fn config(url: &str, redrive: Redrive) -> SqsConfig {
@@ -61,15 +35,14 @@ fn config(url: &str, redrive: Redrive) -> SqsConfig {
     config
 }
 
-/// Runs a consumer with `max_attempts` over the queue at `url`, whose handler fails
+/// Runs a consumer with `max_attempts` over the queue of `config`, whose handler fails
 /// transiently for every message, until it has been idle for 4 s.
 async fn run_failing(
     client: &Client,
-    url: &str,
-    redrive: Redrive,
+    config: SqsConfig,
     max_attempts: u32,
 ) -> Result<ackstack_core::Summary, ConsumerError> {
-    let source = SqsSource::from_client(client.clone(), config(url, redrive))
+    let source = SqsSource::from_client(client.clone(), config)
         .await
         .unwrap();
     let consumer = Consumer::new(source).max_attempts(max_attempts).backoff(
@@ -96,7 +69,7 @@ async fn dead_letter_one(
         .publish(Message::new("fails"))
         .await
         .unwrap();
-    let summary = run_failing(client, url, redrive, max_attempts)
+    let summary = run_failing(client, config(url, redrive), max_attempts)
         .await
         .unwrap();
     assert_eq!(summary.dead_lettered, 1, "{summary:?}");
@@ -125,13 +98,59 @@ async fn dead_letters_go_to_the_queue_the_redrive_policy_names_with_metadata() {
 async fn a_redrive_limit_not_above_max_attempts_stops_the_start_naming_both() {
     let client = testing::client().await;
     let (url, _) = team_queues(&client, 2).await;
-    match run_failing(&client, &url, Redrive::Check, 5).await {
-        Err(ConsumerError::Config(ConfigError::BrokerLimit {
-            deliveries: 2,
-            max_attempts: 5,
-        })) => {}
+    match run_failing(&client, config(&url, Redrive::Check), 5).await {
+        Err(ConsumerError::Config(
+            error @ ConfigError::BrokerLimit {
+                deliveries: 2,
+                max_attempts: 5,
+            },
+        )) => {
+            let text = error.to_string();
+            for fix in [
+                "after 2 deliveries",
+                "max_attempts 5",
+                "raise maxReceiveCount above 5",
+                "lower max_attempts below 2",
+                "redrive: trust",
+            ] {
+                assert!(text.contains(fix), "{fix:?} in {text}");
+            }
+        }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_dead_letter_queue_in_the_config_wins_over_the_redrive_policy() {
+    let client = testing::client().await;
+    let (url, team_dlq) = team_queues(&client, 5).await;
+    let own_dlq_name = unique_name("own-dead");
+    let own_dlq = client
+        .create_queue()
+        .queue_name(&own_dlq_name)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    SqsPublisher::new(client.clone(), url.clone())
+        .publish(Message::new("fails"))
+        .await
+        .unwrap();
+    let own = config(&url, Redrive::Check).with_dead_letter_queue(own_dlq_name);
+    let summary = run_failing(&client, own, 2).await.unwrap();
+    assert_eq!(summary.dead_lettered, 1, "{summary:?}");
+    let letters = drain(&client, &own_dlq, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "in the configured dead-letter queue");
+    let record =
+        DeadLetterRecord::from_attributes(letters[0].message_attributes().unwrap()).unwrap();
+    assert_eq!(record.metadata.attempts, 2);
+    let in_team = drain(&client, &team_dlq, 1, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(in_team.is_empty(), "nothing in the policy's queue");
 }
 
 #[tokio::test]

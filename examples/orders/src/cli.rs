@@ -5,6 +5,7 @@
 //! to an empty string counts as unset. The flags, their defaults, the output lines and the exit
 //! codes are a contract that scripts drive: `tests/cli.rs` checks them.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::time::Duration;
 
@@ -40,6 +41,12 @@ OUTPUT (stdout, one line per event):
     summary received=N acked=N retried=N dead_lettered=N deduplicated=N ...
     ledger order_id=ID count=N
     (order_id=- when the body is not an order)
+
+ENVIRONMENT (besides the variables named above):
+    KAFKA_PROPERTIES  librdkafka properties for the Kafka clients, name=value;name=value
+                      (security.protocol, sasl.*, ssl.*: a TLS or SASL cluster)
+    KAFKA_GROUP       the consumer group to join [default: QUEUE-example-orders]; a group
+                      with committed offsets continues from them
 
 EXIT CODES:
     0 normal exit (idle, Ctrl-C or SIGTERM), 1 configuration error or --connect-timeout ran
@@ -199,6 +206,10 @@ pub struct Options {
     pub sqs_endpoint: String,
     /// Kafka bootstrap servers; `None`: start a mock cluster.
     pub kafka_brokers: Option<String>,
+    /// librdkafka properties for every Kafka client (`KAFKA_PROPERTIES`): TLS, SASL.
+    pub kafka_properties: BTreeMap<String, String>,
+    /// The consumer group to join (`KAFKA_GROUP`); `None`: `<queue>-example-orders`.
+    pub kafka_group: Option<String>,
     /// NATS URL.
     pub nats_url: String,
     /// Redis URL; `None`: in-memory dedup store and ledger.
@@ -284,6 +295,12 @@ where
             .or_else(|| env("SQS_ENDPOINT"))
             .unwrap_or_else(|| "http://127.0.0.1:4566".to_string()),
         kafka_brokers: args.kafka_brokers.or_else(|| env("KAFKA_BROKERS")),
+        kafka_properties: match env("KAFKA_PROPERTIES").as_deref().map(kafka_properties) {
+            None => BTreeMap::new(),
+            Some(Ok(properties)) => properties,
+            Some(Err(why)) => return refuse(&why),
+        },
+        kafka_group: env("KAFKA_GROUP"),
         nats_url: args
             .nats_url
             .or_else(|| env("NATS_URL"))
@@ -295,6 +312,30 @@ where
     })
 }
 
+/// `KAFKA_PROPERTIES`: librdkafka properties as `name=value` entries separated by `;` or new
+/// lines. A malformed entry is named by its position only (its text may hold a secret).
+fn kafka_properties(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut properties = BTreeMap::new();
+    let entries = text
+        .split([';', '\n'])
+        .map(str::trim)
+        .filter(|e| !e.is_empty());
+    for (n, entry) in entries.enumerate() {
+        match entry.split_once('=') {
+            Some((name, value)) if !name.trim().is_empty() => {
+                properties.insert(name.trim().to_string(), value.trim().to_string());
+            }
+            _ => {
+                return Err(format!(
+                    "KAFKA_PROPERTIES: entry {} is not name=value (entries are separated by ;)",
+                    n + 1
+                ));
+            }
+        }
+    }
+    Ok(properties)
+}
+
 /// A value that is not empty or blank.
 fn non_blank(value: &str) -> Result<String, String> {
     if value.trim().is_empty() {
@@ -304,14 +345,24 @@ fn non_blank(value: &str) -> Result<String, String> {
     }
 }
 
-/// A positive number of seconds (fractions allowed), at most a day.
+/// A duration above 0 and at most a day: with a unit (`"30s"`, `"250ms"`, `"5m"`, the rule of
+/// config files), or a number of seconds, the unit the flag's `SECS` names (fractions allowed).
 fn seconds(text: &str) -> Result<Duration, String> {
-    let bad = || format!("expected a number of seconds above 0, got {text:?}");
-    let secs: f64 = text.trim().parse().map_err(|_| bad())?;
-    if !(secs > 0.0 && secs <= 86_400.0) {
+    let bad =
+        || format!("expected a duration above 0 such as 30s or 250ms (or SECS), got {text:?}");
+    let duration = match text.trim().parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= 86_400.0 => {
+            Duration::try_from_secs_f64(secs).map_err(|_| bad())?
+        }
+        Ok(_) => return Err(bad()),
+        Err(_) => {
+            ackstack::adapter::duration::parse(text).map_err(|e| format!("{e}: {}", bad()))?
+        }
+    };
+    if duration.is_zero() || duration > Duration::from_secs(86_400) {
         return Err(bad());
     }
-    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+    Ok(duration)
 }
 
 /// A queue name every broker accepts: 1 to 76 of `A-Z a-z 0-9 . _ -` (76 leaves room for
@@ -385,6 +436,44 @@ mod tests {
             panic!("--help should be the help page: {help:?}")
         };
         assert!(page.contains("USAGE") && page.contains("--exit-when-idle"));
+    }
+
+    #[test]
+    fn kafka_settings_come_from_the_environment() {
+        let env = |name: &str| match name {
+            "KAFKA_PROPERTIES" => Some(
+                "security.protocol=SASL_SSL; sasl.mechanism=SCRAM-SHA-512\nsasl.password=a=b"
+                    .to_string(),
+            ),
+            "KAFKA_GROUP" => Some("orders-service".to_string()),
+            _ => None,
+        };
+        let Ok(o) = parse_args(["--broker", "kafka"], env) else {
+            panic!("should parse")
+        };
+        assert_eq!(o.kafka_group.as_deref(), Some("orders-service"));
+        assert_eq!(o.kafka_properties.len(), 3);
+        assert_eq!(o.kafka_properties["sasl.password"], "a=b");
+        let bad = |name: &str| (name == "KAFKA_PROPERTIES").then(|| "a=1;s3cret".to_string());
+        let Err(error) = parse_args(["--broker", "kafka"], bad) else {
+            panic!("a malformed entry is refused")
+        };
+        let text = error.to_string();
+        assert!(
+            text.contains("entry 2") && !text.contains("s3cret"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn durations_take_a_unit_or_the_seconds_their_flag_names() {
+        assert_eq!(seconds("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(seconds("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(seconds("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(seconds("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["0", "0s", "-1", "25h", "86401", "soon", "3 days"] {
+            assert!(seconds(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Kafka: `--queue` is the topic and `<queue>-dlq` the dead-letter topic. Without
 //! `KAFKA_BROKERS` (or `--kafka-brokers`), an rdkafka mock cluster is started in this process.
+//! `KAFKA_PROPERTIES` carries a cluster's own settings (TLS, SASL), `KAFKA_GROUP` the group to
+//! join (a group with committed offsets continues from them).
 //!
 //! Kafka retries in place: the record holds its partition while the runner waits out the delay
 //! and runs the handler again, so a retried order shows up as one outcome with a higher attempt
 //! number rather than as `retried` lines.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ackstack::kafka::{KafkaConfig, KafkaPublisher, KafkaSource};
@@ -39,7 +42,7 @@ pub async fn connect(opts: &Options) -> Result<Connected, Fatal> {
     let dlq = opts.dlq();
     let (brokers, mock) = match &opts.kafka_brokers {
         Some(brokers) => {
-            create_topics(brokers, &opts.queue, &dlq).await?;
+            create_topics(brokers, &opts.kafka_properties, &opts.queue, &dlq).await?;
             (brokers.clone(), None)
         }
         None => {
@@ -54,17 +57,21 @@ pub async fn connect(opts: &Options) -> Result<Connected, Fatal> {
             (brokers, Some(mock))
         }
     };
-    let mut config = KafkaConfig::new(
-        brokers.clone(),
-        format!("{}-{CONSUMER_NAME}", opts.queue),
-        opts.queue.clone(),
-    )
-    .property("fetch.wait.max.ms", "100")
-    .property("heartbeat.interval.ms", "500");
+    let group = opts
+        .kafka_group
+        .clone()
+        .unwrap_or_else(|| format!("{}-{CONSUMER_NAME}", opts.queue));
+    let mut config = KafkaConfig::new(brokers, group, opts.queue.clone())
+        .property("fetch.wait.max.ms", "100")
+        .property("heartbeat.interval.ms", "500");
+    // The cluster's own settings (TLS, SASL) win over the example's tuning.
+    for (name, value) in &opts.kafka_properties {
+        config = config.property(name, value);
+    }
     config.session_timeout = Duration::from_secs(6);
     config.dlq_topic = Some(dlq);
     config.consumer_name = Some(CONSUMER_NAME.to_string());
-    let publisher = KafkaPublisher::new(&brokers, &opts.queue)?;
+    let publisher = KafkaPublisher::from_config(&config, &opts.queue)?;
     let source = KafkaSource::new(&config)?;
     let started = Instant::now();
     while source.assigned_partitions() == 0 {
@@ -84,11 +91,20 @@ pub async fn connect(opts: &Options) -> Result<Connected, Fatal> {
     })
 }
 
-/// Creates the work and dead-letter topics on a real cluster; existing topics are fine.
-pub async fn create_topics(brokers: &str, topic: &str, dlq: &str) -> Result<(), Fatal> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+/// Creates the work and dead-letter topics on a real cluster (with its `properties`: TLS,
+/// SASL); existing topics are fine.
+pub async fn create_topics(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    dlq: &str,
+) -> Result<(), Fatal> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (name, value) in properties {
+        config.set(name, value);
+    }
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
     let topics = [
         NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1)),
         NewTopic::new(dlq, 1, TopicReplication::Fixed(1)),

@@ -64,7 +64,8 @@ pub async fn connect(opts: &Options, inbox: &PgInbox, started: Instant) -> Resul
         BrokerKind::Kafka => {
             let brokers = match &opts.kafka_brokers {
                 Some(brokers) => {
-                    kafka::create_topics(brokers, &emit, &target.dlq()).await?;
+                    let properties = &opts.kafka_properties;
+                    kafka::create_topics(brokers, properties, &emit, &target.dlq()).await?;
                     brokers.clone()
                 }
                 None => {
@@ -76,7 +77,13 @@ pub async fn connect(opts: &Options, inbox: &PgInbox, started: Instant) -> Resul
                     brokers
                 }
             };
-            relay.route(emit, KafkaPublisher::new(&brokers, &target.queue)?)
+            let publisher = KafkaPublisher::with_properties(
+                &brokers,
+                &target.queue,
+                &opts.kafka_properties,
+                Duration::from_secs(30),
+            )?;
+            relay.route(emit, publisher)
         }
     };
     Ok(Relay { relay, _mock: mock })

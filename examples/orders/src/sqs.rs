@@ -1,5 +1,7 @@
 //! Amazon SQS (or an emulator such as moto): the queue and `<queue>-dlq` are created when
-//! missing. A retry hides the message for its delay (`ChangeMessageVisibility`, whole seconds).
+//! missing. A queue that exists with a redrive policy keeps it: dead letters go to the queue
+//! the policy names, and a `maxReceiveCount` not above `--max-attempts` ends the start with
+//! exit 1. A retry hides the message for its delay (`ChangeMessageVisibility`, whole seconds).
 
 use ackstack::sqs::{Client, SqsConfig, SqsPublisher, SqsSource};
 use aws_config::{BehaviorVersion, Region};
@@ -23,8 +25,9 @@ pub async fn connect(opts: &Options) -> Result<(SqsSource, SqsPublisher), StartE
         loader = loader.test_credentials();
     }
     let client = Client::new(&loader.load().await);
+    // No dead-letter queue named here: `<queue>-dlq` by default, the redrive policy's queue
+    // when the queue has one (as a team's existing queue often does).
     let config = SqsConfig::queue(opts.queue.clone())
-        .with_dead_letter_queue(opts.dlq())
         .with_create_queues(true)
         .with_wait_time_seconds(2)
         .with_consumer_name(CONSUMER_NAME);
@@ -34,6 +37,10 @@ pub async fn connect(opts: &Options) -> Result<(SqsSource, SqsPublisher), StartE
     let source = SqsSource::from_client(client, config)
         .await
         .map_err(|e| StartError::from_text(e.is_permanent(), format!("SQS at {at}: {e}")))?;
+    let dlq = source.dead_letter_queue_url();
+    if !dlq.ends_with(&format!("/{}", opts.dlq())) {
+        println!("note dead letters go to {dlq}, the queue's redrive target");
+    }
     let publisher = SqsPublisher::for_source(&source);
     Ok((source, publisher))
 }

@@ -466,6 +466,69 @@ fn sqs_publish_run() {
     assert_sample_run(&run, true);
 }
 
+/// A work queue with a redrive policy to a dead-letter queue of the team's own naming,
+/// created by a plain client; the URL of that dead-letter queue.
+fn sqs_team_queue(queue: &str, max_receive_count: u32) -> String {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = ackstack::sqs::testing::client().await;
+        let made = ackstack::sqs::testing::TestQueue::with_redrive_policy(
+            &client,
+            queue,
+            max_receive_count,
+        );
+        made.await.unwrap().dlq_url
+    })
+}
+
+#[test]
+fn an_sqs_queue_with_the_teams_redrive_policy_is_adopted() {
+    let queue = unique_name("orders-redrive");
+    let team_dlq = sqs_team_queue(&queue, 10);
+    let run = orders(&["--broker", "sqs", "--queue", &queue], &[], LIMIT);
+    assert_sample_run(&run, true);
+    assert!(
+        run.stdout
+            .contains(&format!("note dead letters go to {team_dlq}")),
+        "{run:?}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = ackstack::sqs::testing::client().await;
+        let letters = ackstack::sqs::testing::drain(&client, &team_dlq, 1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(letters.len(), 1, "the malformed order, in the team's queue");
+        assert_eq!(letters[0].body(), Some("this is not an order"));
+        let own = client
+            .get_queue_url()
+            .queue_name(format!("{queue}-dlq"))
+            .send()
+            .await;
+        assert!(own.is_err(), "no <queue>-dlq beside the team's");
+    });
+}
+
+#[test]
+fn an_sqs_redrive_limit_not_above_max_attempts_ends_the_start_with_exit_1() {
+    let queue = unique_name("orders-redrive-low");
+    sqs_team_queue(&queue, 2);
+    let run = orders(
+        &["--broker", "sqs", "--queue", &queue, "--consume-only"],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    for fix in [
+        "maxReceiveCount",
+        "raise maxReceiveCount above",
+        "lower max_attempts below 2",
+    ] {
+        assert!(run.stderr.contains(fix), "{fix:?}: {run:?}");
+    }
+    assert!(!run.stderr.contains("panicked"), "{run:?}");
+}
+
 #[test]
 fn kafka_publish_run_on_the_mock_cluster() {
     let queue = unique_name("orders-cli");
@@ -474,6 +537,75 @@ fn kafka_publish_run_on_the_mock_cluster() {
     // Kafka retries in place (the record holds its place in its partition): reported, but
     // not redelivered.
     assert_sample_run(&run, false);
+}
+
+/// A team's Kafka group with history (`KAFKA_GROUP`): the example joins it and continues from
+/// its committed offset; `KAFKA_PROPERTIES` reach the clients (an unknown property is refused
+/// by librdkafka at start, exit 1, naming it).
+#[test]
+fn kafka_joins_the_teams_group_and_continues_from_its_committed_offset() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let topic = unique_name("orders-group");
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    cluster.create_topic(&format!("{topic}-dlq"), 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let config = |group: Option<&str>| {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &brokers);
+        if let Some(group) = group {
+            c.set("group.id", group);
+        }
+        c
+    };
+    let producer: BaseProducer = config(None).create().unwrap();
+    for n in 1..=4 {
+        let body = format!(r#"{{"order_id":"H-{n}","amount_cents":100}}"#);
+        producer
+            .send(BaseRecord::<(), str>::to(&topic).payload(&body))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    // The team's current consumer handled H-1 and H-2: offset 2 is committed.
+    let group = unique_name("team-orders");
+    let old: BaseConsumer = config(Some(&group)).create().unwrap();
+    let mut position = rdkafka::TopicPartitionList::new();
+    position
+        .add_partition_offset(&topic, 0, rdkafka::Offset::Offset(2))
+        .unwrap();
+    old.commit(&position, CommitMode::Sync).unwrap();
+    drop(old);
+
+    let args = [
+        "--broker",
+        "kafka",
+        "--queue",
+        &topic,
+        "--consume-only",
+        "--exit-when-idle",
+        "3s",
+    ];
+    let env = [
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KAFKA_GROUP", group.as_str()),
+        (
+            "KAFKA_PROPERTIES",
+            "client.id=orders-service;socket.keepalive.enable=true",
+        ),
+    ];
+    let run = orders(&args, &env, LIMIT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let ledger: BTreeMap<String, u64> = [("H-3".to_string(), 1), ("H-4".to_string(), 1)].into();
+    assert_eq!(run.ledger(), ledger, "continued from offset 2: {run:?}");
+
+    let env = [
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KAFKA_PROPERTIES", "no.such.property=1"),
+    ];
+    let refused = orders(&args, &env, Duration::from_secs(60));
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("no.such.property"), "{refused:?}");
 }
 
 #[test]

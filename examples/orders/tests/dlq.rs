@@ -1,4 +1,4 @@
-//! The README's worked example of `ackstack dlq`, step by step: the order example dead-letters
+//! docs/DLQ.md's worked example of `ackstack dlq`, step by step: the order example dead-letters
 //! A-1004 (too few attempts), `ackstack dlq list` shows it, `ackstack dlq replay` sends it
 //! back, and a consume-only run charges it once.
 //!
