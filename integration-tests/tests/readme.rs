@@ -52,21 +52,66 @@ fn the_configuration_blocks_of_the_docs_are_valid_consumer_configs() {
     assert_eq!(switch.kill_switch.map(|k| k.activation), Some(20));
 }
 
+/// The language of each fenced block of `page` (the tag up to its first comma; empty for an
+/// untagged block).
+fn block_languages(page: &str) -> Vec<&str> {
+    let mut open = false;
+    let mut languages = Vec::new();
+    for line in page.lines() {
+        let Some(tag) = line.trim_start().strip_prefix("```") else {
+            continue;
+        };
+        if !open {
+            languages.push(tag.split(',').next().unwrap_or(""));
+        }
+        open = !open;
+    }
+    languages
+}
+
 #[test]
 fn no_page_of_the_docs_holds_a_block_that_escapes_its_test() {
-    // Rust blocks are compiled only where integration-tests/src/lib.rs includes the page
-    // (README.md, docs/MIGRATING.md); a Rust block anywhere else would be checked by nothing.
-    for (name, page) in PAGES {
-        if name != "docs/MIGRATING.md" {
-            assert!(
-                !page.contains("```rust"),
-                "{name}: a Rust block no test compiles"
-            );
-        }
+    // Every block of code or configuration, by page and language, and the test that compiles
+    // or parses it. A new block anywhere fails here until its test exists and it is listed.
+    // `sh` and `text` blocks are commands and their output, not code or configuration.
+    let checked: [(&str, &str, usize); 7] = [
+        // Doc tests: src/lib.rs includes these pages.
+        ("README.md", "rust", 2),
+        ("docs/MIGRATING.md", "rust", 6),
+        ("docs/KAFKA_SECURITY.md", "rust", 1),
+        // the_configuration_blocks_of_the_docs_are_valid_consumer_configs, below.
+        ("docs/GUIDE.md", "json", 1),
+        ("docs/OPERATIONS.md", "json", 1),
+        // kafka_tls.rs: the_security_guide_blocks_are_configs_librdkafka_accepts.
+        ("docs/KAFKA_SECURITY.md", "json", 3),
+        ("docs/KAFKA_SECURITY.md", "toml", 1),
+    ];
+    let readme = ("README.md", include_str!("../../README.md"));
+    for (name, page) in PAGES.into_iter().chain([readme]) {
         assert!(
             !page.contains("```rust,ignore"),
             "{name}: a block is not compiled"
         );
+        let languages = block_languages(page);
+        let mut seen: Vec<&str> = languages.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        for language in seen {
+            if language == "sh" || language == "text" {
+                continue;
+            }
+            let found = languages.iter().filter(|l| **l == language).count();
+            let listed = checked
+                .iter()
+                .find(|(page, l, _)| *page == name && *l == language)
+                .map(|(_, _, n)| *n);
+            assert_eq!(
+                listed,
+                Some(found),
+                "{name}: {found} block(s) of {language:?}; each needs a test that compiles or \
+                 parses it, and its count listed here"
+            );
+        }
     }
 }
 
@@ -79,6 +124,21 @@ fn every_rust_block_of_the_readme_is_compiled() {
         !readme.contains("```rust,ignore"),
         "a README block is not compiled"
     );
+    // Each block is a whole program as shown: no lines hidden from the reader that rustdoc
+    // would compile (GitHub and crates.io show them as written).
+    let rust = blocks(readme, "rust")
+        .into_iter()
+        .chain(blocks(readme, "rust,no_run"));
+    for block in rust {
+        assert!(
+            block.contains("fn main()"),
+            "a README block is not a program:\n{block}"
+        );
+        for line in block.lines() {
+            let hidden = line.trim_start() == "#" || line.trim_start().starts_with("# ");
+            assert!(!hidden, "a hidden line in a README block: {line}");
+        }
+    }
     let mut open = false;
     for (n, line) in readme.lines().enumerate() {
         let Some(tag) = line.trim_start().strip_prefix("```") else {

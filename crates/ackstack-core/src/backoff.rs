@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 /// How the computed delay is randomised.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Jitter {
     /// No randomness.
     None,

@@ -277,8 +277,10 @@ pub trait Settle: Clone + Send + Sync + 'static {
     }
 }
 
-/// Messages waiting at the broker for a consumer, from [`Settle::backlog`].
+/// Messages waiting at the broker for a consumer, from [`Settle::backlog`]: made with
+/// [`Backlog::new`] (or `Default`, then per-partition lags pushed).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Backlog {
     /// Messages waiting in all: RabbitMQ's ready messages, SQS's
     /// `ApproximateNumberOfMessages`, the sum of a Kafka member's partition lags.
@@ -286,6 +288,16 @@ pub struct Backlog {
     /// Per partition, where the broker has them (Kafka): partition and lag (the high
     /// watermark minus the consumer's committed position).
     pub partitions: Vec<(i32, u64)>,
+}
+
+impl Backlog {
+    /// `total` messages waiting, with no per-partition figures.
+    pub fn new(total: u64) -> Self {
+        Backlog {
+            total,
+            partitions: Vec::new(),
+        }
+    }
 }
 
 /// What a broker supports natively; the runner and layers adapt to it.

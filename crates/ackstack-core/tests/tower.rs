@@ -68,6 +68,43 @@ async fn a_permanent_error_of_the_service_keeps_its_kind() {
     assert_eq!(dead.len(), 1);
 }
 
+/// A service's own delay (a downstream's `Retry-After`) survives tower's boxed errors: the
+/// retry is scheduled after it, not after the backoff's.
+#[tokio::test]
+async fn a_delay_the_service_asks_for_survives_the_tower_stack() {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("busy downstream"));
+    // Above the backoff's 20 ms for a first retry, within its 100 ms cap.
+    let asked = Duration::from_millis(80);
+    let service = ServiceBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .service_fn(move |delivery: Delivery| async move {
+            if delivery.attempt == 1 {
+                return Err(HandlerError::transient("429").retry_after(asked));
+            }
+            Ok(())
+        });
+    let retries = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = retries.clone();
+    let consumer = Consumer::new(broker.source("q").poll_wait(Duration::from_millis(20)))
+        .backoff(fast_retry())
+        .max_attempts(3)
+        .inspect(move |_d: &Delivery, outcome: &Outcome| {
+            if let Outcome::Retry { after, .. } = outcome {
+                seen.lock().unwrap().push(*after);
+            }
+        });
+    let idle = consumer.status();
+    let summary = consumer
+        .run_until(service_handler(service), async move {
+            idle.idle(Duration::from_millis(500)).await
+        })
+        .await
+        .unwrap();
+    assert_eq!((summary.retried, summary.succeeded), (1, 1), "{summary:?}");
+    assert_eq!(*retries.lock().unwrap(), vec![asked], "the service's delay");
+}
+
 #[tokio::test]
 async fn a_tower_concurrency_limit_holds_across_concurrent_deliveries() {
     let broker = MemoryBroker::new();

@@ -52,6 +52,8 @@
 //! Deferrals (`HandlerError::defer`) are retries here: JetStream has no delayed publish for a
 //! copy that would keep the attempt number.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod config;
 mod error;
 mod headers;

@@ -214,9 +214,6 @@ impl Settle for NatsSettler {
         let info = bounded("consumer info", limit, self.shared.consumer.get_info())
             .await
             .ok()?;
-        Some(Backlog {
-            total: info.num_pending,
-            partitions: Vec::new(),
-        })
+        Some(Backlog::new(info.num_pending))
     }
 }

@@ -93,8 +93,8 @@
 //!
 //! A delivery costs a transaction: `BEGIN`, the `INSERT`, your statements, `COMMIT` (about
 //! three round trips and a WAL flush of its own). On a small machine that caps a consumer at
-//! what PostgreSQL commits per second (the benchmark measures about 5,500 per second on two
-//! cores, the rate `pgbench` gets for the same transaction). [`PgInboxConfig::commit_group`]
+//! what PostgreSQL commits per second (about 12,000 per second in the benchmark's run of
+//! 2026-12-07 on two cores; docs/PERFORMANCE.md has the table). [`PgInboxConfig::commit_group`]
 //! lets deliveries handled at the same time share one transaction, a savepoint each:
 //!
 //! ```text

@@ -279,7 +279,7 @@ async fn per_key_order_holds_through_failures() {
     *flaky.fail_calls.lock().unwrap() = vec![2, 5, 9, 14, 20, 27, 35, 44, 54];
     let relay = OutboxRelay::new(
         &inbox,
-        RelayConfig::default().batch_size(16).retry(quick_retry()),
+        RelayConfig::default().batch_size(16).backoff(quick_retry()),
     )
     .unwrap()
     .route("events", flaky.clone());
@@ -416,7 +416,7 @@ async fn an_outage_delays_rows_and_park_after_parks_the_stubborn() {
     write(&inbox, "events", (0..5).map(|i| keyed("k", i)).collect()).await;
     let flaky = Flaky::default();
     flaky.down.store(true, Ordering::SeqCst);
-    let relay = OutboxRelay::new(&inbox, RelayConfig::default().retry(quick_retry()))
+    let relay = OutboxRelay::new(&inbox, RelayConfig::default().backoff(quick_retry()))
         .unwrap()
         .route("events", flaky.clone());
     for _ in 0..20 {
@@ -452,7 +452,7 @@ async fn an_outage_delays_rows_and_park_after_parks_the_stubborn() {
     flaky.down.store(true, Ordering::SeqCst);
     let strict = OutboxRelay::new(
         &inbox,
-        RelayConfig::default().retry(quick_retry()).park_after(3),
+        RelayConfig::default().backoff(quick_retry()).park_after(3),
     )
     .unwrap()
     .route("events", flaky.clone());
@@ -732,7 +732,7 @@ async fn a_key_stuck_on_a_failing_row_does_not_hold_back_other_keys() {
         &inbox,
         RelayConfig::default()
             .batch_size(8)
-            .retry(Backoff::exponential(
+            .backoff(Backoff::exponential(
                 Duration::from_secs(600),
                 Duration::from_secs(600),
             )),

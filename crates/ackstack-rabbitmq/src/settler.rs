@@ -413,10 +413,7 @@ impl Settle for RabbitSettler {
             Ok::<_, RabbitError>(queue?.message_count())
         };
         match count.await {
-            Ok(n) => Some(Backlog {
-                total: u64::from(n),
-                partitions: Vec::new(),
-            }),
+            Ok(n) => Some(Backlog::new(u64::from(n))),
             Err(err) => {
                 tracing::debug!(error = %err, "cannot read the queue's backlog");
                 None

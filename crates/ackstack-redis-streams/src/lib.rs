@@ -69,6 +69,8 @@
 //!   come back after a lease, as suspects, one attempt higher. Keep
 //!   [`RedisStreamsConfig::block`] short (2 s by default).
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod config;
 mod entry;
 mod error;

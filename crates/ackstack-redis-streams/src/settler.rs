@@ -306,9 +306,8 @@ impl Settle for RedisStreamsSettler {
                 .then(|| entry::info_field(g, "lag").and_then(entry::int))
                 .flatten()
         })?;
-        Some(Backlog {
-            total: u64::try_from(lag).unwrap_or(0).saturating_add(delayed),
-            partitions: Vec::new(),
-        })
+        Some(Backlog::new(
+            u64::try_from(lag).unwrap_or(0).saturating_add(delayed),
+        ))
     }
 }

@@ -54,6 +54,7 @@ pub struct RedisDedupConfig {
 /// and join the next pipeline, so batches grow with load by themselves.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct PipelineConfig {
     /// The most calls sent in one pipeline. Default 128.
     #[serde(default = "default_max_batch")]
@@ -80,6 +81,32 @@ impl Default for PipelineConfig {
             queue_capacity: default_queue_capacity(),
             linger: Duration::ZERO,
         }
+    }
+}
+
+impl PipelineConfig {
+    /// With at most `n` calls per pipeline.
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n;
+        self
+    }
+
+    /// With at most `n` pipelines on the wire at once.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n;
+        self
+    }
+
+    /// With room for `n` calls waiting for a pipeline.
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.queue_capacity = n;
+        self
+    }
+
+    /// Waiting `linger` for more calls before sending a pipeline that is not full.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
     }
 }
 

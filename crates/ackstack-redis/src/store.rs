@@ -21,6 +21,7 @@ const MAX_EXPIRY_MS: u64 = 1 << 50;
 
 /// Counters of the store's traffic, as returned by [`RedisDedupStore::stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RedisDedupStats {
     /// Store calls made (claim, complete, release, extend), including failed ones.
     pub operations: u64,
@@ -78,10 +79,17 @@ impl RedisDedupStore {
         let mut conn = store.shared.conn.clone();
         let ping_cmd = redis::cmd("PING");
         let ping = ping_cmd.query_async::<String>(&mut conn);
-        match tokio::time::timeout(store.shared.timeout, ping).await {
+        let after = store.shared.timeout;
+        match tokio::time::timeout(after, ping).await {
             Ok(Ok(_)) => Ok(store),
             Ok(Err(e)) => Err(RedisDedupError::Redis(e)),
-            Err(_) => Err(RedisDedupError::Timeout(store.shared.timeout)),
+            Err(_) if store.shared.redacted_url.starts_with("rediss://") => {
+                Err(RedisDedupError::TlsTimeout {
+                    url: store.shared.redacted_url.clone(),
+                    after,
+                })
+            }
+            Err(_) => Err(RedisDedupError::Timeout(after)),
         }
     }
 

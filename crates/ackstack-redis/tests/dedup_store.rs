@@ -336,10 +336,7 @@ async fn complete_all_sends_the_marks_of_one_caller_in_one_round_trip() {
 async fn max_batch_bounds_pipeline_size() {
     let config = RedisDedupConfig::new(redis_url())
         .key_prefix(unique_prefix("batch"))
-        .pipeline(PipelineConfig {
-            max_batch: 4,
-            ..PipelineConfig::default()
-        });
+        .pipeline(PipelineConfig::default().max_batch(4));
     let store = Arc::new(RedisDedupStore::connect(config).await.unwrap());
     let mut tasks = Vec::new();
     for caller in 0..32 {
@@ -503,8 +500,15 @@ async fn bad_urls_are_config_errors_without_the_password() {
         let plain = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let config = RedisDedupConfig::new(plain.replacen("redis://", "rediss://", 1))
             .timeout(Duration::from_secs(2));
-        let store = RedisDedupStore::new_lazy(config).unwrap();
+        let store = RedisDedupStore::new_lazy(config.clone()).unwrap();
         assert!(store.claim(b"k", "a", LEASE).await.is_err());
+        // At start, the error says what the mistake probably is.
+        let err = RedisDedupStore::connect(config).await.unwrap_err();
+        assert!(
+            matches!(err, ackstack_redis::RedisDedupError::TlsTimeout { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("does not speak TLS"), "{err}");
     }
 }
 

@@ -455,10 +455,7 @@ impl Settle for SqsSettler {
                 None
             }
         }?;
-        Some(Backlog {
-            total: waiting,
-            partitions: Vec::new(),
-        })
+        Some(Backlog::new(waiting))
     }
 }
 

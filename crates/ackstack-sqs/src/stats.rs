@@ -5,6 +5,7 @@ use ackstack_core::adapter::Counter;
 /// A snapshot of the adapter's counters (shared by a source, its settler and its publishers
 /// created with [`SqsPublisher::for_source`](crate::SqsPublisher::for_source)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SqsStats {
     /// `ReceiveMessage` calls.
     pub receive_calls: u64,

@@ -348,6 +348,7 @@ impl Harness for MemoryHarness {
 
 /// The result of [`run_all`]: which checks passed, failed or were skipped.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct Report {
     /// The broker's name.
     pub broker: &'static str,

@@ -131,8 +131,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?;
     println!(
-        "acked={} retried={} dead_lettered={}",
-        summary.acked, summary.retried, summary.dead_lettered
+        "succeeded={} retried={} dead_lettered={}",
+        summary.succeeded, summary.retried, summary.dead_lettered
     );
     Ok(())
 }

@@ -16,7 +16,7 @@ fn the_timeout_retries_slow_attempts_and_the_audit_log_sees_every_outcome() {
     assert_eq!(run.code, Some(0), "{run:?}");
     // r-1: acked at once; r-2: timed out once, then acked; r-3: timed out three times.
     assert_eq!(
-        run.lines_with(&["acked=3 retried=3 dead_lettered=1"]),
+        run.lines_with(&["succeeded=2 retried=3 dead_lettered=1"]),
         1,
         "{run:?}"
     );

@@ -84,8 +84,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?;
     println!(
-        "acked={} leases_lost={} dead_lettered={}",
-        summary.acked, summary.leases_lost, summary.dead_lettered
+        "succeeded={} leases_lost={} dead_lettered={}",
+        summary.succeeded, summary.leases_lost, summary.dead_lettered
     );
     Ok(())
 }

@@ -16,7 +16,7 @@ fn leases_are_extended_and_a_lost_lease_cancels_the_handler() {
     );
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_eq!(
-        run.lines_with(&["acked=2 leases_lost=1 dead_lettered=0"]),
+        run.lines_with(&["succeeded=2 leases_lost=1 dead_lettered=0"]),
         1,
         "{run:?}"
     );

@@ -36,8 +36,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
 
     println!(
-        "acked={} retried={} dead_lettered={}",
-        summary.acked, summary.retried, summary.dead_lettered
+        "succeeded={} retried={} dead_lettered={}",
+        summary.succeeded, summary.retried, summary.dead_lettered
     );
     for letter in broker.dead_letters("jobs") {
         println!("dead letter: {}", String::from_utf8_lossy(&letter.payload));

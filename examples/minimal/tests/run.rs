@@ -17,7 +17,7 @@ fn jobs_are_done_and_the_failing_one_is_dead_lettered_after_three_attempts() {
     assert_eq!(run.lines_with(&["done: resize 1.png"]), 1, "{run:?}");
     assert_eq!(run.lines_with(&["done: resize 2.png"]), 1, "{run:?}");
     assert_eq!(
-        run.lines_with(&["acked=3 retried=2 dead_lettered=1"]),
+        run.lines_with(&["succeeded=2 retried=2 dead_lettered=1"]),
         1,
         "{run:?}"
     );

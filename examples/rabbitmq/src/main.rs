@@ -104,7 +104,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     tracing::info!(
         received = summary.received,
-        acked = summary.acked,
+        succeeded = summary.succeeded,
         retried = summary.retried,
         dead_lettered = summary.dead_lettered,
         deduplicated = summary.deduplicated,

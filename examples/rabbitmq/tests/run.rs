@@ -100,7 +100,7 @@ async fn sigterm_drains_and_exits_0() {
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_eq!(run.lines_with(&["SIGTERM: shutting down"]), 1, "{run:?}");
     assert_eq!(
-        run.lines_with(&["consumer stopped", "acked=2"]),
+        run.lines_with(&["consumer stopped", "succeeded=2"]),
         1,
         "{run:?}"
     );

@@ -136,6 +136,7 @@ pub type KeyFn = Arc<dyn Fn(&Delivery) -> Option<Vec<u8>> + Send + Sync>;
 
 /// How a delivery's dedup key is found.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum DedupKey {
     /// The value of this header, as bytes (deliveries without it are not deduplicated).
     Header(String),

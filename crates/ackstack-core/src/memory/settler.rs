@@ -156,9 +156,6 @@ impl Settle for MemorySettler {
         let waiting = self.broker.with_queue(&self.queue, |q| {
             q.messages.values().filter(|m| !m.in_flight).count()
         });
-        Some(Backlog {
-            total: waiting as u64,
-            partitions: Vec::new(),
-        })
+        Some(Backlog::new(waiting as u64))
     }
 }

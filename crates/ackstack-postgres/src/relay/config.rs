@@ -21,7 +21,7 @@ pub struct RelayConfig {
     pub listen: bool,
     /// The wait before a row whose publish failed is tried again, by its attempt number
     /// (equal jitter). Default 1 s doubling to 60 s.
-    pub retry: Backoff,
+    pub backoff: Backoff,
     /// Park a row after this many failed publishes (0, the default: never; an outage only
     /// delays rows, and the `oldest pending` alert tells). Refusals park at once.
     pub park_after: u32,
@@ -49,7 +49,7 @@ impl Default for RelayConfig {
             batch_size: 100,
             poll_interval: Duration::from_secs(1),
             listen: true,
-            retry: Backoff::exponential(Duration::from_secs(1), Duration::from_secs(60)),
+            backoff: Backoff::exponential(Duration::from_secs(1), Duration::from_secs(60)),
             park_after: 0,
             send_timeout: Duration::from_secs(30),
             keep_sent: Duration::ZERO,
@@ -78,10 +78,16 @@ impl RelayConfig {
         self
     }
 
-    /// With this retry backoff.
-    pub fn retry(mut self, backoff: Backoff) -> Self {
-        self.retry = backoff;
+    /// With this backoff between a row's failed publishes.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
         self
+    }
+
+    /// With this backoff between a row's failed publishes.
+    #[deprecated(note = "named for what it sets: use `backoff`")]
+    pub fn retry(self, backoff: Backoff) -> Self {
+        self.backoff(backoff)
     }
 
     /// Parking rows after `n` failed publishes (0: never).

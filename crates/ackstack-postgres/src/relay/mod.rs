@@ -284,7 +284,7 @@ impl OutboxRelay {
                     let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
                     failed_ids.push(row.id);
                     failed_errors.push(error);
-                    failed_waits.push(self.config.retry.ceiling(attempt).as_secs_f64());
+                    failed_waits.push(self.config.backoff.ceiling(attempt).as_secs_f64());
                     failed_to.push(row.destination);
                 }
                 Sent::Refused(error) => {
@@ -415,7 +415,7 @@ impl OutboxRelay {
                     tracing::warn!(outbox = %self.inbox.config().outbox_table, error = %err, "outbox relay round failed; trying again");
                     self.shared.set_error(Some(err.to_string()));
                     self.config
-                        .retry
+                        .backoff
                         .ceiling(errors)
                         .min(self.config.poll_interval.max(Duration::from_secs(5)))
                         .max(MIN_WAIT)
@@ -452,7 +452,7 @@ impl OutboxRelay {
         let channel = self.inbox.outbox_sql().channel.clone();
         let wake = wake.clone();
         let shared = self.shared.clone();
-        let retry = self.config.retry;
+        let retry = self.config.backoff;
         Some(AbortOnDrop(tokio::spawn(async move {
             let mut failures = 0u32;
             loop {

@@ -72,6 +72,7 @@ pub use shutdown::{shutdown_drains_in_flight_work, unacked_work_is_redelivered};
 
 /// A check's verdict when it did not fail.
 #[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Verdict {
     /// The invariant held.
     Passed,
