@@ -379,6 +379,8 @@ pub struct Resolved {
     pub sqs: ackstack_sqs::SqsConfig,
     /// Kafka bootstrap servers.
     pub kafka_brokers: Option<String>,
+    /// librdkafka properties of the file's `[kafka]` table (TLS, SASL).
+    pub kafka_properties: std::collections::BTreeMap<String, String>,
     /// NATS URL.
     pub nats_url: String,
     /// Redis URL of the streams.
@@ -474,6 +476,11 @@ impl Target {
                 .clone()
                 .or_else(|| env("KAFKA_BROKERS"))
                 .or_else(|| file.kafka.as_ref().map(|c| c.brokers.clone())),
+            kafka_properties: file
+                .kafka
+                .as_ref()
+                .map(|c| c.properties.clone())
+                .unwrap_or_default(),
             nats_url: self
                 .nats_url
                 .clone()

@@ -44,6 +44,8 @@ struct Partition {
 /// A scan of one Kafka dead-letter topic.
 pub struct KafkaDlq {
     brokers: String,
+    /// The cluster's own librdkafka properties (TLS, SASL), for the consumer and publishers.
+    properties: BTreeMap<String, String>,
     topic: String,
     consumer: BaseConsumer,
     partitions: BTreeMap<i32, Partition>,
@@ -60,14 +62,31 @@ pub struct Handle {
     headers: ackstack_core::Headers,
 }
 
+/// librdkafka's error, through ackstack-kafka's conversion: a refused secret property is named
+/// without its value.
 fn broker_err(what: &str) -> impl Fn(rdkafka::error::KafkaError) -> CliError + '_ {
-    move |e| CliError::broker(&format!("Kafka {what}"), e)
+    move |e| {
+        CliError::broker(
+            &format!("Kafka {what}"),
+            ackstack_kafka::KafkaError::from(e),
+        )
+    }
 }
 
 impl KafkaDlq {
-    /// Reads `topic` on `brokers` from the replay group's position.
-    pub fn open(brokers: &str, topic: &str, timeout: Duration) -> Result<Self, CliError> {
-        let consumer: BaseConsumer = ClientConfig::new()
+    /// Reads `topic` on `brokers` (with the cluster's `properties`: TLS, SASL) from the replay
+    /// group's position.
+    pub fn open(
+        brokers: &str,
+        properties: &BTreeMap<String, String>,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Self, CliError> {
+        let mut config = ClientConfig::new();
+        for (name, value) in properties {
+            config.set(name, value);
+        }
+        let consumer: BaseConsumer = config
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("ackstack-dlq-{topic}"))
             .set("enable.auto.commit", "false")
@@ -130,6 +149,7 @@ impl KafkaDlq {
         consumer.assign(&assignment).map_err(broker_err("assign"))?;
         Ok(KafkaDlq {
             brokers: brokers.to_string(),
+            properties: properties.clone(),
             topic: topic.to_string(),
             consumer,
             partitions,
@@ -275,8 +295,8 @@ impl DeadLetters for KafkaDlq {
             // Idempotent: librdkafka's own retries of a produce never write the record twice.
             // A replay can still be there twice where a run died between the delivery report
             // and the commit, or where the produce timed out here but was delivered later.
-            let properties =
-                BTreeMap::from([("enable.idempotence".to_string(), "true".to_string())]);
+            let mut properties = self.properties.clone();
+            properties.insert("enable.idempotence".to_string(), "true".to_string());
             let publisher = KafkaPublisher::with_properties(
                 &self.brokers,
                 queue,

@@ -292,7 +292,8 @@ async fn with_scan(resolved: &Resolved, scan: Scan) -> Result<Outcome, CliError>
                     "--kafka-brokers LIST (or KAFKA_BROKERS) is required for Kafka".into(),
                 ));
             };
-            let dlq = kafka::KafkaDlq::open(brokers, &resolved.dlq, resolved.timeout)?;
+            let properties = &resolved.kafka_properties;
+            let dlq = kafka::KafkaDlq::open(brokers, properties, &resolved.dlq, resolved.timeout)?;
             perform(dlq, scan).await
         }
         Broker::Nats => {

@@ -212,3 +212,36 @@ async fn kafka_replay_stops_before_a_letter_whose_removal_cannot_be_recorded() {
         "a letter was sent again by the second run"
     );
 }
+
+/// The `[kafka]` table's librdkafka properties (TLS, SASL on a team's cluster) reach the
+/// command's clients: a property librdkafka refuses ends the command naming it, and a refused
+/// secret one is named without its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_properties_of_the_config_file_reach_the_clients() {
+    let fx = Kafka::new();
+    let file = std::env::temp_dir().join(format!("{}.toml", fx.topic));
+    let run_with = |property: &str| {
+        let table = format!(
+            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"g\"\ntopic = \"{}\"\n\
+             [kafka.properties]\n{property}\n",
+            fx.brokers, fx.topic
+        );
+        std::fs::write(&file, table).unwrap();
+        let path = file.to_string_lossy().into_owned();
+        common::ackstack(&fx, &["dlq", "list", "--config", &path])
+    };
+    let fine = run_with("\"socket.keepalive.enable\" = \"true\"");
+    assert_eq!(fine.code, Some(0), "{fine:?}");
+    let unknown = run_with("\"no.such.property\" = \"1\"");
+    assert_ne!(unknown.code, Some(0), "{unknown:?}");
+    assert!(unknown.stderr.contains("no.such.property"), "{unknown:?}");
+    // librdkafka is built without libcurl here, so it refuses this secret's property.
+    let secret = run_with("\"sasl.oauthbearer.client.secret\" = \"s3cret-value\"");
+    let _ = std::fs::remove_file(&file);
+    assert_ne!(secret.code, Some(0), "{secret:?}");
+    assert!(
+        secret.stderr.contains("sasl.oauthbearer.client.secret"),
+        "{secret:?}"
+    );
+    assert!(!secret.stderr.contains("s3cret-value"), "{secret:?}");
+}

@@ -132,7 +132,7 @@ fn default_commit_timeout() -> Duration {
 /// Property names whose values are never printed (nor any `sasl.*` property's).
 const SECRET_MARKERS: [&str; 6] = ["password", "secret", "token", "pem", "jaas", "credential"];
 
-fn is_secret(name: &str) -> bool {
+pub(crate) fn is_secret(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     lower.starts_with("sasl.") || SECRET_MARKERS.iter().any(|m| lower.contains(m))
 }

@@ -5,13 +5,18 @@
 //! (at 80% of its lifetime). With `sasl.mechanism=OAUTHBEARER` in the properties and a
 //! [`TokenProvider`] given to [`KafkaConfig::token_provider`](crate::KafkaConfig::token_provider),
 //! both the consumer and the dead-letter producer (and a
-//! [`KafkaPublisher::from_config`](crate::KafkaPublisher::from_config)) call it on their
-//! librdkafka poll thread, a plain thread outside any async runtime: a provider may block there,
-//! for example with `tokio::runtime::Handle::block_on` on a handle it captured.
+//! [`KafkaPublisher::from_config`](crate::KafkaPublisher::from_config)) call it from the thread
+//! that polls their librdkafka events: the consumer's poll thread, the producer's polling
+//! thread (and, rarely, the thread that drops a client while a refresh is pending). Keep it
+//! quick: the consumer's records and commits wait while it runs. Signing a token is quick;
+//! anything slow (a call to a token service) belongs in a task of yours that refreshes a
+//! cached token ahead of its expiry, which the provider then returns.
 //!
-//! Without a provider, an OAUTHBEARER client fails each refresh with an error that says so,
-//! instead of waiting for a token that never comes. librdkafka's own OIDC method
-//! (`sasl.oauthbearer.method=oidc`) does not ask the provider.
+//! A provider that fails or panics fails that refresh: librdkafka logs the error, reports the
+//! brokers down meanwhile and asks again later. Without a provider, an OAUTHBEARER client
+//! fails each refresh with an error that names `KafkaConfig::token_provider`, instead of
+//! waiting for a token that never comes. (This build of librdkafka has no OIDC client of its
+//! own: it is built without libcurl.)
 
 use std::error::Error;
 use std::fmt;
@@ -102,13 +107,29 @@ impl Tokens {
     /// The token librdkafka asked for, in its form.
     pub(crate) fn generate(&self, config: Option<&str>) -> Result<OAuthToken, Box<dyn Error>> {
         let Some(provider) = &self.0 else {
-            return Err("sasl.mechanism OAUTHBEARER needs a token provider \
-                        (KafkaConfig::token_provider), or sasl.oauthbearer.method=oidc"
-                .into());
+            return Err(
+                "sasl.mechanism OAUTHBEARER needs a token provider (KafkaConfig::token_provider)"
+                    .into(),
+            );
         };
-        let token = provider
-            .token(config)
-            .map_err(|e| -> Box<dyn Error> { format!("the token provider failed: {e}").into() })?;
+        // A panic must not take the poll thread (and with it the consumer) down.
+        let asked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| provider.token(config)));
+        let token = match asked {
+            Ok(Ok(token)) => token,
+            Ok(Err(e)) => return Err(format!("the token provider failed: {e}").into()),
+            Err(_) => return Err("the token provider panicked".into()),
+        };
+        // librdkafka refuses other characters and then logs the whole value: refuse them here,
+        // without printing it.
+        let printable = |text: &str| text.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if !printable(&token.value) || !printable(&token.principal) {
+            return Err(
+                "the token provider returned a token or principal with a character \
+                        outside printable ASCII"
+                    .into(),
+            );
+        }
         let lifetime_ms = token
             .expires_at
             .duration_since(UNIX_EPOCH)
@@ -179,6 +200,26 @@ mod tests {
         assert!(missing.contains("KafkaConfig::token_provider"), "{missing}");
         let failing = Tokens::new(|_: Option<&str>| Err("no credentials".into()));
         assert_eq!(error(&failing), "the token provider failed: no credentials");
+    }
+
+    #[test]
+    fn a_panicking_provider_or_a_token_librdkafka_would_refuse_fails_the_refresh_only() {
+        let error = |tokens: &Tokens| match tokens.generate(None) {
+            Ok(_) => panic!("a token"),
+            Err(e) => e.to_string(),
+        };
+        let panicking = Tokens::new(|_: Option<&str>| -> Result<BearerToken, TokenError> {
+            panic!("no credentials")
+        });
+        assert_eq!(error(&panicking), "the token provider panicked");
+        let unprintable = Tokens::new(|_: Option<&str>| {
+            Ok(BearerToken::new("s3cret\n", "orders", SystemTime::now()))
+        });
+        let text = error(&unprintable);
+        assert!(
+            text.contains("printable ASCII") && !text.contains("s3cret"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl KafkaPublisher {
         }
         let producer: Producer = producer_config(brokers, properties, timeout)
             .create_with_context(ProducerContext { tokens })
-            .map_err(KafkaError::Client)?;
+            .map_err(KafkaError::from)?;
         Ok(KafkaPublisher {
             producer,
             topic: Arc::from(topic),

@@ -35,8 +35,8 @@ pub async fn read_topic(
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("session.timeout.ms", "6000");
-    let consumer: BaseConsumer = config.create().map_err(KafkaError::Client)?;
-    consumer.subscribe(&[topic]).map_err(KafkaError::Client)?;
+    let consumer: BaseConsumer = config.create().map_err(KafkaError::from)?;
+    consumer.subscribe(&[topic]).map_err(KafkaError::from)?;
     let topic: Arc<str> = Arc::from(topic);
     let task = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + timeout;

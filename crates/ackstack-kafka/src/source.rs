@@ -78,12 +78,12 @@ impl KafkaSource {
         let mut consumer: BaseConsumer<KafkaContext> = config
             .consumer_config()
             .create_with_context(KafkaContext::new(shared.clone(), config.tokens.clone()))
-            .map_err(KafkaError::Client)?;
+            .map_err(KafkaError::from)?;
         let waker = shared.clone();
         consumer.set_nonempty_callback(move || waker.flow.wake());
         consumer
             .subscribe(&[config.topic.as_str()])
-            .map_err(KafkaError::Client)?;
+            .map_err(KafkaError::from)?;
         let consumer = Arc::new(consumer);
         consumer.context().queues.set_consumer(&consumer);
         let producer: Producer = config
@@ -91,7 +91,7 @@ impl KafkaSource {
             .create_with_context(ProducerContext {
                 tokens: config.tokens.clone(),
             })
-            .map_err(KafkaError::Client)?;
+            .map_err(KafkaError::from)?;
         let (tx, rx) = mpsc::channel(config.buffer.max(1));
         let origin = Origin::new("kafka", config.topic.as_str(), config.consumer_name());
         let thread = poller::spawn(

@@ -80,15 +80,18 @@ impl RedisDedupStore {
         let ping_cmd = redis::cmd("PING");
         let ping = ping_cmd.query_async::<String>(&mut conn);
         let after = store.shared.timeout;
+        let tls = store.shared.redacted_url.starts_with("rediss://");
+        let no_tls_answer = || RedisDedupError::TlsTimeout {
+            url: store.shared.redacted_url.clone(),
+            after,
+        };
+        // Over TLS, no answer at all (our timeout or the connection's) is how a port that
+        // speaks plaintext shows: say so.
         match tokio::time::timeout(after, ping).await {
             Ok(Ok(_)) => Ok(store),
+            Ok(Err(e)) if tls && e.is_timeout() => Err(no_tls_answer()),
             Ok(Err(e)) => Err(RedisDedupError::Redis(e)),
-            Err(_) if store.shared.redacted_url.starts_with("rediss://") => {
-                Err(RedisDedupError::TlsTimeout {
-                    url: store.shared.redacted_url.clone(),
-                    after,
-                })
-            }
+            Err(_) if tls => Err(no_tls_answer()),
             Err(_) => Err(RedisDedupError::Timeout(after)),
         }
     }

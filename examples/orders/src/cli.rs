@@ -32,6 +32,8 @@ OPTIONS:
 /// What follows the options on the help page.
 const AFTER_HELP: &str = "\
 OUTPUT (stdout, one line per event):
+    note ...                          (worth knowing: an in-process Kafka mock started; on
+                                       SQS, dead letters going to the queue's redrive target)
     serving metrics=URL health=URL    (with --metrics-addr)
     published order_id=ID
     acked order_id=ID attempt=N
@@ -43,8 +45,8 @@ OUTPUT (stdout, one line per event):
     (order_id=- when the body is not an order)
 
 ENVIRONMENT (besides the variables named above):
-    KAFKA_PROPERTIES  librdkafka properties for the Kafka clients, name=value;name=value
-                      (security.protocol, sasl.*, ssl.*: a TLS or SASL cluster)
+    KAFKA_PROPERTIES  librdkafka properties for the Kafka clients, name=value;name=value or
+                      one per line (security.protocol, sasl.*, ssl.*: a TLS or SASL cluster)
     KAFKA_GROUP       the consumer group to join [default: QUEUE-example-orders]; a group
                       with committed offsets continues from them
 
@@ -312,22 +314,26 @@ where
     })
 }
 
-/// `KAFKA_PROPERTIES`: librdkafka properties as `name=value` entries separated by `;` or new
-/// lines. A malformed entry is named by its position only (its text may hold a secret).
+/// `KAFKA_PROPERTIES`: librdkafka properties as `name=value` entries, one per line, or
+/// separated by `;` when there is a single line (so a value that holds a `;` needs the lines).
+/// Names are trimmed, values are kept as written. A malformed entry is named by its position
+/// only (its text may hold a secret).
 fn kafka_properties(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let separator = if text.contains('\n') { '\n' } else { ';' };
     let mut properties = BTreeMap::new();
     let entries = text
-        .split([';', '\n'])
-        .map(str::trim)
-        .filter(|e| !e.is_empty());
+        .split(separator)
+        .map(|e| e.strip_suffix('\r').unwrap_or(e))
+        .filter(|e| !e.trim().is_empty());
     for (n, entry) in entries.enumerate() {
         match entry.split_once('=') {
             Some((name, value)) if !name.trim().is_empty() => {
-                properties.insert(name.trim().to_string(), value.trim().to_string());
+                properties.insert(name.trim().to_string(), value.to_string());
             }
             _ => {
                 return Err(format!(
-                    "KAFKA_PROPERTIES: entry {} is not name=value (entries are separated by ;)",
+                    "KAFKA_PROPERTIES: entry {} is not name=value (entries are lines, or \
+                     separated by ; on one line)",
                     n + 1
                 ));
             }
@@ -442,7 +448,7 @@ mod tests {
     fn kafka_settings_come_from_the_environment() {
         let env = |name: &str| match name {
             "KAFKA_PROPERTIES" => Some(
-                "security.protocol=SASL_SSL; sasl.mechanism=SCRAM-SHA-512\nsasl.password=a=b"
+                "security.protocol=SASL_SSL\n sasl.mechanism=SCRAM-SHA-512\r\nsasl.password=a;b=c "
                     .to_string(),
             ),
             "KAFKA_GROUP" => Some("orders-service".to_string()),
@@ -453,7 +459,22 @@ mod tests {
         };
         assert_eq!(o.kafka_group.as_deref(), Some("orders-service"));
         assert_eq!(o.kafka_properties.len(), 3);
-        assert_eq!(o.kafka_properties["sasl.password"], "a=b");
+        assert_eq!(o.kafka_properties["sasl.mechanism"], "SCRAM-SHA-512");
+        assert_eq!(
+            o.kafka_properties["sasl.password"], "a;b=c ",
+            "kept as written"
+        );
+        let one_line = |name: &str| (name == "KAFKA_PROPERTIES").then(|| "a=1; b=2".to_string());
+        let Ok(o) = parse_args(["--broker", "kafka"], one_line) else {
+            panic!("should parse")
+        };
+        assert_eq!(
+            (
+                o.kafka_properties["a"].as_str(),
+                o.kafka_properties["b"].as_str()
+            ),
+            ("1", "2")
+        );
         let bad = |name: &str| (name == "KAFKA_PROPERTIES").then(|| "a=1;s3cret".to_string());
         let Err(error) = parse_args(["--broker", "kafka"], bad) else {
             panic!("a malformed entry is refused")

@@ -38,7 +38,8 @@ pub async fn connect(opts: &Options) -> Result<(SqsSource, SqsPublisher), StartE
         .await
         .map_err(|e| StartError::from_text(e.is_permanent(), format!("SQS at {at}: {e}")))?;
     let dlq = source.dead_letter_queue_url();
-    if !dlq.ends_with(&format!("/{}", opts.dlq())) {
+    let default = ackstack::sqs::config::default_dead_letter_name(&opts.queue);
+    if !dlq.ends_with(&format!("/{default}")) {
         println!("note dead letters go to {dlq}, the queue's redrive target");
     }
     let publisher = SqsPublisher::for_source(&source);

@@ -101,7 +101,7 @@ enum Sent {
 /// commit sends the row again later with the same message id: a consumer downstream that
 /// deduplicates by message id (an ackstack inbox or dedup layer) applies it once.
 ///
-/// A publish that fails is tried again after [`RelayConfig::retry`], and holds back the rows
+/// A publish that fails is tried again after [`RelayConfig::backoff`], and holds back the rows
 /// of its key behind it; one the broker refuses for good ([`PublishError::is_refused`]) is
 /// parked at once: counted, listed by [`PgInbox::outbox_parked`] and `ackstack outbox parked`,
 /// and back in line after [`PgInbox::outbox_retry`]. Parked rows do not hold their key back.
