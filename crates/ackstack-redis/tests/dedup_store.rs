@@ -442,11 +442,7 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
     // Scripts lost from the server's cache (as after a restart) are reloaded on NOSCRIPT: one
     // extra round trip with the four SCRIPT LOADs and the rerun call.
     let mut raw = raw_conn(&_server.url()).await;
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    flush_scripts(&mut raw).await;
     let before = concrete.stats();
     assert!(store.release(b"before", "b").await.is_ok());
     let after = concrete.stats();
@@ -464,6 +460,51 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
         store.claim(b"before", "c", LEASE).await.unwrap(),
         Claim::Acquired,
         "the rerun release deleted b's claim"
+    );
+
+    // A claim goes first as a plain SET NX: one round trip for a new key. A key that exists
+    // needs the claim script too (two round trips), and after a flush of the scripts, three.
+    let before = concrete.stats();
+    assert_eq!(
+        store.claim(b"fresh", "a", LEASE).await.unwrap(),
+        Claim::Acquired
+    );
+    let after = concrete.stats();
+    assert_eq!(
+        (
+            after.round_trips - before.round_trips,
+            after.commands - before.commands
+        ),
+        (1, 1)
+    );
+    let before = concrete.stats();
+    assert_eq!(
+        store.claim(b"fresh", "a", LEASE).await.unwrap(),
+        Claim::Acquired,
+        "our own claim, again"
+    );
+    let after = concrete.stats();
+    assert_eq!(
+        (
+            after.round_trips - before.round_trips,
+            after.commands - before.commands
+        ),
+        (2, 2)
+    );
+    flush_scripts(&mut raw).await;
+    let before = concrete.stats();
+    assert!(matches!(
+        store.claim(b"fresh", "b", LEASE).await.unwrap(),
+        Claim::Busy { .. }
+    ));
+    let after = concrete.stats();
+    assert_eq!(
+        (
+            after.round_trips - before.round_trips,
+            after.commands - before.commands
+        ),
+        (3, 1 + 1 + 4 + 1),
+        "SET NX, the script (no script), then the loads and the script"
     );
 }
 
@@ -510,6 +551,15 @@ async fn bad_urls_are_config_errors_without_the_password() {
         );
         assert!(err.to_string().contains("does not speak TLS"), "{err}");
     }
+}
+
+/// Empties Redis's script cache, as a restart does.
+async fn flush_scripts(raw: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(raw)
+        .await
+        .unwrap();
 }
 
 #[cfg(feature = "tls")]
