@@ -104,6 +104,8 @@ pub(crate) struct Request {
     pub(crate) key: String,
     pub(crate) token: String,
     pub(crate) reply: oneshot::Sender<Result<Reply, RedisDedupError>>,
+    /// By when the caller must have its answer.
+    pub(crate) deadline: tokio::time::Instant,
 }
 
 /// The background task: takes queued requests and sends them as pipelines.
@@ -147,8 +149,18 @@ impl Batcher {
                     Err(_) => break,
                 }
             }
-            // A caller that gave up (timed out) no longer waits: don't run its command.
-            batch.retain(|request| !request.reply.is_closed());
+            // A caller that gave up no longer waits: don't run its command. A call whose
+            // deadline passed while it waited for a pipeline is answered now, unsent.
+            let now = tokio::time::Instant::now();
+            let (expired, batch): (Vec<Request>, Vec<Request>) = batch
+                .into_iter()
+                .filter(|request| !request.reply.is_closed())
+                .partition(|request| request.deadline <= now);
+            for request in expired {
+                let _ = request
+                    .reply
+                    .send(Err(RedisDedupError::Timeout(self.timeout)));
+            }
             if batch.is_empty() {
                 continue;
             }
@@ -178,11 +190,21 @@ struct Sender {
 
 impl Sender {
     async fn send(mut self, batch: Vec<Request>) {
+        // Every round trip of this batch ends by its calls' earliest deadline, and a pipeline
+        // takes at most `timeout` (a batch of `complete_all` has a budget of one `timeout` per
+        // pipeline it fills).
+        let cap = tokio::time::Instant::now() + self.timeout;
+        let deadline = batch
+            .iter()
+            .map(|r| r.deadline)
+            .min()
+            .unwrap_or(cap)
+            .min(cap);
         // A claim goes first as a plain `SET NX`, which Redis runs at about twice the rate of
         // the claim script: only a key that exists (a duplicate, a retried claim) needs the
         // script, in a second round trip.
         let all: Vec<(usize, Form)> = (0..batch.len()).map(|i| (i, Form::Plain)).collect();
-        let mut results = match self.round_trip(&batch, &all, false).await {
+        let mut results = match self.round_trip(&batch, &all, false, deadline).await {
             Ok(results) => results,
             Err(err) => {
                 tracing::warn!(url = %self.redacted_url, error = %err, calls = batch.len(), "redis dedup pipeline failed");
@@ -208,7 +230,7 @@ impl Sender {
             if again.is_empty() {
                 break;
             }
-            match self.round_trip(&batch, &again, load).await {
+            match self.round_trip(&batch, &again, load, deadline).await {
                 Ok(rerun) => {
                     for ((index, _), result) in again.iter().zip(rerun) {
                         results[*index] = result;
@@ -235,6 +257,7 @@ impl Sender {
         batch: &[Request],
         indices: &[(usize, Form)],
         load: bool,
+        deadline: tokio::time::Instant,
     ) -> Result<Vec<Result<Value, RedisDedupError>>, RedisDedupError> {
         let scripts = &*self.scripts;
         let mut pipe = redis::pipe();
@@ -299,7 +322,7 @@ impl Sender {
             .commands
             .fetch_add(pipe.len() as u64, Ordering::Relaxed);
         let query = pipe.query_async::<Vec<RedisResult<Value>>>(&mut self.conn);
-        let outcome = match tokio::time::timeout(self.timeout, query).await {
+        let outcome = match tokio::time::timeout_at(deadline, query).await {
             Ok(Ok(values)) if values.len() == indices.len() => Ok(values
                 .into_iter()
                 .map(|r| r.map_err(RedisDedupError::Redis))

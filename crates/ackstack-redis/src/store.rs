@@ -19,6 +19,14 @@ use crate::pipeline::{Batcher, Counters, DONE_MARKER, Op, Reply, Request, Script
 /// below Redis's overflow check).
 const MAX_EXPIRY_MS: u64 = 1 << 50;
 
+/// A queued call's answer. The pipeline task answers every call by its deadline (see
+/// `RedisDedupStore::enqueue`); a dropped answer means the task is gone.
+async fn answered(
+    answer: oneshot::Receiver<Result<Reply, RedisDedupError>>,
+) -> Result<Reply, RedisDedupError> {
+    answer.await.unwrap_or(Err(RedisDedupError::Closed))
+}
+
 /// Counters of the store's traffic, as returned by [`RedisDedupStore::stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -169,10 +177,14 @@ impl RedisDedupStore {
     async fn call(&self, op: Op, key: &[u8], token: &str) -> Result<Reply, RedisDedupError> {
         let deadline = tokio::time::Instant::now() + self.shared.timeout;
         let answer = self.enqueue(op, key, token, deadline).await?;
-        self.answer(answer, deadline).await
+        answered(answer).await
     }
 
-    /// Queues one call for the next pipeline; its answer comes on the returned channel.
+    /// Queues one call for the next pipeline; its answer comes on the returned channel, by
+    /// `deadline`: the pipeline task answers a call whose deadline passed before it was sent
+    /// with a timeout, and bounds each pipeline by its calls' earliest deadline (so the
+    /// caller needs no timer of its own). Only a full queue is waited for here, until
+    /// `deadline`.
     async fn enqueue(
         &self,
         op: Op,
@@ -193,22 +205,15 @@ impl RedisDedupStore {
             key: self.redis_key(key),
             token: token.to_owned(),
             reply,
+            deadline,
+        };
+        let request = match self.shared.tx.try_send(request) {
+            Ok(()) => return Ok(answer),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(RedisDedupError::Closed),
+            Err(mpsc::error::TrySendError::Full(request)) => request,
         };
         match tokio::time::timeout_at(deadline, self.shared.tx.send(request)).await {
             Ok(Ok(())) => Ok(answer),
-            Ok(Err(_)) => Err(RedisDedupError::Closed),
-            Err(_) => Err(RedisDedupError::Timeout(self.shared.timeout)),
-        }
-    }
-
-    /// Waits for a queued call's answer until `deadline`.
-    async fn answer(
-        &self,
-        answer: oneshot::Receiver<Result<Reply, RedisDedupError>>,
-        deadline: tokio::time::Instant,
-    ) -> Result<Reply, RedisDedupError> {
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(RedisDedupError::Closed),
             Err(_) => Err(RedisDedupError::Timeout(self.shared.timeout)),
         }
@@ -239,7 +244,7 @@ impl RedisDedupStore {
         let mut out = Vec::with_capacity(marks.len());
         for q in queued {
             let reply = match q {
-                Ok(answer) => self.answer(answer, deadline).await,
+                Ok(answer) => answered(answer).await,
                 Err(e) => Err(e),
             };
             out.push(reply.and_then(as_flag));

@@ -508,6 +508,46 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
     );
 }
 
+/// A Redis that accepts connections and never answers: every call fails by its own deadline,
+/// also the calls queued behind a pipeline that waits for it (callers keep no timer of their
+/// own: the pipeline task answers each call by its deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_behind_a_stalled_pipeline_fail_by_their_own_deadline() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let timeout = Duration::from_millis(400);
+    let config = RedisDedupConfig::new(format!("redis://127.0.0.1:{port}"))
+        .key_prefix(unique_prefix("stalled"))
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(10));
+    let store = Arc::new(RedisDedupStore::new_lazy(config).unwrap());
+    let mut calls = Vec::new();
+    for (i, delay) in [0u64, 100, 300, 390].into_iter().enumerate() {
+        let store = store.clone();
+        calls.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let started = Instant::now();
+            let result = store.claim(format!("k{i}").as_bytes(), "a", LEASE).await;
+            (result.is_err(), started.elapsed())
+        }));
+    }
+    for (i, call) in calls.into_iter().enumerate() {
+        let (failed, took) = call.await.unwrap();
+        assert!(failed, "call {i} succeeded against a silent server");
+        assert!(
+            took < timeout + Duration::from_millis(200),
+            "call {i} took {took:?}, past its {timeout:?}"
+        );
+    }
+    silent.abort();
+}
+
 #[tokio::test]
 async fn bad_urls_are_config_errors_without_the_password() {
     for url in [
