@@ -103,7 +103,8 @@ pub(crate) struct Request {
     pub(crate) op: Op,
     pub(crate) key: String,
     pub(crate) token: String,
-    pub(crate) reply: oneshot::Sender<Result<Reply, RedisDedupError>>,
+    /// Where the answer goes; taken when the call is answered.
+    pub(crate) reply: Option<oneshot::Sender<Result<Reply, RedisDedupError>>>,
     /// By when the caller must have its answer.
     pub(crate) deadline: tokio::time::Instant,
 }
@@ -132,10 +133,12 @@ impl Batcher {
             let Some(first) = self.rx.recv().await else {
                 return;
             };
+            // Lingering for more calls never keeps the first past its deadline.
+            let first_deadline = first.deadline;
             let mut batch = Vec::with_capacity(self.max_batch.min(64));
             batch.push(first);
             if !self.linger.is_zero() {
-                let deadline = tokio::time::Instant::now() + self.linger;
+                let deadline = (tokio::time::Instant::now() + self.linger).min(first_deadline);
                 while batch.len() < self.max_batch {
                     match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                         Ok(Some(request)) => batch.push(request),
@@ -152,15 +155,15 @@ impl Batcher {
             // A caller that gave up no longer waits: don't run its command. A call whose
             // deadline passed while it waited for a pipeline is answered now, unsent.
             let now = tokio::time::Instant::now();
-            let (expired, batch): (Vec<Request>, Vec<Request>) = batch
-                .into_iter()
-                .filter(|request| !request.reply.is_closed())
-                .partition(|request| request.deadline <= now);
-            for request in expired {
-                let _ = request
+            batch.retain_mut(|request| {
+                if request.deadline <= now {
+                    timed_out(request, self.timeout);
+                }
+                request
                     .reply
-                    .send(Err(RedisDedupError::Timeout(self.timeout)));
-            }
+                    .as_ref()
+                    .is_some_and(|reply| !reply.is_closed())
+            });
             if batch.is_empty() {
                 continue;
             }
@@ -189,64 +192,71 @@ struct Sender {
 }
 
 impl Sender {
-    async fn send(mut self, batch: Vec<Request>) {
-        // Every round trip of this batch ends by its calls' earliest deadline, and a pipeline
-        // takes at most `timeout` (a batch of `complete_all` has a budget of one `timeout` per
-        // pipeline it fills).
-        let cap = tokio::time::Instant::now() + self.timeout;
-        let deadline = batch
-            .iter()
-            .map(|r| r.deadline)
-            .min()
-            .unwrap_or(cap)
-            .min(cap);
+    async fn send(mut self, mut batch: Vec<Request>) {
         // A claim goes first as a plain `SET NX`, which Redis runs at about twice the rate of
         // the claim script: only a key that exists (a duplicate, a retried claim) needs the
         // script, in a second round trip.
         let all: Vec<(usize, Form)> = (0..batch.len()).map(|i| (i, Form::Plain)).collect();
-        let mut results = match self.round_trip(&batch, &all, false, deadline).await {
+        let mut results = match self.round_trip(&mut batch, &all, false).await {
             Ok(results) => results,
             Err(err) => {
                 tracing::warn!(url = %self.redacted_url, error = %err, calls = batch.len(), "redis dedup pipeline failed");
-                for request in batch {
-                    let _ = request.reply.send(Err(err.clone()));
+                for request in &mut batch {
+                    answer(request, Err(err.clone()));
                 }
                 return;
             }
         };
         // Then the script for the claims that found their key, and again (after loading the
         // scripts, which Redis loses on restart or SCRIPT FLUSH) for the commands that found no
-        // script: those did not run, so running them again is safe.
+        // script: those did not run, so running them again is safe. Two rounds at most: the
+        // second only reloads scripts that the first found missing. Calls whose result is
+        // final are answered before each round.
         for _ in 0..2 {
             let load = results.iter().any(is_noscript);
-            let again: Vec<(usize, Form)> = results
-                .iter()
-                .enumerate()
-                .filter(|(i, r)| {
-                    is_noscript(r) || batch.get(*i).is_some_and(|q| found_the_key(q, r))
-                })
-                .map(|(i, _)| (i, Form::Script))
-                .collect();
-            if again.is_empty() {
-                break;
+            let mut again = Vec::new();
+            for (index, request) in batch.iter_mut().enumerate() {
+                let Some(result) = results.get_mut(index).filter(|_| request.reply.is_some())
+                else {
+                    continue;
+                };
+                if is_noscript(result) || found_the_key(request, result) {
+                    again.push((index, Form::Script));
+                } else {
+                    let result = std::mem::replace(result, Err(RedisDedupError::Closed));
+                    answer(
+                        request,
+                        result.and_then(|value| parse_reply(request.op, value)),
+                    );
+                }
             }
-            match self.round_trip(&batch, &again, load, deadline).await {
+            if again.is_empty() {
+                return;
+            }
+            match self.round_trip(&mut batch, &again, load).await {
                 Ok(rerun) => {
                     for ((index, _), result) in again.iter().zip(rerun) {
-                        results[*index] = result;
+                        if let Some(slot) = results.get_mut(*index) {
+                            *slot = result;
+                        }
                     }
                 }
                 Err(err) => {
+                    tracing::warn!(url = %self.redacted_url, error = %err, calls = again.len(), "redis dedup follow-up pipeline failed");
                     for (index, _) in &again {
-                        results[*index] = Err(err.clone());
+                        if let Some(request) = batch.get_mut(*index) {
+                            answer(request, Err(err.clone()));
+                        }
                     }
-                    break;
+                    return;
                 }
             }
         }
-        for (request, result) in batch.into_iter().zip(results) {
-            let answer = result.and_then(|value| parse_reply(request.op, value));
-            let _ = request.reply.send(answer);
+        for (request, result) in batch.iter_mut().zip(results) {
+            answer(
+                request,
+                result.and_then(|value| parse_reply(request.op, value)),
+            );
         }
     }
 
@@ -254,10 +264,9 @@ impl Sender {
     /// first when `load`); one result per index.
     async fn round_trip(
         &mut self,
-        batch: &[Request],
+        batch: &mut [Request],
         indices: &[(usize, Form)],
         load: bool,
-        deadline: tokio::time::Instant,
     ) -> Result<Vec<Result<Value, RedisDedupError>>, RedisDedupError> {
         let scripts = &*self.scripts;
         let mut pipe = redis::pipe();
@@ -322,18 +331,19 @@ impl Sender {
             .commands
             .fetch_add(pipe.len() as u64, Ordering::Relaxed);
         let query = pipe.query_async::<Vec<RedisResult<Value>>>(&mut self.conn);
-        let outcome = match tokio::time::timeout_at(deadline, query).await {
-            Ok(Ok(values)) if values.len() == indices.len() => Ok(values
+        let cap = tokio::time::Instant::now() + self.timeout;
+        let outcome = match answering_the_late(query, cap, batch, indices, self.timeout).await {
+            Some(Ok(values)) if values.len() == indices.len() => Ok(values
                 .into_iter()
                 .map(|r| r.map_err(RedisDedupError::Redis))
                 .collect()),
-            Ok(Ok(values)) => Err(RedisDedupError::UnexpectedReply(format!(
+            Some(Ok(values)) => Err(RedisDedupError::UnexpectedReply(format!(
                 "{} replies for {} commands",
                 values.len(),
                 indices.len()
             ))),
-            Ok(Err(e)) => Err(RedisDedupError::Redis(e)),
-            Err(_) => Err(RedisDedupError::Timeout(self.timeout)),
+            Some(Err(e)) => Err(RedisDedupError::Redis(e)),
+            None => Err(RedisDedupError::Timeout(self.timeout)),
         };
         if outcome.is_err() {
             self.counters
@@ -342,6 +352,55 @@ impl Sender {
         }
         outcome
     }
+}
+
+/// Waits for a round trip's `query` until `cap` (one `timeout` after it was sent), answering
+/// meanwhile, with a timeout, each call of `indices` whose own deadline passes: one timer at a
+/// time, for the earliest deadline still waiting. `None` when `cap` passed, or when every
+/// call of the round trip was answered that way.
+async fn answering_the_late<T>(
+    query: impl std::future::Future<Output = T>,
+    cap: tokio::time::Instant,
+    batch: &mut [Request],
+    indices: &[(usize, Form)],
+    timeout: Duration,
+) -> Option<T> {
+    let mut query = std::pin::pin!(query);
+    loop {
+        let waiting = indices
+            .iter()
+            .filter_map(|(index, _)| batch.get(*index))
+            .filter(|request| request.reply.is_some())
+            .map(|request| request.deadline)
+            .min()?;
+        tokio::select! {
+            biased;
+            out = &mut query => return Some(out),
+            () = tokio::time::sleep_until(waiting.min(cap)) => {
+                let now = tokio::time::Instant::now();
+                for (index, _) in indices {
+                    if let Some(request) = batch.get_mut(*index).filter(|r| r.deadline <= now) {
+                        timed_out(request, timeout);
+                    }
+                }
+                if now >= cap {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Answers `request`, unless it was answered already.
+fn answer(request: &mut Request, result: Result<Reply, RedisDedupError>) {
+    if let Some(reply) = request.reply.take() {
+        let _ = reply.send(result);
+    }
+}
+
+/// Answers `request` with a timeout: its deadline passed.
+fn timed_out(request: &mut Request, timeout: Duration) {
+    answer(request, Err(RedisDedupError::Timeout(timeout)));
 }
 
 /// How a call is sent: a claim as a plain `SET NX` first, every call as its script otherwise.

@@ -181,10 +181,9 @@ impl RedisDedupStore {
     }
 
     /// Queues one call for the next pipeline; its answer comes on the returned channel, by
-    /// `deadline`: the pipeline task answers a call whose deadline passed before it was sent
-    /// with a timeout, and bounds each pipeline by its calls' earliest deadline (so the
-    /// caller needs no timer of its own). Only a full queue is waited for here, until
-    /// `deadline`.
+    /// `deadline`: the pipeline task answers a call with a timeout at its deadline, whether it
+    /// is still queued or its round trip is under way (so the caller needs no timer of its
+    /// own). Only a full queue is waited for here, until `deadline`.
     async fn enqueue(
         &self,
         op: Op,
@@ -204,7 +203,7 @@ impl RedisDedupStore {
             op,
             key: self.redis_key(key),
             token: token.to_owned(),
-            reply,
+            reply: Some(reply),
             deadline,
         };
         let request = match self.shared.tx.try_send(request) {
@@ -219,10 +218,11 @@ impl RedisDedupStore {
         }
     }
 
-    /// Marks every `(key, token)` done for `ttl` (see [`DedupStore::complete_all`]): all are
-    /// queued before any answer is awaited, so they share pipelines (one round trip for up
-    /// to `pipeline.max_batch` of them). The batch may take [`RedisDedupConfig::timeout`] per
-    /// pipeline it fills, so that the tail of a large batch does not time out behind its head.
+    /// Marks every `(key, token)` done for `ttl` (see [`DedupStore::complete_all`]): up to
+    /// `pipeline.max_batch` of them are queued before any answer is awaited, so that they share
+    /// a pipeline (one round trip); a larger batch goes a pipeline's worth at a time, each with
+    /// [`RedisDedupConfig::timeout`] of its own, so that calls of others queued meanwhile wait
+    /// for one pipeline of it at most.
     pub async fn try_complete_all(
         &self,
         marks: &[(&[u8], &str)],
@@ -231,23 +231,20 @@ impl RedisDedupStore {
         let op = Op::Complete {
             ttl_ms: expiry_ms(ttl),
         };
-        let pipelines = marks.len().div_ceil(self.shared.max_batch.max(1)).max(1);
-        let budget = self
-            .shared
-            .timeout
-            .saturating_mul(u32::try_from(pipelines).unwrap_or(u32::MAX));
-        let deadline = tokio::time::Instant::now() + budget;
-        let mut queued = Vec::with_capacity(marks.len());
-        for (key, token) in marks {
-            queued.push(self.enqueue(op, key, token, deadline).await);
-        }
         let mut out = Vec::with_capacity(marks.len());
-        for q in queued {
-            let reply = match q {
-                Ok(answer) => answered(answer).await,
-                Err(e) => Err(e),
-            };
-            out.push(reply.and_then(as_flag));
+        for chunk in marks.chunks(self.shared.max_batch.max(1)) {
+            let deadline = tokio::time::Instant::now() + self.shared.timeout;
+            let mut queued = Vec::with_capacity(chunk.len());
+            for (key, token) in chunk {
+                queued.push(self.enqueue(op, key, token, deadline).await);
+            }
+            for q in queued {
+                let reply = match q {
+                    Ok(answer) => answered(answer).await,
+                    Err(e) => Err(e),
+                };
+                out.push(reply.and_then(as_flag));
+            }
         }
         out
     }

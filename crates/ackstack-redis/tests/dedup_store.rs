@@ -508,9 +508,10 @@ async fn redis_restart_fails_fast_then_recovers_with_the_same_store() {
     );
 }
 
-/// A Redis that accepts connections and never answers: every call fails by its own deadline,
-/// also the calls queued behind a pipeline that waits for it (callers keep no timer of their
-/// own: the pipeline task answers each call by its deadline).
+/// A Redis that accepts connections and never answers: every call fails with a timeout at its
+/// own deadline, neither later (also the calls queued behind a pipeline that waits for it:
+/// callers keep no timer of their own) nor earlier (a pipeline is not cut short for all its
+/// calls at its oldest call's deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_behind_a_stalled_pipeline_fail_by_their_own_deadline() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -534,15 +535,22 @@ async fn calls_behind_a_stalled_pipeline_fail_by_their_own_deadline() {
             tokio::time::sleep(Duration::from_millis(delay)).await;
             let started = Instant::now();
             let result = store.claim(format!("k{i}").as_bytes(), "a", LEASE).await;
-            (result.is_err(), started.elapsed())
+            (result.map_err(|e| e.to_string()), started.elapsed())
         }));
     }
     for (i, call) in calls.into_iter().enumerate() {
-        let (failed, took) = call.await.unwrap();
-        assert!(failed, "call {i} succeeded against a silent server");
+        let (result, took) = call.await.unwrap();
+        let Err(error) = result else {
+            panic!("call {i} succeeded against a silent server")
+        };
+        assert!(error.contains("timed out"), "call {i}: {error}");
         assert!(
-            took < timeout + Duration::from_millis(200),
+            took < timeout + Duration::from_millis(250),
             "call {i} took {took:?}, past its {timeout:?}"
+        );
+        assert!(
+            took > timeout - Duration::from_millis(50),
+            "call {i} failed after {took:?}, before its {timeout:?}"
         );
     }
     silent.abort();
