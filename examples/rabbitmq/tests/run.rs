@@ -82,6 +82,9 @@ async fn sigterm_drains_and_exits_0() {
         ),
         ("APP_RABBITMQ__QUEUE", queue.clone()),
         ("APP_RABBITMQ__QUEUE_EXPIRES", "120s".to_string()),
+        // Dedup keys of this run only: B-1 and B-2 of an earlier run are done in Redis.
+        ("REDIS_URL", env_or("REDIS_URL", "redis://127.0.0.1:6379")),
+        ("APP_REDIS__KEY_PREFIX", format!("{queue}:")),
     ];
     let running = support::start(BIN, &env);
     // Wait until both orders were taken off the queue, then stop it as an orchestrator would.
