@@ -46,7 +46,7 @@ struct Shared {
     counters: Arc<Counters>,
     prefix: String,
     timeout: Duration,
-    /// The most calls in one pipeline (for the deadline of a batch of marks).
+    /// The most calls in one pipeline (`complete_all` queues this many at a time).
     max_batch: usize,
     redacted_url: String,
     conn: ConnectionManager,

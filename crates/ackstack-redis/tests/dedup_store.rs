@@ -543,7 +543,10 @@ async fn calls_behind_a_stalled_pipeline_fail_by_their_own_deadline() {
         let Err(error) = result else {
             panic!("call {i} succeeded against a silent server")
         };
-        assert!(error.contains("timed out"), "call {i}: {error}");
+        assert!(
+            error.contains("redis dedup call timed out"),
+            "call {i}: {error}"
+        );
         assert!(
             took < timeout + Duration::from_millis(250),
             "call {i} took {took:?}, past its {timeout:?}"
