@@ -7,14 +7,14 @@
 
 use std::time::Duration;
 
-use ackstack_core::{ErrorKind, Failure, Message, Publish, Received, Settle, Settled, Source};
+use ackstack_core::{ErrorKind, Failure, Message, Publish, Received, Settle, Source};
 use ackstack_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSource, Topology};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ConnectionProperties};
 
 mod common;
-use common::{config, receive_n, url};
+use common::{config, receive_n, retry_and_ack, url};
 
 /// Declares `queue` durable with `args` (plus `x-expires` of 300 s, so that runs leave
 /// nothing behind, where the queue type takes it) through a plain client.
@@ -131,14 +131,7 @@ async fn attempts_count_on_an_adopted_quorum_queue() {
             );
             break;
         }
-        let Settled::AckOriginal(token) = settler
-            .retry(token, &delivery, Duration::ZERO, &failure)
-            .await
-            .unwrap()
-        else {
-            panic!("expected AckOriginal");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        retry_and_ack(&settler, token, &delivery, Duration::ZERO, &failure).await;
     }
     settler.flush().await;
 }

@@ -17,7 +17,7 @@ use ackstack_rabbitmq::{
     RabbitSource, RabbitToken, text_value,
 };
 use bytes::Bytes;
-use common::{receive_n, url};
+use common::{receive_n, retry_and_ack, url};
 
 mod common;
 
@@ -179,14 +179,7 @@ async fn retry_goes_through_the_delay_bucket_with_attempts_2_and_3() {
         let failure = Failure::new(ErrorKind::Transient, "try later");
         // 1s rounds up to the 1500ms bucket.
         let start = Instant::now();
-        let settled = settler
-            .retry(token, &delivery, Duration::from_secs(1), &failure)
-            .await
-            .unwrap();
-        let Settled::AckOriginal(token) = settled else {
-            panic!("expected AckOriginal");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        retry_and_ack(&settler, token, &delivery, Duration::from_secs(1), &failure).await;
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         let waited = start.elapsed();
         let Received {
@@ -209,14 +202,7 @@ async fn retry_goes_through_the_delay_bucket_with_attempts_2_and_3() {
         // Zero delay rounds up to the smallest bucket (500ms).
         let start = Instant::now();
         let later = Failure::new(ErrorKind::Transient, "still failing");
-        let Settled::AckOriginal(token) = settler
-            .retry(token, &delivery, Duration::ZERO, &later)
-            .await
-            .unwrap()
-        else {
-            panic!("expected AckOriginal");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        retry_and_ack(&settler, token, &delivery, Duration::ZERO, &later).await;
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         assert!(start.elapsed() >= Duration::from_millis(500));
         let Received {
@@ -556,14 +542,7 @@ async fn quorum_redeliveries_are_suspects_not_attempts() {
             delivery, token, ..
         } = second.into_iter().next().unwrap();
         let failure = Failure::new(ErrorKind::Transient, "later");
-        let Settled::AckOriginal(token) = settler
-            .retry(token, &delivery, Duration::ZERO, &failure)
-            .await
-            .unwrap()
-        else {
-            panic!("expected AckOriginal");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        retry_and_ack(&settler, token, &delivery, Duration::ZERO, &failure).await;
         let third = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         assert_eq!(
             third[0].delivery.attempt, 2,
@@ -976,14 +955,7 @@ async fn retry_copy_of_an_expiring_message_waits_its_full_delay_and_keeps_the_ex
         } = got.into_iter().next().unwrap();
         let failure = Failure::new(ErrorKind::Transient, "later");
         let start = Instant::now();
-        let Settled::AckOriginal(token) = settler
-            .retry(token, &delivery, Duration::from_secs(1), &failure)
-            .await
-            .unwrap()
-        else {
-            panic!("expected AckOriginal");
-        };
-        assert!(settler.ack(vec![token]).await.failed.is_empty());
+        retry_and_ack(&settler, token, &delivery, Duration::from_secs(1), &failure).await;
         let got = receive_n(&mut source, 1, Duration::from_secs(10)).await;
         let waited = start.elapsed();
         let Received {

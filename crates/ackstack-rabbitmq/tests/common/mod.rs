@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use ackstack_core::{Received, Source, SourceError};
-use ackstack_rabbitmq::{RabbitConfig, RabbitSource, RabbitToken};
+use ackstack_core::{Delivery, Failure, Received, Settle, Settled, Source, SourceError};
+use ackstack_rabbitmq::{RabbitConfig, RabbitSettler, RabbitSource, RabbitToken};
 use ackstack_testkit::unique_name;
 
 /// `AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`.
@@ -51,4 +51,23 @@ pub async fn receive_n(
         }
     }
     out
+}
+
+/// Retries `delivery` after `delay` and acks the original, as the runner does with a retry
+/// whose copy the broker holds (`Settled::AckOriginal`).
+pub async fn retry_and_ack(
+    settler: &RabbitSettler,
+    token: RabbitToken,
+    delivery: &Delivery,
+    delay: Duration,
+    failure: &Failure,
+) {
+    let settled = settler
+        .retry(token, delivery, delay, failure)
+        .await
+        .unwrap();
+    let Settled::AckOriginal(token) = settled else {
+        panic!("expected AckOriginal");
+    };
+    assert!(settler.ack(vec![token]).await.failed.is_empty());
 }
