@@ -4,11 +4,22 @@
 //! ```text
 //! BEGIN                                   the first member opens the group
 //!   SAVEPOINT m; INSERT key1 ...          member 1 (one round trip), then its statements
-//!   RELEASE SAVEPOINT m                   Ok (an error: ROLLBACK TO SAVEPOINT m, member 1 fails alone)
-//!   SAVEPOINT m; INSERT key2 ...          member 2, after member 1 (members take turns)
+//!   RELEASE SAVEPOINT m; SAVEPOINT m;     member 2, after member 1 (members take turns): member
+//!     INSERT key2 ...                       1's release goes out with member 2's first round trip
 //!   ...
+//!   RELEASE SAVEPOINT m                   the last member's release, before the commit
 //! COMMIT                                  by the last member to finish; then every member returns
 //! ```
+//!
+//! A member whose handler returned `Ok` has its savepoint released by whoever comes next, not
+//! by a round trip of its own (a member costs one round trip besides its handler's
+//! statements). That release fails only when one of its statements failed and the handler
+//! carried on (PostgreSQL had aborted the transaction): the next member then rolls back to
+//! that savepoint (undoing that member alone), tells that member through its `Verdict`
+//! (it fails with [`InboxError::Aborted`]), and opens its own. A member whose handler failed
+//! rolls back to its savepoint during its own turn, and one whose key was a duplicate ran
+//! nothing to release; the savepoints they leave open nest (PostgreSQL keeps a savepoint of
+//! the same name below a new one, and `RELEASE` and `ROLLBACK TO` act on the newest).
 //!
 //! A member joins the open group unless it is full or closed; the group closes when every
 //! member that joined has had its turn, so a lone delivery commits at once and a burst fills
@@ -31,6 +42,8 @@ use crate::tx::InboxTx;
 /// The savepoint every member runs in (members take turns, so one name suffices).
 const SAVEPOINT: &str = "SAVEPOINT ackstack_member";
 const RELEASE: &str = "RELEASE SAVEPOINT ackstack_member";
+/// The member before's release and this member's savepoint, in one round trip.
+const RELEASE_AND_OPEN: &str = "RELEASE SAVEPOINT ackstack_member; SAVEPOINT ackstack_member";
 const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT ackstack_member";
 
 /// The group open for new members, if any. Held weakly: a group's connection goes back to
@@ -43,8 +56,9 @@ pub(crate) struct Groups {
 /// One shared transaction and its members.
 struct Group {
     tx: InboxTx,
-    /// Held by the member whose statements run now.
-    turn: tokio::sync::Mutex<()>,
+    /// Held by the member whose statements run now; inside, the member whose savepoint is
+    /// still to be released.
+    turn: tokio::sync::Mutex<Option<Arc<Verdict>>>,
     members: Mutex<Members>,
     /// `Some` once the transaction ended: `Ok` when it committed.
     outcome: watch::Sender<Option<Result<(), String>>>,
@@ -63,6 +77,21 @@ struct Members {
 impl Group {
     fn members(&self) -> MutexGuard<'_, Members> {
         self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// How a member whose handler returned `Ok` learns that its statements were rolled back after
+/// its turn (its release failed: see the module docs).
+#[derive(Default)]
+struct Verdict(Mutex<Option<tokio_postgres::Error>>);
+
+impl Verdict {
+    fn rolled_back(&self, err: tokio_postgres::Error) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
+    }
+
+    fn take(&self) -> Option<tokio_postgres::Error> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 }
 
@@ -102,7 +131,7 @@ impl Groups {
         let (outcome, _) = watch::channel(None);
         let group = Arc::new(Group {
             tx,
-            turn: tokio::sync::Mutex::new(()),
+            turn: tokio::sync::Mutex::new(None),
             members: Mutex::new(Members {
                 joined: 1,
                 ..Members::default()
@@ -218,7 +247,8 @@ where
     ));
     let mut member = joined?;
     let group = member.group.clone();
-    let turn = group.turn.lock().await;
+    let verdict = Arc::new(Verdict::default());
+    let mut turn = group.turn.lock().await;
     let result = match member.poisoned() {
         Some(reason) => Err(InboxError::Group(reason).into()),
         None => {
@@ -226,7 +256,8 @@ where
             // cancelled mid-turn: the group is poisoned before the next member can take the
             // turn (and commit this member's half-done statements).
             let mut unfinished = Unfinished(&group, true);
-            let result = run_turn(inbox, &group.tx, key, f, delivery, cx).await;
+            let result =
+                run_turn(inbox, &group.tx, &mut turn, &verdict, key, f, delivery, cx).await;
             unfinished.1 = false;
             result
         }
@@ -240,19 +271,14 @@ where
         }
     };
     let last = member.finish(poison);
-    drop(turn);
     if last {
+        // Every member has had its turn: none waits for it any more.
         let mut ending = Ending(&group, false);
-        let outcome = match member.poisoned() {
-            Some(reason) => {
-                group.tx.rollback().await;
-                Err(reason)
-            }
-            None => group.tx.commit().await.map_err(|e| e.to_string()),
-        };
+        let outcome = end(&group, member.poisoned(), turn.take()).await;
         ending.1 = true;
         group.outcome.send_replace(Some(outcome));
     }
+    drop(turn);
     let turn = turn_result?;
     if let Turn::Failed(err) = turn {
         // Rolled back to its savepoint: nothing of it is in the transaction. Its retry need
@@ -264,6 +290,10 @@ where
         Ok(done) => done.clone().unwrap_or(Err("no outcome".into())),
         Err(_) => Err("the group ended without an outcome".into()),
     };
+    if let Some(err) = verdict.take() {
+        // Its release failed after its turn: it was rolled back alone.
+        return Err(InboxError::Aborted(err).into());
+    }
     committed.map_err(InboxError::Group)?;
     if let Turn::Duplicate = turn {
         inbox.note_duplicate_delivery(cx, key);
@@ -280,11 +310,83 @@ impl Drop for TurnOver {
     }
 }
 
+/// Ends the group's transaction, by the last member to finish: releases the savepoint still
+/// pending (rolling its member back alone if that fails, as the next member would have) and
+/// commits, or rolls back a poisoned group.
+async fn end(
+    group: &Group,
+    poisoned: Option<String>,
+    pending: Option<Arc<Verdict>>,
+) -> Result<(), String> {
+    if let Some(reason) = poisoned {
+        group.tx.rollback().await;
+        return Err(reason);
+    }
+    if let Some(before) = pending {
+        match group.tx.batch_execute(RELEASE).await {
+            Ok(()) => {}
+            Err(InboxError::Database(err)) if aborted_before(&err) => {
+                if let Err(rollback) = group.tx.batch_execute(ROLLBACK_TO).await {
+                    group.tx.rollback().await;
+                    return Err(rollback.to_string());
+                }
+                before.rolled_back(err);
+            }
+            Err(err) => {
+                group.tx.rollback().await;
+                return Err(err.to_string());
+            }
+        }
+    }
+    group.tx.commit().await.map_err(|e| e.to_string())
+}
+
+/// Whether `err` says the transaction was aborted before the statement ran (a statement of
+/// the member before failed and its handler carried on).
+fn aborted_before(err: &tokio_postgres::Error) -> bool {
+    err.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+}
+
+/// Opens this member's savepoint, with `record` (its inbox row) pipelined behind it, first
+/// releasing the savepoint of the member before if that is pending (see the module docs).
+/// `Err`: the transaction's state is unknown.
+async fn open_savepoint<R, Fut>(
+    tx: &InboxTx,
+    pending: &mut Option<Arc<Verdict>>,
+    record: R,
+) -> Result<Result<bool, InboxError>, InboxError>
+where
+    R: Fn() -> Fut,
+    Fut: Future<Output = Result<bool, InboxError>>,
+{
+    if let Some(before) = pending.take() {
+        let (opened, recorded) = tokio::join!(tx.batch_execute(RELEASE_AND_OPEN), record());
+        match opened {
+            Ok(()) => return Ok(recorded),
+            Err(InboxError::Database(err)) if aborted_before(&err) => {
+                // The member before is undone alone; then this member starts afresh.
+                tx.batch_execute(ROLLBACK_TO).await?;
+                before.rolled_back(err);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    // SAVEPOINT and INSERT go out together (tokio-postgres pipelines them).
+    let (opened, recorded) = tokio::join!(tx.batch_execute(SAVEPOINT), record());
+    opened?;
+    Ok(recorded)
+}
+
 /// One member's statements, inside its savepoint. `Err`: the transaction's state is unknown
 /// (the group is poisoned); `Ok(Turn::Failed)`: the handler failed and was rolled back alone.
+/// A member whose handler returned `Ok` leaves its savepoint to be released by the next turn
+/// (`pending`), which tells `verdict` if that release fails.
+#[allow(clippy::too_many_arguments)]
 async fn run_turn<F, Fut>(
     inbox: &PgInbox,
     tx: &InboxTx,
+    pending: &mut Option<Arc<Verdict>>,
+    verdict: &Arc<Verdict>,
     key: Option<&[u8]>,
     f: &F,
     delivery: &Delivery,
@@ -296,10 +398,7 @@ where
 {
     match key {
         Some(key) => {
-            // SAVEPOINT and INSERT go out together (tokio-postgres pipelines them).
-            let (savepoint, recorded) =
-                tokio::join!(tx.batch_execute(SAVEPOINT), inbox.record(tx, key));
-            savepoint?;
+            let recorded = open_savepoint(tx, pending, || inbox.record(tx, key)).await?;
             match recorded {
                 Ok(true) => {}
                 Ok(false) => return Ok(Turn::Duplicate),
@@ -314,7 +413,7 @@ where
         }
         None => {
             inbox.note_keyless(cx);
-            tx.batch_execute(SAVEPOINT).await?;
+            open_savepoint(tx, pending, || std::future::ready(Ok(true))).await??;
         }
     }
     // The member's own handle: refused once its turn is over (also when `f` unwinds).
@@ -323,16 +422,12 @@ where
     let result = f(delivery.clone(), tx.for_turn(turn.clone()), cx.clone()).await;
     turn.store(false, Ordering::Release);
     match result {
-        Ok(()) => match tx.batch_execute(RELEASE).await {
-            Ok(()) => Ok(Turn::Applied),
-            // A statement failed and the handler returned Ok anyway: PostgreSQL aborted the
-            // savepoint, so nothing of this member is kept.
-            Err(InboxError::Database(err)) if err.as_db_error().is_some() => {
-                tx.batch_execute(ROLLBACK_TO).await?;
-                Ok(Turn::Failed(InboxError::Aborted(err).into()))
-            }
-            Err(err) => Err(err.into()),
-        },
+        Ok(()) => {
+            // Released by whoever comes next (a statement that failed while the handler
+            // carried on is found then, and this member alone rolled back).
+            *pending = Some(verdict.clone());
+            Ok(Turn::Applied)
+        }
         Err(err) => {
             tx.batch_execute(ROLLBACK_TO).await?;
             Ok(Turn::Failed(err))

@@ -99,8 +99,9 @@
 //!
 //! ```text
 //! BEGIN
-//!   SAVEPOINT m; INSERT key1 ...; <handler 1's statements>; RELEASE SAVEPOINT m
-//!   SAVEPOINT m; INSERT key2 ...; <handler 2's statements>; RELEASE SAVEPOINT m   (a failure: ROLLBACK TO SAVEPOINT m)
+//!   SAVEPOINT m; INSERT key1 ...; <handler 1's statements>
+//!   RELEASE SAVEPOINT m; SAVEPOINT m; INSERT key2 ...; <handler 2's statements>   (a failure: ROLLBACK TO SAVEPOINT m)
+//!   RELEASE SAVEPOINT m
 //! COMMIT          then every member of the group is acknowledged
 //! ```
 //!

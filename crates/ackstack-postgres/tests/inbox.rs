@@ -646,6 +646,89 @@ async fn a_failing_member_is_rolled_back_alone() {
     s.drop_tables().await;
 }
 
+/// Eight deliveries handled at once by `handler`, so that they share commit groups; each
+/// one's result by its message id `m-0` .. `m-7`.
+async fn handle_eight<H: Handler>(handler: &H) -> Vec<Result<(), HandlerError>> {
+    let cx = Context::new();
+    let deliveries: Vec<Delivery> = (0..8)
+        .map(|i| delivery(Some(&format!("m-{i}")), 1))
+        .collect();
+    futures::future::join_all(deliveries.iter().map(|d| handler.handle(d, &cx))).await
+}
+
+#[tokio::test]
+async fn a_member_costs_one_round_trip_besides_its_handlers_statements() {
+    let s = Setup::with("group_trips", |c| c.commit_group(16)).await;
+    let handler = s
+        .inbox
+        .handler(DedupKey::MessageId, |_delivery, _tx, _cx| async { Ok(()) });
+    let before = s.inbox.stats();
+    for result in handle_eight(&handler).await {
+        result.unwrap();
+    }
+    let after = s.inbox.stats();
+    let transactions = after.transactions - before.transactions;
+    let round_trips = after.round_trips - before.round_trips;
+    assert!(transactions < 8, "the deliveries shared commits: {after:?}");
+    // Per member two statements sent together (the release of the member before with its
+    // savepoint, and its inbox row); per transaction BEGIN, the last release and COMMIT. (A
+    // release awaited by each member itself made it 3 per member and 2 per transaction.)
+    assert_eq!(
+        round_trips,
+        2 * 8 + 3 * transactions,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(s.inbox_rows().await, 8);
+    s.drop_tables().await;
+}
+
+#[tokio::test]
+async fn a_swallowed_sql_error_found_by_the_next_release_fails_that_member_alone() {
+    // m-2 (a member with others after it) and m-7 (the last member of its group, released
+    // before the commit) swallow a failed statement and return Ok.
+    let s = Setup::with("group_swallow", |c| c.commit_group(16)).await;
+    let fx = s.fx.clone();
+    let handler = s
+        .inbox
+        .handler(DedupKey::MessageId, move |delivery, tx, _cx| {
+            let fx = fx.clone();
+            async move {
+                record_effect(&tx, &fx, &delivery).await?;
+                if matches!(delivery.message_id.as_deref(), Some("m-2" | "m-7")) {
+                    let _ = tx
+                        .execute("INSERT INTO no_such_table VALUES (1)", &[])
+                        .await;
+                }
+                Ok(())
+            }
+        });
+    let results = handle_eight(&handler).await;
+    for (i, result) in results.iter().enumerate() {
+        if i == 2 || i == 7 {
+            let err = result.as_ref().unwrap_err();
+            assert!(
+                err.to_string().contains("nothing was committed"),
+                "m-{i}: {err}"
+            );
+        } else {
+            assert!(result.is_ok(), "m-{i}: {result:?}");
+        }
+    }
+    let failed = count(
+        &s.inbox,
+        &format!("SELECT count(*) FROM {} WHERE key IN ('m-2', 'm-7')", s.fx),
+    )
+    .await;
+    assert_eq!(failed, 0, "a rolled-back member's effect was committed");
+    assert_eq!(s.effects().await, 6);
+    assert_eq!(s.inbox_rows().await, 6);
+    assert!(
+        s.inbox.stats().transactions < 8,
+        "the deliveries shared commits"
+    );
+    s.drop_tables().await;
+}
+
 #[tokio::test]
 async fn a_panicking_member_fails_its_group_and_nothing_is_lost_or_doubled() {
     let s = Setup::with("group_panic", |c| c.commit_group(16)).await;
