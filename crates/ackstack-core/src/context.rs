@@ -6,13 +6,16 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::Cancel;
 use crate::metrics::{Metrics, unregistered};
 
 /// Per-delivery context handed to the handler.
 #[derive(Clone, Debug, Default)]
 pub struct Context {
-    cancel: CancellationToken,
-    stopping: CancellationToken,
+    /// The delivery's cancellation: a token made only when something waits for it.
+    cancel: Cancel,
+    /// The consumer's shutdown signal, shared (a token's clone and drop each take its lock).
+    stopping: Arc<CancellationToken>,
     stats: Arc<RunStats>,
     /// Where the retry layer records the attempt it is on when it retries in place (set by
     /// the runner only where retries happen in place). Held inline, not shared: the runner's
@@ -95,13 +98,13 @@ impl Context {
 
     /// A context observing `cancel` that reports to `stats`.
     pub(crate) fn with_stats(cancel: CancellationToken, stats: Arc<RunStats>) -> Self {
-        Context::for_run(cancel, CancellationToken::new(), stats)
+        Context::for_run(Cancel::Token(cancel), Arc::default(), stats)
     }
 
     /// A delivery's context in a run: `cancel` is the delivery's, `stopping` the run's.
     pub(crate) fn for_run(
-        cancel: CancellationToken,
-        stopping: CancellationToken,
+        cancel: Cancel,
+        stopping: Arc<CancellationToken>,
         stats: Arc<RunStats>,
     ) -> Self {
         Context {
@@ -119,7 +122,7 @@ impl Context {
 
     /// With `stopping` as the consumer's shutdown signal (see [`Context::stopping`]).
     pub fn with_stopping(mut self, stopping: CancellationToken) -> Self {
-        self.stopping = stopping;
+        self.stopping = Arc::new(stopping);
         self
     }
 
@@ -137,7 +140,7 @@ impl Context {
     /// A context for nested work: cancelled with this one, and cancellable on its own.
     pub fn child(&self) -> Context {
         Context {
-            cancel: self.cancel.child_token(),
+            cancel: self.cancel.child(),
             stopping: self.stopping.clone(),
             stats: self.stats.clone(),
             attempt: self.attempt.clone(),
@@ -276,14 +279,23 @@ impl Context {
         self.cancel.cancelled().await
     }
 
+    /// Cancels this context's work (and its children's), as cancelling [`Context::token`]
+    /// would, without making a token.
+    pub(crate) fn cancel_work(&self) {
+        self.cancel.cancel();
+    }
+
     /// Whether the work should stop (see [`Context::cancelled`]).
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }
 
-    /// The underlying token, to pass to code that takes a [`CancellationToken`].
+    /// The underlying token, to pass to code that takes a [`CancellationToken`]. Made the
+    /// first time it is asked for (a delivery's cancellation is a flag until then); it is
+    /// cancelled whenever [`Context::is_cancelled`] says so, and cancelling it cancels this
+    /// context's work.
     pub fn token(&self) -> &CancellationToken {
-        &self.cancel
+        self.cancel.token()
     }
 }
 

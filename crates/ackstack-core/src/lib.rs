@@ -89,6 +89,7 @@
 pub mod adapter;
 pub mod backoff;
 pub mod batch;
+mod cancel;
 mod clock;
 pub mod config;
 mod context;

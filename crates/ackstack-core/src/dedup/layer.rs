@@ -188,7 +188,7 @@ impl<P: Process> Dedup<P> {
                     }
                     if lost {
                         tracing::warn!(key = %ShowKey(key), "dedup claim lost while the handler ran; cancelling it");
-                        inner_cx.token().cancel();
+                        inner_cx.cancel_work();
                     }
                 }
             }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::cancel::Cancel;
 use crate::context::{Context, RunStats};
 use crate::deadletter::DeadLetter;
 use crate::delivery::Delivery;
@@ -54,7 +55,7 @@ pub(super) struct Shared<P, S: Settle> {
     pub(super) release_redelivers: bool,
     pub(super) status: Status,
     /// Fired when shutdown begins.
-    pub(super) stopping: CancellationToken,
+    pub(super) stopping: Arc<CancellationToken>,
     pub(super) on_refused: OnRefused,
     pub(super) refusals: Refusals,
     /// The consumer's control, when a kill switch is armed (it then counts outcomes).
@@ -100,7 +101,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
     pub(super) async fn run_one(
         &self,
         received: Received<S::Token>,
-        cancel: CancellationToken,
+        cancel: Cancel,
         lease: Option<LeaseGuard<S::Token>>,
         turn: Option<Turn>,
         metrics: Arc<Metrics>,
@@ -126,7 +127,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
     async fn run_seated(
         &self,
         received: Received<S::Token>,
-        cancel: CancellationToken,
+        cancel: Cancel,
         mut lease: Option<LeaseGuard<S::Token>>,
         mut turn: Option<Turn>,
         metrics: Arc<Metrics>,
@@ -161,10 +162,12 @@ impl<P: Process, S: Settle> Shared<P, S> {
         async {
             if let Some(turn) = &mut turn {
                 // Waiting for the key's turn; a lost lease or the deadline ends the wait.
+                // The turn is polled first: a key with no one ahead costs no cancellation
+                // token (one is made only to wait); a lease lost meanwhile is found below.
                 tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => {}
                     _ = turn.wait() => {}
+                    _ = cancel.cancelled() => {}
                 }
             }
             if cancel.is_cancelled() {
@@ -174,7 +177,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                 return;
             }
             let mut cx = self
-                .context(&cancel)
+                .context(cancel)
                 .with_metrics(metrics)
                 .with_probe(probe)
                 .with_lease_deadline(lease.as_ref().map(LeaseGuard::deadline));
@@ -183,7 +186,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                     // Alone among attempts: those running now finish first, none starts.
                     let guard = tokio::select! {
                         biased;
-                        _ = cancel.cancelled() => {
+                        _ = cx.cancelled() => {
                             self.not_processed(lease.as_ref(), probe);
                             return;
                         }
@@ -236,7 +239,7 @@ impl<P: Process, S: Settle> Shared<P, S> {
                     outcome = self.stack.process(&delivery, &cx) => Some(outcome),
                     // The lease is lost (or the shutdown deadline passed): stop the handler at
                     // its current `.await` instead of waiting for it to notice.
-                    _ = cancel.cancelled() => None,
+                    _ = cx.cancelled() => None,
                 }
             } else {
                 Some(self.stack.process(&delivery, &cx).await)
@@ -399,8 +402,8 @@ impl<P: Process, S: Settle> Shared<P, S> {
         }
     }
 
-    fn context(&self, cancel: &CancellationToken) -> Context {
-        Context::for_run(cancel.clone(), self.stopping.clone(), self.stats.clone())
+    fn context(&self, cancel: Cancel) -> Context {
+        Context::for_run(cancel, self.stopping.clone(), self.stats.clone())
     }
 }
 

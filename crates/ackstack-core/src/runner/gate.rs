@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::future::BoxFuture;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
-use tokio_util::sync::CancellationToken;
 
 /// Records durably where a suspect's crash window starts or ends; `true` when it did (see
 /// [`Settle::step_aside`](crate::Settle::step_aside) and [`Settle::arm`](crate::Settle::arm)).
@@ -122,7 +121,7 @@ impl Seat {
     /// (waiting for the attempts running now) and has the adapter mark the run alone again, so
     /// that a crash in any of its attempts is counted. Returns `false` when `cancel` fired
     /// first.
-    pub(crate) async fn rejoin(&self, cancel: &CancellationToken) -> bool {
+    pub(crate) async fn rejoin(&self, cancel: &crate::cancel::Cancel) -> bool {
         if self.holds_alone() {
             return true;
         }

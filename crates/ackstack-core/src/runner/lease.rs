@@ -5,7 +5,7 @@
 //! extended at [`LeaseConfig::extend_at`] (70% by default) of its length, up to
 //! [`LeaseConfig::max_total`] since receipt. When an extension fails because the lease is lost,
 //! or the lease runs out without one (the total was reached, or the broker kept failing), the
-//! delivery's cancellation token fires and it is marked lost: the runner never acks it.
+//! delivery's cancellation fires and it is marked lost: the runner never acks it.
 //!
 //! Leases are handed over a batch at a time ([`LeaseKeeper::hold_batch`]): one message to the
 //! keeper per receive, and a slot per delivery that its guard marks done when dropped. The
@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
+use crate::cancel::{Cancel, HardStop, Lazy, SlotSource};
 use crate::context::RunStats;
 use crate::id_hash::IdHash;
 use crate::metrics::Metrics;
@@ -73,11 +73,12 @@ const KEPT: u8 = 2;
 /// Lost: the delivery must not be acked.
 const LOST: u8 = 3;
 
-/// One delivery of a batch: its token, what fires when its lease is lost, and its state.
+/// One delivery of a batch: its token, its cancellation (fired when its lease is lost), and
+/// its state.
 #[derive(Debug)]
 struct Slot<T> {
     token: T,
-    cancel: CancellationToken,
+    cancel: Lazy,
     state: AtomicU8,
 }
 
@@ -95,6 +96,19 @@ struct Batch<T> {
     /// The last moment the leases are sure to be kept: `max_total` after receipt, less one
     /// lease (the keeper stops extending once an extension would pass `max_total`).
     deadline: Instant,
+    /// The run's hard stop, which cancels every delivery's work (see `cancel.rs`).
+    hard_stop: Arc<HardStop>,
+}
+
+/// The batch holds its deliveries' cancellations too: they cost no allocation of their own.
+impl<T: Send + Sync> SlotSource for Batch<T> {
+    fn cancel_slot(&self, index: usize) -> Option<&Lazy> {
+        self.slots.get(index).map(|s| &s.cancel)
+    }
+
+    fn hard_stop(&self) -> &HardStop {
+        &self.hard_stop
+    }
 }
 
 impl<T> Batch<T> {
@@ -140,9 +154,12 @@ impl<T> LeaseGuard<T> {
         self.state() == LOST
     }
 
-    /// What fires when the lease is lost.
-    pub fn cancel_token(&self) -> Option<&CancellationToken> {
-        self.batch.slot(self.index).map(|s| &s.cancel)
+    /// The delivery's cancellation, fired when the lease is lost.
+    pub(crate) fn cancel(&self) -> Cancel
+    where
+        T: Send + Sync + 'static,
+    {
+        Cancel::Slot(self.batch.clone(), self.index)
     }
 
     fn state(&self) -> u8 {
@@ -251,6 +268,7 @@ pub struct LeaseKeeper<T> {
     task: tokio::task::JoinHandle<()>,
     lease: Duration,
     max_total: Duration,
+    hard_stop: Arc<HardStop>,
 }
 
 impl<T> Held<T> {
@@ -276,12 +294,14 @@ impl<T> std::fmt::Debug for Command<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
-    /// Starts keeping leases of length `lease` through `settler`.
+    /// Starts keeping leases of length `lease` through `settler`; the deliveries' work is
+    /// also cancelled by `hard_stop`.
     pub fn spawn<S: Settle<Token = T>>(
         settler: S,
         lease: Duration,
         config: LeaseConfig,
         watch: Watch,
+        hard_stop: Arc<HardStop>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let max_total = config.max_total;
@@ -292,22 +312,19 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
             task,
             lease,
             max_total,
+            hard_stop,
         }
     }
 
-    /// Keeps the leases of the deliveries behind `held` (each token with what fires if its
-    /// lease is lost), received at `received`: one guard per delivery, in order, each keeping
-    /// its lease until dropped.
-    pub fn hold_batch(
-        &self,
-        received: Instant,
-        held: impl IntoIterator<Item = (T, CancellationToken)>,
-    ) -> Guards<T> {
+    /// Keeps the leases of the deliveries behind `held`, received at `received`: one guard per
+    /// delivery, in order, each keeping its lease until dropped and holding the delivery's
+    /// cancellation ([`LeaseGuard::cancel`]).
+    pub fn hold_batch(&self, received: Instant, held: impl IntoIterator<Item = T>) -> Guards<T> {
         let slots: Vec<Slot<T>> = held
             .into_iter()
-            .map(|(token, cancel)| Slot {
+            .map(|token| Slot {
                 token,
-                cancel,
+                cancel: Lazy::default(),
                 state: AtomicU8::new(HELD),
             })
             .collect();
@@ -320,6 +337,7 @@ impl<T: Clone + Send + Sync + 'static> LeaseKeeper<T> {
             unfinished: AtomicUsize::new(n),
             settle_wait: self.lease,
             deadline: later(received, self.max_total.saturating_sub(self.lease)),
+            hard_stop: self.hard_stop.clone(),
         });
         if n > 0 {
             let _ = self.tx.send(Command::Hold(batch.clone()));
@@ -532,7 +550,7 @@ async fn run<S: Settle>(
 fn lose<T>(h: &mut Held<T>, watch: &Watch) {
     let Some(slot) = h.slot() else { return };
     if slot.state.swap(LOST, Ordering::AcqRel) != LOST {
-        slot.cancel.cancel();
+        slot.cancel.fire();
         watch.metrics.leases_lost.increment(1);
         tracing::warn!("lease lost; the delivery's work is cancelled and it will not be acked");
     }

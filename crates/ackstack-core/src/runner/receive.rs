@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::batch::{BatchConfig, BatchHandler, Batcher};
+use crate::cancel::{Cancel, HardStop, Slots};
 use crate::dedup::DedupLayer;
 use crate::delivery::Delivery;
 use crate::handler::{Handler, Layer, Terminal};
@@ -26,7 +27,7 @@ use super::config::{ConfigError, DeliveryMode, KeyOrdering};
 use super::deliver::Refusals;
 use super::deliver::{Shared, call_inspector};
 use super::gate::AttemptGate;
-use super::lease::{LeaseGuard, LeaseKeeper, Watch};
+use super::lease::{LeaseKeeper, Watch};
 use super::ordering::KeyGate;
 use super::state::Admit;
 use super::status::{ConsumerError, Counters, InFlight, Summary};
@@ -176,12 +177,14 @@ impl<S: Source, L> Consumer<S, L> {
             (ack_batch * (caps.parallel_acks + 1)).max(cfg.max_concurrency() * 2),
             own.clone(),
         );
+        // Stops the deliveries' tasks at the shutdown deadline, and cancels their work.
+        let hard_stop = Arc::new(HardStop::default());
         let leases = caps.lease.map(|lease| {
             let watch = Watch {
                 metrics: own.clone(),
                 stats: stats.clone(),
             };
-            LeaseKeeper::spawn(settler.clone(), lease, cfg.lease, watch)
+            LeaseKeeper::spawn(settler.clone(), lease, cfg.lease, watch, hard_stop.clone())
         });
         let backlog = super::backlog::spawn(settler.clone(), cfg.backlog_interval, own.clone());
         let permits = Arc::new(Semaphore::new(cfg.max_concurrency()));
@@ -208,7 +211,7 @@ impl<S: Source, L> Consumer<S, L> {
             backoff: cfg.retry.backoff,
             release_redelivers: caps.broker_delay,
             status: self.status.clone(),
-            stopping: CancellationToken::new(),
+            stopping: Arc::new(CancellationToken::new()),
             on_refused: cfg.on_dead_letter_refused,
             refusals: Refusals::default(),
             kill_switch: cfg.kill_switch.is_some().then(|| self.control.clone()),
@@ -221,7 +224,6 @@ impl<S: Source, L> Consumer<S, L> {
         self.control.install(cfg.kill_switch, own.clone());
         let control = self.control.clone();
         let gate = per_key.then(KeyGate::new);
-        let hard_stop = CancellationToken::new();
         let stopping = shared.stopping.clone();
         let adaptive = shared.adaptive.clone();
         let receive_batch = cfg.receive_batch;
@@ -330,16 +332,16 @@ impl<S: Source, L> Consumer<S, L> {
             }
             let probe = control.admitted(batch.len());
             shared.status.received(batch.len() as u64);
-            // The batch's leases, handed to the keeper at once; each delivery takes its guard
-            // and the token that fires if its lease is lost.
-            let mut guards = leases.as_ref().map(|k| {
-                k.hold_batch(
-                    received_at,
-                    batch
-                        .iter()
-                        .map(|r| (r.token.clone(), hard_stop.child_token())),
-                )
-            });
+            // The batch's leases, handed to the keeper at once; each delivery takes its guard,
+            // whose slot also holds the delivery's cancellation (fired if its lease is lost).
+            // Without leases, the batch's cancellations get slots of their own (see
+            // `cancel.rs`: a token is made only for a delivery something waits to cancel).
+            let mut guards = leases
+                .as_ref()
+                .map(|k| k.hold_batch(received_at, batch.iter().map(|r| r.token.clone())));
+            let mut cancels = guards
+                .is_none()
+                .then(|| Slots::batch(&hard_stop, batch.len()));
             let mut first = Some(first);
             let last = batch.len().saturating_sub(1);
             for (index, received) in batch.into_iter().enumerate() {
@@ -366,9 +368,12 @@ impl<S: Source, L> Consumer<S, L> {
                 let metrics = shared.metrics.of(&received.delivery.origin);
                 metrics.received();
                 let lease = guards.as_mut().and_then(Iterator::next);
-                let cancel = match lease.as_ref().and_then(LeaseGuard::cancel_token) {
-                    Some(cancel) => cancel.clone(),
-                    None => hard_stop.child_token(),
+                let cancel = match &lease {
+                    Some(lease) => lease.cancel(),
+                    None => cancels
+                        .as_mut()
+                        .and_then(Iterator::next)
+                        .unwrap_or_else(|| Cancel::Token(hard_stop.token().child_token())),
                 };
                 let turn = match (&gate, &received.delivery.key) {
                     (Some(gate), Some(key)) => Some(gate.enter(key.clone())),
@@ -385,7 +390,6 @@ impl<S: Source, L> Consumer<S, L> {
                     }
                 }
                 let task_shared = shared.clone();
-                let token = cancel.clone();
                 let in_flight = InFlight::start(shared.status.clone(), metrics.clone());
                 let task = Box::pin(async move {
                     let _permit = permit;
@@ -400,9 +404,9 @@ impl<S: Source, L> Consumer<S, L> {
                 }
                 if index == last && permits.available_permits() == 0 {
                     // The loop would only wait for a permit now: run it here until it waits.
-                    tasks.start(token, task).await;
+                    tasks.start(task).await;
                 } else {
-                    tasks.spawn(token, task);
+                    tasks.spawn(task);
                 }
                 if alone {
                     // Its own ack too: a crash right after must not make it come back.

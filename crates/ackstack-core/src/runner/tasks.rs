@@ -3,9 +3,8 @@
 //!
 //! A `JoinSet` would do the same with an allocation and two locked list operations per task,
 //! and a join per task for the loop to reap. Here a task only moves a counter; the shutdown
-//! deadline stops the tasks through their deliveries' cancellation tokens (children of the
-//! run's hard-stop token), dropping each task's future at its current `.await` as an abort
-//! would.
+//! deadline stops the tasks through the run's hard-stop token, which a task watches only while
+//! it waits, dropping each task's future at its current `.await` as an abort would.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -15,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+
+use crate::cancel::HardStop;
 
 /// The run's delivery tasks.
 #[derive(Debug)]
@@ -30,8 +30,8 @@ struct Inner {
     idle: Notify,
     /// Set, before `hard_stop` fires, when the tasks are to stop.
     stop: AtomicBool,
-    /// The parent of every delivery's token.
-    hard_stop: CancellationToken,
+    /// Fired when the tasks are to stop (after `stop` is set).
+    hard_stop: Arc<HardStop>,
 }
 
 impl Drop for Tasks {
@@ -55,8 +55,8 @@ impl Drop for Running {
 }
 
 impl Tasks {
-    /// Tasks stopped through `hard_stop`, the parent of every delivery's token.
-    pub(super) fn new(hard_stop: CancellationToken) -> Self {
+    /// Tasks stopped through `hard_stop`.
+    pub(super) fn new(hard_stop: Arc<HardStop>) -> Self {
         Tasks {
             inner: Arc::new(Inner {
                 running: AtomicUsize::new(0),
@@ -67,22 +67,21 @@ impl Tasks {
         }
     }
 
-    /// Spawns `task`, the delivery behind `cancel` (a child of the hard-stop token). A lost
-    /// lease fires `cancel` too: the task then goes on (the delivery decides what a lost lease
-    /// means); only [`Tasks::stop`] ends it from outside.
+    /// Spawns `task`, a delivery's. A lost lease does not end it (the delivery decides what a
+    /// lost lease means); only [`Tasks::stop`] ends it from outside.
     ///
     /// `task` comes boxed, built in its box by the caller: a delivery's future (the delivery,
     /// its guards and the whole stack's state) is several KiB, and moving it by value into a
     /// task cell, or into a box here, copies it (callgrind: thousands of instructions of
     /// memcpy per delivery); a box moves as a pointer.
-    pub(super) fn spawn<F>(&self, cancel: CancellationToken, task: Pin<Box<F>>)
+    pub(super) fn spawn<F>(&self, task: Pin<Box<F>>)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         self.inner.running.fetch_add(1, Ordering::AcqRel);
         let running = Running(self.inner.clone());
         tokio::spawn(async move {
-            until_stopped(task, &cancel, &running.0).await;
+            until_stopped(task, &running.0).await;
             drop(running);
         });
     }
@@ -94,7 +93,7 @@ impl Tasks {
     /// hand-written loop, mostly in threads parking and waking). The first poll registers the
     /// caller's waker; the spawned task's first poll registers its own, as the `Future`
     /// contract asks of every future.
-    pub(super) async fn start<F>(&self, cancel: CancellationToken, mut task: Pin<Box<F>>)
+    pub(super) async fn start<F>(&self, mut task: Pin<Box<F>>)
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -104,7 +103,7 @@ impl Tasks {
                 return;
             }
         }
-        self.spawn(cancel, task);
+        self.spawn(task);
     }
 
     /// Tasks not finished yet.
@@ -129,22 +128,15 @@ impl Tasks {
     /// point runs).
     pub(super) fn stop(&self) {
         self.inner.stop.store(true, Ordering::Release);
-        self.inner.hard_stop.cancel();
+        self.inner.hard_stop.fire();
     }
 }
 
 /// Runs `task` until it ends or the tasks are stopped. A panic outside the handler (which
 /// catches its own) is logged and ends the task.
-async fn until_stopped<F: Future<Output = ()>>(
-    mut task: Pin<Box<F>>,
-    cancel: &CancellationToken,
-    inner: &Inner,
-) {
-    // Polled only while the task waits: what wakes it when it is to stop. First the delivery's
-    // token; once that fired for a lost lease, the hard-stop token itself.
-    let mut cancelled = pin!(cancel.cancelled());
-    let mut stopped = pin!(inner.hard_stop.cancelled());
-    let mut lease_lost = false;
+async fn until_stopped<F: Future<Output = ()>>(mut task: Pin<Box<F>>, inner: &Inner) {
+    // Polled only while the task waits: what wakes it when it is to stop.
+    let mut stopped = pin!(inner.hard_stop.token().cancelled());
     std::future::poll_fn(|cx| {
         if inner.stop.load(Ordering::Acquire) {
             return Poll::Ready(());
@@ -152,19 +144,7 @@ async fn until_stopped<F: Future<Output = ()>>(
         if poll_caught(task.as_mut(), cx).is_ready() {
             return Poll::Ready(());
         }
-        if !lease_lost {
-            if cancelled.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            if inner.stop.load(Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-            lease_lost = true;
-        }
-        if stopped.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        Poll::Pending
+        stopped.as_mut().poll(cx)
     })
     .await;
 }
@@ -189,33 +169,28 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::cancel::{Cancel, Slots};
 
     #[tokio::test(start_paused = true)]
     async fn stop_ends_tasks_that_wait_even_after_their_lease_was_lost() {
-        let hard_stop = CancellationToken::new();
+        let hard_stop = Arc::<HardStop>::default();
         let tasks = Tasks::new(hard_stop.clone());
         let reached_end = Arc::new(AtomicUsize::new(0));
-        let mut lost = None;
-        for i in 0..3 {
-            let cancel = hard_stop.child_token();
-            if i == 0 {
-                lost = Some(cancel.clone());
-            }
+        let cancels: Vec<Cancel> = Slots::batch(&hard_stop, 3).collect();
+        for cancel in &cancels {
             let reached_end = reached_end.clone();
-            tasks.spawn(
-                cancel,
-                Box::pin(async move {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    reached_end.fetch_add(1, Ordering::Relaxed);
-                }),
-            );
+            let cancel = cancel.clone();
+            tasks.spawn(Box::pin(async move {
+                // Waits as a handler that watches its cancellation would, and goes on.
+                cancel.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                reached_end.fetch_add(1, Ordering::Relaxed);
+            }));
         }
         assert_eq!(tasks.len(), 3);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        // A lost lease fires the delivery's token: its task goes on.
-        if let Some(lost) = lost {
-            lost.cancel();
-        }
+        // A lost lease fires the delivery's cancellation: its task goes on.
+        cancels[0].cancel();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(tasks.len(), 3, "a lost lease does not end the task");
         tasks.stop();
@@ -231,30 +206,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_task_started_here_runs_here_until_it_waits_then_goes_on_by_itself() {
-        let tasks = Tasks::new(CancellationToken::new());
+        let tasks = Tasks::new(Arc::default());
         let done = Arc::new(AtomicUsize::new(0));
         let counted = done.clone();
         tasks
-            .start(
-                CancellationToken::new(),
-                Box::pin(async move {
-                    counted.fetch_add(1, Ordering::Relaxed);
-                }),
-            )
+            .start(Box::pin(async move {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }))
             .await;
         assert_eq!(done.load(Ordering::Relaxed), 1, "finished within start");
         assert_eq!(tasks.len(), 0);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let counted = done.clone();
         tasks
-            .start(
-                CancellationToken::new(),
-                Box::pin(async move {
-                    counted.fetch_add(1, Ordering::Relaxed);
-                    let _ = rx.await;
-                    counted.fetch_add(1, Ordering::Relaxed);
-                }),
-            )
+            .start(Box::pin(async move {
+                counted.fetch_add(1, Ordering::Relaxed);
+                let _ = rx.await;
+                counted.fetch_add(1, Ordering::Relaxed);
+            }))
             .await;
         assert_eq!(done.load(Ordering::Relaxed), 2, "ran up to its first wait");
         assert_eq!(tasks.len(), 1, "then spawned");
@@ -267,27 +236,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_task_started_here_is_stopped_like_any_other_and_its_panic_is_caught() {
-        let hard_stop = CancellationToken::new();
+        let hard_stop = Arc::<HardStop>::default();
         let tasks = Tasks::new(hard_stop.clone());
         tasks
-            .start(
-                hard_stop.child_token(),
-                Box::pin(async {
-                    panic!("in its first poll");
-                }),
-            )
+            .start(Box::pin(async {
+                panic!("in its first poll");
+            }))
             .await;
         assert_eq!(tasks.len(), 0, "the panic ended it, the caller went on");
         let reached_end = Arc::new(AtomicUsize::new(0));
         let counted = reached_end.clone();
         tasks
-            .start(
-                hard_stop.child_token(),
-                Box::pin(async move {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    counted.fetch_add(1, Ordering::Relaxed);
-                }),
-            )
+            .start(Box::pin(async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                counted.fetch_add(1, Ordering::Relaxed);
+            }))
             .await;
         assert_eq!(tasks.len(), 1);
         tasks.stop();
@@ -299,16 +262,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn dropping_the_tasks_stops_what_still_runs() {
-        let hard_stop = CancellationToken::new();
+        let hard_stop = Arc::<HardStop>::default();
         let tasks = Tasks::new(hard_stop.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tasks.spawn(
-            hard_stop.child_token(),
-            Box::pin(async move {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                let _ = tx.send(());
-            }),
-        );
+        tasks.spawn(Box::pin(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            let _ = tx.send(());
+        }));
         drop(tasks);
         assert!(
             tokio::time::timeout(Duration::from_secs(1), rx)
@@ -320,20 +280,14 @@ mod tests {
 
     #[tokio::test]
     async fn idle_waits_for_every_task_and_a_panic_is_counted_out() {
-        let tasks = Tasks::new(CancellationToken::new());
+        let tasks = Tasks::new(Arc::default());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tasks.spawn(
-            CancellationToken::new(),
-            Box::pin(async move {
-                let _ = rx.await;
-            }),
-        );
-        tasks.spawn(
-            CancellationToken::new(),
-            Box::pin(async {
-                panic!("outside the handler");
-            }),
-        );
+        tasks.spawn(Box::pin(async move {
+            let _ = rx.await;
+        }));
+        tasks.spawn(Box::pin(async {
+            panic!("outside the handler");
+        }));
         tokio::task::yield_now().await;
         assert!(
             tokio::time::timeout(Duration::from_millis(50), tasks.idle())

@@ -12,14 +12,17 @@ fn keeper(settler: &Recording) -> LeaseKeeper<u32> {
         metrics: Arc::new(Metrics::detached()),
         stats: Arc::default(),
     };
-    LeaseKeeper::spawn(settler.clone(), LEASE, LeaseConfig::default(), watch)
+    LeaseKeeper::spawn(
+        settler.clone(),
+        LEASE,
+        LeaseConfig::default(),
+        watch,
+        Arc::default(),
+    )
 }
 
-fn batch(tokens: &[u32]) -> Vec<(u32, CancellationToken)> {
-    tokens
-        .iter()
-        .map(|&t| (t, CancellationToken::new()))
-        .collect()
+fn batch(tokens: &[u32]) -> Vec<u32> {
+    tokens.to_vec()
 }
 
 #[tokio::test(start_paused = true)]
@@ -111,11 +114,14 @@ async fn a_kept_lease_that_lapses_fires_its_token_and_is_lost() {
         ..Recording::default()
     };
     let keeper = keeper(&settler);
-    let cancel = CancellationToken::new();
-    let mut guards = keeper.hold_batch(Instant::now(), [(9, cancel.clone())]);
+    let mut guards = keeper.hold_batch(Instant::now(), [9]);
     let guard = guards.next().unwrap();
+    let cancel = guard.cancel();
     tokio::time::sleep(Duration::from_secs(11)).await;
     assert!(guard.is_lost());
     assert!(cancel.is_cancelled());
-    assert_eq!(guard.cancel_token().map(|c| c.is_cancelled()), Some(true));
+    assert!(
+        cancel.token().is_cancelled(),
+        "a token made afterwards is cancelled too"
+    );
 }
