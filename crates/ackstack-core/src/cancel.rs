@@ -10,6 +10,10 @@
 //! something waits for it or asks for it ([`Context::token`](crate::Context::token)), and from
 //! then on the flag and the token agree: firing the flag cancels the token, and a token
 //! cancelled by its holder counts as fired.
+//!
+//! A context keeps its batch's slots alive (an `Arc`): a handler that hands its context to a
+//! detached task keeps one receive batch's slots (and, with leases, its broker tokens) in
+//! memory until that task lets go of it.
 
 use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::{Arc, OnceLock};
@@ -57,10 +61,24 @@ impl Lazy {
 /// The run's hard stop (the shutdown deadline): a token for what waits for it, and a flag read
 /// without the token's lock (a `CancellationToken` locks a mutex to say whether it is
 /// cancelled).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct HardStop {
     fired: AtomicBool,
     token: CancellationToken,
+    /// Handed out for a slot that does not exist (never, by construction: see
+    /// [`Cancel::token`]); a child, so the hard stop still cancels it.
+    spare: CancellationToken,
+}
+
+impl Default for HardStop {
+    fn default() -> Self {
+        let token = CancellationToken::new();
+        HardStop {
+            fired: AtomicBool::new(false),
+            spare: token.child_token(),
+            token,
+        }
+    }
 }
 
 impl HardStop {
@@ -127,9 +145,6 @@ impl SlotSource for Slots {
     }
 }
 
-/// Stands in for a slot that does not exist (see [`Cancel::token`]).
-static LONE: OnceLock<CancellationToken> = OnceLock::new();
-
 /// What cancels a piece of work (see the module docs).
 #[derive(Clone, Debug)]
 pub(crate) enum Cancel {
@@ -195,9 +210,9 @@ impl Cancel {
             Cancel::Token(token) => token,
             Cancel::Slot(slots, index) => match slots.cancel_slot(*index) {
                 Some(slot) => slot.token(|| slots.hard_stop().token().child_token()),
-                // No such slot (never made so): the hard stop itself would do, but a holder
-                // that cancelled it would stop the run; a lone token stands in instead.
-                None => LONE.get_or_init(CancellationToken::new),
+                // No such slot (never made so): the hard stop's own token would do, but a
+                // holder that cancelled it would stop the run; its spare child stands in.
+                None => &slots.hard_stop().spare,
             },
             Cancel::Child(child) => child.own.token(|| child.parent.token().child_token()),
         }

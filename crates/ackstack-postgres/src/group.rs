@@ -97,7 +97,8 @@ impl Verdict {
 
 /// What one member's turn came to.
 enum Turn {
-    /// Its statements ran and were released into the transaction.
+    /// Its statements ran; its savepoint is released by the next turn (or rolled back then,
+    /// if one of them had failed: see `Verdict`).
     Applied,
     /// Its key was already in the inbox (committed, or earlier in this transaction).
     Duplicate,

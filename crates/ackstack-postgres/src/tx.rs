@@ -40,8 +40,11 @@ const BROKEN: u8 = 3;
 /// Every call is bounded: by `statement_timeout` on the server, and a second later in the
 /// client. A call that fails with an SQL error leaves the transaction aborted (PostgreSQL
 /// refuses further statements): return the error (`?`). If the handler returns `Ok` anyway,
-/// the inbox notices at commit, rolls back and reports [`InboxError::Aborted`], so a
-/// swallowed failure is never acknowledged.
+/// the inbox notices at commit (in a commit group, at the release of the member's savepoint,
+/// sent with the next member's statements), rolls back (that member alone) and reports
+/// [`InboxError::Aborted`], so a swallowed failure is never acknowledged. The error it carries
+/// is PostgreSQL's answer to that commit or release ("current transaction is aborted"), not
+/// the statement that failed first.
 ///
 /// Statements may run concurrently (`tokio::join!`): tokio-postgres pipelines them on the
 /// connection.

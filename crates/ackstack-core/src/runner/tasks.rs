@@ -135,8 +135,12 @@ impl Tasks {
 /// Runs `task` until it ends or the tasks are stopped. A panic outside the handler (which
 /// catches its own) is logged and ends the task.
 async fn until_stopped<F: Future<Output = ()>>(mut task: Pin<Box<F>>, inner: &Inner) {
-    // Polled only while the task waits: what wakes it when it is to stop.
+    // What wakes the task when it is to stop: registered the first time the task waits, and
+    // not polled again (each poll of it locks the hard stop's shared mutexes, which every
+    // waiting task would contend for). A spawned task keeps its waker, and `stop` is set
+    // before the hard stop fires, so the flag says why it woke.
     let mut stopped = pin!(inner.hard_stop.token().cancelled());
+    let mut watching = false;
     std::future::poll_fn(|cx| {
         if inner.stop.load(Ordering::Acquire) {
             return Poll::Ready(());
@@ -144,6 +148,10 @@ async fn until_stopped<F: Future<Output = ()>>(mut task: Pin<Box<F>>, inner: &In
         if poll_caught(task.as_mut(), cx).is_ready() {
             return Poll::Ready(());
         }
+        if watching {
+            return Poll::Pending;
+        }
+        watching = true;
         stopped.as_mut().poll(cx)
     })
     .await;
