@@ -239,6 +239,8 @@ impl<S: Source, L> Consumer<S, L> {
         let mut careful_until = careful_for
             .filter(|_| caps.careful_from_start)
             .map(|p| Instant::now() + p);
+        // The box of the last delivery that finished in the loop's own poll, reused.
+        let mut spare = None;
         tokio::pin!(shutdown);
 
         let result = 'receive: loop {
@@ -391,20 +393,23 @@ impl<S: Source, L> Consumer<S, L> {
                 }
                 let task_shared = shared.clone();
                 let in_flight = InFlight::start(shared.status.clone(), metrics.clone());
-                let task = Box::pin(async move {
+                let future = async move {
                     let _permit = permit;
                     let _in_flight = in_flight;
                     task_shared
                         .run_one(received, cancel, lease, turn, metrics, probe)
                         .await;
-                });
+                };
+                // In the box of a delivery that finished in the loop's own poll, if there is
+                // one (its future is done: replacing it drops nothing of a live delivery).
+                let task = super::tasks::boxed(spare.take(), future);
                 if index == last {
                     // Permits kept for deliveries the broker did not return go back first.
                     drop(reserved.take());
                 }
                 if index == last && permits.available_permits() == 0 {
                     // The loop would only wait for a permit now: run it here until it waits.
-                    tasks.start(task).await;
+                    spare = tasks.start(task).await;
                 } else {
                     tasks.spawn(task);
                 }

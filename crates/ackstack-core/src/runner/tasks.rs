@@ -93,17 +93,21 @@ impl Tasks {
     /// hand-written loop, mostly in threads parking and waking). The first poll registers the
     /// caller's waker; the spawned task's first poll registers its own, as the `Future`
     /// contract asks of every future.
-    pub(super) async fn start<F>(&self, mut task: Pin<Box<F>>)
+    ///
+    /// A task done in that poll gives its box back, for the caller's next delivery
+    /// ([`Pin::set`] puts the next future in it: no allocation).
+    pub(super) async fn start<F>(&self, mut task: Pin<Box<F>>) -> Option<Pin<Box<F>>>
     where
         F: Future<Output = ()> + Send + 'static,
     {
         if !self.inner.stop.load(Ordering::Acquire) {
             let first = std::future::poll_fn(|cx| Poll::Ready(poll_caught(task.as_mut(), cx)));
             if first.await.is_ready() {
-                return;
+                return Some(task);
             }
         }
         self.spawn(task);
+        None
     }
 
     /// Tasks not finished yet.
@@ -129,6 +133,17 @@ impl Tasks {
     pub(super) fn stop(&self) {
         self.inner.stop.store(true, Ordering::Release);
         self.inner.hard_stop.fire();
+    }
+}
+
+/// `future` in `spare` (a box [`Tasks::start`] gave back) if there is one, else in a new box.
+pub(super) fn boxed<F: Future>(spare: Option<Pin<Box<F>>>, future: F) -> Pin<Box<F>> {
+    match spare {
+        Some(mut spare) => {
+            spare.as_mut().set(future);
+            spare
+        }
+        None => Box::pin(future),
     }
 }
 
@@ -266,6 +281,35 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("still running after stop"));
         assert_eq!(reached_end.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_box_given_back_carries_the_next_delivery_even_after_a_panic() {
+        let tasks = Tasks::new(Arc::default());
+        let done = Arc::new(AtomicUsize::new(0));
+        let job = |n: usize, panics: bool| {
+            let done = done.clone();
+            async move {
+                if panics {
+                    panic!("in its first poll");
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        let spare = tasks.start(boxed(None, job(1, true))).await;
+        assert!(
+            spare.is_some(),
+            "a caught panic ends the task in that poll too"
+        );
+        let spare = tasks.start(boxed(spare, job(10, false))).await;
+        let spare = tasks.start(boxed(spare, job(100, false))).await;
+        assert!(spare.is_some());
+        assert_eq!(
+            done.load(Ordering::Relaxed),
+            110,
+            "each future ran once, in the same box"
+        );
+        assert_eq!(tasks.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
