@@ -157,7 +157,8 @@ async fn until_stopped<F: Future<Output = ()>>(mut task: Pin<Box<F>>, inner: &In
     let mut stopped = pin!(inner.hard_stop.token().cancelled());
     let mut watching = false;
     std::future::poll_fn(|cx| {
-        if inner.stop.load(Ordering::Acquire) {
+        // The hard stop's flag too: whatever fires it, a task it woke must not wait on.
+        if inner.stop.load(Ordering::Acquire) || inner.hard_stop.is_fired() {
             return Poll::Ready(());
         }
         if poll_caught(task.as_mut(), cx).is_ready() {
@@ -287,9 +288,15 @@ mod tests {
     async fn a_box_given_back_carries_the_next_delivery_even_after_a_panic() {
         let tasks = Tasks::new(Arc::default());
         let done = Arc::new(AtomicUsize::new(0));
+        let permits = Arc::new(tokio::sync::Semaphore::new(1));
         let job = |n: usize, panics: bool| {
             let done = done.clone();
+            // Held by the future as a delivery's permit is.
+            let permit = permits.clone().try_acquire_owned();
             async move {
+                // Taken only if the future before let go of it when it finished, not when its
+                // box was reused (a failed take panics here: `done` then misses it).
+                let _permit = permit.expect("the permit was released");
                 if panics {
                     panic!("in its first poll");
                 }
@@ -301,9 +308,20 @@ mod tests {
             spare.is_some(),
             "a caught panic ends the task in that poll too"
         );
+        assert_eq!(
+            permits.available_permits(),
+            1,
+            "released by the panic, not by a reuse"
+        );
         let spare = tasks.start(boxed(spare, job(10, false))).await;
+        assert_eq!(
+            permits.available_permits(),
+            1,
+            "released when its future finished"
+        );
         let spare = tasks.start(boxed(spare, job(100, false))).await;
         assert!(spare.is_some());
+        assert_eq!(permits.available_permits(), 1);
         assert_eq!(
             done.load(Ordering::Relaxed),
             110,
