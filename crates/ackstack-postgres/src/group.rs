@@ -324,22 +324,32 @@ async fn end(
         return Err(reason);
     }
     if let Some(before) = pending {
-        match group.tx.batch_execute(RELEASE).await {
-            Ok(()) => {}
-            Err(InboxError::Database(err)) if aborted_before(&err) => {
-                if let Err(rollback) = group.tx.batch_execute(ROLLBACK_TO).await {
-                    group.tx.rollback().await;
-                    return Err(rollback.to_string());
-                }
-                before.rolled_back(err);
-            }
-            Err(err) => {
-                group.tx.rollback().await;
-                return Err(err.to_string());
-            }
+        let released = group.tx.batch_execute(RELEASE).await;
+        if let Err(err) = after_release(&group.tx, &before, released).await {
+            group.tx.rollback().await;
+            return Err(err.to_string());
         }
     }
     group.tx.commit().await.map_err(|e| e.to_string())
+}
+
+/// What the release of `before`'s savepoint came to (`released`, the statement that carried
+/// it): `Ok(true)` released; `Ok(false)` refused because `before` had aborted the transaction,
+/// so `before` alone is rolled back and told; `Err`: the transaction's state is unknown.
+async fn after_release(
+    tx: &InboxTx,
+    before: &Verdict,
+    released: Result<(), InboxError>,
+) -> Result<bool, InboxError> {
+    match released {
+        Ok(()) => Ok(true),
+        Err(InboxError::Database(err)) if aborted_before(&err) => {
+            tx.batch_execute(ROLLBACK_TO).await?;
+            before.rolled_back(err);
+            Ok(false)
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// Whether `err` says the transaction was aborted before the statement ran (a statement of
@@ -362,15 +372,10 @@ where
 {
     if let Some(before) = pending.take() {
         let (opened, recorded) = tokio::join!(tx.batch_execute(RELEASE_AND_OPEN), record());
-        match opened {
-            Ok(()) => return Ok(recorded),
-            Err(InboxError::Database(err)) if aborted_before(&err) => {
-                // The member before is undone alone; then this member starts afresh.
-                tx.batch_execute(ROLLBACK_TO).await?;
-                before.rolled_back(err);
-            }
-            Err(err) => return Err(err),
+        if after_release(tx, &before, opened).await? {
+            return Ok(recorded);
         }
+        // The member before was undone alone; this member starts afresh.
     }
     // SAVEPOINT and INSERT go out together (tokio-postgres pipelines them).
     let (opened, recorded) = tokio::join!(tx.batch_execute(SAVEPOINT), record());

@@ -224,10 +224,7 @@ impl Sender {
                     again.push((index, Form::Script));
                 } else {
                     let result = std::mem::replace(result, Err(RedisDedupError::Closed));
-                    answer(
-                        request,
-                        result.and_then(|value| parse_reply(request.op, value)),
-                    );
+                    answer_with(request, result);
                 }
             }
             if again.is_empty() {
@@ -253,10 +250,7 @@ impl Sender {
             }
         }
         for (request, result) in batch.iter_mut().zip(results) {
-            answer(
-                request,
-                result.and_then(|value| parse_reply(request.op, value)),
-            );
+            answer_with(request, result);
         }
     }
 
@@ -396,6 +390,12 @@ fn answer(request: &mut Request, result: Result<Reply, RedisDedupError>) {
     if let Some(reply) = request.reply.take() {
         let _ = reply.send(result);
     }
+}
+
+/// Answers `request` with its command's `result`, read as its op's reply.
+fn answer_with(request: &mut Request, result: Result<Value, RedisDedupError>) {
+    let op = request.op;
+    answer(request, result.and_then(|value| parse_reply(op, value)));
 }
 
 /// Answers `request` with a timeout: its deadline passed.
