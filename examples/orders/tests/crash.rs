@@ -10,10 +10,10 @@
 //!   charge (`HINCRBY`) and the dedup done marker lets the redelivery charge again once the
 //!   killed process's claim lapses. Right after each kill the suite records the orders it
 //!   caught that way (charged, dedup key still claimed: `window_hits_per_kill`); each of them
-//!   must be charged once more, and no order more than once per kill (or Redis restart). One kill can catch several handlers at once (up to `--concurrency`), so the
-//!   number of double-charged orders is bounded per order; and since each done mark is
-//!   written as soon as its charge succeeded, their total is at most one per kill (or Redis
-//!   restart) on average (`double_charged_per_kill`);
+//!   must be charged once more, and no order more than once per kill (or Redis restart). One kill can catch several handlers at once, up to
+//!   `--concurrency` of them; every double-charged order must have been caught at a kill,
+//!   or be one of the handlers in flight at the Redis restart (`double_charged_per_kill`
+//!   is reported);
 //! - every malformed body is in the DLQ byte for byte, with its original header and the
 //!   `x-ackstack-dl-*` metadata (SQS: the `ackstack-dead-letter` attribute). A kill (or the
 //!   connection drop) between the DLQ publish and the ack of the original makes a second copy:
@@ -1498,14 +1498,29 @@ fn crash_suite(broker_name: &str, store: Store) {
          ({double:?}); {}",
         diagnostics()
     );
-    // Done marks are written as soon as a charge succeeded, so a kill catches at most the
-    // charges of one store round trip: on average no more than one double-charged order per
-    // kill (or Redis restart).
+    // A kill catches only handlers in flight: at most `--concurrency` orders between their
+    // charge and their done marker. (How many it catches depends on when it lands: handlers
+    // that started together charge together, and each `HINCRBY` waits for an fsync. That
+    // the done mark is written right after the charge, not with the ack, is pinned by the
+    // core test `dedup_done_marks_are_written_when_the_handler_succeeds_and_before_the_ack`.)
+    let concurrency: usize = CONCURRENCY.parse().unwrap();
     assert!(
-        double.len() as u64 <= events,
-        "{} orders double-charged for {kills} kills and {redis_restarts} Redis restarts: more \
-         than one per kill on average ({double:?}); {}",
-        double.len(),
+        hits_per_kill.iter().all(|hits| *hits <= concurrency),
+        "a kill caught more orders between charge and done marker than handlers run at once \
+         ({hits_per_kill:?}, concurrency {concurrency}); {}",
+        diagnostics()
+    );
+    // Every double charge is explained: the order was caught in the window at a kill, or it
+    // was in flight at the Redis restart (whose last replies can be lost after the write),
+    // and a restart finds at most `--concurrency` handlers in flight.
+    let unexplained: Vec<&&String> = double
+        .keys()
+        .filter(|id| !window_seen.contains_key(**id))
+        .collect();
+    assert!(
+        unexplained.len() <= redis_restarts * concurrency,
+        "orders double-charged though no kill caught them between charge and done marker, \
+         more than {redis_restarts} Redis restarts explain: {unexplained:?}; {}",
         diagnostics()
     );
     // Every extra charge a kill explains was seen at that kill: charged, done marker missing.
