@@ -2,7 +2,10 @@
 //! comes first (invariant 7 in docs/CONTRACT.md).
 //!
 //! Completed deliveries are queued here by the runner; one task sends them to
-//! [`Settle::ack`] in batches. A failed ack is counted and logged, never retried into a loss:
+//! [`Settle::ack`] in batches. The ack calls (up to the adapter's parallel acks) run inside
+//! that task and start in the order their batches were gathered, so a settler that acks
+//! cumulatively (RabbitMQ's `multiple=true`, Kafka's offsets) sees completions in the order
+//! they were queued. A failed ack is counted and logged, never retried into a loss:
 //! the broker redelivers the message, and deduplication absorbs the repeat. Everything queued
 //! is flushed when the acker is shut down.
 //!
@@ -12,12 +15,14 @@
 //! one at a time).
 
 use crate::config::later;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::lease::LeaseGuard;
@@ -239,8 +244,16 @@ async fn run<S: Settle>(
     stats: Arc<AckStats>,
 ) {
     let max_batch = signal.max_batch;
-    let mut calls = JoinSet::new();
-    while let Some(first) = rx.recv().await {
+    // The ack calls in flight, polled by this task: each is first polled in the order its
+    // batch was gathered (a task spawned per call could start before the one ahead of it,
+    // and a settler that acks cumulatively would then hold its positions back).
+    let mut calls = FuturesUnordered::new();
+    loop {
+        let first = tokio::select! {
+            first = rx.recv() => first,
+            Some(()) = calls.next(), if !calls.is_empty() => continue,
+        };
+        let Some(first) = first else { break };
         let mut gathering = Gathering {
             batch: Vec::with_capacity(max_batch),
             flush: None,
@@ -262,25 +275,34 @@ async fn run<S: Settle>(
                     gathering.drain(&mut rx, &signal);
                     break;
                 }
+                Some(()) = calls.next(), if !calls.is_empty() => {}
             }
         }
         let Gathering { batch, flush, open } = gathering;
         signal.queued.fetch_sub(batch.len(), Ordering::AcqRel);
         if !batch.is_empty() {
             while calls.len() >= parallel {
-                calls.join_next().await;
+                calls.next().await;
             }
-            calls.spawn(send(settler.clone(), batch, stats.clone()));
+            calls.push(contained(send(settler.clone(), batch, stats.clone())));
         }
         if let Some(done) = flush {
-            while calls.join_next().await.is_some() {}
+            while calls.next().await.is_some() {}
             let _ = done.send(());
         }
         if !open {
             break;
         }
     }
-    while calls.join_next().await.is_some() {}
+    while calls.next().await.is_some() {}
+}
+
+/// `call`, a panic in it logged and contained: the acker goes on (the broker redelivers
+/// what the call did not ack).
+async fn contained(call: impl Future<Output = ()>) {
+    if AssertUnwindSafe(call).catch_unwind().await.is_err() {
+        tracing::error!("an ack call panicked; the broker will redeliver what it did not ack");
+    }
 }
 
 /// One batch being gathered.
@@ -481,6 +503,30 @@ mod tests {
         );
         drop(queue);
         acker.shutdown().await;
+    }
+
+    /// A settler that tracks positions (RabbitMQ's delivery tags) can ack cumulatively only
+    /// up to its lowest unfinished position: a call started before the one gathered ahead
+    /// of it holds its tags back (and, past half the prefetch, makes them go one frame
+    /// each). On one worker thread tokio runs the task spawned last first, so calls spawned
+    /// one after another started in reverse.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn ack_calls_start_in_the_order_their_batches_were_gathered() {
+        let settler = Recording::default();
+        let firsts = settler.firsts.clone();
+        // On the worker, so that the acker runs only once all 40 are queued.
+        tokio::spawn(async move {
+            let acker = BatchAcker::spawn(settler, 10, Duration::from_secs(5), 4, 64, noop());
+            let queue = acker.queue();
+            for i in 0..40 {
+                assert!(queue.push(i).await);
+            }
+            drop(queue);
+            acker.shutdown().await;
+        })
+        .await
+        .unwrap();
+        assert_eq!(*firsts.lock().unwrap(), vec![0, 10, 20, 30]);
     }
 
     #[tokio::test(start_paused = true)]

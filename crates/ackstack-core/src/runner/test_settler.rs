@@ -16,6 +16,8 @@ use crate::{
 #[derive(Clone, Default)]
 pub(super) struct Recording {
     pub(super) batches: Arc<Mutex<Vec<(usize, Instant)>>>,
+    /// The first token of each ack call, recorded when the call starts (its first poll).
+    pub(super) firsts: Arc<Mutex<Vec<u32>>>,
     pub(super) extended: Arc<Mutex<Vec<u32>>>,
     pub(super) stuck: bool,
     pub(super) extend_takes: Duration,
@@ -32,6 +34,9 @@ impl Recording {
 impl Settle for Recording {
     type Token = u32;
     async fn ack(&self, tokens: Vec<u32>) -> AckReport<u32> {
+        if let Some(first) = tokens.first() {
+            self.firsts.lock().unwrap().push(*first);
+        }
         if self.stuck {
             std::future::pending::<()>().await;
         }
