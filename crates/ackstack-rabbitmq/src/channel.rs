@@ -16,7 +16,7 @@ use crate::amqp::{self, bounded};
 use crate::config::RabbitConfig;
 use crate::error::RabbitError;
 use crate::stats::{Counters, RabbitStats};
-use crate::tracker::{AckPlan, AckTracker};
+use crate::tracker::{AckPlan, AckTracker, Singles};
 
 /// How long one `basic.ack`/`basic.reject` frame may take to be written.
 pub(crate) const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -189,6 +189,11 @@ impl Generation {
         for &tag in &plan.singles {
             self.ack_frame(tag, false, counters).await?;
             counters.acked_tokens.add(1);
+            match plan.why {
+                Singles::Pressure => counters.pressure_ack_frames.add(1),
+                Singles::Late => counters.late_ack_frames.add(1),
+                Singles::Flush => {}
+            }
         }
         if plan.multiple.is_some() || !plan.singles.is_empty() {
             self.progress.notify_waiters();

@@ -71,8 +71,9 @@
 //! Acks are `basic.ack multiple=true` up to the highest completed tag below the lowest
 //! delivery still in flight, never past it (invariant 8 in docs/CONTRACT.md). Completed deliveries above a
 //! straggler are held back for the straggler's cumulative ack, at most
-//! [`RabbitConfig::held_ack_delay`] (default 50 ms), then acked individually; at once when
-//! they would otherwise eat half the prefetch window, and at
+//! [`RabbitConfig::held_ack_delay`] (default 50 ms), then acked individually; the oldest of
+//! them at once, as many as keep the held ones below half the prefetch window (so the broker
+//! never stops delivering behind a straggler); all of them at
 //! [`flush`](ackstack_core::Settle::flush). An [`ack`](ackstack_core::Settle::ack) call
 //! returns once every one of its deliveries was acked by a frame that was sent, so its report
 //! (and [`RabbitStats::acked_tokens`]) counts sent acks, never queued ones; several ack calls

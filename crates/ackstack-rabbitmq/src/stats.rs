@@ -10,6 +10,13 @@ pub struct RabbitStats {
     pub ack_frames: u64,
     /// Of those, `multiple=true` frames.
     pub multiple_ack_frames: u64,
+    /// Of the `multiple=false` frames, those sent because tags held above an unfinished
+    /// delivery would have reached half the prefetch window (the broker was about to stop
+    /// delivering).
+    pub pressure_ack_frames: u64,
+    /// Of the `multiple=false` frames, those sent because tags held above an unfinished
+    /// delivery waited [`RabbitConfig::held_ack_delay`](crate::RabbitConfig::held_ack_delay).
+    pub late_ack_frames: u64,
     /// Negative acknowledgements sent for releases: `basic.reject requeue=true` frames (the
     /// name predates the switch from `basic.nack`, see [`Settle::release`]).
     ///
@@ -29,6 +36,8 @@ pub struct RabbitStats {
 pub(crate) struct Counters {
     pub(crate) ack_frames: Counter,
     pub(crate) multiple_ack_frames: Counter,
+    pub(crate) pressure_ack_frames: Counter,
+    pub(crate) late_ack_frames: Counter,
     pub(crate) nack_frames: Counter,
     pub(crate) acked_tokens: Counter,
     pub(crate) lease_lost: Counter,
@@ -41,6 +50,8 @@ impl Counters {
         RabbitStats {
             ack_frames: self.ack_frames.get(),
             multiple_ack_frames: self.multiple_ack_frames.get(),
+            pressure_ack_frames: self.pressure_ack_frames.get(),
+            late_ack_frames: self.late_ack_frames.get(),
             nack_frames: self.nack_frames.get(),
             acked_tokens: self.acked_tokens.get(),
             lease_lost: self.lease_lost.get(),

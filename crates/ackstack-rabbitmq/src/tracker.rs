@@ -28,9 +28,13 @@
 //!   [`AckTracker::take`] once the call's `held_ack_delay` has passed, and acks them one by
 //!   one. And held tags stay unacked at the broker and count against the prefetch window;
 //!   when the held ones reach half the window the broker is about to stop delivering and the
-//!   consumer would starve behind the straggler. So once `held >= starve_threshold`
-//!   (prefetch / 2) every held tag is acked individually at once. `flush` acks every held tag
-//!   the same way.
+//!   consumer would starve behind the straggler. So held tags never reach `starve_threshold`
+//!   (prefetch / 2): the lowest of them are acked individually, as many as it takes to stay
+//!   below it. (Not all of them: on a busy two-core machine a handler's thread can be
+//!   descheduled for a few milliseconds while the other thread finishes a hundred
+//!   deliveries; acking all hundred one by one cost a frame each, where the straggler's
+//!   cumulative ack a moment later covers what is still held.) `flush` acks every held tag
+//!   individually.
 //!
 //! A tag the watermark does not hold (never delivered, or above `i64::MAX`) never moves it, so
 //! a cumulative ack never reaches past the highest tag seen delivered: such a tag above it
@@ -49,6 +53,20 @@ pub(crate) struct AckPlan {
     pub(crate) multiple_covers: usize,
     /// `basic.ack multiple=false` for each of these tags.
     pub(crate) singles: Vec<u64>,
+    /// Why `singles` go one by one.
+    pub(crate) why: Singles,
+}
+
+/// Why held tags are acked one by one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Singles {
+    /// They would reach half the prefetch window.
+    #[default]
+    Pressure,
+    /// They waited `held_ack_delay` for their straggler.
+    Late,
+    /// A flush.
+    Flush,
 }
 
 /// The state of one channel's delivery tags.
@@ -62,7 +80,7 @@ pub(crate) struct AckTracker {
     completed: BTreeSet<u64>,
     /// Above `acked_upto`, settled individually (single ack or reject).
     settled: BTreeSet<u64>,
-    /// Held completed tags that trigger individual acks.
+    /// Held completed tags are kept below this many (at least 1) by individual acks.
     starve_threshold: usize,
     /// The highest tag delivered or got so far.
     highest: u64,
@@ -157,6 +175,9 @@ impl AckTracker {
     /// The frames to send now, recorded as sent. With `flush`, every held tag is included.
     pub(crate) fn plan(&mut self, flush: bool) -> AckPlan {
         let mut plan = AckPlan::default();
+        if flush {
+            plan.why = Singles::Flush;
+        }
         if let Some(watermark) = self.watermark()
             && watermark > self.acked_upto
         {
@@ -167,10 +188,17 @@ impl AckTracker {
             self.settled = self.settled.split_off(&(watermark + 1));
             self.acked_upto = watermark;
         }
-        if !self.completed.is_empty() && (flush || self.completed.len() >= self.starve_threshold) {
-            let held = std::mem::take(&mut self.completed);
-            plan.singles = held.iter().copied().collect();
-            self.settled.extend(held);
+        // Held tags kept: every one at a flush; else fewer than the threshold (the lowest go).
+        let keep = if flush { 0 } else { self.starve_threshold - 1 };
+        let excess = self.completed.len().saturating_sub(keep);
+        if excess > 0 {
+            let kept = match self.completed.iter().nth(excess).copied() {
+                Some(first_kept) => self.completed.split_off(&first_kept),
+                None => BTreeSet::new(),
+            };
+            let gone = std::mem::replace(&mut self.completed, kept);
+            plan.singles = gone.iter().copied().collect();
+            self.settled.extend(gone);
         }
         plan
     }
@@ -178,7 +206,10 @@ impl AckTracker {
     /// Of `tags`, the ones still held (completed, not acked), as individual acks recorded as
     /// sent.
     pub(crate) fn take(&mut self, tags: &[u64]) -> AckPlan {
-        let mut plan = AckPlan::default();
+        let mut plan = AckPlan {
+            why: Singles::Late,
+            ..AckPlan::default()
+        };
         for &tag in tags {
             if self.completed.remove(&tag) {
                 self.settled.insert(tag);
@@ -308,18 +339,24 @@ mod tests {
         t.complete(5);
         let plan = t.plan(false);
         assert_eq!(plan.multiple, None);
-        assert_eq!(plan.singles, vec![2, 3, 4, 5]);
+        assert_eq!(plan.singles, vec![2], "the lowest goes, three stay held");
+        t.complete(7);
+        t.complete(8);
+        let plan = t.plan(false);
+        assert_eq!(plan.singles, vec![3, 4], "held stays below the threshold");
         t.complete(1);
         t.complete(6);
         let plan = t.plan(false);
-        // 1 is the highest completed below the watermark 6... 6 too.
-        assert_eq!(plan.multiple, Some(6));
+        // The watermark is 8 (9 is in flight): one cumulative ack up to the highest
+        // completed tag covers 1, 5, 6, 7 and 8; 2, 3 and 4 were acked on their own.
+        assert_eq!(plan.multiple, Some(8));
+        assert_eq!(plan.multiple_covers, 5);
         assert!(plan.singles.is_empty());
         assert_eq!(t.complete(3), Completion::AlreadySettled);
-        t.complete(9);
+        t.complete(10);
         let plan = t.plan(true);
-        assert_eq!(plan.multiple, None);
-        assert_eq!(plan.singles, vec![9]);
+        assert_eq!(plan.multiple, None, "9 is in flight");
+        assert_eq!(plan.singles, vec![10], "a flush acks every held tag");
     }
 
     #[test]
@@ -339,7 +376,7 @@ mod tests {
         assert_eq!(plan.singles, vec![2, 3]);
         assert!(t.is_settled(2) && t.is_settled(3));
         assert!(!t.is_settled(5) && !t.is_settled(4));
-        assert_eq!(t.take(&[2, 3]), AckPlan::default(), "no double ack");
+        assert!(t.take(&[2, 3]).singles.is_empty(), "no double ack");
         assert_eq!(t.complete(2), Completion::AlreadySettled);
         // The straggler completes: one multiple ack covers 1 and 4..5 is still held behind 4.
         t.complete(1);

@@ -1026,6 +1026,8 @@ async fn acks_held_above_a_straggler_are_sent_within_held_ack_delay_and_counted_
             "the held acks were never sent: {stats:?}"
         );
         assert_eq!(stats.multiple_ack_frames, 0, "d1 is unfinished: {stats:?}");
+        assert_eq!(stats.late_ack_frames, 4, "{stats:?}");
+        assert_eq!(stats.pressure_ack_frames, 0, "{stats:?}");
         assert_eq!(stats.acked_tokens, 4, "{stats:?}");
         // The broker has them: only the straggler comes back after the channel closes.
         source.disconnect().await;
@@ -1034,6 +1036,41 @@ async fn acks_held_above_a_straggler_are_sent_within_held_ack_delay_and_counted_
         assert_eq!(payloads, vec![Bytes::from_static(b"d1")]);
         let token = back.into_iter().next().unwrap().token;
         assert!(settler.ack(vec![token]).await.failed.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+/// Held acks that would reach half the prefetch window go one by one at once, but only as
+/// many as keep the held ones below it: the rest wait for the straggler (here, for the
+/// delay).
+#[tokio::test]
+async fn acks_held_up_to_half_the_window_go_one_by_one_only_as_far_as_needed() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut config = config("held-pressure");
+        config.prefetch = 8; // at most 3 held
+        config.held_ack_delay = Duration::from_millis(300);
+        let (mut source, got) = publish_and_receive(&config, "p", 8).await;
+        let settler = source.settler();
+        let mut got = got.into_iter();
+        let straggler = got.next().unwrap();
+        let report = settler.ack(got.map(|r| r.token).collect()).await;
+        assert_eq!(report.acked, 7);
+        let stats = settler.stats();
+        assert_eq!(stats.pressure_ack_frames, 4, "p2..p5 at once: {stats:?}");
+        assert_eq!(
+            stats.late_ack_frames, 3,
+            "p6..p8 after the delay: {stats:?}"
+        );
+        assert_eq!(stats.multiple_ack_frames, 0, "{stats:?}");
+        assert!(settler.ack(vec![straggler.token]).await.failed.is_empty());
+        source.disconnect().await;
+        assert!(
+            receive_n(&mut source, 1, Duration::from_millis(1500))
+                .await
+                .is_empty(),
+            "everything was acked"
+        );
     })
     .await
     .unwrap();
