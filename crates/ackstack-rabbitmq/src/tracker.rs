@@ -452,10 +452,25 @@ mod tests {
                     acked.insert(s);
                 }
             };
-            for tag in order {
-                in_flight.remove(&tag);
-                t.complete(tag);
+            // Completed in groups of 1-5 per plan, so that more than one held tag can go.
+            let mut rest = order.as_slice();
+            while !rest.is_empty() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let (group, after) = rest.split_at(((seed % 5) as usize + 1).min(rest.len()));
+                rest = after;
+                for &tag in group {
+                    in_flight.remove(&tag);
+                    t.complete(tag);
+                }
                 let plan = t.plan(false);
+                assert!(t.held() < 8, "held tags reached half the window");
+                let lowest_held = t.completed.first().copied().unwrap_or(u64::MAX);
+                assert!(
+                    plan.singles.iter().all(|s| *s < lowest_held),
+                    "the oldest held tags go first"
+                );
                 apply(plan, &in_flight);
             }
             let plan = t.plan(true);

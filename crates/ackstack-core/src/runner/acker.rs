@@ -284,7 +284,7 @@ async fn run<S: Settle>(
             while calls.len() >= parallel {
                 calls.next().await;
             }
-            calls.push(contained(send(settler.clone(), batch, stats.clone())));
+            calls.push(send(settler.clone(), batch, stats.clone()));
         }
         if let Some(done) = flush {
             while calls.next().await.is_some() {}
@@ -295,14 +295,6 @@ async fn run<S: Settle>(
         }
     }
     while calls.next().await.is_some() {}
-}
-
-/// `call`, a panic in it logged and contained: the acker goes on (the broker redelivers
-/// what the call did not ack).
-async fn contained(call: impl Future<Output = ()>) {
-    if AssertUnwindSafe(call).catch_unwind().await.is_err() {
-        tracing::error!("an ack call panicked; the broker will redeliver what it did not ack");
-    }
 }
 
 /// One batch being gathered.
@@ -360,7 +352,20 @@ async fn send<S: Settle>(settler: S, batch: Vec<Pending<S::Token>>, stats: Arc<A
     let n = batch.len();
     stats.calls.fetch_add(1, Ordering::Relaxed);
     let (tokens, leases): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.token, p.lease)).unzip();
-    let report = settler.ack(tokens).await;
+    // A panic in the settler is contained here: the acker goes on with the next batch.
+    let report = match AssertUnwindSafe(settler.ack(tokens)).catch_unwind().await {
+        Ok(report) => report,
+        Err(panic) => {
+            stats.failed.fetch_add(n as u64, Ordering::Relaxed);
+            stats.metrics.ack_failures.increment(n as u64);
+            tracing::error!(
+                panic = %crate::error::panic_message(panic.as_ref()),
+                batch = n,
+                "an ack call panicked; the broker will redeliver what it did not ack"
+            );
+            return;
+        }
+    };
     // The leases were kept until now so that no lease lapsed while its ack was on its way.
     drop(leases);
     stats
@@ -527,6 +532,26 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(*firsts.lock().unwrap(), vec![0, 10, 20, 30]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_ack_call_is_counted_failed_and_the_acker_goes_on() {
+        let settler = Recording::default();
+        settler.panic_once.store(true, Ordering::Release);
+        let acker = BatchAcker::spawn(settler, 10, Duration::from_millis(10), 2, 64, noop());
+        let queue = acker.queue();
+        for i in 0..20 {
+            assert!(queue.push(i).await);
+        }
+        drop(queue);
+        let stats = acker.stats().clone();
+        acker.shutdown().await;
+        assert_eq!(
+            stats.failed.load(Ordering::Acquire),
+            10,
+            "the panicked batch"
+        );
+        assert_eq!(stats.acked.load(Ordering::Acquire), 10, "the next batch");
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ pub(super) struct Recording {
     pub(super) batches: Arc<Mutex<Vec<(usize, Instant)>>>,
     /// The first token of each ack call, recorded when the call starts (its first poll).
     pub(super) firsts: Arc<Mutex<Vec<u32>>>,
+    /// When set, the next ack call panics (and clears it).
+    pub(super) panic_once: Arc<AtomicBool>,
     pub(super) extended: Arc<Mutex<Vec<u32>>>,
     pub(super) stuck: bool,
     pub(super) extend_takes: Duration,
@@ -34,6 +37,9 @@ impl Recording {
 impl Settle for Recording {
     type Token = u32;
     async fn ack(&self, tokens: Vec<u32>) -> AckReport<u32> {
+        if self.panic_once.swap(false, Ordering::AcqRel) {
+            panic!("ack call panicked on purpose");
+        }
         if let Some(first) = tokens.first() {
             self.firsts.lock().unwrap().push(*first);
         }
