@@ -113,9 +113,8 @@ async fn receive_and_ack_removes_the_message() {
         assert_eq!(report.acked, 1);
         assert!(report.failed.is_empty());
         assert_eq!(settler.stats().ack_frames, 1);
-        source.disconnect().await;
         // Nothing comes back after the channel closes.
-        let again = receive_n(&mut source, 1, Duration::from_millis(1500)).await;
+        let again = back_after_disconnect(&mut source).await;
         assert!(again.is_empty(), "acked message was redelivered");
         assert_eq!(publisher.queue_len(&config.queue).await.unwrap(), 0);
     })
@@ -367,8 +366,7 @@ async fn batch_ack_uses_few_frames_and_never_passes_an_unfinished_tag() {
         let frames = settler.stats().ack_frames - before;
         assert!(frames < 16, "{frames} frames for 16 deliveries");
         assert!(frames >= 1);
-        source.disconnect().await;
-        let again = receive_n(&mut source, 1, Duration::from_millis(1500)).await;
+        let again = back_after_disconnect(&mut source).await;
         assert!(again.is_empty(), "everything was acked");
     })
     .await
@@ -433,12 +431,7 @@ async fn server_side_connection_close_loses_nothing_and_the_source_recovers() {
             let report = settler.ack(vec![token]).await;
             assert!(report.failed[0].1.is_lease_lost());
         }
-        source.disconnect().await;
-        assert!(
-            receive_n(&mut source, 1, Duration::from_millis(1500))
-                .await
-                .is_empty()
-        );
+        assert!(back_after_disconnect(&mut source).await.is_empty());
     })
     .await
     .unwrap();
@@ -986,6 +979,13 @@ async fn retry_copy_of_an_expiring_message_waits_its_full_delay_and_keeps_the_ex
 }
 
 /// Publishes `n` messages `<prefix>1..=<prefix>n` and receives them all.
+/// Closes the source's channel and returns what the broker redelivers within 1.5 s: every
+/// delivery still unacked, none of those acked.
+async fn back_after_disconnect(source: &mut RabbitSource) -> Vec<Received<RabbitToken>> {
+    source.disconnect().await;
+    receive_n(source, 1, Duration::from_millis(1500)).await
+}
+
 async fn publish_and_receive(
     config: &RabbitConfig,
     prefix: &str,
@@ -1064,11 +1064,8 @@ async fn acks_held_up_to_half_the_window_go_one_by_one_only_as_far_as_needed() {
         );
         assert_eq!(stats.multiple_ack_frames, 0, "{stats:?}");
         assert!(settler.ack(vec![straggler.token]).await.failed.is_empty());
-        source.disconnect().await;
         assert!(
-            receive_n(&mut source, 1, Duration::from_millis(1500))
-                .await
-                .is_empty(),
+            back_after_disconnect(&mut source).await.is_empty(),
             "everything was acked"
         );
     })
@@ -1112,11 +1109,8 @@ async fn held_acks_ride_the_cumulative_ack_when_the_straggler_completes_and_coun
         assert_eq!(stats.ack_frames, 1, "{stats:?}");
         assert_eq!(stats.multiple_ack_frames, 1, "{stats:?}");
         assert_eq!(stats.acked_tokens, 5, "{stats:?}");
-        source.disconnect().await;
         assert!(
-            receive_n(&mut source, 1, Duration::from_millis(1500))
-                .await
-                .is_empty(),
+            back_after_disconnect(&mut source).await.is_empty(),
             "everything was acked"
         );
     })
