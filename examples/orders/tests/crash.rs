@@ -1148,13 +1148,9 @@ fn window_hits(redis: &OwnRedis, queue: &str, seen: &mut BTreeMap<String, u64>) 
         .arg(format!("{queue}:charges"))
         .query(&mut conn)
         .unwrap();
-    let prefix = format!("{queue}:dedup:");
     let mut hits = 0;
     for (order_id, count) in charges {
-        let key = ackstack::redis::redis_key(&prefix, order_id.as_bytes());
-        let state: Option<String> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
-        let claimed = state.is_some_and(|v| v != ackstack::redis::DONE_MARKER);
-        if claimed && seen.get(&order_id) != Some(&count) {
+        if is_claimed(&mut conn, queue, &order_id) && seen.get(&order_id) != Some(&count) {
             seen.insert(order_id, count);
             hits += 1;
         }
@@ -1166,16 +1162,18 @@ fn window_hits(redis: &OwnRedis, queue: &str, seen: &mut BTreeMap<String, u64>) 
 /// left by a process that died.
 fn claimed(redis: &OwnRedis, queue: &str, orders: &BTreeSet<String>) -> Vec<String> {
     let mut conn = redis.connection();
-    let prefix = format!("{queue}:dedup:");
     orders
         .iter()
-        .filter(|order_id| {
-            let key = ackstack::redis::redis_key(&prefix, order_id.as_bytes());
-            let state: Option<String> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
-            state.is_some_and(|v| v != ackstack::redis::DONE_MARKER)
-        })
+        .filter(|order_id| is_claimed(&mut conn, queue, order_id))
         .cloned()
         .collect()
+}
+
+/// Whether `order_id`'s dedup key holds a claim rather than the done marker (or nothing).
+fn is_claimed(conn: &mut redis::Connection, queue: &str, order_id: &str) -> bool {
+    let key = ackstack::redis::redis_key(&format!("{queue}:dedup:"), order_id.as_bytes());
+    let state: Option<String> = redis::cmd("GET").arg(&key).query(conn).unwrap();
+    state.is_some_and(|v| v != ackstack::redis::DONE_MARKER)
 }
 
 enum Event {
